@@ -1,0 +1,1 @@
+"""The thin runtime: noise schedules and DDIM, engines, the text-to-image pipeline."""

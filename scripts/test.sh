@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Sets up .venv if needed, then runs the test suite on the CPU (Triton kernels under its interpreter).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+"$root/scripts/bootstrap.sh"
+cd "$root"
+export TRITON_INTERPRET="${TRITON_INTERPRET:-1}"
+# One thread per xdist worker: two workers on two cores, no oversubscription.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+exec "$root/.venv/bin/python" -m pytest -n "${LDM_TEST_WORKERS:-2}" "$@"

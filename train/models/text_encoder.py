@@ -1,0 +1,115 @@
+"""τθ: a BERT-family tokenizer plus transformer that turns prompts into the UNet's cross-attention context.
+
+kind "pretrained": a local Hugging Face model, frozen (no gradients, always in eval mode).
+kind "scratch": a ``transformers.BertModel`` with the configured sizes, trained with the UNet (LDM's setup).
+Either way the tokenizer comes from the resolved path, or from a checkpoint's saved ``tokenizer/`` folder.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+
+from train.config import ConfigError, TextEncoderConfig
+
+
+def resolve_text_encoder_path(path: str | Path) -> Path:
+    """The folder holding the model: ``path`` itself if it is a folder, else ``<package dir>/model`` of the
+    importable Python package named ``path``; ``ConfigError`` when neither exists."""
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        return folder
+    name = str(path)
+    if name and all(part.isidentifier() for part in name.split(".")):
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is not None and spec.submodule_search_locations:
+            package_model = Path(next(iter(spec.submodule_search_locations))) / "model"
+            if package_model.is_dir():
+                return package_model
+    raise ConfigError(
+        f"text encoder path {name!r} is neither a folder nor an installed Python package with a model/ folder"
+    )
+
+
+class TextEncoder(nn.Module):
+    """Prompts -> (B, max_length, hidden_size) float32 hidden states and a (B, max_length) bool token mask."""
+
+    def __init__(self, cfg: TextEncoderConfig, tokenizer_path: str | Path | None = None):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        model_folder = resolve_text_encoder_path(cfg.path)
+        tokenizer_folder = model_folder if tokenizer_path is None else Path(tokenizer_path)
+        if not tokenizer_folder.is_dir():
+            raise ConfigError(f"tokenizer folder {str(tokenizer_folder)!r} does not exist; expected a folder")
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder), local_files_only=True)
+        if cfg.kind == "pretrained":
+            if not (model_folder / "config.json").is_file():
+                raise ConfigError(f"text encoder folder {str(model_folder)!r} has no config.json; "
+                                  "expected a Hugging Face model folder")
+            self.model = AutoModel.from_pretrained(str(model_folder), local_files_only=True, dtype=torch.float32)
+            self.model.requires_grad_(False)
+            self.model.eval()
+        else:
+            config = BertConfig(
+                vocab_size=len(self.tokenizer),
+                hidden_size=cfg.hidden_size,
+                num_hidden_layers=cfg.num_layers,
+                num_attention_heads=cfg.num_heads,
+                intermediate_size=cfg.intermediate_size,
+                max_position_embeddings=cfg.max_length,
+                pad_token_id=self.tokenizer.pad_token_id or 0,
+            )
+            # No pooler: the UNet reads every token's hidden state, and an unused layer would get no gradient.
+            self.model = BertModel(config, add_pooling_layer=False)
+
+    @property
+    def trainable(self) -> bool:
+        """True for kind "scratch" (trained with the UNet), False for a frozen pretrained model."""
+        return self.cfg.kind == "scratch"
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the context vectors; must equal the UNet's context_dim."""
+        return self.model.config.hidden_size
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        super().train(mode)
+        if not self.trainable:
+            self.model.eval()  # a frozen encoder keeps dropout off whatever its parent does
+        return self
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompts: B strings -> (input_ids (B, max_length) int64, attention_mask (B, max_length) int64, 1 = token),
+        padded or truncated to exactly ``cfg.max_length``, on the CPU."""
+        if isinstance(prompts, str):
+            raise TypeError(f"prompts is the string {prompts!r}; expected a list of strings")
+        encoded = self.tokenizer(list(prompts), padding="max_length", truncation=True,
+                                 max_length=self.cfg.max_length, return_tensors="pt")
+        return encoded["input_ids"].long(), encoded["attention_mask"].long()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """input_ids, attention_mask: (B, L) int64 -> last_hidden_state (B, L, hidden_size) float32."""
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
+
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """prompts: B strings -> (context (B, max_length, hidden_size) float32, context_mask (B, max_length) bool),
+        on the model's device."""
+        input_ids, attention_mask = self.tokenize(prompts)
+        device = self.model.get_input_embeddings().weight.device
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        return self(input_ids, attention_mask), attention_mask.bool()
+
+    def save_tokenizer(self, folder: str | Path) -> Path:
+        """Write the tokenizer files into ``folder`` (created if missing) and return it."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(str(folder))
+        return folder

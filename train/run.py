@@ -1,0 +1,193 @@
+"""What both training stages share: the settings, the process group, the data order, the log.
+
+Exact resume rests on one rule: everything random in step ``s`` (which samples, which noise, which
+timesteps, which prompts are dropped) is a pure function of (seed, s, rank). A resumed run recomputes
+it instead of restoring generator states, so it replays the uninterrupted run step for step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from train.config import ConfigError
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """Flags of ``ldm-train``; one source of truth for their defaults (the CLI reads them from here)."""
+
+    out: str
+    preset: str = "shapes"
+    data: str = "shapes"
+    steps: int = 2000
+    batch_size: int = 32  # per process
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; fp16 on CUDA only)
+    device: str = "auto"
+    checkpoint_every: int = 500
+    sample_every: int = 500
+    log_every: int = 10
+    skip_bad_images: bool = False
+    channels: int | None = None  # overrides the base width (autoencoder base_channels / UNet model_channels)
+    num_groups: int | None = None  # overrides the GroupNorm group count
+    # autoencoder stage
+    kind: str | None = None  # overrides the preset's autoencoder kind ("kl" / "vq")
+    factor: int | None = None  # overrides the preset's downsampling factor
+    latent_channels: int | None = None
+    kl_weight: float = 1e-6
+    perceptual_weight: float = 1.0
+    disc_weight: float = 0.5
+    disc_start: int = 1000
+    # unet stage
+    autoencoder: str | None = None
+    text_encoder: str | None = None  # overrides the preset's text encoder path (folder or package)
+    text_encoder_kind: str | None = None  # "pretrained" (frozen) or "scratch" (trained jointly)
+    cond_drop_prob: float = 0.1
+    ema_decay: float = 0.999
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "checkpoint_every", "sample_every", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} is {getattr(self, name)}; expected a positive integer")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ConfigError(f"--learning-rate is {self.learning_rate}; expected a positive number")
+        if self.weight_decay < 0 or self.grad_clip <= 0:
+            raise ConfigError(
+                f"--weight-decay {self.weight_decay} / --grad-clip {self.grad_clip}: expected >= 0 and > 0"
+            )
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise ConfigError(f"--precision {self.precision!r} is not one of fp32, bf16, fp16")
+        if not 0.0 <= self.cond_drop_prob < 1.0:
+            raise ConfigError(f"--cond-drop-prob is {self.cond_drop_prob}; expected a value in [0, 1)")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"--ema-decay is {self.ema_decay}; expected a value in [0, 1)")
+        if self.seed < 0:
+            raise ConfigError(f"--seed is {self.seed}; expected a non-negative integer")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Settings that may differ between a run and its resumption without changing what is computed.
+RESUMABLE_CHANGES = {"steps", "checkpoint_every", "sample_every", "log_every", "out", "device"}
+
+
+@dataclass
+class Process:
+    """This process's place in a (possibly single-process) data-parallel run."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def start_process(device_flag: str) -> Process:
+    """Join the torchrun process group when launched by torchrun (gloo on CPU, nccl on CUDA)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_flag == "auto":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            device = torch.device(device_flag)
+        except RuntimeError:
+            raise ConfigError(f"--device {device_flag!r} is not a device; expected auto, cpu, cuda or cuda:N")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device_flag} asks for CUDA but this machine has no CUDA device")
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Process(rank=rank, world_size=world_size, device=device)
+
+
+def end_process(process: Process) -> None:
+    if process.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def step_generator(seed: int, step: int, rank: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of all randomness in ``step`` on ``rank``: a pure function of the three."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 1_000_003 + step) * 4099 + rank)
+    return generator
+
+
+def batch_indices(num_items: int, step: int, batch_size: int, process: Process, seed: int) -> torch.Tensor:
+    """Indices of this rank's samples in ``step``: epoch-wise shuffles, each item once per epoch, no drop of ranks."""
+    global_batch = batch_size * process.world_size
+    if num_items < global_batch:
+        raise ConfigError(
+            f"the data set has {num_items} items, fewer than one global batch of {global_batch} "
+            f"(--batch-size {batch_size} x {process.world_size} processes)"
+        )
+    batches_per_epoch = num_items // global_batch
+    epoch, position = divmod(step, batches_per_epoch)
+    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 7919 + epoch))
+    chosen = order[position * global_batch:(position + 1) * global_batch]
+    return chosen[process.rank::process.world_size]
+
+
+def autocast_context(precision: str, device: torch.device):
+    if precision == "fp32":
+        return torch.autocast(device_type=device.type, enabled=False)
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("--precision fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
+    return torch.autocast(device_type=device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to ``metrics.jsonl``; on resume, drops records past the step."""
+
+    def __init__(self, path: Path, resume_step: int | None):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        elif resume_step is None:
+            path.write_text("")
+        self.started = time.perf_counter()
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        record = {"step": step, "time_s": round(time.perf_counter() - self.started, 3), **values}
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+
+def check_resume_settings(saved: dict[str, Any], current: TrainSettings, folder: Path) -> None:
+    """A resumed run must compute the same thing as the original: refuse changed settings, naming them."""
+    changed = sorted(
+        key for key, value in current.to_dict().items()
+        if key not in RESUMABLE_CHANGES and saved.get(key) != value
+    )
+    if changed:
+        details = ", ".join(f"{key}: {saved.get(key)!r} -> {getattr(current, key)!r}" for key in changed)
+        raise ConfigError(f"cannot resume from {folder} with changed settings ({details}); pass the original values")
+
+
+def all_reduce_mean(value: torch.Tensor, process: Process) -> torch.Tensor:
+    """Mean of a scalar over ranks, for logging only."""
+    if process.world_size == 1:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return value / process.world_size
