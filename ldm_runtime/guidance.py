@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ldm_runtime.schedulers.ddim import ArrayConverter, array_module, host_to_array_like
+from ldm_runtime.arrays import ArrayConverter, array_module, host_to_array_like
 
 
 def apply_guidance(noise_pred_uncond: Any, noise_pred_cond: Any, guidance_scale: float | Sequence[float],

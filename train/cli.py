@@ -2,6 +2,7 @@
 
     ldm-train autoencoder --preset shapes --out runs/ae --steps 3000
     ldm-train unet --autoencoder runs/ae --preset shapes --out runs/ldm --steps 6000
+    ldm-train classifier --out models/shapes-classifier       # the attribute classifier ldm-eval judges with
     torchrun --nproc-per-node 2 -m train unet ...        # data-parallel (gloo on CPU, nccl on GPU)
 """
 
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 from train.checkpoint import TRAIN_STATE_JSON, CheckpointError
+from train.classifier import ClassifierTrainSettings
 from train.config import PRESETS, ConfigError
 from train.data import DataError
 from train.run import TrainSettings
@@ -57,7 +59,7 @@ STAGE_DEFAULTS = {"unet": {"learning_rate": 1e-4, "batch_size": 64}}
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ldm-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    stages = parser.add_subparsers(dest="stage", required=True, metavar="{autoencoder,unet}")
+    stages = parser.add_subparsers(dest="stage", required=True, metavar="{autoencoder,unet,classifier}")
     for stage, excluded in (("autoencoder", UNET_ONLY), ("unet", AUTOENCODER_ONLY)):
         sub = stages.add_parser(stage, help=f"train the {stage}",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -75,11 +77,29 @@ def build_parser() -> argparse.ArgumentParser:
             else:
                 kind = {"int": int, "float": float}.get(str(field.type).split(" ")[0], str)
                 sub.add_argument(flag, type=kind, default=default, help=HELP[field.name])
+    _add_classifier_parser(stages)
     return parser
+
+
+def _add_classifier_parser(stages) -> None:
+    sub = stages.add_parser("classifier", help="train the shapes attribute classifier (the judge of ldm-eval)",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub.add_argument("--out", required=True, help="classifier dir to write (classifier.json, classifier.safetensors)")
+    defaults = ClassifierTrainSettings(out="")
+    sub.add_argument("--data", default=defaults.data, help="'shapes' or 'shapes:N' (the classifier needs its labels)")
+    sub.add_argument("--image-size", type=int, default=defaults.image_size, help="image side in pixels")
+    sub.add_argument("--steps", type=int, default=defaults.steps, help="optimiser steps")
+    for name in ("batch_size", "learning_rate", "weight_decay", "seed", "device"):
+        default = getattr(defaults, name)
+        sub.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help=HELP[name])
+    sub.add_argument("--heldout-images", type=int, default=defaults.heldout_images,
+                     help="held-out images the written accuracy is measured on")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.stage == "classifier":
+        return _train_classifier(args)
     values = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainSettings)}}
     settings = TrainSettings(**values)
     try:
@@ -97,6 +117,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ldm-train: interrupted; the last checkpoint in {args.out} is intact (continue with --resume)",
               file=sys.stderr)
         return 130
+    print(f"ldm-train: wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _train_classifier(args: argparse.Namespace) -> int:
+    from train.classifier import train_classifier
+    values = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(ClassifierTrainSettings)}}
+    try:
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise ConfigError(f"--out {args.out} exists and is not a folder")
+        out = train_classifier(ClassifierTrainSettings(**values))
+    except (ConfigError, CheckpointError, DataError) as error:
+        print(f"ldm-train: error: {error}", file=sys.stderr)
+        return 2
     print(f"ldm-train: wrote {out}", file=sys.stderr)
     return 0
 

@@ -13,7 +13,7 @@ from train.checkpoint import (
     load_tensors, load_train_state, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint, select_prefixed,
 )
 from train.config import ModelConfig, channel_mult_for_factor, preset
-from train.data import build_dataset
+from train.data import ShapesDataset, build_dataset
 from train.losses import AutoencoderLoss, AutoencoderLossConfig
 from train.models import Autoencoder
 from train.models.discriminator import PatchDiscriminator
@@ -26,6 +26,7 @@ from train.samples import fetch_images, save_reconstruction_grid
 
 STAGE = "autoencoder"
 SCALE_FACTOR_SAMPLES = 512
+VALIDATION_IMAGES = 256
 
 
 def autoencoder_model_config(settings: TrainSettings) -> ModelConfig:
@@ -60,6 +61,18 @@ def latent_scale_factor(autoencoder: Autoencoder, dataset, device: torch.device,
         posterior = autoencoder.encode(images)
         latents.append(posterior.sample(generator=generator.manual_seed(start)).float().cpu())
     return float(1.0 / torch.cat(latents).std())
+
+
+@torch.no_grad()
+def reconstruction_psnr(autoencoder: Autoencoder, dataset, device: torch.device, batch_size: int) -> float:
+    """Mean per-image PSNR (dB, pixels in [0, 1]) of decode(mode(encode(x))) over ``dataset``."""
+    scores = []
+    for start in range(0, len(dataset), batch_size):
+        images = fetch_images(dataset, range(start, min(start + batch_size, len(dataset)))).to(device)
+        reconstruction = autoencoder.decode(autoencoder.encode(images).mode()).clamp(-1, 1)
+        mse = ((reconstruction - images) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+        scores.append(-10.0 * torch.log10(mse).cpu())
+    return float(torch.cat(scores).mean())
 
 
 def train_autoencoder(settings: TrainSettings, resume: bool = False) -> Path:
@@ -112,6 +125,9 @@ def _train(settings: TrainSettings, config: ModelConfig, out: Path, process: Pro
     log = MetricsLog(out / "metrics.jsonl", start_step if resume else None) if process.is_main else None
     progress = TrainingProgress(settings.steps, start_step, STAGE, enabled=process.is_main)
     preview = fetch_images(dataset, range(min(8, len(dataset))))
+    # Held-out images for the PSNR in metrics.jsonl: the shapes evaluation split (other data: none).
+    validation = (ShapesDataset.heldout(VALIDATION_IMAGES, config.image_size, settings.seed)
+                  if settings.data.split(":")[0] == "shapes" else None)
 
     for step in range(start_step, settings.steps):
         generator = step_generator(settings.seed, step, process.rank)
@@ -151,6 +167,9 @@ def _train(settings: TrainSettings, config: ModelConfig, out: Path, process: Pro
                 reconstruction = autoencoder.decode(autoencoder.encode(preview.to(device)).mode()).cpu()
             save_reconstruction_grid(out / "samples" / f"step_{done:07d}.png", preview, reconstruction)
         if done % settings.checkpoint_every == 0 or done == settings.steps:
+            if log is not None and validation is not None:
+                autoencoder.eval()
+                log.write(done, {"val_psnr_db": reconstruction_psnr(autoencoder, validation, device, 64)})
             _save(out, settings, config, autoencoder, discriminator, optimizer, disc_optimizer, dataset, done, process)
     progress.close()
     return out

@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
+from ldm_runtime.arrays import ArrayConverter, host_to_array_like
 from ldm_runtime.schedulers.schedule import NoiseSchedule
 
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 FINAL_TIMESTEP = -1  # a previous timestep of -1 means "the end of the chain": use final_alpha_cumprod
-
-ArrayConverter = Callable[[np.ndarray, Any], Any]
 
 
 def check_eta(eta: float | np.ndarray) -> None:
@@ -273,24 +271,3 @@ class DDIMSampler:
              to_array: ArrayConverter | None = None) -> tuple[Any, Any]:
         return ddim_step(model_output, timesteps, prev_timesteps, sample, eta, noise,
                          schedule=self.schedule, config=self.config, to_array=to_array)
-
-
-def array_module(array: Any) -> Any:
-    """``numpy`` for a numpy array, ``torch`` for a torch tensor; torch is looked up, never imported."""
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(array, torch.Tensor):
-        return torch
-    if isinstance(array, np.ndarray):
-        return np
-    raise TypeError(f"arrays of type {type(array).__name__} are not supported; expected a numpy array or torch tensor")
-
-
-def host_to_array_like(values: np.ndarray, like: Any) -> Any:
-    """Host values as an array of ``like``'s kind, dtype and device (numpy array or torch tensor)."""
-    module = array_module(like)
-    if module is np:
-        return np.asarray(values, dtype=like.dtype)
-    values = np.asarray(values)
-    if not values.flags.writeable:
-        values = values.copy()  # torch warns on read-only numpy memory (e.g. a shared schedule's arrays)
-    return module.as_tensor(values, device=like.device).to(like.dtype)

@@ -24,6 +24,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
+from ldm_runtime.arrays import host_to_array_like
 from ldm_runtime.guidance import GuidedBatch, apply_guidance
 from ldm_runtime.noise import initial_noise, step_noise
 from ldm_runtime.schedulers import (
@@ -34,7 +35,6 @@ from ldm_runtime.schedulers import (
     ddim_step,
     ddim_timesteps,
 )
-from ldm_runtime.schedulers.ddim import host_to_array_like
 from train.config import ScheduleConfig
 
 LATENT_SHAPE = (4, 4, 4)

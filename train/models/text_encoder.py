@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
 
 from train.config import ConfigError, TextEncoderConfig
 
@@ -49,6 +48,9 @@ class TextEncoder(nn.Module):
         tokenizer_folder = model_folder if tokenizer_path is None else Path(tokenizer_path)
         if not tokenizer_folder.is_dir():
             raise ConfigError(f"tokenizer folder {str(tokenizer_folder)!r} does not exist; expected a folder")
+        # transformers costs seconds to import: only runs that build a text encoder pay for it.
+        from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder), local_files_only=True)
         if cfg.kind == "pretrained":
             if not (model_folder / "config.json").is_file():

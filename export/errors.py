@@ -1,0 +1,9 @@
+"""The errors ``ldm-export`` reports to its user in one line."""
+
+
+class ExportError(ValueError):
+    """An export a user asked for cannot be done as asked (a bad option, an existing --out, a missing tool)."""
+
+
+class ValidationFailedError(ExportError):
+    """The exported graphs do not match the eager model within the limits; nothing was written to --out."""

@@ -1,0 +1,59 @@
+"""Engines: the same four calls over eager PyTorch, onnxruntime, Triton kernels or TensorRT.
+
+``load_engine`` opens a folder: a checkpoint dir (``model.json``, written by ``ldm-train``) runs on the
+torch engine, an engine dir (``manifest.json``, written by ``ldm-export``) on onnxruntime. Each engine's
+module is imported only when it is asked for, so serving an engine dir needs neither torch nor ``train``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ldm_runtime.engines.base import Engine, EngineInfo
+
+ENGINE_NAMES = ("auto", "torch", "onnxruntime")
+CHECKPOINT_MARKER = "model.json"
+ENGINE_DIR_MARKER = "manifest.json"
+
+
+class EngineLoadError(ValueError):
+    """A model folder or engine name a user gave cannot be opened; the message is one sentence."""
+
+
+def load_engine(path: str | Path, engine: str = "auto", device: str = "auto", **options: Any) -> Engine:
+    """The engine for ``path``: "torch" for a checkpoint dir, "onnxruntime" for an engine dir; "auto" picks by
+    the folder. ``options`` go to the engine's constructor (e.g. ``dtype``, ``unet_chunk_size`` for torch).
+
+    Raises ``EngineLoadError`` for an unknown engine name or a folder that is neither kind, and the engine's
+    own ``ValueError`` subclass (e.g. ``CheckpointError``) for a folder of the right kind that is broken.
+    """
+    if engine not in ENGINE_NAMES:
+        raise EngineLoadError(f"engine {engine!r} is not one of {', '.join(ENGINE_NAMES)}")
+    folder = Path(path)
+    if not folder.is_dir():
+        raise EngineLoadError(f"model folder {str(folder)!r} does not exist or is not a folder; expected a "
+                              f"checkpoint dir (ldm-train) or an engine dir (ldm-export)")
+    is_checkpoint = (folder / CHECKPOINT_MARKER).is_file()
+    is_engine_dir = (folder / ENGINE_DIR_MARKER).is_file()
+    if engine == "auto":
+        if not (is_checkpoint or is_engine_dir):
+            raise EngineLoadError(f"{folder} has neither {CHECKPOINT_MARKER} nor {ENGINE_DIR_MARKER}; expected a "
+                                  f"checkpoint dir (ldm-train) or an engine dir (ldm-export)")
+        engine = "torch" if is_checkpoint else "onnxruntime"
+    if engine == "torch":
+        if not is_checkpoint:
+            raise EngineLoadError(f"{folder} has no {CHECKPOINT_MARKER}; the torch engine runs a checkpoint dir "
+                                  f"written by ldm-train")
+        from ldm_runtime.engines.torch_engine import TorchEngine
+
+        return TorchEngine(folder, device=device, **options)
+    if not is_engine_dir:
+        raise EngineLoadError(f"{folder} has no {ENGINE_DIR_MARKER}; the onnxruntime engine runs an engine dir "
+                              f"written by ldm-export")
+    from ldm_runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
+
+    return OnnxRuntimeEngine(folder, device=device, **options)
+
+
+__all__ = ["ENGINE_NAMES", "Engine", "EngineInfo", "EngineLoadError", "load_engine"]

@@ -1,0 +1,56 @@
+"""What every engine answers: encode text, one UNet call, decode latents, encode images.
+
+The sampler and the pipeline are written once against this interface, over whatever array type the
+engine computes in (numpy for onnxruntime on the CPU, torch tensors for the torch engines), so latents
+stay on the engine's device for the whole sampling loop. Host values cross over only through
+``to_array`` (host -> engine) and ``to_host`` (engine -> host).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+Array = Any  # numpy.ndarray or torch.Tensor, depending on the engine
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the pipeline needs to know about the model behind an engine."""
+
+    name: str  # "torch", "onnxruntime", "triton", "tensorrt"
+    latent_channels: int
+    latent_factor: int  # image side / latent side
+    latent_scale_factor: float  # latents fed to the UNet are the autoencoder's latents times this
+    image_size: int  # the size the model was trained at (the default for requests)
+    min_image_size: int  # inclusive; multiples of ``image_size_multiple``
+    max_image_size: int
+    image_size_multiple: int
+    max_batch_size: int  # UNet batch (guidance doubles the request batch)
+    text_max_length: int
+    schedule: dict  # the model.json "schedule" entry (NoiseSchedule.from_dict reads it)
+
+
+class Engine(Protocol):
+    info: EngineInfo
+
+    def encode_text(self, prompts: list[str]) -> tuple[Array, Array]:
+        """Prompts -> (context (B, L, D) float, context_mask (B, L) bool: True = real token)."""
+
+    def unet(self, latents: Array, timesteps: np.ndarray, context: Array, context_mask: Array) -> Array:
+        """One UNet call. latents: (B, C, h, w) scaled latents; timesteps: (B,) int64 on the host, one per
+        sample (samples at different steps share a call). Returns the model output, (B, C, h, w)."""
+
+    def decode(self, latents: Array) -> Array:
+        """Unscaled latents (B, C, h, w) -> images (B, 3, H, W) float in [-1, 1]."""
+
+    def encode_images(self, images: Array) -> Array:
+        """Images (B, 3, H, W) float in [-1, 1] -> unscaled latents (B, C, h, w) (the posterior mode)."""
+
+    def to_array(self, values: np.ndarray, like: Array | None = None) -> Array:
+        """A host array as an engine array (on the engine's device; ``like``'s dtype when given)."""
+
+    def to_host(self, array: Array) -> np.ndarray:
+        """An engine array as a host numpy array."""

@@ -1,0 +1,190 @@
+"""The eager PyTorch engine: a checkpoint dir written by ``ldm-train``, run as it was trained.
+
+It is the baseline every compiled engine is compared with. This is the one runtime module that imports
+torch and ``train``; ``ldm_runtime.engines.load_engine`` imports it only when a checkpoint dir is opened.
+
+Batch invariance: eager kernels pick their algorithm by batch size (oneDNN's convolution at batch 1,
+MKL's GEMM below 4 rows on the CPU, cuDNN / cuBLAS heuristics on a GPU), which moves results in the last
+bits. So that an image never depends on the batch it was drawn in, every call runs on fixed-size slices:
+the UNet on chunks of exactly ``unet_chunk_size`` rows (the last chunk padded with copies of its last
+row), the text encoder one prompt at a time, the autoencoder one image at a time (which is also what
+bounds the decoder's memory at large sizes). ``unet_chunk_size=None`` runs each UNet call as one batch:
+faster for batches that are not a multiple of the chunk, equal across batch sizes only to about 1e-6.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ldm_runtime.arrays import host_to_array_like
+from ldm_runtime.engines.base import EngineInfo
+from train.checkpoint import TOKENIZER_DIR, CheckpointError, load_model_config, load_state_dict_file
+from train.config import ConfigError, ModelConfig
+from train.models import Autoencoder, TextEncoder, UNet
+
+DEFAULT_UNET_CHUNK_SIZE = 8  # one guided request pads 2 rows to 8; batches of 4 guided requests fill a chunk
+DEFAULT_MAX_BATCH_SIZE = 64
+MAX_SIZE_OVER_TRAINED = 4  # larger requests are refused: quadratic attention memory, and a model repeats itself
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class TorchEngine:
+    """The autoencoder, UNet and text encoder of a checkpoint dir, in eval mode on one device.
+
+    ``device``: "auto" (CUDA when available, else the CPU), "cpu", "cuda" or "cuda:N".
+    ``dtype``: the networks' precision; latents and model outputs stay float32 (the sampler's arithmetic),
+    and are cast at the network's boundary.
+    Raises ``CheckpointError`` (one sentence) for a folder that is not a complete checkpoint dir and
+    ``ValueError`` for an unknown device or dtype.
+    """
+
+    def __init__(self, checkpoint_dir: str | Path, device: str = "auto", dtype: torch.dtype = torch.float32,
+                 unet_chunk_size: int | None = DEFAULT_UNET_CHUNK_SIZE,
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype {dtype} is not one of {[str(d) for d in FLOAT_DTYPES]}")
+        if unet_chunk_size is not None and (isinstance(unet_chunk_size, bool) or not isinstance(unet_chunk_size, int)
+                                            or unet_chunk_size < 1):
+            raise ValueError(f"unet_chunk_size is {unet_chunk_size!r}; expected a positive integer or None")
+        if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 2:
+            raise ValueError(f"max_batch_size is {max_batch_size!r}; expected an integer >= 2 (guidance doubles)")
+        folder = Path(checkpoint_dir)
+        config = load_model_config(folder)
+        for name in ("autoencoder.safetensors", "unet.safetensors"):
+            if not (folder / name).is_file():
+                raise CheckpointError(f"checkpoint dir {folder} has no {name}; expected a checkpoint written by "
+                                      f"'ldm-train unet'")
+        self.device = resolve_device(device)
+        self.dtype = dtype
+        self.unet_chunk_size = unet_chunk_size
+        self.config = config
+
+        self.autoencoder = Autoencoder(config.autoencoder)
+        load_state_dict_file(self.autoencoder, folder / "autoencoder.safetensors")
+        self.unet_model = UNet(config.unet)
+        load_state_dict_file(self.unet_model, folder / "unet.safetensors")
+        self.text_encoder = _load_text_encoder(folder, config)
+        if self.text_encoder.hidden_size != config.unet.context_dim:
+            raise CheckpointError(
+                f"the text encoder of {folder} produces {self.text_encoder.hidden_size}-wide context but the UNet "
+                f"reads context_dim {config.unet.context_dim}; expected them equal"
+            )
+        for module in (self.autoencoder, self.unet_model, self.text_encoder):
+            module.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+
+        factor = config.autoencoder.factor
+        multiple = factor * 2 ** (len(config.unet.channel_mult) - 1)  # the UNet halves the latents per level
+        self.info = EngineInfo(
+            name="torch",
+            latent_channels=config.autoencoder.latent_channels,
+            latent_factor=factor,
+            latent_scale_factor=float(config.latent_scale_factor),
+            image_size=config.image_size,
+            min_image_size=multiple,
+            max_image_size=max(multiple, MAX_SIZE_OVER_TRAINED * config.image_size // multiple * multiple),
+            image_size_multiple=multiple,
+            max_batch_size=max_batch_size,
+            text_max_length=config.text_encoder.max_length,
+            schedule=dataclasses.asdict(config.schedule),
+        )
+
+    @torch.inference_mode()
+    def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """B prompts -> (context (B, L, D) float32, context_mask (B, L) bool), L = text_max_length."""
+        contexts, masks = [], []
+        for prompt in prompts:  # one at a time: see the module docstring
+            context, mask = self.text_encoder.encode([prompt])
+            contexts.append(context.float())
+            masks.append(mask)
+        return torch.cat(contexts), torch.cat(masks)
+
+    @torch.inference_mode()
+    def unet(self, latents: torch.Tensor, timesteps: np.ndarray, context: torch.Tensor,
+             context_mask: torch.Tensor) -> torch.Tensor:
+        """latents (B, C, h, w) scaled, timesteps (B,) int64 host, context (B, L, D), context_mask (B, L) bool
+        -> the UNet's prediction (B, C, h, w) in latents' dtype."""
+        batch = latents.shape[0]
+        assert timesteps.shape == (batch,) and context.shape[0] == batch == context_mask.shape[0], \
+            (latents.shape, timesteps.shape, context.shape, context_mask.shape)
+        inputs = (latents.to(self.dtype), torch.as_tensor(np.asarray(timesteps, dtype=np.int64), device=self.device),
+                  context.to(self.dtype), context_mask.bool())
+        chunk = self.unet_chunk_size or batch
+        outputs = []
+        for start in range(0, batch, chunk):
+            rows = min(chunk, batch - start)
+            # pad with copies of the last row: every call sees exactly ``chunk`` rows
+            padded = [_pad_rows(tensor[start:start + rows], chunk) for tensor in inputs]
+            outputs.append(self.unet_model(*padded)[:rows])
+        return torch.cat(outputs).to(latents.dtype)
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Unscaled latents (B, C, h, w) -> images (B, 3, h*f, w*f) float32, roughly in [-1, 1] (not clamped)."""
+        return torch.cat([self.autoencoder.decode(row.unsqueeze(0).to(self.dtype)).float() for row in latents])
+
+    @torch.inference_mode()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> unscaled latents (B, C, H/f, W/f) float32, the posterior mode."""
+        return torch.cat([self.autoencoder.encode(row.unsqueeze(0).to(self.dtype)).mode().float()
+                          for row in images])
+
+    def to_array(self, values: np.ndarray, like: torch.Tensor | None = None) -> torch.Tensor:
+        """Host values as a tensor on the engine's device (``like``'s dtype when given, else the values' dtype)."""
+        if like is not None:
+            return host_to_array_like(values, like)
+        return torch.as_tensor(np.array(values), device=self.device)  # np.array copies: torch needs writable memory
+
+    def to_host(self, array: torch.Tensor) -> np.ndarray:
+        """A tensor as a host numpy array of the same dtype and shape."""
+        return array.detach().cpu().numpy()
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> CUDA when available, else the CPU; ``ValueError`` for a device torch cannot use here."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {device!r} is not valid; expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0 or (resolved.index or 0) >= count:
+            raise ValueError(f"device {device!r} is not available (this machine has {count} CUDA devices); "
+                             f"expected 'auto' or 'cpu'")
+    elif resolved.type != "cpu":
+        raise ValueError(f"device {device!r} is not supported; expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    return resolved
+
+
+def _load_text_encoder(folder: Path, config: ModelConfig) -> TextEncoder:
+    """The text encoder of the checkpoint: its own tokenizer/ when present, its weights when trained from scratch."""
+    tokenizer = folder / TOKENIZER_DIR
+    from transformers.utils import logging as transformers_logging
+
+    bar_was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # a "Loading weights" bar per run is noise on the command line
+    try:
+        text_encoder = TextEncoder(config.text_encoder, tokenizer_path=tokenizer if tokenizer.is_dir() else None)
+    except ConfigError as error:
+        raise CheckpointError(f"cannot load the text encoder of {folder}: {error}") from None
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot load the text encoder or tokenizer of {folder} ({error})") from None
+    finally:
+        if bar_was_enabled:
+            transformers_logging.enable_progress_bar()
+    if config.text_encoder.kind == "scratch":
+        load_state_dict_file(text_encoder, folder / "text_encoder.safetensors")
+    return text_encoder
+
+
+def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """``tensor`` with its last row repeated until it has ``rows`` rows."""
+    missing = rows - tensor.shape[0]
+    if missing == 0:
+        return tensor
+    return torch.cat([tensor, tensor[-1:].expand(missing, *tensor.shape[1:])])

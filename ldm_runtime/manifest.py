@@ -1,0 +1,272 @@
+"""An engine dir's ``manifest.json``: what ``ldm-export`` wrote and what every engine reads back.
+
+Layout of an engine dir::
+
+    manifest.json       this description (written last, so its presence means the dir is complete)
+    text_encoder.onnx   input_ids, attention_mask (B, L) int64 -> context (B, L, D)
+    unet.onnx           latents (B, C, h, w), timesteps (B,) int64, context (B, L, D), context_mask (B, L) bool
+                        -> noise_pred (B, C, h, w)
+    vae_decoder.onnx    latents (B, C, h, w) (unscaled) -> images (B, 3, H, W) in [-1, 1]
+    vae_encoder.onnx    images (B, 3, H, W) in [-1, 1] -> latents (B, C, h, w) (the posterior mode, unscaled)
+    tokenizer/          tokenizer.json and its config, read with the ``tokenizers`` library
+    *.plan              TensorRT plans, where they were built (specific to one GPU model and TensorRT version)
+
+Every shape in the manifest names its dynamic axes ("batch", "latent_height", ...); ``dims`` gives each name
+its min / opt / max and the multiple a value must be of. The runtime reads this module with numpy only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST_JSON = "manifest.json"
+MANIFEST_FORMAT_VERSION = 1
+TOKENIZER_DIR = "tokenizer"
+GRAPH_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+PRECISIONS = ("fp32", "fp16")
+BACKENDS = ("onnxruntime", "tensorrt")
+
+
+class EngineDirError(ValueError):
+    """An engine dir a user pointed at is missing, incomplete, or does not match its manifest."""
+
+
+class OutOfRangeError(ValueError):
+    """A batch size or image size outside the range an engine was exported for."""
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class DimRange:
+    """The values one named axis may take: ``min <= value <= max`` and ``value % multiple == 0``;
+    ``opt`` is the value the graphs were tuned for (TensorRT's optimisation profile)."""
+
+    min: int
+    opt: int
+    max: int
+    multiple: int = 1
+
+    def __post_init__(self) -> None:
+        values = (self.min, self.opt, self.max, self.multiple)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+            raise ValueError(f"dimension range {values} is not valid; expected positive integers")
+        if not self.min <= self.opt <= self.max:
+            raise ValueError(f"dimension range min {self.min}, opt {self.opt}, max {self.max} is not ordered")
+        if any(v % self.multiple for v in (self.min, self.opt, self.max)):
+            raise ValueError(f"dimension range {self.min}..{self.max} (opt {self.opt}) is not in multiples "
+                             f"of {self.multiple}")
+
+    def contains(self, value: int) -> bool:
+        return self.min <= value <= self.max and value % self.multiple == 0
+
+    def describe(self) -> str:
+        """"1..8" or "32..64 in multiples of 8"."""
+        text = f"{self.min}..{self.max}"
+        return text if self.multiple == 1 else f"{text} in multiples of {self.multiple}"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: its name, numpy dtype name, and shape (ints, or names of ``dims`` axes)."""
+
+    name: str
+    dtype: str
+    shape: tuple[int | str, ...]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TensorSpec":
+        return cls(name=str(data["name"]), dtype=str(data["dtype"]), shape=tuple(data["shape"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    """One ONNX graph: the file a session opens, every file it needs (with sha256), its precision, its tensors."""
+
+    file: str
+    files: dict[str, str]  # file name -> sha256 (the graph and any external-data file)
+    precision: str  # "fp32" or "fp16" (fp16 graphs keep fp32 islands; see export/fp16.py)
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    notes: dict[str, Any] = field(default_factory=dict)  # e.g. why a graph stayed fp32 in an fp16 engine
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GraphEntry":
+        return cls(file=str(data["file"]), files=dict(data["files"]), precision=str(data["precision"]),
+                   inputs=tuple(TensorSpec.from_dict(d) for d in data["inputs"]),
+                   outputs=tuple(TensorSpec.from_dict(d) for d in data["outputs"]),
+                   notes=dict(data.get("notes", {})))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "files": dict(self.files), "precision": self.precision,
+                "inputs": [spec.to_dict() for spec in self.inputs],
+                "outputs": [spec.to_dict() for spec in self.outputs], "notes": dict(self.notes)}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the pipeline needs to know about the model behind the graphs (from the checkpoint's model.json)."""
+
+    image_size: int
+    latent_channels: int
+    latent_factor: int  # image side / latent side
+    latent_scale_factor: float
+    text_max_length: int
+    context_dim: int
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelInfo":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class EngineManifest:
+    """The parsed ``manifest.json``. ``raw`` keeps every entry, including the ones only people read
+    (validation results, tool versions, the source checkpoint)."""
+
+    format_version: int
+    precision: str
+    backend: str
+    model: ModelInfo
+    schedule: dict[str, Any]
+    dims: dict[str, DimRange]
+    graphs: dict[str, GraphEntry]
+    tokenizer_files: dict[str, str]  # file name inside tokenizer/ -> sha256
+    tensorrt: dict[str, Any] | None
+    raw: dict[str, Any]
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = MANIFEST_JSON) -> "EngineManifest":
+        """Parse and check a manifest; ``EngineDirError`` naming the first bad entry."""
+        try:
+            version = data["format_version"]
+            if version != MANIFEST_FORMAT_VERSION:
+                raise EngineDirError(f"{where} has format_version {version!r}; this runtime reads version "
+                                     f"{MANIFEST_FORMAT_VERSION} (re-export the engine with this ldm-export)")
+            manifest = cls(
+                format_version=version,
+                precision=data["precision"],
+                backend=data["backend"],
+                model=ModelInfo.from_dict(data["model"]),
+                schedule=dict(data["schedule"]),
+                dims={name: DimRange(**value) for name, value in data["dims"].items()},
+                graphs={name: GraphEntry.from_dict(value) for name, value in data["graphs"].items()},
+                tokenizer_files=dict(data["tokenizer"]["files"]),
+                tensorrt=data.get("tensorrt"),
+                raw=data,
+            )
+        except EngineDirError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            raise EngineDirError(f"{where} is not a valid engine manifest ({type(error).__name__}: {error})")
+        if manifest.precision not in PRECISIONS or manifest.backend not in BACKENDS:
+            raise EngineDirError(f"{where} has precision {manifest.precision!r} and backend {manifest.backend!r}; "
+                                 f"expected one of {PRECISIONS} and one of {BACKENDS}")
+        missing = [name for name in GRAPH_NAMES if name not in manifest.graphs]
+        if missing:
+            raise EngineDirError(f"{where} lists no {', '.join(missing)} graph; expected all of {GRAPH_NAMES}")
+        for graph_name, graph in manifest.graphs.items():
+            for spec in (*graph.inputs, *graph.outputs):
+                unknown = [axis for axis in spec.shape if isinstance(axis, str) and axis not in manifest.dims]
+                if unknown:
+                    raise EngineDirError(f"{where}: {graph_name} tensor {spec.name} names axes {unknown} that "
+                                         f"'dims' does not define")
+        return manifest
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.raw
+
+    @property
+    def batch(self) -> DimRange:
+        return self.dims["batch"]
+
+    @property
+    def image_size(self) -> DimRange:
+        """Image side in pixels (height and width share one range)."""
+        return self.dims["image_height"]
+
+    def check_batch(self, batch_size: int, what: str = "batch") -> None:
+        """``OutOfRangeError`` unless ``batch_size`` lies in the exported batch range."""
+        if not self.batch.contains(batch_size):
+            raise OutOfRangeError(f"{what} size {batch_size} is outside the engine's exported range "
+                                  f"{self.batch.describe()}; re-export with a wider --batch-range")
+
+    def check_image_size(self, height: int, width: int) -> None:
+        """``OutOfRangeError`` unless both sides lie in the exported image-size range (pixels)."""
+        allowed = self.image_size
+        if not (allowed.contains(height) and allowed.contains(width)):
+            raise OutOfRangeError(f"image size {height}x{width} is outside the engine's exported range: each side "
+                                  f"{allowed.describe()} px; re-export with a wider --size-range")
+
+    def check_latent_size(self, height: int, width: int) -> None:
+        """``OutOfRangeError`` unless a (h, w) latent corresponds to an allowed image size."""
+        factor = self.model.latent_factor
+        self.check_image_size(height * factor, width * factor)
+
+
+def load_manifest(engine_dir: str | Path) -> EngineManifest:
+    """The manifest of ``engine_dir``; ``EngineDirError`` when the dir or its manifest is missing or invalid."""
+    folder = Path(engine_dir)
+    if not folder.is_dir():
+        raise EngineDirError(f"engine dir {folder} does not exist or is not a folder")
+    path = folder / MANIFEST_JSON
+    if not path.is_file():
+        raise EngineDirError(f"{folder} is not an engine dir: it has no {MANIFEST_JSON} (write one with ldm-export)")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise EngineDirError(f"{path} is not valid JSON ({error})")
+    if not isinstance(data, dict):
+        raise EngineDirError(f"{path} holds a {type(data).__name__}; expected an object")
+    return EngineManifest.from_dict(data, where=str(path))
+
+
+def verify_engine_files(engine_dir: str | Path, manifest: EngineManifest, graphs: tuple[str, ...] = GRAPH_NAMES,
+                        plans: bool = False) -> None:
+    """Check the sha256 of every file the manifest lists for ``graphs`` (and the tokenizer, and the TensorRT
+    plans when ``plans``); ``EngineDirError`` naming the first file that is missing or differs."""
+    folder = Path(engine_dir)
+    expected: dict[str, str] = {}
+    for name in graphs:
+        expected.update(manifest.graphs[name].files)
+    expected.update({f"{TOKENIZER_DIR}/{name}": digest for name, digest in manifest.tokenizer_files.items()})
+    if plans and manifest.tensorrt:
+        expected.update({plan["file"]: plan["sha256"] for plan in manifest.tensorrt["plans"].values()})
+    for relative, digest in expected.items():
+        path = folder / relative
+        if not path.is_file():
+            raise EngineDirError(f"engine dir {folder} is incomplete: {relative} is missing")
+        if sha256_file(path) != digest:
+            raise EngineDirError(f"{path} does not match the sha256 in {MANIFEST_JSON} (the file was changed or "
+                                 f"damaged after export; re-export the engine)")
+
+
+def check_tensorrt_plans(manifest: EngineManifest, tensorrt_version: str, gpu_name: str,
+                         compute_capability: str) -> None:
+    """``EngineDirError`` when the engine's TensorRT plans were built for another TensorRT version or GPU
+    (plans are not portable); the message says how to rebuild them from the engine's ONNX graphs."""
+    built = manifest.tensorrt
+    if not built:
+        raise EngineDirError("the engine dir holds no TensorRT plans; export it with --backend tensorrt")
+    here = {"tensorrt_version": tensorrt_version, "gpu_name": gpu_name, "compute_capability": compute_capability}
+    for key, value in here.items():
+        if built.get(key) != value:
+            raise EngineDirError(
+                f"the TensorRT plans were built for {key.replace('_', ' ')} {built.get(key)!r} but this machine has "
+                f"{value!r}; rebuild them here with `ldm-export --rebuild-plans ENGINE_DIR`")

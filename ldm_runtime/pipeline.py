@@ -1,0 +1,251 @@
+"""Text to image over any engine: requests in, ``(H, W, 3) uint8`` images out.
+
+Each image is a function of its own request only (prompt, negative prompt, seed, steps, guidance, eta,
+size), never of the requests it shares a batch with: its noise comes from its own seed
+(``ldm_runtime.noise``), and every operation on a batch works row by row (exactly so on an engine whose
+calls are row-wise exact, as the torch engine's fixed-size chunks make them).
+
+The sampling loop is three calls a server can drive itself, batching at step boundaries::
+
+    states = pipeline.start(requests)   # prompts encoded, x_T drawn, DDIM trajectories planned
+    states = pipeline.advance(states)   # one step for any set of unfinished states: one guided UNet call
+    images = pipeline.decode(states)    # finished states -> images
+
+States in one ``advance`` call may sit at different steps of different trajectories (the UNet takes one
+timestep per row) and have different guidance scales, etas and prompts; ``generate`` is that loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from ldm_runtime.arrays import array_module
+from ldm_runtime.engines.base import Array, Engine, EngineInfo
+from ldm_runtime.guidance import GuidedBatch
+from ldm_runtime.noise import MAX_SEED, initial_noise, step_noise
+from ldm_runtime.schedulers import DDIMConfig, DDIMSampler, DDIMTrajectory, NoiseSchedule
+
+
+class RequestError(ValueError):
+    """A generation request a user made is invalid; the message is one sentence naming the field."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationRequest:
+    """One image to make. ``seed`` alone decides its noise; ``height``/``width`` None mean the model's image_size.
+
+    Prompts longer than the engine's ``text_max_length`` tokens are truncated, as in training.
+    """
+
+    prompt: str
+    negative_prompt: str = ""  # "" is the unconditional prompt the model was trained with (caption dropout)
+    seed: int
+    steps: int = 25
+    # The CompVis LDM text-to-image script's default scale: milder than Stable Diffusion's 7.5, which
+    # over-saturates small models trained on few captions.
+    guidance_scale: float = 5.0
+    eta: float = 0.0
+    height: int | None = None
+    width: int | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class SamplingState:
+    """One request part-way through sampling. ``step_index`` is the next step to take (``len(trajectory)`` when
+    done); ``latents`` is x_t at that step, ``(1, C, h, w)`` float32 on the engine. The context rows are
+    ``(1, L, D)`` float and the masks ``(1, L)`` bool, for the prompt and for the negative prompt."""
+
+    request: GenerationRequest
+    trajectory: DDIMTrajectory
+    step_index: int
+    latents: Array
+    context: Array
+    context_mask: Array
+    negative_context: Array
+    negative_context_mask: Array
+
+    @property
+    def done(self) -> bool:
+        return self.step_index == len(self.trajectory)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """``(C, h, w)``: states share a UNet call only when these agree."""
+        return tuple(self.latents.shape[1:])
+
+
+class Pipeline:
+    """DDIM text-to-image sampling with classifier-free guidance over ``engine``."""
+
+    def __init__(self, engine: Engine, ddim: DDIMConfig = DDIMConfig()):
+        self.engine = engine
+        self.sampler = DDIMSampler(NoiseSchedule.from_dict(engine.info.schedule), ddim)
+        # the most steps DDIM can plan: T, or fewer when the "leading" spacing's offset would pass timestep T - 1
+        count = self.sampler.schedule.num_train_timesteps
+        self.max_steps = next((steps for steps in range(count, 0, -1) if self._can_plan(steps)), 0)
+
+    @property
+    def info(self) -> EngineInfo:
+        return self.engine.info
+
+    def validate(self, request: GenerationRequest) -> None:
+        """``RequestError`` naming the first field of ``request`` that this engine and sampler cannot serve."""
+        if not isinstance(request, GenerationRequest):
+            raise TypeError(f"request is a {type(request).__name__}; expected a GenerationRequest")
+        if not isinstance(request.prompt, str) or not request.prompt.strip():
+            raise RequestError(f"prompt is {request.prompt!r}; expected a non-empty string")
+        if not isinstance(request.negative_prompt, str):
+            raise RequestError(f"negative_prompt is {request.negative_prompt!r}; expected a string ('' for none)")
+        if not _is_integer(request.seed) or not 0 <= request.seed < MAX_SEED:
+            raise RequestError(f"seed is {request.seed!r}; expected an integer from 0 to 2**63 - 1")
+        if not _is_integer(request.steps) or not 1 <= request.steps <= self.max_steps:
+            raise RequestError(f"steps is {request.steps!r}; expected an integer from 1 to {self.max_steps}")
+        if not self._can_plan(int(request.steps)):  # a large steps_offset leaves gaps below max_steps
+            config, last = self.sampler.config, self.sampler.schedule.num_train_timesteps - 1
+            raise RequestError(f"steps is {request.steps}; the {config.timestep_spacing!r} spacing with steps_offset "
+                               f"{config.steps_offset} would start past timestep {last}")
+        if not _is_number(request.guidance_scale) or request.guidance_scale < 0:
+            raise RequestError(f"guidance_scale is {request.guidance_scale!r}; expected a finite number >= 0")
+        if not _is_number(request.eta) or not 0 <= request.eta <= 1:
+            raise RequestError(f"eta is {request.eta!r}; expected a number from 0 to 1")
+        info = self.info
+        for name in ("height", "width"):
+            size = getattr(request, name)
+            if size is None:
+                continue
+            if (not _is_integer(size) or size % info.image_size_multiple
+                    or not info.min_image_size <= size <= info.max_image_size):
+                raise RequestError(
+                    f"{name} is {size!r}; expected a multiple of {info.image_size_multiple} from "
+                    f"{info.min_image_size} to {info.max_image_size} (or none for the model's {info.image_size})"
+                )
+
+    def _can_plan(self, steps: int) -> bool:
+        try:
+            self.sampler.trajectory(steps)
+        except ValueError:
+            return False
+        return True
+
+    def image_shape(self, request: GenerationRequest) -> tuple[int, int]:
+        """``(height, width)`` in pixels of the image ``request`` makes."""
+        size = self.info.image_size
+        return (int(request.height or size), int(request.width or size))
+
+    def start(self, requests: Sequence[GenerationRequest]) -> list[SamplingState]:
+        """Validated requests -> states at step 0: prompts encoded (each distinct text once), x_T drawn from
+        each request's seed, its trajectory planned."""
+        for request in requests:
+            self.validate(request)
+        if not requests:
+            return []
+        texts = list(dict.fromkeys([r.prompt for r in requests] + [r.negative_prompt for r in requests]))
+        context, context_mask = self.engine.encode_text(texts)
+        row = {text: index for index, text in enumerate(texts)}
+        factor = self.info.latent_factor
+        states = []
+        for request in requests:
+            height, width = self.image_shape(request)
+            shape = (self.info.latent_channels, height // factor, width // factor)
+            latents = self.engine.to_array(initial_noise([request.seed], shape))  # DDIM's x_T is unit noise
+            positive, negative = row[request.prompt], row[request.negative_prompt]
+            states.append(SamplingState(
+                request=request, trajectory=self.sampler.trajectory(int(request.steps)), step_index=0,
+                latents=latents,
+                context=context[positive:positive + 1], context_mask=context_mask[positive:positive + 1],
+                negative_context=context[negative:negative + 1],
+                negative_context_mask=context_mask[negative:negative + 1],
+            ))
+        return states
+
+    def advance(self, states: Sequence[SamplingState]) -> list[SamplingState]:
+        """Each state one DDIM step on, all of them in ONE UNet call of ``[unconditional rows; conditional rows]``
+        (a row with guidance_scale 1 needs no unconditional row). States must be unfinished and share a latent
+        shape; they may be at any step of any trajectory. Returns the new states, in order."""
+        assert states and not any(state.done for state in states), "advance needs unfinished states"
+        shape = states[0].latent_shape
+        assert all(state.latent_shape == shape for state in states), [state.latent_shape for state in states]
+        step_indices = [state.step_index for state in states]
+        timesteps = np.array([s.trajectory.timesteps[s.step_index] for s in states], dtype=np.int64)
+        prev_timesteps = np.array([s.trajectory.prev_timesteps[s.step_index] for s in states], dtype=np.int64)
+        latents = _concatenate([state.latents for state in states])
+
+        guided = GuidedBatch.plan([float(state.request.guidance_scale) for state in states], len(states))
+        context = guided.stack(_concatenate([s.context for s in states]),
+                               _concatenate([s.negative_context for s in states]))
+        context_mask = guided.stack(_concatenate([s.context_mask for s in states]),
+                                    _concatenate([s.negative_context_mask for s in states]))
+        model_output = self.engine.unet(guided.stack(latents), guided.stack(timesteps), context, context_mask)
+        prediction = guided.combine(model_output, self.engine.to_array)
+
+        eta = np.array([float(state.request.eta) for state in states], dtype=np.float64)
+        noise = None
+        if eta.max() > 0:
+            seeds = [int(state.request.seed) for state in states]
+            noise = self.engine.to_array(step_noise(seeds, step_indices, shape), latents)
+        latents, _ = self.sampler.step(prediction, timesteps, prev_timesteps, latents, eta, noise,
+                                       to_array=self.engine.to_array)
+        return [dataclasses.replace(state, step_index=state.step_index + 1, latents=latents[row:row + 1])
+                for row, state in enumerate(states)]
+
+    def decode(self, states: Sequence[SamplingState]) -> list[np.ndarray]:
+        """Finished states of one latent shape -> images, each ``(H, W, 3) uint8``:
+        latents / latent_scale_factor, decoded, then round(clip((x + 1) * 127.5, 0, 255))."""
+        assert states and all(state.done for state in states), "decode needs finished states"
+        latents = _concatenate([state.latents for state in states]) / self.info.latent_scale_factor
+        images = self.engine.to_host(self.engine.decode(latents)).astype(np.float32)
+        pixels = np.round(np.clip((images + 1.0) * 127.5, 0.0, 255.0)).astype(np.uint8)
+        return [np.ascontiguousarray(image.transpose(1, 2, 0)) for image in pixels]
+
+    def generate(self, requests: Sequence[GenerationRequest], progress: bool = False,
+                 batch_size: int | None = None) -> list[np.ndarray]:
+        """One ``(H, W, 3) uint8`` image per request, in order. Requests of one size are sampled together, at
+        most ``batch_size`` at a time (default: what the engine's UNet batch holds with guidance); each request
+        leaves its batch when its own steps are done. ``progress`` shows a bar over UNet calls on stderr.
+        Raises ``RequestError`` before any work if a request (or ``batch_size``) is invalid."""
+        requests = list(requests)
+        for request in requests:
+            self.validate(request)
+        most = self.info.max_batch_size // 2  # guidance doubles the UNet batch
+        batch_size = most if batch_size is None else batch_size
+        if not _is_integer(batch_size) or not 1 <= batch_size <= most:
+            raise RequestError(f"batch_size is {batch_size!r}; expected an integer from 1 to {most}")
+
+        by_shape: dict[tuple[int, int], list[int]] = {}
+        for index, request in enumerate(requests):
+            by_shape.setdefault(self.image_shape(request), []).append(index)
+        batches = [indices[start:start + batch_size]
+                   for indices in by_shape.values() for start in range(0, len(indices), batch_size)]
+        total = sum(max(int(requests[i].steps) for i in batch) for batch in batches)
+        images: list[Any] = [None] * len(requests)
+        with tqdm(total=total, desc="sampling", unit="step", disable=not progress, dynamic_ncols=True) as bar:
+            for batch in batches:
+                states = self.start([requests[i] for i in batch])
+                while not all(state.done for state in states):
+                    active = [k for k, state in enumerate(states) if not state.done]
+                    for k, state in zip(active, self.advance([states[k] for k in active])):
+                        states[k] = state
+                    bar.update(1)
+                for index, image in zip(batch, self.decode(states)):
+                    images[index] = image
+        return images
+
+
+def _concatenate(arrays: list[Array]) -> Array:
+    module = array_module(arrays[0])
+    return np.concatenate(arrays) if module is np else module.cat(arrays)
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+            and math.isfinite(value))

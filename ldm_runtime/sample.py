@@ -1,0 +1,197 @@
+"""``ldm-sample``: prompts in, PNG images out, from a checkpoint dir (torch) or an engine dir (onnxruntime).
+
+    ldm-sample --model runs/ldm "a red circle" "a blue square" --seed 7 --steps 25 --out samples/
+
+Prompt i gets seed S + i, so a prompt's image is the same whichever prompts run beside it. Every PNG
+carries its prompt, seed and settings as JSON in a PNG text chunk named "parameters". Bad input of any
+kind is one line ``ldm-sample: error: ...`` on stderr and exit status 2, before anything is written;
+images are written to temporary names and renamed into place only once all of them are ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from ldm_runtime.engines import ENGINE_NAMES, load_engine
+from ldm_runtime.pipeline import GenerationRequest, Pipeline, RequestError
+
+PROG = "ldm-sample"
+REQUEST_DEFAULTS = {field.name: field.default for field in dataclasses.fields(GenerationRequest)}
+METADATA_KEY = "parameters"
+GRID_NAME = "grid.png"
+GRID_PADDING = 2
+
+
+class SampleError(Exception):
+    """Anything the user can fix: the message is the one line printed after ``ldm-sample: error:``."""
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        raise SampleError(message)  # one line, not argparse's usage block
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog=PROG,
+        description="Generate images from text prompts with DDIM and classifier-free guidance. Writes one PNG "
+                    "per prompt and, for several prompts, a grid.png of all of them.",
+    )
+    parser.add_argument("prompts", nargs="+", metavar="PROMPT", help="one image per prompt")
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="a checkpoint dir (written by ldm-train) or an engine dir (written by ldm-export)")
+    parser.add_argument("--out", required=True, metavar="PATH",
+                        help="a folder (created if missing) or, for a single prompt, a .png file")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the first prompt; prompt i uses seed + i (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=REQUEST_DEFAULTS["steps"],
+                        help="DDIM steps (default: %(default)s)")
+    parser.add_argument("--guidance", type=float, default=REQUEST_DEFAULTS["guidance_scale"],
+                        help="classifier-free guidance scale, 1 = no guidance (default: %(default)s)")
+    parser.add_argument("--eta", type=float, default=REQUEST_DEFAULTS["eta"],
+                        help="DDIM eta from 0 (deterministic) to 1 (DDPM-like) (default: %(default)s)")
+    parser.add_argument("--negative-prompt", default=REQUEST_DEFAULTS["negative_prompt"], metavar="TEXT",
+                        help="what to steer away from, for every prompt (default: none)")
+    parser.add_argument("--height", type=int, default=None, help="image height (default: the model's size)")
+    parser.add_argument("--width", type=int, default=None, help="image width (default: the model's size)")
+    parser.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
+                        help="auto picks torch for a checkpoint dir and onnxruntime for an engine dir")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="prompts sampled together (default: as many as the engine's batch holds)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ldm-sample; returns the exit status (0, or 2 after a one-line error on stderr)."""
+    try:
+        args = build_parser().parse_args(argv)
+        written = _sample(args)
+    except (SampleError, RequestError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    print(f"{PROG}: wrote {written[0] if len(written) == 1 else f'{len(written)} PNG files to {written[0].parent}'}",
+          file=sys.stderr)
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> list[Path]:
+    """Everything after parsing: check the output, load the engine, check the requests, sample, write."""
+    count = len(args.prompts)
+    seeds = [args.seed + index for index in range(count)]
+    plan = plan_output(args.out, seeds)
+    try:
+        engine = load_engine(args.model, engine=args.engine, device=args.device)
+    except (ValueError, OSError, ImportError) as error:  # a folder, device or engine the user named
+        raise SampleError(str(error)) from None
+    pipeline = Pipeline(engine)
+    requests = [
+        GenerationRequest(prompt=prompt, negative_prompt=args.negative_prompt, seed=seed, steps=args.steps,
+                          guidance_scale=args.guidance, eta=args.eta, height=args.height, width=args.width)
+        for prompt, seed in zip(args.prompts, seeds)
+    ]
+    for request in requests:
+        pipeline.validate(request)
+    images = pipeline.generate(requests, progress=True, batch_size=args.batch_size)
+    metadata = []
+    for request, image in zip(requests, images):
+        settings = dataclasses.asdict(request)
+        settings.update(height=image.shape[0], width=image.shape[1], model=str(args.model),
+                        engine=engine.info.name, sampler="ddim")
+        metadata.append(settings)
+    return write_outputs(plan, images, metadata)
+
+
+@dataclass(frozen=True)
+class OutputPlan:
+    """Where the images go: ``image_paths[i]`` for prompt i, and ``grid_path`` when there are several."""
+
+    folder: Path
+    image_paths: list[Path]
+    grid_path: Path | None
+
+
+def plan_output(out: str, seeds: list[int]) -> OutputPlan:
+    """The files ``--out`` names for these prompts; ``SampleError`` when they could not be written."""
+    path = Path(out)
+    single_file = path.suffix.lower() == ".png" and not path.is_dir()
+    if single_file and len(seeds) > 1:
+        raise SampleError(f"--out {out} is a .png file but {len(seeds)} prompts make {len(seeds)} images; "
+                          f"expected a folder")
+    folder = path.parent if single_file else path
+    _check_folder_writable(folder, out)
+    if single_file:
+        return OutputPlan(folder, [path], None)
+    names = [folder / f"{index:03d}-seed{seed}.png" for index, seed in enumerate(seeds)]
+    return OutputPlan(folder, names, folder / GRID_NAME if len(seeds) > 1 else None)
+
+
+def _check_folder_writable(folder: Path, out: str) -> None:
+    """``SampleError`` unless ``folder`` is a writable folder or could be created as one."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SampleError(f"--out {out} cannot be written: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SampleError(f"--out {out} cannot be written: folder {existing} is not writable")
+
+
+def write_outputs(plan: OutputPlan, images: list[np.ndarray], metadata: list[dict[str, Any]]) -> list[Path]:
+    """Write every PNG under a temporary name, then rename them all into place; on failure nothing is left."""
+    missing = plan.folder
+    while not missing.parent.exists() and missing != missing.parent:
+        missing = missing.parent  # the outermost folder this call creates, removed again on failure
+    created = None if plan.folder.exists() else missing
+    outputs = [(path, Image.fromarray(image), [settings])
+               for path, image, settings in zip(plan.image_paths, images, metadata)]
+    if plan.grid_path is not None:
+        outputs.append((plan.grid_path, image_grid(images), metadata))
+    temporary: list[Path] = []
+    try:
+        plan.folder.mkdir(parents=True, exist_ok=True)
+        for path, image, settings in outputs:
+            info = PngInfo()
+            info.add_text(METADATA_KEY, json.dumps(settings if len(settings) > 1 else settings[0], sort_keys=True))
+            temporary.append(path.with_name(f".{path.name}.{os.getpid()}.tmp"))
+            image.save(temporary[-1], format="PNG", pnginfo=info)
+        for (path, _, _), staged in zip(outputs, temporary):
+            os.replace(staged, path)
+    except OSError as error:
+        for staged in temporary:
+            staged.unlink(missing_ok=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise SampleError(f"cannot write the images to {plan.folder}: {error.strerror or error}") from None
+    return [path for path, _, _ in outputs]
+
+
+def image_grid(images: list[np.ndarray]) -> Image.Image:
+    """Images ``(H, W, 3) uint8`` of one size, left to right and top to bottom in a near-square grid, on white."""
+    height, width, _ = images[0].shape
+    columns = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / columns)
+    canvas = np.full((rows * (height + GRID_PADDING) + GRID_PADDING,
+                      columns * (width + GRID_PADDING) + GRID_PADDING, 3), 255, dtype=np.uint8)
+    for index, image in enumerate(images):
+        top = GRID_PADDING + (index // columns) * (height + GRID_PADDING)
+        left = GRID_PADDING + (index % columns) * (width + GRID_PADDING)
+        canvas[top:top + height, left:left + width] = image
+    return Image.fromarray(canvas)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
