@@ -24,9 +24,10 @@ from train.checkpoint import (
     CheckpointError,
     load_model_config,
     load_state_dict_file,
+    load_text_encoder,
     sha256_file,
 )
-from train.config import ConfigError, ModelConfig
+from train.config import ModelConfig
 from train.models import Autoencoder, TextEncoder, UNet
 
 
@@ -100,21 +101,7 @@ def load_checkpoint_modules(folder: str | Path) -> CheckpointModules:
     load_state_dict_file(autoencoder, folder / "autoencoder.safetensors")
     unet = UNet(config.unet)
     load_state_dict_file(unet, folder / "unet.safetensors")
-    from transformers.utils import logging as transformers_logging
-
-    bar_was_enabled = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()  # a "Loading weights" bar per export is noise on the terminal
-    try:
-        text_encoder = TextEncoder(config.text_encoder, tokenizer_path=folder / TOKENIZER_DIR)
-    except ConfigError as error:
-        raise CheckpointError(f"cannot load the text encoder of {folder}: {error}") from None
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"cannot load the text encoder or tokenizer of {folder} ({error})") from None
-    finally:
-        if bar_was_enabled:
-            transformers_logging.enable_progress_bar()
-    if config.text_encoder.kind == "scratch":
-        load_state_dict_file(text_encoder, folder / "text_encoder.safetensors")
+    text_encoder = load_text_encoder(folder, config)  # tokenizer/ is required above
     if text_encoder.hidden_size != config.unet.context_dim:
         raise CheckpointError(f"the text encoder of {folder} gives {text_encoder.hidden_size}-wide context but the "
                               f"UNet reads context_dim {config.unet.context_dim}")

@@ -204,3 +204,26 @@ def select_prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, 
     if not selected:
         raise CheckpointError(f"the train state has no {prefix.rstrip('.')} weights; it cannot be resumed")
     return selected
+
+
+def load_text_encoder(folder: Path, config: ModelConfig) -> "TextEncoder":
+    """The text encoder of the checkpoint: its own tokenizer/ when present, its weights when trained from scratch."""
+    from train.models import TextEncoder
+
+    tokenizer = folder / TOKENIZER_DIR
+    from transformers.utils import logging as transformers_logging
+
+    bar_was_enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # a "Loading weights" bar per load is noise on the terminal
+    try:
+        text_encoder = TextEncoder(config.text_encoder, tokenizer_path=tokenizer if tokenizer.is_dir() else None)
+    except ConfigError as error:
+        raise CheckpointError(f"cannot load the text encoder of {folder}: {error}") from None
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot load the text encoder or tokenizer of {folder} ({error})") from None
+    finally:
+        if bar_was_enabled:
+            transformers_logging.enable_progress_bar()
+    if config.text_encoder.kind == "scratch":
+        load_state_dict_file(text_encoder, folder / "text_encoder.safetensors")
+    return text_encoder

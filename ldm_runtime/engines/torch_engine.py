@@ -22,9 +22,9 @@ import torch
 
 from ldm_runtime.arrays import host_to_array_like
 from ldm_runtime.engines.base import EngineInfo
-from train.checkpoint import TOKENIZER_DIR, CheckpointError, load_model_config, load_state_dict_file
-from train.config import ConfigError, ModelConfig
-from train.models import Autoencoder, TextEncoder, UNet
+from train.checkpoint import CheckpointError, load_model_config, load_state_dict_file, load_text_encoder
+from train.config import ModelConfig
+from train.models import Autoencoder, UNet
 
 DEFAULT_UNET_CHUNK_SIZE = 8  # one guided request pads 2 rows to 8; batches of 4 guided requests fill a chunk
 DEFAULT_MAX_BATCH_SIZE = 64
@@ -67,7 +67,7 @@ class TorchEngine:
         load_state_dict_file(self.autoencoder, folder / "autoencoder.safetensors")
         self.unet_model = UNet(config.unet)
         load_state_dict_file(self.unet_model, folder / "unet.safetensors")
-        self.text_encoder = _load_text_encoder(folder, config)
+        self.text_encoder = load_text_encoder(folder, config)
         if self.text_encoder.hidden_size != config.unet.context_dim:
             raise CheckpointError(
                 f"the text encoder of {folder} produces {self.text_encoder.hidden_size}-wide context but the UNet "
@@ -159,27 +159,6 @@ def resolve_device(device: str) -> torch.device:
     elif resolved.type != "cpu":
         raise ValueError(f"device {device!r} is not supported; expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
     return resolved
-
-
-def _load_text_encoder(folder: Path, config: ModelConfig) -> TextEncoder:
-    """The text encoder of the checkpoint: its own tokenizer/ when present, its weights when trained from scratch."""
-    tokenizer = folder / TOKENIZER_DIR
-    from transformers.utils import logging as transformers_logging
-
-    bar_was_enabled = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()  # a "Loading weights" bar per run is noise on the command line
-    try:
-        text_encoder = TextEncoder(config.text_encoder, tokenizer_path=tokenizer if tokenizer.is_dir() else None)
-    except ConfigError as error:
-        raise CheckpointError(f"cannot load the text encoder of {folder}: {error}") from None
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"cannot load the text encoder or tokenizer of {folder} ({error})") from None
-    finally:
-        if bar_was_enabled:
-            transformers_logging.enable_progress_bar()
-    if config.text_encoder.kind == "scratch":
-        load_state_dict_file(text_encoder, folder / "text_encoder.safetensors")
-    return text_encoder
 
 
 def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
