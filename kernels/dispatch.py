@@ -10,6 +10,11 @@ pytest's ``monkeypatch.setenv``) at any time:
   Triton's interpreter, which needs ``TRITON_INTERPRET=1`` in the environment before ``kernels`` is
   first imported (Triton decides compiled or interpreted when a kernel is defined).
 
+A model can also pin the choice for itself, whatever LDM_KERNELS says: ``use_backend(module, name)``
+sets ``kernel_backend`` on every GroupNorm and attention layer inside it, and those layers pass it on
+as the ``backend`` argument of the functions below (the triton engine pins "triton"). ``None``
+follows LDM_KERNELS.
+
 Under "auto", inputs a kernel cannot take (float64, attention head dims over 256, attention that
 needs gradients) go to the reference; under "triton" they raise ValueError. torch.compile guards
 on LDM_KERNELS, so a compiled function retraces when it changes.
@@ -33,12 +38,28 @@ BACKENDS = ("auto", "reference", "triton")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def selected_backend() -> str:
-    """The value of LDM_KERNELS (unset or empty: "auto"); ValueError for anything else."""
+def selected_backend(backend: str | None = None) -> str:
+    """``backend`` when given, else the value of LDM_KERNELS (unset or empty: "auto"); ValueError for
+    anything that is not one of BACKENDS."""
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"kernel backend {backend!r} is not one of {', '.join(BACKENDS)}")
+        return backend
     backend = os.environ.get("LDM_KERNELS") or "auto"
     if backend not in BACKENDS:
         raise ValueError(f"LDM_KERNELS={backend!r} is not one of {', '.join(BACKENDS)}")
     return backend
+
+
+def use_backend(module: torch.nn.Module, backend: str | None) -> torch.nn.Module:
+    """Pins every kernel-calling layer inside ``module`` to ``backend`` (None: follow LDM_KERNELS again).
+    Returns ``module``."""
+    if backend is not None:
+        selected_backend(backend)
+    for layer in module.modules():
+        if hasattr(layer, "kernel_backend"):
+            layer.kernel_backend = backend
+    return module
 
 
 def triton_available() -> bool:
@@ -51,13 +72,13 @@ def kernels_interpreted() -> bool:
     return triton_available() and isinstance(_group_norm_apply_kernel, InterpretedFunction)
 
 
-def use_triton(tensor: torch.Tensor, unsupported: str | None = None) -> bool:
-    """Whether an op on ``tensor`` runs the Triton kernel under the current LDM_KERNELS.
+def use_triton(tensor: torch.Tensor, unsupported: str | None = None, backend: str | None = None) -> bool:
+    """Whether an op on ``tensor`` runs the Triton kernel under ``backend`` (None: the current LDM_KERNELS).
 
     ``unsupported`` names inputs the kernel cannot take (None when it can): "auto" then picks the
     reference, and "triton" raises ValueError naming them.
     """
-    backend = selected_backend()
+    backend = selected_backend(backend)
     if backend == "reference":
         return False
     if tensor.dtype not in KERNEL_DTYPES:
@@ -75,28 +96,30 @@ def use_triton(tensor: torch.Tensor, unsupported: str | None = None) -> bool:
 
 
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
-               eps: float = 1e-5, activation: str | None = None) -> torch.Tensor:
+               eps: float = 1e-5, activation: str | None = None, backend: str | None = None) -> torch.Tensor:
     """GroupNorm over (B, C, *spatial) fp32/fp16/bf16 x (contiguous NCHW or (B, C, L)), statistics in
     fp32, then SiLU when activation == "silu". weight/bias: (C,) or None. Returns x's shape and dtype.
-    Differentiable on both paths."""
-    if not use_triton(x):
+    Differentiable on both paths. ``backend`` overrides LDM_KERNELS for this call."""
+    if not use_triton(x, backend=backend):
         return group_norm_reference(x, num_groups, weight, bias, eps, activation)
     check_group_norm_args(x, num_groups, weight, bias, activation)
     return group_norm_op(x, num_groups, weight, bias, eps, activation == "silu")
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              key_padding_mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+              key_padding_mask: torch.Tensor | None = None, scale: float | None = None,
+              backend: str | None = None) -> torch.Tensor:
     """softmax(q kᵀ · scale) v per (batch, head). q: (B, H, Lq, D), k/v: (B, H, Lk, D), one dtype of
     fp32/fp16/bf16; key_padding_mask: (B, Lk) bool (True = attend); scale defaults to 1/sqrt(D).
     Returns (B, H, Lq, D) in q's dtype, zeros for a batch element whose keys are all masked.
-    The Triton kernel is forward only: under "auto", inputs that need gradients take the reference."""
+    The Triton kernel is forward only: under "auto", inputs that need gradients take the reference.
+    ``backend`` overrides LDM_KERNELS for this call."""
     unsupported = None
     if q.shape[-1] > MAX_HEAD_DIM:
         unsupported = f"attention with head dim {q.shape[-1]} (the kernel's maximum is {MAX_HEAD_DIM})"
     elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         unsupported = "attention that needs gradients (the kernel is forward only)"
-    if not use_triton(q, unsupported):
+    if not use_triton(q, unsupported, backend):
         return attention_reference(q, k, v, key_padding_mask, scale)
     check_attention_args(q, k, v, key_padding_mask)
     return attention_op(q, k, v, key_padding_mask, scale)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kernels import dispatch
 from ldm_runtime.arrays import host_to_array_like
 from ldm_runtime.engines.base import EngineInfo
 from train.checkpoint import CheckpointError, load_model_config, load_state_dict_file, load_text_encoder
@@ -38,13 +39,20 @@ class TorchEngine:
     ``device``: "auto" (CUDA when available, else the CPU), "cpu", "cuda" or "cuda:N".
     ``dtype``: the networks' precision; latents and model outputs stay float32 (the sampler's arithmetic),
     and are cast at the network's boundary.
+    ``kernels``: the GroupNorm and attention implementation, "reference" (plain PyTorch ops: the eager
+    baseline), "triton", "auto" (Triton on CUDA tensors), or None to follow LDM_KERNELS
+    (``kernels.dispatch``).
     Raises ``CheckpointError`` (one sentence) for a folder that is not a complete checkpoint dir and
     ``ValueError`` for an unknown device or dtype.
     """
 
+    name = "torch"  # EngineInfo.name
+
     def __init__(self, checkpoint_dir: str | Path, device: str = "auto", dtype: torch.dtype = torch.float32,
                  unet_chunk_size: int | None = DEFAULT_UNET_CHUNK_SIZE,
-                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE):
+                 max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, kernels: str | None = None):
+        if kernels is not None and kernels not in dispatch.BACKENDS:
+            raise ValueError(f"kernels is {kernels!r}; expected one of {', '.join(dispatch.BACKENDS)} or None")
         if dtype not in FLOAT_DTYPES:
             raise ValueError(f"dtype {dtype} is not one of {[str(d) for d in FLOAT_DTYPES]}")
         if unet_chunk_size is not None and (isinstance(unet_chunk_size, bool) or not isinstance(unet_chunk_size, int)
@@ -75,11 +83,12 @@ class TorchEngine:
             )
         for module in (self.autoencoder, self.unet_model, self.text_encoder):
             module.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+            dispatch.use_backend(module, kernels)
 
         factor = config.autoencoder.factor
         multiple = factor * 2 ** (len(config.unet.channel_mult) - 1)  # the UNet halves the latents per level
         self.info = EngineInfo(
-            name="torch",
+            name=self.name,
             latent_channels=config.autoencoder.latent_channels,
             latent_factor=factor,
             latent_scale_factor=float(config.latent_scale_factor),

@@ -220,14 +220,14 @@ def test_every_group_norm_and_attention_goes_through_kernels_dispatch(monkeypatc
     group_norm_activations, attention_calls = [], []
     real_group_norm, real_attention = kernels.dispatch.group_norm, kernels.dispatch.attention
 
-    def counting_group_norm(x, num_groups, weight, bias, eps=1e-5, activation=None):
+    def counting_group_norm(x, num_groups, weight, bias, eps=1e-5, activation=None, backend=None):
         group_norm_activations.append(activation)
-        return real_group_norm(x, num_groups, weight, bias, eps, activation)
+        return real_group_norm(x, num_groups, weight, bias, eps, activation, backend)
 
-    def counting_attention(q, k, v, key_padding_mask=None, scale=None):
+    def counting_attention(q, k, v, key_padding_mask=None, scale=None, backend=None):
         assert q.ndim == 4 and k.ndim == 4 and v.ndim == 4
         attention_calls.append(q.shape)
-        return real_attention(q, k, v, key_padding_mask, scale)
+        return real_attention(q, k, v, key_padding_mask, scale, backend)
 
     monkeypatch.setattr(kernels.dispatch, "group_norm", counting_group_norm)
     monkeypatch.setattr(kernels.dispatch, "attention", counting_attention)

@@ -15,7 +15,10 @@ from train.models.layers import GroupNorm
 
 
 class Attention(nn.Module):
-    """Multi-head attention of a sequence over itself or over ``context`` (diffusers' ``Attention``)."""
+    """Multi-head attention of a sequence over itself or over ``context`` (diffusers' ``Attention``).
+    ``kernel_backend`` pins the implementation (``kernels.dispatch.use_backend``); None follows LDM_KERNELS."""
+
+    kernel_backend: str | None = None
 
     def __init__(self, query_dim: int, heads: int, head_dim: int, context_dim: int | None = None,
                  qkv_bias: bool = False):
@@ -36,7 +39,7 @@ class Attention(nn.Module):
         query = self._split_heads(self.to_q(hidden_states))
         key = self._split_heads(self.to_k(context))
         value = self._split_heads(self.to_v(context))
-        attended = dispatch.attention(query, key, value, context_mask)
+        attended = dispatch.attention(query, key, value, context_mask, backend=self.kernel_backend)
         return self.to_out[0](attended.transpose(1, 2).flatten(2))
 
     def _split_heads(self, projected: torch.Tensor) -> torch.Tensor:

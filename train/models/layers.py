@@ -16,8 +16,11 @@ from kernels import dispatch
 class GroupNorm(nn.GroupNorm):
     """``nn.GroupNorm`` (same parameter names) computed by ``kernels.dispatch.group_norm``.
 
-    ``activation="silu"`` fuses the SiLU that follows the norm into the same kernel.
+    ``activation="silu"`` fuses the SiLU that follows the norm into the same kernel. ``kernel_backend``
+    pins the implementation (``kernels.dispatch.use_backend``); None follows LDM_KERNELS.
     """
+
+    kernel_backend: str | None = None
 
     def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, activation: str | None = None):
         super().__init__(num_groups, num_channels, eps=eps, affine=True)
@@ -26,7 +29,8 @@ class GroupNorm(nn.GroupNorm):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """(B, C, *spatial) -> same shape and dtype."""
-        return dispatch.group_norm(hidden_states, self.num_groups, self.weight, self.bias, self.eps, self.activation)
+        return dispatch.group_norm(hidden_states, self.num_groups, self.weight, self.bias, self.eps, self.activation,
+                                   self.kernel_backend)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, activation={self.activation}"
