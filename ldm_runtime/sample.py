@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--height", type=int, default=None, help="image height (default: the model's size)")
     parser.add_argument("--width", type=int, default=None, help="image width (default: the model's size)")
     parser.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
-                        help="auto picks torch for a checkpoint dir and onnxruntime for an engine dir")
+                        help="auto picks torch for a checkpoint dir and onnxruntime for an engine dir; triton "
+                             "(a checkpoint dir on a CUDA GPU) runs the fused Triton kernels in fp16 with CUDA graphs")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="prompts sampled together (default: as many as the engine's batch holds)")

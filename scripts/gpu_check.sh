@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, on a CUDA machine that has python3 with torch, triton and pytest
 # (no venv, nothing installed): the kernel tests compiled on the GPU (TRITON_INTERPRET and LDM_KERNELS
-# unset), then both kernel benchmarks. Results go to "${OUT:-./gpu-results}"; the exit status is
+# unset), both kernel benchmarks, the triton engine's tests, and the sd15 UNet step (eager fp16 against
+# the triton engine). Results go to "${OUT:-./gpu-results}"; the exit status is
 # non-zero if any step failed, and every step runs even after an earlier one fails.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -54,14 +55,17 @@ if ! "$python" benchmarks/bench_attention.py --json "$out/bench_attention.json" 
     failed+=("bench_attention")
 fi
 
-# The UNet-step benchmark of the triton engine (the fused kernels inside one CUDA-graph-captured UNet
-# step, against eager PyTorch) belongs in this function; it reports itself as absent until the
-# triton engine and its benchmark exist.
-run_unet_step_benchmark() {
-    section "UNet step benchmark, triton engine"
-    echo "not run: the triton engine's UNet-step benchmark is not part of this repository yet"
-}
-run_unet_step_benchmark
+section "triton engine tests (compiled Triton and CUDA graphs on the GPU)"
+if ! "$python" -m pytest tests/ldm_runtime/test_triton_engine.py -q -rs -p no:cacheprovider \
+        --junitxml="$out/pytest-triton-engine.xml" 2>&1 | tee "$out/pytest-triton-engine.txt"; then
+    failed+=("triton engine tests")
+fi
+
+section "UNet step benchmark: eager fp16 against the triton engine (sd15, 64x64 latents)"
+if ! "$python" benchmarks/bench_unet_step.py --json "$out/bench_unet_step.json" 2>&1 \
+        | tee "$out/bench_unet_step.txt"; then
+    failed+=("bench_unet_step")
+fi
 
 section "summary"
 echo "results in $out"

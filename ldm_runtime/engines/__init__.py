@@ -1,7 +1,8 @@
 """Engines: the same four calls over eager PyTorch, onnxruntime, Triton kernels or TensorRT.
 
 ``load_engine`` opens a folder: a checkpoint dir (``model.json``, written by ``ldm-train``) runs on the
-torch engine, an engine dir (``manifest.json``, written by ``ldm-export``) on onnxruntime. Each engine's
+torch engine (or, on a CUDA GPU, the triton engine), an engine dir (``manifest.json``, written by
+``ldm-export``) on onnxruntime. Each engine's
 module is imported only when it is asked for, so serving an engine dir needs neither torch nor ``train``.
 """
 
@@ -12,7 +13,7 @@ from typing import Any
 
 from ldm_runtime.engines.base import Engine, EngineInfo
 
-ENGINE_NAMES = ("auto", "torch", "onnxruntime")
+ENGINE_NAMES = ("auto", "torch", "triton", "onnxruntime")
 CHECKPOINT_MARKER = "model.json"
 ENGINE_DIR_MARKER = "manifest.json"
 
@@ -22,8 +23,8 @@ class EngineLoadError(ValueError):
 
 
 def load_engine(path: str | Path, engine: str = "auto", device: str = "auto", **options: Any) -> Engine:
-    """The engine for ``path``: "torch" for a checkpoint dir, "onnxruntime" for an engine dir; "auto" picks by
-    the folder. ``options`` go to the engine's constructor (e.g. ``dtype``, ``unet_chunk_size`` for torch).
+    """The engine for ``path``: "torch" or "triton" for a checkpoint dir, "onnxruntime" for an engine dir;
+    "auto" picks torch or onnxruntime by the folder. ``options`` go to the engine's constructor (e.g. ``dtype``, ``unet_chunk_size`` for torch).
 
     Raises ``EngineLoadError`` for an unknown engine name or a folder that is neither kind, and the engine's
     own ``ValueError`` subclass (e.g. ``CheckpointError``) for a folder of the right kind that is broken.
@@ -41,10 +42,14 @@ def load_engine(path: str | Path, engine: str = "auto", device: str = "auto", **
             raise EngineLoadError(f"{folder} has neither {CHECKPOINT_MARKER} nor {ENGINE_DIR_MARKER}; expected a "
                                   f"checkpoint dir (ldm-train) or an engine dir (ldm-export)")
         engine = "torch" if is_checkpoint else "onnxruntime"
-    if engine == "torch":
+    if engine in ("torch", "triton"):
         if not is_checkpoint:
-            raise EngineLoadError(f"{folder} has no {CHECKPOINT_MARKER}; the torch engine runs a checkpoint dir "
+            raise EngineLoadError(f"{folder} has no {CHECKPOINT_MARKER}; the {engine} engine runs a checkpoint dir "
                                   f"written by ldm-train")
+        if engine == "triton":
+            from ldm_runtime.engines.triton_engine import TritonEngine
+
+            return TritonEngine(folder, device=device, **options)
         from ldm_runtime.engines.torch_engine import TorchEngine
 
         return TorchEngine(folder, device=device, **options)
