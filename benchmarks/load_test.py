@@ -1,0 +1,284 @@
+"""Load test of ``ldm-serve``: the three batching modes side by side, then an overload run.
+
+    OMP_NUM_THREADS=1 python benchmarks/load_test.py --model runs/engine-shapes-random --build shapes
+
+The script starts ``ldm-serve`` once per mode (none, dynamic, step), each on a free loopback port with one
+engine thread, and for each concurrency (1, 4, 16, 64 by default) runs that many closed-loop httpx clients in
+asyncio for ``--seconds`` per mode, in ``--rounds`` rounds with the modes taking turns: each client sends a
+request, waits for its answer, and sends the next. Requests mix step counts (``--steps``, drawn per request),
+so batches hold samples at different steps. Reported per cell:
+images/s, p50/p95/p99 latency of the answered requests, and errors (any answer but 200, or no answer).
+
+The overload run then starts the server in step mode with a short queue (``--overload-queue``) and fires
+``--overload-clients`` requests at once: every one must get its image or a 429/503 (no other 5xx, nothing
+lost). Results print as Markdown tables; ``--json`` writes them as well.
+
+``--build PRESET`` first writes a random-weight checkpoint of a ``train.config`` preset ("shapes": the 4.6 M
+parameter UNet with MiniLM; "tiny": the 16 px test model of tests/export/tiny_checkpoint.py) and exports
+it to ``--model`` with a UNet batch range up to 32, unless ``--model`` already holds an engine dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+MODES = ("none", "dynamic", "step")
+PROMPTS = ["a red circle on the left", "a large blue square", "two yellow stars on a green background",
+           "a small purple triangle at the top", "a white cross in the center"]
+
+
+def build_model(preset_name: str, engine_dir: Path) -> None:
+    """A random-weight checkpoint of ``preset_name`` exported (fp32, onnxruntime, no validation) to ``engine_dir``."""
+    sys.path.insert(0, str(REPO))
+    import torch
+
+    from export.cli import main as export_main
+    from train.checkpoint import save_checkpoint
+    from train.config import preset
+    from train.models import Autoencoder, TextEncoder, UNet
+
+    if preset_name == "tiny":
+        from tests.export.tiny_checkpoint import TINY_CONFIG as config
+    else:
+        config = preset(preset_name)
+    checkpoint = Path(tempfile.mkdtemp(prefix="load-test-checkpoint-"))
+    torch.manual_seed(0)
+    text_encoder = TextEncoder(config.text_encoder)
+    weights = {"autoencoder": Autoencoder(config.autoencoder).state_dict(), "unet": UNet(config.unet).state_dict()}
+    if text_encoder.trainable:
+        weights["text_encoder"] = text_encoder.state_dict()
+    save_checkpoint(checkpoint, config, weights, {}, stage="unet", step=0, settings={},
+                    save_tokenizer=text_encoder.save_tokenizer)
+    try:
+        code = export_main([str(checkpoint), "--out", str(engine_dir), "--engine", "fp32", "--skip-validation",
+                            "--batch-range", "1:16:32"])
+    finally:
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    if code != 0:
+        raise SystemExit(f"load_test: export of the {preset_name} model failed (exit {code})")
+
+
+class Server:
+    """``ldm-serve`` in a subprocess on a free loopback port, stderr drained in a thread."""
+
+    def __init__(self, model: Path, flags: list[str]):
+        script = Path(sys.executable).with_name("ldm-serve")
+        command = [str(script)] if script.is_file() else [sys.executable, "-m", "ldm_runtime.serve.cli"]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env.pop("LDM_SERVE_API_KEY", None)
+        self.process = subprocess.Popen(command + ["--model", str(model), "--port", "0", "--threads", "1",
+                                                   "--log-level", "warning", *flags],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        self.lines: list[str] = []
+        listening = threading.Event()
+
+        def drain() -> None:
+            for line in self.process.stderr:
+                self.lines.append(line)
+                if "ldm-serve: serving" in line:
+                    listening.set()
+        threading.Thread(target=drain, daemon=True).start()
+        if not listening.wait(180):
+            self.stop()
+            raise SystemExit("load_test: ldm-serve did not start:\n" + "".join(self.lines))
+        self.url = re.search(r"on (http://\S+)", self.lines[0]).group(1)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise SystemExit("load_test: ldm-serve never became ready:\n" + "".join(self.lines))
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        return self.process.wait()
+
+
+def request_body(rng: np.random.Generator, steps: list[int], guidance: float) -> dict:
+    """A request with a prompt of its own (no two alike, so no server-side cache answers the text encoder)."""
+    prompt = f"{PROMPTS[int(rng.integers(len(PROMPTS)))]}, variation {int(rng.integers(10**9))}"
+    return {"prompt": prompt, "seed": int(rng.integers(0, 2**62)),
+            "steps": int(rng.choice(steps)), "guidance_scale": guidance}
+
+
+async def closed_loop(url: str, concurrency: int, seconds: float, steps: list[int], guidance: float,
+                      seed: int) -> dict:
+    """``concurrency`` clients, each sending its next request when the last is answered, for ``seconds``."""
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        stop_at = time.monotonic() + seconds
+
+        async def one_client(index: int) -> None:
+            rng = np.random.default_rng([seed, index])
+            while time.monotonic() < stop_at:
+                started = time.monotonic()
+                try:
+                    response = await client.post(f"{url}/v1/images", json=request_body(rng, steps, guidance))
+                except httpx.HTTPError as error:
+                    errors[type(error).__name__] = errors.get(type(error).__name__, 0) + 1
+                    continue
+                if response.status_code == 200:
+                    latencies.append(time.monotonic() - started)
+                else:
+                    errors[str(response.status_code)] = errors.get(str(response.status_code), 0) + 1
+
+        began = time.monotonic()
+        await asyncio.gather(*(one_client(index) for index in range(concurrency)))
+        elapsed = time.monotonic() - began
+    values = np.array(latencies) if latencies else np.array([np.nan])
+    return {"concurrency": concurrency, "latencies": latencies, "seconds": elapsed, "errors": errors}
+
+
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One table cell from the rounds of one mode and concurrency: images/s over their summed time, latency
+    percentiles over all their answered requests, errors summed."""
+    latencies = [latency for cell in rounds for latency in cell["latencies"]]
+    seconds = sum(cell["seconds"] for cell in rounds)
+    errors: dict[str, int] = {}
+    for cell in rounds:
+        for key, count in cell["errors"].items():
+            errors[key] = errors.get(key, 0) + count
+    values = np.array(latencies) if latencies else np.array([np.nan])
+    return {"concurrency": rounds[0]["concurrency"], "images": len(latencies), "seconds": round(seconds, 3),
+            "images_per_s": len(latencies) / seconds, "p50_ms": float(np.percentile(values, 50) * 1e3),
+            "p95_ms": float(np.percentile(values, 95) * 1e3), "p99_ms": float(np.percentile(values, 99) * 1e3),
+            "errors": errors}
+
+
+async def overload(url: str, clients: int, steps: list[int], guidance: float, seed: int) -> dict:
+    """``clients`` requests at once, each answered or not: counts by status, and transport failures."""
+    rng = np.random.default_rng(seed)
+    bodies = [request_body(rng, steps, guidance) for _ in range(clients)]
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        async def send(body: dict) -> str:
+            try:
+                response = await client.post(f"{url}/v1/images", json=body)
+            except httpx.HTTPError as error:
+                return f"lost ({type(error).__name__})"
+            if response.status_code == 200 and not response.json().get("images"):
+                return "200 without an image"
+            return str(response.status_code)
+        outcomes = await asyncio.gather(*(send(body) for body in bodies))
+    counts: dict[str, int] = {}
+    for outcome in outcomes:
+        counts[outcome] = counts.get(outcome, 0) + 1
+    return counts
+
+
+def markdown_table(results: dict[str, list[dict]], concurrencies: list[int]) -> str:
+    header = "| concurrency | " + " | ".join(f"{mode}: img/s, p50 / p95 / p99 ms, errors" for mode in MODES) + " |"
+    lines = [header, "|" + " --- |" * (len(MODES) + 1)]
+    for index, concurrency in enumerate(concurrencies):
+        cells = []
+        for mode in MODES:
+            cell = results[mode][index]
+            errors = sum(cell["errors"].values())
+            cells.append(f"{cell['images_per_s']:.1f}, {cell['p50_ms']:.0f} / {cell['p95_ms']:.0f} / "
+                         f"{cell['p99_ms']:.0f}, {errors}")
+        lines.append(f"| {concurrency} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, type=Path, help="the engine dir (or checkpoint dir) to serve")
+    parser.add_argument("--build", choices=("shapes", "tiny"), default=None,
+                        help="write a random-weight model of this preset to --model first, if it is not there")
+    parser.add_argument("--concurrency", default="1,4,16,64", help="comma-separated (default: %(default)s)")
+    parser.add_argument("--seconds", type=float, default=12.0, help="per mode and concurrency (default: %(default)s)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="the seconds of each cell are split into this many rounds, modes taking turns")
+    parser.add_argument("--steps", default="10,25,50", help="step counts requests draw from (default: %(default)s)")
+    parser.add_argument("--guidance", type=float, default=5.0, help="guidance scale (default: %(default)s)")
+    parser.add_argument("--max-batch", type=int, default=16, help="ldm-serve --max-batch (default: %(default)s)")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="ldm-serve --max-wait-ms")
+    parser.add_argument("--modes", default=",".join(MODES), help="comma-separated (default: %(default)s)")
+    parser.add_argument("--overload-clients", type=int, default=200, help="0 skips the overload run")
+    parser.add_argument("--overload-queue", type=int, default=8, help="ldm-serve --max-queue in the overload run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    concurrencies = [int(value) for value in args.concurrency.split(",")]
+    steps = [int(value) for value in args.steps.split(",")]
+    modes = args.modes.split(",")
+    if args.build and not (args.model / "manifest.json").is_file():
+        build_model(args.build, args.model)
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
+          f"{platform.python_version()}; model {args.model}; steps drawn from {steps}, guidance {args.guidance}",
+          file=sys.stderr)
+    serve_flags = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
+                   "--max-steps", str(max(steps)), "--request-timeout", "600"]
+    # All servers run side by side (an idle one costs nothing) and the modes take turns in short rounds, so a
+    # drift in the machine's load (another job, clock speed) falls on every mode alike.
+    queue = str(4 * max(concurrencies))
+    servers = {mode: Server(args.model, serve_flags + ["--batching", mode, "--max-queue", queue]) for mode in modes}
+    results: dict[str, list[dict]] = {mode: [] for mode in modes}
+    try:
+        for concurrency in concurrencies:
+            rounds: dict[str, list[dict]] = {mode: [] for mode in modes}
+            for repeat in range(args.rounds):
+                for mode in modes:
+                    rounds[mode].append(asyncio.run(closed_loop(servers[mode].url, concurrency,
+                                                                args.seconds / args.rounds, steps, args.guidance,
+                                                                args.seed + repeat)))
+            for mode in modes:
+                cell = merge_rounds(rounds[mode])
+                results[mode].append(cell)
+                print(f"{mode:8s} c={concurrency:3d}: {cell['images_per_s']:6.2f} img/s, p50 {cell['p50_ms']:7.0f} "
+                      f"p95 {cell['p95_ms']:7.0f} p99 {cell['p99_ms']:7.0f} ms, errors {cell['errors']}",
+                      file=sys.stderr, flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+    output: dict = {"sweep": results}
+    if set(modes) == set(MODES):
+        print(markdown_table(results, concurrencies))
+    if args.overload_clients:
+        server = Server(args.model, serve_flags + ["--batching", "step", "--max-queue", str(args.overload_queue)])
+        try:
+            counts = asyncio.run(overload(server.url, args.overload_clients, steps, args.guidance, args.seed))
+        finally:
+            exit_code = server.stop()
+        output["overload"] = {"clients": args.overload_clients, "queue": args.overload_queue, "outcomes": counts,
+                              "server_exit_code": exit_code}
+        bad = {key: value for key, value in counts.items() if key not in ("200", "429", "503")}
+        print(f"\noverload: {args.overload_clients} clients at once, step batching, --max-queue "
+              f"{args.overload_queue}: {json.dumps(counts, sort_keys=True)}; other 5xx or lost: "
+              f"{sum(bad.values())}; server exit status after SIGTERM {exit_code}")
+    if args.json:
+        args.json.write_text(json.dumps(output, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

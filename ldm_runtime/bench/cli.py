@@ -1,0 +1,435 @@
+"""``ldm-bench`` command line: check the arguments, make the folders, run the workers round robin, report.
+
+Bad input of any kind is one line ``ldm-bench: error: ...`` on stderr and exit status 2, before any engine
+is loaded. torch and the training code are imported only in the child processes that need them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from ldm_runtime.bench.report import (
+    WIDE_SPREAD,
+    format_profiles,
+    format_table,
+    result_rows,
+    write_json,
+    write_plot,
+)
+from ldm_runtime.bench.sources import PRESET_NAMES
+from ldm_runtime.bench.workers import BASELINE, DEFAULT_PEERS, PEERS
+
+PROG = "ldm-bench"
+TORCH_MAX_BATCH = 32  # images: the torch engine's default UNet batch limit (64 rows) over guidance's 2 rows each
+DEFAULT_LATENT_SIZE = {"shapes": 8, "sd15": 16}  # shapes' trained size; sd15 at a size a CPU can take (64 on a GPU)
+
+
+class BenchError(Exception):
+    """Anything the user can fix: the message is the one line printed after ``ldm-bench: error:``."""
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        raise BenchError(message)  # one line, not argparse's usage block
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Time each engine against eager PyTorch on the same weights, interleaved round robin: guided "
+                    "UNet steps/s, images/s and latency of one text-to-image request, time to first image, peak "
+                    "memory. Prints a table; --json and --plot write the JSON and a PNG.",
+        epilog="Engines: torch (eager PyTorch, the baseline, always run), torch.compile (the same model under "
+               "torch.compile), diffusers (diffusers' UNet2DConditionModel with our UNet's configuration and "
+               "weights), onnxruntime (an engine dir; exported in a temporary folder when --model is a checkpoint), "
+               "triton (the Triton kernels in fp16 with CUDA graphs; a CUDA GPU only).")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", metavar="DIR", help="a checkpoint dir (ldm-train) or an engine dir (ldm-export)")
+    source.add_argument("--preset", choices=PRESET_NAMES,
+                        help="random weights of a preset's size: shapes (the demo model) or sd15 (Stable Diffusion "
+                             "1.5's UNet, autoencoder and a 12-layer BERT)")
+    parser.add_argument("--checkpoint", metavar="DIR", default=None,
+                        help="with an engine dir as --model: the checkpoint it was exported from, for the torch "
+                             "peers (default: the one its manifest names, if it is still there unchanged)")
+    parser.add_argument("--latent-size", type=int, default=None,
+                        help="with --preset: latent side (default: 8 for shapes, 16 for sd15; SD's own is 64)")
+    parser.add_argument("--engines", default=",".join(DEFAULT_PEERS), metavar="LIST",
+                        help=f"comma-separated, from {','.join(PEERS)} (default: %(default)s; diffusers only where "
+                             f"installed)")
+    parser.add_argument("--batch-sizes", default="1,4,8", metavar="LIST",
+                        help="images per request, comma-separated; each UNet step runs twice as many rows "
+                             "(classifier-free guidance) (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=10, help="DDIM steps of one request (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per engine and batch size "
+                                                                "(default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="CPU threads per engine (default: %(default)s, every core)")
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda[:N] (default: %(default)s)")
+    parser.add_argument("--json", metavar="FILE", default=None, help="write every figure and sample here")
+    parser.add_argument("--plot", metavar="FILE", default=None,
+                        help="write the PNG plot here (default: beside --json, with .png)")
+    parser.add_argument("--profile", action="store_true",
+                        help="after timing, profile one step per engine and batch size: the operators that take "
+                             "the time (torch's profiler; onnxruntime's per-node profile)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ldm-bench; returns the exit status (0, or 2 after a one-line error on stderr)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = build_parser().parse_args(argv)
+        plan = check_arguments(args)
+        report = run(plan, args, command=" ".join([PROG, *map(shlex.quote, argv)]))
+    except BenchError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    print(format_table(report))
+    for note in report["notes"]:
+        print(f"- {note}")
+    for line in format_profiles(report):
+        print(line)
+    return 0
+
+
+def _log(line: str) -> None:
+    print(f"{PROG}: {line}", file=sys.stderr, flush=True)
+
+
+def _positive_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or any(value < 1 for value in values):
+        raise BenchError(f"{flag} {text!r} is not a comma-separated list of positive integers (e.g. 1,4,8)")
+    return sorted(set(values))
+
+
+def check_arguments(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything that can be checked before a process starts; ``BenchError`` naming the first bad value."""
+    engines = [name.strip() for name in args.engines.split(",") if name.strip()]
+    for name in engines:
+        if name not in PEERS:
+            raise BenchError(f"engine {name!r} is not one of {', '.join(PEERS)}")
+    engines = [BASELINE] + [name for name in dict.fromkeys(engines) if name != BASELINE]  # the baseline, first
+    batch_sizes = _positive_list(args.batch_sizes, "--batch-sizes")
+    for flag, value in (("--steps", args.steps), ("--repeats", args.repeats), ("--threads", args.threads)):
+        if value < 1:
+            raise BenchError(f"{flag} is {value}; expected a positive integer")
+    if not (args.device in ("auto", "cpu", "cuda") or (args.device.startswith("cuda:")
+                                                       and args.device[5:].isdigit())):
+        raise BenchError(f"--device {args.device!r} is not valid; expected auto, cpu, cuda or cuda:N")
+    for flag, value in (("--json", args.json), ("--plot", args.plot)):
+        if value is not None and (Path(value).is_dir() or not _writable_parent(Path(value))):
+            raise BenchError(f"{flag} {value} cannot be written; expected a file path in a writable folder")
+    plan: dict[str, Any] = {"engines": engines, "batch_sizes": batch_sizes, "preset": args.preset}
+    if args.preset:
+        latent_size = args.latent_size or DEFAULT_LATENT_SIZE[args.preset]
+        multiple = {"shapes": 2, "sd15": 8}[args.preset]  # the UNet halves the latents once per level after the first
+        if latent_size < multiple or latent_size % multiple:
+            raise BenchError(f"--latent-size {latent_size} does not fit preset {args.preset}; expected a multiple of "
+                             f"{multiple} (its UNet halves the latents {multiple.bit_length() - 1} times)")
+        factor = {"shapes": 4, "sd15": 8}[args.preset]
+        plan.update(latent_size=latent_size, image_size=latent_size * factor, model_name=f"preset {args.preset}")
+        _check_batch_range(batch_sizes, 1, TORCH_MAX_BATCH, "the torch engines")
+        return plan
+    if args.latent_size is not None:
+        raise BenchError("--latent-size applies to --preset only; a model folder runs at its own image size")
+    plan.update(_check_model_folder(Path(args.model), args.checkpoint, engines))
+    _check_batch_range(batch_sizes, 1, TORCH_MAX_BATCH, "the torch engines")
+    if plan.get("engine_dir_batch"):
+        low, high = plan["engine_dir_batch"]
+        _check_batch_range(batch_sizes, max(1, (low + 1) // 2), high // 2,
+                           f"the onnxruntime engine dir {args.model} (UNet batch {low}..{high} with guidance)")
+    return plan
+
+
+def _writable_parent(path: Path) -> bool:
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
+
+
+def _check_batch_range(batch_sizes: list[int], low: int, high: int, what: str) -> None:
+    for size in batch_sizes:
+        if not low <= size <= high:
+            raise BenchError(f"batch size {size} is outside the range of {what}; expected {low} to {high} images "
+                             f"per request")
+
+
+def _check_model_folder(folder: Path, checkpoint: str | None, engines: list[str]) -> dict[str, Any]:
+    """Which kind of folder --model is, the checkpoint the torch peers read, and an engine dir's batch range."""
+    from ldm_runtime.engines import CHECKPOINT_MARKER, ENGINE_DIR_MARKER
+
+    if not folder.is_dir():
+        raise BenchError(f"--model {folder} does not exist or is not a folder; expected a checkpoint dir "
+                         f"(ldm-train) or an engine dir (ldm-export)")
+    if (folder / CHECKPOINT_MARKER).is_file():
+        if checkpoint is not None:
+            raise BenchError("--checkpoint applies when --model is an engine dir; --model is already a checkpoint")
+        config = _read_json(folder / CHECKPOINT_MARKER)
+        try:
+            image_size = int(config["image_size"])
+            factor = 2 ** (len(config["autoencoder"]["channel_mult"]) - 1)
+        except (KeyError, TypeError, ValueError):
+            raise BenchError(f"{folder / CHECKPOINT_MARKER} is not a model description written by ldm-train") from None
+        return {"checkpoint": str(folder), "engine_dir": None, "image_size": image_size,
+                "latent_size": image_size // factor, "model_name": folder.name}
+    if not (folder / ENGINE_DIR_MARKER).is_file():
+        raise BenchError(f"--model {folder} has neither {CHECKPOINT_MARKER} nor {ENGINE_DIR_MARKER}; expected a "
+                         f"checkpoint dir (ldm-train) or an engine dir (ldm-export)")
+    from ldm_runtime.manifest import EngineDirError, load_manifest, sha256_file
+
+    try:
+        manifest = load_manifest(folder)
+    except EngineDirError as error:
+        raise BenchError(str(error)) from None
+    source = manifest.raw.get("source", {})
+    recorded = source.get("files", {})
+    chosen = Path(checkpoint) if checkpoint is not None else Path(source.get("checkpoint", ""))
+    same = bool(recorded) and chosen.is_dir() and all(
+        (chosen / name).is_file() and sha256_file(chosen / name) == digest for name, digest in recorded.items())
+    if not same:
+        if checkpoint is None:
+            raise BenchError(f"--model {folder} is an engine dir; the torch peers need the checkpoint it was "
+                             f"exported from, and the one its manifest names ({source.get('checkpoint')}) is gone "
+                             f"or changed: pass --checkpoint DIR, or --model CHECKPOINT_DIR to export it afresh")
+        raise BenchError(f"--checkpoint {checkpoint} is not the checkpoint {folder} was exported from (its files' "
+                         f"sha256 differ from the manifest's); expected the same weights for every engine")
+    if "onnxruntime" not in engines:
+        engines.append("onnxruntime")  # an engine dir is there to be timed
+    return {"checkpoint": str(chosen), "engine_dir": str(folder), "image_size": manifest.model.image_size,
+            "latent_size": manifest.model.image_size // manifest.model.latent_factor, "model_name": folder.name,
+            "engine_dir_batch": (manifest.batch.min, manifest.batch.max)}
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise BenchError(f"{path} is not readable JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise BenchError(f"{path} holds a {type(data).__name__}; expected an object")
+    return data
+
+
+def run(plan: dict[str, Any], args: argparse.Namespace, command: str) -> dict[str, Any]:
+    """Make the folders, start one worker per engine, time them round robin; the report (also written)."""
+    with tempfile.TemporaryDirectory(prefix="ldm-bench-") as scratch:
+        model_info = _prepare_sources(plan, Path(scratch))
+        report = _measure(plan, args, model_info)
+    report["command"] = command
+    if args.json:
+        write_json(report, Path(args.json))
+    plot = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
+    if plot:
+        write_plot(report, Path(plot))
+        report["plot"] = plot
+        if args.json:
+            write_json(report, Path(args.json))
+    return report
+
+
+def _prepare_sources(plan: dict[str, Any], scratch: Path) -> dict[str, Any]:
+    """The preset checkpoint and the onnxruntime engine dir, each made in a child process, when needed."""
+    from ldm_runtime.bench.sources import (
+        SourceError,
+        export_onnxruntime_engine,
+        run_in_child,
+        write_preset_checkpoint,
+    )
+
+    info: dict[str, Any] = {"name": plan["model_name"], "latent_size": plan["latent_size"],
+                            "image_size": plan["image_size"], "random_weights": bool(plan["preset"])}
+    try:
+        if plan["preset"]:
+            started = time.perf_counter()
+            _log(f"writing a random-weight {plan['preset']} checkpoint ({plan['latent_size']}x{plan['latent_size']} "
+                 f"latents)")
+            plan["checkpoint"] = str(scratch / "checkpoint")
+            info.update(run_in_child(write_preset_checkpoint, plan["preset"], plan["latent_size"], plan["checkpoint"]))
+            _log(f"wrote it in {time.perf_counter() - started:.0f} s")
+            plan["engine_dir"] = None
+        if "onnxruntime" in plan["engines"] and plan["engine_dir"] is None:
+            _log("exporting the checkpoint to an fp32 onnxruntime engine dir")
+            plan["engine_dir"] = str(scratch / "engine")
+            model = _read_json(Path(plan["checkpoint"]) / "model.json")
+            info["export_s"] = run_in_child(export_onnxruntime_engine, plan["checkpoint"], plan["engine_dir"],
+                                            2 * max(plan["batch_sizes"]), plan["image_size"], int(model["image_size"]))
+            _log(f"exported it in {info['export_s']:.0f} s")
+    except SourceError as error:
+        raise BenchError(f"cannot prepare {plan['model_name']}: {error}") from None
+    return info
+
+
+def _measure(plan: dict[str, Any], args: argparse.Namespace, model_info: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+    from tqdm import tqdm
+
+    from ldm_runtime.bench.workers import Worker, WorkerFailed, WorkerSpec
+
+    entries: dict[str, dict[str, Any]] = {}
+    workers: dict[str, Worker] = {}
+    outputs: dict[str, np.ndarray] = {}
+    try:
+        for name in plan["engines"]:  # one at a time: loads do not compete with each other
+            entry = entries[name] = {"name": name, "status": "ok", "reason": None}
+            missing = _missing_library(name)
+            if missing:
+                entry.update(status="failed", reason=missing)
+                _log(f"{name}: skipped ({missing})")
+                continue
+            _log(f"{name}: loading and making a first image")
+            worker = Worker(WorkerSpec(engine=name, folder=plan["engine_dir"] if name == "onnxruntime"
+                                       else plan["checkpoint"], device=args.device, threads=args.threads,
+                                       steps=args.steps, image_size=plan["image_size"], guidance_scale=5.0))
+            try:
+                ready = worker.ask()
+            except WorkerFailed as error:
+                worker.stop()
+                if name == BASELINE:
+                    raise BenchError(f"the torch engine cannot run {args.model or args.preset}: {error}") from None
+                entry.update(status="failed", reason=str(error))
+                _log(f"{name}: failed ({error})")
+                continue
+            workers[name] = worker
+            outputs[name] = ready.pop("unet_output")
+            entry.update(ready, time_to_first_image_s=ready.pop("ready_at") - worker.started_at)
+            _log(f"{name}: first image after {entry['time_to_first_image_s']:.1f} s")
+        for name, output in outputs.items():
+            reference = outputs[BASELINE].astype(np.float64)
+            entries[name]["unet_relative_error"] = float(np.linalg.norm(output - reference) /
+                                                         max(np.linalg.norm(reference), 1e-30))
+
+        step_seconds: dict[tuple[str, int], list[float]] = {}
+        e2e_seconds: dict[tuple[str, int], list[float]] = {}
+        total = len(plan["batch_sizes"]) * (1 + 2 * args.repeats) * len(workers)
+        with tqdm(total=total, desc=PROG, unit="run", dynamic_ncols=True, file=sys.stderr) as bar:
+            for batch_size in plan["batch_sizes"]:
+                calls = {}
+                for name in list(workers):
+                    try:
+                        step = workers[name].ask("warmup", batch_size)
+                    except WorkerFailed as error:
+                        _drop(workers, entries, name, batch_size, error)
+                        continue
+                    finally:
+                        bar.update(1)
+                    calls[name] = max(1, min(50, round(0.25 / max(step, 1e-6))))  # a repeat lasts >= ~0.25 s
+                for repeat in range(args.repeats):
+                    names = [name for name in workers if name in calls]
+                    order = names[repeat % len(names):] + names[:repeat % len(names)] if names else []
+                    for kind in ("step", "e2e"):
+                        for name in order:
+                            if name not in workers:
+                                continue
+                            try:
+                                arguments = (batch_size, calls[name]) if kind == "step" else (batch_size,)
+                                seconds = workers[name].ask(kind, *arguments)
+                            except WorkerFailed as error:
+                                _drop(workers, entries, name, batch_size, error)
+                                continue
+                            finally:
+                                bar.update(1)
+                            (step_seconds if kind == "step" else e2e_seconds).setdefault(
+                                (name, batch_size), []).append(seconds)
+        for name, worker in workers.items():
+            entries[name].update(worker.ask("memory"))
+        if args.profile:
+            for name in list(workers):
+                for batch_size in plan["batch_sizes"]:
+                    try:
+                        entries[name].setdefault("profile", {})[str(batch_size)] = workers[name].ask("profile",
+                                                                                                      batch_size)
+                    except WorkerFailed as error:
+                        entries[name].setdefault("profile", {})[str(batch_size)] = f"failed: {error}"
+    finally:
+        for worker in workers.values():
+            worker.stop()
+
+    results = result_rows(step_seconds, e2e_seconds, plan["engines"], plan["batch_sizes"], BASELINE)
+    report = {
+        "format_version": 1,
+        "machine": _machine(args),
+        "model": model_info,
+        "settings": {"engines": plan["engines"], "batch_sizes": plan["batch_sizes"], "steps": args.steps,
+                     "repeats": args.repeats, "warmup": 1, "threads": args.threads, "device": args.device,
+                     "guidance_scale": 5.0, "wide_spread_over": WIDE_SPREAD},
+        "engines": list(entries.values()),
+        "results": results,
+    }
+    report["notes"] = _notes(report)
+    return report
+
+
+def _drop(workers: dict, entries: dict, name: str, batch_size: int, error: Exception) -> None:
+    """A worker that failed mid-run: stop it and record why; the other engines go on."""
+    workers.pop(name).stop()
+    entries[name].update(status="failed", reason=f"at batch size {batch_size}: {error}")
+    _log(f"{name}: failed at batch size {batch_size} ({error})")
+
+
+def _missing_library(name: str) -> str | None:
+    import importlib.util
+
+    library = {"diffusers": "diffusers", "onnxruntime": "onnxruntime"}.get(name)
+    if library and importlib.util.find_spec(library) is None:
+        return f"{library} is not installed"
+    return None
+
+
+def _machine(args: argparse.Namespace) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for package in ("torch", "onnxruntime", "onnxruntime-gpu", "diffusers", "numpy"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "versions": versions, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+
+
+def _notes(report: dict[str, Any]) -> list[str]:
+    """What the table does not say by itself: spreads too wide to trust, failed peers, the best engine's ratios."""
+    notes = []
+    wide = [f"{row['engine']} at batch {row['batch_size']}" for row in report["results"] if row["wide_spread"]]
+    if wide:
+        notes.append(f"spread (max - min over median) above {100 * WIDE_SPREAD:.0f}% or fewer than 3 repeats, "
+                     f"figures marked ! are indicative only: {', '.join(wide)}")
+    for entry in report["engines"]:
+        if entry["status"] != "ok":
+            notes.append(f"{entry['name']} did not run: {entry['reason']}")
+    for batch_size in report["settings"]["batch_sizes"]:
+        rows = [row for row in report["results"] if row["batch_size"] == batch_size and row["engine"] != BASELINE
+                and row["steps_speedup_vs_torch"] is not None]
+        if rows:
+            best = max(rows, key=lambda row: row["steps_speedup_vs_torch"])
+            compiled = next((row for row in rows if row["engine"] == "torch.compile"), None)
+            against = (f", {best['unet_steps_per_s'] * compiled['step_seconds']['median']:.2f}× torch.compile"
+                       if compiled and best is not compiled else "")
+            notes.append(f"batch {batch_size}: fastest is {best['engine']} at {best['steps_speedup_vs_torch']:.2f}× "
+                         f"eager PyTorch's UNet steps/s{against}")
+    return notes

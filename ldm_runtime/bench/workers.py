@@ -1,0 +1,330 @@
+"""One engine per process, driven over a pipe: the parent asks for one measurement at a time, so engines take
+turns (round robin) and drift hits all of them alike, while each process's peak memory is its own.
+
+A worker loads its engine, makes one image (the time to first image counts from the process's start, imports
+included), answers the UNet-output check, then serves commands until told to stop:
+
+    ("warmup", B)        one request of B images end to end, then one step; returns the step's seconds
+    ("step", B, calls)   ``calls`` guided DDIM steps on B images; returns seconds per step
+    ("e2e", B)           one text-to-image request of B images; returns seconds
+    ("memory",)          {"peak_rss_mib": ..., "cuda_max_allocated_mib": ... or None}
+    ("profile", B)       where one guided step's operator time goes: [{"op", "share", "ms"}], largest first
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import resource
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+PEERS = ("torch", "torch.compile", "diffusers", "onnxruntime", "triton")
+DEFAULT_PEERS = ("torch", "torch.compile", "diffusers", "onnxruntime")  # triton needs a CUDA GPU
+PROFILE_TOP = 8
+BASELINE = "torch"
+PROMPT = "a large red circle on the left, on a blue background"
+CHECK_TIMESTEP = 500
+
+
+class WorkerFailed(Exception):
+    """A worker could not load its engine or answer a command; the message is one line."""
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    engine: str  # one of PEERS
+    folder: str  # a checkpoint dir (torch peers) or an engine dir (onnxruntime)
+    device: str
+    threads: int
+    steps: int  # DDIM steps of one end-to-end request
+    image_size: int
+    guidance_scale: float
+
+
+class Worker:
+    """The parent's handle on one engine process."""
+
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        context = multiprocessing.get_context("spawn")
+        self.connection, child = context.Pipe()
+        self.started_at = time.time()
+        self.process = context.Process(target=_worker_main, args=(child, spec), daemon=True,
+                                       name=f"ldm-bench {spec.engine}")
+        self.process.start()
+        child.close()
+
+    def ask(self, *message: Any) -> Any:
+        """Send one command and wait for its answer; ``WorkerFailed`` if the worker reports an error or dies."""
+        if message:
+            self.connection.send(message)
+        while not self.connection.poll(0.5):
+            if not self.process.is_alive():
+                raise WorkerFailed(f"the process exited with code {self.process.exitcode} (killed: out of memory?)")
+        try:
+            status, value = self.connection.recv()
+        except EOFError:
+            self.process.join(5)
+            raise WorkerFailed(f"the process exited with code {self.process.exitcode}") from None
+        if status == "error":
+            raise WorkerFailed(value)
+        return value
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            try:
+                self.connection.send(("stop",))
+            except (BrokenPipeError, OSError):
+                pass
+            self.process.join(30)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+
+
+def _worker_main(connection, spec: WorkerSpec) -> None:
+    try:
+        bench = _EngineBench(spec)
+        connection.send(("ok", bench.first_image()))
+    except BaseException as error:
+        connection.send(("error", _one_line(error)))
+        return
+    while True:
+        try:
+            message = connection.recv()
+        except EOFError:
+            return
+        if message[0] == "stop":
+            return
+        try:
+            connection.send(("ok", getattr(bench, message[0])(*message[1:])))
+        except BaseException as error:
+            connection.send(("error", _one_line(error)))
+
+
+def _one_line(error: BaseException) -> str:
+    if os.environ.get("LDM_BENCH_TRACEBACK"):
+        traceback.print_exc()
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(error).__name__}: {first[:300]}" if first else type(error).__name__
+
+
+class _EngineBench:
+    """Inside a worker: the engine, its pipeline, and the timed calls."""
+
+    def __init__(self, spec: WorkerSpec):
+        self.spec = spec
+        load_started = time.perf_counter()
+        self.engine = build_engine(spec)
+        from ldm_runtime.pipeline import Pipeline
+
+        self.pipeline = Pipeline(self.engine)
+        self.load_s = time.perf_counter() - load_started
+        self._states: dict[int, list] = {}
+
+    def requests(self, batch_size: int) -> list:
+        from ldm_runtime.pipeline import GenerationRequest
+
+        return [GenerationRequest(prompt=PROMPT, seed=index, steps=self.spec.steps,
+                                  guidance_scale=self.spec.guidance_scale, height=self.spec.image_size,
+                                  width=self.spec.image_size) for index in range(batch_size)]
+
+    def first_image(self) -> dict[str, Any]:
+        """Make one image (the warm-up a server does before it takes traffic), then the UNet-output check."""
+        image = self.pipeline.generate(self.requests(1), batch_size=1)[0]
+        ready_at = time.time()
+        return {"load_s": self.load_s, "ready_at": ready_at, "image_std": float(image.std()),
+                "unet_output": self.check_output(), **self.describe()}
+
+    def check_output(self) -> np.ndarray:
+        """One UNet call on inputs every worker draws alike, for the comparison with eager PyTorch."""
+        rng = np.random.default_rng(0)
+        size = self.spec.image_size // self.engine.info.latent_factor
+        latents = rng.standard_normal((1, self.engine.info.latent_channels, size, size)).astype(np.float32)
+        context, context_mask = self.engine.encode_text([PROMPT])
+        output = self.engine.unet(self.engine.to_array(latents), np.array([CHECK_TIMESTEP]), context, context_mask)
+        return self.engine.to_host(output).astype(np.float32)
+
+    def describe(self) -> dict[str, Any]:
+        """The device the engine computes on and the library versions behind it."""
+        if self.spec.engine == "onnxruntime":
+            import onnxruntime
+
+            return {"device": ",".join(p if isinstance(p, str) else p[0] for p in self.engine.providers),
+                    "version": f"onnxruntime {onnxruntime.__version__}"}
+        import torch
+
+        device = self.engine.device
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        version = f"torch {torch.__version__}"
+        if self.spec.engine == "diffusers":
+            import diffusers
+
+            version += f", diffusers {diffusers.__version__}"
+        return {"device": name, "version": version, "torch_threads": torch.get_num_threads()}
+
+    def _start(self, batch_size: int) -> list:
+        if batch_size not in self._states:
+            self._states[batch_size] = self.pipeline.start(self.requests(batch_size))
+        return self._states[batch_size]
+
+    def warmup(self, batch_size: int) -> float:
+        self.e2e(batch_size)
+        return self.step(batch_size, 1)
+
+    def step(self, batch_size: int, calls: int) -> float:
+        """Seconds per guided DDIM step of ``batch_size`` images (one UNet call on 2 x batch_size rows and the
+        sampler's update), the mean of ``calls`` steps from the same starting states."""
+        states = self._start(batch_size)
+        self._synchronize()
+        started = time.perf_counter()
+        for _ in range(calls):
+            advanced = self.pipeline.advance(states)
+        self.engine.to_host(advanced[-1].latents)  # the result reaches the host: no work left queued
+        self._synchronize()
+        return (time.perf_counter() - started) / calls
+
+    def e2e(self, batch_size: int) -> float:
+        """Seconds for one request of ``batch_size`` images: text encoder, the DDIM steps, decode."""
+        requests = self.requests(batch_size)
+        self._synchronize()
+        started = time.perf_counter()
+        self.pipeline.generate(requests, batch_size=batch_size)
+        return time.perf_counter() - started
+
+    def memory(self) -> dict[str, Any]:
+        peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        cuda = None
+        if self.spec.engine != "onnxruntime" and self.engine.device.type == "cuda":
+            import torch
+
+            cuda = torch.cuda.max_memory_allocated(self.engine.device) / 2**20
+        return {"peak_rss_mib": peak_rss_mib, "cuda_max_allocated_mib": cuda}
+
+    def profile(self, batch_size: int) -> list[dict[str, Any]]:
+        """The operator kinds that take one guided step's time (self time, the ``PROFILE_TOP`` largest): torch's
+        profiler for the torch peers, onnxruntime's per-node profile for the onnxruntime engine."""
+        states = self._start(batch_size)
+        if self.spec.engine == "onnxruntime":
+            return _onnxruntime_profile(self.engine, lambda: self.pipeline.advance(states))
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile(activities=[ProfilerActivity.CPU]) as profiler:
+            self.pipeline.advance(states)
+        times = {event.key: event.self_cpu_time_total / 1000 for event in profiler.key_averages()
+                 if event.self_cpu_time_total > 0}
+        return _top_shares(times)
+
+    def _synchronize(self) -> None:
+        if self.spec.engine != "onnxruntime" and self.engine.device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(self.engine.device)
+
+
+def _top_shares(milliseconds: dict[str, float]) -> list[dict[str, Any]]:
+    total = sum(milliseconds.values())
+    ranked = sorted(milliseconds.items(), key=lambda item: -item[1])[:PROFILE_TOP]
+    return [{"op": op, "share": ms / total, "ms": ms} for op, ms in ranked]
+
+
+def _onnxruntime_profile(engine, step) -> list[dict[str, Any]]:
+    """Run ``step`` once with the UNet graph in a profiling session; its node time summed by operator type."""
+    import json
+    import tempfile
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.log_severity_level = 3
+    if engine.sessions["unet"].get_session_options().intra_op_num_threads:
+        options.intra_op_num_threads = engine.sessions["unet"].get_session_options().intra_op_num_threads
+    with tempfile.TemporaryDirectory(prefix="ldm-bench-profile-") as folder:
+        options.profile_file_prefix = f"{folder}/unet"
+        plain = engine.sessions["unet"]
+        engine.sessions["unet"] = ort.InferenceSession(str(engine.engine_dir / engine.manifest.graphs["unet"].file),
+                                                       options, providers=engine.providers)
+        try:
+            step()
+            events = json.loads(open(engine.sessions["unet"].end_profiling()).read())
+        finally:
+            engine.sessions["unet"] = plain
+    times: dict[str, float] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
+            op = event.get("args", {}).get("op_name", "?")
+            times[op] = times.get(op, 0.0) + event["dur"] / 1000
+    return _top_shares(times)
+
+
+def build_engine(spec: WorkerSpec):
+    """The engine ``spec`` names. torch.compile and diffusers are the torch engine with its UNet swapped: the
+    text encoder, the autoencoder and the sampler stay the same, so only the UNet differs between peers."""
+    if spec.engine == "onnxruntime":
+        from ldm_runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
+
+        return OnnxRuntimeEngine(spec.folder, intra_op_threads=spec.threads, device=spec.device)
+    import torch
+
+    if spec.engine == "triton":
+        from ldm_runtime.engines import load_engine
+
+        torch.set_num_threads(spec.threads)
+        return load_engine(spec.folder, engine="triton", device=spec.device)  # fp16, CUDA graphs
+
+    torch.set_num_threads(spec.threads)
+    from ldm_runtime.engines.torch_engine import TorchEngine
+
+    # one UNet call per step whatever the batch (not the engine's fixed chunks, which trade speed for
+    # batch-invariant bits), and plain PyTorch ops (on a GPU "auto" would pick the Triton kernels): the fair
+    # baseline for a speed figure, and what torch.compile and diffusers start from
+    engine = TorchEngine(spec.folder, device=spec.device, unet_chunk_size=None, kernels="reference")
+    if spec.engine == "torch.compile":
+        engine.unet_model = torch.compile(engine.unet_model)
+    elif spec.engine == "diffusers":
+        engine.unet_model = diffusers_unet(engine.unet_model)
+    else:
+        assert spec.engine == BASELINE, spec.engine
+    return engine
+
+
+def diffusers_unet(unet):
+    """diffusers' UNet2DConditionModel with ``unet``'s configuration and its very weight tensors (the parameter
+    names are the same), behind our UNet's call signature."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    config = unet.cfg
+    with torch.device("meta"):
+        theirs = UNet2DConditionModel(
+            sample_size=8, in_channels=config.in_channels, out_channels=config.out_channels,
+            block_out_channels=tuple(config.model_channels * mult for mult in config.channel_mult),
+            layers_per_block=config.num_res_blocks,
+            down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in config.attention_levels),
+            up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D"
+                                 for a in reversed(config.attention_levels)),
+            cross_attention_dim=config.context_dim, attention_head_dim=config.num_heads,
+            norm_num_groups=config.num_groups, transformer_layers_per_block=config.transformer_depth,
+            use_linear_projection=config.use_linear_projection,
+        )
+    theirs.load_state_dict(unet.state_dict(), strict=True, assign=True)  # shares the tensors: no second copy
+    theirs.eval().requires_grad_(False)
+
+    class DiffusersUNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = theirs
+
+        def forward(self, latents, timesteps, context, context_mask=None):
+            return self.model(latents, timesteps, encoder_hidden_states=context,
+                              encoder_attention_mask=context_mask).sample
+
+    return DiffusersUNet()

@@ -1,0 +1,335 @@
+"""The queue and the batching loop: one worker thread drives ``Pipeline.start/advance/decode`` for every request.
+
+Only this thread touches the engine, so nothing the engine holds (onnxruntime sessions, the Rust tokenizer,
+torch modules) is ever called concurrently, and each request's sampling state is its own ``SamplingState``.
+The event loop only submits jobs and awaits their futures.
+
+Three modes, one loop; they differ only in when waiting jobs are admitted into the running batch:
+
+- ``none``: one job at a time (its ``n`` images together), the next once it has finished;
+- ``dynamic``: when the batch is empty, the jobs waiting then, plus those arriving within ``max_wait_s``, up
+  to ``max_batch`` images; nothing joins until every one of them has finished;
+- ``step``: at every step boundary, waiting jobs join while the batch has room (continuous batching).
+
+In every mode a finished job leaves the batch (is decoded and answered) at once, and a cancelled or expired
+one is dropped at the next step boundary, freeing its rows. Each image depends on its own request only
+(``ldm_runtime.pipeline``), so the mode changes latency and throughput, never the pixels.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import math
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ldm_runtime.pipeline import GenerationRequest, Pipeline, RequestError, SamplingState
+
+BATCHING_MODES = ("none", "dynamic", "step")
+
+
+class QueueFull(Exception):
+    """The queue holds ``max_queue`` jobs; ``retry_after_s`` is a guess at when a slot frees."""
+
+    def __init__(self, retry_after_s: int):
+        super().__init__("the queue is full")
+        self.retry_after_s = retry_after_s
+
+
+class NotAccepting(Exception):
+    """The batcher is not ready yet (warming up) or is draining; ``reason`` is "warming_up" or "draining"."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class JobTimeout(Exception):
+    """The job passed its deadline before it finished."""
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """A finished job: ``images`` are ``(H, W, 3) uint8``, one per request; times in seconds."""
+
+    images: list[np.ndarray]
+    queue_s: float
+    compute_s: float
+
+
+@dataclass(eq=False)
+class Job:
+    """One HTTP request: ``n`` generation requests sampled side by side, answered together through ``future``."""
+
+    requests: list[GenerationRequest]
+    deadline: float  # time.monotonic() after which the job is dropped
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    enqueued_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    cancelled: bool = False  # set from the event loop (client gone); read by the worker at step boundaries
+    states: list[SamplingState] = field(default_factory=list)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def resolve(self, result: Any = None, error: BaseException | None = None) -> None:
+        """Hand the outcome to the event loop (thread-safe; a job already answered ignores it)."""
+        def settle() -> None:
+            if self.future.done():
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+        try:
+            self.loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the loop has closed: nobody is waiting any more
+            pass
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    mode: str = "step"
+    max_batch: int = 4  # images per UNet call (guidance may double the UNet's rows)
+    max_queue: int = 64  # jobs waiting to start; beyond it submit() raises QueueFull
+    max_wait_s: float = 0.005  # dynamic mode: how long a first job waits for company
+
+    def __post_init__(self) -> None:
+        assert self.mode in BATCHING_MODES, self.mode
+        assert self.max_batch >= 1 and self.max_queue >= 1 and self.max_wait_s >= 0, self
+
+
+class Batcher:
+    """The bounded queue and the worker thread. ``observer`` receives the events metrics are made of:
+    ``observer("unet_call", rows=..., seconds=...)``, ``observer("queue_depth", depth=...)``,
+    ``observer("active", rows=...)``."""
+
+    def __init__(self, pipeline: Pipeline, config: BatcherConfig,
+                 observer: Callable[..., None] = lambda event, **values: None):
+        self.pipeline = pipeline
+        self.config = config
+        self.observer = observer
+        self.ready = False
+        self.draining = False
+        self._queue: collections.deque[Job] = collections.deque()
+        self._condition = threading.Condition()
+        self._stopping = False
+        self._active: list[Job] = []
+        self._recent_job_seconds = 1.0  # a running estimate of one job's wall time, for Retry-After
+        self._thread = threading.Thread(target=self._run, name="ldm-serve-batcher", daemon=True)
+
+    # --- the event loop's side --------------------------------------------------------------------------------
+
+    def start(self, warm_up: bool = True) -> None:
+        """Start the worker thread; it warms the engine up first, then sets ``ready``."""
+        self._warm_up_first = warm_up
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; ``NotAccepting`` while warming up or draining, ``QueueFull`` at ``max_queue`` waiting."""
+        with self._condition:
+            if self.draining or self._stopping:
+                raise NotAccepting("draining")
+            if not self.ready:
+                raise NotAccepting("warming_up")
+            if len(self._queue) >= self.config.max_queue:
+                raise QueueFull(self._retry_after_s())
+            self._queue.append(job)
+            self.observer("queue_depth", depth=len(self._queue))
+            self._condition.notify()
+
+    def drain(self) -> None:
+        """Refuse new jobs from now on; queued and running ones still finish."""
+        with self._condition:
+            self.draining = True
+            self._condition.notify()
+
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Finish what was submitted, then end the worker thread."""
+        with self._condition:
+            self.draining = True
+            self._stopping = True
+            self._condition.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    def withdraw(self, job: Job) -> None:
+        """The client of ``job`` has gone: a queued job frees its slot now, a running one at the next step."""
+        job.cancel()
+        with self._condition:
+            try:
+                self._queue.remove(job)
+            except ValueError:
+                pass  # already running (or finished)
+            else:
+                self.observer("queue_depth", depth=len(self._queue))
+            self._condition.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def _retry_after_s(self) -> int:
+        batches_ahead = len(self._queue) / max(1, self.config.max_batch)
+        return max(1, math.ceil(batches_ahead * self._recent_job_seconds))
+
+    # --- the worker thread ------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        if self._warm_up_first:
+            self._warm_up()
+        self.ready = True
+        while True:
+            admitted = self._admit()
+            if admitted is None:
+                return
+            self._start_jobs(admitted)
+            self._drop_cancelled_and_expired()
+            if self._active:
+                self._step()
+            self.observer("active", rows=sum(len(job.states) for job in self._active))
+
+    def _warm_up(self) -> None:
+        """One short request alone and a full batch, so the first real requests pay no first-call costs."""
+        request = GenerationRequest(prompt="warm up", seed=0, steps=1)
+        rows = max(1, self.config.max_batch)
+        try:
+            self.pipeline.generate([request])
+            self.pipeline.generate([dataclasses.replace(request, seed=seed) for seed in range(rows)],
+                                   batch_size=rows)
+        except Exception:  # a broken engine shows up in the first requests' errors; the log keeps the details
+            traceback.print_exc(file=sys.stderr)
+
+    def _admit(self) -> list[Job] | None:
+        """The jobs that join the batch now (may block while idle); None when stopping with nothing left."""
+        mode, max_batch = self.config.mode, self.config.max_batch
+        with self._condition:
+            while not self._active:
+                self._discard_cancelled_queued()
+                if self._queue:
+                    break
+                if self._stopping:
+                    return None
+                self._condition.wait()
+            if self._active and mode != "step":
+                return []
+            if mode == "dynamic" and not self._active:
+                deadline = time.monotonic() + self.config.max_wait_s
+                while self._rows_waiting() < max_batch and not self._stopping:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    self._condition.wait(remaining)
+                self._discard_cancelled_queued()
+            admitted: list[Job] = []
+            room = max_batch - sum(len(job.states) for job in self._active)
+            while self._queue and (mode != "none" or not admitted):
+                rows = len(self._queue[0].requests)
+                if rows > room and (admitted or self._active):
+                    break  # first come, first served: a large job is not overtaken by smaller ones behind it
+                job = self._queue.popleft()
+                admitted.append(job)
+                room -= rows
+            self.observer("queue_depth", depth=len(self._queue))
+            return admitted
+
+    def _rows_waiting(self) -> int:
+        return sum(len(job.requests) for job in self._queue)
+
+    def _discard_cancelled_queued(self) -> None:
+        """Drop queued jobs whose client left or whose deadline passed (caller holds the condition)."""
+        now = time.monotonic()
+        kept: collections.deque[Job] = collections.deque()
+        for job in self._queue:
+            if job.cancelled:
+                continue
+            if now > job.deadline:
+                job.resolve(error=JobTimeout())
+                continue
+            kept.append(job)
+        self._queue = kept
+
+    def _start_jobs(self, jobs: list[Job]) -> None:
+        if not jobs:
+            return
+        now = time.monotonic()
+        jobs = [job for job in jobs if not job.cancelled]
+        requests = [request for job in jobs for request in job.requests]
+        try:
+            states = self.pipeline.start(requests)
+        except Exception as error:
+            for job in jobs:
+                self._fail(job, error)
+            return
+        for job in jobs:
+            job.started_at = now
+            job.states, states = states[:len(job.requests)], states[len(job.requests):]
+            self._active.append(job)
+
+    def _drop_cancelled_and_expired(self) -> None:
+        now = time.monotonic()
+        kept = []
+        for job in self._active:
+            if job.cancelled:
+                continue
+            if now > job.deadline:
+                job.resolve(error=JobTimeout())
+                continue
+            kept.append(job)
+        self._active = kept
+
+    def _step(self) -> None:
+        """One UNet call per latent shape over every unfinished state, then answer the jobs that finished."""
+        groups: dict[tuple[int, ...], list[tuple[Job, int]]] = {}
+        for job in self._active:
+            for index, state in enumerate(job.states):
+                if not state.done:
+                    groups.setdefault(state.latent_shape, []).append((job, index))
+        failed: set[int] = set()
+        for members in groups.values():
+            started = time.perf_counter()
+            try:
+                advanced = self.pipeline.advance([job.states[index] for job, index in members])
+            except Exception as error:
+                for job in {id(job): job for job, _ in members}.values():
+                    failed.add(id(job))
+                    self._fail(job, error)
+                continue
+            self.observer("unet_call", rows=len(members), seconds=time.perf_counter() - started)
+            for (job, index), state in zip(members, advanced):
+                job.states[index] = state
+        still_running = []
+        for job in self._active:
+            if id(job) in failed:
+                continue
+            if all(state.done for state in job.states):
+                self._finish(job)
+            else:
+                still_running.append(job)
+        self._active = still_running
+
+    def _finish(self, job: Job) -> None:
+        try:
+            images = self.pipeline.decode(job.states)
+        except Exception as error:
+            self._fail(job, error)
+            return
+        finished = time.monotonic()
+        assert job.started_at is not None
+        self._recent_job_seconds = 0.8 * self._recent_job_seconds + 0.2 * (finished - job.enqueued_at)
+        job.resolve(JobResult(images=images, queue_s=job.started_at - job.enqueued_at,
+                              compute_s=finished - job.started_at))
+
+    def _fail(self, job: Job, error: Exception) -> None:
+        if not isinstance(error, RequestError):  # a request error is the client's; anything else goes to the log
+            traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+        job.resolve(error=error)

@@ -1,0 +1,230 @@
+"""``ldm-serve``: text-to-image over HTTP from one model folder, with step-level batching.
+
+    ldm-serve --model runs/engine --port 8000
+    curl -s localhost:8000/v1/images -H 'Accept: image/png' -d '{"prompt": "a red circle", "seed": 7}' -o out.png
+
+The engine is loaded before the server binds, so a bad folder or flag is one line ``ldm-serve: error: ...``
+on stderr and exit status 2. Then the server listens at once (``/healthz`` answers) while a worker thread
+warms the engine up (``/readyz`` answers 503 until it is done). SIGTERM or SIGINT drains: the listening
+socket closes, requests on open connections get 503, queued and running requests finish, and the process
+exits 0. An API key is required when ``--api-key-file`` is given or ``LDM_SERVE_API_KEY`` is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any, Iterator
+
+import uvicorn
+
+from ldm_runtime.engines import ENGINE_NAMES, ENGINE_DIR_MARKER, load_engine
+from ldm_runtime.serve.app import ServeLimits, ServeMetrics, create_app
+from ldm_runtime.serve.batcher import BATCHING_MODES, Batcher, BatcherConfig
+from ldm_runtime.serve.text_cache import TextEncodingCache
+
+PROG = "ldm-serve"
+API_KEY_ENV = "LDM_SERVE_API_KEY"
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+LIMIT_DEFAULTS = ServeLimits()
+
+
+class ServeError(Exception):
+    """Anything the user can fix: the message is the one line printed after ``ldm-serve: error:``."""
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        raise ServeError(message)  # one line, not argparse's usage block
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog=PROG, description="Serve text-to-image requests over HTTP from one model folder.")
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="an engine dir (written by ldm-export) or a checkpoint dir (written by ldm-train)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, loopback only)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (default: %(default)s)")
+    parser.add_argument("--batching", choices=BATCHING_MODES, default="step",
+                        help="none: one request at a time; dynamic: batches formed while idle; step: requests join "
+                             "the running batch at every step (default: %(default)s)")
+    parser.add_argument("--max-batch", type=int, default=None, metavar="B",
+                        help="images per UNet call (default: half the engine's UNet batch, as guidance doubles it)")
+    parser.add_argument("--max-queue", type=int, default=64, metavar="Q",
+                        help="requests waiting to start; beyond it 429 (default: %(default)s)")
+    parser.add_argument("--max-wait-ms", type=float, default=5.0,
+                        help="dynamic batching: how long a request waits for company (default: %(default)s)")
+    parser.add_argument("--request-timeout", type=float, default=LIMIT_DEFAULTS.request_timeout_s, metavar="S",
+                        help="seconds from arrival after which a request is dropped with 503 (default: %(default)s)")
+    parser.add_argument("--max-n", type=int, default=LIMIT_DEFAULTS.max_n,
+                        help="most images per request (default: %(default)s, at most --max-batch)")
+    parser.add_argument("--max-steps", type=int, default=LIMIT_DEFAULTS.max_steps,
+                        help="most DDIM steps per request (default: %(default)s)")
+    parser.add_argument("--default-steps", type=int, default=LIMIT_DEFAULTS.default_steps,
+                        help="steps of a request that names none (default: %(default)s)")
+    parser.add_argument("--max-size", type=int, default=None,
+                        help="largest image side in pixels (default: the engine's largest)")
+    parser.add_argument("--max-prompt-chars", type=int, default=LIMIT_DEFAULTS.max_prompt_chars,
+                        help="longest prompt or negative prompt in characters (default: %(default)s)")
+    parser.add_argument("--max-body-bytes", type=int, default=LIMIT_DEFAULTS.max_body_bytes,
+                        help="largest request body; beyond it 413 (default: %(default)s)")
+    parser.add_argument("--api-key-file", default=None, metavar="FILE",
+                        help=f"require 'Authorization: Bearer KEY' with the key in FILE (or set {API_KEY_ENV})")
+    parser.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
+                        help="auto picks torch for a checkpoint dir and onnxruntime for an engine dir")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--text-cache", type=int, default=256, metavar="N",
+                        help="prompts whose text encoding is remembered, 0 for none (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads per engine call (default: the engine's own default)")
+    parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
+                        help="uvicorn's log level (default: %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ldm-serve until SIGTERM/SIGINT; returns 0 after a drain, 2 after a one-line error on stderr."""
+    try:
+        args = build_parser().parse_args(argv)
+        server, sock = _prepare(args)
+    except ServeError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 2
+    server.run(sockets=[sock])
+    print(f"{PROG}: drained and stopped", file=sys.stderr)
+    return 0
+
+
+def _prepare(args: argparse.Namespace):
+    """Check the flags, load the engine, bind the socket: everything that can fail with a user's error."""
+    _check_range("--port", args.port, 0, 65535)
+    _check_range("--max-queue", args.max_queue, 1, None)
+    _check_range("--max-n", args.max_n, 1, None)
+    _check_range("--max-steps", args.max_steps, 1, None)
+    _check_range("--max-prompt-chars", args.max_prompt_chars, 1, None)
+    _check_range("--max-body-bytes", args.max_body_bytes, 256, None)
+    _check_range("--text-cache", args.text_cache, 0, None)
+    if args.threads is not None:
+        _check_range("--threads", args.threads, 1, None)
+    if not args.max_wait_ms >= 0 or args.max_wait_ms > 10_000:
+        raise ServeError(f"--max-wait-ms is {args.max_wait_ms}; expected a number from 0 to 10000")
+    if not args.request_timeout > 0 or args.request_timeout > 86_400:
+        raise ServeError(f"--request-timeout is {args.request_timeout}; expected seconds above 0, at most 86400")
+    api_key = _read_api_key(args.api_key_file)
+    engine = _load_engine(args)
+    from ldm_runtime.pipeline import Pipeline
+
+    pipeline = Pipeline(TextEncodingCache(engine, args.text_cache) if args.text_cache else engine)
+    info = engine.info
+    most_batch = max(1, info.max_batch_size // 2)  # guidance doubles the UNet's rows
+    max_batch = most_batch if args.max_batch is None else args.max_batch
+    _check_range("--max-batch", max_batch, 1, most_batch, f" (the engine's UNet batch holds {info.max_batch_size} "
+                                                          f"rows and guidance doubles each image)")
+    _check_range("--max-n", args.max_n, 1, max_batch, " (--max-batch)")
+    _check_range("--max-steps", args.max_steps, 1, pipeline.max_steps, " (what the sampler can plan)")
+    _check_range("--default-steps", args.default_steps, 1, args.max_steps, " (--max-steps)")
+    max_size = info.max_image_size if args.max_size is None else args.max_size
+    _check_range("--max-size", max_size, max(info.min_image_size, info.image_size), info.max_image_size,
+                 " (the engine's range)")
+    if max_size % info.image_size_multiple:
+        raise ServeError(f"--max-size is {max_size}; expected a multiple of {info.image_size_multiple}")
+    limits = ServeLimits(max_n=args.max_n, max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars,
+                         max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
+                         min_size=info.min_image_size, max_size=max_size, size_multiple=info.image_size_multiple,
+                         default_size=info.image_size, default_steps=args.default_steps)
+    metrics = ServeMetrics()
+    batcher = Batcher(pipeline, BatcherConfig(mode=args.batching, max_batch=max_batch, max_queue=args.max_queue,
+                                              max_wait_s=args.max_wait_ms / 1000), observer=metrics.observe)
+    app = create_app(pipeline, batcher, limits, metrics, api_key=api_key, model_name=Path(args.model).name)
+    sock = _bind(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_keep_alive=5, lifespan="on")
+    server = DrainingServer(config, batcher)
+    shown_host = f"[{host}]" if ":" in host else host
+    print(f"{PROG}: serving {args.model} ({info.name} engine, {args.batching} batching, max batch {max_batch}, "
+          f"queue {args.max_queue}{', API key required' if api_key else ''}) on http://{shown_host}:{port}",
+          file=sys.stderr, flush=True)
+    if args.host not in LOOPBACK_HOSTS and not api_key:
+        print(f"{PROG}: warning: listening on {args.host} without an API key; anyone who can reach it can use it",
+              file=sys.stderr, flush=True)
+    return server, sock
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, but a signal first makes the batcher refuse new work (503), and the process exits 0
+    after the drain instead of re-raising the signal as uvicorn does."""
+
+    def __init__(self, config: uvicorn.Config, batcher: Batcher):
+        super().__init__(config)
+        self.batcher = batcher
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.batcher.drain()
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
+def _load_engine(args: argparse.Namespace):
+    folder = Path(args.model)
+    onnxruntime = args.engine == "onnxruntime" or (args.engine == "auto" and (folder / ENGINE_DIR_MARKER).is_file())
+    options = {}
+    if args.threads is not None:
+        if onnxruntime:
+            options["intra_op_threads"] = args.threads
+        else:
+            import torch
+
+            torch.set_num_threads(args.threads)
+    try:
+        return load_engine(folder, engine=args.engine, device=args.device, **options)
+    except (ValueError, OSError, ImportError) as error:  # a folder, device or engine the user named
+        raise ServeError(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__) from None
+
+
+def _read_api_key(path: str | None) -> str | None:
+    if path is not None:
+        try:
+            key = Path(path).read_text().strip()
+        except (OSError, UnicodeDecodeError) as error:
+            raise ServeError(f"--api-key-file {path} cannot be read ({getattr(error, 'strerror', None) or error}); "
+                             f"expected a text file holding the key") from None
+        if not key:
+            raise ServeError(f"--api-key-file {path} is empty; expected a text file holding the key")
+        return key
+    key = os.environ.get(API_KEY_ENV, "").strip()
+    return key or None
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as error:
+        raise ServeError(f"cannot listen on {host}:{port} ({error.strerror or error}); expected a free port on a "
+                         f"local address") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _check_range(flag: str, value: int, low: int, high: int | None, why: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        expected = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
+        raise ServeError(f"{flag} is {value}; expected {expected}{why}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""ldm-bench through its command line on the tiny checkpoint: a run of seconds writes a table, a JSON file with
+sane figures and a PNG plot; every kind of bad input is one line on stderr and exit status 2."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ldm_runtime.bench import main
+from tests.export.tiny_checkpoint import shared_tiny_checkpoint, shared_tiny_engine
+
+REPO = Path(__file__).resolve().parents[2]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return shared_tiny_checkpoint(tmp_path_factory)
+
+
+def run_bench(capsys, *argv):
+    code = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code, err, *fragments, after_progress=False):
+    """Exit 2 and one error line on stderr; ``after_progress``: progress lines of a run that started may come first."""
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    errors = [line for line in lines if line.startswith("ldm-bench: error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in err, err
+    assert after_progress or len(lines) == 1, err
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def test_help_is_instant_and_imports_neither_torch_nor_onnxruntime():
+    script = ("import sys\nfrom ldm_runtime.bench import main\n"
+              "try:\n    main(['--help'])\nexcept SystemExit as exit:\n    assert exit.code == 0\n"
+              "print('heavy imports:', sorted(m for m in ('torch', 'onnxruntime', 'train', 'matplotlib') "
+              "if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "--batch-sizes" in result.stdout and "heavy imports: []" in result.stdout
+
+
+def test_tiny_bench_writes_table_json_and_png_plot(checkpoint, tmp_path, capsys):
+    out = tmp_path / "results" / "bench.json"
+    code, stdout, err = run_bench(capsys, "--model", checkpoint, "--engines", "torch,diffusers", "--batch-sizes", "2,1",
+                                  "--steps", 2, "--repeats", 2, "--threads", 1, "--json", out, "--profile")
+    assert code == 0, err
+    assert "| torch | 1 |" in stdout and "| diffusers | 2 |" in stdout
+    assert "profile diffusers batch 2: " in stdout
+
+    report = json.loads(out.read_text())
+    assert report["settings"]["batch_sizes"] == [1, 2] and report["settings"]["threads"] == 1
+    assert report["command"].startswith("ldm-bench --model ")
+    assert report["machine"]["cores"] >= 1 and report["machine"]["cpu"]
+    engines = {entry["name"]: entry for entry in report["engines"]}
+    assert [entry["status"] for entry in engines.values()] == ["ok", "ok"]
+    for entry in engines.values():
+        assert 0 < entry["load_s"] < entry["time_to_first_image_s"] < 300
+        assert 50 < entry["peak_rss_mib"] < 16_000
+        assert entry["image_std"] > 0  # the first image is not blank
+        for ops in entry["profile"].values():
+            assert 0 < sum(op["share"] for op in ops) <= 1 + 1e-9 and all(op["ms"] > 0 for op in ops)
+    assert any("conv" in op["op"] or "mm" in op["op"] for op in engines["torch"]["profile"]["1"])  # the UNet's work
+    assert engines["torch"]["unet_relative_error"] == 0
+    assert engines["diffusers"]["unet_relative_error"] < 1e-4  # the same weights in diffusers' blocks
+
+    rows = {(row["engine"], row["batch_size"]): row for row in report["results"]}
+    assert set(rows) == {(engine, batch) for engine in ("torch", "diffusers") for batch in (1, 2)}
+    for (engine, batch), row in rows.items():
+        step, latency = row["step_seconds"], row["latency_seconds"]
+        assert len(step["samples"]) == len(latency["samples"]) == 2
+        assert 0 < step["min"] <= step["median"] <= step["max"]
+        assert row["unet_steps_per_s"] == pytest.approx(1 / step["median"])
+        assert row["images_per_s"] == pytest.approx(batch / latency["median"])
+        assert latency["median"] > 2 * step["min"]  # a request runs two steps, the text encoder and the decoder
+        assert row["wide_spread"]  # two repeats are too few to trust
+        assert row["steps_speedup_vs_torch"] > 0 and row["latency_speedup_vs_torch"] > 0
+    assert rows[("torch", 1)]["steps_speedup_vs_torch"] == 1.0
+    assert any("indicative only" in note for note in report["notes"])
+
+    plot = out.with_suffix(".png")
+    assert report["plot"] == str(plot) and plot.read_bytes()[:8] == PNG_SIGNATURE
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--engines", "torch,tensorflow"], ["'tensorflow'", "torch.compile"]),
+    (["--batch-sizes", "1,64"], ["batch size 64", "1 to 32"]),
+    (["--batch-sizes", "1,x"], ["'1,x'", "positive integers"]),
+    (["--steps", "0"], ["--steps is 0"]),
+    (["--latent-size", "8"], ["--latent-size applies to --preset only"]),
+], ids=["unknown-engine", "batch-too-large", "batch-not-a-number", "zero-steps", "latent-size-without-preset"])
+def test_bad_argument_is_one_line_and_exit_2(checkpoint, capsys, argv, fragments):
+    code, _, err = run_bench(capsys, "--model", checkpoint, *argv)
+    assert_one_line_error(code, err, *fragments)
+
+
+def test_preset_latent_size_the_unet_cannot_halve_is_refused(capsys):
+    code, _, err = run_bench(capsys, "--preset", "sd15", "--latent-size", 12)
+    assert_one_line_error(code, err, "--latent-size 12", "multiple of 8")
+
+
+def test_folder_that_is_not_a_model_is_refused(tmp_path, capsys):
+    code, _, err = run_bench(capsys, "--model", tmp_path)
+    assert_one_line_error(code, err, str(tmp_path), "neither model.json nor manifest.json")
+    code, _, err = run_bench(capsys, "--model", tmp_path / "missing")
+    assert_one_line_error(code, err, "missing", "does not exist")
+
+
+def test_checkpoint_with_damaged_weights_is_one_line(checkpoint, tmp_path, capsys):
+    damaged = tmp_path / "checkpoint"
+    shutil.copytree(checkpoint, damaged)
+    (damaged / "unet.safetensors").write_bytes(b"not a safetensors file")
+    code, _, err = run_bench(capsys, "--model", damaged, "--engines", "torch", "--batch-sizes", 1, "--steps", 1,
+                             "--repeats", 1, "--threads", 1)
+    assert_one_line_error(code, err, "the torch engine cannot run", str(damaged), "unet.safetensors",
+                          after_progress=True)
+
+
+@pytest.mark.slow  # the tiny export with validation: shared with the export and onnxruntime tests of the same run
+def test_engine_dir_runs_against_its_checkpoint_and_refuses_what_it_cannot(checkpoint, tmp_path_factory, tmp_path,
+                                                                          capsys):
+    _, engine_dir, export_code, output = shared_tiny_engine(tmp_path_factory, "fp32")
+    assert export_code == 0, output
+    out = tmp_path / "bench.json"
+    code, stdout, err = run_bench(capsys, "--model", engine_dir, "--engines", "torch", "--batch-sizes", 1,
+                                  "--steps", 2, "--repeats", 1, "--threads", 1, "--json", out, "--profile")
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    engines = {entry["name"]: entry for entry in report["engines"]}
+    assert set(engines) == {"torch", "onnxruntime"}  # an engine dir is timed even when --engines leaves it out
+    assert engines["onnxruntime"]["status"] == "ok" and engines["onnxruntime"]["unet_relative_error"] < 1e-4
+    assert "| onnxruntime | 1 |" in stdout
+    assert {op["op"] for op in engines["onnxruntime"]["profile"]["1"]} & {"Conv", "MatMul", "Gemm", "FusedConv"}
+
+    code, _, err = run_bench(capsys, "--model", engine_dir, "--batch-sizes", "1,5")
+    assert_one_line_error(code, err, "batch size 5", "1 to 4 images")
+
+    moved = tmp_path / "engine"
+    shutil.copytree(engine_dir, moved)
+    manifest = json.loads((moved / "manifest.json").read_text())
+    manifest["source"]["checkpoint"] = str(tmp_path / "gone")
+    (moved / "manifest.json").write_text(json.dumps(manifest))
+    code, _, err = run_bench(capsys, "--model", moved)
+    assert_one_line_error(code, err, "is an engine dir", "--checkpoint DIR")
+
+    other = tmp_path / "other-checkpoint"
+    shutil.copytree(checkpoint, other)
+    (other / "unet.safetensors").write_bytes((other / "unet.safetensors").read_bytes() + b" ")
+    code, _, err = run_bench(capsys, "--model", moved, "--checkpoint", other)
+    assert_one_line_error(code, err, f"--checkpoint {other}", "sha256")
