@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# Sets up .venv if needed, then the main job: a short end-to-end training run of both stages
-# (autoencoder, then text-conditional UNet) on the built-in shapes data, into runs/main/.
+# Sets up .venv if needed, then the main job: images from a few prompts with the shipped demo model
+# (models/shapes-demo), first on the eager torch engine, then exported with `ldm-export --engine fp16`
+# and sampled again from the engine dir on onnxruntime, without torch. Everything goes to runs/main/.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$root/scripts/bootstrap.sh"
 cd "$root"
-train=("$root/.venv/bin/ldm-train")
+bin="$root/.venv/bin"
+model="${LDM_MAIN_MODEL:-$root/models/shapes-demo}"
 out="${LDM_MAIN_OUT:-runs/main}"
-"${train[@]}" autoencoder --preset shapes --data shapes:2048 --out "$out/autoencoder" --steps 300 \
-    --batch-size 16 --learning-rate 5e-4 --disc-start 200 --checkpoint-every 100 --sample-every 100 --overwrite
-"${train[@]}" unet --autoencoder "$out/autoencoder" --preset shapes --data shapes:2048 --out "$out/ldm" \
-    --steps 300 --batch-size 32 --checkpoint-every 100 --sample-every 100 --overwrite
-echo "main: checkpoints in $out/autoencoder and $out/ldm; sample grids in */samples; losses in */metrics.jsonl"
+prompts=(
+    "a large red circle on the left, on a blue background"
+    "a small yellow star in the center, on a black background"
+    "a green square at the top, on a white background"
+    "a large purple triangle on the right, on a gray background"
+)
+"$bin/ldm-sample" --model "$model" "${prompts[@]}" --seed 0 --steps 25 --out "$out/torch"
+"$bin/ldm-export" "$model" --out "$out/engine-fp16" --engine fp16 --force
+"$bin/ldm-sample" --model "$out/engine-fp16" "${prompts[@]}" --seed 0 --steps 25 --out "$out/onnxruntime"
+echo "main: images in $out/torch and $out/onnxruntime (grid.png in each); the fp16 engine dir in $out/engine-fp16"
