@@ -117,10 +117,7 @@ class TorchEngine:
         """latents (B, C, h, w) scaled, timesteps (B,) int64 host, context (B, L, D), context_mask (B, L) bool
         -> the UNet's prediction (B, C, h, w) in latents' dtype."""
         batch = latents.shape[0]
-        assert timesteps.shape == (batch,) and context.shape[0] == batch == context_mask.shape[0], \
-            (latents.shape, timesteps.shape, context.shape, context_mask.shape)
-        inputs = (latents.to(self.dtype), torch.as_tensor(np.asarray(timesteps, dtype=np.int64), device=self.device),
-                  context.to(self.dtype), context_mask.bool())
+        inputs = self._unet_inputs(latents, timesteps, context, context_mask)
         chunk = self.unet_chunk_size or batch
         outputs = []
         for start in range(0, batch, chunk):
@@ -129,6 +126,15 @@ class TorchEngine:
             padded = [_pad_rows(tensor[start:start + rows], chunk) for tensor in inputs]
             outputs.append(self.unet_model(*padded)[:rows])
         return torch.cat(outputs).to(latents.dtype)
+
+    def _unet_inputs(self, latents: torch.Tensor, timesteps: np.ndarray, context: torch.Tensor,
+                     context_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The UNet's four inputs on the engine's device, floats in the engine's dtype."""
+        batch = latents.shape[0]
+        assert timesteps.shape == (batch,) and context.shape[0] == batch == context_mask.shape[0], \
+            (latents.shape, timesteps.shape, context.shape, context_mask.shape)
+        return (latents.to(self.dtype), torch.as_tensor(np.asarray(timesteps, dtype=np.int64), device=self.device),
+                context.to(self.dtype), context_mask.bool())
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -91,10 +91,7 @@ class TritonEngine(TorchEngine):
         """latents (B, C, h, w) scaled, timesteps (B,) int64 host, context (B, L, D), context_mask (B, L) bool
         -> the UNet's prediction (B, C, h, w) in latents' dtype."""
         batch = latents.shape[0]
-        assert timesteps.shape == (batch,) and context.shape[0] == batch == context_mask.shape[0], \
-            (latents.shape, timesteps.shape, context.shape, context_mask.shape)
-        inputs = (latents.to(self.dtype), torch.as_tensor(np.asarray(timesteps, dtype=np.int64)).to(self.device),
-                  context.to(self.dtype), context_mask.bool())
+        inputs = self._unet_inputs(latents, timesteps, context, context_mask)
         largest = self.batch_buckets[-1]
         outputs = []
         for start in range(0, batch, largest):

@@ -247,16 +247,7 @@ class Batcher:
 
     def _discard_cancelled_queued(self) -> None:
         """Drop queued jobs whose client left or whose deadline passed (caller holds the condition)."""
-        now = time.monotonic()
-        kept: collections.deque[Job] = collections.deque()
-        for job in self._queue:
-            if job.cancelled:
-                continue
-            if now > job.deadline:
-                job.resolve(error=JobTimeout())
-                continue
-            kept.append(job)
-        self._queue = kept
+        self._queue = collections.deque(_live_jobs(self._queue))
 
     def _start_jobs(self, jobs: list[Job]) -> None:
         if not jobs:
@@ -276,16 +267,7 @@ class Batcher:
             self._active.append(job)
 
     def _drop_cancelled_and_expired(self) -> None:
-        now = time.monotonic()
-        kept = []
-        for job in self._active:
-            if job.cancelled:
-                continue
-            if now > job.deadline:
-                job.resolve(error=JobTimeout())
-                continue
-            kept.append(job)
-        self._active = kept
+        self._active = _live_jobs(self._active)
 
     def _step(self) -> None:
         """One UNet call per latent shape over every unfinished state, then answer the jobs that finished."""
@@ -333,3 +315,18 @@ class Batcher:
         if not isinstance(error, RequestError):  # a request error is the client's; anything else goes to the log
             traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
         job.resolve(error=error)
+
+
+def _live_jobs(jobs) -> list[Job]:
+    """``jobs`` less those whose client left, and less those past their deadline, which are answered with
+    ``JobTimeout``."""
+    now = time.monotonic()
+    kept = []
+    for job in jobs:
+        if job.cancelled:
+            continue
+        if now > job.deadline:
+            job.resolve(error=JobTimeout())
+            continue
+        kept.append(job)
+    return kept
