@@ -37,35 +37,31 @@ print(f"gpu: {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get
 print(f"torch {torch.__version__}, cuda {torch.version.cuda}, triton {triton.__version__}")
 EOF
 
+# run_step NAME STEM COMMAND...: COMMAND's output also goes to $out/STEM.txt; NAME is recorded if it fails
+run_step() {
+    local name="$1" stem="$2"
+    shift 2
+    if ! "$@" 2>&1 | tee "$out/$stem.txt"; then
+        failed+=("$name")
+    fi
+}
+
 section "kernel tests (compiled Triton on the GPU)"
-if ! "$python" -m pytest tests/kernels -m "not slow" -q -rs -p no:cacheprovider \
-        --junitxml="$out/pytest-kernels.xml" 2>&1 | tee "$out/pytest-kernels.txt"; then
-    failed+=("kernel tests")
-fi
+run_step "kernel tests" pytest-kernels "$python" -m pytest tests/kernels -m "not slow" -q -rs -p no:cacheprovider \
+    --junitxml="$out/pytest-kernels.xml"
 
 section "GroupNorm+SiLU benchmark"
-if ! "$python" benchmarks/bench_group_norm.py --json "$out/bench_group_norm.json" 2>&1 \
-        | tee "$out/bench_group_norm.txt"; then
-    failed+=("bench_group_norm")
-fi
+run_step bench_group_norm bench_group_norm "$python" benchmarks/bench_group_norm.py --json "$out/bench_group_norm.json"
 
 section "attention benchmark"
-if ! "$python" benchmarks/bench_attention.py --json "$out/bench_attention.json" 2>&1 \
-        | tee "$out/bench_attention.txt"; then
-    failed+=("bench_attention")
-fi
+run_step bench_attention bench_attention "$python" benchmarks/bench_attention.py --json "$out/bench_attention.json"
 
 section "triton engine tests (compiled Triton and CUDA graphs on the GPU)"
-if ! "$python" -m pytest tests/ldm_runtime/test_triton_engine.py -q -rs -p no:cacheprovider \
-        --junitxml="$out/pytest-triton-engine.xml" 2>&1 | tee "$out/pytest-triton-engine.txt"; then
-    failed+=("triton engine tests")
-fi
+run_step "triton engine tests" pytest-triton-engine "$python" -m pytest tests/ldm_runtime/test_triton_engine.py -q -rs \
+    -p no:cacheprovider --junitxml="$out/pytest-triton-engine.xml"
 
 section "UNet step benchmark: eager fp16 against the triton engine (sd15, 64x64 latents)"
-if ! "$python" benchmarks/bench_unet_step.py --json "$out/bench_unet_step.json" 2>&1 \
-        | tee "$out/bench_unet_step.txt"; then
-    failed+=("bench_unet_step")
-fi
+run_step bench_unet_step bench_unet_step "$python" benchmarks/bench_unet_step.py --json "$out/bench_unet_step.json"
 
 section "summary"
 echo "results in $out"

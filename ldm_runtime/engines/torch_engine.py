@@ -118,14 +118,25 @@ class TorchEngine:
         -> the UNet's prediction (B, C, h, w) in latents' dtype."""
         batch = latents.shape[0]
         inputs = self._unet_inputs(latents, timesteps, context, context_mask)
-        chunk = self.unet_chunk_size or batch
+        chunk = self._unet_chunk(batch)
         outputs = []
         for start in range(0, batch, chunk):
             rows = min(chunk, batch - start)
-            # pad with copies of the last row: every call sees exactly ``chunk`` rows
-            padded = [_pad_rows(tensor[start:start + rows], chunk) for tensor in inputs]
-            outputs.append(self.unet_model(*padded)[:rows])
+            # pad with copies of the last row: a call's row count depends only on ``rows``
+            padded = [_pad_rows(tensor[start:start + rows], self._padded_rows(rows, chunk)) for tensor in inputs]
+            outputs.append(self._run_unet(padded)[:rows])
         return torch.cat(outputs).to(latents.dtype)
+
+    def _unet_chunk(self, batch: int) -> int:
+        """The most rows one UNet call takes."""
+        return self.unet_chunk_size or batch
+
+    def _padded_rows(self, rows: int, chunk: int) -> int:
+        """The rows a call of ``rows`` real rows is padded to: always the full chunk here."""
+        return chunk
+
+    def _run_unet(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        return self.unet_model(*inputs)
 
     def _unet_inputs(self, latents: torch.Tensor, timesteps: np.ndarray, context: torch.Tensor,
                      context_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from kernels import dispatch
@@ -85,21 +84,11 @@ class TritonEngine(TorchEngine):
         """The smallest bucket that holds ``rows`` (1 <= rows <= the largest bucket)."""
         return next(bucket for bucket in self.batch_buckets if bucket >= rows)
 
-    @torch.inference_mode()
-    def unet(self, latents: torch.Tensor, timesteps: np.ndarray, context: torch.Tensor,
-             context_mask: torch.Tensor) -> torch.Tensor:
-        """latents (B, C, h, w) scaled, timesteps (B,) int64 host, context (B, L, D), context_mask (B, L) bool
-        -> the UNet's prediction (B, C, h, w) in latents' dtype."""
-        batch = latents.shape[0]
-        inputs = self._unet_inputs(latents, timesteps, context, context_mask)
-        largest = self.batch_buckets[-1]
-        outputs = []
-        for start in range(0, batch, largest):
-            rows = min(largest, batch - start)
-            bucket = self.bucket_for(rows)
-            padded = [_pad_rows(tensor[start:start + rows], bucket) for tensor in inputs]
-            outputs.append(self._run_unet(padded)[:rows].to(latents.dtype))
-        return torch.cat(outputs)
+    def _unet_chunk(self, batch: int) -> int:
+        return self.batch_buckets[-1]
+
+    def _padded_rows(self, rows: int, chunk: int) -> int:
+        return self.bucket_for(rows)
 
     def _run_unet(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         if not self.cuda_graphs:
