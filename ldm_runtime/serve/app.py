@@ -194,6 +194,8 @@ class ServeMetrics:
                                  buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
                                  registry=self.registry)
         self.requests = Counter("ldm_serve_requests", "Requests by outcome", ["outcome"], registry=self.registry)
+        self.in_flight = Gauge("ldm_serve_requests_in_flight", "Image requests received and not yet answered",
+                               registry=self.registry)
         self.unet_calls = Counter("ldm_serve_unet_calls", "Batched UNet calls", registry=self.registry)
         self.sample_steps = Counter("ldm_serve_sample_steps", "Denoising steps taken, summed over images",
                                     registry=self.registry)
@@ -314,11 +316,12 @@ def create_app(pipeline: Pipeline, batcher: Batcher, limits: ServeLimits, metric
         }})
     async def create_images(request: Request) -> Response:
         arrived = time.monotonic()
-        try:
-            return await _create_images(request, arrived)
-        except ApiError as error:
-            metrics.requests.labels(_outcome(error)).inc()
-            raise
+        with metrics.in_flight.track_inprogress():
+            try:
+                return await _create_images(request, arrived)
+            except ApiError as error:
+                metrics.requests.labels(_outcome(error)).inc()
+                raise
 
     async def _create_images(request: Request, arrived: float) -> Response:
         if api_key is not None:

@@ -14,6 +14,9 @@ Three modes, one loop; they differ only in when waiting jobs are admitted into t
 In every mode a finished job leaves the batch (is decoded and answered) at once, and a cancelled or expired
 one is dropped at the next step boundary, freeing its rows. Each image depends on its own request only
 (``ldm_runtime.pipeline``), so the mode changes latency and throughput, never the pixels.
+
+A step gate (``StepGate``; ``LDM_SERVE_STEP_GATE`` in ``ldm-serve``) can hold the worker at a step boundary,
+so that tests decide how much work is in flight instead of guessing from the machine's speed.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import asyncio
 import collections
 import dataclasses
 import math
+import os
 import sys
 import threading
 import time
@@ -34,6 +38,7 @@ import numpy as np
 from ldm_runtime.pipeline import GenerationRequest, Pipeline, RequestError, SamplingState
 
 BATCHING_MODES = ("none", "dynamic", "step")
+GATE_POLL_S = 0.005  # how often a held worker looks at its gate (and at expired or departed jobs)
 
 
 class QueueFull(Exception):
@@ -108,16 +113,43 @@ class BatcherConfig:
         assert self.max_batch >= 1 and self.max_queue >= 1 and self.max_wait_s >= 0, self
 
 
+class StepGate:
+    """Holds the worker at step boundaries while a file exists: with ``path`` present and holding the whole number
+    K (empty: 0), the worker admits jobs and starts a step only while it has made fewer than K UNet calls since
+    it started (one call per step while every running image has the same size); with ``path`` absent it never
+    holds. A held worker still answers expired jobs with a timeout and drops the jobs of clients that left, and
+    new jobs still queue, so a test can keep requests queued, running or past their deadline on any machine,
+    let a given number of steps run, then release everything."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+
+    def allows(self, unet_calls: int) -> bool:
+        try:
+            with open(self.path, encoding="ascii") as file:
+                text = file.read().strip()
+        except FileNotFoundError:
+            return True
+        except (OSError, UnicodeDecodeError):
+            return False  # being rewritten: hold until it reads cleanly
+        try:
+            return unet_calls < int(text or 0)
+        except ValueError:
+            return False
+
+
 class Batcher:
     """The bounded queue and the worker thread. ``observer`` receives the events metrics are made of:
     ``observer("unet_call", rows=..., seconds=...)``, ``observer("queue_depth", depth=...)``,
     ``observer("active", rows=...)``."""
 
     def __init__(self, pipeline: Pipeline, config: BatcherConfig,
-                 observer: Callable[..., None] = lambda event, **values: None):
+                 observer: Callable[..., None] = lambda event, **values: None, step_gate: StepGate | None = None):
         self.pipeline = pipeline
         self.config = config
         self.observer = observer
+        self.step_gate = step_gate
+        self._unet_calls = 0
         self.ready = False
         self.draining = False
         self._queue: collections.deque[Job] = collections.deque()
@@ -213,13 +245,18 @@ class Batcher:
         """The jobs that join the batch now (may block while idle); None when stopping with nothing left."""
         mode, max_batch = self.config.mode, self.config.max_batch
         with self._condition:
-            while not self._active:
+            while True:
                 self._discard_cancelled_queued()
-                if self._queue:
+                if not self._active and not self._queue:
+                    if self._stopping:
+                        return None
+                    self._condition.wait()
+                elif self._held():
+                    self._condition.wait(GATE_POLL_S)
+                    self._drop_cancelled_and_expired()
+                    self.observer("active", rows=sum(len(job.states) for job in self._active))
+                else:
                     break
-                if self._stopping:
-                    return None
-                self._condition.wait()
             if self._active and mode != "step":
                 return []
             if mode == "dynamic" and not self._active:
@@ -242,12 +279,19 @@ class Batcher:
             self.observer("queue_depth", depth=len(self._queue))
             return admitted
 
+    def _held(self) -> bool:
+        """The step gate holds: no job is admitted and no step starts (expired and departed jobs still leave)."""
+        return self.step_gate is not None and not self.step_gate.allows(self._unet_calls)
+
     def _rows_waiting(self) -> int:
         return sum(len(job.requests) for job in self._queue)
 
     def _discard_cancelled_queued(self) -> None:
         """Drop queued jobs whose client left or whose deadline passed (caller holds the condition)."""
-        self._queue = collections.deque(_live_jobs(self._queue))
+        live = _live_jobs(self._queue)
+        if len(live) != len(self._queue):
+            self._queue = collections.deque(live)
+            self.observer("queue_depth", depth=len(self._queue))
 
     def _start_jobs(self, jobs: list[Job]) -> None:
         if not jobs:
@@ -286,6 +330,7 @@ class Batcher:
                     failed.add(id(job))
                     self._fail(job, error)
                 continue
+            self._unet_calls += 1
             self.observer("unet_call", rows=len(members), seconds=time.perf_counter() - started)
             for (job, index), state in zip(members, advanced):
                 job.states[index] = state

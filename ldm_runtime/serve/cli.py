@@ -8,6 +8,9 @@ on stderr and exit status 2. Then the server listens at once (``/healthz`` answe
 warms the engine up (``/readyz`` answers 503 until it is done). SIGTERM or SIGINT drains: the listening
 socket closes, requests on open connections get 503, queued and running requests finish, and the process
 exits 0. An API key is required when ``--api-key-file`` is given or ``LDM_SERVE_API_KEY`` is set.
+
+``LDM_SERVE_STEP_GATE=FILE`` holds the worker at step boundaries while FILE exists (``batcher.StepGate``): the
+tests use it to keep requests queued or running for as long as they need, whatever the machine's speed.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ import uvicorn
 
 from ldm_runtime.engines import ENGINE_NAMES, ENGINE_DIR_MARKER, load_engine
 from ldm_runtime.serve.app import ServeLimits, ServeMetrics, create_app
-from ldm_runtime.serve.batcher import BATCHING_MODES, Batcher, BatcherConfig
+from ldm_runtime.serve.batcher import BATCHING_MODES, Batcher, BatcherConfig, StepGate
 from ldm_runtime.serve.text_cache import TextEncodingCache
 
 PROG = "ldm-serve"
 API_KEY_ENV = "LDM_SERVE_API_KEY"
+STEP_GATE_ENV = "LDM_SERVE_STEP_GATE"
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 LIMIT_DEFAULTS = ServeLimits()
 
@@ -137,8 +141,10 @@ def _prepare(args: argparse.Namespace):
                          min_size=info.min_image_size, max_size=max_size, size_multiple=info.image_size_multiple,
                          default_size=info.image_size, default_steps=args.default_steps)
     metrics = ServeMetrics()
+    gate_path = os.environ.get(STEP_GATE_ENV)
     batcher = Batcher(pipeline, BatcherConfig(mode=args.batching, max_batch=max_batch, max_queue=args.max_queue,
-                                              max_wait_s=args.max_wait_ms / 1000), observer=metrics.observe)
+                                              max_wait_s=args.max_wait_ms / 1000), observer=metrics.observe,
+                      step_gate=StepGate(gate_path) if gate_path else None)
     app = create_app(pipeline, batcher, limits, metrics, api_key=api_key, model_name=Path(args.model).name)
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]

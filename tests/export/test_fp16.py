@@ -45,7 +45,7 @@ def timestep_embedding_graph(dim: int = 64) -> onnx.ModelProto:
 def embedding_error(model: onnx.ModelProto) -> float:
     timesteps = np.arange(1000, dtype=np.int64)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    other = np.random.default_rng().standard_normal((1000, 3)).astype(np.float16)
+    other = np.random.standard_normal((1000, 3)).astype(np.float16)
     feeds = {"timesteps": timesteps, "other": other if model.graph.input[1].type.tensor_type.elem_type == 10
              else other.astype(np.float32)}
     embedding = session.run(["embedding"], feeds)[0].astype(np.float64)
@@ -77,7 +77,7 @@ def test_fp32_io_keeps_float_inputs_and_outputs_in_float32():
 
 
 def test_decoder_activation_peak_sees_every_submodule():
-    scale = float(np.random.default_rng().uniform(100, 1000))
+    scale = float(np.random.uniform(100, 1000))
     decoder = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh())
     with torch.no_grad():
         decoder[0].weight.copy_(torch.eye(4) * scale)

@@ -8,16 +8,14 @@ from export.validate import GraphCheck, SampleCheck, ValidationReport, psnr_db, 
 from ldm_runtime.manifest import DimRange
 
 
-def test_relative_error_is_the_l2_norm_of_the_difference_over_the_l2_norm_of_the_reference():
-    rng = np.random.default_rng()
+def test_relative_error_is_the_l2_norm_of_the_difference_over_the_l2_norm_of_the_reference(rng):
     expected = rng.standard_normal((3, 4, 5))
     direction = rng.standard_normal(expected.shape)
     actual = expected + 1e-3 * np.linalg.norm(expected) * direction / np.linalg.norm(direction)
     assert math.isclose(relative_error(actual, expected), 1e-3, rel_tol=1e-9)
 
 
-def test_psnr_of_images_one_level_apart_everywhere_is_48_db():
-    rng = np.random.default_rng()
+def test_psnr_of_images_one_level_apart_everywhere_is_48_db(rng):
     expected = [rng.integers(0, 255, (8, 8, 3), dtype=np.uint8) for _ in range(2)]
     actual = [image + 1 for image in expected]
     assert math.isclose(psnr_db(actual, expected), 20 * math.log10(255), rel_tol=1e-12)

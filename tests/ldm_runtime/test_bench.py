@@ -64,13 +64,12 @@ def test_tiny_bench_writes_table_json_and_png_plot(checkpoint, tmp_path, capsys)
     engines = {entry["name"]: entry for entry in report["engines"]}
     assert [entry["status"] for entry in engines.values()] == ["ok", "ok"]
     for entry in engines.values():
-        assert 0 < entry["load_s"] < entry["time_to_first_image_s"] < 300
-        assert 50 < entry["peak_rss_mib"] < 16_000
+        assert 0 < entry["load_s"] < entry["time_to_first_image_s"]  # the first image comes after the load
+        assert entry["peak_rss_mib"] > 50  # a process that has imported torch holds more: the unit is MiB
         assert entry["image_std"] > 0  # the first image is not blank
         for ops in entry["profile"].values():
             assert 0 < sum(op["share"] for op in ops) <= 1 + 1e-9 and all(op["ms"] > 0 for op in ops)
     assert any("conv" in op["op"] or "mm" in op["op"] for op in engines["torch"]["profile"]["1"])  # the UNet's work
-    assert engines["torch"]["unet_relative_error"] == 0
     assert engines["diffusers"]["unet_relative_error"] < 1e-4  # the same weights in diffusers' blocks
 
     rows = {(row["engine"], row["batch_size"]): row for row in report["results"]}
@@ -79,13 +78,18 @@ def test_tiny_bench_writes_table_json_and_png_plot(checkpoint, tmp_path, capsys)
         step, latency = row["step_seconds"], row["latency_seconds"]
         assert len(step["samples"]) == len(latency["samples"]) == 2
         assert 0 < step["min"] <= step["median"] <= step["max"]
+        assert step["median"] == pytest.approx(sum(step["samples"]) / 2)  # the median of two samples
         assert row["unet_steps_per_s"] == pytest.approx(1 / step["median"])
         assert row["images_per_s"] == pytest.approx(batch / latency["median"])
         assert latency["median"] > 2 * step["min"]  # a request runs two steps, the text encoder and the decoder
-        assert row["wide_spread"]  # two repeats are too few to trust
-        assert row["steps_speedup_vs_torch"] > 0 and row["latency_speedup_vs_torch"] > 0
-    assert rows[("torch", 1)]["steps_speedup_vs_torch"] == 1.0
-    assert any("indicative only" in note for note in report["notes"])
+        spread = max(step["spread"], latency["spread"])
+        assert step["spread"] == pytest.approx((step["max"] - step["min"]) / step["median"])
+        assert row["wide_spread"] == (spread > 0.10 or len(step["samples"]) < 3)
+        baseline = rows[("torch", batch)]
+        assert row["steps_speedup_vs_torch"] == pytest.approx(baseline["step_seconds"]["median"] / step["median"])
+        assert row["latency_speedup_vs_torch"] == pytest.approx(
+            baseline["latency_seconds"]["median"] / latency["median"])
+    assert any("indicative only" in note for note in report["notes"]) == any(row["wide_spread"] for row in rows.values())
 
     plot = out.with_suffix(".png")
     assert report["plot"] == str(plot) and plot.read_bytes()[:8] == PNG_SIGNATURE
@@ -157,3 +161,21 @@ def test_engine_dir_runs_against_its_checkpoint_and_refuses_what_it_cannot(check
     (other / "unet.safetensors").write_bytes((other / "unet.safetensors").read_bytes() + b" ")
     code, _, err = run_bench(capsys, "--model", moved, "--checkpoint", other)
     assert_one_line_error(code, err, f"--checkpoint {other}", "sha256")
+
+
+def test_summary_and_ratios_follow_their_definitions_on_known_samples():
+    from ldm_runtime.bench.report import result_rows, summarize
+
+    steady = summarize([1.00, 1.05, 1.02])
+    assert (steady["median"], steady["min"], steady["max"]) == (1.02, 1.00, 1.05)
+    assert steady["spread"] == pytest.approx(0.05 / 1.02) and not steady["wide"]
+    assert summarize([1.0, 1.2, 1.05])["wide"]  # 19% apart
+    assert summarize([1.0, 1.0])["wide"]  # two samples cannot show a spread
+    rows = result_rows({("torch", 1): [2.0, 2.2, 1.8], ("onnxruntime", 1): [0.5, 0.5, 0.5]},
+                       {("torch", 1): [10.0, 10.0, 10.0], ("onnxruntime", 1): [4.0, 4.0, 4.0]},
+                       ["torch", "onnxruntime"], [1], "torch")
+    fast = next(row for row in rows if row["engine"] == "onnxruntime")
+    assert fast["steps_speedup_vs_torch"] == pytest.approx(4.0)
+    assert fast["latency_speedup_vs_torch"] == pytest.approx(2.5)
+    assert fast["images_per_s"] == pytest.approx(0.25) and fast["unet_steps_per_s"] == pytest.approx(2.0)
+    assert next(row for row in rows if row["engine"] == "torch")["wide_spread"]  # 2.2 and 1.8 around 2.0

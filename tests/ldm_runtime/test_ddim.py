@@ -43,13 +43,6 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 CLIPPING = ((False, False), (True, False), (True, True))
 
 
-@pytest.fixture
-def rng() -> np.random.Generator:
-    seed = np.random.SeedSequence().entropy % 2**32
-    print(f"random seed {seed}")  # shown by pytest when the test fails
-    return np.random.default_rng(seed)
-
-
 def _assert_close(actual, expected, rtol: float, what: str = "") -> None:
     """max |actual - expected| <= rtol * max |expected| (relative to the array's scale, not elementwise)."""
     actual = actual.detach().cpu().double().numpy() if isinstance(actual, torch.Tensor) else np.asarray(actual)

@@ -23,7 +23,8 @@ needs_classifier = pytest.mark.skipif(not (DEFAULT_CLASSIFIER / "classifier.json
 
 
 def fresh_seed() -> int:
-    return int(np.random.default_rng().integers(1, 100_000))
+    """A data seed from numpy's global generator, which tests/conftest.py seeds per test (LDM_TEST_SEED)."""
+    return int(np.random.randint(1, 100_000))
 
 
 def recoloured(dataset: ShapesDataset, index: int) -> tuple[np.ndarray, ShapesLabels]:
@@ -107,9 +108,8 @@ def test_caption_parsing_finds_the_stated_attributes():
     assert not background_stated("large red star, left side, small blue cross, right side", labels)
 
 
-def test_frechet_distance_matches_the_float64_formula_on_random_gaussians():
+def test_frechet_distance_matches_the_float64_formula_on_random_gaussians(rng):
     scipy_linalg = pytest.importorskip("scipy.linalg")
-    rng = np.random.default_rng()
     dim = 6
     a = rng.normal(size=(400, dim)) @ rng.normal(size=(dim, dim)) + rng.normal(size=dim)
     b = rng.normal(size=(300, dim)) @ rng.normal(size=(dim, dim)) + rng.normal(size=dim)
@@ -120,8 +120,7 @@ def test_frechet_distance_matches_the_float64_formula_on_random_gaussians():
     assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_frechet_distance_of_diagonal_gaussians_has_the_closed_form():
-    rng = np.random.default_rng()
+def test_frechet_distance_of_diagonal_gaussians_has_the_closed_form(rng):
     dim, count = 4, 5000
     std_a, std_b = rng.uniform(0.5, 2, dim), rng.uniform(0.5, 2, dim)
     a = rng.normal(size=(count, dim))
@@ -154,8 +153,7 @@ class FakeEngine:
         return latents + self.offset
 
 
-def test_reconstruction_psnr_of_a_known_offset():
-    rng = np.random.default_rng()
+def test_reconstruction_psnr_of_a_known_offset(rng):
     images = rng.integers(40, 215, size=(10, 32, 32, 3), dtype=np.uint8)  # the offset never clips
     offset = float(rng.uniform(0.01, 0.1))  # in [-1, 1] units: offset / 2 in [0, 1] pixels
     expected = 10 * np.log10(1 / (offset / 2) ** 2)

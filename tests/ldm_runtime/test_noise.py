@@ -13,9 +13,9 @@ SHAPE = (4, 8, 8)
 
 
 @pytest.fixture
-def seeds() -> list[int]:
+def seeds(rng) -> list[int]:
     """Four fresh random seeds across the whole allowed range."""
-    drawn = np.random.default_rng().integers(0, MAX_SEED, size=4, dtype=np.int64).tolist()
+    drawn = rng.integers(0, MAX_SEED, size=4, dtype=np.int64).tolist()
     print(f"seeds {drawn}")  # shown by pytest when the test fails
     return drawn
 

@@ -62,10 +62,9 @@ def test_tokenizer_matches_the_training_tokenizer(engine, torch_engine):
     assert attention_mask[1].all() and not attention_mask[0].all()  # one prompt truncated, one padded
 
 
-def test_every_call_matches_the_torch_engine(engine, torch_engine):
+def test_every_call_matches_the_torch_engine(engine, torch_engine, rng):
     import torch
 
-    rng = np.random.default_rng()
     context, mask = engine.encode_text(PROMPTS[:2])
     expected_context, expected_mask = torch_engine.encode_text(PROMPTS[:2])
     assert relative_error(context, expected_context) < 1e-4
@@ -84,8 +83,7 @@ def test_every_call_matches_the_torch_engine(engine, torch_engine):
     assert relative_error(encoded, torch_engine.encode_images(torch.from_numpy(np.clip(images, -1, 1)))) < 1e-4
 
 
-def test_rows_at_different_timesteps_share_one_unet_call(engine):
-    rng = np.random.default_rng()
+def test_rows_at_different_timesteps_share_one_unet_call(engine, rng):
     latents = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
     context, mask = engine.encode_text(PROMPTS[:2])
     together = engine.unet(latents, np.array([5, 700]), context, mask)
@@ -147,8 +145,8 @@ def test_manifest_of_another_format_version_is_refused(exported, tmp_path):
         load_manifest(other)
 
 
-def test_batch_outside_the_exported_range_is_refused_naming_it(engine):
-    latents = np.random.default_rng().standard_normal((9, 4, 8, 8)).astype(np.float32)
+def test_batch_outside_the_exported_range_is_refused_naming_it(engine, rng):
+    latents = rng.standard_normal((9, 4, 8, 8)).astype(np.float32)
     context = np.zeros((9, TINY_CONFIG.text_encoder.max_length, 32), dtype=np.float32)
     mask = np.ones(context.shape[:2], dtype=bool)
     with pytest.raises(OutOfRangeError, match=r"UNet batch size 9 is outside the engine's exported range 1\.\.8"):
@@ -158,11 +156,11 @@ def test_batch_outside_the_exported_range_is_refused_naming_it(engine):
 
 
 @pytest.mark.parametrize("height, width", [(40, 16), (12, 16), (16, 18)])
-def test_image_size_outside_the_exported_range_is_refused_naming_it(engine, height, width):
-    images = np.random.default_rng().uniform(-1, 1, (1, 3, height, width)).astype(np.float32)
+def test_image_size_outside_the_exported_range_is_refused_naming_it(engine, height, width, rng):
+    images = rng.uniform(-1, 1, (1, 3, height, width)).astype(np.float32)
     with pytest.raises(OutOfRangeError, match=rf"{height}x{width} .* 16\.\.32 in multiples of 4 px"):
         engine.encode_images(images)
-    latents = np.random.default_rng().standard_normal((1, 4, height // 2, width // 2)).astype(np.float32)
+    latents = rng.standard_normal((1, 4, height // 2, width // 2)).astype(np.float32)
     with pytest.raises(OutOfRangeError, match="16..32 in multiples of 4"):
         engine.decode(latents)
 

@@ -63,13 +63,6 @@ def pipeline(engine) -> Pipeline:
     return Pipeline(engine)
 
 
-@pytest.fixture
-def rng() -> np.random.Generator:
-    seed = np.random.SeedSequence().entropy % 2**32
-    print(f"random seed {seed}")  # shown by pytest when the test fails
-    return np.random.default_rng(seed)
-
-
 def random_requests(rng: np.random.Generator, count: int, **settings) -> list[GenerationRequest]:
     seeds = rng.choice(2**62, size=count, replace=False).tolist()
     settings = {"steps": 3, **settings}
