@@ -9,7 +9,6 @@ import base64
 import io
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -22,11 +21,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ldm_runtime.serve.process import ServeProcess
 from tests.export.tiny_checkpoint import shared_tiny_engine
 
 JSON = {"Content-Type": "application/json"}
 PROMPTS = ["a red circle", "a blue square on the left", "two yellow stars", "a small green triangle"]
-START_TIMEOUT_S = 90
 
 
 @pytest.fixture(scope="session")
@@ -43,62 +42,9 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-class Server:
-    """``ldm-serve`` in a subprocess; ``url`` once it listens, ``log`` its stderr so far."""
-
-    def __init__(self, model: Path, *flags: str, env: dict[str, str] | None = None):
-        script = Path(sys.executable).with_name("ldm-serve")
-        command = [str(script)] if script.is_file() else [sys.executable, "-m", "ldm_runtime.serve.cli"]
-        environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-        environment.pop("LDM_SERVE_API_KEY", None)
-        environment.update(env or {})
-        self.process = subprocess.Popen(
-            command + ["--model", str(model), "--port", "0", "--threads", "1", "--log-level", "warning", *flags],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environment)
-        self.lines: list[str] = []
-        self._listening = threading.Event()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
-        if not self._listening.wait(START_TIMEOUT_S):
-            self.stop()
-            raise AssertionError(f"ldm-serve did not start:\n{self.log}")
-        self.url = re.search(r"on (http://\S+)", self.lines[0]).group(1)
-
-    def _read_stderr(self) -> None:
-        for line in self.process.stderr:
-            self.lines.append(line)
-            if "ldm-serve: serving" in line:
-                self._listening.set()
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def wait_ready(self) -> "Server":
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"ldm-serve never became ready:\n{self.log}")
-
-    def metric(self, name: str) -> float:
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-        assert match, f"{name} not in /metrics"
-        return float(match.group(1))
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+class Server(ServeProcess):
+    """``ldm-serve`` in a subprocess (``ldm_runtime.serve.process``); ``url`` once it listens, ``log`` its stderr
+    so far."""
 
 
 @pytest.fixture(scope="module")

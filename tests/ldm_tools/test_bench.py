@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ldm_runtime.bench import main
+from ldm_tools.bench import main
 from tests.export.tiny_checkpoint import shared_tiny_checkpoint, shared_tiny_engine
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,7 +40,7 @@ def assert_one_line_error(code, err, *fragments, after_progress=False):
 
 
 def test_help_is_instant_and_imports_neither_torch_nor_onnxruntime():
-    script = ("import sys\nfrom ldm_runtime.bench import main\n"
+    script = ("import sys\nfrom ldm_tools.bench import main\n"
               "try:\n    main(['--help'])\nexcept SystemExit as exit:\n    assert exit.code == 0\n"
               "print('heavy imports:', sorted(m for m in ('torch', 'onnxruntime', 'train', 'matplotlib') "
               "if m in sys.modules))\n")
