@@ -347,14 +347,16 @@ def test_openapi_schema_documents_every_field_with_its_limits(server):
     assert {"422", "429", "503"} <= set(schema["paths"]["/v1/images"]["post"]["responses"])
 
 
-def test_metrics_report_queue_batches_latency_steps_per_second_and_outcomes(server):
+def test_metrics_report_queue_batches_latency_steps_and_outcomes(server):
+    steps_before = server.metric("ldm_serve_sample_steps_total")
     post(server.url, body())
     text = httpx.get(f"{server.url}/metrics").text
     for name in ("ldm_serve_queue_depth", "ldm_serve_batch_size_bucket", "ldm_serve_request_latency_seconds_bucket",
-                 "ldm_serve_unet_steps_per_second", 'ldm_serve_requests_total{outcome="ok"}',
+                 "ldm_serve_sample_steps_total", 'ldm_serve_requests_total{outcome="ok"}',
                  'ldm_serve_requests_total{outcome="invalid"}'):
         assert name in text, name
-    assert server.metric("ldm_serve_unet_steps_per_second") > 0
+    # steps per second is Prometheus's rate() of this counter: the request's own steps are in it
+    assert server.metric("ldm_serve_sample_steps_total") - steps_before >= body()["steps"]
     assert server.metric('ldm_serve_requests_total{outcome="ok"}') >= 1
 
 
