@@ -5,7 +5,7 @@ Batch 2 (classifier-free guidance) x 8 heads, fp16: self-attention at the UNet's
 against 77 text tokens. TFLOP/s counts the two matmuls (4 * B * H * Lq * Lk * D), not the padded head
 dim the kernel computes; bytes per call are q, k, v read once and the output written once.
 
-    python benchmarks/bench_attention.py [--repeats 100] [--warmup 10] [--json results.json]
+    python benchmarks/bench_attention.py [--rep-ms 100] [--warmup-ms 25] [--json results.json]
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from cuda_timing import device_description, require_cuda, summarize_ms, time_calls_ms
+from cuda_timing import add_timing_flags, device_description, require_cuda, summarize_ms, time_calls_ms
 
 BATCH, HEADS, TEXT_TOKENS = 2, 8, 77
 SD15_QUERIES = [(4096, 40), (1024, 80), (256, 160), (64, 160)]  # (tokens, head dim) per UNet level
 
 
-def bench_shape(kind, query_len, key_len, head_dim, dtype, repeats, warmup) -> dict:
+def bench_shape(kind, query_len, key_len, head_dim, dtype, rep_ms, warmup_ms) -> dict:
     from kernels.attention import attention_triton
 
     q = torch.randn(BATCH, HEADS, query_len, head_dim, dtype=dtype, device="cuda")
@@ -45,7 +45,7 @@ def bench_shape(kind, query_len, key_len, head_dim, dtype, repeats, warmup) -> d
            "max_abs_error_vs_fp32": {"triton": (fused().float() - exact).abs().max().item(),
                                      "torch": (sdpa().float() - exact).abs().max().item()}}
     for name, fn in (("triton", fused), ("torch", sdpa)):
-        summary = summarize_ms(time_calls_ms(fn, repeats, warmup))
+        summary = summarize_ms(time_calls_ms(fn, rep_ms, warmup_ms))
         seconds = summary["median_ms"] * 1e-3
         summary["tflop_per_s"] = flops_per_call / seconds / 1e12
         summary["gb_per_s"] = bytes_per_call / seconds / 1e9
@@ -70,21 +70,20 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=100, help="timed calls per shape and implementation")
-    parser.add_argument("--warmup", type=int, default=10, help="untimed calls first (includes Triton's compile)")
+    add_timing_flags(parser, rep_ms=100, warmup_ms=25)
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     require_cuda("bench_attention")
 
     rows = []
     for tokens, head_dim in SD15_QUERIES:
-        rows.append(bench_shape("self", tokens, tokens, head_dim, torch.float16, args.repeats, args.warmup))
-        rows.append(bench_shape("cross", tokens, TEXT_TOKENS, head_dim, torch.float16, args.repeats, args.warmup))
+        rows.append(bench_shape("self", tokens, tokens, head_dim, torch.float16, args.rep_ms, args.warmup_ms))
+        rows.append(bench_shape("cross", tokens, TEXT_TOKENS, head_dim, torch.float16, args.rep_ms, args.warmup_ms))
     print(f"attention, batch {BATCH} x {HEADS} heads, fp16, {device_description()['gpu']}")
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"benchmark": "attention", **device_description(), "repeats": args.repeats,
+            json.dump({"benchmark": "attention", **device_description(), "rep_ms": args.rep_ms,
                        "results": rows}, f, indent=2)
     return 0
 

@@ -4,7 +4,7 @@ Batch 2 (classifier-free guidance), 64x64 latents, 32 groups, fp16. GB/s counts 
 the op needs (read x, write y, read weight and bias once), the roofline input for a memory-bound
 op; the fused kernel really reads x twice (statistics, then output), torch's pair moves 5x x's size.
 
-    python benchmarks/bench_group_norm.py [--repeats 200] [--warmup 20] [--json results.json]
+    python benchmarks/bench_group_norm.py [--rep-ms 100] [--warmup-ms 25] [--json results.json]
 """
 
 from __future__ import annotations
@@ -16,13 +16,13 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from cuda_timing import device_description, require_cuda, summarize_ms, time_calls_ms
+from cuda_timing import add_timing_flags, device_description, require_cuda, summarize_ms, time_calls_ms
 
 SD15_UNET_SHAPES = [(2, 320, 64, 64), (2, 640, 32, 32), (2, 1280, 16, 16), (2, 1280, 8, 8)]
 NUM_GROUPS = 32
 
 
-def bench_shape(shape, dtype, repeats, warmup) -> dict:
+def bench_shape(shape, dtype, rep_ms, warmup_ms) -> dict:
     from kernels.group_norm import group_norm_reference, group_norm_triton
 
     channels = shape[1]
@@ -43,7 +43,7 @@ def bench_shape(shape, dtype, repeats, warmup) -> dict:
            "max_abs_error_vs_fp32": {"triton": (fused().float() - exact).abs().max().item(),
                                      "torch": (torch_pair().float() - exact).abs().max().item()}}
     for name, fn in (("triton", fused), ("torch", torch_pair)):
-        summary = summarize_ms(time_calls_ms(fn, repeats, warmup))
+        summary = summarize_ms(time_calls_ms(fn, rep_ms, warmup_ms))
         summary["gb_per_s"] = bytes_per_call / (summary["median_ms"] * 1e-3) / 1e9
         row[name] = summary
     row["speedup"] = row["torch"]["median_ms"] / row["triton"]["median_ms"]
@@ -65,18 +65,17 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=200, help="timed calls per shape and implementation")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed calls first (includes Triton's compile)")
+    add_timing_flags(parser, rep_ms=100, warmup_ms=25)
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     require_cuda("bench_group_norm")
 
-    rows = [bench_shape(shape, torch.float16, args.repeats, args.warmup) for shape in SD15_UNET_SHAPES]
+    rows = [bench_shape(shape, torch.float16, args.rep_ms, args.warmup_ms) for shape in SD15_UNET_SHAPES]
     print(f"GroupNorm({NUM_GROUPS} groups)+SiLU, fp16, {device_description()['gpu']}")
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"benchmark": "group_norm_silu", **device_description(), "repeats": args.repeats,
+            json.dump({"benchmark": "group_norm_silu", **device_description(), "rep_ms": args.rep_ms,
                        "results": rows}, f, indent=2)
     return 0
 

@@ -1,7 +1,7 @@
 """One UNet step of Stable Diffusion 1.5's UNet (the ``sd15`` preset, random weights) at 64x64 latents, fp16:
 eager PyTorch against the triton engine's UNet call, with the two changes it makes measured apart.
 
-    python benchmarks/bench_unet_step.py [--batch-sizes 1,2,8] [--repeats 30] [--warmup 5] [--json out.json]
+    python benchmarks/bench_unet_step.py [--batch-sizes 1,2,8] [--rep-ms 1000] [--warmup-ms 200] [--json out.json]
 
 Four ways to run the same module on the same inputs (context: 77 tokens of 768, all attended):
 
@@ -22,7 +22,7 @@ import sys
 
 import torch
 
-from cuda_timing import device_description, require_cuda, summarize_ms, time_calls_ms
+from cuda_timing import add_timing_flags, device_description, require_cuda, summarize_ms, time_calls_ms
 
 LATENT_SIZE = 64
 TEXT_TOKENS = 77
@@ -42,7 +42,7 @@ def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 @torch.inference_mode()
-def bench_batch(unet, config, batch: int, repeats: int, warmup: int) -> dict:
+def bench_batch(unet, config, batch: int, rep_ms: float, warmup_ms: float) -> dict:
     from kernels.dispatch import use_backend
     from ldm_runtime.engines.cuda_graph import CapturedCall
 
@@ -63,7 +63,7 @@ def bench_batch(unet, config, batch: int, repeats: int, warmup: int) -> dict:
         else:
             call = lambda: unet(*inputs)  # noqa: E731
         output = call()
-        row = summarize_ms(time_calls_ms(call, repeats, warmup))
+        row = summarize_ms(time_calls_ms(call, rep_ms, warmup_ms))
         if reference is not None:
             row["relative_error_vs_fp32"] = relative_error(output, reference)
         runs[name] = row
@@ -91,8 +91,7 @@ def print_table(rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-sizes", default="1,2,8", help="comma-separated UNet batch sizes")
-    parser.add_argument("--repeats", type=int, default=30, help="timed calls per batch size and run")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed calls first (includes Triton's compile)")
+    add_timing_flags(parser, rep_ms=1000, warmup_ms=200)
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     try:
@@ -104,18 +103,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     require_cuda("bench_unet_step")
 
-    from train.config import preset
-    from train.models import UNet
+    from ldm_runtime.config import preset
+    from ldm_runtime.models import UNet
 
     config = preset("sd15").unet
     torch.manual_seed(0)
     unet = UNet(config).half().cuda().eval().requires_grad_(False)
-    rows = [bench_batch(unet, config, batch, args.repeats, args.warmup) for batch in batch_sizes]
+    rows = [bench_batch(unet, config, batch, args.rep_ms, args.warmup_ms) for batch in batch_sizes]
     print(f"sd15 UNet step, {LATENT_SIZE}x{LATENT_SIZE} latents, fp16, {device_description()['gpu']}")
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"benchmark": "unet_step", **device_description(), "repeats": args.repeats, "results": rows},
+            json.dump({"benchmark": "unet_step", **device_description(), "rep_ms": args.rep_ms, "results": rows},
                       f, indent=2)
     return 0
 

@@ -1,11 +1,15 @@
-"""GPU timing for the kernel benchmarks: CUDA events around single calls, a cold L2 for each.
+"""GPU timing for the kernel benchmarks: ``triton.testing.do_bench`` (CUDA events around single calls, a cold
+L2 for each).
 
-Every timed call starts after a 256 MiB write (larger than any current GPU's L2), so a kernel is
-charged for reading its inputs from HBM as it would be inside a UNet step, not from a warm cache.
+do_bench clears a 256 MB buffer (larger than any current GPU's L2) before every timed call, so a kernel is
+charged for reading its inputs from HBM as it would be inside a UNet step, not from a warm cache. It sizes the
+warm-up and the timed calls by time (milliseconds), from a first estimate of one call. triton is imported only
+when timing, so the scripts' ``--help`` works without it.
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 from collections.abc import Callable
@@ -26,21 +30,22 @@ def require_cuda(script: str) -> None:
         sys.exit(2)
 
 
-def time_calls_ms(fn: Callable[[], object], repeats: int, warmup: int) -> list[float]:
-    """Milliseconds of each of ``repeats`` calls of ``fn``, after ``warmup`` untimed calls."""
-    l2_flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
-    for _ in range(warmup):
-        fn()
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
-    torch.cuda.synchronize()
-    for start, end in zip(starts, ends):
-        l2_flush.zero_()
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return [start.elapsed_time(end) for start, end in zip(starts, ends)]
+def time_calls_ms(fn: Callable[[], object], rep_ms: float, warmup_ms: float) -> list[float]:
+    """Milliseconds of each timed call of ``fn``: as many calls as fit in about ``rep_ms``, after about
+    ``warmup_ms`` of untimed ones (the first call, which compiles, is never timed)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")
+
+
+def add_timing_flags(parser: argparse.ArgumentParser, rep_ms: float, warmup_ms: float) -> None:
+    """``--rep-ms`` and ``--warmup-ms``, the time budgets of ``time_calls_ms``, with these defaults."""
+    parser.add_argument("--rep-ms", type=float, default=rep_ms,
+                        help="milliseconds of timed calls per case, triton.testing.do_bench's rep (default: "
+                             "%(default)s)")
+    parser.add_argument("--warmup-ms", type=float, default=warmup_ms,
+                        help="milliseconds of untimed calls first, after a first call that compiles (default: "
+                             "%(default)s)")
 
 
 def summarize_ms(times: list[float]) -> dict[str, float]:

@@ -13,9 +13,9 @@ The overload run then starts the server in step mode with a short queue (``--ove
 ``--overload-clients`` requests at once: every one must get its image or a 429/503 (no other 5xx, nothing
 lost). Results print as Markdown tables; ``--json`` writes them as well.
 
-``--build PRESET`` first writes a random-weight checkpoint of a ``train.config`` preset ("shapes": the 4.6 M
-parameter UNet with MiniLM; "tiny": the 16 px test model of tests/export/tiny_checkpoint.py) and exports
-it to ``--model`` with a UNet batch range up to 32, unless ``--model`` already holds an engine dir.
+``--build PRESET`` first writes a random-weight checkpoint of an ``ldm_runtime.config`` preset ("shapes": the
+4.6 M parameter UNet with MiniLM; "tiny": the 16 px model the tests export) and exports it to ``--model`` with a
+UNet batch range up to 32, unless ``--model`` already holds an engine dir.
 """
 
 from __future__ import annotations
@@ -25,47 +25,33 @@ import asyncio
 import json
 import os
 import platform
-import re
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from ldm_runtime.pipeline import DEFAULT_GUIDANCE_SCALE
+from ldm_runtime.serve.batcher import BatcherConfig
+from ldm_runtime.serve.process import ServeProcess, ServeProcessError
+
 MODES = ("none", "dynamic", "step")
+START_TIMEOUT_S = 180
 PROMPTS = ["a red circle on the left", "a large blue square", "two yellow stars on a green background",
            "a small purple triangle at the top", "a white cross in the center"]
 
 
 def build_model(preset_name: str, engine_dir: Path) -> None:
     """A random-weight checkpoint of ``preset_name`` exported (fp32, onnxruntime, no validation) to ``engine_dir``."""
-    sys.path.insert(0, str(REPO))
-    import torch
-
     from export.cli import main as export_main
-    from train.checkpoint import save_checkpoint
-    from train.config import preset
-    from train.models import Autoencoder, TextEncoder, UNet
+    from ldm_runtime.config import preset
+    from train.checkpoint import write_random_checkpoint
 
-    if preset_name == "tiny":
-        from tests.export.tiny_checkpoint import TINY_CONFIG as config
-    else:
-        config = preset(preset_name)
     checkpoint = Path(tempfile.mkdtemp(prefix="load-test-checkpoint-"))
-    torch.manual_seed(0)
-    text_encoder = TextEncoder(config.text_encoder)
-    weights = {"autoencoder": Autoencoder(config.autoencoder).state_dict(), "unet": UNet(config.unet).state_dict()}
-    if text_encoder.trainable:
-        weights["text_encoder"] = text_encoder.state_dict()
-    save_checkpoint(checkpoint, config, weights, {}, stage="unet", step=0, settings={},
-                    save_tokenizer=text_encoder.save_tokenizer)
+    write_random_checkpoint(checkpoint, preset(preset_name))
     try:
         code = export_main([str(checkpoint), "--out", str(engine_dir), "--engine", "fp32", "--skip-validation",
                             "--batch-range", "1:16:32"])
@@ -75,49 +61,12 @@ def build_model(preset_name: str, engine_dir: Path) -> None:
         raise SystemExit(f"load_test: export of the {preset_name} model failed (exit {code})")
 
 
-class Server:
-    """``ldm-serve`` in a subprocess on a free loopback port, stderr drained in a thread."""
-
-    def __init__(self, model: Path, flags: list[str]):
-        script = Path(sys.executable).with_name("ldm-serve")
-        command = [str(script)] if script.is_file() else [sys.executable, "-m", "ldm_runtime.serve.cli"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        env.pop("LDM_SERVE_API_KEY", None)
-        self.process = subprocess.Popen(command + ["--model", str(model), "--port", "0", "--threads", "1",
-                                                   "--log-level", "warning", *flags],
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-        self.lines: list[str] = []
-        listening = threading.Event()
-
-        def drain() -> None:
-            for line in self.process.stderr:
-                self.lines.append(line)
-                if "ldm-serve: serving" in line:
-                    listening.set()
-        threading.Thread(target=drain, daemon=True).start()
-        if not listening.wait(180):
-            self.stop()
-            raise SystemExit("load_test: ldm-serve did not start:\n" + "".join(self.lines))
-        self.url = re.search(r"on (http://\S+)", self.lines[0]).group(1)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise SystemExit("load_test: ldm-serve never became ready:\n" + "".join(self.lines))
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                return self.process.wait(60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        return self.process.wait()
+def start_server(model: Path, flags: list[str]) -> ServeProcess:
+    """``ldm-serve`` on a free loopback port, warmed up; exits with its log if it does not get there."""
+    try:
+        return ServeProcess(model, *flags, start_timeout_s=START_TIMEOUT_S).wait_ready()
+    except ServeProcessError as error:
+        raise SystemExit(f"load_test: {error}") from None
 
 
 def request_body(rng: np.random.Generator, steps: list[int], guidance: float) -> dict:
@@ -218,9 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3,
                         help="the seconds of each cell are split into this many rounds, modes taking turns")
     parser.add_argument("--steps", default="10,25,50", help="step counts requests draw from (default: %(default)s)")
-    parser.add_argument("--guidance", type=float, default=5.0, help="guidance scale (default: %(default)s)")
+    parser.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE_SCALE,
+                        help="guidance scale (default: %(default)s)")
     parser.add_argument("--max-batch", type=int, default=16, help="ldm-serve --max-batch (default: %(default)s)")
-    parser.add_argument("--max-wait-ms", type=float, default=5.0, help="ldm-serve --max-wait-ms")
+    parser.add_argument("--max-wait-ms", type=float, default=BatcherConfig().max_wait_s * 1000,
+                        help="ldm-serve --max-wait-ms (default: %(default)s, ldm-serve's own)")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated (default: %(default)s)")
     parser.add_argument("--overload-clients", type=int, default=200, help="0 skips the overload run")
     parser.add_argument("--overload-queue", type=int, default=8, help="ldm-serve --max-queue in the overload run")
@@ -241,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     # All servers run side by side (an idle one costs nothing) and the modes take turns in short rounds, so a
     # drift in the machine's load (another job, clock speed) falls on every mode alike.
     queue = str(4 * max(concurrencies))
-    servers = {mode: Server(args.model, serve_flags + ["--batching", mode, "--max-queue", queue]) for mode in modes}
+    servers = {mode: start_server(args.model, serve_flags + ["--batching", mode, "--max-queue", queue])
+               for mode in modes}
     results: dict[str, list[dict]] = {mode: [] for mode in modes}
     try:
         for concurrency in concurrencies:
@@ -264,11 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     if set(modes) == set(MODES):
         print(markdown_table(results, concurrencies))
     if args.overload_clients:
-        server = Server(args.model, serve_flags + ["--batching", "step", "--max-queue", str(args.overload_queue)])
+        server = start_server(args.model, serve_flags + ["--batching", "step", "--max-queue", str(args.overload_queue)])
         try:
             counts = asyncio.run(overload(server.url, args.overload_clients, steps, args.guidance, args.seed))
         finally:
-            exit_code = server.stop()
+            exit_code = server.stop(timeout_s=60)
         output["overload"] = {"clients": args.overload_clients, "queue": args.overload_queue, "outcomes": counts,
                               "server_exit_code": exit_code}
         bad = {key: value for key, value in counts.items() if key not in ("200", "429", "503")}

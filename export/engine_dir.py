@@ -6,13 +6,13 @@ complete new engine, or what it was before (nothing, or the old engine when --fo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -27,43 +27,24 @@ from export.onnx_export import (
     export_all,
     export_dims,
     graph_specs,
-    image_size_multiple,
     opset_of,
 )
-from export.source import CheckpointModules, checkpoint_digest, load_checkpoint_modules
+from export.options import DEFAULT_BATCH_RANGE, ExportOptions
+from export.source import checkpoint_digest, load_checkpoint_to_export
 from export.tensorrt_build import build_plans, tensorrt_missing
 from export.validate import validate_engine
+from ldm_runtime.checkpoint import TOKENIZER_DIR, CheckpointNetworks
+from ldm_runtime.files import sha256_file
+from ldm_runtime.guidance import UNET_ROWS_PER_IMAGE
 from ldm_runtime.manifest import (
     BACKENDS,
     MANIFEST_JSON,
     PRECISIONS,
-    TOKENIZER_DIR,
     DimRange,
     GraphEntry,
     TensorSpec,
     load_manifest,
-    sha256_file,
 )
-
-DEFAULT_BATCH_RANGE = (1, 2, 8)  # UNet rows, guidance doubling included: 1 to 4 guided requests per call
-MAX_SIZE_OVER_TRAINED = 2  # the default --size-range: the model's image size up to twice it
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    """What ``ldm-export`` was asked for. ``batch_range`` (min, opt, max) counts UNet rows (guidance doubles a
-    request batch); ``size_range`` (min, max) is the image side in pixels; None picks the defaults above."""
-
-    precision: str = "fp32"
-    backend: str = "onnxruntime"
-    batch_range: tuple[int, int, int] | None = None
-    size_range: tuple[int, int] | None = None
-    opset: int | None = None
-    force: bool = False
-    fp32_io: bool = False
-    skip_validation: bool = False
-    validation_seed: int | None = None  # None: a fresh seed per export (recorded in the manifest)
-
 
 def default_backend() -> str:
     """tensorrt where it imports and a CUDA GPU is visible, else onnxruntime."""
@@ -74,7 +55,7 @@ def check_options(options: ExportOptions) -> None:
     """``ExportError`` naming the first option that cannot work (before any slow step)."""
     if options.precision not in PRECISIONS:
         raise ExportError(f"--engine {options.precision!r} is not one of {', '.join(PRECISIONS)}")
-    if options.backend not in BACKENDS:
+    if options.backend is not None and options.backend not in BACKENDS:
         raise ExportError(f"--backend {options.backend!r} is not one of {', '.join(BACKENDS)}")
     if options.backend == "tensorrt":
         missing = tensorrt_missing()
@@ -99,17 +80,17 @@ def check_out(out: Path, force: bool) -> None:
                       f"even with --force")
 
 
-def resolve_dims(modules: CheckpointModules, options: ExportOptions) -> dict[str, DimRange]:
+def resolve_dims(modules: CheckpointNetworks, options: ExportOptions) -> dict[str, DimRange]:
     """The named axis ranges of the export; ``ExportError`` for a range that does not fit the model."""
     low, opt, high = options.batch_range or DEFAULT_BATCH_RANGE
     if not 1 <= low <= opt <= high:
         raise ExportError(f"--batch-range {low}:{opt}:{high} is not valid; expected 1 <= MIN <= OPT <= MAX")
-    if high < 2:
-        raise ExportError(f"--batch-range {low}:{opt}:{high} has MAX {high}; expected at least 2 (classifier-free "
-                          f"guidance runs two UNet rows per image)")
+    if high < UNET_ROWS_PER_IMAGE:
+        raise ExportError(f"--batch-range {low}:{opt}:{high} has MAX {high}; expected at least {UNET_ROWS_PER_IMAGE} "
+                          f"(classifier-free guidance runs {UNET_ROWS_PER_IMAGE} UNet rows per image)")
     image_size = modules.config.image_size
-    multiple = image_size_multiple(modules)
-    smallest, largest = options.size_range or (image_size, MAX_SIZE_OVER_TRAINED * image_size // multiple * multiple)
+    multiple = modules.config.image_size_multiple
+    smallest, largest = options.size_range or (image_size, modules.config.max_image_size)
     if smallest % multiple or largest % multiple or not multiple <= smallest <= largest:
         raise ExportError(f"--size-range {smallest}:{largest} is not valid; expected MIN <= MAX, both multiples of "
                           f"{multiple} (the autoencoder's factor times the UNet's downsampling)")
@@ -119,12 +100,12 @@ def resolve_dims(modules: CheckpointModules, options: ExportOptions) -> dict[str
     return export_dims(modules, DimRange(low, opt, high), DimRange(smallest, image_size, largest, multiple))
 
 
-def _copy_tokenizer(modules: CheckpointModules, folder: Path) -> dict[str, str]:
+def _copy_tokenizer(modules: CheckpointNetworks, folder: Path) -> dict[str, str]:
     """Copy the checkpoint's tokenizer files; write tokenizer.json from the loaded fast tokenizer when the
     checkpoint has none (the runtime reads tokenizer.json with the ``tokenizers`` library only)."""
     target = folder / TOKENIZER_DIR
     target.mkdir()
-    for source in sorted(modules.tokenizer_dir.iterdir()):
+    for source in sorted((modules.folder / TOKENIZER_DIR).iterdir()):
         if source.is_file():
             shutil.copyfile(source, target / source.name)
     if not (target / "tokenizer.json").is_file():
@@ -160,10 +141,12 @@ def export_engine(checkpoint_dir: str | Path, out: str | Path, options: ExportOp
     or ``ValidationFailedError`` (graphs off the eager model; the report went to ``show_report`` first).
     """
     out = Path(out)
+    if options.backend is None:
+        options = dataclasses.replace(options, backend=default_backend())
     check_options(options)
     check_out(out, options.force)
     started = time.perf_counter()
-    modules = load_checkpoint_modules(checkpoint_dir)
+    modules = load_checkpoint_to_export(checkpoint_dir)
     checkpoint_sha256, checkpoint_files = checkpoint_digest(modules.folder, modules.config)
     dims = resolve_dims(modules, options)
     specs = graph_specs(modules)
@@ -228,7 +211,7 @@ def export_engine(checkpoint_dir: str | Path, out: str | Path, options: ExportOp
     return out
 
 
-def _typical_latents(modules: CheckpointModules, dims: dict[str, DimRange]) -> torch.Tensor:
+def _typical_latents(modules: CheckpointNetworks, dims: dict[str, DimRange]) -> torch.Tensor:
     """Unscaled latents with the training latents' spread (latent_scale_factor = 1 / their std), at opt size."""
     generator = torch.Generator().manual_seed(0)
     shape = (1, modules.config.autoencoder.latent_channels, dims["latent_height"].opt, dims["latent_width"].opt)

@@ -1,7 +1,9 @@
-"""The errors ``ldm-export`` reports to its user in one line."""
+"""The errors ``ldm-export`` reports to its user in one line (``UserError``s, like every command's)."""
+
+from ldm_runtime.errors import UserError
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """An export a user asked for cannot be done as asked (a bad option, an existing --out, a missing tool)."""
 
 

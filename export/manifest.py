@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
 
-from export.source import CheckpointModules
+from ldm_runtime.checkpoint import CheckpointNetworks
 from ldm_runtime.manifest import MANIFEST_FORMAT_VERSION, DimRange, GraphEntry
 
 CHECKPOINT_DIGEST_DEFINITION = ("sha256 of the lines '<sha256>  <file>' (sha256sum format, sorted by file name) for "
@@ -27,7 +27,7 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
-def build_manifest(*, modules: CheckpointModules, precision: str, backend: str, io_dtype: str, opset: int,
+def build_manifest(*, modules: CheckpointNetworks, precision: str, backend: str, io_dtype: str, opset: int,
                    dims: dict[str, DimRange], graphs: dict[str, GraphEntry], tokenizer_files: dict[str, str],
                    checkpoint_sha256: str, checkpoint_files: dict[str, str], validation: dict | None,
                    tensorrt: dict | None) -> dict[str, Any]:
@@ -49,7 +49,7 @@ def build_manifest(*, modules: CheckpointModules, precision: str, backend: str, 
             "autoencoder_kind": config.autoencoder.kind,
             "text_encoder": dataclasses.asdict(config.text_encoder),
         },
-        "schedule": dataclasses.asdict(config.schedule),
+        "schedule": config.schedule.to_dict(),
         "dims": {name: dataclasses.asdict(allowed) for name, allowed in dims.items()},
         "graphs": {name: entry.to_dict() for name, entry in graphs.items()},
         "tokenizer": {"folder": "tokenizer", "files": tokenizer_files},

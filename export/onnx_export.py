@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from export.source import CheckpointModules
+from ldm_runtime.checkpoint import CheckpointNetworks
 from ldm_runtime.manifest import DimRange, TensorSpec
 
 # ONNX protobufs cannot exceed 2 GiB; past this many bytes of weights they go to a "<graph>.onnx.data" file.
@@ -70,7 +70,7 @@ class GraphSpec:
         return f"{self.name}.onnx"
 
 
-def export_dims(modules: CheckpointModules, batch: DimRange, image_size: DimRange) -> dict[str, DimRange]:
+def export_dims(modules: CheckpointNetworks, batch: DimRange, image_size: DimRange) -> dict[str, DimRange]:
     """Every named axis of the graphs: the batch, the image sides and the latent sides they imply."""
     factor = modules.config.autoencoder.factor
     latent = DimRange(image_size.min // factor, image_size.opt // factor, image_size.max // factor,
@@ -79,12 +79,7 @@ def export_dims(modules: CheckpointModules, batch: DimRange, image_size: DimRang
             "latent_height": latent, "latent_width": latent}
 
 
-def image_size_multiple(modules: CheckpointModules) -> int:
-    """Image sides must divide by this: the autoencoder's factor times the UNet's total downsampling."""
-    return modules.config.autoencoder.factor * 2 ** (len(modules.config.unet.channel_mult) - 1)
-
-
-def graph_specs(modules: CheckpointModules) -> dict[str, GraphSpec]:
+def graph_specs(modules: CheckpointNetworks) -> dict[str, GraphSpec]:
     """The four graphs of an engine, by name, in export order."""
     config = modules.config
     channels = config.autoencoder.latent_channels
@@ -113,7 +108,7 @@ def graph_specs(modules: CheckpointModules) -> dict[str, GraphSpec]:
     }
 
 
-def random_inputs(spec: GraphSpec, modules: CheckpointModules, sizes: dict[str, int],
+def random_inputs(spec: GraphSpec, modules: CheckpointNetworks, sizes: dict[str, int],
                   generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Fresh random inputs for ``spec`` at the axis sizes ``sizes`` ({"batch": 2, "latent_height": 8, ...}),
     each in the range the graph sees in use: token ids below the vocabulary size, masks with at least one
@@ -177,7 +172,7 @@ def _dynamic_shapes(spec: GraphSpec, dims: dict[str, DimRange]) -> dict[str, dic
             for tensor in spec.inputs}
 
 
-def export_graph(spec: GraphSpec, modules: CheckpointModules, dims: dict[str, DimRange],
+def export_graph(spec: GraphSpec, modules: CheckpointNetworks, dims: dict[str, DimRange],
                  opset: int | None) -> onnx.ModelProto:
     """Trace ``spec.module`` with torch.export and translate it to ONNX (fp32, the exporter's optimiser on)."""
     generator = torch.Generator().manual_seed(0)
@@ -233,7 +228,7 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> list[str]:
     return [path.name, data_name]
 
 
-def export_all(specs: dict[str, GraphSpec], modules: CheckpointModules, dims: dict[str, DimRange],
+def export_all(specs: dict[str, GraphSpec], modules: CheckpointNetworks, dims: dict[str, DimRange],
                opset: int | None, convert: Callable[[str, onnx.ModelProto], onnx.ModelProto],
                folder: Path, log: Callable[[str], None]) -> dict[str, tuple[onnx.ModelProto, list[str]]]:
     """Export every graph, pass it through ``convert(name, model)`` (axis names, fp16), write it into

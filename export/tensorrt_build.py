@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from export.errors import ExportError
-from ldm_runtime.manifest import MANIFEST_JSON, DimRange, load_manifest, sha256_file, verify_engine_files
-from train.checkpoint import write_text_atomic
+from ldm_runtime.files import sha256_file, write_text_atomic
+from ldm_runtime.manifest import MANIFEST_JSON, DimRange, load_manifest, verify_engine_files
 
 TIMING_CACHE = "tensorrt.timing_cache"
 WORKSPACE_BYTES = 8 << 30  # the most scratch memory TensorRT may use while timing tactics

@@ -21,14 +21,14 @@ import numpy as np
 import torch
 
 from export.onnx_export import GraphSpec, random_inputs, reference_kernels
-from export.source import CheckpointModules
+from ldm_runtime.checkpoint import CheckpointNetworks
 from ldm_runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
 from ldm_runtime.manifest import DimRange
-from ldm_runtime.pipeline import GenerationRequest, Pipeline
+from ldm_runtime.pipeline import DEFAULT_STEPS, GenerationRequest, Pipeline
 
 RELATIVE_ERROR_LIMITS = {"fp32": 1e-4, "fp16": 1e-2}
 PSNR_LIMITS_DB = {"fp32": 40.0, "fp16": 30.0}
-SAMPLE_STEPS = 25
+SAMPLE_STEPS = DEFAULT_STEPS  # a request's own default: what an engine is used with
 SAMPLE_PROMPTS = ("a red circle on a white background", "two blue squares in the top left corner")
 MAX_PSNR_DB = 100.0  # identical images would otherwise be infinite
 RELATIVE_ERROR_DEFINITION = "||onnx - eager|| / ||eager||, L2 over all output elements, eager = PyTorch fp32"
@@ -150,7 +150,7 @@ def _used_sizes(spec: GraphSpec, sizes: dict[str, int]) -> dict[str, int]:
 
 
 @torch.no_grad()
-def check_graphs(engine: OnnxRuntimeEngine, specs: dict[str, GraphSpec], modules: CheckpointModules,
+def check_graphs(engine: OnnxRuntimeEngine, specs: dict[str, GraphSpec], modules: CheckpointNetworks,
                  dims: dict[str, DimRange], precision_of: dict[str, str], seed: int) -> list[GraphCheck]:
     """Every graph of ``engine`` against its eager module at each of ``shape_cases(dims)``."""
     generator = torch.Generator().manual_seed(seed)
@@ -175,7 +175,7 @@ def check_sample(engine: OnnxRuntimeEngine, checkpoint_dir: Path, precision: str
     """The same guided 25-step requests through ``Pipeline`` on ``engine`` and on the eager torch engine."""
     from ldm_runtime.engines.torch_engine import TorchEngine
 
-    count = max(1, min(len(SAMPLE_PROMPTS), engine.info.max_batch_size // 2))
+    count = max(1, min(len(SAMPLE_PROMPTS), engine.info.max_images))
     requests = [GenerationRequest(prompt=prompt, seed=seed + index, steps=SAMPLE_STEPS)
                 for index, prompt in enumerate(SAMPLE_PROMPTS[:count])]
     eager = TorchEngine(checkpoint_dir, device="cpu", unet_chunk_size=None)  # one UNet call per step, unpadded
@@ -187,7 +187,7 @@ def check_sample(engine: OnnxRuntimeEngine, checkpoint_dir: Path, precision: str
                        guidance_scale=requests[0].guidance_scale, image_size=engine.info.image_size)
 
 
-def validate_engine(engine_dir: Path, specs: dict[str, GraphSpec], modules: CheckpointModules,
+def validate_engine(engine_dir: Path, specs: dict[str, GraphSpec], modules: CheckpointNetworks,
                     dims: dict[str, DimRange], precision_of: dict[str, str], precision: str,
                     seed: int) -> ValidationReport:
     """Both checks on the engine written to ``engine_dir`` (which need not be in place yet)."""

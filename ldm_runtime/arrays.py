@@ -25,6 +25,12 @@ def array_module(array: Any) -> Any:
     raise TypeError(f"arrays of type {type(array).__name__} are not supported; expected a numpy array or torch tensor")
 
 
+def concatenate(arrays: list[Any]) -> Any:
+    """Arrays of one kind (numpy or torch, one device) joined along their first axis."""
+    module = array_module(arrays[0])
+    return np.concatenate(arrays) if module is np else module.cat(arrays)
+
+
 def host_to_array_like(values: np.ndarray, like: Any) -> Any:
     """Host values as an array of ``like``'s kind, dtype and device (numpy array or torch tensor)."""
     module = array_module(like)

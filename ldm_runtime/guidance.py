@@ -17,7 +17,19 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ldm_runtime.arrays import ArrayConverter, array_module, host_to_array_like
+from ldm_runtime.arrays import ArrayConverter, array_module, concatenate, host_to_array_like
+
+UNET_ROWS_PER_IMAGE = 2  # with guidance on, an image takes an unconditional and a conditional UNet row
+
+
+def guided_images(unet_rows: int) -> int:
+    """The most images a UNet batch of ``unet_rows`` rows holds with guidance on (each image takes two rows)."""
+    return unet_rows // UNET_ROWS_PER_IMAGE
+
+
+def guided_unet_rows(images: int) -> int:
+    """The UNet rows ``images`` images take with guidance on."""
+    return images * UNET_ROWS_PER_IMAGE
 
 
 def apply_guidance(noise_pred_uncond: Any, noise_pred_cond: Any, guidance_scale: float | Sequence[float],
@@ -67,12 +79,9 @@ class GuidedBatch:
         assert unconditional.shape == conditional.shape, (unconditional.shape, conditional.shape)
         if len(self.unconditional_rows) == 0:
             return conditional
-        module = array_module(conditional)
         unconditional_part = unconditional if self._all_rows_guided() else _take_rows(unconditional,
                                                                                     self.unconditional_rows)
-        if module is np:
-            return np.concatenate([unconditional_part, conditional])
-        return module.cat([unconditional_part, conditional])
+        return concatenate([unconditional_part, conditional])
 
     def combine(self, model_output: Any, to_array: ArrayConverter | None = None) -> Any:
         """The guided prediction ``(B, ...)`` from the UNet output ``(U + B, ...)`` of ``stack``'s batch."""

@@ -18,11 +18,13 @@ its min / opt / max and the multiple a value must be of. The runtime reads this 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ldm_runtime.config import ConfigError, ScheduleConfig, config_from_dict
+from ldm_runtime.errors import EngineDirError, OutOfRangeError
+from ldm_runtime.files import read_description, sha256_file
 
 MANIFEST_JSON = "manifest.json"
 MANIFEST_FORMAT_VERSION = 1
@@ -30,23 +32,6 @@ TOKENIZER_DIR = "tokenizer"
 GRAPH_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 PRECISIONS = ("fp32", "fp16")
 BACKENDS = ("onnxruntime", "tensorrt")
-
-
-class EngineDirError(ValueError):
-    """An engine dir a user pointed at is missing, incomplete, or does not match its manifest."""
-
-
-class OutOfRangeError(ValueError):
-    """A batch size or image size outside the range an engine was exported for."""
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -171,8 +156,11 @@ class EngineManifest:
                 tensorrt=data.get("tensorrt"),
                 raw=data,
             )
+            config_from_dict(ScheduleConfig, manifest.schedule, "schedule").validate()
         except EngineDirError:
             raise
+        except ConfigError as error:
+            raise EngineDirError(f"{where} is not a valid engine manifest: {error}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise EngineDirError(f"{where} is not a valid engine manifest ({type(error).__name__}: {error})")
         if manifest.precision not in PRECISIONS or manifest.backend not in BACKENDS:
@@ -222,16 +210,8 @@ class EngineManifest:
 
 def load_manifest(engine_dir: str | Path) -> EngineManifest:
     """The manifest of ``engine_dir``; ``EngineDirError`` when the dir or its manifest is missing or invalid."""
-    folder = Path(engine_dir)
-    if not folder.is_dir():
-        raise EngineDirError(f"engine dir {folder} does not exist or is not a folder")
-    path = folder / MANIFEST_JSON
-    if not path.is_file():
-        raise EngineDirError(f"{folder} is not an engine dir: it has no {MANIFEST_JSON} (write one with ldm-export)")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise EngineDirError(f"{path} is not valid JSON ({error})")
+    data = read_description(engine_dir, MANIFEST_JSON, "engine dir", EngineDirError, "write one with ldm-export")
+    path = Path(engine_dir) / MANIFEST_JSON
     if not isinstance(data, dict):
         raise EngineDirError(f"{path} holds a {type(data).__name__}; expected an object")
     return EngineManifest.from_dict(data, where=str(path))

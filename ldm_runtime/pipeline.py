@@ -25,15 +25,17 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from ldm_runtime.arrays import array_module
+from ldm_runtime.arrays import concatenate
 from ldm_runtime.engines.base import Array, Engine, EngineInfo
+from ldm_runtime.errors import RequestError
 from ldm_runtime.guidance import GuidedBatch
 from ldm_runtime.noise import MAX_SEED, initial_noise, step_noise
 from ldm_runtime.schedulers import DDIMConfig, DDIMSampler, DDIMTrajectory, NoiseSchedule
 
-
-class RequestError(ValueError):
-    """A generation request a user made is invalid; the message is one sentence naming the field."""
+DEFAULT_STEPS = 25  # DDIM steps of a request that names none (ldm-sample, ldm-serve, ldm-eval, export validation)
+# The CompVis LDM text-to-image script's default scale: milder than Stable Diffusion's 7.5, which
+# over-saturates small models trained on few captions.
+DEFAULT_GUIDANCE_SCALE = 5.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,10 +48,8 @@ class GenerationRequest:
     prompt: str
     negative_prompt: str = ""  # "" is the unconditional prompt the model was trained with (caption dropout)
     seed: int
-    steps: int = 25
-    # The CompVis LDM text-to-image script's default scale: milder than Stable Diffusion's 7.5, which
-    # over-saturates small models trained on few captions.
-    guidance_scale: float = 5.0
+    steps: int = DEFAULT_STEPS
+    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
     eta: float = 0.0
     height: int | None = None
     width: int | None = None
@@ -99,21 +99,23 @@ class Pipeline:
         if not isinstance(request, GenerationRequest):
             raise TypeError(f"request is a {type(request).__name__}; expected a GenerationRequest")
         if not isinstance(request.prompt, str) or not request.prompt.strip():
-            raise RequestError(f"prompt is {request.prompt!r}; expected a non-empty string")
+            raise RequestError(f"prompt is {request.prompt!r}; expected a non-empty string", "prompt")
         if not isinstance(request.negative_prompt, str):
-            raise RequestError(f"negative_prompt is {request.negative_prompt!r}; expected a string ('' for none)")
+            raise RequestError(f"negative_prompt is {request.negative_prompt!r}; expected a string ('' for none)",
+                               "negative_prompt")
         if not _is_integer(request.seed) or not 0 <= request.seed < MAX_SEED:
-            raise RequestError(f"seed is {request.seed!r}; expected an integer from 0 to 2**63 - 1")
+            raise RequestError(f"seed is {request.seed!r}; expected an integer from 0 to 2**63 - 1", "seed")
         if not _is_integer(request.steps) or not 1 <= request.steps <= self.max_steps:
-            raise RequestError(f"steps is {request.steps!r}; expected an integer from 1 to {self.max_steps}")
+            raise RequestError(f"steps is {request.steps!r}; expected an integer from 1 to {self.max_steps}", "steps")
         if not self._can_plan(int(request.steps)):  # a large steps_offset leaves gaps below max_steps
             config, last = self.sampler.config, self.sampler.schedule.num_train_timesteps - 1
             raise RequestError(f"steps is {request.steps}; the {config.timestep_spacing!r} spacing with steps_offset "
-                               f"{config.steps_offset} would start past timestep {last}")
+                               f"{config.steps_offset} would start past timestep {last}", "steps")
         if not _is_number(request.guidance_scale) or request.guidance_scale < 0:
-            raise RequestError(f"guidance_scale is {request.guidance_scale!r}; expected a finite number >= 0")
+            raise RequestError(f"guidance_scale is {request.guidance_scale!r}; expected a finite number >= 0",
+                               "guidance_scale")
         if not _is_number(request.eta) or not 0 <= request.eta <= 1:
-            raise RequestError(f"eta is {request.eta!r}; expected a number from 0 to 1")
+            raise RequestError(f"eta is {request.eta!r}; expected a number from 0 to 1", "eta")
         info = self.info
         for name in ("height", "width"):
             size = getattr(request, name)
@@ -123,8 +125,8 @@ class Pipeline:
                     or not info.min_image_size <= size <= info.max_image_size):
                 raise RequestError(
                     f"{name} is {size!r}; expected a multiple of {info.image_size_multiple} from "
-                    f"{info.min_image_size} to {info.max_image_size} (or none for the model's {info.image_size})"
-                )
+                    f"{info.min_image_size} to {info.max_image_size} (or none for the model's {info.image_size})",
+                    name)
 
     def _can_plan(self, steps: int) -> bool:
         try:
@@ -174,13 +176,13 @@ class Pipeline:
         step_indices = [state.step_index for state in states]
         timesteps = np.array([s.trajectory.timesteps[s.step_index] for s in states], dtype=np.int64)
         prev_timesteps = np.array([s.trajectory.prev_timesteps[s.step_index] for s in states], dtype=np.int64)
-        latents = _concatenate([state.latents for state in states])
+        latents = concatenate([state.latents for state in states])
 
         guided = GuidedBatch.plan([float(state.request.guidance_scale) for state in states], len(states))
-        context = guided.stack(_concatenate([s.context for s in states]),
-                               _concatenate([s.negative_context for s in states]))
-        context_mask = guided.stack(_concatenate([s.context_mask for s in states]),
-                                    _concatenate([s.negative_context_mask for s in states]))
+        context = guided.stack(concatenate([s.context for s in states]),
+                               concatenate([s.negative_context for s in states]))
+        context_mask = guided.stack(concatenate([s.context_mask for s in states]),
+                                    concatenate([s.negative_context_mask for s in states]))
         model_output = self.engine.unet(guided.stack(latents), guided.stack(timesteps), context, context_mask)
         prediction = guided.combine(model_output, self.engine.to_array)
 
@@ -198,7 +200,7 @@ class Pipeline:
         """Finished states of one latent shape -> images, each ``(H, W, 3) uint8``:
         latents / latent_scale_factor, decoded, then round(clip((x + 1) * 127.5, 0, 255))."""
         assert states and all(state.done for state in states), "decode needs finished states"
-        latents = _concatenate([state.latents for state in states]) / self.info.latent_scale_factor
+        latents = concatenate([state.latents for state in states]) / self.info.latent_scale_factor
         images = self.engine.to_host(self.engine.decode(latents)).astype(np.float32)
         pixels = np.round(np.clip((images + 1.0) * 127.5, 0.0, 255.0)).astype(np.uint8)
         return [np.ascontiguousarray(image.transpose(1, 2, 0)) for image in pixels]
@@ -212,10 +214,10 @@ class Pipeline:
         requests = list(requests)
         for request in requests:
             self.validate(request)
-        most = self.info.max_batch_size // 2  # guidance doubles the UNet batch
+        most = self.info.max_images
         batch_size = most if batch_size is None else batch_size
         if not _is_integer(batch_size) or not 1 <= batch_size <= most:
-            raise RequestError(f"batch_size is {batch_size!r}; expected an integer from 1 to {most}")
+            raise RequestError(f"batch_size is {batch_size!r}; expected an integer from 1 to {most}", "batch_size")
 
         by_shape: dict[tuple[int, int], list[int]] = {}
         for index, request in enumerate(requests):
@@ -235,11 +237,6 @@ class Pipeline:
                 for index, image in zip(batch, self.decode(states)):
                     images[index] = image
         return images
-
-
-def _concatenate(arrays: list[Array]) -> Array:
-    module = array_module(arrays[0])
-    return np.concatenate(arrays) if module is np else module.cat(arrays)
 
 
 def _is_integer(value: Any) -> bool:

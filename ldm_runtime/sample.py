@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import math
 import os
 import shutil
 import sys
@@ -22,30 +20,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 
+from ldm_runtime.command_line import OneLineArgumentParser, report_user_error
 from ldm_runtime.engines import ENGINE_NAMES, load_engine
-from ldm_runtime.pipeline import GenerationRequest, Pipeline, RequestError
+from ldm_runtime.errors import UserError
+from ldm_runtime.images import image_grid, png_bytes
+from ldm_runtime.pipeline import GenerationRequest, Pipeline
 
 PROG = "ldm-sample"
 REQUEST_DEFAULTS = {field.name: field.default for field in dataclasses.fields(GenerationRequest)}
-METADATA_KEY = "parameters"
 GRID_NAME = "grid.png"
-GRID_PADDING = 2
 
 
-class SampleError(Exception):
-    """Anything the user can fix: the message is the one line printed after ``ldm-sample: error:``."""
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise SampleError(message)  # one line, not argparse's usage block
+class SampleError(UserError):
+    """An ``--out`` that cannot be written, or one that does not fit the prompts."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(
+    parser = OneLineArgumentParser(
         prog=PROG,
         description="Generate images from text prompts with DDIM and classifier-free guidance. Writes one PNG "
                     "per prompt and, for several prompts, a grid.png of all of them.",
@@ -81,9 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         written = _sample(args)
-    except (SampleError, RequestError) as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
+    except UserError as error:
+        return report_user_error(PROG, error)
     print(f"{PROG}: wrote {written[0] if len(written) == 1 else f'{len(written)} PNG files to {written[0].parent}'}",
           file=sys.stderr)
     return 0
@@ -94,10 +85,7 @@ def _sample(args: argparse.Namespace) -> list[Path]:
     count = len(args.prompts)
     seeds = [args.seed + index for index in range(count)]
     plan = plan_output(args.out, seeds)
-    try:
-        engine = load_engine(args.model, engine=args.engine, device=args.device)
-    except (ValueError, OSError, ImportError) as error:  # a folder, device or engine the user named
-        raise SampleError(str(error)) from None
+    engine = load_engine(args.model, engine=args.engine, device=args.device)
     pipeline = Pipeline(engine)
     requests = [
         GenerationRequest(prompt=prompt, negative_prompt=args.negative_prompt, seed=seed, steps=args.steps,
@@ -157,18 +145,15 @@ def write_outputs(plan: OutputPlan, images: list[np.ndarray], metadata: list[dic
     while not missing.parent.exists() and missing != missing.parent:
         missing = missing.parent  # the outermost folder this call creates, removed again on failure
     created = None if plan.folder.exists() else missing
-    outputs = [(path, Image.fromarray(image), [settings])
-               for path, image, settings in zip(plan.image_paths, images, metadata)]
+    outputs = list(zip(plan.image_paths, images, metadata))
     if plan.grid_path is not None:
         outputs.append((plan.grid_path, image_grid(images), metadata))
     temporary: list[Path] = []
     try:
         plan.folder.mkdir(parents=True, exist_ok=True)
         for path, image, settings in outputs:
-            info = PngInfo()
-            info.add_text(METADATA_KEY, json.dumps(settings if len(settings) > 1 else settings[0], sort_keys=True))
             temporary.append(path.with_name(f".{path.name}.{os.getpid()}.tmp"))
-            image.save(temporary[-1], format="PNG", pnginfo=info)
+            temporary[-1].write_bytes(png_bytes(image, settings))
         for (path, _, _), staged in zip(outputs, temporary):
             os.replace(staged, path)
     except OSError as error:
@@ -178,20 +163,6 @@ def write_outputs(plan: OutputPlan, images: list[np.ndarray], metadata: list[dic
             shutil.rmtree(created, ignore_errors=True)
         raise SampleError(f"cannot write the images to {plan.folder}: {error.strerror or error}") from None
     return [path for path, _, _ in outputs]
-
-
-def image_grid(images: list[np.ndarray]) -> Image.Image:
-    """Images ``(H, W, 3) uint8`` of one size, left to right and top to bottom in a near-square grid, on white."""
-    height, width, _ = images[0].shape
-    columns = math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / columns)
-    canvas = np.full((rows * (height + GRID_PADDING) + GRID_PADDING,
-                      columns * (width + GRID_PADDING) + GRID_PADDING, 3), 255, dtype=np.uint8)
-    for index, image in enumerate(images):
-        top = GRID_PADDING + (index // columns) * (height + GRID_PADDING)
-        left = GRID_PADDING + (index % columns) * (width + GRID_PADDING)
-        canvas[top:top + height, left:left + width] = image
-    return Image.fromarray(canvas)
 
 
 if __name__ == "__main__":

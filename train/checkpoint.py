@@ -1,14 +1,5 @@
-"""Checkpoint dirs: ``model.json`` + ``*.safetensors`` (never pickle), written so a crash never leaves a torn one.
-
-Layout of a checkpoint dir::
-
-    model.json                 ModelConfig (the whole model description)
-    autoencoder.safetensors    autoencoder weights
-    unet.safetensors           UNet weights (the EMA copy: what sampling uses)
-    text_encoder.safetensors   only for a text encoder trained from scratch
-    tokenizer/                 the tokenizer files, so the dir is self-contained
-    train_state.json           step, training settings, sha256 of every file above (written last)
-    train_state.safetensors    raw weights, EMA, optimiser moments: what ``--resume`` needs
+"""Writing checkpoint dirs (the layout and the readers are ``ldm_runtime.checkpoint``), so that a crash never
+leaves a torn one, and reading back what only ``--resume`` needs.
 
 Every file is written to a temporary name and renamed into place; ``train_state.json`` goes last and
 lists the sha256 of the others, so a resume can tell a complete checkpoint from one cut short.
@@ -16,7 +7,6 @@ lists the sha256 of the others, so a resume can tell a complete checkpoint from 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -25,79 +15,23 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from train.config import ConfigError, ModelConfig
-
-MODEL_JSON = "model.json"
-TRAIN_STATE_JSON = "train_state.json"
-TRAIN_STATE_TENSORS = "train_state.safetensors"
-TOKENIZER_DIR = "tokenizer"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint dir or file a user pointed at is missing, unreadable, or not what was expected."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write via ``write(tmp_path)`` into a sibling temp file, fsync, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    _atomic_write(path, lambda tmp: tmp.write_text(text))
+from ldm_runtime.checkpoint import (
+    MODEL_JSON,
+    TOKENIZER_DIR,
+    TRAIN_STATE_JSON,
+    TRAIN_STATE_TENSORS,
+    CheckpointError,
+)
+from ldm_runtime.config import ModelConfig
+from ldm_runtime.files import sha256_file, write_atomic, write_text_atomic
 
 
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """safetensors needs contiguous, unshared storage: clone what it would refuse."""
     ready = {name: tensor.detach().contiguous().cpu().clone() for name, tensor in tensors.items()}
-    _atomic_write(path, lambda tmp: save_file(ready, str(tmp), metadata=metadata))
-
-
-def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} does not exist")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"cannot read checkpoint file {path} ({error}); expected a complete safetensors file")
-
-
-def load_model_config(folder: str | Path) -> ModelConfig:
-    """The ModelConfig of checkpoint dir ``folder``; CheckpointError naming what is wrong."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint dir {folder} does not exist or is not a folder")
-    path = folder / MODEL_JSON
-    if not path.is_file():
-        raise CheckpointError(f"{folder} is not a checkpoint dir: it has no {MODEL_JSON}")
-    try:
-        config = ModelConfig.from_json(path.read_text())
-        config.validate()
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{path} is not valid JSON ({error})")
-    except (ConfigError, TypeError) as error:
-        raise CheckpointError(f"{path} is not a valid model description: {error}")
-    return config
+    write_atomic(path, lambda tmp: save_file(ready, str(tmp), metadata=metadata))
 
 
 @dataclass(frozen=True)
@@ -183,21 +117,6 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, prefix: str, tensor
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def load_state_dict_file(module: torch.nn.Module, path: Path) -> None:
-    """Load ``path`` into ``module`` strictly; a mismatch names the file and the first differing keys."""
-    tensors = load_tensors(path)
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape)
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"{path} does not fit the model in model.json: missing {missing[:3]}, unexpected {unexpected[:3]}, "
-            f"wrong shape {wrong[:3]}"
-        )
-    module.load_state_dict(tensors)
-
-
 def select_prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """The entries of a train state under ``prefix``, with the prefix removed."""
     selected = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
@@ -206,24 +125,22 @@ def select_prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, 
     return selected
 
 
-def load_text_encoder(folder: Path, config: ModelConfig) -> "TextEncoder":
-    """The text encoder of the checkpoint: its own tokenizer/ when present, its weights when trained from scratch."""
-    from train.models import TextEncoder
+def write_random_checkpoint(folder: Path, config: ModelConfig, seed: int = 0) -> dict[str, int]:
+    """A complete checkpoint dir of ``config`` with random weights (model.json, the weights, tokenizer/,
+    train_state.json), laid out as ``ldm-train unet`` writes it, for tests and benchmarks; a text encoder
+    trained "from scratch" has its weights written, a pretrained one is named. Returns each network's
+    parameter count (``autoencoder_parameters``, ``unet_parameters``, ``text_encoder_parameters``)."""
+    from ldm_runtime.models import Autoencoder, TextEncoder, UNet, count_parameters
 
-    tokenizer = folder / TOKENIZER_DIR
-    from transformers.utils import logging as transformers_logging
-
-    bar_was_enabled = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()  # a "Loading weights" bar per load is noise on the terminal
-    try:
-        text_encoder = TextEncoder(config.text_encoder, tokenizer_path=tokenizer if tokenizer.is_dir() else None)
-    except ConfigError as error:
-        raise CheckpointError(f"cannot load the text encoder of {folder}: {error}") from None
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"cannot load the text encoder or tokenizer of {folder} ({error})") from None
-    finally:
-        if bar_was_enabled:
-            transformers_logging.enable_progress_bar()
-    if config.text_encoder.kind == "scratch":
-        load_state_dict_file(text_encoder, folder / "text_encoder.safetensors")
-    return text_encoder
+    config.validate()
+    torch.manual_seed(seed)
+    autoencoder = Autoencoder(config.autoencoder)
+    unet = UNet(config.unet)
+    text_encoder = TextEncoder(config.text_encoder)
+    weights = {"autoencoder": autoencoder.state_dict(), "unet": unet.state_dict()}
+    if text_encoder.trainable:
+        weights["text_encoder"] = text_encoder.state_dict()
+    save_checkpoint(Path(folder), config, weights, {}, stage="unet", step=0, settings={"random_weights": True},
+                    save_tokenizer=text_encoder.save_tokenizer)
+    return {"unet_parameters": count_parameters(unet), "autoencoder_parameters": count_parameters(autoencoder),
+            "text_encoder_parameters": count_parameters(text_encoder)}

@@ -42,8 +42,10 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from train.checkpoint import CheckpointError, load_tensors, save_tensors_atomic, write_text_atomic
-from train.config import ConfigError
+from ldm_runtime.checkpoint import CheckpointError, load_tensors
+from ldm_runtime.config import ConfigError
+from ldm_runtime.files import write_text_atomic
+from train.checkpoint import save_tensors_atomic
 from train.data import DataError, ShapesDataset, build_dataset
 from train.data.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, ShapeObject, ShapesLabels
 from train.progress import TrainingProgress

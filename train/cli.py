@@ -13,11 +13,14 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from train.checkpoint import TRAIN_STATE_JSON, CheckpointError
+from ldm_runtime.checkpoint import TRAIN_STATE_JSON, CheckpointError
+from ldm_runtime.command_line import report_user_error
+from ldm_runtime.config import PRESETS, ConfigError
+from ldm_runtime.errors import UserError
 from train.classifier import ClassifierTrainSettings
-from train.config import PRESETS, ConfigError
-from train.data import DataError
-from train.run import TrainSettings
+from train.run import AutoencoderSettings, UNetSettings
+
+PROG = "ldm-train"
 
 HELP = {
     "preset": f"model preset, one of {', '.join(sorted(PRESETS))}",
@@ -51,32 +54,28 @@ HELP = {
     "cond_drop_prob": "fraction of samples trained with the empty prompt (for classifier-free guidance)",
     "ema_decay": "decay of the EMA of the UNet weights that the checkpoint stores",
 }
-AUTOENCODER_ONLY = {"kind", "factor", "latent_channels", "kl_weight", "perceptual_weight", "disc_weight", "disc_start"}
-UNET_ONLY = {"autoencoder", "text_encoder", "text_encoder_kind", "cond_drop_prob", "ema_decay"}
-STAGE_DEFAULTS = {"unet": {"learning_rate": 1e-4, "batch_size": 64}}
+STAGE_SETTINGS = {"autoencoder": AutoencoderSettings, "unet": UNetSettings}  # each stage's flags and defaults
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ldm-train", description=__doc__,
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     stages = parser.add_subparsers(dest="stage", required=True, metavar="{autoencoder,unet,classifier}")
-    for stage, excluded in (("autoencoder", UNET_ONLY), ("unet", AUTOENCODER_ONLY)):
+    for stage, settings in STAGE_SETTINGS.items():
         sub = stages.add_parser(stage, help=f"train the {stage}",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         sub.add_argument("--out", required=True, help="checkpoint dir to write (model.json, *.safetensors)")
         sub.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
         sub.add_argument("--overwrite", action="store_true", help="start over even if --out holds a checkpoint")
-        defaults = STAGE_DEFAULTS.get(stage, {})
-        for field in dataclasses.fields(TrainSettings):
-            if field.name == "out" or field.name in excluded:
+        for field in dataclasses.fields(settings):
+            if field.name == "out":
                 continue
             flag = "--" + field.name.replace("_", "-")
-            default = defaults.get(field.name, field.default)
             if field.type == "bool":
                 sub.add_argument(flag, action="store_true", help=HELP[field.name])
             else:
                 kind = {"int": int, "float": float}.get(str(field.type).split(" ")[0], str)
-                sub.add_argument(flag, type=kind, default=default, help=HELP[field.name])
+                sub.add_argument(flag, type=kind, default=field.default, help=HELP[field.name])
     _add_classifier_parser(stages)
     return parser
 
@@ -100,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.stage == "classifier":
         return _train_classifier(args)
-    values = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainSettings)}}
-    settings = TrainSettings(**values)
+    settings_class = STAGE_SETTINGS[args.stage]
+    values = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(settings_class)}}
+    settings = settings_class(**values)
     try:
         _check_out(Path(args.out), args.resume, args.overwrite)
         if args.stage == "autoencoder":
@@ -110,9 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from train.train_unet import train_unet
             out = train_unet(settings, resume=args.resume)
-    except (ConfigError, CheckpointError, DataError) as error:
-        print(f"ldm-train: error: {error}", file=sys.stderr)
-        return 2
+    except UserError as error:
+        return report_user_error(PROG, error)
     except KeyboardInterrupt:
         print(f"ldm-train: interrupted; the last checkpoint in {args.out} is intact (continue with --resume)",
               file=sys.stderr)
@@ -128,9 +127,8 @@ def _train_classifier(args: argparse.Namespace) -> int:
         if Path(args.out).exists() and not Path(args.out).is_dir():
             raise ConfigError(f"--out {args.out} exists and is not a folder")
         out = train_classifier(ClassifierTrainSettings(**values))
-    except (ConfigError, CheckpointError, DataError) as error:
-        print(f"ldm-train: error: {error}", file=sys.stderr)
-        return 2
+    except UserError as error:
+        return report_user_error(PROG, error)
     print(f"ldm-train: wrote {out}", file=sys.stderr)
     return 0
 

@@ -1,22 +1,15 @@
 """The forward (noising) process used for training: q(x_t | x_0) and the regression target.
 
-The runtime keeps its own numpy copy of the schedule (ldm_runtime/schedulers/schedule.py) because it must
-not import torch or this package; tests/train/test_diffusion.py checks that the two agree.
+The schedule's tables are the runtime's (``ldm_runtime.schedulers.NoiseSchedule``), the same numbers DDIM
+samples with; this adds the two things only training does with them, on torch tensors.
 """
 
 from __future__ import annotations
 
 import torch
 
-from train.config import ScheduleConfig
-
-
-def betas_for(schedule: ScheduleConfig) -> torch.Tensor:
-    """(T,) float64 betas. "scaled_linear" (LDM, SD): linear in sqrt(beta)."""
-    steps = schedule.num_train_timesteps
-    if schedule.beta_schedule == "scaled_linear":
-        return torch.linspace(schedule.beta_start**0.5, schedule.beta_end**0.5, steps, dtype=torch.float64) ** 2
-    return torch.linspace(schedule.beta_start, schedule.beta_end, steps, dtype=torch.float64)
+from ldm_runtime.config import ScheduleConfig
+from ldm_runtime.schedulers import NoiseSchedule
 
 
 class ForwardProcess:
@@ -24,7 +17,7 @@ class ForwardProcess:
 
     def __init__(self, schedule: ScheduleConfig):
         self.schedule = schedule
-        self.alphas_cumprod = torch.cumprod(1.0 - betas_for(schedule), dim=0)
+        self.alphas_cumprod = torch.from_numpy(NoiseSchedule.from_config(schedule).alphas_cumprod.copy())
 
     def _coefficients(self, timesteps: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         alpha_bar = self.alphas_cumprod.to(timesteps.device)[timesteps]

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.config import ConfigError
+from ldm_runtime.config import ConfigError
 
 SSIM_WINDOW_SIZE = 11
 SSIM_WINDOW_SIGMA = 1.5
@@ -148,7 +148,7 @@ def hinge_g_loss(logits_fake: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class AutoencoderLossConfig:
-    """Weights of the autoencoder's loss terms.
+    """Weights of the autoencoder's loss terms (and the defaults of ``ldm-train autoencoder``'s flags for them).
 
     ``kl_weight`` is LDM's kl-f8 value, meant for a KL summed over latent elements and a
     reconstruction summed over pixels. The reconstruction here is a per-pixel mean, so the KL is
@@ -162,7 +162,7 @@ class AutoencoderLossConfig:
     kl_weight: float = 1e-6
     codebook_weight: float = 1.0
     disc_weight: float = 0.5
-    disc_start: int = 5000  # steps of reconstruction-only training before the GAN term starts
+    disc_start: int = 1000  # steps of reconstruction-only training before the GAN term starts
     adaptive_weight: bool = True
 
     def validate(self) -> None:

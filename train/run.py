@@ -19,12 +19,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from train.config import ConfigError
+from ldm_runtime.config import ConfigError
+from train.losses import AutoencoderLossConfig
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Flags of ``ldm-train``; one source of truth for their defaults (the CLI reads them from here)."""
+    """The flags both stages of ``ldm-train`` take. Each stage's settings (``AutoencoderSettings``,
+    ``UNetSettings``) are one source of truth for its defaults: the CLI reads them from there, so the Python
+    API trains as the command does."""
 
     out: str
     preset: str = "shapes"
@@ -43,20 +46,6 @@ class TrainSettings:
     skip_bad_images: bool = False
     channels: int | None = None  # overrides the base width (autoencoder base_channels / UNet model_channels)
     num_groups: int | None = None  # overrides the GroupNorm group count
-    # autoencoder stage
-    kind: str | None = None  # overrides the preset's autoencoder kind ("kl" / "vq")
-    factor: int | None = None  # overrides the preset's downsampling factor
-    latent_channels: int | None = None
-    kl_weight: float = 1e-6
-    perceptual_weight: float = 1.0
-    disc_weight: float = 0.5
-    disc_start: int = 1000
-    # unet stage
-    autoencoder: str | None = None
-    text_encoder: str | None = None  # overrides the preset's text encoder path (folder or package)
-    text_encoder_kind: str | None = None  # "pretrained" (frozen) or "scratch" (trained jointly)
-    cond_drop_prob: float = 0.1
-    ema_decay: float = 0.999
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every", "sample_every", "log_every"):
@@ -70,15 +59,50 @@ class TrainSettings:
             )
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"--precision {self.precision!r} is not one of fp32, bf16, fp16")
-        if not 0.0 <= self.cond_drop_prob < 1.0:
-            raise ConfigError(f"--cond-drop-prob is {self.cond_drop_prob}; expected a value in [0, 1)")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ConfigError(f"--ema-decay is {self.ema_decay}; expected a value in [0, 1)")
         if self.seed < 0:
             raise ConfigError(f"--seed is {self.seed}; expected a non-negative integer")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class AutoencoderSettings(TrainSettings):
+    """``ldm-train autoencoder``: the shared flags, the autoencoder's overrides of the preset, and the loss
+    weights (their defaults are ``AutoencoderLossConfig``'s)."""
+
+    kind: str | None = None  # overrides the preset's autoencoder kind ("kl" / "vq")
+    factor: int | None = None  # overrides the preset's downsampling factor
+    latent_channels: int | None = None
+    kl_weight: float = AutoencoderLossConfig.kl_weight
+    perceptual_weight: float = AutoencoderLossConfig.perceptual_weight
+    disc_weight: float = AutoencoderLossConfig.disc_weight
+    disc_start: int = AutoencoderLossConfig.disc_start
+
+    def loss_config(self) -> AutoencoderLossConfig:
+        return AutoencoderLossConfig(kl_weight=self.kl_weight, perceptual_weight=self.perceptual_weight,
+                                     disc_weight=self.disc_weight, disc_start=self.disc_start)
+
+
+@dataclass(frozen=True)
+class UNetSettings(TrainSettings):
+    """``ldm-train unet``: the shared flags with the UNet's own batch and learning rate, the autoencoder it
+    trains on, the text encoder, caption dropout and the EMA."""
+
+    batch_size: int = 64  # per process
+    learning_rate: float = 1e-4
+    autoencoder: str | None = None
+    text_encoder: str | None = None  # overrides the preset's text encoder path (folder or package)
+    text_encoder_kind: str | None = None  # "pretrained" (frozen) or "scratch" (trained jointly)
+    cond_drop_prob: float = 0.1
+    ema_decay: float = 0.999
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.cond_drop_prob < 1.0:
+            raise ConfigError(f"--cond-drop-prob is {self.cond_drop_prob}; expected a value in [0, 1)")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"--ema-decay is {self.ema_decay}; expected a value in [0, 1)")
 
 
 # Settings that may differ between a run and its resumption without changing what is computed.

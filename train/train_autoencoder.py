@@ -9,17 +9,18 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ldm_runtime.checkpoint import load_tensors
+from ldm_runtime.config import ModelConfig, channel_mult_for_factor, preset
+from ldm_runtime.models import Autoencoder
 from train.checkpoint import (
-    load_tensors, load_train_state, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint, select_prefixed,
+    load_train_state, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint, select_prefixed,
 )
-from train.config import ModelConfig, channel_mult_for_factor, preset
 from train.data import ShapesDataset, build_dataset
-from train.losses import AutoencoderLoss, AutoencoderLossConfig
-from train.models import Autoencoder
-from train.models.discriminator import PatchDiscriminator
+from train.discriminator import PatchDiscriminator
+from train.losses import AutoencoderLoss
 from train.progress import TrainingProgress
 from train.run import (
-    MetricsLog, Process, TrainSettings, all_reduce_mean, autocast_context, batch_indices, check_resume_settings,
+    AutoencoderSettings, MetricsLog, Process, all_reduce_mean, autocast_context, batch_indices, check_resume_settings,
     start_process, end_process, step_generator,
 )
 from train.samples import fetch_images, save_reconstruction_grid
@@ -29,7 +30,7 @@ SCALE_FACTOR_SAMPLES = 512
 VALIDATION_IMAGES = 256
 
 
-def autoencoder_model_config(settings: TrainSettings) -> ModelConfig:
+def autoencoder_model_config(settings: AutoencoderSettings) -> ModelConfig:
     """The preset's model description with the flags' overrides applied, validated."""
     config = preset(settings.preset)
     autoencoder = config.autoencoder
@@ -75,7 +76,7 @@ def reconstruction_psnr(autoencoder: Autoencoder, dataset, device: torch.device,
     return float(torch.cat(scores).mean())
 
 
-def train_autoencoder(settings: TrainSettings, resume: bool = False) -> Path:
+def train_autoencoder(settings: AutoencoderSettings, resume: bool = False) -> Path:
     """Train (or resume) the autoencoder; returns the checkpoint dir."""
     settings.validate()
     config = autoencoder_model_config(settings)
@@ -87,7 +88,7 @@ def train_autoencoder(settings: TrainSettings, resume: bool = False) -> Path:
         end_process(process)
 
 
-def _train(settings: TrainSettings, config: ModelConfig, out: Path, process: Process, resume: bool) -> Path:
+def _train(settings: AutoencoderSettings, config: ModelConfig, out: Path, process: Process, resume: bool) -> Path:
     device = process.device
     start_step = 0
     if resume:
@@ -99,11 +100,7 @@ def _train(settings: TrainSettings, config: ModelConfig, out: Path, process: Pro
     torch.manual_seed(settings.seed)  # identical initial weights on every rank
     autoencoder = Autoencoder(config.autoencoder).to(device)
     discriminator = PatchDiscriminator(in_channels=config.autoencoder.in_channels).to(device)
-    loss_fn = AutoencoderLoss(
-        AutoencoderLossConfig(kl_weight=settings.kl_weight, perceptual_weight=settings.perceptual_weight,
-                              disc_weight=settings.disc_weight, disc_start=settings.disc_start),
-        discriminator, kind=config.autoencoder.kind,
-    ).to(device)
+    loss_fn = AutoencoderLoss(settings.loss_config(), discriminator, kind=config.autoencoder.kind).to(device)
     # Adam betas (0.5, 0.9) as in taming-transformers / LDM for GAN-trained autoencoders.
     optimizer = torch.optim.AdamW(autoencoder.parameters(), lr=settings.learning_rate, betas=(0.5, 0.9),
                                   weight_decay=settings.weight_decay)
@@ -175,7 +172,7 @@ def _train(settings: TrainSettings, config: ModelConfig, out: Path, process: Pro
     return out
 
 
-def _save(out: Path, settings: TrainSettings, config: ModelConfig, autoencoder: Autoencoder,
+def _save(out: Path, settings: AutoencoderSettings, config: ModelConfig, autoencoder: Autoencoder,
           discriminator: PatchDiscriminator, optimizer, disc_optimizer, dataset, step: int, process: Process) -> None:
     if not process.is_main:
         return

@@ -18,17 +18,17 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ldm_runtime.checkpoint import load_model_config, load_state_dict_file, load_tensors
+from ldm_runtime.config import ConfigError, ModelConfig, preset
+from ldm_runtime.models import Autoencoder, TextEncoder, UNet
 from train.checkpoint import (
-    load_model_config, load_state_dict_file, load_tensors, load_train_state,
-    optimizer_from_tensors, optimizer_to_tensors, save_checkpoint, select_prefixed,
+    load_train_state, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint, select_prefixed,
 )
-from train.config import ConfigError, ModelConfig, preset
 from train.data import build_dataset
 from train.diffusion import ForwardProcess
-from train.models import Autoencoder, TextEncoder, UNet
 from train.progress import TrainingProgress
 from train.run import (
-    MetricsLog, Process, TrainSettings, all_reduce_mean, autocast_context, batch_indices, check_resume_settings,
+    MetricsLog, Process, UNetSettings, all_reduce_mean, autocast_context, batch_indices, check_resume_settings,
     end_process, start_process, step_generator,
 )
 from train.samples import fetch_images, save_grid
@@ -65,7 +65,7 @@ class EncodedData:
     context: torch.Tensor | None  # (U, L, D) float16, only for a frozen text encoder
 
 
-def unet_model_config(settings: TrainSettings, autoencoder_config: ModelConfig) -> ModelConfig:
+def unet_model_config(settings: UNetSettings, autoencoder_config: ModelConfig) -> ModelConfig:
     """The preset's UNet and text encoder on top of the trained autoencoder's description."""
     config = preset(settings.preset)
     text = config.text_encoder
@@ -87,7 +87,7 @@ def unet_model_config(settings: TrainSettings, autoencoder_config: ModelConfig) 
     return config
 
 
-def train_unet(settings: TrainSettings, resume: bool = False) -> Path:
+def train_unet(settings: UNetSettings, resume: bool = False) -> Path:
     """Train (or resume) the UNet on top of the autoencoder in ``settings.autoencoder``; returns the checkpoint dir."""
     settings.validate()
     if settings.autoencoder is None:
@@ -101,7 +101,7 @@ def train_unet(settings: TrainSettings, resume: bool = False) -> Path:
         end_process(process)
 
 
-def _train(settings: TrainSettings, config: ModelConfig, autoencoder_dir: Path, out: Path, process: Process,
+def _train(settings: UNetSettings, config: ModelConfig, autoencoder_dir: Path, out: Path, process: Process,
            resume: bool) -> Path:
     device = process.device
     start_step = 0
@@ -251,7 +251,7 @@ def _save_preview(path: Path, ema: Denoiser, autoencoder: Autoencoder, data: Enc
     save_grid(path, rows, upscale=max(1, 128 // rows[0].shape[-1]))
 
 
-def _save(out: Path, settings: TrainSettings, config: ModelConfig, autoencoder: Autoencoder, denoiser: Denoiser,
+def _save(out: Path, settings: UNetSettings, config: ModelConfig, autoencoder: Autoencoder, denoiser: Denoiser,
           ema: Denoiser, optimizer, step: int) -> None:
     weights = {"autoencoder": autoencoder.state_dict(), "unet": ema.unet.state_dict()}
     if denoiser.text_encoder.trainable:

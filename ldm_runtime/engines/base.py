@@ -13,7 +13,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ldm_runtime.guidance import guided_images
+
 Array = Any  # numpy.ndarray or torch.Tensor, depending on the engine
+DEFAULT_MAX_BATCH_SIZE = 64  # UNet rows of one call on the torch engines: 32 guided images
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,11 @@ class EngineInfo:
     max_batch_size: int  # UNet batch (guidance doubles the request batch)
     text_max_length: int
     schedule: dict  # the model.json "schedule" entry (NoiseSchedule.from_dict reads it)
+
+    @property
+    def max_images(self) -> int:
+        """The most images one guided UNet call holds: half of ``max_batch_size``."""
+        return guided_images(self.max_batch_size)
 
 
 class Engine(Protocol):

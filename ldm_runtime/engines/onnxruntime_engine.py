@@ -20,6 +20,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_errors
 
 from ldm_runtime.engines.base import EngineInfo
+from ldm_runtime.errors import EngineLoadError
 from ldm_runtime.manifest import (
     TOKENIZER_DIR,
     EngineDirError,
@@ -189,12 +190,13 @@ class OnnxRuntimeEngine:
 
 
 def _resolve_providers(providers: Sequence[str] | None, device: str) -> tuple[list, int]:
-    """(the execution providers to use, the CUDA device id); ``ValueError`` for a device this onnxruntime lacks."""
+    """(the execution providers to use, the CUDA device id); ``EngineLoadError`` for a device this onnxruntime lacks."""
     available = ort.get_available_providers()
     if providers is not None:
         missing = [p for p in providers if (p[0] if isinstance(p, tuple) else p) not in available]
         if missing:
-            raise ValueError(f"onnxruntime providers {missing} are not available here; expected some of {available}")
+            raise EngineLoadError(f"onnxruntime providers {missing} are not available here; expected some of "
+                                  f"{available}")
         return list(providers), 0
     if device in ("auto", "cpu"):
         if device == "auto" and CUDA in available:
@@ -202,14 +204,14 @@ def _resolve_providers(providers: Sequence[str] | None, device: str) -> tuple[li
         return [CPU], 0
     if device == "cuda" or device.startswith("cuda:"):
         if CUDA not in available:
-            raise ValueError(f"device {device!r} needs onnxruntime-gpu (this onnxruntime has {available}); "
-                             f"expected 'auto' or 'cpu'")
+            raise EngineLoadError(f"device {device!r} needs onnxruntime-gpu (this onnxruntime has {available}); "
+                                  f"expected 'auto' or 'cpu'")
         index = device.partition(":")[2]
         if index and not index.isdigit():
-            raise ValueError(f"device {device!r} is not valid; expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+            raise EngineLoadError(f"device {device!r} is not valid; expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
         device_id = int(index or 0)
         return [(CUDA, {"device_id": device_id}), CPU], device_id
-    raise ValueError(f"device {device!r} is not valid; expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    raise EngineLoadError(f"device {device!r} is not valid; expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
 
 def _load_tokenizer(folder: Path, max_length: int):
@@ -219,9 +221,15 @@ def _load_tokenizer(folder: Path, max_length: int):
     path = folder / "tokenizer.json"
     if not path.is_file():
         raise EngineDirError(f"engine dir {folder.parent} has no {TOKENIZER_DIR}/tokenizer.json; re-export it")
-    tokenizer = Tokenizer.from_file(str(path))
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as error:  # the tokenizers library raises a bare Exception for a file it cannot parse
+        raise EngineDirError(f"{path} is not a tokenizer the tokenizers library can read ({error})") from None
     config_path = folder / "tokenizer_config.json"
-    settings = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    try:
+        settings = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise EngineDirError(f"cannot read {config_path} ({error})") from None
     pad_token = settings.get("pad_token") or "[PAD]"
     if isinstance(pad_token, dict):  # older transformers write AddedToken objects
         pad_token = pad_token.get("content", "[PAD]")

@@ -1,7 +1,7 @@
 """The eager PyTorch engine: a checkpoint dir written by ``ldm-train``, run as it was trained.
 
-It is the baseline every compiled engine is compared with. This is the one runtime module that imports
-torch and ``train``; ``ldm_runtime.engines.load_engine`` imports it only when a checkpoint dir is opened.
+It is the baseline every compiled engine is compared with. It imports torch and the networks
+(``ldm_runtime.models``); ``ldm_runtime.engines.load_engine`` imports it only when a checkpoint dir is opened.
 
 Batch invariance: eager kernels pick their algorithm by batch size (oneDNN's convolution at batch 1,
 MKL's GEMM below 4 rows on the CPU, cuDNN / cuBLAS heuristics on a GPU), which moves results in the last
@@ -14,7 +14,6 @@ faster for batches that are not a multiple of the chunk, equal across batch size
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -22,14 +21,11 @@ import torch
 
 from kernels import dispatch
 from ldm_runtime.arrays import host_to_array_like
-from ldm_runtime.engines.base import EngineInfo
-from train.checkpoint import CheckpointError, load_model_config, load_state_dict_file, load_text_encoder
-from train.config import ModelConfig
-from train.models import Autoencoder, UNet
+from ldm_runtime.checkpoint import load_checkpoint
+from ldm_runtime.engines.base import DEFAULT_MAX_BATCH_SIZE, EngineInfo
+from ldm_runtime.errors import EngineLoadError
 
 DEFAULT_UNET_CHUNK_SIZE = 8  # one guided request pads 2 rows to 8; batches of 4 guided requests fill a chunk
-DEFAULT_MAX_BATCH_SIZE = 64
-MAX_SIZE_OVER_TRAINED = 4  # larger requests are refused: quadratic attention memory, and a model repeats itself
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -42,8 +38,8 @@ class TorchEngine:
     ``kernels``: the GroupNorm and attention implementation, "reference" (plain PyTorch ops: the eager
     baseline), "triton", "auto" (Triton on CUDA tensors), or None to follow LDM_KERNELS
     (``kernels.dispatch``).
-    Raises ``CheckpointError`` (one sentence) for a folder that is not a complete checkpoint dir and
-    ``ValueError`` for an unknown device or dtype.
+    Raises ``CheckpointError`` (one sentence) for a folder that is not a complete checkpoint dir,
+    ``EngineLoadError`` for a device this machine does not have, and ``ValueError`` for an unknown dtype.
     """
 
     name = "torch"  # EngineInfo.name
@@ -60,45 +56,30 @@ class TorchEngine:
             raise ValueError(f"unet_chunk_size is {unet_chunk_size!r}; expected a positive integer or None")
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 2:
             raise ValueError(f"max_batch_size is {max_batch_size!r}; expected an integer >= 2 (guidance doubles)")
-        folder = Path(checkpoint_dir)
-        config = load_model_config(folder)
-        for name in ("autoencoder.safetensors", "unet.safetensors"):
-            if not (folder / name).is_file():
-                raise CheckpointError(f"checkpoint dir {folder} has no {name}; expected a checkpoint written by "
-                                      f"'ldm-train unet'")
         self.device = resolve_device(device)
+        networks = load_checkpoint(checkpoint_dir)
         self.dtype = dtype
         self.unet_chunk_size = unet_chunk_size
-        self.config = config
-
-        self.autoencoder = Autoencoder(config.autoencoder)
-        load_state_dict_file(self.autoencoder, folder / "autoencoder.safetensors")
-        self.unet_model = UNet(config.unet)
-        load_state_dict_file(self.unet_model, folder / "unet.safetensors")
-        self.text_encoder = load_text_encoder(folder, config)
-        if self.text_encoder.hidden_size != config.unet.context_dim:
-            raise CheckpointError(
-                f"the text encoder of {folder} produces {self.text_encoder.hidden_size}-wide context but the UNet "
-                f"reads context_dim {config.unet.context_dim}; expected them equal"
-            )
+        self.config = config = networks.config
+        self.autoencoder = networks.autoencoder
+        self.unet_model = networks.unet
+        self.text_encoder = networks.text_encoder
         for module in (self.autoencoder, self.unet_model, self.text_encoder):
-            module.to(device=self.device, dtype=dtype).eval().requires_grad_(False)
+            module.to(device=self.device, dtype=dtype)
             dispatch.use_backend(module, kernels)
 
-        factor = config.autoencoder.factor
-        multiple = factor * 2 ** (len(config.unet.channel_mult) - 1)  # the UNet halves the latents per level
         self.info = EngineInfo(
             name=self.name,
             latent_channels=config.autoencoder.latent_channels,
-            latent_factor=factor,
+            latent_factor=config.autoencoder.factor,
             latent_scale_factor=float(config.latent_scale_factor),
             image_size=config.image_size,
-            min_image_size=multiple,
-            max_image_size=max(multiple, MAX_SIZE_OVER_TRAINED * config.image_size // multiple * multiple),
-            image_size_multiple=multiple,
+            min_image_size=config.image_size_multiple,
+            max_image_size=config.max_image_size,
+            image_size_multiple=config.image_size_multiple,
             max_batch_size=max_batch_size,
             text_max_length=config.text_encoder.max_length,
-            schedule=dataclasses.asdict(config.schedule),
+            schedule=config.schedule.to_dict(),
         )
 
     @torch.inference_mode()
@@ -170,20 +151,20 @@ class TorchEngine:
 
 
 def resolve_device(device: str) -> torch.device:
-    """"auto" -> CUDA when available, else the CPU; ``ValueError`` for a device torch cannot use here."""
+    """"auto" -> CUDA when available, else the CPU; ``EngineLoadError`` for a device torch cannot use here."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"device {device!r} is not valid; expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
+        raise EngineLoadError(f"device {device!r} is not valid; expected 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
     if resolved.type == "cuda":
         count = torch.cuda.device_count()
         if count == 0 or (resolved.index or 0) >= count:
-            raise ValueError(f"device {device!r} is not available (this machine has {count} CUDA devices); "
-                             f"expected 'auto' or 'cpu'")
+            raise EngineLoadError(f"device {device!r} is not available (this machine has {count} CUDA devices); "
+                                  f"expected 'auto' or 'cpu'")
     elif resolved.type != "cpu":
-        raise ValueError(f"device {device!r} is not supported; expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        raise EngineLoadError(f"device {device!r} is not supported; expected 'auto', 'cpu', 'cuda' or 'cuda:N'")
     return resolved
 
 

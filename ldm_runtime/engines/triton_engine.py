@@ -25,14 +25,16 @@ from pathlib import Path
 import torch
 
 from kernels import dispatch
+from ldm_runtime.engines.base import DEFAULT_MAX_BATCH_SIZE
 from ldm_runtime.engines.cuda_graph import CapturedCall
-from ldm_runtime.engines.torch_engine import DEFAULT_MAX_BATCH_SIZE, TorchEngine, _pad_rows
+from ldm_runtime.engines.torch_engine import TorchEngine
+from ldm_runtime.errors import EngineLoadError
 
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
 ENGINE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float32 for checks against the torch engine
 
 
-class TritonUnavailable(ValueError):
+class TritonUnavailable(EngineLoadError):
     """This machine cannot run the triton engine; the message is one sentence saying what is missing."""
 
 

@@ -6,6 +6,10 @@ warmed up and not draining), ``GET /metrics`` (Prometheus text format), ``GET /o
 Every error is JSON, ``{"error": {"type": ..., "field": ..., "message": ...}}``, where ``message`` is one
 sentence naming the bad value and what was expected. Nothing a client sends reaches a file path or picks
 an engine; no response ever carries a traceback or a path (unexpected errors go to the server's log only).
+
+``create_app`` assembles the app from the parts below: the request schema (``request_model``, the OpenAPI
+entry ``images_openapi``), the error handlers, the images route (``ImagesRoute``: parse, queue, wait, answer;
+the wait is ``await_job``), and the status routes.
 """
 
 from __future__ import annotations
@@ -15,34 +19,31 @@ import base64
 import dataclasses
 import functools
 import hmac
-import io
 import json
 import math
 import secrets
 import time
-from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ldm_runtime.errors import RequestError
+from ldm_runtime.images import png_bytes
 from ldm_runtime.noise import MAX_SEED
-from ldm_runtime.pipeline import GenerationRequest, Pipeline, RequestError
+from ldm_runtime.pipeline import DEFAULT_STEPS, GenerationRequest, Pipeline
 from ldm_runtime.serve.batcher import Batcher, Job, JobResult, JobTimeout, NotAccepting, QueueFull
 
 MAX_GUIDANCE_SCALE = 100.0
-STEPS_PER_SECOND_WINDOW_S = 10.0
 OUTCOMES = ("ok", "invalid", "unauthorized", "queue_full", "not_ready", "draining", "timeout", "disconnected",
             "error")
+STUCK_STEP_GRACE_S = 1.0  # the worker drops an expired job at its next step boundary; this covers a stuck step
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ class ServeLimits:
     max_size: int = 64
     size_multiple: int = 8
     default_size: int = 32
-    default_steps: int = 25
+    default_steps: int = DEFAULT_STEPS
 
 
 @functools.lru_cache(maxsize=8)
@@ -182,7 +183,11 @@ def parse_body(raw: bytes, content_type: str, limits: ServeLimits, model: type[B
 
 
 class ServeMetrics:
-    """The Prometheus metrics of one server, in their own registry; ``observe`` is the batcher's observer."""
+    """The Prometheus metrics of one server, in their own registry; ``observe`` is the batcher's observer.
+
+    Rates are Prometheus's to compute from the counters: denoising steps per second over the last minute is
+    ``rate(ldm_serve_sample_steps_total[1m])``, UNet calls per second ``rate(ldm_serve_unet_calls_total[1m])``.
+    """
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -197,14 +202,10 @@ class ServeMetrics:
         self.in_flight = Gauge("ldm_serve_requests_in_flight", "Image requests received and not yet answered",
                                registry=self.registry)
         self.unet_calls = Counter("ldm_serve_unet_calls", "Batched UNet calls", registry=self.registry)
-        self.sample_steps = Counter("ldm_serve_sample_steps", "Denoising steps taken, summed over images",
-                                    registry=self.registry)
-        self.steps_per_second = Gauge("ldm_serve_unet_steps_per_second",
-                                      f"Denoising steps per second over the last {STEPS_PER_SECOND_WINDOW_S:g} s",
-                                      registry=self.registry)
+        self.sample_steps = Counter("ldm_serve_sample_steps", "Denoising steps taken, summed over images "
+                                    "(steps per second: rate() of this counter)", registry=self.registry)
         for outcome in OUTCOMES:
             self.requests.labels(outcome)
-        self._recent_steps: deque[tuple[float, int]] = deque()
 
     def observe(self, event: str, **values: Any) -> None:
         if event == "queue_depth":
@@ -215,23 +216,9 @@ class ServeMetrics:
             self.batch_size.observe(values["rows"])
             self.unet_calls.inc()
             self.sample_steps.inc(values["rows"])
-            self._recent_steps.append((time.monotonic(), values["rows"]))
 
     def render(self) -> bytes:
-        cutoff = time.monotonic() - STEPS_PER_SECOND_WINDOW_S
-        while self._recent_steps and self._recent_steps[0][0] < cutoff:
-            self._recent_steps.popleft()
-        self.steps_per_second.set(sum(rows for _, rows in self._recent_steps) / STEPS_PER_SECOND_WINDOW_S)
         return generate_latest(self.registry)
-
-
-def encode_png(image: np.ndarray, parameters: dict[str, Any]) -> bytes:
-    """``(H, W, 3) uint8`` as PNG bytes with ``parameters`` as JSON in a text chunk named "parameters"."""
-    info = PngInfo()
-    info.add_text("parameters", json.dumps(parameters, sort_keys=True))
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
 
 
 def _accepts(accept: str) -> set[str]:
@@ -251,7 +238,6 @@ def _accepts(accept: str) -> set[str]:
 def create_app(pipeline: Pipeline, batcher: Batcher, limits: ServeLimits, metrics: ServeMetrics,
                api_key: str | None = None, model_name: str = "model") -> FastAPI:
     """The FastAPI app over a started-or-not ``batcher``: the lifespan starts its worker and stops it at exit."""
-    model = request_model(limits)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -264,6 +250,50 @@ def create_app(pipeline: Pipeline, batcher: Batcher, limits: ServeLimits, metric
                   description=f"Text-to-image with a latent diffusion model ({model_name}); "
                               f"{batcher.config.mode} batching of up to {batcher.config.max_batch} images.")
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=limits.max_body_bytes)
+    _add_error_handlers(app, metrics)
+    route = ImagesRoute(pipeline, batcher, limits, metrics, api_key)
+    app.post("/v1/images", summary="Generate images from a prompt",
+             openapi_extra=images_openapi(route.model, limits))(route.create_images)
+    _add_status_routes(app, batcher, metrics)
+    return app
+
+
+ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "object", "properties": {
+    "type": {"type": "string"}, "field": {"type": ["string", "null"]}, "message": {"type": "string"}}}}}
+ERROR_CONTENT = {"application/json": {"schema": ERROR_SCHEMA}}
+ANSWER_SCHEMA = {"type": "object", "properties": {
+    "images": {"type": "array", "items": {"type": "string", "contentEncoding": "base64",
+                                          "contentMediaType": "image/png"}},
+    "seeds": {"type": "array", "items": {"type": "integer"}},
+    "width": {"type": "integer"}, "height": {"type": "integer"},
+    "timings": {"type": "object", "properties": {"queue_ms": {"type": "number"},
+                                                 "compute_ms": {"type": "number"},
+                                                 "total_ms": {"type": "number"}}}}}
+
+
+def images_openapi(model: type[BaseModel], limits: ServeLimits) -> dict[str, Any]:
+    """The OpenAPI entry of ``POST /v1/images``: the body's schema and every answer it can get."""
+    return {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}},
+        "responses": {
+            "200": {"description": "JSON with base64 PNGs, seeds and timings; PNG bytes for n = 1 when the client "
+                                   "accepts image/png and not JSON (seed in X-Seed, timings in Server-Timing)",
+                    "content": {"application/json": {"schema": ANSWER_SCHEMA},
+                                "image/png": {"schema": {"type": "string", "format": "binary"}}}},
+            "400": {"description": "Malformed JSON", "content": ERROR_CONTENT},
+            "401": {"description": "Missing or wrong API key", "content": ERROR_CONTENT},
+            "406": {"description": "image/png only, for more than one image", "content": ERROR_CONTENT},
+            "413": {"description": f"Body over {limits.max_body_bytes} bytes", "content": ERROR_CONTENT},
+            "415": {"description": "Body not JSON", "content": ERROR_CONTENT},
+            "422": {"description": "A field is invalid (named in error.field)", "content": ERROR_CONTENT},
+            "429": {"description": "Queue full; see Retry-After", "content": ERROR_CONTENT},
+            "503": {"description": "Warming up, draining, or timed out; see Retry-After", "content": ERROR_CONTENT},
+        }}
+
+
+def _add_error_handlers(app: FastAPI, metrics: ServeMetrics) -> None:
+    """Every error as the JSON error object: ours, Starlette's (404, 405), FastAPI's validation, and the
+    unexpected ones (500, counted; the details stay in the log)."""
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, error: ApiError) -> JSONResponse:
@@ -286,127 +316,16 @@ def create_app(pipeline: Pipeline, batcher: Batcher, limits: ServeLimits, metric
         metrics.requests.labels("error").inc()
         return error_response(ApiError(500, "internal", "the server failed on this request; its log has the details"))
 
-    error_schema = {"type": "object", "properties": {"error": {"type": "object", "properties": {
-        "type": {"type": "string"}, "field": {"type": ["string", "null"]}, "message": {"type": "string"}}}}}
-    error_content = {"application/json": {"schema": error_schema}}
-    answer_schema = {"type": "object", "properties": {
-        "images": {"type": "array", "items": {"type": "string", "contentEncoding": "base64",
-                                              "contentMediaType": "image/png"}},
-        "seeds": {"type": "array", "items": {"type": "integer"}},
-        "width": {"type": "integer"}, "height": {"type": "integer"},
-        "timings": {"type": "object", "properties": {"queue_ms": {"type": "number"},
-                                                     "compute_ms": {"type": "number"},
-                                                     "total_ms": {"type": "number"}}}}}
 
-    @app.post("/v1/images", summary="Generate images from a prompt", openapi_extra={
-        "requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}},
-        "responses": {
-            "200": {"description": "JSON with base64 PNGs, seeds and timings; PNG bytes for n = 1 when the client "
-                                   "accepts image/png and not JSON (seed in X-Seed, timings in Server-Timing)",
-                    "content": {"application/json": {"schema": answer_schema},
-                                "image/png": {"schema": {"type": "string", "format": "binary"}}}},
-            "400": {"description": "Malformed JSON", "content": error_content},
-            "401": {"description": "Missing or wrong API key", "content": error_content},
-            "406": {"description": "image/png only, for more than one image", "content": error_content},
-            "413": {"description": f"Body over {limits.max_body_bytes} bytes", "content": error_content},
-            "415": {"description": "Body not JSON", "content": error_content},
-            "422": {"description": "A field is invalid (named in error.field)", "content": error_content},
-            "429": {"description": "Queue full; see Retry-After", "content": error_content},
-            "503": {"description": "Warming up, draining, or timed out; see Retry-After", "content": error_content},
-        }})
-    async def create_images(request: Request) -> Response:
-        arrived = time.monotonic()
-        with metrics.in_flight.track_inprogress():
-            try:
-                return await _create_images(request, arrived)
-            except ApiError as error:
-                metrics.requests.labels(_outcome(error)).inc()
-                raise
-
-    async def _create_images(request: Request, arrived: float) -> Response:
-        if api_key is not None:
-            _check_api_key(request.headers.get("authorization", ""), api_key)
-        raw = await request.body()
-        parsed = parse_body(raw, request.headers.get("content-type", ""), limits, model)
-        accepted = _accepts(request.headers.get("accept", "application/json"))
-        png = "image/png" in accepted and not accepted & {"application/json", "application/*"}
-        if png and parsed.n > 1:
-            raise ApiError(406, "not_acceptable", f"n is {parsed.n} but the client accepts only image/png; expected "
-                                                  f"n = 1 or Accept: application/json", "n")
-        seed = secrets.randbelow(MAX_SEED - parsed.n + 1) if parsed.seed is None else parsed.seed
-        seeds = [seed + index for index in range(parsed.n)]
-        requests = [GenerationRequest(prompt=parsed.prompt, negative_prompt=parsed.negative_prompt, seed=one_seed,
-                                      steps=parsed.steps, guidance_scale=parsed.guidance_scale, eta=parsed.eta,
-                                      height=parsed.height, width=parsed.width) for one_seed in seeds]
-        for generation in requests:
-            try:
-                pipeline.validate(generation)
-            except RequestError as error:
-                field = str(error).split(" ", 1)[0]
-                raise ApiError(422, "invalid_request", str(error), field) from None
-
-        loop = asyncio.get_running_loop()
-        job = Job(requests=requests, deadline=arrived + limits.request_timeout_s, loop=loop,
-                  future=loop.create_future(), enqueued_at=arrived)
-        try:
-            batcher.submit(job)
-        except QueueFull as error:
-            raise ApiError(429, "queue_full", f"the queue holds {batcher.config.max_queue} requests already; expected "
-                                              f"a retry after {error.retry_after_s} s", None,
-                           {"Retry-After": str(error.retry_after_s)}) from None
-        except NotAccepting as error:
-            what = "is warming up" if error.reason == "warming_up" else "is draining before it exits"
-            raise ApiError(503, error.reason, f"the server {what}; expected a retry later", None,
-                           {"Retry-After": "1" if error.reason == "warming_up" else "5"}) from None
-
-        result = await _await_job(job, request, arrived)
-        total_s = time.monotonic() - arrived
-        metrics.latency.observe(total_s)
-        metrics.requests.labels("ok").inc()
-        height, width = result.images[0].shape[:2]
-        parameters = [{"prompt": parsed.prompt, "negative_prompt": parsed.negative_prompt, "seed": one_seed,
-                       "steps": parsed.steps, "guidance_scale": parsed.guidance_scale, "eta": parsed.eta,
-                       "height": height, "width": width, "sampler": "ddim"} for one_seed in seeds]
-        pngs = await asyncio.to_thread(lambda: [encode_png(image, settings)
-                                                for image, settings in zip(result.images, parameters)])
-        timings = {"queue_ms": round(result.queue_s * 1e3, 3), "compute_ms": round(result.compute_s * 1e3, 3),
-                   "total_ms": round(total_s * 1e3, 3)}
-        if png:
-            server_timing = ", ".join(f"{name[:-3]};dur={value}" for name, value in timings.items())
-            return Response(pngs[0], media_type="image/png",
-                            headers={"X-Seed": str(seeds[0]), "Server-Timing": server_timing})
-        return JSONResponse({"images": [base64.b64encode(data).decode("ascii") for data in pngs], "seeds": seeds,
-                             "width": width, "height": height, "timings": timings})
-
-    async def _await_job(job: Job, request: Request, arrived: float) -> JobResult:
-        """The job's result; withdraws it when the client disconnects or the deadline passes."""
-        disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
-        grace_s = 1.0  # the worker drops an expired job at its next step boundary; this covers a stuck step
-        try:
-            done, _ = await asyncio.wait({job.future, disconnected}, return_when=asyncio.FIRST_COMPLETED,
-                                         timeout=max(0.0, job.deadline - time.monotonic()) + grace_s)
-        finally:
-            disconnected.cancel()
-        if job.future not in done:
-            batcher.withdraw(job)
-            if disconnected in done:  # nobody reads this answer; it only ends the handler and counts the outcome
-                raise ApiError(499, "disconnected", "the client disconnected before its images were ready")
-            raise _timeout_error(limits)
-        error = job.future.exception()
-        if isinstance(error, JobTimeout):
-            raise _timeout_error(limits)
-        if isinstance(error, RequestError):
-            raise ApiError(422, "invalid_request", str(error), str(error).split(" ", 1)[0])
-        if error is not None:
-            raise ApiError(500, "internal", "the engine failed on this request; the server log has the details")
-        return job.future.result()
+def _add_status_routes(app: FastAPI, batcher: Batcher, metrics: ServeMetrics) -> None:
+    """``/healthz``, ``/readyz`` and ``/metrics``."""
 
     @app.get("/healthz", summary="The process is alive")
     async def healthz() -> dict:
         return {"status": "alive"}
 
     @app.get("/readyz", summary="The engine is loaded and warmed up, and the server is not draining",
-             responses={503: {"description": "Warming up or draining", "content": error_content}})
+             responses={503: {"description": "Warming up or draining", "content": ERROR_CONTENT}})
     async def readyz() -> Response:
         if batcher.draining:
             return error_response(ApiError(503, "draining", "the server is draining before it exits", None,
@@ -421,7 +340,119 @@ def create_app(pipeline: Pipeline, batcher: Batcher, limits: ServeLimits, metric
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
-    return app
+
+class ImagesRoute:
+    """``POST /v1/images``: authenticate, parse, queue one job of ``n`` images, wait for it, answer PNG or JSON."""
+
+    def __init__(self, pipeline: Pipeline, batcher: Batcher, limits: ServeLimits, metrics: ServeMetrics,
+                 api_key: str | None):
+        self.pipeline = pipeline
+        self.batcher = batcher
+        self.limits = limits
+        self.metrics = metrics
+        self.api_key = api_key
+        self.model = request_model(limits)
+
+    async def create_images(self, request: Request) -> Response:
+        arrived = time.monotonic()
+        with self.metrics.in_flight.track_inprogress():
+            try:
+                return await self._answer(request, arrived)
+            except ApiError as error:
+                self.metrics.requests.labels(_outcome(error)).inc()
+                raise
+
+    async def _answer(self, request: Request, arrived: float) -> Response:
+        if self.api_key is not None:
+            _check_api_key(request.headers.get("authorization", ""), self.api_key)
+        raw = await request.body()
+        parsed = parse_body(raw, request.headers.get("content-type", ""), self.limits, self.model)
+        accepted = _accepts(request.headers.get("accept", "application/json"))
+        png = "image/png" in accepted and not accepted & {"application/json", "application/*"}
+        if png and parsed.n > 1:
+            raise ApiError(406, "not_acceptable", f"n is {parsed.n} but the client accepts only image/png; expected "
+                                                  f"n = 1 or Accept: application/json", "n")
+        seed = secrets.randbelow(MAX_SEED - parsed.n + 1) if parsed.seed is None else parsed.seed
+        seeds = [seed + index for index in range(parsed.n)]
+        requests = self._generation_requests(parsed, seeds)
+
+        loop = asyncio.get_running_loop()
+        job = Job(requests=requests, deadline=arrived + self.limits.request_timeout_s, loop=loop,
+                  future=loop.create_future(), enqueued_at=arrived)
+        self._submit(job)
+        result = await await_job(self.batcher, job, request, self.limits)
+        total_s = time.monotonic() - arrived
+        self.metrics.latency.observe(total_s)
+        self.metrics.requests.labels("ok").inc()
+        return await _images_response(parsed, seeds, result, total_s, png)
+
+    def _generation_requests(self, parsed: BaseModel, seeds: list[int]) -> list[GenerationRequest]:
+        """One request per seed, each checked by the pipeline (``ApiError`` 422 naming the field)."""
+        requests = [GenerationRequest(prompt=parsed.prompt, negative_prompt=parsed.negative_prompt, seed=one_seed,
+                                      steps=parsed.steps, guidance_scale=parsed.guidance_scale, eta=parsed.eta,
+                                      height=parsed.height, width=parsed.width) for one_seed in seeds]
+        for generation in requests:
+            try:
+                self.pipeline.validate(generation)
+            except RequestError as error:
+                raise ApiError(422, "invalid_request", str(error), error.field) from None
+        return requests
+
+    def _submit(self, job: Job) -> None:
+        """Queue ``job``; a full queue is 429, a server warming up or draining 503, both with Retry-After."""
+        try:
+            self.batcher.submit(job)
+        except QueueFull as error:
+            raise ApiError(429, "queue_full", f"the queue holds {self.batcher.config.max_queue} requests already; "
+                                              f"expected a retry after {error.retry_after_s} s", None,
+                           {"Retry-After": str(error.retry_after_s)}) from None
+        except NotAccepting as error:
+            what = "is warming up" if error.reason == "warming_up" else "is draining before it exits"
+            raise ApiError(503, error.reason, f"the server {what}; expected a retry later", None,
+                           {"Retry-After": "1" if error.reason == "warming_up" else "5"}) from None
+
+
+async def _images_response(parsed: BaseModel, seeds: list[int], result: JobResult, total_s: float,
+                           png: bool) -> Response:
+    """The answer: PNG bytes of the one image (``png``), else JSON with every image as base64 PNG."""
+    height, width = result.images[0].shape[:2]
+    parameters = [{"prompt": parsed.prompt, "negative_prompt": parsed.negative_prompt, "seed": one_seed,
+                   "steps": parsed.steps, "guidance_scale": parsed.guidance_scale, "eta": parsed.eta,
+                   "height": height, "width": width, "sampler": "ddim"} for one_seed in seeds]
+    pngs = await asyncio.to_thread(lambda: [png_bytes(image, settings)
+                                            for image, settings in zip(result.images, parameters)])
+    timings = {"queue_ms": round(result.queue_s * 1e3, 3), "compute_ms": round(result.compute_s * 1e3, 3),
+               "total_ms": round(total_s * 1e3, 3)}
+    if png:
+        server_timing = ", ".join(f"{name[:-3]};dur={value}" for name, value in timings.items())
+        return Response(pngs[0], media_type="image/png",
+                        headers={"X-Seed": str(seeds[0]), "Server-Timing": server_timing})
+    return JSONResponse({"images": [base64.b64encode(data).decode("ascii") for data in pngs], "seeds": seeds,
+                         "width": width, "height": height, "timings": timings})
+
+
+async def await_job(batcher: Batcher, job: Job, request: Request, limits: ServeLimits) -> JobResult:
+    """The job's result; withdraws it when the client disconnects or the deadline passes (``ApiError`` 499 or
+    503), and turns the job's own failure into 422 (a request error) or 500 (anything else)."""
+    disconnected = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({job.future, disconnected}, return_when=asyncio.FIRST_COMPLETED,
+                                     timeout=max(0.0, job.deadline - time.monotonic()) + STUCK_STEP_GRACE_S)
+    finally:
+        disconnected.cancel()
+    if job.future not in done:
+        batcher.withdraw(job)
+        if disconnected in done:  # nobody reads this answer; it only ends the handler and counts the outcome
+            raise ApiError(499, "disconnected", "the client disconnected before its images were ready")
+        raise _timeout_error(limits)
+    error = job.future.exception()
+    if isinstance(error, JobTimeout):
+        raise _timeout_error(limits)
+    if isinstance(error, RequestError):
+        raise ApiError(422, "invalid_request", str(error), error.field)
+    if error is not None:
+        raise ApiError(500, "internal", "the engine failed on this request; the server log has the details")
+    return job.future.result()
 
 
 def _timeout_error(limits: ServeLimits) -> ApiError:

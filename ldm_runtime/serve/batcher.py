@@ -24,12 +24,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import logging
 import math
 import os
-import sys
 import threading
 import time
-import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -39,6 +38,7 @@ from ldm_runtime.pipeline import GenerationRequest, Pipeline, RequestError, Samp
 
 BATCHING_MODES = ("none", "dynamic", "step")
 GATE_POLL_S = 0.005  # how often a held worker looks at its gate (and at expired or departed jobs)
+logger = logging.getLogger(__name__)
 
 
 class QueueFull(Exception):
@@ -239,7 +239,7 @@ class Batcher:
             self.pipeline.generate([dataclasses.replace(request, seed=seed) for seed in range(rows)],
                                    batch_size=rows)
         except Exception:  # a broken engine shows up in the first requests' errors; the log keeps the details
-            traceback.print_exc(file=sys.stderr)
+            logger.exception("warming the engine up failed")
 
     def _admit(self) -> list[Job] | None:
         """The jobs that join the batch now (may block while idle); None when stopping with nothing left."""
@@ -358,7 +358,7 @@ class Batcher:
 
     def _fail(self, job: Job, error: Exception) -> None:
         if not isinstance(error, RequestError):  # a request error is the client's; anything else goes to the log
-            traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+            logger.error("a job failed", exc_info=error)
         job.resolve(error=error)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -26,41 +27,41 @@ from typing import Any, Iterator
 
 import uvicorn
 
-from ldm_runtime.engines import ENGINE_NAMES, ENGINE_DIR_MARKER, load_engine
+from ldm_runtime.command_line import OneLineArgumentParser, report_user_error
+from ldm_runtime.engines import ENGINE_DIR_MARKER, ENGINE_NAMES, load_engine
+from ldm_runtime.errors import UserError
 from ldm_runtime.serve.app import ServeLimits, ServeMetrics, create_app
 from ldm_runtime.serve.batcher import BATCHING_MODES, Batcher, BatcherConfig, StepGate
-from ldm_runtime.serve.text_cache import TextEncodingCache
+from ldm_runtime.serve.text_cache import DEFAULT_CAPACITY, TextEncodingCache
 
 PROG = "ldm-serve"
 API_KEY_ENV = "LDM_SERVE_API_KEY"
 STEP_GATE_ENV = "LDM_SERVE_STEP_GATE"
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+LISTENING_LINE = f"{PROG}: serving"  # the start of the line that says the server listens (and where)
 LIMIT_DEFAULTS = ServeLimits()
+BATCHER_DEFAULTS = BatcherConfig()
 
 
-class ServeError(Exception):
-    """Anything the user can fix: the message is the one line printed after ``ldm-serve: error:``."""
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise ServeError(message)  # one line, not argparse's usage block
+class ServeError(UserError):
+    """A flag of ``ldm-serve`` that cannot work (a range, an unreadable key file, a port in use)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(prog=PROG, description="Serve text-to-image requests over HTTP from one model folder.")
+    parser = OneLineArgumentParser(prog=PROG,
+                                   description="Serve text-to-image requests over HTTP from one model folder.")
     parser.add_argument("--model", required=True, metavar="DIR",
                         help="an engine dir (written by ldm-export) or a checkpoint dir (written by ldm-train)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, loopback only)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port; 0 picks a free one (default: %(default)s)")
-    parser.add_argument("--batching", choices=BATCHING_MODES, default="step",
+    parser.add_argument("--batching", choices=BATCHING_MODES, default=BATCHER_DEFAULTS.mode,
                         help="none: one request at a time; dynamic: batches formed while idle; step: requests join "
                              "the running batch at every step (default: %(default)s)")
     parser.add_argument("--max-batch", type=int, default=None, metavar="B",
                         help="images per UNet call (default: half the engine's UNet batch, as guidance doubles it)")
-    parser.add_argument("--max-queue", type=int, default=64, metavar="Q",
+    parser.add_argument("--max-queue", type=int, default=BATCHER_DEFAULTS.max_queue, metavar="Q",
                         help="requests waiting to start; beyond it 429 (default: %(default)s)")
-    parser.add_argument("--max-wait-ms", type=float, default=5.0,
+    parser.add_argument("--max-wait-ms", type=float, default=BATCHER_DEFAULTS.max_wait_s * 1000,
                         help="dynamic batching: how long a request waits for company (default: %(default)s)")
     parser.add_argument("--request-timeout", type=float, default=LIMIT_DEFAULTS.request_timeout_s, metavar="S",
                         help="seconds from arrival after which a request is dropped with 503 (default: %(default)s)")
@@ -81,12 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
                         help="auto picks torch for a checkpoint dir and onnxruntime for an engine dir")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
-    parser.add_argument("--text-cache", type=int, default=256, metavar="N",
+    parser.add_argument("--text-cache", type=int, default=DEFAULT_CAPACITY, metavar="N",
                         help="prompts whose text encoding is remembered, 0 for none (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per engine call (default: the engine's own default)")
     parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
-                        help="uvicorn's log level (default: %(default)s)")
+                        help="the log level of uvicorn and of the server's worker (default: %(default)s)")
     return parser
 
 
@@ -95,9 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         server, sock = _prepare(args)
-    except ServeError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
+    except UserError as error:
+        return report_user_error(PROG, error)
     server.run(sockets=[sock])
     print(f"{PROG}: drained and stopped", file=sys.stderr)
     return 0
@@ -119,12 +119,13 @@ def _prepare(args: argparse.Namespace):
     if not args.request_timeout > 0 or args.request_timeout > 86_400:
         raise ServeError(f"--request-timeout is {args.request_timeout}; expected seconds above 0, at most 86400")
     api_key = _read_api_key(args.api_key_file)
+    _log_to_stderr(args.log_level)
     engine = _load_engine(args)
     from ldm_runtime.pipeline import Pipeline
 
     pipeline = Pipeline(TextEncodingCache(engine, args.text_cache) if args.text_cache else engine)
     info = engine.info
-    most_batch = max(1, info.max_batch_size // 2)  # guidance doubles the UNet's rows
+    most_batch = max(1, info.max_images)
     max_batch = most_batch if args.max_batch is None else args.max_batch
     _check_range("--max-batch", max_batch, 1, most_batch, f" (the engine's UNet batch holds {info.max_batch_size} "
                                                           f"rows and guidance doubles each image)")
@@ -151,7 +152,7 @@ def _prepare(args: argparse.Namespace):
     config = uvicorn.Config(app, log_level=args.log_level, timeout_keep_alive=5, lifespan="on")
     server = DrainingServer(config, batcher)
     shown_host = f"[{host}]" if ":" in host else host
-    print(f"{PROG}: serving {args.model} ({info.name} engine, {args.batching} batching, max batch {max_batch}, "
+    print(f"{LISTENING_LINE} {args.model} ({info.name} engine, {args.batching} batching, max batch {max_batch}, "
           f"queue {args.max_queue}{', API key required' if api_key else ''}) on http://{shown_host}:{port}",
           file=sys.stderr, flush=True)
     if args.host not in LOOPBACK_HOSTS and not api_key:
@@ -183,20 +184,27 @@ class DrainingServer(uvicorn.Server):
 
 
 def _load_engine(args: argparse.Namespace):
+    """The engine of ``--model``, its calls on ``--threads`` CPU threads (onnxruntime's sessions are made with
+    that many; for the torch engines it is torch's process-wide thread count)."""
     folder = Path(args.model)
     onnxruntime = args.engine == "onnxruntime" or (args.engine == "auto" and (folder / ENGINE_DIR_MARKER).is_file())
-    options = {}
-    if args.threads is not None:
-        if onnxruntime:
-            options["intra_op_threads"] = args.threads
-        else:
-            import torch
+    options = {"intra_op_threads": args.threads} if onnxruntime and args.threads is not None else {}
+    engine = load_engine(folder, engine=args.engine, device=args.device, **options)
+    if args.threads is not None and not onnxruntime:
+        import torch  # the torch engine that just loaded imported it
 
-            torch.set_num_threads(args.threads)
-    try:
-        return load_engine(folder, engine=args.engine, device=args.device, **options)
-    except (ValueError, OSError, ImportError) as error:  # a folder, device or engine the user named
-        raise ServeError(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__) from None
+        torch.set_num_threads(args.threads)
+    return engine
+
+
+def _log_to_stderr(level: str) -> None:
+    """The server's own log (the worker's failures, with their tracebacks) on stderr, at uvicorn's level."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: %(levelname)s: %(message)s"))
+    logger = logging.getLogger("ldm_runtime")
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
+    logger.propagate = False
 
 
 def _read_api_key(path: str | None) -> str | None:

@@ -13,17 +13,17 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
-import numpy as np
-
-from ldm_runtime.arrays import array_module
+from ldm_runtime.arrays import concatenate
 from ldm_runtime.engines.base import Array, Engine
+
+DEFAULT_CAPACITY = 256  # prompts remembered (ldm-serve --text-cache)
 
 
 class TextEncodingCache:
     """``engine`` with an LRU cache of up to ``capacity`` prompts' ``(context, mask)`` rows in front of
     ``encode_text``; every other attribute is the engine's."""
 
-    def __init__(self, engine: Engine, capacity: int = 256):
+    def __init__(self, engine: Engine, capacity: int = DEFAULT_CAPACITY):
         assert capacity >= 1, capacity
         self.engine = engine
         self.info = engine.info
@@ -42,12 +42,7 @@ class TextEncodingCache:
             self._rows.move_to_end(prompt)
         while len(self._rows) > self.capacity:
             self._rows.popitem(last=False)
-        return _concatenate([context for context, _ in rows]), _concatenate([mask for _, mask in rows])
+        return concatenate([context for context, _ in rows]), concatenate([mask for _, mask in rows])
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.engine, name)
-
-
-def _concatenate(arrays: list[Array]) -> Array:
-    module = array_module(arrays[0])
-    return np.concatenate(arrays) if module is np else module.cat(arrays)

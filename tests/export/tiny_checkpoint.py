@@ -1,5 +1,6 @@
-"""A random-weight checkpoint small enough to export in seconds: 16 px images, f=2, a two-level UNet, a
-one-layer text encoder trained "from scratch" (so its weights are in the checkpoint) on MiniLM's tokenizer."""
+"""A random-weight checkpoint small enough to export in seconds (the ``tiny`` preset): 16 px images, f=2, a
+two-level UNet, a one-layer text encoder trained "from scratch" (so its weights are in the checkpoint) on MiniLM's
+tokenizer."""
 
 from __future__ import annotations
 
@@ -11,37 +12,17 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-import torch
+from ldm_runtime.config import preset
+from train.checkpoint import write_random_checkpoint
 
-from train.checkpoint import save_checkpoint
-from train.config import AutoencoderConfig, ModelConfig, TextEncoderConfig, UNetConfig
-from train.models import Autoencoder, TextEncoder, UNet
-
-TINY_CONFIG = ModelConfig(
-    image_size=16,
-    autoencoder=AutoencoderConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4,
-                                  num_groups=4),
-    unet=UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(False, True),
-                    num_heads=2, context_dim=32, num_groups=4),
-    text_encoder=TextEncoderConfig(kind="scratch", max_length=8, hidden_size=32, num_layers=1, num_heads=2,
-                                   intermediate_size=64),
-    latent_scale_factor=0.5,
-)
+TINY_CONFIG = preset("tiny")
 IMAGE_SIZE_MULTIPLE = 4  # f=2 times the UNet's one halving
 
 
 def write_tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
     """Write a complete checkpoint dir (model.json, weights, tokenizer/, train_state.json) into ``folder``."""
-    torch.manual_seed(seed)
-    autoencoder = Autoencoder(TINY_CONFIG.autoencoder)
-    unet = UNet(TINY_CONFIG.unet)
-    text_encoder = TextEncoder(TINY_CONFIG.text_encoder)
-    weights = {"autoencoder": autoencoder.state_dict(), "unet": unet.state_dict(),
-               "text_encoder": text_encoder.state_dict()}
-    save_checkpoint(folder, TINY_CONFIG, weights, {}, stage="unet", step=0, settings={},
-                    save_tokenizer=text_encoder.save_tokenizer)
+    write_random_checkpoint(folder, TINY_CONFIG, seed)
     return folder
-
 
 
 def _shared_root(tmp_path_factory) -> Path:

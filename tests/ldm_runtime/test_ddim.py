@@ -25,6 +25,7 @@ import torch
 from diffusers import DDIMScheduler
 
 from ldm_runtime.arrays import host_to_array_like
+from ldm_runtime.config import ScheduleConfig
 from ldm_runtime.guidance import GuidedBatch, apply_guidance
 from ldm_runtime.noise import initial_noise, step_noise
 from ldm_runtime.schedulers import (
@@ -35,7 +36,6 @@ from ldm_runtime.schedulers import (
     ddim_step,
     ddim_timesteps,
 )
-from train.config import ScheduleConfig
 
 LATENT_SHAPE = (4, 4, 4)
 PREDICTION_TYPES = ("epsilon", "v_prediction")

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from ldm_runtime.arrays import host_to_array_like
+from ldm_runtime.checkpoint import CheckpointError, load_tensors
+from ldm_runtime.config import AutoencoderConfig, ModelConfig, TextEncoderConfig, UNetConfig
 from ldm_runtime.engines import EngineLoadError, load_engine
 from ldm_runtime.engines.torch_engine import TorchEngine
 from ldm_runtime.pipeline import GenerationRequest, Pipeline, RequestError
 from ldm_runtime.schedulers import DDIMConfig
-from train.checkpoint import CheckpointError, load_tensors, save_checkpoint
-from train.config import AutoencoderConfig, ModelConfig, TextEncoderConfig, UNetConfig
-from train.models import Autoencoder, TextEncoder, UNet
+from train.checkpoint import write_random_checkpoint
 
 TINY_CONFIG = ModelConfig(
     image_size=16,
@@ -37,14 +37,7 @@ PROMPTS = ["a red circle", "a blue square on the left", "a small green triangle"
 
 def write_tiny_checkpoint(folder: Path, seed: int = 0) -> Path:
     """A complete checkpoint dir with random weights, as ``ldm-train unet`` lays it out."""
-    torch.manual_seed(seed)
-    text_encoder = TextEncoder(TINY_CONFIG.text_encoder)
-    weights = {
-        "autoencoder": Autoencoder(TINY_CONFIG.autoencoder).state_dict(),
-        "unet": UNet(TINY_CONFIG.unet).state_dict(),
-        "text_encoder": text_encoder.state_dict(),
-    }
-    save_checkpoint(folder, TINY_CONFIG, weights, {}, "unet", 0, {}, save_tokenizer=text_encoder.save_tokenizer)
+    write_random_checkpoint(folder, TINY_CONFIG, seed)
     return folder
 
 
@@ -262,10 +255,11 @@ def test_bad_request_field_raises_request_error_naming_field_and_value(pipeline,
         pipeline.generate([request])
     message = str(caught.value)
     assert message.startswith(f"{field} is {value!r}; expected ") and "\n" not in message
+    assert caught.value.field == field  # as data, for the HTTP error's "field"
 
 
 def test_size_error_names_the_allowed_multiple_and_range(pipeline):
-    with pytest.raises(RequestError, match=r"height is 18; expected a multiple of 4 from 4 to 64"):
+    with pytest.raises(RequestError, match=r"height is 18; expected a multiple of 4 from 4 to 32"):
         pipeline.validate(GenerationRequest(prompt="a red circle", seed=1, height=18))
 
 
@@ -310,7 +304,8 @@ def test_other_sizes_are_sampled_at_their_own_size_in_their_own_batch(pipeline, 
 def test_torch_engine_describes_the_checkpoint(engine):
     info = engine.info
     assert (info.name, info.latent_channels, info.latent_factor, info.image_size) == ("torch", 4, 2, 16)
-    assert (info.image_size_multiple, info.min_image_size, info.max_image_size) == (4, 4, 64)
+    # sides up to MAX_SIZE_OVER_TRAINED = 2 times the trained 16 px, as ldm-export's default --size-range
+    assert (info.image_size_multiple, info.min_image_size, info.max_image_size) == (4, 4, 32)
     assert info.latent_scale_factor == pytest.approx(0.7) and info.text_max_length == 16
     assert info.schedule["num_train_timesteps"] == 1000
 

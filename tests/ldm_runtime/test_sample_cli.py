@@ -78,7 +78,7 @@ REQUEST_ERRORS = [
     (["--eta", "1.5"], "eta is 1.5; expected a number from 0 to 1"),
     (["--seed", "-1"], "seed is -1"),
     (["--seed", str(2**63)], f"seed is {2**63}"),
-    (["--height", "18"], "height is 18; expected a multiple of 4 from 4 to 64"),
+    (["--height", "18"], "height is 18; expected a multiple of 4 from 4 to 32"),
     (["--width", "4096"], "width is 4096"),
     (["--batch-size", "0"], "batch_size is 0"),
     (["--engine", "tensorrt"], "argument --engine: invalid choice: 'tensorrt'"),

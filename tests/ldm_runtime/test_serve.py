@@ -13,7 +13,6 @@ import contextlib
 import io
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -28,11 +27,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ldm_runtime.serve.cli import STEP_GATE_ENV
+from ldm_runtime.serve.process import ServeProcess
 from tests.export.tiny_checkpoint import shared_tiny_engine
 
 JSON = {"Content-Type": "application/json"}
 PROMPTS = ["a red circle", "a blue square on the left", "two yellow stars", "a small green triangle"]
-START_TIMEOUT_S = 90
 STATE_TIMEOUT_S = 60  # how long a test waits for the server to reach a state it has set up
 
 
@@ -43,55 +43,13 @@ def engine_dir(tmp_path_factory) -> Path:
     return engine
 
 
-class Server:
-    """``ldm-serve`` in a subprocess; ``url`` once it listens, ``log`` its stderr so far. ``hold``/``release``
-    work its step gate."""
+class Server(ServeProcess):
+    """``ldm-serve`` in a subprocess (``ldm_runtime.serve.process``) with its step gate in a file of its own:
+    ``held()``/``hold(more_calls)``/``release()`` work the gate, ``wait_for`` waits on a metric."""
 
     def __init__(self, model: Path, *flags: str, env: dict[str, str] | None = None):
-        script = Path(sys.executable).with_name("ldm-serve")
-        command = [str(script)] if script.is_file() else [sys.executable, "-m", "ldm_runtime.serve.cli"]
         self.gate = Path(tempfile.mkdtemp(prefix="ldm-serve-gate-")) / "gate"
-        environment = {**os.environ, "OMP_NUM_THREADS": "1", "LDM_SERVE_STEP_GATE": str(self.gate)}
-        environment.pop("LDM_SERVE_API_KEY", None)
-        environment.update(env or {})
-        self.process = subprocess.Popen(
-            command + ["--model", str(model), "--port", "0", "--threads", "1", "--log-level", "warning", *flags],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environment)
-        self.lines: list[str] = []
-        self._listening = threading.Event()
-        threading.Thread(target=self._read_stderr, daemon=True).start()
-        if not self._listening.wait(START_TIMEOUT_S):
-            self.stop()
-            raise AssertionError(f"ldm-serve did not start:\n{self.log}")
-        self.url = re.search(r"on (http://\S+)", self.lines[0]).group(1)
-
-    def _read_stderr(self) -> None:
-        for line in self.process.stderr:
-            self.lines.append(line)
-            if "ldm-serve: serving" in line:
-                self._listening.set()
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def wait_ready(self) -> "Server":
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise AssertionError(f"ldm-serve never became ready:\n{self.log}")
-
-    def metric(self, name: str) -> float:
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-        assert match, f"{name} not in /metrics"
-        return float(match.group(1))
+        super().__init__(model, *flags, env={STEP_GATE_ENV: str(self.gate), **(env or {})})
 
     def wait_for(self, name: str, predicate, what: str) -> float:
         """Poll the metric ``name`` until ``predicate(value)``; fails with ``what`` if the server never gets there."""
@@ -103,7 +61,8 @@ class Server:
         return value
 
     def hold(self, more_calls: int = 0) -> None:
-        """Let the worker make ``more_calls`` more UNet calls (one per step here), then hold it at a step boundary."""
+        """Let the worker make ``more_calls`` more UNet calls (one per step here), then hold it at a step boundary.
+        Call it while the worker is held (or idle), so that the count it starts from is settled."""
         partial = self.gate.with_suffix(".partial")
         partial.write_text(str(int(self.metric("ldm_serve_unet_calls_total")) + more_calls))
         partial.replace(self.gate)
@@ -118,15 +77,6 @@ class Server:
             yield self
         finally:
             self.release()
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 @pytest.fixture(scope="module")
@@ -487,14 +437,16 @@ def test_openapi_schema_documents_every_field_with_its_limits(server):
     assert {"422", "429", "503"} <= set(schema["paths"]["/v1/images"]["post"]["responses"])
 
 
-def test_metrics_report_queue_batches_latency_steps_per_second_and_outcomes(server):
+def test_metrics_report_queue_batches_latency_steps_and_outcomes(server):
+    steps_before = server.metric("ldm_serve_sample_steps_total")
     post(server.url, body())
     text = httpx.get(f"{server.url}/metrics").text
     for name in ("ldm_serve_queue_depth", "ldm_serve_batch_size_bucket", "ldm_serve_request_latency_seconds_bucket",
-                 "ldm_serve_unet_steps_per_second", 'ldm_serve_requests_total{outcome="ok"}',
+                 "ldm_serve_sample_steps_total", 'ldm_serve_requests_total{outcome="ok"}',
                  'ldm_serve_requests_total{outcome="invalid"}'):
         assert name in text, name
-    assert server.metric("ldm_serve_unet_steps_per_second") > 0
+    # steps per second is Prometheus's rate() of this counter: the request's own steps are in it
+    assert server.metric("ldm_serve_sample_steps_total") - steps_before >= body()["steps"]
     assert server.metric('ldm_serve_requests_total{outcome="ok"}') >= 1
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image, ImageFilter
 
-from train.checkpoint import CheckpointError
+from ldm_runtime.checkpoint import CheckpointError
 from train.classifier import (
     CLASSIFIER_JSON, CLASSIFIER_TENSORS, LAYOUTS, ClassifierConfig, ShapesClassifier, attribute_agreement,
     classifier_loss, count_parameters, decode_predictions, gaussian_blur, heldout_accuracy, labels_to_targets,

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.config import ScheduleConfig
+from ldm_runtime.config import ScheduleConfig
 from train.diffusion import ForwardProcess
 
 

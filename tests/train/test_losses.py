@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.config import ConfigError
+from ldm_runtime.config import ConfigError
+from train.discriminator import PatchDiscriminator
 from train.losses import (
     AutoencoderLoss,
     AutoencoderLossConfig,
@@ -17,7 +18,6 @@ from train.losses import (
     hinge_d_loss,
     hinge_g_loss,
 )
-from train.models.discriminator import PatchDiscriminator
 
 
 def random_shapes_images(batch: int, height: int, width: int, generator: torch.Generator) -> torch.Tensor:

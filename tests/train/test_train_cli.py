@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from train.checkpoint import load_model_config, load_state_dict_file
+from ldm_runtime.checkpoint import load_model_config, load_state_dict_file
+from ldm_runtime.models import Autoencoder, UNet
 from train.cli import main
-from train.models import Autoencoder, UNet
 
 REPO = Path(__file__).resolve().parents[2]
 # Small widths keep a CPU step in the tens of milliseconds; everything else is the shapes preset.

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ldm_runtime.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
     """A data set a user pointed at is unusable; the message is one sentence for the CLI."""
 
 

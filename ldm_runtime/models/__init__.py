@@ -1,10 +1,13 @@
-"""The three networks of a latent diffusion model: the autoencoder, the UNet and the text encoder."""
+"""The three networks of a latent diffusion model: the autoencoder, the UNet and the text encoder.
+
+torch (and ``kernels`` for GroupNorm and attention) is imported here: only what runs a network imports this.
+"""
 
 from torch import nn
 
-from train.models.autoencoder import Autoencoder, AutoencoderOutput, LatentDistribution
-from train.models.text_encoder import TextEncoder, resolve_text_encoder_path
-from train.models.unet import UNet
+from ldm_runtime.models.autoencoder import Autoencoder, AutoencoderOutput, LatentDistribution
+from ldm_runtime.models.text_encoder import TextEncoder, resolve_text_encoder_path
+from ldm_runtime.models.unet import UNet
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:

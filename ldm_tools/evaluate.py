@@ -19,8 +19,9 @@ model never trained on); each caption's labels are the truth. One image is gener
 - ``classifier_accuracy``: the judge's own accuracy on real held-out images (from classifier.json), and
   ``classifier_accuracy_blurred`` on the same images blurred by 1 px, a guide to how much soft edges cost it.
 
-Torch and the training package are imported inside the functions that need them: the runtime imports
-none of them when it is loaded.
+The classifier and the held-out prompts come from the training package (``train.classifier``,
+``train.data.shapes``): this is a tool above the stages, which may import any of them. Torch and the training
+package are imported inside the functions that need them, so loading this module imports neither.
 """
 
 from __future__ import annotations
@@ -41,9 +42,14 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from ldm_runtime.command_line import report_user_error
 from ldm_runtime.engines import CHECKPOINT_MARKER, ENGINE_DIR_MARKER, ENGINE_NAMES
-from ldm_runtime.pipeline import GenerationRequest, Pipeline, RequestError
+from ldm_runtime.errors import RequestError, UserError
+from ldm_runtime.files import write_text_atomic
+from ldm_runtime.images import image_grid
+from ldm_runtime.pipeline import GenerationRequest, Pipeline
 
+PROG = "ldm-eval"
 # The classifier shipped with the repository, found from this file so a fresh clone works from any folder.
 DEFAULT_CLASSIFIER = Path(__file__).resolve().parents[1] / "models" / "shapes-classifier"
 GRID_SAMPLES = 32
@@ -53,7 +59,7 @@ MAX_PSNR_DB = 100.0  # a bit-exact reconstruction would otherwise be infinite
 REQUEST_DEFAULTS = {field.name: field.default for field in fields(GenerationRequest)}
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """A flag of ``ldm-eval`` names something unusable; the message is one sentence for the CLI."""
 
 
@@ -191,7 +197,7 @@ def generate_images(engine, captions: list[str], seeds: list[int], steps: int, g
                     batch_size: int) -> np.ndarray:
     """One image per caption: (N, H, W, 3) uint8, sampled ``batch_size`` at a time (at most what the engine holds)."""
     pipeline = Pipeline(engine)
-    batch_size = max(1, min(batch_size, engine.info.max_batch_size // 2))  # guidance doubles the UNet batch
+    batch_size = max(1, min(batch_size, engine.info.max_images))
     images = []
     with tqdm(total=len(captions), desc="generating", unit="img", dynamic_ncols=True, file=sys.stderr) as bar:
         for start in range(0, len(captions), batch_size):
@@ -223,40 +229,43 @@ def reconstruction_psnr(engine, images: np.ndarray, batch_size: int) -> float:
 def write_grid(path: Path, samples: np.ndarray, captions: list[str], agrees: list[bool]) -> None:
     """The first GRID_SAMPLES samples, each over its prompt, framed green (judged to agree) or red."""
     count = min(len(samples), GRID_SAMPLES)
-    font = ImageFont.load_default()
-    line_height, lines, border = 12, 6, 3
-    cell_width, cell_height = GRID_TILE + 2 * border + 8, GRID_TILE + 2 * border + lines * line_height + 8
-    columns = min(count, GRID_COLUMNS)
-    rows = (count + columns - 1) // columns
-    canvas = Image.new("RGB", (columns * cell_width, rows * cell_height), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    for index in range(count):
-        left, top = (index % columns) * cell_width + 4, (index // columns) * cell_height + 4
-        frame = (40, 160, 60) if agrees[index] else (210, 40, 40)
-        draw.rectangle((left, top, left + GRID_TILE + 2 * border - 1, top + GRID_TILE + 2 * border - 1), fill=frame)
-        tile = Image.fromarray(samples[index]).resize((GRID_TILE, GRID_TILE), Image.NEAREST)
-        canvas.paste(tile, (left + border, top + border))
-        wrapped = textwrap.wrap(captions[index], width=24)
-        if len(wrapped) > lines:
-            wrapped = wrapped[:lines - 1] + [wrapped[lines - 1][:21] + "..."]
-        for line_index, line in enumerate(wrapped):
-            draw.text((left, top + GRID_TILE + 2 * border + 2 + line_index * line_height), line, fill=(0, 0, 0),
-                      font=font)
+    cells = [_captioned_cell(samples[index], captions[index], agrees[index]) for index in range(count)]
     path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    image_grid(cells, columns=min(count, GRID_COLUMNS), padding=0).save(path)
+
+
+def _captioned_cell(sample: np.ndarray, caption: str, agrees: bool) -> np.ndarray:
+    """One grid cell ``(h, w, 3) uint8`` on white: the sample upscaled to GRID_TILE in its coloured frame, and
+    the caption wrapped below it (six lines at most)."""
+    font = ImageFont.load_default()
+    line_height, lines, border, margin = 12, 6, 3, 4
+    cell = Image.new("RGB", (GRID_TILE + 2 * border + 2 * margin, GRID_TILE + 2 * border + lines * line_height
+                             + 2 * margin), (255, 255, 255))
+    draw = ImageDraw.Draw(cell)
+    frame = (40, 160, 60) if agrees else (210, 40, 40)
+    draw.rectangle((margin, margin, margin + GRID_TILE + 2 * border - 1, margin + GRID_TILE + 2 * border - 1),
+                   fill=frame)
+    cell.paste(Image.fromarray(sample).resize((GRID_TILE, GRID_TILE), Image.NEAREST), (margin + border,
+                                                                                        margin + border))
+    wrapped = textwrap.wrap(caption, width=24)
+    if len(wrapped) > lines:
+        wrapped = wrapped[:lines - 1] + [wrapped[lines - 1][:21] + "..."]
+    for line_index, line in enumerate(wrapped):
+        draw.text((margin, margin + GRID_TILE + 2 * border + 2 + line_index * line_height), line, fill=(0, 0, 0),
+                  font=font)
+    return np.asarray(cell)
 
 
 # --- the whole evaluation ---------------------------------------------------------------------------------
 
 
 def _load_classifier(folder: str):
-    from train.checkpoint import CheckpointError
     from train.classifier import load_classifier
 
     try:
         return load_classifier(folder)
-    except CheckpointError as error:
-        raise EvalError(f"--classifier {folder} is unusable: {error}")
+    except UserError as error:
+        raise EvalError(f"--classifier {folder} is unusable: {error}") from None
 
 
 def evaluate(settings: EvalSettings) -> dict[str, Any]:
@@ -269,8 +278,8 @@ def evaluate(settings: EvalSettings) -> dict[str, Any]:
     classifier, description = _load_classifier(settings.classifier)
     try:
         engine = load_engine(settings.model, engine=settings.engine, device=settings.device)
-    except (ValueError, OSError) as error:  # EngineLoadError, CheckpointError, a bad device: all one sentence
-        raise EvalError(f"--model {settings.model} cannot be opened: {error}")
+    except UserError as error:  # EngineLoadError, CheckpointError, EngineDirError, a bad device
+        raise EvalError(f"--model {settings.model} cannot be opened: {error}") from None
     count, image_size = settings.num_prompts, engine.info.image_size
     prompts = ShapesDataset.heldout(count, image_size, settings.data_seed)
     captions = [prompts.caption(i) for i in range(count)]
@@ -282,7 +291,7 @@ def evaluate(settings: EvalSettings) -> dict[str, Any]:
         samples = generate_images(engine, captions, seeds, settings.steps, settings.guidance, settings.eta,
                                   settings.batch_size)
     except RequestError as error:
-        raise EvalError(f"the model cannot sample with these settings: {error}")
+        raise EvalError(f"the model cannot sample with these settings: {error}") from None
     generate_seconds = time.perf_counter() - generate_started
 
     judge_started = time.perf_counter()
@@ -325,7 +334,7 @@ def evaluate(settings: EvalSettings) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = EvalSettings(model="", json="")
-    parser = argparse.ArgumentParser(prog="ldm-eval", description=__doc__,
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint dir (model.json) or engine dir (manifest.json)")
     parser.add_argument("--json", required=True, help="report file to write")
@@ -352,15 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     settings = EvalSettings(**vars(args))
     try:
         report = evaluate(settings)
-        from train.checkpoint import write_text_atomic
-
         try:
             write_text_atomic(Path(settings.json), json.dumps(report, indent=2) + "\n")
         except OSError as error:
-            raise EvalError(f"--json {settings.json} cannot be written ({error.strerror or error})")
-    except EvalError as error:
-        print(f"ldm-eval: error: {error}", file=sys.stderr)
-        return 2
+            raise EvalError(f"--json {settings.json} cannot be written ({error.strerror or error})") from None
+    except UserError as error:
+        return report_user_error(PROG, error)
     adherence_line = ", ".join(f"{name} {value:.3f}" for name, value in report["adherence"].items())
     print(f"ldm-eval: adherence {adherence_line}; fid_in_domain {report['fid_in_domain']:.3f} "
           f"(real floor {report['fid_real_floor']:.3f}); recon {report['recon_psnr_db']:.2f} dB; wrote {settings.json}",

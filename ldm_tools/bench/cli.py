@@ -7,7 +7,7 @@ is loaded. torch and the training code are imported only in the child processes 
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import os
 import platform
 import shlex
@@ -18,7 +18,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from ldm_runtime.bench.report import (
+from ldm_runtime.checkpoint import load_model_config
+from ldm_runtime.command_line import OneLineArgumentParser, report_user_error
+from ldm_runtime.config import preset
+from ldm_runtime.engines.base import DEFAULT_MAX_BATCH_SIZE
+from ldm_runtime.errors import UserError
+from ldm_runtime.guidance import UNET_ROWS_PER_IMAGE, guided_images, guided_unet_rows
+from ldm_runtime.pipeline import DEFAULT_GUIDANCE_SCALE
+from ldm_tools.bench.report import (
     WIDE_SPREAD,
     format_profiles,
     format_table,
@@ -26,25 +33,20 @@ from ldm_runtime.bench.report import (
     write_json,
     write_plot,
 )
-from ldm_runtime.bench.sources import PRESET_NAMES
-from ldm_runtime.bench.workers import BASELINE, DEFAULT_PEERS, PEERS
+from ldm_tools.bench.sources import PRESET_NAMES
+from ldm_tools.bench.workers import BASELINE, DEFAULT_PEERS, PEERS
 
 PROG = "ldm-bench"
-TORCH_MAX_BATCH = 32  # images: the torch engine's default UNet batch limit (64 rows) over guidance's 2 rows each
-DEFAULT_LATENT_SIZE = {"shapes": 8, "sd15": 16}  # shapes' trained size; sd15 at a size a CPU can take (64 on a GPU)
+TORCH_MAX_BATCH = guided_images(DEFAULT_MAX_BATCH_SIZE)  # images per request the torch engines take
+CPU_LATENT_SIZE = {"sd15": 16}  # the default --latent-size where a preset's own is too large for a CPU (sd15: 64)
 
 
-class BenchError(Exception):
-    """Anything the user can fix: the message is the one line printed after ``ldm-bench: error:``."""
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise BenchError(message)  # one line, not argparse's usage block
+class BenchError(UserError):
+    """A flag or model folder ``ldm-bench`` cannot use, or a source it could not prepare."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _ArgumentParser(
+    parser = OneLineArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Time each engine against eager PyTorch on the same weights, interleaved round robin: guided "
                     "UNet steps/s, images/s and latency of one text-to-image request, time to first image, peak "
@@ -62,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with an engine dir as --model: the checkpoint it was exported from, for the torch "
                              "peers (default: the one its manifest names, if it is still there unchanged)")
     parser.add_argument("--latent-size", type=int, default=None,
-                        help="with --preset: latent side (default: 8 for shapes, 16 for sd15; SD's own is 64)")
+                        help="with --preset: latent side (default: the preset's own, 16 for sd15; SD's own is 64)")
     parser.add_argument("--engines", default=",".join(DEFAULT_PEERS), metavar="LIST",
                         help=f"comma-separated, from {','.join(PEERS)} (default: %(default)s; diffusers only where "
                              f"installed)")
@@ -91,9 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         plan = check_arguments(args)
         report = run(plan, args, command=" ".join([PROG, *map(shlex.quote, argv)]))
-    except BenchError as error:
-        print(f"{PROG}: error: {error}", file=sys.stderr)
-        return 2
+    except UserError as error:
+        return report_user_error(PROG, error)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
@@ -138,13 +139,14 @@ def check_arguments(args: argparse.Namespace) -> dict[str, Any]:
             raise BenchError(f"{flag} {value} cannot be written; expected a file path in a writable folder")
     plan: dict[str, Any] = {"engines": engines, "batch_sizes": batch_sizes, "preset": args.preset}
     if args.preset:
-        latent_size = args.latent_size or DEFAULT_LATENT_SIZE[args.preset]
-        multiple = {"shapes": 2, "sd15": 8}[args.preset]  # the UNet halves the latents once per level after the first
+        config = preset(args.preset)
+        latent_size = args.latent_size or CPU_LATENT_SIZE.get(args.preset, config.latent_size)
+        multiple = config.unet.latent_size_multiple
         if latent_size < multiple or latent_size % multiple:
             raise BenchError(f"--latent-size {latent_size} does not fit preset {args.preset}; expected a multiple of "
                              f"{multiple} (its UNet halves the latents {multiple.bit_length() - 1} times)")
-        factor = {"shapes": 4, "sd15": 8}[args.preset]
-        plan.update(latent_size=latent_size, image_size=latent_size * factor, model_name=f"preset {args.preset}")
+        plan.update(latent_size=latent_size, image_size=latent_size * config.autoencoder.factor,
+                    model_name=f"preset {args.preset}")
         _check_batch_range(batch_sizes, 1, TORCH_MAX_BATCH, "the torch engines")
         return plan
     if args.latent_size is not None:
@@ -153,7 +155,7 @@ def check_arguments(args: argparse.Namespace) -> dict[str, Any]:
     _check_batch_range(batch_sizes, 1, TORCH_MAX_BATCH, "the torch engines")
     if plan.get("engine_dir_batch"):
         low, high = plan["engine_dir_batch"]
-        _check_batch_range(batch_sizes, max(1, (low + 1) // 2), high // 2,
+        _check_batch_range(batch_sizes, max(1, math.ceil(low / UNET_ROWS_PER_IMAGE)), guided_images(high),
                            f"the onnxruntime engine dir {args.model} (UNet batch {low}..{high} with guidance)")
     return plan
 
@@ -182,23 +184,16 @@ def _check_model_folder(folder: Path, checkpoint: str | None, engines: list[str]
     if (folder / CHECKPOINT_MARKER).is_file():
         if checkpoint is not None:
             raise BenchError("--checkpoint applies when --model is an engine dir; --model is already a checkpoint")
-        config = _read_json(folder / CHECKPOINT_MARKER)
-        try:
-            image_size = int(config["image_size"])
-            factor = 2 ** (len(config["autoencoder"]["channel_mult"]) - 1)
-        except (KeyError, TypeError, ValueError):
-            raise BenchError(f"{folder / CHECKPOINT_MARKER} is not a model description written by ldm-train") from None
-        return {"checkpoint": str(folder), "engine_dir": None, "image_size": image_size,
-                "latent_size": image_size // factor, "model_name": folder.name}
+        config = load_model_config(folder)
+        return {"checkpoint": str(folder), "engine_dir": None, "image_size": config.image_size,
+                "latent_size": config.latent_size, "model_name": folder.name}
     if not (folder / ENGINE_DIR_MARKER).is_file():
         raise BenchError(f"--model {folder} has neither {CHECKPOINT_MARKER} nor {ENGINE_DIR_MARKER}; expected a "
                          f"checkpoint dir (ldm-train) or an engine dir (ldm-export)")
-    from ldm_runtime.manifest import EngineDirError, load_manifest, sha256_file
+    from ldm_runtime.files import sha256_file
+    from ldm_runtime.manifest import load_manifest
 
-    try:
-        manifest = load_manifest(folder)
-    except EngineDirError as error:
-        raise BenchError(str(error)) from None
+    manifest = load_manifest(folder)
     source = manifest.raw.get("source", {})
     recorded = source.get("files", {})
     chosen = Path(checkpoint) if checkpoint is not None else Path(source.get("checkpoint", ""))
@@ -216,16 +211,6 @@ def _check_model_folder(folder: Path, checkpoint: str | None, engines: list[str]
     return {"checkpoint": str(chosen), "engine_dir": str(folder), "image_size": manifest.model.image_size,
             "latent_size": manifest.model.image_size // manifest.model.latent_factor, "model_name": folder.name,
             "engine_dir_batch": (manifest.batch.min, manifest.batch.max)}
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise BenchError(f"{path} is not readable JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise BenchError(f"{path} holds a {type(data).__name__}; expected an object")
-    return data
 
 
 def run(plan: dict[str, Any], args: argparse.Namespace, command: str) -> dict[str, Any]:
@@ -247,12 +232,7 @@ def run(plan: dict[str, Any], args: argparse.Namespace, command: str) -> dict[st
 
 def _prepare_sources(plan: dict[str, Any], scratch: Path) -> dict[str, Any]:
     """The preset checkpoint and the onnxruntime engine dir, each made in a child process, when needed."""
-    from ldm_runtime.bench.sources import (
-        SourceError,
-        export_onnxruntime_engine,
-        run_in_child,
-        write_preset_checkpoint,
-    )
+    from ldm_tools.bench.sources import SourceError, export_onnxruntime_engine, run_in_child, write_preset_checkpoint
 
     info: dict[str, Any] = {"name": plan["model_name"], "latent_size": plan["latent_size"],
                             "image_size": plan["image_size"], "random_weights": bool(plan["preset"])}
@@ -268,9 +248,10 @@ def _prepare_sources(plan: dict[str, Any], scratch: Path) -> dict[str, Any]:
         if "onnxruntime" in plan["engines"] and plan["engine_dir"] is None:
             _log("exporting the checkpoint to an fp32 onnxruntime engine dir")
             plan["engine_dir"] = str(scratch / "engine")
-            model = _read_json(Path(plan["checkpoint"]) / "model.json")
+            model = load_model_config(plan["checkpoint"])
             info["export_s"] = run_in_child(export_onnxruntime_engine, plan["checkpoint"], plan["engine_dir"],
-                                            2 * max(plan["batch_sizes"]), plan["image_size"], int(model["image_size"]))
+                                            guided_unet_rows(max(plan["batch_sizes"])), plan["image_size"],
+                                            model.image_size)
             _log(f"exported it in {info['export_s']:.0f} s")
     except SourceError as error:
         raise BenchError(f"cannot prepare {plan['model_name']}: {error}") from None
@@ -278,103 +259,133 @@ def _prepare_sources(plan: dict[str, Any], scratch: Path) -> dict[str, Any]:
 
 
 def _measure(plan: dict[str, Any], args: argparse.Namespace, model_info: dict[str, Any]) -> dict[str, Any]:
-    import numpy as np
-    from tqdm import tqdm
-
-    from ldm_runtime.bench.workers import Worker, WorkerFailed, WorkerSpec
-
+    """Start the engines, compare their UNet outputs, time them round robin, then the report (without the plot)."""
     entries: dict[str, dict[str, Any]] = {}
-    workers: dict[str, Worker] = {}
-    outputs: dict[str, np.ndarray] = {}
+    workers: dict[str, Any] = {}
     try:
-        for name in plan["engines"]:  # one at a time: loads do not compete with each other
-            entry = entries[name] = {"name": name, "status": "ok", "reason": None}
-            missing = _missing_library(name)
-            if missing:
-                entry.update(status="failed", reason=missing)
-                _log(f"{name}: skipped ({missing})")
-                continue
-            _log(f"{name}: loading and making a first image")
-            worker = Worker(WorkerSpec(engine=name, folder=plan["engine_dir"] if name == "onnxruntime"
-                                       else plan["checkpoint"], device=args.device, threads=args.threads,
-                                       steps=args.steps, image_size=plan["image_size"], guidance_scale=5.0))
-            try:
-                ready = worker.ask()
-            except WorkerFailed as error:
-                worker.stop()
-                if name == BASELINE:
-                    raise BenchError(f"the torch engine cannot run {args.model or args.preset}: {error}") from None
-                entry.update(status="failed", reason=str(error))
-                _log(f"{name}: failed ({error})")
-                continue
-            workers[name] = worker
-            outputs[name] = ready.pop("unet_output")
-            entry.update(ready, time_to_first_image_s=ready.pop("ready_at") - worker.started_at)
-            _log(f"{name}: first image after {entry['time_to_first_image_s']:.1f} s")
-        for name, output in outputs.items():
-            reference = outputs[BASELINE].astype(np.float64)
-            entries[name]["unet_relative_error"] = float(np.linalg.norm(output - reference) /
-                                                         max(np.linalg.norm(reference), 1e-30))
-
-        step_seconds: dict[tuple[str, int], list[float]] = {}
-        e2e_seconds: dict[tuple[str, int], list[float]] = {}
-        total = len(plan["batch_sizes"]) * (1 + 2 * args.repeats) * len(workers)
-        with tqdm(total=total, desc=PROG, unit="run", dynamic_ncols=True, file=sys.stderr) as bar:
-            for batch_size in plan["batch_sizes"]:
-                calls = {}
-                for name in list(workers):
-                    try:
-                        step = workers[name].ask("warmup", batch_size)
-                    except WorkerFailed as error:
-                        _drop(workers, entries, name, batch_size, error)
-                        continue
-                    finally:
-                        bar.update(1)
-                    calls[name] = max(1, min(50, round(0.25 / max(step, 1e-6))))  # a repeat lasts >= ~0.25 s
-                for repeat in range(args.repeats):
-                    names = [name for name in workers if name in calls]
-                    order = names[repeat % len(names):] + names[:repeat % len(names)] if names else []
-                    for kind in ("step", "e2e"):
-                        for name in order:
-                            if name not in workers:
-                                continue
-                            try:
-                                arguments = (batch_size, calls[name]) if kind == "step" else (batch_size,)
-                                seconds = workers[name].ask(kind, *arguments)
-                            except WorkerFailed as error:
-                                _drop(workers, entries, name, batch_size, error)
-                                continue
-                            finally:
-                                bar.update(1)
-                            (step_seconds if kind == "step" else e2e_seconds).setdefault(
-                                (name, batch_size), []).append(seconds)
+        outputs = _start_workers(plan, args, workers, entries)
+        _compare_unet_outputs(outputs, entries)
+        step_seconds, e2e_seconds = _time_round_robin(plan, args, workers, entries)
         for name, worker in workers.items():
             entries[name].update(worker.ask("memory"))
         if args.profile:
-            for name in list(workers):
-                for batch_size in plan["batch_sizes"]:
-                    try:
-                        entries[name].setdefault("profile", {})[str(batch_size)] = workers[name].ask("profile",
-                                                                                                      batch_size)
-                    except WorkerFailed as error:
-                        entries[name].setdefault("profile", {})[str(batch_size)] = f"failed: {error}"
+            _profile(plan, workers, entries)
     finally:
         for worker in workers.values():
             worker.stop()
-
-    results = result_rows(step_seconds, e2e_seconds, plan["engines"], plan["batch_sizes"], BASELINE)
     report = {
         "format_version": 1,
         "machine": _machine(args),
         "model": model_info,
         "settings": {"engines": plan["engines"], "batch_sizes": plan["batch_sizes"], "steps": args.steps,
                      "repeats": args.repeats, "warmup": 1, "threads": args.threads, "device": args.device,
-                     "guidance_scale": 5.0, "wide_spread_over": WIDE_SPREAD},
+                     "guidance_scale": DEFAULT_GUIDANCE_SCALE, "wide_spread_over": WIDE_SPREAD},
         "engines": list(entries.values()),
-        "results": results,
+        "results": result_rows(step_seconds, e2e_seconds, plan["engines"], plan["batch_sizes"], BASELINE),
     }
     report["notes"] = _notes(report)
     return report
+
+
+def _start_workers(plan: dict[str, Any], args: argparse.Namespace, workers: dict[str, Any],
+                   entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One worker per engine, started one at a time (loads do not compete with each other), each making its
+    first image; fills ``workers`` and ``entries``, returns each engine's UNet output for the check.
+    A peer that cannot run is recorded as failed; the baseline that cannot run is ``BenchError``."""
+    from ldm_tools.bench.workers import Worker, WorkerFailed, WorkerSpec
+
+    outputs = {}
+    for name in plan["engines"]:
+        entry = entries[name] = {"name": name, "status": "ok", "reason": None}
+        missing = _missing_library(name)
+        if missing:
+            entry.update(status="failed", reason=missing)
+            _log(f"{name}: skipped ({missing})")
+            continue
+        _log(f"{name}: loading and making a first image")
+        worker = Worker(WorkerSpec(engine=name, folder=plan["engine_dir"] if name == "onnxruntime"
+                                   else plan["checkpoint"], device=args.device, threads=args.threads,
+                                   steps=args.steps, image_size=plan["image_size"],
+                                   guidance_scale=DEFAULT_GUIDANCE_SCALE))
+        try:
+            ready = worker.ask()
+        except WorkerFailed as error:
+            worker.stop()
+            if name == BASELINE:
+                raise BenchError(f"the torch engine cannot run {args.model or args.preset}: {error}") from None
+            entry.update(status="failed", reason=str(error))
+            _log(f"{name}: failed ({error})")
+            continue
+        workers[name] = worker
+        outputs[name] = ready.pop("unet_output")
+        entry.update(ready, time_to_first_image_s=ready.pop("ready_at") - worker.started_at)
+        _log(f"{name}: first image after {entry['time_to_first_image_s']:.1f} s")
+    return outputs
+
+
+def _compare_unet_outputs(outputs: dict[str, Any], entries: dict[str, dict[str, Any]]) -> None:
+    """Each engine's ``unet_relative_error``: ||output - eager|| / ||eager|| of the same UNet call."""
+    import numpy as np
+
+    reference = outputs[BASELINE].astype(np.float64)
+    for name, output in outputs.items():
+        entries[name]["unet_relative_error"] = float(np.linalg.norm(output - reference) /
+                                                     max(np.linalg.norm(reference), 1e-30))
+
+
+def _time_round_robin(plan: dict[str, Any], args: argparse.Namespace, workers: dict[str, Any],
+                      entries: dict[str, dict[str, Any]]) -> tuple[dict, dict]:
+    """(step seconds, end-to-end seconds) per (engine, batch size): per batch size, a warm-up each, then
+    ``--repeats`` rounds in which the engines take turns, starting one further along each round."""
+    from tqdm import tqdm
+
+    from ldm_tools.bench.workers import WorkerFailed
+
+    step_seconds: dict[tuple[str, int], list[float]] = {}
+    e2e_seconds: dict[tuple[str, int], list[float]] = {}
+    total = len(plan["batch_sizes"]) * (1 + 2 * args.repeats) * len(workers)
+    with tqdm(total=total, desc=PROG, unit="run", dynamic_ncols=True, file=sys.stderr) as bar:
+        for batch_size in plan["batch_sizes"]:
+            calls = {}
+            for name in list(workers):
+                try:
+                    step = workers[name].ask("warmup", batch_size)
+                except WorkerFailed as error:
+                    _drop(workers, entries, name, batch_size, error)
+                    continue
+                finally:
+                    bar.update(1)
+                calls[name] = max(1, min(50, round(0.25 / max(step, 1e-6))))  # a repeat lasts >= ~0.25 s
+            for repeat in range(args.repeats):
+                names = [name for name in workers if name in calls]
+                order = names[repeat % len(names):] + names[:repeat % len(names)] if names else []
+                for kind in ("step", "e2e"):
+                    for name in order:
+                        if name not in workers:
+                            continue
+                        try:
+                            arguments = (batch_size, calls[name]) if kind == "step" else (batch_size,)
+                            seconds = workers[name].ask(kind, *arguments)
+                        except WorkerFailed as error:
+                            _drop(workers, entries, name, batch_size, error)
+                            continue
+                        finally:
+                            bar.update(1)
+                        (step_seconds if kind == "step" else e2e_seconds).setdefault(
+                            (name, batch_size), []).append(seconds)
+    return step_seconds, e2e_seconds
+
+
+def _profile(plan: dict[str, Any], workers: dict[str, Any], entries: dict[str, dict[str, Any]]) -> None:
+    """Each engine's operator profile of one step per batch size, into its entry's ``profile``."""
+    from ldm_tools.bench.workers import WorkerFailed
+
+    for name in list(workers):
+        for batch_size in plan["batch_sizes"]:
+            try:
+                entries[name].setdefault("profile", {})[str(batch_size)] = workers[name].ask("profile", batch_size)
+            except WorkerFailed as error:
+                entries[name].setdefault("profile", {})[str(batch_size)] = f"failed: {error}"
 
 
 def _drop(workers: dict, entries: dict, name: str, batch_size: int, error: Exception) -> None:

@@ -44,36 +44,18 @@ def _child_main(sender, function, args) -> None:
         sender.send(("error", f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__))
 
 
-def unet_size_multiple(model_json: dict[str, Any]) -> int:
-    """Latent side multiple the UNet needs: it halves the latents once per level after the first."""
-    return 2 ** (len(model_json["unet"]["channel_mult"]) - 1)
-
-
 def write_preset_checkpoint(name: str, latent_size: int, folder: str, seed: int = 0) -> dict[str, Any]:
     """A complete checkpoint dir with random weights for preset ``name`` at ``latent_size`` x ``latent_size``
     latents (the image size is that times the autoencoder's factor); returns its size in parameters.
     A text encoder trained "from scratch" (sd15's BERT) is written into it; a pretrained one is named."""
     import dataclasses
 
-    import torch
-
-    from train.checkpoint import save_checkpoint
-    from train.config import preset
-    from train.models import Autoencoder, TextEncoder, UNet, count_parameters
+    from ldm_runtime.config import preset
+    from train.checkpoint import write_random_checkpoint
 
     config = preset(name)
     config = dataclasses.replace(config, image_size=latent_size * config.autoencoder.factor)
-    config.validate()
-    torch.manual_seed(seed)
-    autoencoder, unet = Autoencoder(config.autoencoder), UNet(config.unet)
-    text_encoder = TextEncoder(config.text_encoder)
-    weights = {"autoencoder": autoencoder.state_dict(), "unet": unet.state_dict()}
-    if text_encoder.trainable:
-        weights["text_encoder"] = text_encoder.state_dict()
-    save_checkpoint(Path(folder), config, weights, {}, stage="unet", step=0, settings={"random_weights": True},
-                    save_tokenizer=text_encoder.save_tokenizer)
-    return {"unet_parameters": count_parameters(unet), "autoencoder_parameters": count_parameters(autoencoder),
-            "text_encoder_parameters": count_parameters(text_encoder)}
+    return write_random_checkpoint(Path(folder), config, seed)
 
 
 def export_onnxruntime_engine(checkpoint: str, out: str, max_unet_batch: int, image_size: int,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ldm_runtime.bench import main
+from ldm_tools.bench import main
 from tests.export.tiny_checkpoint import shared_tiny_checkpoint, shared_tiny_engine
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,7 +40,7 @@ def assert_one_line_error(code, err, *fragments, after_progress=False):
 
 
 def test_help_is_instant_and_imports_neither_torch_nor_onnxruntime():
-    script = ("import sys\nfrom ldm_runtime.bench import main\n"
+    script = ("import sys\nfrom ldm_tools.bench import main\n"
               "try:\n    main(['--help'])\nexcept SystemExit as exit:\n    assert exit.code == 0\n"
               "print('heavy imports:', sorted(m for m in ('torch', 'onnxruntime', 'train', 'matplotlib') "
               "if m in sys.modules))\n")
@@ -164,7 +164,7 @@ def test_engine_dir_runs_against_its_checkpoint_and_refuses_what_it_cannot(check
 
 
 def test_summary_and_ratios_follow_their_definitions_on_known_samples():
-    from ldm_runtime.bench.report import result_rows, summarize
+    from ldm_tools.bench.report import result_rows, summarize
 
     steady = summarize([1.00, 1.05, 1.02])
     assert (steady["median"], steady["min"], steady["max"]) == (1.02, 1.00, 1.05)

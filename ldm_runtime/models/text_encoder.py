@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from train.config import ConfigError, TextEncoderConfig
+from ldm_runtime.config import ConfigError, TextEncoderConfig
 
 
 def resolve_text_encoder_path(path: str | Path) -> Path:

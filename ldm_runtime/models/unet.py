@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.config import UNetConfig
-from train.models.attention import SpatialTransformer
-from train.models.layers import Downsample, GroupNorm, ResnetBlock, Upsample
+from ldm_runtime.config import UNetConfig
+from ldm_runtime.models.attention import SpatialTransformer
+from ldm_runtime.models.layers import Downsample, GroupNorm, ResnetBlock, Upsample
 
 RESNET_EPS = 1e-5
 

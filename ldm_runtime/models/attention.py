@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import dispatch
-from train.models.layers import GroupNorm
+from ldm_runtime.models.layers import GroupNorm
 
 
 class Attention(nn.Module):

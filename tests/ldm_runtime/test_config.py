@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from train.config import PRESETS, ConfigError, ModelConfig, channel_mult_for_factor, preset
+from ldm_runtime.config import PRESETS, ConfigError, ModelConfig, channel_mult_for_factor, preset
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

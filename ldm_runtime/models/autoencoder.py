@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.config import AutoencoderConfig
-from train.models.attention import SpatialSelfAttention
-from train.models.layers import Downsample, GroupNorm, ResnetBlock, Upsample
+from ldm_runtime.config import AutoencoderConfig
+from ldm_runtime.models.attention import SpatialSelfAttention
+from ldm_runtime.models.layers import Downsample, GroupNorm, ResnetBlock, Upsample
 
 NORM_EPS = 1e-6
 

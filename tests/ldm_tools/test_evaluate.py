@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 import ldm_runtime.engines
-import ldm_runtime.evaluate
+import ldm_tools.evaluate
 from ldm_runtime.engines.base import EngineInfo
-from ldm_runtime.evaluate import (
+from ldm_tools.evaluate import (
     DEFAULT_CLASSIFIER, adherence, background_stated, frechet_distance, main, reconstruction_psnr, score_samples,
     stated_sizes,
 )
@@ -179,7 +179,7 @@ def stand_in_model(tmp_path, monkeypatch):
             calls.append(requests)
             return [self.real.render(self.by_caption[r.prompt])[0] for r in requests]
 
-    monkeypatch.setattr(ldm_runtime.evaluate, "Pipeline", Pipeline)
+    monkeypatch.setattr(ldm_tools.evaluate, "Pipeline", Pipeline)
     monkeypatch.setattr(ldm_runtime.engines, "load_engine", lambda folder, engine, device: FakeEngine(0.02))
     return model, calls
 
@@ -226,5 +226,5 @@ def test_bad_input_is_one_error_line_and_exit_2(case, stand_in_model, tmp_path, 
 
 
 def test_importing_the_evaluator_does_not_import_torch():
-    code = "import sys, ldm_runtime.evaluate; sys.exit('torch' in sys.modules or 'train' in sys.modules)"
+    code = "import sys, ldm_tools.evaluate; sys.exit('torch' in sys.modules or 'train' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

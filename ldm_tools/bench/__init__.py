@@ -8,6 +8,6 @@ engines read (a random-weight preset checkpoint, an engine dir exported from it)
 engine per process and times it, ``report`` turns the samples into the table, the JSON and the plot.
 """
 
-from ldm_runtime.bench.cli import main
+from ldm_tools.bench.cli import main
 
 __all__ = ["main"]

@@ -10,10 +10,10 @@ from diffusers import AutoencoderKL, UNet2DConditionModel, VQModel
 from transformers import AutoModel
 
 import kernels.dispatch
-from train.config import AutoencoderConfig, ConfigError, TextEncoderConfig, UNetConfig, preset
-from train.models import Autoencoder, TextEncoder, UNet, count_parameters, resolve_text_encoder_path
-from train.models.attention import Attention
-from train.models.layers import GroupNorm
+from ldm_runtime.config import AutoencoderConfig, ConfigError, TextEncoderConfig, UNetConfig, preset
+from ldm_runtime.models import Autoencoder, TextEncoder, UNet, count_parameters, resolve_text_encoder_path
+from ldm_runtime.models.attention import Attention
+from ldm_runtime.models.layers import GroupNorm
 
 SD15_UNET_PARAMETERS = 859_520_964
 

@@ -1,0 +1,49 @@
+"""The errors a user can cause, under one base class: ``UserError``.
+
+Every command catches ``UserError`` and only it, and prints its message as one line ``PROG: error: ...``
+with exit status 2; any other exception is a bug and keeps its traceback. A message is one sentence that
+names the bad value and says what was expected. The library's areas each have a subclass; the stages and
+commands add their own (``export.errors.ExportError``, ``train.data.DataError``, ``ldm-serve``'s ServeError...).
+
+The subclasses that were ``ValueError`` before there was a common base still are, so code that catches
+``ValueError`` around a library call keeps working.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Something the user can fix: a flag, a file or folder, a request. The message is one sentence."""
+
+
+class UsageError(UserError):
+    """A command line that does not parse (an unknown flag, a missing argument, a bad choice)."""
+
+
+class ConfigError(UserError, ValueError):
+    """A model configuration value (``model.json``, a preset, a training flag) is invalid."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint dir or file a user pointed at is missing, unreadable, or not what was expected."""
+
+
+class EngineDirError(UserError, ValueError):
+    """An engine dir a user pointed at is missing, incomplete, or does not match its manifest."""
+
+
+class EngineLoadError(UserError, ValueError):
+    """A model folder, engine name or device a user gave cannot be opened or used on this machine."""
+
+
+class OutOfRangeError(UserError, ValueError):
+    """A batch size or image size outside the range an engine was exported for."""
+
+
+class RequestError(UserError, ValueError):
+    """A generation request is invalid. ``field`` names the request field at fault (``"steps"``, ``"seed"``...),
+    so that an HTTP answer can carry it as data."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
