@@ -5,7 +5,16 @@ warmed up and not draining), ``GET /metrics`` (Prometheus text format), ``GET /o
 
 Every error is JSON, ``{"error": {"type": ..., "field": ..., "message": ...}}``, where ``message`` is one
 sentence naming the bad value and what was expected. Nothing a client sends reaches a file path or picks
-an engine; no response ever carries a traceback or a path (unexpected errors go to the server's log only).
+an engine; no response ever carries a traceback or a path (unexpected errors go to the server's log only,
+and even they leave the keep-alive connection usable).
+
+With an API key, every route but the health probes needs ``Authorization: Bearer <key>``: inference, and the
+metadata and statistics (``/openapi.json``, ``/docs``, ``/metrics``), as Triton Inference Server can restrict its
+inference, metadata and statistics APIs with ``--http-restricted-api``; ``/healthz`` and ``/readyz`` stay open
+for orchestrators' probes, which carry no credentials (Triton's health and Ray Serve's ``/-/healthz`` likewise).
+The key is compared byte for byte with the header's value, both as UTF-8 (header values are bytes: decoding them
+one way and encoding the key another made a non-ASCII key unmatchable).
+
 
 ``create_app`` assembles the app from the parts below: the request schema (``request_model``, the OpenAPI
 entry ``images_openapi``), the error handlers, the images route (``ImagesRoute``: parse, queue, wait, answer;
@@ -20,16 +29,19 @@ import dataclasses
 import functools
 import hmac
 import json
+import logging
 import math
+import re
 import secrets
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from decimal import Decimal
+from typing import Any, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -41,9 +53,28 @@ from ldm_runtime.pipeline import DEFAULT_STEPS, GenerationRequest, Pipeline
 from ldm_runtime.serve.batcher import Batcher, Job, JobResult, JobTimeout, NotAccepting, QueueFull
 
 MAX_GUIDANCE_SCALE = 100.0
+DEFAULT_PROMPT_CHARS = 1000
+MAX_NESTING = 16  # arrays or objects in a field's value: a valid request has none; past this, only the depth is shown
+# Characters that do not make a prompt: Python's str.isspace() and ECMA-262's \s together, spelled out so that the
+# schema's "pattern" (ECMA-262) and the server (Python re) mean the same characters.
+BLANK_CHARACTERS = (r"\u0009-\u000d\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+                    r"\ufeff")
+NOT_BLANK_PATTERN = f"[^{BLANK_CHARACTERS}]"
+HEALTH_PATHS = ("/healthz", "/readyz")
+logger = logging.getLogger("uvicorn.error")
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["type", "field", "message"],
+    "properties": {"type": {"type": "string"}, "field": {"type": ["string", "null"]}, "message": {"type": "string"}}}}}
 OUTCOMES = ("ok", "invalid", "unauthorized", "queue_full", "not_ready", "draining", "timeout", "disconnected",
             "error")
 STUCK_STEP_GRACE_S = 1.0  # the worker drops an expired job at its next step boundary; this covers a stuck step
+
+
+def largest_request_bytes(max_prompt_chars: int) -> int:
+    """The bytes of the longest valid ``POST /v1/images`` body, so that the default body limit refuses none: both
+    prompts at 12 bytes a character (an escaped surrogate pair, as JSON encoders write astral characters), and
+    1 KiB for the other fields."""
+    return 2 * 12 * max_prompt_chars + 1024
 
 
 @dataclass(frozen=True)
@@ -52,8 +83,8 @@ class ServeLimits:
 
     max_n: int = 4
     max_steps: int = 50
-    max_prompt_chars: int = 1000
-    max_body_bytes: int = 16 * 1024
+    max_prompt_chars: int = DEFAULT_PROMPT_CHARS
+    max_body_bytes: int = largest_request_bytes(DEFAULT_PROMPT_CHARS)
     request_timeout_s: float = 120.0
     min_size: int = 8
     max_size: int = 64
@@ -75,18 +106,21 @@ def request_model(limits: ServeLimits) -> type[BaseModel]:
                               json_schema_extra={"examples": [{"prompt": "a red circle on a blue background",
                                                                "seed": 7, "steps": 25}]}),
         prompt=(str, Field(min_length=1, max_length=limits.max_prompt_chars,
-                           description="What to draw. Longer than the model's token limit is truncated.")),
+                           json_schema_extra={"pattern": NOT_BLANK_PATTERN},  # checked in parse_body
+                           description="What to draw, not only spaces. Longer than the model's token limit is "
+                                       "truncated.")),
         negative_prompt=(str, Field(defaults["negative_prompt"], max_length=limits.max_prompt_chars,
                                     description="What to steer away from; empty for none.")),
-        n=(int, Field(1, ge=1, le=limits.max_n, description="Number of images; image i uses seed + i.")),
+        n=(int, Field(1, ge=1, le=limits.max_n, description="Number of images; image i uses seed + i (mod 2**63).")),
         steps=(int, Field(limits.default_steps, ge=1, le=limits.max_steps, description="DDIM steps.")),
         guidance_scale=(float, Field(defaults["guidance_scale"], ge=0, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False,
                                      description="Classifier-free guidance scale; 1 means no guidance.")),
         eta=(float, Field(defaults["eta"], ge=0, le=1, allow_inf_nan=False,
                           description="DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like.")),
         seed=(int | None, Field(None, ge=0, le=MAX_SEED - 1,
-                                description="Seed of the first image; null picks one (returned in the answer). "
-                                            "The same request and seed give the same image whatever else runs.")),
+                                description="Seed of the first image; image i uses (seed + i) mod 2**63; null "
+                                            "picks one (returned in the answer). The same request and seed give "
+                                            "the same image whatever else runs.")),
         height=(int | None, Field(None, **size, description=size_text.format("height"))),
         width=(int | None, Field(None, **size, description=size_text.format("width"))),
     )
@@ -117,15 +151,36 @@ class ApiError(Exception):
         self.status, self.type, self.message, self.field, self.headers = status, type_, message, field, headers
 
 
-def error_response(error: ApiError) -> JSONResponse:
-    body = {"error": {"type": error.type, "field": error.field, "message": error.message}}
-    return JSONResponse(body, status_code=error.status, headers=error.headers)
+def error_body(error: ApiError) -> bytes:
+    r"""The JSON body of ``error`` in UTF-8, whatever the client put into its message (a lone surrogate is shown
+    as ``\ud800``)."""
+    field = None if error.field is None else printable(error.field)
+    return json.dumps({"error": {"type": error.type, "field": field, "message": printable(error.message)}},
+                      ensure_ascii=False).encode("utf-8")
+
+
+def error_response(error: ApiError) -> Response:
+    return Response(error_body(error), status_code=error.status, headers=error.headers,
+                    media_type="application/json")
+
+
+def printable(text: str) -> str:
+    """``text`` with anything UTF-8 cannot encode (a lone surrogate from a JSON escape) as a backslash escape."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _shortened(text: str) -> str:
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _shown(value: Any) -> str:
-    """A client's value as JSON, shortened to 60 characters."""
-    text = json.dumps(value, ensure_ascii=False, default=str, allow_nan=True)
-    return text if len(text) <= 60 else text[:57] + "..."
+    """A client's value as JSON (numbers as the client wrote them), shortened to 60 characters."""
+    if isinstance(value, Decimal):
+        text = str(value)
+    else:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=True,
+                          default=lambda item: str(item) if isinstance(item, Decimal) else repr(item))
+    return _shortened(printable(text))
 
 
 def validation_error(error: ValidationError, body: Any, limits: ServeLimits) -> ApiError:
@@ -137,8 +192,8 @@ def validation_error(error: ValidationError, body: Any, limits: ServeLimits) -> 
     field = location[0]
     if first["type"] == "extra_forbidden":
         known = ", ".join(request_model(limits).model_fields)
-        return ApiError(422, "invalid_request", f"{field} is not a field of this request; expected some of {known}",
-                        field)
+        return ApiError(422, "invalid_request", f"{_shortened(field)} is not a field of this request; expected some "
+                                                f"of {known}", field)
     if first["type"] == "missing":
         return ApiError(422, "invalid_request", f"{field} is missing; expected {expected_text(field, limits)}", field)
     value = first.get("input")
@@ -153,32 +208,86 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def json_number(number: Decimal) -> int | float | Decimal:
+    """A JSON number as Python sees it: a whole number is an int whatever its spelling (2, 2.0, 2e0), as JSON
+    Schema's "integer" says; any other a float; one that no float holds (1e400) stays a Decimal, which every
+    field refuses, showing it as the client wrote it."""
+    if number.is_finite() and number.adjusted() < 64 and number == number.to_integral_value():
+        return int(number)
+    as_float = float(number)
+    return as_float if math.isfinite(as_float) else number
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with its JSON numbers as ``json_number`` makes them (``value`` nests at most MAX_NESTING deep)."""
+    if isinstance(value, Decimal):
+        return json_number(value)
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
+
+
+def _nesting(value: Any) -> int:
+    """How many arrays or objects deep ``value`` goes (0 for a string, number, bool or null), without recursion."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, (list, dict)):
+            deepest = max(deepest, depth)
+            pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
 def parse_body(raw: bytes, content_type: str, limits: ServeLimits, model: type[BaseModel]) -> BaseModel:
-    """The request body as a validated model; ``ApiError`` naming the field otherwise."""
+    """The request body as a validated model; ``ApiError`` naming the field otherwise, whatever the bytes."""
     media_type = content_type.split(";")[0].strip().lower()
     if media_type and media_type != "application/json" and not media_type.endswith("+json"):
         raise ApiError(415, "unsupported_media_type",
-                       f"content type {media_type!r} is not supported; expected application/json", "content-type")
+                       f"content type {_shown(media_type)} is not supported; expected application/json",
+                       "content-type")
     try:
-        body = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except UnicodeDecodeError:
-        raise ApiError(400, "malformed_json", "the body is not UTF-8; expected a JSON object in UTF-8",
-                       "body") from None
-    except (json.JSONDecodeError, ValueError) as error:
-        where = (f" (at line {error.lineno} column {error.colno})"
-                 if isinstance(error, json.JSONDecodeError) else f" ({error})")
-        raise ApiError(400, "malformed_json", f"the body is not valid JSON{where}; expected a JSON object",
-                       "body") from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ApiError(400, "malformed_json", f"the body is not UTF-8 (byte {error.start}); expected a JSON object "
+                                              f"in UTF-8", "body") from None
     try:
-        parsed = model.model_validate(body)
+        body = json.loads(text, parse_float=Decimal, parse_int=Decimal, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ApiError(400, "malformed_json", "the body nests arrays or objects too deeply to read; expected a JSON "
+                                              "object of strings, numbers and null", "body") from None
+    except json.JSONDecodeError as error:
+        raise ApiError(400, "malformed_json", f"the body is not valid JSON (at line {error.lineno} column "
+                                              f"{error.colno}); expected a JSON object", "body") from None
+    except ValueError as error:  # NaN, Infinity
+        raise ApiError(400, "malformed_json", f"the body is not valid JSON ({error}); expected a JSON object",
+                       "body") from None
+    if not isinstance(body, dict):
+        depth = _nesting(body)
+        shown = f"an array nested {depth} deep" if depth > MAX_NESTING else _shown(_plain(body))
+        raise ApiError(422, "invalid_request", f"the body is {shown}; expected a JSON object", "body")
+    fields = {}
+    for key, value in body.items():
+        if printable(key) != key:
+            known = ", ".join(model.model_fields)
+            raise ApiError(422, "invalid_request", f"the field name {_shown(key)} is not valid Unicode (it holds a "
+                                                   f"lone surrogate); expected some of {known}", key)
+        if isinstance(value, str) and printable(value) != value:
+            raise ApiError(422, "invalid_request", f"{key} is {_shown(value)}, which is not valid Unicode (it holds a "
+                                                   f"lone surrogate); expected {expected_text(key, limits)}", key)
+        depth = _nesting(value)
+        if depth > MAX_NESTING:
+            raise ApiError(422, "invalid_request", f"{_shortened(key)} is an array or object nested {depth} deep; "
+                                                   f"expected {expected_text(key, limits) or 'no such field'}", key)
+        fields[key] = _plain(value)
+    try:
+        parsed = model.model_validate(fields)
     except ValidationError as error:
-        raise validation_error(error, body, limits) from None
-    if not parsed.prompt.strip():
+        raise validation_error(error, fields, limits) from None
+    if not re.search(NOT_BLANK_PATTERN, parsed.prompt):
         raise ApiError(422, "invalid_request", f"prompt is {_shown(parsed.prompt)}; expected "
                                                f"{expected_text('prompt', limits)} (not only spaces)", "prompt")
-    if parsed.seed is not None and parsed.seed + parsed.n > MAX_SEED:
-        raise ApiError(422, "invalid_request", f"seed is {parsed.seed}; expected at most 2**63 - {parsed.n} so that "
-                                               f"all {parsed.n} seeds (seed + i) stay below 2**63", "seed")
     return parsed
 
 
@@ -250,16 +359,18 @@ def create_app(pipeline: Pipeline, batcher: Batcher, limits: ServeLimits, metric
                   description=f"Text-to-image with a latent diffusion model ({model_name}); "
                               f"{batcher.config.mode} batching of up to {batcher.config.max_batch} images.")
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=limits.max_body_bytes)
+    if api_key is not None:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key, on_refused=metrics.requests.labels("unauthorized").inc)
+    app.add_middleware(ErrorSafetyMiddleware, on_error=metrics.requests.labels("error").inc)
     _add_error_handlers(app, metrics)
-    route = ImagesRoute(pipeline, batcher, limits, metrics, api_key)
+    route = ImagesRoute(pipeline, batcher, limits, metrics)
     app.post("/v1/images", summary="Generate images from a prompt",
              openapi_extra=images_openapi(route.model, limits))(route.create_images)
     _add_status_routes(app, batcher, metrics)
+    exact_openapi(app, {"/v1/images": route.model.model_json_schema()}, bearer=api_key is not None)
     return app
 
 
-ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "object", "properties": {
-    "type": {"type": "string"}, "field": {"type": ["string", "null"]}, "message": {"type": "string"}}}}}
 ERROR_CONTENT = {"application/json": {"schema": ERROR_SCHEMA}}
 ANSWER_SCHEMA = {"type": "object", "properties": {
     "images": {"type": "array", "items": {"type": "string", "contentEncoding": "base64",
@@ -292,29 +403,25 @@ def images_openapi(model: type[BaseModel], limits: ServeLimits) -> dict[str, Any
 
 
 def _add_error_handlers(app: FastAPI, metrics: ServeMetrics) -> None:
-    """Every error as the JSON error object: ours, Starlette's (404, 405), FastAPI's validation, and the
-    unexpected ones (500, counted; the details stay in the log)."""
+    """Every error as the JSON error object: ours, Starlette's (404, 405) and FastAPI's validation; the unexpected
+    ones (500, counted; the details stay in the log) are ``ErrorSafetyMiddleware``'s."""
 
     @app.exception_handler(ApiError)
-    async def on_api_error(request: Request, error: ApiError) -> JSONResponse:
+    async def on_api_error(request: Request, error: ApiError) -> Response:
         return error_response(error)
 
     @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        message = {404: f"path {request.url.path!r} does not exist; expected /v1/images, /healthz, /readyz or "
+    async def on_http_error(request: Request, error: StarletteHTTPException) -> Response:
+        message = {404: f"path {_shown(request.url.path)} does not exist; expected /v1/images, /healthz, /readyz or "
                         f"/metrics",
                    405: f"method {request.method} is not allowed on {request.url.path}"}.get(error.status_code,
                                                                                             str(error.detail))
         return error_response(ApiError(error.status_code, "http_error", message, None, dict(error.headers or {})))
 
     @app.exception_handler(RequestValidationError)
-    async def on_validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    async def on_validation_error(request: Request, error: RequestValidationError) -> Response:
         return error_response(ApiError(422, "invalid_request", "the request is not valid", None))
 
-    @app.exception_handler(Exception)
-    async def on_unexpected(request: Request, error: Exception) -> JSONResponse:
-        metrics.requests.labels("error").inc()
-        return error_response(ApiError(500, "internal", "the server failed on this request; its log has the details"))
 
 
 def _add_status_routes(app: FastAPI, batcher: Batcher, metrics: ServeMetrics) -> None:
@@ -336,21 +443,19 @@ def _add_status_routes(app: FastAPI, batcher: Batcher, metrics: ServeMetrics) ->
         return JSONResponse({"status": "ready", "batching": batcher.config.mode,
                              "max_batch": batcher.config.max_batch, "queue_depth": batcher.queue_depth})
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 class ImagesRoute:
-    """``POST /v1/images``: authenticate, parse, queue one job of ``n`` images, wait for it, answer PNG or JSON."""
+    """``POST /v1/images`` (the API key is ``ApiKeyMiddleware``'s): parse, queue one job of ``n`` images, wait for it, answer PNG or JSON."""
 
-    def __init__(self, pipeline: Pipeline, batcher: Batcher, limits: ServeLimits, metrics: ServeMetrics,
-                 api_key: str | None):
+    def __init__(self, pipeline: Pipeline, batcher: Batcher, limits: ServeLimits, metrics: ServeMetrics):
         self.pipeline = pipeline
         self.batcher = batcher
         self.limits = limits
         self.metrics = metrics
-        self.api_key = api_key
         self.model = request_model(limits)
 
     async def create_images(self, request: Request) -> Response:
@@ -363,8 +468,6 @@ class ImagesRoute:
                 raise
 
     async def _answer(self, request: Request, arrived: float) -> Response:
-        if self.api_key is not None:
-            _check_api_key(request.headers.get("authorization", ""), self.api_key)
         raw = await request.body()
         parsed = parse_body(raw, request.headers.get("content-type", ""), self.limits, self.model)
         accepted = _accepts(request.headers.get("accept", "application/json"))
@@ -372,8 +475,8 @@ class ImagesRoute:
         if png and parsed.n > 1:
             raise ApiError(406, "not_acceptable", f"n is {parsed.n} but the client accepts only image/png; expected "
                                                   f"n = 1 or Accept: application/json", "n")
-        seed = secrets.randbelow(MAX_SEED - parsed.n + 1) if parsed.seed is None else parsed.seed
-        seeds = [seed + index for index in range(parsed.n)]
+        seed = secrets.randbelow(MAX_SEED) if parsed.seed is None else parsed.seed
+        seeds = [(seed + index) % MAX_SEED for index in range(parsed.n)]
         requests = self._generation_requests(parsed, seeds)
 
         loop = asyncio.get_running_loop()
@@ -407,9 +510,7 @@ class ImagesRoute:
                                               f"expected a retry after {error.retry_after_s} s", None,
                            {"Retry-After": str(error.retry_after_s)}) from None
         except NotAccepting as error:
-            what = "is warming up" if error.reason == "warming_up" else "is draining before it exits"
-            raise ApiError(503, error.reason, f"the server {what}; expected a retry later", None,
-                           {"Retry-After": "1" if error.reason == "warming_up" else "5"}) from None
+            raise _not_accepting_error(error) from None
 
 
 async def _images_response(parsed: BaseModel, seeds: list[int], result: JobResult, total_s: float,
@@ -450,9 +551,17 @@ async def await_job(batcher: Batcher, job: Job, request: Request, limits: ServeL
         raise _timeout_error(limits)
     if isinstance(error, RequestError):
         raise ApiError(422, "invalid_request", str(error), error.field)
+    if isinstance(error, NotAccepting):  # the drain time ran out before this request finished
+        raise _not_accepting_error(error)
     if error is not None:
         raise ApiError(500, "internal", "the engine failed on this request; the server log has the details")
     return job.future.result()
+
+
+def _not_accepting_error(error: NotAccepting) -> ApiError:
+    what = "is warming up" if error.reason == "warming_up" else "is draining before it exits"
+    return ApiError(503, error.reason, f"the server {what}; expected a retry later", None,
+                    {"Retry-After": "1" if error.reason == "warming_up" else "5"})
 
 
 def _timeout_error(limits: ServeLimits) -> ApiError:
@@ -462,17 +571,9 @@ def _timeout_error(limits: ServeLimits) -> ApiError:
 
 
 def _outcome(error: ApiError) -> str:
-    return {401: "unauthorized", 429: "queue_full", 499: "disconnected", 500: "error"}.get(
+    return {429: "queue_full", 499: "disconnected", 500: "error"}.get(
         error.status, {"warming_up": "not_ready", "draining": "draining", "timeout": "timeout"}.get(error.type,
                                                                                                  "invalid"))
-
-
-def _check_api_key(authorization: str, api_key: str) -> None:
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-        given = "no API key" if not authorization else "a wrong API key"
-        raise ApiError(401, "unauthorized", f"the request has {given}; expected the header Authorization: Bearer "
-                                            f"<key>", "authorization", {"WWW-Authenticate": "Bearer"})
 
 
 async def _wait_for_disconnect(request: Request) -> None:
@@ -523,3 +624,92 @@ class BodyLimitMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+def exact_openapi(app: FastAPI, request_schemas: dict[str, dict], bearer: bool) -> None:
+    """Make ``app``'s OpenAPI schema say what the server does: each POST route's request body schema as pydantic
+    wrote it (FastAPI's OpenAPI models turn integer bounds into floats, 2**63 - 1 into 9.223372036854776e+18, a
+    seed the server refuses), and with ``bearer`` the API key as HTTP bearer on every route but the health probes,
+    each of those routes documenting its 401."""
+    make_schema = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = make_schema()
+            for path, request_schema in request_schemas.items():
+                schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"] = request_schema
+            if bearer:
+                schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
+                    "type": "http", "scheme": "bearer", "description": "The API key ldm-serve was started with."}
+                for path, operations in schema["paths"].items():
+                    for operation in operations.values():
+                        operation["security"] = [] if path in HEALTH_PATHS else [{"bearer": []}]
+                        if path not in HEALTH_PATHS:
+                            operation["responses"].setdefault("401", {
+                                "description": "Missing or wrong API key",
+                                "content": {"application/json": {"schema": ERROR_SCHEMA}}})
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+class ApiKeyMiddleware:
+    """ASGI middleware: every route but the health probes needs ``Authorization: Bearer <api_key>``, else 401."""
+
+    def __init__(self, app: Any, api_key: str, on_refused: Callable[[], None] = lambda: None):
+        self.app = app
+        # The key's UTF-8 bytes (an environment variable's undecodable bytes come back as they were).
+        self.key = api_key.encode("utf-8", "surrogateescape")
+        self.on_refused = on_refused
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in HEALTH_PATHS:
+            await self.app(scope, receive, send)
+            return
+        values = [value for name, value in scope["headers"] if name == b"authorization"]
+        if len(values) == 1 and self._matches(values[0]):
+            await self.app(scope, receive, send)
+            return
+        self.on_refused()
+        given = "no API key" if not values else "a wrong API key"
+        refused = ApiError(401, "unauthorized", f"the request has {given}; expected the header Authorization: Bearer "
+                                                f"<key>", "authorization", {"WWW-Authenticate": "Bearer"})
+        await error_response(refused)(scope, receive, send)
+
+    def _matches(self, authorization: bytes) -> bool:
+        scheme, _, token = authorization.strip().partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(b" \t"), self.key)
+
+
+class ErrorSafetyMiddleware:
+    """ASGI middleware: an exception that escapes the app is logged with its traceback and answered with a JSON
+    500 on a connection that stays usable (Starlette's own handler re-raises it, and uvicorn then drops the
+    keep-alive connection without saying so). After the response has started nothing can be said: the
+    connection closes mid-response, which the client sees."""
+
+    def __init__(self, app: Any, on_error: Callable[[], None] = lambda: None):
+        self.app = app
+        self.on_error = on_error
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_and_note(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception:
+            logger.exception("ldm-serve: %s %s failed", scope["method"], printable(scope["path"]))
+            self.on_error()
+            if started:
+                raise
+            failed = ApiError(500, "internal", "the server failed on this request; expected a retry, and the "
+                                               "server log has the details")
+            await error_response(failed)(scope, receive, send)

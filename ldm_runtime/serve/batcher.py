@@ -155,6 +155,7 @@ class Batcher:
         self._queue: collections.deque[Job] = collections.deque()
         self._condition = threading.Condition()
         self._stopping = False
+        self._abandoned = False
         self._active: list[Job] = []
         self._recent_job_seconds = 1.0  # a running estimate of one job's wall time, for Retry-After
         self._thread = threading.Thread(target=self._run, name="ldm-serve-batcher", daemon=True)
@@ -193,6 +194,20 @@ class Batcher:
             self._condition.notify()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
+
+    def abandon(self) -> None:
+        """The drain time is up: every queued and running job is answered ``NotAccepting("draining")`` now, and the
+        worker drops the running ones at its next step boundary (and any it was just admitting)."""
+        with self._condition:
+            self.draining = True
+            self._abandoned = True
+            jobs = [*self._queue, *self._active]
+            self._queue.clear()
+            self.observer("queue_depth", depth=0)
+            self._condition.notify()
+        for job in jobs:
+            job.cancel()
+            job.resolve(error=NotAccepting("draining"))
 
     def withdraw(self, job: Job) -> None:
         """The client of ``job`` has gone: a queued job frees its slot now, a running one at the next step."""
@@ -297,6 +312,10 @@ class Batcher:
         if not jobs:
             return
         now = time.monotonic()
+        if self._abandoned:
+            for job in jobs:
+                job.resolve(error=NotAccepting("draining"))
+            return
         jobs = [job for job in jobs if not job.cancelled]
         requests = [request for job in jobs for request in job.requests]
         try:

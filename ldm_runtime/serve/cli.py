@@ -6,8 +6,12 @@
 The engine is loaded before the server binds, so a bad folder or flag is one line ``ldm-serve: error: ...``
 on stderr and exit status 2. Then the server listens at once (``/healthz`` answers) while a worker thread
 warms the engine up (``/readyz`` answers 503 until it is done). SIGTERM or SIGINT drains: the listening
-socket closes, requests on open connections get 503, queued and running requests finish, and the process
-exits 0. An API key is required when ``--api-key-file`` is given or ``LDM_SERVE_API_KEY`` is set.
+socket closes, requests still arriving or newly arrived get 503, queued and running requests finish, and the
+process exits 0; whatever is left when ``--drain-timeout`` runs out gets 503 then, so the process exits
+within the drain time whatever clients do. A request's header and body must arrive within
+``--header-timeout`` and ``--body-timeout`` (``serve.protocol``), else 408 and the connection closes.
+An API key is required when ``--api-key-file`` is given or ``LDM_SERVE_API_KEY`` is set: then every route
+but ``/healthz`` and ``/readyz`` needs it (``serve.app``).
 
 ``LDM_SERVE_STEP_GATE=FILE`` holds the worker at step boundaries while FILE exists (``batcher.StepGate``): the
 tests use it to keep requests queued or running for as long as they need, whatever the machine's speed.
@@ -16,7 +20,9 @@ tests use it to keep requests queued or running for as long as they need, whatev
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -30,8 +36,9 @@ import uvicorn
 from ldm_runtime.command_line import OneLineArgumentParser, report_user_error
 from ldm_runtime.engines import ENGINE_DIR_MARKER, ENGINE_NAMES, load_engine
 from ldm_runtime.errors import UserError
-from ldm_runtime.serve.app import ServeLimits, ServeMetrics, create_app
+from ldm_runtime.serve.app import ServeLimits, ServeMetrics, create_app, largest_request_bytes
 from ldm_runtime.serve.batcher import BATCHING_MODES, Batcher, BatcherConfig, StepGate
+from ldm_runtime.serve.protocol import GuardedH11Protocol
 from ldm_runtime.serve.text_cache import DEFAULT_CAPACITY, TextEncodingCache
 
 PROG = "ldm-serve"
@@ -41,6 +48,10 @@ LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 LISTENING_LINE = f"{PROG}: serving"  # the start of the line that says the server listens (and where)
 LIMIT_DEFAULTS = ServeLimits()
 BATCHER_DEFAULTS = BatcherConfig()
+HEADER_TIMEOUT_S = 20.0  # Apache httpd's mod_reqtimeout starts from 20 s for the header and for the body
+BODY_TIMEOUT_S = 20.0
+DRAIN_TIMEOUT_S = 30.0  # Triton Inference Server's --exit-timeout-secs
+ABORT_GRACE_S = 1.0  # after the drain time: for the 503s to go out before connections are cut
 
 
 class ServeError(UserError):
@@ -75,10 +86,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="largest image side in pixels (default: the engine's largest)")
     parser.add_argument("--max-prompt-chars", type=int, default=LIMIT_DEFAULTS.max_prompt_chars,
                         help="longest prompt or negative prompt in characters (default: %(default)s)")
-    parser.add_argument("--max-body-bytes", type=int, default=LIMIT_DEFAULTS.max_body_bytes,
-                        help="largest request body; beyond it 413 (default: %(default)s)")
+    parser.add_argument("--max-body-bytes", type=int, default=None,
+                        help="largest request body; beyond it 413 (default: what the longest valid request needs, "
+                             f"{LIMIT_DEFAULTS.max_body_bytes} for the default --max-prompt-chars)")
+    parser.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_S, metavar="S",
+                        help="seconds a request's header may take to arrive (from the connection opening or the "
+                             "previous response); beyond it 408 and the connection closes (default: %(default)s)")
+    parser.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT_S, metavar="S",
+                        help="seconds a request's body may take to arrive after its header; beyond it 408 and the "
+                             "connection closes (default: %(default)s)")
+    parser.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT_S, metavar="S",
+                        help="seconds SIGTERM/SIGINT waits for queued and running requests; those left then get 503 "
+                             "and the process exits (default: %(default)s)")
     parser.add_argument("--api-key-file", default=None, metavar="FILE",
-                        help=f"require 'Authorization: Bearer KEY' with the key in FILE (or set {API_KEY_ENV})")
+                        help=f"require 'Authorization: Bearer KEY' with the key in FILE, a UTF-8 text file (or set "
+                             f"{API_KEY_ENV}), on every route but /healthz and /readyz: /v1/images, /metrics, "
+                             f"/openapi.json and /docs")
     parser.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
                         help="auto picks torch for a checkpoint dir and onnxruntime for an engine dir")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
@@ -110,7 +133,13 @@ def _prepare(args: argparse.Namespace):
     _check_range("--max-n", args.max_n, 1, None)
     _check_range("--max-steps", args.max_steps, 1, None)
     _check_range("--max-prompt-chars", args.max_prompt_chars, 1, None)
+    if args.max_body_bytes is None:
+        args.max_body_bytes = largest_request_bytes(args.max_prompt_chars)
     _check_range("--max-body-bytes", args.max_body_bytes, 256, None)
+    for flag, seconds in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout),
+                          ("--drain-timeout", args.drain_timeout)):
+        if not 0 < seconds <= 86_400:  # NaN fails too
+            raise ServeError(f"{flag} is {seconds}; expected seconds above 0, at most 86400")
     _check_range("--text-cache", args.text_cache, 0, None)
     if args.threads is not None:
         _check_range("--threads", args.threads, 1, None)
@@ -149,8 +178,12 @@ def _prepare(args: argparse.Namespace):
     app = create_app(pipeline, batcher, limits, metrics, api_key=api_key, model_name=Path(args.model).name)
     sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_keep_alive=5, lifespan="on")
-    server = DrainingServer(config, batcher)
+    protocol = functools.partial(GuardedH11Protocol, header_timeout_s=args.header_timeout,
+                                 body_timeout_s=args.body_timeout)
+    # uvicorn's own graceful-shutdown timeout is the last resort, after DrainingServer's
+    config = uvicorn.Config(app, http=protocol, log_level=args.log_level, timeout_keep_alive=5, lifespan="on",
+                            timeout_graceful_shutdown=args.drain_timeout + 3 * ABORT_GRACE_S)
+    server = DrainingServer(config, batcher, args.drain_timeout)
     shown_host = f"[{host}]" if ":" in host else host
     print(f"{LISTENING_LINE} {args.model} ({info.name} engine, {args.batching} batching, max batch {max_batch}, "
           f"queue {args.max_queue}{', API key required' if api_key else ''}) on http://{shown_host}:{port}",
@@ -162,16 +195,35 @@ def _prepare(args: argparse.Namespace):
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn's server, but a signal first makes the batcher refuse new work (503), and the process exits 0
-    after the drain instead of re-raising the signal as uvicorn does."""
+    """uvicorn's server, but a signal first makes the batcher refuse new work (503), the drain ends after
+    ``drain_timeout_s`` whatever clients do, and the process exits 0 after it instead of re-raising the signal
+    as uvicorn does."""
 
-    def __init__(self, config: uvicorn.Config, batcher: Batcher):
+    def __init__(self, config: uvicorn.Config, batcher: Batcher, drain_timeout_s: float = DRAIN_TIMEOUT_S):
         super().__init__(config)
         self.batcher = batcher
+        self.drain_timeout_s = drain_timeout_s
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.batcher.drain()
         super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        time_up = asyncio.get_running_loop().call_later(self.drain_timeout_s, self._drain_time_up)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            time_up.cancel()
+
+    def _drain_time_up(self) -> None:
+        """Requests still queued or running get 503 now; a connection still open a moment later (its client
+        does not read its answer) is cut."""
+        self.batcher.abandon()
+        asyncio.get_running_loop().call_later(ABORT_GRACE_S, self._cut_connections)
+
+    def _cut_connections(self) -> None:
+        for connection in list(self.server_state.connections):
+            connection.transport.abort()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -210,10 +262,10 @@ def _log_to_stderr(level: str) -> None:
 def _read_api_key(path: str | None) -> str | None:
     if path is not None:
         try:
-            key = Path(path).read_text().strip()
+            key = Path(path).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as error:
             raise ServeError(f"--api-key-file {path} cannot be read ({getattr(error, 'strerror', None) or error}); "
-                             f"expected a text file holding the key") from None
+                             f"expected a UTF-8 text file holding the key") from None
         if not key:
             raise ServeError(f"--api-key-file {path} is empty; expected a text file holding the key")
         return key
