@@ -28,8 +28,8 @@ class EngineLoadError(ValueError):
 
 def pick_engine(path: str | Path, device: str = "auto") -> tuple[str, str]:
     """(the engine "auto" runs ``path`` on, one sentence saying why). A checkpoint dir runs on torch. An engine
-    dir runs on openvino where it imports and the engine runs on the CPU (measured faster than onnxruntime
-    there: BENCHMARKS.md), else on onnxruntime (on a GPU, or without openvino)."""
+    dir runs on openvino where it imports and the engine runs on the CPU (measured as fast as onnxruntime at 2
+    UNet rows and faster at 16: BENCHMARKS.md), else on onnxruntime (on a GPU, or without openvino)."""
     folder = _existing_folder(path)
     if (folder / CHECKPOINT_MARKER).is_file():
         return "torch", f"{folder} is a checkpoint dir, which runs eagerly on torch"
@@ -42,7 +42,7 @@ def pick_engine(path: str | Path, device: str = "auto") -> tuple[str, str]:
         return "onnxruntime", "onnxruntime sees a CUDA GPU"
     if importlib.util.find_spec("openvino") is None:
         return "onnxruntime", "openvino is not installed (pip install 'ldm-runtime[openvino]' for the faster CPU engine)"
-    return "openvino", "openvino is installed and is the fastest CPU engine for an engine dir"
+    return "openvino", "openvino is installed, and on the CPU it is as fast as onnxruntime or faster"
 
 
 def _existing_folder(path: str | Path) -> Path:
