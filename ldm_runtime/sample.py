@@ -1,4 +1,4 @@
-"""``ldm-sample``: prompts in, PNG images out, from a checkpoint dir (torch) or an engine dir (onnxruntime).
+"""``ldm-sample``: prompts in, PNG images out, from a checkpoint dir (torch) or an engine dir (openvino, onnxruntime).
 
     ldm-sample --model runs/ldm "a red circle" "a blue square" --seed 7 --steps 25 --out samples/
 
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from ldm_runtime.command_line import OneLineArgumentParser, report_user_error
-from ldm_runtime.engines import ENGINE_NAMES, load_engine
+from ldm_runtime.engines import ENGINE_NAMES, load_engine, pick_engine
 from ldm_runtime.errors import UserError
 from ldm_runtime.images import image_grid, png_bytes
 from ldm_runtime.pipeline import GenerationRequest, Pipeline
@@ -60,8 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--height", type=int, default=None, help="image height (default: the model's size)")
     parser.add_argument("--width", type=int, default=None, help="image width (default: the model's size)")
     parser.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
-                        help="auto picks torch for a checkpoint dir and onnxruntime for an engine dir; triton "
-                             "(a checkpoint dir on a CUDA GPU) runs the fused Triton kernels in fp16 with CUDA graphs")
+                        help="auto picks torch for a checkpoint dir and, for an engine dir, openvino on the CPU "
+                             "where it is installed, else onnxruntime (and says which); triton (a checkpoint dir "
+                             "on a CUDA GPU) runs the fused Triton kernels in fp16 with CUDA graphs")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                        help="the openvino engine's inference precision; bf16 only on a CPU with native bf16 "
+                             "(default: fp32)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="prompts sampled together (default: as many as the engine's batch holds)")
@@ -72,20 +76,34 @@ def main(argv: list[str] | None = None) -> int:
     """Run ldm-sample; returns the exit status (0, or 2 after a one-line error on stderr)."""
     try:
         args = build_parser().parse_args(argv)
-        written = _sample(args)
+        written, auto_choice = _sample(args)
     except UserError as error:
         return report_user_error(PROG, error)
+    if auto_choice:
+        print(f"{PROG}: {auto_choice}", file=sys.stderr)
     print(f"{PROG}: wrote {written[0] if len(written) == 1 else f'{len(written)} PNG files to {written[0].parent}'}",
           file=sys.stderr)
     return 0
 
 
-def _sample(args: argparse.Namespace) -> list[Path]:
-    """Everything after parsing: check the output, load the engine, check the requests, sample, write."""
+def _sample(args: argparse.Namespace) -> tuple[list[Path], str | None]:
+    """Everything after parsing: check the output, load the engine, check the requests, sample, write.
+    Returns the files written and, under --engine auto, which engine it picked and why."""
     count = len(args.prompts)
     seeds = [args.seed + index for index in range(count)]
     plan = plan_output(args.out, seeds)
-    engine = load_engine(args.model, engine=args.engine, device=args.device)
+    auto_choice = None
+    engine_name = args.engine
+    if engine_name == "auto":
+        engine_name, reason = pick_engine(args.model, args.device)
+        auto_choice = f"--engine auto picked {engine_name}: {reason}"
+    options = {}
+    if args.precision is not None:
+        if engine_name != "openvino":
+            raise SampleError(f"--precision {args.precision} applies to the openvino engine, not {engine_name}; "
+                              f"expected --engine openvino or no --precision")
+        options["precision"] = args.precision
+    engine = load_engine(args.model, engine=engine_name, device=args.device, **options)
     pipeline = Pipeline(engine)
     requests = [
         GenerationRequest(prompt=prompt, negative_prompt=args.negative_prompt, seed=seed, steps=args.steps,
@@ -101,7 +119,7 @@ def _sample(args: argparse.Namespace) -> list[Path]:
         settings.update(height=image.shape[0], width=image.shape[1], model=str(args.model),
                         engine=engine.info.name, sampler="ddim")
         metadata.append(settings)
-    return write_outputs(plan, images, metadata)
+    return write_outputs(plan, images, metadata), auto_choice
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,15 @@
-"""Engines: the same four calls over eager PyTorch, onnxruntime, Triton kernels or TensorRT.
+"""Engines: the same four calls over eager PyTorch, onnxruntime, OpenVINO, Triton kernels or TensorRT.
 
 ``load_engine`` opens a folder: a checkpoint dir (``model.json``, written by ``ldm-train``) runs on the
 torch engine (or, on a CUDA GPU, the triton engine), an engine dir (``manifest.json``, written by
-``ldm-export``) on onnxruntime. Each engine's
-module is imported only when it is asked for, so serving an engine dir needs no torch.
+``ldm-export``) on onnxruntime or openvino. Each engine's module is imported only when it is asked for, so
+serving an engine dir needs no torch.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +18,54 @@ from ldm_runtime.engines.base import Engine, EngineInfo
 from ldm_runtime.errors import EngineLoadError
 from ldm_runtime.manifest import MANIFEST_JSON
 
-ENGINE_NAMES = ("auto", "torch", "triton", "onnxruntime")
+ENGINE_NAMES = ("auto", "torch", "triton", "onnxruntime", "openvino")
+ENGINE_DIR_ENGINES = ("onnxruntime", "openvino")  # the engines that run an engine dir
 CHECKPOINT_MARKER = MODEL_JSON
 ENGINE_DIR_MARKER = MANIFEST_JSON
 # The optional libraries an engine needs: a missing one is the user's to install, not a bug.
 ENGINE_LIBRARIES = {"torch": ("torch", "transformers", "safetensors"), "triton": ("torch", "transformers",
                                                                                   "safetensors", "triton"),
-                    "onnxruntime": ("onnxruntime", "tokenizers")}
+                    "onnxruntime": ("onnxruntime", "tokenizers"), "openvino": ("openvino", "tokenizers")}
+log = logging.getLogger(__name__)
+
+
+def pick_engine(path: str | Path, device: str = "auto") -> tuple[str, str]:
+    """(the engine "auto" runs ``path`` on, one sentence saying why). A checkpoint dir runs on torch. An engine
+    dir runs on openvino where it imports and the engine runs on the CPU (measured as fast as onnxruntime at 2
+    UNet rows and faster at 16: BENCHMARKS.md), else on onnxruntime (on a GPU, or without openvino)."""
+    folder = _existing_folder(path)
+    if (folder / CHECKPOINT_MARKER).is_file():
+        return "torch", f"{folder} is a checkpoint dir, which runs eagerly on torch"
+    if not (folder / ENGINE_DIR_MARKER).is_file():
+        raise EngineLoadError(f"{folder} has neither {CHECKPOINT_MARKER} nor {ENGINE_DIR_MARKER}; expected a "
+                              f"checkpoint dir (ldm-train) or an engine dir (ldm-export)")
+    if device.startswith("cuda"):
+        return "onnxruntime", f"device {device!r} is a GPU, which the openvino engine does not run on"
+    if device == "auto" and _onnxruntime_sees_a_gpu():
+        return "onnxruntime", "onnxruntime sees a CUDA GPU"
+    if importlib.util.find_spec("openvino") is None:
+        return "onnxruntime", "openvino is not installed (pip install 'ldm-runtime[openvino]' for the faster CPU engine)"
+    return "openvino", "openvino is installed, and on the CPU it is as fast as onnxruntime or faster"
+
+
+def _existing_folder(path: str | Path) -> Path:
+    folder = Path(path)
+    if not folder.is_dir():
+        raise EngineLoadError(f"model folder {str(folder)!r} does not exist or is not a folder; expected a "
+                              f"checkpoint dir (ldm-train) or an engine dir (ldm-export)")
+    return folder
+
+
+def _onnxruntime_sees_a_gpu() -> bool:
+    import onnxruntime
+
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
 def load_engine(path: str | Path, engine: str = "auto", device: str = "auto", **options: Any) -> Engine:
-    """The engine for ``path``: "torch" or "triton" for a checkpoint dir, "onnxruntime" for an engine dir;
-    "auto" picks torch or onnxruntime by the folder. ``options`` go to the engine's constructor (e.g. ``dtype``, ``unet_chunk_size`` for torch).
+    """The engine for ``path``: "torch" or "triton" for a checkpoint dir, "onnxruntime" or "openvino" for an
+    engine dir; "auto" takes ``pick_engine``'s choice and logs it. ``options`` go to the engine's constructor
+    (e.g. ``dtype``, ``unet_chunk_size`` for torch; ``intra_op_threads`` for onnxruntime and openvino).
 
     Raises ``EngineLoadError`` for an unknown engine name, a folder that is neither kind, a device this machine
     lacks or an engine library that is not installed, and ``CheckpointError`` or ``EngineDirError`` for a folder
@@ -35,22 +73,17 @@ def load_engine(path: str | Path, engine: str = "auto", device: str = "auto", **
     """
     if engine not in ENGINE_NAMES:
         raise EngineLoadError(f"engine {engine!r} is not one of {', '.join(ENGINE_NAMES)}")
-    folder = Path(path)
-    if not folder.is_dir():
-        raise EngineLoadError(f"model folder {str(folder)!r} does not exist or is not a folder; expected a "
-                              f"checkpoint dir (ldm-train) or an engine dir (ldm-export)")
+    folder = _existing_folder(path)
     is_checkpoint = (folder / CHECKPOINT_MARKER).is_file()
     is_engine_dir = (folder / ENGINE_DIR_MARKER).is_file()
     if engine == "auto":
-        if not (is_checkpoint or is_engine_dir):
-            raise EngineLoadError(f"{folder} has neither {CHECKPOINT_MARKER} nor {ENGINE_DIR_MARKER}; expected a "
-                                  f"checkpoint dir (ldm-train) or an engine dir (ldm-export)")
-        engine = "torch" if is_checkpoint else "onnxruntime"
+        engine, reason = pick_engine(folder, device)
+        log.info("--engine auto picked %s: %s", engine, reason)
     if engine in ("torch", "triton") and not is_checkpoint:
         raise EngineLoadError(f"{folder} has no {CHECKPOINT_MARKER}; the {engine} engine runs a checkpoint dir "
                               f"written by ldm-train")
-    if engine == "onnxruntime" and not is_engine_dir:
-        raise EngineLoadError(f"{folder} has no {ENGINE_DIR_MARKER}; the onnxruntime engine runs an engine dir "
+    if engine in ENGINE_DIR_ENGINES and not is_engine_dir:
+        raise EngineLoadError(f"{folder} has no {ENGINE_DIR_MARKER}; the {engine} engine runs an engine dir "
                               f"written by ldm-export")
     try:
         return _engine_class(engine)(folder, device=device, **options)
@@ -62,7 +95,7 @@ def load_engine(path: str | Path, engine: str = "auto", device: str = "auto", **
 
 
 def _engine_class(engine: str) -> type:
-    """The class of engine ``engine`` ("torch", "triton" or "onnxruntime"), imported now."""
+    """The class of engine ``engine`` ("torch", "triton", "onnxruntime" or "openvino"), imported now."""
     if engine == "triton":
         from ldm_runtime.engines.triton_engine import TritonEngine
 
@@ -71,9 +104,14 @@ def _engine_class(engine: str) -> type:
         from ldm_runtime.engines.torch_engine import TorchEngine
 
         return TorchEngine
+    if engine == "openvino":
+        from ldm_runtime.engines.openvino_engine import OpenVinoEngine
+
+        return OpenVinoEngine
     from ldm_runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
 
     return OnnxRuntimeEngine
 
 
-__all__ = ["ENGINE_NAMES", "Engine", "EngineInfo", "EngineLoadError", "load_engine"]
+__all__ = ["ENGINE_DIR_ENGINES", "ENGINE_NAMES", "Engine", "EngineInfo", "EngineLoadError", "load_engine",
+           "pick_engine"]

@@ -34,7 +34,7 @@ from typing import Any, Iterator
 import uvicorn
 
 from ldm_runtime.command_line import OneLineArgumentParser, report_user_error
-from ldm_runtime.engines import ENGINE_DIR_MARKER, ENGINE_NAMES, load_engine
+from ldm_runtime.engines import ENGINE_DIR_ENGINES, ENGINE_NAMES, load_engine, pick_engine
 from ldm_runtime.errors import UserError
 from ldm_runtime.serve.app import ServeLimits, ServeMetrics, create_app, largest_request_bytes
 from ldm_runtime.serve.batcher import BATCHING_MODES, Batcher, BatcherConfig, StepGate
@@ -103,10 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{API_KEY_ENV}), on every route but /healthz and /readyz: /v1/images, /metrics, "
                              f"/openapi.json and /docs")
     parser.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
-                        help="auto picks torch for a checkpoint dir and onnxruntime for an engine dir")
+                        help="auto picks torch for a checkpoint dir and, for an engine dir, openvino on the CPU "
+                             "where it is installed, else onnxruntime (and says which)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--text-cache", type=int, default=DEFAULT_CAPACITY, metavar="N",
                         help="prompts whose text encoding is remembered, 0 for none (default: %(default)s)")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                        help="the openvino engine's inference precision; bf16 only on a CPU with native bf16 "
+                             "(default: fp32)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per engine call (default: the engine's own default)")
     parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
@@ -185,7 +189,8 @@ def _prepare(args: argparse.Namespace):
                             timeout_graceful_shutdown=args.drain_timeout + 3 * ABORT_GRACE_S)
     server = DrainingServer(config, batcher, args.drain_timeout)
     shown_host = f"[{host}]" if ":" in host else host
-    print(f"{LISTENING_LINE} {args.model} ({info.name} engine, {args.batching} batching, max batch {max_batch}, "
+    picked = " picked by --engine auto" if args.engine == "auto" else ""
+    print(f"{LISTENING_LINE} {args.model} ({info.name} engine{picked}, {args.batching} batching, max batch {max_batch}, "
           f"queue {args.max_queue}{', API key required' if api_key else ''}) on http://{shown_host}:{port}",
           file=sys.stderr, flush=True)
     if args.host not in LOOPBACK_HOSTS and not api_key:
@@ -239,10 +244,19 @@ def _load_engine(args: argparse.Namespace):
     """The engine of ``--model``, its calls on ``--threads`` CPU threads (onnxruntime's sessions are made with
     that many; for the torch engines it is torch's process-wide thread count)."""
     folder = Path(args.model)
-    onnxruntime = args.engine == "onnxruntime" or (args.engine == "auto" and (folder / ENGINE_DIR_MARKER).is_file())
-    options = {"intra_op_threads": args.threads} if onnxruntime and args.threads is not None else {}
-    engine = load_engine(folder, engine=args.engine, device=args.device, **options)
-    if args.threads is not None and not onnxruntime:
+    engine_name = args.engine
+    if engine_name == "auto":
+        engine_name, _ = pick_engine(folder, args.device)  # the serving line names it
+    options = {}
+    if args.precision is not None:
+        if engine_name != "openvino":
+            raise ServeError(f"--precision {args.precision} applies to the openvino engine, not {engine_name}; "
+                             f"expected --engine openvino or no --precision")
+        options["precision"] = args.precision
+    if args.threads is not None and engine_name in ENGINE_DIR_ENGINES:
+        options["intra_op_threads"] = args.threads
+    engine = load_engine(folder, engine=engine_name, device=args.device, **options)
+    if args.threads is not None and engine_name not in ENGINE_DIR_ENGINES:
         import torch  # the torch engine that just loaded imported it
 
         torch.set_num_threads(args.threads)

@@ -111,7 +111,8 @@ def test_engine_samples_without_importing_torch(exported):
 
 
 def test_load_engine_opens_an_engine_dir_with_onnxruntime(exported):
-    assert isinstance(load_engine(exported[1], device="cpu", intra_op_threads=1), OnnxRuntimeEngine)
+    assert isinstance(load_engine(exported[1], engine="onnxruntime", device="cpu", intra_op_threads=1),
+                      OnnxRuntimeEngine)
 
 
 def test_graph_whose_sha256_differs_is_refused_naming_it(exported, tmp_path):

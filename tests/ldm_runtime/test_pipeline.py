@@ -324,7 +324,7 @@ def test_load_engine_opens_a_checkpoint_dir_with_the_torch_engine(checkpoint_dir
 
 @pytest.mark.parametrize("name", ["tensorflow", "Torch", ""])
 def test_load_engine_refuses_unknown_engine_names_listing_the_choices(checkpoint_dir, name):
-    with pytest.raises(EngineLoadError, match=f"engine {name!r} is not one of auto, torch, triton, onnxruntime"):
+    with pytest.raises(EngineLoadError, match=f"engine {name!r} is not one of auto, torch, triton, onnxruntime, openvino"):
         load_engine(checkpoint_dir, engine=name)
 
 

@@ -1,0 +1,275 @@
+"""The openvino engine on the tiny checkpoint's fp32 export: every call matches the onnxruntime and the eager
+torch engines, a whole sampling run stays within 40 dB of eager, a row's result does not depend on the rows
+beside it or on the bucket it is padded to, graphs are compiled once per bucket and shape, it samples without
+importing torch, and what this machine cannot do (bf16 without native bf16, no openvino) is refused in one line.
+"""
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openvino")  # the dev extra installs it
+
+from export.validate import psnr_db
+from ldm_runtime.engines import load_engine, pick_engine
+from ldm_runtime.engines import openvino_engine
+from ldm_runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
+from ldm_runtime.engines.openvino_engine import OpenVinoEngine, OpenVinoUnavailable, batch_buckets_for
+from ldm_runtime.manifest import OutOfRangeError
+from ldm_runtime.pipeline import GenerationRequest, Pipeline
+from tests.export.tiny_checkpoint import TINY_CONFIG, shared_tiny_engine
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPTS = ["a red circle", "two blue squares on a green background in the top left corner of the image", "",
+           "a yellow triangle"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    checkpoint, engine_dir, code, output = shared_tiny_engine(tmp_path_factory, "fp32")
+    assert code == 0, output
+    return checkpoint, engine_dir
+
+
+@pytest.fixture(scope="module")
+def engine(exported):
+    return OpenVinoEngine(exported[1], intra_op_threads=1)
+
+
+@pytest.fixture(scope="module")
+def onnxruntime_engine(exported):
+    return OnnxRuntimeEngine(exported[1], intra_op_threads=1)
+
+
+@pytest.fixture(scope="module")
+def torch_engine(exported):
+    from ldm_runtime.engines.torch_engine import TorchEngine
+
+    return TorchEngine(exported[0], device="cpu", unet_chunk_size=None)
+
+
+def relative_error(actual, expected) -> float:
+    expected = np.asarray(expected, dtype=np.float64)
+    return float(np.linalg.norm(np.asarray(actual, dtype=np.float64) - expected) / np.linalg.norm(expected))
+
+
+def test_openvino_engine_info_comes_from_the_manifest(engine, onnxruntime_engine):
+    assert engine.info == dataclasses.replace(onnxruntime_engine.info, name="openvino")
+    assert engine.batch_buckets == (1, 2, 4, 8)  # the tiny export's batch range is 1..8
+
+
+def test_every_call_matches_the_onnxruntime_and_torch_engines_within_1e_4(engine, onnxruntime_engine,
+                                                                         torch_engine, rng):
+    import torch
+
+    context, mask = engine.encode_text(PROMPTS[:3])
+    expected_context, expected_mask = torch_engine.encode_text(PROMPTS[:3])
+    np.testing.assert_array_equal(mask, expected_mask.numpy())
+    assert relative_error(context, expected_context) < 1e-4
+    assert relative_error(context, onnxruntime_engine.encode_text(PROMPTS[:3])[0]) < 1e-4
+
+    latents = rng.standard_normal((3, 4, 8, 12)).astype(np.float32)
+    timesteps = rng.integers(0, 1000, size=3)
+    noise_pred = engine.unet(latents, timesteps, context, mask)
+    expected = torch_engine.unet(torch.from_numpy(latents), timesteps, expected_context, expected_mask)
+    assert noise_pred.dtype == np.float32 and noise_pred.shape == latents.shape
+    assert relative_error(noise_pred, expected) < 1e-4
+    assert relative_error(noise_pred, onnxruntime_engine.unet(latents, timesteps, context, mask)) < 1e-4
+
+    images = engine.decode(latents)
+    assert images.shape == (3, 3, 16, 24)
+    assert relative_error(images, torch_engine.decode(torch.from_numpy(latents))) < 1e-4
+    assert relative_error(images, onnxruntime_engine.decode(latents)) < 1e-4
+    clipped = np.clip(images, -1, 1)
+    encoded = engine.encode_images(clipped)
+    assert relative_error(encoded, torch_engine.encode_images(torch.from_numpy(clipped))) < 1e-4
+    assert relative_error(encoded, onnxruntime_engine.encode_images(clipped)) < 1e-4
+
+
+def test_whole_sampling_run_is_within_40_db_of_eager_torch(engine, torch_engine, rng):
+    requests = [GenerationRequest(prompt=PROMPTS[i], seed=int(rng.integers(2**31)), steps=25) for i in range(2)]
+    images = Pipeline(engine).generate(requests)
+    expected = Pipeline(torch_engine).generate(requests)
+    assert psnr_db(images, expected) >= 40
+
+
+def test_unet_rows_are_bit_identical_alone_or_in_any_bucket(engine, rng):
+    batch = 7  # padded to the bucket of 8; each row alone runs in the bucket of 1
+    latents = rng.standard_normal((batch, 4, 8, 8)).astype(np.float32)
+    timesteps = rng.integers(0, 1000, size=batch)
+    context, mask = engine.encode_text([PROMPTS[i % 4] for i in range(batch)])
+    together = engine.unet(latents, timesteps, context, mask)
+    for row in range(batch):
+        alone = engine.unet(latents[row:row + 1], timesteps[row:row + 1], context[row:row + 1], mask[row:row + 1])
+        assert np.array_equal(together[row:row + 1], alone), f"row {row}"
+    pair = engine.unet(latents[2:5], timesteps[2:5], context[2:5], mask[2:5])  # the bucket of 4
+    assert np.array_equal(pair, together[2:5])
+
+
+def test_padding_rows_do_not_change_the_real_rows(engine, rng):
+    latents = rng.standard_normal((4, 4, 8, 8)).astype(np.float32)
+    timesteps = rng.integers(0, 1000, size=4)
+    context, mask = engine.encode_text(PROMPTS)
+    full = engine.unet(latents, timesteps, context, mask)  # a fourth real row where padding would go
+    padded = engine.unet(latents[:3], timesteps[:3], context[:3], mask[:3])  # row 3 padded with a copy of row 2
+    assert padded.shape == (3, 4, 8, 8) and np.array_equal(padded, full[:3])
+    assert not np.array_equal(full[3], full[2])  # the fourth row differs, so the test can see a leak
+    images = engine.decode(latents)
+    assert np.array_equal(engine.decode(latents[:3]), images[:3])
+
+
+def test_images_are_bit_identical_alone_or_in_a_batch(engine, rng):
+    requests = [GenerationRequest(prompt=PROMPTS[i], seed=int(rng.integers(2**31)), steps=3) for i in (0, 1, 3)]
+    pipeline = Pipeline(engine)
+    together = pipeline.generate(requests)  # guided: 6 UNet rows, the bucket of 8
+    for request, image in zip(requests, together):
+        assert np.array_equal(image, pipeline.generate([request])[0]), request
+
+
+@pytest.mark.parametrize("max_batch, expected", [(8, (1, 2, 4, 8)), (12, (1, 2, 4, 8, 12)), (1, (1,)),
+                                                 (64, (1, 2, 4, 8, 16, 32, 64)), (100, (1, 2, 4, 8, 16, 32, 64, 100))])
+def test_batch_buckets_are_powers_of_two_up_to_the_largest_batch(max_batch, expected):
+    assert batch_buckets_for(max_batch) == expected
+
+
+def test_bucket_is_the_smallest_that_holds_the_rows(engine):
+    assert [engine.bucket_for(rows) for rows in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+
+
+def test_each_graph_is_compiled_once_per_bucket_and_shape(exported, rng):
+    engine = OpenVinoEngine(exported[1], intra_op_threads=1, verify=False)
+    assert engine.compiled_shapes == []  # nothing is compiled before first use
+    context, mask = engine.encode_text(PROMPTS[:3])
+    for rows, height in ((3, 8), (1, 8), (2, 8), (3, 8), (4, 8), (3, 12)):
+        latents = rng.standard_normal((rows, 4, height, 8)).astype(np.float32)
+        engine.unet(latents, np.full(rows, 10), context[:1].repeat(rows, 0), mask[:1].repeat(rows, 0))
+    unet_shapes = [dict(shapes)["latents"] for graph, shapes in engine.compiled_shapes if graph == "unet"]
+    assert unet_shapes == [(1, 4, 8, 8), (2, 4, 8, 8), (4, 4, 8, 8), (4, 4, 12, 8)]
+    assert [dict(shapes)["input_ids"] for graph, shapes in engine.compiled_shapes if graph == "text_encoder"] == [
+        (4, TINY_CONFIG.text_encoder.max_length)]
+
+
+def test_compiled_graph_cache_is_written_once_and_gives_the_same_rows(exported, engine, tmp_path, rng):
+    latents = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    expected = engine.decode(latents)
+    first = OpenVinoEngine(exported[1], intra_op_threads=1, verify=False, cache_dir=tmp_path)
+    assert np.array_equal(first.decode(latents), expected)
+    cached = sorted(path.name for path in tmp_path.iterdir())
+    assert cached  # the compiled decoder for the bucket of 2
+    second = OpenVinoEngine(exported[1], intra_op_threads=1, verify=False, cache_dir=tmp_path)
+    assert np.array_equal(second.decode(latents), expected)
+    assert sorted(path.name for path in tmp_path.iterdir()) == cached  # loaded, not compiled again
+
+
+def test_batch_and_size_outside_the_exported_range_are_refused_naming_them(engine, rng):
+    latents = rng.standard_normal((9, 4, 8, 8)).astype(np.float32)
+    context = np.zeros((9, TINY_CONFIG.text_encoder.max_length, 32), dtype=np.float32)
+    with pytest.raises(OutOfRangeError, match=r"UNet batch size 9 is outside the engine's exported range 1\.\.8"):
+        engine.unet(latents, np.full(9, 10), context, np.ones(context.shape[:2], dtype=bool))
+    with pytest.raises(OutOfRangeError, match="16..32 in multiples of 4"):
+        engine.decode(rng.standard_normal((1, 4, 20, 8)).astype(np.float32))
+
+
+def test_bf16_without_native_bf16_is_refused_in_one_line_naming_what_is_missing(exported, monkeypatch):
+    monkeypatch.setattr(openvino_engine, "cpu_capabilities", lambda core: ["FP32", "INT8", "BIN", "EXPORT_IMPORT"])
+    with pytest.raises(OpenVinoUnavailable, match=r"bf16 needs a CPU with native bf16 \(AVX-512 BF16 or AMX\).*"
+                                                  r"only FP32, INT8, BIN, EXPORT_IMPORT.*--precision fp32") as error:
+        OpenVinoEngine(exported[1], precision="bf16")
+    assert "\n" not in str(error.value)
+
+
+def test_bf16_on_this_cpu_is_refused_unless_openvino_reports_native_bf16(exported):
+    import openvino
+
+    if "BF16" in openvino_engine.cpu_capabilities(openvino.Core()):
+        engine = OpenVinoEngine(exported[1], precision="bf16", intra_op_threads=1)
+        assert engine.compile_config["INFERENCE_PRECISION_HINT"] == "bf16"
+    else:
+        with pytest.raises(OpenVinoUnavailable, match="native bf16"):
+            OpenVinoEngine(exported[1], precision="bf16")
+
+
+def test_fp32_pins_openvinos_inference_precision_to_f32(engine):
+    assert engine.compile_config["INFERENCE_PRECISION_HINT"] == "f32"  # not bf16, the default on AMX CPUs
+    assert engine.compile_config["INFERENCE_NUM_THREADS"] == "1"
+
+
+def test_without_openvino_the_engine_is_refused_saying_to_install_the_extra(exported, monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # "import openvino" now raises ImportError
+    with pytest.raises(OpenVinoUnavailable, match=r"needs the openvino package, which is not installed; "
+                                                  r"pip install 'ldm-runtime\[openvino\]'"):
+        load_engine(exported[1], engine="openvino")
+
+
+def test_bad_engine_options_are_refused(exported):
+    with pytest.raises(ValueError, match="precision 'fp16' is not one of fp32, bf16"):
+        OpenVinoEngine(exported[1], precision="fp16")
+    with pytest.raises(ValueError, match="intra_op_threads"):
+        OpenVinoEngine(exported[1], intra_op_threads=0)
+    with pytest.raises(OpenVinoUnavailable, match="device 'cuda' .* runs on the CPU"):
+        OpenVinoEngine(exported[1], device="cuda")
+    with pytest.raises(ValueError, match="batch_buckets"):
+        OpenVinoEngine(exported[1], batch_buckets=(0, 2))
+
+
+def test_load_engine_opens_an_engine_dir_with_openvino_when_asked(exported):
+    assert isinstance(load_engine(exported[1], engine="openvino", intra_op_threads=1), OpenVinoEngine)
+    assert isinstance(load_engine(exported[1], engine="onnxruntime", intra_op_threads=1), OnnxRuntimeEngine)
+
+
+def test_auto_picks_openvino_on_the_cpu_and_onnxruntime_without_it_or_on_a_gpu(exported, monkeypatch):
+    import importlib.util
+
+    assert pick_engine(exported[1], "cpu")[0] == "openvino"
+    assert isinstance(load_engine(exported[1], device="cpu", intra_op_threads=1), OpenVinoEngine)
+    assert pick_engine(exported[1], "cuda:0")[0] == "onnxruntime"
+    assert pick_engine(exported[0], "cpu")[0] == "torch"
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "openvino"
+                        else real_find_spec(name, *args))
+    name, reason = pick_engine(exported[1], "cpu")
+    assert name == "onnxruntime" and "openvino is not installed" in reason
+    assert isinstance(load_engine(exported[1], device="cpu", intra_op_threads=1), OnnxRuntimeEngine)
+
+
+def test_ldm_sample_with_engine_auto_says_which_engine_it_picked(exported, tmp_path, capsys):
+    from ldm_runtime.sample import main
+
+    out = tmp_path / "image.png"
+    assert main(["--model", str(exported[1]), "a red circle", "--steps", "2", "--out", str(out)]) == 0
+    assert "ldm-sample: --engine auto picked openvino: " in capsys.readouterr().err and out.is_file()
+
+
+def test_engine_samples_without_importing_torch(exported):
+    script = (
+        "import sys\n"
+        "from ldm_runtime.engines.openvino_engine import OpenVinoEngine\n"
+        "from ldm_runtime.pipeline import GenerationRequest, Pipeline\n"
+        f"engine = OpenVinoEngine({str(exported[1])!r}, intra_op_threads=1)\n"
+        "images = Pipeline(engine).generate([GenerationRequest(prompt='a red circle', seed=3, steps=3)])\n"
+        "assert images[0].shape == (16, 16, 3) and images[0].std() > 0\n"
+        "print('torch imported:', 'torch' in sys.modules, 'train imported:', 'train' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    assert "torch imported: False train imported: False" in result.stdout
+
+
+def test_ldm_sample_precision_bf16_is_refused_in_one_line_without_native_bf16_or_on_another_engine(
+        exported, tmp_path, capsys, monkeypatch):
+    from ldm_runtime.sample import main
+
+    monkeypatch.setattr(openvino_engine, "cpu_capabilities", lambda core: ["FP32", "INT8"])
+    base = ["--model", str(exported[1]), "a red circle", "--steps", "2", "--out", str(tmp_path / "image.png")]
+    assert main(base + ["--engine", "openvino", "--precision", "bf16"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("ldm-sample: error: precision bf16 needs a CPU with native bf16") and "\n" not in error
+    assert main(base + ["--engine", "onnxruntime", "--precision", "bf16"]) == 2
+    assert "--precision bf16 applies to the openvino engine, not onnxruntime" in capsys.readouterr().err
+    assert not (tmp_path / "image.png").exists()
