@@ -144,8 +144,7 @@ def _train(settings: UNetSettings, config: ModelConfig, autoencoder_dir: Path, o
         torch.manual_seed(settings.seed * 1_000_003 + step)  # dropout in a scratch text encoder, if any
         indices = batch_indices(len(dataset), step, settings.batch_size, process, settings.seed)
         batch = len(indices)
-        latent_noise = torch.randn(data.latent_mean[indices].shape, generator=generator)
-        latents = (data.latent_mean[indices] + data.latent_std[indices] * latent_noise) * scale
+        latents = training_latents(data, indices, generator, scale)
         noise = torch.randn(latents.shape, generator=generator)
         timesteps = torch.randint(0, config.schedule.num_train_timesteps, (batch,), generator=generator)
         dropped = torch.rand(batch, generator=generator) < settings.cond_drop_prob
@@ -188,10 +187,8 @@ def encode_dataset(dataset, autoencoder: Autoencoder, text_encoder: TextEncoder,
     for start in tqdm(chunks, desc="encode images", disable=not show_progress, leave=False):
         items = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         posterior = autoencoder.encode(torch.stack([image for image, _ in items]).to(device))
-        mean = posterior.mode().float()
-        means.append(mean.cpu())
-        std = getattr(posterior, "std", None)
-        stds.append(torch.zeros_like(mean).cpu() if std is None else std.float().cpu())
+        means.append(posterior.mode().float().cpu())
+        stds.append(posterior.std().float().cpu())
         captions.extend(caption for _, caption in items)
     distinct = [""] + sorted(set(captions) - {""})
     position = {caption: index for index, caption in enumerate(distinct)}
@@ -209,6 +206,14 @@ def encode_dataset(dataset, autoencoder: Autoencoder, text_encoder: TextEncoder,
         caption_ids=torch.tensor([position[caption] for caption in captions]),
         input_ids=input_ids, attention_mask=attention_mask, context=context,
     )
+
+
+def training_latents(data: EncodedData, indices: torch.Tensor, generator: torch.Generator,
+                     scale: float) -> torch.Tensor:
+    """A fresh posterior sample of items ``indices``, times the latent scale factor: (B, C, h, w) float32 on the
+    CPU. LDM trains the UNet on samples of q(z|x), not on its mean (the scale factor was fitted on samples too)."""
+    mean, std = data.latent_mean[indices], data.latent_std[indices]
+    return (mean + std * torch.randn(mean.shape, generator=generator)) * scale
 
 
 def _conditioning(data: EncodedData, caption_ids: torch.Tensor, device: torch.device) -> dict[str, torch.Tensor]:

@@ -32,6 +32,12 @@ class LatentDistribution:
         """(B, latent_channels, h, w), the mean."""
         return self.mean
 
+    def std(self) -> torch.Tensor:
+        """(B, latent_channels, h, w), the standard deviation exp(logvar / 2); zeros for a point mass."""
+        if self.logvar is None:
+            return torch.zeros_like(self.mean)
+        return torch.exp(0.5 * self.logvar)
+
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, latent_channels, h, w): mean + std * ε with ε drawn from ``generator`` (the mean for a point mass)."""
         if self.logvar is None:
@@ -39,7 +45,7 @@ class LatentDistribution:
         # Drawn on the generator's device, so a CPU generator gives the same noise for CUDA latents.
         device = self.mean.device if generator is None else generator.device
         noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
-        return self.mean + torch.exp(0.5 * self.logvar) * noise.to(self.mean.device)
+        return self.mean + self.std() * noise.to(self.mean.device)
 
     def kl(self) -> torch.Tensor:
         """(B,) KL(q(z|x) || N(0, I)) summed over latent channels and pixels; zeros for a point mass."""
