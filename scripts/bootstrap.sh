@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv (once, and again when pyproject.toml changes) and installs the project into it.
 # Torch: an interpreter that already imports torch (say, a CUDA build) lends it to the venv through
-# --system-site-packages and it is never replaced; otherwise LDM_TORCH_SPEC (default torch==2.13.0,
+# --system-site-packages and it is never replaced; otherwise LDM_TORCH_SPEC (pip arguments; default torch==2.13.0,
 # the CPU build this machine's pip finds locally) is installed before anything can ask for a newer one.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -28,8 +28,10 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 if ! "$venv/bin/python" -c 'import torch' 2>/dev/null; then
-    echo "bootstrap: installing ${LDM_TORCH_SPEC:-torch==2.13.0}" >&2
-    "${pip[@]}" "${LDM_TORCH_SPEC:-torch==2.13.0}"
+    # pip arguments, split on whitespace: "torch==2.13.0+cpu --index-url https://download.pytorch.org/whl/cpu"
+    read -r -a torch_spec <<< "${LDM_TORCH_SPEC:-torch==2.13.0}"
+    echo "bootstrap: installing ${torch_spec[*]}" >&2
+    "${pip[@]}" "${torch_spec[@]}"
 fi
 echo "bootstrap: installing ldm-runtime[$extras] into $venv" >&2
 "${pip[@]}" -e "$root[$extras]"
