@@ -2,8 +2,8 @@
 
 import torch
 
-from train.config import AutoencoderConfig
-from train.models import Autoencoder
+from ldm_runtime.config import AutoencoderConfig
+from ldm_runtime.models import Autoencoder
 from train.train_unet import encode_dataset, training_latents
 
 TINY_AUTOENCODER = AutoencoderConfig(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4,

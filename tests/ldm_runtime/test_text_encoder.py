@@ -19,8 +19,8 @@ importlib.metadata.version = lambda name: (import_utils.KERNELS_MIN_VERSION if n
 found, version = import_utils._is_package_available("kernels", return_version=True)
 assert found and version == import_utils.KERNELS_MIN_VERSION, (found, version)  # the pretence is what transformers sees
 
-from train.config import TextEncoderConfig
-from train.models import TextEncoder
+from ldm_runtime.config import TextEncoderConfig
+from ldm_runtime.models import TextEncoder
 
 encoder = TextEncoder(TextEncoderConfig(kind="scratch", max_length=8, hidden_size=32, num_layers=1, num_heads=2,
                                         intermediate_size=64))
