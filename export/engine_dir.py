@@ -2,6 +2,7 @@
 (-> TensorRT plans), all into a temporary folder beside --out that is renamed into place only when every
 step succeeded. A failure or an interrupt at any step removes the temporary folder: --out is either the
 complete new engine, or what it was before (nothing, or the old engine when --force was not yet applied).
+A kill runs no cleanup: the next export of the same --out removes what a killed one left (ldm_runtime.staging).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import json
 import os
 import secrets
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -45,6 +45,7 @@ from ldm_runtime.manifest import (
     TensorSpec,
     load_manifest,
 )
+from ldm_runtime.staging import REPLACED, temporary_folder
 
 def default_backend() -> str:
     """tensorrt where it imports and a CUDA GPU is visible, else onnxruntime."""
@@ -166,9 +167,7 @@ def export_engine(checkpoint_dir: str | Path, out: str | Path, options: ExportOp
             model = convert_to_fp16(model, keep_io_types=options.fp32_io)
         return model
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with temporary_folder(out) as staging:  # also removes what killed exports of --out left beside it
         written = export_all(specs, modules, dims, options.opset, convert, staging, log)
         graphs = {}
         for name, (model, files) in written.items():
@@ -204,9 +203,6 @@ def export_engine(checkpoint_dir: str | Path, out: str | Path, options: ExportOp
             manifest["tensorrt"] = build_plans(staging, manifest, log)
         _write_manifest(staging, manifest)
         _move_into_place(staging, out, options.force)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log(f"wrote {out} ({time.perf_counter() - started:.1f} s)")
     return out
 
@@ -230,9 +226,8 @@ def _move_into_place(staging: Path, out: Path, force: bool) -> None:
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp made it private; an engine dir is read by servers too
     if out.exists():
-        aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.replaced-", dir=out.parent))
-        os.replace(out, aside / out.name)
-        os.replace(staging, out)
-        shutil.rmtree(aside, ignore_errors=True)
+        with temporary_folder(out, REPLACED) as aside:  # a later export puts it back if we die before the swap
+            os.replace(out, aside / out.name)
+            os.replace(staging, out)
     else:
         os.replace(staging, out)

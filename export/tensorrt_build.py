@@ -11,12 +11,11 @@ the GPU model and TensorRT version it was built with: the manifest records both,
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable
 
 from export.errors import ExportError
-from ldm_runtime.files import sha256_file, write_text_atomic
+from ldm_runtime.files import sha256_file, write_atomic, write_text_atomic
 from ldm_runtime.manifest import MANIFEST_JSON, DimRange, load_manifest, verify_engine_files
 
 TIMING_CACHE = "tensorrt.timing_cache"
@@ -91,14 +90,12 @@ def build_plans(engine_dir: Path, manifest: dict[str, Any], log: Callable[[str],
             raise ExportError(f"TensorRT {trt.__version__} could not build a plan for {graph['file']} "
                               f"(its log above says why)")
         plan_path = engine_dir / f"{name}.plan"
-        temporary = plan_path.with_name(f".{plan_path.name}.partial")
-        temporary.write_bytes(memoryview(serialized))
-        os.replace(temporary, plan_path)
+        write_atomic(plan_path, lambda temporary: temporary.write_bytes(memoryview(serialized)))
         cache_bytes = bytes(memoryview(config.get_timing_cache().serialize()))
         plans[name] = {"file": plan_path.name, "sha256": sha256_file(plan_path),
                        "profile": {tensor: {k: list(v) for k, v in s.items()} for tensor, s in shapes.items()}}
         log(f"built {plan_path.name} with TensorRT {trt.__version__}")
-    cache_path.write_bytes(cache_bytes)
+    write_atomic(cache_path, lambda temporary: temporary.write_bytes(cache_bytes))
     return {"tensorrt_version": trt.__version__, "gpu_name": gpu_name, "compute_capability": capability,
             "precision": manifest["precision"], "timing_cache": TIMING_CACHE, "plans": plans}
 

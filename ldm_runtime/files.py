@@ -2,18 +2,18 @@
 user can act on; each file's sha256; and writing a file whole or not at all.
 
 A checkpoint dir is described by ``model.json``, an engine dir by ``manifest.json``; each records the sha256 of
-its other files. Both are written file by file to a temporary name beside the target, synced and renamed over
-it, so a crash leaves the old file or the new one, never half of one. Only the standard library is imported.
+its other files. Both are written file by file into a temporary folder beside the target (``ldm_runtime.staging``),
+synced and renamed over it, so a crash leaves the old file or the new one, never half of one. Only the standard library is imported.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+from ldm_runtime.staging import write_atomic  # in a locked temporary folder that a later writer sweeps if this one dies
 
 SHA256_BLOCK_BYTES = 1 << 20
 
@@ -45,22 +45,6 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: handle.read(SHA256_BLOCK_BYTES), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` through ``write(temporary_path)`` into a sibling temporary file, fsync it, then rename it
-    over ``path`` (the folder is created if missing). The temporary file is gone afterwards in every case."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    temporary = Path(temporary_name)
-    try:
-        write(temporary)
-        with open(temporary, "rb+") as written:
-            os.fsync(written.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

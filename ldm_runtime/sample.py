@@ -11,6 +11,7 @@ images are written to temporary names and renamed into place only once all of th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -26,6 +27,7 @@ from ldm_runtime.engines import ENGINE_NAMES, load_engine, pick_engine
 from ldm_runtime.errors import UserError
 from ldm_runtime.images import image_grid, png_bytes
 from ldm_runtime.pipeline import GenerationRequest, Pipeline
+from ldm_runtime.staging import temporary_folder
 
 PROG = "ldm-sample"
 REQUEST_DEFAULTS = {field.name: field.default for field in dataclasses.fields(GenerationRequest)}
@@ -166,17 +168,16 @@ def write_outputs(plan: OutputPlan, images: list[np.ndarray], metadata: list[dic
     outputs = list(zip(plan.image_paths, images, metadata))
     if plan.grid_path is not None:
         outputs.append((plan.grid_path, image_grid(images), metadata))
-    temporary: list[Path] = []
     try:
         plan.folder.mkdir(parents=True, exist_ok=True)
-        for path, image, settings in outputs:
-            temporary.append(path.with_name(f".{path.name}.{os.getpid()}.tmp"))
-            temporary[-1].write_bytes(png_bytes(image, settings))
-        for (path, _, _), staged in zip(outputs, temporary):
-            os.replace(staged, path)
+        with contextlib.ExitStack() as temporaries:  # each removed on exit unless renamed into place
+            staged = []
+            for path, image, settings in outputs:
+                staged.append(temporaries.enter_context(temporary_folder(path)) / path.name)
+                staged[-1].write_bytes(png_bytes(image, settings))
+            for (path, _, _), temporary in zip(outputs, staged):
+                os.replace(temporary, path)
     except OSError as error:
-        for staged in temporary:
-            staged.unlink(missing_ok=True)
         if created is not None:
             shutil.rmtree(created, ignore_errors=True)
         raise SampleError(f"cannot write the images to {plan.folder}: {error.strerror or error}") from None

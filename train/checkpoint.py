@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -26,6 +25,7 @@ from ldm_runtime.checkpoint import (
 )
 from ldm_runtime.config import ModelConfig
 from ldm_runtime.files import sha256_file, write_atomic, write_text_atomic
+from ldm_runtime.staging import temporary_folder
 
 
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -61,9 +61,9 @@ def save_checkpoint(
         save_tensors_atomic(folder / f"{stem}.safetensors", state)
     save_tensors_atomic(folder / TRAIN_STATE_TENSORS, train_tensors)
     if save_tokenizer is not None and not (folder / TOKENIZER_DIR).is_dir():
-        staging = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=folder))
-        save_tokenizer(staging)
-        os.replace(staging, folder / TOKENIZER_DIR)
+        with temporary_folder(folder / TOKENIZER_DIR) as staging:
+            save_tokenizer(staging)
+            os.replace(staging, folder / TOKENIZER_DIR)
     names = [MODEL_JSON, TRAIN_STATE_TENSORS] + [f"{stem}.safetensors" for stem in weights]
     files = {name: sha256_file(folder / name) for name in names}
     state = {"stage": stage, "step": step, "settings": settings, "files": files}

@@ -3,7 +3,12 @@ manifest, the fp32 islands of the fp16 graphs, and every bad input (one line, no
 
 import hashlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import onnx
@@ -262,3 +267,52 @@ def test_force_replaces_an_engine_dir_once_the_new_one_is_complete(fp32_export, 
     new_unet = manifest["graphs"]["unet"]["files"]["unet.onnx"]
     assert new_unet != old_unet and hashlib.sha256((old / "unet.onnx").read_bytes()).hexdigest() == new_unet
     assert leftovers(tmp_path, "engine") == []
+
+
+# --- an export killed with SIGKILL (no cleanup runs) ---------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+# ldm-export in a child process that exports its first graph for real, announces it, and waits to be killed
+# before the second: the test kills it while its .partial folder holds a graph, whatever the machine's speed.
+EXPORT_THEN_WAIT = textwrap.dedent("""
+    import sys
+    import export.onnx_export
+    from export.cli import main
+
+    real_export_graph, calls = export.onnx_export.export_graph, []
+
+    def export_graph(*args):
+        if calls:
+            print("first graph written", flush=True)
+            sys.stdin.read()
+        calls.append(args[0].name)
+        return real_export_graph(*args)
+
+    export.onnx_export.export_graph = export_graph
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_the_next_export_of_a_target_removes_what_a_killed_export_left(tiny_checkpoint, tmp_path, capsys,
+                                                                        monkeypatch):
+    out = tmp_path / "engine"
+    with open(tmp_path / "killed-export.log", "w") as log:
+        killed = subprocess.Popen([sys.executable, "-c", EXPORT_THEN_WAIT, str(tiny_checkpoint), "--out", str(out)],
+                                  cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+        try:
+            lines = iter(killed.stdout.readline, "")
+            assert "first graph written\n" in lines, (tmp_path / "killed-export.log").read_text()
+        finally:
+            os.kill(killed.pid, signal.SIGKILL)
+            killed.wait()
+            killed.stdin.close()
+            killed.stdout.close()
+    [partial] = leftovers(tmp_path, "engine")
+    assert partial.startswith(".engine.partial-") and (tmp_path / partial / "text_encoder.onnx").stat().st_size > 0
+    assert not out.exists()
+
+    monkeypatch.setattr(export.onnx_export, "export_graph", stand_in_graph)
+    code, err = run_cli([tiny_checkpoint, "--out", out, "--skip-validation"], capsys)
+    assert code == 0, err
+    assert (out / "manifest.json").is_file() and leftovers(tmp_path, "engine") == []
