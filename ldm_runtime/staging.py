@@ -5,9 +5,10 @@ a single file is written inside it) and renames it into place once it is complet
 no cleanup, so a partial copy would stay for ever. Instead each writer holds an exclusive ``flock`` on its folder
 for as long as it lives (the kernel drops it when the process dies, however it dies), and every later writer of
 the same target first removes the folders whose lock it can take: those of writers that have died. A live
-writer's folder is never touched, so concurrent writers of one target stay safe; a short lock on the parent
-folder makes "create and lock" one step, so no sweep sees a fresh folder before it is locked. Only the standard
-library is imported here; locks need POSIX ``flock`` (Linux, macOS).
+writer's folder is never touched, so concurrent writers of one target stay safe (a fresh folder that a sweep removes
+in the instant before its writer locks it is replaced by another). No lock is taken on the parent folder, which
+may itself be a writer's locked temporary folder. Only the standard library is imported here; locks need POSIX
+``flock`` (Linux, macOS).
 """
 
 from __future__ import annotations
@@ -29,21 +30,6 @@ def temporary_prefix(target: Path, kind: str = PARTIAL) -> str:
     return f".{target.name}.{kind}-"
 
 
-@contextlib.contextmanager
-def _parent_locked(parent: Path) -> Iterator[None]:
-    """Hold an exclusive lock on folder ``parent`` (milliseconds: one sweep and one creation)."""
-    try:
-        handle = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:  # a folder we may write but not read: nothing to sweep, and no lock to take
-        yield
-        return
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(handle)  # releases the lock
-
-
 def _lock_if_dead(path: Path) -> int | None:
     """A descriptor holding folder ``path``'s lock when no live writer holds it, else None (and None for a
     symlink or anything else that is not a folder we can open)."""
@@ -60,8 +46,9 @@ def _lock_if_dead(path: Path) -> int | None:
 
 
 def remove_dead_temporaries(target: Path, kinds: tuple[str, ...] = (PARTIAL, REPLACED)) -> list[Path]:
-    """Remove the temporary copies of ``target`` (of these kinds) whose writers have died; returns them.
-    The caller holds the parent lock, or accepts that a writer starting at this instant may lose its copy."""
+    """Remove the temporary copies of ``target`` (of these kinds) whose writers have died; returns them. A writer
+    creating its folder at this instant may see it removed before it locked it: ``temporary_folder`` then takes
+    another."""
     removed = []
     prefixes = tuple(temporary_prefix(target, kind) for kind in kinds)
     try:
@@ -96,11 +83,8 @@ def temporary_folder(target: Path, kind: str = PARTIAL) -> Iterator[Path]:
     what dead writers of ``target`` left. Removed on exit unless the caller renamed it away; the lock is
     held until exit, through the rename."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _parent_locked(target.parent):
-        remove_dead_temporaries(target)
-        folder = Path(tempfile.mkdtemp(prefix=temporary_prefix(target, kind), dir=target.parent))
-        handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    remove_dead_temporaries(target)
+    folder, handle = _new_locked_folder(target, kind)
     try:
         yield folder
     finally:
@@ -109,6 +93,25 @@ def temporary_folder(target: Path, kind: str = PARTIAL) -> Iterator[Path]:
                 shutil.rmtree(folder, ignore_errors=True)
         finally:
             os.close(handle)
+
+
+def _new_locked_folder(target: Path, kind: str) -> tuple[Path, int]:
+    """mkdtemp beside ``target``, then lock it. Until the lock is taken another writer's sweep may take it for a
+    dead writer's and remove it; then this writer notices (the lock fails, or the path no longer names the folder
+    it locked) and makes another."""
+    while True:
+        folder = Path(tempfile.mkdtemp(prefix=temporary_prefix(target, kind), dir=target.parent))
+        try:
+            handle = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.stat(folder, follow_symlinks=False).st_ino == os.fstat(handle).st_ino:
+                return folder, handle
+        except (BlockingIOError, FileNotFoundError):
+            pass
+        os.close(handle)
 
 
 def write_atomic(path: Path, write) -> None:

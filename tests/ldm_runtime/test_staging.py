@@ -151,3 +151,10 @@ def test_a_writer_that_replaces_the_file_keeps_its_temporary_copy_locked(tmp_pat
 
     write_atomic(target, replace_then_sweep)
     assert target.read_bytes() == b"weights" and temporaries(target) == []
+
+
+def test_a_file_written_atomically_inside_a_temporary_folder_does_not_wait_on_that_folders_lock(tmp_path):
+    with temporary_folder(tmp_path / "engine") as staging:
+        write_atomic(staging / "manifest.json", lambda path: path.write_text("{}"))  # as a TensorRT plan is
+        assert (staging / "manifest.json").read_text() == "{}"
+        assert sorted(p.name for p in staging.iterdir()) == ["manifest.json"]
