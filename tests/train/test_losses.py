@@ -1,4 +1,4 @@
-"""The autoencoder's losses (train/losses.py) and its PatchGAN discriminator (train/models/discriminator.py)."""
+"""The autoencoder's losses (train/losses.py) and its PatchGAN discriminator (train/discriminator.py)."""
 
 from __future__ import annotations
 
