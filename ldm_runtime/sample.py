@@ -94,18 +94,16 @@ def _sample(args: argparse.Namespace) -> tuple[list[Path], str | None]:
     count = len(args.prompts)
     seeds = [args.seed + index for index in range(count)]
     plan = plan_output(args.out, seeds)
-    auto_choice = None
-    engine_name = args.engine
-    if engine_name == "auto":
-        engine_name, reason = pick_engine(args.model, args.device)
-        auto_choice = f"--engine auto picked {engine_name}: {reason}"
-    options = {}
+    engine_name, options = args.engine, {}
     if args.precision is not None:
+        if engine_name == "auto":
+            engine_name, _ = pick_engine(args.model, args.device)
         if engine_name != "openvino":
             raise SampleError(f"--precision {args.precision} applies to the openvino engine, not {engine_name}; "
                               f"expected --engine openvino or no --precision")
         options["precision"] = args.precision
     engine = load_engine(args.model, engine=engine_name, device=args.device, **options)
+    auto_choice = f"--engine auto picked {engine.info.name}" if args.engine == "auto" else None
     pipeline = Pipeline(engine)
     requests = [
         GenerationRequest(prompt=prompt, negative_prompt=args.negative_prompt, seed=seed, steps=args.steps,

@@ -245,7 +245,7 @@ def _load_engine(args: argparse.Namespace):
     that many; for the torch engines it is torch's process-wide thread count)."""
     folder = Path(args.model)
     engine_name = args.engine
-    if engine_name == "auto":
+    if engine_name == "auto" and (args.precision is not None or args.threads is not None):
         engine_name, _ = pick_engine(folder, args.device)  # the serving line names it
     options = {}
     if args.precision is not None:
