@@ -22,6 +22,7 @@ from ldm_runtime.checkpoint import (
     TRAIN_STATE_JSON,
     TRAIN_STATE_TENSORS,
     CheckpointError,
+    folder_files,
 )
 from ldm_runtime.config import ModelConfig
 from ldm_runtime.files import sha256_file, write_atomic, write_text_atomic
@@ -64,7 +65,8 @@ def save_checkpoint(
         with temporary_folder(folder / TOKENIZER_DIR) as staging:
             save_tokenizer(staging)
             os.replace(staging, folder / TOKENIZER_DIR)
-    names = [MODEL_JSON, TRAIN_STATE_TENSORS] + [f"{stem}.safetensors" for stem in weights]
+    names = [MODEL_JSON, TRAIN_STATE_TENSORS, *(f"{stem}.safetensors" for stem in weights),
+             *folder_files(folder, TOKENIZER_DIR)]
     files = {name: sha256_file(folder / name) for name in names}
     state = {"stage": stage, "step": step, "settings": settings, "files": files}
     write_text_atomic(folder / TRAIN_STATE_JSON, json.dumps(state, indent=2, sort_keys=True) + "\n")
