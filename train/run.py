@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ldm_runtime.config import ConfigError
+from ldm_runtime.noise import MAX_TRAIN_SEED
 from train.losses import AutoencoderLossConfig
 
 
@@ -49,18 +50,15 @@ class TrainSettings:
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every", "sample_every", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} is {getattr(self, name)}; expected a positive integer")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise ConfigError(f"--learning-rate is {self.learning_rate}; expected a positive number")
-        if self.weight_decay < 0 or self.grad_clip <= 0:
-            raise ConfigError(
-                f"--weight-decay {self.weight_decay} / --grad-clip {self.grad_clip}: expected >= 0 and > 0"
-            )
+            check_whole(name, getattr(self, name), 1)
+        for name in ("channels", "num_groups"):
+            if getattr(self, name) is not None:
+                check_whole(name, getattr(self, name), 1)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_TRAIN_SEED:
+            raise ConfigError(f"--seed is {self.seed}; expected an integer from 0 to 2**32 - 1")
+        check_finite_flags(self, above_zero=("learning_rate", "grad_clip"), at_least_zero=("weight_decay",))
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"--precision {self.precision!r} is not one of fp32, bf16, fp16")
-        if self.seed < 0:
-            raise ConfigError(f"--seed is {self.seed}; expected a non-negative integer")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -78,6 +76,14 @@ class AutoencoderSettings(TrainSettings):
     perceptual_weight: float = AutoencoderLossConfig.perceptual_weight
     disc_weight: float = AutoencoderLossConfig.disc_weight
     disc_start: int = AutoencoderLossConfig.disc_start
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("factor", "latent_channels"):
+            if getattr(self, name) is not None:
+                check_whole(name, getattr(self, name), 1)
+        check_whole("disc_start", self.disc_start, 0)
+        check_finite_flags(self, above_zero=(), at_least_zero=("kl_weight", "perceptual_weight", "disc_weight"))
 
     def loss_config(self) -> AutoencoderLossConfig:
         return AutoencoderLossConfig(kl_weight=self.kl_weight, perceptual_weight=self.perceptual_weight,
@@ -103,6 +109,22 @@ class UNetSettings(TrainSettings):
             raise ConfigError(f"--cond-drop-prob is {self.cond_drop_prob}; expected a value in [0, 1)")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"--ema-decay is {self.ema_decay}; expected a value in [0, 1)")
+
+
+def check_whole(name: str, value: Any, low: int) -> None:
+    """``ConfigError`` naming flag ``--name`` unless ``value`` is an integer >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        expected = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise ConfigError(f"--{name.replace('_', '-')} is {value!r}; expected {expected}")
+
+
+def check_finite_flags(settings: Any, above_zero: tuple[str, ...], at_least_zero: tuple[str, ...]) -> None:
+    """``ConfigError`` naming the first of these number flags that is NaN, infinite or below its bound."""
+    for names, bound in ((above_zero, "above 0"), (at_least_zero, ">= 0")):
+        for name in names:
+            value = getattr(settings, name)
+            if not math.isfinite(value) or value < 0 or (bound == "above 0" and value == 0):
+                raise ConfigError(f"--{name.replace('_', '-')} is {value}; expected a finite number {bound}")
 
 
 # Settings that may differ between a run and its resumption without changing what is computed.

@@ -122,14 +122,65 @@ BAD_INPUTS = [
     (["autoencoder", "--learning-rate", "-0.1"], "--learning-rate is -0.1"),
     (["unet", "--autoencoder", "/no/such/ckpt"], "/no/such/ckpt"),
     (["autoencoder", "--precision", "fp8"], "fp8"),
+    (["autoencoder", "--grad-clip", "nan"], "argument --grad-clip: 'nan' is not a finite number"),
+    (["autoencoder", "--learning-rate", "inf"], "argument --learning-rate: 'inf' is not a finite number"),
+    (["autoencoder", "--kl-weight=-inf"], "argument --kl-weight: '-inf' is not a finite number"),
+    (["unet", "--ema-decay", "nan"], "argument --ema-decay: 'nan' is not a finite number"),
+    (["unet", "--cond-drop-prob", "1e999"], "argument --cond-drop-prob: '1e999' is not a finite number"),
+    (["autoencoder", "--channels", "0"], "--channels is 0; expected a positive integer"),
+    (["unet", "--num-groups", "0"], "--num-groups is 0; expected a positive integer"),
+    (["autoencoder", "--latent-channels", "-4"], "--latent-channels is -4; expected a positive integer"),
+    (["autoencoder", "--seed", str(2**64)], f"--seed is {2**64}; expected an integer from 0 to 2**32 - 1"),
+    (["autoencoder", "--seed", "-1"], "--seed is -1"),
+    (["autoencoder", "--stepz", "3"], "unrecognized arguments: --stepz 3"),
+    (["autoencoder", "--batch-size", "four"], "argument --batch-size: invalid int value: 'four'"),
+    (["dreams"], "invalid choice: 'dreams'"),
+    (["classifier", "--learning-rate", "nan"], "argument --learning-rate: 'nan' is not a finite number"),
+    (["classifier", "--weight-decay", "inf"], "argument --weight-decay: 'inf' is not a finite number"),
+    (["classifier", "--seed", str(2**64)], "--seed is 18446744073709551616"),
 ]
 
 
 @pytest.mark.parametrize("argv,message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
 def test_bad_input_gets_one_line_and_exit_2(argv, message, tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "out"), "--steps", "1"]) == 2
-    error = capsys.readouterr().err.strip()
-    assert message in error and error.startswith("ldm-train: error:") and "\n" not in error
+    error = capsys.readouterr().err
+    assert message in error and error.startswith("ldm-train: error: ") and error.count("\n") == 1, error
+    assert not (tmp_path / "out").exists()
+
+
+def unwritable_out(tmp_path: Path, case: str) -> Path:
+    """An --out that cannot be written, whoever runs the test (root ignores permission bits)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("mine")
+    if case == "existing_file":
+        return blocker
+    if case == "under_a_file":
+        return blocker / "run"
+    if os.geteuid() != 0:
+        locked = tmp_path / "read_only"
+        locked.mkdir(mode=0o500)
+        return locked / "run"
+    return Path("/proc/ldm-no-such-process/run")  # not creatable, even by root
+
+
+@pytest.mark.parametrize("stage", ["autoencoder", "unet", "classifier"])
+@pytest.mark.parametrize("case", ["existing_file", "under_a_file", "unwritable"])
+def test_an_out_that_cannot_be_written_is_one_line_before_any_work(stage, case, autoencoder_dir, tmp_path, capsys,
+                                                                   monkeypatch):
+    import train.train_autoencoder
+    import train.train_unet
+
+    for module, name in ((train.train_autoencoder, "train_autoencoder"), (train.train_unet, "train_unet")):
+        monkeypatch.setattr(module, name, lambda *args, **kwargs: pytest.fail("training started"))
+    monkeypatch.setattr("train.classifier.train_classifier", lambda *args, **kwargs: pytest.fail("training started"))
+    out = unwritable_out(tmp_path, case)
+    flags = {"autoencoder": AE_FLAGS, "unet": [*UNET_FLAGS, "--autoencoder", str(autoencoder_dir)],
+             "classifier": []}[stage]
+    assert main([stage, *flags, "--out", str(out), "--steps", "1"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("ldm-train: error: --out ") and error.count("\n") == 1 and str(out) in error, error
+    assert "Traceback" not in error and (tmp_path / "a_file").read_text() == "mine"
 
 
 def test_unreadable_autoencoder_checkpoint_is_reported_naming_the_file(autoencoder_dir, tmp_path, capsys):
@@ -149,3 +200,4 @@ def test_truncated_train_state_is_refused_on_resume(autoencoder_dir, tmp_path, c
     state.write_bytes(state.read_bytes()[:-10])
     assert main(["autoencoder", *AE_FLAGS, "--out", str(copy), "--steps", "5", "--resume", "--disc-start", "2"]) == 2
     assert "train_state.safetensors" in capsys.readouterr().err
+
