@@ -24,6 +24,10 @@ from ldm_runtime.noise import MAX_TRAIN_SEED
 from train.losses import AutoencoderLossConfig
 
 
+class NonFiniteLossError(ConfigError):
+    """Training diverged: a loss or gradient norm became NaN or infinite (too high a learning rate, say)."""
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     """The flags both stages of ``ldm-train`` take. Each stage's settings (``AutoencoderSettings``,
@@ -214,13 +218,38 @@ class MetricsLog:
         self.started = time.perf_counter()
 
     def write(self, step: int, values: dict[str, float]) -> None:
-        record = {"step": step, "time_s": round(time.perf_counter() - self.started, 3), **values}
+        """One line of strict JSON: a value that is not a finite number is written as null (JSON has no NaN)."""
+        record = {"step": step, "time_s": round(time.perf_counter() - self.started, 3),
+                  **{name: _json_number(value) for name, value in values.items()}}
         with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(record, allow_nan=False) + "\n")
 
 
-def check_resume_settings(saved: dict[str, Any], current: TrainSettings, folder: Path) -> None:
-    """A resumed run must compute the same thing as the original: refuse changed settings, naming them."""
+def _json_number(value: Any) -> Any:
+    if isinstance(value, (float, torch.Tensor)) and not math.isfinite(float(value)):
+        return None
+    return float(value) if isinstance(value, torch.Tensor) else value
+
+
+def check_finite(step: int, out: Path, **values: float | torch.Tensor) -> None:
+    """``NonFiniteLossError`` naming the first of ``values`` (a loss, a gradient norm) that is NaN or infinite.
+    Called before the optimiser step, so the weights and every checkpoint stay finite. In a data-parallel run
+    pass values that every rank shares (all-reduced), so that all ranks stop together."""
+    for name, value in values.items():
+        number = float(value)
+        if not math.isfinite(number):
+            raise NonFiniteLossError(
+                f"the {name.replace('_', ' ')} became {number} at step {step + 1}, so training stopped before the "
+                f"optimiser step (the last checkpoint in {out} is intact); expected finite values: lower "
+                f"--learning-rate or --grad-clip")
+
+
+def check_resume_settings(saved: dict[str, Any], current: TrainSettings, folder: Path, step: int) -> None:
+    """A resumed run must compute the same thing as the original: refuse changed settings, naming them, and
+    ``--steps`` below the ``step`` the checkpoint has reached."""
+    if current.steps < step:
+        raise ConfigError(f"--steps {current.steps} is below step {step}, which the checkpoint in {folder} has "
+                          f"reached; expected at least {step} to resume it")
     changed = sorted(
         key for key, value in current.to_dict().items()
         if key not in RESUMABLE_CHANGES and saved.get(key) != value

@@ -3,12 +3,14 @@ and the bad inputs a user can give."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ldm_runtime.checkpoint import load_model_config, load_state_dict_file
 from ldm_runtime.models import Autoencoder, UNet
@@ -201,3 +203,83 @@ def test_truncated_train_state_is_refused_on_resume(autoencoder_dir, tmp_path, c
     assert main(["autoencoder", *AE_FLAGS, "--out", str(copy), "--steps", "5", "--resume", "--disc-start", "2"]) == 2
     assert "train_state.safetensors" in capsys.readouterr().err
 
+
+def strict_json(line: str) -> dict:
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_metrics_jsonl_stays_strict_json_when_a_value_is_not_finite(tmp_path):
+    from train.run import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl", None)
+    log.write(3, {"loss": float("nan"), "val_psnr_db": float("inf"), "grad_norm": torch.tensor(float("-inf")),
+                  "kl": 0.25})
+    record = strict_json((tmp_path / "metrics.jsonl").read_text())
+    assert record["step"] == 3 and record["kl"] == 0.25
+    assert record["loss"] is None and record["val_psnr_db"] is None and record["grad_norm"] is None
+
+
+@pytest.mark.parametrize("stage", ["autoencoder", "unet"])
+def test_a_loss_that_turns_nan_stops_the_run_with_one_line_and_no_nan_checkpoint(stage, autoencoder_dir, tmp_path,
+                                                                                 capsys, monkeypatch):
+    import train.losses
+    from train.diffusion import ForwardProcess
+
+    # The loss of the third step (index 2) turns NaN, as a diverging run's would.
+    calls = []
+    if stage == "autoencoder":
+        real = train.losses.AutoencoderLoss.generator_loss
+
+        def generator_loss(self, *args, **kwargs):
+            loss, logs = real(self, *args, **kwargs)
+            calls.append(1)
+            return (loss * float("nan") if len(calls) == 3 else loss), logs
+
+        monkeypatch.setattr(train.losses.AutoencoderLoss, "generator_loss", generator_loss)
+        flags = AE_FLAGS
+    else:
+        real = ForwardProcess.target
+
+        def target(self, *args, **kwargs):
+            calls.append(1)
+            return real(self, *args, **kwargs) * (float("nan") if len(calls) == 3 else 1.0)
+
+        monkeypatch.setattr(ForwardProcess, "target", target)
+        flags = [*UNET_FLAGS, "--autoencoder", str(autoencoder_dir)]
+    out = tmp_path / stage
+    assert main([stage, *flags, "--out", str(out), "--steps", "4", "--checkpoint-every", "2"]) == 2
+    stderr = capsys.readouterr().err
+    error = stderr.strip().splitlines()[-1]  # after the progress bar
+    assert error.startswith("ldm-train: error: the loss became nan at step 3"), stderr
+    assert "the last checkpoint" in error and "Traceback" not in stderr
+    assert json.loads((out / "train_state.json").read_text())["step"] == 2
+    weights = load_file(str(out / f"{stage}.safetensors"))
+    assert weights and all(torch.isfinite(tensor).all() for tensor in weights.values())
+    records = [strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records if "loss" in record] == [1, 2]
+
+
+def test_resume_with_steps_below_the_checkpoint_is_refused(autoencoder_dir, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(autoencoder_dir, copy)
+    before = (copy / "train_state.json").read_text()
+    assert main(["autoencoder", *AE_FLAGS, "--disc-start", "2", "--out", str(copy), "--steps", "2", "--resume"]) == 2
+    error = capsys.readouterr().err
+    assert error == (f"ldm-train: error: --steps 2 is below step 4, which the checkpoint in {copy} has reached; "
+                     f"expected at least 4 to resume it\n")
+    assert (copy / "train_state.json").read_text() == before
+
+
+def test_an_edited_step_in_train_state_json_is_refused_on_resume(autoencoder_dir, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(autoencoder_dir, copy)
+    state = json.loads((copy / "train_state.json").read_text())
+    assert state["step"] == 4
+    state["step"] = 2  # would replay steps 3 and 4 on the weights of step 4
+    (copy / "train_state.json").write_text(json.dumps(state))
+    assert main(["autoencoder", *AE_FLAGS, "--disc-start", "2", "--out", str(copy), "--steps", "4", "--resume"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("ldm-train: error: cannot resume") and error.count("\n") == 1, error
+    assert "says autoencoder step 2 but train_state.safetensors was saved at autoencoder step 4" in error
