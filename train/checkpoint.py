@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -19,6 +20,7 @@ from safetensors.torch import save_file
 
 from ldm_runtime.checkpoint import (
     MODEL_JSON,
+    TEXT_ENCODER_DIR,
     TOKENIZER_DIR,
     TRAIN_STATE_JSON,
     TRAIN_STATE_TENSORS,
@@ -55,8 +57,10 @@ def save_checkpoint(
     step: int,
     settings: dict[str, Any],
     save_tokenizer: Callable[[Path], None] | None = None,
+    text_encoder_folder: Path | None = None,
 ) -> None:
-    """Write a complete checkpoint. ``weights`` maps a file stem ("unet") to its state dict."""
+    """Write a complete checkpoint. ``weights`` maps a file stem ("unet") to its state dict; a pretrained text
+    encoder's ``text_encoder_folder`` is copied in as ``text_encoder/`` (once), so the dir is self-contained."""
     folder.mkdir(parents=True, exist_ok=True)
     write_text_atomic(folder / MODEL_JSON, config.to_json())
     for stem, state in weights.items():
@@ -67,8 +71,12 @@ def save_checkpoint(
         with temporary_folder(folder / TOKENIZER_DIR) as staging:
             save_tokenizer(staging)
             os.replace(staging, folder / TOKENIZER_DIR)
+    if text_encoder_folder is not None and not (folder / TEXT_ENCODER_DIR).is_dir():
+        with temporary_folder(folder / TEXT_ENCODER_DIR) as staging:
+            shutil.copytree(text_encoder_folder, staging, dirs_exist_ok=True)
+            os.replace(staging, folder / TEXT_ENCODER_DIR)
     names = [MODEL_JSON, TRAIN_STATE_TENSORS, *(f"{stem}.safetensors" for stem in weights),
-             *folder_files(folder, TOKENIZER_DIR)]
+             *folder_files(folder, TOKENIZER_DIR), *folder_files(folder, TEXT_ENCODER_DIR)]
     files = {name: sha256_file(folder / name) for name in names}
     state = {"stage": stage, "step": step, "settings": settings, "files": files}
     write_text_atomic(folder / TRAIN_STATE_JSON, json.dumps(state, indent=2, sort_keys=True) + "\n")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ldm_runtime.checkpoint import load_model_config, load_state_dict_file, load_tensors
+from ldm_runtime.checkpoint import TEXT_ENCODER_DIR, load_model_config, load_state_dict_file, load_tensors
 from ldm_runtime.config import ConfigError, ModelConfig, preset
 from ldm_runtime.models import Autoencoder, TextEncoder, UNet
 from train.checkpoint import (
@@ -270,8 +270,20 @@ def _save(out: Path, settings: UNetSettings, config: ModelConfig, autoencoder: A
         for name, module in _trained_modules(source).items():
             train_tensors.update({f"{prefix}.{name}.{k}": v for k, v in module.state_dict().items()})
     recorded = {**settings.to_dict(), "_optimizer": optimizer_meta}
+    config, text_encoder_folder = _self_contained(config)
     save_checkpoint(out, config, weights, train_tensors, STAGE, step, recorded,
-                    save_tokenizer=denoiser.text_encoder.save_tokenizer)
+                    save_tokenizer=denoiser.text_encoder.save_tokenizer, text_encoder_folder=text_encoder_folder)
+
+
+def _self_contained(config: ModelConfig) -> tuple[ModelConfig, Path | None]:
+    """What the checkpoint records: a pretrained text encoder read from a folder is copied into the checkpoint
+    (``text_encoder/``, which model.json then names), since a model folder never names a path outside itself;
+    one from an installed package stays named by the package."""
+    text = config.text_encoder
+    folder = Path(text.path).expanduser()
+    if text.kind != "pretrained" or not folder.is_dir():
+        return config, None
+    return dataclasses.replace(config, text_encoder=dataclasses.replace(text, path=TEXT_ENCODER_DIR)), folder
 
 
 def _trained_modules(denoiser: Denoiser) -> dict[str, torch.nn.Module]:

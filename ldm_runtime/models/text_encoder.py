@@ -130,7 +130,9 @@ class TextEncoder(nn.Module):
             if not (model_folder / "config.json").is_file():
                 raise ConfigError(f"text encoder folder {str(model_folder)!r} has no config.json; "
                                   "expected a Hugging Face model folder")
-            self.model = AutoModel.from_pretrained(str(model_folder), local_files_only=True, dtype=torch.float32)
+            # safetensors only: a pickled pytorch_model.bin in a model folder is never unpickled
+            self.model = AutoModel.from_pretrained(str(model_folder), local_files_only=True, dtype=torch.float32,
+                                                   use_safetensors=True)
             self.model.requires_grad_(False)
             self.model.eval()
         else:

