@@ -122,6 +122,21 @@ def _pure_pixel_mask(image: np.ndarray, color: str) -> np.ndarray:
     return np.linalg.norm(image.astype(np.float64) - PALETTE[color], axis=-1) < 40
 
 
+def _covered_pixel_mask(image: np.ndarray, obj, background: str, paired: bool) -> np.ndarray:
+    """(H, W) bool: pixels nearer to ``obj``'s colour than to the background, i.e. at least half covered by it
+    (a star's thin point is never a pure pixel, but it is covered), within the object's half of a pair."""
+    pixels = image.astype(np.float64)
+    mask = (np.linalg.norm(pixels - PALETTE[obj.color], axis=-1)
+            < np.linalg.norm(pixels - PALETTE[background], axis=-1))
+    if paired:
+        half = image.shape[0] // 2
+        keep = {"left": np.s_[:, :half], "right": np.s_[:, half:], "top": np.s_[:half, :], "bottom": np.s_[half:, :]}
+        own = np.zeros_like(mask)
+        own[keep[obj.position]] = True
+        mask &= own
+    return mask
+
+
 @pytest.mark.parametrize("image_size", [32, 48])
 def test_shapes_positions_and_sizes_are_true_in_pixels(seed, image_size):
     dataset = ShapesDataset(150, image_size=image_size, seed=seed)
@@ -137,6 +152,7 @@ def test_shapes_positions_and_sizes_are_true_in_pixels(seed, image_size):
         for obj in labels.objects:
             mask = _pure_pixel_mask(image, obj.color)
             rows, cols = np.nonzero(mask)
+            covered_rows, covered_cols = np.nonzero(_covered_pixel_mask(image, obj, labels.background, paired))
             assert len(rows) >= 8, f"{where}: {obj} barely visible"
             cx, cy = (cols.mean() + 0.5) / side, (rows.mean() + 0.5) / side
             outer = 0.5 if paired else 1 / 3  # a pair splits the image in halves; one object sits in a third
@@ -152,7 +168,7 @@ def test_shapes_positions_and_sizes_are_true_in_pixels(seed, image_size):
                     if obj.position in ("right", "bottom"):
                         coordinate = side - coordinate
                     assert coordinate.max() < side / 2, f"{where}: {obj} crosses the middle"
-            extent = max(cols.max() - cols.min(), rows.max() - rows.min()) + 1
+            extent = max(np.ptp(covered_cols), np.ptp(covered_rows)) + 1
             low, high = DIAMETER_RANGE[obj.size]
             assert 0.8 * low * side - 1.5 <= extent <= high * side + 1.5, f"{where}: {obj} spans {extent} px"
 
