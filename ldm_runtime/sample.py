@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ldm_runtime.command_line import OneLineArgumentParser, finite_float, report_user_error
-from ldm_runtime.engines import ENGINE_NAMES, load_engine, pick_engine
+from ldm_runtime.engines import ENGINE_NAMES, engine_for_flags, load_engine
 from ldm_runtime.errors import UserError
 from ldm_runtime.images import image_grid, png_bytes
 from ldm_runtime.pipeline import GenerationRequest, Pipeline
@@ -94,14 +94,7 @@ def _sample(args: argparse.Namespace) -> tuple[list[Path], str | None]:
     count = len(args.prompts)
     seeds = [args.seed + index for index in range(count)]
     plan = plan_output(args.out, seeds)
-    engine_name, options = args.engine, {}
-    if args.precision is not None:
-        if engine_name == "auto":
-            engine_name, _ = pick_engine(args.model, args.device)
-        if engine_name != "openvino":
-            raise SampleError(f"--precision {args.precision} applies to the openvino engine, not {engine_name}; "
-                              f"expected --engine openvino or no --precision")
-        options["precision"] = args.precision
+    engine_name, options = engine_for_flags(args.model, args.engine, args.device, args.precision)
     engine = load_engine(args.model, engine=engine_name, device=args.device, **options)
     auto_choice = f"--engine auto picked {engine.info.name}" if args.engine == "auto" else None
     pipeline = Pipeline(engine)

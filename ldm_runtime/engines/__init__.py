@@ -95,6 +95,26 @@ def load_engine(path: str | Path, engine: str = "auto", device: str = "auto", **
                               f"install it or use another engine") from None
 
 
+def engine_for_flags(path: str | Path, engine: str, device: str = "auto", precision: str | None = None,
+                     threads: int | None = None) -> tuple[str, dict[str, Any]]:
+    """The engine name and ``load_engine`` options that a command's ``--engine``, ``--precision`` and
+    ``--threads`` ask for. "auto" stays "auto" (``load_engine`` picks, and a failure while loading keeps its
+    traceback) unless a flag depends on the choice. ``threads`` becomes the sessions' ``intra_op_threads`` for
+    the engine-dir engines; the torch engines leave it to the caller (``torch.set_num_threads``).
+    ``EngineLoadError`` when ``--precision`` names an engine that has no such setting."""
+    if engine == "auto" and (precision is not None or threads is not None):
+        engine, _ = pick_engine(path, device)
+    options: dict[str, Any] = {}
+    if precision is not None:
+        if engine != "openvino":
+            raise EngineLoadError(f"--precision {precision} applies to the openvino engine, not {engine}; "
+                                  f"expected --engine openvino or no --precision")
+        options["precision"] = precision
+    if threads is not None and engine in ENGINE_DIR_ENGINES:
+        options["intra_op_threads"] = threads
+    return engine, options
+
+
 def _engine_class(engine: str) -> type:
     """The class of engine ``engine`` ("torch", "triton", "onnxruntime" or "openvino"), imported now."""
     if engine == "triton":

@@ -34,7 +34,7 @@ from typing import Any, Iterator
 import uvicorn
 
 from ldm_runtime.command_line import OneLineArgumentParser, finite_float, report_user_error
-from ldm_runtime.engines import ENGINE_DIR_ENGINES, ENGINE_NAMES, load_engine, pick_engine
+from ldm_runtime.engines import ENGINE_DIR_ENGINES, ENGINE_NAMES, engine_for_flags, load_engine
 from ldm_runtime.errors import UserError
 from ldm_runtime.serve.app import ServeLimits, ServeMetrics, create_app, largest_request_bytes
 from ldm_runtime.serve.batcher import BATCHING_MODES, Batcher, BatcherConfig, StepGate
@@ -244,17 +244,7 @@ def _load_engine(args: argparse.Namespace):
     """The engine of ``--model``, its calls on ``--threads`` CPU threads (onnxruntime's sessions are made with
     that many; for the torch engines it is torch's process-wide thread count)."""
     folder = Path(args.model)
-    engine_name = args.engine
-    if engine_name == "auto" and (args.precision is not None or args.threads is not None):
-        engine_name, _ = pick_engine(folder, args.device)  # the serving line names it
-    options = {}
-    if args.precision is not None:
-        if engine_name != "openvino":
-            raise ServeError(f"--precision {args.precision} applies to the openvino engine, not {engine_name}; "
-                             f"expected --engine openvino or no --precision")
-        options["precision"] = args.precision
-    if args.threads is not None and engine_name in ENGINE_DIR_ENGINES:
-        options["intra_op_threads"] = args.threads
+    engine_name, options = engine_for_flags(folder, args.engine, args.device, args.precision, args.threads)
     engine = load_engine(folder, engine=engine_name, device=args.device, **options)
     if args.threads is not None and engine_name not in ENGINE_DIR_ENGINES:
         import torch  # the torch engine that just loaded imported it
