@@ -58,7 +58,7 @@ class SpatialSelfAttention(Attention):
         """(B, C, H, W) -> (B, C, H, W)."""
         pixels = self.group_norm(hidden_states).flatten(2).transpose(1, 2)
         attended = super().forward(pixels)
-        return attended.transpose(1, 2).reshape(hidden_states.shape) + hidden_states
+        return _to_image(attended, hidden_states.shape) + hidden_states
 
 
 class GEGLU(nn.Module):
@@ -137,10 +137,17 @@ class SpatialTransformer(nn.Module):
         for block in self.transformer_blocks:
             tokens = block(tokens, context, context_mask)
         if self.use_linear_projection:
-            output = self.proj_out(tokens).transpose(1, 2).reshape(hidden_states.shape)
+            output = _to_image(self.proj_out(tokens), hidden_states.shape)
         else:
-            output = self.proj_out(tokens.transpose(1, 2).reshape(hidden_states.shape))
+            output = self.proj_out(_to_image(tokens, hidden_states.shape))
         return output + hidden_states
+
+
+def _to_image(tokens: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """(B, H*W, C) tokens -> a contiguous (B, C, H, W) image. A plain transpose-reshape would be a channels-last
+    view, and every convolution after it (through the residual add) would then convert its weights to
+    channels-last on each call: on the CPU that copy cost more than the convolutions themselves."""
+    return tokens.transpose(1, 2).contiguous().view(shape)
 
 
 def _pointwise_conv(in_channels: int, out_channels: int) -> nn.Conv2d:
