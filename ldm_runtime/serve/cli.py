@@ -3,6 +3,8 @@
     ldm-serve --model runs/engine --port 8000
     curl -s localhost:8000/v1/images -H 'Accept: image/png' -d '{"prompt": "a red circle", "seed": 7}' -o out.png
 
+``/v1/images/generations`` speaks the OpenAI images API, so that OpenAI's clients work with ``base_url="http://localhost:8000/v1"``.
+
 The engine is loaded before the server binds, so a bad folder or flag is one line ``ldm-serve: error: ...``
 on stderr and exit status 2. Then the server listens at once (``/healthz`` answers) while a worker thread
 warms the engine up (``/readyz`` answers 503 until it is done). SIGTERM or SIGINT drains: the listening
@@ -100,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "and the process exits (default: %(default)s)")
     parser.add_argument("--api-key-file", default=None, metavar="FILE",
                         help=f"require 'Authorization: Bearer KEY' with the key in FILE, a UTF-8 text file (or set "
-                             f"{API_KEY_ENV}), on every route but /healthz and /readyz: /v1/images, /metrics, "
-                             f"/openapi.json and /docs")
+                             f"{API_KEY_ENV}), on every route but /healthz and /readyz: /v1/images, "
+                             f"/v1/images/generations, /metrics, /openapi.json and /docs")
     parser.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
                         help="auto picks torch for a checkpoint dir and, for an engine dir, openvino on the CPU "
                              "where it is installed, else onnxruntime (and says which)")
