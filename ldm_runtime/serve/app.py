@@ -1,7 +1,8 @@
 """The HTTP layer of ``ldm-serve``: the request schema, validation, auth, content negotiation and metrics.
 
 Routes: ``POST /v1/images`` (text to image), ``POST /v1/images/generations`` (the same in the OpenAI images
-API's shapes, so that OpenAI's clients work unchanged), ``GET /healthz`` (the process answers), ``GET /readyz`` (engine warmed up and not draining), ``GET /metrics``
+API's shapes, so that OpenAI's clients work unchanged), ``GET /`` (a page to try it, ``page.html``),
+``GET /healthz`` (the process answers), ``GET /readyz`` (engine warmed up and not draining), ``GET /metrics``
 (Prometheus text format), ``GET /openapi.json`` and ``/docs``.
 
 Every error is JSON, ``{"error": {"type": ..., "field": ..., "message": ...}}``, where ``message`` is one
@@ -10,10 +11,12 @@ sentence naming the bad value and what was expected; on ``/v1/images/generations
 an engine; no response ever carries a traceback or a path (unexpected errors go to the server's log only,
 and even they leave the keep-alive connection usable).
 
-With an API key, every route but the health probes needs ``Authorization: Bearer <key>``: inference, and the
+With an API key, every route but the page and the health probes needs ``Authorization: Bearer <key>``: inference, and the
 metadata and statistics (``/openapi.json``, ``/docs``, ``/metrics``), as Triton Inference Server can restrict its
 inference, metadata and statistics APIs with ``--http-restricted-api``; ``/healthz`` and ``/readyz`` stay open
-for orchestrators' probes, which carry no credentials (Triton's health and Ray Serve's ``/-/healthz`` likewise).
+for orchestrators' probes, which carry no credentials (Triton's health and Ray Serve's ``/-/healthz`` likewise),
+and so does the page, which holds no data (a browser cannot send the header when it opens it; the page has a
+field for the key and sends it with its own requests).
 The key is compared byte for byte with the header's value, both as UTF-8 (header values are bytes: decoding them
 one way and encoding the key another made a non-ASCII key unmatchable).
 
@@ -39,11 +42,12 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from decimal import Decimal
+from importlib import resources
 from typing import Any, Callable, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -63,6 +67,8 @@ BLANK_CHARACTERS = (r"\u0009-\u000d\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\
                     r"\ufeff")
 NOT_BLANK_PATTERN = f"[^{BLANK_CHARACTERS}]"
 HEALTH_PATHS = ("/healthz", "/readyz")
+PAGE_PATH = "/"
+OPEN_PATHS = (PAGE_PATH, *HEALTH_PATHS)  # what needs no API key
 OPENAI_IMAGES_PATH = "/v1/images/generations"
 logger = logging.getLogger("uvicorn.error")
 ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
@@ -429,6 +435,12 @@ def create_app(pipeline: Pipeline, batcher: Batcher, limits: ServeLimits, metric
     app.post(OPENAI_IMAGES_PATH, summary="Generate images from a prompt, in the OpenAI images API's shapes",
              openapi_extra=openai_images_openapi(route.openai_model, limits))(route.create_openai_images)
     _add_status_routes(app, batcher, metrics)
+    page = resources.files("ldm_runtime.serve").joinpath("page.html").read_text(encoding="utf-8")
+
+    @app.get(PAGE_PATH, include_in_schema=False)
+    async def try_it_page() -> Response:
+        return HTMLResponse(page)
+
     exact_openapi(app, {"/v1/images": route.model.model_json_schema(),
                         OPENAI_IMAGES_PATH: route.openai_model.model_json_schema()}, bearer=api_key is not None)
     return app
@@ -505,7 +517,7 @@ def _add_error_handlers(app: FastAPI, metrics: ServeMetrics) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, error: StarletteHTTPException) -> Response:
         message = {404: f"path {_shown(request.url.path)} does not exist; expected /v1/images, "
-                        f"{OPENAI_IMAGES_PATH}, /healthz, /readyz or /metrics",
+                        f"{OPENAI_IMAGES_PATH}, /, /healthz, /readyz or /metrics",
                    405: f"method {request.method} is not allowed on {request.url.path}"}.get(error.status_code,
                                                                                             str(error.detail))
         return error_response(ApiError(error.status_code, "http_error", message, None, dict(error.headers or {})),
@@ -781,7 +793,8 @@ def exact_openapi(app: FastAPI, request_schemas: dict[str, dict], bearer: bool) 
 
 
 class ApiKeyMiddleware:
-    """ASGI middleware: every route but the health probes needs ``Authorization: Bearer <api_key>``, else 401."""
+    """ASGI middleware: every route but the page and the health probes needs ``Authorization: Bearer <api_key>``,
+    else 401."""
 
     def __init__(self, app: Any, api_key: str, on_refused: Callable[[], None] = lambda: None):
         self.app = app
@@ -790,7 +803,7 @@ class ApiKeyMiddleware:
         self.on_refused = on_refused
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] in HEALTH_PATHS:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         values = [value for name, value in scope["headers"] if name == b"authorization"]

@@ -3,7 +3,8 @@
     ldm-serve --model runs/engine --port 8000
     curl -s localhost:8000/v1/images -H 'Accept: image/png' -d '{"prompt": "a red circle", "seed": 7}' -o out.png
 
-``/v1/images/generations`` speaks the OpenAI images API, so that OpenAI's clients work with ``base_url="http://localhost:8000/v1"``.
+``http://localhost:8000/`` is a page to try it in a browser; ``/v1/images/generations`` speaks the OpenAI images
+API, so that OpenAI's clients work with ``base_url="http://localhost:8000/v1"``.
 
 The engine is loaded before the server binds, so a bad folder or flag is one line ``ldm-serve: error: ...``
 on stderr and exit status 2. Then the server listens at once (``/healthz`` answers) while a worker thread
@@ -13,7 +14,7 @@ process exits 0; whatever is left when ``--drain-timeout`` runs out gets 503 the
 within the drain time whatever clients do. A request's header and body must arrive within
 ``--header-timeout`` and ``--body-timeout`` (``serve.protocol``), else 408 and the connection closes.
 An API key is required when ``--api-key-file`` is given or ``LDM_SERVE_API_KEY`` is set: then every route
-but ``/healthz`` and ``/readyz`` needs it (``serve.app``).
+but the page, ``/healthz`` and ``/readyz`` needs it (``serve.app``).
 
 ``LDM_SERVE_STEP_GATE=FILE`` holds the worker at step boundaries while FILE exists (``batcher.StepGate``): the
 tests use it to keep requests queued or running for as long as they need, whatever the machine's speed.
@@ -102,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "and the process exits (default: %(default)s)")
     parser.add_argument("--api-key-file", default=None, metavar="FILE",
                         help=f"require 'Authorization: Bearer KEY' with the key in FILE, a UTF-8 text file (or set "
-                             f"{API_KEY_ENV}), on every route but /healthz and /readyz: /v1/images, "
-                             f"/v1/images/generations, /metrics, /openapi.json and /docs")
+                             f"{API_KEY_ENV}), on every route but the page /, /healthz and /readyz: /v1/images, "
+                             f"/v1/images/generations, /metrics, /openapi.json and /docs (the page has a field for "
+                             f"the key)")
     parser.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
                         help="auto picks torch for a checkpoint dir and, for an engine dir, openvino on the CPU "
                              "where it is installed, else onnxruntime (and says which)")
