@@ -7,16 +7,16 @@ API's shapes, so that OpenAI's clients work unchanged), ``GET /`` (a page to try
 
 Every error is JSON, ``{"error": {"type": ..., "field": ..., "message": ...}}``, where ``message`` is one
 sentence naming the bad value and what was expected; on ``/v1/images/generations`` it is OpenAI's shape,
-``{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}``, with 400 where ``/v1/images`` says 422. Nothing a client sends reaches a file path or picks
-an engine; no response ever carries a traceback or a path (unexpected errors go to the server's log only,
-and even they leave the keep-alive connection usable).
+``{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}``, with 400 where ``/v1/images`` says 422.
+Nothing a client sends reaches a file path or picks an engine; no response ever carries a traceback or a path
+(unexpected errors go to the server's log only, and even they leave the keep-alive connection usable).
 
-With an API key, every route but the page and the health probes needs ``Authorization: Bearer <key>``: inference, and the
-metadata and statistics (``/openapi.json``, ``/docs``, ``/metrics``), as Triton Inference Server can restrict its
-inference, metadata and statistics APIs with ``--http-restricted-api``; ``/healthz`` and ``/readyz`` stay open
-for orchestrators' probes, which carry no credentials (Triton's health and Ray Serve's ``/-/healthz`` likewise),
-and so does the page, which holds no data (a browser cannot send the header when it opens it; the page has a
-field for the key and sends it with its own requests).
+With an API key, every route but the page and the health probes needs ``Authorization: Bearer <key>``: inference,
+and the metadata and statistics (``/openapi.json``, ``/docs``, ``/metrics``), as Triton Inference Server can
+restrict its inference, metadata and statistics APIs with ``--http-restricted-api``; ``/healthz`` and ``/readyz``
+stay open for orchestrators' probes, which carry no credentials (Triton's health and Ray Serve's ``/-/healthz``
+likewise), and so does the page, which holds no data (a browser cannot send the header when it opens it; the page
+has a field for the key and sends it with its own requests).
 The key is compared byte for byte with the header's value, both as UTF-8 (header values are bytes: decoding them
 one way and encoding the key another made a non-ASCII key unmatchable).
 
