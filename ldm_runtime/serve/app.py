@@ -1,17 +1,22 @@
 """The HTTP layer of ``ldm-serve``: the request schema, validation, auth, content negotiation and metrics.
 
-Routes: ``POST /v1/images`` (text to image), ``GET /healthz`` (the process answers), ``GET /readyz`` (engine
-warmed up and not draining), ``GET /metrics`` (Prometheus text format), ``GET /openapi.json`` and ``/docs``.
+Routes: ``POST /v1/images`` (text to image), ``POST /v1/images/generations`` (the same in the OpenAI images
+API's shapes, so that OpenAI's clients work unchanged), ``GET /`` (a page to try it, ``page.html``),
+``GET /healthz`` (the process answers), ``GET /readyz`` (engine warmed up and not draining), ``GET /metrics``
+(Prometheus text format), ``GET /openapi.json`` and ``/docs``.
 
 Every error is JSON, ``{"error": {"type": ..., "field": ..., "message": ...}}``, where ``message`` is one
-sentence naming the bad value and what was expected. Nothing a client sends reaches a file path or picks
-an engine; no response ever carries a traceback or a path (unexpected errors go to the server's log only,
-and even they leave the keep-alive connection usable).
+sentence naming the bad value and what was expected; on ``/v1/images/generations`` it is OpenAI's shape,
+``{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}``, with 400 where ``/v1/images`` says 422.
+Nothing a client sends reaches a file path or picks an engine; no response ever carries a traceback or a path
+(unexpected errors go to the server's log only, and even they leave the keep-alive connection usable).
 
-With an API key, every route but the health probes needs ``Authorization: Bearer <key>``: inference, and the
-metadata and statistics (``/openapi.json``, ``/docs``, ``/metrics``), as Triton Inference Server can restrict its
-inference, metadata and statistics APIs with ``--http-restricted-api``; ``/healthz`` and ``/readyz`` stay open
-for orchestrators' probes, which carry no credentials (Triton's health and Ray Serve's ``/-/healthz`` likewise).
+With an API key, every route but the page and the health probes needs ``Authorization: Bearer <key>``: inference,
+and the metadata and statistics (``/openapi.json``, ``/docs``, ``/metrics``), as Triton Inference Server can
+restrict its inference, metadata and statistics APIs with ``--http-restricted-api``; ``/healthz`` and ``/readyz``
+stay open for orchestrators' probes, which carry no credentials (Triton's health and Ray Serve's ``/-/healthz``
+likewise), and so does the page, which holds no data (a browser cannot send the header when it opens it; the page
+has a field for the key and sends it with its own requests).
 The key is compared byte for byte with the header's value, both as UTF-8 (header values are bytes: decoding them
 one way and encoding the key another made a non-ASCII key unmatchable).
 
@@ -37,11 +42,12 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Callable
+from importlib import resources
+from typing import Any, Callable, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -61,10 +67,17 @@ BLANK_CHARACTERS = (r"\u0009-\u000d\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\
                     r"\ufeff")
 NOT_BLANK_PATTERN = f"[^{BLANK_CHARACTERS}]"
 HEALTH_PATHS = ("/healthz", "/readyz")
+PAGE_PATH = "/"
+OPEN_PATHS = (PAGE_PATH, *HEALTH_PATHS)  # what needs no API key
+OPENAI_IMAGES_PATH = "/v1/images/generations"
 logger = logging.getLogger("uvicorn.error")
 ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["type", "field", "message"],
     "properties": {"type": {"type": "string"}, "field": {"type": ["string", "null"]}, "message": {"type": "string"}}}}}
+OPENAI_ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type", "param", "code"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
+                   "code": {"type": ["string", "null"]}}}}}
 OUTCOMES = ("ok", "invalid", "unauthorized", "queue_full", "not_ready", "draining", "timeout", "disconnected",
             "error")
 STUCK_STEP_GRACE_S = 1.0  # the worker drops an expired job at its next step boundary; this covers a stuck step
@@ -126,6 +139,42 @@ def request_model(limits: ServeLimits) -> type[BaseModel]:
     )
 
 
+def image_sizes(limits: ServeLimits) -> list[str]:
+    """Every "WxH" the server makes, as OpenAI's ``size`` spells it (width first)."""
+    sides = [side for side in range(limits.min_size, limits.max_size + 1) if side % limits.size_multiple == 0]
+    return [f"{width}x{height}" for width in sides for height in sides]
+
+
+@functools.lru_cache(maxsize=8)
+def openai_request_model(limits: ServeLimits) -> type[BaseModel]:
+    """The pydantic model of a ``POST /v1/images/generations`` body: OpenAI's fields (``model`` and ``user`` are
+    taken and not used; ``response_format`` can only be ``b64_json``, as the server keeps no images to link to)
+    and ours (``negative_prompt``, ``steps``, ``guidance_scale``, ``eta``, ``seed``), under the same limits as
+    ``request_model``."""
+    ours = request_model(limits).model_fields
+    sizes = image_sizes(limits)
+    default_size = f"{limits.default_size}x{limits.default_size}"
+    return create_model(
+        "OpenAIImageRequest",
+        __config__=ConfigDict(extra="forbid", strict=True,
+                              json_schema_extra={"examples": [{"prompt": "a red circle on a blue background",
+                                                               "size": default_size, "seed": 7}]}),
+        prompt=(str, ours["prompt"]),
+        n=(int, ours["n"]),
+        size=(Literal[tuple(sizes)] | None, Field(None, description=f'Image size "WxH" in pixels, width first; '
+                                                                     f'null for the model\'s "{default_size}".')),
+        response_format=(Literal["b64_json"] | None, Field(None, description='"b64_json" (or null, the same): the '
+                                                                             'images as base64 PNGs in the answer. '
+                                                                             'The server keeps no images, so it '
+                                                                             'cannot answer with a "url".')),
+        model=(str | None, Field(None, max_length=256, description="Taken and not used: the server serves one "
+                                                                   "model.")),
+        user=(str | None, Field(None, max_length=256, description="Taken and not used.")),
+        **{name: (ours[name].annotation, ours[name]) for name in ("negative_prompt", "steps", "guidance_scale",
+                                                                  "eta", "seed")},
+    )
+
+
 def expected_text(field: str, limits: ServeLimits) -> str:
     """What ``field`` must be, as the end of an error sentence."""
     sizes = f"a multiple of {limits.size_multiple} from {limits.min_size} to {limits.max_size}, or null"
@@ -139,6 +188,11 @@ def expected_text(field: str, limits: ServeLimits) -> str:
         "seed": "an integer from 0 to 2**63 - 1, or null",
         "height": sizes,
         "width": sizes,
+        "size": f'"WxH" with each side a multiple of {limits.size_multiple} from {limits.min_size} to '
+                f'{limits.max_size} (such as "{limits.default_size}x{limits.default_size}"), or null',
+        "response_format": '"b64_json" or null (the server keeps no images, so it cannot answer with a "url")',
+        "model": "a string of at most 256 characters, or null (the server serves one model)",
+        "user": "a string of at most 256 characters, or null",
     }.get(field, "")
 
 
@@ -151,16 +205,28 @@ class ApiError(Exception):
         self.status, self.type, self.message, self.field, self.headers = status, type_, message, field, headers
 
 
-def error_body(error: ApiError) -> bytes:
-    r"""The JSON body of ``error`` in UTF-8, whatever the client put into its message (a lone surrogate is shown
-    as ``\ud800``)."""
+def error_status(error: ApiError, path: str | None = None) -> int:
+    """The HTTP status of ``error`` on ``path``: OpenAI's API answers 400 where ours answers 422."""
+    return 400 if path == OPENAI_IMAGES_PATH and error.status == 422 else error.status
+
+
+def error_body(error: ApiError, path: str | None = None) -> bytes:
+    r"""The JSON body of ``error`` on ``path`` in UTF-8, whatever the client put into its message (a lone surrogate
+    is shown as ``\ud800``): OpenAI's error shape on ``OPENAI_IMAGES_PATH``, with our ``type`` word as its
+    ``code``, and ours everywhere else."""
     field = None if error.field is None else printable(error.field)
-    return json.dumps({"error": {"type": error.type, "field": field, "message": printable(error.message)}},
-                      ensure_ascii=False).encode("utf-8")
+    if path == OPENAI_IMAGES_PATH:
+        kind = "server_error" if error.status >= 500 else ("rate_limit_error" if error.status == 429
+                                                           else "invalid_request_error")
+        fields = {"message": printable(error.message), "type": kind, "param": field, "code": error.type}
+    else:
+        fields = {"type": error.type, "field": field, "message": printable(error.message)}
+    return json.dumps({"error": fields}, ensure_ascii=False).encode("utf-8")
 
 
-def error_response(error: ApiError) -> Response:
-    return Response(error_body(error), status_code=error.status, headers=error.headers,
+def error_response(error: ApiError, path: str | None = None) -> Response:
+    """``error`` answered on ``path`` (``error_body``)."""
+    return Response(error_body(error, path), status_code=error_status(error, path), headers=error.headers,
                     media_type="application/json")
 
 
@@ -183,15 +249,15 @@ def _shown(value: Any) -> str:
     return _shortened(printable(text))
 
 
-def validation_error(error: ValidationError, body: Any, limits: ServeLimits) -> ApiError:
-    """The first pydantic error as one sentence naming the field."""
+def validation_error(error: ValidationError, body: Any, limits: ServeLimits, model: type[BaseModel]) -> ApiError:
+    """The first pydantic error of ``model`` as one sentence naming the field."""
     first = error.errors()[0]
     location = [str(part) for part in first["loc"]]
     if not location:
         return ApiError(422, "invalid_request", f"the body is {_shown(body)}; expected a JSON object", "body")
     field = location[0]
     if first["type"] == "extra_forbidden":
-        known = ", ".join(request_model(limits).model_fields)
+        known = ", ".join(model.model_fields)
         return ApiError(422, "invalid_request", f"{_shortened(field)} is not a field of this request; expected some "
                                                 f"of {known}", field)
     if first["type"] == "missing":
@@ -284,7 +350,7 @@ def parse_body(raw: bytes, content_type: str, limits: ServeLimits, model: type[B
     try:
         parsed = model.model_validate(fields)
     except ValidationError as error:
-        raise validation_error(error, fields, limits) from None
+        raise validation_error(error, fields, limits, model) from None
     if not re.search(NOT_BLANK_PATTERN, parsed.prompt):
         raise ApiError(422, "invalid_request", f"prompt is {_shown(parsed.prompt)}; expected "
                                                f"{expected_text('prompt', limits)} (not only spaces)", "prompt")
@@ -366,8 +432,17 @@ def create_app(pipeline: Pipeline, batcher: Batcher, limits: ServeLimits, metric
     route = ImagesRoute(pipeline, batcher, limits, metrics)
     app.post("/v1/images", summary="Generate images from a prompt",
              openapi_extra=images_openapi(route.model, limits))(route.create_images)
+    app.post(OPENAI_IMAGES_PATH, summary="Generate images from a prompt, in the OpenAI images API's shapes",
+             openapi_extra=openai_images_openapi(route.openai_model, limits))(route.create_openai_images)
     _add_status_routes(app, batcher, metrics)
-    exact_openapi(app, {"/v1/images": route.model.model_json_schema()}, bearer=api_key is not None)
+    page = resources.files("ldm_runtime.serve").joinpath("page.html").read_text(encoding="utf-8")
+
+    @app.get(PAGE_PATH, include_in_schema=False)
+    async def try_it_page() -> Response:
+        return HTMLResponse(page)
+
+    exact_openapi(app, {"/v1/images": route.model.model_json_schema(),
+                        OPENAI_IMAGES_PATH: route.openai_model.model_json_schema()}, bearer=api_key is not None)
     return app
 
 
@@ -402,25 +477,55 @@ def images_openapi(model: type[BaseModel], limits: ServeLimits) -> dict[str, Any
         }}
 
 
+OPENAI_ERROR_CONTENT = {"application/json": {"schema": OPENAI_ERROR_SCHEMA}}
+OPENAI_ANSWER_SCHEMA = {"type": "object", "required": ["created", "data"], "properties": {
+    "created": {"type": "integer"},
+    "data": {"type": "array", "items": {"type": "object", "required": ["b64_json"], "properties": {
+        "b64_json": {"type": "string", "contentEncoding": "base64", "contentMediaType": "image/png"},
+        "seed": {"type": "integer"}}}},
+    "size": {"type": "string"}, "output_format": {"type": "string"},
+    "timings": ANSWER_SCHEMA["properties"]["timings"]}}
+
+
+def openai_images_openapi(model: type[BaseModel], limits: ServeLimits) -> dict[str, Any]:
+    """The OpenAPI entry of ``POST /v1/images/generations``: the body's schema and every answer it can get, the
+    errors in OpenAI's shape."""
+    return {
+        "requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}},
+        "responses": {
+            "200": {"description": "The images as base64 PNGs, each with its seed; the size and the timings",
+                    "content": {"application/json": {"schema": OPENAI_ANSWER_SCHEMA}}},
+            "400": {"description": "Malformed JSON, or a field is invalid (named in error.param)",
+                    "content": OPENAI_ERROR_CONTENT},
+            "401": {"description": "Missing or wrong API key", "content": OPENAI_ERROR_CONTENT},
+            "413": {"description": f"Body over {limits.max_body_bytes} bytes", "content": OPENAI_ERROR_CONTENT},
+            "415": {"description": "Body not JSON", "content": OPENAI_ERROR_CONTENT},
+            "429": {"description": "Queue full; see Retry-After", "content": OPENAI_ERROR_CONTENT},
+            "503": {"description": "Warming up, draining, or timed out; see Retry-After",
+                    "content": OPENAI_ERROR_CONTENT},
+        }}
+
+
 def _add_error_handlers(app: FastAPI, metrics: ServeMetrics) -> None:
     """Every error as the JSON error object: ours, Starlette's (404, 405) and FastAPI's validation; the unexpected
     ones (500, counted; the details stay in the log) are ``ErrorSafetyMiddleware``'s."""
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, error: ApiError) -> Response:
-        return error_response(error)
+        return error_response(error, request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, error: StarletteHTTPException) -> Response:
-        message = {404: f"path {_shown(request.url.path)} does not exist; expected /v1/images, /healthz, /readyz or "
-                        f"/metrics",
+        message = {404: f"path {_shown(request.url.path)} does not exist; expected /v1/images, "
+                        f"{OPENAI_IMAGES_PATH}, /, /healthz, /readyz or /metrics",
                    405: f"method {request.method} is not allowed on {request.url.path}"}.get(error.status_code,
                                                                                             str(error.detail))
-        return error_response(ApiError(error.status_code, "http_error", message, None, dict(error.headers or {})))
+        return error_response(ApiError(error.status_code, "http_error", message, None, dict(error.headers or {})),
+                              request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, error: RequestValidationError) -> Response:
-        return error_response(ApiError(422, "invalid_request", "the request is not valid", None))
+        return error_response(ApiError(422, "invalid_request", "the request is not valid", None), request.url.path)
 
 
 
@@ -449,7 +554,9 @@ def _add_status_routes(app: FastAPI, batcher: Batcher, metrics: ServeMetrics) ->
 
 
 class ImagesRoute:
-    """``POST /v1/images`` (the API key is ``ApiKeyMiddleware``'s): parse, queue one job of ``n`` images, wait for it, answer PNG or JSON."""
+    """``POST /v1/images`` and ``POST /v1/images/generations`` (the API key is ``ApiKeyMiddleware``'s): parse,
+    queue one job of ``n`` images, wait for it, answer: PNG or our JSON on the first, OpenAI's JSON on the second.
+    Both share the limits, the queue, the batcher and the metrics."""
 
     def __init__(self, pipeline: Pipeline, batcher: Batcher, limits: ServeLimits, metrics: ServeMetrics):
         self.pipeline = pipeline
@@ -457,12 +564,19 @@ class ImagesRoute:
         self.limits = limits
         self.metrics = metrics
         self.model = request_model(limits)
+        self.openai_model = openai_request_model(limits)
 
     async def create_images(self, request: Request) -> Response:
+        return await self._counted(request, self._answer)
+
+    async def create_openai_images(self, request: Request) -> Response:
+        return await self._counted(request, self._answer_openai)
+
+    async def _counted(self, request: Request, answer: Callable) -> Response:
         arrived = time.monotonic()
         with self.metrics.in_flight.track_inprogress():
             try:
-                return await self._answer(request, arrived)
+                return await answer(request, arrived)
             except ApiError as error:
                 self.metrics.requests.labels(_outcome(error)).inc()
                 raise
@@ -475,10 +589,37 @@ class ImagesRoute:
         if png and parsed.n > 1:
             raise ApiError(406, "not_acceptable", f"n is {parsed.n} but the client accepts only image/png; expected "
                                                   f"n = 1 or Accept: application/json", "n")
+        seeds, result, total_s = await self._generate(request, parsed, parsed.height, parsed.width, arrived)
+        pngs = await _encode_pngs(parsed, seeds, result)
+        height, width = result.images[0].shape[:2]
+        timings = _timings(result, total_s)
+        if png:
+            server_timing = ", ".join(f"{name[:-3]};dur={value}" for name, value in timings.items())
+            return Response(pngs[0], media_type="image/png",
+                            headers={"X-Seed": str(seeds[0]), "Server-Timing": server_timing})
+        return JSONResponse({"images": [base64.b64encode(data).decode("ascii") for data in pngs], "seeds": seeds,
+                             "width": width, "height": height, "timings": timings})
+
+    async def _answer_openai(self, request: Request, arrived: float) -> Response:
+        raw = await request.body()
+        parsed = parse_body(raw, request.headers.get("content-type", ""), self.limits, self.openai_model)
+        width, height = (None, None) if parsed.size is None else map(int, parsed.size.split("x"))
+        seeds, result, total_s = await self._generate(request, parsed, height, width, arrived)
+        pngs = await _encode_pngs(parsed, seeds, result)
+        height, width = result.images[0].shape[:2]
+        return JSONResponse({"created": int(time.time()),
+                             "data": [{"b64_json": base64.b64encode(data).decode("ascii"), "seed": one_seed}
+                                      for data, one_seed in zip(pngs, seeds)],
+                             "size": f"{width}x{height}", "output_format": "png",
+                             "timings": _timings(result, total_s)})
+
+    async def _generate(self, request: Request, parsed: BaseModel, height: int | None, width: int | None,
+                        arrived: float) -> tuple[list[int], JobResult, float]:
+        """Queue the ``parsed.n`` images and wait for them: their seeds, the job's result and the seconds since
+        the request arrived (observed as its latency, and counted as ok)."""
         seed = secrets.randbelow(MAX_SEED) if parsed.seed is None else parsed.seed
         seeds = [(seed + index) % MAX_SEED for index in range(parsed.n)]
-        requests = self._generation_requests(parsed, seeds)
-
+        requests = self._generation_requests(parsed, seeds, height, width)
         loop = asyncio.get_running_loop()
         job = Job(requests=requests, deadline=arrived + self.limits.request_timeout_s, loop=loop,
                   future=loop.create_future(), enqueued_at=arrived)
@@ -487,13 +628,14 @@ class ImagesRoute:
         total_s = time.monotonic() - arrived
         self.metrics.latency.observe(total_s)
         self.metrics.requests.labels("ok").inc()
-        return await _images_response(parsed, seeds, result, total_s, png)
+        return seeds, result, total_s
 
-    def _generation_requests(self, parsed: BaseModel, seeds: list[int]) -> list[GenerationRequest]:
+    def _generation_requests(self, parsed: BaseModel, seeds: list[int], height: int | None,
+                             width: int | None) -> list[GenerationRequest]:
         """One request per seed, each checked by the pipeline (``ApiError`` 422 naming the field)."""
         requests = [GenerationRequest(prompt=parsed.prompt, negative_prompt=parsed.negative_prompt, seed=one_seed,
                                       steps=parsed.steps, guidance_scale=parsed.guidance_scale, eta=parsed.eta,
-                                      height=parsed.height, width=parsed.width) for one_seed in seeds]
+                                      height=height, width=width) for one_seed in seeds]
         for generation in requests:
             try:
                 self.pipeline.validate(generation)
@@ -513,23 +655,19 @@ class ImagesRoute:
             raise _not_accepting_error(error) from None
 
 
-async def _images_response(parsed: BaseModel, seeds: list[int], result: JobResult, total_s: float,
-                           png: bool) -> Response:
-    """The answer: PNG bytes of the one image (``png``), else JSON with every image as base64 PNG."""
+async def _encode_pngs(parsed: BaseModel, seeds: list[int], result: JobResult) -> list[bytes]:
+    """The images as PNG bytes, each with its generation parameters in a text chunk."""
     height, width = result.images[0].shape[:2]
     parameters = [{"prompt": parsed.prompt, "negative_prompt": parsed.negative_prompt, "seed": one_seed,
                    "steps": parsed.steps, "guidance_scale": parsed.guidance_scale, "eta": parsed.eta,
                    "height": height, "width": width, "sampler": "ddim"} for one_seed in seeds]
-    pngs = await asyncio.to_thread(lambda: [png_bytes(image, settings)
+    return await asyncio.to_thread(lambda: [png_bytes(image, settings)
                                             for image, settings in zip(result.images, parameters)])
-    timings = {"queue_ms": round(result.queue_s * 1e3, 3), "compute_ms": round(result.compute_s * 1e3, 3),
-               "total_ms": round(total_s * 1e3, 3)}
-    if png:
-        server_timing = ", ".join(f"{name[:-3]};dur={value}" for name, value in timings.items())
-        return Response(pngs[0], media_type="image/png",
-                        headers={"X-Seed": str(seeds[0]), "Server-Timing": server_timing})
-    return JSONResponse({"images": [base64.b64encode(data).decode("ascii") for data in pngs], "seeds": seeds,
-                         "width": width, "height": height, "timings": timings})
+
+
+def _timings(result: JobResult, total_s: float) -> dict[str, float]:
+    return {"queue_ms": round(result.queue_s * 1e3, 3), "compute_ms": round(result.compute_s * 1e3, 3),
+            "total_ms": round(total_s * 1e3, 3)}
 
 
 async def await_job(batcher: Batcher, job: Job, request: Request, limits: ServeLimits) -> JobResult:
@@ -599,7 +737,7 @@ class BodyLimitMiddleware:
                                                     f"{self.max_body_bytes}", "body")
         length = dict(scope.get("headers") or []).get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
-            await error_response(too_large)(scope, receive, send)
+            await error_response(too_large, scope["path"])(scope, receive, send)
             return
         chunks, size = [], 0
         while True:
@@ -609,7 +747,7 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                await error_response(too_large)(scope, receive, send)
+                await error_response(too_large, scope["path"])(scope, receive, send)
                 return
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -655,7 +793,8 @@ def exact_openapi(app: FastAPI, request_schemas: dict[str, dict], bearer: bool) 
 
 
 class ApiKeyMiddleware:
-    """ASGI middleware: every route but the health probes needs ``Authorization: Bearer <api_key>``, else 401."""
+    """ASGI middleware: every route but the page and the health probes needs ``Authorization: Bearer <api_key>``,
+    else 401."""
 
     def __init__(self, app: Any, api_key: str, on_refused: Callable[[], None] = lambda: None):
         self.app = app
@@ -664,7 +803,7 @@ class ApiKeyMiddleware:
         self.on_refused = on_refused
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] in HEALTH_PATHS:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
         values = [value for name, value in scope["headers"] if name == b"authorization"]
@@ -675,7 +814,7 @@ class ApiKeyMiddleware:
         given = "no API key" if not values else "a wrong API key"
         refused = ApiError(401, "unauthorized", f"the request has {given}; expected the header Authorization: Bearer "
                                                 f"<key>", "authorization", {"WWW-Authenticate": "Bearer"})
-        await error_response(refused)(scope, receive, send)
+        await error_response(refused, scope["path"])(scope, receive, send)
 
     def _matches(self, authorization: bytes) -> bool:
         scheme, _, token = authorization.strip().partition(b" ")
@@ -712,4 +851,4 @@ class ErrorSafetyMiddleware:
                 raise
             failed = ApiError(500, "internal", "the server failed on this request; expected a retry, and the "
                                                "server log has the details")
-            await error_response(failed)(scope, receive, send)
+            await error_response(failed, scope["path"])(scope, receive, send)

@@ -21,7 +21,7 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ldm_runtime.serve.app import ApiError, error_body
+from ldm_runtime.serve.app import ApiError, error_body, error_status
 
 DRAINING = ApiError(503, "draining", "the server is draining before it exits; expected a retry later", None,
                     {"Retry-After": "5"})
@@ -123,18 +123,21 @@ class GuardedH11Protocol(H11Protocol):
         else:
             unanswered = not cycle.response_started
         if unanswered:
-            self.transport.write(raw_response(error))
+            # the request's own path while it is half read (its route's error shape); none once it is answered
+            path = cycle.scope["path"] if cycle is not None and not cycle.response_complete else None
+            self.transport.write(raw_response(error, path))
         if cycle is not None and not cycle.response_complete:
             cycle.disconnected = True
             cycle.message_event.set()
         self.transport.close()
 
 
-def raw_response(error: ApiError) -> bytes:
+def raw_response(error: ApiError, path: str | None = None) -> bytes:
     """``error`` as a whole HTTP/1.1 response with ``Connection: close``, for a connection h11 cannot answer on
-    (no request has arrived, or the request is half read)."""
-    body = error_body(error)
-    lines = [f"HTTP/1.1 {error.status} {http.HTTPStatus(error.status).phrase}", "content-type: application/json",
+    (no request has arrived, or the request to ``path`` is half read)."""
+    body = error_body(error, path)
+    status = error_status(error, path)
+    lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}", "content-type: application/json",
              f"content-length: {len(body)}", "connection: close",
              *(f"{name.lower()}: {value}" for name, value in (error.headers or {}).items())]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
