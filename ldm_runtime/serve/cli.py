@@ -34,7 +34,7 @@ from typing import Any, Iterator
 import uvicorn
 
 from ldm_runtime.command_line import OneLineArgumentParser, finite_float, report_user_error
-from ldm_runtime.engines import ENGINE_DIR_ENGINES, ENGINE_NAMES, load_engine, pick_engine
+from ldm_runtime.engines import ENGINE_NAMES, THREADED_ENGINES, load_engine, pick_engine
 from ldm_runtime.errors import UserError
 from ldm_runtime.serve.app import ServeLimits, ServeMetrics, create_app, largest_request_bytes
 from ldm_runtime.serve.batcher import BATCHING_MODES, Batcher, BatcherConfig, StepGate
@@ -103,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{API_KEY_ENV}), on every route but /healthz and /readyz: /v1/images, /metrics, "
                              f"/openapi.json and /docs")
     parser.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
-                        help="auto picks torch for a checkpoint dir and, for an engine dir, openvino on the CPU "
-                             "where it is installed, else onnxruntime (and says which)")
+                        help="auto picks torch for a checkpoint dir and, for an engine dir, tensorrt where it holds "
+                             "TensorRT plans built for this GPU, openvino on the CPU where it is installed, else "
+                             "onnxruntime (and says which)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--text-cache", type=int, default=DEFAULT_CAPACITY, metavar="N",
                         help="prompts whose text encoding is remembered, 0 for none (default: %(default)s)")
@@ -242,7 +243,7 @@ class DrainingServer(uvicorn.Server):
 
 def _load_engine(args: argparse.Namespace):
     """The engine of ``--model``, its calls on ``--threads`` CPU threads (onnxruntime's sessions are made with
-    that many; for the torch engines it is torch's process-wide thread count)."""
+    that many; for the torch engines and tensorrt it is torch's process-wide thread count)."""
     folder = Path(args.model)
     engine_name = args.engine
     if engine_name == "auto" and (args.precision is not None or args.threads is not None):
@@ -253,11 +254,11 @@ def _load_engine(args: argparse.Namespace):
             raise ServeError(f"--precision {args.precision} applies to the openvino engine, not {engine_name}; "
                              f"expected --engine openvino or no --precision")
         options["precision"] = args.precision
-    if args.threads is not None and engine_name in ENGINE_DIR_ENGINES:
+    if args.threads is not None and engine_name in THREADED_ENGINES:
         options["intra_op_threads"] = args.threads
     engine = load_engine(folder, engine=engine_name, device=args.device, **options)
-    if args.threads is not None and engine_name not in ENGINE_DIR_ENGINES:
-        import torch  # the torch engine that just loaded imported it
+    if args.threads is not None and engine_name not in THREADED_ENGINES:
+        import torch  # the torch, triton or tensorrt engine that just loaded imported it
 
         torch.set_num_threads(args.threads)
     return engine
