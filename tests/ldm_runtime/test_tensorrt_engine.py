@@ -373,3 +373,28 @@ def test_a_batch_outside_the_exported_range_is_refused_naming_it(planned, fake, 
     latents, timesteps, context, mask = unet_inputs(rng, 9)
     with pytest.raises(OutOfRangeError, match=r"UNet batch size 9 is outside the engine's exported range 1\.\.8"):
         engine.unet(engine.to_array(latents), timesteps, engine.to_array(context), engine.to_array(mask))
+
+
+@pytest.fixture(scope="module")
+def planned_fp16(tmp_path_factory):
+    """A copy of the tiny fp16 engine dir (float16 inputs and outputs) with one-profile fake plans."""
+    _, engine_dir, code, output = shared_tiny_engine(tmp_path_factory, "fp16")
+    assert code == 0, output
+    folder = tmp_path_factory.mktemp("planned-fp16") / "engine"
+    shutil.copytree(engine_dir, folder)
+    return write_fake_plans(folder)
+
+
+def test_an_fp16_plan_gets_float16_buffers_and_gives_float32_like_the_onnxruntime_engine(planned_fp16, fake, rng):
+    engine = TensorRtEngine(planned_fp16)
+    reference = OnnxRuntimeEngine(planned_fp16, intra_op_threads=1)
+    latents, timesteps, context, mask = unet_inputs(rng, 3)
+    output = engine.unet(engine.to_array(latents), timesteps, engine.to_array(context), engine.to_array(mask))
+    assert output.dtype == torch.float32
+    (buffers,) = engine.plans["unet"].buffers.values()
+    assert buffers["latents"].dtype == buffers["noise_pred"].dtype == torch.float16
+    assert relative_error(engine.to_host(output), reference.unet(latents, timesteps, context, mask)) < 1e-3
+    latents = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    images = engine.decode(engine.to_array(latents))
+    assert images.dtype == torch.float32
+    assert relative_error(engine.to_host(images), reference.decode(latents)) < 1e-3
