@@ -319,7 +319,7 @@ class PlanRunner:
 
         def enqueue(*inputs: torch.Tensor) -> torch.Tensor:
             self._bind(call, key, {**dict(zip(self.inputs, inputs)), output: buffers[output]}, tag="graph")
-            if not context.execute_async_v3(torch.cuda.current_stream(self.device).cuda_stream):
+            if not context.execute_async_v3(self.stream()):  # torch's current stream: the capturing one
                 raise RuntimeError(f"TensorRT failed to run {self.name} on shapes {call.shapes}")
             return buffers[output]
 

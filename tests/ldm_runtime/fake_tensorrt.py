@@ -23,6 +23,7 @@ import onnxruntime as ort
 
 __version__ = "10.99.0-fake"
 CALLS: list[tuple] = []  # (call name, graph, arguments...) in the order the engine made them
+LAST_EXECUTED: list = []  # [context, its tensor addresses, its input shapes] of the latest execute_async_v3
 NUMPY_DTYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT64": np.int64, "INT32": np.int32, "BOOL": np.bool_}
 
 
@@ -152,14 +153,19 @@ class ExecutionContext:
 
     def execute_async_v3(self, stream_handle: int) -> bool:
         CALLS.append(("execute_async_v3", self.engine.graph, self.profile, stream_handle))
+        LAST_EXECUTED[:] = [self, dict(self.addresses), dict(self.shapes)]
+        return self.run_with(self.addresses, self.shapes)
+
+    def run_with(self, addresses: dict[str, int], shapes: dict[str, tuple]) -> bool:
+        """Run the graph on the tensors at ``addresses`` with input ``shapes`` (what a captured launch runs)."""
         inputs = [name for name, (mode, _) in self.engine.tensors.items() if mode is TensorIOMode.INPUT]
-        if set(self.shapes) != set(inputs) or set(self.addresses) != set(self.engine.tensors):
+        if set(shapes) != set(inputs) or set(addresses) != set(self.engine.tensors):
             return False  # TensorRT refuses to run with a shape or an address unset
-        feeds = {name: _host_array(self.addresses[name], self.shapes[name], self.engine.tensors[name][1]).copy()
+        feeds = {name: _host_array(addresses[name], shapes[name], self.engine.tensors[name][1]).copy()
                  for name in inputs}
         names = [name for name, (mode, _) in self.engine.tensors.items() if mode is TensorIOMode.OUTPUT]
         for name, output in zip(names, self.engine.run(feeds)):
-            _host_array(self.addresses[name], output.shape, self.engine.tensors[name][1])[...] = output
+            _host_array(addresses[name], output.shape, self.engine.tensors[name][1])[...] = output
         return True
 
 

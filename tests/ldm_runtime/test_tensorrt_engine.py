@@ -398,3 +398,45 @@ def test_an_fp16_plan_gets_float16_buffers_and_gives_float32_like_the_onnxruntim
     images = engine.decode(engine.to_array(latents))
     assert images.dtype == torch.float32
     assert relative_error(engine.to_host(images), reference.decode(latents)) < 1e-3
+
+
+class CpuCapturedCall:
+    """A CPU stand-in for ``cuda_graph.CapturedCall`` (there is no CUDA here), for the FAKE tensorrt: it "captures"
+    the third call as CUDA graph capture does (after two warm-up calls), keeping the fake context's tensor addresses
+    and shapes of that call, and "replays" by running the fake context on exactly those (as a CUDA graph replays
+    its launches with the addresses they were captured with), after checking that the engine re-bound the context
+    to them."""
+
+    made: list["CpuCapturedCall"] = []
+
+    def __init__(self, module, example, pool=None):
+        self.static_inputs = [tensor.clone() for tensor in example]
+        for _ in range(2):
+            module(*self.static_inputs)
+        self.static_output = module(*self.static_inputs)
+        self.context, self.addresses, self.shapes = fake_tensorrt.LAST_EXECUTED
+        CpuCapturedCall.made.append(self)
+
+    def replay(self, inputs):
+        for buffer, tensor in zip(self.static_inputs, inputs):
+            buffer.copy_(tensor)
+        assert (self.context.addresses, self.context.shapes) == (self.addresses, self.shapes), \
+            "the context was not re-bound to the captured call's shapes and buffers"
+        assert self.context.run_with(self.addresses, self.shapes)
+        return self.static_output.clone()
+
+
+def test_each_unet_bucket_is_captured_once_and_replays_give_the_uncaptured_results(planned, fake, rng, monkeypatch):
+    monkeypatch.setattr(tensorrt_engine, "CapturedCall", CpuCapturedCall)
+    monkeypatch.setattr(CpuCapturedCall, "made", [])
+    captured, uncaptured = TensorRtEngine(planned), TensorRtEngine(planned)
+    captured.plans["unet"].capture = True  # as on a GPU with cuda_graphs=True
+    for rows in (3, 1, 4, 8, 1, 3):  # buckets 4, 1, 4, 8, 1, 4: replays follow other buckets' replays
+        latents, timesteps, context, mask = unet_inputs(rng, rows)
+        inputs = (captured.to_array(latents), timesteps, captured.to_array(context), captured.to_array(mask))
+        np.testing.assert_array_equal(captured.to_host(captured.unet(*inputs)),
+                                      uncaptured.to_host(uncaptured.unet(*inputs)))
+    assert len(CpuCapturedCall.made) == 3
+    assert [(graph, profile, shapes[0]) for graph, profile, shapes in captured.captured_shapes] == [
+        ("unet", 0, (1, 4, 8, 8)), ("unet", 0, (4, 4, 8, 8)), ("unet", 0, (8, 4, 8, 8))]
+    assert uncaptured.captured_shapes == []
