@@ -16,7 +16,8 @@ integers, one per row) and the tokenizer's ids cross from the host.
 CUDA graphs: each UNet shape (bucket, latent size) is captured once in a CUDA graph (``cuda_graph.CapturedCall``)
 and replayed: one launch instead of one per layer, which is what small batches are bound by. The context is
 re-bound to a graph's shapes and buffers before it is replayed, so that the context's state always matches the
-graph it runs. The text encoder and the autoencoder run uncaptured (once per request).
+graph it runs. The text encoder and the autoencoder run uncaptured (once per request), and so does a UNet
+plan whose capture fails (a warning says so).
 
 Batch invariance: a row's result does not depend on the rows beside it in its bucket (every row of these graphs
 is computed on its own); across buckets TensorRT's kernels may differ, which moves results in the last bits.
@@ -30,6 +31,8 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Callable
+
+import logging
 
 import numpy as np
 import torch
@@ -60,6 +63,7 @@ from ldm_runtime.manifest import (
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32,
                 "bool": torch.bool}
 CAPTURED_GRAPHS = ("unet",)  # the graph the sampling loop calls every step
+log = logging.getLogger(__name__)
 
 
 class TensorRtUnavailable(EngineLoadError):
@@ -272,8 +276,9 @@ class PlanRunner:
         buffers = self._buffers(call, key)
         for name in self.inputs:
             _fill_padded(buffers[name], feeds[name])
-        if self.capture:
-            outputs = [self._replay(call, key, buffers)]
+        captured = self._replay(call, key, buffers) if self.capture else None
+        if captured is not None:
+            outputs = [captured]
         else:
             self._bind(call, key, buffers)
             if not self.contexts[call.profile].execute_async_v3(self.stream()):
@@ -311,8 +316,9 @@ class PlanRunner:
                 raise RuntimeError(f"TensorRT refused the address of {self.name} tensor {name}")
         self._bound[call.profile] = (tag, key)
 
-    def _replay(self, call: CallPlan, key: tuple, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Run this call shape from its CUDA graph, capturing it on the first call (one output only)."""
+    def _replay(self, call: CallPlan, key: tuple, buffers: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """Run this call shape from its CUDA graph, capturing it on the first call (one output only). None, and
+        no more captures for this plan, when the capture fails: the call then runs uncaptured."""
         assert len(self.outputs) == 1, self.outputs
         (output,) = self.outputs
         context = self.contexts[call.profile]
@@ -325,7 +331,15 @@ class PlanRunner:
 
         captured = self.graphs.get(key)
         if captured is None:
-            captured = self.graphs[key] = CapturedCall(enqueue, [buffers[name] for name in self.inputs], self.pool)
+            try:
+                captured = CapturedCall(enqueue, [buffers[name] for name in self.inputs], self.pool)
+            except RuntimeError as error:  # a plan with layers TensorRT cannot run inside a stream capture
+                first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+                log.warning("the TensorRT plan of %s cannot be captured in a CUDA graph (%s); it runs uncaptured",
+                            self.name, first_line)
+                self.capture, self._bound[call.profile] = False, None
+                return None
+            self.graphs[key] = captured
         self._bind(call, key, {**dict(zip(self.inputs, captured.static_inputs)), output: buffers[output]},
                    tag="graph")
         return captured.replay([buffers[name] for name in self.inputs])
