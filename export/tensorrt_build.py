@@ -15,33 +15,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 from export.errors import ExportError
+from ldm_runtime.engines.tensorrt_plans import gpu_identity, tensorrt_missing  # shared with the runtime
 from ldm_runtime.files import sha256_file, write_atomic, write_text_atomic
 from ldm_runtime.manifest import MANIFEST_JSON, DimRange, load_manifest, verify_engine_files
 
 TIMING_CACHE = "tensorrt.timing_cache"
 WORKSPACE_BYTES = 8 << 30  # the most scratch memory TensorRT may use while timing tactics
-
-
-def tensorrt_missing(what: str = "--backend tensorrt") -> str | None:
-    """One line saying what this machine lacks for ``what``, or None when it has everything."""
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
-        return (f"{what} needs the tensorrt Python package (pip install 'ldm-runtime[tensorrt]'), "
-                f"which is not installed here")
-    import torch
-
-    if not torch.cuda.is_available():
-        return f"{what} needs a CUDA GPU, and none is visible on this machine"
-    return None
-
-
-def gpu_identity() -> tuple[str, str]:
-    """(GPU name, compute capability "major.minor") of CUDA device 0."""
-    import torch
-
-    major, minor = torch.cuda.get_device_capability(0)
-    return torch.cuda.get_device_name(0), f"{major}.{minor}"
 
 
 def _profile_shape(shape: list[int | str], dims: dict[str, DimRange], which: str) -> tuple[int, ...]:

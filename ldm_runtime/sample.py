@@ -1,4 +1,5 @@
-"""``ldm-sample``: prompts in, PNG images out, from a checkpoint dir (torch) or an engine dir (openvino, onnxruntime).
+"""``ldm-sample``: prompts in, PNG images out, from a checkpoint dir (torch) or an engine dir (openvino, onnxruntime,
+tensorrt).
 
     ldm-sample --model runs/ldm "a red circle" "a blue square" --seed 7 --steps 25 --out samples/
 
@@ -62,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--height", type=int, default=None, help="image height (default: the model's size)")
     parser.add_argument("--width", type=int, default=None, help="image width (default: the model's size)")
     parser.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
-                        help="auto picks torch for a checkpoint dir and, for an engine dir, openvino on the CPU "
-                             "where it is installed, else onnxruntime (and says which); triton (a checkpoint dir "
+                        help="auto picks torch for a checkpoint dir and, for an engine dir, tensorrt where it holds "
+                             "TensorRT plans built for this GPU, openvino on the CPU where it is installed, else "
+                             "onnxruntime (and says which); triton (a checkpoint dir "
                              "on a CUDA GPU) runs the fused Triton kernels in fp16 with CUDA graphs")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                         help="the openvino engine's inference precision; bf16 only on a CPU with native bf16 "

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole GPU check in one call, on a CUDA machine that has python3 with torch, triton and pytest
 # (no venv, nothing installed): the kernel tests compiled on the GPU (TRITON_INTERPRET and LDM_KERNELS
-# unset), both kernel benchmarks, the triton engine's tests, and the sd15 UNet step (eager fp16 against
-# the triton engine). Results go to "${OUT:-./gpu-results}"; the exit status is
+# unset), both kernel benchmarks, the triton engine's tests, the sd15 UNet step (eager fp16 against
+# the triton engine), and, wherever tensorrt imports, the tensorrt engine against the onnxruntime engine on a
+# tiny engine dir exported with --backend tensorrt (scripts/tensorrt_parity.py). Results go to "${OUT:-./gpu-results}"; the exit status is
 # non-zero if any step failed, and every step runs even after an earlier one fails.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -62,6 +63,19 @@ run_step "triton engine tests" pytest-triton-engine "$python" -m pytest tests/ld
 
 section "UNet step benchmark: eager fp16 against the triton engine (sd15, 64x64 latents)"
 run_step bench_unet_step bench_unet_step "$python" benchmarks/bench_unet_step.py --json "$out/bench_unet_step.json"
+
+section "tensorrt engine: parity with the onnxruntime engine (tiny model, fp32 and fp16 plans)"
+if ! "$python" -c 'import tensorrt' 2>/dev/null; then
+    echo "tensorrt engine: skipped (import tensorrt fails for $python)" | tee "$out/tensorrt-parity.txt"
+elif ! missing="$("$python" -c '
+import importlib.util
+names = ("onnx", "onnxscript", "onnxruntime", "tokenizers", "transformers", "safetensors")
+print(" ".join(name for name in names if importlib.util.find_spec(name) is None))')" || [ -n "$missing" ]; then
+    echo "tensorrt engine: skipped (tensorrt imports, but $python lacks: ${missing:-?}, which the export needs)" \
+        | tee "$out/tensorrt-parity.txt"
+else
+    run_step "tensorrt parity" tensorrt-parity "$python" scripts/tensorrt_parity.py --json "$out/tensorrt_parity.json"
+fi
 
 section "summary"
 echo "results in $out"

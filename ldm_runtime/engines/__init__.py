@@ -2,7 +2,7 @@
 
 ``load_engine`` opens a folder: a checkpoint dir (``model.json``, written by ``ldm-train``) runs on the
 torch engine (or, on a CUDA GPU, the triton engine), an engine dir (``manifest.json``, written by
-``ldm-export``) on onnxruntime or openvino. Each engine's module is imported only when it is asked for, so
+``ldm-export``) on onnxruntime or openvino, or, where it holds TensorRT plans, on tensorrt. Each engine's module is imported only when it is asked for, so
 serving an engine dir needs no torch.
 """
 
@@ -15,30 +15,35 @@ from typing import Any
 
 from ldm_runtime.checkpoint import MODEL_JSON
 from ldm_runtime.engines.base import Engine, EngineInfo
-from ldm_runtime.errors import EngineLoadError
+from ldm_runtime.errors import EngineDirError, EngineLoadError
 from ldm_runtime.manifest import MANIFEST_JSON
 
-ENGINE_NAMES = ("auto", "torch", "triton", "onnxruntime", "openvino")
-ENGINE_DIR_ENGINES = ("onnxruntime", "openvino")  # the engines that run an engine dir
+ENGINE_NAMES = ("auto", "torch", "triton", "onnxruntime", "openvino", "tensorrt")
+ENGINE_DIR_ENGINES = ("onnxruntime", "openvino", "tensorrt")  # the engines that run an engine dir
+THREADED_ENGINES = ("onnxruntime", "openvino")  # the engines that take intra_op_threads (their CPU threads)
 CHECKPOINT_MARKER = MODEL_JSON
 ENGINE_DIR_MARKER = MANIFEST_JSON
 # The optional libraries an engine needs: a missing one is the user's to install, not a bug.
 ENGINE_LIBRARIES = {"torch": ("torch", "transformers", "safetensors"), "triton": ("torch", "transformers",
                                                                                   "safetensors", "triton"),
-                    "onnxruntime": ("onnxruntime", "tokenizers"), "openvino": ("openvino", "tokenizers")}
+                    "onnxruntime": ("onnxruntime", "tokenizers"), "openvino": ("openvino", "tokenizers"),
+                    "tensorrt": ("tensorrt", "torch", "onnxruntime", "tokenizers")}
 log = logging.getLogger(__name__)
 
 
 def pick_engine(path: str | Path, device: str = "auto") -> tuple[str, str]:
     """(the engine "auto" runs ``path`` on, one sentence saying why). A checkpoint dir runs on torch. An engine
-    dir runs on openvino where it imports and the engine runs on the CPU (measured as fast as onnxruntime at 2
-    UNet rows and faster at 16: BENCHMARKS.md), else on onnxruntime (on a GPU, or without openvino)."""
+    dir runs on tensorrt where it holds TensorRT plans built for this machine's GPU and TensorRT version; else on
+    openvino where it imports and the engine runs on the CPU (measured as fast as onnxruntime at 2 UNet rows and
+    faster at 16: BENCHMARKS.md), else on onnxruntime (on a GPU, or without openvino)."""
     folder = _existing_folder(path)
     if (folder / CHECKPOINT_MARKER).is_file():
         return "torch", f"{folder} is a checkpoint dir, which runs eagerly on torch"
     if not (folder / ENGINE_DIR_MARKER).is_file():
         raise EngineLoadError(f"{folder} has neither {CHECKPOINT_MARKER} nor {ENGINE_DIR_MARKER}; expected a "
                               f"checkpoint dir (ldm-train) or an engine dir (ldm-export)")
+    if device != "cpu" and _tensorrt_runs(folder, device):
+        return "tensorrt", "the engine dir holds TensorRT plans built for this GPU and TensorRT version"
     if device.startswith("cuda"):
         return "onnxruntime", f"device {device!r} is a GPU, which the openvino engine does not run on"
     if device == "auto" and _onnxruntime_sees_a_gpu():
@@ -56,6 +61,29 @@ def _existing_folder(path: str | Path) -> Path:
     return folder
 
 
+def _tensorrt_runs(folder: Path, device: str) -> bool:
+    """Whether the engine dir has TensorRT plans and this machine has TensorRT, torch and the GPU they were built
+    for (torch and tensorrt are imported only when the plans are there and both are installed)."""
+    from ldm_runtime.engines import tensorrt_plans
+    from ldm_runtime.manifest import check_tensorrt_plans, load_manifest
+
+    manifest = load_manifest(folder)
+    if not (manifest.tensorrt or {}).get("plans"):
+        return False
+    if any(importlib.util.find_spec(name) is None for name in ("tensorrt", "torch")):
+        return False
+    if tensorrt_plans.tensorrt_missing() is not None:
+        return False
+    import tensorrt
+
+    index = device.partition(":")[2]
+    try:
+        check_tensorrt_plans(manifest, tensorrt.__version__, *tensorrt_plans.gpu_identity(int(index or 0)))
+    except (EngineDirError, ValueError, RuntimeError):  # plans for another GPU or version, or no such device
+        return False
+    return True
+
+
 def _onnxruntime_sees_a_gpu() -> bool:
     import onnxruntime
 
@@ -63,8 +91,8 @@ def _onnxruntime_sees_a_gpu() -> bool:
 
 
 def load_engine(path: str | Path, engine: str = "auto", device: str = "auto", **options: Any) -> Engine:
-    """The engine for ``path``: "torch" or "triton" for a checkpoint dir, "onnxruntime" or "openvino" for an
-    engine dir; "auto" takes ``pick_engine``'s choice and logs it at debug level (the commands name the engine
+    """The engine for ``path``: "torch" or "triton" for a checkpoint dir, "onnxruntime", "openvino" or "tensorrt"
+    (an engine dir exported with --backend tensorrt) for an engine dir; "auto" takes ``pick_engine``'s choice and logs it at debug level (the commands name the engine
     in their own output, after the flags that depend on it have been checked). ``options`` go to the engine's constructor
     (e.g. ``dtype``, ``unet_chunk_size`` for torch; ``intra_op_threads`` for onnxruntime and openvino).
 
@@ -100,7 +128,7 @@ def engine_for_flags(path: str | Path, engine: str, device: str = "auto", precis
     """The engine name and ``load_engine`` options that a command's ``--engine``, ``--precision`` and
     ``--threads`` ask for. "auto" stays "auto" (``load_engine`` picks, and a failure while loading keeps its
     traceback) unless a flag depends on the choice. ``threads`` becomes the sessions' ``intra_op_threads`` for
-    the engine-dir engines; the torch engines leave it to the caller (``torch.set_num_threads``).
+    the CPU engine-dir engines; the torch engines and tensorrt leave it to the caller (``torch.set_num_threads``).
     ``EngineLoadError`` when ``--precision`` names an engine that has no such setting."""
     if engine == "auto" and (precision is not None or threads is not None):
         engine, _ = pick_engine(path, device)
@@ -110,13 +138,13 @@ def engine_for_flags(path: str | Path, engine: str, device: str = "auto", precis
             raise EngineLoadError(f"--precision {precision} applies to the openvino engine, not {engine}; "
                                   f"expected --engine openvino or no --precision")
         options["precision"] = precision
-    if threads is not None and engine in ENGINE_DIR_ENGINES:
+    if threads is not None and engine in THREADED_ENGINES:
         options["intra_op_threads"] = threads
     return engine, options
 
 
 def _engine_class(engine: str) -> type:
-    """The class of engine ``engine`` ("torch", "triton", "onnxruntime" or "openvino"), imported now."""
+    """The class of engine ``engine`` ("torch", "triton", "onnxruntime", "openvino" or "tensorrt"), imported now."""
     if engine == "triton":
         from ldm_runtime.engines.triton_engine import TritonEngine
 
@@ -129,10 +157,14 @@ def _engine_class(engine: str) -> type:
         from ldm_runtime.engines.openvino_engine import OpenVinoEngine
 
         return OpenVinoEngine
+    if engine == "tensorrt":
+        from ldm_runtime.engines.tensorrt_engine import TensorRtEngine
+
+        return TensorRtEngine
     from ldm_runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
 
     return OnnxRuntimeEngine
 
 
-__all__ = ["ENGINE_DIR_ENGINES", "ENGINE_NAMES", "Engine", "EngineInfo", "EngineLoadError", "load_engine",
-           "pick_engine"]
+__all__ = ["ENGINE_DIR_ENGINES", "ENGINE_NAMES", "THREADED_ENGINES", "Engine", "EngineInfo", "EngineLoadError",
+           "load_engine", "pick_engine"]

@@ -6,17 +6,20 @@ Only torch is imported here, so the GPU benchmarks can use it on a machine with 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 WARMUP_CALLS = 2  # Triton compiles and cuDNN/cuBLAS pick their algorithms before the capture
 
 
 class CapturedCall:
-    """``module(*example)`` captured on the current CUDA device. ``replay(inputs)`` takes tensors of the
+    """``module(*example)`` (a module, or any call that only enqueues work on the current stream, such as a
+    TensorRT execution context's) captured on the current CUDA device. ``replay(inputs)`` takes tensors of the
     example's shapes and dtypes and returns a fresh tensor (the static output is overwritten by the next
     replay). ``pool``: a ``torch.cuda.graph_pool_handle()`` shared by graphs that never run concurrently."""
 
-    def __init__(self, module: torch.nn.Module, example: list[torch.Tensor], pool=None) -> None:
+    def __init__(self, module: Callable[..., torch.Tensor], example: list[torch.Tensor], pool=None) -> None:
         self.static_inputs = [tensor.clone() for tensor in example]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

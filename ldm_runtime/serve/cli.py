@@ -39,7 +39,7 @@ from typing import Any, Iterator
 import uvicorn
 
 from ldm_runtime.command_line import OneLineArgumentParser, finite_float, report_user_error
-from ldm_runtime.engines import ENGINE_DIR_ENGINES, ENGINE_NAMES, engine_for_flags, load_engine
+from ldm_runtime.engines import ENGINE_NAMES, THREADED_ENGINES, engine_for_flags, load_engine
 from ldm_runtime.errors import UserError
 from ldm_runtime.serve.app import ServeLimits, ServeMetrics, create_app, largest_request_bytes
 from ldm_runtime.serve.batcher import BATCHING_MODES, Batcher, BatcherConfig, StepGate
@@ -109,8 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
                              f"/v1/images/generations, /metrics, /openapi.json and /docs (the page has a field for "
                              f"the key)")
     parser.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
-                        help="auto picks torch for a checkpoint dir and, for an engine dir, openvino on the CPU "
-                             "where it is installed, else onnxruntime (and says which)")
+                        help="auto picks torch for a checkpoint dir and, for an engine dir, tensorrt where it holds "
+                             "TensorRT plans built for this GPU, openvino on the CPU where it is installed, else "
+                             "onnxruntime (and says which)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--text-cache", type=int, default=DEFAULT_CAPACITY, metavar="N",
                         help="prompts whose text encoding is remembered, 0 for none (default: %(default)s)")
@@ -279,12 +280,12 @@ class DrainingServer(uvicorn.Server):
 
 def _load_engine(args: argparse.Namespace):
     """The engine of ``--model``, its calls on ``--threads`` CPU threads (onnxruntime's sessions are made with
-    that many; for the torch engines it is torch's process-wide thread count)."""
+    that many; for the torch engines and tensorrt it is torch's process-wide thread count)."""
     folder = Path(args.model)
     engine_name, options = engine_for_flags(folder, args.engine, args.device, args.precision, args.threads)
     engine = load_engine(folder, engine=engine_name, device=args.device, **options)
-    if args.threads is not None and engine_name not in ENGINE_DIR_ENGINES:
-        import torch  # the torch engine that just loaded imported it
+    if args.threads is not None and engine_name not in THREADED_ENGINES:
+        import torch  # the torch, triton or tensorrt engine that just loaded imported it
 
         torch.set_num_threads(args.threads)
     return engine

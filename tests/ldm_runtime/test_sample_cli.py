@@ -82,7 +82,7 @@ REQUEST_ERRORS = [
     (["--height", "18"], "height is 18; expected a multiple of 4 from 4 to 32"),
     (["--width", "4096"], "width is 4096"),
     (["--batch-size", "0"], "batch_size is 0"),
-    (["--engine", "tensorrt"], "argument --engine: invalid choice: 'tensorrt'"),
+    (["--engine", "tensorflow"], "argument --engine: invalid choice: 'tensorflow'"),
 ]
 
 
@@ -114,6 +114,8 @@ def test_bad_model_folders_and_devices_get_one_line_exit_2(checkpoint_dir, tmp_p
         (["--model", tmp_path / "empty"], "has neither model.json nor manifest.json"),
         (["--model", autoencoder_only], "has no unet.safetensors"),
         (["--model", checkpoint_dir, "--engine", "onnxruntime"], "has no manifest.json"),
+        (["--model", checkpoint_dir, "--engine", "tensorrt"], "has no manifest.json; the tensorrt engine runs an "
+                                                               "engine dir"),
         (["--model", checkpoint_dir, "--device", "tpu"], "device 'tpu' is not valid"),
         (["--model", checkpoint_dir, "--device", "cuda:99"], "device 'cuda:99' is not available"),
         ([], "the following arguments are required: --model"),
