@@ -224,6 +224,6 @@ def load_text_encoder(folder: Path, config: ModelConfig) -> "TextEncoder":
     finally:
         if bar_was_enabled:
             transformers_logging.enable_progress_bar()
-    if config.text_encoder.kind == "scratch":
+    if config.text_encoder.kind in ("scratch", "clip"):
         load_state_dict_file(text_encoder, folder / "text_encoder.safetensors")
     return text_encoder

@@ -99,6 +99,7 @@ class TorchEngine:
             max_batch_size=max_batch_size,
             text_max_length=config.text_encoder.max_length,
             schedule=dataclasses.asdict(config.schedule),
+            sampler=config.sampler.to_dict(),
         )
 
     @torch.inference_mode()
