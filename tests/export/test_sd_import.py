@@ -276,6 +276,8 @@ def test_exported_import_samples_like_diffusers_onnxruntime(imported, tmp_path, 
         pytest.skip("exports are slow for CI: the SD 2.x-like model (v-prediction, linear projections, fp32 "
                     "attention, where half precision breaks first) stands for both")
     engine_dir = export_engine(checkpoint, tmp_path / "engine", ExportOptions(precision=precision))
+    if precision == "fp16":
+        _assert_attention_in_fp32(engine_dir / "unet.onnx")
     seeds = [int(seed) for seed in rng.integers(0, 2**31, len(PROMPTS))]
     pipe = _diffusers_pipeline(source)
     expected = [_diffusers_image(pipe, prompt, seed) for prompt, seed in zip(PROMPTS, seeds)]
@@ -285,3 +287,20 @@ def test_exported_import_samples_like_diffusers_onnxruntime(imported, tmp_path, 
         assert np.isfinite(got).all()
         assert psnr_db(want, got) >= floor, (prompt, psnr_db(want, got))
 
+
+def _assert_attention_in_fp32(path: Path) -> None:
+    """Every attention of an fp16 UNet graph of an upcast_attention model multiplies in fp32 (q·kᵀ and ·v)."""
+    import onnx
+    from onnx import TensorProto
+
+    from export.fp16 import attention_nodes
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    types = {value.name: value.type.tensor_type.elem_type for value in model.graph.value_info}
+    named = set(attention_nodes(model))
+    products = [node for node in model.graph.node if node.name in named and node.op_type == "MatMul"]
+    softmaxes = [node for node in model.graph.node if node.op_type == "Softmax"]
+    assert softmaxes and len(products) == 2 * len(softmaxes), (len(products), len(softmaxes))
+    assert all(types[node.output[0]] == TensorProto.FLOAT for node in products)
+    assert any(types.get(node.output[0]) == TensorProto.FLOAT16 for node in model.graph.node
+               if node.op_type == "Conv"), "the rest of the graph is fp16"
