@@ -17,7 +17,7 @@ from typing import Callable
 
 from export.errors import ValidationFailedError
 from export.options import DEFAULT_BATCH_RANGE, ExportOptions
-from ldm_runtime.command_line import report_user_error
+from ldm_runtime.command_line import OneLineArgumentParser, report_user_error
 from ldm_runtime.errors import UserError
 
 PROG = "ldm-export"
@@ -42,8 +42,7 @@ def integer_range(form: str, example: str) -> Callable[[str], tuple[int, ...]]:
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = ExportOptions()
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", nargs="?", metavar="CHECKPOINT_DIR",
                         help="checkpoint dir written by `ldm-train unet` (model.json + *.safetensors)")
     parser.add_argument("--out", metavar="ENGINE_DIR",
@@ -81,12 +80,15 @@ def _log(line: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.rebuild_plans is not None:
-        if args.checkpoint is not None or args.out is not None:
-            parser.error("--rebuild-plans ENGINE_DIR takes no CHECKPOINT_DIR and no --out")
-    elif args.checkpoint is None or args.out is None:
-        parser.error("CHECKPOINT_DIR and --out ENGINE_DIR are required (or --rebuild-plans ENGINE_DIR)")
+    try:
+        args = parser.parse_args(argv)
+        if args.rebuild_plans is not None:
+            if args.checkpoint is not None or args.out is not None:
+                parser.error("--rebuild-plans ENGINE_DIR takes no CHECKPOINT_DIR and no --out")
+        elif args.checkpoint is None or args.out is None:
+            parser.error("CHECKPOINT_DIR and --out ENGINE_DIR are required (or --rebuild-plans ENGINE_DIR)")
+    except UserError as error:
+        return report_user_error(PROG, error)
 
     # The heavy imports (torch, onnx, transformers) come after argument parsing: --help stays instant.
     from export.engine_dir import export_engine

@@ -29,11 +29,12 @@ from export.onnx_export import (
     graph_specs,
     opset_of,
 )
-from export.options import DEFAULT_BATCH_RANGE, ExportOptions
+from export.options import DEFAULT_BATCH_RANGE, MAX_VALIDATION_SEED, ExportOptions
 from export.source import checkpoint_digest, load_checkpoint_to_export
 from export.tensorrt_build import build_plans, tensorrt_missing
 from export.validate import validate_engine
 from ldm_runtime.checkpoint import TOKENIZER_DIR, CheckpointNetworks
+from ldm_runtime.command_line import check_writable_folder
 from ldm_runtime.files import sha256_file
 from ldm_runtime.guidance import UNET_ROWS_PER_IMAGE
 from ldm_runtime.manifest import (
@@ -64,13 +65,28 @@ def check_options(options: ExportOptions) -> None:
             raise ExportError(missing)
     if options.fp32_io and options.precision != "fp16":
         raise ExportError("--fp32-io applies to --engine fp16 only (fp32 graphs already take and give float32)")
+    low, opt, high = options.batch_range or DEFAULT_BATCH_RANGE
+    if not 1 <= low <= opt <= high:
+        raise ExportError(f"--batch-range {low}:{opt}:{high} is not valid; expected 1 <= MIN <= OPT <= MAX")
+    if high < UNET_ROWS_PER_IMAGE:
+        raise ExportError(f"--batch-range {low}:{opt}:{high} has MAX {high}; expected at least {UNET_ROWS_PER_IMAGE} "
+                          f"(classifier-free guidance runs {UNET_ROWS_PER_IMAGE} UNet rows per image)")
+    seed = options.validation_seed
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not 0 <= seed <= MAX_VALIDATION_SEED):
+        raise ExportError(f"--validation-seed is {seed!r}; expected an integer from 0 to 2**32 - 1")
     if options.opset is not None and not 18 <= options.opset <= onnx.defs.onnx_opset_version():
         raise ExportError(f"--opset {options.opset} is not supported; expected 18 (the dynamo exporter's lowest) "
                           f"to {onnx.defs.onnx_opset_version()} (this onnx package's highest)")
 
 
 def check_out(out: Path, force: bool) -> None:
-    """An existing --out is refused unless --force, and --force replaces only an engine dir or an empty folder."""
+    """An existing --out is refused unless --force, and --force replaces only an engine dir or an empty folder;
+    ``UsageError`` when --out could not be written at all (its folder is a file, or not writable)."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} exists and is not a folder; expected the path of a new engine dir (or of an "
+                          f"engine dir to replace with --force)")
+    check_writable_folder("--out's folder", out.parent)
     if not out.exists() and not out.is_symlink():
         return
     if not force:
@@ -83,12 +99,7 @@ def check_out(out: Path, force: bool) -> None:
 
 def resolve_dims(modules: CheckpointNetworks, options: ExportOptions) -> dict[str, DimRange]:
     """The named axis ranges of the export; ``ExportError`` for a range that does not fit the model."""
-    low, opt, high = options.batch_range or DEFAULT_BATCH_RANGE
-    if not 1 <= low <= opt <= high:
-        raise ExportError(f"--batch-range {low}:{opt}:{high} is not valid; expected 1 <= MIN <= OPT <= MAX")
-    if high < UNET_ROWS_PER_IMAGE:
-        raise ExportError(f"--batch-range {low}:{opt}:{high} has MAX {high}; expected at least {UNET_ROWS_PER_IMAGE} "
-                          f"(classifier-free guidance runs {UNET_ROWS_PER_IMAGE} UNet rows per image)")
+    low, opt, high = options.batch_range or DEFAULT_BATCH_RANGE  # checked by check_options
     image_size = modules.config.image_size
     multiple = modules.config.image_size_multiple
     smallest, largest = options.size_range or (image_size, modules.config.max_image_size)

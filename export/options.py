@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DEFAULT_BATCH_RANGE = (1, 2, 8)  # UNet rows, guidance doubling included: 1 to 4 guided requests per call
+MAX_VALIDATION_SEED = 2**32 - 1  # torch.Generator takes 64 bits; the sampled requests add their index
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ package or folder that model.json names, so the manifest also records the text_e
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 from ldm_runtime.checkpoint import (
@@ -23,6 +22,7 @@ from ldm_runtime.checkpoint import (
     load_checkpoint,
     load_model_config,
     model_files,
+    recorded_digests,
 )
 from ldm_runtime.config import ModelConfig
 from ldm_runtime.files import sha256_file
@@ -38,23 +38,13 @@ def checkpoint_digest(folder: Path, config: ModelConfig) -> tuple[str, dict[str,
             raise CheckpointError(f"checkpoint {folder} has no {name}; expected a checkpoint written by "
                                   f"`ldm-train unet`")
         files[name] = sha256_file(path)
-    recorded = _recorded_digests(folder)
+    recorded = recorded_digests(folder)
     for name, digest in files.items():
         if name in recorded and recorded[name] != digest:
             raise CheckpointError(f"{folder / name} does not match the sha256 recorded in {TRAIN_STATE_JSON} "
                                   f"(the file is truncated or was changed after training)")
     listing = "".join(f"{files[name]}  {name}\n" for name in sorted(files))
     return hashlib.sha256(listing.encode()).hexdigest(), files
-
-
-def _recorded_digests(folder: Path) -> dict[str, str]:
-    path = folder / TRAIN_STATE_JSON
-    if not path.is_file():
-        return {}  # a checkpoint assembled by hand: the safetensors reader still rejects truncated files
-    try:
-        return dict(json.loads(path.read_text())["files"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(f"{path} is unreadable ({error}); expected the JSON that ldm-train writes")
 
 
 def load_checkpoint_to_export(folder: str | Path) -> CheckpointNetworks:

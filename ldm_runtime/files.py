@@ -34,7 +34,7 @@ def read_description(folder: str | Path, name: str, kind: str, error: Callable[[
         return json.loads(path.read_text())
     except OSError as failure:
         raise error(f"cannot read {path} ({failure.strerror or failure})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as failure:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as failure:  # RecursionError: nested too deep
         raise error(f"{path} is not valid JSON ({failure})") from None
 
 

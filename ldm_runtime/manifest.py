@@ -18,8 +18,9 @@ its min / opt / max and the multiple a value must be of. The runtime reads this 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from ldm_runtime.config import ConfigError, ScheduleConfig, config_from_dict
@@ -30,6 +31,8 @@ MANIFEST_JSON = "manifest.json"
 MANIFEST_FORMAT_VERSION = 1
 TOKENIZER_DIR = "tokenizer"
 GRAPH_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+REQUIRED_DIMS = ("batch", "image_height")  # the ranges the runtime checks requests against
+TENSOR_DTYPES = ("float32", "float16", "int64", "int32", "bool")
 PRECISIONS = ("fp32", "fp16")
 BACKENDS = ("onnxruntime", "tensorrt")
 
@@ -97,6 +100,25 @@ class GraphEntry:
                    outputs=tuple(TensorSpec.from_dict(d) for d in data["outputs"]),
                    notes=dict(data.get("notes", {})))
 
+    def check(self, where: str) -> None:
+        """``EngineDirError`` unless every file lies inside the engine dir, ``file`` is among the digested
+        ``files``, and the precision, dtypes and shapes are ones the runtime can use."""
+        for name, digest in self.files.items():
+            _check_file_name(where, name, digest)
+        if self.file not in self.files:
+            raise EngineDirError(f"{where} graph file {self.file!r} has no sha256 in 'files'; expected every file "
+                                 f"a session opens to be listed there")
+        if self.precision not in PRECISIONS:
+            raise EngineDirError(f"{where} precision is {self.precision!r}; expected one of {PRECISIONS}")
+        for spec in (*self.inputs, *self.outputs):
+            if spec.dtype not in TENSOR_DTYPES:
+                raise EngineDirError(f"{where} tensor {spec.name} has dtype {spec.dtype!r}; expected one of "
+                                     f"{TENSOR_DTYPES}")
+            for axis in spec.shape:
+                if isinstance(axis, bool) or not isinstance(axis, (int, str)) or (isinstance(axis, int) and axis < 1):
+                    raise EngineDirError(f"{where} tensor {spec.name} has axis {axis!r}; expected a positive integer "
+                                         f"or the name of a 'dims' entry")
+
     def to_dict(self) -> dict[str, Any]:
         return {"file": self.file, "files": dict(self.files), "precision": self.precision,
                 "inputs": [spec.to_dict() for spec in self.inputs],
@@ -119,6 +141,17 @@ class ModelInfo:
     def from_dict(cls, data: dict[str, Any]) -> "ModelInfo":
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    def check(self, where: str) -> None:
+        """``EngineDirError`` naming the first field that is out of range."""
+        for name in ("image_size", "latent_channels", "latent_factor", "text_max_length", "context_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise EngineDirError(f"{where}: model {name} is {value!r}; expected a positive integer")
+        scale = self.latent_scale_factor
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise EngineDirError(f"{where}: model latent_scale_factor is {scale!r}; expected a positive finite "
+                                 f"number (1 / the std of the training latents)")
 
 
 @dataclass(frozen=True)
@@ -166,6 +199,22 @@ class EngineManifest:
             raise EngineDirError(f"{where} is not a valid engine manifest: {error}") from None
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise EngineDirError(f"{where} is not a valid engine manifest ({type(error).__name__}: {error})")
+        manifest.model.check(where)
+        for name in REQUIRED_DIMS:
+            if name not in manifest.dims:
+                raise EngineDirError(f"{where} defines no {name!r} in 'dims'; expected all of {REQUIRED_DIMS}")
+        for graph_name, graph in manifest.graphs.items():
+            graph.check(f"{where}: {graph_name}")
+        for name, digest in manifest.tokenizer_files.items():
+            _check_file_name(f"{where}: tokenizer", name, digest)
+        tensorrt = {} if manifest.tensorrt is None else manifest.tensorrt
+        plans = tensorrt.get("plans", {}) if isinstance(tensorrt, dict) else None
+        if not isinstance(plans, dict):
+            raise EngineDirError(f"{where}: 'tensorrt' is {manifest.tensorrt!r}; expected an object with 'plans'")
+        for name, plan in plans.items():
+            if not isinstance(plan, dict):
+                raise EngineDirError(f"{where}: tensorrt plan {name!r} is {plan!r}; expected an object")
+            _check_file_name(f"{where}: tensorrt plan {name}", plan.get("file"), plan.get("sha256"))
         if manifest.precision not in PRECISIONS or manifest.backend not in BACKENDS:
             raise EngineDirError(f"{where} has precision {manifest.precision!r} and backend {manifest.backend!r}; "
                                  f"expected one of {PRECISIONS} and one of {BACKENDS}")
@@ -211,6 +260,19 @@ class EngineManifest:
         self.check_image_size(height * factor, width * factor)
 
 
+def _check_file_name(where: str, name: Any, digest: Any) -> None:
+    """``EngineDirError`` unless ``name`` is a relative path that stays inside the engine dir (no absolute path,
+    no ``..``) and ``digest`` a hex sha256."""
+    if not isinstance(name, str) or not name or "\\" in name:
+        raise EngineDirError(f"{where} names the file {name!r}; expected a relative path inside the engine dir")
+    parts = PurePosixPath(name).parts
+    if PurePosixPath(name).is_absolute() or ".." in parts or parts in ((), (".",)):
+        raise EngineDirError(f"{where} names the file {name!r}, which is outside the engine dir; expected a "
+                             f"relative path inside it")
+    if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise EngineDirError(f"{where} records {digest!r} as the sha256 of {name}; expected 64 hex digits")
+
+
 def load_manifest(engine_dir: str | Path) -> EngineManifest:
     """The manifest of ``engine_dir``; ``EngineDirError`` when the dir or its manifest is missing or invalid."""
     data = read_description(engine_dir, MANIFEST_JSON, "engine dir", EngineDirError, "write one with ldm-export")
@@ -233,6 +295,9 @@ def verify_engine_files(engine_dir: str | Path, manifest: EngineManifest, graphs
         expected.update({plan["file"]: plan["sha256"] for plan in manifest.tensorrt["plans"].values()})
     for relative, digest in expected.items():
         path = folder / relative
+        if not path.resolve().is_relative_to(folder.resolve()):
+            raise EngineDirError(f"{path} leads outside the engine dir {folder} (a symlink); expected every file "
+                                 f"the manifest names inside it")
         if not path.is_file():
             raise EngineDirError(f"engine dir {folder} is incomplete: {relative} is missing")
         if sha256_file(path) != digest:

@@ -18,6 +18,9 @@ from typing import Any, Sequence
 import numpy as np
 
 MAX_SEED = 2**63  # exclusive: seeds travel through JSON and int64 columns
+# ldm-train's --seed (inclusive): every seed a training step derives from it, (seed * 1_000_003 + step) * 4099
+# + rank, must fit the 64 bits torch.Generator takes. ldm-eval's --data-seed names a training seed.
+MAX_TRAIN_SEED = 2**32 - 1
 
 
 def initial_noise(seeds: Sequence[int], shape: Sequence[int]) -> np.ndarray:

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ldm_runtime.command_line import OneLineArgumentParser, report_user_error
+from ldm_runtime.command_line import OneLineArgumentParser, finite_float, report_user_error
 from ldm_runtime.engines import ENGINE_NAMES, load_engine, pick_engine
 from ldm_runtime.errors import UserError
 from ldm_runtime.images import image_grid, png_bytes
@@ -53,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seed of the first prompt; prompt i uses seed + i (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=REQUEST_DEFAULTS["steps"],
                         help="DDIM steps (default: %(default)s)")
-    parser.add_argument("--guidance", type=float, default=REQUEST_DEFAULTS["guidance_scale"],
+    parser.add_argument("--guidance", type=finite_float, default=REQUEST_DEFAULTS["guidance_scale"],
                         help="classifier-free guidance scale, 1 = no guidance (default: %(default)s)")
-    parser.add_argument("--eta", type=float, default=REQUEST_DEFAULTS["eta"],
+    parser.add_argument("--eta", type=finite_float, default=REQUEST_DEFAULTS["eta"],
                         help="DDIM eta from 0 (deterministic) to 1 (DDPM-like) (default: %(default)s)")
     parser.add_argument("--negative-prompt", default=REQUEST_DEFAULTS["negative_prompt"], metavar="TEXT",
                         help="what to steer away from, for every prompt (default: none)")
@@ -94,18 +94,16 @@ def _sample(args: argparse.Namespace) -> tuple[list[Path], str | None]:
     count = len(args.prompts)
     seeds = [args.seed + index for index in range(count)]
     plan = plan_output(args.out, seeds)
-    auto_choice = None
-    engine_name = args.engine
-    if engine_name == "auto":
-        engine_name, reason = pick_engine(args.model, args.device)
-        auto_choice = f"--engine auto picked {engine_name}: {reason}"
-    options = {}
+    engine_name, options = args.engine, {}
     if args.precision is not None:
+        if engine_name == "auto":
+            engine_name, _ = pick_engine(args.model, args.device)
         if engine_name != "openvino":
             raise SampleError(f"--precision {args.precision} applies to the openvino engine, not {engine_name}; "
                               f"expected --engine openvino or no --precision")
         options["precision"] = args.precision
     engine = load_engine(args.model, engine=engine_name, device=args.device, **options)
+    auto_choice = f"--engine auto picked {engine.info.name}" if args.engine == "auto" else None
     pipeline = Pipeline(engine)
     requests = [
         GenerationRequest(prompt=prompt, negative_prompt=args.negative_prompt, seed=seed, steps=args.steps,

@@ -42,11 +42,12 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from ldm_runtime.command_line import report_user_error
+from ldm_runtime.command_line import OneLineArgumentParser, finite_float, report_user_error
 from ldm_runtime.engines import CHECKPOINT_MARKER, ENGINE_DIR_MARKER, ENGINE_NAMES
 from ldm_runtime.errors import RequestError, UserError
 from ldm_runtime.files import write_text_atomic
 from ldm_runtime.images import image_grid
+from ldm_runtime.noise import MAX_SEED, MAX_TRAIN_SEED
 from ldm_runtime.pipeline import GenerationRequest, Pipeline
 
 PROG = "ldm-eval"
@@ -89,8 +90,13 @@ class EvalSettings:
             raise EvalError(f"--guidance is {self.guidance}; expected a number >= 0")
         if not 0.0 <= self.eta <= 1.0:
             raise EvalError(f"--eta is {self.eta}; expected a value in [0, 1]")
-        if self.seed < 0 or self.data_seed < 0:
-            raise EvalError(f"--seed {self.seed} / --data-seed {self.data_seed}: expected non-negative integers")
+        last_seed = MAX_SEED - self.num_prompts  # prompt i is sampled with seed + i, below MAX_SEED
+        if not 0 <= self.seed <= last_seed:
+            raise EvalError(f"--seed is {self.seed}; expected an integer from 0 to {last_seed} (2**63 - "
+                            f"--num-prompts: prompt i uses seed + i)")
+        if not 0 <= self.data_seed <= MAX_TRAIN_SEED:
+            raise EvalError(f"--data-seed is {self.data_seed}; expected an integer from 0 to 2**32 - 1 (a training "
+                            f"--seed)")
         model = Path(self.model)
         if not model.is_dir() or not ((model / CHECKPOINT_MARKER).is_file() or (model / ENGINE_DIR_MARKER).is_file()):
             raise EvalError(f"--model {self.model} is neither a checkpoint dir ({CHECKPOINT_MARKER}) nor an engine "
@@ -334,16 +340,16 @@ def evaluate(settings: EvalSettings) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = EvalSettings(model="", json="")
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="checkpoint dir (model.json) or engine dir (manifest.json)")
     parser.add_argument("--json", required=True, help="report file to write")
     parser.add_argument("--classifier", default=defaults.classifier,
                         help="classifier dir (default: the models/shapes-classifier shipped with the repository)")
     parser.add_argument("--num-prompts", type=int, default=defaults.num_prompts, help="held-out prompts to generate")
     parser.add_argument("--steps", type=int, default=defaults.steps, help="DDIM steps per image")
-    parser.add_argument("--guidance", type=float, default=defaults.guidance, help="classifier-free guidance scale")
-    parser.add_argument("--eta", type=float, default=defaults.eta, help="DDIM eta (0: deterministic)")
+    parser.add_argument("--guidance", type=finite_float, default=defaults.guidance,
+                        help="classifier-free guidance scale")
+    parser.add_argument("--eta", type=finite_float, default=defaults.eta, help="DDIM eta (0: deterministic)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="prompt i is sampled with seed + i")
     parser.add_argument("--data-seed", type=int, default=defaults.data_seed,
                         help="seed of the model's training data; the prompts come from its held-out split")
@@ -357,9 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    settings = EvalSettings(**vars(args))
     try:
+        settings = EvalSettings(**vars(build_parser().parse_args(argv)))
         report = evaluate(settings)
         try:
             write_text_atomic(Path(settings.json), json.dumps(report, indent=2) + "\n")

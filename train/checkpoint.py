@@ -9,19 +9,23 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ldm_runtime.checkpoint import (
     MODEL_JSON,
+    TEXT_ENCODER_DIR,
     TOKENIZER_DIR,
     TRAIN_STATE_JSON,
     TRAIN_STATE_TENSORS,
     CheckpointError,
+    folder_files,
 )
 from ldm_runtime.config import ModelConfig
 from ldm_runtime.files import sha256_file, write_atomic, write_text_atomic
@@ -53,18 +57,26 @@ def save_checkpoint(
     step: int,
     settings: dict[str, Any],
     save_tokenizer: Callable[[Path], None] | None = None,
+    text_encoder_folder: Path | None = None,
 ) -> None:
-    """Write a complete checkpoint. ``weights`` maps a file stem ("unet") to its state dict."""
+    """Write a complete checkpoint. ``weights`` maps a file stem ("unet") to its state dict; a pretrained text
+    encoder's ``text_encoder_folder`` is copied in as ``text_encoder/`` (once), so the dir is self-contained."""
     folder.mkdir(parents=True, exist_ok=True)
     write_text_atomic(folder / MODEL_JSON, config.to_json())
     for stem, state in weights.items():
         save_tensors_atomic(folder / f"{stem}.safetensors", state)
-    save_tensors_atomic(folder / TRAIN_STATE_TENSORS, train_tensors)
+    # The step also goes into the tensors' header, whose sha256 train_state.json records: an edited step is caught.
+    save_tensors_atomic(folder / TRAIN_STATE_TENSORS, train_tensors, metadata={"stage": stage, "step": str(step)})
     if save_tokenizer is not None and not (folder / TOKENIZER_DIR).is_dir():
         with temporary_folder(folder / TOKENIZER_DIR) as staging:
             save_tokenizer(staging)
             os.replace(staging, folder / TOKENIZER_DIR)
-    names = [MODEL_JSON, TRAIN_STATE_TENSORS] + [f"{stem}.safetensors" for stem in weights]
+    if text_encoder_folder is not None and not (folder / TEXT_ENCODER_DIR).is_dir():
+        with temporary_folder(folder / TEXT_ENCODER_DIR) as staging:
+            shutil.copytree(text_encoder_folder, staging, dirs_exist_ok=True)
+            os.replace(staging, folder / TEXT_ENCODER_DIR)
+    names = [MODEL_JSON, TRAIN_STATE_TENSORS, *(f"{stem}.safetensors" for stem in weights),
+             *folder_files(folder, TOKENIZER_DIR), *folder_files(folder, TEXT_ENCODER_DIR)]
     files = {name: sha256_file(folder / name) for name in names}
     state = {"stage": stage, "step": step, "settings": settings, "files": files}
     write_text_atomic(folder / TRAIN_STATE_JSON, json.dumps(state, indent=2, sort_keys=True) + "\n")
@@ -77,7 +89,9 @@ def load_train_state(folder: Path, stage: str) -> TrainState:
         raise CheckpointError(f"cannot resume from {folder}: it has no {TRAIN_STATE_JSON} (not written by ldm-train?)")
     try:
         data = json.loads(path.read_text())
-        state = TrainState(stage=data["stage"], step=int(data["step"]), settings=data["settings"], files=data["files"])
+        state = TrainState(stage=data["stage"], step=data["step"], settings=data["settings"], files=data["files"])
+        if isinstance(state.step, bool) or not isinstance(state.step, int) or state.step < 0:
+            raise TypeError(f"its step is {state.step!r}; expected a non-negative integer")
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"cannot resume from {folder}: {path} is unreadable ({error})")
     if state.stage != stage:
@@ -87,7 +101,22 @@ def load_train_state(folder: Path, stage: str) -> TrainState:
             raise CheckpointError(
                 f"cannot resume from {folder}: {name} does not match {TRAIN_STATE_JSON} (a save was cut short)"
             )
+    saved = _tensor_metadata(folder / TRAIN_STATE_TENSORS)
+    if "step" in saved and (saved["step"], saved.get("stage")) != (str(state.step), state.stage):
+        raise CheckpointError(f"cannot resume from {folder}: {TRAIN_STATE_JSON} says {state.stage} step {state.step} "
+                              f"but {TRAIN_STATE_TENSORS} was saved at {saved.get('stage')} step {saved['step']}; "
+                              f"expected them equal ({TRAIN_STATE_JSON} was edited)")
     return state
+
+
+def _tensor_metadata(path: Path) -> dict[str, str]:
+    """The string metadata in a safetensors file's header (empty when it has none, as before steps were recorded
+    there)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"cannot read {path} ({error}); expected a complete safetensors file") from None
 
 
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, torch.Tensor], dict]:

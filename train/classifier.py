@@ -45,6 +45,7 @@ from torch.nn import functional as F
 from ldm_runtime.checkpoint import CheckpointError, load_tensors
 from ldm_runtime.config import ConfigError
 from ldm_runtime.files import write_text_atomic
+from ldm_runtime.noise import MAX_TRAIN_SEED
 from train.checkpoint import save_tensors_atomic
 from train.data import DataError, ShapesDataset, build_dataset
 from train.data.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, ShapeObject, ShapesLabels
@@ -316,10 +317,10 @@ class ClassifierTrainSettings:
                 raise ConfigError(f"--{name.replace('_', '-')} is {getattr(self, name)}; expected a positive integer")
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ConfigError(f"--learning-rate is {self.learning_rate}; expected a positive number")
-        if self.weight_decay < 0:
-            raise ConfigError(f"--weight-decay is {self.weight_decay}; expected a value >= 0")
-        if self.seed < 0:
-            raise ConfigError(f"--seed is {self.seed}; expected a non-negative integer")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"--weight-decay is {self.weight_decay}; expected a finite number >= 0")
+        if not 0 <= self.seed <= MAX_TRAIN_SEED:
+            raise ConfigError(f"--seed is {self.seed}; expected an integer from 0 to 2**32 - 1")
 
 
 WARMUP_STEPS = 100

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from ldm_runtime.checkpoint import TRAIN_STATE_JSON, CheckpointError
-from ldm_runtime.command_line import report_user_error
+from ldm_runtime.command_line import OneLineArgumentParser, check_writable_folder, finite_float, report_user_error
 from ldm_runtime.config import PRESETS, ConfigError
 from ldm_runtime.errors import UserError
 from train.classifier import ClassifierTrainSettings
@@ -58,8 +58,7 @@ STAGE_SETTINGS = {"autoencoder": AutoencoderSettings, "unet": UNetSettings}  # e
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     stages = parser.add_subparsers(dest="stage", required=True, metavar="{autoencoder,unet,classifier}")
     for stage, settings in STAGE_SETTINGS.items():
         sub = stages.add_parser(stage, help=f"train the {stage}",
@@ -74,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
             if field.type == "bool":
                 sub.add_argument(flag, action="store_true", help=HELP[field.name])
             else:
-                kind = {"int": int, "float": float}.get(str(field.type).split(" ")[0], str)
+                kind = {"int": int, "float": finite_float}.get(str(field.type).split(" ")[0], str)
                 sub.add_argument(flag, type=kind, default=field.default, help=HELP[field.name])
     _add_classifier_parser(stages)
     return parser
@@ -90,19 +89,24 @@ def _add_classifier_parser(stages) -> None:
     sub.add_argument("--steps", type=int, default=defaults.steps, help="optimiser steps")
     for name in ("batch_size", "learning_rate", "weight_decay", "seed", "device"):
         default = getattr(defaults, name)
-        sub.add_argument("--" + name.replace("_", "-"), type=type(default), default=default, help=HELP[name])
+        kind = finite_float if isinstance(default, float) else type(default)
+        sub.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=HELP[name])
     sub.add_argument("--heldout-images", type=int, default=defaults.heldout_images,
                      help="held-out images the written accuracy is measured on")
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UserError as error:
+        return report_user_error(PROG, error)
     if args.stage == "classifier":
         return _train_classifier(args)
     settings_class = STAGE_SETTINGS[args.stage]
     values = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(settings_class)}}
     settings = settings_class(**values)
     try:
+        settings.validate()
         _check_out(Path(args.out), args.resume, args.overwrite)
         if args.stage == "autoencoder":
             from train.train_autoencoder import train_autoencoder
@@ -124,9 +128,10 @@ def _train_classifier(args: argparse.Namespace) -> int:
     from train.classifier import train_classifier
     values = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(ClassifierTrainSettings)}}
     try:
-        if Path(args.out).exists() and not Path(args.out).is_dir():
-            raise ConfigError(f"--out {args.out} exists and is not a folder")
-        out = train_classifier(ClassifierTrainSettings(**values))
+        settings = ClassifierTrainSettings(**values)
+        settings.validate()
+        check_writable_folder("--out", Path(args.out))
+        out = train_classifier(settings)
     except UserError as error:
         return report_user_error(PROG, error)
     print(f"ldm-train: wrote {out}", file=sys.stderr)
@@ -136,8 +141,7 @@ def _train_classifier(args: argparse.Namespace) -> int:
 def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; pass one")
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} exists and is not a folder")
+    check_writable_folder("--out", out)
     if resume and not (out / TRAIN_STATE_JSON).is_file():
         raise CheckpointError(f"cannot resume: --out {out} holds no checkpoint ({TRAIN_STATE_JSON} is missing)")
     if not resume and not overwrite and (out / TRAIN_STATE_JSON).is_file():

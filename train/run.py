@@ -20,7 +20,12 @@ import torch
 import torch.distributed as dist
 
 from ldm_runtime.config import ConfigError
+from ldm_runtime.noise import MAX_TRAIN_SEED
 from train.losses import AutoencoderLossConfig
+
+
+class NonFiniteLossError(ConfigError):
+    """Training diverged: a loss or gradient norm became NaN or infinite (too high a learning rate, say)."""
 
 
 @dataclass(frozen=True)
@@ -49,18 +54,15 @@ class TrainSettings:
 
     def validate(self) -> None:
         for name in ("steps", "batch_size", "checkpoint_every", "sample_every", "log_every"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} is {getattr(self, name)}; expected a positive integer")
-        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
-            raise ConfigError(f"--learning-rate is {self.learning_rate}; expected a positive number")
-        if self.weight_decay < 0 or self.grad_clip <= 0:
-            raise ConfigError(
-                f"--weight-decay {self.weight_decay} / --grad-clip {self.grad_clip}: expected >= 0 and > 0"
-            )
+            check_whole(name, getattr(self, name), 1)
+        for name in ("channels", "num_groups"):
+            if getattr(self, name) is not None:
+                check_whole(name, getattr(self, name), 1)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_TRAIN_SEED:
+            raise ConfigError(f"--seed is {self.seed}; expected an integer from 0 to 2**32 - 1")
+        check_finite_flags(self, above_zero=("learning_rate", "grad_clip"), at_least_zero=("weight_decay",))
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"--precision {self.precision!r} is not one of fp32, bf16, fp16")
-        if self.seed < 0:
-            raise ConfigError(f"--seed is {self.seed}; expected a non-negative integer")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -78,6 +80,14 @@ class AutoencoderSettings(TrainSettings):
     perceptual_weight: float = AutoencoderLossConfig.perceptual_weight
     disc_weight: float = AutoencoderLossConfig.disc_weight
     disc_start: int = AutoencoderLossConfig.disc_start
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("factor", "latent_channels"):
+            if getattr(self, name) is not None:
+                check_whole(name, getattr(self, name), 1)
+        check_whole("disc_start", self.disc_start, 0)
+        check_finite_flags(self, above_zero=(), at_least_zero=("kl_weight", "perceptual_weight", "disc_weight"))
 
     def loss_config(self) -> AutoencoderLossConfig:
         return AutoencoderLossConfig(kl_weight=self.kl_weight, perceptual_weight=self.perceptual_weight,
@@ -103,6 +113,22 @@ class UNetSettings(TrainSettings):
             raise ConfigError(f"--cond-drop-prob is {self.cond_drop_prob}; expected a value in [0, 1)")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"--ema-decay is {self.ema_decay}; expected a value in [0, 1)")
+
+
+def check_whole(name: str, value: Any, low: int) -> None:
+    """``ConfigError`` naming flag ``--name`` unless ``value`` is an integer >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        expected = "a positive integer" if low == 1 else f"an integer >= {low}"
+        raise ConfigError(f"--{name.replace('_', '-')} is {value!r}; expected {expected}")
+
+
+def check_finite_flags(settings: Any, above_zero: tuple[str, ...], at_least_zero: tuple[str, ...]) -> None:
+    """``ConfigError`` naming the first of these number flags that is NaN, infinite or below its bound."""
+    for names, bound in ((above_zero, "above 0"), (at_least_zero, ">= 0")):
+        for name in names:
+            value = getattr(settings, name)
+            if not math.isfinite(value) or value < 0 or (bound == "above 0" and value == 0):
+                raise ConfigError(f"--{name.replace('_', '-')} is {value}; expected a finite number {bound}")
 
 
 # Settings that may differ between a run and its resumption without changing what is computed.
@@ -192,13 +218,38 @@ class MetricsLog:
         self.started = time.perf_counter()
 
     def write(self, step: int, values: dict[str, float]) -> None:
-        record = {"step": step, "time_s": round(time.perf_counter() - self.started, 3), **values}
+        """One line of strict JSON: a value that is not a finite number is written as null (JSON has no NaN)."""
+        record = {"step": step, "time_s": round(time.perf_counter() - self.started, 3),
+                  **{name: _json_number(value) for name, value in values.items()}}
         with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(record, allow_nan=False) + "\n")
 
 
-def check_resume_settings(saved: dict[str, Any], current: TrainSettings, folder: Path) -> None:
-    """A resumed run must compute the same thing as the original: refuse changed settings, naming them."""
+def _json_number(value: Any) -> Any:
+    if isinstance(value, (float, torch.Tensor)) and not math.isfinite(float(value)):
+        return None
+    return float(value) if isinstance(value, torch.Tensor) else value
+
+
+def check_finite(step: int, out: Path, **values: float | torch.Tensor) -> None:
+    """``NonFiniteLossError`` naming the first of ``values`` (a loss, a gradient norm) that is NaN or infinite.
+    Called before the optimiser step, so the weights and every checkpoint stay finite. In a data-parallel run
+    pass values that every rank shares (all-reduced), so that all ranks stop together."""
+    for name, value in values.items():
+        number = float(value)
+        if not math.isfinite(number):
+            raise NonFiniteLossError(
+                f"the {name.replace('_', ' ')} became {number} at step {step + 1}, so training stopped before the "
+                f"optimiser step (the last checkpoint in {out} is intact); expected finite values: lower "
+                f"--learning-rate or --grad-clip")
+
+
+def check_resume_settings(saved: dict[str, Any], current: TrainSettings, folder: Path, step: int) -> None:
+    """A resumed run must compute the same thing as the original: refuse changed settings, naming them, and
+    ``--steps`` below the ``step`` the checkpoint has reached."""
+    if current.steps < step:
+        raise ConfigError(f"--steps {current.steps} is below step {step}, which the checkpoint in {folder} has "
+                          f"reached; expected at least {step} to resume it")
     changed = sorted(
         key for key, value in current.to_dict().items()
         if key not in RESUMABLE_CHANGES and saved.get(key) != value

@@ -20,8 +20,8 @@ from train.discriminator import PatchDiscriminator
 from train.losses import AutoencoderLoss
 from train.progress import TrainingProgress
 from train.run import (
-    AutoencoderSettings, MetricsLog, Process, all_reduce_mean, autocast_context, batch_indices, check_resume_settings,
-    start_process, end_process, step_generator,
+    AutoencoderSettings, MetricsLog, Process, all_reduce_mean, autocast_context, batch_indices, check_finite,
+    check_resume_settings, start_process, end_process, step_generator,
 )
 from train.samples import fetch_images, save_reconstruction_grid
 
@@ -93,7 +93,7 @@ def _train(settings: AutoencoderSettings, config: ModelConfig, out: Path, proces
     start_step = 0
     if resume:
         state = load_train_state(out, STAGE)
-        check_resume_settings(state.settings, settings, out)
+        check_resume_settings(state.settings, settings, out, state.step)
         start_step = state.step
     dataset = build_dataset(settings.data, config.image_size, settings.seed, skip_bad=settings.skip_bad_images)
 
@@ -126,49 +126,54 @@ def _train(settings: AutoencoderSettings, config: ModelConfig, out: Path, proces
     validation = (ShapesDataset.heldout(VALIDATION_IMAGES, config.image_size, settings.seed)
                   if settings.data.split(":")[0] == "shapes" else None)
 
-    for step in range(start_step, settings.steps):
-        generator = step_generator(settings.seed, step, process.rank)
-        indices = batch_indices(len(dataset), step, settings.batch_size, process, settings.seed)
-        images = fetch_images(dataset, indices.tolist()).to(device)
+    try:  # the bar ends its line even when a step raises, so an error message starts on its own
+        for step in range(start_step, settings.steps):
+            generator = step_generator(settings.seed, step, process.rank)
+            indices = batch_indices(len(dataset), step, settings.batch_size, process, settings.seed)
+            images = fetch_images(dataset, indices.tolist()).to(device)
 
-        autoencoder.train()
-        discriminator.requires_grad_(False)
-        with autocast_context(settings.precision, device):
-            output = model(images, sample_posterior=True, generator=generator)
-            loss, logs = loss_fn.generator_loss(images, output.reconstruction, output.regularization_loss, step,
-                                                autoencoder.decoder_last_layer)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(autoencoder.parameters(), settings.grad_clip)
-        optimizer.step()
-
-        discriminator.requires_grad_(True)
-        if loss_fn.discriminator_active(step):
+            autoencoder.train()
+            discriminator.requires_grad_(False)
             with autocast_context(settings.precision, device):
-                disc_loss, disc_logs = loss_fn.discriminator_loss(images, output.reconstruction.detach(), step,
-                                                                  discriminator=discriminator_ddp)
-            disc_optimizer.zero_grad(set_to_none=True)  # also drops what the generator step left there
-            disc_loss.backward()
-            torch.nn.utils.clip_grad_norm_(discriminator.parameters(), settings.grad_clip)
-            disc_optimizer.step()
-            logs.update(disc_logs)
+                output = model(images, sample_posterior=True, generator=generator)
+                loss, logs = loss_fn.generator_loss(images, output.reconstruction, output.regularization_loss, step,
+                                                    autoencoder.decoder_last_layer)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(autoencoder.parameters(), settings.grad_clip)
+            loss_value = float(all_reduce_mean(loss.detach(), process))
+            check_finite(step, out, loss=loss_value, gradient_norm=grad_norm)
+            optimizer.step()
 
-        done = step + 1
-        loss_value = float(all_reduce_mean(loss.detach(), process))
-        progress.update(loss=loss_value)
-        if log is not None and (done % settings.log_every == 0 or done == settings.steps):
-            log.write(done, {"loss": loss_value, "grad_norm": float(grad_norm), **logs})
-        if process.is_main and (done % settings.sample_every == 0 or done == settings.steps):
-            autoencoder.eval()
-            with torch.no_grad():
-                reconstruction = autoencoder.decode(autoencoder.encode(preview.to(device)).mode()).cpu()
-            save_reconstruction_grid(out / "samples" / f"step_{done:07d}.png", preview, reconstruction)
-        if done % settings.checkpoint_every == 0 or done == settings.steps:
-            if log is not None and validation is not None:
+            discriminator.requires_grad_(True)
+            if loss_fn.discriminator_active(step):
+                with autocast_context(settings.precision, device):
+                    disc_loss, disc_logs = loss_fn.discriminator_loss(images, output.reconstruction.detach(), step,
+                                                                      discriminator=discriminator_ddp)
+                disc_optimizer.zero_grad(set_to_none=True)  # also drops what the generator step left there
+                disc_loss.backward()
+                disc_grad_norm = torch.nn.utils.clip_grad_norm_(discriminator.parameters(), settings.grad_clip)
+                check_finite(step, out, discriminator_gradient_norm=disc_grad_norm)
+                disc_optimizer.step()
+                logs.update(disc_logs)
+
+            done = step + 1
+            progress.update(loss=loss_value)
+            if log is not None and (done % settings.log_every == 0 or done == settings.steps):
+                log.write(done, {"loss": loss_value, "grad_norm": float(grad_norm), **logs})
+            if process.is_main and (done % settings.sample_every == 0 or done == settings.steps):
                 autoencoder.eval()
-                log.write(done, {"val_psnr_db": reconstruction_psnr(autoencoder, validation, device, 64)})
-            _save(out, settings, config, autoencoder, discriminator, optimizer, disc_optimizer, dataset, done, process)
-    progress.close()
+                with torch.no_grad():
+                    reconstruction = autoencoder.decode(autoencoder.encode(preview.to(device)).mode()).cpu()
+                save_reconstruction_grid(out / "samples" / f"step_{done:07d}.png", preview, reconstruction)
+            if done % settings.checkpoint_every == 0 or done == settings.steps:
+                if log is not None and validation is not None:
+                    autoencoder.eval()
+                    log.write(done, {"val_psnr_db": reconstruction_psnr(autoencoder, validation, device, 64)})
+                _save(out, settings, config, autoencoder, discriminator, optimizer, disc_optimizer, dataset, done,
+                      process)
+    finally:
+        progress.close()
     return out
 
 

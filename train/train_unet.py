@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ldm_runtime.checkpoint import load_model_config, load_state_dict_file, load_tensors
+from ldm_runtime.checkpoint import TEXT_ENCODER_DIR, load_model_config, load_state_dict_file, load_tensors
 from ldm_runtime.config import ConfigError, ModelConfig, preset
 from ldm_runtime.models import Autoencoder, TextEncoder, UNet
 from train.checkpoint import (
@@ -28,8 +28,8 @@ from train.data import build_dataset
 from train.diffusion import ForwardProcess
 from train.progress import TrainingProgress
 from train.run import (
-    MetricsLog, Process, UNetSettings, all_reduce_mean, autocast_context, batch_indices, check_resume_settings,
-    end_process, start_process, step_generator,
+    MetricsLog, Process, UNetSettings, all_reduce_mean, autocast_context, batch_indices, check_finite,
+    check_resume_settings, end_process, start_process, step_generator,
 )
 from train.samples import fetch_images, save_grid
 
@@ -107,7 +107,7 @@ def _train(settings: UNetSettings, config: ModelConfig, autoencoder_dir: Path, o
     start_step = 0
     if resume:
         state = load_train_state(out, STAGE)
-        check_resume_settings(state.settings, settings, out)
+        check_resume_settings(state.settings, settings, out, state.step)
         start_step = state.step
 
     autoencoder = Autoencoder(config.autoencoder)
@@ -139,41 +139,44 @@ def _train(settings: UNetSettings, config: ModelConfig, autoencoder_dir: Path, o
     log = MetricsLog(out / "metrics.jsonl", start_step if resume else None) if process.is_main else None
     progress = TrainingProgress(settings.steps, start_step, STAGE, enabled=process.is_main)
 
-    for step in range(start_step, settings.steps):
-        generator = step_generator(settings.seed, step, process.rank)
-        torch.manual_seed(settings.seed * 1_000_003 + step)  # dropout in a scratch text encoder, if any
-        indices = batch_indices(len(dataset), step, settings.batch_size, process, settings.seed)
-        batch = len(indices)
-        latents = training_latents(data, indices, generator, scale)
-        noise = torch.randn(latents.shape, generator=generator)
-        timesteps = torch.randint(0, config.schedule.num_train_timesteps, (batch,), generator=generator)
-        dropped = torch.rand(batch, generator=generator) < settings.cond_drop_prob
-        caption_ids = torch.where(dropped, torch.zeros_like(indices), data.caption_ids[indices])
+    try:  # the bar ends its line even when a step raises, so an error message starts on its own
+        for step in range(start_step, settings.steps):
+            generator = step_generator(settings.seed, step, process.rank)
+            torch.manual_seed(settings.seed * 1_000_003 + step)  # dropout in a scratch text encoder, if any
+            indices = batch_indices(len(dataset), step, settings.batch_size, process, settings.seed)
+            batch = len(indices)
+            latents = training_latents(data, indices, generator, scale)
+            noise = torch.randn(latents.shape, generator=generator)
+            timesteps = torch.randint(0, config.schedule.num_train_timesteps, (batch,), generator=generator)
+            dropped = torch.rand(batch, generator=generator) < settings.cond_drop_prob
+            caption_ids = torch.where(dropped, torch.zeros_like(indices), data.caption_ids[indices])
 
-        latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
-        noisy = forward_process.add_noise(latents, noise, timesteps)
-        target = forward_process.target(latents, noise, timesteps)
-        denoiser.train()
-        with autocast_context(settings.precision, device):
-            prediction = model(noisy, timesteps, **_conditioning(data, caption_ids, device))
-        loss = F.mse_loss(prediction.float(), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
-        optimizer.step()
-        _update_ema(ema, denoiser, settings.ema_decay, step)
+            latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
+            noisy = forward_process.add_noise(latents, noise, timesteps)
+            target = forward_process.target(latents, noise, timesteps)
+            denoiser.train()
+            with autocast_context(settings.precision, device):
+                prediction = model(noisy, timesteps, **_conditioning(data, caption_ids, device))
+            loss = F.mse_loss(prediction.float(), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
+            loss_value = float(all_reduce_mean(loss.detach(), process))
+            check_finite(step, out, loss=loss_value, gradient_norm=grad_norm)
+            optimizer.step()
+            _update_ema(ema, denoiser, settings.ema_decay, step)
 
-        done = step + 1
-        loss_value = float(all_reduce_mean(loss.detach(), process))
-        progress.update(loss=loss_value)
-        if log is not None and (done % settings.log_every == 0 or done == settings.steps):
-            log.write(done, {"loss": loss_value, "grad_norm": float(grad_norm)})
-        if process.is_main and (done % settings.sample_every == 0 or done == settings.steps):
-            _save_preview(out / "samples" / f"step_{done:07d}.png", ema, autoencoder, data, forward_process, scale,
-                          dataset, device)
-        if process.is_main and (done % settings.checkpoint_every == 0 or done == settings.steps):
-            _save(out, settings, config, autoencoder, denoiser, ema, optimizer, done)
-    progress.close()
+            done = step + 1
+            progress.update(loss=loss_value)
+            if log is not None and (done % settings.log_every == 0 or done == settings.steps):
+                log.write(done, {"loss": loss_value, "grad_norm": float(grad_norm)})
+            if process.is_main and (done % settings.sample_every == 0 or done == settings.steps):
+                _save_preview(out / "samples" / f"step_{done:07d}.png", ema, autoencoder, data, forward_process, scale,
+                              dataset, device)
+            if process.is_main and (done % settings.checkpoint_every == 0 or done == settings.steps):
+                _save(out, settings, config, autoencoder, denoiser, ema, optimizer, done)
+    finally:
+        progress.close()
     return out
 
 
@@ -267,8 +270,20 @@ def _save(out: Path, settings: UNetSettings, config: ModelConfig, autoencoder: A
         for name, module in _trained_modules(source).items():
             train_tensors.update({f"{prefix}.{name}.{k}": v for k, v in module.state_dict().items()})
     recorded = {**settings.to_dict(), "_optimizer": optimizer_meta}
+    config, text_encoder_folder = _self_contained(config)
     save_checkpoint(out, config, weights, train_tensors, STAGE, step, recorded,
-                    save_tokenizer=denoiser.text_encoder.save_tokenizer)
+                    save_tokenizer=denoiser.text_encoder.save_tokenizer, text_encoder_folder=text_encoder_folder)
+
+
+def _self_contained(config: ModelConfig) -> tuple[ModelConfig, Path | None]:
+    """What the checkpoint records: a pretrained text encoder read from a folder is copied into the checkpoint
+    (``text_encoder/``, which model.json then names), since a model folder never names a path outside itself;
+    one from an installed package stays named by the package."""
+    text = config.text_encoder
+    folder = Path(text.path).expanduser()
+    if text.kind != "pretrained" or not folder.is_dir():
+        return config, None
+    return dataclasses.replace(config, text_encoder=dataclasses.replace(text, path=TEXT_ENCODER_DIR)), folder
 
 
 def _trained_modules(denoiser: Denoiser) -> dict[str, torch.nn.Module]:

@@ -64,7 +64,8 @@ def _onnxruntime_sees_a_gpu() -> bool:
 
 def load_engine(path: str | Path, engine: str = "auto", device: str = "auto", **options: Any) -> Engine:
     """The engine for ``path``: "torch" or "triton" for a checkpoint dir, "onnxruntime" or "openvino" for an
-    engine dir; "auto" takes ``pick_engine``'s choice and logs it. ``options`` go to the engine's constructor
+    engine dir; "auto" takes ``pick_engine``'s choice and logs it at debug level (the commands name the engine
+    in their own output, after the flags that depend on it have been checked). ``options`` go to the engine's constructor
     (e.g. ``dtype``, ``unet_chunk_size`` for torch; ``intra_op_threads`` for onnxruntime and openvino).
 
     Raises ``EngineLoadError`` for an unknown engine name, a folder that is neither kind, a device this machine
@@ -78,7 +79,7 @@ def load_engine(path: str | Path, engine: str = "auto", device: str = "auto", **
     is_engine_dir = (folder / ENGINE_DIR_MARKER).is_file()
     if engine == "auto":
         engine, reason = pick_engine(folder, device)
-        log.info("--engine auto picked %s: %s", engine, reason)
+        log.debug("--engine auto picked %s: %s", engine, reason)
     if engine in ("torch", "triton") and not is_checkpoint:
         raise EngineLoadError(f"{folder} has no {CHECKPOINT_MARKER}; the {engine} engine runs a checkpoint dir "
                               f"written by ldm-train")

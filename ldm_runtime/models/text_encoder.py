@@ -7,6 +7,7 @@ Either way the tokenizer comes from the resolved path, or from a checkpoint's sa
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import sys
 from pathlib import Path
@@ -17,25 +18,60 @@ from torch import nn
 from ldm_runtime.config import ConfigError, TextEncoderConfig
 
 
-def resolve_text_encoder_path(path: str | Path) -> Path:
+def resolve_text_encoder_path(path: str | Path, model_dir: str | Path | None = None) -> Path:
     """The folder holding the model: ``path`` itself if it is a folder, else ``<package dir>/model`` of the
-    importable Python package named ``path``; ``ConfigError`` when neither exists."""
-    folder = Path(path).expanduser()
+    installed Python package named ``path`` (dotted names too), found without importing the package or its
+    parents, so that naming one runs none of its code. With ``model_dir``, the folder whose model.json named
+    ``path``, a folder must be a relative path that stays inside ``model_dir``: a model folder is data and never
+    reaches outside itself. ``ConfigError`` when neither exists or the folder would leave ``model_dir``."""
+    name = str(path)
+    if model_dir is None:
+        folder = Path(name).expanduser()
+    else:
+        folder = _folder_inside(Path(model_dir), name)
     if folder.is_dir():
         return folder
-    name = str(path)
-    if name and all(part.isidentifier() for part in name.split(".")):
-        try:
-            spec = importlib.util.find_spec(name)
-        except (ImportError, ValueError):
-            spec = None
-        if spec is not None and spec.submodule_search_locations:
-            package_model = Path(next(iter(spec.submodule_search_locations))) / "model"
-            if package_model.is_dir():
-                return package_model
+    package = _installed_package_folder(name)
+    if package is not None and (package / "model").is_dir():
+        return package / "model"
+    where = "" if model_dir is None else f" inside {model_dir}"
     raise ConfigError(
-        f"text encoder path {name!r} is neither a folder nor an installed Python package with a model/ folder"
+        f"text encoder path {name!r} is neither a folder{where} nor an installed Python package with a model/ folder"
     )
+
+
+def _folder_inside(model_dir: Path, name: str) -> Path:
+    """``model_dir / name``; ``ConfigError`` when ``name`` is absolute or leads outside ``model_dir`` (``..``, or a
+    symlink that points out)."""
+    if Path(name).is_absolute():
+        raise ConfigError(f"text encoder path {name!r} in {model_dir} is an absolute path; expected a folder inside "
+                          f"the model folder or an installed package name")
+    folder = model_dir / name
+    if not folder.resolve().is_relative_to(model_dir.resolve()):
+        raise ConfigError(f"text encoder path {name!r} leads outside {model_dir}; expected a folder inside the model "
+                          f"folder or an installed package name")
+    return folder
+
+
+def _installed_package_folder(name: str) -> Path | None:
+    """The folder of the installed package ``name`` ("pkg" or "pkg.sub"), or None. Nothing is imported:
+    ``find_spec`` on a top-level name only searches, and each further part is looked up in its parent's folders
+    by the path finder (``find_spec("pkg.sub")`` would import ``pkg``, running its ``__init__``)."""
+    parts = name.split(".")
+    if not all(part.isidentifier() for part in parts):
+        return None
+    try:
+        spec = importlib.util.find_spec(parts[0])
+        for depth in range(1, len(parts)):
+            if spec is None or not spec.submodule_search_locations:
+                return None
+            spec = importlib.machinery.PathFinder.find_spec(".".join(parts[:depth + 1]),
+                                                            list(spec.submodule_search_locations))
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def keep_transformers_off_our_kernels() -> None:
@@ -74,7 +110,8 @@ def keep_transformers_off_our_kernels() -> None:
 class TextEncoder(nn.Module):
     """Prompts -> (B, max_length, hidden_size) float32 hidden states and a (B, max_length) bool token mask."""
 
-    def __init__(self, cfg: TextEncoderConfig, tokenizer_path: str | Path | None = None):
+    def __init__(self, cfg: TextEncoderConfig, tokenizer_path: str | Path | None = None,
+                 model_dir: str | Path | None = None):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
@@ -84,7 +121,9 @@ class TextEncoder(nn.Module):
                                   "tokenizer/ folder")
             model_folder = None
         else:
-            model_folder = resolve_text_encoder_path(cfg.path)
+            model_folder = None  # a scratch encoder with a tokenizer of its own reads nothing at cfg.path
+            if cfg.kind == "pretrained" or tokenizer_path is None:
+                model_folder = resolve_text_encoder_path(cfg.path, model_dir)
         tokenizer_folder = model_folder if tokenizer_path is None else Path(tokenizer_path)
         if not tokenizer_folder.is_dir():
             raise ConfigError(f"tokenizer folder {str(tokenizer_folder)!r} does not exist; expected a folder")
@@ -97,7 +136,9 @@ class TextEncoder(nn.Module):
             if not (model_folder / "config.json").is_file():
                 raise ConfigError(f"text encoder folder {str(model_folder)!r} has no config.json; "
                                   "expected a Hugging Face model folder")
-            self.model = AutoModel.from_pretrained(str(model_folder), local_files_only=True, dtype=torch.float32)
+            # safetensors only: a pickled pytorch_model.bin in a model folder is never unpickled
+            self.model = AutoModel.from_pretrained(str(model_folder), local_files_only=True, dtype=torch.float32,
+                                                   use_safetensors=True)
             self.model.requires_grad_(False)
             self.model.eval()
         elif cfg.kind == "clip":

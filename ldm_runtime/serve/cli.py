@@ -33,7 +33,7 @@ from typing import Any, Iterator
 
 import uvicorn
 
-from ldm_runtime.command_line import OneLineArgumentParser, report_user_error
+from ldm_runtime.command_line import OneLineArgumentParser, finite_float, report_user_error
 from ldm_runtime.engines import ENGINE_DIR_ENGINES, ENGINE_NAMES, load_engine, pick_engine
 from ldm_runtime.errors import UserError
 from ldm_runtime.serve.app import ServeLimits, ServeMetrics, create_app, largest_request_bytes
@@ -72,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="images per UNet call (default: half the engine's UNet batch, as guidance doubles it)")
     parser.add_argument("--max-queue", type=int, default=BATCHER_DEFAULTS.max_queue, metavar="Q",
                         help="requests waiting to start; beyond it 429 (default: %(default)s)")
-    parser.add_argument("--max-wait-ms", type=float, default=BATCHER_DEFAULTS.max_wait_s * 1000,
+    parser.add_argument("--max-wait-ms", type=finite_float, default=BATCHER_DEFAULTS.max_wait_s * 1000,
                         help="dynamic batching: how long a request waits for company (default: %(default)s)")
-    parser.add_argument("--request-timeout", type=float, default=LIMIT_DEFAULTS.request_timeout_s, metavar="S",
+    parser.add_argument("--request-timeout", type=finite_float, default=LIMIT_DEFAULTS.request_timeout_s, metavar="S",
                         help="seconds from arrival after which a request is dropped with 503 (default: %(default)s)")
     parser.add_argument("--max-n", type=int, default=LIMIT_DEFAULTS.max_n,
                         help="most images per request (default: %(default)s, at most --max-batch)")
@@ -89,13 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-body-bytes", type=int, default=None,
                         help="largest request body; beyond it 413 (default: what the longest valid request needs, "
                              f"{LIMIT_DEFAULTS.max_body_bytes} for the default --max-prompt-chars)")
-    parser.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_S, metavar="S",
+    parser.add_argument("--header-timeout", type=finite_float, default=HEADER_TIMEOUT_S, metavar="S",
                         help="seconds a request's header may take to arrive (from the connection opening or the "
                              "previous response); beyond it 408 and the connection closes (default: %(default)s)")
-    parser.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT_S, metavar="S",
+    parser.add_argument("--body-timeout", type=finite_float, default=BODY_TIMEOUT_S, metavar="S",
                         help="seconds a request's body may take to arrive after its header; beyond it 408 and the "
                              "connection closes (default: %(default)s)")
-    parser.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT_S, metavar="S",
+    parser.add_argument("--drain-timeout", type=finite_float, default=DRAIN_TIMEOUT_S, metavar="S",
                         help="seconds SIGTERM/SIGINT waits for queued and running requests; those left then get 503 "
                              "and the process exits (default: %(default)s)")
     parser.add_argument("--api-key-file", default=None, metavar="FILE",
@@ -245,7 +245,7 @@ def _load_engine(args: argparse.Namespace):
     that many; for the torch engines it is torch's process-wide thread count)."""
     folder = Path(args.model)
     engine_name = args.engine
-    if engine_name == "auto":
+    if engine_name == "auto" and (args.precision is not None or args.threads is not None):
         engine_name, _ = pick_engine(folder, args.device)  # the serving line names it
     options = {}
     if args.precision is not None:

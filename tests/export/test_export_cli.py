@@ -135,6 +135,33 @@ def test_force_does_not_replace_a_folder_that_is_not_an_engine_dir(tiny_checkpoi
     assert (out / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("case", ["existing_file", "existing_file_with_force", "under_a_file", "unwritable"])
+def test_an_out_that_cannot_be_written_is_one_line_before_any_work(case, tiny_checkpoint, tmp_path, capsys,
+                                                                   monkeypatch):
+    monkeypatch.setattr(export.engine_dir, "load_checkpoint_to_export", lambda folder: pytest.fail("work started"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("mine")
+    out = {"existing_file": blocker, "existing_file_with_force": blocker, "under_a_file": blocker / "engine"}.get(case)
+    if out is None:  # root ignores permission bits: /proc is not writable even for root
+        locked = tmp_path / "read_only"
+        locked.mkdir(mode=0o500)
+        out = locked / "engine" if os.geteuid() != 0 else Path("/proc/ldm-no-such-process/engine")
+    code, err = run_cli([tiny_checkpoint, "--out", out, *(["--force"] if case.endswith("force") else [])], capsys)
+    assert code == 2 and err.startswith("ldm-export: error: --out") and err.count("\n") == 1, err
+    assert str(out.parent if case in ("under_a_file", "unwritable") else out) in err and "Traceback" not in err
+    assert blocker.read_text() == "mine"
+
+
+@pytest.mark.parametrize("validation_seed", [2**64, -1])
+def test_a_validation_seed_out_of_range_is_refused_before_any_work(validation_seed, tiny_checkpoint, tmp_path, capsys,
+                                                                  monkeypatch):
+    monkeypatch.setattr(export.engine_dir, "load_checkpoint_to_export", lambda folder: pytest.fail("work started"))
+    code, err = run_cli([tiny_checkpoint, "--out", tmp_path / "engine", "--validation-seed", validation_seed], capsys)
+    assert err == (f"ldm-export: error: --validation-seed is {validation_seed}; expected an integer from 0 to "
+                   f"2**32 - 1\n")
+    assert code == 2 and not (tmp_path / "engine").exists()
+
+
 def test_missing_checkpoint_is_one_line_error(tmp_path, capsys):
     code, err = run_cli([tmp_path / "nowhere", "--out", tmp_path / "engine"], capsys)
     assert code == 2 and err.strip().count("\n") == 0 and "nowhere" in err
@@ -180,11 +207,12 @@ def test_rebuild_plans_without_tensorrt_is_one_line_error(fp32_export, capsys, m
     (["--engine", "int8"], "invalid choice"),
     (["--backend", "openvino"], "invalid choice"),
     (["--batch-range", "1:8"], "MIN:OPT:MAX"),
+    (["--opset", "eighteen"], "argument --opset: invalid int value: 'eighteen'"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
 ])
 def test_unknown_engine_backend_or_malformed_range_is_refused(flags, message, tiny_checkpoint, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(tiny_checkpoint), "--out", str(tmp_path / "engine"), *flags])
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    code, err = run_cli([tiny_checkpoint, "--out", tmp_path / "engine", *flags], capsys)
+    assert code == 2 and message in err and err.count("\n") == 1 and err.startswith("ldm-export: error: ")
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -242,7 +242,7 @@ def test_ldm_sample_with_engine_auto_says_which_engine_it_picked(exported, tmp_p
 
     out = tmp_path / "image.png"
     assert main(["--model", str(exported[1]), "a red circle", "--steps", "2", "--out", str(out)]) == 0
-    assert "ldm-sample: --engine auto picked openvino: " in capsys.readouterr().err and out.is_file()
+    assert "ldm-sample: --engine auto picked openvino" in capsys.readouterr().err and out.is_file()
 
 
 def test_engine_samples_without_importing_torch(exported):

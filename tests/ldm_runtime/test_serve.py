@@ -503,7 +503,7 @@ def test_text_cache_gives_the_engine_rows_bit_for_bit_and_encodes_each_prompt_on
     (["--model", "{engine}", "--port", "70000"], "--port is 70000; expected an integer from 0 to 65535"),
     (["--model", "{engine}", "--batching", "huge"], "invalid choice: 'huge'"),
     (["--model", "{engine}", "--api-key-file", "{missing}"], "cannot be read"),
-    (["--model", "{engine}", "--header-timeout", "nan"], "--header-timeout is nan; expected seconds above 0"),
+    (["--model", "{engine}", "--header-timeout", "nan"], "argument --header-timeout: 'nan' is not a finite number"),
     (["--model", "{engine}", "--drain-timeout", "0"], "--drain-timeout is 0.0; expected seconds above 0"),
 ])
 def test_bad_flags_exit_2_with_one_line_and_no_traceback(engine_dir, tmp_path, flags, message):

@@ -225,6 +225,23 @@ def test_bad_input_is_one_error_line_and_exit_2(case, stand_in_model, tmp_path, 
     assert not (tmp_path / "eval.json").exists()
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--seed", str(2**64)], f"--seed is {2**64}; expected an integer from 0 to {2**63 - 200}"),
+    (["--seed", str(2**63 - 10), "--num-prompts", "24"], f"--seed is {2**63 - 10}; expected an integer from 0 to "
+                                                         f"{2**63 - 24}"),
+    (["--data-seed", str(2**64)], f"--data-seed is {2**64}; expected an integer from 0 to 2**32 - 1"),
+    (["--seed", "-3"], "--seed is -3"),
+])
+def test_seeds_out_of_range_are_one_line_before_any_work(extra, message, stand_in_model, tmp_path, capsys,
+                                                         monkeypatch):
+    model, calls = stand_in_model
+    monkeypatch.setattr(ldm_runtime.engines, "load_engine", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    assert main(["--model", str(model), "--json", str(tmp_path / "eval.json"), *extra]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"ldm-eval: error: {message}"), error
+    assert error.count("\n") == 1 and not (tmp_path / "eval.json").exists() and calls == []
+
+
 def test_importing_the_evaluator_does_not_import_torch():
     code = "import sys, ldm_tools.evaluate; sys.exit('torch' in sys.modules or 'train' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

