@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -259,8 +257,7 @@ SCHEDULER_REFUSED = {"trained_betas": None, "thresholding": False, "rescale_beta
 def schedule_configs(config: dict[str, Any], where: Path):
     """scheduler_config.json -> (our ScheduleConfig, our DDIMConfig): the settings diffusers' DDIMScheduler
     takes from it (``DDIMScheduler.from_config``)."""
-    from ldm_runtime.schedulers import DDIMConfig
-    from ldm_runtime.config import ConfigError, ScheduleConfig
+    from ldm_runtime.config import ConfigError, DDIMConfig, ScheduleConfig
 
     _check_defaults(config, SCHEDULER_REFUSED, "the scheduler's", where)
     settings = {key: config.get(key, default) for key, default in SCHEDULER_DEFAULTS.items()}
@@ -381,7 +378,8 @@ def import_diffusers_folder(source: Path, out: Path, clip_skip: int = 0,
     weights["text_encoder"] = fit_state_dict(text_shapes, clip_state_dict(_load_safetensors(text_file), text_shapes),
                                              "text encoder", text_file)
     log(f"read {unet_file.parent.name}, {vae_file.parent.name} and {text_file.parent.name} weights from {source}")
-    return write_checkpoint(out, config, weights, source / "tokenizer", log)
+    return write_checkpoint(out, config, weights, source / "tokenizer", log,
+                            settings={"source": source.name, "clip_skip": clip_skip})
 
 
 def clip_state_dict(tensors: dict[str, Any], module) -> dict[str, Any]:
@@ -410,18 +408,19 @@ def _clip_shapes(text_cfg):
 
 
 def write_checkpoint(out: Path, config, weights: dict[str, dict[str, Any]], tokenizer_source: Path,
-                     log: Callable[[str], None]) -> Path:
-    """model.json, ``<stem>.safetensors`` for each of ``weights`` and tokenizer/ (in the fast tokenizer's
-    tokenizer.json form that the onnxruntime engine reads), staged and renamed into ``out``."""
-    from ldm_runtime.checkpoint import MODEL_JSON, TOKENIZER_DIR, load_model_config
+                     log: Callable[[str], None], settings: dict[str, Any]) -> Path:
+    """model.json, ``<stem>.safetensors`` for each of ``weights``, tokenizer/ (in the fast tokenizer's
+    tokenizer.json form that the engines read) and, last, train_state.json with the sha256 of every one of them
+    (stage "import", ``settings``: how the import ran), as ldm-train writes it: every loader checks each file
+    against it. Staged beside ``out`` and renamed into place, so ``out`` appears complete or not at all."""
+    from ldm_runtime.checkpoint import MODEL_JSON, TOKENIZER_DIR, folder_files, load_model_config, write_train_state
+    from ldm_runtime.staging import temporary_folder
 
     if out.exists():
         raise ImportRefusedError(f"--out {out} already exists; expected a new folder")
     if not tokenizer_source.is_dir():
         raise ImportRefusedError(f"{tokenizer_source} does not exist; expected the model's CLIP tokenizer folder")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with temporary_folder(out) as staging:
         from safetensors.torch import save_file
         from transformers import AutoTokenizer
 
@@ -436,10 +435,10 @@ def write_checkpoint(out: Path, config, weights: dict[str, dict[str, Any]], toke
             raise ImportRefusedError(f"{tokenizer_source} holds a {type(tokenizer).__name__}; expected a CLIP "
                                      f"tokenizer")
         tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
+        names = [MODEL_JSON, *(f"{stem}.safetensors" for stem in weights), *folder_files(staging, TOKENIZER_DIR)]
+        write_train_state(staging, names, stage="import", step=0, settings=settings)
         load_model_config(staging)  # what every command reads back first
         os.replace(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     log(f"wrote {out}")
     return out
 

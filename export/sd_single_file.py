@@ -231,8 +231,7 @@ def import_single_file(path: Path, out: Path, tokenizer: Path | None, prediction
 
     from export.sd_import import (ImportRefusedError, _clip_shapes, _load_safetensors, clip_state_dict,
                                   fit_state_dict, write_checkpoint)
-    from ldm_runtime.schedulers import DDIMConfig
-    from ldm_runtime.config import ConfigError, ModelConfig, ScheduleConfig
+    from ldm_runtime.config import ConfigError, DDIMConfig, ModelConfig, ScheduleConfig
 
     tensors = _load_safetensors(path)
     unet = _strip(tensors, UNET_PREFIX)
@@ -292,7 +291,10 @@ def import_single_file(path: Path, out: Path, tokenizer: Path | None, prediction
     }
     log(f"read the {'EMA ' if ema else ''}UNet, the VAE and the {'OpenCLIP' if openclip else 'CLIP'} text encoder "
         f"from {path}")
-    return write_checkpoint(out, config, weights, tokenizer, log)
+    return write_checkpoint(out, config, weights, tokenizer, log,
+                            settings={"source": path.name, "clip_skip": clip_skip, "ema": ema,
+                                      "prediction_type": config.schedule.prediction_type,
+                                      "image_size": config.image_size})
 
 
 def original_state_dict(unet: dict[str, Any], unet_cfg, vae: dict[str, Any], autoencoder_cfg,

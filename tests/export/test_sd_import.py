@@ -85,7 +85,42 @@ def test_imported_model_json_carries_stable_diffusion_settings(imported):
     assert model["unet"]["level_heads"] == (list(heads) if isinstance(heads, tuple) else [])
     assert model["image_size"] == IMAGE_SIZE
     assert sorted(p.name for p in checkpoint.iterdir()) == [
-        "autoencoder.safetensors", "model.json", "text_encoder.safetensors", "tokenizer", "unet.safetensors"]
+        "autoencoder.safetensors", "model.json", "text_encoder.safetensors", "tokenizer", "train_state.json",
+        "unet.safetensors"]
+
+
+def test_imported_checkpoint_records_the_sha256_of_every_file_and_names_nothing_outside_itself(imported):
+    source, checkpoint, _ = imported
+    state = json.loads((checkpoint / "train_state.json").read_text())
+    files = sorted(path.relative_to(checkpoint).as_posix() for path in checkpoint.rglob("*")
+                   if path.is_file() and path.name != "train_state.json")
+    assert state["stage"] == "import" and sorted(state["files"]) == files
+    assert any(name.startswith("tokenizer/") for name in files)
+    for name, digest in state["files"].items():
+        assert hashlib.sha256((checkpoint / name).read_bytes()).hexdigest() == digest, name
+    for path in checkpoint.rglob("*"):
+        if path.is_file() and path.suffix != ".safetensors":
+            text = path.read_text()
+            assert str(source) not in text and str(source.parent) not in text, path
+
+
+@pytest.mark.parametrize("name", ["unet.safetensors", "text_encoder.safetensors", "tokenizer/tokenizer.json"])
+def test_imported_checkpoint_with_a_changed_file_is_refused_naming_it(imported, name, tmp_path, capsys, rng):
+    _sd1_only(imported)
+    import shutil
+
+    from ldm_runtime.sample import main as sample_main
+
+    copy = tmp_path / "checkpoint"
+    shutil.copytree(imported[1], copy)
+    data = bytearray((copy / name).read_bytes())
+    data[int(rng.integers(len(data) // 2, len(data)))] ^= 0x01  # past the safetensors header: only a digest sees it
+    (copy / name).write_bytes(bytes(data))
+    code = sample_main(["--model", str(copy), PROMPTS[0], "--steps", "1", "--out", str(tmp_path / "image.png"),
+                        "--engine", "torch", "--device", "cpu"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(lines) == 1 and name in lines[0] and "sha256" in lines[0], lines
+    assert not (tmp_path / "image.png").exists()
 
 
 def test_imported_networks_match_diffusers_fp32_relative_error_1e4(imported, rng):
@@ -265,23 +300,46 @@ def test_ldm_import_cli_writes_a_checkpoint_that_ldm_sample_takes(imported, tmp_
 
 # --- the exported engine dir (ldm-export) against diffusers -----------------------------------------------------
 
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """precision -> the engine dir ldm-export makes of the SD 2.x-like import, exported once per precision and
+    shared by the engines that run it."""
+    engine_dirs: dict[str, Path] = {}
+
+    def engine_dir_for(checkpoint: Path, precision: str) -> Path:
+        from export.engine_dir import ExportOptions, export_engine
+
+        if precision not in engine_dirs:
+            folder = tmp_path_factory.mktemp(f"engine-{precision}") / "engine"
+            engine_dirs[precision] = export_engine(checkpoint, folder, ExportOptions(precision=precision))
+        return engine_dirs[precision]
+
+    return engine_dir_for
+
+
+@pytest.mark.parametrize("engine_name", ["onnxruntime", "openvino"])
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_exported_import_samples_like_diffusers_onnxruntime(imported, tmp_path, rng, precision):
-    """fp32 >= 40 dB and, for the SD 2.x-like model (v-prediction, fp32 attention), fp16 >= 30 dB with no NaN."""
-    from export.engine_dir import ExportOptions, export_engine
+def test_exported_import_samples_like_diffusers(imported, exported, rng, precision, engine_name):
+    """Both engines of an engine dir: fp32 >= 40 dB and, for the SD 2.x-like model (v-prediction, fp32
+    attention), fp16 >= 30 dB with no NaN; each takes the model's scheduler settings and unmasked attention."""
     from ldm_runtime.engines import load_engine
 
     source, checkpoint, sizes = imported
     if sizes is not SD2_LIKE:
         pytest.skip("exports are slow for CI: the SD 2.x-like model (v-prediction, linear projections, fp32 "
                     "attention, where half precision breaks first) stands for both")
-    engine_dir = export_engine(checkpoint, tmp_path / "engine", ExportOptions(precision=precision))
+    if engine_name == "openvino":
+        pytest.importorskip("openvino")
+    engine_dir = exported(checkpoint, precision)
     if precision == "fp16":
         _assert_attention_in_fp32(engine_dir / "unet.onnx")
+    engine = load_engine(engine_dir, engine=engine_name, intra_op_threads=1)
+    assert engine.info.name == engine_name
+    assert engine.info.sampler["steps_offset"] == 1 and engine.info.sampler["set_alpha_to_one"] is False
     seeds = [int(seed) for seed in rng.integers(0, 2**31, len(PROMPTS))]
     pipe = _diffusers_pipeline(source)
     expected = [_diffusers_image(pipe, prompt, seed) for prompt, seed in zip(PROMPTS, seeds)]
-    actual = _our_images(engine_dir, seeds, engine=load_engine(engine_dir, intra_op_threads=1))
+    actual = _our_images(engine_dir, seeds, engine=engine)
     floor = 40.0 if precision == "fp32" else 30.0
     for prompt, want, got in zip(PROMPTS, expected, actual):
         assert np.isfinite(got).all()
