@@ -37,6 +37,8 @@ SINUSOID_OPS = ("Sin", "Cos")
 # Activations above this keep the decoder in fp32: a 4x margin below fp16's largest finite value (65504),
 # since a convolution's fp16 accumulation can exceed its output.
 DECODER_FP16_PEAK_LIMIT = 16384.0
+# Weights past this do not serialise in one protobuf message (2 GiB), with room left for the graph itself
+SERIALISABLE_WEIGHT_BYTES = 2**31 - 2**26
 
 
 def sinusoid_argument_nodes(model: onnx.ModelProto) -> list[str]:
@@ -100,21 +102,47 @@ def convert_to_fp16(model: onnx.ModelProto, keep_io_types: bool, fp32_attention:
     """An fp16 copy of fp32 ``model`` with the fp32 islands above. ``keep_io_types``: float inputs and
     outputs stay fp32 (a Cast at each edge) instead of becoming fp16. ``fp32_attention``: every attention
     (``attention_nodes``) computes in fp32 too, as Stable Diffusion 2.1 needs (``upcast_attention``)."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())  # the converter edits in place
+    # The converter edits in place. CopyFrom, not a round trip through bytes: protobuf cannot serialise a graph
+    # over 2 GB (SD 1.5's fp32 UNet is 3.4 GB), and the copy need not be serialised at all.
+    copied = onnx.ModelProto()
+    copied.CopyFrom(model)
+    model = copied
     _name_every_node(model)
     # The exporter's fp32 value_info would contradict the converted types; the converter infers them anew.
     del model.graph.value_info[:]
+    # onnx's shape inference serialises the model, which a graph over the protobuf limit cannot be: such a graph's
+    # types are inferred here without its weights' bytes, and the converter reads them from value_info
+    too_large = sum(len(t.raw_data) for t in model.graph.initializer) > SERIALISABLE_WEIGHT_BYTES
+    if too_large:
+        _infer_types_without_weight_bytes(model)
     converted = convert_float_to_float16(
         model,
         keep_io_types=keep_io_types,
         op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP32_OPS),
         node_block_list=sinusoid_argument_nodes(model) + (attention_nodes(model) if fp32_attention else []),
-        # onnx's shape inference serialises the model, which a graph over the protobuf limit cannot be
-        disable_shape_infer=sum(len(t.raw_data) for t in model.graph.initializer) > 2**31 - 2**26,
+        disable_shape_infer=too_large,
     )
     _drop_fp16_round_trips(converted.graph)
     _sort_nodes_topologically(converted.graph)
     return converted
+
+
+def _infer_types_without_weight_bytes(model: onnx.ModelProto, keep_bytes: int = 1024) -> None:
+    """Fill ``model.graph.value_info`` by onnx's shape inference, run while every initializer over ``keep_bytes``
+    holds no bytes (inference reads an initializer's type and shape; only small ones, such as Reshape targets,
+    are read as values), so that a model over 2 GB serialises for it; the bytes are put back after."""
+    moved = {}
+    for tensor in model.graph.initializer:
+        if len(tensor.raw_data) > keep_bytes:
+            moved[tensor.name] = tensor.raw_data
+            tensor.ClearField("raw_data")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    finally:
+        for tensor in model.graph.initializer:
+            if tensor.name in moved:
+                tensor.raw_data = moved.pop(tensor.name)
+    model.graph.value_info.extend(inferred.graph.value_info)
 
 
 def _drop_fp16_round_trips(graph: onnx.GraphProto) -> None:
