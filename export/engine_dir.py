@@ -175,7 +175,10 @@ def export_engine(checkpoint_dir: str | Path, out: str | Path, options: ExportOp
     def convert(name: str, model: onnx.ModelProto) -> onnx.ModelProto:
         _name_axes(model, specs[name].inputs, specs[name].outputs)
         if precision_of[name] == "fp16":
-            model = convert_to_fp16(model, keep_io_types=options.fp32_io)
+            fp32_attention = name == "unet" and modules.config.unet.upcast_attention
+            model = convert_to_fp16(model, keep_io_types=options.fp32_io, fp32_attention=fp32_attention)
+            if fp32_attention:
+                notes[name]["fp32_attention"] = "upcast_attention: attention scores, softmax and values in fp32"
         return model
 
     with temporary_folder(out) as staging:  # also removes what killed exports of --out left beside it

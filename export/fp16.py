@@ -8,6 +8,8 @@ keep fp32 behind Cast nodes.
   GroupNormalization: their mean and variance sum up to h*w*C/G squares; in fp16 that sum overflows 65504
   once activations reach a few hundred, and its rounding error grows with the count.
 - Softmax: exp of the attention logits overflows fp16 past 11, and the row sums lose the small weights.
+- With ``upcast_attention`` (Stable Diffusion 2.1), every attention from the scaled q and k to the product with
+  v: its fp16 scores overflow on those weights and give black images.
 - The timestep embedding's sinusoid arguments (the ancestors of every Sin and Cos: t * frequency): fp16
   holds 999 * 0.75 only to 0.5, so the high-frequency sines would be noise. Measured on the timesteps
   0..999 (64-wide embedding, tests/export/test_fp16.py): fp16 arguments put it off by 2.3e-2 (relative
@@ -35,6 +37,8 @@ SINUSOID_OPS = ("Sin", "Cos")
 # Activations above this keep the decoder in fp32: a 4x margin below fp16's largest finite value (65504),
 # since a convolution's fp16 accumulation can exceed its output.
 DECODER_FP16_PEAK_LIMIT = 16384.0
+# Weights past this do not serialise in one protobuf message (2 GiB), with room left for the graph itself
+SERIALISABLE_WEIGHT_BYTES = 2**31 - 2**26
 
 
 def sinusoid_argument_nodes(model: onnx.ModelProto) -> list[str]:
@@ -51,6 +55,37 @@ def sinusoid_argument_nodes(model: onnx.ModelProto) -> list[str]:
     return sorted(kept)
 
 
+def attention_nodes(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes of every attention, from the scaling of q and k to the product with v: the score
+    MatMul and what lies between it and its Softmax (mask bias), the Muls that scale its inputs, and the NaN
+    guard and MatMul after the Softmax. Kept fp32 for models that need fp32 attention (``upcast_attention``)."""
+    producers = {output: node for node in model.graph.node for output in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    kept: set[str] = set()
+    for softmax in (node for node in model.graph.node if node.op_type == "Softmax"):
+        kept.add(softmax.name)
+        node = producers.get(softmax.input[0])
+        while node is not None and node.op_type in ("Add", "Where", "Mul", "Div", "MatMul"):
+            kept.add(node.name)
+            if node.op_type == "MatMul":
+                kept.update(producers[name].name for name in node.input
+                            if name in producers and producers[name].op_type in ("Mul", "Div"))
+                break
+            node = producers.get(node.input[1] if node.op_type == "Where" else node.input[0])
+        pending = list(consumers.get(softmax.output[0], []))
+        while pending:
+            node = pending.pop()
+            if node.op_type not in ("IsNaN", "Where", "MatMul") or node.name in kept:
+                continue
+            kept.add(node.name)
+            if node.op_type != "MatMul":
+                pending.extend(consumers.get(node.output[0], []))
+    return sorted(kept)
+
+
 def _name_every_node(model: onnx.ModelProto) -> None:
     """The converter blocks nodes by name: give unnamed nodes unique ones."""
     taken = {node.name for node in model.graph.node}
@@ -63,24 +98,51 @@ def _name_every_node(model: onnx.ModelProto) -> None:
             taken.add(candidate)
 
 
-def convert_to_fp16(model: onnx.ModelProto, keep_io_types: bool) -> onnx.ModelProto:
+def convert_to_fp16(model: onnx.ModelProto, keep_io_types: bool, fp32_attention: bool = False) -> onnx.ModelProto:
     """An fp16 copy of fp32 ``model`` with the fp32 islands above. ``keep_io_types``: float inputs and
-    outputs stay fp32 (a Cast at each edge) instead of becoming fp16."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())  # the converter edits in place
+    outputs stay fp32 (a Cast at each edge) instead of becoming fp16. ``fp32_attention``: every attention
+    (``attention_nodes``) computes in fp32 too, as Stable Diffusion 2.1 needs (``upcast_attention``)."""
+    # The converter edits in place. CopyFrom, not a round trip through bytes: protobuf cannot serialise a graph
+    # over 2 GB (SD 1.5's fp32 UNet is 3.4 GB), and the copy need not be serialised at all.
+    copied = onnx.ModelProto()
+    copied.CopyFrom(model)
+    model = copied
     _name_every_node(model)
     # The exporter's fp32 value_info would contradict the converted types; the converter infers them anew.
     del model.graph.value_info[:]
+    # onnx's shape inference serialises the model, which a graph over the protobuf limit cannot be: such a graph's
+    # types are inferred here without its weights' bytes, and the converter reads them from value_info
+    too_large = sum(len(t.raw_data) for t in model.graph.initializer) > SERIALISABLE_WEIGHT_BYTES
+    if too_large:
+        _infer_types_without_weight_bytes(model)
     converted = convert_float_to_float16(
         model,
         keep_io_types=keep_io_types,
         op_block_list=list(DEFAULT_OP_BLOCK_LIST) + list(FP32_OPS),
-        node_block_list=sinusoid_argument_nodes(model),
-        # onnx's shape inference serialises the model, which a graph over the protobuf limit cannot be
-        disable_shape_infer=sum(len(t.raw_data) for t in model.graph.initializer) > 2**31 - 2**26,
+        node_block_list=sinusoid_argument_nodes(model) + (attention_nodes(model) if fp32_attention else []),
+        disable_shape_infer=too_large,
     )
     _drop_fp16_round_trips(converted.graph)
     _sort_nodes_topologically(converted.graph)
     return converted
+
+
+def _infer_types_without_weight_bytes(model: onnx.ModelProto, keep_bytes: int = 1024) -> None:
+    """Fill ``model.graph.value_info`` by onnx's shape inference, run while every initializer over ``keep_bytes``
+    holds no bytes (inference reads an initializer's type and shape; only small ones, such as Reshape targets,
+    are read as values), so that a model over 2 GB serialises for it; the bytes are put back after."""
+    moved = {}
+    for tensor in model.graph.initializer:
+        if len(tensor.raw_data) > keep_bytes:
+            moved[tensor.name] = tensor.raw_data
+            tensor.ClearField("raw_data")
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    finally:
+        for tensor in model.graph.initializer:
+            if tensor.name in moved:
+                tensor.raw_data = moved.pop(tensor.name)
+    model.graph.value_info.extend(inferred.graph.value_info)
 
 
 def _drop_fp16_round_trips(graph: onnx.GraphProto) -> None:

@@ -3,7 +3,7 @@ identifies it.
 
 The checkpoint digest is the sha256 of the text that ``sha256sum`` prints for the files that define the
 model, sorted by name: ``model.json`` and the weight files (``autoencoder.safetensors``,
-``unet.safetensors``, and ``text_encoder.safetensors`` when the text encoder was trained from scratch), one
+``unet.safetensors``, and ``text_encoder.safetensors`` when the text encoder was trained from scratch or is SD's CLIP), one
 line ``<sha256 of the file>  <file name>\\n`` each. Training state (``train_state.*``), previews and
 metrics are left out: they do not change the model. A pretrained text encoder's weights live in the
 package or folder that model.json names, so the manifest also records the text_encoder.onnx digest.

@@ -7,7 +7,8 @@ Layout of a checkpoint dir (``train.checkpoint`` writes it)::
     unet.safetensors           UNet weights (the EMA copy: what sampling uses)
     text_encoder.safetensors   only for a text encoder trained from scratch
     tokenizer/                 the tokenizer files, so the dir is self-contained
-    train_state.json           step, training settings, sha256 of every file above (written last)
+    train_state.json           stage, step, settings, sha256 of every file above (written last; ldm-import
+                               writes one too, with stage "import")
     train_state.safetensors    raw weights, EMA, optimiser moments: what ``--resume`` needs
 
 Every reader turns what a user's folder can get wrong (a missing or unreadable file, a model.json that does
@@ -20,11 +21,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ldm_runtime.config import ConfigError, ModelConfig
 from ldm_runtime.errors import CheckpointError
-from ldm_runtime.files import read_description, sha256_file
+from ldm_runtime.files import read_description, sha256_file, write_text_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -41,13 +42,13 @@ TEXT_ENCODER_WEIGHTS = "text_encoder.safetensors"
 TEXT_ENCODER_DIR = "text_encoder"  # a pretrained text encoder that was trained with from a folder, copied in
 
 __all__ = ["CheckpointError", "CheckpointNetworks", "load_checkpoint", "load_model_config", "load_state_dict_file",
-           "load_tensors", "load_text_encoder", "model_files", "weight_files"]
+           "load_tensors", "load_text_encoder", "model_files", "weight_files", "write_train_state"]
 
 
 def weight_files(config: ModelConfig) -> list[str]:
     """The names of the model's weight files, in the order its networks are loaded."""
     names = [AUTOENCODER_WEIGHTS, UNET_WEIGHTS]
-    if config.text_encoder.kind == "scratch":
+    if config.text_encoder.kind in ("scratch", "clip"):  # SD's CLIP weights ship in the checkpoint
         names.append(TEXT_ENCODER_WEIGHTS)
     return names
 
@@ -85,6 +86,15 @@ def verify_recorded_digests(folder: Path, names: list[str]) -> None:
             raise CheckpointError(f"{path} does not match the sha256 recorded in {TRAIN_STATE_JSON}; expected the "
                                   f"file as ldm-train wrote it (it is truncated, damaged or was changed after "
                                   f"training)")
+
+
+def write_train_state(folder: Path, names: list[str], stage: str, step: int, settings: dict[str, Any]) -> None:
+    """``train_state.json``: the ``stage`` and ``step`` that wrote the checkpoint, its ``settings``, and the sha256
+    of each of ``names`` (paths inside ``folder``), which every reader checks a file against before reading it.
+    Written last, atomically, once every file it records is complete (ldm-train and ldm-import both write it)."""
+    files = {name: sha256_file(folder / name) for name in names}
+    state = {"stage": stage, "step": step, "settings": settings, "files": files}
+    write_text_atomic(folder / TRAIN_STATE_JSON, json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 
 def folder_files(folder: Path, name: str) -> list[str]:
@@ -164,7 +174,7 @@ def load_text_encoder(folder: Path, config: ModelConfig) -> "TextEncoder":
     finally:
         if bar_was_enabled:
             transformers_logging.enable_progress_bar()
-    if config.text_encoder.kind == "scratch":
+    if config.text_encoder.kind in ("scratch", "clip"):
         load_state_dict_file(text_encoder, folder / TEXT_ENCODER_WEIGHTS)
     return text_encoder
 

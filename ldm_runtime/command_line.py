@@ -1,9 +1,9 @@
 """What the commands share at their edge: a parser whose errors are one line, the one line itself, number flags
 that refuse NaN and infinity, and the check that an output folder can be written before any work starts.
 
-Every command (``ldm-sample``, ``ldm-serve``, ``ldm-bench``, ``ldm-eval``, ``ldm-train``, ``ldm-export``) catches
-``UserError`` and only it, and reports it with ``report_user_error``: ``PROG: error: ...`` on stderr, exit
-status 2. Any other exception is a bug and keeps its traceback.
+Every command (``ldm-sample``, ``ldm-serve``, ``ldm-bench``, ``ldm-eval``, ``ldm-train``, ``ldm-export``,
+``ldm-import``) catches ``UserError`` and only it, and reports it with ``report_user_error``: ``PROG: error: ...``
+on stderr, exit status 2. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations

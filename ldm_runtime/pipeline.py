@@ -81,10 +81,13 @@ class SamplingState:
 
 
 class Pipeline:
-    """DDIM text-to-image sampling with classifier-free guidance over ``engine``."""
+    """DDIM text-to-image sampling with classifier-free guidance over ``engine``. ``ddim`` None takes the
+    model's own DDIM settings (``engine.info.sampler``: a Stable Diffusion import's scheduler_config.json)."""
 
-    def __init__(self, engine: Engine, ddim: DDIMConfig = DDIMConfig()):
+    def __init__(self, engine: Engine, ddim: DDIMConfig | None = None):
         self.engine = engine
+        if ddim is None:
+            ddim = DDIMConfig.from_dict(dict(getattr(engine.info, "sampler", {})))
         self.sampler = DDIMSampler(NoiseSchedule.from_dict(engine.info.schedule), ddim)
         # the most steps DDIM can plan: T, or fewer when the "leading" spacing's offset would pass timestep T - 1
         count = self.sampler.schedule.num_train_timesteps

@@ -9,6 +9,7 @@ import argparse
 import pytest
 
 from export import cli as export_cli
+from export import sd_import
 from ldm_runtime import sample
 from ldm_runtime.command_line import finite_float
 from ldm_runtime.serve import cli as serve_cli
@@ -20,6 +21,7 @@ from train import cli as train_cli
 COMMANDS = [
     ("ldm-train", train_cli.main, train_cli.build_parser, ["autoencoder", "--out", "OUT"]),
     ("ldm-export", export_cli.main, export_cli.build_parser, ["CHECKPOINT", "--out", "OUT"]),
+    ("ldm-import", sd_import.main, sd_import.build_parser, ["SOURCE", "--out", "OUT"]),
     ("ldm-sample", sample.main, sample.build_parser, ["--model", "MODEL", "--out", "OUT", "a prompt"]),
     ("ldm-eval", evaluate.main, evaluate.build_parser, ["--model", "MODEL", "--json", "OUT.json"]),
     ("ldm-serve", serve_cli.main, serve_cli.build_parser, ["--model", "MODEL"]),

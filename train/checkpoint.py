@@ -26,6 +26,7 @@ from ldm_runtime.checkpoint import (
     TRAIN_STATE_TENSORS,
     CheckpointError,
     folder_files,
+    write_train_state,
 )
 from ldm_runtime.config import ModelConfig
 from ldm_runtime.files import sha256_file, write_atomic, write_text_atomic
@@ -77,9 +78,7 @@ def save_checkpoint(
             os.replace(staging, folder / TEXT_ENCODER_DIR)
     names = [MODEL_JSON, TRAIN_STATE_TENSORS, *(f"{stem}.safetensors" for stem in weights),
              *folder_files(folder, TOKENIZER_DIR), *folder_files(folder, TEXT_ENCODER_DIR)]
-    files = {name: sha256_file(folder / name) for name in names}
-    state = {"stage": stage, "step": step, "settings": settings, "files": files}
-    write_text_atomic(folder / TRAIN_STATE_JSON, json.dumps(state, indent=2, sort_keys=True) + "\n")
+    write_train_state(folder, names, stage, step, settings)
 
 
 def load_train_state(folder: Path, stage: str) -> TrainState:

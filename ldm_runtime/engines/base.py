@@ -8,7 +8,7 @@ stay on the engine's device for the whole sampling loop. Host values cross over 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -34,6 +34,7 @@ class EngineInfo:
     max_batch_size: int  # UNet batch (guidance doubles the request batch)
     text_max_length: int
     schedule: dict  # the model.json "schedule" entry (NoiseSchedule.from_dict reads it)
+    sampler: dict = field(default_factory=dict)  # the model's DDIM settings (DDIMConfig.from_dict); {} = defaults
 
     @property
     def max_images(self) -> int:

@@ -23,10 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from ldm_runtime.engines.base import EngineInfo
+from ldm_runtime.engines.engine_dir_engine import EngineDirEngine
 from ldm_runtime.errors import EngineLoadError
-from ldm_runtime.engines.onnxruntime_engine import _load_tokenizer
-from ldm_runtime.manifest import TOKENIZER_DIR, EngineDirError, EngineManifest, load_manifest, verify_engine_files
+from ldm_runtime.manifest import EngineDirError
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # --precision -> OpenVINO's INFERENCE_PRECISION_HINT
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -58,7 +57,7 @@ def batch_buckets_for(max_batch: int, buckets: tuple[int, ...] = DEFAULT_BATCH_B
     return tuple(sorted({bucket for bucket in buckets if bucket < max_batch} | {max_batch}))
 
 
-class OpenVinoEngine:
+class OpenVinoEngine(EngineDirEngine):
     """An engine dir's four graphs compiled by OpenVINO for the CPU, behind the Engine protocol (numpy arrays).
 
     precision: "fp32" or "bf16" (bf16 only on a CPU with native bf16: ``OpenVinoUnavailable`` elsewhere).
@@ -83,10 +82,7 @@ class OpenVinoEngine:
                                              or intra_op_threads < 1):
             raise EngineLoadError(f"intra_op_threads is {intra_op_threads!r}; expected a positive integer or None")
         openvino = import_openvino()
-        self.engine_dir = Path(engine_dir)
-        self.manifest: EngineManifest = load_manifest(self.engine_dir)
-        if verify:
-            verify_engine_files(self.engine_dir, self.manifest)
+        self._open_engine_dir(engine_dir, "openvino", verify)
         self.core = openvino.Core()
         if cache_dir is not None:
             self.core.set_property({"CACHE_DIR": str(cache_dir)})
@@ -115,80 +111,6 @@ class OpenVinoEngine:
                 first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 raise EngineDirError(f"openvino cannot read {path} ({first_line})") from None
         self._compiled: dict[tuple, Any] = {}  # (graph, input shapes) -> an infer request of the compiled graph
-        self.tokenizer = _load_tokenizer(self.engine_dir / TOKENIZER_DIR, self.manifest.model.text_max_length)
-
-        model = self.manifest.model
-        image = self.manifest.image_size
-        self.info = EngineInfo(
-            name="openvino",
-            latent_channels=model.latent_channels,
-            latent_factor=model.latent_factor,
-            latent_scale_factor=float(model.latent_scale_factor),
-            image_size=model.image_size,
-            min_image_size=image.min,
-            max_image_size=image.max,
-            image_size_multiple=image.multiple,
-            max_batch_size=self.manifest.batch.max,
-            text_max_length=model.text_max_length,
-            schedule=dict(self.manifest.schedule),
-        )
-
-    # --- the Engine protocol -------------------------------------------------------------------------------
-
-    def encode_text(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """B prompts -> (context (B, L, D) float32, context_mask (B, L) bool: True = real token)."""
-        if isinstance(prompts, str):
-            raise TypeError(f"prompts is the string {prompts!r}; expected a list of strings")
-        self.manifest.check_batch(len(prompts), "text encoder batch")
-        input_ids, attention_mask = self.tokenize(list(prompts))
-        (context,) = self.run("text_encoder", {"input_ids": input_ids, "attention_mask": attention_mask})
-        return context, attention_mask.astype(bool)
-
-    def unet(self, latents: np.ndarray, timesteps: np.ndarray, context: np.ndarray,
-             context_mask: np.ndarray) -> np.ndarray:
-        """latents (B, C, h, w) scaled, timesteps (B,) int64 (one per sample), context (B, L, D),
-        context_mask (B, L) bool -> the UNet's prediction (B, C, h, w) float32."""
-        batch = latents.shape[0]
-        self.manifest.check_batch(batch, "UNet batch")
-        self.manifest.check_latent_size(latents.shape[2], latents.shape[3])
-        timesteps = np.asarray(timesteps, dtype=np.int64).reshape(-1)
-        if timesteps.shape[0] == 1 and batch > 1:
-            timesteps = np.repeat(timesteps, batch)
-        (noise_pred,) = self.run("unet", {"latents": latents, "timesteps": timesteps, "context": context,
-                                          "context_mask": np.asarray(context_mask, dtype=bool)})
-        return noise_pred
-
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Unscaled latents (B, C, h, w) -> images (B, 3, h*f, w*f) float32, roughly in [-1, 1]."""
-        self.manifest.check_batch(latents.shape[0], "decoder batch")
-        self.manifest.check_latent_size(latents.shape[2], latents.shape[3])
-        (images,) = self.run("vae_decoder", {"latents": latents})
-        return images
-
-    def encode_images(self, images: np.ndarray) -> np.ndarray:
-        """Images (B, 3, H, W) in [-1, 1] -> unscaled latents (B, C, H/f, W/f) float32, the posterior mode."""
-        self.manifest.check_batch(images.shape[0], "encoder batch")
-        self.manifest.check_image_size(images.shape[2], images.shape[3])
-        (latents,) = self.run("vae_encoder", {"images": images})
-        return latents
-
-    def to_array(self, values: np.ndarray, like: np.ndarray | None = None) -> np.ndarray:
-        """Host values as an engine array: a numpy array (``like``'s dtype when given)."""
-        return np.asarray(values, dtype=None if like is None else like.dtype)
-
-    def to_host(self, array: np.ndarray) -> np.ndarray:
-        return np.asarray(array)
-
-    # --- below the protocol --------------------------------------------------------------------------------
-
-    def tokenize(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """B prompts -> (input_ids (B, L) int64, attention_mask (B, L) int64, 1 = token), padded or truncated
-        to L = text_max_length exactly as the training tokenizer does."""
-        encodings = self.tokenizer.encode_batch(prompts)
-        input_ids = np.array([encoding.ids for encoding in encodings], dtype=np.int64)
-        attention_mask = np.array([encoding.attention_mask for encoding in encodings], dtype=np.int64)
-        assert input_ids.shape == (len(prompts), self.manifest.model.text_max_length), input_ids.shape
-        return input_ids, attention_mask
 
     def bucket_for(self, rows: int) -> int:
         """The smallest batch bucket that holds ``rows`` (1 <= rows <= the engine dir's largest batch)."""
@@ -203,29 +125,18 @@ class OpenVinoEngine:
         """Run graph ``graph`` on named host arrays of B rows: each is cast to the dtype the manifest lists for
         that input and padded to B's bucket with copies of its last row; float outputs come back as float32,
         B rows, in the manifest's output order."""
-        entry = self.manifest.graphs[graph]
-        expected = {spec.name for spec in entry.inputs}
-        if set(feeds) != expected:
-            raise ValueError(f"{graph} takes inputs {sorted(expected)}; got {sorted(feeds)}")
-        rows = {np.shape(value)[0] for value in feeds.values()}
+        cast = self.cast_inputs(graph, feeds)
+        rows = {value.shape[0] for value in cast.values()}
         if len(rows) != 1:
             raise ValueError(f"{graph} inputs have different batch sizes {sorted(rows)}; expected one")
         (batch,) = rows
         bucket = self.bucket_for(batch)
-        padded = {}
-        for spec in entry.inputs:
-            value = np.asarray(feeds[spec.name])
-            fixed = [(axis, size) for axis, size in enumerate(spec.shape) if isinstance(size, int)]
-            if value.ndim != len(spec.shape) or any(value.shape[axis] != size for axis, size in fixed):
-                raise ValueError(f"{graph} input {spec.name} has shape {value.shape}; expected {tuple(spec.shape)}")
-            value = np.ascontiguousarray(value, dtype=np.dtype(spec.dtype))
-            if bucket > batch:
-                value = np.concatenate([value, np.repeat(value[-1:], bucket - batch, axis=0)])
-            padded[spec.name] = value
+        padded = {name: np.concatenate([value, np.repeat(value[-1:], bucket - batch, axis=0)]) if bucket > batch
+                  else value for name, value in cast.items()}
         request = self._request(graph, {name: value.shape for name, value in padded.items()})
         request.infer(padded)
         outputs = []
-        for spec in entry.outputs:
+        for spec in self.manifest.graphs[graph].outputs:
             output = request.get_tensor(spec.name).data[:batch]
             outputs.append(output.astype(np.float32) if output.dtype.kind == "f" else output.copy())
         return outputs

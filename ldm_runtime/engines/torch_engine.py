@@ -80,6 +80,7 @@ class TorchEngine:
             max_batch_size=max_batch_size,
             text_max_length=config.text_encoder.max_length,
             schedule=config.schedule.to_dict(),
+            sampler=config.sampler.to_dict(),
         )
 
     @torch.inference_mode()

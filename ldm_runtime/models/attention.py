@@ -21,9 +21,10 @@ class Attention(nn.Module):
     kernel_backend: str | None = None
 
     def __init__(self, query_dim: int, heads: int, head_dim: int, context_dim: int | None = None,
-                 qkv_bias: bool = False):
+                 qkv_bias: bool = False, upcast: bool = False):
         super().__init__()
         self.heads = heads
+        self.upcast = upcast
         inner_dim = heads * head_dim
         key_dim = query_dim if context_dim is None else context_dim
         self.to_q = nn.Linear(query_dim, inner_dim, bias=qkv_bias)
@@ -39,7 +40,13 @@ class Attention(nn.Module):
         query = self._split_heads(self.to_q(hidden_states))
         key = self._split_heads(self.to_k(context))
         value = self._split_heads(self.to_v(context))
-        attended = dispatch.attention(query, key, value, context_mask, backend=self.kernel_backend)
+        if self.upcast and query.dtype != torch.float32:
+            # fp16 scores overflow on SD 2.1's weights (black images): compute them in fp32, as diffusers does
+            dtype = query.dtype
+            attended = dispatch.attention(query.float(), key.float(), value.float(), context_mask,
+                                          backend=self.kernel_backend).to(dtype)
+        else:
+            attended = dispatch.attention(query, key, value, context_mask, backend=self.kernel_backend)
         return self.to_out[0](attended.transpose(1, 2).flatten(2))
 
     def _split_heads(self, projected: torch.Tensor) -> torch.Tensor:
@@ -89,13 +96,13 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     """diffusers' BasicTransformerBlock: pre-LayerNorm self-attention, cross-attention, GEGLU feed-forward."""
 
-    def __init__(self, dim: int, heads: int, context_dim: int):
+    def __init__(self, dim: int, heads: int, context_dim: int, upcast_attention: bool = False):
         super().__init__()
         head_dim = dim // heads
         self.norm1 = nn.LayerNorm(dim)
-        self.attn1 = Attention(dim, heads, head_dim)
+        self.attn1 = Attention(dim, heads, head_dim, upcast=upcast_attention)
         self.norm2 = nn.LayerNorm(dim)
-        self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim)
+        self.attn2 = Attention(dim, heads, head_dim, context_dim=context_dim, upcast=upcast_attention)
         self.norm3 = nn.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
@@ -114,14 +121,14 @@ class SpatialTransformer(nn.Module):
     """
 
     def __init__(self, channels: int, heads: int, depth: int, context_dim: int, num_groups: int,
-                 use_linear_projection: bool):
+                 use_linear_projection: bool, upcast_attention: bool = False):
         super().__init__()
         self.use_linear_projection = use_linear_projection
         self.norm = GroupNorm(num_groups, channels, eps=1e-6)
         projection = nn.Linear if use_linear_projection else _pointwise_conv
         self.proj_in = projection(channels, channels)
         self.transformer_blocks = nn.ModuleList(
-            [TransformerBlock(channels, heads, context_dim) for _ in range(depth)]
+            [TransformerBlock(channels, heads, context_dim, upcast_attention) for _ in range(depth)]
         )
         self.proj_out = projection(channels, channels)
 

@@ -115,15 +115,21 @@ class TextEncoder(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        model_folder = None  # a scratch encoder with a tokenizer of its own reads nothing at cfg.path
-        if cfg.kind == "pretrained" or tokenizer_path is None:
-            model_folder = resolve_text_encoder_path(cfg.path, model_dir)
+        if cfg.kind == "clip":
+            if tokenizer_path is None:
+                raise ConfigError("a clip text encoder has no tokenizer of its own; expected the checkpoint's "
+                                  "tokenizer/ folder")
+            model_folder = None
+        else:
+            model_folder = None  # a scratch encoder with a tokenizer of its own reads nothing at cfg.path
+            if cfg.kind == "pretrained" or tokenizer_path is None:
+                model_folder = resolve_text_encoder_path(cfg.path, model_dir)
         tokenizer_folder = model_folder if tokenizer_path is None else Path(tokenizer_path)
         if not tokenizer_folder.is_dir():
             raise ConfigError(f"tokenizer folder {str(tokenizer_folder)!r} does not exist; expected a folder")
         # transformers costs seconds to import: only runs that build a text encoder pay for it.
         keep_transformers_off_our_kernels()
-        from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel
+        from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, CLIPTextConfig, CLIPTextModel
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder), local_files_only=True)
         if cfg.kind == "pretrained":
@@ -133,6 +139,20 @@ class TextEncoder(nn.Module):
             # safetensors only: a pickled pytorch_model.bin in a model folder is never unpickled
             self.model = AutoModel.from_pretrained(str(model_folder), local_files_only=True, dtype=torch.float32,
                                                    use_safetensors=True)
+            self.model.requires_grad_(False)
+            self.model.eval()
+        elif cfg.kind == "clip":
+            config = CLIPTextConfig(
+                vocab_size=cfg.vocab_size,
+                hidden_size=cfg.hidden_size,
+                intermediate_size=cfg.intermediate_size,
+                num_hidden_layers=cfg.num_layers,
+                num_attention_heads=cfg.num_heads,
+                max_position_embeddings=cfg.max_length,
+                hidden_act=cfg.hidden_act,
+                layer_norm_eps=cfg.layer_norm_eps,
+            )
+            self.model = CLIPTextModel(config)
             self.model.requires_grad_(False)
             self.model.eval()
         else:
@@ -150,7 +170,7 @@ class TextEncoder(nn.Module):
 
     @property
     def trainable(self) -> bool:
-        """True for kind "scratch" (trained with the UNet), False for a frozen pretrained model."""
+        """True for kind "scratch" (trained with the UNet), False for a frozen pretrained or CLIP model."""
         return self.cfg.kind == "scratch"
 
     @property
@@ -174,7 +194,17 @@ class TextEncoder(nn.Module):
         return encoded["input_ids"].long(), encoded["attention_mask"].long()
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """input_ids, attention_mask: (B, L) int64 -> last_hidden_state (B, L, hidden_size) float32."""
+        """input_ids, attention_mask: (B, L) int64 -> last_hidden_state (B, L, hidden_size) float32.
+
+        CLIP reads no attention mask (its causal mask keeps every token off the padding after it, as in SD),
+        and ``clip_skip`` takes an earlier layer's output through the final layer norm (diffusers' clip_skip)."""
+        if self.cfg.kind == "clip":
+            skip = self.cfg.clip_skip
+            output = self.model(input_ids=input_ids, output_hidden_states=skip > 0)
+            if not skip:
+                return output.last_hidden_state.float()
+            final_layer_norm = getattr(self.model, "text_model", self.model).final_layer_norm  # transformers < 5 nests it
+            return final_layer_norm(output.hidden_states[-(skip + 1)]).float()
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +213,10 @@ class TextEncoder(nn.Module):
         input_ids, attention_mask = self.tokenize(prompts)
         device = self.model.get_input_embeddings().weight.device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        return self(input_ids, attention_mask), attention_mask.bool()
+        context_mask = attention_mask.bool()
+        if not self.cfg.mask_padding:
+            context_mask = torch.ones_like(context_mask)
+        return self(input_ids, attention_mask), context_mask
 
     def save_tokenizer(self, folder: str | Path) -> Path:
         """Write the tokenizer files into ``folder`` (created if missing) and return it."""

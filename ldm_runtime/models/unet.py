@@ -54,7 +54,7 @@ class DownBlock(nn.Module):
     """ResnetBlocks, each followed by a SpatialTransformer when ``with_attention``, then a stride-2 conv."""
 
     def __init__(self, in_channels: int, out_channels: int, temb_channels: int, num_layers: int,
-                 cfg: UNetConfig, with_attention: bool, add_downsample: bool):
+                 cfg: UNetConfig, with_attention: bool, add_downsample: bool, heads: int):
         super().__init__()
         self.resnets = nn.ModuleList([
             ResnetBlock(in_channels if i == 0 else out_channels, out_channels, temb_channels, cfg.num_groups,
@@ -62,7 +62,7 @@ class DownBlock(nn.Module):
             for i in range(num_layers)
         ])
         self.attentions = nn.ModuleList(
-            [_spatial_transformer(out_channels, cfg) for _ in range(num_layers)] if with_attention else []
+            [_spatial_transformer(out_channels, cfg, heads) for _ in range(num_layers)] if with_attention else []
         )
         self.downsamplers = nn.ModuleList([Downsample(out_channels, padding=1)] if add_downsample else [])
 
@@ -86,7 +86,7 @@ class MidBlock(nn.Module):
 
     def __init__(self, channels: int, temb_channels: int, cfg: UNetConfig):
         super().__init__()
-        self.attentions = nn.ModuleList([_spatial_transformer(channels, cfg)])
+        self.attentions = nn.ModuleList([_spatial_transformer(channels, cfg, cfg.heads(-1))])
         self.resnets = nn.ModuleList(
             [ResnetBlock(channels, channels, temb_channels, cfg.num_groups, RESNET_EPS) for _ in range(2)]
         )
@@ -103,7 +103,7 @@ class UpBlock(nn.Module):
     then a nearest-x2 upsample and conv."""
 
     def __init__(self, in_channels: int, prev_output_channels: int, out_channels: int, temb_channels: int,
-                 num_layers: int, cfg: UNetConfig, with_attention: bool, add_upsample: bool):
+                 num_layers: int, cfg: UNetConfig, with_attention: bool, add_upsample: bool, heads: int):
         super().__init__()
         resnets = []
         for i in range(num_layers):
@@ -113,7 +113,7 @@ class UpBlock(nn.Module):
                                        cfg.num_groups, RESNET_EPS))
         self.resnets = nn.ModuleList(resnets)
         self.attentions = nn.ModuleList(
-            [_spatial_transformer(out_channels, cfg) for _ in range(num_layers)] if with_attention else []
+            [_spatial_transformer(out_channels, cfg, heads) for _ in range(num_layers)] if with_attention else []
         )
         self.upsamplers = nn.ModuleList([Upsample(out_channels)] if add_upsample else [])
 
@@ -130,9 +130,9 @@ class UpBlock(nn.Module):
         return hidden_states
 
 
-def _spatial_transformer(channels: int, cfg: UNetConfig) -> SpatialTransformer:
-    return SpatialTransformer(channels, cfg.num_heads, cfg.transformer_depth, cfg.context_dim, cfg.num_groups,
-                              cfg.use_linear_projection)
+def _spatial_transformer(channels: int, cfg: UNetConfig, heads: int) -> SpatialTransformer:
+    return SpatialTransformer(channels, heads, cfg.transformer_depth, cfg.context_dim, cfg.num_groups,
+                              cfg.use_linear_projection, cfg.upcast_attention)
 
 
 class UNet(nn.Module):
@@ -155,7 +155,7 @@ class UNet(nn.Module):
             input_channels, output_channels = output_channels, block_channels[level]
             down_blocks.append(DownBlock(input_channels, output_channels, time_embed_dim, cfg.num_res_blocks, cfg,
                                          with_attention=cfg.attention_levels[level],
-                                         add_downsample=level < levels - 1))
+                                         add_downsample=level < levels - 1, heads=cfg.heads(level)))
         self.down_blocks = nn.ModuleList(down_blocks)
 
         self.mid_block = MidBlock(block_channels[-1], time_embed_dim, cfg)
@@ -169,7 +169,7 @@ class UNet(nn.Module):
             up_blocks.append(UpBlock(input_channels, prev_output_channels, output_channels, time_embed_dim,
                                      cfg.num_res_blocks + 1, cfg,
                                      with_attention=cfg.attention_levels[levels - 1 - level],
-                                     add_upsample=level < levels - 1))
+                                     add_upsample=level < levels - 1, heads=cfg.heads(levels - 1 - level)))
         self.up_blocks = nn.ModuleList(up_blocks)
 
         self.conv_norm_out = GroupNorm(cfg.num_groups, block_channels[0], RESNET_EPS, activation="silu")

@@ -17,17 +17,15 @@ lands on timestep 0 instead of the final alpha.
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
 
 from ldm_runtime.arrays import ArrayConverter, host_to_array_like
+from ldm_runtime.config import TIMESTEP_SPACINGS, DDIMConfig
 from ldm_runtime.schedulers.schedule import NoiseSchedule
 
-TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 FINAL_TIMESTEP = -1  # a previous timestep of -1 means "the end of the chain": use final_alpha_cumprod
 
 
@@ -45,59 +43,6 @@ def check_eta(eta: float | np.ndarray) -> None:
 
 def _is_integer(value: Any) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool) \
-        and math.isfinite(value)
-
-
-@dataclass(frozen=True)
-class DDIMConfig:
-    """How DDIM walks the schedule. The defaults are the CompVis LDM sampler's (``ldm/models/diffusion/ddim.py``):
-    uniform "leading" timesteps shifted by ``steps_offset=1`` (diffusers' variant: exactly N of them even where N
-    does not divide T), and a last step that lands on
-    ``alphas_cumprod[0]`` rather than on 1 (``set_alpha_to_one=False``), with no clipping of predicted x_0.
-
-    ``steps_offset`` applies to the ``leading`` spacing only (as in diffusers). ``eta`` is the default
-    stochasticity (0 = deterministic DDIM, 1 = DDPM-like); requests may override it per sample.
-    ``use_clipped_model_output`` re-derives epsilon from the clipped x_0, as diffusers' option of that name.
-    What the UNet predicts (epsilon or v) is the schedule's ``prediction_type``, not a setting here.
-    """
-
-    timestep_spacing: str = "leading"
-    steps_offset: int = 1
-    set_alpha_to_one: bool = False
-    eta: float = 0.0
-    clip_sample: bool = False
-    clip_sample_range: float = 1.0
-    use_clipped_model_output: bool = False
-
-    def __post_init__(self) -> None:
-        if self.timestep_spacing not in TIMESTEP_SPACINGS:
-            raise ValueError(f"ddim timestep_spacing {self.timestep_spacing!r} is not one of {TIMESTEP_SPACINGS}")
-        if not _is_integer(self.steps_offset) or self.steps_offset < 0:
-            raise ValueError(f"ddim steps_offset is {self.steps_offset!r}; expected a non-negative integer")
-        for name in ("set_alpha_to_one", "clip_sample", "use_clipped_model_output"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"ddim {name} is {getattr(self, name)!r}; expected true or false")
-        check_eta(self.eta)
-        if not _is_number(self.clip_sample_range) or not self.clip_sample_range > 0:
-            raise ValueError(f"ddim clip_sample_range is {self.clip_sample_range!r}; expected a positive number")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DDIMConfig":
-        """The settings described by a manifest's scheduler object; unknown keys raise ``ValueError``."""
-        if not isinstance(data, dict):
-            raise ValueError(f"ddim settings are {type(data).__name__}; expected an object")
-        known = sorted(f.name for f in dataclasses.fields(cls))
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ValueError(f"ddim settings have unknown keys {unknown}; expected some of {known}")
-        return cls(**data)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def ddim_timesteps(schedule: NoiseSchedule, num_inference_steps: int, config: DDIMConfig = DDIMConfig()) -> np.ndarray:

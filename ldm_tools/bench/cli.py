@@ -25,6 +25,7 @@ from ldm_runtime.engines.base import DEFAULT_MAX_BATCH_SIZE
 from ldm_runtime.errors import UserError
 from ldm_runtime.guidance import UNET_ROWS_PER_IMAGE, guided_images, guided_unet_rows
 from ldm_runtime.pipeline import DEFAULT_GUIDANCE_SCALE
+from ldm_tools.bench.diffusers_peers import PIPELINE_PEER, pipeline_refusal
 from ldm_tools.bench.report import (
     WIDE_SPREAD,
     format_profiles,
@@ -53,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "memory. Prints a table; --json and --plot write the JSON and a PNG.",
         epilog="Engines: torch (eager PyTorch, the baseline, always run), torch.compile (the same model under "
                "torch.compile), diffusers (diffusers' UNet2DConditionModel with our UNet's configuration and "
-               "weights), onnxruntime (an engine dir; exported in a temporary folder when --model is a checkpoint), "
+               "weights), diffusers-pipeline (diffusers' whole StableDiffusionPipeline end to end, with the model's "
+               "DDIM settings, steps and guidance; run by default on a Stable Diffusion checkpoint from ldm-import), "
+               "onnxruntime (an engine dir; exported in a temporary folder when --model is a checkpoint), "
                "triton (the Triton kernels in fp16 with CUDA graphs; a CUDA GPU only).")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", metavar="DIR", help="a checkpoint dir (ldm-train) or an engine dir (ldm-export)")
@@ -140,6 +143,7 @@ def check_arguments(args: argparse.Namespace) -> dict[str, Any]:
     plan: dict[str, Any] = {"engines": engines, "batch_sizes": batch_sizes, "preset": args.preset}
     if args.preset:
         config = preset(args.preset)
+        _check_pipeline_peer(config, engines)
         latent_size = args.latent_size or CPU_LATENT_SIZE.get(args.preset, config.latent_size)
         multiple = config.unet.latent_size_multiple
         if latent_size < multiple or latent_size % multiple:
@@ -152,12 +156,23 @@ def check_arguments(args: argparse.Namespace) -> dict[str, Any]:
     if args.latent_size is not None:
         raise BenchError("--latent-size applies to --preset only; a model folder runs at its own image size")
     plan.update(_check_model_folder(Path(args.model), args.checkpoint, engines))
+    _check_pipeline_peer(load_model_config(plan["checkpoint"]), engines)
     _check_batch_range(batch_sizes, 1, TORCH_MAX_BATCH, "the torch engines")
     if plan.get("engine_dir_batch"):
         low, high = plan["engine_dir_batch"]
         _check_batch_range(batch_sizes, max(1, math.ceil(low / UNET_ROWS_PER_IMAGE)), guided_images(high),
                            f"the onnxruntime engine dir {args.model} (UNet batch {low}..{high} with guidance)")
     return plan
+
+
+def _check_pipeline_peer(config, engines: list[str]) -> None:
+    """Adds diffusers' whole pipeline to ``engines`` for a Stable Diffusion model; ``BenchError`` when it was
+    asked for a model it cannot run."""
+    refusal = pipeline_refusal(config)
+    if refusal and PIPELINE_PEER in engines:
+        raise BenchError(refusal)
+    if refusal is None and PIPELINE_PEER not in engines:
+        engines.append(PIPELINE_PEER)
 
 
 def _writable_parent(path: Path) -> bool:
@@ -398,7 +413,7 @@ def _drop(workers: dict, entries: dict, name: str, batch_size: int, error: Excep
 def _missing_library(name: str) -> str | None:
     import importlib.util
 
-    library = {"diffusers": "diffusers", "onnxruntime": "onnxruntime"}.get(name)
+    library = {"diffusers": "diffusers", PIPELINE_PEER: "diffusers", "onnxruntime": "onnxruntime"}.get(name)
     if library and importlib.util.find_spec(library) is None:
         return f"{library} is not installed"
     return None

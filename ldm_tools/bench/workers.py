@@ -19,11 +19,14 @@ import resource
 import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-PEERS = ("torch", "torch.compile", "diffusers", "onnxruntime", "triton")
+from ldm_tools.bench.diffusers_peers import PIPELINE_PEER
+
+PEERS = ("torch", "torch.compile", "diffusers", "diffusers-pipeline", "onnxruntime", "triton")
 DEFAULT_PEERS = ("torch", "torch.compile", "diffusers", "onnxruntime")  # triton needs a CUDA GPU
 PROFILE_TOP = 8
 BASELINE = "torch"
@@ -89,7 +92,7 @@ class Worker:
 
 def _worker_main(connection, spec: WorkerSpec) -> None:
     try:
-        bench = _EngineBench(spec)
+        bench = _PipelineBench(spec) if spec.engine == PIPELINE_PEER else _EngineBench(spec)
         connection.send(("ok", bench.first_image()))
     except BaseException as error:
         connection.send(("error", _one_line(error)))
@@ -229,6 +232,110 @@ class _EngineBench:
             torch.cuda.synchronize(self.engine.device)
 
 
+class _PipelineBench(_EngineBench):
+    """Inside a worker: diffusers' whole StableDiffusionPipeline over the checkpoint's networks. A step is what
+    one iteration of its denoising loop does (the guided UNet call on 2B rows, the guidance, the scheduler's
+    step); a request is one call of the pipeline, from the prompt to the decoded image."""
+
+    def __init__(self, spec: WorkerSpec):
+        super().__init__(spec)
+        from ldm_tools.bench.diffusers_peers import pipeline_call_options, stable_diffusion_pipeline
+
+        load_started = time.perf_counter()
+        engine = self.engine
+        self.sd = stable_diffusion_pipeline(Path(spec.folder), engine.config, engine.unet_model, engine.autoencoder,
+                                            engine.text_encoder)
+        self.sd.to(engine.device)
+        self.options = pipeline_call_options(engine.config, spec.steps, spec.guidance_scale, spec.image_size)
+        self.load_s += time.perf_counter() - load_started
+        self._step_inputs: dict[int, tuple] = {}
+
+    def _generators(self, batch_size: int) -> list:
+        import torch
+
+        return [torch.Generator(self.engine.device).manual_seed(index) for index in range(batch_size)]
+
+    def first_image(self) -> dict[str, Any]:
+        image = self._call(1)[0]
+        ready_at = time.time()
+        return {"load_s": self.load_s, "ready_at": ready_at, "image_std": float(image.std()),
+                "unet_output": self.check_output(), **self.describe()}
+
+    def _call(self, batch_size: int) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            return self.sd([PROMPT] * batch_size, negative_prompt=[""] * batch_size,
+                           generator=self._generators(batch_size), **self.options).images
+
+    def _prompt_embeds(self, batch_size: int):
+        """(B, L, D) conditional and unconditional prompt embeddings, as the pipeline computes them."""
+        conditional, unconditional = self.sd.encode_prompt(
+            PROMPT, self.engine.device, batch_size, True, negative_prompt="", clip_skip=self.options["clip_skip"])
+        return conditional, unconditional
+
+    def check_output(self) -> np.ndarray:
+        import torch
+
+        rng = np.random.default_rng(0)
+        size = self.spec.image_size // self.engine.info.latent_factor
+        latents = rng.standard_normal((1, self.engine.info.latent_channels, size, size)).astype(np.float32)
+        with torch.inference_mode():
+            conditional, _ = self._prompt_embeds(1)
+            output = self.sd.unet(torch.from_numpy(latents).to(self.engine.device), CHECK_TIMESTEP,
+                                  encoder_hidden_states=conditional).sample
+        return output.float().cpu().numpy()
+
+    def describe(self) -> dict[str, Any]:
+        import diffusers
+        import torch
+
+        return {**super().describe(), "version": f"torch {torch.__version__}, diffusers {diffusers.__version__}"}
+
+    def step(self, batch_size: int, calls: int) -> float:
+        import torch
+
+        if batch_size not in self._step_inputs:
+            with torch.inference_mode():
+                conditional, unconditional = self._prompt_embeds(batch_size)
+                self.sd.scheduler.set_timesteps(self.spec.steps, device=self.engine.device)
+                size = self.spec.image_size // self.engine.info.latent_factor
+                latents = torch.randn((batch_size, self.engine.info.latent_channels, size, size),
+                                      generator=self._generators(1)[0], device=self.engine.device)
+            self._step_inputs[batch_size] = (torch.cat([unconditional, conditional]), latents)
+        embeddings, latents = self._step_inputs[batch_size]
+        timestep = self.sd.scheduler.timesteps[0]
+        self._synchronize()
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for _ in range(calls):
+                model_input = self.sd.scheduler.scale_model_input(torch.cat([latents] * 2), timestep)
+                unconditional, conditional = self.sd.unet(model_input, timestep,
+                                                          encoder_hidden_states=embeddings).sample.chunk(2)
+                guided = unconditional + self.spec.guidance_scale * (conditional - unconditional)
+                advanced = self.sd.scheduler.step(guided, timestep, latents).prev_sample
+            advanced.cpu()
+        self._synchronize()
+        return (time.perf_counter() - started) / calls
+
+    def e2e(self, batch_size: int) -> float:
+        self._synchronize()
+        started = time.perf_counter()
+        self._call(batch_size)
+        return time.perf_counter() - started
+
+    def profile(self, batch_size: int) -> list[dict[str, Any]]:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as torch_profile
+
+        self.step(batch_size, 1)
+        with torch_profile(activities=[ProfilerActivity.CPU]) as profiler:
+            self.step(batch_size, 1)
+        times = {event.key: event.self_cpu_time_total / 1000 for event in profiler.key_averages()
+                 if event.self_cpu_time_total > 0}
+        return _top_shares(times)
+
+
 def _top_shares(milliseconds: dict[str, float]) -> list[dict[str, Any]]:
     total = sum(milliseconds.values())
     ranked = sorted(milliseconds.items(), key=lambda item: -item[1])[:PROFILE_TOP]
@@ -291,8 +398,8 @@ def build_engine(spec: WorkerSpec):
         engine.unet_model = torch.compile(engine.unet_model)
     elif spec.engine == "diffusers":
         engine.unet_model = diffusers_unet(engine.unet_model)
-    else:
-        assert spec.engine == BASELINE, spec.engine
+    else:  # diffusers-pipeline: its worker builds diffusers' pipeline over the engine's networks
+        assert spec.engine in (BASELINE, PIPELINE_PEER), spec.engine
     return engine
 
 
@@ -300,23 +407,10 @@ def diffusers_unet(unet):
     """diffusers' UNet2DConditionModel with ``unet``'s configuration and its very weight tensors (the parameter
     names are the same), behind our UNet's call signature."""
     import torch
-    from diffusers import UNet2DConditionModel
 
-    config = unet.cfg
-    with torch.device("meta"):
-        theirs = UNet2DConditionModel(
-            sample_size=8, in_channels=config.in_channels, out_channels=config.out_channels,
-            block_out_channels=tuple(config.model_channels * mult for mult in config.channel_mult),
-            layers_per_block=config.num_res_blocks,
-            down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in config.attention_levels),
-            up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D"
-                                 for a in reversed(config.attention_levels)),
-            cross_attention_dim=config.context_dim, attention_head_dim=config.num_heads,
-            norm_num_groups=config.num_groups, transformer_layers_per_block=config.transformer_depth,
-            use_linear_projection=config.use_linear_projection,
-        )
-    theirs.load_state_dict(unet.state_dict(), strict=True, assign=True)  # shares the tensors: no second copy
-    theirs.eval().requires_grad_(False)
+    from ldm_tools.bench.diffusers_peers import diffusers_unet_model
+
+    theirs = diffusers_unet_model(unet)
 
     class DiffusersUNet(torch.nn.Module):
         def __init__(self):

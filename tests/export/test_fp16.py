@@ -91,3 +91,28 @@ def test_decoder_stays_fp32_once_activations_near_the_fp16_range():
     assert not decoder_needs_fp32(DECODER_FP16_PEAK_LIMIT / 2)
     assert decoder_needs_fp32(DECODER_FP16_PEAK_LIMIT * 2)
     assert decoder_needs_fp32(math.inf) and decoder_needs_fp32(math.nan)
+
+
+def test_a_graph_too_large_to_serialise_converts_to_a_type_consistent_fp16_graph(monkeypatch, rng):
+    """Over 2 GB (SD 1.5's fp32 UNet) the types are inferred without the weights' bytes: the fp16 graph must load
+    and compute what the graph converted the ordinary way computes, where an fp32 island (the timestep
+    sinusoids) feeds fp16 weights."""
+    import export.fp16
+
+    model = timestep_embedding_graph()
+    weight = rng.standard_normal((64, 32)).astype(np.float32)  # 8 KiB: past the bytes inference is given
+    model.graph.node.append(helper.make_node("MatMul", ["embedding", "weight"], ["projected"], name="project"))
+    model.graph.initializer.append(numpy_helper.from_array(weight, "weight"))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("projected", TensorProto.FLOAT, ["B", 32]))
+    ordinary = convert_to_fp16(model, keep_io_types=True)
+    monkeypatch.setattr(export.fp16, "SERIALISABLE_WEIGHT_BYTES", 0)
+    large = convert_to_fp16(model, keep_io_types=True)
+    assert len(model.graph.initializer[-1].raw_data) == weight.nbytes  # the bytes are put back
+    feeds = {"timesteps": rng.integers(0, 1000, 5), "other": rng.standard_normal((5, 3)).astype(np.float32)}
+    outputs = [ort.InferenceSession(converted.SerializeToString(), providers=["CPUExecutionProvider"])
+               .run(["projected"], feeds)[0] for converted in (ordinary, large)]
+    np.testing.assert_array_equal(outputs[1], outputs[0])
+    half = 32
+    angles = feeds["timesteps"][:, None] * np.exp(-math.log(10000.0) * np.arange(half) / half)[None, :]
+    expected = np.concatenate([np.cos(angles), np.sin(angles)], axis=1) @ weight
+    assert np.abs(outputs[1] - expected).max() <= 2e-2 * np.abs(expected).max()

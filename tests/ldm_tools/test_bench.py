@@ -179,3 +179,66 @@ def test_summary_and_ratios_follow_their_definitions_on_known_samples():
     assert fast["latency_speedup_vs_torch"] == pytest.approx(2.5)
     assert fast["images_per_s"] == pytest.approx(0.25) and fast["unet_steps_per_s"] == pytest.approx(2.0)
     assert next(row for row in rows if row["engine"] == "torch")["wide_spread"]  # 2.2 and 1.8 around 2.0
+
+
+# --- a Stable Diffusion checkpoint (ldm-import): diffusers' whole pipeline is timed beside ours --------------------
+
+@pytest.fixture(scope="module")
+def imported_sd(tmp_path_factory):
+    """(the diffusers folder, the checkpoint dir ldm-import made of it): the SD 2.x-like tiny model (per-level
+    heads, fp32 attention, v-prediction), where a pipeline rebuilt with the wrong settings would show."""
+    from export.sd_import import import_source
+    from tests.conftest import base_seed
+    from tests.export.tiny_sd import SD2_LIKE, write_diffusers_folder
+
+    root = tmp_path_factory.mktemp("sd")
+    source = write_diffusers_folder(SD2_LIKE, root / "diffusers", base_seed())
+    return source, import_source(source, root / "checkpoint")
+
+
+def test_bench_of_an_imported_sd_checkpoint_times_diffusers_whole_pipeline(imported_sd, tmp_path, capsys):
+    _, checkpoint = imported_sd
+    out = tmp_path / "bench.json"
+    code, stdout, err = run_bench(capsys, "--model", checkpoint, "--engines", "torch", "--batch-sizes", 1,
+                                  "--steps", 2, "--repeats", 1, "--threads", 1, "--json", out)
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    engines = {entry["name"]: entry for entry in report["engines"]}
+    assert set(engines) == {"torch", "diffusers-pipeline"}  # added for a Stable Diffusion model unasked
+    pipeline = engines["diffusers-pipeline"]
+    assert pipeline["status"] == "ok", pipeline["reason"]
+    assert pipeline["unet_relative_error"] < 1e-4  # the same UNet call on the same weights, context included
+    assert pipeline["image_std"] > 0 and "diffusers" in pipeline["version"]
+    row = next(row for row in report["results"] if row["engine"] == "diffusers-pipeline")
+    assert row["batch_size"] == 1 and row["images_per_s"] > 0 and row["latency_speedup_vs_torch"] > 0
+    assert "| diffusers-pipeline | 1 |" in stdout
+
+
+def test_the_rebuilt_pipeline_draws_what_the_source_pipeline_draws(imported_sd, seed):
+    """The pipeline ldm-bench times is diffusers' own on the checkpoint's weights and the model's DDIM settings:
+    its image equals that of the diffusers folder the checkpoint was imported from."""
+    import numpy as np
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from ldm_runtime.checkpoint import load_checkpoint
+    from ldm_tools.bench.diffusers_peers import pipeline_call_options, stable_diffusion_pipeline
+    from tests.export.tiny_sd import IMAGE_SIZE, PROMPTS
+
+    source, checkpoint = imported_sd
+    networks = load_checkpoint(checkpoint)
+    rebuilt = stable_diffusion_pipeline(checkpoint, networks.config, networks.unet, networks.autoencoder,
+                                        networks.text_encoder)
+    original = StableDiffusionPipeline.from_pretrained(str(source), safety_checker=None, requires_safety_checker=False)
+    original.scheduler = DDIMScheduler.from_config(original.scheduler.config)
+    original.set_progress_bar_config(disable=True)
+    options = pipeline_call_options(networks.config, steps=3, guidance_scale=7.5, image_size=IMAGE_SIZE)
+    images = [pipe(PROMPTS[0], generator=torch.Generator().manual_seed(seed), **options).images[0]
+              for pipe in (original, rebuilt)]
+    assert images[0].std() > 1e-3, "a flat image proves nothing"
+    assert np.abs(images[0] - images[1]).max() < 1e-5
+
+
+def test_diffusers_pipeline_peer_is_refused_for_a_model_without_clip(checkpoint, capsys):
+    code, _, err = run_bench(capsys, "--model", checkpoint, "--engines", "torch,diffusers-pipeline")
+    assert_one_line_error(code, err, "diffusers-pipeline runs Stable Diffusion checkpoints", "text encoder is CLIP")

@@ -1,0 +1,117 @@
+"""Random-weight Stable Diffusion pipelines small enough for CI, built with diffusers and transformers and
+saved with ``save_pretrained``: one SD 1.x-like (1x1-conv projections, 4 heads everywhere, quick-GELU CLIP,
+epsilon prediction) and one SD 2.x-like (linear projections, 64-wide heads, fp32 attention, GELU CLIP,
+v-prediction, "!" padding). Both tokenize with a small CLIP BPE vocabulary written here (no downloads)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+WORDS = ("red", "blue", "circle", "square", "on", "the", "a")
+PROMPTS = ("a red circle on the blue square", "blue square", "the red red circle")
+
+
+def write_clip_tokenizer_files(folder: Path) -> tuple[Path, Path]:
+    """vocab.json and merges.txt of a tiny CLIP BPE: the letters, the letters ending a word, the words of
+    ``WORDS`` merged letter by letter, "!" and the two special tokens."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab: list[str] = ["!", "!</w>", *LETTERS, *(f"{letter}</w>" for letter in LETTERS)]
+    merges = []
+    for word in WORDS:
+        merged = word[0]
+        for position, letter in enumerate(word[1:], start=1):
+            last = position == len(word) - 1
+            piece = letter + ("</w>" if last else "")
+            merges.append(f"{merged} {piece}")
+            merged = merged + piece
+            if merged not in vocab:
+                vocab.append(merged)
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
+    vocab_file.write_text(json.dumps({token: index for index, token in enumerate(vocab)}))
+    merges_file.write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    return vocab_file, merges_file
+
+
+@dataclass(frozen=True)
+class TinySD:
+    """The sizes of one tiny Stable Diffusion."""
+
+    name: str
+    block_out_channels: tuple[int, ...]
+    down_block_types: tuple[str, ...]
+    attention_head_dim: int | tuple[int, ...]
+    use_linear_projection: bool
+    upcast_attention: bool
+    text_width: int
+    hidden_act: str
+    pad_token: str
+    prediction_type: str
+    scaling_factor: float
+
+
+# Stable Diffusion's fixed choices, which an original-layout file does not record, are kept: 32 norm groups, 8 UNet
+# heads (SD 1.x) or 64-wide ones (SD 2.x), 64-wide CLIP heads, the 0.18215 VAE scale.
+SD1_LIKE = TinySD("sd1", (32, 64), ("CrossAttnDownBlock2D", "DownBlock2D"), 8, False, False, 64, "quick_gelu",
+                  "<|endoftext|>", "epsilon", 0.18215)
+SD2_LIKE = TinySD("sd2", (64, 128), ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), (1, 2), True, True, 128, "gelu",
+                  "!", "v_prediction", 0.18215)
+LATENT_SIZE = 8
+IMAGE_SIZE = 16  # the VAE below halves once
+
+
+def build_pipeline(sizes: TinySD, seed: int):
+    """A diffusers StableDiffusionPipeline of ``sizes`` with random weights drawn from ``seed``."""
+    from diffusers import AutoencoderKL, DDIMScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    up_block_types = tuple("CrossAttnUpBlock2D" if block.startswith("CrossAttn") else "UpBlock2D"
+                           for block in reversed(sizes.down_block_types))
+    unet = UNet2DConditionModel(
+        sample_size=LATENT_SIZE, in_channels=4, out_channels=4, block_out_channels=sizes.block_out_channels,
+        layers_per_block=1, down_block_types=sizes.down_block_types, up_block_types=up_block_types,
+        cross_attention_dim=sizes.text_width, attention_head_dim=sizes.attention_head_dim, norm_num_groups=32,
+        use_linear_projection=sizes.use_linear_projection, upcast_attention=sizes.upcast_attention,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=32,
+        sample_size=IMAGE_SIZE, scaling_factor=sizes.scaling_factor,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=2 + 2 * len(LETTERS) + 40, hidden_size=sizes.text_width, intermediate_size=2 * sizes.text_width,
+        num_hidden_layers=2, num_attention_heads=sizes.text_width // 64, max_position_embeddings=77,
+        hidden_act=sizes.hidden_act,
+        bos_token_id=0, eos_token_id=2,
+    ))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        vocab_file, merges_file = write_clip_tokenizer_files(Path(scratch))
+        tokenizer = CLIPTokenizer(str(vocab_file), str(merges_file), pad_token=sizes.pad_token,
+                                  unk_token="<|endoftext|>", model_max_length=77)
+    assert len(tokenizer) <= text_encoder.config.vocab_size, len(tokenizer)
+    schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                    set_alpha_to_one=False)
+    if sizes.prediction_type == "epsilon":  # SD 1.x ships a PNDM config; DDIM reads the keys it shares
+        scheduler = PNDMScheduler(skip_prk_steps=True, **schedule)
+    else:
+        scheduler = DDIMScheduler(prediction_type=sizes.prediction_type, clip_sample=False, **schedule)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def write_diffusers_folder(sizes: TinySD, folder: Path, seed: int) -> Path:
+    """``save_pretrained`` of a random ``sizes`` pipeline into ``folder`` (safetensors weights)."""
+    build_pipeline(sizes, seed).save_pretrained(str(folder), safe_serialization=True)
+    # SD 1.x's PNDM scheduler_config.json also says clip_sample false (PNDM ignores it; DDIM would clip without it)
+    scheduler_json = folder / "scheduler" / "scheduler_config.json"
+    scheduler_json.write_text(json.dumps({**json.loads(scheduler_json.read_text()), "clip_sample": False}))
+    return folder
