@@ -39,8 +39,8 @@ import torch
 
 from ldm_runtime.arrays import host_to_array_like
 from ldm_runtime.engines import tensorrt_plans
-from ldm_runtime.engines.base import EngineInfo
 from ldm_runtime.engines.cuda_graph import CapturedCall
+from ldm_runtime.engines.engine_dir_engine import EngineDirEngine
 from ldm_runtime.engines.tensorrt_plans import (
     POWERS_OF_TWO,
     REBUILD_HINT,
@@ -51,14 +51,7 @@ from ldm_runtime.engines.tensorrt_plans import (
     plan_call,
 )
 from ldm_runtime.errors import EngineDirError, EngineLoadError
-from ldm_runtime.manifest import (
-    TOKENIZER_DIR,
-    EngineManifest,
-    GraphEntry,
-    check_tensorrt_plans,
-    load_manifest,
-    verify_engine_files,
-)
+from ldm_runtime.manifest import GraphEntry, check_tensorrt_plans, verify_engine_files
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32,
                 "bool": torch.bool}
@@ -95,7 +88,7 @@ def gpu_identity(device: torch.device) -> tuple[str, str]:
     return tensorrt_plans.gpu_identity(device.index or 0)
 
 
-class TensorRtEngine:
+class TensorRtEngine(EngineDirEngine):
     """An engine dir's four TensorRT plans behind the Engine protocol (torch tensors on one CUDA device).
 
     device: "auto", "cuda" or "cuda:N". cuda_graphs: capture each UNet shape in a CUDA graph (False runs every
@@ -114,8 +107,8 @@ class TensorRtEngine:
             raise ValueError(f"batch_buckets is {batch_buckets!r}; expected positive integers")
         import tensorrt as trt
 
-        self.engine_dir = Path(engine_dir)
-        self.manifest: EngineManifest = load_manifest(self.engine_dir)
+        # the plans, not the ONNX graphs, are what runs: verify_engine_files below checks those
+        self._open_engine_dir(engine_dir, self.name, verify=False)
         plans = (self.manifest.tensorrt or {}).get("plans") or {}
         if not plans:
             raise EngineDirError(f"engine dir {self.engine_dir} holds no TensorRT plans; export it with "
@@ -135,39 +128,20 @@ class TensorRtEngine:
                                        self.device, self.batch_buckets, self._stream,
                                        capture=self.cuda_graphs and name in CAPTURED_GRAPHS, pool=self._graph_pool)
                       for name, graph in self.manifest.graphs.items()}
-        from ldm_runtime.engines.onnxruntime_engine import _load_tokenizer
-
-        self.tokenizer = _load_tokenizer(self.engine_dir / TOKENIZER_DIR, self.manifest.model.text_max_length)
-
-        model = self.manifest.model
-        image = self.manifest.image_size
-        self.info = EngineInfo(
-            name=self.name,
-            latent_channels=model.latent_channels,
-            latent_factor=model.latent_factor,
-            latent_scale_factor=float(model.latent_scale_factor),
-            image_size=model.image_size,
-            min_image_size=image.min,
-            max_image_size=image.max,
-            image_size_multiple=image.multiple,
-            max_batch_size=self.manifest.batch.max,
-            text_max_length=model.text_max_length,
-            schedule=dict(self.manifest.schedule),
-        )
 
     # --- the Engine protocol -------------------------------------------------------------------------------
 
     def encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """B prompts -> (context (B, L, D) float32, context_mask (B, L) bool: True = real token), on the GPU."""
+        """B prompts -> (context (B, L, D) float32, context_mask (B, L) bool: True = a token the UNet attends to;
+        every token, padding included, for a model with ``mask_padding`` false), on the GPU."""
         if isinstance(prompts, str):
             raise TypeError(f"prompts is the string {prompts!r}; expected a list of strings")
         self.manifest.check_batch(len(prompts), "text encoder batch")
-        encodings = self.tokenizer.encode_batch(list(prompts))
-        input_ids = np.array([encoding.ids for encoding in encodings], dtype=np.int64)
-        attention_mask = np.array([encoding.attention_mask for encoding in encodings], dtype=np.int64)
-        assert input_ids.shape == (len(prompts), self.manifest.model.text_max_length), input_ids.shape
+        input_ids, attention_mask = self.tokenize(list(prompts))
         mask = self._device_tensor(attention_mask)
         (context,) = self.run("text_encoder", {"input_ids": self._device_tensor(input_ids), "attention_mask": mask})
+        if not self.manifest.model.mask_padding:
+            return context, torch.ones_like(mask, dtype=torch.bool)
         return context, mask.bool()
 
     def unet(self, latents: torch.Tensor, timesteps: np.ndarray, context: torch.Tensor,
@@ -183,20 +157,6 @@ class TensorRtEngine:
         (noise_pred,) = self.run("unet", {"latents": latents, "timesteps": self._device_tensor(timesteps),
                                           "context": context, "context_mask": context_mask})
         return noise_pred
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Unscaled latents (B, C, h, w) -> images (B, 3, h*f, w*f) float32 on the GPU, roughly in [-1, 1]."""
-        self.manifest.check_batch(latents.shape[0], "decoder batch")
-        self.manifest.check_latent_size(latents.shape[2], latents.shape[3])
-        (images,) = self.run("vae_decoder", {"latents": latents})
-        return images
-
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> unscaled latents (B, C, H/f, W/f) float32, the posterior mode."""
-        self.manifest.check_batch(images.shape[0], "encoder batch")
-        self.manifest.check_image_size(images.shape[2], images.shape[3])
-        (latents,) = self.run("vae_encoder", {"images": images})
-        return latents
 
     def to_array(self, values: np.ndarray, like: torch.Tensor | None = None) -> torch.Tensor:
         """Host values as a tensor on the engine's device (``like``'s dtype when given, else the values' dtype)."""
