@@ -72,15 +72,21 @@ class EngineDirEngine:
              context_mask: np.ndarray) -> np.ndarray:
         """latents (B, C, h, w) scaled, timesteps (B,) int64 (one per sample), context (B, L, D),
         context_mask (B, L) bool -> the UNet's prediction (B, C, h, w) float32."""
+        timesteps = self.unet_timesteps(latents, timesteps)
+        (noise_pred,) = self.run("unet", {"latents": latents, "timesteps": timesteps, "context": context,
+                                          "context_mask": np.asarray(context_mask, dtype=bool)})
+        return noise_pred
+
+    def unet_timesteps(self, latents, timesteps) -> np.ndarray:
+        """Checks a UNet call's batch and latent size against the manifest; its timesteps as (B,) int64 on the
+        host, one timestep repeated for every row."""
         batch = latents.shape[0]
         self.manifest.check_batch(batch, "UNet batch")
         self.manifest.check_latent_size(latents.shape[2], latents.shape[3])
         timesteps = np.asarray(timesteps, dtype=np.int64).reshape(-1)
         if timesteps.shape[0] == 1 and batch > 1:
             timesteps = np.repeat(timesteps, batch)
-        (noise_pred,) = self.run("unet", {"latents": latents, "timesteps": timesteps, "context": context,
-                                          "context_mask": np.asarray(context_mask, dtype=bool)})
-        return noise_pred
+        return timesteps
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         """Unscaled latents (B, C, h, w) -> images (B, 3, h*f, w*f) float32, roughly in [-1, 1]."""

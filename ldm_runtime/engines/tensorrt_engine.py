@@ -148,12 +148,7 @@ class TensorRtEngine(EngineDirEngine):
              context_mask: torch.Tensor) -> torch.Tensor:
         """latents (B, C, h, w) scaled, timesteps (B,) int64 on the host (one per sample), context (B, L, D),
         context_mask (B, L) bool -> the UNet's prediction (B, C, h, w) float32 on the GPU."""
-        batch = latents.shape[0]
-        self.manifest.check_batch(batch, "UNet batch")
-        self.manifest.check_latent_size(latents.shape[2], latents.shape[3])
-        timesteps = np.asarray(timesteps, dtype=np.int64).reshape(-1)
-        if timesteps.shape[0] == 1 and batch > 1:
-            timesteps = np.repeat(timesteps, batch)
+        timesteps = self.unet_timesteps(latents, timesteps)
         (noise_pred,) = self.run("unet", {"latents": latents, "timesteps": self._device_tensor(timesteps),
                                           "context": context, "context_mask": context_mask})
         return noise_pred
