@@ -13,6 +13,14 @@ The overload run then starts the server in step mode with a short queue (``--ove
 ``--overload-clients`` requests at once: every one must get its image or a 429/503 (no other 5xx, nothing
 lost). Results print as Markdown tables; ``--json`` writes them as well.
 
+``--replicas 1,2`` instead compares one ``ldm-serve`` process with ``ldm-serve --replicas R`` on a local Ray
+instance (``ldm_runtime.serve.replicas``) for each R, all with step batching and one engine thread per process or
+replica, at each concurrency for ``--seconds``, one setup after another (each Ray instance is started and stopped
+in turn), with the images/s of each against the one process:
+
+    OMP_NUM_THREADS=1 python benchmarks/load_test.py --model runs/engine-shapes-random --build shapes \
+        --replicas 1,2 --concurrency 16 --seconds 60
+
 ``--build PRESET`` first writes a random-weight checkpoint of an ``ldm_runtime.config`` preset ("shapes": the
 4.6 M parameter UNet with MiniLM; "tiny": the 16 px model the tests export) and exports it to ``--model`` with a
 UNet batch range up to 32, unless ``--model`` already holds an engine dir.
@@ -26,6 +34,7 @@ import json
 import os
 import platform
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -40,6 +49,7 @@ from ldm_runtime.serve.process import ServeProcess, ServeProcessError
 
 MODES = ("none", "dynamic", "step")
 START_TIMEOUT_S = 180
+REPLICAS_START_TIMEOUT_S = 600  # a local Ray instance, its proxy and the replicas
 PROMPTS = ["a red circle on the left", "a large blue square", "two yellow stars on a green background",
            "a small purple triangle at the top", "a white cross in the center"]
 
@@ -61,12 +71,56 @@ def build_model(preset_name: str, engine_dir: Path) -> None:
         raise SystemExit(f"load_test: export of the {preset_name} model failed (exit {code})")
 
 
-def start_server(model: Path, flags: list[str]) -> ServeProcess:
+def start_server(model: Path, flags: list[str], start_timeout_s: float = START_TIMEOUT_S) -> ServeProcess:
     """``ldm-serve`` on a free loopback port, warmed up; exits with its log if it does not get there."""
     try:
-        return ServeProcess(model, *flags, start_timeout_s=START_TIMEOUT_S).wait_ready()
+        return ServeProcess(model, *flags, start_timeout_s=start_timeout_s).wait_ready()
     except ServeProcessError as error:
         raise SystemExit(f"load_test: {error}") from None
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def compare_replicas(model: Path, serve_flags: list[str], replica_counts: list[int], concurrencies: list[int],
+                     seconds: float, steps: list[int], guidance: float, seed: int) -> dict[str, list[dict]]:
+    """One process, then ``--replicas R`` for each R (one Ray instance at a time), each warmed up by a short run
+    before its measured one at each concurrency."""
+    setups = {"one process": []} | {f"{count} replica{'s' if count > 1 else ''}": ["--replicas", str(count),
+                                                                                  "--port", str(free_port())]
+                                    for count in replica_counts}
+    results: dict[str, list[dict]] = {}
+    for name, flags in setups.items():
+        server = start_server(model, serve_flags + ["--batching", "step", *flags],
+                              start_timeout_s=REPLICAS_START_TIMEOUT_S if flags else START_TIMEOUT_S)
+        try:
+            asyncio.run(closed_loop(server.url, max(concurrencies), min(10.0, seconds), steps, guidance, seed))
+            results[name] = []
+            for concurrency in concurrencies:
+                cell = merge_rounds([asyncio.run(closed_loop(server.url, concurrency, seconds, steps, guidance,
+                                                             seed + 1))])
+                results[name].append(cell)
+                print(f"{name:12s} c={concurrency:3d}: {cell['images_per_s']:6.2f} img/s, p50 {cell['p50_ms']:7.0f} "
+                      f"p95 {cell['p95_ms']:7.0f} p99 {cell['p99_ms']:7.0f} ms, errors {cell['errors']}",
+                      file=sys.stderr, flush=True)
+        finally:
+            server.stop(timeout_s=120)
+    return results
+
+
+def replicas_table(results: dict[str, list[dict]], concurrencies: list[int]) -> str:
+    lines = ["| setup | concurrency | images/s | p50 / p95 / p99 ms | errors | images/s against one process |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, cells in results.items():
+        for index, cell in enumerate(cells):
+            base = results["one process"][index]["images_per_s"]
+            lines.append(f"| {name} | {concurrencies[index]} | {cell['images_per_s']:.2f} | {cell['p50_ms']:.0f} / "
+                         f"{cell['p95_ms']:.0f} / {cell['p99_ms']:.0f} | {sum(cell['errors'].values())} | "
+                         f"{cell['images_per_s'] / base:.2f}× |")
+    return "\n".join(lines)
 
 
 def request_body(rng: np.random.Generator, steps: list[int], guidance: float) -> dict:
@@ -102,7 +156,6 @@ async def closed_loop(url: str, concurrency: int, seconds: float, steps: list[in
         began = time.monotonic()
         await asyncio.gather(*(one_client(index) for index in range(concurrency)))
         elapsed = time.monotonic() - began
-    values = np.array(latencies) if latencies else np.array([np.nan])
     return {"concurrency": concurrency, "latencies": latencies, "seconds": elapsed, "errors": errors}
 
 
@@ -175,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated (default: %(default)s)")
     parser.add_argument("--overload-clients", type=int, default=200, help="0 skips the overload run")
     parser.add_argument("--overload-queue", type=int, default=8, help="ldm-serve --max-queue in the overload run")
+    parser.add_argument("--replicas", default=None, metavar="R,R...",
+                        help="compare one process with ldm-serve --replicas R for each R instead (the ray extra)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
@@ -189,6 +244,14 @@ def main(argv: list[str] | None = None) -> int:
           file=sys.stderr)
     serve_flags = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
                    "--max-steps", str(max(steps)), "--request-timeout", "600"]
+    if args.replicas:
+        counts = [int(value) for value in args.replicas.split(",")]
+        results = compare_replicas(args.model, serve_flags + ["--max-queue", str(4 * max(concurrencies))], counts,
+                                   concurrencies, args.seconds, steps, args.guidance, args.seed)
+        print(replicas_table(results, concurrencies))
+        if args.json:
+            args.json.write_text(json.dumps({"replicas": results}, indent=2))
+        return 0
     # All servers run side by side (an idle one costs nothing) and the modes take turns in short rounds, so a
     # drift in the machine's load (another job, clock speed) falls on every mode alike.
     queue = str(4 * max(concurrencies))

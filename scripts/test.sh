@@ -5,6 +5,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$root/scripts/bootstrap.sh"
 cd "$root"
 export TRITON_INTERPRET="${TRITON_INTERPRET:-1}"
-# One thread per xdist worker: two workers on two cores, no oversubscription.
+# One thread per xdist worker: two workers on two cores, no oversubscription. Tests marked with one xdist_group
+# run on one worker (the Ray tests: one Ray instance at a time).
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec "$root/.venv/bin/python" -m pytest -n "${LDM_TEST_WORKERS:-2}" "$@"
+exec "$root/.venv/bin/python" -m pytest -n "${LDM_TEST_WORKERS:-2}" --dist loadgroup "$@"

@@ -529,6 +529,18 @@ def _add_error_handlers(app: FastAPI, metrics: ServeMetrics) -> None:
 
 
 
+def readiness(batcher: Batcher) -> ApiError | None:
+    """Why the server cannot take requests now (draining, warming up, its worker thread gone), or None when it can:
+    what ``/readyz`` answers, and what Ray Serve's health check of a replica asks (``serve.replicas``)."""
+    if batcher.draining:
+        return ApiError(503, "draining", "the server is draining before it exits", None, {"Retry-After": "5"})
+    if not batcher.alive:
+        return ApiError(503, "worker_stopped", "the engine's worker thread has stopped", None, {"Retry-After": "5"})
+    if not batcher.ready:
+        return ApiError(503, "warming_up", "the engine is warming up", None, {"Retry-After": "1"})
+    return None
+
+
 def _add_status_routes(app: FastAPI, batcher: Batcher, metrics: ServeMetrics) -> None:
     """``/healthz``, ``/readyz`` and ``/metrics``."""
 
@@ -539,12 +551,9 @@ def _add_status_routes(app: FastAPI, batcher: Batcher, metrics: ServeMetrics) ->
     @app.get("/readyz", summary="The engine is loaded and warmed up, and the server is not draining",
              responses={503: {"description": "Warming up or draining", "content": ERROR_CONTENT}})
     async def readyz() -> Response:
-        if batcher.draining:
-            return error_response(ApiError(503, "draining", "the server is draining before it exits", None,
-                                           {"Retry-After": "5"}))
-        if not batcher.ready:
-            return error_response(ApiError(503, "warming_up", "the engine is warming up", None,
-                                           {"Retry-After": "1"}))
+        problem = readiness(batcher)
+        if problem is not None:
+            return error_response(problem)
         return JSONResponse({"status": "ready", "batching": batcher.config.mode,
                              "max_batch": batcher.config.max_batch, "queue_depth": batcher.queue_depth})
 

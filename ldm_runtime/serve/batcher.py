@@ -123,6 +123,19 @@ class StepGate:
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
+        self._reported: str | None = None
+
+    def report(self, queued: int, running: int) -> None:
+        """While the gate holds: the requests this process holds, queued and running, as "QUEUED RUNNING" in
+        ``PATH.held-PID``, so that a test sees what each of several servers behind one address (Ray Serve's
+        replicas) holds without asking them over HTTP, where the answer would come from whichever one is routed."""
+        text = f"{queued} {running}\n"
+        target = f"{self.path}.held-{os.getpid()}"
+        if text != self._reported or not os.path.exists(target):  # the test removes the reports it has read
+            with open(f"{target}.partial", "w", encoding="ascii") as file:
+                file.write(text)
+            os.replace(f"{target}.partial", target)
+            self._reported = text
 
     def allows(self, unet_calls: int) -> bool:
         try:
@@ -222,6 +235,11 @@ class Batcher:
             self._condition.notify()
 
     @property
+    def alive(self) -> bool:
+        """The worker thread is running, or has not been started yet (False once it has ended or died)."""
+        return self._thread.ident is None or self._thread.is_alive()
+
+    @property
     def queue_depth(self) -> int:
         return len(self._queue)
 
@@ -267,6 +285,7 @@ class Batcher:
                         return None
                     self._condition.wait()
                 elif self._held():
+                    self.step_gate.report(len(self._queue), len(self._active))
                     self._condition.wait(GATE_POLL_S)
                     self._drop_cancelled_and_expired()
                     self.observer("active", rows=sum(len(job.states) for job in self._active))

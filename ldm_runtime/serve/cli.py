@@ -16,6 +16,10 @@ within the drain time whatever clients do. A request's header and body must arri
 An API key is required when ``--api-key-file`` is given or ``LDM_SERVE_API_KEY`` is set: then every route
 but the page, ``/healthz`` and ``/readyz`` needs it (``serve.app``).
 
+``--replicas N`` (or ``--min-replicas``/``--max-replicas``, autoscaled) runs the same app in Ray Serve replicas
+behind Ray Serve's HTTP proxy instead, on a local Ray instance or the cluster at ``--ray-address``
+(``serve.replicas``, the ``ray`` extra).
+
 ``LDM_SERVE_STEP_GATE=FILE`` holds the worker at step boundaries while FILE exists (``batcher.StepGate``): the
 tests use it to keep requests queued or running for as long as they need, whatever the machine's speed.
 """
@@ -118,6 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: fp32)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per engine call (default: the engine's own default)")
+    parser.add_argument("--replicas", type=int, default=None, metavar="N",
+                        help="run N replicas, each with its own engine and batcher, on Ray Serve behind its HTTP "
+                             "proxy (needs the ray extra; default: one process, no Ray)")
+    parser.add_argument("--min-replicas", type=int, default=None, metavar="N",
+                        help="with --max-replicas: let Ray Serve's autoscaler run from N to --max-replicas replicas, "
+                             "aiming at one full batch of ongoing requests per replica (--replicas is then the "
+                             "starting count; default: N)")
+    parser.add_argument("--max-replicas", type=int, default=None, metavar="N",
+                        help="the most replicas the autoscaler runs (with --min-replicas, default 1)")
+    parser.add_argument("--ray-address", default=None, metavar="ADDR",
+                        help="with --replicas: the Ray cluster to join (as 'ray start --head' printed it, such as "
+                             "10.0.0.1:6379); default: a local Ray instance, stopped with the server")
     parser.add_argument("--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info",
                         help="the log level of uvicorn and of the server's worker (default: %(default)s)")
     return parser
@@ -127,6 +143,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run ldm-serve until SIGTERM/SIGINT; returns 0 after a drain, 2 after a one-line error on stderr."""
     try:
         args = build_parser().parse_args(argv)
+        if (args.replicas, args.min_replicas, args.max_replicas) != (None, None, None):
+            return _serve_replicas(args)
+        if args.ray_address is not None:
+            raise ServeError(f"--ray-address is {args.ray_address} without --replicas; expected --replicas N (or "
+                             f"--min-replicas and --max-replicas) to run replicas on that Ray cluster")
         server, sock = _prepare(args)
     except UserError as error:
         return report_user_error(PROG, error)
@@ -137,6 +158,66 @@ def main(argv: list[str] | None = None) -> int:
 
 def _prepare(args: argparse.Namespace):
     """Check the flags, load the engine, bind the socket: everything that can fail with a user's error."""
+    app, batcher, api_key, description = build_app(args)
+    sock = _bind(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    protocol = functools.partial(GuardedH11Protocol, header_timeout_s=args.header_timeout,
+                                 body_timeout_s=args.body_timeout)
+    # uvicorn's own graceful-shutdown timeout is the last resort, after DrainingServer's
+    config = uvicorn.Config(app, http=protocol, log_level=args.log_level, timeout_keep_alive=5, lifespan="on",
+                            timeout_graceful_shutdown=args.drain_timeout + 3 * ABORT_GRACE_S)
+    server = DrainingServer(config, batcher, args.drain_timeout)
+    shown_host = f"[{host}]" if ":" in host else host
+    print(f"{LISTENING_LINE} {description} on http://{shown_host}:{port}", file=sys.stderr, flush=True)
+    if args.host not in LOOPBACK_HOSTS and not api_key:
+        print(f"{PROG}: warning: listening on {args.host} without an API key; anyone who can reach it can use it",
+              file=sys.stderr, flush=True)
+    return server, sock
+
+
+def _serve_replicas(args: argparse.Namespace) -> int:
+    """``--replicas N``: check the flags, the port and the engine here, once, then run the replicas on Ray Serve."""
+    replica_counts(args)
+    if args.port == 0:
+        raise ServeError("--port is 0 with --replicas; expected a fixed port for Ray Serve's HTTP proxy")
+    try:
+        import ray  # noqa: F401 (only to say what is missing)
+        from ray import serve  # noqa: F401
+    except ImportError:
+        raise ServeError("--replicas needs Ray Serve, which is not installed; expected pip install "
+                         "'ldm-runtime[ray]'") from None
+    from ldm_runtime.serve.replicas import serve_replicas  # imports ray, an optional extra
+
+    _, batcher, api_key, description = build_app(args)  # the replicas load their own; this one is let go
+    max_batch = batcher.config.max_batch
+    del batcher
+    if args.ray_address is None:
+        _bind(args.host, args.port).close()  # in use: one line now, not Ray's proxy failing to start later
+    return serve_replicas(args, api_key, description, max_batch)
+
+
+def replica_counts(args: argparse.Namespace) -> tuple[int, int | None, int | None]:
+    """``(initial, min, max)`` replicas from ``--replicas``, ``--min-replicas`` and ``--max-replicas``; min and max
+    are None without autoscaling. A ``ServeError`` names a count out of range."""
+    low, high = args.min_replicas, args.max_replicas
+    if low is None and high is None:
+        _check_range("--replicas", args.replicas, 1, None)
+        return args.replicas, None, None
+    if low is not None:
+        _check_range("--min-replicas", low, 1, None)
+    low = 1 if low is None else low
+    if high is None:
+        raise ServeError(f"--min-replicas is {low} without --max-replicas; expected both, for autoscaling between "
+                         f"them")
+    _check_range("--max-replicas", high, low, None, " (--min-replicas)")
+    initial = low if args.replicas is None else args.replicas
+    _check_range("--replicas", initial, low, high, " (from --min-replicas to --max-replicas)")
+    return initial, low, high
+
+
+def build_app(args: argparse.Namespace, api_key: str | None = None):
+    """Check the flags and load the engine: the app (not started), its batcher, the API key (``api_key`` if
+    given, else from ``--api-key-file`` or the environment) and what the serving line says of them."""
     _check_range("--port", args.port, 0, 65535)
     _check_range("--max-queue", args.max_queue, 1, None)
     _check_range("--max-n", args.max_n, 1, None)
@@ -156,7 +237,7 @@ def _prepare(args: argparse.Namespace):
         raise ServeError(f"--max-wait-ms is {args.max_wait_ms}; expected a number from 0 to 10000")
     if not args.request_timeout > 0 or args.request_timeout > 86_400:
         raise ServeError(f"--request-timeout is {args.request_timeout}; expected seconds above 0, at most 86400")
-    api_key = _read_api_key(args.api_key_file)
+    api_key = api_key if api_key is not None else _read_api_key(args.api_key_file)
     _log_to_stderr(args.log_level)
     engine = _load_engine(args)
     from ldm_runtime.pipeline import Pipeline
@@ -185,23 +266,10 @@ def _prepare(args: argparse.Namespace):
                                               max_wait_s=args.max_wait_ms / 1000), observer=metrics.observe,
                       step_gate=StepGate(gate_path) if gate_path else None)
     app = create_app(pipeline, batcher, limits, metrics, api_key=api_key, model_name=Path(args.model).name)
-    sock = _bind(args.host, args.port)
-    host, port = sock.getsockname()[:2]
-    protocol = functools.partial(GuardedH11Protocol, header_timeout_s=args.header_timeout,
-                                 body_timeout_s=args.body_timeout)
-    # uvicorn's own graceful-shutdown timeout is the last resort, after DrainingServer's
-    config = uvicorn.Config(app, http=protocol, log_level=args.log_level, timeout_keep_alive=5, lifespan="on",
-                            timeout_graceful_shutdown=args.drain_timeout + 3 * ABORT_GRACE_S)
-    server = DrainingServer(config, batcher, args.drain_timeout)
-    shown_host = f"[{host}]" if ":" in host else host
     picked = " picked by --engine auto" if args.engine == "auto" else ""
-    print(f"{LISTENING_LINE} {args.model} ({info.name} engine{picked}, {args.batching} batching, max batch {max_batch}, "
-          f"queue {args.max_queue}{', API key required' if api_key else ''}) on http://{shown_host}:{port}",
-          file=sys.stderr, flush=True)
-    if args.host not in LOOPBACK_HOSTS and not api_key:
-        print(f"{PROG}: warning: listening on {args.host} without an API key; anyone who can reach it can use it",
-              file=sys.stderr, flush=True)
-    return server, sock
+    description = (f"{args.model} ({info.name} engine{picked}, {args.batching} batching, max batch {max_batch}, "
+                   f"queue {args.max_queue}{', API key required' if api_key else ''})")
+    return app, batcher, api_key, description
 
 
 class DrainingServer(uvicorn.Server):

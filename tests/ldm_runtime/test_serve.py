@@ -49,11 +49,11 @@ class Server(ServeProcess):
     ``held()``/``hold(more_calls)``/``release()`` work the gate, ``wait_for`` waits on a metric; ``auth`` is the
     Authorization header its API key (``LDM_SERVE_API_KEY`` in ``env``) needs."""
 
-    def __init__(self, model: Path, *flags: str, env: dict[str, str] | None = None):
+    def __init__(self, model: Path, *flags: str, env: dict[str, str] | None = None, **options):
         self.gate = Path(tempfile.mkdtemp(prefix="ldm-serve-gate-")) / "gate"
         key = (env or {}).get(API_KEY_ENV)
         self.auth = {"Authorization": b"Bearer " + key.encode("utf-8", "surrogateescape")} if key else {}
-        super().__init__(model, *flags, env={STEP_GATE_ENV: str(self.gate), **(env or {})})
+        super().__init__(model, *flags, env={STEP_GATE_ENV: str(self.gate), **(env or {})}, **options)
 
     def metric(self, name: str) -> float:
         text = httpx.get(f"{self.url}/metrics", headers=self.auth, timeout=10).text
