@@ -101,24 +101,29 @@ def _ema_key(original_unet_key: str) -> str:
 
 # --- OpenCLIP (SD 2.x) <-> transformers' CLIPTextModel ------------------------------------------------------------
 
+# OpenCLIP's text-tower names -> CLIPTextModel's: the tensors outside the blocks, then the parts of block i
+# (transformer.resblocks.i. -> encoder.layers.i.); attn.in_proj_* is q, k and v in one, split and joined apart
+OPENCLIP_TOP_NAMES = {"token_embedding.weight": "embeddings.token_embedding.weight",
+                      "positional_embedding": "embeddings.position_embedding.weight",
+                      "ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias"}
+OPENCLIP_BLOCK_NAMES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+                        "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+QKV = ("q_proj", "k_proj", "v_proj")
+
+
 def openclip_to_clip(tensors: dict[str, Any], layers: int) -> dict[str, Any]:
     """The first ``layers`` OpenCLIP text blocks (keys without cond_stage_model.model.) as CLIPTextModel weights."""
     import torch
 
-    clip = {"embeddings.token_embedding.weight": tensors["token_embedding.weight"],
-            "embeddings.position_embedding.weight": tensors["positional_embedding"],
-            "final_layer_norm.weight": tensors["ln_final.weight"],
-            "final_layer_norm.bias": tensors["ln_final.bias"]}
-    names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
-             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    clip = {ours: tensors[original] for original, ours in OPENCLIP_TOP_NAMES.items()}
     for layer in range(layers):
         source, target = f"transformer.resblocks.{layer}.", f"encoder.layers.{layer}."
-        for original, ours in names.items():
+        for original, ours in OPENCLIP_BLOCK_NAMES.items():
             for leaf in ("weight", "bias"):
                 clip[f"{target}{ours}.{leaf}"] = tensors[f"{source}{original}.{leaf}"]
         for leaf in ("weight", "bias"):
-            query, key, value = torch.chunk(tensors[f"{source}attn.in_proj_{leaf}"], 3, dim=0)
-            for projection, tensor in (("q_proj", query), ("k_proj", key), ("v_proj", value)):
+            parts = torch.chunk(tensors[f"{source}attn.in_proj_{leaf}"], 3, dim=0)
+            for projection, tensor in zip(QKV, parts):
                 clip[f"{target}self_attn.{projection}.{leaf}"] = tensor
     return clip
 
@@ -134,21 +139,16 @@ def clip_to_openclip(tensors: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     tensors = canonical_clip(tensors)
-    original = {"token_embedding.weight": tensors["embeddings.token_embedding.weight"],
-                "positional_embedding": tensors["embeddings.position_embedding.weight"],
-                "ln_final.weight": tensors["final_layer_norm.weight"],
-                "ln_final.bias": tensors["final_layer_norm.bias"]}
-    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
-             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    original = {name: tensors[ours] for name, ours in OPENCLIP_TOP_NAMES.items()}
     layer = 0
     while f"encoder.layers.{layer}.layer_norm1.weight" in tensors:
         source, target = f"encoder.layers.{layer}.", f"transformer.resblocks.{layer}."
-        for ours, name in names.items():
+        for name, ours in OPENCLIP_BLOCK_NAMES.items():
             for leaf in ("weight", "bias"):
                 original[f"{target}{name}.{leaf}"] = tensors[f"{source}{ours}.{leaf}"]
         for leaf in ("weight", "bias"):
-            original[f"{target}attn.in_proj_{leaf}"] = torch.cat(
-                [tensors[f"{source}self_attn.{p}.{leaf}"] for p in ("q_proj", "k_proj", "v_proj")])
+            original[f"{target}attn.in_proj_{leaf}"] = torch.cat([tensors[f"{source}self_attn.{p}.{leaf}"]
+                                                                  for p in QKV])
         layer += 1
     return original
 
