@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{platform.python_version()}; model {args.model}; steps drawn from {steps}, guidance {args.guidance}",
           file=sys.stderr)
     serve_flags = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
-                   "--max-steps", str(max(steps)), "--request-timeout", "600"]
+                   "--max-steps", str(max(steps)), "--default-steps", str(min(steps)), "--request-timeout", "600"]
     if args.replicas:
         counts = [int(value) for value in args.replicas.split(",")]
         results = compare_replicas(args.model, serve_flags + ["--max-queue", str(4 * max(concurrencies))], counts,
