@@ -13,7 +13,7 @@ from export import sd_import
 from ldm_runtime import sample
 from ldm_runtime.command_line import finite_float
 from ldm_runtime.serve import cli as serve_cli
-from ldm_tools import evaluate
+from ldm_tools import evaluate, sheet
 from ldm_tools.bench import cli as bench_cli
 from train import cli as train_cli
 
@@ -26,6 +26,7 @@ COMMANDS = [
     ("ldm-eval", evaluate.main, evaluate.build_parser, ["--model", "MODEL", "--json", "OUT.json"]),
     ("ldm-serve", serve_cli.main, serve_cli.build_parser, ["--model", "MODEL"]),
     ("ldm-bench", bench_cli.main, bench_cli.build_parser, ["--model", "MODEL"]),
+    ("ldm-sheet", sheet.main, sheet.build_parser, ["TITLE=FOLDER", "--out", "OUT.png"]),
 ]
 IDS = [command[0] for command in COMMANDS]
 
