@@ -53,6 +53,9 @@ HELP = {
     "text_encoder_kind": "pretrained (frozen) or scratch (a small BERT trained with the UNet)",
     "cond_drop_prob": "fraction of samples trained with the empty prompt (for classifier-free guidance)",
     "ema_decay": "decay of the EMA of the UNet weights that the checkpoint stores",
+    "min_snr_gamma": "min-SNR-γ loss weighting (Hang et al. 2023): each sample's loss times min(SNR, γ) / SNR for "
+                     "ε-prediction, min(SNR, γ) / (SNR + 1) for v-prediction; 0 weighs every sample alike "
+                     "(default: 0; the paper uses 5)",
 }
 STAGE_SETTINGS = {"autoencoder": AutoencoderSettings, "unet": UNetSettings}  # each stage's flags and defaults
 

@@ -106,9 +106,11 @@ class UNetSettings(TrainSettings):
     text_encoder_kind: str | None = None  # "pretrained" (frozen) or "scratch" (trained jointly)
     cond_drop_prob: float = 0.1
     ema_decay: float = 0.999
+    min_snr_gamma: float = 0.0  # 0: every sample's loss weighs the same (plain MSE)
 
     def validate(self) -> None:
         super().validate()
+        check_finite_flags(self, above_zero=(), at_least_zero=("min_snr_gamma",))
         if not 0.0 <= self.cond_drop_prob < 1.0:
             raise ConfigError(f"--cond-drop-prob is {self.cond_drop_prob}; expected a value in [0, 1)")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -250,12 +252,15 @@ def check_resume_settings(saved: dict[str, Any], current: TrainSettings, folder:
     if current.steps < step:
         raise ConfigError(f"--steps {current.steps} is below step {step}, which the checkpoint in {folder} has "
                           f"reached; expected at least {step} to resume it")
+    # a setting an older checkpoint does not record (added since) ran at its default
+    defaults = {field.name: field.default for field in dataclasses.fields(current)}
+    recorded = {key: saved.get(key, defaults.get(key)) for key in current.to_dict()}
     changed = sorted(
         key for key, value in current.to_dict().items()
-        if key not in RESUMABLE_CHANGES and saved.get(key) != value
+        if key not in RESUMABLE_CHANGES and recorded[key] != value
     )
     if changed:
-        details = ", ".join(f"{key}: {saved.get(key)!r} -> {getattr(current, key)!r}" for key in changed)
+        details = ", ".join(f"{key}: {recorded[key]!r} -> {getattr(current, key)!r}" for key in changed)
         raise ConfigError(f"cannot resume from {folder} with changed settings ({details}); pass the original values")
 
 

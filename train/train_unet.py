@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -157,7 +156,7 @@ def _train(settings: UNetSettings, config: ModelConfig, autoencoder_dir: Path, o
             denoiser.train()
             with autocast_context(settings.precision, device):
                 prediction = model(noisy, timesteps, **_conditioning(data, caption_ids, device))
-            loss = F.mse_loss(prediction.float(), target)
+            loss = forward_process.loss(prediction, target, timesteps, settings.min_snr_gamma)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, settings.grad_clip)

@@ -59,6 +59,14 @@ def test_unet_stage_writes_a_loadable_self_contained_checkpoint(autoencoder_dir,
     assert sorted(losses(out)) == [1, 2, 3]
 
 
+def test_min_snr_gamma_reaches_the_unet_loss(autoencoder_dir, tmp_path):
+    common = [*UNET_FLAGS, "--autoencoder", str(autoencoder_dir), "--steps", "1"]
+    assert main(["unet", *common, "--out", str(tmp_path / "plain")]) == 0
+    assert main(["unet", *common, "--out", str(tmp_path / "weighted"), "--min-snr-gamma", "0.1"]) == 0
+    # the same first batch, timesteps and weights: min-SNR-γ only scales the samples whose SNR is above γ down
+    assert losses(tmp_path / "weighted")[1] < losses(tmp_path / "plain")[1]
+
+
 def test_autoencoder_resume_replays_the_uninterrupted_run_exactly(tmp_path):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     common = [*AE_FLAGS, "--disc-start", "2", "--checkpoint-every", "3"]

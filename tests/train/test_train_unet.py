@@ -56,3 +56,19 @@ def test_vq_autoencoder_posterior_is_a_point_mass_with_zero_spread(seed):
     assert torch.count_nonzero(data.latent_std) == 0
     latents = training_latents(data, torch.tensor([0, 1]), torch.Generator().manual_seed(seed), 2.0)
     torch.testing.assert_close(latents, 2.0 * data.latent_mean)
+
+
+def test_a_setting_an_older_checkpoint_does_not_record_resumes_at_its_default(tmp_path):
+    import dataclasses
+
+    import pytest
+
+    from ldm_runtime.errors import ConfigError
+    from train.run import UNetSettings, check_resume_settings
+
+    current = UNetSettings(out=str(tmp_path / "unet"), autoencoder="runs/ae", steps=4)
+    saved = current.to_dict()
+    del saved["min_snr_gamma"]  # written before the flag existed: those runs weighed every sample alike
+    check_resume_settings(saved, current, tmp_path, 2)
+    with pytest.raises(ConfigError, match=r"changed settings \(min_snr_gamma: 0.0 -> 5.0\)"):
+        check_resume_settings(saved, dataclasses.replace(current, min_snr_gamma=5.0), tmp_path, 2)
