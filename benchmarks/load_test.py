@@ -228,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated (default: %(default)s)")
     parser.add_argument("--overload-clients", type=int, default=200, help="0 skips the overload run")
     parser.add_argument("--overload-queue", type=int, default=8, help="ldm-serve --max-queue in the overload run")
+    parser.add_argument("--engine", default="onnxruntime",
+                        help="ldm-serve --engine (default: %(default)s, which compiles nothing per batch size: "
+                             "openvino compiles each batch bucket on its first use, in every replica)")
     parser.add_argument("--replicas", default=None, metavar="R,R...",
                         help="compare one process with ldm-serve --replicas R for each R instead (the ray extra)")
     parser.add_argument("--seed", type=int, default=0)
@@ -243,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{platform.python_version()}; model {args.model}; steps drawn from {steps}, guidance {args.guidance}",
           file=sys.stderr)
     serve_flags = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
-                   "--max-steps", str(max(steps)), "--default-steps", str(min(steps)), "--request-timeout", "600"]
+                   "--max-steps", str(max(steps)), "--default-steps", str(min(steps)), "--request-timeout", "600",
+                   "--engine", args.engine]
     if args.replicas:
         counts = [int(value) for value in args.replicas.split(",")]
         results = compare_replicas(args.model, serve_flags + ["--max-queue", str(4 * max(concurrencies))], counts,
