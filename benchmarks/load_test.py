@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -45,7 +44,7 @@ import numpy as np
 
 from ldm_runtime.pipeline import DEFAULT_GUIDANCE_SCALE
 from ldm_runtime.serve.batcher import BatcherConfig
-from ldm_runtime.serve.process import ServeProcess, ServeProcessError
+from ldm_runtime.serve.process import ServeProcess, ServeProcessError, free_port
 
 MODES = ("none", "dynamic", "step")
 START_TIMEOUT_S = 180
@@ -78,11 +77,6 @@ def start_server(model: Path, flags: list[str], start_timeout_s: float = START_T
     except ServeProcessError as error:
         raise SystemExit(f"load_test: {error}") from None
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def compare_replicas(model: Path, serve_flags: list[str], replica_counts: list[int], concurrencies: list[int],

@@ -47,11 +47,10 @@ class ForwardProcess:
         if min_snr_gamma <= 0:
             return error.mean()
         snr = self.snr(timesteps)
-        clipped = torch.clamp(snr, max=min_snr_gamma)
         if self.schedule.prediction_type == "epsilon":
             weight = torch.clamp(min_snr_gamma / snr, max=1.0)  # min(SNR, γ) / SNR, and 1 at SNR 0 (γ / 0 = inf)
         else:
-            weight = torch.where(snr == 0, 1.0, clipped / (snr + 1.0))
+            weight = torch.where(snr == 0, 1.0, torch.clamp(snr, max=min_snr_gamma) / (snr + 1.0))
         return (error * weight.to(error.dtype)).mean()
 
     def target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:

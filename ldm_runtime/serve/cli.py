@@ -177,7 +177,7 @@ def _prepare(args: argparse.Namespace):
 
 def _serve_replicas(args: argparse.Namespace) -> int:
     """``--replicas N``: check the flags, the port and the engine here, once, then run the replicas on Ray Serve."""
-    replica_counts(args)
+    counts = replica_counts(args)
     if args.port == 0:
         raise ServeError("--port is 0 with --replicas; expected a fixed port for Ray Serve's HTTP proxy")
     try:
@@ -193,7 +193,7 @@ def _serve_replicas(args: argparse.Namespace) -> int:
     del batcher
     if args.ray_address is None:
         _bind(args.host, args.port).close()  # in use: one line now, not Ray's proxy failing to start later
-    return serve_replicas(args, api_key, description, max_batch)
+    return serve_replicas(args, api_key, description, max_batch, counts)
 
 
 def replica_counts(args: argparse.Namespace) -> tuple[int, int | None, int | None]:

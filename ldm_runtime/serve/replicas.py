@@ -46,7 +46,7 @@ from ray import serve
 from ray.serve.config import BackpressureConfig
 from starlette.middleware import Middleware
 
-from ldm_runtime.serve.cli import LISTENING_LINE, ServeError, build_app, replica_counts
+from ldm_runtime.serve.cli import LISTENING_LINE, ServeError, build_app
 
 DEPLOYMENT_NAME = "ldm-serve"
 REPLICA_HEADER = "x-ldm-replica"  # which replica answered: Ray Serve's id of it
@@ -171,9 +171,11 @@ def proxy_middlewares() -> list:
     return [Middleware(ReplicaFailureAs503)]
 
 
-def deployment_options(args: argparse.Namespace, max_batch: int) -> dict:
-    """The options of the Ray Serve deployment of ``args`` (see the module's docstring)."""
-    initial, low, high = replica_counts(args)
+def deployment_options(args: argparse.Namespace, max_batch: int,
+                       counts: tuple[int, int | None, int | None]) -> dict:
+    """The options of the Ray Serve deployment of ``args`` with ``counts`` replicas (``cli.replica_counts``: initial,
+    and min and max when autoscaling; see the module's docstring)."""
+    initial, low, high = counts
     options = {
         "name": DEPLOYMENT_NAME,
         "max_ongoing_requests": max(args.max_queue, max_batch),
@@ -195,10 +197,11 @@ def deployment_options(args: argparse.Namespace, max_batch: int) -> dict:
     return options
 
 
-def serve_replicas(args: argparse.Namespace, api_key: str | None, description: str, max_batch: int) -> int:
+def serve_replicas(args: argparse.Namespace, api_key: str | None, description: str, max_batch: int,
+                   counts: tuple[int, int | None, int | None]) -> int:
     """Run the replicas on Ray Serve until SIGTERM or SIGINT; returns 0 once Ray Serve has shut down, or raises a
     ``ServeError`` naming what kept Ray Serve from starting."""
-    options = deployment_options(args, max_batch)
+    options = deployment_options(args, max_batch, counts)
     signals = {signal.SIGINT, signal.SIGTERM}
     signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # Ray's threads inherit the mask; sigwait takes them below
     env = {name: os.environ.get(name, value) for name, value in RAY_SERVE_ENV.items()}
@@ -221,9 +224,9 @@ def serve_replicas(args: argparse.Namespace, api_key: str | None, description: s
         raise ServeError(f"Ray Serve did not start ({_first_line(error)}); expected it to serve on "
                          f"{args.host}:{args.port}") from None
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
-    initial, low, high = replica_counts(args)
-    counts = f"{initial} Ray Serve replicas" if low is None else f"{initial} Ray Serve replicas ({low} to {high})"
-    print(f"{LISTENING_LINE} {description}, {counts}, on http://{shown_host}:{args.port}", file=sys.stderr,
+    initial, low, high = counts
+    shown = f"{initial} Ray Serve replicas" if low is None else f"{initial} Ray Serve replicas ({low} to {high})"
+    print(f"{LISTENING_LINE} {description}, {shown}, on http://{shown_host}:{args.port}", file=sys.stderr,
           flush=True)
     signal.sigwait(signals)
     print("ldm-serve: draining the replicas", file=sys.stderr, flush=True)

@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ldm_runtime.serve.process import free_port
 from tests.ldm_runtime.test_serve import Server, body, engine_dir, post_all  # noqa: F401
 
 REQUIRE_ENV = "LDM_REQUIRE_RAY"
@@ -37,11 +38,6 @@ REPLICA_PROCESS = "ServeReplica:ldm-serve"  # in the process title Ray gives a r
 ray_group = pytest.mark.xdist_group("ray")
 RAY_TEST_TIMEOUT_S = 1800  # pytest-timeout's limit for a Ray test: Ray starting on busy cores takes minutes
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def require_ray() -> None:
