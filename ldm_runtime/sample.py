@@ -33,6 +33,8 @@ from ldm_runtime.staging import temporary_folder
 PROG = "ldm-sample"
 REQUEST_DEFAULTS = {field.name: field.default for field in dataclasses.fields(GenerationRequest)}
 GRID_NAME = "grid.png"
+IMAGE_NAME = "{index:03d}-seed{seed}.png"  # image i of a folder --out, with its seed
+IMAGE_NAME_GLOB = "[0-9][0-9][0-9]-seed*.png"  # what IMAGE_NAME writes, in order (ldm-sheet reads them)
 
 
 class SampleError(UserError):
@@ -137,7 +139,7 @@ def plan_output(out: str, seeds: list[int]) -> OutputPlan:
     _check_folder_writable(folder, out)
     if single_file:
         return OutputPlan(folder, [path], None)
-    names = [folder / f"{index:03d}-seed{seed}.png" for index, seed in enumerate(seeds)]
+    names = [folder / IMAGE_NAME.format(index=index, seed=seed) for index, seed in enumerate(seeds)]
     return OutputPlan(folder, names, folder / GRID_NAME if len(seeds) > 1 else None)
 
 

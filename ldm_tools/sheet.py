@@ -28,6 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 from ldm_runtime.command_line import OneLineArgumentParser, report_user_error
 from ldm_runtime.errors import UserError
 from ldm_runtime.images import PARAMETERS_KEY
+from ldm_runtime.sample import IMAGE_NAME_GLOB
 
 PROG = "ldm-sheet"
 DEFAULT_SCALE = 6
@@ -54,7 +55,7 @@ def read_column(title: str, folder: Path) -> Column:
     """The images of ``folder`` in ``ldm-sample``'s order, with the prompt and seed each PNG records."""
     if not folder.is_dir():
         raise SheetError(f"{folder} is not a folder; expected the --out folder of an ldm-sample run")
-    paths = sorted(path for path in folder.glob("[0-9][0-9][0-9]-seed*.png"))
+    paths = sorted(folder.glob(IMAGE_NAME_GLOB))
     if not paths:
         raise SheetError(f"{folder} holds no images named like 000-seed0.png; expected the --out folder of an "
                          f"ldm-sample run")
