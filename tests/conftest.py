@@ -9,12 +9,15 @@ import hashlib
 import os
 import random
 import secrets
+import shutil
 import sys
+import tempfile
 
 import numpy as np
 import pytest
 
 SEED_ENV = "LDM_TEST_SEED"
+COMPILE_CACHE_ENV = "LDM_COMPILE_CACHE"  # ldm_runtime.engines.openvino_engine.CACHE_ENV, read without importing it
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -22,6 +25,15 @@ def pytest_configure(config: pytest.Config) -> None:
     if not os.environ.get(SEED_ENV):
         os.environ[SEED_ENV] = str(secrets.randbits(32))
     base_seed()
+    # engines that cache compiled graphs by default keep them in a folder of this run, not in the user's cache
+    if COMPILE_CACHE_ENV not in os.environ:
+        os.environ[COMPILE_CACHE_ENV] = config._ldm_compile_cache = tempfile.mkdtemp(prefix="ldm-test-cache-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    folder = getattr(config, "_ldm_compile_cache", None)
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def base_seed() -> int:

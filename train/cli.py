@@ -56,6 +56,9 @@ HELP = {
     "min_snr_gamma": "min-SNR-γ loss weighting (Hang et al. 2023): each sample's loss times min(SNR, γ) / SNR for "
                      "ε-prediction, min(SNR, γ) / (SNR + 1) for v-prediction; 0 weighs every sample alike "
                      "(default: 0; the paper uses 5)",
+    "prediction_type": "what the UNet predicts: epsilon or v_prediction (default: the preset's schedule's)",
+    "lr_schedule": "learning rate over the run: constant, or cosine (from --learning-rate down to 0 at --steps)",
+    "warmup_steps": "raise the learning rate linearly from 0 over this many steps first",
 }
 STAGE_SETTINGS = {"autoencoder": AutoencoderSettings, "unet": UNetSettings}  # each stage's flags and defaults
 

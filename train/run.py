@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ldm_runtime.config import ConfigError
+from ldm_runtime.config import PREDICTION_TYPES, ConfigError
 from ldm_runtime.noise import MAX_TRAIN_SEED
 from train.losses import AutoencoderLossConfig
 
@@ -107,14 +107,39 @@ class UNetSettings(TrainSettings):
     cond_drop_prob: float = 0.1
     ema_decay: float = 0.999
     min_snr_gamma: float = 0.0  # 0: every sample's loss weighs the same (plain MSE)
+    prediction_type: str | None = None  # overrides the preset schedule's ("epsilon" / "v_prediction")
+    lr_schedule: str = "constant"  # or "cosine": from the learning rate down to 0 at --steps
+    warmup_steps: int = 0  # linear warm-up from 0 over this many steps, before the schedule
 
     def validate(self) -> None:
         super().validate()
         check_finite_flags(self, above_zero=(), at_least_zero=("min_snr_gamma",))
+        check_whole("warmup_steps", self.warmup_steps, 0)
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"--lr-schedule {self.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+        if self.prediction_type is not None and self.prediction_type not in PREDICTION_TYPES:
+            raise ConfigError(f"--prediction-type {self.prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
         if not 0.0 <= self.cond_drop_prob < 1.0:
             raise ConfigError(f"--cond-drop-prob is {self.cond_drop_prob}; expected a value in [0, 1)")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"--ema-decay is {self.ema_decay}; expected a value in [0, 1)")
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate_at(settings: UNetSettings, step: int) -> float:
+    """The learning rate of optimiser step ``step`` (0-based): a pure function of the settings and the step, so a
+    resumed run follows the same curve. Linear warm-up over ``warmup_steps``, then constant or a cosine from
+    the full rate down to 0 at ``steps``."""
+    rate = settings.learning_rate
+    if step < settings.warmup_steps:
+        return rate * (step + 1) / settings.warmup_steps
+    if settings.lr_schedule == "cosine":
+        span = max(1, settings.steps - settings.warmup_steps)
+        progress = min(1.0, (step - settings.warmup_steps) / span)
+        rate *= 0.5 * (1.0 + math.cos(math.pi * progress))
+    return rate
 
 
 def check_whole(name: str, value: Any, low: int) -> None:
@@ -259,6 +284,8 @@ def check_resume_settings(saved: dict[str, Any], current: TrainSettings, folder:
         key for key, value in current.to_dict().items()
         if key not in RESUMABLE_CHANGES and recorded[key] != value
     )
+    if current.steps != recorded["steps"] and recorded.get("lr_schedule", "constant") != "constant":
+        changed.append("steps")  # the schedule's length: the learning rate of every step would change
     if changed:
         details = ", ".join(f"{key}: {recorded[key]!r} -> {getattr(current, key)!r}" for key in changed)
         raise ConfigError(f"cannot resume from {folder} with changed settings ({details}); pass the original values")

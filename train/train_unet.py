@@ -28,7 +28,7 @@ from train.diffusion import ForwardProcess
 from train.progress import TrainingProgress
 from train.run import (
     MetricsLog, Process, UNetSettings, all_reduce_mean, autocast_context, batch_indices, check_finite,
-    check_resume_settings, end_process, start_process, step_generator,
+    check_resume_settings, end_process, learning_rate_at, start_process, step_generator,
 )
 from train.samples import fetch_images, save_grid
 
@@ -78,8 +78,12 @@ def unet_model_config(settings: UNetSettings, autoencoder_config: ModelConfig) -
         unet = dataclasses.replace(unet, model_channels=settings.channels)
     if settings.num_groups is not None:
         unet = dataclasses.replace(unet, num_groups=settings.num_groups)
+    schedule = config.schedule
+    if settings.prediction_type is not None:
+        schedule = dataclasses.replace(schedule, prediction_type=settings.prediction_type)
     config = dataclasses.replace(
-        config, image_size=autoencoder_config.image_size, autoencoder=autoencoder_config.autoencoder,
+        config, schedule=schedule,
+        image_size=autoencoder_config.image_size, autoencoder=autoencoder_config.autoencoder,
         latent_scale_factor=autoencoder_config.latent_scale_factor, unet=unet, text_encoder=text,
     )
     config.validate()
@@ -150,6 +154,8 @@ def _train(settings: UNetSettings, config: ModelConfig, autoencoder_dir: Path, o
             dropped = torch.rand(batch, generator=generator) < settings.cond_drop_prob
             caption_ids = torch.where(dropped, torch.zeros_like(indices), data.caption_ids[indices])
 
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate_at(settings, step)
             latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
             noisy = forward_process.add_noise(latents, noise, timesteps)
             target = forward_process.target(latents, noise, timesteps)
@@ -168,7 +174,8 @@ def _train(settings: UNetSettings, config: ModelConfig, autoencoder_dir: Path, o
             done = step + 1
             progress.update(loss=loss_value)
             if log is not None and (done % settings.log_every == 0 or done == settings.steps):
-                log.write(done, {"loss": loss_value, "grad_norm": float(grad_norm)})
+                log.write(done, {"loss": loss_value, "grad_norm": float(grad_norm),
+                                 "learning_rate": learning_rate_at(settings, step)})
             if process.is_main and (done % settings.sample_every == 0 or done == settings.steps):
                 _save_preview(out / "samples" / f"step_{done:07d}.png", ema, autoencoder, data, forward_process, scale,
                               dataset, device)

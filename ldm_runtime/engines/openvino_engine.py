@@ -11,6 +11,12 @@ with copies of its last row up to the smallest bucket that holds it (the buckets
 engine dir's largest batch, and that batch itself), run, and cut back to B rows; a padding row never changes
 a real one, as every row of these graphs is computed on its own.
 
+Compile cache: compiling the UNet for one bucket costs seconds on a small CPU, so by default OpenVINO keeps what
+it compiles in a cache folder (OpenVINO's ``CACHE_DIR``, keyed by the graph, the shapes and the settings) and a
+later process loads it instead: ``$LDM_COMPILE_CACHE`` if set (``off`` turns the cache off), else
+``$XDG_CACHE_HOME/ldm-runtime/openvino`` or ``~/.cache/ldm-runtime/openvino``. A folder that cannot be created
+only turns the cache off, with a warning.
+
 Precision: "fp32" computes in float32 (OpenVINO's inference precision hint pinned to f32, since on a CPU with
 native bf16 its default would be bf16); "bf16" is offered only where OpenVINO reports native bf16 for the CPU
 (AVX-512 BF16 or AMX) and is refused elsewhere, naming what is missing.
@@ -18,6 +24,8 @@ native bf16 its default would be bf16); "bf16" is offered only where OpenVINO re
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +38,37 @@ from ldm_runtime.manifest import EngineDirError
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # --precision -> OpenVINO's INFERENCE_PRECISION_HINT
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 INSTALL_HINT = "pip install 'ldm-runtime[openvino]'"
+CACHE_ENV = "LDM_COMPILE_CACHE"
+DEFAULT_CACHE = "default"  # cache_dir value: the folder default_cache_dir() names
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path | None:
+    """Where compiled graphs are kept unless the caller names a folder: ``$LDM_COMPILE_CACHE`` (None when it is
+    "off" or empty), else ``$XDG_CACHE_HOME/ldm-runtime/openvino``, else ``~/.cache/ldm-runtime/openvino``."""
+    configured = os.environ.get(CACHE_ENV)
+    if configured is not None:
+        return None if configured.strip().lower() in ("", "off") else Path(configured).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "ldm-runtime" / "openvino"
+
+
+def usable_cache_dir(cache_dir: str | Path | None) -> Path | None:
+    """``cache_dir`` ("default": ``default_cache_dir()``) created if need be, or None where it cannot be
+    (logged as a warning: the engine then compiles in every process, which is slower but correct)."""
+    folder = default_cache_dir() if cache_dir == DEFAULT_CACHE else cache_dir
+    if folder is None:
+        return None
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(f"{folder} is not writable")
+    except OSError as error:
+        log.warning("the openvino compile cache %s cannot be used (%s); compiling in this process only (set %s to "
+                    "a writable folder, or to off)", folder, error, CACHE_ENV)
+        return None
+    return folder
 
 
 class OpenVinoUnavailable(EngineLoadError):
@@ -66,13 +105,13 @@ class OpenVinoEngine(EngineDirEngine):
     graphs are compiled for (None: powers of two up to the engine dir's largest batch, and that batch).
     verify: check every graph's and the tokenizer's sha256 against the manifest first. device: "auto" or "cpu".
     cache_dir: a folder where OpenVINO keeps the graphs it compiles, so a later process loads them instead of
-    compiling again (None: compile in every process).
+    compiling again ("default": ``default_cache_dir()``; None: compile in every process).
     Batches and image sizes outside the exported ranges raise ``OutOfRangeError`` naming the allowed range.
     """
 
     def __init__(self, engine_dir: str | Path, precision: str = "fp32", intra_op_threads: int | None = None,
                  batch_buckets: tuple[int, ...] | None = None, verify: bool = True, device: str = "auto",
-                 cache_dir: str | Path | None = None):
+                 cache_dir: str | Path | None = DEFAULT_CACHE):
         if device not in ("auto", "cpu"):
             raise OpenVinoUnavailable(f"device {device!r} is not valid for the openvino engine, which runs on the "
                                       f"CPU; expected 'auto' or 'cpu' (use --engine onnxruntime on a GPU)")
@@ -84,8 +123,9 @@ class OpenVinoEngine(EngineDirEngine):
         openvino = import_openvino()
         self._open_engine_dir(engine_dir, "openvino", verify)
         self.core = openvino.Core()
-        if cache_dir is not None:
-            self.core.set_property({"CACHE_DIR": str(cache_dir)})
+        self.cache_dir = usable_cache_dir(cache_dir)
+        if self.cache_dir is not None:
+            self.core.set_property({"CACHE_DIR": str(self.cache_dir)})
         if precision == "bf16" and "BF16" not in cpu_capabilities(self.core):
             raise OpenVinoUnavailable(
                 f"precision bf16 needs a CPU with native bf16 (AVX-512 BF16 or AMX), and OpenVINO reports only "

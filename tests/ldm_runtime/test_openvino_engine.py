@@ -5,6 +5,7 @@ importing torch, and what this machine cannot do (bf16 without native bf16, no o
 """
 
 import dataclasses
+import logging
 import os
 import subprocess
 import sys
@@ -19,7 +20,9 @@ from export.validate import psnr_db
 from ldm_runtime.engines import load_engine, pick_engine
 from ldm_runtime.engines import openvino_engine
 from ldm_runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
-from ldm_runtime.engines.openvino_engine import OpenVinoEngine, OpenVinoUnavailable, batch_buckets_for
+from ldm_runtime.engines.openvino_engine import (
+    OpenVinoEngine, OpenVinoUnavailable, batch_buckets_for, default_cache_dir,
+)
 from ldm_runtime.manifest import OutOfRangeError
 from ldm_runtime.pipeline import GenerationRequest, Pipeline
 from tests.export.tiny_checkpoint import TINY_CONFIG, shared_tiny_engine
@@ -164,6 +167,40 @@ def test_compiled_graph_cache_is_written_once_and_gives_the_same_rows(exported, 
     second = OpenVinoEngine(exported[1], intra_op_threads=1, verify=False, cache_dir=tmp_path)
     assert np.array_equal(second.decode(latents), expected)
     assert sorted(path.name for path in tmp_path.iterdir()) == cached  # loaded, not compiled again
+
+
+def test_the_default_compile_cache_follows_ldm_compile_cache_then_xdg_then_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("LDM_COMPILE_CACHE", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"
+    for off in ("off", "OFF", ""):
+        monkeypatch.setenv("LDM_COMPILE_CACHE", off)
+        assert default_cache_dir() is None
+    monkeypatch.delenv("LDM_COMPILE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "ldm-runtime" / "openvino"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "ldm-runtime" / "openvino"
+
+
+def test_an_engine_keeps_its_compiled_graphs_in_the_default_cache(exported, monkeypatch, tmp_path, rng):
+    monkeypatch.setenv("LDM_COMPILE_CACHE", str(tmp_path / "cache"))
+    engine = OpenVinoEngine(exported[1], intra_op_threads=1, verify=False)
+    assert engine.cache_dir == tmp_path / "cache"
+    engine.decode(rng.standard_normal((1, 4, 8, 8)).astype(np.float32))
+    assert any((tmp_path / "cache").iterdir())
+    monkeypatch.setenv("LDM_COMPILE_CACHE", "off")
+    assert OpenVinoEngine(exported[1], intra_op_threads=1, verify=False).cache_dir is None
+
+
+def test_a_cache_folder_that_cannot_be_made_turns_the_cache_off_with_a_warning(exported, tmp_path, rng, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with caplog.at_level(logging.WARNING, logger="ldm_runtime.engines.openvino_engine"):
+        engine = OpenVinoEngine(exported[1], intra_op_threads=1, verify=False, cache_dir=blocker / "cache")
+    assert engine.cache_dir is None
+    assert f"the openvino compile cache {blocker / 'cache'} cannot be used" in caplog.text
+    assert engine.decode(rng.standard_normal((1, 4, 8, 8)).astype(np.float32)).shape == (1, 3, 16, 16)
 
 
 def test_batch_and_size_outside_the_exported_range_are_refused_naming_them(engine, rng):

@@ -2,6 +2,7 @@
 and the bad inputs a user can give."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -65,6 +66,48 @@ def test_min_snr_gamma_reaches_the_unet_loss(autoencoder_dir, tmp_path):
     assert main(["unet", *common, "--out", str(tmp_path / "weighted"), "--min-snr-gamma", "0.1"]) == 0
     # the same first batch, timesteps and weights: min-SNR-γ only scales the samples whose SNR is above γ down
     assert losses(tmp_path / "weighted")[1] < losses(tmp_path / "plain")[1]
+
+
+def learning_rates(folder: Path) -> dict[int, float]:
+    records = map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["learning_rate"] for r in records}
+
+
+def test_warmup_and_cosine_schedule_reach_the_optimiser_and_v_prediction_reaches_model_json(autoencoder_dir, tmp_path):
+    out = tmp_path / "ldm"
+    assert main(["unet", *UNET_FLAGS, "--autoencoder", str(autoencoder_dir), "--out", str(out), "--steps", "6",
+                 "--learning-rate", "1e-3", "--warmup-steps", "2", "--lr-schedule", "cosine",
+                 "--prediction-type", "v_prediction"]) == 0
+    rates = learning_rates(out)
+    # warm-up: 1/2 and 2/2 of the rate; then a cosine over the 4 remaining steps, from the full rate towards 0
+    expected = [5e-4, 1e-3] + [1e-3 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert [rates[step] for step in range(1, 7)] == pytest.approx(expected)
+    tensors = load_file(out / "train_state.safetensors")
+    assert any(key.startswith("optimizer") for key in tensors)
+    assert load_model_config(out).schedule.prediction_type == "v_prediction"
+    assert json.loads((out / "train_state.json").read_text())["settings"]["lr_schedule"] == "cosine"
+
+
+def test_resuming_a_cosine_run_with_other_steps_is_refused_naming_them(autoencoder_dir, tmp_path, capsys):
+    out = tmp_path / "ldm"
+    common = [*UNET_FLAGS, "--autoencoder", str(autoencoder_dir), "--out", str(out), "--lr-schedule", "cosine"]
+    assert main(["unet", *common, "--steps", "2", "--checkpoint-every", "1"]) == 0
+    capsys.readouterr()
+    assert main(["unet", *common, "--steps", "4", "--resume"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "steps: 2 -> 4" in error and len(error.splitlines()) == 1
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--lr-schedule", "linear"], "--lr-schedule 'linear'"),
+    (["--prediction-type", "x0"], "--prediction-type 'x0'"),
+    (["--warmup-steps", "-1"], "--warmup-steps is -1"),
+])
+def test_bad_schedule_flags_are_one_line(autoencoder_dir, tmp_path, capsys, flags, named):
+    assert main(["unet", *UNET_FLAGS, "--autoencoder", str(autoencoder_dir), "--out", str(tmp_path / "o"),
+                 *flags]) == 2
+    error = capsys.readouterr().err.strip()
+    assert named in error and len(error.splitlines()) == 1
 
 
 def test_autoencoder_resume_replays_the_uninterrupted_run_exactly(tmp_path):
