@@ -35,10 +35,12 @@ from ldm_tools.bench.report import (
     write_plot,
 )
 from ldm_tools.bench.sources import PRESET_NAMES
-from ldm_tools.bench.workers import BASELINE, DEFAULT_PEERS, PEERS
+from ldm_tools.bench.workers import BASELINE, DEFAULT_PEERS, ENGINE_DIR_PEERS, PEERS
 
 PROG = "ldm-bench"
 TORCH_MAX_BATCH = guided_images(DEFAULT_MAX_BATCH_SIZE)  # images per request the torch engines take
+OUR_ENGINES = (*ENGINE_DIR_PEERS, "triton")  # the runtime's engines over compiled graphs or its own kernels
+FAST_PEERS = ("torch.compile", "torch-bf16", "diffusers")  # what a user would run instead, UNet for UNet
 CPU_LATENT_SIZE = {"sd15": 16}  # the default --latent-size where a preset's own is too large for a CPU (sd15: 64)
 
 
@@ -57,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
                "weights), diffusers-pipeline (diffusers' whole StableDiffusionPipeline end to end, with the model's "
                "DDIM settings, steps and guidance; run by default on a Stable Diffusion checkpoint from ldm-import), "
                "onnxruntime (an engine dir; exported in a temporary folder when --model is a checkpoint), "
-               "triton (the Triton kernels in fp16 with CUDA graphs; a CUDA GPU only).")
+               "openvino and openvino-bf16 (the same engine dir on OpenVINO at fp32, or bf16 where the CPU has native "
+               "bf16; compiled with no cache, so the first image includes compiling), torch-bf16 (eager PyTorch under "
+               "bf16 autocast, where the CPU has native bf16), triton (the Triton kernels in fp16 with CUDA graphs; a "
+               "CUDA GPU only). A peer this machine cannot run is skipped, with the reason in the notes.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", metavar="DIR", help="a checkpoint dir (ldm-train) or an engine dir (ldm-export)")
     source.add_argument("--preset", choices=PRESET_NAMES,
@@ -161,7 +166,7 @@ def check_arguments(args: argparse.Namespace) -> dict[str, Any]:
     if plan.get("engine_dir_batch"):
         low, high = plan["engine_dir_batch"]
         _check_batch_range(batch_sizes, max(1, math.ceil(low / UNET_ROWS_PER_IMAGE)), guided_images(high),
-                           f"the onnxruntime engine dir {args.model} (UNet batch {low}..{high} with guidance)")
+                           f"the engine dir {args.model} (UNet batch {low}..{high} with guidance)")
     return plan
 
 
@@ -260,8 +265,8 @@ def _prepare_sources(plan: dict[str, Any], scratch: Path) -> dict[str, Any]:
             info.update(run_in_child(write_preset_checkpoint, plan["preset"], plan["latent_size"], plan["checkpoint"]))
             _log(f"wrote it in {time.perf_counter() - started:.0f} s")
             plan["engine_dir"] = None
-        if "onnxruntime" in plan["engines"] and plan["engine_dir"] is None:
-            _log("exporting the checkpoint to an fp32 onnxruntime engine dir")
+        if set(ENGINE_DIR_PEERS) & set(plan["engines"]) and plan["engine_dir"] is None:
+            _log("exporting the checkpoint to an fp32 engine dir")
             plan["engine_dir"] = str(scratch / "engine")
             model = load_model_config(plan["checkpoint"])
             info["export_s"] = run_in_child(export_onnxruntime_engine, plan["checkpoint"], plan["engine_dir"],
@@ -312,13 +317,13 @@ def _start_workers(plan: dict[str, Any], args: argparse.Namespace, workers: dict
     outputs = {}
     for name in plan["engines"]:
         entry = entries[name] = {"name": name, "status": "ok", "reason": None}
-        missing = _missing_library(name)
+        missing = _missing_library(name) or _bf16_refusal(name, args.device)
         if missing:
             entry.update(status="failed", reason=missing)
             _log(f"{name}: skipped ({missing})")
             continue
         _log(f"{name}: loading and making a first image")
-        worker = Worker(WorkerSpec(engine=name, folder=plan["engine_dir"] if name == "onnxruntime"
+        worker = Worker(WorkerSpec(engine=name, folder=plan["engine_dir"] if name in ENGINE_DIR_PEERS
                                    else plan["checkpoint"], device=args.device, threads=args.threads,
                                    steps=args.steps, image_size=plan["image_size"],
                                    guidance_scale=DEFAULT_GUIDANCE_SCALE))
@@ -413,10 +418,17 @@ def _drop(workers: dict, entries: dict, name: str, batch_size: int, error: Excep
 def _missing_library(name: str) -> str | None:
     import importlib.util
 
-    library = {"diffusers": "diffusers", PIPELINE_PEER: "diffusers", "onnxruntime": "onnxruntime"}.get(name)
+    library = {"diffusers": "diffusers", PIPELINE_PEER: "diffusers", "onnxruntime": "onnxruntime",
+               "openvino": "openvino", "openvino-bf16": "openvino"}.get(name)
     if library and importlib.util.find_spec(library) is None:
         return f"{library} is not installed"
     return None
+
+
+def _bf16_refusal(name: str, device: str) -> str | None:
+    from ldm_tools.bench.workers import native_bf16_refusal
+
+    return native_bf16_refusal(device) if name.endswith("-bf16") else None
 
 
 def _machine(args: argparse.Namespace) -> dict[str, Any]:
@@ -429,7 +441,7 @@ def _machine(args: argparse.Namespace) -> dict[str, Any]:
     except OSError:
         pass
     versions = {}
-    for package in ("torch", "onnxruntime", "onnxruntime-gpu", "diffusers", "numpy"):
+    for package in ("torch", "onnxruntime", "onnxruntime-gpu", "openvino", "diffusers", "numpy"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
@@ -458,4 +470,12 @@ def _notes(report: dict[str, Any]) -> list[str]:
                        if compiled and best is not compiled else "")
             notes.append(f"batch {batch_size}: fastest is {best['engine']} at {best['steps_speedup_vs_torch']:.2f}× "
                          f"eager PyTorch's UNet steps/s{against}")
+        ours = [row for row in rows if row["engine"] in OUR_ENGINES]
+        peers = [row for row in rows if row["engine"] in FAST_PEERS]
+        if ours and peers:
+            mine = max(ours, key=lambda row: row["unet_steps_per_s"])
+            theirs = max(peers, key=lambda row: row["unet_steps_per_s"])
+            notes.append(f"batch {batch_size}: our fastest engine, {mine['engine']}, makes "
+                         f"{mine['unet_steps_per_s'] / theirs['unet_steps_per_s']:.2f}× the UNet steps/s of the "
+                         f"fastest peer, {theirs['engine']}")
     return notes

@@ -26,8 +26,11 @@ import numpy as np
 
 from ldm_tools.bench.diffusers_peers import PIPELINE_PEER
 
-PEERS = ("torch", "torch.compile", "diffusers", "diffusers-pipeline", "onnxruntime", "triton")
-DEFAULT_PEERS = ("torch", "torch.compile", "diffusers", "onnxruntime")  # triton needs a CUDA GPU
+PEERS = ("torch", "torch.compile", "torch-bf16", "diffusers", "diffusers-pipeline", "onnxruntime", "openvino",
+         "openvino-bf16", "triton")
+# triton needs a CUDA GPU; the bf16 ones a CPU with native bf16, and are skipped elsewhere with the reason
+DEFAULT_PEERS = ("torch", "torch.compile", "torch-bf16", "diffusers", "onnxruntime", "openvino", "openvino-bf16")
+ENGINE_DIR_PEERS = ("onnxruntime", "openvino", "openvino-bf16")  # the engines that run the (exported) engine dir
 PROFILE_TOP = 8
 BASELINE = "torch"
 PROMPT = "a large red circle on the left, on a blue background"
@@ -41,7 +44,7 @@ class WorkerFailed(Exception):
 @dataclass(frozen=True)
 class WorkerSpec:
     engine: str  # one of PEERS
-    folder: str  # a checkpoint dir (torch peers) or an engine dir (onnxruntime)
+    folder: str  # a checkpoint dir (torch peers) or an engine dir (ENGINE_DIR_PEERS)
     device: str
     threads: int
     steps: int  # DDIM steps of one end-to-end request
@@ -156,6 +159,11 @@ class _EngineBench:
 
     def describe(self) -> dict[str, Any]:
         """The device the engine computes on and the library versions behind it."""
+        if self.spec.engine.startswith("openvino"):
+            import openvino
+
+            return {"device": "cpu", "version": f"openvino {openvino.__version__}",
+                    "precision": self.engine.precision, "compile_cache": "off (every graph compiled in this process)"}
         if self.spec.engine == "onnxruntime":
             import onnxruntime
 
@@ -204,7 +212,7 @@ class _EngineBench:
     def memory(self) -> dict[str, Any]:
         peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         cuda = None
-        if self.spec.engine != "onnxruntime" and self.engine.device.type == "cuda":
+        if self.spec.engine not in ENGINE_DIR_PEERS and self.engine.device.type == "cuda":
             import torch
 
             cuda = torch.cuda.max_memory_allocated(self.engine.device) / 2**20
@@ -216,6 +224,8 @@ class _EngineBench:
         states = self._start(batch_size)
         if self.spec.engine == "onnxruntime":
             return _onnxruntime_profile(self.engine, lambda: self.pipeline.advance(states))
+        if self.spec.engine.startswith("openvino"):
+            return _top_shares(self.engine.operator_times("unet", lambda: self.pipeline.advance(states)))
         from torch.profiler import ProfilerActivity
         from torch.profiler import profile as torch_profile
 
@@ -226,7 +236,7 @@ class _EngineBench:
         return _top_shares(times)
 
     def _synchronize(self) -> None:
-        if self.spec.engine != "onnxruntime" and self.engine.device.type == "cuda":
+        if self.spec.engine not in ENGINE_DIR_PEERS and self.engine.device.type == "cuda":
             import torch
 
             torch.cuda.synchronize(self.engine.device)
@@ -373,12 +383,18 @@ def _onnxruntime_profile(engine, step) -> list[dict[str, Any]]:
 
 
 def build_engine(spec: WorkerSpec):
-    """The engine ``spec`` names. torch.compile and diffusers are the torch engine with its UNet swapped: the
-    text encoder, the autoencoder and the sampler stay the same, so only the UNet differs between peers."""
+    """The engine ``spec`` names. torch.compile, torch-bf16 and diffusers are the torch engine with its UNet
+    swapped or wrapped: the text encoder, the autoencoder and the sampler stay the same, so only the UNet differs
+    between peers. The openvino peers compile with no cache, so their first image is what a fresh machine sees."""
     if spec.engine == "onnxruntime":
         from ldm_runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
 
         return OnnxRuntimeEngine(spec.folder, intra_op_threads=spec.threads, device=spec.device)
+    if spec.engine.startswith("openvino"):
+        from ldm_runtime.engines.openvino_engine import OpenVinoEngine
+
+        return OpenVinoEngine(spec.folder, precision="bf16" if spec.engine == "openvino-bf16" else "fp32",
+                              intra_op_threads=spec.threads, device=spec.device, cache_dir=None)
     import torch
 
     if spec.engine == "triton":
@@ -396,11 +412,44 @@ def build_engine(spec: WorkerSpec):
     engine = TorchEngine(spec.folder, device=spec.device, unet_chunk_size=None, kernels="reference")
     if spec.engine == "torch.compile":
         engine.unet_model = torch.compile(engine.unet_model)
+    elif spec.engine == "torch-bf16":
+        engine.unet_model = Bf16Autocast(engine.unet_model, engine.device.type)
     elif spec.engine == "diffusers":
         engine.unet_model = diffusers_unet(engine.unet_model)
     else:  # diffusers-pipeline: its worker builds diffusers' pipeline over the engine's networks
         assert spec.engine in (BASELINE, PIPELINE_PEER), spec.engine
     return engine
+
+
+def native_bf16_refusal(device: str) -> str | None:
+    """Why bf16 peers do not run on this machine's CPU (None where it computes bf16 natively: AVX-512 BF16 or
+    AMX, from /proc/cpuinfo's flags), so that a bf16 figure is never emulated bf16. A GPU device is not judged."""
+    if device.startswith("cuda"):
+        return None
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    if {"avx512_bf16", "amx_bf16"} & set(flags):
+        return None
+    return "this CPU has no native bf16 (neither avx512_bf16 nor amx_bf16 among its flags)"
+
+
+def Bf16Autocast(unet, device_type: str):  # noqa: N802 (a class factory: torch is imported in the worker only)
+    """``unet`` called under ``torch.autocast(device_type, bfloat16)``, returning float32 like the others."""
+    import torch
+
+    class _Bf16Autocast(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = unet
+
+        def forward(self, *args, **kwargs):
+            with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
+                return self.model(*args, **kwargs).float()
+
+    return _Bf16Autocast()
 
 
 def diffusers_unet(unet):

@@ -163,6 +163,47 @@ def test_engine_dir_runs_against_its_checkpoint_and_refuses_what_it_cannot(check
     assert_one_line_error(code, err, f"--checkpoint {other}", "sha256")
 
 
+def test_openvino_and_the_bf16_peers_run_where_this_machine_can_and_are_skipped_with_the_reason_elsewhere(
+        checkpoint, tmp_path, capsys):
+    pytest.importorskip("openvino")  # the dev extra installs it
+    from ldm_tools.bench.workers import native_bf16_refusal
+
+    out = tmp_path / "bench.json"
+    code, stdout, err = run_bench(capsys, "--model", checkpoint, "--engines", "torch,openvino,torch-bf16,openvino-bf16",
+                                  "--batch-sizes", 1, "--steps", 2, "--repeats", 1, "--threads", 1, "--json", out,
+                                  "--profile")
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    engines = {entry["name"]: entry for entry in report["engines"]}
+    assert engines["openvino"]["status"] == "ok" and engines["openvino"]["unet_relative_error"] < 1e-4
+    assert engines["openvino"]["version"].startswith("openvino ") and engines["openvino"]["precision"] == "fp32"
+    assert {op["op"] for op in engines["openvino"]["profile"]["1"]} & {"Convolution", "MatMul", "FullyConnected"}
+    assert "| openvino | 1 |" in stdout
+    refusal = native_bf16_refusal("cpu")
+    for name in ("torch-bf16", "openvino-bf16"):
+        if refusal is None:  # a CPU with AVX-512 BF16 or AMX: bf16 runs, at bf16's error
+            assert engines[name]["status"] == "ok" and engines[name]["unet_relative_error"] < 0.1
+        else:
+            assert engines[name]["status"] == "failed" and engines[name]["reason"] == refusal
+            assert f"{name} did not run: {refusal}" in report["notes"]
+
+
+def test_the_notes_compare_our_fastest_engine_with_the_fastest_peer():
+    from ldm_tools.bench.cli import _notes
+    from ldm_tools.bench.report import result_rows
+
+    names = ["torch", "torch.compile", "diffusers", "onnxruntime", "openvino"]
+    seconds = {"torch": 1.0, "torch.compile": 0.8, "diffusers": 0.9, "onnxruntime": 0.4, "openvino": 0.2}
+    steps = {(name, 1): [value] * 3 for name, value in seconds.items()}
+    rows = result_rows(steps, {key: [10 * value[0]] * 3 for key, value in steps.items()}, names, [1], "torch")
+    report = {"results": rows, "engines": [{"name": name, "status": "ok"} for name in names],
+              "settings": {"batch_sizes": [1]}}
+    notes = _notes(report)
+    assert "batch 1: fastest is openvino at 5.00× eager PyTorch's UNet steps/s, 4.00× torch.compile" in notes
+    assert "batch 1: our fastest engine, openvino, makes 4.00× the UNet steps/s of the fastest peer, torch.compile" \
+        in notes
+
+
 def test_summary_and_ratios_follow_their_definitions_on_known_samples():
     from ldm_tools.bench.report import result_rows, summarize
 
