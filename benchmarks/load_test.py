@@ -78,7 +78,6 @@ def start_server(model: Path, flags: list[str], start_timeout_s: float = START_T
         raise SystemExit(f"load_test: {error}") from None
 
 
-
 def compare_replicas(model: Path, serve_flags: list[str], replica_counts: list[int], concurrencies: list[int],
                      seconds: float, steps: list[int], guidance: float, seed: int) -> dict[str, list[dict]]:
     """One process, then ``--replicas R`` for each R (one Ray instance at a time), each warmed up by a short run

@@ -186,11 +186,15 @@ class OpenVinoEngine(EngineDirEngine):
         key = (graph, tuple(sorted(shapes.items())))
         request = self._compiled.get(key)
         if request is None:
-            model = self.models[graph].clone()
-            model.reshape({name: list(shape) for name, shape in shapes.items()})
-            compiled = self.core.compile_model(model, "CPU", self.compile_config)
-            request = self._compiled[key] = compiled.create_infer_request()
+            request = self._compiled[key] = self._compile(graph, shapes)
         return request
+
+    def _compile(self, graph: str, shapes: dict[str, tuple[int, ...]], **extra_config: str):
+        """An infer request of ``graph`` compiled for these input shapes, with ``extra_config`` on top of the
+        engine's compile settings."""
+        model = self.models[graph].clone()
+        model.reshape({name: list(shape) for name, shape in shapes.items()})
+        return self.core.compile_model(model, "CPU", {**self.compile_config, **extra_config}).create_infer_request()
 
     def operator_times(self, graph: str, run) -> dict[str, float]:
         """Milliseconds per operator kind that ``graph`` spends while ``run()`` runs, from OpenVINO's per-node
@@ -198,10 +202,7 @@ class OpenVinoEngine(EngineDirEngine):
         put back (a profile, not a timing: counting costs time)."""
         plain = {key: request for key, request in self._compiled.items() if key[0] == graph}
         for key in plain:
-            model = self.models[graph].clone()
-            model.reshape({name: list(shape) for name, shape in key[1]})
-            counted = self.core.compile_model(model, "CPU", {**self.compile_config, "PERF_COUNT": "YES"})
-            self._compiled[key] = counted.create_infer_request()
+            self._compiled[key] = self._compile(graph, dict(key[1]), PERF_COUNT="YES")
         try:
             run()
             times: dict[str, float] = {}

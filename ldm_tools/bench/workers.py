@@ -413,7 +413,7 @@ def build_engine(spec: WorkerSpec):
     if spec.engine == "torch.compile":
         engine.unet_model = torch.compile(engine.unet_model)
     elif spec.engine == "torch-bf16":
-        engine.unet_model = Bf16Autocast(engine.unet_model, engine.device.type)
+        engine.unet_model = bf16_autocast(engine.unet_model, engine.device.type)
     elif spec.engine == "diffusers":
         engine.unet_model = diffusers_unet(engine.unet_model)
     else:  # diffusers-pipeline: its worker builds diffusers' pipeline over the engine's networks
@@ -436,7 +436,7 @@ def native_bf16_refusal(device: str) -> str | None:
     return "this CPU has no native bf16 (neither avx512_bf16 nor amx_bf16 among its flags)"
 
 
-def Bf16Autocast(unet, device_type: str):  # noqa: N802 (a class factory: torch is imported in the worker only)
+def bf16_autocast(unet, device_type: str):
     """``unet`` called under ``torch.autocast(device_type, bfloat16)``, returning float32 like the others."""
     import torch
 
