@@ -35,7 +35,7 @@ from ldm_tools.bench.report import (
     write_plot,
 )
 from ldm_tools.bench.sources import PRESET_NAMES
-from ldm_tools.bench.workers import BASELINE, DEFAULT_PEERS, ENGINE_DIR_PEERS, PEERS
+from ldm_tools.bench.workers import BASELINE, DEFAULT_PEERS, ENGINE_DIR_PEERS, PEERS, cpu_info, native_bf16_refusal
 
 PROG = "ldm-bench"
 TORCH_MAX_BATCH = guided_images(DEFAULT_MAX_BATCH_SIZE)  # images per request the torch engines take
@@ -426,28 +426,33 @@ def _missing_library(name: str) -> str | None:
 
 
 def _bf16_refusal(name: str, device: str) -> str | None:
-    from ldm_tools.bench.workers import native_bf16_refusal
+    """Why a bf16 peer cannot run here. openvino-bf16 runs on the CPU whatever --device says; torch-bf16 runs
+    where the torch engine does, so --device auto on a machine with a CUDA GPU is judged as that GPU."""
+    if not name.endswith("-bf16"):
+        return None
+    if name != "torch-bf16":
+        return native_bf16_refusal("cpu")
+    if device == "auto":
+        from ldm_runtime.engines.torch_engine import resolve_device
 
-    return native_bf16_refusal(device) if name.endswith("-bf16") else None
+        device = resolve_device(device).type
+    return native_bf16_refusal(device)
 
 
 def _machine(args: argparse.Namespace) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu, flags = cpu_info()
+    # the instruction sets CPU speed figures depend on: vector width, FMA, and native int8/bf16/fp16 arithmetic
+    simd = sorted(flag for flag in flags if flag in ("avx", "avx2", "fma", "f16c") or flag.startswith(("avx512", "amx"))
+                  or "vnni" in flag)
     versions = {}
     for package in ("torch", "onnxruntime", "onnxruntime-gpu", "openvino", "diffusers", "numpy"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "versions": versions, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
+    return {"cpu": cpu, "cpu_flags": simd, "cores": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "versions": versions,
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")}
 
 
 def _notes(report: dict[str, Any]) -> list[str]:
@@ -459,7 +464,8 @@ def _notes(report: dict[str, Any]) -> list[str]:
                      f"figures marked ! are indicative only: {', '.join(wide)}")
     for entry in report["engines"]:
         if entry["status"] != "ok":
-            notes.append(f"{entry['name']} did not run: {entry['reason']}")
+            timed = any(row["engine"] == entry["name"] for row in report["results"])
+            notes.append(f"{entry['name']} {'stopped' if timed else 'did not run'}: {entry['reason']}")
     for batch_size in report["settings"]["batch_sizes"]:
         rows = [row for row in report["results"] if row["batch_size"] == batch_size and row["engine"] != BASELINE
                 and row["steps_speedup_vs_torch"] is not None]
@@ -468,8 +474,10 @@ def _notes(report: dict[str, Any]) -> list[str]:
             compiled = next((row for row in rows if row["engine"] == "torch.compile"), None)
             against = (f", {best['unet_steps_per_s'] * compiled['step_seconds']['median']:.2f}× torch.compile"
                        if compiled and best is not compiled else "")
+            rounds = best.get("steps_speedup_per_round") or []
+            spread = (f" (round by round {min(rounds):.2f}-{max(rounds):.2f}×)" if len(rounds) > 1 else "")
             notes.append(f"batch {batch_size}: fastest is {best['engine']} at {best['steps_speedup_vs_torch']:.2f}× "
-                         f"eager PyTorch's UNet steps/s{against}")
+                         f"eager PyTorch's UNet steps/s{spread}{against}")
         ours = [row for row in rows if row["engine"] in OUR_ENGINES]
         peers = [row for row in rows if row["engine"] in FAST_PEERS]
         if ours and peers:

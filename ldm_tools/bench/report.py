@@ -36,12 +36,15 @@ def result_rows(step_seconds: dict[tuple[str, int], list[float]], e2e_seconds: d
                 "step_seconds": step, "latency_seconds": latency,
                 "unet_steps_per_s": 1.0 / step["median"],
                 "images_per_s": batch_size / latency["median"],
-                "steps_speedup_vs_torch": None, "latency_speedup_vs_torch": None,
+                "steps_speedup_vs_torch": None, "latency_speedup_vs_torch": None, "steps_speedup_per_round": [],
                 "wide_spread": step["wide"] or latency["wide"],
             }
             if base_step and base_e2e:
                 row["steps_speedup_vs_torch"] = statistics.median(base_step) / step["median"]
                 row["latency_speedup_vs_torch"] = statistics.median(base_e2e) / latency["median"]
+                # the i-th samples of every engine come from the same round, taken within seconds of each other:
+                # their ratio cancels the machine's drift between rounds that widens each engine's own spread
+                row["steps_speedup_per_round"] = [base / mine for base, mine in zip(base_step, steps)]
             rows.append(row)
     return rows
 
@@ -67,7 +70,7 @@ def format_table(report: dict[str, Any]) -> str:
             f"{latency['median']:.3g} ±{100 * latency['spread']:.0f}%{mark}",
             _ratio(row["latency_speedup_vs_torch"]),
             f"{entry['time_to_first_image_s']:.1f}",
-            memory if isinstance(memory, str) else f"{memory:.0f}",
+            memory if isinstance(memory, str) else "" if memory is None else f"{memory:.0f}",  # None: it failed
             "" if entry.get("unet_relative_error") is None else f"{entry['unet_relative_error']:.1e}",
         ]
         lines.append("| " + " | ".join(cells) + " |")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import platform
 import resource
 import time
 import traceback
@@ -421,17 +422,26 @@ def build_engine(spec: WorkerSpec):
     return engine
 
 
+def cpu_info() -> tuple[str, list[str]]:
+    """This machine's CPU model name and flags, as /proc/cpuinfo (and so lscpu) gives them; without
+    /proc/cpuinfo, the platform's processor name and no flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    fields = [line.split(":", 1) for line in lines if ":" in line]
+    name = next((value.strip() for key, value in fields if key.strip() == "model name"),
+                platform.processor() or platform.machine())
+    flags = next((value.split() for key, value in fields if key.strip() == "flags"), [])
+    return name, flags
+
+
 def native_bf16_refusal(device: str) -> str | None:
     """Why bf16 peers do not run on this machine's CPU (None where it computes bf16 natively: AVX-512 BF16 or
     AMX, from /proc/cpuinfo's flags), so that a bf16 figure is never emulated bf16. A GPU device is not judged."""
     if device.startswith("cuda"):
         return None
-    try:
-        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    if {"avx512_bf16", "amx_bf16"} & set(flags):
+    if {"avx512_bf16", "amx_bf16"} & set(cpu_info()[1]):
         return None
     return "this CPU has no native bf16 (neither avx512_bf16 nor amx_bf16 among its flags)"
 

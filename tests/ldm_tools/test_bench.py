@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from ldm_tools.bench import main
+from ldm_tools.bench.workers import cpu_info
 from tests.export.tiny_checkpoint import shared_tiny_checkpoint, shared_tiny_engine
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,6 +62,8 @@ def test_tiny_bench_writes_table_json_and_png_plot(checkpoint, tmp_path, capsys)
     assert report["settings"]["batch_sizes"] == [1, 2] and report["settings"]["threads"] == 1
     assert report["command"].startswith("ldm-bench --model ")
     assert report["machine"]["cores"] >= 1 and report["machine"]["cpu"]
+    flags, recorded = cpu_info()[1], report["machine"]["cpu_flags"]  # the SIMD flags lscpu shows, with the figures
+    assert set(recorded) <= set(flags) and ("avx2" in recorded) == ("avx2" in flags), recorded
     engines = {entry["name"]: entry for entry in report["engines"]}
     assert [entry["status"] for entry in engines.values()] == ["ok", "ok"]
     for entry in engines.values():
@@ -188,6 +191,22 @@ def test_openvino_and_the_bf16_peers_run_where_this_machine_can_and_are_skipped_
             assert f"{name} did not run: {refusal}" in report["notes"]
 
 
+def test_torch_bf16_is_judged_on_the_device_auto_resolves_to_and_openvino_bf16_on_the_cpu(monkeypatch):
+    import torch
+
+    from ldm_tools.bench.cli import _bf16_refusal
+    from ldm_tools.bench.workers import native_bf16_refusal
+
+    on_the_cpu = native_bf16_refusal("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _bf16_refusal("torch-bf16", "auto") == on_the_cpu
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _bf16_refusal("torch-bf16", "auto") is None  # a CUDA GPU: autocast runs there, whatever the CPU has
+    assert _bf16_refusal("openvino-bf16", "auto") == on_the_cpu
+    assert _bf16_refusal("openvino-bf16", "cuda") == on_the_cpu
+    assert _bf16_refusal("torch", "auto") is None
+
+
 def test_the_notes_compare_our_fastest_engine_with_the_fastest_peer():
     from ldm_tools.bench.cli import _notes
     from ldm_tools.bench.report import result_rows
@@ -199,7 +218,8 @@ def test_the_notes_compare_our_fastest_engine_with_the_fastest_peer():
     report = {"results": rows, "engines": [{"name": name, "status": "ok"} for name in names],
               "settings": {"batch_sizes": [1]}}
     notes = _notes(report)
-    assert "batch 1: fastest is openvino at 5.00× eager PyTorch's UNet steps/s, 4.00× torch.compile" in notes
+    assert ("batch 1: fastest is openvino at 5.00× eager PyTorch's UNet steps/s (round by round 5.00-5.00×), "
+            "4.00× torch.compile") in notes
     assert "batch 1: our fastest engine, openvino, makes 4.00× the UNet steps/s of the fastest peer, torch.compile" \
         in notes
 
@@ -220,6 +240,38 @@ def test_summary_and_ratios_follow_their_definitions_on_known_samples():
     assert fast["latency_speedup_vs_torch"] == pytest.approx(2.5)
     assert fast["images_per_s"] == pytest.approx(0.25) and fast["unet_steps_per_s"] == pytest.approx(2.0)
     assert next(row for row in rows if row["engine"] == "torch")["wide_spread"]  # 2.2 and 1.8 around 2.0
+    assert fast["steps_speedup_per_round"] == pytest.approx([4.0, 4.4, 3.6])  # round i against round i
+
+
+def test_the_table_keeps_the_rows_of_an_engine_that_failed_at_a_later_batch_size():
+    from ldm_tools.bench.cli import _notes
+    from ldm_tools.bench.report import format_table, result_rows
+
+    # openvino timed at batch 1, then its process died at batch 8 (the kernel's OOM killer): it never reported
+    # its peak memory, and the table must still print, not raise
+    rows = result_rows({("torch", 1): [1.0] * 3, ("openvino", 1): [0.4] * 3, ("torch", 8): [4.0] * 3},
+                       {("torch", 1): [3.0] * 3, ("openvino", 1): [2.0] * 3, ("torch", 8): [9.0] * 3},
+                       ["torch", "openvino"], [1, 8], "torch")
+    report = {"results": rows, "settings": {"batch_sizes": [1, 8]}, "engines": [
+        {"name": "torch", "status": "ok", "reason": None, "time_to_first_image_s": 9.0, "peak_rss_mib": 500.0,
+         "unet_relative_error": 0.0},
+        {"name": "openvino", "status": "failed", "time_to_first_image_s": 3.0, "unet_relative_error": 5e-7,
+         "reason": "at batch size 8: the process exited with code -9"}]}
+    table = format_table(report)
+    assert "| openvino | 1 | 2.5 ±0% | 2.50× |" in table
+    assert "| openvino | failed: at batch size 8: the process exited with code -9 |" in table
+    assert "openvino stopped: at batch size 8: the process exited with code -9" in _notes(report)
+
+
+def test_per_round_ratios_cancel_a_machine_that_slows_down_for_a_round():
+    from ldm_tools.bench.report import result_rows
+
+    # the second round ran at half speed for every engine: the engines' own spreads are wide, their ratio is not
+    rows = result_rows({("torch", 8): [1.0, 2.0, 1.0], ("openvino", 8): [0.5, 1.0, 0.5]},
+                       {("torch", 8): [3.0, 6.0, 3.0], ("openvino", 8): [2.0, 4.0, 2.0]},
+                       ["torch", "openvino"], [8], "torch")
+    fast = next(row for row in rows if row["engine"] == "openvino")
+    assert fast["wide_spread"] and fast["steps_speedup_per_round"] == pytest.approx([2.0, 2.0, 2.0])
 
 
 # --- a Stable Diffusion checkpoint (ldm-import): diffusers' whole pipeline is timed beside ours --------------------
