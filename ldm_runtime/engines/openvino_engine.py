@@ -198,17 +198,21 @@ class OpenVinoEngine(EngineDirEngine):
 
     def operator_times(self, graph: str, run) -> dict[str, float]:
         """Milliseconds per operator kind that ``graph`` spends while ``run()`` runs, from OpenVINO's per-node
-        counters: every compiled shape of ``graph`` is compiled again with ``PERF_COUNT`` on for the call, then
-        put back (a profile, not a timing: counting costs time)."""
-        plain = {key: request for key, request in self._compiled.items() if key[0] == graph}
-        for key in plain:
-            self._compiled[key] = self._compile(graph, dict(key[1]), PERF_COUNT="YES")
+        counters: every compiled shape of ``graph`` is compiled again with ``PERF_COUNT`` on for the call (a
+        profile, not a timing: counting costs time), in place of the plain one, so that memory holds one compiled
+        copy of the weights per shape as before (GiBs at SD's size); the plain ones are compiled again on their
+        next use (from the compile cache where it is on)."""
+        keys = [key for key in self._compiled if key[0] == graph]
         try:
+            for key in keys:
+                del self._compiled[key]
+                self._compiled[key] = self._compile(graph, dict(key[1]), PERF_COUNT="YES")
             run()
             times: dict[str, float] = {}
-            for key in plain:
+            for key in keys:
                 for info in self._compiled[key].get_profiling_info():
                     times[info.node_type] = times.get(info.node_type, 0.0) + info.real_time.total_seconds() * 1000
         finally:
-            self._compiled.update(plain)
+            for key in keys:
+                self._compiled.pop(key, None)
         return times

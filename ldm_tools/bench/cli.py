@@ -226,8 +226,8 @@ def _check_model_folder(folder: Path, checkpoint: str | None, engines: list[str]
                              f"or changed: pass --checkpoint DIR, or --model CHECKPOINT_DIR to export it afresh")
         raise BenchError(f"--checkpoint {checkpoint} is not the checkpoint {folder} was exported from (its files' "
                          f"sha256 differ from the manifest's); expected the same weights for every engine")
-    if "onnxruntime" not in engines:
-        engines.append("onnxruntime")  # an engine dir is there to be timed
+    if not set(ENGINE_DIR_PEERS) & set(engines):
+        engines.append("onnxruntime")  # an engine dir is there to be timed, by onnxruntime unless --engines names one
     return {"checkpoint": str(chosen), "engine_dir": str(folder), "image_size": manifest.model.image_size,
             "latent_size": manifest.model.image_size // manifest.model.latent_factor, "model_name": folder.name,
             "engine_dir_batch": (manifest.batch.min, manifest.batch.max)}

@@ -68,16 +68,18 @@ class Worker:
 
     def ask(self, *message: Any) -> Any:
         """Send one command and wait for its answer; ``WorkerFailed`` if the worker reports an error or dies."""
-        if message:
-            self.connection.send(message)
-        while not self.connection.poll(0.5):
-            if not self.process.is_alive():
-                raise WorkerFailed(f"the process exited with code {self.process.exitcode} (killed: out of memory?)")
         try:
+            if message:
+                self.connection.send(message)
+            while not self.connection.poll(0.5):
+                if not self.process.is_alive():
+                    raise EOFError
             status, value = self.connection.recv()
-        except EOFError:
+        except (EOFError, OSError):  # it died: before the command (a broken pipe), or while on it
             self.process.join(5)
-            raise WorkerFailed(f"the process exited with code {self.process.exitcode}") from None
+            code = self.process.exitcode
+            raise WorkerFailed(f"the process exited with code {code}"
+                               + (" (killed: out of memory?)" if code == -9 else "")) from None
         if status == "error":
             raise WorkerFailed(value)
         return value

@@ -157,6 +157,25 @@ def test_each_graph_is_compiled_once_per_bucket_and_shape(exported, rng):
         (4, TINY_CONFIG.text_encoder.max_length)]
 
 
+def test_a_profile_holds_one_compiled_copy_per_shape_and_the_next_call_compiles_plain_again(exported, rng):
+    engine = OpenVinoEngine(exported[1], intra_op_threads=1, verify=False, cache_dir=None)
+    latents = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
+    expected = engine.decode(latents)
+    held = []
+    compile_plain = engine._compile
+
+    def counting(graph, shapes, **extra):  # what is compiled, and how many decoders are held when it is
+        held.append((extra, sum(1 for key in engine._compiled if key[0] == "vae_decoder")))
+        return compile_plain(graph, shapes, **extra)
+
+    engine._compile = counting
+    times = engine.operator_times("vae_decoder", lambda: engine.decode(latents))
+    assert times and all(value >= 0 for value in times.values()) and {"Convolution"} & set(times), times
+    assert held == [({"PERF_COUNT": "YES"}, 0)]  # the plain decoder was let go before the profiled one was made
+    assert engine.compiled_shapes == []  # the profiled one is not kept for timing
+    assert np.array_equal(engine.decode(latents), expected) and held[-1] == ({}, 0)
+
+
 def test_compiled_graph_cache_is_written_once_and_gives_the_same_rows(exported, engine, tmp_path, rng):
     latents = rng.standard_normal((2, 4, 8, 8)).astype(np.float32)
     expected = engine.decode(latents)

@@ -132,6 +132,24 @@ def test_checkpoint_with_damaged_weights_is_one_line(checkpoint, tmp_path, capsy
                           after_progress=True)
 
 
+def test_a_worker_that_died_between_commands_fails_as_a_worker_not_the_run(checkpoint):
+    from ldm_runtime.checkpoint import load_model_config
+    from ldm_tools.bench.workers import Worker, WorkerFailed, WorkerSpec
+
+    # the kernel's out-of-memory killer takes a worker while the parent is between two commands: the next command
+    # meets a closed pipe, which must be that worker's failure (recorded, the others go on), not a traceback
+    worker = Worker(WorkerSpec(engine="torch", folder=str(checkpoint), device="cpu", threads=1, steps=1,
+                               image_size=load_model_config(checkpoint).image_size, guidance_scale=5.0))
+    try:
+        worker.ask()  # loaded, first image made
+        worker.process.kill()
+        worker.process.join()
+        with pytest.raises(WorkerFailed, match=r"the process exited with code -9 \(killed: out of memory\?\)"):
+            worker.ask("step", 1, 1)
+    finally:
+        worker.stop()
+
+
 @pytest.mark.slow  # the tiny export with validation: shared with the export and onnxruntime tests of the same run
 def test_engine_dir_runs_against_its_checkpoint_and_refuses_what_it_cannot(checkpoint, tmp_path_factory, tmp_path,
                                                                           capsys):
@@ -147,6 +165,11 @@ def test_engine_dir_runs_against_its_checkpoint_and_refuses_what_it_cannot(check
     assert engines["onnxruntime"]["status"] == "ok" and engines["onnxruntime"]["unet_relative_error"] < 1e-4
     assert "| onnxruntime | 1 |" in stdout
     assert {op["op"] for op in engines["onnxruntime"]["profile"]["1"]} & {"Conv", "MatMul", "Gemm", "FusedConv"}
+    from ldm_tools.bench.cli import _check_model_folder
+
+    named = ["torch", "openvino"]  # another engine of engine dirs named: onnxruntime is not added beside it
+    _check_model_folder(Path(engine_dir), None, named)
+    assert named == ["torch", "openvino"]
 
     code, _, err = run_bench(capsys, "--model", engine_dir, "--batch-sizes", "1,5")
     assert_one_line_error(code, err, "batch size 5", "1 to 4 images")
