@@ -151,6 +151,8 @@ class OpenVinoEngine(EngineDirEngine):
                 first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 raise EngineDirError(f"openvino cannot read {path} ({first_line})") from None
         self._compiled: dict[tuple, Any] = {}  # (graph, input shapes) -> an infer request of the compiled graph
+        self._counting: str | None = None  # the graph operator_times is profiling, and the shapes it compiled
+        self._counted: list[tuple] = []
 
     def bucket_for(self, rows: int) -> int:
         """The smallest batch bucket that holds ``rows`` (1 <= rows <= the engine dir's largest batch)."""
@@ -184,6 +186,10 @@ class OpenVinoEngine(EngineDirEngine):
     def _request(self, graph: str, shapes: dict[str, tuple[int, ...]]):
         """An infer request of ``graph`` compiled for these input shapes: compiled on first use, then reused."""
         key = (graph, tuple(sorted(shapes.items())))
+        if graph == self._counting and key not in self._counted:  # inside operator_times
+            self._compiled.pop(key, None)  # let the plain one go before its counting copy is made
+            self._compiled[key] = self._compile(graph, shapes, PERF_COUNT="YES")
+            self._counted.append(key)
         request = self._compiled.get(key)
         if request is None:
             request = self._compiled[key] = self._compile(graph, shapes)
@@ -198,21 +204,19 @@ class OpenVinoEngine(EngineDirEngine):
 
     def operator_times(self, graph: str, run) -> dict[str, float]:
         """Milliseconds per operator kind that ``graph`` spends while ``run()`` runs, from OpenVINO's per-node
-        counters: every compiled shape of ``graph`` is compiled again with ``PERF_COUNT`` on for the call (a
-        profile, not a timing: counting costs time), in place of the plain one, so that memory holds one compiled
+        counters: each shape of ``graph`` that ``run()`` calls is compiled with ``PERF_COUNT`` on (a profile, not
+        a timing: counting costs time) in place of its plain compiled graph, so that memory holds one compiled
         copy of the weights per shape as before (GiBs at SD's size); the plain ones are compiled again on their
         next use (from the compile cache where it is on)."""
-        keys = [key for key in self._compiled if key[0] == graph]
+        self._counting, self._counted = graph, []
         try:
-            for key in keys:
-                del self._compiled[key]
-                self._compiled[key] = self._compile(graph, dict(key[1]), PERF_COUNT="YES")
             run()
             times: dict[str, float] = {}
-            for key in keys:
+            for key in self._counted:
                 for info in self._compiled[key].get_profiling_info():
                     times[info.node_type] = times.get(info.node_type, 0.0) + info.real_time.total_seconds() * 1000
         finally:
-            for key in keys:
+            for key in self._counted:
                 self._compiled.pop(key, None)
+            self._counting, self._counted = None, []
         return times

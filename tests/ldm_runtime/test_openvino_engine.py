@@ -174,6 +174,10 @@ def test_a_profile_holds_one_compiled_copy_per_shape_and_the_next_call_compiles_
     assert held == [({"PERF_COUNT": "YES"}, 0)]  # the plain decoder was let go before the profiled one was made
     assert engine.compiled_shapes == []  # the profiled one is not kept for timing
     assert np.array_equal(engine.decode(latents), expected) and held[-1] == ({}, 0)
+    # a second profile, of another shape, counts that shape: the one a run profiles is the one it calls
+    wider = rng.standard_normal((3, 4, 8, 8)).astype(np.float32)
+    assert engine.operator_times("vae_decoder", lambda: engine.decode(wider))
+    assert held[-1] == ({"PERF_COUNT": "YES"}, 1)  # the 2-row plain decoder stays, the 3-row one is counted
 
 
 def test_compiled_graph_cache_is_written_once_and_gives_the_same_rows(exported, engine, tmp_path, rng):
