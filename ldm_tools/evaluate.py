@@ -216,7 +216,10 @@ def generate_images(engine, captions: list[str], seeds: list[int], steps: int, g
 
 
 def reconstruction_psnr(engine, images: np.ndarray, batch_size: int) -> float:
-    """Mean per-image PSNR in dB (pixels in [0, 1]) of decode(encode(x)) over (N, H, W, 3) uint8 images."""
+    """Mean per-image PSNR in dB (pixels in [0, 1]) of decode(encode(x)) over (N, H, W, 3) uint8 images, encoded
+    ``batch_size`` at a time (at most what the engine holds: an engine dir's autoencoder graphs take as many
+    images as one guided UNet call)."""
+    batch_size = max(1, min(batch_size, engine.info.max_images))
     psnrs = []
     for start in range(0, len(images), batch_size):
         batch = images[start:start + batch_size].astype(np.float32).transpose(0, 3, 1, 2) / 127.5 - 1.0

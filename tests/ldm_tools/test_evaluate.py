@@ -147,6 +147,7 @@ class FakeEngine:
         return np.asarray(array)
 
     def encode_images(self, images):
+        assert len(images) <= self.info.max_images, f"{len(images)} images, past the engine's {self.info.max_images}"
         return images
 
     def decode(self, latents):
@@ -158,6 +159,9 @@ def test_reconstruction_psnr_of_a_known_offset(rng):
     offset = float(rng.uniform(0.01, 0.1))  # in [-1, 1] units: offset / 2 in [0, 1] pixels
     expected = 10 * np.log10(1 / (offset / 2) ** 2)
     assert reconstruction_psnr(FakeEngine(offset), images, batch_size=4) == pytest.approx(expected, rel=1e-4)
+    small = FakeEngine(offset)  # an engine dir exported for 8 UNet rows holds 4 images a call: --batch-size 16
+    small.info = replace(small.info, max_batch_size=8)  # is cut to that, not refused after generating
+    assert reconstruction_psnr(small, images, batch_size=16) == pytest.approx(expected, rel=1e-4)
 
 
 @pytest.fixture
