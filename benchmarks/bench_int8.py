@@ -26,6 +26,7 @@ import json
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -63,7 +64,7 @@ def images(pipeline, prompts: list[str]) -> list[np.ndarray]:
     return [np.asarray(image) for image in pipeline.generate(requests, batch_size=1)]
 
 
-def unet_call_ms(engine, rows: int, rng: np.random.Generator) -> callable:
+def unet_call_ms(engine, rows: int, rng: np.random.Generator) -> Callable[[], float]:
     manifest = engine.manifest
     tokens, width = manifest.graphs["unet"].inputs[2].shape[1:]
     side = manifest.model.image_size // manifest.model.latent_factor
@@ -102,7 +103,6 @@ def main() -> None:
     from train.data.shapes import ShapesDataset
 
     torch.set_num_threads(args.threads)
-    model_size = json.loads((Path(args.engine_dir) / "manifest.json").read_text())
     heldout = ShapesDataset.heldout(args.prompts, 32, seed=0)
     eval_prompts = [heldout[i][1] for i in range(args.prompts)]
     train_set = ShapesDataset(args.calibration_prompts, 32, seed=0)
@@ -158,7 +158,7 @@ def main() -> None:
                             for name, values in samples.items()}
 
     report = {"engine_dir": args.engine_dir, "checkpoint": args.checkpoint, "threads": args.threads,
-              "model": model_size["model"], "prompts": len(eval_prompts), "calibration_prompts": len(calibration_prompts),
+              "model": fp32.manifest.raw["model"], "prompts": len(eval_prompts), "calibration_prompts": len(calibration_prompts),
               "calibration_unet_calls": len(feeds), "record_s": record_s, "quantize_s": ptq_s,
               "compress_weights_s": weights_s, "nncf": nncf.__version__, "fidelity": fidelity, "speed": speed}
     print(json.dumps(report, indent=1))
