@@ -27,7 +27,6 @@ from export.onnx_export import (
     export_all,
     export_dims,
     graph_specs,
-    opset_of,
 )
 from export.options import DEFAULT_BATCH_RANGE, MAX_VALIDATION_SEED, ExportOptions
 from export.source import checkpoint_digest, load_checkpoint_to_export
@@ -137,13 +136,6 @@ def _name_axes(model: onnx.ModelProto, inputs: tuple[TensorSpec, ...], outputs: 
                 dim.dim_param = axis
 
 
-def _graph_io(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
-    """numpy dtype names of the graph's inputs and outputs, in order."""
-    names = [[onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name for v in values]
-             for values in (model.graph.input, model.graph.output)]
-    return names[0], names[1]
-
-
 def export_engine(checkpoint_dir: str | Path, out: str | Path, options: ExportOptions,
                   log: Callable[[str], None] = lambda line: None,
                   show_report: Callable[[str], None] = lambda table: None) -> Path:
@@ -184,19 +176,18 @@ def export_engine(checkpoint_dir: str | Path, out: str | Path, options: ExportOp
     with temporary_folder(out) as staging:  # also removes what killed exports of --out left beside it
         written = export_all(specs, modules, dims, options.opset, convert, staging, log)
         graphs = {}
-        for name, (model, files) in written.items():
-            input_dtypes, output_dtypes = _graph_io(model)
+        for name, graph in written.items():
             spec = specs[name]
             graphs[name] = GraphEntry(
-                file=spec.file, files={file: sha256_file(staging / file) for file in files},
+                file=spec.file, files={file: sha256_file(staging / file) for file in graph.files},
                 precision=precision_of[name],
-                inputs=tuple(TensorSpec(t.name, dtype, t.shape) for t, dtype in zip(spec.inputs, input_dtypes)),
-                outputs=tuple(TensorSpec(t.name, dtype, t.shape) for t, dtype in zip(spec.outputs, output_dtypes)),
+                inputs=tuple(TensorSpec(t.name, dtype, t.shape) for t, dtype in zip(spec.inputs, graph.input_dtypes)),
+                outputs=tuple(TensorSpec(t.name, dtype, t.shape) for t, dtype in zip(spec.outputs, graph.output_dtypes)),
                 notes=notes[name])
         io_dtype = "float16" if options.precision == "fp16" and not options.fp32_io else "float32"
         manifest = build_manifest(
             modules=modules, precision=options.precision, backend=options.backend, io_dtype=io_dtype,
-            opset=opset_of(written["unet"][0]), dims=dims, graphs=graphs,
+            opset=written["unet"].opset, dims=dims, graphs=graphs,
             tokenizer_files=_copy_tokenizer(modules, staging), checkpoint_sha256=checkpoint_sha256,
             checkpoint_files=checkpoint_files, validation=None, tensorrt=None)
         _write_manifest(staging, manifest)

@@ -14,6 +14,7 @@ The dynamo exporter handles every graph here (HF BERT included), so the TorchScr
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import time
@@ -228,15 +229,45 @@ def save_onnx(model: onnx.ModelProto, path: Path) -> list[str]:
     return [path.name, data_name]
 
 
+@dataclass(frozen=True)
+class WrittenGraph:
+    """What the manifest needs of a graph once it is on disk; the graph itself is let go (GiBs at SD's size, which
+    the validation that follows needs for the eager model and the new graphs' sessions)."""
+
+    files: list[str]
+    input_dtypes: list[str]  # numpy dtype names, in input order
+    output_dtypes: list[str]
+    opset: int
+
+
+def graph_io_dtypes(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    """numpy dtype names of the graph's inputs and outputs, in order."""
+    names = [[onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type).name for v in values]
+             for values in (model.graph.input, model.graph.output)]
+    return names[0], names[1]
+
+
+def release_freed_memory() -> None:
+    """Hand the heap pages freed so far back to the system (glibc's malloc_trim; nothing elsewhere): exporting a
+    graph frees GiBs of small and mid-sized blocks that would otherwise stay resident through the rest of the export."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc, or no process-wide symbol lookup (Windows)
+        pass
+
+
 def export_all(specs: dict[str, GraphSpec], modules: CheckpointNetworks, dims: dict[str, DimRange],
                opset: int | None, convert: Callable[[str, onnx.ModelProto], onnx.ModelProto],
-               folder: Path, log: Callable[[str], None]) -> dict[str, tuple[onnx.ModelProto, list[str]]]:
+               folder: Path, log: Callable[[str], None]) -> dict[str, WrittenGraph]:
     """Export every graph, pass it through ``convert(name, model)`` (axis names, fp16), write it into
-    ``folder``; returns {name: (the written model, its file names)}."""
+    ``folder``; returns {name: what was written}, one graph in memory at a time."""
     written = {}
     for name, spec in specs.items():
         started = time.perf_counter()
         model = convert(name, export_graph(spec, modules, dims, opset))
-        written[name] = (model, save_onnx(model, folder / spec.file))
+        files = save_onnx(model, folder / spec.file)
+        written[name] = WrittenGraph(files, *graph_io_dtypes(model), opset=opset_of(model))
+        del model
+        release_freed_memory()
         log(f"exported {spec.file} ({time.perf_counter() - started:.1f} s)")
     return written

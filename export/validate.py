@@ -171,14 +171,16 @@ def check_graphs(engine: OnnxRuntimeEngine, specs: dict[str, GraphSpec], modules
     return checks
 
 
-def check_sample(engine: OnnxRuntimeEngine, checkpoint_dir: Path, precision: str, seed: int) -> SampleCheck:
-    """The same guided 25-step requests through ``Pipeline`` on ``engine`` and on the eager torch engine."""
+def check_sample(engine: OnnxRuntimeEngine, modules: CheckpointNetworks, precision: str, seed: int) -> SampleCheck:
+    """The same guided 25-step requests through ``Pipeline`` on ``engine`` and on the eager torch engine over
+    ``modules`` (the networks the export loaded: no second copy of the weights, which at SD 1.5's size would not
+    fit beside the first and the new graphs' sessions on a 24 GiB machine)."""
     from ldm_runtime.engines.torch_engine import TorchEngine
 
     count = max(1, min(len(SAMPLE_PROMPTS), engine.info.max_images))
     requests = [GenerationRequest(prompt=prompt, seed=seed + index, steps=SAMPLE_STEPS)
                 for index, prompt in enumerate(SAMPLE_PROMPTS[:count])]
-    eager = TorchEngine(checkpoint_dir, device="cpu", unet_chunk_size=None)  # one UNet call per step, unpadded
+    eager = TorchEngine(modules, device="cpu", unet_chunk_size=None)  # one UNet call per step, unpadded
     with reference_kernels():
         expected = Pipeline(eager).generate(requests, batch_size=count)
     actual = Pipeline(engine).generate(requests, batch_size=count)
@@ -193,5 +195,5 @@ def validate_engine(engine_dir: Path, specs: dict[str, GraphSpec], modules: Chec
     """Both checks on the engine written to ``engine_dir`` (which need not be in place yet)."""
     engine = OnnxRuntimeEngine(engine_dir, device="cpu")
     graphs = check_graphs(engine, specs, modules, dims, precision_of, seed)
-    sample = check_sample(engine, modules.folder, precision, seed)
+    sample = check_sample(engine, modules, precision, seed)
     return ValidationReport(seed=seed, graphs=graphs, sample=sample)

@@ -5,11 +5,23 @@ Imports numpy, openvino and the ``tokenizers`` library only (never torch or the 
 only when the engine is built. Engine arrays are host numpy float32 arrays, as for the onnxruntime engine:
 each call casts its inputs to the dtypes the manifest lists and returns float32.
 
-Fixed shapes: OpenVINO's CPU plugin is fastest on a graph compiled for static shapes, so each graph is
-compiled once per (batch bucket, spatial size) on first use and kept in memory. A call of B rows is padded
-with copies of its last row up to the smallest bucket that holds it (the buckets are powers of two up to the
-engine dir's largest batch, and that batch itself), run, and cut back to B rows; a padding row never changes
-a real one, as every row of these graphs is computed on its own.
+Shapes: a call of B rows is padded with copies of its last row up to the smallest batch bucket that holds it
+(the buckets are powers of two up to the engine dir's largest batch, and that batch itself), run, and cut back to
+B rows; a padding row never changes a real one, as every row of these graphs is computed on its own. Each graph is
+compiled on first use for the spatial size of the call and kept in memory, in one of two ways:
+
+- per bucket (static shapes): fastest where a call is short: on the demo model's UNet a static compile runs a
+  call of 2 or 8 rows in 11 or 31 ms where one compiled for a range of batch sizes takes 20 or 43 ms; but every
+  compiled copy holds its own re-laid-out weights.
+- once for every bucket (the batch axis compiled as a range, 1 to the largest batch): one copy of the weights.
+  At Stable Diffusion's size that copy is 3.3 GiB, and the range costs no speed that a run can tell from its
+  spread: sd15's UNet at 16x16 latents, 2 and 16 rows, 1 and 2 threads, ran at 0.92-1.05x the static compile's
+  time per call. The first call at each new bucket prepares that shape's kernels (about 9 s more than a static
+  compile's first call at SD's size on 1 thread), which the compile cache does not keep.
+
+``compile_per_bucket`` chooses; by default (None) a graph is compiled per bucket unless its weights on disk
+exceed ``ONE_COMPILE_ABOVE_BYTES`` (SD 1.5's UNet is past it, and its text encoder in an fp32 engine dir; its
+VAE and the demo model's graphs are not).
 
 Compile cache: compiling the UNet for one bucket costs seconds on a small CPU, so by default OpenVINO keeps what
 it compiles in a cache folder (OpenVINO's ``CACHE_DIR``, keyed by the graph, the shapes and the settings) and a
@@ -40,6 +52,7 @@ DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 INSTALL_HINT = "pip install 'ldm-runtime[openvino]'"
 CACHE_ENV = "LDM_COMPILE_CACHE"
 DEFAULT_CACHE = "default"  # cache_dir value: the folder default_cache_dir() names
+ONE_COMPILE_ABOVE_BYTES = 256 * 2**20  # graphs with more weights than this are compiled once for every bucket
 log = logging.getLogger(__name__)
 
 
@@ -106,12 +119,14 @@ class OpenVinoEngine(EngineDirEngine):
     verify: check every graph's and the tokenizer's sha256 against the manifest first. device: "auto" or "cpu".
     cache_dir: a folder where OpenVINO keeps the graphs it compiles, so a later process loads them instead of
     compiling again ("default": ``default_cache_dir()``; None: compile in every process).
+    compile_per_bucket: True compiles every graph once per batch bucket (static shapes), False once for all buckets
+    (one copy of the weights), None by the size of each graph's weights (see the module docstring).
     Batches and image sizes outside the exported ranges raise ``OutOfRangeError`` naming the allowed range.
     """
 
     def __init__(self, engine_dir: str | Path, precision: str = "fp32", intra_op_threads: int | None = None,
                  batch_buckets: tuple[int, ...] | None = None, verify: bool = True, device: str = "auto",
-                 cache_dir: str | Path | None = DEFAULT_CACHE):
+                 cache_dir: str | Path | None = DEFAULT_CACHE, compile_per_bucket: bool | None = None):
         if device not in ("auto", "cpu"):
             raise OpenVinoUnavailable(f"device {device!r} is not valid for the openvino engine, which runs on the "
                                       f"CPU; expected 'auto' or 'cpu' (use --engine onnxruntime on a GPU)")
@@ -142,6 +157,8 @@ class OpenVinoEngine(EngineDirEngine):
         }
         if intra_op_threads is not None:
             self.compile_config["INFERENCE_NUM_THREADS"] = str(intra_op_threads)
+        if compile_per_bucket not in (None, True, False):
+            raise ValueError(f"compile_per_bucket is {compile_per_bucket!r}; expected True, False or None")
         self.models: dict[str, Any] = {}
         for name, graph in self.manifest.graphs.items():
             path = self.engine_dir / graph.file
@@ -150,6 +167,8 @@ class OpenVinoEngine(EngineDirEngine):
             except RuntimeError as error:
                 first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 raise EngineDirError(f"openvino cannot read {path} ({first_line})") from None
+        self.per_bucket = {name: compile_per_bucket if compile_per_bucket is not None
+                           else self._weight_bytes(name) <= ONE_COMPILE_ABOVE_BYTES for name in self.manifest.graphs}
         self._compiled: dict[tuple, Any] = {}  # (graph, input shapes) -> an infer request of the compiled graph
         self._counting: str | None = None  # the graph operator_times is profiling, and the shapes it compiled
         self._counted: list[tuple] = []
@@ -160,7 +179,7 @@ class OpenVinoEngine(EngineDirEngine):
 
     @property
     def compiled_shapes(self) -> list[tuple]:
-        """(graph, input shapes) of every graph compiled so far."""
+        """(graph, input shapes) of every graph compiled so far; a batch axis compiled for every bucket is -1."""
         return sorted(self._compiled)
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -183,8 +202,17 @@ class OpenVinoEngine(EngineDirEngine):
             outputs.append(output.astype(np.float32) if output.dtype.kind == "f" else output.copy())
         return outputs
 
+    def _weight_bytes(self, graph: str) -> int:
+        """The size on disk of ``graph``'s files (its weights, but for a few KB of graph structure)."""
+        paths = [self.engine_dir / name for name in self.manifest.graphs[graph].files]
+        return sum(path.stat().st_size for path in paths if path.is_file())
+
     def _request(self, graph: str, shapes: dict[str, tuple[int, ...]]):
-        """An infer request of ``graph`` compiled for these input shapes: compiled on first use, then reused."""
+        """An infer request of ``graph`` compiled for these input shapes (for their spatial sizes and every batch
+        bucket where ``graph`` is not compiled per bucket): compiled on first use, then reused."""
+        if not self.per_bucket[graph]:
+            shapes = {name: (-1, *shape[1:]) if self._batch_first(graph, name) else shape
+                      for name, shape in shapes.items()}
         key = (graph, tuple(sorted(shapes.items())))
         if graph == self._counting and key not in self._counted:  # inside operator_times
             self._compiled.pop(key, None)  # let the plain one go before its counting copy is made
@@ -195,11 +223,19 @@ class OpenVinoEngine(EngineDirEngine):
             request = self._compiled[key] = self._compile(graph, shapes)
         return request
 
+    def _batch_first(self, graph: str, tensor: str) -> bool:
+        """Whether input ``tensor`` of ``graph`` has the batch axis first (every input of these graphs does)."""
+        spec = next(spec for spec in self.manifest.graphs[graph].inputs if spec.name == tensor)
+        return bool(spec.shape) and spec.shape[0] == "batch"
+
     def _compile(self, graph: str, shapes: dict[str, tuple[int, ...]], **extra_config: str):
-        """An infer request of ``graph`` compiled for these input shapes, with ``extra_config`` on top of the
-        engine's compile settings."""
+        """An infer request of ``graph`` compiled for these input shapes (-1: the batch axis, compiled for 1 to the
+        largest bucket), with ``extra_config`` on top of the engine's compile settings."""
+        openvino = import_openvino()
+        batch = openvino.Dimension(1, self.batch_buckets[-1])
         model = self.models[graph].clone()
-        model.reshape({name: list(shape) for name, shape in shapes.items()})
+        model.reshape({name: openvino.PartialShape([batch if size == -1 else size for size in shape])
+                       for name, shape in shapes.items()})
         return self.core.compile_model(model, "CPU", {**self.compile_config, **extra_config}).create_infer_request()
 
     def operator_times(self, graph: str, run) -> dict[str, float]:

@@ -21,7 +21,7 @@ import torch
 
 from kernels import dispatch
 from ldm_runtime.arrays import host_to_array_like
-from ldm_runtime.checkpoint import load_checkpoint
+from ldm_runtime.checkpoint import CheckpointNetworks, load_checkpoint
 from ldm_runtime.engines.base import DEFAULT_MAX_BATCH_SIZE, EngineInfo
 from ldm_runtime.errors import EngineLoadError
 
@@ -32,6 +32,8 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 class TorchEngine:
     """The autoencoder, UNet and text encoder of a checkpoint dir, in eval mode on one device.
 
+    ``checkpoint_dir``: a checkpoint dir, or the ``CheckpointNetworks`` already loaded from one, which the engine
+    then runs (moved to its device and dtype) in place of loading a second copy of the weights.
     ``device``: "auto" (CUDA when available, else the CPU), "cpu", "cuda" or "cuda:N".
     ``dtype``: the networks' precision; latents and model outputs stay float32 (the sampler's arithmetic),
     and are cast at the network's boundary.
@@ -44,7 +46,7 @@ class TorchEngine:
 
     name = "torch"  # EngineInfo.name
 
-    def __init__(self, checkpoint_dir: str | Path, device: str = "auto", dtype: torch.dtype = torch.float32,
+    def __init__(self, checkpoint_dir: str | Path | CheckpointNetworks, device: str = "auto", dtype: torch.dtype = torch.float32,
                  unet_chunk_size: int | None = DEFAULT_UNET_CHUNK_SIZE,
                  max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, kernels: str | None = None):
         if kernels is not None and kernels not in dispatch.BACKENDS:
@@ -57,7 +59,7 @@ class TorchEngine:
         if isinstance(max_batch_size, bool) or not isinstance(max_batch_size, int) or max_batch_size < 2:
             raise ValueError(f"max_batch_size is {max_batch_size!r}; expected an integer >= 2 (guidance doubles)")
         self.device = resolve_device(device)
-        networks = load_checkpoint(checkpoint_dir)
+        networks = checkpoint_dir if isinstance(checkpoint_dir, CheckpointNetworks) else load_checkpoint(checkpoint_dir)
         self.dtype = dtype
         self.unet_chunk_size = unet_chunk_size
         self.config = config = networks.config

@@ -295,7 +295,7 @@ def _measure(plan: dict[str, Any], args: argparse.Namespace, model_info: dict[st
             worker.stop()
     report = {
         "format_version": 1,
-        "machine": _machine(args),
+        "machine": machine_info(),
         "model": model_info,
         "settings": {"engines": plan["engines"], "batch_sizes": plan["batch_sizes"], "steps": args.steps,
                      "repeats": args.repeats, "warmup": 1, "threads": args.threads, "device": args.device,
@@ -439,7 +439,8 @@ def _bf16_refusal(name: str, device: str) -> str | None:
     return native_bf16_refusal(device)
 
 
-def _machine(args: argparse.Namespace) -> dict[str, Any]:
+def machine_info() -> dict[str, Any]:
+    """The CPU (model name and the SIMD flags speed depends on), cores, platform and library versions."""
     cpu, flags = cpu_info()
     # the instruction sets CPU speed figures depend on: vector width, FMA, and native int8/bf16/fp16 arithmetic
     simd = sorted(flag for flag in flags if flag in ("avx", "avx2", "fma", "f16c") or flag.startswith(("avx512", "amx"))

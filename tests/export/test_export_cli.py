@@ -259,6 +259,34 @@ def test_failure_mid_export_leaves_nothing_at_out(tiny_checkpoint, tmp_path, cap
     assert not out.exists() and leftovers(tmp_path, "engine") == []
 
 
+def test_the_export_holds_no_written_graph_in_memory_while_it_validates(tiny_checkpoint, tmp_path, capsys,
+                                                                        monkeypatch):
+    # At SD 1.5's size the UNet graph alone is 1.7 GB (fp16) or 3.4 GB (fp32): what the export keeps of each graph
+    # once it is written must be its files and dtypes, not the graph.
+    kept = {}
+    real_export_all = export.onnx_export.export_all
+
+    def remembering_export_all(*args, **kwargs):
+        kept.update(real_export_all(*args, **kwargs))
+        return kept
+
+    def look_at_what_was_kept(staging, specs, modules, dims, precision_of, precision, seed):
+        assert set(kept) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}  # written before validating
+        return ValidationReport(seed=seed, graphs=[], sample=None)
+
+    monkeypatch.setattr(export.onnx_export, "export_graph", stand_in_graph)
+    monkeypatch.setattr(export.engine_dir, "export_all", remembering_export_all)
+    monkeypatch.setattr(export.engine_dir, "validate_engine", look_at_what_was_kept)
+    code, err = run_cli([tiny_checkpoint, "--out", tmp_path / "engine"], capsys)
+    assert code == 0, err
+    for name, graph in kept.items():
+        assert not any(isinstance(value, onnx.ModelProto) for value in vars(graph).values()), name
+        assert graph.files == [f"{name}.onnx"] and graph.opset == 18
+        assert graph.input_dtypes and all(dtype in ("float32", "int64", "bool") for dtype in graph.input_dtypes)
+    manifest = manifest_of(tmp_path / "engine")
+    assert manifest["graphs"]["unet"]["inputs"][1]["dtype"] == "int64"
+
+
 def _failing_report(*args, **kwargs) -> ValidationReport:
     return ValidationReport(seed=0, graphs=[GraphCheck("unet", "fp32", 3e-3, 1e-4)], sample=None)
 

@@ -41,3 +41,22 @@ def test_report_fails_on_any_check_over_its_limit_and_names_it():
     assert ValidationReport(seed=1, graphs=[good], sample=sample).passed
     assert not ValidationReport(seed=1, graphs=[GraphCheck("unet", "fp32", math.nan, 1e-4)], sample=None).passed
     assert "FAIL" in report.table() and "52.0 dB" in report.table()
+
+
+def test_the_sample_check_runs_eager_on_the_networks_the_export_loaded(fp32_export, tiny_checkpoint, monkeypatch):
+    # At SD 1.5's size a second copy of the weights beside the export's and the new graphs' sessions does not fit
+    # in 24 GiB, so the eager reference must be built from the networks already in memory, not read again.
+    import ldm_runtime.engines.torch_engine as torch_engine
+    from export.validate import check_sample
+    from ldm_runtime.checkpoint import load_checkpoint
+    from ldm_runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
+
+    modules = load_checkpoint(tiny_checkpoint)
+
+    def read_again(folder):
+        raise AssertionError(f"the sample check read {folder} again")
+
+    monkeypatch.setattr(torch_engine, "load_checkpoint", read_again)
+    engine = OnnxRuntimeEngine(fp32_export[1], device="cpu")
+    check = check_sample(engine, modules, "fp32", seed=3)
+    assert check.passed and check.psnr_db >= 40 and check.steps == 25

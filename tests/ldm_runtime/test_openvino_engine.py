@@ -5,6 +5,7 @@ importing torch, and what this machine cannot do (bf16 without native bf16, no o
 """
 
 import dataclasses
+import json
 import logging
 import os
 import subprocess
@@ -39,9 +40,10 @@ def exported(tmp_path_factory):
     return checkpoint, engine_dir
 
 
-@pytest.fixture(scope="module")
-def engine(exported):
-    return OpenVinoEngine(exported[1], intra_op_threads=1)
+@pytest.fixture(scope="module", params=[True, False], ids=["compiled-per-bucket", "compiled-once"])
+def engine(exported, request):
+    """The engine both ways it compiles a graph: once per batch bucket, and once for every bucket."""
+    return OpenVinoEngine(exported[1], intra_op_threads=1, compile_per_bucket=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +157,27 @@ def test_each_graph_is_compiled_once_per_bucket_and_shape(exported, rng):
     assert unet_shapes == [(1, 4, 8, 8), (2, 4, 8, 8), (4, 4, 8, 8), (4, 4, 12, 8)]
     assert [dict(shapes)["input_ids"] for graph, shapes in engine.compiled_shapes if graph == "text_encoder"] == [
         (4, TINY_CONFIG.text_encoder.max_length)]
+
+
+def test_a_graph_compiled_once_serves_every_bucket_of_its_spatial_size(exported, rng):
+    engine = OpenVinoEngine(exported[1], intra_op_threads=1, verify=False, compile_per_bucket=False)
+    context, mask = engine.encode_text(PROMPTS[:3])
+    for rows, height in ((3, 8), (1, 8), (2, 8), (8, 8), (3, 12)):
+        latents = rng.standard_normal((rows, 4, height, 8)).astype(np.float32)
+        engine.unet(latents, np.full(rows, 10), context[:1].repeat(rows, 0), mask[:1].repeat(rows, 0))
+    unet_shapes = [dict(shapes)["latents"] for graph, shapes in engine.compiled_shapes if graph == "unet"]
+    assert unet_shapes == [(-1, 4, 8, 8), (-1, 4, 12, 8)]  # one per spatial size, the batch axis a range
+
+
+def test_by_default_only_graphs_with_large_weights_are_compiled_once_for_every_bucket(exported, monkeypatch):
+    assert set(OpenVinoEngine(exported[1], verify=False).per_bucket.values()) == {True}  # the tiny model's graphs
+    sizes = {name: sum((exported[1] / file).stat().st_size for file in graph["files"])
+             for name, graph in json.loads((exported[1] / "manifest.json").read_text())["graphs"].items()}
+    threshold = sorted(sizes.values())[1]  # the two smallest graphs stay per bucket, the rest are "large"
+    monkeypatch.setattr(openvino_engine, "ONE_COMPILE_ABOVE_BYTES", threshold)
+    per_bucket = OpenVinoEngine(exported[1], verify=False).per_bucket
+    assert per_bucket == {name: size <= threshold for name, size in sizes.items()}
+    assert OpenVinoEngine(exported[1], verify=False, compile_per_bucket=True).per_bucket == dict.fromkeys(sizes, True)
 
 
 def test_a_profile_holds_one_compiled_copy_per_shape_and_the_next_call_compiles_plain_again(exported, rng):
@@ -275,6 +298,8 @@ def test_bad_engine_options_are_refused(exported):
         OpenVinoEngine(exported[1], device="cuda")
     with pytest.raises(ValueError, match="batch_buckets"):
         OpenVinoEngine(exported[1], batch_buckets=(0, 2))
+    with pytest.raises(ValueError, match="compile_per_bucket is 'yes'"):
+        OpenVinoEngine(exported[1], compile_per_bucket="yes")
 
 
 def test_load_engine_opens_an_engine_dir_with_openvino_when_asked(exported):
