@@ -48,3 +48,36 @@ def test_demo_engine_dir_samples_the_eager_models_images(demo_export):
         mse = np.mean((got.astype(np.float64) - want.astype(np.float64)) ** 2)
         psnr = 10 * np.log10(255.0**2 / max(mse, 1e-12))
         assert psnr >= (40.0 if precision == "fp32" else 30.0), psnr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("engine_name", ["onnxruntime", "openvino"])
+def test_the_fp16_engine_dir_keeps_the_eager_models_prompt_adherence(demo_export, engine_name):
+    # The fidelity bar of a reduced-precision engine: prompt adherence within 0.02 of eager fp32, judged by the
+    # shipped classifier on held-out prompts (ldm-eval's measure; 16 prompts here, where one image judged
+    # differently moves a fraction by 0.06, so the bar asks for the same judgement of every image but pairs that
+    # cancel).
+    precision, engine_dir, code = demo_export
+    if precision != "fp16":
+        pytest.skip("the bar is for reduced-precision engine dirs")
+    if engine_name == "openvino":
+        pytest.importorskip("openvino")
+    assert code == 0
+    from ldm_runtime.engines import load_engine
+    from ldm_tools.evaluate import adherence, generate_images
+    from train.classifier import classify, load_classifier
+    from train.data.shapes import ShapesDataset
+
+    eager = load_engine(DEMO_MODEL, engine="torch", device="cpu")
+    exported = load_engine(engine_dir, engine=engine_name, intra_op_threads=1)
+    prompts = ShapesDataset.heldout(16, eager.info.image_size, 0)
+    captions = [prompts.caption(i) for i in range(16)]
+    truths = [prompts.labels(i) for i in range(16)]
+    classifier, _ = load_classifier(DEMO_MODEL.parent / "shapes-classifier")
+    fractions = {}
+    for name, engine in (("eager", eager), (engine_name, exported)):
+        images = generate_images(engine, captions, list(range(16)), steps=25, guidance=5.0, eta=0.0, batch_size=8)
+        predictions, _ = classify(classifier, images)
+        fractions[name] = adherence(predictions, truths, captions)[0]
+    for attribute, eager_fraction in fractions["eager"].items():
+        assert abs(fractions[engine_name][attribute] - eager_fraction) <= 0.02, (attribute, fractions)
