@@ -151,6 +151,15 @@ class StepGate:
             return False
 
 
+def warm_up_batch_sizes(max_batch: int) -> list[int]:
+    """The image counts the worker warms up with: 1, 2, 4, ... below ``max_batch``, then ``max_batch``."""
+    sizes, size = [], 1
+    while size < max_batch:
+        sizes.append(size)
+        size *= 2
+    return sizes + [max(1, max_batch)]
+
+
 class Batcher:
     """The bounded queue and the worker thread. ``observer`` receives the events metrics are made of:
     ``observer("unet_call", rows=..., seconds=...)``, ``observer("queue_depth", depth=...)``,
@@ -264,13 +273,14 @@ class Batcher:
             self.observer("active", rows=sum(len(job.states) for job in self._active))
 
     def _warm_up(self) -> None:
-        """One short request alone and a full batch, so the first real requests pay no first-call costs."""
+        """One short request alone, then batches of 2, 4, ... images and a full one, so that the first real requests
+        pay no first-call costs: engines compile or prepare each batch bucket (powers of two) on its first call."""
         request = GenerationRequest(prompt="warm up", seed=0, steps=1)
-        rows = max(1, self.config.max_batch)
+        sizes = warm_up_batch_sizes(self.config.max_batch)
         try:
-            self.pipeline.generate([request])
-            self.pipeline.generate([dataclasses.replace(request, seed=seed) for seed in range(rows)],
-                                   batch_size=rows)
+            for size in sizes:
+                self.pipeline.generate([dataclasses.replace(request, seed=seed) for seed in range(size)],
+                                       batch_size=size)
         except Exception:  # a broken engine shows up in the first requests' errors; the log keeps the details
             logger.exception("warming the engine up failed")
 

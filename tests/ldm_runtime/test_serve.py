@@ -128,6 +128,23 @@ def random_bodies(rng: np.random.Generator, count: int) -> list[dict]:
 # ---------------------------------------------------------------- images
 
 
+def test_the_worker_warms_up_every_batch_bucket_before_it_is_ready():
+    # Engines compile or prepare each power-of-two batch bucket on its first call (openvino's SD-sized graphs take
+    # seconds there), so the warm-up makes one call of each before the server says it is ready.
+    from ldm_runtime.serve.batcher import Batcher, BatcherConfig, warm_up_batch_sizes
+
+    calls = []
+
+    class RecordingPipeline:
+        def generate(self, requests, batch_size=None):
+            calls.append((len(requests), batch_size, len({request.seed for request in requests})))
+            return []
+
+    Batcher(pipeline=RecordingPipeline(), config=BatcherConfig(max_batch=8))._warm_up()
+    assert calls == [(1, 1, 1), (2, 2, 2), (4, 4, 4), (8, 8, 8)]
+    assert warm_up_batch_sizes(6) == [1, 2, 4, 6] and warm_up_batch_sizes(1) == [1]
+
+
 def test_png_answer_is_a_png_of_the_model_size_with_seed_and_timings(server):
     response = post(server.url, body(seed=7), headers={**JSON, "Accept": "image/png"})
     assert response.status_code == 200, response.text
