@@ -27,7 +27,10 @@ Compile cache: compiling the UNet for one bucket costs seconds on a small CPU, s
 it compiles in a cache folder (OpenVINO's ``CACHE_DIR``, keyed by the graph, the shapes and the settings) and a
 later process loads it instead: ``$LDM_COMPILE_CACHE`` if set (``off`` turns the cache off), else
 ``$XDG_CACHE_HOME/ldm-runtime/openvino`` or ``~/.cache/ldm-runtime/openvino``. A folder that cannot be created
-only turns the cache off, with a warning.
+only turns the cache off, with a warning. OpenVINO's cache is not safe for two processes writing the same entry at
+once (one fails with a filesystem error), so processes sharing a cache folder compile one at a time, under an
+exclusive lock on ``ldm-compile.lock`` in it (``flock``; where there is none, as on Windows, without one): a
+process that waited then loads what the first one wrote.
 
 Precision: "fp32" computes in float32 (OpenVINO's inference precision hint pinned to f32, since on a CPU with
 native bf16 its default would be bf16); "bf16" is offered only where OpenVINO reports native bf16 for the CPU
@@ -36,6 +39,7 @@ native bf16 its default would be bf16); "bf16" is offered only where OpenVINO re
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -47,10 +51,16 @@ from ldm_runtime.engines.engine_dir_engine import EngineDirEngine
 from ldm_runtime.errors import EngineLoadError
 from ldm_runtime.manifest import EngineDirError
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # --precision -> OpenVINO's INFERENCE_PRECISION_HINT
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 INSTALL_HINT = "pip install 'ldm-runtime[openvino]'"
 CACHE_ENV = "LDM_COMPILE_CACHE"
+CACHE_LOCK = "ldm-compile.lock"  # in the cache folder: held while compiling, so one process writes an entry at a time
 DEFAULT_CACHE = "default"  # cache_dir value: the folder default_cache_dir() names
 ONE_COMPILE_ABOVE_BYTES = 256 * 2**20  # graphs with more weights than this are compiled once for every bucket
 log = logging.getLogger(__name__)
@@ -236,7 +246,30 @@ class OpenVinoEngine(EngineDirEngine):
         model = self.models[graph].clone()
         model.reshape({name: openvino.PartialShape([batch if size == -1 else size for size in shape])
                        for name, shape in shapes.items()})
-        return self.core.compile_model(model, "CPU", {**self.compile_config, **extra_config}).create_infer_request()
+        with self._cache_lock():
+            compiled = self.core.compile_model(model, "CPU", {**self.compile_config, **extra_config})
+        return compiled.create_infer_request()
+
+    @contextlib.contextmanager
+    def _cache_lock(self):
+        """An exclusive lock on the compile cache folder, across processes (none without a cache or flock)."""
+        lock = None
+        if self.cache_dir is not None and fcntl is not None:
+            try:
+                lock = open(self.cache_dir / CACHE_LOCK, "a")
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            except OSError as error:  # the folder went away, or a file system without flock
+                log.warning("cannot lock the openvino compile cache %s (%s); compiling without the lock",
+                            self.cache_dir, error)
+                if lock is not None:
+                    lock.close()
+                lock = None
+        try:
+            yield
+        finally:
+            if lock is not None:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+                lock.close()
 
     def operator_times(self, graph: str, run) -> dict[str, float]:
         """Milliseconds per operator kind that ``graph`` spends while ``run()`` runs, from OpenVINO's per-node

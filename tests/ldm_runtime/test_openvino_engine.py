@@ -215,6 +215,41 @@ def test_compiled_graph_cache_is_written_once_and_gives_the_same_rows(exported, 
     assert sorted(path.name for path in tmp_path.iterdir()) == cached  # loaded, not compiled again
 
 
+def test_processes_sharing_a_compile_cache_compile_one_at_a_time(exported, tmp_path, rng):
+    # OpenVINO's cache fails ("filesystem error: cannot set permissions") when two processes write the same entry
+    # at once, as two test workers or two server replicas starting together do: a compile holds an exclusive lock.
+    fcntl = pytest.importorskip("fcntl")
+    engine = OpenVinoEngine(exported[1], intra_op_threads=1, verify=False, cache_dir=tmp_path)
+    probes = []
+    compile_model = engine.core.compile_model
+
+    def probing_compile(*args, **kwargs):
+        with open(tmp_path / openvino_engine.CACHE_LOCK, "a") as other:  # as another process would
+            try:
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                probes.append("free")
+                fcntl.flock(other, fcntl.LOCK_UN)
+            except BlockingIOError:
+                probes.append("held")
+        return compile_model(*args, **kwargs)
+
+    engine.core = _CoreWith(engine.core, compile_model=probing_compile)
+    engine.decode(rng.standard_normal((1, 4, 8, 8)).astype(np.float32))
+    assert probes == ["held"]
+    with open(tmp_path / openvino_engine.CACHE_LOCK, "a") as other:  # and it is let go afterwards
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+class _CoreWith:
+    """An OpenVINO Core with some of its methods replaced."""
+
+    def __init__(self, core, **methods):
+        self._core, self._methods = core, methods
+
+    def __getattr__(self, name):
+        return self._methods.get(name) or getattr(self._core, name)
+
+
 def test_the_default_compile_cache_follows_ldm_compile_cache_then_xdg_then_home(monkeypatch, tmp_path):
     monkeypatch.setenv("LDM_COMPILE_CACHE", str(tmp_path / "mine"))
     assert default_cache_dir() == tmp_path / "mine"
