@@ -15,7 +15,7 @@ compiled on first use for the spatial size of the call and kept in memory, in on
   compiled copy holds its own re-laid-out weights.
 - once for every bucket (the batch axis compiled as a range, 1 to the largest batch): one copy of the weights.
   At Stable Diffusion's size that copy is 3.3 GiB, and the range costs no speed that a run can tell from its
-  spread: sd15's UNet at 16x16 latents, 2 and 16 rows, 1 and 2 threads, ran at 0.92-1.05x the static compile's
+  spread: sd15's UNet at 16x16 latents, 2 and 16 rows, 1 and 2 threads, ran at 0.92-1.03x the static compile's
   time per call. The first call at each new bucket prepares that shape's kernels (about 9 s more than a static
   compile's first call at SD's size on 1 thread), which the compile cache does not keep.
 
