@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -28,14 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 PROMPTS = ("a red circle on a white background", "two blue squares in the top left corner",
            "a small green triangle", "a yellow star above a purple ring", "three orange dots", "a black square",
            "a pink heart on a grey background", "a large cyan hexagon")
-LIMITS_DB = {"fp32": 40.0, "fp16": 30.0, "bf16": 30.0, "int8": 30.0}
-
-
-def image_psnr_db(actual: np.ndarray, expected: np.ndarray) -> float:
-    """PSNR of two uint8 images (100 dB where they are equal)."""
-    mse = float(np.mean((actual.astype(np.float64) - expected.astype(np.float64)) ** 2))
-    return 100.0 if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
-
 
 def generate(engine, requests) -> tuple[list[np.ndarray], float]:
     from ldm_runtime.pipeline import Pipeline
@@ -60,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--prompts {args.prompts} is out of range; expected 1 to {len(PROMPTS)}")
 
     from export.onnx_export import reference_kernels
+    from export.validate import PSNR_LIMITS_DB, psnr_db
     from ldm_runtime.engines import load_engine
     from ldm_runtime.engines.torch_engine import TorchEngine
     from ldm_runtime.manifest import load_manifest
@@ -83,17 +75,16 @@ def main(argv: list[str] | None = None) -> int:
         actual, seconds = generate(engine, requests)
         del engine
         gc.collect()
-        per_image = [image_psnr_db(a, e) for a, e in zip(actual, expected)]
-        mse = np.mean([np.mean((a.astype(np.float64) - e.astype(np.float64)) ** 2) for a, e in zip(actual, expected)])
-        overall = 100.0 if mse == 0 else 10 * math.log10(255.0 ** 2 / mse)
+        per_image = [psnr_db([a], [e]) for a, e in zip(actual, expected)]
+        overall = psnr_db(actual, expected)
         results[name] = {"psnr_db": overall, "psnr_db_per_image": per_image, "min_psnr_db": min(per_image),
-                         "seconds": seconds, "passed": min(per_image) >= LIMITS_DB[precision]}
+                         "seconds": seconds, "passed": min(per_image) >= PSNR_LIMITS_DB[precision]}
         print(f"{name}: PSNR {overall:.1f} dB over {len(per_image)} images (worst {min(per_image):.1f} dB, limit "
-              f"{LIMITS_DB[precision]:.0f} dB) in {seconds:.1f} s", flush=True)
+              f"{PSNR_LIMITS_DB[precision]:.0f} dB) in {seconds:.1f} s", flush=True)
 
     report = {"checkpoint": str(args.checkpoint), "model": str(args.model), "precision": precision,
               "steps": args.steps, "prompts": [r.prompt for r in requests], "seeds": [r.seed for r in requests],
-              "image_size": manifest.model.image_size, "limit_db": LIMITS_DB[precision],
+              "image_size": manifest.model.image_size, "limit_db": PSNR_LIMITS_DB[precision],
               "eager_seconds": eager_seconds, "engines": results,
               "machine": machine_info()}
     if args.json:

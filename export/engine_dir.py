@@ -181,8 +181,10 @@ def export_engine(checkpoint_dir: str | Path, out: str | Path, options: ExportOp
             graphs[name] = GraphEntry(
                 file=spec.file, files={file: sha256_file(staging / file) for file in graph.files},
                 precision=precision_of[name],
-                inputs=tuple(TensorSpec(t.name, dtype, t.shape) for t, dtype in zip(spec.inputs, graph.input_dtypes)),
-                outputs=tuple(TensorSpec(t.name, dtype, t.shape) for t, dtype in zip(spec.outputs, graph.output_dtypes)),
+                inputs=tuple(TensorSpec(t.name, dtype, t.shape)
+                             for t, dtype in zip(spec.inputs, graph.input_dtypes)),
+                outputs=tuple(TensorSpec(t.name, dtype, t.shape)
+                              for t, dtype in zip(spec.outputs, graph.output_dtypes)),
                 notes=notes[name])
         io_dtype = "float16" if options.precision == "fp16" and not options.fp32_io else "float32"
         manifest = build_manifest(

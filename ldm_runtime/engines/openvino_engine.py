@@ -220,9 +220,8 @@ class OpenVinoEngine(EngineDirEngine):
     def _request(self, graph: str, shapes: dict[str, tuple[int, ...]]):
         """An infer request of ``graph`` compiled for these input shapes (for their spatial sizes and every batch
         bucket where ``graph`` is not compiled per bucket): compiled on first use, then reused."""
-        if not self.per_bucket[graph]:
-            shapes = {name: (-1, *shape[1:]) if self._batch_first(graph, name) else shape
-                      for name, shape in shapes.items()}
+        if not self.per_bucket[graph]:  # every input's first axis is the batch (run pads them all along it)
+            shapes = {name: (-1, *shape[1:]) for name, shape in shapes.items()}
         key = (graph, tuple(sorted(shapes.items())))
         if graph == self._counting and key not in self._counted:  # inside operator_times
             self._compiled.pop(key, None)  # let the plain one go before its counting copy is made
@@ -232,11 +231,6 @@ class OpenVinoEngine(EngineDirEngine):
         if request is None:
             request = self._compiled[key] = self._compile(graph, shapes)
         return request
-
-    def _batch_first(self, graph: str, tensor: str) -> bool:
-        """Whether input ``tensor`` of ``graph`` has the batch axis first (every input of these graphs does)."""
-        spec = next(spec for spec in self.manifest.graphs[graph].inputs if spec.name == tensor)
-        return bool(spec.shape) and spec.shape[0] == "batch"
 
     def _compile(self, graph: str, shapes: dict[str, tuple[int, ...]], **extra_config: str):
         """An infer request of ``graph`` compiled for these input shapes (-1: the batch axis, compiled for 1 to the

@@ -46,8 +46,8 @@ class TorchEngine:
 
     name = "torch"  # EngineInfo.name
 
-    def __init__(self, checkpoint_dir: str | Path | CheckpointNetworks, device: str = "auto", dtype: torch.dtype = torch.float32,
-                 unet_chunk_size: int | None = DEFAULT_UNET_CHUNK_SIZE,
+    def __init__(self, checkpoint_dir: str | Path | CheckpointNetworks, device: str = "auto",
+                 dtype: torch.dtype = torch.float32, unet_chunk_size: int | None = DEFAULT_UNET_CHUNK_SIZE,
                  max_batch_size: int = DEFAULT_MAX_BATCH_SIZE, kernels: str | None = None):
         if kernels is not None and kernels not in dispatch.BACKENDS:
             raise ValueError(f"kernels is {kernels!r}; expected one of {', '.join(dispatch.BACKENDS)} or None")
