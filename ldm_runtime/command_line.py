@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -48,21 +49,60 @@ def finite_float(text: str) -> float:
 
 def check_writable_folder(flag: str, folder: Path) -> None:
     """``UsageError`` naming ``flag`` unless ``folder`` is, or can be created as, a folder this process can write
-    into. Proven by doing it (missing folders are created, a file is written in the deepest, then all of it is
-    removed again), since permission bits do not tell the whole story (root, read-only mounts, /proc)."""
+    into. Proven by doing it (missing folders are created, a file is written in the deepest, then the folders this
+    call created are removed again), since permission bits do not tell the whole story (root, read-only mounts,
+    /proc).
+
+    Processes started together with the same ``--out`` (the ranks of one ``torchrun`` job) run this check at the
+    same time: a folder another process creates first is not this call's to remove, and one another process
+    removes under this call is created again, a bounded number of times."""
+    for attempt in range(_PROBE_ATTEMPTS):
+        try:
+            _probe_folder(flag, folder)
+            return
+        except FileNotFoundError as error:
+            if attempt == _PROBE_ATTEMPTS - 1:
+                raise UsageError(f"{flag} {folder} cannot be written ({error.strerror or error}); expected a "
+                                 f"folder this user can create and write") from None
+
+
+_PROBE_ATTEMPTS = 10
+
+
+def _kind(path: Path) -> str | None:
+    """"folder", "other" or None (nothing there, or a file on the way), from one ``stat`` so that another process
+    cannot change the answer between two questions."""
+    try:
+        return "folder" if stat.S_ISDIR(os.stat(path).st_mode) else "other"
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _probe_folder(flag: str, folder: Path) -> None:
+    """One attempt of ``check_writable_folder``; ``FileNotFoundError`` when a folder it relied on vanished."""
     created: list[Path] = []
     try:
         missing = folder
-        while not missing.exists() and missing != missing.parent:
+        while _kind(missing) is None and missing != missing.parent:
             created.append(missing)
             missing = missing.parent
-        if folder.exists() and not folder.is_dir():
+        if _kind(folder) == "other":
             raise UsageError(f"{flag} {folder} exists and is not a folder; expected a folder to write into")
-        for path in reversed(created):
-            path.mkdir()
+        for path in reversed(list(created)):
+            try:
+                path.mkdir()
+            except FileExistsError:
+                kind = _kind(path)
+                if kind is None:  # made and removed again by another process meanwhile
+                    raise FileNotFoundError(2, os.strerror(2), str(path)) from None
+                if kind == "other":
+                    raise
+                created.remove(path)  # another process made it first; it is theirs to keep or remove
         handle, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
         os.close(handle)
         os.unlink(probe)
+    except FileNotFoundError:
+        raise
     except OSError as error:
         raise UsageError(f"{flag} {folder} cannot be written ({error.strerror or error}); expected a folder this "
                          f"user can create and write") from None

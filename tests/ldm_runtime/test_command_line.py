@@ -3,10 +3,14 @@ bug and reaches the caller with its traceback instead of being dressed up as the
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from ldm_runtime import sample
-from ldm_runtime.command_line import OneLineArgumentParser, report_user_error
+from ldm_runtime import command_line, sample
+from ldm_runtime.command_line import OneLineArgumentParser, check_writable_folder, report_user_error
 from ldm_runtime.errors import CheckpointError, EngineLoadError, RequestError, UsageError, UserError
 from ldm_runtime.serve import cli as serve_cli
 
@@ -58,3 +62,59 @@ def test_ldm_serve_lets_a_bug_show_its_traceback(bug, tmp_path, monkeypatch):
     monkeypatch.setattr(serve_cli, "load_engine", load_engine)
     with pytest.raises(type(bug)):
         serve_cli.main(["--model", str(tmp_path), "--port", "0"])
+
+
+def test_the_out_check_keeps_a_folder_another_process_made_first_and_leaves_it_to_them(tmp_path, monkeypatch):
+    """Two ranks of one torchrun job check the same --out at once: the one whose mkdir loses must not fail, nor
+    remove the folder the other is probing."""
+    out = tmp_path / "run"
+    real_mkdir = Path.mkdir
+
+    def the_other_rank_is_first(self, *args, **kwargs):
+        if self == out and not out.exists():
+            real_mkdir(self)  # the other process, between this one's exists() and its mkdir()
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", the_other_rank_is_first)
+    check_writable_folder("--out", out)
+    assert out.is_dir()
+
+
+def test_the_out_check_tries_again_when_another_process_removes_the_folder_under_it(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()  # made by the other process, which removes it when its own check is done
+    real_mkstemp = command_line.tempfile.mkstemp
+    calls = []
+
+    def the_other_rank_cleans_up(*args, **kwargs):
+        calls.append(kwargs["dir"])
+        if len(calls) == 1:
+            out.rmdir()
+        return real_mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(command_line.tempfile, "mkstemp", the_other_rank_cleans_up)
+    check_writable_folder("--out", out)
+    assert len(calls) == 2 and not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_the_out_check_gives_up_in_one_line_when_the_folder_keeps_vanishing(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+
+    def always_gone(*args, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory")
+
+    monkeypatch.setattr(command_line.tempfile, "mkstemp", always_gone)
+    with pytest.raises(UsageError, match=r"^--out .*/run cannot be written \(No such file or directory\)"):
+        check_writable_folder("--out", out)
+    assert not out.exists()
+
+
+def test_ranks_checking_one_out_at_the_same_time_all_pass(tmp_path):
+    """Real processes racing on the same missing --out (what a torchrun job's ranks do at start-up)."""
+    out = tmp_path / "a" / "run"
+    script = ("import sys, pathlib; from ldm_runtime.command_line import check_writable_folder as c\n"
+              "for _ in range(200): c('--out', pathlib.Path(sys.argv[1]))\n")
+    workers = [subprocess.Popen([sys.executable, "-c", script, str(out)], stderr=subprocess.PIPE, text=True)
+               for _ in range(4)]
+    errors = [worker.communicate(timeout=300)[1] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0] * 4, errors
