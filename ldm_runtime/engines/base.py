@@ -9,7 +9,7 @@ stay on the engine's device for the whole sampling loop. Host values cross over 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Iterable, Protocol
 
 import numpy as np
 
@@ -17,6 +17,14 @@ from ldm_runtime.guidance import guided_images
 
 Array = Any  # numpy.ndarray or torch.Tensor, depending on the engine
 DEFAULT_MAX_BATCH_SIZE = 64  # UNet rows of one call on the torch engines: 32 guided images
+
+
+def batch_buckets_for(max_batch: int, buckets: Iterable[int] | None = None) -> tuple[int, ...]:
+    """The batch sizes calls are padded to: ``buckets`` (None: every power of two) below ``max_batch``, then
+    ``max_batch`` itself."""
+    if buckets is None:
+        buckets = (2**power for power in range(max_batch.bit_length()))
+    return tuple(sorted({bucket for bucket in buckets if bucket < max_batch} | {max_batch}))
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ from typing import Any
 
 import numpy as np
 
+from ldm_runtime.engines.base import batch_buckets_for
 from ldm_runtime.engines.engine_dir_engine import EngineDirEngine
 from ldm_runtime.errors import EngineLoadError
 from ldm_runtime.manifest import EngineDirError
@@ -112,11 +113,6 @@ def cpu_capabilities(core: Any) -> list[str]:
     """OpenVINO's optimisation capabilities of this CPU (e.g. ["FP32", "FP16", "INT8", "BIN", "EXPORT_IMPORT"];
     "BF16" only where the CPU computes bf16 natively)."""
     return [str(capability) for capability in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
-
-
-def batch_buckets_for(max_batch: int, buckets: tuple[int, ...] = DEFAULT_BATCH_BUCKETS) -> tuple[int, ...]:
-    """The batch sizes graphs are compiled for: ``buckets`` below ``max_batch``, then ``max_batch`` itself."""
-    return tuple(sorted({bucket for bucket in buckets if bucket < max_batch} | {max_batch}))
 
 
 class OpenVinoEngine(EngineDirEngine):

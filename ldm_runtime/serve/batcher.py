@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ldm_runtime.engines.base import batch_buckets_for
 from ldm_runtime.pipeline import GenerationRequest, Pipeline, RequestError, SamplingState
 
 BATCHING_MODES = ("none", "dynamic", "step")
@@ -153,11 +154,7 @@ class StepGate:
 
 def warm_up_batch_sizes(max_batch: int) -> list[int]:
     """The image counts the worker warms up with: 1, 2, 4, ... below ``max_batch``, then ``max_batch``."""
-    sizes, size = [], 1
-    while size < max_batch:
-        sizes.append(size)
-        size *= 2
-    return sizes + [max(1, max_batch)]
+    return list(batch_buckets_for(max(1, max_batch)))
 
 
 class Batcher:
