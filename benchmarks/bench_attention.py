@@ -24,7 +24,7 @@ SD15_QUERIES = [(4096, 40), (1024, 80), (256, 160), (64, 160)]  # (tokens, head 
 
 
 def bench_shape(kind, query_len, key_len, head_dim, dtype, rep_ms, warmup_ms) -> dict:
-    from kernels.attention import attention_triton
+    from ldm_kernels.attention import attention_triton
 
     q = torch.randn(BATCH, HEADS, query_len, head_dim, dtype=dtype, device="cuda")
     k = torch.randn(BATCH, HEADS, key_len, head_dim, dtype=dtype, device="cuda")

@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.prompts <= len(PROMPTS):
         parser.error(f"--prompts {args.prompts} is out of range; expected 1 to {len(PROMPTS)}")
 
-    from export.onnx_export import reference_kernels
-    from export.validate import PSNR_LIMITS_DB, psnr_db
+    from ldm_export.onnx_export import reference_kernels
+    from ldm_export.validate import PSNR_LIMITS_DB, psnr_db
     from ldm_runtime.engines import load_engine
     from ldm_runtime.engines.torch_engine import TorchEngine
     from ldm_runtime.manifest import load_manifest

@@ -23,7 +23,7 @@ NUM_GROUPS = 32
 
 
 def bench_shape(shape, dtype, rep_ms, warmup_ms) -> dict:
-    from kernels.group_norm import group_norm_reference, group_norm_triton
+    from ldm_kernels.group_norm import group_norm_reference, group_norm_triton
 
     channels = shape[1]
     x = torch.randn(shape, dtype=dtype, device="cuda")

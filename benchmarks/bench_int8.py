@@ -96,11 +96,11 @@ def main() -> None:
     import nncf
     import torch
 
-    from export.validate import psnr_db
+    from ldm_export.validate import psnr_db
     from ldm_runtime.engines import load_engine
     from ldm_runtime.engines.openvino_engine import OpenVinoEngine
     from ldm_runtime.pipeline import Pipeline
-    from train.data.shapes import ShapesDataset
+    from ldm_train.data.shapes import ShapesDataset
 
     torch.set_num_threads(args.threads)
     heldout = ShapesDataset.heldout(args.prompts, 32, seed=0)

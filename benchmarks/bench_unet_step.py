@@ -43,7 +43,7 @@ def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
 
 @torch.inference_mode()
 def bench_batch(unet, config, batch: int, rep_ms: float, warmup_ms: float) -> dict:
-    from kernels.dispatch import use_backend
+    from ldm_kernels.dispatch import use_backend
     from ldm_runtime.engines.cuda_graph import CapturedCall
 
     inputs = make_inputs(batch, config, torch.float16)

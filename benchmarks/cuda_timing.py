@@ -23,7 +23,7 @@ def require_cuda(script: str) -> None:
         print(f"{script}: needs a CUDA device (torch.cuda.is_available() is False); "
               "no CPU numbers are reported", file=sys.stderr)
         sys.exit(2)
-    from kernels.dispatch import kernels_interpreted
+    from ldm_kernels.dispatch import kernels_interpreted
 
     if kernels_interpreted():
         print(f"{script}: TRITON_INTERPRET=1 makes the kernels run in Triton's interpreter; unset it", file=sys.stderr)

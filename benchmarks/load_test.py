@@ -14,7 +14,7 @@ The overload run then starts the server in step mode with a short queue (``--ove
 lost). Results print as Markdown tables; ``--json`` writes them as well.
 
 ``--replicas 1,2`` instead compares one ``ldm-serve`` process with ``ldm-serve --replicas R`` on a local Ray
-instance (``ldm_runtime.serve.replicas``) for each R, all with step batching and one engine thread per process or
+instance (``ldm_serve.replicas``) for each R, all with step batching and one engine thread per process or
 replica, at each concurrency for ``--seconds``, one setup after another (each Ray instance is started and stopped
 in turn), with the images/s of each against the one process:
 
@@ -43,8 +43,8 @@ import httpx
 import numpy as np
 
 from ldm_runtime.pipeline import DEFAULT_GUIDANCE_SCALE
-from ldm_runtime.serve.batcher import BatcherConfig
-from ldm_runtime.serve.process import ServeProcess, ServeProcessError, free_port
+from ldm_serve.batcher import BatcherConfig
+from ldm_serve.process import ServeProcess, ServeProcessError, free_port
 
 MODES = ("none", "dynamic", "step")
 START_TIMEOUT_S = 180
@@ -55,9 +55,9 @@ PROMPTS = ["a red circle on the left", "a large blue square", "two yellow stars 
 
 def build_model(preset_name: str, engine_dir: Path) -> None:
     """A random-weight checkpoint of ``preset_name`` exported (fp32, onnxruntime, no validation) to ``engine_dir``."""
-    from export.cli import main as export_main
+    from ldm_export.cli import main as export_main
     from ldm_runtime.config import preset
-    from train.checkpoint import write_random_checkpoint
+    from ldm_train.checkpoint import write_random_checkpoint
 
     checkpoint = Path(tempfile.mkdtemp(prefix="load-test-checkpoint-"))
     write_random_checkpoint(checkpoint, preset(preset_name))

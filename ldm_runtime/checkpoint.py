@@ -1,6 +1,6 @@
 """Reading a checkpoint dir: ``model.json`` and the ``*.safetensors`` weights (never pickle), into the networks.
 
-Layout of a checkpoint dir (``train.checkpoint`` writes it)::
+Layout of a checkpoint dir (``ldm_train.checkpoint`` writes it)::
 
     model.json                 ModelConfig (the whole model description)
     autoencoder.safetensors    autoencoder weights

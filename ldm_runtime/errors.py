@@ -3,7 +3,7 @@
 Every command catches ``UserError`` and only it, and prints its message as one line ``PROG: error: ...``
 with exit status 2; any other exception is a bug and keeps its traceback. A message is one sentence that
 names the bad value and says what was expected. The library's areas each have a subclass; the stages and
-commands add their own (``export.errors.ExportError``, ``train.data.DataError``, ``ldm-serve``'s ServeError...).
+commands add their own (``ldm_export.errors.ExportError``, ``ldm_train.data.DataError``, ``ldm-serve``'s ServeError...).
 
 The subclasses that were ``ValueError`` before there was a common base still are, so code that catches
 ``ValueError`` around a library call keeps working.

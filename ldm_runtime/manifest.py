@@ -88,7 +88,7 @@ class GraphEntry:
 
     file: str
     files: dict[str, str]  # file name -> sha256 (the graph and any external-data file)
-    precision: str  # "fp32" or "fp16" (fp16 graphs keep fp32 islands; see export/fp16.py)
+    precision: str  # "fp32" or "fp16" (fp16 graphs keep fp32 islands; see ldm_export/fp16.py)
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     notes: dict[str, Any] = field(default_factory=dict)  # e.g. why a graph stayed fp32 in an fp16 engine

@@ -19,8 +19,8 @@ model never trained on); each caption's labels are the truth. One image is gener
 - ``classifier_accuracy``: the judge's own accuracy on real held-out images (from classifier.json), and
   ``classifier_accuracy_blurred`` on the same images blurred by 1 px, a guide to how much soft edges cost it.
 
-The classifier and the held-out prompts come from the training package (``train.classifier``,
-``train.data.shapes``): this is a tool above the stages, which may import any of them. Torch and the training
+The classifier and the held-out prompts come from the training package (``ldm_train.classifier``,
+``ldm_train.data.shapes``): this is a tool above the stages, which may import any of them. Torch and the training
 package are imported inside the functions that need them, so loading this module imports neither.
 """
 
@@ -138,7 +138,7 @@ def adherence(predictions: list, truths: list, captions: list[str]) -> tuple[dic
 
     ``predictions`` / ``truths``: ShapesLabels per image; an attribute a caption does not state is not judged.
     """
-    from train.classifier import ATTRIBUTES, attribute_agreement
+    from ldm_train.classifier import ATTRIBUTES, attribute_agreement
 
     assert len(predictions) == len(truths) == len(captions)
     agreements = [attribute_agreement(pred, truth, stated_sizes(caption, truth), background_stated(caption, truth))
@@ -180,7 +180,7 @@ def score_samples(samples: np.ndarray, truths: list, captions: list[str], refere
     ``fid_in_domain`` and ``fid_real_floor``. Returns adherence, judged, fid_in_domain, fid_real_floor and
     ``agrees`` (per-sample all-agree flags).
     """
-    from train.classifier import classify
+    from ldm_train.classifier import classify
 
     predictions, sample_features = classify(classifier, samples)
     _, reference_features = classify(classifier, reference_images)
@@ -269,7 +269,7 @@ def _captioned_cell(sample: np.ndarray, caption: str, agrees: bool) -> np.ndarra
 
 
 def _load_classifier(folder: str):
-    from train.classifier import load_classifier
+    from ldm_train.classifier import load_classifier
 
     try:
         return load_classifier(folder)
@@ -280,7 +280,7 @@ def _load_classifier(folder: str):
 def evaluate(settings: EvalSettings) -> dict[str, Any]:
     """Run the whole evaluation and return the report (what ``--json`` receives)."""
     from ldm_runtime.engines import load_engine
-    from train.data.shapes import ShapesDataset
+    from ldm_train.data.shapes import ShapesDataset
 
     settings.validate()
     started = time.perf_counter()

@@ -67,13 +67,13 @@ def time_unet_ms(engine, inputs, calls: int = 50) -> float:
 
 
 def check_precision(precision: str, work: Path, seed: int) -> dict:
-    from export.cli import main as export_main
-    from export.validate import psnr_db
+    from ldm_export.cli import main as export_main
+    from ldm_export.validate import psnr_db
     from ldm_runtime.config import preset
     from ldm_runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
     from ldm_runtime.engines.tensorrt_engine import TensorRtEngine
     from ldm_runtime.pipeline import GenerationRequest, Pipeline
-    from train.checkpoint import write_random_checkpoint
+    from ldm_train.checkpoint import write_random_checkpoint
 
     checkpoint, engine_dir = work / f"checkpoint-{precision}", work / f"engine-{precision}"
     config = preset("tiny")

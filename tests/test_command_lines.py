@@ -8,14 +8,14 @@ import argparse
 
 import pytest
 
-from export import cli as export_cli
-from export import sd_import
+from ldm_export import cli as export_cli
+from ldm_export import sd_import
 from ldm_runtime import sample
 from ldm_runtime.command_line import finite_float
-from ldm_runtime.serve import cli as serve_cli
+from ldm_serve import cli as serve_cli
 from ldm_tools import evaluate, sheet
 from ldm_tools.bench import cli as bench_cli
-from train import cli as train_cli
+from ldm_train import cli as train_cli
 
 # (program, its main, its parser, arguments that make an otherwise complete command line)
 COMMANDS = [

@@ -12,14 +12,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("ldm_runtime", "kernels", "train", "export", "ldm_tools")
+PACKAGES = ("ldm_runtime", "ldm_kernels", "ldm_train", "ldm_export", "ldm_serve", "ldm_tools")
 SCRIPT_FOLDERS = ("benchmarks", "scripts")  # loose scripts: they may import any package, never the tests
 # importer -> the top-level packages it must not import
 FORBIDDEN = {
-    "ldm_runtime": {"train", "export", "ldm_tools", "tests"},
-    "kernels": {"ldm_runtime", "train", "export", "ldm_tools", "tests"},
-    "train": {"export", "ldm_tools", "tests"},
-    "export": {"train", "ldm_tools", "tests"},
+    "ldm_runtime": {"ldm_train", "ldm_export", "ldm_serve", "ldm_tools", "tests"},
+    "ldm_kernels": {"ldm_runtime", "ldm_train", "ldm_export", "ldm_serve", "ldm_tools", "tests"},
+    "ldm_train": {"ldm_export", "ldm_serve", "ldm_tools", "tests"},
+    "ldm_export": {"ldm_train", "ldm_serve", "ldm_tools", "tests"},
+    "ldm_serve": {"ldm_train", "ldm_export", "ldm_tools", "tests"},
     "ldm_tools": {"tests"},
     "benchmarks": {"tests"},
     "scripts": {"tests"},
@@ -100,7 +101,7 @@ def test_no_package_imports_what_the_layout_forbids():
     graph = project_imports()
     problems = forbidden_edges(graph)
     assert not problems, "imports that break the layout:\n" + "\n".join(problems)
-    assert set(graph) >= {"ldm_runtime", "kernels", "train", "export", "ldm_tools", "benchmarks"}, sorted(graph)
+    assert set(graph) >= {*PACKAGES, "benchmarks"}, sorted(graph)
 
 
 def test_no_two_top_level_packages_import_each_other():
@@ -111,25 +112,25 @@ def test_no_two_top_level_packages_import_each_other():
 def test_the_scan_sees_lazy_relative_and_importlib_imports():
     source = ("import numpy\n"
               "def load():\n"
-              "    from train.checkpoint import save_checkpoint\n"
+              "    from ldm_train.checkpoint import save_checkpoint\n"
               "    try:\n"
-              "        import export.cli as cli\n"
+              "        import ldm_export.cli as cli\n"
               "    except ImportError:\n"
               "        pass\n"
               "    return importlib.import_module('ldm_tools.bench')\n"
               "from .schedulers import ddim\n")
     edges = imports_in(source, Path("ldm_runtime/engines/example.py"), "ldm_runtime.engines")
     assert [(edge.line, edge.module) for edge in edges] == [
-        (1, "numpy"), (3, "train.checkpoint"), (5, "export.cli"), (8, "ldm_tools.bench"),
+        (1, "numpy"), (3, "ldm_train.checkpoint"), (5, "ldm_export.cli"), (8, "ldm_tools.bench"),
         (9, "ldm_runtime.engines.schedulers")]
-    graph = {"ldm_runtime": edges, "export": [ImportEdge(Path("export/x.py"), 4, "ldm_runtime.pipeline")],
-             "train": [ImportEdge(Path("train/y.py"), 2, "export.cli")]}
+    graph = {"ldm_runtime": edges, "ldm_export": [ImportEdge(Path("ldm_export/x.py"), 4, "ldm_runtime.pipeline")],
+             "ldm_train": [ImportEdge(Path("ldm_train/y.py"), 2, "ldm_export.cli")]}
     assert forbidden_edges(graph) == [
-        "ldm_runtime/engines/example.py:3: imports train.checkpoint (ldm_runtime must not import train)",
-        "ldm_runtime/engines/example.py:5: imports export.cli (ldm_runtime must not import export)",
+        "ldm_runtime/engines/example.py:3: imports ldm_train.checkpoint (ldm_runtime must not import ldm_train)",
+        "ldm_runtime/engines/example.py:5: imports ldm_export.cli (ldm_runtime must not import ldm_export)",
         "ldm_runtime/engines/example.py:8: imports ldm_tools.bench (ldm_runtime must not import ldm_tools)",
-        "train/y.py:2: imports export.cli (train must not import export)"]
-    assert package_cycles(graph) == ["export and ldm_runtime import each other",
-                                     "export and train import each other",
-                                     "ldm_runtime and train import each other"]
+        "ldm_train/y.py:2: imports ldm_export.cli (ldm_train must not import ldm_export)"]
+    assert package_cycles(graph) == ["ldm_export and ldm_runtime import each other",
+                                     "ldm_export and ldm_train import each other",
+                                     "ldm_runtime and ldm_train import each other"]
 

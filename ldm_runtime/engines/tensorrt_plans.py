@@ -1,7 +1,7 @@
 """What a TensorRT plan can serve, decided without TensorRT or a GPU: which optimisation profile and batch bucket
 run a call, whether its shapes fit, whether a plan matches its manifest, and what this machine lacks.
 
-A plan (``ldm-export --backend tensorrt``, ``export/tensorrt_build.py``) holds one or more optimisation profiles;
+A plan (``ldm-export --backend tensorrt``, ``ldm_export/tensorrt_build.py``) holds one or more optimisation profiles;
 each gives every input a min / opt / max shape. A call of B rows is padded with copies of its last row up to a
 batch bucket: the powers of two inside a profile's batch range, and the range's maximum. Buffers and CUDA graphs
 are made once per (profile, bucket, other axes), so a handful of shapes serve every batch.

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kernels import dispatch
+from ldm_kernels import dispatch
 from ldm_runtime.arrays import host_to_array_like
 from ldm_runtime.checkpoint import CheckpointNetworks, load_checkpoint
 from ldm_runtime.engines.base import DEFAULT_MAX_BATCH_SIZE, EngineInfo
@@ -37,9 +37,9 @@ class TorchEngine:
     ``device``: "auto" (CUDA when available, else the CPU), "cpu", "cuda" or "cuda:N".
     ``dtype``: the networks' precision; latents and model outputs stay float32 (the sampler's arithmetic),
     and are cast at the network's boundary.
-    ``kernels``: the GroupNorm and attention implementation, "reference" (plain PyTorch ops: the eager
+    ``ldm_kernels``: the GroupNorm and attention implementation, "reference" (plain PyTorch ops: the eager
     baseline), "triton", "auto" (Triton on CUDA tensors), or None to follow LDM_KERNELS
-    (``kernels.dispatch``).
+    (``ldm_kernels.dispatch``).
     Raises ``CheckpointError`` (one sentence) for a folder that is not a complete checkpoint dir,
     ``EngineLoadError`` for a device this machine does not have, and ``ValueError`` for an unknown dtype.
     """

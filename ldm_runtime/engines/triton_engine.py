@@ -2,7 +2,7 @@
 call replayed from a CUDA graph captured once per batch bucket.
 
 Every GroupNorm(+SiLU) and attention layer of the three networks is pinned to the Triton kernels
-(``kernels.dispatch.use_backend``); the rest is ordinary PyTorch. The sampler's latents stay on the GPU
+(``ldm_kernels.dispatch.use_backend``); the rest is ordinary PyTorch. The sampler's latents stay on the GPU
 for the whole loop (the pipeline works on this engine's torch tensors); a UNet call copies its inputs into
 the captured graph's static buffers, replays it, and copies the output out: one launch from the host
 instead of several hundred, which is what a small batch is bound by.
@@ -14,7 +14,7 @@ the other rows of its bucket. Across buckets the GPU libraries may pick other al
 results in the last bits of fp16.
 
 Without a CUDA device the engine refuses to load. The exception is Triton's interpreter: with
-``TRITON_INTERPRET=1`` set before ``kernels`` is imported and ``device="cpu"``, the same code runs on the
+``TRITON_INTERPRET=1`` set before ``ldm_kernels`` is imported and ``device="cpu"``, the same code runs on the
 CPU without CUDA graphs, slowly, which is how the tests check it against the torch engine.
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from kernels import dispatch
+from ldm_kernels import dispatch
 from ldm_runtime.engines.base import DEFAULT_MAX_BATCH_SIZE
 from ldm_runtime.engines.cuda_graph import CapturedCall
 from ldm_runtime.engines.torch_engine import TorchEngine

@@ -1,6 +1,6 @@
 """The three networks of a latent diffusion model: the autoencoder, the UNet and the text encoder.
 
-torch (and ``kernels`` for GroupNorm and attention) is imported here: only what runs a network imports this.
+torch (and ``ldm_kernels`` for GroupNorm and attention) is imported here: only what runs a network imports this.
 """
 
 from torch import nn

@@ -1,7 +1,7 @@
 """Attention modules: the autoencoder's spatial self-attention and the UNet's spatial transformer.
 
 Parameter names follow diffusers (``to_q``, ``to_k``, ``to_v``, ``to_out.0``, ``group_norm``, ``proj_in``,
-``transformer_blocks``, ``ff.net.0.proj``...). Every attention runs through ``kernels.dispatch.attention``.
+``transformer_blocks``, ``ff.net.0.proj``...). Every attention runs through ``ldm_kernels.dispatch.attention``.
 """
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import dispatch
+from ldm_kernels import dispatch
 from ldm_runtime.models.layers import GroupNorm
 
 
 class Attention(nn.Module):
     """Multi-head attention of a sequence over itself or over ``context`` (diffusers' ``Attention``).
-    ``kernel_backend`` pins the implementation (``kernels.dispatch.use_backend``); None follows LDM_KERNELS."""
+    ``kernel_backend`` pins the implementation (``ldm_kernels.dispatch.use_backend``); None follows LDM_KERNELS."""
 
     kernel_backend: str | None = None
 

@@ -1,7 +1,7 @@
 """Convolutional building blocks shared by the autoencoder and the UNet.
 
 Parameter names follow diffusers (``norm1``, ``conv1``, ``time_emb_proj``, ``conv_shortcut``, ``conv``) so
-Stable Diffusion weights load without conversion. Every GroupNorm runs through ``kernels.dispatch``.
+Stable Diffusion weights load without conversion. Every GroupNorm runs through ``ldm_kernels.dispatch``.
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import dispatch
+from ldm_kernels import dispatch
 
 
 class GroupNorm(nn.GroupNorm):
-    """``nn.GroupNorm`` (same parameter names) computed by ``kernels.dispatch.group_norm``.
+    """``nn.GroupNorm`` (same parameter names) computed by ``ldm_kernels.dispatch.group_norm``.
 
     ``activation="silu"`` fuses the SiLU that follows the norm into the same kernel. ``kernel_backend``
-    pins the implementation (``kernels.dispatch.use_backend``); None follows LDM_KERNELS.
+    pins the implementation (``ldm_kernels.dispatch.use_backend``); None follows LDM_KERNELS.
     """
 
     kernel_backend: str | None = None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
-import sys
 from pathlib import Path
 
 import torch
@@ -74,39 +73,6 @@ def _installed_package_folder(name: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def keep_transformers_off_our_kernels() -> None:
-    """Make transformers' ``is_kernels_available()`` False in this process, whatever ldm-runtime's version; call
-    it before transformers imports a model.
-
-    transformers takes any importable top-level ``kernels`` for Hugging Face's optional ``kernels`` library and,
-    finding no distribution of that name, reads the version of the one that ships it: ours. Inside its window
-    (KERNELS_MIN_VERSION <= v < KERNELS_MAX_VERSION) it would ``from kernels import CUDAProperties, ...`` out of
-    our Triton package, and every model import would fail. Its documented switch, ``USE_HUB_KERNELS=0``, cannot
-    help: it only stops transformers from using hub kernels after that import has succeeded. So the answer, which
-    transformers caches for the process, is computed here once with its probe told that ``kernels`` is not
-    installed, which is true: in this process ``import kernels`` is ours, never Hugging Face's.
-    """
-    if "transformers.integrations.hub_kernels" in sys.modules:
-        return  # transformers has already decided (and, had it decided True, that import failed)
-    from transformers.utils import import_utils
-
-    if not hasattr(import_utils, "is_kernels_available"):
-        return  # a transformers that predates the optional kernels library: nothing to keep off
-    probe = import_utils._is_package_available
-
-    def without_kernels(name: str, return_version: bool = False) -> tuple[bool, str | None]:
-        if name == "kernels":
-            return False, "N/A" if return_version else None
-        return probe(name, return_version)
-
-    import_utils.is_kernels_available.cache_clear()
-    import_utils._is_package_available = without_kernels
-    try:
-        import_utils.is_kernels_available()
-    finally:
-        import_utils._is_package_available = probe
-
-
 class TextEncoder(nn.Module):
     """Prompts -> (B, max_length, hidden_size) float32 hidden states and a (B, max_length) bool token mask."""
 
@@ -128,7 +94,6 @@ class TextEncoder(nn.Module):
         if not tokenizer_folder.is_dir():
             raise ConfigError(f"tokenizer folder {str(tokenizer_folder)!r} does not exist; expected a folder")
         # transformers costs seconds to import: only runs that build a text encoder pay for it.
-        keep_transformers_off_our_kernels()
         from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, CLIPTextConfig, CLIPTextModel
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder), local_files_only=True)

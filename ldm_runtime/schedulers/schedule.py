@@ -1,6 +1,6 @@
 """The forward-process noise schedule: betas and their cumulative alpha products, in float64 on the host.
 
-One implementation for training and sampling: ``train.diffusion.ForwardProcess`` noises training latents
+One implementation for training and sampling: ``ldm_train.diffusion.ForwardProcess`` noises training latents
 with these tables, and DDIM walks them back. The settings are ``ldm_runtime.config.ScheduleConfig`` (the
 ``"schedule"`` entry of ``model.json`` and ``manifest.json``); this adds the tables computed from them.
 LDM's "scaled_linear" schedule is linear in sqrt(beta): betas = linspace(sqrt(beta_start), sqrt(beta_end), T) ** 2.

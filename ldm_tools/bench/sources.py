@@ -51,7 +51,7 @@ def write_preset_checkpoint(name: str, latent_size: int, folder: str, seed: int 
     import dataclasses
 
     from ldm_runtime.config import preset
-    from train.checkpoint import write_random_checkpoint
+    from ldm_train.checkpoint import write_random_checkpoint
 
     config = preset(name)
     config = dataclasses.replace(config, image_size=latent_size * config.autoencoder.factor)
@@ -65,7 +65,7 @@ def export_onnxruntime_engine(checkpoint: str, out: str, max_unet_batch: int, im
     seconds it took. Validation is left to the benchmark (one UNet call compared with eager PyTorch)."""
     import time
 
-    from export.engine_dir import ExportOptions, export_engine
+    from ldm_export.engine_dir import ExportOptions, export_engine
 
     started = time.perf_counter()
     high = max(2, max_unet_batch)

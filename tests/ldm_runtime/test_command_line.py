@@ -12,7 +12,7 @@ import pytest
 from ldm_runtime import command_line, sample
 from ldm_runtime.command_line import OneLineArgumentParser, check_writable_folder, report_user_error
 from ldm_runtime.errors import CheckpointError, EngineLoadError, RequestError, UsageError, UserError
-from ldm_runtime.serve import cli as serve_cli
+from ldm_serve import cli as serve_cli
 
 
 def test_a_user_error_is_reported_as_its_first_line_with_status_2(capsys):

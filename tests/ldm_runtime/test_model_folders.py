@@ -18,7 +18,7 @@ from ldm_runtime.checkpoint import CheckpointError, load_model_config, load_text
 from ldm_runtime.config import ModelConfig, TextEncoderConfig
 from ldm_runtime.manifest import EngineDirError, load_manifest, verify_engine_files
 from ldm_runtime.models import resolve_text_encoder_path
-from tests.export.tiny_checkpoint import shared_tiny_checkpoint, shared_tiny_engine
+from tests.ldm_export.tiny_checkpoint import shared_tiny_checkpoint, shared_tiny_engine
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "models" / "shapes-demo"

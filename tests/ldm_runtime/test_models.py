@@ -9,7 +9,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel, VQModel
 from transformers import AutoModel
 
-import kernels.dispatch
+import ldm_kernels.dispatch
 from ldm_runtime.config import AutoencoderConfig, ConfigError, TextEncoderConfig, UNetConfig, preset
 from ldm_runtime.models import Autoencoder, TextEncoder, UNet, count_parameters, resolve_text_encoder_path
 from ldm_runtime.models.attention import Attention
@@ -245,7 +245,7 @@ def test_unet_output_dtype_follows_latents_in_bfloat16():
 
 def test_every_group_norm_and_attention_goes_through_kernels_dispatch(monkeypatch):
     group_norm_activations, attention_calls = [], []
-    real_group_norm, real_attention = kernels.dispatch.group_norm, kernels.dispatch.attention
+    real_group_norm, real_attention = ldm_kernels.dispatch.group_norm, ldm_kernels.dispatch.attention
 
     def counting_group_norm(x, num_groups, weight, bias, eps=1e-5, activation=None, backend=None):
         group_norm_activations.append(activation)
@@ -256,8 +256,8 @@ def test_every_group_norm_and_attention_goes_through_kernels_dispatch(monkeypatc
         attention_calls.append(q.shape)
         return real_attention(q, k, v, key_padding_mask, scale, backend)
 
-    monkeypatch.setattr(kernels.dispatch, "group_norm", counting_group_norm)
-    monkeypatch.setattr(kernels.dispatch, "attention", counting_attention)
+    monkeypatch.setattr(ldm_kernels.dispatch, "group_norm", counting_group_norm)
+    monkeypatch.setattr(ldm_kernels.dispatch, "attention", counting_attention)
     cfg = TINY_UNETS["conv_projection"]
     autoencoder_cfg = AutoencoderConfig(base_channels=16, channel_mult=(1, 2), num_groups=8)
     unet, autoencoder = UNet(cfg), Autoencoder(autoencoder_cfg)

@@ -15,7 +15,7 @@ import pytest
 from ldm_runtime.engines import load_engine
 from ldm_runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
 from ldm_runtime.manifest import EngineDirError, OutOfRangeError, check_tensorrt_plans, load_manifest
-from tests.export.tiny_checkpoint import TINY_CONFIG, shared_tiny_engine
+from tests.ldm_export.tiny_checkpoint import TINY_CONFIG, shared_tiny_engine
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["a red circle", "two blue squares on a green background in the top left corner of the image", ""]
@@ -102,12 +102,12 @@ def test_engine_samples_without_importing_torch(exported):
         "                                    GenerationRequest(prompt='a blue square', seed=4, steps=3)])\n"
         "assert [image.shape for image in images] == [(16, 16, 3)] * 2, [image.shape for image in images]\n"
         "assert images[0].std() > 0\n"
-        "print('torch imported:', 'torch' in sys.modules, 'train imported:', 'train' in sys.modules)\n"
+        "print('torch imported:', 'torch' in sys.modules, 'ldm_train imported:', 'ldm_train' in sys.modules)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
-    assert "torch imported: False train imported: False" in result.stdout
+    assert "torch imported: False ldm_train imported: False" in result.stdout
 
 
 def test_load_engine_opens_an_engine_dir_with_onnxruntime(exported):

@@ -17,7 +17,7 @@ import pytest
 
 pytest.importorskip("openvino")  # the dev extra installs it
 
-from export.validate import psnr_db
+from ldm_export.validate import psnr_db
 from ldm_runtime.engines import load_engine, pick_engine
 from ldm_runtime.engines import openvino_engine
 from ldm_runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
@@ -26,7 +26,7 @@ from ldm_runtime.engines.openvino_engine import (
 )
 from ldm_runtime.manifest import OutOfRangeError
 from ldm_runtime.pipeline import GenerationRequest, Pipeline
-from tests.export.tiny_checkpoint import TINY_CONFIG, shared_tiny_engine
+from tests.ldm_export.tiny_checkpoint import TINY_CONFIG, shared_tiny_engine
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["a red circle", "two blue squares on a green background in the top left corner of the image", "",
@@ -373,12 +373,12 @@ def test_engine_samples_without_importing_torch(exported):
         f"engine = OpenVinoEngine({str(exported[1])!r}, intra_op_threads=1)\n"
         "images = Pipeline(engine).generate([GenerationRequest(prompt='a red circle', seed=3, steps=3)])\n"
         "assert images[0].shape == (16, 16, 3) and images[0].std() > 0\n"
-        "print('torch imported:', 'torch' in sys.modules, 'train imported:', 'train' in sys.modules)\n"
+        "print('torch imported:', 'torch' in sys.modules, 'ldm_train imported:', 'ldm_train' in sys.modules)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr
-    assert "torch imported: False train imported: False" in result.stdout
+    assert "torch imported: False ldm_train imported: False" in result.stdout
 
 
 def test_ldm_sample_precision_bf16_is_refused_in_one_line_without_native_bf16_or_on_another_engine(

@@ -21,7 +21,7 @@ from ldm_runtime.engines import EngineLoadError, load_engine
 from ldm_runtime.engines.torch_engine import TorchEngine
 from ldm_runtime.pipeline import GenerationRequest, Pipeline, RequestError
 from ldm_runtime.schedulers import DDIMConfig
-from train.checkpoint import write_random_checkpoint
+from ldm_train.checkpoint import write_random_checkpoint
 
 TINY_CONFIG = ModelConfig(
     image_size=16,
@@ -366,7 +366,7 @@ def test_cuda_engine_keeps_latents_on_the_device_and_matches_the_cpu_image(check
 
 def test_runtime_modules_import_neither_torch_nor_train():
     script = ("import sys, ldm_runtime.pipeline, ldm_runtime.sample, ldm_runtime.engines\n"
-              "print(sorted(name for name in ('torch', 'train', 'transformers') if name in sys.modules))")
+              "print(sorted(name for name in ('torch', 'ldm_train', 'transformers') if name in sys.modules))")
     repo_root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                             cwd=repo_root)

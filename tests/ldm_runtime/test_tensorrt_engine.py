@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from export.tensorrt_build import _profile_shape
+from ldm_export.tensorrt_build import _profile_shape
 from ldm_runtime import sample
 from ldm_runtime.engines import load_engine, pick_engine, tensorrt_engine, tensorrt_plans
 from ldm_runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
@@ -32,8 +32,8 @@ from ldm_runtime.errors import EngineDirError, OutOfRangeError
 from ldm_runtime.files import sha256_file
 from ldm_runtime.manifest import MANIFEST_JSON, load_manifest
 from ldm_runtime.pipeline import GenerationRequest, Pipeline
-from ldm_runtime.serve import cli as serve_cli
-from tests.export.tiny_checkpoint import TINY_CONFIG, shared_tiny_engine
+from ldm_serve import cli as serve_cli
+from tests.ldm_export.tiny_checkpoint import TINY_CONFIG, shared_tiny_engine
 from tests.ldm_runtime import fake_tensorrt
 
 FAKE_GPU = ("Fake GPU 80GB", "9.0")
@@ -163,7 +163,7 @@ def test_ldm_sample_and_ldm_serve_engine_tensorrt_exit_2_with_one_line_where_ten
 
 def write_fake_plans(engine_dir, profiles_per_plan: int = 1, gpu=FAKE_GPU, version=fake_tensorrt.__version__):
     """Give ``engine_dir`` fake plans (``fake_tensorrt``) with the builder's profile shapes, and the manifest's
-    "tensorrt" entry as ``export/tensorrt_build.py`` writes it. With 2 profiles per plan, profile 0 takes the
+    "tensorrt" entry as ``ldm_export/tensorrt_build.py`` writes it. With 2 profiles per plan, profile 0 takes the
     batch range up to its opt and profile 1 the rest."""
     manifest = json.loads((engine_dir / MANIFEST_JSON).read_text())
     dims = manifest["dims"]

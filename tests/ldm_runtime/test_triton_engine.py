@@ -14,15 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-import kernels.dispatch
+import ldm_kernels.dispatch
 from ldm_runtime.engines import load_engine
 from ldm_runtime.engines.torch_engine import TorchEngine
 from ldm_runtime.pipeline import GenerationRequest, Pipeline
-from tests.export.tiny_checkpoint import write_tiny_checkpoint
+from tests.ldm_export.tiny_checkpoint import write_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
-CUDA = torch.cuda.is_available() and not kernels.dispatch.kernels_interpreted()
-RUNNABLE = kernels.dispatch.triton_available() and (CUDA or kernels.dispatch.kernels_interpreted())
+CUDA = torch.cuda.is_available() and not ldm_kernels.dispatch.kernels_interpreted()
+RUNNABLE = ldm_kernels.dispatch.triton_available() and (CUDA or ldm_kernels.dispatch.kernels_interpreted())
 DEVICE = "cuda" if CUDA else "cpu"
 needs_triton = pytest.mark.skipif(not RUNNABLE, reason="needs a CUDA GPU, or TRITON_INTERPRET=1 before kernels "
                                                        "is imported")
@@ -59,7 +59,7 @@ def _psnr_db(first: np.ndarray, second: np.ndarray) -> float:
 def test_triton_engine_runs_every_group_norm_and_attention_in_triton_and_matches_torch(triton_engine, torch_engine,
                                                                                       monkeypatch):
     calls = {"group_norm": 0, "attention": 0}
-    real_group_norm, real_attention = kernels.dispatch.group_norm_op, kernels.dispatch.attention_op
+    real_group_norm, real_attention = ldm_kernels.dispatch.group_norm_op, ldm_kernels.dispatch.attention_op
 
     def counting_group_norm(*args, **kwargs):
         calls["group_norm"] += 1
@@ -69,8 +69,8 @@ def test_triton_engine_runs_every_group_norm_and_attention_in_triton_and_matches
         calls["attention"] += 1
         return real_attention(*args, **kwargs)
 
-    monkeypatch.setattr(kernels.dispatch, "group_norm_op", counting_group_norm)
-    monkeypatch.setattr(kernels.dispatch, "attention_op", counting_attention)
+    monkeypatch.setattr(ldm_kernels.dispatch, "group_norm_op", counting_group_norm)
+    monkeypatch.setattr(ldm_kernels.dispatch, "attention_op", counting_attention)
     monkeypatch.setenv("LDM_KERNELS", "reference")  # the engine's own pin wins over the environment
     triton_engine.cuda_graphs, saved = False, triton_engine.cuda_graphs  # count eager calls, not replays
     try:

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.export.tiny_checkpoint import shared_tiny_engine
+from tests.ldm_export.tiny_checkpoint import shared_tiny_engine
 
 REPO = Path(__file__).resolve().parents[2]
-BLOCKED = ("torch", "transformers", "safetensors", "kernels", "train", "export", "ldm_tools")
+BLOCKED = ("torch", "transformers", "safetensors", "ldm_kernels", "ldm_train", "ldm_export", "ldm_tools")
 SCRIPT = """
 import sys
 for name in {blocked!r}:
@@ -28,7 +28,7 @@ from fastapi.testclient import TestClient
 from ldm_runtime import sample
 from ldm_runtime.engines import load_engine
 from ldm_runtime.pipeline import GenerationRequest, Pipeline
-from ldm_runtime.serve import cli
+from ldm_serve import cli
 
 engine_dir, out = sys.argv[1], sys.argv[2]
 engine = load_engine(engine_dir, device="cpu", intra_op_threads=1)

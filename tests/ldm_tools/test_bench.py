@@ -12,7 +12,7 @@ import pytest
 
 from ldm_tools.bench import main
 from ldm_tools.bench.workers import cpu_info
-from tests.export.tiny_checkpoint import shared_tiny_checkpoint, shared_tiny_engine
+from tests.ldm_export.tiny_checkpoint import shared_tiny_checkpoint, shared_tiny_engine
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -43,7 +43,7 @@ def assert_one_line_error(code, err, *fragments, after_progress=False):
 def test_help_is_instant_and_imports_neither_torch_nor_onnxruntime():
     script = ("import sys\nfrom ldm_tools.bench import main\n"
               "try:\n    main(['--help'])\nexcept SystemExit as exit:\n    assert exit.code == 0\n"
-              "print('heavy imports:', sorted(m for m in ('torch', 'onnxruntime', 'train', 'matplotlib') "
+              "print('heavy imports:', sorted(m for m in ('torch', 'onnxruntime', 'ldm_train', 'matplotlib') "
               "if m in sys.modules))\n")
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -303,9 +303,9 @@ def test_per_round_ratios_cancel_a_machine_that_slows_down_for_a_round():
 def imported_sd(tmp_path_factory):
     """(the diffusers folder, the checkpoint dir ldm-import made of it): the SD 2.x-like tiny model (per-level
     heads, fp32 attention, v-prediction), where a pipeline rebuilt with the wrong settings would show."""
-    from export.sd_import import import_source
+    from ldm_export.sd_import import import_source
     from tests.conftest import base_seed
-    from tests.export.tiny_sd import SD2_LIKE, write_diffusers_folder
+    from tests.ldm_export.tiny_sd import SD2_LIKE, write_diffusers_folder
 
     root = tmp_path_factory.mktemp("sd")
     source = write_diffusers_folder(SD2_LIKE, root / "diffusers", base_seed())
@@ -339,7 +339,7 @@ def test_the_rebuilt_pipeline_draws_what_the_source_pipeline_draws(imported_sd, 
 
     from ldm_runtime.checkpoint import load_checkpoint
     from ldm_tools.bench.diffusers_peers import pipeline_call_options, stable_diffusion_pipeline
-    from tests.export.tiny_sd import IMAGE_SIZE, PROMPTS
+    from tests.ldm_export.tiny_sd import IMAGE_SIZE, PROMPTS
 
     source, checkpoint = imported_sd
     networks = load_checkpoint(checkpoint)

@@ -16,7 +16,7 @@ from ldm_tools.evaluate import (
     DEFAULT_CLASSIFIER, adherence, background_stated, frechet_distance, main, reconstruction_psnr, score_samples,
     stated_sizes,
 )
-from train.data.shapes import COLORS, MIN_CONTRAST, PALETTE, ShapeObject, ShapesDataset, ShapesLabels, color_distance
+from ldm_train.data.shapes import COLORS, MIN_CONTRAST, PALETTE, ShapeObject, ShapesDataset, ShapesLabels, color_distance
 
 needs_classifier = pytest.mark.skipif(not (DEFAULT_CLASSIFIER / "classifier.json").is_file(),
                                       reason="models/shapes-classifier is not in this tree")
@@ -53,7 +53,7 @@ def heldout_case(count: int):
 
 @pytest.fixture(scope="module")
 def classifier():
-    from train.classifier import load_classifier
+    from ldm_train.classifier import load_classifier
     return load_classifier(DEFAULT_CLASSIFIER)[0]
 
 
@@ -247,5 +247,5 @@ def test_seeds_out_of_range_are_one_line_before_any_work(extra, message, stand_i
 
 
 def test_importing_the_evaluator_does_not_import_torch():
-    code = "import sys, ldm_tools.evaluate; sys.exit('torch' in sys.modules or 'train' in sys.modules)"
+    code = "import sys, ldm_tools.evaluate; sys.exit('torch' in sys.modules or 'ldm_train' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

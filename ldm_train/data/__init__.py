@@ -1,0 +1,53 @@
+"""Training data: the procedural shapes set and users' own image folders, behind one ``build_dataset``.
+
+Every data set yields (image ``(3, H, W) float32`` in [-1, 1], caption ``str``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ldm_runtime.errors import UserError
+
+
+class DataError(UserError, ValueError):
+    """A data set a user pointed at is unusable; the message is one sentence for the CLI."""
+
+
+# Imported after DataError: both modules raise it.
+from ldm_train.data.image_folder import ImageFolderDataset  # noqa: E402
+from ldm_train.data.shapes import ShapesDataset  # noqa: E402
+
+DEFAULT_SHAPES_LENGTH = 20_000
+MANIFEST_SUFFIXES = (".jsonl", ".csv")
+
+
+def build_dataset(spec: str, image_size: int, seed: int, skip_bad: bool = False,
+                  length: int | None = None) -> ShapesDataset | ImageFolderDataset:
+    """The data set named by ``spec``.
+
+    ``"shapes"``: ``ShapesDataset`` of ``length`` items (default 20000) with ``seed``; ``"shapes:N"``: N items.
+    A folder: its images with ``<stem>.txt`` sidecar captions. A ``.jsonl`` / ``.csv`` file: that manifest,
+    with image paths relative to the manifest's folder. ``seed`` and ``length`` apply to shapes only;
+    ``skip_bad`` to folders only.
+    """
+    name, colon, count = spec.partition(":")
+    if name == "shapes":
+        if not colon:
+            return ShapesDataset(length if length is not None else DEFAULT_SHAPES_LENGTH, image_size, seed)
+        if not count.isdigit() or int(count) == 0:
+            raise DataError(f"dataset {spec!r} has a bad item count {count!r}; expected 'shapes:N' with N >= 1")
+        return ShapesDataset(int(count), image_size, seed)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return ImageFolderDataset(path, image_size, skip_bad=skip_bad)
+    if path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
+        return ImageFolderDataset(path.parent, image_size, captions=path, skip_bad=skip_bad)
+    if path.is_file():
+        raise DataError(f"dataset file {spec!r} is not a manifest; expected a .jsonl or .csv file, or a folder")
+    raise DataError(
+        f"dataset {spec!r} is neither 'shapes', 'shapes:N' nor an existing folder or .jsonl/.csv manifest"
+    )
+
+
+__all__ = ["DataError", "ImageFolderDataset", "ShapesDataset", "build_dataset"]

@@ -1,0 +1,126 @@
+"""ldm-import of one original-layout Stable Diffusion .safetensors file (SD 1.x CLIP, SD 2.x OpenCLIP, EMA).
+
+The files are written here from tiny random diffusers pipelines; diffusers' own single-file loader reading them
+back to the pipeline's weights is the oracle that they are laid out as real SD files are."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ldm_export.sd_import import import_source, main
+from ldm_export.sd_single_file import EMA_PREFIX, UNET_PREFIX, _ema_key, original_state_dict
+from tests.conftest import base_seed
+from tests.ldm_export.tiny_sd import IMAGE_SIZE, SD1_LIKE, SD2_LIKE, write_diffusers_folder
+from ldm_runtime.config import ModelConfig
+
+
+def _weights(folder: Path, component: str) -> dict[str, torch.Tensor]:
+    return load_file(str(next((folder / component).glob("*.safetensors"))))
+
+
+def write_original_file(source: Path, checkpoint: Path, path: Path, openclip: bool, extra_text_layer: bool,
+                        ema: bool = False) -> Path:
+    """The diffusers folder ``source`` (imported as ``checkpoint``) as one original-layout file. SD 2.x files
+    also hold OpenCLIP's last text block, which SD 2 does not read (``extra_text_layer``), and its projection."""
+    config = ModelConfig.from_json((checkpoint / "model.json").read_text())
+    text = _weights(source, "text_encoder")
+    tensors = original_state_dict(_weights(source, "unet"), config.unet, _weights(source, "vae"), config.autoencoder,
+                                  text, openclip)
+    if openclip:
+        width = config.text_encoder.hidden_size
+        tensors["cond_stage_model.model.text_projection"] = torch.randn(width, width)
+        tensors["cond_stage_model.model.logit_scale"] = torch.tensor(4.6)
+        if extra_text_layer:
+            last = config.text_encoder.num_layers - 1
+            for name in [n for n in tensors if f".resblocks.{last}." in n]:
+                tensors[name.replace(f".resblocks.{last}.", f".resblocks.{last + 1}.")] = torch.randn_like(tensors[name])
+    if ema:  # the EMA copy holds the real weights; the raw training weights are something else
+        for name in [n for n in tensors if n.startswith(UNET_PREFIX)]:
+            tensors[_ema_key(name[len(UNET_PREFIX):])] = tensors[name]
+            tensors[name] = torch.randn_like(tensors[name])
+        tensors[EMA_PREFIX + "decay"] = torch.tensor(0.9999)
+        tensors[EMA_PREFIX + "num_updates"] = torch.tensor(1000, dtype=torch.int32)
+    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module", params=[SD1_LIKE, SD2_LIKE], ids=lambda sizes: sizes.name)
+def folder_import(request, tmp_path_factory):
+    """(the diffusers folder, its ldm-import, the sizes)."""
+    sizes = request.param
+    root = tmp_path_factory.mktemp(f"single-{sizes.name}")
+    seed = int.from_bytes(hashlib.sha256(f"{base_seed()}:single:{sizes.name}".encode()).digest()[:4], "little")
+    source = write_diffusers_folder(sizes, root / "diffusers", seed)
+    return source, import_source(source, root / "checkpoint"), sizes
+
+
+def _args(sizes) -> list[str]:
+    prediction = ["--prediction-type", sizes.prediction_type] if sizes is SD2_LIKE else []
+    return [*prediction, "--image-size", str(IMAGE_SIZE)]
+
+
+def test_written_original_file_loads_in_diffusers_single_file_loader_as_the_pipeline(folder_import, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    source, checkpoint, sizes = folder_import
+    path = write_original_file(source, checkpoint, tmp_path / "model.safetensors", openclip=sizes is SD2_LIKE,
+                               extra_text_layer=False)
+    loaded = StableDiffusionPipeline.from_single_file(str(path), config=str(source), local_files_only=True,
+                                                      safety_checker=None, requires_safety_checker=False)
+    for component in ("unet", "vae", "text_encoder"):
+        expected = _weights(source, component)
+        state = getattr(loaded, component).state_dict()
+        for name, tensor in expected.items():
+            assert torch.equal(state[name], tensor), (component, name)
+
+
+def test_single_file_import_equals_the_diffusers_folder_import(folder_import, tmp_path, capsys):
+    source, checkpoint, sizes = folder_import
+    path = write_original_file(source, checkpoint, tmp_path / "model.safetensors", openclip=sizes is SD2_LIKE,
+                               extra_text_layer=True)
+    out = tmp_path / "from-file"
+    code = main([str(path), "--out", str(out), "--tokenizer", str(source / "tokenizer"), *_args(sizes)])
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((out / "model.json").read_text()) == json.loads((checkpoint / "model.json").read_text())
+    for stem in ("unet", "autoencoder", "text_encoder"):
+        expected, actual = load_file(str(checkpoint / f"{stem}.safetensors")), load_file(str(out / f"{stem}.safetensors"))
+        assert sorted(actual) == sorted(expected), stem
+        for name in expected:
+            assert torch.equal(actual[name], expected[name]), (stem, name)
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+
+
+def test_single_file_import_takes_the_ema_weights_where_the_file_holds_both(folder_import, tmp_path, capsys):
+    source, checkpoint, sizes = folder_import
+    if sizes is not SD1_LIKE:
+        pytest.skip("the EMA layout does not depend on the text encoder")
+    path = write_original_file(source, checkpoint, tmp_path / "model.safetensors", openclip=False,
+                               extra_text_layer=False, ema=True)
+    out = tmp_path / "from-file"
+    assert main([str(path), "--out", str(out), "--tokenizer", str(source / "tokenizer"), *_args(sizes)]) == 0
+    assert "EMA" in capsys.readouterr().err
+    expected, actual = load_file(str(checkpoint / "unet.safetensors")), load_file(str(out / "unet.safetensors"))
+    for name in expected:
+        assert torch.equal(actual[name], expected[name]), name
+
+
+def test_single_file_sd2_without_prediction_type_or_tokenizer_is_refused_in_one_line(folder_import, tmp_path,
+                                                                                     capsys):
+    source, checkpoint, sizes = folder_import
+    if sizes is not SD2_LIKE:
+        pytest.skip("only SD 2.x files leave the prediction type unsaid")
+    path = write_original_file(source, checkpoint, tmp_path / "model.safetensors", openclip=True,
+                               extra_text_layer=True)
+    assert main([str(path), "--out", str(tmp_path / "a"), "--tokenizer", str(source / "tokenizer")]) == 2
+    line, = capsys.readouterr().err.strip().splitlines()
+    assert "--prediction-type" in line
+    assert main([str(path), "--out", str(tmp_path / "b"), "--prediction-type", "v_prediction"]) == 2
+    line, = capsys.readouterr().err.strip().splitlines()
+    assert "--tokenizer" in line
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

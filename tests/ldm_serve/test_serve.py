@@ -1,0 +1,532 @@
+"""``ldm-serve`` end to end: the real server started as a subprocess on a free loopback port, serving the tiny
+engine dir (tests/ldm_export/tiny_checkpoint.py), exercised over HTTP with httpx: batch invariance of the images,
+step-level joining, backpressure, disconnects, timeouts, SIGTERM drain, auth, metrics, and every bad input.
+
+No test depends on the machine's speed: where work must be queued, running or late, the test holds the server's
+worker with its step gate (``LDM_SERVE_STEP_GATE``) and waits on ``/metrics`` for the state it needs."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import tempfile
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from ldm_serve.cli import API_KEY_ENV, STEP_GATE_ENV
+from ldm_serve.process import ServeProcess
+from tests.ldm_export.tiny_checkpoint import shared_tiny_engine
+
+JSON = {"Content-Type": "application/json"}
+PROMPTS = ["a red circle", "a blue square on the left", "two yellow stars", "a small green triangle"]
+STATE_TIMEOUT_S = 60  # how long a test waits for the server to reach a state it has set up
+
+
+@pytest.fixture(scope="session")
+def engine_dir(tmp_path_factory) -> Path:
+    _, engine, code, output = shared_tiny_engine(tmp_path_factory, "fp32")
+    assert code == 0, output
+    return engine
+
+
+class Server(ServeProcess):
+    """``ldm-serve`` in a subprocess (``ldm_serve.process``) with its step gate in a file of its own:
+    ``held()``/``hold(more_calls)``/``release()`` work the gate, ``wait_for`` waits on a metric; ``auth`` is the
+    Authorization header its API key (``LDM_SERVE_API_KEY`` in ``env``) needs."""
+
+    def __init__(self, model: Path, *flags: str, env: dict[str, str] | None = None, **options):
+        self.gate = Path(tempfile.mkdtemp(prefix="ldm-serve-gate-")) / "gate"
+        key = (env or {}).get(API_KEY_ENV)
+        self.auth = {"Authorization": b"Bearer " + key.encode("utf-8", "surrogateescape")} if key else {}
+        super().__init__(model, *flags, env={STEP_GATE_ENV: str(self.gate), **(env or {})}, **options)
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(f"{self.url}/metrics", headers=self.auth, timeout=10).text
+        match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+        assert match, f"{name} not in /metrics"
+        return float(match.group(1))
+
+    def wait_for(self, name: str, predicate, what: str) -> float:
+        """Poll the metric ``name`` until ``predicate(value)``; fails with ``what`` if the server never gets there."""
+        deadline = time.monotonic() + STATE_TIMEOUT_S
+        while not predicate(value := self.metric(name)):
+            assert self.process.poll() is None, self.log
+            assert time.monotonic() < deadline, f"{what}: {name} is still {value}\n{self.log}"
+            time.sleep(0.01)
+        return value
+
+    def hold(self, more_calls: int = 0) -> None:
+        """Let the worker make ``more_calls`` more UNet calls (one per step here), then hold it at a step boundary.
+        Call it while the worker is held (or idle), so that the count it starts from is settled."""
+        partial = self.gate.with_suffix(".partial")
+        partial.write_text(str(int(self.metric("ldm_serve_unet_calls_total")) + more_calls))
+        partial.replace(self.gate)
+
+    def release(self) -> None:
+        self.gate.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def held(self):
+        self.hold()
+        try:
+            yield self
+        finally:
+            self.release()
+
+
+@pytest.fixture(scope="module")
+def server(engine_dir):
+    """Step-level batching of up to 4 images; long requests allowed (for the join and disconnect tests)."""
+    running = Server(engine_dir, "--max-steps", "999", "--max-queue", "256").wait_ready()
+    yield running
+    running.stop()
+
+
+def body(**fields) -> dict:
+    return {"prompt": PROMPTS[0], "seed": 1, "steps": 4, **fields}
+
+
+def post(url: str, payload, headers=JSON, timeout: float = 60) -> httpx.Response:
+    content = payload if isinstance(payload, (bytes, str)) else json.dumps(payload)
+    return httpx.post(f"{url}/v1/images", content=content, headers=headers, timeout=timeout)
+
+
+async def post_all(url: str, payloads: list[dict], headers=JSON) -> list[httpx.Response]:
+    limits = httpx.Limits(max_connections=len(payloads) + 1)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        return await asyncio.gather(*(client.post(f"{url}/v1/images", content=json.dumps(payload), headers=headers)
+                                      for payload in payloads))
+
+
+def random_bodies(rng: np.random.Generator, count: int) -> list[dict]:
+    """Requests that differ in everything a request can set, one shared batch's worth of variety."""
+    bodies = []
+    for index in range(count):
+        bodies.append(body(
+            prompt=PROMPTS[index % len(PROMPTS)], seed=int(rng.integers(0, 2**62)), steps=int(rng.integers(2, 9)),
+            guidance_scale=float(rng.choice([1.0, 2.5, 5.0])), eta=float(rng.choice([0.0, 0.6])),
+            negative_prompt=["", "blurry"][index % 2], n=int(rng.integers(1, 3)),
+            **({"height": 20, "width": 24} if index % 5 == 4 else {})))
+    return bodies
+
+
+# ---------------------------------------------------------------- images
+
+
+def test_the_worker_warms_up_every_batch_bucket_before_it_is_ready():
+    # Engines compile or prepare each power-of-two batch bucket on its first call (openvino's SD-sized graphs take
+    # seconds there), so the warm-up makes one call of each before the server says it is ready.
+    from ldm_serve.batcher import Batcher, BatcherConfig, warm_up_batch_sizes
+
+    calls = []
+
+    class RecordingPipeline:
+        def generate(self, requests, batch_size=None):
+            calls.append((len(requests), batch_size, len({request.seed for request in requests})))
+            return []
+
+    Batcher(pipeline=RecordingPipeline(), config=BatcherConfig(max_batch=8))._warm_up()
+    assert calls == [(1, 1, 1), (2, 2, 2), (4, 4, 4), (8, 8, 8)]
+    assert warm_up_batch_sizes(6) == [1, 2, 4, 6] and warm_up_batch_sizes(1) == [1]
+
+
+def test_png_answer_is_a_png_of_the_model_size_with_seed_and_timings(server):
+    response = post(server.url, body(seed=7), headers={**JSON, "Accept": "image/png"})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png" and response.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert response.headers["x-seed"] == "7" and "compute;dur=" in response.headers["server-timing"]
+    image = np.asarray(Image.open(io.BytesIO(response.content)))
+    assert image.shape == (16, 16, 3) and image.std() > 0
+
+
+def test_json_answer_has_one_png_per_image_the_seeds_and_the_timings(server):
+    response = post(server.url, body(seed=11, n=3))
+    assert response.status_code == 200, response.text
+    answer = response.json()
+    assert answer["seeds"] == [11, 12, 13] and (answer["height"], answer["width"]) == (16, 16)
+    images = [base64.b64decode(image) for image in answer["images"]]
+    assert len(images) == 3 and len(set(images)) == 3 and all(image[:4] == b"\x89PNG" for image in images)
+    assert set(answer["timings"]) == {"queue_ms", "compute_ms", "total_ms"}
+    assert answer["timings"]["compute_ms"] > 0
+
+
+def test_a_request_without_a_seed_gets_one_and_the_same_seed_reproduces_it(server):
+    first = post(server.url, {"prompt": "a red circle", "steps": 3}).json()
+    again = post(server.url, {"prompt": "a red circle", "steps": 3, "seed": first["seeds"][0]}).json()
+    assert again["images"] == first["images"]
+
+
+def test_concurrent_requests_give_the_same_bytes_as_each_request_alone(server, rng):
+    """Batch invariance: 24 different requests at once (different steps, guidance, eta, negative prompts, n and
+    sizes share UNet calls at different steps) answer exactly what each answers alone."""
+    bodies = random_bodies(rng, 24)
+
+    async def send_all_while_held() -> list[httpx.Response]:
+        with server.held():
+            sending = asyncio.ensure_future(post_all(server.url, bodies))
+            # every request is in the server before any step runs, so the batch is as full as it can be
+            await asyncio.to_thread(server.wait_for, "ldm_serve_requests_in_flight", lambda value: value == 24,
+                                    "the 24 requests never all arrived")
+            rows_before = server.metric("ldm_serve_batch_size_sum")
+            calls_before = server.metric("ldm_serve_batch_size_count")
+        responses = await sending
+        return responses, (server.metric("ldm_serve_batch_size_sum") - rows_before) / (
+            server.metric("ldm_serve_batch_size_count") - calls_before)
+
+    together, mean_rows = asyncio.run(send_all_while_held())
+    assert [response.status_code for response in together] == [200] * len(bodies), together[0].text
+    assert mean_rows > 1  # the UNet calls did hold several images
+    for payload, response in zip(bodies, together):
+        alone = post(server.url, payload)
+        assert alone.json()["images"] == response.json()["images"], payload
+
+
+def test_many_simultaneous_requests_all_succeed_and_the_server_stays_healthy(server, rng):
+    bodies = [body(prompt=f"{PROMPTS[i % 4]} number {i}", seed=i, steps=2) for i in range(96)]
+    responses = asyncio.run(post_all(server.url, bodies))
+    assert [r.status_code for r in responses] == [200] * len(bodies)
+    assert len({r.json()["images"][0] for r in responses}) == len(bodies)
+    assert httpx.get(f"{server.url}/healthz").json() == {"status": "alive"}
+    assert "Traceback" not in server.log
+
+
+def test_a_short_request_joins_the_running_batch_and_finishes_before_a_long_one_and_health_answers(server):
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=120) as client:
+            with server.held():
+                long = asyncio.ensure_future(client.post(f"{server.url}/v1/images", headers=JSON,
+                                                         content=json.dumps(body(steps=50))))
+                await asyncio.to_thread(server.wait_for, "ldm_serve_queue_depth", lambda value: value == 1,
+                                        "the long request never queued")
+                server.hold(more_calls=1)  # the long request starts and takes one step alone
+                await asyncio.to_thread(server.wait_for, "ldm_serve_sample_steps_total", lambda value: value >= 1,
+                                        "the long request never took its first step")
+                assert (await client.get(f"{server.url}/healthz")).status_code == 200  # answered while it runs
+                short = asyncio.ensure_future(client.post(f"{server.url}/v1/images", headers=JSON,
+                                                          content=json.dumps(body(steps=3))))
+                await asyncio.to_thread(server.wait_for, "ldm_serve_queue_depth", lambda value: value == 1,
+                                        "the short request never queued")
+                server.hold(more_calls=3)  # the short request joins and takes its 3 steps beside the long one
+                short_response = await short
+                assert short_response.status_code == 200, short_response.text
+                assert not long.done()  # held after 4 of its 50 steps
+                assert server.metric("ldm_serve_active_images") == 1
+            long_response = await long
+            assert long_response.status_code == 200
+            assert short_response.json()["timings"]["compute_ms"] < long_response.json()["timings"]["compute_ms"]
+    asyncio.run(run())
+
+
+# ---------------------------------------------------------------- disconnects and timeouts
+
+
+def raw_request(url: str, payload: dict) -> socket.socket:
+    """Send one POST /v1/images on a socket of its own and return the open socket (closing it is a disconnect)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    content = json.dumps(payload).encode()
+    connection = socket.create_connection((host, int(port)), timeout=30)
+    connection.sendall(b"POST /v1/images HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                       + f"Content-Length: {len(content)}\r\n\r\n".encode() + content)
+    return connection
+
+
+def test_a_disconnected_client_is_dropped_from_the_batch_and_frees_its_slot(server):
+    steps_before = server.metric("ldm_serve_sample_steps_total")
+    disconnected_before = server.metric('ldm_serve_requests_total{outcome="disconnected"}')
+    with server.held():
+        connection = raw_request(server.url, body(steps=999, n=4))
+        server.wait_for("ldm_serve_queue_depth", lambda value: value == 1, "the request never queued")
+        server.hold(more_calls=2)  # it starts and takes two steps of its 999, then is held
+        server.wait_for("ldm_serve_sample_steps_total", lambda value: value == steps_before + 2 * 4,
+                        "the two allowed steps never ran")
+        connection.close()
+        server.wait_for('ldm_serve_requests_total{outcome="disconnected"}', lambda value: value > disconnected_before,
+                        "the server never noticed the disconnect")
+        server.wait_for("ldm_serve_active_images", lambda value: value == 0, "the dropped request still holds its rows")
+    assert post(server.url, body(n=4, steps=4)).status_code == 200
+    # the steps counted are the gone request's two and the new one's: nothing more ran for the gone client
+    assert server.metric("ldm_serve_sample_steps_total") == steps_before + 2 * 4 + 4 * 4
+
+
+# ---------------------------------------------------------------- backpressure, auth, timeouts
+
+
+@pytest.fixture(scope="module")
+def small_server(engine_dir):
+    """No batching, two queue slots and an API key: easy to fill."""
+    running = Server(engine_dir, "--batching", "none", "--max-queue", "2", "--max-steps", "999",
+                     env={"LDM_SERVE_API_KEY": "sesame"}).wait_ready()
+    yield running
+    running.stop()
+
+
+AUTH = {**JSON, "Authorization": "Bearer sesame"}
+
+
+def test_a_full_queue_answers_429_with_retry_after_and_every_request_is_answered(small_server):
+    refused_before = small_server.metric('ldm_serve_requests_total{outcome="queue_full"}')
+
+    async def run() -> tuple[list[httpx.Response], list[httpx.Response]]:
+        with small_server.held():
+            queued = asyncio.ensure_future(post_all(small_server.url, [body(seed=1), body(seed=2)], headers=AUTH))
+            await asyncio.to_thread(small_server.wait_for, "ldm_serve_queue_depth", lambda value: value == 2,
+                                    "the first two requests never queued")
+            refused = await post_all(small_server.url, [body(seed=i) for i in range(3, 10)], headers=AUTH)
+        return await queued, refused
+
+    accepted, refused = asyncio.run(run())
+    assert [response.status_code for response in refused] == [429] * 7
+    assert all(int(response.headers["retry-after"]) >= 1 for response in refused)
+    assert refused[0].json()["error"]["type"] == "queue_full"
+    assert [response.status_code for response in accepted] == [200] * 2
+    assert small_server.metric('ldm_serve_requests_total{outcome="queue_full"}') == refused_before + 7
+
+
+def test_requests_past_their_timeout_get_503_with_retry_after_and_leave_the_queue(engine_dir):
+    server = Server(engine_dir, "--batching", "none", "--max-queue", "2", "--request-timeout", "1").wait_ready()
+    try:
+        with server.held():  # both wait in the queue past their deadline
+            queued = asyncio.run(post_all(server.url, [body(seed=1), body(seed=2)]))
+            server.hold(more_calls=1)  # this one starts, takes a step and passes its deadline while running
+            running = post(server.url, body(seed=3, steps=4))
+        responses = [*queued, running]
+        assert [response.status_code for response in responses] == [503] * 3, [r.text for r in responses]
+        assert all(response.json()["error"]["type"] == "timeout" for response in responses)
+        assert all(int(response.headers["retry-after"]) >= 1 for response in responses)
+        server.wait_for("ldm_serve_active_images", lambda value: value == 0, "a timed-out request still runs")
+        assert server.metric("ldm_serve_queue_depth") == 0
+        assert httpx.get(f"{server.url}/readyz").json()["queue_depth"] == 0
+        assert server.metric('ldm_serve_requests_total{outcome="timeout"}') == 3
+        assert post(server.url, body()).status_code == 200
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong", "sesame", "Basic c2VzYW1l"])
+def test_requests_without_the_right_api_key_get_401(small_server, authorization):
+    headers = dict(JSON) if authorization is None else {**JSON, "Authorization": authorization}
+    response = post(small_server.url, body(), headers=headers)
+    assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+    assert response.json()["error"]["field"] == "authorization" and "sesame" not in response.text
+
+
+def test_health_probes_need_no_api_key_and_metrics_and_the_schema_do(small_server):
+    assert httpx.get(f"{small_server.url}/healthz").status_code == 200
+    assert httpx.get(f"{small_server.url}/readyz").status_code == 200
+    for path in ("/metrics", "/openapi.json", "/docs"):
+        refused = httpx.get(f"{small_server.url}{path}")
+        assert refused.status_code == 401 and refused.json()["error"]["field"] == "authorization", path
+        assert httpx.get(f"{small_server.url}{path}", headers=AUTH).status_code == 200, path
+    assert "ldm_serve_queue_depth" in httpx.get(f"{small_server.url}/metrics", headers=AUTH).text
+
+
+# ---------------------------------------------------------------- drain
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(engine_dir):
+    server = Server(engine_dir, "--max-steps", "999").wait_ready()
+    results: list[httpx.Response] = []
+
+    def send(seed: int) -> None:
+        results.append(post(server.url, body(seed=seed, steps=20)))
+
+    senders = [threading.Thread(target=send, args=(seed,)) for seed in range(3)]
+    try:
+        with server.held():
+            for sender in senders:
+                sender.start()
+            server.wait_for("ldm_serve_queue_depth", lambda value: value == 3, "the three requests never queued")
+            server.process.send_signal(signal.SIGTERM)
+            host, port = server.url.removeprefix("http://").rsplit(":", 1)
+            deadline = time.monotonic() + STATE_TIMEOUT_S
+            while True:  # the listening socket closes while the three requests are still held in the queue
+                try:
+                    socket.create_connection((host, int(port)), timeout=5).close()
+                except OSError:
+                    break
+                assert time.monotonic() < deadline, "the listening socket stayed open after SIGTERM"
+                time.sleep(0.01)
+            assert server.process.poll() is None and not results
+        for sender in senders:
+            sender.join(STATE_TIMEOUT_S)
+        assert server.process.wait(STATE_TIMEOUT_S) == 0, server.log
+    finally:
+        server.stop()
+    assert [response.status_code for response in results] == [200] * 3
+    assert "drained and stopped" in server.log and "Traceback" not in server.log
+
+
+# ---------------------------------------------------------------- bad input
+
+BAD_BODIES = [
+    ({"steps": 4}, 422, "prompt", "prompt is missing"),
+    ({"prompt": 3}, 422, "prompt", "prompt is 3; expected a non-empty string"),
+    ({"prompt": ""}, 422, "prompt", "expected a non-empty string"),
+    ({"prompt": "   "}, 422, "prompt", "not only spaces"),
+    ({"prompt": "x" * 1001}, 422, "prompt", "prompt has 1001 characters; expected at most 1000"),
+    ({"prompt": "a", "negative_prompt": None}, 422, "negative_prompt", "negative_prompt is null"),
+    ({"prompt": "a", "n": 0}, 422, "n", "n is 0; expected an integer from 1 to 4"),
+    ({"prompt": "a", "n": 5}, 422, "n", "n is 5"),
+    ({"prompt": "a", "n": True}, 422, "n", "n is true"),
+    ({"prompt": "a", "steps": 0}, 422, "steps", "steps is 0; expected an integer from 1 to 999"),
+    ({"prompt": "a", "steps": 1000}, 422, "steps", "steps is 1000"),
+    ({"prompt": "a", "steps": 2.5}, 422, "steps", "steps is 2.5"),
+    ({"prompt": "a", "steps": "5"}, 422, "steps", 'steps is "5"'),
+    ({"prompt": "a", "guidance_scale": -1}, 422, "guidance_scale", "guidance_scale is -1"),
+    ({"prompt": "a", "guidance_scale": 1e9}, 422, "guidance_scale", "expected a number from 0 to 100"),
+    ({"prompt": "a", "guidance_scale": "5"}, 422, "guidance_scale", 'guidance_scale is "5"'),
+    ({"prompt": "a", "eta": 1.5}, 422, "eta", "eta is 1.5; expected a number from 0 to 1"),
+    ({"prompt": "a", "eta": [0]}, 422, "eta", "eta is [0]"),
+    ({"prompt": "a", "seed": -1}, 422, "seed", "seed is -1"),
+    ({"prompt": "a", "seed": 2**63}, 422, "seed", "seed is 9223372036854775808"),
+    ({"prompt": "a", "seed": 1.5}, 422, "seed", "seed is 1.5"),
+    ({"prompt": "a", "height": 18}, 422, "height", "height is 18; expected a multiple of 4 from 16 to 32"),
+    ({"prompt": "a", "width": 64}, 422, "width", "width is 64"),
+    ({"prompt": "a", "width": "16"}, 422, "width", 'width is "16"'),
+    ({"prompt": "a", "model": "/etc/passwd"}, 422, "model", "model is not a field of this request"),
+    ({"prompt": "a", "engine": "torch"}, 422, "engine", "engine is not a field"),
+    ([{"prompt": "a"}], 422, "body", "expected a JSON object"),
+    ("a red circle", 422, "body", "expected a JSON object"),
+    (b'{"prompt": "a",', 400, "body", "the body is not valid JSON"),
+    (b'{"prompt": "a", "eta": NaN}', 400, "body", "NaN is not valid JSON"),
+    (b"", 400, "body", "the body is not valid JSON"),
+    (b'{"prompt": "\xff"}', 400, "body", "the body is not UTF-8"),
+    (json.dumps({"prompt": "a" * 30000}).encode(), 413, "body", "the body is over 25024 bytes"),
+]
+
+
+@pytest.mark.parametrize("payload, status, field, message", BAD_BODIES,
+                         ids=[f"{case[2]}-{index}" for index, case in enumerate(BAD_BODIES)])
+def test_bad_input_gets_a_4xx_json_error_naming_the_field(server, engine_dir, payload, status, field, message):
+    if isinstance(payload, str):
+        payload = json.dumps(payload).encode()
+    response = post(server.url, payload)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["field"] == field and message in error["message"], error
+    assert "\n" not in error["message"] and "Traceback" not in response.text and str(engine_dir) not in response.text
+
+
+def test_wrong_content_type_chunked_oversized_body_and_png_only_for_several_images(server):
+    response = post(server.url, json.dumps(body()), headers={"Content-Type": "text/plain"})
+    assert response.status_code == 415 and response.json()["error"]["field"] == "content-type"
+
+    def chunks():  # no Content-Length: the limit is counted while the body streams in
+        for _ in range(40):
+            yield b" " * 1024
+    response = httpx.post(f"{server.url}/v1/images", content=chunks(), headers=JSON, timeout=30)
+    assert response.status_code == 413 and response.json()["error"]["field"] == "body"
+
+    response = post(server.url, body(n=2), headers={**JSON, "Accept": "image/png"})
+    assert response.status_code == 406 and response.json()["error"]["field"] == "n"
+
+
+def test_unknown_paths_and_methods_get_json_errors(server):
+    assert httpx.get(f"{server.url}/v1/nothing").json()["error"]["type"] == "http_error"
+    response = httpx.get(f"{server.url}/v1/images")
+    assert response.status_code == 405 and "error" in response.json()
+
+
+def test_bad_input_never_stops_the_server_from_answering_good_requests(server):
+    for payload, *_ in BAD_BODIES[:8]:
+        post(server.url, payload if isinstance(payload, bytes) else json.dumps(payload).encode())
+    assert post(server.url, body()).status_code == 200
+    assert server.process.poll() is None
+
+
+# ---------------------------------------------------------------- schema, metrics, readiness
+
+
+def test_openapi_schema_documents_every_field_with_its_limits(server):
+    schema = httpx.get(f"{server.url}/openapi.json").json()
+    request = schema["paths"]["/v1/images"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    fields = request["properties"]
+    assert set(fields) == {"prompt", "negative_prompt", "n", "steps", "guidance_scale", "eta", "seed", "height",
+                           "width"}
+    assert request["required"] == ["prompt"] and request["additionalProperties"] is False
+    assert all(field.get("description") for field in fields.values())
+    assert (fields["steps"]["minimum"], fields["steps"]["maximum"]) == (1, 999)
+    assert fields["n"]["maximum"] == 4 and fields["prompt"]["maxLength"] == 1000
+    assert fields["height"]["anyOf"][0]["multipleOf"] == 4
+    assert {"422", "429", "503"} <= set(schema["paths"]["/v1/images"]["post"]["responses"])
+
+
+def test_metrics_report_queue_batches_latency_steps_and_outcomes(server):
+    steps_before = server.metric("ldm_serve_sample_steps_total")
+    post(server.url, body())
+    text = httpx.get(f"{server.url}/metrics").text
+    for name in ("ldm_serve_queue_depth", "ldm_serve_batch_size_bucket", "ldm_serve_request_latency_seconds_bucket",
+                 "ldm_serve_sample_steps_total", 'ldm_serve_requests_total{outcome="ok"}',
+                 'ldm_serve_requests_total{outcome="invalid"}'):
+        assert name in text, name
+    # steps per second is Prometheus's rate() of this counter: the request's own steps are in it
+    assert server.metric("ldm_serve_sample_steps_total") - steps_before >= body()["steps"]
+    assert server.metric('ldm_serve_requests_total{outcome="ok"}') >= 1
+
+
+# ---------------------------------------------------------------- the text-encoding cache
+
+
+class CountingTextEngine:
+    def __init__(self, engine):
+        self.engine, self.info, self.calls = engine, engine.info, []
+
+    def encode_text(self, prompts):
+        self.calls.append(list(prompts))
+        return self.engine.encode_text(prompts)
+
+
+def test_text_cache_gives_the_engine_rows_bit_for_bit_and_encodes_each_prompt_once(engine_dir, rng):
+    from ldm_runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
+    from ldm_serve.text_cache import TextEncodingCache
+
+    engine = OnnxRuntimeEngine(engine_dir, intra_op_threads=1, device="cpu")
+    counting = CountingTextEngine(engine)
+    cache = TextEncodingCache(counting, capacity=3)
+    prompts = [f"{PROMPTS[i % 4]} {int(rng.integers(1000))}" for i in range(4)]
+    for batch in ([prompts[0], ""], ["", prompts[1], prompts[0]], [prompts[2], prompts[3], prompts[2]]):
+        context, mask = cache.encode_text(batch)
+        expected_context, expected_mask = engine.encode_text(batch)
+        assert np.array_equal(context, expected_context) and np.array_equal(mask, expected_mask)
+    assert counting.calls == [[prompts[0], ""], [prompts[1]], [prompts[2], prompts[3]]]
+    cache.encode_text([prompts[0]])  # among the 3 most recently used: still remembered
+    assert len(counting.calls) == 3
+    cache.encode_text([""])  # the least recently used: evicted
+    assert counting.calls[-1] == [""]
+
+
+# ---------------------------------------------------------------- the command line
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "{missing}"], "does not exist"),
+    (["--model", "{engine}", "--max-batch", "99"], "--max-batch is 99; expected an integer from 1 to 4"),
+    (["--model", "{engine}", "--port", "70000"], "--port is 70000; expected an integer from 0 to 65535"),
+    (["--model", "{engine}", "--batching", "huge"], "invalid choice: 'huge'"),
+    (["--model", "{engine}", "--api-key-file", "{missing}"], "cannot be read"),
+    (["--model", "{engine}", "--header-timeout", "nan"], "argument --header-timeout: 'nan' is not a finite number"),
+    (["--model", "{engine}", "--drain-timeout", "0"], "--drain-timeout is 0.0; expected seconds above 0"),
+])
+def test_bad_flags_exit_2_with_one_line_and_no_traceback(engine_dir, tmp_path, flags, message):
+    flags = [flag.format(missing=tmp_path / "missing", engine=engine_dir) for flag in flags]
+    result = subprocess.run([sys.executable, "-m", "ldm_serve.cli", *flags], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2
+    assert result.stderr.startswith("ldm-serve: error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert message in result.stderr

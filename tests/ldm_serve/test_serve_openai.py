@@ -1,0 +1,157 @@
+"""``POST /v1/images/generations`` against the official ``openai`` client, unchanged, pointed at a loopback
+``ldm-serve`` (``base_url``, ``api_key``): the images are those ``/v1/images`` makes for the same request and seed,
+errors come back in OpenAI's error shape (so the client raises its own exception classes with ``param`` and
+``code``), and the route shares ``/v1/images``' limits, key, queue and metrics. As in test_serve.py, the step gate
+and ``/metrics`` decide when work is queued, never a sleep."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import threading
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from ldm_serve.cli import API_KEY_ENV
+from tests.ldm_serve.test_serve import JSON, PROMPTS, Server, engine_dir, post  # noqa: F401
+
+API_KEY = "sesame"
+ROUTE = "/v1/images/generations"
+
+
+@pytest.fixture(scope="module")
+def keyed_server(engine_dir):
+    """An API key, a queue of one and no batching: the 429 test fills the queue with one held request."""
+    running = Server(engine_dir, "--max-steps", "8", "--default-steps", "2", "--max-queue", "1",
+                     "--batching", "none", env={API_KEY_ENV: API_KEY}).wait_ready()
+    yield running
+    running.stop()
+
+
+def client_for(server: Server, api_key: str = API_KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=api_key, max_retries=0, timeout=60)
+
+
+def openai_post(server: Server, content: bytes, headers: dict | None = None) -> httpx.Response:
+    return httpx.post(f"{server.url}{ROUTE}", content=content, timeout=60,
+                      headers={**JSON, "Authorization": f"Bearer {API_KEY}", **(headers or {})})
+
+
+def assert_openai_error(error: dict, param: str | None, code: str, message: str) -> None:
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert (error["param"], error["code"]) == (param, code) and message in error["message"], error
+    assert "\n" not in error["message"] and "Traceback" not in error["message"]
+
+
+def test_the_openai_client_gets_the_pngs_v1_images_makes_for_the_same_request(keyed_server, rng):
+    seed = int(rng.integers(0, 2**62))
+    ok_before = keyed_server.metric('ldm_serve_requests_total{outcome="ok"}')
+    answer = client_for(keyed_server).images.generate(
+        prompt=PROMPTS[1], n=2, size="24x16", response_format="b64_json", model="anything", user="tester",
+        extra_body={"seed": seed, "steps": 3, "negative_prompt": "blurry", "guidance_scale": 2.5})
+    pngs = [base64.b64decode(image.b64_json) for image in answer.data]
+    ours = post(keyed_server.url, {"prompt": PROMPTS[1], "n": 2, "width": 24, "height": 16, "seed": seed, "steps": 3,
+                                   "negative_prompt": "blurry", "guidance_scale": 2.5},
+                headers={**JSON, "Authorization": f"Bearer {API_KEY}"})
+    assert ours.status_code == 200, ours.text
+    assert pngs == [base64.b64decode(image) for image in ours.json()["images"]]
+    assert len(set(pngs)) == 2 and np.asarray(Image.open(io.BytesIO(pngs[0]))).shape == (16, 24, 3)  # "WxH"
+    assert [image.model_extra["seed"] for image in answer.data] == [seed, seed + 1]
+    assert answer.size == "24x16" and answer.output_format == "png" and answer.created > 0
+    assert keyed_server.metric('ldm_serve_requests_total{outcome="ok"}') == ok_before + 2
+
+
+def test_the_openai_client_without_extras_gets_the_models_size_and_a_seed(keyed_server):
+    answer = client_for(keyed_server).images.generate(prompt=PROMPTS[2])
+    assert len(answer.data) == 1 and answer.size == "16x16"
+    image = Image.open(io.BytesIO(base64.b64decode(answer.data[0].b64_json)))
+    assert json.loads(image.text["parameters"])["seed"] == answer.data[0].model_extra["seed"]
+
+
+@pytest.mark.parametrize("arguments, param, message", [
+    ({"size": "18x18"}, "size",
+     'size is "18x18"; expected "WxH" with each side a multiple of 4 from 16 to 32 (such as "16x16"), or null'),
+    ({"size": "1024x1024"}, "size", 'size is "1024x1024"'),
+    ({"response_format": "url"}, "response_format", "the server keeps no images, so it cannot answer with a \"url\""),
+    ({"n": 5}, "n", "n is 5; expected an integer from 1 to 4"),
+    ({"extra_body": {"steps": 9}}, "steps", "steps is 9; expected an integer from 1 to 8"),
+    ({"quality": "hd"}, "quality", "quality is not a field of this request; expected some of prompt, n, size"),
+])
+def test_the_openai_client_raises_bad_request_naming_the_param(keyed_server, arguments, param, message):
+    invalid_before = keyed_server.metric('ldm_serve_requests_total{outcome="invalid"}')
+    with pytest.raises(openai.BadRequestError) as raised:
+        client_for(keyed_server).images.generate(prompt=PROMPTS[0], **arguments)
+    error = raised.value
+    assert error.status_code == 400 and error.type == "invalid_request_error"
+    assert (error.param, error.code) == (param, "invalid_request") and message in error.message, error.body
+    assert keyed_server.metric('ldm_serve_requests_total{outcome="invalid"}') == invalid_before + 1
+
+
+def test_the_openai_client_with_a_wrong_key_raises_authentication_error(keyed_server):
+    with pytest.raises(openai.AuthenticationError) as raised:
+        client_for(keyed_server, api_key="wrong").images.generate(prompt=PROMPTS[0])
+    assert raised.value.status_code == 401 and raised.value.param == "authorization"
+    assert API_KEY not in str(raised.value.body)
+
+
+def test_a_full_queue_raises_rate_limit_error_with_retry_after(keyed_server):
+    """One held request fills the queue of one; the client's next request gets 429 in OpenAI's shape."""
+    answers: list[httpx.Response] = []
+    with keyed_server.held():
+        holder = threading.Thread(target=lambda: answers.append(openai_post(
+            keyed_server, json.dumps({"prompt": PROMPTS[0], "seed": 1}).encode())))
+        holder.start()
+        keyed_server.wait_for("ldm_serve_queue_depth", lambda value: value == 1, "the first request never queued")
+        with pytest.raises(openai.RateLimitError) as raised:
+            client_for(keyed_server).images.generate(prompt=PROMPTS[0])
+    holder.join(60)
+    assert raised.value.code == "queue_full" and raised.value.type == "rate_limit_error"
+    assert int(raised.value.response.headers["retry-after"]) >= 1
+    assert [answer.status_code for answer in answers] == [200]
+
+
+@pytest.mark.parametrize("content, headers, status, param, code, message", [
+    (b'{"prompt": "a",', {}, 400, "body", "malformed_json", "the body is not valid JSON"),
+    (b'{"prompt": "   "}', {}, 400, "prompt", "invalid_request", "not only spaces"),
+    (b'{"prompt": "a", "size": "16X16"}', {}, 400, "size", "invalid_request", 'size is "16X16"'),
+    (b'{"prompt": "a", "size": 16}', {}, 400, "size", "invalid_request", "size is 16; expected \"WxH\""),
+    (b'{"prompt": "a"}', {"Content-Type": "text/plain"}, 415, "content-type", "unsupported_media_type",
+     "content type"),
+    (json.dumps({"prompt": "a" * 30000}).encode(), {}, 413, "body", "body_too_large", "the body is over"),
+    (b'{"prompt": "a"}', {"Authorization": "Bearer nope"}, 401, "authorization", "unauthorized",
+     "a wrong API key"),
+])
+def test_every_error_on_the_route_is_in_openais_shape(keyed_server, content, headers, status, param, code,
+                                                      message):
+    response = openai_post(keyed_server, content, headers)
+    assert response.status_code == status, response.text
+    assert_openai_error(response.json()["error"], param, code, message)
+
+
+def test_v1_images_keeps_its_own_error_shape_and_422(keyed_server):
+    response = post(keyed_server.url, b'{"prompt": "a", "size": "16x16"}',
+                    headers={**JSON, "Authorization": f"Bearer {API_KEY}"})
+    assert response.status_code == 422 and response.json()["error"]["field"] == "size"
+    assert set(response.json()["error"]) == {"type", "field", "message"}
+    wrong_method = httpx.get(f"{keyed_server.url}{ROUTE}", headers={"Authorization": f"Bearer {API_KEY}"})
+    assert wrong_method.status_code == 405 and set(wrong_method.json()["error"]) == {"message", "type", "param",
+                                                                                     "code"}
+
+
+def test_the_schema_lists_exactly_the_sizes_and_formats_the_route_takes(keyed_server):
+    schema = httpx.get(f"{keyed_server.url}/openapi.json", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    operation = schema["paths"][ROUTE]["post"]
+    fields = operation["requestBody"]["content"]["application/json"]["schema"]["properties"]
+    sizes = next(option["enum"] for option in fields["size"]["anyOf"] if "enum" in option)
+    assert sorted(sizes) == sorted(f"{width}x{height}" for width in (16, 20, 24, 28, 32) for height in
+                                   (16, 20, 24, 28, 32))
+    formats = next(option for option in fields["response_format"]["anyOf"] if option.get("type") == "string")
+    assert formats.get("enum", [formats.get("const")]) == ["b64_json"]
+    assert operation["security"] == [{"bearer": []}]
+    error_schema = operation["responses"]["400"]["content"]["application/json"]["schema"]
+    assert error_schema["properties"]["error"]["required"] == ["message", "type", "param", "code"]

@@ -1,0 +1,130 @@
+"""The try-it page (``GET /``) in a real headless browser: Python Playwright driving Debian's Chromium
+(``/usr/bin/chromium``; ``playwright install`` is never used). A prompt typed and Generate clicked gives the image
+``/v1/images`` makes for the same request, with its seed and timing; a bad value shows the server's own message; the
+queue depth follows the server's queue; and the page asks nothing of any host but the server (it works offline).
+
+Without Chromium or Playwright the tests skip, unless ``LDM_REQUIRE_BROWSER=1`` (as ``.ci/run`` sets it), when they
+fail instead."""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+
+import pytest
+
+from ldm_serve.cli import API_KEY_ENV
+from tests.ldm_serve.test_serve import JSON, Server, engine_dir, post  # noqa: F401
+
+CHROMIUM = Path("/usr/bin/chromium")
+REQUIRE_ENV = "LDM_REQUIRE_BROWSER"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+API_KEY = "sesame"
+WAIT_MS = 60_000  # how long the browser waits for a state the test has set up
+
+
+def browser_or_skip():
+    """Playwright's sync API, or a skip (a failure with LDM_REQUIRE_BROWSER=1) when it or Chromium is missing."""
+    missing = None
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        missing = "the playwright package is not installed"
+    if missing is None and not CHROMIUM.is_file():
+        missing = f"{CHROMIUM} is missing (apt-get install chromium)"
+    if missing is not None:
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"{missing}, and {REQUIRE_ENV}=1 requires the browser tests to run")
+        pytest.skip(missing)
+    return sync_playwright
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_playwright = browser_or_skip()
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture(scope="module")
+def page_server(engine_dir):
+    running = Server(engine_dir, "--max-steps", "8", "--default-steps", "2",
+                     env={API_KEY_ENV: API_KEY}).wait_ready()
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def page(browser, page_server):
+    """A fresh page on the server, every request it makes recorded in ``page.requested``."""
+    context = browser.new_context(viewport={"width": 1000, "height": 760})
+    opened = context.new_page()
+    opened.requested = []
+    opened.on("request", lambda request: opened.requested.append(request.url))
+    opened.goto(f"{page_server.url}/")
+    yield opened
+    context.close()
+
+
+def image_bytes(page, index: int = 0) -> bytes:
+    source = page.locator("#images figure.done img").nth(index).get_attribute("src")
+    assert source.startswith("data:image/png;base64,")
+    return base64.b64decode(source.removeprefix("data:image/png;base64,"))
+
+
+def test_a_typed_prompt_gives_the_servers_image_with_its_seed_and_timing(page, page_server, rng):
+    seed = int(rng.integers(2**53, 2**63 - 1))  # past what a JavaScript number holds exactly
+    page.fill("#prompt", "a red circle on a blue background")
+    page.fill("#steps", "3")
+    page.fill("#seed", str(seed))
+    page.fill("#api-key", API_KEY)
+    page.click("#generate")
+    page.locator("#images figure.done img").first.wait_for(timeout=WAIT_MS)
+    caption = page.locator("#images figure.done figcaption").first.inner_text()
+    assert caption.startswith(f"seed {seed} · ") and " ms on the server" in caption
+    alone = post(page_server.url, {"prompt": "a red circle on a blue background", "steps": 3, "seed": seed},
+                 headers={**JSON, "Authorization": f"Bearer {API_KEY}", "Accept": "image/png"})
+    assert image_bytes(page) == alone.content
+    assert page.locator("#images img").first.evaluate("image => image.naturalWidth") == 16
+    assert page.locator("#error").is_hidden()
+    page.locator("#server-status").filter(has_text="ready").wait_for(timeout=WAIT_MS)
+    assert page.locator("#queue-depth").inner_text() == "0"
+    offline = all(url.startswith((page_server.url, "data:")) for url in page.requested)
+    assert page.requested and offline, page.requested
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("#steps", "1000", "steps is 1000; expected an integer from 1 to 8"),
+    ("#seed", "a lucky one", 'seed is "a lucky one"; expected an integer from 0 to 2**63 - 1, or null'),
+    ("#width", "18", "width is 18; expected a multiple of 4 from 16 to 32, or null"),
+    ("#api-key", "wrong", "the request has a wrong API key; expected the header Authorization: Bearer <key>"),
+])
+def test_a_bad_value_shows_the_servers_error_message(page, field, value, message):
+    page.fill("#prompt", "a red circle")
+    page.fill("#api-key", API_KEY)
+    page.fill(field, value)
+    page.click("#generate")
+    error = page.locator("#error")
+    error.filter(has_text=message).wait_for(timeout=WAIT_MS)
+    assert error.inner_text() == message
+    assert page.locator("#images figure.failed").count() == 1 and page.locator("#images img").count() == 0
+
+
+def test_the_queue_depth_follows_the_server_and_images_arrive_when_it_runs(page, page_server):
+    page.fill("#prompt", "two yellow stars")
+    page.fill("#api-key", API_KEY)
+    page.fill("#count", "3")
+    page.fill("#seed", "40")
+    with page_server.held():
+        page.click("#generate")
+        page.locator("#queue-depth").filter(has_text="3").wait_for(timeout=WAIT_MS)
+        assert page.locator("#images figure.waiting").count() == 3 and page.locator("#images img").count() == 0
+    page.locator("#images figure.done").nth(2).wait_for(timeout=WAIT_MS)
+    captions = page.locator("#images figure.done figcaption").all_inner_texts()
+    assert [caption.split(" · ")[0] for caption in captions] == ["seed 40", "seed 41", "seed 42"]  # in seed order
+    assert len({image_bytes(page, index) for index in range(3)}) == 3
+    page.locator("#queue-depth").filter(has_text="0").wait_for(timeout=WAIT_MS)

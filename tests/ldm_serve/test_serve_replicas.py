@@ -1,0 +1,323 @@
+"""``ldm-serve --replicas N`` on a real local Ray instance on loopback: two replicas answer concurrent requests,
+both take work, and every image is byte for byte the one single-process ``ldm-serve`` makes; Ray Serve's
+back-pressure answers 429 with ``Retry-After``; a replica killed while it holds requests is replaced and every
+request gets an image or a 503 with ``Retry-After``; SIGTERM lets the held requests finish and ends with status 0;
+``--min-replicas``/``--max-replicas`` scale up under load. Bad replica flags, and ``--replicas`` without Ray, are
+one line each.
+
+No test depends on the machine's speed: every replica holds its requests at the step gate (``LDM_SERVE_STEP_GATE``,
+which the replicas inherit) until the test has seen that they hold what it needs, in the reports their held workers
+write beside the gate (``StepGate.report``), one per replica process. Each answer names
+its replica in ``X-Ldm-Replica``, which is how the test tells the replicas apart behind Ray Serve's proxy.
+
+The Ray tests skip where Ray is not installed, unless ``LDM_REQUIRE_RAY=1`` (as ``.ci/run`` sets it, after
+installing the ``ray`` extra), when they fail instead. They run in one xdist group, one Ray instance at a time."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from ldm_serve.process import free_port
+from tests.ldm_serve.test_serve import Server, body, engine_dir, post_all  # noqa: F401
+
+REQUIRE_ENV = "LDM_REQUIRE_RAY"
+RAY_START_TIMEOUT_S = 600  # a local Ray instance and two replicas, each loading the engine, on two busy cores
+STATE_TIMEOUT_S = 300  # for a state that needs Ray to act: a replica replaced, one added by the autoscaler
+REPLICA_PROCESS = "ServeReplica:ldm-serve"  # in the process title Ray gives a replica of the deployment
+
+ray_group = pytest.mark.xdist_group("ray")
+RAY_TEST_TIMEOUT_S = 1800  # pytest-timeout's limit for a Ray test: Ray starting on busy cores takes minutes
+
+
+
+def require_ray() -> None:
+    try:
+        import ray  # noqa: F401
+        from ray import serve  # noqa: F401
+    except ImportError:
+        if os.environ.get(REQUIRE_ENV) == "1":
+            pytest.fail(f"ray is not installed, and {REQUIRE_ENV}=1 requires the replica tests to run")
+        pytest.skip("ray is not installed (pip install 'ldm-runtime[ray]')")
+
+
+class Replicas(Server):
+    """``ldm-serve`` with replicas on a local Ray instance. ``hold_all()`` holds every replica before its first
+    step; ``wait_for_held`` waits on what each replica's held worker reports it holds (``StepGate.report``),
+    by process id."""
+
+    def __init__(self, model: Path, *flags: str):
+        super().__init__(model, "--port", str(free_port()), *flags, start_timeout_s=RAY_START_TIMEOUT_S)
+
+    def hold_all(self) -> None:
+        for report in self.gate.parent.glob(f"{self.gate.name}.held-*"):
+            report.unlink()
+        partial = self.gate.with_suffix(".partial")
+        partial.write_text("0")
+        partial.replace(self.gate)
+
+    def held_counts(self) -> dict[int, int]:
+        """``{replica's process id: requests it holds, queued and running}`` as the held replicas report them."""
+        counts = {}
+        for report in self.gate.parent.glob(f"{self.gate.name}.held-*"):
+            if not report.name.endswith(".partial"):
+                queued, running = report.read_text().split()
+                counts[int(report.name.rsplit("-", 1)[1])] = int(queued) + int(running)
+        return counts
+
+    def wait_for_held(self, total: int) -> dict[int, int]:
+        deadline = time.monotonic() + STATE_TIMEOUT_S
+        while sum((counts := self.held_counts()).values()) < total:
+            assert self.process.poll() is None, self.log
+            assert time.monotonic() < deadline, f"the replicas hold {counts}, not {total} requests\n{self.log}"
+            time.sleep(0.02)
+        return counts
+
+    def replica_of(self) -> str | None:
+        response = httpx.get(f"{self.url}/healthz", timeout=60)
+        assert self.process.poll() is None, self.log
+        return response.headers.get("x-ldm-replica")
+
+    def wait_for_replicas(self, predicate, what: str) -> set[str]:
+        """Poll ``/healthz`` until the set of replicas that answered in the last 40 polls satisfies ``predicate``."""
+        recent: list[str] = []
+        deadline = time.monotonic() + STATE_TIMEOUT_S
+        while not predicate(set(recent)):
+            assert time.monotonic() < deadline, f"{what}: recent replicas {set(recent)}\n{self.log}"
+            replica = self.replica_of()
+            if replica is not None:
+                recent = [*recent[-39:], replica]
+            time.sleep(0.02)
+        return set(recent)
+
+
+def replica_pids() -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if REPLICA_PROCESS in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+async def answered_while_held(url: str, payloads: list[dict], answers_first: int, release) -> list[httpx.Response]:
+    """Send ``payloads`` at once; once ``answers_first`` of them are answered (those refused while the replicas
+    hold their requests), call ``release()``, then wait for the rest (those that waited in Ray Serve's proxy)."""
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=len(payloads) + 1)) as client:
+        sent = [asyncio.ensure_future(client.post(f"{url}/v1/images", json=payload)) for payload in payloads]
+        deadline = time.monotonic() + STATE_TIMEOUT_S
+        while sum(task.done() for task in sent) < answers_first:
+            assert time.monotonic() < deadline, f"only {sum(task.done() for task in sent)} answered while held"
+            await asyncio.sleep(0.02)
+        release()
+        return await asyncio.gather(*sent)
+
+
+async def post_all_retrying(url: str, payloads: list[dict]) -> list[httpx.Response]:
+    """``payloads`` at once, each retried after ``Retry-After`` while it is answered 429, as a client of a busy
+    server does: Ray Serve's proxy may refuse a few of a burst that arrives at once even below its limits (its
+    count of waiting requests is approximate), which these tests do not test."""
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=len(payloads) + 1)) as client:
+        async def post_one(payload: dict) -> httpx.Response:
+            deadline = time.monotonic() + STATE_TIMEOUT_S
+            while (response := await client.post(f"{url}/v1/images", json=payload)).status_code == 429:
+                assert time.monotonic() < deadline, response.text
+                await asyncio.sleep(int(response.headers["retry-after"]))
+            return response
+
+        return await asyncio.gather(*(post_one(payload) for payload in payloads))
+
+
+def retry_or_image(response: httpx.Response) -> bool:
+    return response.status_code == 200 or (response.status_code == 503 and int(response.headers["retry-after"]) >= 1)
+
+
+def test_replicas_without_ray_say_what_to_install_in_one_line(engine_dir):
+    hide_ray = ("import sys; sys.modules['ray'] = None; from ldm_serve.cli import main; "
+                f"sys.exit(main(['--model', {str(engine_dir)!r}, '--replicas', '2']))")
+    result = subprocess.run([sys.executable, "-c", hide_ray], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == ("ldm-serve: error: --replicas needs Ray Serve, which is not installed; expected pip "
+                             "install 'ldm-runtime[ray]'\n")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--replicas", "0"], "--replicas is 0; expected an integer >= 1"),
+    (["--min-replicas", "0", "--max-replicas", "2"], "--min-replicas is 0; expected an integer >= 1"),
+    (["--min-replicas", "3", "--max-replicas", "2"],
+     "--max-replicas is 2; expected an integer >= 3 (--min-replicas)"),
+    (["--min-replicas", "2"], "--min-replicas is 2 without --max-replicas; expected both"),
+    (["--replicas", "5", "--min-replicas", "1", "--max-replicas", "2"],
+     "--replicas is 5; expected an integer from 1 to 2 (from --min-replicas to --max-replicas)"),
+    (["--replicas", "2", "--port", "0"], "--port is 0 with --replicas; expected a fixed port"),
+    (["--ray-address", "10.0.0.1:6379"], "--ray-address is 10.0.0.1:6379 without --replicas; expected --replicas N"),
+])
+def test_bad_replica_flags_are_one_line_before_any_work(engine_dir, flags, message):
+    result = subprocess.run([sys.executable, "-m", "ldm_serve.cli", "--model", str(engine_dir), *flags],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"ldm-serve: error: {message}") and result.stderr.count("\n") == 1, result.stderr
+
+
+@ray_group
+@pytest.mark.slow
+@pytest.mark.timeout(RAY_TEST_TIMEOUT_S)
+def test_two_replicas_share_work_give_single_process_bytes_survive_a_kill_and_drain(engine_dir, rng):
+    require_ray()
+    bodies = [body(seed=int(rng.integers(0, 2**62)), steps=2, n=1 + index % 2) for index in range(16)]
+    replicas = Replicas(engine_dir, "--replicas", "2", "--max-queue", "8", "--max-steps", "999")
+    try:
+        replicas.wait_ready()
+        # both take work, and give the bytes one process gives (checked against it below)
+        together = asyncio.run(post_all_retrying(replicas.url, bodies))
+        assert [response.status_code for response in together] == [200] * len(bodies), together[0].text
+        assert len({response.headers["x-ldm-replica"] for response in together}) == 2
+
+        # back-pressure: 40 requests at once while the replicas hold theirs: each replica takes 8 (its queue), about
+        # 8 more wait in the proxy (Ray Serve's count of them is approximate), and Ray Serve answers the others 429
+        # with Retry-After; once the first 429 is in, the held and waiting ones are let go and finish. (Nothing
+        # polls /metrics here: through the proxy it too would wait for a free slot.)
+        replicas.hold_all()
+        burst = asyncio.run(answered_while_held(replicas.url, [body(seed=seed) for seed in range(100, 140)], 1,
+                                                replicas.release))
+        refused = [response for response in burst if response.status_code == 429]
+        assert refused and len(refused) + [r.status_code for r in burst].count(200) == 40, \
+            [(r.status_code, r.text) for r in burst if r.status_code not in (200, 429)]
+        assert all("x-ldm-replica" not in response.headers for response in refused)  # Ray Serve's, not a replica's
+        assert all(int(response.headers["retry-after"]) >= 1 for response in refused)
+
+        # a replica killed while it holds requests: each request gets an image or a 503 with Retry-After
+        before = replicas.wait_for_replicas(lambda seen: len(seen) == 2, "the two replicas do not both answer")
+        replicas.hold_all()
+
+        async def kill_one() -> list[httpx.Response]:
+            sent = asyncio.ensure_future(post_all_retrying(replicas.url, [body(seed=seed, steps=3)
+                                                                          for seed in range(6)]))
+            held = await asyncio.to_thread(replicas.wait_for_held, 6)
+            busiest = max(held, key=held.get)
+            assert busiest in replica_pids(), (held, replica_pids())
+            os.kill(busiest, signal.SIGKILL)
+            replicas.release()
+            return await sent
+
+        after_kill = asyncio.run(kill_one())
+        assert all(retry_or_image(response) for response in after_kill), [(r.status_code, r.text) for r in after_kill]
+        assert 200 in {response.status_code for response in after_kill}
+        if any(response.status_code == 503 for response in after_kill):
+            assert next(r for r in after_kill if r.status_code == 503).json()["error"]["type"] == "replica_unavailable"
+        replicas.wait_for_replicas(lambda seen: len(seen) == 2 and seen - before,
+                                   "the killed replica was not replaced")
+        again = asyncio.run(post_all_retrying(replicas.url, bodies[:4]))
+        assert [response.json()["images"] for response in again] == [response.json()["images"]
+                                                                      for response in together[:4]]
+
+        # SIGTERM drains: held requests finish with 200 and the process exits 0
+        replicas.hold_all()
+
+        async def drain() -> tuple[list[httpx.Response], httpx.Response]:
+            sent = asyncio.ensure_future(post_all(replicas.url, [body(seed=seed, steps=3) for seed in range(4)]))
+            await asyncio.to_thread(replicas.wait_for_held, 4)
+            replicas.process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + STATE_TIMEOUT_S
+            while "draining the replicas" not in replicas.log:
+                assert time.monotonic() < deadline, replicas.log
+                await asyncio.sleep(0.02)
+            async with httpx.AsyncClient(timeout=120) as client:  # sent while the drain waits for the held ones
+                late = asyncio.ensure_future(client.post(f"{replicas.url}/v1/images", json=body(seed=99)))
+                # it is answered 503 at once, or reached a replica before the routes changed and is held there
+                while not late.done() and sum(replicas.held_counts().values()) < 5:
+                    assert time.monotonic() < deadline, replicas.log
+                    await asyncio.sleep(0.02)
+                replicas.release()
+                return await sent, await late
+
+        drained, late = asyncio.run(drain())
+        assert [response.status_code for response in drained] == [200] * 4, [r.text for r in drained]
+        assert retry_or_image(late), (late.status_code, late.text)
+        assert replicas.process.wait(STATE_TIMEOUT_S) == 0, replicas.log
+        assert "drained and stopped" in replicas.log and "Traceback" not in replicas.log, replicas.log
+    finally:
+        replicas.release()
+        replicas.stop(timeout_s=120)
+    single = Server(engine_dir).wait_ready()
+    try:
+        alone = asyncio.run(post_all(single.url, bodies))
+    finally:
+        single.stop()
+    assert [response.json()["images"] for response in together] == [response.json()["images"] for response in alone]
+
+
+@ray_group
+@pytest.mark.slow
+@pytest.mark.timeout(RAY_TEST_TIMEOUT_S)
+def test_the_autoscaler_adds_a_replica_under_load_and_every_request_is_answered(engine_dir):
+    require_ray()
+    replicas = Replicas(engine_dir, "--min-replicas", "1", "--max-replicas", "2", "--max-queue", "16")
+    try:
+        replicas.wait_ready()
+        first = replicas.wait_for_replicas(lambda seen: len(seen) == 1, "no replica answers")
+        replicas.hold_all()
+
+        async def load() -> list[httpx.Response]:
+            # 12 requests against a target of 4 ongoing per replica: the autoscaler wants 2 replicas (its maximum)
+            sent = asyncio.ensure_future(post_all(replicas.url, [body(seed=seed) for seed in range(12)]))
+            await asyncio.to_thread(replicas.wait_for_replicas, lambda seen: len(seen | first) == 2,
+                                    "no second replica was started")
+            replicas.release()
+            return await sent
+
+        responses = asyncio.run(load())
+        assert [response.status_code for response in responses] == [200] * 12, [r.text for r in responses]
+    finally:
+        replicas.release()
+        assert replicas.stop(timeout_s=120) == 0, replicas.log
+
+
+def test_a_worker_that_stopped_is_unready_and_fails_the_replica_health_check(monkeypatch):
+    from ldm_serve.app import readiness
+    from ldm_serve.batcher import Batcher, BatcherConfig
+
+    monkeypatch.setattr(Batcher, "_run", lambda self: None)  # the worker thread ends at once, as if it had died
+    batcher = Batcher(pipeline=None, config=BatcherConfig())
+    assert batcher.alive and readiness(batcher).type == "warming_up"  # not started yet
+    batcher.start()
+    batcher._thread.join(STATE_TIMEOUT_S)
+    problem = readiness(batcher)
+    assert not batcher.alive and problem.status == 503 and problem.type == "worker_stopped"
+    require_ray()
+    from ldm_serve.replicas import LdmServeReplica
+
+    replica = LdmServeReplica(args=None, api_key=None)
+    replica.check_health()  # before the app is built: nothing to check yet
+    replica.batcher = batcher
+    with pytest.raises(RuntimeError, match="the engine's worker thread has stopped"):
+        replica.check_health()
+    batcher.drain()
+    replica.check_health()  # draining: finishing its requests, healthy
+
+
+def test_replicas_on_a_port_in_use_are_one_line_before_ray_starts(engine_dir):
+    require_ray()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "ldm_serve.cli", "--model", str(engine_dir),
+                                 "--replicas", "2", "--port", str(port)], capture_output=True, text=True,
+                                timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (f"ldm-serve: error: cannot listen on 127.0.0.1:{port} (Address already in use); "
+                             f"expected a free port on a local address\n")

@@ -1,0 +1,73 @@
+"""``ldm-serve``'s OpenAPI schema says what the server does: schemathesis, with every check it has, generates
+requests from ``/openapi.json`` (valid ones, invalid ones, boundary values, unsupported methods, missing and wrong
+credentials) against a real server and must find nothing; and the bounds in the schema are the server's own.
+
+The server allows 2 steps and 2 images at most, so that the valid requests schemathesis sends stay quick; the
+run's seed comes from the test's ``seed`` fixture, so a failure replays with ``LDM_TEST_SEED``."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.ldm_serve.test_serve import Server, engine_dir  # noqa: F401
+
+API_KEY = "sesame"
+EXAMPLES_PER_OPERATION = 10
+REQUEST_TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def schema_server(engine_dir):
+    running = Server(engine_dir, "--max-steps", "2", "--default-steps", "2", "--max-n", "2",
+                     env={"LDM_SERVE_API_KEY": API_KEY}).wait_ready()
+    yield running
+    running.stop()
+
+
+def schemathesis_command() -> list[str]:
+    script = Path(sys.executable).with_name("schemathesis")
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "schemathesis.cli"]
+
+
+@pytest.mark.slow
+def test_schemathesis_with_all_checks_finds_nothing(schema_server, seed, tmp_path):
+    result = subprocess.run(
+        schemathesis_command() + [
+            "run", f"{schema_server.url}/openapi.json", "--checks", "all", "--mode", "all",
+            "--header", f"Authorization: Bearer {API_KEY}", "--max-examples", str(EXAMPLES_PER_OPERATION),
+            "--seed", str(seed), "--workers", "1", "--generation-database", "none", "--no-color",
+            # The checks are about what the server answers, not how fast this machine is: "--checks all" would
+            # also time every answer against a 10 s limit, which a busy 2-core machine can exceed.
+            "--request-timeout", str(REQUEST_TIMEOUT_S), "--max-response-time", str(REQUEST_TIMEOUT_S)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    report = result.stdout[-8000:] + result.stderr[-2000:]
+    assert result.returncode == 0, report
+    counts = re.search(r"(\d+) generated, (\d+) passed", result.stdout)
+    assert counts and int(counts.group(1)) == int(counts.group(2)) >= 50, report  # it did send requests
+    assert "No issues found" in result.stdout, report
+    assert "Traceback" not in schema_server.log and "Exception" not in schema_server.log
+
+
+def test_the_schema_bounds_and_media_types_are_the_servers_own(schema_server):
+    schema = httpx.get(f"{schema_server.url}/openapi.json", headers=schema_server.auth).json()
+    request = schema["paths"]["/v1/images"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    fields = request["properties"]
+    seed = fields["seed"]["anyOf"][0]
+    assert (seed["minimum"], seed["maximum"]) == (0, 2**63 - 1) and isinstance(seed["maximum"], int)
+    assert (fields["steps"]["maximum"], fields["n"]["maximum"]) == (2, 2)
+    assert all(isinstance(fields[name]["maximum"], int) for name in ("steps", "n"))
+    assert fields["prompt"]["pattern"] and fields["prompt"]["minLength"] == 1
+    assert list(schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == ["text/plain"]
+    metrics = httpx.get(f"{schema_server.url}/metrics", headers=schema_server.auth)
+    assert metrics.headers["content-type"].startswith("text/plain")
+    # the largest seed is a seed, as the schema says, and so are whole numbers written as floats
+    images = httpx.post(f"{schema_server.url}/v1/images", headers=schema_server.auth, timeout=60,
+                        content=b'{"prompt": "a red circle", "seed": 9223372036854775807, "n": 2.0, "steps": 1e0}')
+    assert images.status_code == 200, images.text
+    assert images.json()["seeds"] == [2**63 - 1, 0]
