@@ -44,7 +44,7 @@ import numpy as np
 
 from ldm_runtime.pipeline import DEFAULT_GUIDANCE_SCALE
 from ldm_serve.batcher import BatcherConfig
-from ldm_serve.process import ServeProcess, ServeProcessError, free_port
+from ldm_tools.serve_process import ServeProcess, ServeProcessError, free_port
 
 MODES = ("none", "dynamic", "step")
 START_TIMEOUT_S = 180

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from playwright.sync_api import sync_playwright
 
-from ldm_serve.process import ServeProcess
+from ldm_tools.serve_process import ServeProcess
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]

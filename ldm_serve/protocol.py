@@ -21,7 +21,7 @@ from typing import Any
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ldm_serve.app import ApiError, error_body, error_status
+from ldm_serve.errors import ApiError, error_body, error_status
 
 DRAINING = ApiError(503, "draining", "the server is draining before it exits; expected a retry later", None,
                     {"Retry-After": "5"})

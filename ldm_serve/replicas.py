@@ -1,7 +1,7 @@
 """``ldm-serve --replicas N``: the same app as ``ldm-serve`` in N Ray Serve replicas behind Ray Serve's HTTP proxy.
 
 Each replica is a Ray actor that loads the engine and builds the app exactly as one ``ldm-serve`` process does
-(``cli.build_app``): its own step-level batcher, queue, limits, errors, API key and metrics; every answer it gives
+(``server.build_app``): its own step-level batcher, queue, limits, errors, API key and metrics; every answer it gives
 names it in ``X-Ldm-Replica``. Ray Serve's proxy listens on ``--host``/``--port`` and routes each request to the
 least loaded of two replicas it samples (Ray Serve's power-of-two-choices router).
 
@@ -14,7 +14,7 @@ What Ray Serve is told, so that a client sees what one ``ldm-serve`` process giv
 - ``--min-replicas``/``--max-replicas`` let Ray Serve's autoscaler scale on ongoing requests, aiming at one full
   batch per replica (``target_ongoing_requests`` = ``--max-batch``).
 - Ray Serve's health check calls ``LdmServeReplica.check_health``, the readiness ``/readyz`` answers with
-  (``app.readiness``): a replica whose worker thread has died is replaced.
+  (``routes.readiness``): a replica whose worker thread has died is replaced.
 - A replica takes requests once its engine is warm: its ASGI startup completes only then, and Ray Serve routes to
   a replica once its startup is complete.
 - An answer no replica gave (a replica that died with requests on it, no replica up yet) is a 503 with
@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import http.client
 import logging
 import os
 import signal
@@ -46,7 +47,9 @@ from ray import serve
 from ray.serve.config import BackpressureConfig
 from starlette.middleware import Middleware
 
-from ldm_serve.cli import LISTENING_LINE, ServeError, build_app
+from ldm_serve.errors import ApiError, error_body, error_status
+from ldm_serve.routes import readiness
+from ldm_serve.server import LISTENING_LINE, ServeError, build_app
 
 DEPLOYMENT_NAME = "ldm-serve"
 REPLICA_HEADER = "x-ldm-replica"  # which replica answered: Ray Serve's id of it
@@ -104,8 +107,6 @@ class LdmServeReplica:
     def check_health(self) -> None:
         """Ray Serve's health check: the replica's readiness, as ``/readyz`` answers it; draining counts as healthy
         (the replica is finishing its requests), anything else unready makes Ray Serve replace the replica."""
-        from ldm_serve.app import readiness
-
         if self.batcher is None:
             return  # the app is still being built; Ray Serve does not check a replica before its startup completes
         problem = readiness(self.batcher)
@@ -155,8 +156,6 @@ class ReplicaFailureAs503:
 
 
 async def _send_unavailable(send, path: str) -> None:
-    from ldm_serve.app import ApiError, error_body, error_status
-
     error = ApiError(503, "replica_unavailable", "no replica could answer this request (one stopped while it "
                      "held it, or none is up yet); retry it", None)
     body = error_body(error, path)
@@ -238,8 +237,6 @@ def serve_replicas(args: argparse.Namespace, api_key: str | None, description: s
 def _wait_until_serving(host: str, port: int, signals: set[signal.Signals]) -> None:
     """Until the proxy answers ``/-/healthz`` (the application is running, the proxy listening); a SIGTERM or
     SIGINT meanwhile stops the wait."""
-    import http.client
-
     deadline = time.monotonic() + START_TIMEOUT_S
     last = "no answer yet"
     while time.monotonic() < deadline:

@@ -13,6 +13,7 @@ from ldm_runtime import command_line, sample
 from ldm_runtime.command_line import OneLineArgumentParser, check_writable_folder, report_user_error
 from ldm_runtime.errors import CheckpointError, EngineLoadError, RequestError, UsageError, UserError
 from ldm_serve import cli as serve_cli
+from ldm_serve import server as serve_server
 
 
 def test_a_user_error_is_reported_as_its_first_line_with_status_2(capsys):
@@ -59,7 +60,7 @@ def test_ldm_serve_lets_a_bug_show_its_traceback(bug, tmp_path, monkeypatch):
     def load_engine(*args, **kwargs):
         raise bug
 
-    monkeypatch.setattr(serve_cli, "load_engine", load_engine)
+    monkeypatch.setattr(serve_server, "load_engine", load_engine)
     with pytest.raises(type(bug)):
         serve_cli.main(["--model", str(tmp_path), "--port", "0"])
 

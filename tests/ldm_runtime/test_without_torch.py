@@ -29,6 +29,7 @@ from ldm_runtime import sample
 from ldm_runtime.engines import load_engine
 from ldm_runtime.pipeline import GenerationRequest, Pipeline
 from ldm_serve import cli
+from ldm_serve.server import prepare_server
 
 engine_dir, out = sys.argv[1], sys.argv[2]
 engine = load_engine(engine_dir, device="cpu", intra_op_threads=1)
@@ -37,7 +38,7 @@ assert images[0].shape == (16, 16, 3) and images[0].std() > 0, images[0].shape
 
 assert sample.main(["--model", engine_dir, "a blue square", "a green star", "--steps", "2", "--out", out]) == 0
 
-server, sock = cli._prepare(cli.build_parser().parse_args(["--model", engine_dir, "--port", "0", "--threads", "1"]))
+server, sock = prepare_server(cli.build_parser().parse_args(["--model", engine_dir, "--port", "0", "--threads", "1"]))
 try:
     with TestClient(server.config.app) as client:  # the lifespan starts the worker, which warms the engine up
         deadline = time.monotonic() + 120

@@ -9,84 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import io
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
-import tempfile
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
-from ldm_serve.cli import API_KEY_ENV, STEP_GATE_ENV
-from ldm_serve.process import ServeProcess
-from tests.ldm_export.tiny_checkpoint import shared_tiny_engine
-
-JSON = {"Content-Type": "application/json"}
-PROMPTS = ["a red circle", "a blue square on the left", "two yellow stars", "a small green triangle"]
-STATE_TIMEOUT_S = 60  # how long a test waits for the server to reach a state it has set up
-
-
-@pytest.fixture(scope="session")
-def engine_dir(tmp_path_factory) -> Path:
-    _, engine, code, output = shared_tiny_engine(tmp_path_factory, "fp32")
-    assert code == 0, output
-    return engine
-
-
-class Server(ServeProcess):
-    """``ldm-serve`` in a subprocess (``ldm_serve.process``) with its step gate in a file of its own:
-    ``held()``/``hold(more_calls)``/``release()`` work the gate, ``wait_for`` waits on a metric; ``auth`` is the
-    Authorization header its API key (``LDM_SERVE_API_KEY`` in ``env``) needs."""
-
-    def __init__(self, model: Path, *flags: str, env: dict[str, str] | None = None, **options):
-        self.gate = Path(tempfile.mkdtemp(prefix="ldm-serve-gate-")) / "gate"
-        key = (env or {}).get(API_KEY_ENV)
-        self.auth = {"Authorization": b"Bearer " + key.encode("utf-8", "surrogateescape")} if key else {}
-        super().__init__(model, *flags, env={STEP_GATE_ENV: str(self.gate), **(env or {})}, **options)
-
-    def metric(self, name: str) -> float:
-        text = httpx.get(f"{self.url}/metrics", headers=self.auth, timeout=10).text
-        match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-        assert match, f"{name} not in /metrics"
-        return float(match.group(1))
-
-    def wait_for(self, name: str, predicate, what: str) -> float:
-        """Poll the metric ``name`` until ``predicate(value)``; fails with ``what`` if the server never gets there."""
-        deadline = time.monotonic() + STATE_TIMEOUT_S
-        while not predicate(value := self.metric(name)):
-            assert self.process.poll() is None, self.log
-            assert time.monotonic() < deadline, f"{what}: {name} is still {value}\n{self.log}"
-            time.sleep(0.01)
-        return value
-
-    def hold(self, more_calls: int = 0) -> None:
-        """Let the worker make ``more_calls`` more UNet calls (one per step here), then hold it at a step boundary.
-        Call it while the worker is held (or idle), so that the count it starts from is settled."""
-        partial = self.gate.with_suffix(".partial")
-        partial.write_text(str(int(self.metric("ldm_serve_unet_calls_total")) + more_calls))
-        partial.replace(self.gate)
-
-    def release(self) -> None:
-        self.gate.unlink(missing_ok=True)
-
-    @contextlib.contextmanager
-    def held(self):
-        self.hold()
-        try:
-            yield self
-        finally:
-            self.release()
+from tests.ldm_serve.gated_server import JSON, PROMPTS, STATE_TIMEOUT_S, Server, body, post, post_all
 
 
 @pytest.fixture(scope="module")
@@ -95,22 +33,6 @@ def server(engine_dir):
     running = Server(engine_dir, "--max-steps", "999", "--max-queue", "256").wait_ready()
     yield running
     running.stop()
-
-
-def body(**fields) -> dict:
-    return {"prompt": PROMPTS[0], "seed": 1, "steps": 4, **fields}
-
-
-def post(url: str, payload, headers=JSON, timeout: float = 60) -> httpx.Response:
-    content = payload if isinstance(payload, (bytes, str)) else json.dumps(payload)
-    return httpx.post(f"{url}/v1/images", content=content, headers=headers, timeout=timeout)
-
-
-async def post_all(url: str, payloads: list[dict], headers=JSON) -> list[httpx.Response]:
-    limits = httpx.Limits(max_connections=len(payloads) + 1)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
-        return await asyncio.gather(*(client.post(f"{url}/v1/images", content=json.dumps(payload), headers=headers)
-                                      for payload in payloads))
 
 
 def random_bodies(rng: np.random.Generator, count: int) -> list[dict]:

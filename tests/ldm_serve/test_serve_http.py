@@ -18,12 +18,11 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.ldm_serve.test_serve import JSON, STATE_TIMEOUT_S, Server, body, engine_dir, post  # noqa: F401
+from tests.ldm_serve.gated_server import JSON, STATE_TIMEOUT_S, Server, body, post
 
 GET_HEALTH = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
 
@@ -180,7 +179,7 @@ def test_an_unexpected_exception_answers_a_json_500_and_leaves_the_connection_us
     import uvicorn
     from fastapi import FastAPI
 
-    from ldm_serve.app import ErrorSafetyMiddleware
+    from ldm_serve.middleware import ErrorSafetyMiddleware
     from ldm_serve.protocol import GuardedH11Protocol
 
     app = FastAPI()

@@ -17,8 +17,8 @@ import openai
 import pytest
 from PIL import Image
 
-from ldm_serve.cli import API_KEY_ENV
-from tests.ldm_serve.test_serve import JSON, PROMPTS, Server, engine_dir, post  # noqa: F401
+from ldm_serve.server import API_KEY_ENV
+from tests.ldm_serve.gated_server import JSON, PROMPTS, Server, post
 
 API_KEY = "sesame"
 ROUTE = "/v1/images/generations"

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from ldm_serve.cli import API_KEY_ENV
-from tests.ldm_serve.test_serve import JSON, Server, engine_dir, post  # noqa: F401
+from ldm_serve.server import API_KEY_ENV
+from tests.ldm_serve.gated_server import JSON, Server, post
 
 CHROMIUM = Path("/usr/bin/chromium")
 REQUIRE_ENV = "LDM_REQUIRE_BROWSER"

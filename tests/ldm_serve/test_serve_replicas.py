@@ -27,17 +27,20 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ldm_serve.process import free_port
-from tests.ldm_serve.test_serve import Server, body, engine_dir, post_all  # noqa: F401
+from ldm_tools.serve_process import free_port
+from tests.ldm_serve.gated_server import Server, body, post_all
 
 REQUIRE_ENV = "LDM_REQUIRE_RAY"
 RAY_START_TIMEOUT_S = 600  # a local Ray instance and two replicas, each loading the engine, on two busy cores
 STATE_TIMEOUT_S = 300  # for a state that needs Ray to act: a replica replaced, one added by the autoscaler
 REPLICA_PROCESS = "ServeReplica:ldm-serve"  # in the process title Ray gives a replica of the deployment
 
-ray_group = pytest.mark.xdist_group("ray")
 RAY_TEST_TIMEOUT_S = 1800  # pytest-timeout's limit for a Ray test: Ray starting on busy cores takes minutes
 
+
+def ray_test(test):
+    """A test on a local Ray instance: in the Ray xdist group, slow, and with Ray's time limit."""
+    return pytest.mark.xdist_group("ray")(pytest.mark.slow(pytest.mark.timeout(RAY_TEST_TIMEOUT_S)(test)))
 
 
 def require_ray() -> None:
@@ -172,122 +175,8 @@ def test_bad_replica_flags_are_one_line_before_any_work(engine_dir, flags, messa
     assert result.stderr.startswith(f"ldm-serve: error: {message}") and result.stderr.count("\n") == 1, result.stderr
 
 
-@ray_group
-@pytest.mark.slow
-@pytest.mark.timeout(RAY_TEST_TIMEOUT_S)
-def test_two_replicas_share_work_give_single_process_bytes_survive_a_kill_and_drain(engine_dir, rng):
-    require_ray()
-    bodies = [body(seed=int(rng.integers(0, 2**62)), steps=2, n=1 + index % 2) for index in range(16)]
-    replicas = Replicas(engine_dir, "--replicas", "2", "--max-queue", "8", "--max-steps", "999")
-    try:
-        replicas.wait_ready()
-        # both take work, and give the bytes one process gives (checked against it below)
-        together = asyncio.run(post_all_retrying(replicas.url, bodies))
-        assert [response.status_code for response in together] == [200] * len(bodies), together[0].text
-        assert len({response.headers["x-ldm-replica"] for response in together}) == 2
-
-        # back-pressure: 40 requests at once while the replicas hold theirs: each replica takes 8 (its queue), about
-        # 8 more wait in the proxy (Ray Serve's count of them is approximate), and Ray Serve answers the others 429
-        # with Retry-After; once the first 429 is in, the held and waiting ones are let go and finish. (Nothing
-        # polls /metrics here: through the proxy it too would wait for a free slot.)
-        replicas.hold_all()
-        burst = asyncio.run(answered_while_held(replicas.url, [body(seed=seed) for seed in range(100, 140)], 1,
-                                                replicas.release))
-        refused = [response for response in burst if response.status_code == 429]
-        assert refused and len(refused) + [r.status_code for r in burst].count(200) == 40, \
-            [(r.status_code, r.text) for r in burst if r.status_code not in (200, 429)]
-        assert all("x-ldm-replica" not in response.headers for response in refused)  # Ray Serve's, not a replica's
-        assert all(int(response.headers["retry-after"]) >= 1 for response in refused)
-
-        # a replica killed while it holds requests: each request gets an image or a 503 with Retry-After
-        before = replicas.wait_for_replicas(lambda seen: len(seen) == 2, "the two replicas do not both answer")
-        replicas.hold_all()
-
-        async def kill_one() -> list[httpx.Response]:
-            sent = asyncio.ensure_future(post_all_retrying(replicas.url, [body(seed=seed, steps=3)
-                                                                          for seed in range(6)]))
-            held = await asyncio.to_thread(replicas.wait_for_held, 6)
-            busiest = max(held, key=held.get)
-            assert busiest in replica_pids(), (held, replica_pids())
-            os.kill(busiest, signal.SIGKILL)
-            replicas.release()
-            return await sent
-
-        after_kill = asyncio.run(kill_one())
-        assert all(retry_or_image(response) for response in after_kill), [(r.status_code, r.text) for r in after_kill]
-        assert 200 in {response.status_code for response in after_kill}
-        if any(response.status_code == 503 for response in after_kill):
-            assert next(r for r in after_kill if r.status_code == 503).json()["error"]["type"] == "replica_unavailable"
-        replicas.wait_for_replicas(lambda seen: len(seen) == 2 and seen - before,
-                                   "the killed replica was not replaced")
-        again = asyncio.run(post_all_retrying(replicas.url, bodies[:4]))
-        assert [response.json()["images"] for response in again] == [response.json()["images"]
-                                                                      for response in together[:4]]
-
-        # SIGTERM drains: held requests finish with 200 and the process exits 0
-        replicas.hold_all()
-
-        async def drain() -> tuple[list[httpx.Response], httpx.Response]:
-            sent = asyncio.ensure_future(post_all(replicas.url, [body(seed=seed, steps=3) for seed in range(4)]))
-            await asyncio.to_thread(replicas.wait_for_held, 4)
-            replicas.process.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + STATE_TIMEOUT_S
-            while "draining the replicas" not in replicas.log:
-                assert time.monotonic() < deadline, replicas.log
-                await asyncio.sleep(0.02)
-            async with httpx.AsyncClient(timeout=120) as client:  # sent while the drain waits for the held ones
-                late = asyncio.ensure_future(client.post(f"{replicas.url}/v1/images", json=body(seed=99)))
-                # it is answered 503 at once, or reached a replica before the routes changed and is held there
-                while not late.done() and sum(replicas.held_counts().values()) < 5:
-                    assert time.monotonic() < deadline, replicas.log
-                    await asyncio.sleep(0.02)
-                replicas.release()
-                return await sent, await late
-
-        drained, late = asyncio.run(drain())
-        assert [response.status_code for response in drained] == [200] * 4, [r.text for r in drained]
-        assert retry_or_image(late), (late.status_code, late.text)
-        assert replicas.process.wait(STATE_TIMEOUT_S) == 0, replicas.log
-        assert "drained and stopped" in replicas.log and "Traceback" not in replicas.log, replicas.log
-    finally:
-        replicas.release()
-        replicas.stop(timeout_s=120)
-    single = Server(engine_dir).wait_ready()
-    try:
-        alone = asyncio.run(post_all(single.url, bodies))
-    finally:
-        single.stop()
-    assert [response.json()["images"] for response in together] == [response.json()["images"] for response in alone]
-
-
-@ray_group
-@pytest.mark.slow
-@pytest.mark.timeout(RAY_TEST_TIMEOUT_S)
-def test_the_autoscaler_adds_a_replica_under_load_and_every_request_is_answered(engine_dir):
-    require_ray()
-    replicas = Replicas(engine_dir, "--min-replicas", "1", "--max-replicas", "2", "--max-queue", "16")
-    try:
-        replicas.wait_ready()
-        first = replicas.wait_for_replicas(lambda seen: len(seen) == 1, "no replica answers")
-        replicas.hold_all()
-
-        async def load() -> list[httpx.Response]:
-            # 12 requests against a target of 4 ongoing per replica: the autoscaler wants 2 replicas (its maximum)
-            sent = asyncio.ensure_future(post_all(replicas.url, [body(seed=seed) for seed in range(12)]))
-            await asyncio.to_thread(replicas.wait_for_replicas, lambda seen: len(seen | first) == 2,
-                                    "no second replica was started")
-            replicas.release()
-            return await sent
-
-        responses = asyncio.run(load())
-        assert [response.status_code for response in responses] == [200] * 12, [r.text for r in responses]
-    finally:
-        replicas.release()
-        assert replicas.stop(timeout_s=120) == 0, replicas.log
-
-
 def test_a_worker_that_stopped_is_unready_and_fails_the_replica_health_check(monkeypatch):
-    from ldm_serve.app import readiness
+    from ldm_serve.routes import readiness
     from ldm_serve.batcher import Batcher, BatcherConfig
 
     monkeypatch.setattr(Batcher, "_run", lambda self: None)  # the worker thread ends at once, as if it had died
@@ -321,3 +210,146 @@ def test_replicas_on_a_port_in_use_are_one_line_before_ray_starts(engine_dir):
     assert result.returncode == 2, result.stderr
     assert result.stderr == (f"ldm-serve: error: cannot listen on 127.0.0.1:{port} (Address already in use); "
                              f"expected a free port on a local address\n")
+
+
+@ray_test
+def test_the_autoscaler_adds_a_replica_under_load_and_every_request_is_answered(engine_dir):
+    require_ray()
+    replicas = Replicas(engine_dir, "--min-replicas", "1", "--max-replicas", "2", "--max-queue", "16")
+    try:
+        replicas.wait_ready()
+        first = replicas.wait_for_replicas(lambda seen: len(seen) == 1, "no replica answers")
+        replicas.hold_all()
+
+        async def load() -> list[httpx.Response]:
+            # 12 requests against a target of 4 ongoing per replica: the autoscaler wants 2 replicas (its maximum)
+            sent = asyncio.ensure_future(post_all(replicas.url, [body(seed=seed) for seed in range(12)]))
+            await asyncio.to_thread(replicas.wait_for_replicas, lambda seen: len(seen | first) == 2,
+                                    "no second replica was started")
+            replicas.release()
+            return await sent
+
+        responses = asyncio.run(load())
+        assert [response.status_code for response in responses] == [200] * 12, [r.text for r in responses]
+    finally:
+        replicas.release()
+        assert replicas.stop(timeout_s=120) == 0, replicas.log
+
+
+@pytest.fixture(scope="module")
+def two_replicas_started(engine_dir):
+    """Two replicas (a queue of 8 each) on one local Ray instance, shared by the tests below as Ray takes minutes to
+    start on busy cores: a function that returns them running, started again if a test has stopped them. The
+    SIGTERM test stops them, so it comes last; the autoscaler test comes before, so one Ray instance runs at a time."""
+    started: list[Replicas] = []
+
+    def running() -> Replicas:
+        if not started or started[-1].process.poll() is not None:
+            started.append(Replicas(engine_dir, "--replicas", "2", "--max-queue", "8", "--max-steps", "999"))
+            started[-1].wait_ready()
+        return started[-1]
+
+    yield running
+    for replicas in started:
+        replicas.release()
+        replicas.stop(timeout_s=120)
+
+
+@pytest.fixture
+def two_replicas(two_replicas_started):
+    require_ray()
+    replicas = two_replicas_started()
+    yield replicas
+    replicas.release()
+
+
+@ray_test
+def test_both_replicas_take_work_from_concurrent_requests(two_replicas, rng):
+    bodies = [body(seed=int(rng.integers(0, 2**62)), steps=2, n=1 + index % 2) for index in range(16)]
+    responses = asyncio.run(post_all_retrying(two_replicas.url, bodies))
+    assert [response.status_code for response in responses] == [200] * len(bodies), responses[0].text
+    assert len({response.headers["x-ldm-replica"] for response in responses}) == 2
+
+
+@ray_test
+def test_the_replicas_give_the_bytes_one_process_gives(two_replicas, engine_dir, rng):
+    bodies = [body(seed=int(rng.integers(0, 2**62)), steps=2, n=1 + index % 2) for index in range(8)]
+    together = asyncio.run(post_all_retrying(two_replicas.url, bodies))
+    single = Server(engine_dir).wait_ready()
+    try:
+        alone = asyncio.run(post_all(single.url, bodies))
+    finally:
+        single.stop()
+    assert [response.status_code for response in together + alone] == [200] * 2 * len(bodies), together[0].text
+    assert [response.json()["images"] for response in together] == [response.json()["images"] for response in alone]
+
+
+@ray_test
+def test_a_burst_past_the_queues_gets_429_with_retry_after_from_ray_serve_and_the_rest_finish(two_replicas):
+    # 40 requests at once while the replicas hold theirs: each replica takes 8 (its queue), about 8 more wait in the
+    # proxy (Ray Serve's count of them is approximate), and Ray Serve answers the others 429 with Retry-After; once
+    # the first 429 is in, the held and waiting ones are let go and finish. (Nothing polls /metrics here: through
+    # the proxy it too would wait for a free slot.)
+    two_replicas.hold_all()
+    burst = asyncio.run(answered_while_held(two_replicas.url, [body(seed=seed) for seed in range(100, 140)], 1,
+                                            two_replicas.release))
+    refused = [response for response in burst if response.status_code == 429]
+    assert refused and len(refused) + [r.status_code for r in burst].count(200) == 40, \
+        [(r.status_code, r.text) for r in burst if r.status_code not in (200, 429)]
+    assert all("x-ldm-replica" not in response.headers for response in refused)  # Ray Serve's, not a replica's
+    assert all(int(response.headers["retry-after"]) >= 1 for response in refused)
+
+
+@ray_test
+def test_a_replica_killed_holding_requests_answers_each_with_an_image_or_503_and_is_replaced(two_replicas, rng):
+    bodies = [body(seed=int(rng.integers(0, 2**62)), steps=2) for _ in range(4)]
+    first = asyncio.run(post_all_retrying(two_replicas.url, bodies))
+    before = two_replicas.wait_for_replicas(lambda seen: len(seen) == 2, "the two replicas do not both answer")
+    two_replicas.hold_all()
+
+    async def kill_one() -> list[httpx.Response]:
+        sent = asyncio.ensure_future(post_all_retrying(two_replicas.url, [body(seed=seed, steps=3)
+                                                                          for seed in range(6)]))
+        held = await asyncio.to_thread(two_replicas.wait_for_held, 6)
+        busiest = max(held, key=held.get)
+        assert busiest in replica_pids(), (held, replica_pids())
+        os.kill(busiest, signal.SIGKILL)
+        two_replicas.release()
+        return await sent
+
+    after_kill = asyncio.run(kill_one())
+    assert all(retry_or_image(response) for response in after_kill), [(r.status_code, r.text) for r in after_kill]
+    assert 200 in {response.status_code for response in after_kill}
+    if any(response.status_code == 503 for response in after_kill):
+        assert next(r for r in after_kill if r.status_code == 503).json()["error"]["type"] == "replica_unavailable"
+    two_replicas.wait_for_replicas(lambda seen: len(seen) == 2 and seen - before, "the killed replica was not replaced")
+    again = asyncio.run(post_all_retrying(two_replicas.url, bodies))
+    assert [response.json()["images"] for response in again] == [response.json()["images"] for response in first]
+
+
+@ray_test
+def test_sigterm_lets_the_held_requests_finish_answers_late_ones_503_or_an_image_and_exits_0(two_replicas):
+    two_replicas.hold_all()
+
+    async def drain() -> tuple[list[httpx.Response], httpx.Response]:
+        sent = asyncio.ensure_future(post_all(two_replicas.url, [body(seed=seed, steps=3) for seed in range(4)]))
+        await asyncio.to_thread(two_replicas.wait_for_held, 4)
+        two_replicas.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STATE_TIMEOUT_S
+        while "draining the replicas" not in two_replicas.log:
+            assert time.monotonic() < deadline, two_replicas.log
+            await asyncio.sleep(0.02)
+        async with httpx.AsyncClient(timeout=120) as client:  # sent while the drain waits for the held ones
+            late = asyncio.ensure_future(client.post(f"{two_replicas.url}/v1/images", json=body(seed=99)))
+            # it is answered 503 at once, or reached a replica before the routes changed and is held there
+            while not late.done() and sum(two_replicas.held_counts().values()) < 5:
+                assert time.monotonic() < deadline, two_replicas.log
+                await asyncio.sleep(0.02)
+            two_replicas.release()
+            return await sent, await late
+
+    drained, late = asyncio.run(drain())
+    assert [response.status_code for response in drained] == [200] * 4, [r.text for r in drained]
+    assert retry_or_image(late), (late.status_code, late.text)
+    assert two_replicas.process.wait(STATE_TIMEOUT_S) == 0, two_replicas.log
+    assert "drained and stopped" in two_replicas.log and "Traceback" not in two_replicas.log, two_replicas.log

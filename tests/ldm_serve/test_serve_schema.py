@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.ldm_serve.test_serve import Server, engine_dir  # noqa: F401
+from tests.ldm_serve.gated_server import Server
 
 API_KEY = "sesame"
 EXAMPLES_PER_OPERATION = 10

@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ldm_serve.cli import API_KEY_ENV, LISTENING_LINE
+from ldm_serve.server import API_KEY_ENV, LISTENING_LINE
 
 START_TIMEOUT_S = 90.0
 STOP_TIMEOUT_S = 30.0

@@ -1,0 +1,127 @@
+"""The ASGI middlewares of ``ldm-serve``: the body limit (413 before the app reads the body), the API key (401),
+and the last resort that answers an unexpected exception with a JSON 500 on a connection that stays usable.
+
+With an API key, every route but the page and the health probes needs ``Authorization: Bearer <key>``: inference,
+and the metadata and statistics (``/openapi.json``, ``/docs``, ``/metrics``), as Triton Inference Server can
+restrict its inference, metadata and statistics APIs with ``--http-restricted-api``; ``/healthz`` and ``/readyz``
+stay open for orchestrators' probes, which carry no credentials, and so does the page, which holds no data (it
+has a field for the key and sends it with its own requests). The key is compared byte for byte with the header's
+value, both as UTF-8.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Any, Callable
+
+from ldm_serve.errors import ApiError, error_response, printable
+
+HEALTH_PATHS = ("/healthz", "/readyz")
+PAGE_PATH = "/"
+OPEN_PATHS = (PAGE_PATH, *HEALTH_PATHS)  # what needs no API key
+logger = logging.getLogger("uvicorn.error")
+
+
+class BodyLimitMiddleware:
+    """ASGI middleware: a request body over ``max_body_bytes`` gets 413 before the app reads any of it."""
+
+    def __init__(self, app: Any, max_body_bytes: int):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        too_large = ApiError(413, "body_too_large", f"the body is over {self.max_body_bytes} bytes; expected at most "
+                                                    f"{self.max_body_bytes}", "body")
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+            await error_response(too_large, scope["path"])(scope, receive, send)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                await error_response(too_large, scope["path"])(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class ApiKeyMiddleware:
+    """ASGI middleware: every route but the page and the health probes needs ``Authorization: Bearer <api_key>``,
+    else 401."""
+
+    def __init__(self, app: Any, api_key: str, on_refused: Callable[[], None] = lambda: None):
+        self.app = app
+        # The key's UTF-8 bytes (an environment variable's undecodable bytes come back as they were).
+        self.key = api_key.encode("utf-8", "surrogateescape")
+        self.on_refused = on_refused
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        values = [value for name, value in scope["headers"] if name == b"authorization"]
+        if len(values) == 1 and self._matches(values[0]):
+            await self.app(scope, receive, send)
+            return
+        self.on_refused()
+        given = "no API key" if not values else "a wrong API key"
+        refused = ApiError(401, "unauthorized", f"the request has {given}; expected the header Authorization: Bearer "
+                                                f"<key>", "authorization", {"WWW-Authenticate": "Bearer"})
+        await error_response(refused, scope["path"])(scope, receive, send)
+
+    def _matches(self, authorization: bytes) -> bool:
+        scheme, _, token = authorization.strip().partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(b" \t"), self.key)
+
+
+class ErrorSafetyMiddleware:
+    """ASGI middleware: an exception that escapes the app is logged with its traceback and answered with a JSON
+    500 on a connection that stays usable (Starlette's own handler re-raises it, and uvicorn then drops the
+    keep-alive connection without saying so). After the response has started nothing can be said: the
+    connection closes mid-response, which the client sees."""
+
+    def __init__(self, app: Any, on_error: Callable[[], None] = lambda: None):
+        self.app = app
+        self.on_error = on_error
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def send_and_note(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        except Exception:
+            logger.exception("ldm-serve: %s %s failed", scope["method"], printable(scope["path"]))
+            self.on_error()
+            if started:
+                raise
+            failed = ApiError(500, "internal", "the server failed on this request; expected a retry, and the "
+                                               "server log has the details")
+            await error_response(failed, scope["path"])(scope, receive, send)
