@@ -17,6 +17,7 @@ from typing import Callable
 
 from ldm_export.errors import ValidationFailedError
 from ldm_export.options import DEFAULT_BATCH_RANGE, ExportOptions
+from ldm_export.tensorrt_build import rebuild_plans
 from ldm_runtime.command_line import OneLineArgumentParser, report_user_error
 from ldm_runtime.errors import UserError
 
@@ -92,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
 
     # The heavy imports (torch, onnx, transformers) come after argument parsing: --help stays instant.
     from ldm_export.engine_dir import export_engine
-    from ldm_export.tensorrt_build import rebuild_plans
 
     try:
         if args.rebuild_plans is not None:

@@ -1,4 +1,4 @@
-"""The errors ``ldm-export`` reports to its user in one line (``UserError``s, like every command's)."""
+"""The errors ``ldm-export`` and ``ldm-import`` report in one line (``UserError``s, like every command's)."""
 
 from ldm_runtime.errors import UserError
 
@@ -9,3 +9,7 @@ class ExportError(UserError, ValueError):
 
 class ValidationFailedError(ExportError):
     """The exported graphs do not match the eager model within the limits; nothing was written to --out."""
+
+
+class ImportRefusedError(ExportError):
+    """A source ``ldm-import`` does not take (pickled, another kind of model, a tensor that does not fit)."""

@@ -11,15 +11,10 @@ keep fp32 behind Cast nodes.
 - With ``upcast_attention`` (Stable Diffusion 2.1), every attention from the scaled q and k to the product with
   v: its fp16 scores overflow on those weights and give black images.
 - The timestep embedding's sinusoid arguments (the ancestors of every Sin and Cos: t * frequency): fp16
-  holds 999 * 0.75 only to 0.5, so the high-frequency sines would be noise. Measured on the timesteps
-  0..999 (64-wide embedding, tests/ldm_export/test_fp16.py): fp16 arguments put it off by 2.3e-2 (relative
-  L2), the fp32 island by 1.6e-4 (the fp16 rounding of the result).
+  holds 999 * 0.75 only to 0.5, so the high-frequency sines would be noise (tests/ldm_export/test_fp16.py).
 
 The converter rounds every island's output to fp16 even where the next node is fp32 too (t * f -> Sin);
-those round trips are removed, or the island would be fp32 in name only. On the barely trained shapes
-checkpoint the norm and softmax islands change the UNet's fp16 error by less than its run-to-run spread
-(2.7e-3 without any island, 3.3e-3 with all, before the round trips were removed): they guard against
-the larger activations of trained weights, which these small checkpoints do not reach.
+those round trips are removed, or the island would be fp32 in name only.
 
 The VAE decoder may stay entirely fp32 (``decoder_needs_fp32``): SD-style decoders reach activations past the
 fp16 range on real images; the decision is measured on each checkpoint and recorded in the manifest.

@@ -16,9 +16,16 @@ oracle).
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 from typing import Any
+
+from ldm_export.errors import ImportRefusedError
+from ldm_export.imported_checkpoint import (canonical_clip, clip_shapes, clip_state_dict, fit_state_dict,
+                                            load_safetensors, write_checkpoint)
+from ldm_runtime.config import (AutoencoderConfig, ConfigError, DDIMConfig, ModelConfig, ScheduleConfig,
+                                TextEncoderConfig, UNetConfig)
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -128,12 +135,6 @@ def openclip_to_clip(tensors: dict[str, Any], layers: int) -> dict[str, Any]:
     return clip
 
 
-def canonical_clip(tensors: dict[str, Any]) -> dict[str, Any]:
-    """CLIPTextModel weights under the names transformers 5 gives them (no ``text_model.`` prefix, which
-    earlier versions wrote and SD 1.x files keep)."""
-    return {name.removeprefix("text_model."): tensor for name, tensor in tensors.items()}
-
-
 def clip_to_openclip(tensors: dict[str, Any]) -> dict[str, Any]:
     """CLIPTextModel weights -> OpenCLIP text-tower keys (the inverse of ``openclip_to_clip``)."""
     import torch
@@ -171,13 +172,10 @@ def _use_ema(tensors: dict[str, Any], unet: dict[str, Any]) -> bool:
 
 
 def infer_configs(unet: dict[str, Any], vae: dict[str, Any], text: dict[str, Any], openclip: bool,
-                  where: Path) -> tuple[Any, Any, Any]:
+                  where: Path) -> tuple[UNetConfig, AutoencoderConfig, TextEncoderConfig]:
     """(UNetConfig, AutoencoderConfig, TextEncoderConfig) read from the tensors' shapes and names, with Stable
     Diffusion's fixed choices for what shapes do not tell (32 norm groups, SD 1.x's 8 heads or SD 2.x's 64-wide
     ones, 64-wide CLIP heads, SD 2.x's fp32 attention)."""
-    from ldm_export.sd_import import ImportRefusedError
-    from ldm_runtime.config import AutoencoderConfig, TextEncoderConfig, UNetConfig
-
     try:
         model_channels = int(unet["input_blocks.0.0.weight"].shape[0])
         downsamplers = sorted(int(m[1]) for name in unet for m in [re.match(r"input_blocks\.(\d+)\.0\.op\.weight$", name)]
@@ -227,13 +225,7 @@ def infer_configs(unet: dict[str, Any], vae: dict[str, Any], text: dict[str, Any
 def import_single_file(path: Path, out: Path, tokenizer: Path | None, prediction_type: str | None,
                        image_size: int | None, clip_skip: int, log) -> Path:
     """Checkpoint dir ``out`` from the original-layout SD 1.x/2.x file ``path`` (see the module docstring)."""
-    import dataclasses
-
-    from ldm_export.sd_import import (ImportRefusedError, _clip_shapes, _load_safetensors, clip_state_dict,
-                                  fit_state_dict, write_checkpoint)
-    from ldm_runtime.config import ConfigError, DDIMConfig, ModelConfig, ScheduleConfig
-
-    tensors = _load_safetensors(path)
+    tensors = load_safetensors(path)
     unet = _strip(tensors, UNET_PREFIX)
     vae = _strip(tensors, VAE_PREFIX)
     openclip = any(name.startswith(OPENCLIP_PREFIX) for name in tensors)
@@ -283,7 +275,7 @@ def import_single_file(path: Path, out: Path, tokenizer: Path | None, prediction
         key = VAE_PREFIX + vae_original_key(name, len(autoencoder_cfg.channel_mult))
         if key in tensors:
             vae_weights[name] = tensors[key]
-    text_shapes = _clip_shapes(text_cfg)
+    text_shapes = clip_shapes(text_cfg)
     weights = {
         "unet": fit_state_dict(unet_model, unet_weights, "UNet", path),
         "autoencoder": fit_state_dict(autoencoder_model, vae_weights, "VAE", path),

@@ -23,6 +23,7 @@ import torch
 from ldm_export.onnx_export import GraphSpec, random_inputs, reference_kernels
 from ldm_runtime.checkpoint import CheckpointNetworks
 from ldm_runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
+from ldm_runtime.engines.torch_engine import TorchEngine
 from ldm_runtime.manifest import DimRange
 from ldm_runtime.pipeline import DEFAULT_STEPS, GenerationRequest, Pipeline
 
@@ -175,8 +176,6 @@ def check_sample(engine: OnnxRuntimeEngine, modules: CheckpointNetworks, precisi
     """The same guided 25-step requests through ``Pipeline`` on ``engine`` and on the eager torch engine over
     ``modules`` (the networks the export loaded: no second copy of the weights, which at SD 1.5's size would not
     fit beside the first and the new graphs' sessions on a 24 GiB machine)."""
-    from ldm_runtime.engines.torch_engine import TorchEngine
-
     count = max(1, min(len(SAMPLE_PROMPTS), engine.info.max_images))
     requests = [GenerationRequest(prompt=prompt, seed=seed + index, steps=SAMPLE_STEPS)
                 for index, prompt in enumerate(SAMPLE_PROMPTS[:count])]

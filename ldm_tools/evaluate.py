@@ -43,7 +43,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from ldm_runtime.command_line import OneLineArgumentParser, finite_float, report_user_error
-from ldm_runtime.engines import CHECKPOINT_MARKER, ENGINE_DIR_MARKER, ENGINE_NAMES
+from ldm_runtime.engines import CHECKPOINT_MARKER, ENGINE_DIR_MARKER, ENGINE_NAMES, load_engine
 from ldm_runtime.errors import RequestError, UserError
 from ldm_runtime.files import write_text_atomic
 from ldm_runtime.images import image_grid
@@ -279,7 +279,6 @@ def _load_classifier(folder: str):
 
 def evaluate(settings: EvalSettings) -> dict[str, Any]:
     """Run the whole evaluation and return the report (what ``--json`` receives)."""
-    from ldm_runtime.engines import load_engine
     from ldm_train.data.shapes import ShapesDataset
 
     settings.validate()

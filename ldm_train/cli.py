@@ -17,7 +17,7 @@ from ldm_runtime.checkpoint import TRAIN_STATE_JSON, CheckpointError
 from ldm_runtime.command_line import OneLineArgumentParser, check_writable_folder, finite_float, report_user_error
 from ldm_runtime.config import PRESETS, ConfigError
 from ldm_runtime.errors import UserError
-from ldm_train.classifier import ClassifierTrainSettings
+from ldm_train.classifier import ClassifierTrainSettings, train_classifier
 from ldm_train.run import AutoencoderSettings, UNetSettings
 
 PROG = "ldm-train"
@@ -131,7 +131,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _train_classifier(args: argparse.Namespace) -> int:
-    from ldm_train.classifier import train_classifier
     values = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(ClassifierTrainSettings)}}
     try:
         settings = ClassifierTrainSettings(**values)

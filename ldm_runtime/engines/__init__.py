@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from ldm_runtime.checkpoint import MODEL_JSON
+from ldm_runtime.engines import tensorrt_plans
 from ldm_runtime.engines.base import Engine, EngineInfo
 from ldm_runtime.errors import EngineDirError, EngineLoadError
-from ldm_runtime.manifest import MANIFEST_JSON
+from ldm_runtime.manifest import MANIFEST_JSON, check_tensorrt_plans, load_manifest
 
 ENGINE_NAMES = ("auto", "torch", "triton", "onnxruntime", "openvino", "tensorrt")
 ENGINE_DIR_ENGINES = ("onnxruntime", "openvino", "tensorrt")  # the engines that run an engine dir
@@ -64,9 +65,6 @@ def _existing_folder(path: str | Path) -> Path:
 def _tensorrt_runs(folder: Path, device: str) -> bool:
     """Whether the engine dir has TensorRT plans and this machine has TensorRT, torch and the GPU they were built
     for (torch and tensorrt are imported only when the plans are there and both are installed)."""
-    from ldm_runtime.engines import tensorrt_plans
-    from ldm_runtime.manifest import check_tensorrt_plans, load_manifest
-
     manifest = load_manifest(folder)
     if not (manifest.tensorrt or {}).get("plans"):
         return False

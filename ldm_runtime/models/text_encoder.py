@@ -73,6 +73,16 @@ def _installed_package_folder(name: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def clip_text_config(cfg: TextEncoderConfig):
+    """transformers' ``CLIPTextConfig`` of a kind "clip" text encoder's sizes."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                          intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_layers,
+                          num_attention_heads=cfg.num_heads, max_position_embeddings=cfg.max_length,
+                          hidden_act=cfg.hidden_act, layer_norm_eps=cfg.layer_norm_eps)
+
+
 class TextEncoder(nn.Module):
     """Prompts -> (B, max_length, hidden_size) float32 hidden states and a (B, max_length) bool token mask."""
 
@@ -94,7 +104,7 @@ class TextEncoder(nn.Module):
         if not tokenizer_folder.is_dir():
             raise ConfigError(f"tokenizer folder {str(tokenizer_folder)!r} does not exist; expected a folder")
         # transformers costs seconds to import: only runs that build a text encoder pay for it.
-        from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, CLIPTextConfig, CLIPTextModel
+        from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, CLIPTextModel
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_folder), local_files_only=True)
         if cfg.kind == "pretrained":
@@ -107,17 +117,7 @@ class TextEncoder(nn.Module):
             self.model.requires_grad_(False)
             self.model.eval()
         elif cfg.kind == "clip":
-            config = CLIPTextConfig(
-                vocab_size=cfg.vocab_size,
-                hidden_size=cfg.hidden_size,
-                intermediate_size=cfg.intermediate_size,
-                num_hidden_layers=cfg.num_layers,
-                num_attention_heads=cfg.num_heads,
-                max_position_embeddings=cfg.max_length,
-                hidden_act=cfg.hidden_act,
-                layer_norm_eps=cfg.layer_norm_eps,
-            )
-            self.model = CLIPTextModel(config)
+            self.model = CLIPTextModel(clip_text_config(cfg))
             self.model.requires_grad_(False)
             self.model.eval()
         else:

@@ -7,6 +7,7 @@ is loaded. torch and the training code are imported only in the child processes 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import platform
@@ -18,12 +19,18 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from tqdm import tqdm
+
 from ldm_runtime.checkpoint import load_model_config
 from ldm_runtime.command_line import OneLineArgumentParser, report_user_error
 from ldm_runtime.config import preset
+from ldm_runtime.engines import CHECKPOINT_MARKER, ENGINE_DIR_MARKER
 from ldm_runtime.engines.base import DEFAULT_MAX_BATCH_SIZE
 from ldm_runtime.errors import UserError
+from ldm_runtime.files import sha256_file
 from ldm_runtime.guidance import UNET_ROWS_PER_IMAGE, guided_images, guided_unet_rows
+from ldm_runtime.manifest import load_manifest
 from ldm_runtime.pipeline import DEFAULT_GUIDANCE_SCALE
 from ldm_tools.bench.diffusers_peers import PIPELINE_PEER, pipeline_refusal
 from ldm_tools.bench.report import (
@@ -34,8 +41,10 @@ from ldm_tools.bench.report import (
     write_json,
     write_plot,
 )
-from ldm_tools.bench.sources import PRESET_NAMES
-from ldm_tools.bench.workers import BASELINE, DEFAULT_PEERS, ENGINE_DIR_PEERS, PEERS, cpu_info, native_bf16_refusal
+from ldm_tools.bench.sources import (PRESET_NAMES, SourceError, export_onnxruntime_engine, run_in_child,
+                                     write_preset_checkpoint)
+from ldm_tools.bench.workers import (BASELINE, DEFAULT_PEERS, ENGINE_DIR_PEERS, PEERS, Worker, WorkerFailed, WorkerSpec,
+                                     cpu_info, native_bf16_refusal)
 
 PROG = "ldm-bench"
 TORCH_MAX_BATCH = guided_images(DEFAULT_MAX_BATCH_SIZE)  # images per request the torch engines take
@@ -196,8 +205,6 @@ def _check_batch_range(batch_sizes: list[int], low: int, high: int, what: str) -
 
 def _check_model_folder(folder: Path, checkpoint: str | None, engines: list[str]) -> dict[str, Any]:
     """Which kind of folder --model is, the checkpoint the torch peers read, and an engine dir's batch range."""
-    from ldm_runtime.engines import CHECKPOINT_MARKER, ENGINE_DIR_MARKER
-
     if not folder.is_dir():
         raise BenchError(f"--model {folder} does not exist or is not a folder; expected a checkpoint dir "
                          f"(ldm-train) or an engine dir (ldm-export)")
@@ -210,9 +217,6 @@ def _check_model_folder(folder: Path, checkpoint: str | None, engines: list[str]
     if not (folder / ENGINE_DIR_MARKER).is_file():
         raise BenchError(f"--model {folder} has neither {CHECKPOINT_MARKER} nor {ENGINE_DIR_MARKER}; expected a "
                          f"checkpoint dir (ldm-train) or an engine dir (ldm-export)")
-    from ldm_runtime.files import sha256_file
-    from ldm_runtime.manifest import load_manifest
-
     manifest = load_manifest(folder)
     source = manifest.raw.get("source", {})
     recorded = source.get("files", {})
@@ -252,8 +256,6 @@ def run(plan: dict[str, Any], args: argparse.Namespace, command: str) -> dict[st
 
 def _prepare_sources(plan: dict[str, Any], scratch: Path) -> dict[str, Any]:
     """The preset checkpoint and the onnxruntime engine dir, each made in a child process, when needed."""
-    from ldm_tools.bench.sources import SourceError, export_onnxruntime_engine, run_in_child, write_preset_checkpoint
-
     info: dict[str, Any] = {"name": plan["model_name"], "latent_size": plan["latent_size"],
                             "image_size": plan["image_size"], "random_weights": bool(plan["preset"])}
     try:
@@ -312,8 +314,6 @@ def _start_workers(plan: dict[str, Any], args: argparse.Namespace, workers: dict
     """One worker per engine, started one at a time (loads do not compete with each other), each making its
     first image; fills ``workers`` and ``entries``, returns each engine's UNet output for the check.
     A peer that cannot run is recorded as failed; the baseline that cannot run is ``BenchError``."""
-    from ldm_tools.bench.workers import Worker, WorkerFailed, WorkerSpec
-
     outputs = {}
     for name in plan["engines"]:
         entry = entries[name] = {"name": name, "status": "ok", "reason": None}
@@ -345,8 +345,6 @@ def _start_workers(plan: dict[str, Any], args: argparse.Namespace, workers: dict
 
 def _compare_unet_outputs(outputs: dict[str, Any], entries: dict[str, dict[str, Any]]) -> None:
     """Each engine's ``unet_relative_error``: ||output - eager|| / ||eager|| of the same UNet call."""
-    import numpy as np
-
     reference = outputs[BASELINE].astype(np.float64)
     for name, output in outputs.items():
         entries[name]["unet_relative_error"] = float(np.linalg.norm(output - reference) /
@@ -357,10 +355,6 @@ def _time_round_robin(plan: dict[str, Any], args: argparse.Namespace, workers: d
                       entries: dict[str, dict[str, Any]]) -> tuple[dict, dict]:
     """(step seconds, end-to-end seconds) per (engine, batch size): per batch size, a warm-up each, then
     ``--repeats`` rounds in which the engines take turns, starting one further along each round."""
-    from tqdm import tqdm
-
-    from ldm_tools.bench.workers import WorkerFailed
-
     step_seconds: dict[tuple[str, int], list[float]] = {}
     e2e_seconds: dict[tuple[str, int], list[float]] = {}
     total = len(plan["batch_sizes"]) * (1 + 2 * args.repeats) * len(workers)
@@ -398,8 +392,6 @@ def _time_round_robin(plan: dict[str, Any], args: argparse.Namespace, workers: d
 
 def _profile(plan: dict[str, Any], workers: dict[str, Any], entries: dict[str, dict[str, Any]]) -> None:
     """Each engine's operator profile of one step per batch size, into its entry's ``profile``."""
-    from ldm_tools.bench.workers import WorkerFailed
-
     for name in list(workers):
         for batch_size in plan["batch_sizes"]:
             try:
@@ -416,8 +408,6 @@ def _drop(workers: dict, entries: dict, name: str, batch_size: int, error: Excep
 
 
 def _missing_library(name: str) -> str | None:
-    import importlib.util
-
     library = {"diffusers": "diffusers", PIPELINE_PEER: "diffusers", "onnxruntime": "onnxruntime",
                "openvino": "openvino", "openvino-bf16": "openvino"}.get(name)
     if library and importlib.util.find_spec(library) is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ldm_export.diffusers_config import autoencoder_to_diffusers, schedule_to_diffusers, unet_to_diffusers
 from ldm_runtime.checkpoint import TOKENIZER_DIR
 from ldm_runtime.config import ModelConfig
 
@@ -33,21 +34,8 @@ def diffusers_unet_model(unet, sample_size: int = 8):
     import torch
     from diffusers import UNet2DConditionModel
 
-    config = unet.cfg
-    levels = len(config.channel_mult)
     with torch.device("meta"):
-        theirs = UNet2DConditionModel(
-            sample_size=sample_size, in_channels=config.in_channels, out_channels=config.out_channels,
-            block_out_channels=tuple(config.model_channels * mult for mult in config.channel_mult),
-            layers_per_block=config.num_res_blocks,
-            down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in config.attention_levels),
-            up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D"
-                                 for a in reversed(config.attention_levels)),
-            cross_attention_dim=config.context_dim,
-            attention_head_dim=tuple(config.heads(level) for level in range(levels)),
-            norm_num_groups=config.num_groups, transformer_layers_per_block=config.transformer_depth,
-            use_linear_projection=config.use_linear_projection, upcast_attention=config.upcast_attention,
-        )
+        theirs = UNet2DConditionModel(**unet_to_diffusers(unet.cfg, sample_size))
     theirs.load_state_dict(unet.state_dict(), strict=True, assign=True)  # shares the tensors: no second copy
     return theirs.eval().requires_grad_(False)
 
@@ -61,25 +49,11 @@ def stable_diffusion_pipeline(folder: Path, config: ModelConfig, unet, autoencod
 
     refusal = pipeline_refusal(config)
     assert refusal is None, refusal
-    vae_config = config.autoencoder
-    levels = len(vae_config.channel_mult)
     with torch.device("meta"):
-        vae = AutoencoderKL(
-            in_channels=vae_config.in_channels, out_channels=vae_config.in_channels,
-            down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
-            block_out_channels=tuple(vae_config.base_channels * mult for mult in vae_config.channel_mult),
-            layers_per_block=vae_config.num_res_blocks, latent_channels=vae_config.latent_channels,
-            norm_num_groups=vae_config.num_groups, sample_size=config.image_size,
-            scaling_factor=config.latent_scale_factor, mid_block_add_attention=vae_config.mid_attention,
-        )
+        vae = AutoencoderKL(**autoencoder_to_diffusers(config.autoencoder), sample_size=config.image_size,
+                            scaling_factor=config.latent_scale_factor)
     vae.load_state_dict(autoencoder.state_dict(), strict=True, assign=True)
-    schedule, sampler = config.schedule, config.sampler
-    scheduler = DDIMScheduler(
-        num_train_timesteps=schedule.num_train_timesteps, beta_start=schedule.beta_start, beta_end=schedule.beta_end,
-        beta_schedule=schedule.beta_schedule, prediction_type=schedule.prediction_type,
-        timestep_spacing=sampler.timestep_spacing, steps_offset=sampler.steps_offset,
-        set_alpha_to_one=sampler.set_alpha_to_one, clip_sample=sampler.clip_sample,
-        clip_sample_range=sampler.clip_sample_range)
+    scheduler = DDIMScheduler(**schedule_to_diffusers(config.schedule, config.sampler))
     tokenizer = AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR), local_files_only=True)
     pipe = StableDiffusionPipeline(
         vae=vae.eval().requires_grad_(False), text_encoder=text_encoder.model, tokenizer=tokenizer,

@@ -4,10 +4,14 @@ returned to the system before any engine is timed."""
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
+
+from ldm_runtime.config import preset
 
 PRESET_NAMES = ("shapes", "sd15")
 
@@ -48,9 +52,6 @@ def write_preset_checkpoint(name: str, latent_size: int, folder: str, seed: int 
     """A complete checkpoint dir with random weights for preset ``name`` at ``latent_size`` x ``latent_size``
     latents (the image size is that times the autoencoder's factor); returns its size in parameters.
     A text encoder trained "from scratch" (sd15's BERT) is written into it; a pretrained one is named."""
-    import dataclasses
-
-    from ldm_runtime.config import preset
     from ldm_train.checkpoint import write_random_checkpoint
 
     config = preset(name)
@@ -63,8 +64,6 @@ def export_onnxruntime_engine(checkpoint: str, out: str, max_unet_batch: int, im
     """Export ``checkpoint`` to an fp32 onnxruntime engine dir at ``out`` whose UNet takes 1 to
     ``max_unet_batch`` rows and whose image sizes cover both ``image_size`` and the model's own; returns the
     seconds it took. Validation is left to the benchmark (one UNet call compared with eager PyTorch)."""
-    import time
-
     from ldm_export.engine_dir import ExportOptions, export_engine
 
     started = time.perf_counter()

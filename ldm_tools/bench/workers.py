@@ -25,7 +25,11 @@ from typing import Any
 
 import numpy as np
 
-from ldm_tools.bench.diffusers_peers import PIPELINE_PEER
+from ldm_runtime.engines import load_engine
+from ldm_runtime.engines.openvino_engine import OpenVinoEngine
+from ldm_runtime.pipeline import GenerationRequest, Pipeline
+from ldm_tools.bench.diffusers_peers import (PIPELINE_PEER, diffusers_unet_model, pipeline_call_options,
+                                             stable_diffusion_pipeline)
 
 PEERS = ("torch", "torch.compile", "torch-bf16", "diffusers", "diffusers-pipeline", "onnxruntime", "openvino",
          "openvino-bf16", "triton")
@@ -131,15 +135,11 @@ class _EngineBench:
         self.spec = spec
         load_started = time.perf_counter()
         self.engine = build_engine(spec)
-        from ldm_runtime.pipeline import Pipeline
-
         self.pipeline = Pipeline(self.engine)
         self.load_s = time.perf_counter() - load_started
         self._states: dict[int, list] = {}
 
     def requests(self, batch_size: int) -> list:
-        from ldm_runtime.pipeline import GenerationRequest
-
         return [GenerationRequest(prompt=PROMPT, seed=index, steps=self.spec.steps,
                                   guidance_scale=self.spec.guidance_scale, height=self.spec.image_size,
                                   width=self.spec.image_size) for index in range(batch_size)]
@@ -252,8 +252,6 @@ class _PipelineBench(_EngineBench):
 
     def __init__(self, spec: WorkerSpec):
         super().__init__(spec)
-        from ldm_tools.bench.diffusers_peers import pipeline_call_options, stable_diffusion_pipeline
-
         load_started = time.perf_counter()
         engine = self.engine
         self.sd = stable_diffusion_pipeline(Path(spec.folder), engine.config, engine.unet_model, engine.autoencoder,
@@ -394,15 +392,11 @@ def build_engine(spec: WorkerSpec):
 
         return OnnxRuntimeEngine(spec.folder, intra_op_threads=spec.threads, device=spec.device)
     if spec.engine.startswith("openvino"):
-        from ldm_runtime.engines.openvino_engine import OpenVinoEngine
-
         return OpenVinoEngine(spec.folder, precision="bf16" if spec.engine == "openvino-bf16" else "fp32",
                               intra_op_threads=spec.threads, device=spec.device, cache_dir=None)
     import torch
 
     if spec.engine == "triton":
-        from ldm_runtime.engines import load_engine
-
         torch.set_num_threads(spec.threads)
         return load_engine(spec.folder, engine="triton", device=spec.device)  # fp16, CUDA graphs
 
@@ -468,8 +462,6 @@ def diffusers_unet(unet):
     """diffusers' UNet2DConditionModel with ``unet``'s configuration and its very weight tensors (the parameter
     names are the same), behind our UNet's call signature."""
     import torch
-
-    from ldm_tools.bench.diffusers_peers import diffusers_unet_model
 
     theirs = diffusers_unet_model(unet)
 

@@ -7,16 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ldm_runtime.errors import UserError
-
-
-class DataError(UserError, ValueError):
-    """A data set a user pointed at is unusable; the message is one sentence for the CLI."""
-
-
-# Imported after DataError: both modules raise it.
-from ldm_train.data.image_folder import ImageFolderDataset  # noqa: E402
-from ldm_train.data.shapes import ShapesDataset  # noqa: E402
+from ldm_train.data.errors import DataError
+from ldm_train.data.image_folder import ImageFolderDataset
+from ldm_train.data.shapes import ShapesDataset
 
 DEFAULT_SHAPES_LENGTH = 20_000
 MANIFEST_SUFFIXES = (".jsonl", ".csv")

@@ -23,7 +23,7 @@ import torch
 from PIL import Image, ImageOps
 from tqdm import tqdm
 
-from ldm_train.data import DataError
+from ldm_train.data.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FILE_KEYS = ("file", "image")

@@ -29,7 +29,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from ldm_train.data import DataError
+from ldm_train.data.errors import DataError
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "star")
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "cyan")

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from ldm_export.sd_import import ImportRefusedError, import_source, main
+from ldm_export.errors import ImportRefusedError
+from ldm_export.sd_import import import_source, main
 from ldm_runtime.noise import initial_noise
 from tests.conftest import base_seed
 from tests.ldm_export.tiny_sd import IMAGE_SIZE, LATENT_SIZE, PROMPTS, SD1_LIKE, SD2_LIKE, write_diffusers_folder

@@ -10,6 +10,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel, VQModel
 from transformers import AutoModel
 
 import ldm_kernels.dispatch
+from ldm_export.diffusers_config import autoencoder_to_diffusers, unet_to_diffusers
 from ldm_runtime.config import AutoencoderConfig, ConfigError, TextEncoderConfig, UNetConfig, preset
 from ldm_runtime.models import Autoencoder, TextEncoder, UNet, count_parameters, resolve_text_encoder_path
 from ldm_runtime.models.attention import Attention
@@ -28,37 +29,11 @@ def single_thread():
 
 
 def diffusers_unet(cfg: UNetConfig) -> UNet2DConditionModel:
-    return UNet2DConditionModel(
-        sample_size=8,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.out_channels,
-        block_out_channels=tuple(cfg.model_channels * mult for mult in cfg.channel_mult),
-        layers_per_block=cfg.num_res_blocks,
-        down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention_levels),
-        up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(cfg.attention_levels)),
-        cross_attention_dim=cfg.context_dim,
-        attention_head_dim=cfg.num_heads,
-        norm_num_groups=cfg.num_groups,
-        transformer_layers_per_block=cfg.transformer_depth,
-        use_linear_projection=cfg.use_linear_projection,
-    )
+    return UNet2DConditionModel(**unet_to_diffusers(cfg, sample_size=8))
 
 
 def diffusers_autoencoder(cfg: AutoencoderConfig) -> AutoencoderKL | VQModel:
-    common = dict(
-        in_channels=cfg.in_channels,
-        out_channels=cfg.in_channels,
-        down_block_types=("DownEncoderBlock2D",) * len(cfg.channel_mult),
-        up_block_types=("UpDecoderBlock2D",) * len(cfg.channel_mult),
-        block_out_channels=tuple(cfg.base_channels * mult for mult in cfg.channel_mult),
-        layers_per_block=cfg.num_res_blocks,
-        latent_channels=cfg.latent_channels,
-        norm_num_groups=cfg.num_groups,
-        mid_block_add_attention=cfg.mid_attention,
-    )
-    if cfg.kind == "vq":
-        return VQModel(num_vq_embeddings=cfg.codebook_size, vq_embed_dim=cfg.latent_channels, **common)
-    return AutoencoderKL(**common)
+    return (VQModel if cfg.kind == "vq" else AutoencoderKL)(**autoencoder_to_diffusers(cfg))
 
 
 def perturbed(model: torch.nn.Module, seed: int) -> torch.nn.Module:

@@ -9,7 +9,6 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-import ldm_runtime.engines
 import ldm_tools.evaluate
 from ldm_runtime.engines.base import EngineInfo
 from ldm_tools.evaluate import (
@@ -184,7 +183,7 @@ def stand_in_model(tmp_path, monkeypatch):
             return [self.real.render(self.by_caption[r.prompt])[0] for r in requests]
 
     monkeypatch.setattr(ldm_tools.evaluate, "Pipeline", Pipeline)
-    monkeypatch.setattr(ldm_runtime.engines, "load_engine", lambda folder, engine, device: FakeEngine(0.02))
+    monkeypatch.setattr(ldm_tools.evaluate, "load_engine", lambda folder, engine, device: FakeEngine(0.02))
     return model, calls
 
 
@@ -239,7 +238,7 @@ def test_bad_input_is_one_error_line_and_exit_2(case, stand_in_model, tmp_path, 
 def test_seeds_out_of_range_are_one_line_before_any_work(extra, message, stand_in_model, tmp_path, capsys,
                                                          monkeypatch):
     model, calls = stand_in_model
-    monkeypatch.setattr(ldm_runtime.engines, "load_engine", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(ldm_tools.evaluate, "load_engine", lambda *args, **kwargs: pytest.fail("the model was loaded"))
     assert main(["--model", str(model), "--json", str(tmp_path / "eval.json"), *extra]) == 2
     error = capsys.readouterr().err
     assert error.startswith(f"ldm-eval: error: {message}"), error

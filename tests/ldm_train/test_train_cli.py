@@ -226,7 +226,7 @@ def test_an_out_that_cannot_be_written_is_one_line_before_any_work(stage, case, 
 
     for module, name in ((ldm_train.train_autoencoder, "train_autoencoder"), (ldm_train.train_unet, "train_unet")):
         monkeypatch.setattr(module, name, lambda *args, **kwargs: pytest.fail("training started"))
-    monkeypatch.setattr("ldm_train.classifier.train_classifier", lambda *args, **kwargs: pytest.fail("training started"))
+    monkeypatch.setattr("ldm_train.cli.train_classifier", lambda *args, **kwargs: pytest.fail("training started"))
     out = unwritable_out(tmp_path, case)
     flags = {"autoencoder": AE_FLAGS, "unet": [*UNET_FLAGS, "--autoencoder", str(autoencoder_dir)],
              "classifier": []}[stage]
