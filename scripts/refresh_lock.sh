@@ -28,6 +28,7 @@ cd "$root"
     --constraint "$work/torch.txt" --custom-compile-command "./scripts/refresh_lock.sh" --quiet \
     --output-file "$work/lock.txt"
 mkdir -p "$(dirname "$lock")"
-mv "$work/lock.txt" "$lock"
+# the torch constraint's temporary path would change the lock on every refresh: name its variable instead
+sed "s|-c $work/torch.txt|-c LDM_LOCK_TORCH|" "$work/lock.txt" > "$lock"
 echo "refresh_lock: wrote $lock ($(grep -c '^[a-z0-9]' "$lock") packages, torch $torch_version);" \
     "run ./scripts/test.sh before committing it" >&2
