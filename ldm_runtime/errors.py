@@ -5,8 +5,7 @@ with exit status 2; any other exception is a bug and keeps its traceback. A mess
 names the bad value and says what was expected. The library's areas each have a subclass; the stages and
 commands add their own (``ldm_export.errors.ExportError``, ``ldm_train.data.DataError``, ``ldm-serve``'s ServeError...).
 
-The subclasses that were ``ValueError`` before there was a common base still are, so code that catches
-``ValueError`` around a library call keeps working.
+Some subclasses are also ``ValueError``, so code that catches ``ValueError`` around a library call catches them.
 """
 
 from __future__ import annotations

@@ -6,6 +6,6 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 export TRITON_INTERPRET="${TRITON_INTERPRET:-1}"
 # One thread per xdist worker: two workers on two cores, no oversubscription. Tests marked with one xdist_group
-# run on one worker (the Ray tests: one Ray instance at a time).
+# run on one worker (the Ray tests: one Ray instance at a time). The report ends with the 25 slowest tests.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec "$root/.venv/bin/python" -m pytest -n "${LDM_TEST_WORKERS:-2}" --dist loadgroup "$@"
+exec "$root/.venv/bin/python" -m pytest -n "${LDM_TEST_WORKERS:-2}" --dist loadgroup --durations=25 "$@"

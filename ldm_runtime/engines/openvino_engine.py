@@ -6,31 +6,18 @@ only when the engine is built. Engine arrays are host numpy float32 arrays, as f
 each call casts its inputs to the dtypes the manifest lists and returns float32.
 
 Shapes: a call of B rows is padded with copies of its last row up to the smallest batch bucket that holds it
-(the buckets are powers of two up to the engine dir's largest batch, and that batch itself), run, and cut back to
-B rows; a padding row never changes a real one, as every row of these graphs is computed on its own. Each graph is
-compiled on first use for the spatial size of the call and kept in memory, in one of two ways:
+(powers of two up to the engine dir's largest batch, and that batch itself), run, and cut back to B rows; a padding
+row never changes a real one. Each graph is compiled on first use for the spatial size of the call and kept:
+per bucket, for fixed shapes (``compile_per_bucket=True``: faster per call on small graphs, one copy of the
+re-laid-out weights per bucket), or once for every bucket with the batch axis a range (``False``: one copy of the
+weights; each bucket's first call prepares its kernels). By default (None) a graph is compiled per bucket unless
+its weights on disk exceed ``ONE_COMPILE_ABOVE_BYTES``.
 
-- per bucket (static shapes): fastest where a call is short: on the demo model's UNet a static compile runs a
-  call of 2 or 8 rows in 11 or 31 ms where one compiled for a range of batch sizes takes 20 or 43 ms; but every
-  compiled copy holds its own re-laid-out weights.
-- once for every bucket (the batch axis compiled as a range, 1 to the largest batch): one copy of the weights.
-  At Stable Diffusion's size that copy is 3.3 GiB, and the range costs no speed that a run can tell from its
-  spread: sd15's UNet at 16x16 latents, 2 and 16 rows, 1 and 2 threads, ran at 0.92-1.03x the static compile's
-  time per call. The first call at each new bucket prepares that shape's kernels (about 9 s more than a static
-  compile's first call at SD's size on 1 thread), which the compile cache does not keep.
-
-``compile_per_bucket`` chooses; by default (None) a graph is compiled per bucket unless its weights on disk
-exceed ``ONE_COMPILE_ABOVE_BYTES`` (SD 1.5's UNet is past it, and its text encoder in an fp32 engine dir; its
-VAE and the demo model's graphs are not).
-
-Compile cache: compiling the UNet for one bucket costs seconds on a small CPU, so by default OpenVINO keeps what
-it compiles in a cache folder (OpenVINO's ``CACHE_DIR``, keyed by the graph, the shapes and the settings) and a
-later process loads it instead: ``$LDM_COMPILE_CACHE`` if set (``off`` turns the cache off), else
-``$XDG_CACHE_HOME/ldm-runtime/openvino`` or ``~/.cache/ldm-runtime/openvino``. A folder that cannot be created
-only turns the cache off, with a warning. OpenVINO's cache is not safe for two processes writing the same entry at
-once (one fails with a filesystem error), so processes sharing a cache folder compile one at a time, under an
-exclusive lock on ``ldm-compile.lock`` in it (``flock``; where there is none, as on Windows, without one): a
-process that waited then loads what the first one wrote.
+Compile cache: OpenVINO keeps what it compiles (``CACHE_DIR``, keyed by the graph, the shapes and the settings) in
+``$LDM_COMPILE_CACHE`` if set (``off`` turns it off), else ``$XDG_CACHE_HOME/ldm-runtime/openvino`` or
+``~/.cache/ldm-runtime/openvino``; a folder that cannot be created turns the cache off with a warning. Processes
+sharing a cache folder compile one at a time under an exclusive ``flock`` on ``ldm-compile.lock`` in it (none
+where ``flock`` is missing), as OpenVINO's cache is not safe for two writers of one entry.
 
 Precision: "fp32" computes in float32 (OpenVINO's inference precision hint pinned to f32, since on a CPU with
 native bf16 its default would be bf16); "bf16" is offered only where OpenVINO reports native bf16 for the CPU
