@@ -19,7 +19,7 @@ from ldm_export.errors import ValidationFailedError
 from ldm_export.options import DEFAULT_BATCH_RANGE, ExportOptions
 from ldm_export.tensorrt_build import rebuild_plans
 from ldm_runtime.command_line import OneLineArgumentParser, report_user_error
-from ldm_runtime.errors import UserError
+from ldm_runtime.errors import DiskFullError, UserError
 
 PROG = "ldm-export"
 
@@ -109,6 +109,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1  # the export ran and the model failed its checks: not a usage error
     except UserError as error:
         return report_user_error(PROG, error)
+    except OSError as error:  # a full disk is one line; any other OSError is a bug and keeps its traceback
+        outcome = ("free space and run --rebuild-plans again" if args.rebuild_plans is not None
+                   else f"{args.out} is as it was: free space and export again")
+        full = DiskFullError.from_os_error(error, args.out or args.rebuild_plans, outcome)
+        if full is None:
+            raise
+        return report_user_error(PROG, full)
     except KeyboardInterrupt:
         _log(f"interrupted; nothing was written to {args.out or args.rebuild_plans}")
         return 130

@@ -10,6 +10,9 @@ Some subclasses are also ``ValueError``, so code that catches ``ValueError`` aro
 
 from __future__ import annotations
 
+import errno
+import os
+
 
 class UserError(Exception):
     """Something the user can fix: a flag, a file or folder, a request. The message is one sentence."""
@@ -25,6 +28,20 @@ class ConfigError(UserError, ValueError):
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint dir or file a user pointed at is missing, unreadable, or not what was expected."""
+
+
+class DiskFullError(UserError):
+    """Writing a folder the user named ran out of space (ENOSPC) or of disk quota (EDQUOT)."""
+
+    ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+    @classmethod
+    def from_os_error(cls, error: OSError, folder: object, outcome: str) -> DiskFullError | None:
+        """``error`` as one sentence, "no space left on device writing FOLDER (OUTCOME)", when it is a full disk or
+        quota; None for any other OSError, which stays a bug with its traceback."""
+        if error.errno not in cls.ERRNOS:
+            return None
+        return cls(f"{os.strerror(error.errno).lower()} writing {folder} ({outcome})")
 
 
 class EngineDirError(UserError, ValueError):

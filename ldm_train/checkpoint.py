@@ -1,15 +1,19 @@
-"""Writing checkpoint dirs (the layout and the readers are ``ldm_runtime.checkpoint``), so that a crash never
-leaves a torn one, and reading back what only ``--resume`` needs.
+"""Writing checkpoint dirs (the layout and the readers are ``ldm_runtime.checkpoint``), so that a crash or a full
+disk never costs the last complete one, and reading back what only ``--resume`` needs.
 
-Every file is written to a temporary name and renamed into place; ``train_state.json`` goes last and
-lists the sha256 of the others, so a resume can tell a complete checkpoint from one cut short.
+A save writes a whole new folder beside the checkpoint dir (``train_state.json`` last, with the sha256 of every
+other file), syncs it, and swaps it in with one rename (``ldm_train.folder_swap``). Until that rename the old
+folder is untouched; a save that fails removes its folder, and the next save removes one a killed save left.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -30,13 +34,25 @@ from ldm_runtime.checkpoint import (
 )
 from ldm_runtime.config import ModelConfig
 from ldm_runtime.files import sha256_file, write_atomic, write_text_atomic
-from ldm_runtime.staging import temporary_folder
+from ldm_runtime.staging import PARTIAL, REPLACED, temporary_folder
+from ldm_train.folder_swap import fsync_path, replace_folder, restore_replaced
 
 
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """safetensors needs contiguous, unshared storage: clone what it would refuse."""
+    """safetensors needs contiguous, unshared storage: clone what it would refuse. A write that fails in the
+    operating system (a full disk) raises that ``OSError``, not safetensors' own error."""
     ready = {name: tensor.detach().contiguous().cpu().clone() for name, tensor in tensors.items()}
-    write_atomic(path, lambda tmp: save_file(ready, str(tmp), metadata=metadata))
+
+    def write(temporary: Path) -> None:
+        try:
+            save_file(ready, str(temporary), metadata=metadata)
+        except SafetensorError as error:
+            code = re.search(r"\(os error (\d+)\)", str(error))
+            if code is None:
+                raise
+            raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from error
+
+    write_atomic(path, write)
 
 
 @dataclass(frozen=True)
@@ -60,29 +76,85 @@ def save_checkpoint(
     save_tokenizer: Callable[[Path], None] | None = None,
     text_encoder_folder: Path | None = None,
 ) -> None:
-    """Write a complete checkpoint. ``weights`` maps a file stem ("unet") to its state dict; a pretrained text
-    encoder's ``text_encoder_folder`` is copied in as ``text_encoder/`` (once), so the dir is self-contained."""
-    folder.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(folder / MODEL_JSON, config.to_json())
-    for stem, state in weights.items():
-        save_tensors_atomic(folder / f"{stem}.safetensors", state)
-    # The step also goes into the tensors' header, whose sha256 train_state.json records: an edited step is caught.
-    save_tensors_atomic(folder / TRAIN_STATE_TENSORS, train_tensors, metadata={"stage": stage, "step": str(step)})
-    if save_tokenizer is not None and not (folder / TOKENIZER_DIR).is_dir():
-        with temporary_folder(folder / TOKENIZER_DIR) as staging:
-            save_tokenizer(staging)
-            os.replace(staging, folder / TOKENIZER_DIR)
-    if text_encoder_folder is not None and not (folder / TEXT_ENCODER_DIR).is_dir():
-        with temporary_folder(folder / TEXT_ENCODER_DIR) as staging:
-            shutil.copytree(text_encoder_folder, staging, dirs_exist_ok=True)
-            os.replace(staging, folder / TEXT_ENCODER_DIR)
-    names = [MODEL_JSON, TRAIN_STATE_TENSORS, *(f"{stem}.safetensors" for stem in weights),
-             *folder_files(folder, TOKENIZER_DIR), *folder_files(folder, TEXT_ENCODER_DIR)]
-    write_train_state(folder, names, stage, step, settings)
+    """Write a complete checkpoint at ``folder``, replacing the one there in one step. ``weights`` maps a file stem
+    ("unet") to its state dict; a pretrained text encoder's ``text_encoder_folder`` is copied in as
+    ``text_encoder/`` (once), so the dir is self-contained. Every other entry of the old folder (metrics.jsonl,
+    samples/, tokenizer/ and text_encoder/ once written) is carried over as a hard link."""
+    target = Path(os.path.realpath(folder))  # an --out that is a symlink keeps naming the checkpoint
+    with temporary_folder(target) as staging:
+        _copy_mode(target, staging)
+        write_text_atomic(staging / MODEL_JSON, config.to_json())
+        for stem, state in weights.items():
+            save_tensors_atomic(staging / f"{stem}.safetensors", state)
+        # The step also goes into the tensors' header, whose sha256 train_state.json records: an edited step is caught.
+        save_tensors_atomic(staging / TRAIN_STATE_TENSORS, train_tensors, metadata={"stage": stage, "step": str(step)})
+        if save_tokenizer is not None and not (target / TOKENIZER_DIR).is_dir():
+            save_tokenizer(staging / TOKENIZER_DIR)
+        if text_encoder_folder is not None and not (target / TEXT_ENCODER_DIR).is_dir():
+            shutil.copytree(text_encoder_folder, staging / TEXT_ENCODER_DIR)
+        _carry_over(target, staging, skip={TRAIN_STATE_JSON})  # written next: a link would share the old one's bytes
+        names = [MODEL_JSON, TRAIN_STATE_TENSORS, *(f"{stem}.safetensors" for stem in weights),
+                 *folder_files(staging, TOKENIZER_DIR), *folder_files(staging, TEXT_ENCODER_DIR)]
+        write_train_state(staging, names, stage, step, settings)
+        _sync_tree(staging)
+        replace_folder(staging, target)
+
+
+def _copy_mode(target: Path, staging: Path) -> None:
+    """mkdtemp made ``staging`` private: give it the old folder's permissions, or the umask's for a new one."""
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o777 & ~umask
+    os.chmod(staging, mode)
+
+
+def _carry_over(old: Path, new: Path, skip: set[str]) -> None:
+    """Hard-link into ``new`` every entry of ``old`` that ``new`` lacks, except ``skip`` and the temporary folders
+    of killed writers."""
+    if not old.is_dir():
+        return
+    for entry in sorted(os.listdir(old)):
+        source, destination = old / entry, new / entry
+        temporary = entry.startswith(".") and any(f".{kind}-" in entry for kind in (PARTIAL, REPLACED))
+        if entry in skip or temporary or os.path.lexists(destination):
+            continue
+        if source.is_dir() and not source.is_symlink():
+            shutil.copytree(source, destination, symlinks=True, copy_function=_link_or_copy)
+        elif source.is_symlink():
+            os.symlink(os.readlink(source), destination)
+        else:
+            _link_or_copy(source, destination)
+
+
+# A file system that cannot hard-link this file gets a copy instead; any other error (ENOSPC) stops the save.
+_NO_HARD_LINK = (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
+def _link_or_copy(source: str | Path, destination: str | Path) -> None:
+    try:
+        os.link(source, destination)
+    except OSError as error:
+        if error.errno not in _NO_HARD_LINK:
+            raise
+        shutil.copy2(source, destination)
+
+
+def _sync_tree(folder: Path) -> None:
+    """Every file and folder under ``folder`` on the device, before a rename makes it the checkpoint."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                fsync_path(Path(root, name))
+        fsync_path(Path(root))
 
 
 def load_train_state(folder: Path, stage: str) -> TrainState:
-    """The train state of a checkpoint to resume; CheckpointError if it is absent, of another stage, or torn."""
+    """The train state of a checkpoint to resume (put back first if a save was killed mid-swap); CheckpointError if
+    it is absent, of another stage, or torn."""
+    restore_replaced(folder)
     path = folder / TRAIN_STATE_JSON
     if not path.is_file():
         raise CheckpointError(f"cannot resume from {folder}: it has no {TRAIN_STATE_JSON} (not written by ldm-train?)")

@@ -16,8 +16,9 @@ from pathlib import Path
 from ldm_runtime.checkpoint import TRAIN_STATE_JSON, CheckpointError
 from ldm_runtime.command_line import OneLineArgumentParser, check_writable_folder, finite_float, report_user_error
 from ldm_runtime.config import PRESETS, ConfigError
-from ldm_runtime.errors import UserError
+from ldm_runtime.errors import DiskFullError, UserError
 from ldm_train.classifier import ClassifierTrainSettings, train_classifier
+from ldm_train.folder_swap import restore_replaced
 from ldm_train.run import AutoencoderSettings, UNetSettings
 
 PROG = "ldm-train"
@@ -122,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             out = train_unet(settings, resume=args.resume)
     except UserError as error:
         return report_user_error(PROG, error)
+    except OSError as error:
+        return _report_full_disk(error, Path(args.out), _what_is_left(Path(args.out)))
     except KeyboardInterrupt:
         print(f"ldm-train: interrupted; the last checkpoint in {args.out} is intact (continue with --resume)",
               file=sys.stderr)
@@ -139,13 +142,30 @@ def _train_classifier(args: argparse.Namespace) -> int:
         out = train_classifier(settings)
     except UserError as error:
         return report_user_error(PROG, error)
+    except OSError as error:
+        return _report_full_disk(error, Path(args.out), "free space and train it again")
     print(f"ldm-train: wrote {out}", file=sys.stderr)
     return 0
+
+
+def _report_full_disk(error: OSError, out: Path, outcome: str) -> int:
+    """A full disk or quota is one line; any other OSError is a bug and keeps its traceback."""
+    full = DiskFullError.from_os_error(error, out, outcome)
+    if full is None:
+        raise error
+    return report_user_error(PROG, full)
+
+
+def _what_is_left(out: Path) -> str:
+    if (out / TRAIN_STATE_JSON).is_file():
+        return "its last complete checkpoint is intact: free space, then continue with --resume"
+    return "no checkpoint was written: free space and start again"
 
 
 def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; pass one")
+    restore_replaced(out)  # a save killed mid-swap (where renames cannot exchange) left the last checkpoint aside
     check_writable_folder("--out", out)
     if resume and not (out / TRAIN_STATE_JSON).is_file():
         raise CheckpointError(f"cannot resume: --out {out} holds no checkpoint ({TRAIN_STATE_JSON} is missing)")
