@@ -8,6 +8,7 @@
 - ``request_schema``: a request's body, its schema under the server's limits and its parse
 - ``errors``: ``ApiError`` and the JSON error answers, ours and OpenAI's
 - ``middleware``: the body limit, the API key, and the last-resort JSON 500
+- ``browser``: what other web pages may do: the Host allow-list, CORS, the security headers
 - ``metrics``: the Prometheus metrics
 - ``batcher``: the queue and the worker thread that batches requests at step boundaries
 - ``protocol``: uvicorn's HTTP/1.1 connection with read timeouts

@@ -3,8 +3,9 @@
 Routes: ``POST /v1/images`` (text to image), ``POST /v1/images/generations`` (the same in the OpenAI images
 API's shapes, so that OpenAI's clients work unchanged), ``GET /`` (a page to try it, ``page.html``),
 ``GET /healthz`` (the process answers), ``GET /readyz`` (engine warmed up and not draining), ``GET /metrics``
-(Prometheus text format), ``GET /openapi.json`` and ``/docs``. The schema says what the server does: each request
-body exactly as the server validates it, every answer a route can give, and the API key where one is required.
+(Prometheus text format), ``GET /openapi.json`` and ``/docs`` (Swagger UI). The schema says what the server does:
+each request body exactly as the server validates it, every answer a route can give, and the API key where one is
+required. What a browser may do with the server (Host names, CORS, security headers) is ``ldm_serve.browser``'s.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel
 
 from ldm_runtime.pipeline import Pipeline
 from ldm_serve.batcher import Batcher
+from ldm_serve.browser import (LOOPBACK_HOSTS, HostCheckMiddleware, JsonCorsMiddleware, SecurityHeadersMiddleware,
+                               cors_options, page_policy)
 from ldm_serve.errors import ERROR_CONTENT, ERROR_SCHEMA, OPENAI_ERROR_CONTENT, OPENAI_IMAGES_PATH, add_error_handlers
 from ldm_serve.metrics import ServeMetrics
 from ldm_serve.middleware import HEALTH_PATHS, PAGE_PATH, ApiKeyMiddleware, BodyLimitMiddleware, ErrorSafetyMiddleware
@@ -28,8 +32,10 @@ from ldm_serve.routes import ImagesRoute, add_status_routes
 
 
 def create_app(pipeline: Pipeline, batcher: Batcher, limits: ServeLimits, metrics: ServeMetrics,
-               api_key: str | None = None, model_name: str = "model") -> FastAPI:
-    """The FastAPI app over a started-or-not ``batcher``: the lifespan starts its worker and stops it at exit."""
+               api_key: str | None = None, model_name: str = "model",
+               allowed_hosts: tuple[str, ...] | None = LOOPBACK_HOSTS, cors_origins: tuple[str, ...] = ()) -> FastAPI:
+    """The FastAPI app over a started-or-not ``batcher``: the lifespan starts its worker and stops it at exit. It
+    answers the Host names ``allowed_hosts`` (None: any) and shares its answers with ``cors_origins``."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -38,13 +44,18 @@ def create_app(pipeline: Pipeline, batcher: Batcher, limits: ServeLimits, metric
         batcher.drain()
         await asyncio.to_thread(batcher.stop)
 
-    app = FastAPI(title="ldm-serve", version="1", lifespan=lifespan,
+    app = FastAPI(title="ldm-serve", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description=f"Text-to-image with a latent diffusion model ({model_name}); "
                               f"{batcher.config.mode} batching of up to {batcher.config.max_batch} images.")
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=limits.max_body_bytes)
     if api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key, on_refused=metrics.requests.labels("unauthorized").inc)
+    if cors_origins:
+        app.add_middleware(JsonCorsMiddleware, **cors_options(cors_origins))
+    if allowed_hosts is not None:
+        app.add_middleware(HostCheckMiddleware, allowed_hosts=allowed_hosts, open_paths=HEALTH_PATHS)
     app.add_middleware(ErrorSafetyMiddleware, on_error=metrics.requests.labels("error").inc)
+    app.add_middleware(SecurityHeadersMiddleware)
     add_error_handlers(app)
     route = ImagesRoute(pipeline, batcher, limits, metrics)
     app.post("/v1/images", summary="Generate images from a prompt",
@@ -53,16 +64,29 @@ def create_app(pipeline: Pipeline, batcher: Batcher, limits: ServeLimits, metric
              openapi_extra=openai_images_openapi(route.openai_model, limits))(route.create_openai_images)
     add_status_routes(app, batcher, metrics)
     page = resources.files("ldm_serve").joinpath("page.html").read_text(encoding="utf-8")
+    page_headers = {"Content-Security-Policy": page_policy(page)}
 
     @app.get(PAGE_PATH, include_in_schema=False)
     async def try_it_page() -> Response:
-        return HTMLResponse(page)
+        return HTMLResponse(page, headers=page_headers)
+
+    docs = get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} - Swagger UI").body.decode()
+    docs_headers = {"Content-Security-Policy": page_policy(docs, SWAGGER_UI_SOURCES)}
+
+    @app.get(DOCS_PATH, include_in_schema=False)
+    async def swagger_ui() -> Response:
+        return HTMLResponse(docs, headers=docs_headers)
 
     exact_openapi(app, {"/v1/images": route.model.model_json_schema(),
                         OPENAI_IMAGES_PATH: route.openai_model.model_json_schema()}, bearer=api_key is not None)
     return app
 
 
+DOCS_PATH = "/docs"
+# FastAPI's Swagger UI page loads its script, style and icon from these hosts; its style uses inline attributes
+SWAGGER_UI_SOURCES = {"script-src": "https://cdn.jsdelivr.net",
+                      "style-src": "https://cdn.jsdelivr.net 'unsafe-inline'",
+                      "img-src": "https://cdn.jsdelivr.net https://fastapi.tiangolo.com"}
 ANSWER_SCHEMA = {"type": "object", "properties": {
     "images": {"type": "array", "items": {"type": "string", "contentEncoding": "base64",
                                           "contentMediaType": "image/png"}},
@@ -82,11 +106,12 @@ def images_openapi(model: type[BaseModel], limits: ServeLimits) -> dict[str, Any
                                    "accepts image/png and not JSON (seed in X-Seed, timings in Server-Timing)",
                     "content": {"application/json": {"schema": ANSWER_SCHEMA},
                                 "image/png": {"schema": {"type": "string", "format": "binary"}}}},
-            "400": {"description": "Malformed JSON", "content": ERROR_CONTENT},
+            "400": {"description": "Malformed JSON, or a Host header the server does not answer",
+                    "content": ERROR_CONTENT},
             "401": {"description": "Missing or wrong API key", "content": ERROR_CONTENT},
             "406": {"description": "image/png only, for more than one image", "content": ERROR_CONTENT},
             "413": {"description": f"Body over {limits.max_body_bytes} bytes", "content": ERROR_CONTENT},
-            "415": {"description": "Body not JSON", "content": ERROR_CONTENT},
+            "415": {"description": "No Content-Type: application/json", "content": ERROR_CONTENT},
             "422": {"description": "A field is invalid (named in error.field)", "content": ERROR_CONTENT},
             "429": {"description": "Queue full; see Retry-After", "content": ERROR_CONTENT},
             "503": {"description": "Warming up, draining, or timed out; see Retry-After", "content": ERROR_CONTENT},
@@ -110,11 +135,12 @@ def openai_images_openapi(model: type[BaseModel], limits: ServeLimits) -> dict[s
         "responses": {
             "200": {"description": "The images as base64 PNGs, each with its seed; the size and the timings",
                     "content": {"application/json": {"schema": OPENAI_ANSWER_SCHEMA}}},
-            "400": {"description": "Malformed JSON, or a field is invalid (named in error.param)",
+            "400": {"description": "Malformed JSON, a Host header the server does not answer, or a field is invalid "
+                                   "(named in error.param)",
                     "content": OPENAI_ERROR_CONTENT},
             "401": {"description": "Missing or wrong API key", "content": OPENAI_ERROR_CONTENT},
             "413": {"description": f"Body over {limits.max_body_bytes} bytes", "content": OPENAI_ERROR_CONTENT},
-            "415": {"description": "Body not JSON", "content": OPENAI_ERROR_CONTENT},
+            "415": {"description": "No Content-Type: application/json", "content": OPENAI_ERROR_CONTENT},
             "429": {"description": "Queue full; see Retry-After", "content": OPENAI_ERROR_CONTENT},
             "503": {"description": "Warming up, draining, or timed out; see Retry-After",
                     "content": OPENAI_ERROR_CONTENT},

@@ -1,7 +1,8 @@
 """``ldm-serve``: text-to-image over HTTP from one model folder, with step-level batching.
 
     ldm-serve --model runs/engine --port 8000
-    curl -s localhost:8000/v1/images -H 'Accept: image/png' -d '{"prompt": "a red circle", "seed": 7}' -o out.png
+    curl -s localhost:8000/v1/images -H 'Content-Type: application/json' -H 'Accept: image/png' \
+        -d '{"prompt": "a red circle", "seed": 7}' -o out.png
 
 ``http://localhost:8000/`` is a page to try it in a browser; ``/v1/images/generations`` speaks the OpenAI images
 API, so that OpenAI's clients work with ``base_url="http://localhost:8000/v1"``.
@@ -14,8 +15,9 @@ process exits 0; whatever is left when ``--drain-timeout`` runs out gets 503 the
 within the drain time whatever clients do. A request's header and body must arrive within
 ``--header-timeout`` and ``--body-timeout`` (``ldm_serve.protocol``), else 408 and the connection closes.
 An API key is required when ``--api-key-file`` is given or ``LDM_SERVE_API_KEY`` is set: then every route
-but the page, ``/healthz`` and ``/readyz`` needs it (``ldm_serve.middleware``). The server itself is
-``ldm_serve.server``; this module is its command line.
+but the page, ``/healthz`` and ``/readyz`` needs it (``ldm_serve.middleware``). Only the Host names of loopback,
+``--host`` and ``--allowed-hosts`` are answered, and only ``--cors-origin`` pages may read the answers
+(``ldm_serve.browser``). The server itself is ``ldm_serve.server``; this module is its command line.
 
 ``--replicas N`` (or ``--min-replicas``/``--max-replicas``, autoscaled) runs the same app in Ray Serve replicas
 behind Ray Serve's HTTP proxy instead, on a local Ray instance or the cluster at ``--ray-address``
@@ -88,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{API_KEY_ENV}), on every route but the page /, /healthz and /readyz: /v1/images, "
                              f"/v1/images/generations, /metrics, /openapi.json and /docs (the page has a field for "
                              f"the key)")
+    parser.add_argument("--allowed-hosts", action="append", metavar="NAME",
+                        help="a Host name the server answers besides loopback's and --host's, against DNS "
+                             "rebinding (repeatable; * answers any); another Host gets 400")
+    parser.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                        help="an origin (such as https://example.com) whose pages may read the server's answers "
+                             "(repeatable; default: none, so no other site's page can)")
     parser.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
                         help="auto picks torch for a checkpoint dir and, for an engine dir, tensorrt where it holds "
                              "TensorRT plans built for this GPU, openvino on the CPU where it is installed, else "

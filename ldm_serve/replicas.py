@@ -47,6 +47,7 @@ from ray import serve
 from ray.serve.config import BackpressureConfig
 from starlette.middleware import Middleware
 
+from ldm_serve.browser import SECURITY_HEADERS
 from ldm_serve.errors import ApiError, error_body, error_status
 from ldm_serve.routes import readiness
 from ldm_serve.server import LISTENING_LINE, ServeError, build_app
@@ -161,7 +162,7 @@ async def _send_unavailable(send, path: str) -> None:
     body = error_body(error, path)
     await send({"type": "http.response.start", "status": error_status(error, path),
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"retry-after", str(FAILURE_RETRY_AFTER_S).encode())]})
+                            (b"retry-after", str(FAILURE_RETRY_AFTER_S).encode()), *SECURITY_HEADERS]})
     await send({"type": "http.response.body", "body": body})
 
 

@@ -22,6 +22,7 @@ from ldm_serve.errors import ApiError, printable, shortened, shown_value
 
 MAX_GUIDANCE_SCALE = 100.0
 DEFAULT_PROMPT_CHARS = 1000
+MAX_OPENAI_NAME_CHARS = 256  # OpenAI's limit on model and user
 MAX_NESTING = 16  # arrays or objects in a field's value: a valid request has none; past this, only the depth is shown
 # Characters that do not make a prompt: Python's str.isspace() and ECMA-262's \s together, spelled out so that the
 # schema's "pattern" (ECMA-262) and the server (Python re) mean the same characters.
@@ -114,9 +115,9 @@ def openai_request_model(limits: ServeLimits) -> type[BaseModel]:
                                                                              'images as base64 PNGs in the answer. '
                                                                              'The server keeps no images, so it '
                                                                              'cannot answer with a "url".')),
-        model=(str | None, Field(None, max_length=256, description="Taken and not used: the server serves one "
-                                                                   "model.")),
-        user=(str | None, Field(None, max_length=256, description="Taken and not used.")),
+        model=(str | None, Field(None, max_length=MAX_OPENAI_NAME_CHARS, description="Taken and not used: the "
+                                                                                 "server serves one model.")),
+        user=(str | None, Field(None, max_length=MAX_OPENAI_NAME_CHARS, description="Taken and not used.")),
         **{name: (ours[name].annotation, ours[name]) for name in ("negative_prompt", "steps", "guidance_scale",
                                                                   "eta", "seed")},
     )
@@ -138,8 +139,8 @@ def expected_text(field: str, limits: ServeLimits) -> str:
         "size": f'"WxH" with each side a multiple of {limits.size_multiple} from {limits.min_size} to '
                 f'{limits.max_size} (such as "{limits.default_size}x{limits.default_size}"), or null',
         "response_format": '"b64_json" or null (the server keeps no images, so it cannot answer with a "url")',
-        "model": "a string of at most 256 characters, or null (the server serves one model)",
-        "user": "a string of at most 256 characters, or null",
+        "model": f"a string of at most {MAX_OPENAI_NAME_CHARS} characters, or null (the server serves one model)",
+        "user": f"a string of at most {MAX_OPENAI_NAME_CHARS} characters, or null",
     }.get(field, "")
 
 
@@ -159,7 +160,7 @@ def validation_error(error: ValidationError, body: Any, limits: ServeLimits, mod
     value = first.get("input")
     if first["type"] == "string_too_long" and isinstance(value, str):
         return ApiError(422, "invalid_request", f"{field} has {len(value)} characters; expected at most "
-                                                f"{limits.max_prompt_chars}", field)
+                                                f"{first['ctx']['max_length']}", field)
     return ApiError(422, "invalid_request", f"{field} is {shown_value(value)}; expected {expected_text(field, limits)}",
                     field)
 
@@ -201,11 +202,13 @@ def _nesting(value: Any) -> int:
 
 
 def parse_body(raw: bytes, content_type: str, limits: ServeLimits, model: type[BaseModel]) -> BaseModel:
-    """The request body as a validated model; ``ApiError`` naming the field otherwise, whatever the bytes."""
+    """The request body as a validated model; ``ApiError`` naming the field otherwise, whatever the bytes (415
+    unless ``content_type`` is JSON)."""
     media_type = content_type.split(";")[0].strip().lower()
-    if media_type and media_type != "application/json" and not media_type.endswith("+json"):
-        raise ApiError(415, "unsupported_media_type",
-                       f"content type {shown_value(media_type)} is not supported; expected application/json",
+    # a page of another site can send a body without a Content-Type or as text/plain with no CORS preflight
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        given = f"content type {shown_value(media_type)}" if media_type else "a body without a Content-Type"
+        raise ApiError(415, "unsupported_media_type", f"{given} is not supported; expected application/json",
                        "content-type")
     try:
         text = raw.decode("utf-8")

@@ -18,6 +18,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -31,6 +32,7 @@ from ldm_runtime.errors import UserError
 from ldm_runtime.pipeline import Pipeline
 from ldm_serve.app import create_app
 from ldm_serve.batcher import Batcher, BatcherConfig, StepGate
+from ldm_serve.browser import ANY_HOST, LOOPBACK_HOSTS
 from ldm_serve.metrics import ServeMetrics
 from ldm_serve.protocol import GuardedH11Protocol
 from ldm_serve.request_schema import ServeLimits, largest_request_bytes
@@ -39,12 +41,15 @@ from ldm_serve.text_cache import TextEncodingCache
 PROG = "ldm-serve"
 API_KEY_ENV = "LDM_SERVE_API_KEY"
 STEP_GATE_ENV = "LDM_SERVE_STEP_GATE"
-LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 LISTENING_LINE = f"{PROG}: serving"  # the start of the line that says the server listens (and where)
 HEADER_TIMEOUT_S = 20.0  # Apache httpd's mod_reqtimeout starts from 20 s for the header and for the body
 BODY_TIMEOUT_S = 20.0
 DRAIN_TIMEOUT_S = 30.0  # Triton Inference Server's --exit-timeout-secs
 ABORT_GRACE_S = 1.0  # after the drain time: for the 503s to go out before connections are cut
+WILDCARD_ADDRESSES = ("0.0.0.0", "::")  # every interface: no client sends these as its Host
+HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?"  # a name or IPv4 address
+                       r"|\[[0-9A-Fa-f:.]+\]|[0-9A-Fa-f]*:[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*")  # IPv6, bracketed or not
+ORIGIN = re.compile(r"https?://([A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")
 
 
 class ServeError(UserError):
@@ -73,6 +78,8 @@ def build_app(args: argparse.Namespace, api_key: str | None = None):
         raise ServeError(f"--max-wait-ms is {args.max_wait_ms}; expected a number from 0 to 10000")
     if not args.request_timeout > 0 or args.request_timeout > 86_400:
         raise ServeError(f"--request-timeout is {args.request_timeout}; expected seconds above 0, at most 86400")
+    allowed_hosts = _allowed_hosts(args.host, args.allowed_hosts or [])
+    cors_origins = tuple(_cors_origin(origin) for origin in args.cors_origin or [])
     api_key = api_key if api_key is not None else _read_api_key(args.api_key_file)
     _log_to_stderr(args.log_level)
     engine = _load_engine(args)
@@ -99,7 +106,8 @@ def build_app(args: argparse.Namespace, api_key: str | None = None):
     batcher = Batcher(pipeline, BatcherConfig(mode=args.batching, max_batch=max_batch, max_queue=args.max_queue,
                                               max_wait_s=args.max_wait_ms / 1000), observer=metrics.observe,
                       step_gate=StepGate(gate_path) if gate_path else None)
-    app = create_app(pipeline, batcher, limits, metrics, api_key=api_key, model_name=Path(args.model).name)
+    app = create_app(pipeline, batcher, limits, metrics, api_key=api_key, model_name=Path(args.model).name,
+                     allowed_hosts=allowed_hosts, cors_origins=cors_origins)
     picked = " picked by --engine auto" if args.engine == "auto" else ""
     description = (f"{args.model} ({info.name} engine{picked}, {args.batching} batching, max batch {max_batch}, "
                    f"queue {args.max_queue}{', API key required' if api_key else ''})")
@@ -122,6 +130,10 @@ def prepare_server(args: argparse.Namespace) -> tuple[DrainingServer, socket.soc
     print(f"{LISTENING_LINE} {description} on http://{shown_host}:{port}", file=sys.stderr, flush=True)
     if args.host not in LOOPBACK_HOSTS and not api_key:
         print(f"{PROG}: warning: listening on {args.host} without an API key; anyone who can reach it can use it",
+              file=sys.stderr, flush=True)
+    if args.host in WILDCARD_ADDRESSES and not args.allowed_hosts:
+        print(f"{PROG}: warning: listening on {args.host} but answering only the Host names "
+              f"{', '.join(LOOPBACK_HOSTS)} and {args.host}; --allowed-hosts NAME adds the names clients use",
               file=sys.stderr, flush=True)
     return server, sock
 
@@ -188,6 +200,26 @@ def _log_to_stderr(level: str) -> None:
     logger.addHandler(handler)
     logger.setLevel(level.upper())
     logger.propagate = False
+
+
+def _allowed_hosts(bound_host: str, added: list[str]) -> tuple[str, ...] | None:
+    """The Host names the server answers: loopback, ``bound_host`` and ``added`` (``--allowed-hosts``); None for
+    any, when ``added`` holds ``*``. A ``ServeError`` names a value that is not a bare host name."""
+    for name in added:
+        if name != ANY_HOST and not HOST_NAME.fullmatch(name):
+            raise ServeError(f"--allowed-hosts is {name!r}; expected a host name or address without scheme, port or "
+                             f"path (such as example.com, 192.168.1.5 or [fe80::1]), or {ANY_HOST} for any")
+    if ANY_HOST in added:
+        return None
+    return tuple(dict.fromkeys([*LOOPBACK_HOSTS, bound_host, *added]))
+
+
+def _cors_origin(origin: str) -> str:
+    """``--cors-origin``'s value, checked: an origin as browsers send it (scheme, host, optional port)."""
+    if not ORIGIN.fullmatch(origin):
+        raise ServeError(f"--cors-origin is {origin!r}; expected an origin such as https://example.com or "
+                         f"http://localhost:3000 (scheme, host and port, no path)")
+    return origin.lower()
 
 
 def _read_api_key(path: str | None) -> str | None:

@@ -40,7 +40,8 @@ assert sample.main(["--model", engine_dir, "a blue square", "a green star", "--s
 
 server, sock = prepare_server(cli.build_parser().parse_args(["--model", engine_dir, "--port", "0", "--threads", "1"]))
 try:
-    with TestClient(server.config.app) as client:  # the lifespan starts the worker, which warms the engine up
+    # the lifespan starts the worker, which warms the engine up; the server answers loopback Host names only
+    with TestClient(server.config.app, base_url="http://127.0.0.1") as client:
         deadline = time.monotonic() + 120
         while client.get("/readyz").status_code != 200:
             assert time.monotonic() < deadline, "never ready"

@@ -162,7 +162,7 @@ def raw_request(url: str, payload: dict) -> socket.socket:
     host, port = url.removeprefix("http://").rsplit(":", 1)
     content = json.dumps(payload).encode()
     connection = socket.create_connection((host, int(port)), timeout=30)
-    connection.sendall(b"POST /v1/images HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+    connection.sendall(b"POST /v1/images HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                        + f"Content-Length: {len(content)}\r\n\r\n".encode() + content)
     return connection
 
@@ -444,6 +444,12 @@ def test_text_cache_gives_the_engine_rows_bit_for_bit_and_encodes_each_prompt_on
     (["--model", "{engine}", "--api-key-file", "{missing}"], "cannot be read"),
     (["--model", "{engine}", "--header-timeout", "nan"], "argument --header-timeout: 'nan' is not a finite number"),
     (["--model", "{engine}", "--drain-timeout", "0"], "--drain-timeout is 0.0; expected seconds above 0"),
+    (["--model", "{engine}", "--allowed-hosts", "example.com:8000"],
+     "--allowed-hosts is 'example.com:8000'; expected a host name"),
+    (["--model", "{engine}", "--allowed-hosts", "http://example.com"], "--allowed-hosts is 'http://example.com'"),
+    (["--model", "{engine}", "--cors-origin", "https://example.com/"],
+     "--cors-origin is 'https://example.com/'; expected an origin"),
+    (["--model", "{engine}", "--cors-origin", "example.com"], "--cors-origin is 'example.com'"),
 ])
 def test_bad_flags_exit_2_with_one_line_and_no_traceback(engine_dir, tmp_path, flags, message):
     flags = [flag.format(missing=tmp_path / "missing", engine=engine_dir) for flag in flags]

@@ -24,7 +24,7 @@ import pytest
 
 from tests.ldm_serve.gated_server import JSON, STATE_TIMEOUT_S, Server, body, post
 
-GET_HEALTH = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
+GET_HEALTH = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
 
 def connect(server: Server) -> socket.socket:
@@ -33,7 +33,7 @@ def connect(server: Server) -> socket.socket:
 
 
 def post_bytes(content: bytes, headers: bytes = b"Content-Type: application/json\r\n") -> bytes:
-    return (b"POST /v1/images HTTP/1.1\r\nHost: test\r\n" + headers
+    return (b"POST /v1/images HTTP/1.1\r\nHost: 127.0.0.1\r\n" + headers
             + f"Content-Length: {len(content)}\r\n\r\n".encode() + content)
 
 
@@ -231,7 +231,7 @@ def impatient_server(engine_dir):
 def test_half_sent_headers_and_bodies_get_408_and_are_closed_while_other_clients_are_served(impatient_server):
     started = time.monotonic()
     half_header = connect(impatient_server)
-    half_header.sendall(b"POST /v1/images HTTP/1.1\r\nHost: test\r\nContent-Ty")
+    half_header.sendall(b"POST /v1/images HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Ty")
     half_body = connect(impatient_server)
     half_body.sendall(post_bytes(json.dumps(body()).encode())[:-10])
     silent = connect(impatient_server)
@@ -254,7 +254,7 @@ def send_half_a_body(server: Server) -> socket.socket:
     """A POST whose body stops half-way, once the server is reading it (its 100 Continue has arrived)."""
     connection = connect(server)
     content = json.dumps(body()).encode()
-    connection.sendall(b"POST /v1/images HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+    connection.sendall(b"POST /v1/images HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                        b"Expect: 100-continue\r\n" + f"Content-Length: {len(content)}\r\n\r\n".encode())
     assert connection.recv(1024).startswith(b"HTTP/1.1 100 ")
     connection.sendall(content[:len(content) // 2])

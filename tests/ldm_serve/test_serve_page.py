@@ -1,7 +1,8 @@
 """The try-it page (``GET /``) in a real headless browser: Python Playwright driving Debian's Chromium
 (``/usr/bin/chromium``; ``playwright install`` is never used). A prompt typed and Generate clicked gives the image
 ``/v1/images`` makes for the same request, with its seed and timing; a bad value shows the server's own message; the
-queue depth follows the server's queue; and the page asks nothing of any host but the server (it works offline).
+queue depth follows the server's queue; and the page asks nothing of any host but the server (it works offline) and
+runs under its strict Content-Security-Policy without a violation.
 
 Without Chromium or Playwright the tests skip, unless ``LDM_REQUIRE_BROWSER=1`` (as ``.ci/run`` sets it), when they
 fail instead."""
@@ -60,11 +61,13 @@ def page_server(engine_dir):
 
 @pytest.fixture
 def page(browser, page_server):
-    """A fresh page on the server, every request it makes recorded in ``page.requested``."""
+    """A fresh page on the server, every request it makes recorded in ``page.requested`` and every console message
+    (a Content-Security-Policy violation among them) in ``page.console``."""
     context = browser.new_context(viewport={"width": 1000, "height": 760})
     opened = context.new_page()
-    opened.requested = []
+    opened.requested, opened.console = [], []
     opened.on("request", lambda request: opened.requested.append(request.url))
+    opened.on("console", lambda message: opened.console.append(message.text))
     opened.goto(f"{page_server.url}/")
     yield opened
     context.close()
@@ -95,6 +98,8 @@ def test_a_typed_prompt_gives_the_servers_image_with_its_seed_and_timing(page, p
     assert page.locator("#queue-depth").inner_text() == "0"
     offline = all(url.startswith((page_server.url, "data:")) for url in page.requested)
     assert page.requested and offline, page.requested
+    assert "'none'" in page.evaluate("() => fetch('/').then(answer => answer.headers.get('content-security-policy'))")
+    assert not [text for text in page.console if "Content Security Policy" in text], page.console
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -128,3 +133,14 @@ def test_the_queue_depth_follows_the_server_and_images_arrive_when_it_runs(page,
     assert [caption.split(" · ")[0] for caption in captions] == ["seed 40", "seed 41", "seed 42"]  # in seed order
     assert len({image_bytes(page, index) for index in range(3)}) == 3
     page.locator("#queue-depth").filter(has_text="0").wait_for(timeout=WAIT_MS)
+
+
+def test_a_page_of_another_site_cannot_frame_the_page(browser, page_server):
+    context = browser.new_context()
+    try:
+        framing = context.new_page()
+        with framing.expect_console_message(lambda message: "frame-ancestors" in message.text, timeout=WAIT_MS):
+            framing.set_content(f'<iframe src="{page_server.url}/"></iframe>')
+        assert all(frame.query_selector("#generate") is None for frame in framing.frames)
+    finally:
+        context.close()

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.ldm_serve.gated_server import Server
+from tests.ldm_serve.gated_server import JSON, Server
 
 API_KEY = "sesame"
 EXAMPLES_PER_OPERATION = 10
@@ -67,7 +67,7 @@ def test_the_schema_bounds_and_media_types_are_the_servers_own(schema_server):
     metrics = httpx.get(f"{schema_server.url}/metrics", headers=schema_server.auth)
     assert metrics.headers["content-type"].startswith("text/plain")
     # the largest seed is a seed, as the schema says, and so are whole numbers written as floats
-    images = httpx.post(f"{schema_server.url}/v1/images", headers=schema_server.auth, timeout=60,
+    images = httpx.post(f"{schema_server.url}/v1/images", headers={**schema_server.auth, **JSON}, timeout=60,
                         content=b'{"prompt": "a red circle", "seed": 9223372036854775807, "n": 2.0, "steps": 1e0}')
     assert images.status_code == 200, images.text
     assert images.json()["seeds"] == [2**63 - 1, 0]
