@@ -13,11 +13,11 @@ re-laid-out weights per bucket), or once for every bucket with the batch axis a 
 weights; each bucket's first call prepares its kernels). By default (None) a graph is compiled per bucket unless
 its weights on disk exceed ``ONE_COMPILE_ABOVE_BYTES``.
 
-Compile cache: OpenVINO keeps what it compiles (``CACHE_DIR``, keyed by the graph, the shapes and the settings) in
-``$LDM_COMPILE_CACHE`` if set (``off`` turns it off), else ``$XDG_CACHE_HOME/ldm-runtime/openvino`` or
-``~/.cache/ldm-runtime/openvino``; a folder that cannot be created turns the cache off with a warning. Processes
-sharing a cache folder compile one at a time under an exclusive ``flock`` on ``ldm-compile.lock`` in it (none
-where ``flock`` is missing), as OpenVINO's cache is not safe for two writers of one entry.
+Compile cache (``ldm_runtime.engines.compile_cache``): each compiled graph is exported to ``$LDM_COMPILE_CACHE`` if
+set (``off`` turns it off), else ``$XDG_CACHE_HOME/ldm-runtime/openvino`` or ``~/.cache/ldm-runtime/openvino``, keyed
+by the sha256 of the graph's files, the shapes, the compile settings, the OpenVINO version and the CPU, and imported
+by a later process only when it is provably that entry; anything else is dropped and compiled again. A folder that
+cannot be created or that other users could write to turns the cache off with a warning.
 
 Precision: "fp32" computes in float32 (OpenVINO's inference precision hint pinned to f32, since on a CPU with
 native bf16 its default would be bf16); "bf16" is offered only where OpenVINO reports native bf16 for the CPU
@@ -26,60 +26,23 @@ native bf16 its default would be bf16); "bf16" is offered only where OpenVINO re
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ldm_runtime.engines.base import batch_buckets_for
+from ldm_runtime.engines.compile_cache import CompileCache, cache_key, default_cache_dir
 from ldm_runtime.engines.engine_dir_engine import EngineDirEngine
 from ldm_runtime.errors import EngineLoadError
+from ldm_runtime.files import sha256_file
 from ldm_runtime.manifest import EngineDirError
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # --precision -> OpenVINO's INFERENCE_PRECISION_HINT
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 INSTALL_HINT = "pip install 'ldm-runtime[openvino]'"
-CACHE_ENV = "LDM_COMPILE_CACHE"
-CACHE_LOCK = "ldm-compile.lock"  # in the cache folder: held while compiling, so one process writes an entry at a time
 DEFAULT_CACHE = "default"  # cache_dir value: the folder default_cache_dir() names
 ONE_COMPILE_ABOVE_BYTES = 256 * 2**20  # graphs with more weights than this are compiled once for every bucket
-log = logging.getLogger(__name__)
-
-
-def default_cache_dir() -> Path | None:
-    """Where compiled graphs are kept unless the caller names a folder: ``$LDM_COMPILE_CACHE`` (None when it is
-    "off" or empty), else ``$XDG_CACHE_HOME/ldm-runtime/openvino``, else ``~/.cache/ldm-runtime/openvino``."""
-    configured = os.environ.get(CACHE_ENV)
-    if configured is not None:
-        return None if configured.strip().lower() in ("", "off") else Path(configured).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "ldm-runtime" / "openvino"
-
-
-def usable_cache_dir(cache_dir: str | Path | None) -> Path | None:
-    """``cache_dir`` ("default": ``default_cache_dir()``) created if need be, or None where it cannot be
-    (logged as a warning: the engine then compiles in every process, which is slower but correct)."""
-    folder = default_cache_dir() if cache_dir == DEFAULT_CACHE else cache_dir
-    if folder is None:
-        return None
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise PermissionError(f"{folder} is not writable")
-    except OSError as error:
-        log.warning("the openvino compile cache %s cannot be used (%s); compiling in this process only (set %s to "
-                    "a writable folder, or to off)", folder, error, CACHE_ENV)
-        return None
-    return folder
 
 
 class OpenVinoUnavailable(EngineLoadError):
@@ -102,6 +65,11 @@ def cpu_capabilities(core: Any) -> list[str]:
     return [str(capability) for capability in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
 
 
+def first_line(error: Exception) -> str:
+    """The first line of an OpenVINO exception's message (they run to many lines of C++ locations)."""
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
 class OpenVinoEngine(EngineDirEngine):
     """An engine dir's four graphs compiled by OpenVINO for the CPU, behind the Engine protocol (numpy arrays).
 
@@ -110,7 +78,7 @@ class OpenVinoEngine(EngineDirEngine):
     name as the onnxruntime engine's, so ``--threads`` means the same for both. batch_buckets: the batch sizes
     graphs are compiled for (None: powers of two up to the engine dir's largest batch, and that batch).
     verify: check every graph's and the tokenizer's sha256 against the manifest first. device: "auto" or "cpu".
-    cache_dir: a folder where OpenVINO keeps the graphs it compiles, so a later process loads them instead of
+    cache_dir: a folder where the engine keeps the graphs it compiles, so a later process loads them instead of
     compiling again ("default": ``default_cache_dir()``; None: compile in every process).
     compile_per_bucket: True compiles every graph once per batch bucket (static shapes), False once for all buckets
     (one copy of the weights), None by the size of each graph's weights (see the module docstring).
@@ -131,9 +99,8 @@ class OpenVinoEngine(EngineDirEngine):
         openvino = import_openvino()
         self._open_engine_dir(engine_dir, "openvino", verify)
         self.core = openvino.Core()
-        self.cache_dir = usable_cache_dir(cache_dir)
-        if self.cache_dir is not None:
-            self.core.set_property({"CACHE_DIR": str(self.cache_dir)})
+        folder = default_cache_dir() if cache_dir == DEFAULT_CACHE else cache_dir
+        self.compile_cache = CompileCache.open(folder) if folder is not None else None
         if precision == "bf16" and "BF16" not in cpu_capabilities(self.core):
             raise OpenVinoUnavailable(
                 f"precision bf16 needs a CPU with native bf16 (AVX-512 BF16 or AMX), and OpenVINO reports only "
@@ -158,13 +125,25 @@ class OpenVinoEngine(EngineDirEngine):
             try:
                 self.models[name] = self.core.read_model(str(path))
             except RuntimeError as error:
-                first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-                raise EngineDirError(f"openvino cannot read {path} ({first_line})") from None
+                raise EngineDirError(f"openvino cannot read {path} ({first_line(error)})") from None
+        if self.compile_cache is not None:  # what a compile depends on beyond its shapes and settings
+            self._graph_digests = {}  # graph -> {file: sha256}; a verified engine dir's are the manifest's
+            for name, graph in self.manifest.graphs.items():
+                self._graph_digests[name] = dict(graph.files) if verify else {
+                    file: sha256_file(self.engine_dir / file) for file in graph.files}
+            self._compiler = {"openvino": openvino.get_version(), "device": "CPU",
+                              "cpu": str(self.core.get_property("CPU", "FULL_DEVICE_NAME")),
+                              "capabilities": cpu_capabilities(self.core)}
         self.per_bucket = {name: compile_per_bucket if compile_per_bucket is not None
                            else self._weight_bytes(name) <= ONE_COMPILE_ABOVE_BYTES for name in self.manifest.graphs}
         self._compiled: dict[tuple, Any] = {}  # (graph, input shapes) -> an infer request of the compiled graph
         self._counting: str | None = None  # the graph operator_times is profiling, and the shapes it compiled
         self._counted: list[tuple] = []
+
+    @property
+    def cache_dir(self) -> Path | None:
+        """The compile cache's folder, or None where compiled graphs are not kept."""
+        return None if self.compile_cache is None else self.compile_cache.folder
 
     def bucket_for(self, rows: int) -> int:
         """The smallest batch bucket that holds ``rows`` (1 <= rows <= the engine dir's largest batch)."""
@@ -223,30 +202,30 @@ class OpenVinoEngine(EngineDirEngine):
         model = self.models[graph].clone()
         model.reshape({name: openvino.PartialShape([batch if size == -1 else size for size in shape])
                        for name, shape in shapes.items()})
-        with self._cache_lock():
-            compiled = self.core.compile_model(model, "CPU", {**self.compile_config, **extra_config})
+        config = {**self.compile_config, **extra_config}
+        if self.compile_cache is None or extra_config:  # a profiling compile is used once, so it is not kept
+            return self.core.compile_model(model, "CPU", config).create_infer_request()
+        key = cache_key(self._compiler, graph, self._graph_digests[graph], self.batch_buckets[-1],
+                        sorted(shapes.items()), config)
+        with self.compile_cache.locked() as usable:
+            compiled = self._import_cached(key, config) if usable else None
+            if compiled is None:
+                compiled = self.core.compile_model(model, "CPU", config)
+                if usable:
+                    self.compile_cache.store(key, compiled.export_model().getvalue(), graph=graph,
+                                             shapes={name: list(shape) for name, shape in shapes.items()})
         return compiled.create_infer_request()
 
-    @contextlib.contextmanager
-    def _cache_lock(self):
-        """An exclusive lock on the compile cache folder, across processes (none without a cache or flock)."""
-        lock = None
-        if self.cache_dir is not None and fcntl is not None:
-            try:
-                lock = open(self.cache_dir / CACHE_LOCK, "a")
-                fcntl.flock(lock, fcntl.LOCK_EX)
-            except OSError as error:  # the folder went away, or a file system without flock
-                log.warning("cannot lock the openvino compile cache %s (%s); compiling without the lock",
-                            self.cache_dir, error)
-                if lock is not None:
-                    lock.close()
-                lock = None
+    def _import_cached(self, key: str, config: dict[str, str]):
+        """The compiled graph the compile cache holds under ``key``, or None (none, or one that is dropped)."""
+        blob = self.compile_cache.load(key)
+        if blob is None:
+            return None
         try:
-            yield
-        finally:
-            if lock is not None:
-                fcntl.flock(lock, fcntl.LOCK_UN)
-                lock.close()
+            return self.core.import_model(blob, "CPU", config)
+        except RuntimeError as error:
+            self.compile_cache.drop(key, f"openvino cannot import it: {first_line(error)}")
+            return None
 
     def operator_times(self, graph: str, run) -> dict[str, float]:
         """Milliseconds per operator kind that ``graph`` spends while ``run()`` runs, from OpenVINO's per-node

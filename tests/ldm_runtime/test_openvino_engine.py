@@ -19,7 +19,7 @@ pytest.importorskip("openvino")  # the dev extra installs it
 
 from ldm_export.validate import psnr_db
 from ldm_runtime.engines import load_engine, pick_engine
-from ldm_runtime.engines import openvino_engine
+from ldm_runtime.engines import compile_cache, openvino_engine
 from ldm_runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
 from ldm_runtime.engines.openvino_engine import (
     OpenVinoEngine, OpenVinoUnavailable, batch_buckets_for, default_cache_dir,
@@ -27,6 +27,7 @@ from ldm_runtime.engines.openvino_engine import (
 from ldm_runtime.manifest import OutOfRangeError
 from ldm_runtime.pipeline import GenerationRequest, Pipeline
 from tests.ldm_export.tiny_checkpoint import TINY_CONFIG, shared_tiny_engine
+from tests.ldm_runtime.file_damage import flip_middle_bytes, swap_names
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["a red circle", "two blue squares on a green background in the top left corner of the image", "",
@@ -215,16 +216,93 @@ def test_compiled_graph_cache_is_written_once_and_gives_the_same_rows(exported, 
     assert sorted(path.name for path in tmp_path.iterdir()) == cached  # loaded, not compiled again
 
 
+def generate_from_cache(engine_dir, cache_dir, seed):
+    engine = OpenVinoEngine(engine_dir, intra_op_threads=1, verify=False, cache_dir=cache_dir)
+    return Pipeline(engine).generate([GenerationRequest(prompt=PROMPTS[0], seed=seed, steps=2)])[0]
+
+
+def flip_bytes_in_every_blob(blobs):
+    for blob in blobs:
+        flip_middle_bytes(blob)
+    return blobs
+
+
+def swap_two_blobs(blobs):
+    swap_names(blobs[0], blobs[1])
+    return blobs[:2]
+
+
+def swap_two_entries(blobs):  # each blob with its record, so that the sha256 in the record matches the blob
+    swap_names(blobs[0], blobs[1])
+    if blobs[0].with_suffix(".json").exists():
+        swap_names(blobs[0].with_suffix(".json"), blobs[1].with_suffix(".json"))
+    return blobs[:2]
+
+
+@pytest.mark.parametrize("damage", [flip_bytes_in_every_blob, swap_two_blobs, swap_two_entries],
+                         ids=lambda damage: damage.__name__)
+def test_a_damaged_compile_cache_is_dropped_with_a_warning_and_recompiled_to_the_clean_runs_image(
+        exported, tmp_path, seed, caplog, damage):
+    clean = generate_from_cache(exported[1], tmp_path, seed)
+    blobs = sorted(tmp_path.glob("*.blob"))
+    assert len(blobs) >= 2  # the text encoder, the UNet and the decoder
+    damaged = damage(blobs)
+    with caplog.at_level(logging.WARNING):
+        assert np.array_equal(generate_from_cache(exported[1], tmp_path, seed), clean)
+    lines = sorted(record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING)
+    assert [line.split(" is not used (")[0] for line in lines] == [
+        f"the openvino compile cache entry {blob}" for blob in sorted(damaged)]
+    assert all(line.endswith("dropped it and compiling again") for line in lines)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # and recompiled into the cache, which serves the next process
+        assert np.array_equal(generate_from_cache(exported[1], tmp_path, seed), clean)
+    assert not caplog.records
+
+
+@pytest.mark.parametrize("mode", [0o777, 0o775], ids=oct)
+def test_a_compile_cache_folder_other_users_can_write_to_is_not_used_saying_why_in_one_line(
+        exported, tmp_path, rng, caplog, mode):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    with caplog.at_level(logging.WARNING):
+        engine = OpenVinoEngine(exported[1], intra_op_threads=1, verify=False, cache_dir=shared)
+    assert engine.cache_dir is None
+    (line,) = [record.getMessage() for record in caplog.records]
+    assert line.startswith(f"the openvino compile cache {shared} cannot be used (other users can write to it")
+    latents = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    assert np.array_equal(engine.decode(latents), OpenVinoEngine(exported[1], verify=False, cache_dir=None,
+                                                                 intra_op_threads=1).decode(latents))
+    assert list(shared.iterdir()) == []  # nothing read or written there
+
+
+def test_a_compile_lock_held_past_the_bound_is_waited_for_then_the_graph_compiled_without_the_cache(
+        exported, tmp_path, rng, caplog, monkeypatch):
+    fcntl = pytest.importorskip("fcntl")
+    monkeypatch.setenv(compile_cache.LOCK_TIMEOUT_ENV, "0.2")
+    engine = OpenVinoEngine(exported[1], intra_op_threads=1, verify=False, cache_dir=tmp_path)
+    latents = rng.standard_normal((1, 4, 8, 8)).astype(np.float32)
+    with open(tmp_path / compile_cache.CACHE_LOCK, "a") as other:  # as another process, stuck, would hold it
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with caplog.at_level(logging.WARNING):
+            decoded = engine.decode(latents)
+    assert np.array_equal(decoded, OpenVinoEngine(exported[1], verify=False, cache_dir=None,
+                                                  intra_op_threads=1).decode(latents))
+    waiting, giving_up = [record.getMessage() for record in caplog.records]
+    assert waiting.startswith(f"waiting up to 0.2 s ({compile_cache.LOCK_TIMEOUT_ENV}) for another process")
+    assert giving_up.endswith("after 0.2 s (LDM_COMPILE_LOCK_TIMEOUT); compiling without the cache")
+    assert not list(tmp_path.glob("*.blob"))  # compiled without the cache: nothing written
+
+
 def test_processes_sharing_a_compile_cache_compile_one_at_a_time(exported, tmp_path, rng):
-    # OpenVINO's cache fails ("filesystem error: cannot set permissions") when two processes write the same entry
-    # at once, as two test workers or two server replicas starting together do: a compile holds an exclusive lock.
+    # two test workers or two server replicas starting together compile a graph once, not once each
     fcntl = pytest.importorskip("fcntl")
     engine = OpenVinoEngine(exported[1], intra_op_threads=1, verify=False, cache_dir=tmp_path)
     probes = []
     compile_model = engine.core.compile_model
 
     def probing_compile(*args, **kwargs):
-        with open(tmp_path / openvino_engine.CACHE_LOCK, "a") as other:  # as another process would
+        with open(tmp_path / compile_cache.CACHE_LOCK, "a") as other:  # as another process would
             try:
                 fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 probes.append("free")
@@ -236,7 +314,7 @@ def test_processes_sharing_a_compile_cache_compile_one_at_a_time(exported, tmp_p
     engine.core = _CoreWith(engine.core, compile_model=probing_compile)
     engine.decode(rng.standard_normal((1, 4, 8, 8)).astype(np.float32))
     assert probes == ["held"]
-    with open(tmp_path / openvino_engine.CACHE_LOCK, "a") as other:  # and it is let go afterwards
+    with open(tmp_path / compile_cache.CACHE_LOCK, "a") as other:  # and it is let go afterwards
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
@@ -277,7 +355,7 @@ def test_an_engine_keeps_its_compiled_graphs_in_the_default_cache(exported, monk
 def test_a_cache_folder_that_cannot_be_made_turns_the_cache_off_with_a_warning(exported, tmp_path, rng, caplog):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
-    with caplog.at_level(logging.WARNING, logger="ldm_runtime.engines.openvino_engine"):
+    with caplog.at_level(logging.WARNING, logger="ldm_runtime.engines.compile_cache"):
         engine = OpenVinoEngine(exported[1], intra_op_threads=1, verify=False, cache_dir=blocker / "cache")
     assert engine.cache_dir is None
     assert f"the openvino compile cache {blocker / 'cache'} cannot be used" in caplog.text
