@@ -36,9 +36,11 @@ from ldm_runtime.checkpoint import TOKENIZER_DIR, CheckpointNetworks
 from ldm_runtime.command_line import check_writable_folder
 from ldm_runtime.files import sha256_file
 from ldm_runtime.guidance import UNET_ROWS_PER_IMAGE
+from ldm_runtime.config import LARGEST_IMAGE_SIDE
 from ldm_runtime.manifest import (
     BACKENDS,
     MANIFEST_JSON,
+    MAX_BATCH_ROWS,
     PRECISIONS,
     DimRange,
     GraphEntry,
@@ -70,6 +72,13 @@ def check_options(options: ExportOptions) -> None:
     if high < UNET_ROWS_PER_IMAGE:
         raise ExportError(f"--batch-range {low}:{opt}:{high} has MAX {high}; expected at least {UNET_ROWS_PER_IMAGE} "
                           f"(classifier-free guidance runs {UNET_ROWS_PER_IMAGE} UNet rows per image)")
+    if high > MAX_BATCH_ROWS:  # the runtime refuses an engine dir past it: say so before the export, not after
+        raise ExportError(f"--batch-range {low}:{opt}:{high} has MAX {high}; expected at most {MAX_BATCH_ROWS} UNet "
+                          f"rows, the most an engine dir may hold")
+    if options.size_range is not None and options.size_range[1] > LARGEST_IMAGE_SIDE:
+        smallest, largest = options.size_range
+        raise ExportError(f"--size-range {smallest}:{largest} has MAX {largest}; expected at most {LARGEST_IMAGE_SIDE} "
+                          f"pixels, the largest side an engine dir may hold")
     seed = options.validation_seed
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
                              or not 0 <= seed <= MAX_VALIDATION_SEED):

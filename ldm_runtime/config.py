@@ -3,7 +3,9 @@
 Every default of the model description lives here and nowhere else, and so do the sizes derived from it
 (the image-size multiple, the largest image a model is asked for). ``ModelConfig.to_json`` /
 ``ModelConfig.from_json`` round-trip exactly; ``validate()`` raises ``ConfigError`` with one sentence naming
-the bad value. Only the standard library is imported: the runtime reads a model's description without torch.
+the bad value by its key in model.json (``unet.num_res_blocks``) and the range expected: every number has an upper
+bound (the ``MAX_*`` constants), booleans are not integers, floats are finite. Only the standard library is
+imported: the runtime reads a model's description without torch.
 """
 
 from __future__ import annotations
@@ -26,7 +28,33 @@ MAX_SIZE_OVER_TRAINED = 2
 BETA_SCHEDULES = ("scaled_linear", "linear")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # how DDIM spreads its N steps over the T timesteps
-MAX_TRAIN_TIMESTEPS = 100_000  # LDM uses 1000; past this a value is a typo, and its tables would take gigabytes
+# where a DDIM step from timestep t lands: the next timestep of the list, or diffusers' t - T // N
+PREVIOUS_TIMESTEPS = ("listed", "diffusers")
+
+# The range of every number in model.json: what the largest published SD-family models use (SD 1.x/2.x, SDXL; SD 3
+# for the text width and length) with room to spare, and no more, so that a folder anyone can edit is refused in
+# one line before the runtime allocates gigabytes or fails deep inside torch.
+MAX_TRAIN_TIMESTEPS = 10_000  # T (LDM and SD: 1000)
+MAX_IMAGE_SIZE = 4096  # the side in pixels a model was trained at (SDXL: 1024)
+LARGEST_IMAGE_SIDE = MAX_SIZE_OVER_TRAINED * MAX_IMAGE_SIZE  # the largest side in pixels any model is asked for
+MAX_LEVELS = 6  # UNet and autoencoder levels (SD: 4; LDM's f=32 autoencoder: 6)
+MAX_CHANNEL_MULT = 16  # a level's multiplier of the base width (SD: 4)
+MAX_CHANNELS = 4096  # channels of one level, base width x multiplier (SD and SDXL UNets: 1280)
+MAX_RES_BLOCKS = 8  # per level (SD, SDXL: 2)
+MAX_TRANSFORMER_DEPTH = 16  # transformer blocks per attention level (SDXL: 10)
+MAX_HEADS = 64  # attention heads (SD 2.x and SDXL: 20)
+MAX_GROUPS = 256  # GroupNorm groups (SD: 32)
+MAX_IMAGE_CHANNELS = 16  # the autoencoder's input (RGB: 3)
+MAX_LATENT_CHANNELS = 64  # SD: 4; SD 3: 16; inpainting UNets take 9
+MAX_CONTEXT_DIM = 4096  # the text encoder's width, the UNet's context_dim (SDXL: 2048; SD 3's T5-XXL: 4096)
+MAX_TEXT_LENGTH = 512  # tokens (CLIP: 77; T5: 512)
+MAX_TEXT_LAYERS = 48  # OpenCLIP bigG: 32
+MAX_TEXT_INTERMEDIATE = 16_384  # T5-XXL: 10240
+MAX_VOCAB_SIZE = 262_144  # CLIP: 49408
+MAX_CODEBOOK_SIZE = 262_144  # VQGAN: 16384
+LATENT_SCALE_FACTORS = (1e-3, 1e3)  # SD: 0.18215; SDXL: 0.13025; SD 3: 1.5305
+LAYER_NORM_EPS = (1e-12, 0.1)  # BERT: 1e-12; CLIP: 1e-5
+MAX_CLIP_SAMPLE_RANGE = 1000.0  # diffusers: 1
 
 
 @dataclass(frozen=True)
@@ -49,14 +77,13 @@ class AutoencoderConfig:
 
     def validate(self) -> None:
         if self.kind not in ("kl", "vq"):
-            raise ConfigError(f"autoencoder kind {self.kind!r} is not one of 'kl', 'vq'")
-        for name in ("in_channels", "base_channels", "num_res_blocks", "latent_channels", "num_groups"):
-            _check_positive(f"autoencoder {name}", getattr(self, name))
-        _check_levels("autoencoder channel_mult", self.channel_mult)
-        _check_flag("autoencoder mid_attention", self.mid_attention)
-        _check_groups_divide("autoencoder", "base", self.base_channels, self.channel_mult, self.num_groups)
-        if self.kind == "vq":
-            _check_positive("autoencoder codebook_size", self.codebook_size)
+            raise ConfigError(f"autoencoder.kind {self.kind!r} is not one of 'kl', 'vq'")
+        check_integer("autoencoder.in_channels", self.in_channels, 1, MAX_IMAGE_CHANNELS)
+        check_integer("autoencoder.latent_channels", self.latent_channels, 1, MAX_LATENT_CHANNELS)
+        check_integer("autoencoder.num_res_blocks", self.num_res_blocks, 1, MAX_RES_BLOCKS)
+        check_integer("autoencoder.codebook_size", self.codebook_size, 1, MAX_CODEBOOK_SIZE)
+        _check_widths("autoencoder", "base_channels", self.base_channels, self.channel_mult, self.num_groups)
+        _check_flag("autoencoder.mid_attention", self.mid_attention)
 
 
 def channel_mult_for_factor(factor: int, widest: int = 4) -> tuple[int, ...]:
@@ -101,27 +128,29 @@ class UNetConfig:
         return 2 ** (len(self.channel_mult) - 1)
 
     def validate(self) -> None:
-        for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "num_heads",
-                     "transformer_depth", "context_dim", "num_groups"):
-            _check_positive(f"unet {name}", getattr(self, name))
-        _check_levels("unet channel_mult", self.channel_mult)
-        for level in self.attention_levels:
-            _check_flag("unet attention_levels entry", level)
-        _check_flag("unet use_linear_projection", self.use_linear_projection)
-        _check_flag("unet upcast_attention", self.upcast_attention)
-        if self.level_heads:
-            _check_levels("unet level_heads", self.level_heads)
+        for name in ("in_channels", "out_channels"):
+            check_integer(f"unet.{name}", getattr(self, name), 1, MAX_LATENT_CHANNELS)
+        check_integer("unet.num_res_blocks", self.num_res_blocks, 1, MAX_RES_BLOCKS)
+        check_integer("unet.num_heads", self.num_heads, 1, MAX_HEADS)
+        check_integer("unet.transformer_depth", self.transformer_depth, 1, MAX_TRANSFORMER_DEPTH)
+        check_integer("unet.context_dim", self.context_dim, 1, MAX_CONTEXT_DIM)
+        _check_widths("unet", "model_channels", self.model_channels, self.channel_mult, self.num_groups)
+        for index, level in enumerate(self.attention_levels):
+            _check_flag(f"unet.attention_levels[{index}]", level)
+        _check_flag("unet.use_linear_projection", self.use_linear_projection)
+        _check_flag("unet.upcast_attention", self.upcast_attention)
+        for index, heads in enumerate(self.level_heads):
+            check_integer(f"unet.level_heads[{index}]", heads, 1, MAX_HEADS)
         if self.level_heads and len(self.level_heads) != len(self.channel_mult):
             raise ConfigError(
-                f"unet level_heads has {len(self.level_heads)} entries but channel_mult has "
+                f"unet.level_heads has {len(self.level_heads)} entries but unet.channel_mult has "
                 f"{len(self.channel_mult)}; expected one per level (or none)"
             )
         if len(self.attention_levels) != len(self.channel_mult):
             raise ConfigError(
-                f"unet attention_levels has {len(self.attention_levels)} entries but channel_mult has "
+                f"unet.attention_levels has {len(self.attention_levels)} entries but unet.channel_mult has "
                 f"{len(self.channel_mult)}; expected one per level"
             )
-        _check_groups_divide("unet", "model_channels", self.model_channels, self.channel_mult, self.num_groups)
         for level, mult in enumerate(self.channel_mult):
             channels = self.model_channels * mult
             if channels % self.heads(level):
@@ -152,23 +181,25 @@ class TextEncoderConfig:
 
     def validate(self) -> None:
         if self.kind not in ("pretrained", "scratch", "clip"):
-            raise ConfigError(f"text encoder kind {self.kind!r} is not one of 'pretrained', 'scratch', 'clip'")
+            raise ConfigError(f"text_encoder.kind {self.kind!r} is not one of 'pretrained', 'scratch', 'clip'")
         if not isinstance(self.path, str):
-            raise ConfigError(f"text encoder path is {self.path!r}; expected a string (a folder or a package name)")
-        for name in ("max_length", "hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size"):
-            _check_positive(f"text encoder {name}", getattr(self, name))
-        _check_flag("text encoder mask_padding", self.mask_padding)
-        if not (isinstance(self.layer_norm_eps, (int, float)) and 0 < self.layer_norm_eps < 1):
-            raise ConfigError(f"text encoder layer_norm_eps is {self.layer_norm_eps!r}; expected a number in (0, 1)")
-        if self.kind == "clip" and not (isinstance(self.clip_skip, int) and 0 <= self.clip_skip < self.num_layers):
-            raise ConfigError(f"text encoder clip_skip {self.clip_skip} is out of range; expected 0 to "
-                              f"{self.num_layers - 1}")
+            raise ConfigError(f"text_encoder.path is {self.path!r}; expected a string (a folder or a package name)")
+        check_integer("text_encoder.max_length", self.max_length, 1, MAX_TEXT_LENGTH)
+        check_integer("text_encoder.hidden_size", self.hidden_size, 1, MAX_CONTEXT_DIM)
+        check_integer("text_encoder.num_layers", self.num_layers, 1, MAX_TEXT_LAYERS)
+        check_integer("text_encoder.num_heads", self.num_heads, 1, MAX_HEADS)
+        check_integer("text_encoder.intermediate_size", self.intermediate_size, 1, MAX_TEXT_INTERMEDIATE)
+        check_integer("text_encoder.vocab_size", self.vocab_size, 1, MAX_VOCAB_SIZE)
+        # clip_skip counts the CLIP encoder's layers; other kinds ignore it
+        layers = self.num_layers if self.kind == "clip" else MAX_TEXT_LAYERS
+        check_integer("text_encoder.clip_skip", self.clip_skip, 0, layers - 1)
+        check_number("text_encoder.layer_norm_eps", self.layer_norm_eps, *LAYER_NORM_EPS)
+        _check_flag("text_encoder.mask_padding", self.mask_padding)
         if self.kind == "clip" and self.hidden_act not in ("quick_gelu", "gelu"):
-            raise ConfigError(f"text encoder hidden_act {self.hidden_act!r} is not one of 'quick_gelu', 'gelu'")
+            raise ConfigError(f"text_encoder.hidden_act {self.hidden_act!r} is not one of 'quick_gelu', 'gelu'")
         if self.kind in ("scratch", "clip") and self.hidden_size % self.num_heads:
-            raise ConfigError(
-                f"text encoder hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
-            )
+            raise ConfigError(f"text_encoder.hidden_size {self.hidden_size} is not divisible by text_encoder.num_heads "
+                              f"{self.num_heads}")
 
 
 @dataclass(frozen=True)
@@ -185,18 +216,14 @@ class ScheduleConfig:
     prediction_type: str = "epsilon"  # or "v_prediction"
 
     def validate(self) -> None:
-        count = self.num_train_timesteps
-        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or not 1 <= count <= MAX_TRAIN_TIMESTEPS:
-            raise ConfigError(f"schedule num_train_timesteps is {count!r}; expected an integer from 1 to "
-                              f"{MAX_TRAIN_TIMESTEPS}")
+        check_integer("schedule.num_train_timesteps", self.num_train_timesteps, 1, MAX_TRAIN_TIMESTEPS)
         if self.beta_schedule not in BETA_SCHEDULES:
-            raise ConfigError(f"schedule beta_schedule {self.beta_schedule!r} is not one of {BETA_SCHEDULES}")
+            raise ConfigError(f"schedule.beta_schedule {self.beta_schedule!r} is not one of {BETA_SCHEDULES}")
         if self.prediction_type not in PREDICTION_TYPES:
-            raise ConfigError(f"schedule prediction_type {self.prediction_type!r} is not one of {PREDICTION_TYPES}")
+            raise ConfigError(f"schedule.prediction_type {self.prediction_type!r} is not one of {PREDICTION_TYPES}")
         for name in ("beta_start", "beta_end"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                raise ConfigError(f"schedule {name} is {value!r}; expected a finite number")  # numpy scalars count
+            if not _is_number(getattr(self, name)):
+                raise ConfigError(f"schedule.{name} is {getattr(self, name)!r}; expected a finite number")
         if not 0 < self.beta_start < self.beta_end < 1:
             raise ConfigError(
                 f"schedule betas ({self.beta_start}, {self.beta_end}) must satisfy 0 < beta_start < beta_end < 1"
@@ -212,7 +239,9 @@ def _is_integer(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite real (numpy scalars count); an integer too large for a float is finite too, not an OverflowError."""
+    return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+            and (isinstance(value, numbers.Integral) or math.isfinite(value)))
 
 
 @dataclass(frozen=True)
@@ -226,6 +255,9 @@ class DDIMConfig:
     stochasticity (0 = deterministic DDIM, 1 = DDPM-like); requests may override it per sample.
     ``use_clipped_model_output`` re-derives epsilon from the clipped x_0, as diffusers' option of that name.
     What the UNet predicts (epsilon or v) is the schedule's ``prediction_type``, not a setting here.
+    ``previous_timestep`` "listed" steps to the next timestep DDIM visits (eq. 12 of Song et al. between the
+    visited timesteps); "diffusers" steps to t - T // N as diffusers' DDIMScheduler does (for "leading" the two
+    differ only on a last step where steps_offset >= T // N).
     """
 
     timestep_spacing: str = "leading"
@@ -235,19 +267,24 @@ class DDIMConfig:
     clip_sample: bool = False
     clip_sample_range: float = 1.0
     use_clipped_model_output: bool = False
+    previous_timestep: str = "listed"
 
     def __post_init__(self) -> None:
         if self.timestep_spacing not in TIMESTEP_SPACINGS:
             raise ValueError(f"ddim timestep_spacing {self.timestep_spacing!r} is not one of {TIMESTEP_SPACINGS}")
-        if not _is_integer(self.steps_offset) or self.steps_offset < 0:
-            raise ValueError(f"ddim steps_offset is {self.steps_offset!r}; expected a non-negative integer")
+        if self.previous_timestep not in PREVIOUS_TIMESTEPS:
+            raise ValueError(f"ddim previous_timestep {self.previous_timestep!r} is not one of {PREVIOUS_TIMESTEPS}")
+        if not _is_integer(self.steps_offset) or not 0 <= self.steps_offset < MAX_TRAIN_TIMESTEPS:
+            raise ValueError(f"ddim steps_offset is {self.steps_offset!r}; expected an integer from 0 to "
+                             f"{MAX_TRAIN_TIMESTEPS - 1}")
         for name in ("set_alpha_to_one", "clip_sample", "use_clipped_model_output"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"ddim {name} is {getattr(self, name)!r}; expected true or false")
         if not _is_number(self.eta) or not 0 <= self.eta <= 1:
             raise ValueError(f"ddim eta is {self.eta!r}; expected a number from 0 to 1")
-        if not _is_number(self.clip_sample_range) or not self.clip_sample_range > 0:
-            raise ValueError(f"ddim clip_sample_range is {self.clip_sample_range!r}; expected a positive number")
+        if not _is_number(self.clip_sample_range) or not 0 < self.clip_sample_range <= MAX_CLIP_SAMPLE_RANGE:
+            raise ValueError(f"ddim clip_sample_range is {self.clip_sample_range!r}; expected a number above 0 and "
+                             f"at most {MAX_CLIP_SAMPLE_RANGE:g}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "DDIMConfig":
@@ -295,19 +332,18 @@ class ModelConfig:
         return max(multiple, MAX_SIZE_OVER_TRAINED * self.image_size // multiple * multiple)
 
     def validate(self) -> None:
-        if self.format_version != FORMAT_VERSION:
-            raise ConfigError(f"model.json format_version {self.format_version} is not {FORMAT_VERSION}")
+        if not _is_integer(self.format_version) or self.format_version != FORMAT_VERSION:
+            raise ConfigError(f"model.json format_version {self.format_version!r} is not {FORMAT_VERSION}")
         self.autoencoder.validate()
         self.unet.validate()
         self.text_encoder.validate()
         self.schedule.validate()
-        _check_positive("image_size", self.image_size)
-        scale = self.latent_scale_factor
-        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-            raise ConfigError(f"latent_scale_factor is {scale!r}; expected a finite number")
-        if not scale > 0:
-            raise ConfigError(f"latent_scale_factor is {scale!r}; expected a positive number (1 / the std of the "
-                              f"training latents)")
+        check_integer("image_size", self.image_size, 1, MAX_IMAGE_SIZE)
+        check_latent_scale_factor("latent_scale_factor", self.latent_scale_factor)
+        last = self.schedule.num_train_timesteps - 1
+        if self.sampler.steps_offset > last:
+            raise ConfigError(f"sampler.steps_offset is {self.sampler.steps_offset}; expected an integer from 0 to "
+                              f"{last} (below schedule.num_train_timesteps)")
         if self.image_size % self.autoencoder.factor:
             raise ConfigError(
                 f"image_size {self.image_size} is not divisible by the autoencoder factor {self.autoencoder.factor}"
@@ -331,27 +367,43 @@ class ModelConfig:
         return config_from_dict(cls, data, "model.json")
 
 
-def _check_groups_divide(network: str, base_name: str, base: int, channel_mult: tuple[int, ...],
-                         num_groups: int) -> None:
-    """``ConfigError`` naming the first level whose channel count (``base`` x its mult) GroupNorm cannot split
-    into ``num_groups`` groups."""
-    for mult in channel_mult:
+def _check_widths(network: str, base_name: str, base: int, channel_mult: tuple[int, ...], num_groups: int) -> None:
+    """``ConfigError`` naming the first of ``network``'s widths out of range: the base width, the levels (one to
+    ``MAX_LEVELS``), each level's channel count (``base`` x its mult, at most ``MAX_CHANNELS``, split by GroupNorm
+    into ``num_groups`` groups)."""
+    check_integer(f"{network}.{base_name}", base, 1, MAX_CHANNELS)
+    check_integer(f"{network}.num_groups", num_groups, 1, MAX_GROUPS)
+    if not 1 <= len(channel_mult) <= MAX_LEVELS:
+        raise ConfigError(f"{network}.channel_mult has {len(channel_mult)} entries; expected one per level, 1 to "
+                          f"{MAX_LEVELS} levels")
+    for index, mult in enumerate(channel_mult):
+        check_integer(f"{network}.channel_mult[{index}]", mult, 1, MAX_CHANNEL_MULT)
         channels = base * mult
+        if channels > MAX_CHANNELS:
+            raise ConfigError(f"{network} channels {channels} ({base_name} {base} x mult {mult}) are more than "
+                              f"{MAX_CHANNELS}; expected at most {MAX_CHANNELS} per level")
         if channels % num_groups:
             raise ConfigError(f"{network} channels {channels} ({base_name} {base} x mult {mult}) are not divisible "
                               f"by num_groups {num_groups}")
 
 
-def _check_positive(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{name} is {value!r}; expected a positive integer")
+def check_integer(name: str, value: Any, low: int, high: int) -> None:
+    """``ConfigError`` unless ``value`` is an integer (not a boolean) from ``low`` to ``high``."""
+    if not _is_integer(value) or not low <= value <= high:
+        raise ConfigError(f"{name} is {value!r}; expected an integer from {low} to {high}")
 
 
-def _check_levels(name: str, values: tuple[Any, ...]) -> None:
-    if not values:
-        raise ConfigError(f"{name} is empty; expected one positive integer per level")
-    for value in values:
-        _check_positive(f"{name} entry", value)
+def check_number(name: str, value: Any, low: float, high: float, meaning: str = "") -> None:
+    """``ConfigError`` unless ``value`` is a finite number (not a boolean) from ``low`` to ``high``;
+    ``meaning`` ("1 / the std of ...") ends the message in brackets."""
+    if not _is_number(value) or not low <= value <= high:
+        raise ConfigError(f"{name} is {value!r}; expected a number from {low:g} to {high:g}"
+                          + (f" ({meaning})" if meaning else ""))
+
+
+def check_latent_scale_factor(name: str, value: Any) -> None:
+    """``ConfigError`` unless ``value`` lies in ``LATENT_SCALE_FACTORS`` (model.json's and manifest.json's)."""
+    check_number(name, value, *LATENT_SCALE_FACTORS, "1 / the std of the training latents")
 
 
 def _check_flag(name: str, value: Any) -> None:

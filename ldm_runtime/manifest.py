@@ -12,18 +12,33 @@ Layout of an engine dir::
     *.plan              TensorRT plans, where they were built (specific to one GPU model and TensorRT version)
 
 Every shape in the manifest names its dynamic axes ("batch", "latent_height", ...); ``dims`` gives each name
-its min / opt / max and the multiple a value must be of. The runtime reads this module with numpy only.
+its min / opt / max and the multiple a value must be of. Every number has the range model.json's has
+(``ldm_runtime.config``); a batch holds at most ``MAX_BATCH_ROWS`` rows and any other axis is at most
+``LARGEST_IMAGE_SIDE`` long. Anything else is refused with ``EngineDirError`` naming the entry. The runtime reads
+this module with numpy only.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ldm_runtime.config import ConfigError, ScheduleConfig, config_from_dict
+from ldm_runtime.config import (
+    LARGEST_IMAGE_SIDE,
+    MAX_CONTEXT_DIM,
+    MAX_IMAGE_SIZE,
+    MAX_LATENT_CHANNELS,
+    MAX_LEVELS,
+    MAX_TEXT_LENGTH,
+    ConfigError,
+    DDIMConfig,
+    ScheduleConfig,
+    check_integer,
+    check_latent_scale_factor,
+    config_from_dict,
+)
 from ldm_runtime.errors import EngineDirError, OutOfRangeError
 from ldm_runtime.files import read_description, sha256_file
 
@@ -35,6 +50,7 @@ REQUIRED_DIMS = ("batch", "image_height")  # the ranges the runtime checks reque
 TENSOR_DTYPES = ("float32", "float16", "int64", "int32", "bool")
 PRECISIONS = ("fp32", "fp16")
 BACKENDS = ("onnxruntime", "tensorrt")
+MAX_BATCH_ROWS = 256  # UNet rows of one call (ldm-export's default range: 1 to 8; the torch engine's: 64)
 
 
 @dataclass(frozen=True)
@@ -115,9 +131,11 @@ class GraphEntry:
                 raise EngineDirError(f"{where} tensor {spec.name} has dtype {spec.dtype!r}; expected one of "
                                      f"{TENSOR_DTYPES}")
             for axis in spec.shape:
-                if isinstance(axis, bool) or not isinstance(axis, (int, str)) or (isinstance(axis, int) and axis < 1):
-                    raise EngineDirError(f"{where} tensor {spec.name} has axis {axis!r}; expected a positive integer "
-                                         f"or the name of a 'dims' entry")
+                named = isinstance(axis, str)
+                sized = isinstance(axis, int) and not isinstance(axis, bool) and 1 <= axis <= LARGEST_IMAGE_SIDE
+                if not (named or sized):
+                    raise EngineDirError(f"{where} tensor {spec.name} has axis {axis!r}; expected an integer from 1 "
+                                         f"to {LARGEST_IMAGE_SIDE} or the name of a 'dims' entry")
 
     def to_dict(self) -> dict[str, Any]:
         return {"file": self.file, "files": dict(self.files), "precision": self.precision,
@@ -143,15 +161,21 @@ class ModelInfo:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def check(self, where: str) -> None:
-        """``EngineDirError`` naming the first field that is out of range."""
-        for name in ("image_size", "latent_channels", "latent_factor", "text_max_length", "context_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise EngineDirError(f"{where}: model {name} is {value!r}; expected a positive integer")
-        scale = self.latent_scale_factor
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-            raise EngineDirError(f"{where}: model latent_scale_factor is {scale!r}; expected a positive finite "
-                                 f"number (1 / the std of the training latents)")
+        """``EngineDirError`` naming the first field that is out of range (model.json's ranges)."""
+        try:
+            check_integer("model.image_size", self.image_size, 1, MAX_IMAGE_SIZE)
+            check_integer("model.latent_channels", self.latent_channels, 1, MAX_LATENT_CHANNELS)
+            check_integer("model.text_max_length", self.text_max_length, 1, MAX_TEXT_LENGTH)
+            check_integer("model.context_dim", self.context_dim, 1, MAX_CONTEXT_DIM)
+            check_latent_scale_factor("model.latent_scale_factor", self.latent_scale_factor)
+        except ConfigError as error:
+            raise EngineDirError(f"{where}: {error}") from None
+        factors = [2**level for level in range(MAX_LEVELS)]
+        factor = self.latent_factor
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor not in factors:
+            raise EngineDirError(f"{where}: model.latent_factor is {self.latent_factor!r}; expected one of {factors}")
+        if not isinstance(self.mask_padding, bool):
+            raise EngineDirError(f"{where}: model.mask_padding is {self.mask_padding!r}; expected true or false")
 
 
 @dataclass(frozen=True)
@@ -176,7 +200,7 @@ class EngineManifest:
         """Parse and check a manifest; ``EngineDirError`` naming the first bad entry."""
         try:
             version = data["format_version"]
-            if version != MANIFEST_FORMAT_VERSION:
+            if isinstance(version, bool) or version != MANIFEST_FORMAT_VERSION:
                 raise EngineDirError(f"{where} has format_version {version!r}; this runtime reads version "
                                      f"{MANIFEST_FORMAT_VERSION} (re-export the engine with this ldm-export)")
             manifest = cls(
@@ -192,7 +216,9 @@ class EngineManifest:
                 tensorrt=data.get("tensorrt"),
                 raw=data,
             )
-            config_from_dict(ScheduleConfig, manifest.schedule, "schedule").validate()
+            schedule = config_from_dict(ScheduleConfig, manifest.schedule, "schedule")
+            schedule.validate()
+            sampler = config_from_dict(DDIMConfig, manifest.sampler, "sampler")
         except EngineDirError:
             raise
         except ConfigError as error:
@@ -200,9 +226,16 @@ class EngineManifest:
         except (KeyError, TypeError, ValueError, AttributeError) as error:
             raise EngineDirError(f"{where} is not a valid engine manifest ({type(error).__name__}: {error})")
         manifest.model.check(where)
+        if sampler.steps_offset >= schedule.num_train_timesteps:
+            raise EngineDirError(f"{where}: sampler.steps_offset is {sampler.steps_offset}; expected an integer from 0 "
+                                 f"to {schedule.num_train_timesteps - 1} (below schedule.num_train_timesteps)")
         for name in REQUIRED_DIMS:
             if name not in manifest.dims:
                 raise EngineDirError(f"{where} defines no {name!r} in 'dims'; expected all of {REQUIRED_DIMS}")
+        for name, allowed in manifest.dims.items():
+            most = MAX_BATCH_ROWS if name == "batch" else LARGEST_IMAGE_SIDE
+            if allowed.max > most:
+                raise EngineDirError(f"{where}: dims.{name}.max is {allowed.max}; expected at most {most}")
         for graph_name, graph in manifest.graphs.items():
             graph.check(f"{where}: {graph_name}")
         for name, digest in manifest.tokenizer_files.items():

@@ -6,7 +6,9 @@ tensorrt).
 Prompt i gets seed S + i, so a prompt's image is the same whichever prompts run beside it. Every PNG
 carries its prompt, seed and settings as JSON in a PNG text chunk named "parameters". Bad input of any
 kind is one line ``ldm-sample: error: ...`` on stderr and exit status 2, before anything is written;
-images are written to temporary names and renamed into place only once all of them are ready.
+images are written to temporary names and renamed into place only once all of them are ready. A run makes at most
+``MAX_PROMPTS`` images of ``MAX_PIXELS`` pixels in all, each of at most ``MAX_TRAIN_TIMESTEPS`` steps, checked
+before the model is loaded where the flags alone decide it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import math
 import os
 import shutil
 import sys
@@ -24,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from ldm_runtime.command_line import OneLineArgumentParser, finite_float, report_user_error
-from ldm_runtime.engines import ENGINE_NAMES, engine_for_flags, load_engine
+from ldm_runtime.config import LARGEST_IMAGE_SIDE, MAX_TRAIN_TIMESTEPS
+from ldm_runtime.engines import AUTO_ENGINE_HELP, ENGINE_NAMES, engine_for_flags, load_engine
 from ldm_runtime.errors import UserError
 from ldm_runtime.images import image_grid, png_bytes
 from ldm_runtime.pipeline import GenerationRequest, Pipeline
@@ -35,6 +39,8 @@ REQUEST_DEFAULTS = {field.name: field.default for field in dataclasses.fields(Ge
 GRID_NAME = "grid.png"
 IMAGE_NAME = "{index:03d}-seed{seed}.png"  # image i of a folder --out, with its seed
 IMAGE_NAME_GLOB = "[0-9][0-9][0-9]-seed*.png"  # what IMAGE_NAME writes, in order (ldm-sheet reads them)
+MAX_PROMPTS = 999  # images of one run: IMAGE_NAME numbers them with three digits
+MAX_PIXELS = 256 * 1024 * 1024  # all images of one run together (256 of 1024x1024), held in memory with their grid
 
 
 class SampleError(UserError):
@@ -65,10 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--height", type=int, default=None, help="image height (default: the model's size)")
     parser.add_argument("--width", type=int, default=None, help="image width (default: the model's size)")
     parser.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
-                        help="auto picks torch for a checkpoint dir and, for an engine dir, tensorrt where it holds "
-                             "TensorRT plans built for this GPU, openvino on the CPU where it is installed, else "
-                             "onnxruntime (and says which); triton (a checkpoint dir "
-                             "on a CUDA GPU) runs the fused Triton kernels in fp16 with CUDA graphs")
+                        help=f"{AUTO_ENGINE_HELP} (and says which); triton (a checkpoint dir on a CUDA GPU) runs "
+                             f"the fused Triton kernels in fp16 with CUDA graphs")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
                         help="the openvino engine's inference precision; bf16 only on a CPU with native bf16 "
                              "(default: fp32)")
@@ -95,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
 def _sample(args: argparse.Namespace) -> tuple[list[Path], str | None]:
     """Everything after parsing: check the output, load the engine, check the requests, sample, write.
     Returns the files written and, under --engine auto, which engine it picked and why."""
+    check_flags(args)
     count = len(args.prompts)
     seeds = [args.seed + index for index in range(count)]
     plan = plan_output(args.out, seeds)
@@ -109,6 +114,11 @@ def _sample(args: argparse.Namespace) -> tuple[list[Path], str | None]:
     ]
     for request in requests:
         pipeline.validate(request)
+    pixels = sum(math.prod(pipeline.image_shape(request)) for request in requests)
+    if pixels > MAX_PIXELS:
+        height, width = pipeline.image_shape(requests[0])
+        raise SampleError(f"{count} images of {height}x{width} are {pixels} pixels; expected at most {MAX_PIXELS} in "
+                          f"one run (fewer prompts or a smaller --height and --width)")
     images = pipeline.generate(requests, progress=True, batch_size=args.batch_size)
     metadata = []
     for request, image in zip(requests, images):
@@ -117,6 +127,19 @@ def _sample(args: argparse.Namespace) -> tuple[list[Path], str | None]:
                         engine=engine.info.name, sampler="ddim")
         metadata.append(settings)
     return write_outputs(plan, images, metadata), auto_choice
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """``SampleError`` naming the first flag above what any model allows; the pipeline checks each against the
+    model's own range (and the lower bounds) once it is loaded."""
+    if len(args.prompts) > MAX_PROMPTS:
+        raise SampleError(f"{len(args.prompts)} prompts make {len(args.prompts)} images; expected at most "
+                          f"{MAX_PROMPTS} in one run")
+    limits = {"--steps": (args.steps, MAX_TRAIN_TIMESTEPS), "--height": (args.height, LARGEST_IMAGE_SIDE),
+              "--width": (args.width, LARGEST_IMAGE_SIDE)}
+    for flag, (value, most) in limits.items():
+        if value is not None and value > most:
+            raise SampleError(f"{flag} is {value}; expected an integer from 1 to {most}")
 
 
 @dataclass(frozen=True)

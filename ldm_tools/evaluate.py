@@ -43,7 +43,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from ldm_runtime.command_line import OneLineArgumentParser, finite_float, report_user_error
-from ldm_runtime.engines import CHECKPOINT_MARKER, ENGINE_DIR_MARKER, ENGINE_NAMES, load_engine
+from ldm_runtime.engines import AUTO_ENGINE_HELP, CHECKPOINT_MARKER, ENGINE_DIR_MARKER, ENGINE_NAMES, load_engine
 from ldm_runtime.errors import RequestError, UserError
 from ldm_runtime.files import write_text_atomic
 from ldm_runtime.images import image_grid
@@ -356,8 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-seed", type=int, default=defaults.data_seed,
                         help="seed of the model's training data; the prompts come from its held-out split")
     parser.add_argument("--engine", default=defaults.engine, choices=ENGINE_NAMES,
-                        help="engine to run the model with (auto: torch for a checkpoint dir, onnxruntime for an "
-                             "engine dir)")
+                        help=f"engine to run the model with: {AUTO_ENGINE_HELP} (the report's engine_name says "
+                             f"which)")
     parser.add_argument("--device", default=defaults.device, help="auto (CUDA when present), cpu, cuda or cuda:N")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="requests per pipeline call")
     parser.add_argument("--grid", default=None, help="also write a PNG of the first samples with their prompts")

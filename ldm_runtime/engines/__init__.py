@@ -29,6 +29,9 @@ ENGINE_LIBRARIES = {"torch": ("torch", "transformers", "safetensors"), "triton":
                                                                                   "safetensors", "triton"),
                     "onnxruntime": ("onnxruntime", "tokenizers"), "openvino": ("openvino", "tokenizers"),
                     "tensorrt": ("tensorrt", "torch", "onnxruntime", "tokenizers")}
+# What --engine auto does (``pick_engine``), for the commands' --help
+AUTO_ENGINE_HELP = ("auto picks torch for a checkpoint dir and, for an engine dir, tensorrt where it holds TensorRT "
+                    "plans built for this GPU, openvino on the CPU where it is installed, else onnxruntime")
 log = logging.getLogger(__name__)
 
 

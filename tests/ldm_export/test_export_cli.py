@@ -218,6 +218,8 @@ def test_unknown_engine_backend_or_malformed_range_is_refused(flags, message, ti
 @pytest.mark.parametrize("flags, message", [
     (["--batch-range", "4:2:8"], "1 <= MIN <= OPT <= MAX"),
     (["--batch-range", "1:1:1"], "at least 2"),
+    (["--batch-range", "1:8:257"], "expected at most 256 UNet rows"),
+    (["--size-range", "16:8200"], "expected at most 8192 pixels"),
     (["--size-range", "16:30"], f"multiples of {IMAGE_SIZE_MULTIPLE}"),
     (["--size-range", "24:32"], "image size 16"),
     (["--fp32-io"], "--engine fp16"),

@@ -202,25 +202,48 @@ def test_a_graph_that_is_a_symlink_out_of_the_engine_dir_is_refused(tiny_engine,
 # --- numbers out of range -------------------------------------------------------------------------------------
 
 MODEL_JSON_CASES = [
-    (("unet", "num_groups"), 0, "unet num_groups is 0; expected a positive integer"),
-    (("unet", "num_heads"), 0, "unet num_heads is 0; expected a positive integer"),
-    (("autoencoder", "num_groups"), 0, "autoencoder num_groups is 0"),
-    (("unet", "model_channels"), -16, "unet model_channels is -16"),
-    (("unet", "num_res_blocks"), 1.5, "unet num_res_blocks is 1.5; expected a positive integer"),
-    (("unet", "channel_mult"), [], "unet channel_mult is empty"),
-    (("autoencoder", "channel_mult"), [1, 0], "autoencoder channel_mult entry is 0"),
-    (("unet", "attention_levels"), [1, 0], "unet attention_levels entry is 1; expected true or false"),
-    (("text_encoder", "num_heads"), 0, "text encoder num_heads is 0"),
-    (("text_encoder", "max_length"), -1, "text encoder max_length is -1"),
-    (("image_size",), -16, "image_size is -16; expected a positive integer"),
+    (("unet", "num_groups"), 0, "unet.num_groups is 0; expected an integer from 1 to 256"),
+    (("unet", "num_heads"), 0, "unet.num_heads is 0; expected an integer from 1 to 64"),
+    (("autoencoder", "num_groups"), 0, "autoencoder.num_groups is 0"),
+    (("unet", "model_channels"), -16, "unet.model_channels is -16"),
+    (("unet", "num_res_blocks"), 1.5, "unet.num_res_blocks is 1.5; expected an integer from 1 to 8"),
+    (("unet", "channel_mult"), [], "unet.channel_mult has 0 entries; expected one per level, 1 to 6 levels"),
+    (("autoencoder", "channel_mult"), [1, 0], "autoencoder.channel_mult[1] is 0"),
+    (("unet", "attention_levels"), [1, 0], "unet.attention_levels[0] is 1; expected true or false"),
+    (("text_encoder", "num_heads"), 0, "text_encoder.num_heads is 0"),
+    (("text_encoder", "max_length"), -1, "text_encoder.max_length is -1"),
+    (("image_size",), -16, "image_size is -16; expected an integer from 1 to 4096"),
     (("image_size",), True, "image_size is True"),
-    (("latent_scale_factor",), 0, "latent_scale_factor is 0; expected a positive number"),
-    (("latent_scale_factor",), float("nan"), "latent_scale_factor is nan; expected a finite number"),
+    (("latent_scale_factor",), 0, "latent_scale_factor is 0; expected a number from 0.001 to 1000"),
+    (("latent_scale_factor",), float("nan"), "latent_scale_factor is nan; expected a number from 0.001 to 1000"),
     (("latent_scale_factor",), -0.5, "latent_scale_factor is -0.5"),
     (("schedule", "num_train_timesteps"), 10**12,
-     "num_train_timesteps is 1000000000000; expected an integer from 1 to 100000"),
-    (("schedule", "beta_end"), float("inf"), "schedule beta_end is inf; expected a finite number"),
+     "num_train_timesteps is 1000000000000; expected an integer from 1 to 10000"),
+    (("schedule", "beta_end"), float("inf"), "schedule.beta_end is inf; expected a finite number"),
     (("unet", "channel_mult"), 2, "unet.channel_mult is 2; expected a list"),
+]
+# Numbers a folder's author could write to make the runtime allocate until the OOM killer comes, or fail deep inside
+# torch: each is in range at its lower end, so only an upper bound refuses it.
+HOSTILE_MODEL_JSON_CASES = [
+    (("text_encoder", "max_length"), 10**9, "text_encoder.max_length is 1000000000; expected an integer from 1 to 512"),
+    (("unet", "num_res_blocks"), 200_000, "unet.num_res_blocks is 200000; expected an integer from 1 to 8"),
+    (("unet", "transformer_depth"), 100_000, "unet.transformer_depth is 100000; expected an integer from 1 to 16"),
+    (("image_size",), 2**31, "image_size is 2147483648; expected an integer from 1 to 4096"),
+    (("latent_scale_factor",), 1e-300, "latent_scale_factor is 1e-300; expected a number from 0.001 to 1000 (1 / the "
+                                       "std of the training latents)"),
+    (("latent_scale_factor",), 1e300, "latent_scale_factor is 1e+300; expected a number from 0.001 to 1000"),
+    (("unet", "model_channels"), 2**20, "unet.model_channels is 1048576; expected an integer from 1 to 4096"),
+    (("unet", "channel_mult"), [1] * 1000, "unet.channel_mult has 1000 entries; expected one per level, 1 to 6 levels"),
+    (("unet", "context_dim"), 10**7, "unet.context_dim is 10000000; expected an integer from 1 to 4096"),
+    (("unet", "num_heads"), True, "unet.num_heads is True; expected an integer from 1 to 64"),
+    (("autoencoder", "num_res_blocks"), 10**5, "autoencoder.num_res_blocks is 100000; expected an integer from 1 to 8"),
+    (("autoencoder", "codebook_size"), 10**12, "autoencoder.codebook_size is 1000000000000; expected an integer"),
+    (("text_encoder", "vocab_size"), 10**9, "text_encoder.vocab_size is 1000000000; expected an integer from 1 to "
+                                            "262144"),
+    (("text_encoder", "num_layers"), 10**6, "text_encoder.num_layers is 1000000; expected an integer from 1 to 48"),
+    (("text_encoder", "layer_norm_eps"), float("nan"), "text_encoder.layer_norm_eps is nan; expected a number"),
+    (("schedule", "num_train_timesteps"), 100_000, "schedule.num_train_timesteps is 100000; expected an integer from "
+                                                   "1 to 10000"),
 ]
 
 
@@ -230,7 +253,7 @@ def set_field(data: dict, keys: tuple[str, ...], value) -> None:
     data[keys[-1]] = value
 
 
-@pytest.mark.parametrize("keys, value, message", MODEL_JSON_CASES)
+@pytest.mark.parametrize("keys, value, message", MODEL_JSON_CASES + HOSTILE_MODEL_JSON_CASES)
 def test_model_json_numbers_out_of_range_are_refused_naming_the_field(keys, value, message, tiny_checkpoint,
                                                                       tmp_path):
     folder = copy_of(tiny_checkpoint, tmp_path)
@@ -244,24 +267,57 @@ def test_zero_groups_in_model_json_is_one_line_from_ldm_sample(tiny_checkpoint, 
     folder = copy_of(tiny_checkpoint, tmp_path)
     edit_model_json(folder, lambda data: set_field(data, ("unet", "num_groups"), 0))
     code, err = run_sample(folder, tmp_path, capsys)
-    assert_one_line_error(code, err, "unet num_groups is 0; expected a positive integer")
+    assert_one_line_error(code, err, "unet.num_groups is 0; expected an integer from 1 to 256")
+
+
+@pytest.mark.parametrize("keys, value, message", HOSTILE_MODEL_JSON_CASES)
+def test_a_model_json_number_past_its_bound_is_one_line_from_ldm_sample_before_anything_is_built(
+        keys, value, message, tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    import torch
+
+    folder = copy_of(tiny_checkpoint, tmp_path)
+    edit_model_json(folder, lambda data: set_field(data, keys, value))
+    monkeypatch.setattr(torch.nn.Module, "__init__", lambda *args, **kwargs: pytest.fail("a network was built"))
+    code, err = run_sample(folder, tmp_path, capsys)
+    assert_one_line_error(code, err, f"{folder / 'model.json'} is not a valid model description: {message}")
 
 
 MANIFEST_CASES = [
-    (("model", "latent_scale_factor"), 0, "model latent_scale_factor is 0; expected a positive finite number"),
-    (("model", "latent_scale_factor"), float("nan"), "model latent_scale_factor is nan"),
-    (("model", "latent_channels"), 0, "model latent_channels is 0; expected a positive integer"),
-    (("model", "image_size"), -32, "model image_size is -32"),
-    (("model", "text_max_length"), 2.5, "model text_max_length is 2.5"),
+    (("model", "latent_scale_factor"), 0, "model.latent_scale_factor is 0; expected a number from 0.001 to 1000"),
+    (("model", "latent_scale_factor"), float("nan"), "model.latent_scale_factor is nan"),
+    (("model", "latent_channels"), 0, "model.latent_channels is 0; expected an integer from 1 to 64"),
+    (("model", "image_size"), -32, "model.image_size is -32"),
+    (("model", "text_max_length"), 2.5, "model.text_max_length is 2.5"),
     (("dims", "batch", "min"), -1, "expected positive integers"),
     (("schedule", "beta_start"), float("nan"), "beta_start"),
     (("schedule", "num_train_timesteps"), 0, "num_train_timesteps is 0"),
     (("graphs", "unet", "precision"), "int4", "precision is 'int4'"),
     (("graphs", "unet", "files", "unet.onnx"), "not-a-digest", "expected 64 hex digits"),
 ]
+HOSTILE_MANIFEST_CASES = [
+    (("model", "text_max_length"), 10**9, "model.text_max_length is 1000000000; expected an integer from 1 to 512"),
+    (("model", "image_size"), 2**31, "model.image_size is 2147483648; expected an integer from 1 to 4096"),
+    (("model", "latent_scale_factor"), 1e-300, "model.latent_scale_factor is 1e-300; expected a number from 0.001 to "
+                                               "1000"),
+    (("model", "context_dim"), 10**9, "model.context_dim is 1000000000; expected an integer from 1 to 4096"),
+    (("model", "latent_channels"), True, "model.latent_channels is True; expected an integer from 1 to 64"),
+    (("model", "latent_factor"), 2**20, "model.latent_factor is 1048576; expected one of [1, 2, 4, 8, 16, 32]"),
+    (("model", "latent_factor"), 3, "model.latent_factor is 3; expected one of [1, 2, 4, 8, 16, 32]"),
+    (("model", "latent_factor"), 2.0, "model.latent_factor is 2.0; expected one of [1, 2, 4, 8, 16, 32]"),
+    (("model", "mask_padding"), "no", "model.mask_padding is 'no'; expected true or false"),
+    (("dims", "batch", "max"), 2**30, "dims.batch.max is 1073741824; expected at most 256"),
+    (("dims", "image_height", "max"), 2**20, "dims.image_height.max is 1048576; expected at most 8192"),
+    (("graphs", "unet", "inputs", 2, "shape", 1), 10**9, "unet tensor context has axis 1000000000; expected an "
+                                                         "integer from 1 to 8192"),
+    (("schedule", "num_train_timesteps"), 100_000, "schedule.num_train_timesteps is 100000; expected an integer from "
+                                                   "1 to 10000"),
+    (("sampler", "steps_offset"), 1000, "sampler.steps_offset is 1000; expected an integer from 0 to 999"),
+    (("sampler", "steps_offset"), 10**9, "ddim steps_offset is 1000000000; expected an integer from 0 to 9999"),
+    (("format_version",), True, "has format_version True; this runtime reads version 1"),
+]
 
 
-@pytest.mark.parametrize("keys, value, message", MANIFEST_CASES)
+@pytest.mark.parametrize("keys, value, message", MANIFEST_CASES + HOSTILE_MANIFEST_CASES)
 def test_manifest_numbers_out_of_range_are_refused_naming_the_field(keys, value, message, tiny_engine, tmp_path):
     engine = copy_of(tiny_engine, tmp_path, "engine")
     edit_manifest(engine, lambda data: set_field(data, keys, value))
@@ -276,3 +332,10 @@ def test_a_latent_scale_factor_of_zero_in_an_engine_dir_is_one_line_from_ldm_sam
     code, err = run_sample(engine, tmp_path, capsys)
     assert_one_line_error(code, err, "latent_scale_factor is 0")
     assert math.isfinite(json.loads((tiny_engine / "manifest.json").read_text())["model"]["latent_scale_factor"])
+
+
+def test_a_text_length_of_a_billion_in_an_engine_dir_is_one_line_from_ldm_sample(tiny_engine, tmp_path, capsys):
+    engine = copy_of(tiny_engine, tmp_path, "engine")
+    edit_manifest(engine, lambda data: set_field(data, ("model", "text_max_length"), 10**9))
+    code, err = run_sample(engine, tmp_path, capsys)
+    assert_one_line_error(code, err, "model.text_max_length is 1000000000; expected an integer from 1 to 512")
