@@ -1,5 +1,6 @@
 """The checkpoint dir ``ldm-import`` writes, whatever the source's layout, and the weights that go into it: read
-from safetensors as float32, CLIP's keyed as our text encoder's, each checked against our network's state dict.
+from safetensors as float32, CLIP's keyed as our text encoder's, each checked against our network's state dict
+from the file's header before a tensor is read, then read and written one network at a time.
 
 torch, safetensors and transformers are imported when weights are read or written: ``ldm-import --help`` needs none.
 """
@@ -11,22 +12,23 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ldm_export.errors import ImportRefusedError
+from ldm_export.untrusted_files import load_tensors, regular_file_size, shape_only
 from ldm_runtime.checkpoint import MODEL_JSON, TOKENIZER_DIR, folder_files, load_model_config, write_train_state
 from ldm_runtime.config import ModelConfig, TextEncoderConfig
 from ldm_runtime.staging import temporary_folder
 
+MAX_TOKENIZER_FILES = 32  # a CLIP tokenizer folder holds 4 or 5
+MAX_TOKENIZER_BYTES = 64 << 20  # vocab.json, merges.txt and tokenizer.json: about 4 MB
 
-def load_safetensors(path: Path) -> dict[str, Any]:
-    """Every tensor of ``path`` as float32 (a half-precision release is widened: models run at full precision)."""
-    import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
-    try:
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ImportRefusedError(f"cannot read {path} ({error}); expected a complete safetensors file") from None
-    return {name: t.to(torch.float32) if t.is_floating_point() else t for name, t in tensors.items()}
+def checked_weights(path: Path, header: dict[str, tuple[str, tuple[int, ...]]],
+                    convert: Callable[[dict[str, Any]], dict[str, Any]], names=None) -> Callable[[], dict[str, Any]]:
+    """Run ``convert`` (source tensors -> a network's state dict, ``ImportRefusedError`` for a misfit) now on the
+    shapes that ``path``'s ``header`` gives ``names`` (default: every tensor), so that a misfit is refused before
+    any tensor data is read; returns the call that runs it on the tensors themselves, read one at a time."""
+    names = list(header) if names is None else [name for name in names if name in header]
+    convert(shape_only(header, names))
+    return lambda: convert(load_tensors(path, names))
 
 
 def fit_state_dict(module, tensors: dict[str, Any], what: str, where: Path) -> dict[str, Any]:
@@ -40,6 +42,8 @@ def fit_state_dict(module, tensors: dict[str, Any], what: str, where: Path) -> d
                 continue
             raise ImportRefusedError(f"{where}: the {what} weight {name!r} has no place in the model described by "
                                      f"its config.json")
+        if expected[name].is_floating_point() and not tensor.is_floating_point():
+            raise ImportRefusedError(f"{where}: the {what} weight {name!r} is {tensor.dtype}; expected floating point")
         target = expected[name].shape
         if tensor.shape != target and tensor.dim() == 4 and tensor.shape[2:] == (1, 1) and len(target) == 2:
             tensor = tensor[:, :, 0, 0]
@@ -80,23 +84,39 @@ def clip_shapes(text_cfg: TextEncoderConfig):
     return holder
 
 
-def write_checkpoint(out: Path, config: ModelConfig, weights: dict[str, dict[str, Any]], tokenizer_source: Path,
-                     log: Callable[[str], None], settings: dict[str, Any]) -> Path:
-    """model.json, ``<stem>.safetensors`` for each of ``weights``, tokenizer/ (in the fast tokenizer's
-    tokenizer.json form that the engines read) and, last, train_state.json with the sha256 of every one of them
-    (stage "import", ``settings``: how the import ran), as ldm-train writes it: every loader checks each file
-    against it. Staged beside ``out`` and renamed into place, so ``out`` appears complete or not at all."""
+def check_tokenizer_folder(folder: Path) -> None:
+    """``ImportRefusedError`` unless ``folder`` is a folder (not a link to one) of at most ``MAX_TOKENIZER_FILES``
+    regular files and ``MAX_TOKENIZER_BYTES`` in all: a tokenizer, not a system folder."""
+    expected = "the model's CLIP tokenizer folder (vocab.json and merges.txt, or tokenizer.json)"
+    if folder.is_symlink():
+        raise ImportRefusedError(f"{folder} is a symbolic link; expected {expected} itself")
+    if not folder.is_dir():
+        regular_file_size(folder, expected)  # names what it is instead: missing, a pipe, a device
+        raise ImportRefusedError(f"{folder} is a file; expected {expected}")
+    with os.scandir(folder) as entries:
+        names = [entry.name for _, entry in zip(range(MAX_TOKENIZER_FILES + 1), entries)]
+    if len(names) > MAX_TOKENIZER_FILES:
+        raise ImportRefusedError(f"{folder} holds more than {MAX_TOKENIZER_FILES} entries; expected {expected}")
+    total = sum(regular_file_size(folder / name, f"a file of {expected}") for name in names)
+    if total > MAX_TOKENIZER_BYTES:
+        raise ImportRefusedError(f"{folder} holds {total} bytes; expected {expected} of at most "
+                                 f"{MAX_TOKENIZER_BYTES} bytes")
+
+
+def write_checkpoint(out: Path, config: ModelConfig, weights: dict[str, Callable[[], dict[str, Any]]],
+                     tokenizer_source: Path, settings: dict[str, Any]) -> Path:
+    """tokenizer/ (in the fast tokenizer's tokenizer.json form that the engines read), model.json,
+    ``<stem>.safetensors`` for each of ``weights`` (each called for its state dict in turn, so one network is in
+    memory at a time) and, last, train_state.json with the sha256 of every one of them (stage "import",
+    ``settings``: how the import ran), as ldm-train writes it: every loader checks each file against it. Staged
+    beside ``out`` and renamed into place, so ``out`` appears complete or not at all."""
     if out.exists():
         raise ImportRefusedError(f"--out {out} already exists; expected a new folder")
-    if not tokenizer_source.is_dir():
-        raise ImportRefusedError(f"{tokenizer_source} does not exist; expected the model's CLIP tokenizer folder")
+    check_tokenizer_folder(tokenizer_source)
     with temporary_folder(out) as staging:
         from safetensors.torch import save_file
         from transformers import AutoTokenizer
 
-        (staging / MODEL_JSON).write_text(config.to_json())
-        for stem, state in weights.items():
-            save_file(state, str(staging / f"{stem}.safetensors"))
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source), local_files_only=True, use_fast=True)
         except (OSError, ValueError) as error:
@@ -105,9 +125,11 @@ def write_checkpoint(out: Path, config: ModelConfig, weights: dict[str, dict[str
             raise ImportRefusedError(f"{tokenizer_source} holds a {type(tokenizer).__name__}; expected a CLIP "
                                      f"tokenizer")
         tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
+        (staging / MODEL_JSON).write_text(config.to_json())
+        for stem, state in weights.items():
+            save_file(state(), str(staging / f"{stem}.safetensors"))
         names = [MODEL_JSON, *(f"{stem}.safetensors" for stem in weights), *folder_files(staging, TOKENIZER_DIR)]
         write_train_state(staging, names, stage="import", step=0, settings=settings)
         load_model_config(staging)  # what every command reads back first
         os.replace(staging, out)
-    log(f"wrote {out}")
     return out

@@ -17,17 +17,18 @@ this runtime does not run (SDXL, SD3, Flux, inpainting UNets, LoRA files), each 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from ldm_export.diffusers_config import (autoencoder_from_diffusers, schedule_from_diffusers,
                                          text_encoder_from_transformers, unet_from_diffusers)
+from ldm_export.diffusers_limits import MODEL_INDEX_LIMITS, SCHEDULER_LIMITS, check_values
 from ldm_export.errors import ImportRefusedError
-from ldm_export.imported_checkpoint import (clip_shapes, clip_state_dict, fit_state_dict, load_safetensors,
+from ldm_export.imported_checkpoint import (checked_weights, clip_shapes, clip_state_dict, fit_state_dict,
                                             write_checkpoint)
 from ldm_export.sd_single_file import import_single_file
+from ldm_export.untrusted_files import read_json_object, read_safetensors_header
 from ldm_runtime.command_line import OneLineArgumentParser, report_user_error
 from ldm_runtime.config import ConfigError, ModelConfig
 from ldm_runtime.errors import UserError
@@ -55,15 +56,7 @@ UNSUPPORTED_PIPELINES = {
 # --- reading the source ---------------------------------------------------------------------------------------
 
 def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ImportRefusedError(f"{path} does not exist; expected a diffusers Stable Diffusion folder")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ImportRefusedError(f"{path} is not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise ImportRefusedError(f"{path} holds a {type(data).__name__}; expected a JSON object")
-    return data
+    return read_json_object(path, "a JSON file of a diffusers Stable Diffusion folder")
 
 
 def refuse_pickle(path: Path) -> None:
@@ -94,8 +87,8 @@ def _weights_file(component: Path) -> Path:
     raise ImportRefusedError(f"{component} has no .safetensors weights")
 
 
-def _refuse_lora(tensors: dict[str, Any], where: Path) -> None:
-    if any("lora" in name.lower() for name in tensors):
+def _refuse_lora(names, where: Path) -> None:
+    if any("lora" in name.lower() for name in names):
         raise ImportRefusedError(f"{where} holds LoRA weights (an adapter for a base model, not a model); "
                                  f"merge it into its base model and import that")
 
@@ -126,7 +119,8 @@ def import_diffusers_folder(source: Path, out: Path, clip_skip: int = 0,
     ``out`` appears complete or not at all (written in a sibling temporary folder, then renamed).
     """
     index = _read_json(source / "model_index.json")
-    pipeline = str(index.get("_class_name", ""))
+    check_values(index, MODEL_INDEX_LIMITS, "the pipeline's", source / "model_index.json")
+    pipeline = index.get("_class_name", "")
     for prefix, kind in UNSUPPORTED_PIPELINES.items():
         if pipeline.startswith(prefix):
             raise ImportRefusedError(f"{source} is {kind} ({pipeline}); ldm-import takes Stable Diffusion 1.x/2.x "
@@ -135,13 +129,17 @@ def import_diffusers_folder(source: Path, out: Path, clip_skip: int = 0,
         raise ImportRefusedError(f"{source} holds a {pipeline or 'pipeline of no named class'}; ldm-import takes "
                                  f"{' or '.join(SD_PIPELINES)} folders")
 
-    unet_cfg = unet_from_diffusers(_read_json(source / "unet" / "config.json"), source / "unet")
+    unet_json = _read_json(source / "unet" / "config.json")
+    unet_cfg = unet_from_diffusers(unet_json, source / "unet")
     autoencoder_cfg, scale = autoencoder_from_diffusers(_read_json(source / "vae" / "config.json"), source / "vae")
     text_cfg = text_encoder_from_transformers(_read_json(source / "text_encoder" / "config.json"),
                                               source / "text_encoder", clip_skip)
     scheduler_json = source / "scheduler" / "scheduler_config.json"
-    schedule, sampler = schedule_from_diffusers(_read_json(scheduler_json), scheduler_json)
-    sample_size = _read_json(source / "unet" / "config.json").get("sample_size", 64)
+    scheduler_config = _read_json(scheduler_json)
+    check_values(scheduler_config, SCHEDULER_LIMITS, "the scheduler's", scheduler_json)
+    scheduler_notes: list[str] = []  # said once nothing else refuses the import
+    schedule, sampler = schedule_from_diffusers(scheduler_config, scheduler_json, scheduler_notes.append)
+    sample_size = unet_json.get("sample_size", 64)
     if isinstance(sample_size, list):
         sample_size = sample_size[0]
     config = ModelConfig(image_size=int(sample_size) * autoencoder_cfg.factor, autoencoder=autoencoder_cfg,
@@ -161,21 +159,25 @@ def import_diffusers_folder(source: Path, out: Path, clip_skip: int = 0,
 
     with torch.device("meta"):  # shapes only: the weights come from the source
         unet, autoencoder = UNet(unet_cfg), Autoencoder(autoencoder_cfg)
-    weights = {}
-    unet_file = _weights_file(source / "unet")
-    unet_tensors = load_safetensors(unet_file)
-    _refuse_lora(unet_tensors, unet_file)
-    weights["unet"] = fit_state_dict(unet, unet_tensors, "UNet", unet_file)
-    vae_file = _weights_file(source / "vae")
-    weights["autoencoder"] = fit_state_dict(autoencoder, _rename_legacy_vae(load_safetensors(vae_file)), "VAE",
-                                            vae_file)
-    text_file = _weights_file(source / "text_encoder")
     text_shapes = clip_shapes(text_cfg)
-    weights["text_encoder"] = fit_state_dict(text_shapes, clip_state_dict(load_safetensors(text_file), text_shapes),
-                                             "text encoder", text_file)
-    log(f"read {unet_file.parent.name}, {vae_file.parent.name} and {text_file.parent.name} weights from {source}")
-    return write_checkpoint(out, config, weights, source / "tokenizer", log,
-                            settings={"source": source.name, "clip_skip": clip_skip})
+    unet_file, vae_file, text_file = (_weights_file(source / name) for name in ("unet", "vae", "text_encoder"))
+    unet_header = read_safetensors_header(unet_file)
+    _refuse_lora(unet_header, unet_file)
+    weights = {
+        "unet": checked_weights(unet_file, unet_header,
+                                lambda tensors: fit_state_dict(unet, tensors, "UNet", unet_file)),
+        "autoencoder": checked_weights(vae_file, read_safetensors_header(vae_file), lambda tensors: fit_state_dict(
+            autoencoder, _rename_legacy_vae(tensors), "VAE", vae_file)),
+        "text_encoder": checked_weights(text_file, read_safetensors_header(text_file), lambda tensors: fit_state_dict(
+            text_shapes, clip_state_dict(tensors, text_shapes), "text encoder", text_file)),
+    }
+    write_checkpoint(out, config, weights, source / "tokenizer",
+                     settings={"source": source.name, "clip_skip": clip_skip})
+    for line in scheduler_notes:
+        log(line)
+    log(f"wrote {out} from the {unet_file.parent.name}, {vae_file.parent.name} and {text_file.parent.name} weights "
+        f"of {source}")
+    return out
 
 
 # Keys that only one kind of single-file checkpoint has, in the order they are looked for.
@@ -187,23 +189,15 @@ SINGLE_FILE_KINDS = (
 )
 
 
-def refuse_unsupported_single_file(path: Path) -> None:
-    """``ImportRefusedError`` naming the kind of a single .safetensors file that is not SD 1.x/2.x (read: key
-    names and one shape, never the tensors); returns for anything else."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="numpy") as handle:
-            names = list(handle.keys())
-            conv_in = "model.diffusion_model.input_blocks.0.0.weight"
-            in_channels = handle.get_slice(conv_in).get_shape()[1] if conv_in in names else None
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ImportRefusedError(f"cannot read {path} ({error}); expected a complete safetensors file") from None
+def refuse_unsupported_single_file(path: Path, header: dict[str, tuple[str, tuple[int, ...]]]) -> None:
+    """``ImportRefusedError`` naming the kind of a single .safetensors file that is not SD 1.x/2.x, from its
+    ``header`` (key names and one shape); returns for anything else."""
     for marker, kind in SINGLE_FILE_KINDS:
-        if any(marker in name.lower() for name in names):
+        if any(marker in name.lower() for name in header):
             raise ImportRefusedError(f"{path} holds {kind}" if kind.startswith("LoRA") else
                                      f"{path} is {kind}; ldm-import takes Stable Diffusion 1.x/2.x models")
-    if in_channels == 9:
+    _, conv_in_shape = header.get("model.diffusion_model.input_blocks.0.0.weight", ("", ()))
+    if conv_in_shape[1:2] == (9,):
         raise ImportRefusedError(f"{path} holds a 9-channel inpainting UNet; ldm-import takes text-to-image "
                                  f"Stable Diffusion 1.x/2.x UNets (4 input channels)")
 
@@ -221,11 +215,15 @@ def import_source(source: str | Path, out: str | Path, clip_skip: int = 0,
         if source.suffix.lower() in PICKLE_SUFFIXES:
             refuse_pickle(source)
         if source.suffix.lower() == ".safetensors":
-            refuse_unsupported_single_file(source)
-            return import_single_file(source, out, None if tokenizer is None else Path(tokenizer), prediction_type,
-                                      image_size, clip_skip, log)
+            header = read_safetensors_header(source)
+            refuse_unsupported_single_file(source, header)
+            return import_single_file(source, header, out, None if tokenizer is None else Path(tokenizer),
+                                      prediction_type, image_size, clip_skip, log)
         raise ImportRefusedError(f"{source} is neither a .safetensors file nor a folder; ldm-import takes a diffusers "
                                  f"folder or an original-layout Stable Diffusion .safetensors file")
+    if source.exists() and not source.is_dir():
+        raise ImportRefusedError(f"{source} is not a regular file or a folder; expected a diffusers Stable Diffusion "
+                                 f"folder or a .safetensors file")
     if not source.is_dir():
         raise ImportRefusedError(f"{source} does not exist; expected a diffusers Stable Diffusion folder")
     if not (source / "model_index.json").is_file():

@@ -21,9 +21,12 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ldm_export.diffusers_config import autoencoder_to_diffusers, unet_to_diffusers
+from ldm_export.diffusers_limits import TEXT_ENCODER_LIMITS, UNET_LIMITS, VAE_LIMITS, check_values
 from ldm_export.errors import ImportRefusedError
-from ldm_export.imported_checkpoint import (canonical_clip, clip_shapes, clip_state_dict, fit_state_dict,
-                                            load_safetensors, write_checkpoint)
+from ldm_export.imported_checkpoint import (canonical_clip, checked_weights, clip_shapes, clip_state_dict,
+                                            fit_state_dict, write_checkpoint)
+from ldm_export.untrusted_files import shape_only
 from ldm_runtime.config import (AutoencoderConfig, ConfigError, DDIMConfig, ModelConfig, ScheduleConfig,
                                 TextEncoderConfig, UNetConfig)
 
@@ -118,20 +121,30 @@ OPENCLIP_BLOCK_NAMES = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_
 QKV = ("q_proj", "k_proj", "v_proj")
 
 
-def openclip_to_clip(tensors: dict[str, Any], layers: int) -> dict[str, Any]:
-    """The first ``layers`` OpenCLIP text blocks (keys without cond_stage_model.model.) as CLIPTextModel weights."""
-    import torch
-
-    clip = {ours: tensors[original] for original, ours in OPENCLIP_TOP_NAMES.items()}
+def openclip_sources(layers: int) -> dict[str, tuple[str, int | None]]:
+    """CLIPTextModel name -> (the OpenCLIP name it is read from, which third of that tensor: 0, 1, 2 for q, k, v;
+    None: all of it), for the first ``layers`` OpenCLIP text blocks."""
+    sources = {ours: (original, None) for original, ours in OPENCLIP_TOP_NAMES.items()}
     for layer in range(layers):
         source, target = f"transformer.resblocks.{layer}.", f"encoder.layers.{layer}."
-        for original, ours in OPENCLIP_BLOCK_NAMES.items():
-            for leaf in ("weight", "bias"):
-                clip[f"{target}{ours}.{leaf}"] = tensors[f"{source}{original}.{leaf}"]
         for leaf in ("weight", "bias"):
-            parts = torch.chunk(tensors[f"{source}attn.in_proj_{leaf}"], 3, dim=0)
-            for projection, tensor in zip(QKV, parts):
-                clip[f"{target}self_attn.{projection}.{leaf}"] = tensor
+            for original, ours in OPENCLIP_BLOCK_NAMES.items():
+                sources[f"{target}{ours}.{leaf}"] = (f"{source}{original}.{leaf}", None)
+            for third, projection in enumerate(QKV):
+                sources[f"{target}self_attn.{projection}.{leaf}"] = (f"{source}attn.in_proj_{leaf}", third)
+    return sources
+
+
+def openclip_to_clip(tensors: dict[str, Any], layers: int) -> dict[str, Any]:
+    """The first ``layers`` OpenCLIP text blocks (keys without cond_stage_model.model.) as CLIPTextModel weights; one
+    the file lacks is left out (``fit_state_dict`` names it)."""
+    import torch
+
+    clip = {}
+    for ours, (original, third) in openclip_sources(layers).items():
+        if original in tensors:
+            tensor = tensors[original]
+            clip[ours] = tensor if third is None or tensor.dim() == 0 else torch.tensor_split(tensor, 3)[third]
     return clip
 
 
@@ -165,10 +178,20 @@ def _strip(tensors: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {name[len(prefix):]: tensor for name, tensor in tensors.items() if name.startswith(prefix)}
 
 
-def _use_ema(tensors: dict[str, Any], unet: dict[str, Any]) -> bool:
-    """True when the file holds an EMA copy of every UNet parameter (then the EMA copy is imported)."""
-    return any(name.startswith(EMA_PREFIX) for name in tensors) and all(
-        _ema_key(name) in tensors for name in unet)
+def _use_ema(names, unet_originals) -> bool:
+    """True when the file's tensor ``names`` hold an EMA copy of every UNet parameter (original names, without
+    model.diffusion_model.): then the EMA copy is imported."""
+    return any(name.startswith(EMA_PREFIX) for name in names) and all(
+        _ema_key(name) in names for name in unet_originals)
+
+
+def _side(tensors: dict[str, Any], name: str, axis: int, where: Path) -> int:
+    """Size ``axis`` of tensor ``name``; ``ImportRefusedError`` naming its shape where it has no such axis."""
+    shape = list(tensors[name].shape)
+    if axis >= len(shape):
+        raise ImportRefusedError(f"{where}: the tensor ending {name!r} has shape {shape}; expected at least "
+                                 f"{axis + 1} dimensions")
+    return shape[axis]
 
 
 def infer_configs(unet: dict[str, Any], vae: dict[str, Any], text: dict[str, Any], openclip: bool,
@@ -177,59 +200,83 @@ def infer_configs(unet: dict[str, Any], vae: dict[str, Any], text: dict[str, Any
     Diffusion's fixed choices for what shapes do not tell (32 norm groups, SD 1.x's 8 heads or SD 2.x's 64-wide
     ones, 64-wide CLIP heads, SD 2.x's fp32 attention)."""
     try:
-        model_channels = int(unet["input_blocks.0.0.weight"].shape[0])
+        model_channels = _side(unet, "input_blocks.0.0.weight", 0, where)
+        if not model_channels:
+            raise ImportRefusedError(f"{where}: {UNET_PREFIX}input_blocks.0.0.weight has no output channels; "
+                                     f"expected the UNet's first convolution")
         downsamplers = sorted(int(m[1]) for name in unet for m in [re.match(r"input_blocks\.(\d+)\.0\.op\.weight$", name)]
                               if m)
         num_res_blocks = downsamplers[0] - 1 if downsamplers else _count(unet, r"input_blocks\.(\d+)\.") - 1
         levels = len(downsamplers) + 1
         first_blocks = [1 + level * (num_res_blocks + 1) for level in range(levels)]
-        widths = [int(unet[f"input_blocks.{block}.0.out_layers.3.weight"].shape[0]) for block in first_blocks]
+        widths = [_side(unet, f"input_blocks.{block}.0.out_layers.3.weight", 0, where) for block in first_blocks]
         attention_levels = tuple(f"input_blocks.{block}.1.proj_in.weight" in unet for block in first_blocks)
         some_attention = next(name for name in unet if name.endswith("attn2.to_k.weight"))
         prefix = some_attention.split("transformer_blocks.")[0]
         depth = _count(unet, re.escape(prefix) + r"transformer_blocks\.(\d+)\.")
         unet_cfg = UNetConfig(
-            in_channels=int(unet["input_blocks.0.0.weight"].shape[1]), out_channels=int(unet["out.2.weight"].shape[0]),
+            in_channels=_side(unet, "input_blocks.0.0.weight", 1, where),
+            out_channels=_side(unet, "out.2.weight", 0, where),
             model_channels=model_channels, channel_mult=tuple(w // model_channels for w in widths),
             num_res_blocks=num_res_blocks, attention_levels=attention_levels,
             num_heads=widths[-1] // OPENCLIP_HEAD_DIM if openclip else SD1_UNET_HEADS,
             level_heads=tuple(w // OPENCLIP_HEAD_DIM for w in widths) if openclip else (),
-            transformer_depth=depth, context_dim=int(unet[some_attention].shape[1]),
+            transformer_depth=depth, context_dim=_side(unet, some_attention, 1, where),
             use_linear_projection=unet[prefix + "proj_in.weight"].dim() == 2, upcast_attention=openclip,
         )
-        base = int(vae["encoder.conv_in.weight"].shape[0])
+        base = _side(vae, "encoder.conv_in.weight", 0, where)
+        if not base:
+            raise ImportRefusedError(f"{where}: {VAE_PREFIX}encoder.conv_in.weight has no output channels; "
+                                     f"expected the VAE's first convolution")
         vae_levels = _count(vae, r"encoder\.down\.(\d+)\.")
         autoencoder_cfg = AutoencoderConfig(
             kind="kl", base_channels=base,
-            channel_mult=tuple(int(vae[f"encoder.down.{level}.block.0.conv2.weight"].shape[0]) // base
+            channel_mult=tuple(_side(vae, f"encoder.down.{level}.block.0.conv2.weight", 0, where) // base
                                for level in range(vae_levels)),
             num_res_blocks=_count(vae, r"encoder\.down\.0\.block\.(\d+)\."),
-            latent_channels=int(vae["post_quant_conv.weight"].shape[0]),
+            latent_channels=_side(vae, "post_quant_conv.weight", 0, where),
             mid_attention="encoder.mid.attn_1.q.weight" in vae,
         )
-        hidden = int(text["embeddings.token_embedding.weight"].shape[1])
+        hidden = _side(text, "embeddings.token_embedding.weight", 1, where)
         text_cfg = TextEncoderConfig(
-            kind="clip", path="", max_length=int(text["embeddings.position_embedding.weight"].shape[0]),
+            kind="clip", path="", max_length=_side(text, "embeddings.position_embedding.weight", 0, where),
             hidden_size=hidden, num_layers=_count(text, r"encoder\.layers\.(\d+)\."),
             num_heads=max(1, hidden // OPENCLIP_HEAD_DIM),
-            intermediate_size=int(text["encoder.layers.0.mlp.fc1.weight"].shape[0]),
-            vocab_size=int(text["embeddings.token_embedding.weight"].shape[0]),
+            intermediate_size=_side(text, "encoder.layers.0.mlp.fc1.weight", 0, where),
+            vocab_size=_side(text, "embeddings.token_embedding.weight", 0, where),
             hidden_act="gelu" if openclip else "quick_gelu", mask_padding=False,
         )
-    except (KeyError, StopIteration, IndexError) as error:
+    except (KeyError, StopIteration) as error:
         raise ImportRefusedError(f"{where} lacks a tensor an SD 1.x/2.x file has ({error}); expected "
                                  f"model.diffusion_model.*, first_stage_model.* and cond_stage_model.* keys") from None
     return unet_cfg, autoencoder_cfg, text_cfg
 
 
-def import_single_file(path: Path, out: Path, tokenizer: Path | None, prediction_type: str | None,
-                       image_size: int | None, clip_skip: int, log) -> Path:
-    """Checkpoint dir ``out`` from the original-layout SD 1.x/2.x file ``path`` (see the module docstring)."""
-    tensors = load_safetensors(path)
-    unet = _strip(tensors, UNET_PREFIX)
-    vae = _strip(tensors, VAE_PREFIX)
-    openclip = any(name.startswith(OPENCLIP_PREFIX) for name in tensors)
-    if not unet or not vae or not (openclip or any(name.startswith(CLIP_PREFIX) for name in tensors)):
+def _check_sizes(config: ModelConfig, image_size: int | None, where: Path) -> None:
+    """The networks read from a file's shapes, within the sizes a diffusers folder's config.json may give."""
+    from ldm_runtime.models.text_encoder import clip_text_config
+
+    largest = int(UNET_LIMITS["sample_size"].high) * config.autoencoder.factor
+    if image_size is not None and not 0 < image_size <= largest:
+        raise ImportRefusedError(f"--image-size {image_size} is out of range; expected 1 to {largest} pixels for "
+                                 f"{where}")
+    check_values(unet_to_diffusers(config.unet, config.latent_size), UNET_LIMITS, "the UNet's", where)
+    check_values(autoencoder_to_diffusers(config.autoencoder), VAE_LIMITS, "the VAE's", where)
+    check_values(clip_text_config(config.text_encoder).to_dict(), TEXT_ENCODER_LIMITS, "the text encoder's", where)
+
+
+def _renamed(tensors: dict[str, Any], sources: dict[str, str]) -> dict[str, Any]:
+    """{our name: the tensor of its name in the file} for each of ``sources`` that ``tensors`` holds."""
+    return {name: tensors[key] for name, key in sources.items() if key in tensors}
+
+
+def import_single_file(path: Path, header: dict[str, tuple[str, tuple[int, ...]]], out: Path, tokenizer: Path | None,
+                       prediction_type: str | None, image_size: int | None, clip_skip: int, log) -> Path:
+    """Checkpoint dir ``out`` from the original-layout SD 1.x/2.x file ``path`` (see the module docstring), whose
+    safetensors ``header`` is checked first: every refusal comes before a tensor is read."""
+    openclip = any(name.startswith(OPENCLIP_PREFIX) for name in header)
+    if not all(any(name.startswith(prefix) for name in header)
+               for prefix in (UNET_PREFIX, VAE_PREFIX, OPENCLIP_PREFIX if openclip else CLIP_PREFIX)):
         raise ImportRefusedError(f"{path} is not an original-layout Stable Diffusion 1.x/2.x file; expected "
                                  f"model.diffusion_model.*, first_stage_model.* and cond_stage_model.* keys")
     if tokenizer is None:
@@ -239,18 +286,24 @@ def import_single_file(path: Path, out: Path, tokenizer: Path | None, prediction
         raise ImportRefusedError(f"{path} is Stable Diffusion 2.x, whose files do not say what the UNet predicts; "
                                  f"pass --prediction-type v_prediction (768-v models) or epsilon (512-base models)")
     prediction_type = prediction_type or "epsilon"
-    if openclip:
-        openclip_tensors = _strip(tensors, OPENCLIP_PREFIX)
-        layers = _count(openclip_tensors, r"transformer\.resblocks\.(\d+)\.") - 1  # SD 2 reads the penultimate layer
-        text = openclip_to_clip(openclip_tensors, layers)
-    else:
-        text = canonical_clip(_strip(tensors, CLIP_PREFIX))
-    unet_cfg, autoencoder_cfg, text_cfg = infer_configs(unet, vae, text, openclip, path)
+    shapes = shape_only(header)
+    # SD 2 reads the penultimate OpenCLIP layer
+    text_layers = _count(_strip(shapes, OPENCLIP_PREFIX), r"transformer\.resblocks\.(\d+)\.") - 1
+
+    def text_of(tensors: dict[str, Any]) -> dict[str, Any]:
+        if openclip:
+            return openclip_to_clip(_strip(tensors, OPENCLIP_PREFIX), text_layers)
+        return canonical_clip(_strip(tensors, CLIP_PREFIX))
+
+    unet_cfg, autoencoder_cfg, text_cfg = infer_configs(_strip(shapes, UNET_PREFIX), _strip(shapes, VAE_PREFIX),
+                                                        text_of(shapes), openclip, path)
     text_cfg = dataclasses.replace(text_cfg, clip_skip=clip_skip)
     size = image_size or (768 if prediction_type == "v_prediction" else 512)
     config = ModelConfig(image_size=size, autoencoder=autoencoder_cfg, unet=unet_cfg, text_encoder=text_cfg,
                          schedule=ScheduleConfig(prediction_type=prediction_type), latent_scale_factor=0.18215,
-                         sampler=DDIMConfig(steps_offset=1, set_alpha_to_one=False, clip_sample=False))
+                         sampler=DDIMConfig(steps_offset=1, set_alpha_to_one=False, clip_sample=False,
+                                            previous_timestep="diffusers"))
+    _check_sizes(config, image_size, path)
     try:
         config.validate()
     except ConfigError as error:
@@ -262,31 +315,30 @@ def import_single_file(path: Path, out: Path, tokenizer: Path | None, prediction
 
     with torch.device("meta"):
         unet_model, autoencoder_model = UNet(unet_cfg), Autoencoder(autoencoder_cfg)
-    ema = _use_ema(tensors, {unet_original_key(name, unet_cfg.num_res_blocks, unet_cfg.attention_levels): None
-                             for name in unet_model.state_dict()})
-    unet_weights = {}
-    for name in unet_model.state_dict():
-        original = unet_original_key(name, unet_cfg.num_res_blocks, unet_cfg.attention_levels)
-        key = _ema_key(original) if ema else UNET_PREFIX + original
-        if key in tensors:
-            unet_weights[name] = tensors[key]
-    vae_weights = {}
-    for name in autoencoder_model.state_dict():
-        key = VAE_PREFIX + vae_original_key(name, len(autoencoder_cfg.channel_mult))
-        if key in tensors:
-            vae_weights[name] = tensors[key]
+    unet_originals = {name: unet_original_key(name, unet_cfg.num_res_blocks, unet_cfg.attention_levels)
+                      for name in unet_model.state_dict()}
+    ema = _use_ema(header, unet_originals.values())
+    unet_keys = {name: _ema_key(original) if ema else UNET_PREFIX + original
+                 for name, original in unet_originals.items()}
+    vae_keys = {name: VAE_PREFIX + vae_original_key(name, len(autoencoder_cfg.channel_mult))
+                for name in autoencoder_model.state_dict()}
+    text_names = (dict.fromkeys(OPENCLIP_PREFIX + original for original, _ in openclip_sources(text_layers).values())
+                  if openclip else [name for name in header if name.startswith(CLIP_PREFIX)])
     text_shapes = clip_shapes(text_cfg)
     weights = {
-        "unet": fit_state_dict(unet_model, unet_weights, "UNet", path),
-        "autoencoder": fit_state_dict(autoencoder_model, vae_weights, "VAE", path),
-        "text_encoder": fit_state_dict(text_shapes, clip_state_dict(text, text_shapes), "text encoder", path),
+        "unet": checked_weights(path, header, lambda tensors: fit_state_dict(
+            unet_model, _renamed(tensors, unet_keys), "UNet", path), unet_keys.values()),
+        "autoencoder": checked_weights(path, header, lambda tensors: fit_state_dict(
+            autoencoder_model, _renamed(tensors, vae_keys), "VAE", path), vae_keys.values()),
+        "text_encoder": checked_weights(path, header, lambda tensors: fit_state_dict(
+            text_shapes, clip_state_dict(text_of(tensors), text_shapes), "text encoder", path), text_names),
     }
-    log(f"read the {'EMA ' if ema else ''}UNet, the VAE and the {'OpenCLIP' if openclip else 'CLIP'} text encoder "
-        f"from {path}")
-    return write_checkpoint(out, config, weights, tokenizer, log,
-                            settings={"source": path.name, "clip_skip": clip_skip, "ema": ema,
-                                      "prediction_type": config.schedule.prediction_type,
-                                      "image_size": config.image_size})
+    write_checkpoint(out, config, weights, tokenizer,
+                     settings={"source": path.name, "clip_skip": clip_skip, "ema": ema,
+                               "prediction_type": config.schedule.prediction_type, "image_size": config.image_size})
+    log(f"wrote {out} from the {'EMA ' if ema else ''}UNet, the VAE and the {'OpenCLIP' if openclip else 'CLIP'} "
+        f"text encoder of {path}")
+    return out
 
 
 def original_state_dict(unet: dict[str, Any], unet_cfg, vae: dict[str, Any], autoencoder_cfg,

@@ -6,6 +6,10 @@ scale of exactly 1 gives eps_cond, so by default a row with s == 1 is left out o
 keeps are guided exactly as without the short-cut; turn it off to always run the doubled batch (a fixed
 UNet batch size, e.g. for a captured CUDA graph).
 
+Any scale >= 0 takes the formula, so a scale below 1 leans toward the unconditional prediction (0 gives it
+alone), as in CompVis' LDM scripts; diffusers' StableDiffusionPipeline instead turns guidance off for every
+scale <= 1 (``guidance_below_one_note`` is the line that says so).
+
 Arrays are the engine's (numpy or torch, any device); guidance scales are host floats, one per row.
 """
 
@@ -30,6 +34,15 @@ def guided_images(unet_rows: int) -> int:
 def guided_unet_rows(images: int) -> int:
     """The UNet rows ``images`` images take with guidance on."""
     return images * UNET_ROWS_PER_IMAGE
+
+
+def guidance_below_one_note(guidance_scale: float) -> str | None:
+    """One line for a scale from 0 to below 1, where diffusers' pipeline differs from the formula; else None."""
+    if not 0 <= guidance_scale < 1:
+        return None
+    return (f"guidance_scale {guidance_scale:g} is below 1: sampled as eps_u + {guidance_scale:g} (eps_c - eps_u), "
+            f"toward the unconditional prediction, where diffusers' StableDiffusionPipeline turns guidance off "
+            f"(guidance_scale 1 gives its images)")
 
 
 def apply_guidance(noise_pred_uncond: Any, noise_pred_cond: Any, guidance_scale: float | Sequence[float],

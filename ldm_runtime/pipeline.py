@@ -18,6 +18,7 @@ timestep per row) and have different guidance scales, etas and prompts; ``genera
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -28,7 +29,7 @@ from tqdm import tqdm
 from ldm_runtime.arrays import concatenate
 from ldm_runtime.engines.base import Array, Engine, EngineInfo
 from ldm_runtime.errors import RequestError
-from ldm_runtime.guidance import GuidedBatch
+from ldm_runtime.guidance import GuidedBatch, guidance_below_one_note
 from ldm_runtime.noise import MAX_SEED, initial_noise, step_noise
 from ldm_runtime.schedulers import DDIMConfig, DDIMSampler, DDIMTrajectory, NoiseSchedule
 
@@ -36,6 +37,7 @@ DEFAULT_STEPS = 25  # DDIM steps of a request that names none (ldm-sample, ldm-s
 # The CompVis LDM text-to-image script's default scale: milder than Stable Diffusion's 7.5, which
 # over-saturates small models trained on few captions.
 DEFAULT_GUIDANCE_SCALE = 5.0
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,7 +84,8 @@ class SamplingState:
 
 class Pipeline:
     """DDIM text-to-image sampling with classifier-free guidance over ``engine``. ``ddim`` None takes the
-    model's own DDIM settings (``engine.info.sampler``: a Stable Diffusion import's scheduler_config.json)."""
+    model's own DDIM settings (``engine.info.sampler``: a Stable Diffusion import's scheduler_config.json). The first
+    request with guidance below 1 logs ``guidance_below_one_note``'s line (a warning of this module's logger)."""
 
     def __init__(self, engine: Engine, ddim: DDIMConfig | None = None):
         self.engine = engine
@@ -92,6 +95,7 @@ class Pipeline:
         # the most steps DDIM can plan: T, or fewer when the "leading" spacing's offset would pass timestep T - 1
         count = self.sampler.schedule.num_train_timesteps
         self.max_steps = next((steps for steps in range(count, 0, -1) if self._can_plan(steps)), 0)
+        self._said_guidance_below_one = False  # the line is said once, not once per request
 
     @property
     def info(self) -> EngineInfo:
@@ -138,6 +142,16 @@ class Pipeline:
             return False
         return True
 
+    def _say_guidance_below_one(self, requests: Sequence[GenerationRequest]) -> None:
+        if self._said_guidance_below_one:
+            return
+        for request in requests:
+            note = guidance_below_one_note(float(request.guidance_scale))
+            if note:
+                self._said_guidance_below_one = True
+                log.warning(note)
+                return
+
     def image_shape(self, request: GenerationRequest) -> tuple[int, int]:
         """``(height, width)`` in pixels of the image ``request`` makes."""
         size = self.info.image_size
@@ -150,6 +164,7 @@ class Pipeline:
             self.validate(request)
         if not requests:
             return []
+        self._say_guidance_below_one(requests)
         texts = list(dict.fromkeys([r.prompt for r in requests] + [r.negative_prompt for r in requests]))
         context, context_mask = self.engine.encode_text(texts)
         row = {text: index for index, text in enumerate(texts)}

@@ -6,13 +6,12 @@ latents stay where the engine keeps them (numpy for onnxruntime on CPU, a CUDA t
 for the whole loop. The array math uses only ``+ - * /`` and ``.clip``, which numpy and torch share; this
 module never imports torch (it finds it in ``sys.modules`` when it is handed a tensor).
 
-The numbers match diffusers' ``DDIMScheduler`` for the same settings, with one deliberate difference:
-diffusers' ``step`` takes the previous timestep to be ``t - T // N``, which is not the next entry of its own
-timestep list for the ``trailing`` and ``linspace`` spacings (diffusers issues #9261, #11347, #12633). Here
-the previous timestep is always the next entry of the list, and the last step goes to
-``final_alpha_cumprod``. For ``leading`` the two agree, except when ``steps_offset >= T // N`` (more than
-T/2 steps with the default offset of 1) together with ``set_alpha_to_one=True``: diffusers' last step then
-lands on timestep 0 instead of the final alpha.
+The numbers match diffusers' ``DDIMScheduler`` for the same settings. Where a step lands is
+``DDIMConfig.previous_timestep``: diffusers' ``step`` goes from t to ``t - T // N`` ("diffusers"), which for the
+``trailing`` spacing where N does not divide T, and for ``linspace``, is not the next timestep of its own
+list; "listed" (the default) always steps to the next listed timestep and from the last one to
+``final_alpha_cumprod``. For ``leading`` the two agree, except when ``steps_offset >= T // N``
+together with ``set_alpha_to_one=True``: diffusers' last step then lands on timestep 0 instead of the final alpha.
 """
 
 from __future__ import annotations
@@ -73,10 +72,16 @@ def ddim_timesteps(schedule: NoiseSchedule, num_inference_steps: int, config: DD
     return np.ascontiguousarray(timesteps)
 
 
-def previous_timesteps(timesteps: np.ndarray) -> np.ndarray:
-    """For each entry of a descending timestep list, the one DDIM steps to: the next entry, and
-    ``FINAL_TIMESTEP`` (-1) after the last. ``(N,) int64``."""
-    return np.append(np.asarray(timesteps, dtype=np.int64)[1:], FINAL_TIMESTEP)
+def previous_timesteps(timesteps: np.ndarray, previous_timestep: str = "listed",
+                       num_train_timesteps: int = 1000) -> np.ndarray:
+    """For each entry of a descending timestep list, the one DDIM steps to, ``(N,) int64``: "listed", the next
+    entry and ``FINAL_TIMESTEP`` (-1) after the last; "diffusers", ``t - T // N`` and -1 where that is below 0."""
+    timesteps = np.asarray(timesteps, dtype=np.int64)
+    if previous_timestep == "listed":
+        return np.append(timesteps[1:], FINAL_TIMESTEP)
+    assert previous_timestep == "diffusers", previous_timestep
+    prev = timesteps - num_train_timesteps // len(timesteps)
+    return np.where(prev >= 0, prev, FINAL_TIMESTEP)
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,7 +99,7 @@ class DDIMTrajectory:
     def plan(cls, schedule: NoiseSchedule, num_inference_steps: int,
              config: DDIMConfig = DDIMConfig()) -> "DDIMTrajectory":
         timesteps = ddim_timesteps(schedule, num_inference_steps, config)
-        prev = previous_timesteps(timesteps)
+        prev = previous_timesteps(timesteps, config.previous_timestep, schedule.num_train_timesteps)
         timesteps.flags.writeable = False
         prev.flags.writeable = False
         return cls(timesteps, prev)

@@ -4,12 +4,15 @@
 fp32 attention included) and its very tensors: the parameter names are the same. ``stable_diffusion_pipeline``:
 diffusers' whole ``StableDiffusionPipeline`` (tokenizer, CLIP text encoder, UNet, DDIM scheduler with the model's
 settings, VAE) over a Stable Diffusion checkpoint dir that ldm-import wrote, so "images per second against
-diffusers" is timed on the same work as ours: the same weights, scheduler, steps, guidance and image size.
+diffusers" is timed on the same work as ours: the same weights, scheduler, steps, guidance and image size. Its
+DDIMScheduler keeps model.json's steps_offset and clip_sample (StableDiffusionPipeline rewrites them when built
+with one); it steps to t - T // N whatever ``previous_timestep`` says, the same UNet work either way.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from ldm_export.diffusers_config import autoencoder_to_diffusers, schedule_to_diffusers, unet_to_diffusers
@@ -53,14 +56,27 @@ def stable_diffusion_pipeline(folder: Path, config: ModelConfig, unet, autoencod
         vae = AutoencoderKL(**autoencoder_to_diffusers(config.autoencoder), sample_size=config.image_size,
                             scaling_factor=config.latent_scale_factor)
     vae.load_state_dict(autoencoder.state_dict(), strict=True, assign=True)
-    scheduler = DDIMScheduler(**schedule_to_diffusers(config.schedule, config.sampler))
+    scheduler_settings = schedule_to_diffusers(config.schedule, config.sampler)
     tokenizer = AutoTokenizer.from_pretrained(str(folder / TOKENIZER_DIR), local_files_only=True)
     pipe = StableDiffusionPipeline(
-        vae=vae.eval().requires_grad_(False), text_encoder=text_encoder.model, tokenizer=tokenizer,
-        unet=diffusers_unet_model(unet, config.latent_size), scheduler=scheduler, safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
+        vae=vae.eval().requires_grad_(False), text_encoder=_with_nested_text_model(text_encoder.model),
+        tokenizer=tokenizer, unet=diffusers_unet_model(unet, config.latent_size),
+        scheduler=DDIMScheduler(**scheduler_settings), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    # a fresh one: the constructor rewrote its scheduler's steps_offset and clip_sample in place
+    pipe.scheduler = DDIMScheduler(**scheduler_settings)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _with_nested_text_model(model):
+    """``model`` (a CLIPTextModel) as diffusers' clip_skip reads it, at ``text_encoder.text_model.final_layer_norm``:
+    transformers >= 5 keeps that layer on the model itself, so ``model`` gets a ``text_model`` that holds that very
+    layer (our TextEncoder reads the same layer through it). Not a copy of the model: transformers 5 records hidden
+    states with hooks on the shared layers, and two models over them would record each call twice."""
+    if not hasattr(model, "text_model"):
+        model.text_model = SimpleNamespace(final_layer_norm=model.final_layer_norm)
+    return model
 
 
 def pipeline_call_options(config: ModelConfig, steps: int, guidance_scale: float, image_size: int) -> dict[str, Any]:

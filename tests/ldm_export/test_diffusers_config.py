@@ -48,7 +48,7 @@ def test_an_autoencoder_config_comes_back_with_its_scaling_factor(name):
 
 def test_a_schedule_and_ddim_settings_come_back_from_the_config_ddim_scheduler_records():
     schedule = ScheduleConfig(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", prediction_type="v_prediction")
-    sampler = DDIMConfig(timestep_spacing="trailing", steps_offset=0, set_alpha_to_one=True, clip_sample=True,
-                         clip_sample_range=2.0)
+    sampler = DDIMConfig(timestep_spacing="trailing", steps_offset=1, set_alpha_to_one=True, clip_sample=False,
+                         clip_sample_range=2.0, previous_timestep="diffusers")
     theirs = DDIMScheduler(**schedule_to_diffusers(schedule, sampler))
     assert schedule_from_diffusers(dict(theirs.config), WHERE) == (schedule, sampler)

@@ -7,47 +7,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ldm_export.sd_import import import_source, main
-from ldm_export.sd_single_file import EMA_PREFIX, UNET_PREFIX, _ema_key, original_state_dict
 from tests.conftest import base_seed
-from tests.ldm_export.tiny_sd import IMAGE_SIZE, SD1_LIKE, SD2_LIKE, write_diffusers_folder
-from ldm_runtime.config import ModelConfig
-
-
-def _weights(folder: Path, component: str) -> dict[str, torch.Tensor]:
-    return load_file(str(next((folder / component).glob("*.safetensors"))))
-
-
-def write_original_file(source: Path, checkpoint: Path, path: Path, openclip: bool, extra_text_layer: bool,
-                        ema: bool = False) -> Path:
-    """The diffusers folder ``source`` (imported as ``checkpoint``) as one original-layout file. SD 2.x files
-    also hold OpenCLIP's last text block, which SD 2 does not read (``extra_text_layer``), and its projection."""
-    config = ModelConfig.from_json((checkpoint / "model.json").read_text())
-    text = _weights(source, "text_encoder")
-    tensors = original_state_dict(_weights(source, "unet"), config.unet, _weights(source, "vae"), config.autoencoder,
-                                  text, openclip)
-    if openclip:
-        width = config.text_encoder.hidden_size
-        tensors["cond_stage_model.model.text_projection"] = torch.randn(width, width)
-        tensors["cond_stage_model.model.logit_scale"] = torch.tensor(4.6)
-        if extra_text_layer:
-            last = config.text_encoder.num_layers - 1
-            for name in [n for n in tensors if f".resblocks.{last}." in n]:
-                tensors[name.replace(f".resblocks.{last}.", f".resblocks.{last + 1}.")] = torch.randn_like(tensors[name])
-    if ema:  # the EMA copy holds the real weights; the raw training weights are something else
-        for name in [n for n in tensors if n.startswith(UNET_PREFIX)]:
-            tensors[_ema_key(name[len(UNET_PREFIX):])] = tensors[name]
-            tensors[name] = torch.randn_like(tensors[name])
-        tensors[EMA_PREFIX + "decay"] = torch.tensor(0.9999)
-        tensors[EMA_PREFIX + "num_updates"] = torch.tensor(1000, dtype=torch.int32)
-    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(path))
-    return path
+from tests.ldm_export.tiny_sd import (IMAGE_SIZE, SD1_LIKE, SD2_LIKE, component_weights, write_diffusers_folder,
+                                      write_original_file)
 
 
 @pytest.fixture(scope="module", params=[SD1_LIKE, SD2_LIKE], ids=lambda sizes: sizes.name)
@@ -74,7 +42,7 @@ def test_written_original_file_loads_in_diffusers_single_file_loader_as_the_pipe
     loaded = StableDiffusionPipeline.from_single_file(str(path), config=str(source), local_files_only=True,
                                                       safety_checker=None, requires_safety_checker=False)
     for component in ("unet", "vae", "text_encoder"):
-        expected = _weights(source, component)
+        expected = component_weights(source, component)
         state = getattr(loaded, component).state_dict()
         for name, tensor in expected.items():
             assert torch.equal(state[name], tensor), (component, name)

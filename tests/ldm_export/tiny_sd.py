@@ -1,7 +1,8 @@
 """Random-weight Stable Diffusion pipelines small enough for CI, built with diffusers and transformers and
-saved with ``save_pretrained``: one SD 1.x-like (1x1-conv projections, 4 heads everywhere, quick-GELU CLIP,
-epsilon prediction) and one SD 2.x-like (linear projections, 64-wide heads, fp32 attention, GELU CLIP,
-v-prediction, "!" padding). Both tokenize with a small CLIP BPE vocabulary written here (no downloads)."""
+saved with ``save_pretrained`` (or as one original-layout file): one SD 1.x-like (1x1-conv projections, 4 heads
+everywhere, quick-GELU CLIP, epsilon prediction) and one SD 2.x-like (linear projections, 64-wide heads, fp32
+attention, GELU CLIP, v-prediction, "!" padding). Both tokenize with a small CLIP BPE vocabulary written here (no
+downloads)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
+
+from ldm_export.sd_single_file import EMA_PREFIX, UNET_PREFIX, _ema_key, original_state_dict
+from ldm_runtime.config import ModelConfig
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 WORDS = ("red", "blue", "circle", "square", "on", "the", "a")
@@ -115,3 +120,34 @@ def write_diffusers_folder(sizes: TinySD, folder: Path, seed: int) -> Path:
     scheduler_json = folder / "scheduler" / "scheduler_config.json"
     scheduler_json.write_text(json.dumps({**json.loads(scheduler_json.read_text()), "clip_sample": False}))
     return folder
+
+
+def component_weights(folder: Path, component: str) -> dict[str, torch.Tensor]:
+    """The weights of diffusers folder ``folder``'s ``component`` ("unet", "vae", "text_encoder")."""
+    return load_file(str(next((folder / component).glob("*.safetensors"))))
+
+
+def write_original_file(source: Path, checkpoint: Path, path: Path, openclip: bool, extra_text_layer: bool,
+                        ema: bool = False) -> Path:
+    """The diffusers folder ``source`` (imported as ``checkpoint``) as one original-layout file. SD 2.x files
+    also hold OpenCLIP's last text block, which SD 2 does not read (``extra_text_layer``), and its projection."""
+    config = ModelConfig.from_json((checkpoint / "model.json").read_text())
+    text = component_weights(source, "text_encoder")
+    tensors = original_state_dict(component_weights(source, "unet"), config.unet, component_weights(source, "vae"),
+                                  config.autoencoder, text, openclip)
+    if openclip:
+        width = config.text_encoder.hidden_size
+        tensors["cond_stage_model.model.text_projection"] = torch.randn(width, width)
+        tensors["cond_stage_model.model.logit_scale"] = torch.tensor(4.6)
+        if extra_text_layer:
+            last = config.text_encoder.num_layers - 1
+            for name in [n for n in tensors if f".resblocks.{last}." in n]:
+                tensors[name.replace(f".resblocks.{last}.", f".resblocks.{last + 1}.")] = torch.randn_like(tensors[name])
+    if ema:  # the EMA copy holds the real weights; the raw training weights are something else
+        for name in [n for n in tensors if n.startswith(UNET_PREFIX)]:
+            tensors[_ema_key(name[len(UNET_PREFIX):])] = tensors[name]
+            tensors[name] = torch.randn_like(tensors[name])
+        tensors[EMA_PREFIX + "decay"] = torch.tensor(0.9999)
+        tensors[EMA_PREFIX + "num_updates"] = torch.tensor(1000, dtype=torch.int32)
+    save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(path))
+    return path

@@ -4,7 +4,8 @@ diffusers' ``step`` takes the previous timestep to be ``t - T // N``. For the ``
 spacings that is not the next entry of its own timestep list (diffusers issues #9261, #11347, #12633), so
 those loops are compared against diffusers' ``step`` with its lookup of alpha_prev redirected to the correct
 previous timestep (``_diffusers_step``), and, independently, against eq. 12 of Song et al. (2021) written
-out in float64 below. ``leading`` is also compared against diffusers' unmodified ``step``.
+out in float64 below. ``leading``, and every spacing with ``previous_timestep="diffusers"``, is also compared
+against diffusers' unmodified ``step``.
 
 The loops run in float64 with diffusers' alpha table replaced by the float64 schedule, so a mismatch
 measures the step, not float32 rounding of the table; the table itself is compared with diffusers' float32
@@ -107,7 +108,8 @@ def _compare_loops_with_diffusers(schedule, config, steps, eta, rng, redirect_pr
     trajectory = DDIMTrajectory.plan(schedule, steps, config)
     listed = scheduler.timesteps.numpy()[:steps].tolist()
     assert trajectory.timesteps.tolist() == listed
-    assert trajectory.prev_timesteps.tolist() == listed[1:] + [-1]  # the next listed timestep, then the final alpha
+    if config.previous_timestep == "listed":  # the next listed timestep, then the final alpha
+        assert trajectory.prev_timesteps.tolist() == listed[1:] + [-1]
     for index, (t, prev_t) in enumerate(trajectory):
         noise = rng.standard_normal(latents.shape)
         latents, pred_x0 = ddim_step(_pseudo_model(latents, t, phase), t, prev_t, latents, eta,
@@ -246,6 +248,34 @@ def test_ddim_leading_loop_matches_unmodified_diffusers_step(prediction_type, rn
             continue  # one long run: ratio T // N = 1 with the offset, where diffusers' prev is 0, not -1
         config = DDIMConfig(steps_offset=steps_offset, set_alpha_to_one=set_alpha_to_one)
         _compare_loops_with_diffusers(schedule, config, steps, eta, rng, redirect_prev=False, batch=1)
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
+def test_ddim_loop_with_previous_timestep_diffusers_matches_unmodified_diffusers_step(spacing, prediction_type, rng):
+    """Step counts that divide T and that do not (61: diffusers' "trailing" lists one more timestep, -1, which
+    ours leaves out), steps_offset 0/1, set_alpha_to_one, clipping, eta 0 and 1."""
+    schedule = NoiseSchedule(prediction_type=prediction_type)
+    settings = itertools.cycle(itertools.product((0, 1), (False, True), CLIPPING, (0.0, 1.0)))
+    for steps in (1, 4, 7, 50, 61, 600):
+        for _ in range(4 if steps < 600 else 1):
+            steps_offset, set_alpha_to_one, (clip, use_clipped), eta = next(settings)
+            config = DDIMConfig(timestep_spacing=spacing, steps_offset=steps_offset, set_alpha_to_one=set_alpha_to_one,
+                                clip_sample=clip, use_clipped_model_output=use_clipped, previous_timestep="diffusers")
+            _compare_loops_with_diffusers(schedule, config, steps, eta, rng, redirect_prev=False, batch=1)
+
+
+def test_previous_timestep_listed_and_diffusers_differ_only_where_diffusers_leaves_its_list():
+    schedule = NoiseSchedule()
+    for spacing, steps in itertools.product(("leading", "trailing", "linspace"), (4, 7, 50)):
+        timesteps = ddim_timesteps(schedule, steps, DDIMConfig(timestep_spacing=spacing))
+        listed = DDIMTrajectory.plan(schedule, steps, DDIMConfig(timestep_spacing=spacing))
+        theirs = DDIMTrajectory.plan(schedule, steps, DDIMConfig(timestep_spacing=spacing,
+                                                                 previous_timestep="diffusers"))
+        np.testing.assert_array_equal(theirs.timesteps, listed.timesteps)
+        np.testing.assert_array_equal(theirs.prev_timesteps, np.maximum(timesteps - 1000 // steps, -1))
+        lands_on_its_list = spacing == "leading" or (spacing == "trailing" and 1000 % steps == 0)
+        assert (theirs.prev_timesteps == listed.prev_timesteps).all() == lands_on_its_list, (spacing, steps)
 
 
 @pytest.mark.parametrize("spacing", ["trailing", "linspace"])

@@ -355,6 +355,49 @@ def test_the_rebuilt_pipeline_draws_what_the_source_pipeline_draws(imported_sd, 
     assert np.abs(images[0] - images[1]).max() < 1e-5
 
 
+def test_the_rebuilt_pipeline_keeps_model_json_steps_offset_and_clip_sample(imported_sd):
+    """StableDiffusionPipeline's constructor rewrites steps_offset to 1 and clip_sample to false; the peer keeps
+    what model.json says."""
+    import dataclasses
+
+    from ldm_runtime.checkpoint import load_checkpoint
+    from ldm_tools.bench.diffusers_peers import stable_diffusion_pipeline
+
+    _, checkpoint = imported_sd
+    networks = load_checkpoint(checkpoint)
+    config = dataclasses.replace(networks.config, sampler=dataclasses.replace(
+        networks.config.sampler, steps_offset=0, clip_sample=True, clip_sample_range=1.5))
+    pipe = stable_diffusion_pipeline(checkpoint, config, networks.unet, networks.autoencoder, networks.text_encoder)
+    settings = pipe.scheduler.config
+    assert (settings.steps_offset, settings.clip_sample, settings.clip_sample_range) == (0, True, 1.5)
+
+
+def test_the_rebuilt_pipeline_of_a_clip_skip_import_encodes_prompts_as_ours(imported_sd, tmp_path, seed):
+    import torch
+
+    from ldm_export.sd_import import import_source
+    from ldm_runtime.checkpoint import load_checkpoint
+    from ldm_tools.bench.diffusers_peers import pipeline_call_options, stable_diffusion_pipeline
+    from tests.ldm_export.tiny_sd import IMAGE_SIZE, PROMPTS
+
+    source, _ = imported_sd
+    checkpoint = import_source(source, tmp_path / "clip-skip", clip_skip=1)
+    networks = load_checkpoint(checkpoint)
+    with torch.no_grad():
+        ours = networks.text_encoder.encode([PROMPTS[0]])[0]
+        pipe = stable_diffusion_pipeline(checkpoint, networks.config, networks.unet, networks.autoencoder,
+                                         networks.text_encoder)
+        options = pipeline_call_options(networks.config, steps=1, guidance_scale=7.5, image_size=IMAGE_SIZE)
+        assert options["clip_skip"] == 1
+        theirs = pipe.encode_prompt(PROMPTS[0], "cpu", 1, False, clip_skip=options["clip_skip"])[0]
+        last_layer = pipe.encode_prompt(PROMPTS[0], "cpu", 1, False)[0]
+        assert torch.equal(networks.text_encoder.encode([PROMPTS[0]])[0], ours), "the peer leaves ours as it was"
+    assert float((theirs - ours).norm() / ours.norm()) < 1e-5
+    assert float((last_layer - ours).norm() / ours.norm()) > 1e-3, "clip skip 1 must change the context"
+    image = pipe(PROMPTS[0], generator=torch.Generator().manual_seed(seed), **options).images[0]
+    assert image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and image.std() > 0
+
+
 def test_diffusers_pipeline_peer_is_refused_for_a_model_without_clip(checkpoint, capsys):
     code, _, err = run_bench(capsys, "--model", checkpoint, "--engines", "torch,diffusers-pipeline")
     assert_one_line_error(code, err, "diffusers-pipeline runs Stable Diffusion checkpoints", "text encoder is CLIP")
