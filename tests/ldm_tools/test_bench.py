@@ -84,7 +84,6 @@ def test_tiny_bench_writes_table_json_and_png_plot(checkpoint, tmp_path, capsys)
         assert step["median"] == pytest.approx(sum(step["samples"]) / 2)  # the median of two samples
         assert row["unet_steps_per_s"] == pytest.approx(1 / step["median"])
         assert row["images_per_s"] == pytest.approx(batch / latency["median"])
-        assert latency["median"] > 2 * step["min"]  # a request runs two steps, the text encoder and the decoder
         spread = max(step["spread"], latency["spread"])
         assert step["spread"] == pytest.approx((step["max"] - step["min"]) / step["median"])
         assert row["wide_spread"] == (spread > 0.10 or len(step["samples"]) < 3)
