@@ -48,7 +48,7 @@ run_step() {
 }
 
 section "kernel tests (compiled Triton on the GPU)"
-run_step "kernel tests" pytest-kernels "$python" -m pytest tests/kernels -m "not slow" -q -rs -p no:cacheprovider \
+run_step "kernel tests" pytest-kernels "$python" -m pytest tests/ldm_kernels -m "not slow" -q -rs -p no:cacheprovider \
     --junitxml="$out/pytest-kernels.xml"
 
 section "GroupNorm+SiLU benchmark"
