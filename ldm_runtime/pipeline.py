@@ -1,18 +1,18 @@
 """Text to image over any engine: requests in, ``(H, W, 3) uint8`` images out.
 
-Each image is a function of its own request only (prompt, negative prompt, seed, steps, guidance, eta,
-size), never of the requests it shares a batch with: its noise comes from its own seed
+Each image is a function of its own request only (prompt, negative prompt, seed, sampler, steps, guidance,
+eta, size), never of the requests it shares a batch with: its noise comes from its own seed
 (``ldm_runtime.noise``), and every operation on a batch works row by row (exactly so on an engine whose
 calls are row-wise exact, as the torch engine's fixed-size chunks make them).
 
 The sampling loop is three calls a server can drive itself, batching at step boundaries::
 
-    states = pipeline.start(requests)   # prompts encoded, x_T drawn, DDIM trajectories planned
+    states = pipeline.start(requests)   # prompts encoded, x_T drawn, each request's sampler trajectory planned
     states = pipeline.advance(states)   # one step for any set of unfinished states: one guided UNet call
     images = pipeline.decode(states)    # finished states -> images
 
 States in one ``advance`` call may sit at different steps of different trajectories (the UNet takes one
-timestep per row) and have different guidance scales, etas and prompts; ``generate`` is that loop.
+timestep per row) and have different samplers, guidance scales, etas and prompts; ``generate`` is that loop.
 """
 
 from __future__ import annotations
@@ -31,9 +31,17 @@ from ldm_runtime.engines.base import Array, Engine, EngineInfo
 from ldm_runtime.errors import RequestError
 from ldm_runtime.guidance import GuidedBatch, guidance_below_one_note
 from ldm_runtime.noise import MAX_SEED, initial_noise, step_noise
-from ldm_runtime.schedulers import DDIMConfig, DDIMSampler, DDIMTrajectory, NoiseSchedule
+from ldm_runtime.schedulers import (
+    SAMPLER_NAMES,
+    DDIMConfig,
+    DDIMSampler,
+    DDIMTrajectory,
+    NoiseSchedule,
+    SigmaTrajectory,
+    sigma_samplers,
+)
 
-DEFAULT_STEPS = 25  # DDIM steps of a request that names none (ldm-sample, ldm-serve, ldm-eval, export validation)
+DEFAULT_STEPS = 25  # sampler steps of a request that names none (ldm-sample, ldm-serve, ldm-eval, export validation)
 # The CompVis LDM text-to-image script's default scale: milder than Stable Diffusion's 7.5, which
 # over-saturates small models trained on few captions.
 DEFAULT_GUIDANCE_SCALE = 5.0
@@ -43,6 +51,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, kw_only=True)
 class GenerationRequest:
     """One image to make. ``seed`` alone decides its noise; ``height``/``width`` None mean the model's image_size.
+    ``sampler`` is one of ``SAMPLER_NAMES``; ``eta`` applies to "ddim" only (the others are deterministic).
 
     Prompts longer than the engine's ``text_max_length`` tokens are truncated, as in training.
     """
@@ -50,6 +59,7 @@ class GenerationRequest:
     prompt: str
     negative_prompt: str = ""  # "" is the unconditional prompt the model was trained with (caption dropout)
     seed: int
+    sampler: str = "ddim"
     steps: int = DEFAULT_STEPS
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE
     eta: float = 0.0
@@ -61,16 +71,19 @@ class GenerationRequest:
 class SamplingState:
     """One request part-way through sampling. ``step_index`` is the next step to take (``len(trajectory)`` when
     done); ``latents`` is x_t at that step, ``(1, C, h, w)`` float32 on the engine. The context rows are
-    ``(1, L, D)`` float and the masks ``(1, L)`` bool, for the prompt and for the negative prompt."""
+    ``(1, L, D)`` float and the masks ``(1, L)`` bool, for the prompt and for the negative prompt.
+    ``pred_original_sample`` is the x_0 predicted on the previous step (None at step 0), which multistep
+    samplers read."""
 
     request: GenerationRequest
-    trajectory: DDIMTrajectory
+    trajectory: DDIMTrajectory | SigmaTrajectory
     step_index: int
     latents: Array
     context: Array
     context_mask: Array
     negative_context: Array
     negative_context_mask: Array
+    pred_original_sample: Array | None = None
 
     @property
     def done(self) -> bool:
@@ -83,8 +96,9 @@ class SamplingState:
 
 
 class Pipeline:
-    """DDIM text-to-image sampling with classifier-free guidance over ``engine``. ``ddim`` None takes the
-    model's own DDIM settings (``engine.info.sampler``: a Stable Diffusion import's scheduler_config.json). The first
+    """Text-to-image sampling with classifier-free guidance over ``engine``, each request with the sampler it
+    names (``GenerationRequest.sampler``). ``ddim`` None takes the model's own DDIM settings
+    (``engine.info.sampler``: a Stable Diffusion import's scheduler_config.json). The first
     request with guidance below 1 logs ``guidance_below_one_note``'s line (a warning of this module's logger)."""
 
     def __init__(self, engine: Engine, ddim: DDIMConfig | None = None):
@@ -92,6 +106,7 @@ class Pipeline:
         if ddim is None:
             ddim = DDIMConfig.from_dict(dict(getattr(engine.info, "sampler", {})))
         self.sampler = DDIMSampler(NoiseSchedule.from_dict(engine.info.schedule), ddim)
+        self.sigma_samplers = sigma_samplers(self.sampler.schedule)  # the other samplers, with diffusers' defaults
         # the most steps DDIM can plan: T, or fewer when the "leading" spacing's offset would pass timestep T - 1
         count = self.sampler.schedule.num_train_timesteps
         self.max_steps = next((steps for steps in range(count, 0, -1) if self._can_plan(steps)), 0)
@@ -112,9 +127,18 @@ class Pipeline:
                                "negative_prompt")
         if not _is_integer(request.seed) or not 0 <= request.seed < MAX_SEED:
             raise RequestError(f"seed is {request.seed!r}; expected an integer from 0 to 2**63 - 1", "seed")
+        if not isinstance(request.sampler, str) or request.sampler not in SAMPLER_NAMES:
+            raise RequestError(f"sampler is {request.sampler!r}; expected one of {', '.join(SAMPLER_NAMES)}",
+                               "sampler")
         if not _is_integer(request.steps) or not 1 <= request.steps <= self.max_steps:
             raise RequestError(f"steps is {request.steps!r}; expected an integer from 1 to {self.max_steps}", "steps")
-        if not self._can_plan(int(request.steps)):  # a large steps_offset leaves gaps below max_steps
+        if request.sampler != "ddim":
+            try:
+                self.sigma_samplers[request.sampler].trajectory(int(request.steps))
+            except ValueError as error:
+                raise RequestError(f"steps is {request.steps}; the {request.sampler} sampler cannot take them: "
+                                   f"{error}", "steps") from None
+        elif not self._can_plan(int(request.steps)):  # a large steps_offset leaves gaps below max_steps
             config, last = self.sampler.config, self.sampler.schedule.num_train_timesteps - 1
             raise RequestError(f"steps is {request.steps}; the {config.timestep_spacing!r} spacing with steps_offset "
                                f"{config.steps_offset} would start past timestep {last}", "steps")
@@ -123,6 +147,9 @@ class Pipeline:
                                "guidance_scale")
         if not _is_number(request.eta) or not 0 <= request.eta <= 1:
             raise RequestError(f"eta is {request.eta!r}; expected a number from 0 to 1", "eta")
+        if request.eta != 0 and request.sampler != "ddim":
+            raise RequestError(f"eta is {request.eta!r}; expected 0 for the deterministic {request.sampler} sampler "
+                               f"(eta applies to ddim only)", "eta")
         info = self.info
         for name in ("height", "width"):
             size = getattr(request, name)
@@ -159,7 +186,7 @@ class Pipeline:
 
     def start(self, requests: Sequence[GenerationRequest]) -> list[SamplingState]:
         """Validated requests -> states at step 0: prompts encoded (each distinct text once), x_T drawn from
-        each request's seed, its trajectory planned."""
+        each request's seed and scaled as its sampler starts, its trajectory planned."""
         for request in requests:
             self.validate(request)
         if not requests:
@@ -173,11 +200,16 @@ class Pipeline:
         for request in requests:
             height, width = self.image_shape(request)
             shape = (self.info.latent_channels, height // factor, width // factor)
-            latents = self.engine.to_array(initial_noise([request.seed], shape))  # DDIM's x_T is unit noise
+            noise = initial_noise([request.seed], shape)
+            if request.sampler == "ddim":
+                trajectory: DDIMTrajectory | SigmaTrajectory = self.sampler.trajectory(int(request.steps))
+            else:
+                sampler = self.sigma_samplers[request.sampler]
+                trajectory = sampler.trajectory(int(request.steps))
+                noise = noise * np.float32(sampler.initial_noise_scale(trajectory))
             positive, negative = row[request.prompt], row[request.negative_prompt]
             states.append(SamplingState(
-                request=request, trajectory=self.sampler.trajectory(int(request.steps)), step_index=0,
-                latents=latents,
+                request=request, trajectory=trajectory, step_index=0, latents=self.engine.to_array(noise),
                 context=context[positive:positive + 1], context_mask=context_mask[positive:positive + 1],
                 negative_context=context[negative:negative + 1],
                 negative_context_mask=context_mask[negative:negative + 1],
@@ -185,34 +217,75 @@ class Pipeline:
         return states
 
     def advance(self, states: Sequence[SamplingState]) -> list[SamplingState]:
-        """Each state one DDIM step on, all of them in ONE UNet call of ``[unconditional rows; conditional rows]``
-        (a row with guidance_scale 1 needs no unconditional row). States must be unfinished and share a latent
-        shape; they may be at any step of any trajectory. Returns the new states, in order."""
+        """Each state one step of its sampler on, all of them in ONE UNet call of
+        ``[unconditional rows; conditional rows]`` (a row with guidance_scale 1 needs no unconditional row).
+        States must be unfinished and share a latent shape; they may be at any step of any trajectory of any
+        sampler. Returns the new states, in order."""
         assert states and not any(state.done for state in states), "advance needs unfinished states"
         shape = states[0].latent_shape
         assert all(state.latent_shape == shape for state in states), [state.latent_shape for state in states]
-        step_indices = [state.step_index for state in states]
-        timesteps = np.array([s.trajectory.timesteps[s.step_index] for s in states], dtype=np.int64)
-        prev_timesteps = np.array([s.trajectory.prev_timesteps[s.step_index] for s in states], dtype=np.int64)
+        # engines take integer timesteps: Euler's fractional "linspace" ones go to the nearest
+        timesteps = np.array([np.rint(s.trajectory.timesteps[s.step_index]) for s in states], dtype=np.int64)
         latents = concatenate([state.latents for state in states])
+        input_scales = np.ones(len(states), dtype=np.float64)
+        for row, state in enumerate(states):
+            if state.request.sampler != "ddim":
+                sampler = self.sigma_samplers[state.request.sampler]
+                input_scales[row] = sampler.input_scales([state.trajectory], [state.step_index])[0]
+        unet_latents = latents
+        if (input_scales != 1).any():
+            unet_latents = latents / self.engine.to_array(input_scales.reshape(-1, 1, 1, 1), latents)
 
         guided = GuidedBatch.plan([float(state.request.guidance_scale) for state in states], len(states))
         context = guided.stack(concatenate([s.context for s in states]),
                                concatenate([s.negative_context for s in states]))
         context_mask = guided.stack(concatenate([s.context_mask for s in states]),
                                     concatenate([s.negative_context_mask for s in states]))
-        model_output = self.engine.unet(guided.stack(latents), guided.stack(timesteps), context, context_mask)
+        model_output = self.engine.unet(guided.stack(unet_latents), guided.stack(timesteps), context, context_mask)
         prediction = guided.combine(model_output, self.engine.to_array)
 
+        new_states: list[Any] = [None] * len(states)
+        for name in dict.fromkeys(state.request.sampler for state in states):
+            rows = [row for row, state in enumerate(states) if state.request.sampler == name]
+            group = [states[row] for row in rows]
+            if len(rows) == len(states):  # one sampler for the whole batch: no copies
+                group_prediction, group_latents = prediction, latents
+            else:
+                group_prediction = concatenate([prediction[row:row + 1] for row in rows])
+                group_latents = concatenate([latents[row:row + 1] for row in rows])
+            step = self._ddim_step if name == "ddim" else self._sigma_step
+            stepped, pred_original = step(group, group_prediction, group_latents, shape)
+            for index, (row, state) in enumerate(zip(rows, group)):
+                new_states[row] = dataclasses.replace(
+                    state, step_index=state.step_index + 1, latents=stepped[index:index + 1],
+                    pred_original_sample=pred_original[index:index + 1])
+        return new_states
+
+    def _ddim_step(self, states: Sequence[SamplingState], prediction: Array, latents: Array,
+                   shape: tuple[int, ...]) -> tuple[Array, Array]:
+        """One DDIM step of ``states`` (their rows of the guided prediction and latents): ``(x_prev, x_0)``."""
+        timesteps = np.array([s.trajectory.timesteps[s.step_index] for s in states], dtype=np.int64)
+        prev_timesteps = np.array([s.trajectory.prev_timesteps[s.step_index] for s in states], dtype=np.int64)
         eta = np.array([float(state.request.eta) for state in states], dtype=np.float64)
         noise = None
         if eta.max() > 0:
             seeds = [int(state.request.seed) for state in states]
+            step_indices = [state.step_index for state in states]
             noise = self.engine.to_array(step_noise(seeds, step_indices, shape), latents)
-        latents, _ = self.sampler.step(prediction, timesteps, prev_timesteps, latents, eta, noise,
-                                       to_array=self.engine.to_array)
-        return [dataclasses.replace(state, step_index=state.step_index + 1, latents=latents[row:row + 1])
-                for row, state in enumerate(states)]
+        return self.sampler.step(prediction, timesteps, prev_timesteps, latents, eta, noise,
+                                 to_array=self.engine.to_array)
+
+    def _sigma_step(self, states: Sequence[SamplingState], prediction: Array, latents: Array,
+                    shape: tuple[int, ...]) -> tuple[Array, Array]:
+        """One step of ``states``, all of one sigma-space sampler: ``(x_prev, x_0)``."""
+        sampler = self.sigma_samplers[states[0].request.sampler]
+        previous = None
+        if any(state.pred_original_sample is not None for state in states):
+            # rows at step 0 have no previous x_0; the solver ignores the row it is handed for them
+            previous = concatenate([state.latents if state.pred_original_sample is None
+                                    else state.pred_original_sample for state in states])
+        return sampler.step(prediction, [s.trajectory for s in states], [s.step_index for s in states], latents,
+                            previous, to_array=self.engine.to_array)
 
     def decode(self, states: Sequence[SamplingState]) -> list[np.ndarray]:
         """Finished states of one latent shape -> images, each ``(H, W, 3) uint8``:

@@ -32,6 +32,7 @@ from ldm_runtime.engines import AUTO_ENGINE_HELP, ENGINE_NAMES, engine_for_flags
 from ldm_runtime.errors import UserError
 from ldm_runtime.images import image_grid, png_bytes
 from ldm_runtime.pipeline import GenerationRequest, Pipeline
+from ldm_runtime.schedulers import SAMPLER_NAMES
 from ldm_runtime.staging import temporary_folder
 
 PROG = "ldm-sample"
@@ -50,8 +51,8 @@ class SampleError(UserError):
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
         prog=PROG,
-        description="Generate images from text prompts with DDIM and classifier-free guidance. Writes one PNG "
-                    "per prompt and, for several prompts, a grid.png of all of them.",
+        description="Generate images from text prompts with a diffusion sampler and classifier-free guidance. "
+                    "Writes one PNG per prompt and, for several prompts, a grid.png of all of them.",
     )
     parser.add_argument("prompts", nargs="+", metavar="PROMPT", help="one image per prompt")
     parser.add_argument("--model", required=True, metavar="DIR",
@@ -60,12 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a folder (created if missing) or, for a single prompt, a .png file")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the first prompt; prompt i uses seed + i (default: %(default)s)")
+    parser.add_argument("--sampler", choices=SAMPLER_NAMES, default=REQUEST_DEFAULTS["sampler"],
+                        help="ddim (the model's own settings), euler, or DPM-Solver++ 2M with timesteps or Karras "
+                             "sigmas evenly spaced (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=REQUEST_DEFAULTS["steps"],
-                        help="DDIM steps (default: %(default)s)")
+                        help="sampler steps (default: %(default)s)")
     parser.add_argument("--guidance", type=finite_float, default=REQUEST_DEFAULTS["guidance_scale"],
                         help="classifier-free guidance scale, 1 = no guidance (default: %(default)s)")
     parser.add_argument("--eta", type=finite_float, default=REQUEST_DEFAULTS["eta"],
-                        help="DDIM eta from 0 (deterministic) to 1 (DDPM-like) (default: %(default)s)")
+                        help="DDIM eta from 0 (deterministic) to 1 (DDPM-like); other samplers take 0 only "
+                             "(default: %(default)s)")
     parser.add_argument("--negative-prompt", default=REQUEST_DEFAULTS["negative_prompt"], metavar="TEXT",
                         help="what to steer away from, for every prompt (default: none)")
     parser.add_argument("--height", type=int, default=None, help="image height (default: the model's size)")
@@ -108,8 +113,9 @@ def _sample(args: argparse.Namespace) -> tuple[list[Path], str | None]:
     auto_choice = f"--engine auto picked {engine.info.name}" if args.engine == "auto" else None
     pipeline = Pipeline(engine)
     requests = [
-        GenerationRequest(prompt=prompt, negative_prompt=args.negative_prompt, seed=seed, steps=args.steps,
-                          guidance_scale=args.guidance, eta=args.eta, height=args.height, width=args.width)
+        GenerationRequest(prompt=prompt, negative_prompt=args.negative_prompt, seed=seed, sampler=args.sampler,
+                          steps=args.steps, guidance_scale=args.guidance, eta=args.eta, height=args.height,
+                          width=args.width)
         for prompt, seed in zip(args.prompts, seeds)
     ]
     for request in requests:
@@ -124,7 +130,7 @@ def _sample(args: argparse.Namespace) -> tuple[list[Path], str | None]:
     for request, image in zip(requests, images):
         settings = dataclasses.asdict(request)
         settings.update(height=image.shape[0], width=image.shape[1], model=str(args.model),
-                        engine=engine.info.name, sampler="ddim")
+                        engine=engine.info.name)
         metadata.append(settings)
     return write_outputs(plan, images, metadata), auto_choice
 

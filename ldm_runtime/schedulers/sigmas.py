@@ -1,0 +1,133 @@
+"""Samplers over the noise level sigma = sqrt((1 - a_t) / a_t) (Karras et al. 2022), written once for every array type.
+
+A ``SigmaSampler`` plans a request's ``SigmaTrajectory`` (the timesteps the UNet sees and the sigmas between them,
+as diffusers' ``set_timesteps`` computes them for the same spacing) and updates a batch whose rows may sit at
+different steps of different trajectories: per-row scalars are computed on the host in float64 and handed to the
+engine's array type by a converter, as in ``ddim.py``; the array math uses only ``+ - * /``. The pipeline multiplies
+x_T by ``initial_noise_scale``, divides each UNet input by ``input_scales`` (sqrt(sigma^2 + 1) for Euler), and
+keeps each row's last predicted x_0 for multistep solvers (``step``'s ``previous``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from ldm_runtime.arrays import ArrayConverter, host_to_array_like
+from ldm_runtime.schedulers.schedule import NoiseSchedule
+
+SIGMA_SPACINGS = ("linspace", "leading", "trailing")
+KARRAS_RHO = 7.0  # Karras et al. 2022, eq. 5
+
+
+@dataclass(frozen=True, eq=False)
+class SigmaTrajectory:
+    """One request's walk: ``timesteps`` ``(N,) float64`` (what the UNet sees; fractional for Euler's "linspace")
+    and ``sigmas`` ``(N + 1,) float64``, descending, ending at 0. Both read-only."""
+
+    timesteps: np.ndarray
+    sigmas: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+
+def schedule_sigmas(schedule: NoiseSchedule) -> np.ndarray:
+    """``(T,) float64``: sigma at each training timestep, ascending."""
+    alphas_cumprod = schedule.alphas_cumprod
+    return np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
+
+
+def spaced_timesteps(count: int, steps: int, spacing: str, steps_offset: int, endpoint_extra: int) -> np.ndarray:
+    """``(steps,) float64`` descending timesteps as diffusers spaces them: "linspace" and "leading" space
+    ``steps + endpoint_extra`` points and keep the first ``steps`` (DPM-Solver spaces N + 1 and drops the last)."""
+    points = steps + endpoint_extra
+    if spacing == "linspace":
+        timesteps = np.linspace(0, count - 1, points)[::-1]
+    elif spacing == "leading":
+        timesteps = (np.arange(0, points) * (count // points)).round()[::-1] + steps_offset
+    else:
+        assert spacing == "trailing", spacing
+        timesteps = np.round(np.arange(count, 0, -count / steps)[:steps]) - 1
+    return np.ascontiguousarray(timesteps[:steps], dtype=np.float64)
+
+
+def karras_sigmas(sigmas: np.ndarray, steps: int) -> np.ndarray:
+    """``(steps,) float64``: Karras et al.'s rho = 7 ramp from the largest to the smallest of ``sigmas``."""
+    ramp = np.linspace(0, 1, steps)
+    low, high = sigmas.min() ** (1 / KARRAS_RHO), sigmas.max() ** (1 / KARRAS_RHO)
+    return (high + ramp * (low - high)) ** KARRAS_RHO
+
+
+def sigma_to_timestep(sigma: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
+    """The fractional timestep of each sigma: linear interpolation in log sigma between the training timesteps."""
+    log_sigmas = np.log(sigmas)
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    low = np.clip(np.searchsorted(log_sigmas, log_sigma, side="right") - 1, 0, len(sigmas) - 2)
+    weight = np.clip((log_sigma - log_sigmas[low]) / (log_sigmas[low + 1] - log_sigmas[low]), 0, 1)
+    return low + weight
+
+
+def check_steps(schedule: NoiseSchedule, num_inference_steps: Any) -> int:
+    """``num_inference_steps`` as an int; ``ValueError`` unless it is an integer from 1 to T."""
+    count = schedule.num_train_timesteps
+    valid = isinstance(num_inference_steps, (int, np.integer)) and not isinstance(num_inference_steps, bool)
+    if not valid or not 1 <= num_inference_steps <= count:
+        raise ValueError(f"num_inference_steps is {num_inference_steps!r}; expected an integer from 1 to {count}")
+    return int(num_inference_steps)
+
+
+def read_only_trajectory(timesteps: np.ndarray, sigmas: np.ndarray) -> SigmaTrajectory:
+    """The trajectory of N timesteps and their N sigmas, with the final sigma 0 appended, as read-only arrays."""
+    timesteps = np.ascontiguousarray(timesteps, dtype=np.float64)
+    sigmas = np.append(np.asarray(sigmas, dtype=np.float64), 0.0)
+    assert sigmas.shape == (len(timesteps) + 1,) and np.all(np.diff(sigmas) <= 0), sigmas
+    timesteps.flags.writeable = False
+    sigmas.flags.writeable = False
+    return SigmaTrajectory(timesteps, sigmas)
+
+
+def row_sigmas(trajectories: Sequence[SigmaTrajectory], step_indices: Sequence[int]) -> np.ndarray:
+    """``(3, B) float64``: each row's previous sigma (its current one at step 0), current sigma and next sigma."""
+    rows = []
+    for trajectory, index in zip(trajectories, step_indices):
+        assert 0 <= index < len(trajectory), (index, len(trajectory))
+        rows.append((trajectory.sigmas[max(index - 1, 0)], trajectory.sigmas[index], trajectory.sigmas[index + 1]))
+    return np.array(rows, dtype=np.float64).T
+
+
+def row_coefficients(coefficients: np.ndarray, sample: Any, to_array: ArrayConverter | None) -> tuple[Any, ...]:
+    """``(K, B)`` host coefficients as K arrays of ``sample``'s type shaped to broadcast over ``(C, h, w)``,
+    in one host-to-device copy."""
+    convert = to_array or host_to_array_like
+    count, batch = coefficients.shape
+    assert batch == sample.shape[0], (coefficients.shape, sample.shape)
+    converted = convert(coefficients.reshape((count, batch) + (1,) * (sample.ndim - 1)), sample)
+    return tuple(converted[i] for i in range(count))
+
+
+class SigmaSampler:
+    """What the pipeline asks of a sigma-space sampler; subclasses plan and step. Holds no per-request state."""
+
+    name: str
+    schedule: NoiseSchedule
+
+    def trajectory(self, num_inference_steps: int) -> SigmaTrajectory:
+        raise NotImplementedError
+
+    def initial_noise_scale(self, trajectory: SigmaTrajectory) -> float:
+        """x_T = unit noise times this (diffusers' init_noise_sigma); 1 on variance-preserving latents."""
+        return 1.0
+
+    def input_scales(self, trajectories: Sequence[SigmaTrajectory], step_indices: Sequence[int]) -> np.ndarray:
+        """``(B,) float64``: each row's UNet input is its latents divided by this."""
+        return np.ones(len(trajectories), dtype=np.float64)
+
+    def step(self, model_output: Any, trajectories: Sequence[SigmaTrajectory], step_indices: Sequence[int],
+             sample: Any, previous: Any = None, to_array: ArrayConverter | None = None) -> tuple[Any, Any]:
+        """One update of ``(B, C, h, w)`` latents, row i at ``step_indices[i]`` of ``trajectories[i]``.
+        ``previous``: each row's predicted x_0 of its last step (rows at step 0: any finite values), needed by
+        multistep solvers only. Returns ``(prev_sample, pred_original_sample)``, shaped and typed like ``sample``."""
+        raise NotImplementedError
