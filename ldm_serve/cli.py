@@ -33,7 +33,7 @@ import argparse
 import sys
 
 from ldm_runtime.command_line import OneLineArgumentParser, finite_float, report_user_error
-from ldm_runtime.engines import ENGINE_NAMES
+from ldm_runtime.engines import AUTO_ENGINE_HELP, ENGINE_NAMES
 from ldm_runtime.errors import UserError
 from ldm_serve.batcher import BATCHING_MODES, BatcherConfig
 from ldm_serve.request_schema import ServeLimits
@@ -97,9 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="an origin (such as https://example.com) whose pages may read the server's answers "
                              "(repeatable; default: none, so no other site's page can)")
     parser.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
-                        help="auto picks torch for a checkpoint dir and, for an engine dir, tensorrt where it holds "
-                             "TensorRT plans built for this GPU, openvino on the CPU where it is installed, else "
-                             "onnxruntime (and says which)")
+                        help=f"{AUTO_ENGINE_HELP} (and says which)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--text-cache", type=int, default=DEFAULT_CAPACITY, metavar="N",
                         help="prompts whose text encoding is remembered, 0 for none (default: %(default)s)")
