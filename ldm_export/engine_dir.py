@@ -47,7 +47,8 @@ from ldm_runtime.manifest import (
     TensorSpec,
     load_manifest,
 )
-from ldm_runtime.staging import REPLACED, temporary_folder
+from ldm_runtime.folder_swap import replace_folder
+from ldm_runtime.staging import temporary_folder
 
 def default_backend() -> str:
     """tensorrt where it imports and a CUDA GPU is visible, else onnxruntime."""
@@ -235,15 +236,10 @@ def _write_manifest(folder: Path, manifest: dict) -> None:
 
 
 def _move_into_place(staging: Path, out: Path, force: bool) -> None:
-    """Rename the finished staging folder to ``out``; an old engine dir there (--force) is moved aside first
-    and deleted only after the new one is in place."""
+    """Put the finished staging folder at ``out`` in one step; an old engine dir there (--force) is deleted only
+    after the new one is in place (``replace_folder``, as a checkpoint save does)."""
     check_out(out, force)  # --out may have appeared while the export ran
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(staging, 0o777 & ~umask)  # mkdtemp made it private; an engine dir is read by servers too
-    if out.exists():
-        with temporary_folder(out, REPLACED) as aside:  # a later export puts it back if we die before the swap
-            os.replace(out, aside / out.name)
-            os.replace(staging, out)
-    else:
-        os.replace(staging, out)
+    replace_folder(staging, out)

@@ -2,7 +2,7 @@
 disk never costs the last complete one, and reading back what only ``--resume`` needs.
 
 A save writes a whole new folder beside the checkpoint dir (``train_state.json`` last, with the sha256 of every
-other file), syncs it, and swaps it in with one rename (``ldm_train.folder_swap``). Until that rename the old
+other file), syncs it, and swaps it in with one rename (``ldm_runtime.folder_swap``). Until that rename the old
 folder is untouched; a save that fails removes its folder, and the next save removes one a killed save left.
 """
 
@@ -35,7 +35,7 @@ from ldm_runtime.checkpoint import (
 from ldm_runtime.config import ModelConfig
 from ldm_runtime.files import sha256_file, write_atomic, write_text_atomic
 from ldm_runtime.staging import PARTIAL, REPLACED, temporary_folder
-from ldm_train.folder_swap import fsync_path, replace_folder, restore_replaced
+from ldm_runtime.folder_swap import fsync_path, replace_folder, restore_replaced
 
 
 def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

@@ -18,7 +18,7 @@ from ldm_runtime.command_line import OneLineArgumentParser, check_writable_folde
 from ldm_runtime.config import PRESETS, ConfigError
 from ldm_runtime.errors import DiskFullError, UserError
 from ldm_train.classifier import ClassifierTrainSettings, train_classifier
-from ldm_train.folder_swap import restore_replaced
+from ldm_runtime.folder_swap import restore_replaced
 from ldm_train.run import AutoencoderSettings, UNetSettings
 
 PROG = "ldm-train"

@@ -12,7 +12,7 @@ import torch
 
 import ldm_runtime.files
 import ldm_train.checkpoint
-import ldm_train.folder_swap
+import ldm_runtime.folder_swap
 from ldm_runtime.checkpoint import load_checkpoint
 from ldm_runtime.config import preset
 from ldm_runtime.models import Autoencoder, TextEncoder, UNet
@@ -106,7 +106,7 @@ def test_running_out_of_space_after_the_files_keeps_the_last_checkpoint(where, n
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     if where == "switching folders":
-        monkeypatch.setattr(ldm_train.folder_swap, "exchange", out_of_space)
+        monkeypatch.setattr(ldm_runtime.folder_swap, "exchange", out_of_space)
     else:
         monkeypatch.setattr(ldm_train.checkpoint.os, "link", out_of_space)
     with pytest.raises(OSError, match="No space left"):
@@ -139,7 +139,7 @@ def test_the_next_save_removes_what_a_killed_save_left(networks, tmp_path, seed)
 
 
 def test_without_an_atomic_exchange_the_save_swaps_with_two_renames(networks, tmp_path, seed, monkeypatch):
-    monkeypatch.setattr(ldm_train.folder_swap, "_RENAMEAT2", None)
+    monkeypatch.setattr(ldm_runtime.folder_swap, "_RENAMEAT2", None)
     folder = tmp_path / "ldm"
     save_step(folder, networks, 1, seed)
     second = save_step(folder, networks, 2, seed)
