@@ -126,11 +126,9 @@ class OpenVinoEngine(EngineDirEngine):
                 self.models[name] = self.core.read_model(str(path))
             except RuntimeError as error:
                 raise EngineDirError(f"openvino cannot read {path} ({first_line(error)})") from None
+        self._verified = verify
+        self._graph_digests: dict[str, dict[str, str]] = {}  # graph -> {file: sha256}, for the compile cache's keys
         if self.compile_cache is not None:  # what a compile depends on beyond its shapes and settings
-            self._graph_digests = {}  # graph -> {file: sha256}; a verified engine dir's are the manifest's
-            for name, graph in self.manifest.graphs.items():
-                self._graph_digests[name] = dict(graph.files) if verify else {
-                    file: sha256_file(self.engine_dir / file) for file in graph.files}
             self._compiler = {"openvino": openvino.get_version(), "device": "CPU",
                               "cpu": str(self.core.get_property("CPU", "FULL_DEVICE_NAME")),
                               "capabilities": cpu_capabilities(self.core)}
@@ -205,7 +203,7 @@ class OpenVinoEngine(EngineDirEngine):
         config = {**self.compile_config, **extra_config}
         if self.compile_cache is None or extra_config:  # a profiling compile is used once, so it is not kept
             return self.core.compile_model(model, "CPU", config).create_infer_request()
-        key = cache_key(self._compiler, graph, self._graph_digests[graph], self.batch_buckets[-1],
+        key = cache_key(self._compiler, graph, self._graph_digest(graph), self.batch_buckets[-1],
                         sorted(shapes.items()), config)
         with self.compile_cache.locked() as usable:
             compiled = self._import_cached(key, config) if usable else None
@@ -215,6 +213,15 @@ class OpenVinoEngine(EngineDirEngine):
                     self.compile_cache.store(key, compiled.export_model().getvalue(), graph=graph,
                                              shapes={name: list(shape) for name, shape in shapes.items()})
         return compiled.create_infer_request()
+
+    def _graph_digest(self, graph: str) -> dict[str, str]:
+        """{file: sha256} of ``graph``'s files: a verified engine dir's are the manifest's; otherwise they are hashed
+        once, when the graph is first compiled (not at start-up, for graphs never compiled)."""
+        if graph not in self._graph_digests:
+            files = self.manifest.graphs[graph].files
+            self._graph_digests[graph] = dict(files) if self._verified else {
+                file: sha256_file(self.engine_dir / file) for file in files}
+        return self._graph_digests[graph]
 
     def _import_cached(self, key: str, config: dict[str, str]):
         """The compiled graph the compile cache holds under ``key``, or None (none, or one that is dropped)."""
