@@ -15,7 +15,9 @@ from typing import Any
 
 from ldm_export.errors import ImportRefusedError
 from ldm_export.untrusted_files import describe
-from ldm_runtime.config import MAX_TRAIN_TIMESTEPS
+from ldm_runtime.config import (LAYER_NORM_EPS, MAX_CHANNELS, MAX_CONTEXT_DIM, MAX_HEADS, MAX_LATENT_CHANNELS,
+                                MAX_LEVELS, MAX_RES_BLOCKS, MAX_TEXT_INTERMEDIATE, MAX_TRAIN_TIMESTEPS,
+                                MAX_TRANSFORMER_DEPTH, MAX_VOCAB_SIZE)
 
 MAX_TEXT_CHARS = 64
 
@@ -63,9 +65,10 @@ class Limit:
 
 TEXT = Limit("text")
 FLAG = Limit("flag", nullable=True)
-BLOCK_TYPES = Limit("text", items=6, single=False)
-LEVEL_CHANNELS = Limit("integer", 1, 4096, items=6, single=False)  # SD 1.x/2.x: 320 to 1280, SDXL refiner 1536
-LAYERS_PER_BLOCK = Limit("integer", 1, 8)  # SD and SDXL: 2
+BLOCK_TYPES = Limit("text", items=MAX_LEVELS, single=False)
+# SD 1.x/2.x: 320 to 1280 channels a level, SDXL refiner 1536
+LEVEL_CHANNELS = Limit("integer", 1, MAX_CHANNELS, items=MAX_LEVELS, single=False)
+LAYERS_PER_BLOCK = Limit("integer", 1, MAX_RES_BLOCKS)  # SD and SDXL: 2
 GROUPS = Limit("integer", 1, 128)  # SD: 32
 CHANNELS = Limit("integer", 1, 16)
 
@@ -74,24 +77,26 @@ UNET_LIMITS = {
     "layers_per_block": LAYERS_PER_BLOCK, "down_block_types": BLOCK_TYPES, "up_block_types": BLOCK_TYPES,
     "sample_size": Limit("integer", 1, 256, items=2),  # latents: SD 2.x 96, SDXL 128
     # heads (diffusers' attention_head_dim is a count of heads): SD 2.x [5, 10, 20, 20]
-    "attention_head_dim": Limit("integer", 1, 256, items=6),
-    "num_attention_heads": Limit("integer", 1, 256, items=6, nullable=True),
-    "transformer_layers_per_block": Limit("integer", 1, 16, items=6),  # SDXL: up to 10
-    "cross_attention_dim": Limit("integer", 1, 4096, items=6),  # SD 2.x 1024, SDXL 2048
+    "attention_head_dim": Limit("integer", 1, 256, items=MAX_LEVELS),
+    "num_attention_heads": Limit("integer", 1, 256, items=MAX_LEVELS, nullable=True),
+    "transformer_layers_per_block": Limit("integer", 1, MAX_TRANSFORMER_DEPTH, items=MAX_LEVELS),  # SDXL: up to 10
+    "cross_attention_dim": Limit("integer", 1, MAX_CONTEXT_DIM, items=MAX_LEVELS),  # SD 2.x 1024, SDXL 2048
     "norm_num_groups": GROUPS, "use_linear_projection": FLAG, "upcast_attention": FLAG,
 }
 VAE_LIMITS = {
     "_class_name": TEXT, "in_channels": CHANNELS, "out_channels": CHANNELS, "block_out_channels": LEVEL_CHANNELS,
     "layers_per_block": LAYERS_PER_BLOCK, "down_block_types": BLOCK_TYPES, "up_block_types": BLOCK_TYPES,
-    "latent_channels": Limit("integer", 1, 64), "norm_num_groups": GROUPS, "mid_block_add_attention": FLAG,
+    "latent_channels": Limit("integer", 1, MAX_LATENT_CHANNELS), "norm_num_groups": GROUPS,
+    "mid_block_add_attention": FLAG,
     "scaling_factor": Limit("number", 0, 100),  # SD 0.18215, SDXL 0.13025, SD 3 1.5305
 }
 TEXT_ENCODER_LIMITS = {  # OpenCLIP ViT-bigG: 1280 wide, 32 layers, 20 heads, 5120 MLP
     "model_type": TEXT, "architectures": Limit("text", items=4, single=False, nullable=True),
-    "hidden_size": Limit("integer", 1, 4096), "num_hidden_layers": Limit("integer", 1, 64),
-    "num_attention_heads": Limit("integer", 1, 64), "intermediate_size": Limit("integer", 1, 16384),
-    "vocab_size": Limit("integer", 1, 262144), "max_position_embeddings": Limit("integer", 1, 1024),
-    "hidden_act": TEXT, "layer_norm_eps": Limit("number", 0, 0.1),
+    "hidden_size": Limit("integer", 1, MAX_CONTEXT_DIM), "num_hidden_layers": Limit("integer", 1, 64),
+    "num_attention_heads": Limit("integer", 1, MAX_HEADS),
+    "intermediate_size": Limit("integer", 1, MAX_TEXT_INTERMEDIATE),
+    "vocab_size": Limit("integer", 1, MAX_VOCAB_SIZE), "max_position_embeddings": Limit("integer", 1, 1024),
+    "hidden_act": TEXT, "layer_norm_eps": Limit("number", 0, LAYER_NORM_EPS[1]),
 }
 TEXT_ENCODER_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                          "vocab_size")
