@@ -22,7 +22,8 @@ What Ray Serve is told, so that a client sees what one ``ldm-serve`` process giv
   bare 500: the client retries and another replica answers.
 - SIGTERM or SIGINT drains: the application is deleted, so new requests get 503 with ``Retry-After`` while every
   replica finishes its ongoing ones within ``--drain-timeout`` (Ray Serve's ``graceful_shutdown_timeout_s``);
-  then Ray Serve shuts down and the process exits 0 (``_shut_down``).
+  then each proxy stops listening and answers what it has accepted (``ReplicaFailureAs503``'s close request, as
+  uvicorn's own graceful shutdown does), and only then Ray Serve stops and the process exits 0 (``_shut_down``).
 
 ``--ray-address`` joins an existing Ray cluster (``ray start --head`` on one machine, ``ray start --address`` on the
 others, the model folder at the same path on each, on storage they all read); without it a local Ray instance is
@@ -37,12 +38,16 @@ import asyncio
 import functools
 import http.client
 import logging
+import gc
+import json
 import os
+import secrets
 import signal
 import sys
 import time
 
 import ray
+import uvicorn
 from ray import serve
 from ray.serve.config import BackpressureConfig
 from starlette.middleware import Middleware
@@ -61,6 +66,18 @@ START_TIMEOUT_S = 600.0  # Ray, the proxy and every replica (each loading and wa
 START_POLL_S = 0.5
 HEALTH_CHECK_PERIOD_S = 10.0
 HEALTH_CHECK_TIMEOUT_S = 60.0  # a replica busy with a batch on shared cores answers its health check late
+
+# Closing a proxy at the end of the drain (ReplicaFailureAs503): the driver POSTs to this path on each proxy with
+# the token only it and the proxies know (in their environment), and the proxy stops listening, lets connections it
+# has just accepted send their request (PROXY_IDLE_GRACE_S), closes idle ones, and answers once every other
+# connection is answered and closed, or after PROXY_CLOSE_WAIT_S (only 503s are left to send by then).
+PROXY_CLOSE_PATH = "/-/ldm-close"
+PROXY_CLOSE_TOKEN_ENV = "LDM_SERVE_PROXY_CLOSE_TOKEN"
+PROXY_CLOSE_TOKEN_HEADER = "x-ldm-close-token"
+PROXY_CLOSE_WAIT_HEADER = "x-ldm-close-wait-s"
+PROXY_CLOSE_WAIT_S = 5.0
+PROXY_IDLE_GRACE_S = 0.5
+PROXY_CLOSE_POLL_S = 0.02
 
 # Ray Serve's own limits that a busy machine exceeds while Ray, the proxy and the replicas start at once: by default
 # the controller gives the proxy 5 s to report ready and 10 s per health check, and kills it otherwise. A value the
@@ -120,7 +137,13 @@ class ReplicaFailureAs503:
     died with the request on it, its 503 while no replica is up, its 404 while the application is being deleted
     during the drain, as every path is the application's) becomes 503 with ``Retry-After`` and the error body the
     route would give, so a client sees the same answers as from one process and retries. Like Envoy's and
-    Ray Serve's own retry-after answers for an upstream that went away."""
+    Ray Serve's own retry-after answers for an upstream that went away.
+
+    It also closes the proxy gracefully at the end of the drain (``close_proxy``): Ray Serve stops a proxy by
+    killing its process, which would cut every connection it holds; the driver first POSTs ``PROXY_CLOSE_PATH``
+    with the proxies' token, and only a request carrying it is taken here (any other goes to the application)."""
+
+    closing = False  # this proxy has stopped listening: every answer closes its connection
 
     def __init__(self, app):
         self.app = app
@@ -128,6 +151,9 @@ class ReplicaFailureAs503:
     async def __call__(self, scope: dict, receive, send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        if scope.get("path") == PROXY_CLOSE_PATH and scope.get("method") == "POST" and _close_token_matches(scope):
+            await close_proxy(scope, send)
             return
         started = replaced = False
 
@@ -143,6 +169,8 @@ class ReplicaFailureAs503:
                     replaced = True
                     await _send_unavailable(send, scope.get("path", ""))
                     return
+                if ReplicaFailureAs503.closing:
+                    message = {**message, "headers": [*headers, (b"connection", b"close")]}
             await send(message)
 
         try:
@@ -156,13 +184,69 @@ class ReplicaFailureAs503:
             await _send_unavailable(send, scope.get("path", ""))
 
 
+def _close_token_matches(scope: dict) -> bool:
+    expected = os.environ.get(PROXY_CLOSE_TOKEN_ENV, "")
+    given = dict(scope.get("headers", [])).get(PROXY_CLOSE_TOKEN_HEADER.encode(), b"")
+    return bool(expected) and secrets.compare_digest(given, expected.encode())
+
+
+def _uvicorn_servers() -> list[uvicorn.Server]:
+    """The uvicorn servers of this process that are serving (in Ray Serve's proxy: its HTTP server, which Ray
+    Serve starts and keeps no handle to that a middleware can reach)."""
+    return [item for item in gc.get_objects()  # by type: reading __class__ of every object can warn or fail
+            if issubclass(type(item), uvicorn.Server) and item.started and hasattr(item, "servers")]
+
+
+async def close_proxy(scope: dict, send) -> None:
+    """Answer the driver's close request: stop listening (a client that connects now is refused, as by a
+    stopped server), give the connections just accepted ``PROXY_IDLE_GRACE_S`` to send their request, ask every
+    connection to close after its answer (uvicorn's own graceful shutdown: an idle one closes at once), and answer
+    ``{"open_connections": N}`` once no other connection is open, or after the wait the request names (at most
+    ``PROXY_CLOSE_WAIT_S``). Answers 501 where no uvicorn server is found."""
+    servers = _uvicorn_servers()
+    if not servers:
+        await _send_json(send, 501, {"error": "no uvicorn server found in this proxy process"})
+        return
+    try:
+        wait_s = float(dict(scope.get("headers", [])).get(PROXY_CLOSE_WAIT_HEADER.encode(), b""))
+    except ValueError:
+        wait_s = PROXY_CLOSE_WAIT_S
+    wait_s = min(max(wait_s, 0.0), PROXY_CLOSE_WAIT_S) if wait_s == wait_s else PROXY_CLOSE_WAIT_S
+    ReplicaFailureAs503.closing = True
+    for server in servers:
+        for listening in server.servers:
+            listening.close()
+    await asyncio.sleep(PROXY_IDLE_GRACE_S)
+    for server in servers:
+        for connection in list(server.server_state.connections):
+            connection.shutdown()  # this request's too: it closes once this answer is sent
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+
+    def others_open() -> int:
+        return max(sum(len(server.server_state.connections) for server in servers) - 1, 0)
+
+    while others_open() and loop.time() < deadline:
+        await asyncio.sleep(PROXY_CLOSE_POLL_S)
+    await _send_json(send, 200, {"open_connections": others_open()})
+
+
+async def _send_json(send, status: int, content: dict) -> None:
+    body = json.dumps(content).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
 async def _send_unavailable(send, path: str) -> None:
     error = ApiError(503, "replica_unavailable", "no replica could answer this request (one stopped while it "
                      "held it, or none is up yet); retry it", None)
     body = error_body(error, path)
     await send({"type": "http.response.start", "status": error_status(error, path),
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"retry-after", str(FAILURE_RETRY_AFTER_S).encode()), *SECURITY_HEADERS]})
+                            (b"retry-after", str(FAILURE_RETRY_AFTER_S).encode()), *SECURITY_HEADERS,
+                            *([(b"connection", b"close")] if ReplicaFailureAs503.closing else [])]})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -205,6 +289,7 @@ def serve_replicas(args: argparse.Namespace, api_key: str | None, description: s
     signals = {signal.SIGINT, signal.SIGTERM}
     signal.pthread_sigmask(signal.SIG_BLOCK, signals)  # Ray's threads inherit the mask; sigwait takes them below
     env = {name: os.environ.get(name, value) for name, value in RAY_SERVE_ENV.items()}
+    env[PROXY_CLOSE_TOKEN_ENV] = secrets.token_hex(32)
     os.environ.update(env)  # a local Ray instance's processes inherit them
     try:
         ray.init(address=args.ray_address, include_dashboard=False, log_to_driver=args.log_level == "debug",
@@ -230,8 +315,9 @@ def serve_replicas(args: argparse.Namespace, api_key: str | None, description: s
           flush=True)
     signal.sigwait(signals)
     print("ldm-serve: draining the replicas", file=sys.stderr, flush=True)
-    _shut_down(args)
-    print("ldm-serve: drained and stopped", file=sys.stderr, flush=True)
+    closed = _shut_down(args)
+    print(f"ldm-serve: drained and stopped ({closed} {'proxy' if closed == 1 else 'proxies'} closed gracefully)",
+          file=sys.stderr, flush=True)
     return 0
 
 
@@ -261,19 +347,66 @@ def _wait_until_serving(host: str, port: int, signals: set[signal.Signals]) -> N
     raise TimeoutError(f"not serving after {START_TIMEOUT_S:.0f} s: {last}")
 
 
-def _shut_down(args: argparse.Namespace) -> None:
+def _shut_down(args: argparse.Namespace) -> int:
     """Drain, then stop: deleting the application first takes the replicas out of the proxy's routes (a new request
     gets 503 with ``Retry-After``) while each finishes its ongoing requests (Ray Serve's graceful shutdown, at
-    most ``--drain-timeout``) and the proxy, still up, delivers their answers; only then Ray Serve's controller
-    and proxy stop (``serve.shutdown`` alone stops the proxy at once, cutting the answers still to come). Then
-    the process leaves Ray: a local instance stops with it."""
+    most ``--drain-timeout``) and the proxy, still up, delivers their answers; then each proxy stops listening and
+    answers the requests it has accepted (``_close_proxies``); only then Ray Serve's controller and proxies stop
+    (``serve.shutdown`` kills a proxy at once, cutting whatever it still holds). Then the process leaves Ray: a
+    local instance stops with it. Returns how many proxies closed gracefully."""
     try:
         try:
             serve.delete(DEPLOYMENT_NAME)
+            return _close_proxies(args)
         finally:
             serve.shutdown()
     finally:
         ray.shutdown()
+
+
+def _proxy_hosts(args: argparse.Namespace) -> list[str]:
+    """Where the proxies listen, as the driver reaches them: ``--host`` itself, or on a wildcard address every
+    alive node of the cluster (Ray Serve runs a proxy on each)."""
+    if args.host not in ("0.0.0.0", "::", ""):
+        return [args.host]
+    loopback = "::1" if args.host == "::" else "127.0.0.1"
+    local = ray.util.get_node_ip_address()
+    others = [node["NodeManagerAddress"] for node in ray.nodes() if node.get("Alive")]
+    return [loopback, *dict.fromkeys(address for address in others if address != local)]
+
+
+def _close_proxies(args: argparse.Namespace) -> int:
+    """Close every proxy gracefully (``close_proxy``); one that cannot be is named in one line and left to
+    ``serve.shutdown``. A refused connection is a proxy that is not there (no listener: nothing to close).
+    Returns how many closed with no connection left open."""
+    closed = 0
+    token = os.environ.get(PROXY_CLOSE_TOKEN_ENV, "")
+    wait_s = min(args.drain_timeout, PROXY_CLOSE_WAIT_S)
+    for host in _proxy_hosts(args):
+        shown = f"[{host}]:{args.port}" if ":" in host else f"{host}:{args.port}"
+        try:
+            connection = http.client.HTTPConnection(host, args.port, timeout=wait_s + 30.0)
+            connection.request("POST", PROXY_CLOSE_PATH, headers={PROXY_CLOSE_TOKEN_HEADER: token,
+                                                                 PROXY_CLOSE_WAIT_HEADER: f"{wait_s:g}"})
+            response = connection.getresponse()
+            answer = response.read()
+            connection.close()
+        except ConnectionRefusedError:
+            continue
+        except OSError as error:
+            print(f"ldm-serve: could not close Ray Serve's proxy on {shown} gracefully ({error}); stopping it",
+                  file=sys.stderr, flush=True)
+            continue
+        if response.status != 200:
+            print(f"ldm-serve: could not close Ray Serve's proxy on {shown} gracefully (it answered "
+                  f"{response.status}: {answer[:200].decode(errors='replace')}); stopping it", file=sys.stderr,
+                  flush=True)
+        elif (still_open := json.loads(answer).get("open_connections", 0)) > 0:
+            print(f"ldm-serve: Ray Serve's proxy on {shown} still had {still_open} open connection(s) after "
+                  f"{wait_s:g} s; stopping it", file=sys.stderr, flush=True)
+        else:
+            closed += 1
+    return closed
 
 
 def _first_line(error: BaseException | str) -> str:

@@ -60,10 +60,11 @@ class ServeProcess:
         self.lines: list[str] = []
         self._listening = threading.Event()
         threading.Thread(target=self._read_stderr, daemon=True).start()
-        if not self._listening.wait(start_timeout_s):
+        self._listening.wait(start_timeout_s)
+        listening = next((line for line in self.lines if LISTENING_LINE in line), None)
+        if listening is None:  # still starting after the timeout, or it exited
             self.stop()
-            raise ServeProcessError(f"ldm-serve did not start:\n{self.log}")
-        listening = next(line for line in self.lines if LISTENING_LINE in line)
+            raise ServeProcessError(f"ldm-serve did not start (exit status {self.process.returncode}):\n{self.log}")
         self.url = re.search(r"on (http://\S+)", listening).group(1)
 
     def _read_stderr(self) -> None:
@@ -71,6 +72,7 @@ class ServeProcess:
             self.lines.append(line)
             if LISTENING_LINE in line:
                 self._listening.set()
+        self._listening.set()  # stderr closed: the server exited (__init__ then says so with its log)
 
     @property
     def log(self) -> str:

@@ -16,6 +16,8 @@ installing the ``ray`` extra), when they fail instead. They run in one xdist gro
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
 import os
 import signal
 import socket
@@ -198,6 +200,87 @@ def test_a_worker_that_stopped_is_unready_and_fails_the_replica_health_check(mon
     replica.check_health()  # draining: finishing its requests, healthy
 
 
+def test_the_proxy_close_stops_listening_then_answers_what_it_accepted_before_it_answers(monkeypatch):
+    """The end of a drain, in the proxy's middleware on a plain uvicorn server: the driver's close request (with
+    the token) makes the server refuse new connections at once, close an idle keep-alive connection, and answer
+    only after the request it was holding is answered (with ``Connection: close``); a close request without the
+    token is the application's, like any other path."""
+    require_ray()
+    import threading
+
+    import uvicorn
+
+    from ldm_serve import replicas
+
+    monkeypatch.setenv(replicas.PROXY_CLOSE_TOKEN_ENV, "the-token")
+    monkeypatch.setattr(replicas.ReplicaFailureAs503, "closing", False)
+    monkeypatch.setattr(replicas, "PROXY_CLOSE_WAIT_S", STATE_TIMEOUT_S)  # the held request decides, not a clock
+    held, release = threading.Event(), threading.Event()
+
+    async def application(scope, receive, send):
+        if scope["path"] == "/held":
+            held.set()
+            await asyncio.to_thread(release.wait, STATE_TIMEOUT_S)
+        status, body = (200, b"image") if scope["path"] == "/held" else (404, b"not found")
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-length", str(len(body)).encode()), (b"x-ldm-replica", b"r1")]})
+        await send({"type": "http.response.body", "body": body})
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(replicas.ReplicaFailureAs503(application), host="127.0.0.1", port=port,
+                                           lifespan="off", log_level="warning"))
+    serving = threading.Thread(target=server.run, daemon=True)
+    serving.start()
+    try:
+        deadline = time.monotonic() + STATE_TIMEOUT_S
+        while not server.started:
+            assert serving.is_alive() and time.monotonic() < deadline
+            time.sleep(0.01)
+
+        def post(path: str, token: str | None = None, **extra: str) -> tuple[int, dict, bytes]:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=STATE_TIMEOUT_S)
+            headers = {**extra, **({replicas.PROXY_CLOSE_TOKEN_HEADER: token} if token is not None else {})}
+            connection.request("POST", path, headers=headers)
+            response = connection.getresponse()
+            answer = response.status, {key.lower(): value for key, value in response.getheaders()}, response.read()
+            connection.close()
+            return answer
+
+        assert post(replicas.PROXY_CLOSE_PATH)[0] == 404  # no token: the application's path
+        assert post(replicas.PROXY_CLOSE_PATH, "another-token")[0] == 404
+        idle = http.client.HTTPConnection("127.0.0.1", port, timeout=STATE_TIMEOUT_S)
+        idle.request("GET", "/anything")
+        assert idle.getresponse().read() == b"not found"  # answered; the connection stays open, idle
+
+        answers: dict[str, tuple] = {}
+        held_request = threading.Thread(target=lambda: answers.setdefault("held", post("/held")))
+        held_request.start()
+        assert held.wait(STATE_TIMEOUT_S)
+        closing = threading.Thread(target=lambda: answers.setdefault("close", post(
+            replicas.PROXY_CLOSE_PATH, "the-token", **{replicas.PROXY_CLOSE_WAIT_HEADER: "1e9"})))
+        closing.start()
+        while True:  # the listener closes: a new client is refused, as by a stopped server
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=STATE_TIMEOUT_S).close()
+            except ConnectionRefusedError:
+                break
+            assert time.monotonic() < deadline and closing.is_alive(), answers
+            time.sleep(0.01)
+        assert idle.sock.recv(1) == b""  # the idle keep-alive connection is closed (blocks until it is)
+        assert closing.is_alive() and held_request.is_alive(), answers  # the close waits for the held request
+        release.set()
+        held_request.join(STATE_TIMEOUT_S)
+        closing.join(STATE_TIMEOUT_S)
+        status, headers, body = answers["held"]
+        assert (status, body, headers["connection"]) == (200, b"image", "close")
+        status, _, body = answers["close"]
+        assert status == 200 and json.loads(body) == {"open_connections": 0}, body
+    finally:
+        release.set()
+        server.should_exit = True
+        serving.join(STATE_TIMEOUT_S)
+
+
 def test_replicas_on_a_port_in_use_are_one_line_before_ray_starts(engine_dir):
     require_ray()
     with socket.socket() as taken:
@@ -352,4 +435,6 @@ def test_sigterm_lets_the_held_requests_finish_answers_late_ones_503_or_an_image
     assert [response.status_code for response in drained] == [200] * 4, [r.text for r in drained]
     assert retry_or_image(late), (late.status_code, late.text)
     assert two_replicas.process.wait(STATE_TIMEOUT_S) == 0, two_replicas.log
-    assert "drained and stopped" in two_replicas.log and "Traceback" not in two_replicas.log, two_replicas.log
+    assert "Traceback" not in two_replicas.log, two_replicas.log
+    # the proxy stopped listening and answered what it held before Ray Serve stopped it
+    assert "drained and stopped (1 proxy closed gracefully)" in two_replicas.log, two_replicas.log
