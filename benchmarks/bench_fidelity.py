@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from ldm_tools.bench.cli import machine_info
 
     manifest = load_manifest(args.model)
-    requests = [GenerationRequest(prompt=prompt, seed=args.seed + index, steps=args.steps)
+    requests = [GenerationRequest(prompt=prompt, seed=args.seed + index, sampler="ddim", steps=args.steps)
                 for index, prompt in enumerate(PROMPTS[:args.prompts])]
     with reference_kernels():
         eager = TorchEngine(args.checkpoint, device="cpu", unet_chunk_size=None)

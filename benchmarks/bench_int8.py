@@ -49,7 +49,7 @@ def record_unet_inputs(engine, pipeline, prompts: list[str]) -> list[dict[str, n
     engine.run = recording_run
     try:
         for index, prompt in enumerate(prompts):
-            pipeline.generate([GenerationRequest(prompt=prompt, seed=10_000 + index, steps=STEPS,
+            pipeline.generate([GenerationRequest(prompt=prompt, seed=10_000 + index, sampler="ddim", steps=STEPS,
                                                  guidance_scale=GUIDANCE)], batch_size=1)
     finally:
         engine.run = original
@@ -59,7 +59,7 @@ def record_unet_inputs(engine, pipeline, prompts: list[str]) -> list[dict[str, n
 def images(pipeline, prompts: list[str]) -> list[np.ndarray]:
     from ldm_runtime.pipeline import GenerationRequest
 
-    requests = [GenerationRequest(prompt=prompt, seed=index, steps=STEPS, guidance_scale=GUIDANCE)
+    requests = [GenerationRequest(prompt=prompt, seed=index, sampler="ddim", steps=STEPS, guidance_scale=GUIDANCE)
                 for index, prompt in enumerate(prompts)]
     return [np.asarray(image) for image in pipeline.generate(requests, batch_size=1)]
 

@@ -177,7 +177,7 @@ def check_sample(engine: OnnxRuntimeEngine, modules: CheckpointNetworks, precisi
     ``modules`` (the networks the export loaded: no second copy of the weights, which at SD 1.5's size would not
     fit beside the first and the new graphs' sessions on a 24 GiB machine)."""
     count = max(1, min(len(SAMPLE_PROMPTS), engine.info.max_images))
-    requests = [GenerationRequest(prompt=prompt, seed=seed + index, steps=SAMPLE_STEPS)
+    requests = [GenerationRequest(prompt=prompt, seed=seed + index, sampler="ddim", steps=SAMPLE_STEPS)
                 for index, prompt in enumerate(SAMPLE_PROMPTS[:count])]
     eager = TorchEngine(modules, device="cpu", unet_chunk_size=None)  # one UNet call per step, unpadded
     with reference_kernels():

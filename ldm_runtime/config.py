@@ -30,6 +30,13 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")  # how DDIM spreads its N steps over the T timesteps
 # where a DDIM step from timestep t lands: the next timestep of the list, or diffusers' t - T // N
 PREVIOUS_TIMESTEPS = ("listed", "diffusers")
+# The samplers a request or a model can name (ldm_runtime.schedulers builds them); "ddim" takes the model's DDIM
+# settings (ModelConfig.sampler), the others diffusers' scheduler of the same name
+SAMPLER_NAMES = ("ddim", "euler", "euler-a", "dpmpp-2m", "dpmpp-2m-karras", "dpmpp-2m-sde", "dpmpp-2m-sde-karras",
+                 "unipc", "unipc-3", "plms", "lcm")
+SIGMA_SPACINGS = ("linspace", "leading", "trailing")  # how the samplers other than DDIM spread their timesteps
+DEFAULT_SAMPLER = "ddim"  # the sampler of a request that names none, for a model whose folder names none
+DEFAULT_STEPS = 25  # its steps
 
 # The range of every number in model.json: what the largest published SD-family models use (SD 1.x/2.x, SDXL; SD 3
 # for the text width and length) with room to spare, and no more, so that a folder anyone can edit is refused in
@@ -302,6 +309,53 @@ class DDIMConfig:
 
 
 @dataclass(frozen=True)
+class SamplerDefaults:
+    """``model.json``'s ``default_sampler``: the sampler (one of ``SAMPLER_NAMES``) and step count of a request
+    that names none, and the ``timestep_spacing`` and ``steps_offset`` every sampler but DDIM plans with (DDIM's
+    own are ``ModelConfig.sampler``'s), as diffusers' ``from_config`` carries them from a model's
+    scheduler_config.json to whichever scheduler it builds. ``None`` (null, or left out) means the project's
+    default: ``DEFAULT_SAMPLER`` and ``DEFAULT_STEPS``, and each sampler's own diffusers default spacing."""
+
+    name: str | None = None
+    steps: int | None = None
+    timestep_spacing: str | None = None
+    steps_offset: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.name is not None and (not isinstance(self.name, str) or self.name not in SAMPLER_NAMES):
+            raise ValueError(f"default_sampler.name is {self.name!r}; expected one of {', '.join(SAMPLER_NAMES)} "
+                             f"or null")
+        if self.steps is not None and (not _is_integer(self.steps) or not 1 <= self.steps <= MAX_TRAIN_TIMESTEPS):
+            raise ValueError(f"default_sampler.steps is {self.steps!r}; expected an integer from 1 to "
+                             f"{MAX_TRAIN_TIMESTEPS} or null")
+        if self.timestep_spacing is not None and self.timestep_spacing not in SIGMA_SPACINGS:
+            raise ValueError(f"default_sampler.timestep_spacing is {self.timestep_spacing!r}; expected one of "
+                             f"{', '.join(SIGMA_SPACINGS)} or null")
+        if self.steps_offset is not None and (not _is_integer(self.steps_offset)
+                                              or not 0 <= self.steps_offset < MAX_TRAIN_TIMESTEPS):
+            raise ValueError(f"default_sampler.steps_offset is {self.steps_offset!r}; expected an integer from 0 "
+                             f"to {MAX_TRAIN_TIMESTEPS - 1} or null")
+
+    @property
+    def sampler(self) -> str:
+        """The sampler of a request that names none."""
+        return self.name or DEFAULT_SAMPLER
+
+    @property
+    def sampler_steps(self) -> int:
+        """The steps of a request that names none."""
+        return self.steps or DEFAULT_STEPS
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "default_sampler") -> "SamplerDefaults":
+        """The settings a parsed ``default_sampler`` object describes; ``ConfigError`` naming a bad key or value."""
+        return config_from_dict(cls, data, where)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything ``model.json`` describes. ``latent_scale_factor`` = 1 / std of the training latents."""
 
@@ -313,6 +367,8 @@ class ModelConfig:
     latent_scale_factor: float = 1.0
     # How DDIM walks the schedule by default (Stable Diffusion: its scheduler_config.json's settings)
     sampler: DDIMConfig = field(default_factory=DDIMConfig)
+    # The sampler and steps of a request that names none, and the other samplers' spacing (SamplerDefaults)
+    default_sampler: SamplerDefaults = field(default_factory=SamplerDefaults)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -344,6 +400,12 @@ class ModelConfig:
         if self.sampler.steps_offset > last:
             raise ConfigError(f"sampler.steps_offset is {self.sampler.steps_offset}; expected an integer from 0 to "
                               f"{last} (below schedule.num_train_timesteps)")
+        if (self.default_sampler.steps_offset or 0) > last:
+            raise ConfigError(f"default_sampler.steps_offset is {self.default_sampler.steps_offset}; expected an "
+                              f"integer from 0 to {last} (below schedule.num_train_timesteps)")
+        if (self.default_sampler.steps or 0) > self.schedule.num_train_timesteps:
+            raise ConfigError(f"default_sampler.steps is {self.default_sampler.steps}; expected an integer from 1 to "
+                              f"{self.schedule.num_train_timesteps} (schedule.num_train_timesteps)")
         if self.image_size % self.autoencoder.factor:
             raise ConfigError(
                 f"image_size {self.image_size} is not divisible by the autoencoder factor {self.autoencoder.factor}"

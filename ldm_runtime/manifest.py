@@ -34,6 +34,7 @@ from ldm_runtime.config import (
     MAX_TEXT_LENGTH,
     ConfigError,
     DDIMConfig,
+    SamplerDefaults,
     ScheduleConfig,
     check_integer,
     check_latent_scale_factor,
@@ -189,6 +190,7 @@ class EngineManifest:
     model: ModelInfo
     schedule: dict[str, Any]
     sampler: dict[str, Any]  # the model's DDIM settings (ldm_runtime.schedulers.DDIMConfig); {} = the defaults
+    default_sampler: dict[str, Any]  # the model's SamplerDefaults; {} = the project's defaults
     dims: dict[str, DimRange]
     graphs: dict[str, GraphEntry]
     tokenizer_files: dict[str, str]  # file name inside tokenizer/ -> sha256
@@ -210,6 +212,7 @@ class EngineManifest:
                 model=ModelInfo.from_dict(data["model"]),
                 schedule=dict(data["schedule"]),
                 sampler=dict(data.get("sampler", {})),  # engine dirs exported before it was recorded have none
+                default_sampler=dict(data.get("default_sampler", {})),  # nor this
                 dims={name: DimRange(**value) for name, value in data["dims"].items()},
                 graphs={name: GraphEntry.from_dict(value) for name, value in data["graphs"].items()},
                 tokenizer_files=dict(data["tokenizer"]["files"]),
@@ -219,6 +222,7 @@ class EngineManifest:
             schedule = config_from_dict(ScheduleConfig, manifest.schedule, "schedule")
             schedule.validate()
             sampler = config_from_dict(DDIMConfig, manifest.sampler, "sampler")
+            defaults = SamplerDefaults.from_dict(manifest.default_sampler)
         except EngineDirError:
             raise
         except ConfigError as error:
@@ -229,6 +233,12 @@ class EngineManifest:
         if sampler.steps_offset >= schedule.num_train_timesteps:
             raise EngineDirError(f"{where}: sampler.steps_offset is {sampler.steps_offset}; expected an integer from 0 "
                                  f"to {schedule.num_train_timesteps - 1} (below schedule.num_train_timesteps)")
+        if (defaults.steps_offset or 0) >= schedule.num_train_timesteps:
+            raise EngineDirError(f"{where}: default_sampler.steps_offset is {defaults.steps_offset}; expected an "
+                                 f"integer from 0 to {schedule.num_train_timesteps - 1}")
+        if (defaults.steps or 0) > schedule.num_train_timesteps:
+            raise EngineDirError(f"{where}: default_sampler.steps is {defaults.steps}; expected an integer from 1 to "
+                                 f"{schedule.num_train_timesteps}")
         for name in REQUIRED_DIMS:
             if name not in manifest.dims:
                 raise EngineDirError(f"{where} defines no {name!r} in 'dims'; expected all of {REQUIRED_DIMS}")

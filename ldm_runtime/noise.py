@@ -5,7 +5,8 @@ seeds in one batch get the same noise as four separate runs, and a server may re
 
 Generator: numpy's Philox (a counter-based generator, the family cuRAND and torch's CUDA generator use),
 seeded through ``np.random.SeedSequence``. The initial latents of seed s come from
-``np.random.Generator(np.random.Philox(s))``; the eta > 0 noise of step k comes from the child stream
+``np.random.Generator(np.random.Philox(s))``; the noise a stochastic sampler adds on step k (DDIM with eta > 0,
+euler-a, DPM-Solver++ SDE, LCM) comes from the child stream
 ``SeedSequence(s, spawn_key=(k,))``, which is what ``SeedSequence(s).spawn`` would hand out as child k:
 independent of the initial stream and of every other step. Values are drawn directly as float32
 (``standard_normal(dtype=np.float32)``), on the host, independent of the engine and its device.
@@ -31,7 +32,7 @@ def initial_noise(seeds: Sequence[int], shape: Sequence[int]) -> np.ndarray:
 
 
 def step_noise(seeds: Sequence[int], step_indices: int | Sequence[int], shape: Sequence[int]) -> np.ndarray:
-    """The noise DDIM adds at step index k (0 = the first step) when eta > 0: ``(B, *shape) float32``.
+    """The noise a stochastic sampler adds at step index k (0 = the first step): ``(B, *shape) float32``.
 
     ``step_indices`` is one index for all rows or one per row (rows of one batch may be at different steps);
     row i depends on (seeds[i], step_indices[i]) only.

@@ -27,6 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ldm_runtime.arrays import concatenate
+from ldm_runtime.config import DEFAULT_SAMPLER, DEFAULT_STEPS, SamplerDefaults
 from ldm_runtime.engines.base import Array, Engine, EngineInfo
 from ldm_runtime.errors import RequestError
 from ldm_runtime.guidance import GuidedBatch, guidance_below_one_note
@@ -37,11 +38,13 @@ from ldm_runtime.schedulers import (
     DDIMSampler,
     DDIMTrajectory,
     NoiseSchedule,
+    PLMSTrajectory,
     SigmaTrajectory,
     sigma_samplers,
 )
 
-DEFAULT_STEPS = 25  # sampler steps of a request that names none (ldm-sample, ldm-serve, ldm-eval, export validation)
+__all__ = ["DEFAULT_GUIDANCE_SCALE", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "GenerationRequest", "Pipeline",
+           "SamplingState"]
 # The CompVis LDM text-to-image script's default scale: milder than Stable Diffusion's 7.5, which
 # over-saturates small models trained on few captions.
 DEFAULT_GUIDANCE_SCALE = 5.0
@@ -51,7 +54,10 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True, kw_only=True)
 class GenerationRequest:
     """One image to make. ``seed`` alone decides its noise; ``height``/``width`` None mean the model's image_size.
-    ``sampler`` is one of ``SAMPLER_NAMES``; ``eta`` applies to "ddim" only (the others are deterministic).
+    ``sampler`` is one of ``SAMPLER_NAMES``; ``sampler`` and ``steps`` None mean the model's default
+    (``Pipeline.resolve``: its ``default_sampler``, else ``DEFAULT_SAMPLER`` and ``DEFAULT_STEPS``); ``eta`` applies
+    to "ddim" only. The stochastic samplers (euler-a,
+    dpmpp-2m-sde, dpmpp-2m-sde-karras, lcm) draw each step's noise from ``seed`` as well.
 
     Prompts longer than the engine's ``text_max_length`` tokens are truncated, as in training.
     """
@@ -59,8 +65,8 @@ class GenerationRequest:
     prompt: str
     negative_prompt: str = ""  # "" is the unconditional prompt the model was trained with (caption dropout)
     seed: int
-    sampler: str = "ddim"
-    steps: int = DEFAULT_STEPS
+    sampler: str | None = None
+    steps: int | None = None
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE
     eta: float = 0.0
     height: int | None = None
@@ -72,18 +78,18 @@ class SamplingState:
     """One request part-way through sampling. ``step_index`` is the next step to take (``len(trajectory)`` when
     done); ``latents`` is x_t at that step, ``(1, C, h, w)`` float32 on the engine. The context rows are
     ``(1, L, D)`` float and the masks ``(1, L)`` bool, for the prompt and for the negative prompt.
-    ``pred_original_sample`` is the x_0 predicted on the previous step (None at step 0), which multistep
-    samplers read."""
+    ``history`` is what the request's sampler keeps between steps (() at step 0, and always for DDIM): its
+    ``history_size`` arrays shaped like ``latents``, e.g. a multistep solver's earlier model outputs."""
 
     request: GenerationRequest
-    trajectory: DDIMTrajectory | SigmaTrajectory
+    trajectory: DDIMTrajectory | SigmaTrajectory | PLMSTrajectory
     step_index: int
     latents: Array
     context: Array
     context_mask: Array
     negative_context: Array
     negative_context_mask: Array
-    pred_original_sample: Array | None = None
+    history: tuple[Array, ...] = ()
 
     @property
     def done(self) -> bool:
@@ -106,7 +112,9 @@ class Pipeline:
         if ddim is None:
             ddim = DDIMConfig.from_dict(dict(getattr(engine.info, "sampler", {})))
         self.sampler = DDIMSampler(NoiseSchedule.from_dict(engine.info.schedule), ddim)
-        self.sigma_samplers = sigma_samplers(self.sampler.schedule)  # the other samplers, with diffusers' defaults
+        self.defaults = SamplerDefaults.from_dict(dict(getattr(engine.info, "default_sampler", {})))
+        # the other samplers, with diffusers' defaults but the model's timestep spacing and offset, if it names them
+        self.sigma_samplers = sigma_samplers(self.sampler.schedule, self.defaults, ddim.set_alpha_to_one)
         # the most steps DDIM can plan: T, or fewer when the "leading" spacing's offset would pass timestep T - 1
         count = self.sampler.schedule.num_train_timesteps
         self.max_steps = next((steps for steps in range(count, 0, -1) if self._can_plan(steps)), 0)
@@ -116,10 +124,31 @@ class Pipeline:
     def info(self) -> EngineInfo:
         return self.engine.info
 
-    def validate(self, request: GenerationRequest) -> None:
-        """``RequestError`` naming the first field of ``request`` that this engine and sampler cannot serve."""
+    @property
+    def default_sampler(self) -> str:
+        """The sampler of a request that names none: the model's ``default_sampler.name``, else ``DEFAULT_SAMPLER``."""
+        return self.defaults.sampler
+
+    @property
+    def default_steps(self) -> int:
+        """The steps of a request that names none: the model's ``default_sampler.steps``, else ``DEFAULT_STEPS``."""
+        return self.defaults.sampler_steps
+
+    def resolve(self, request: GenerationRequest) -> GenerationRequest:
+        """``request`` with its sampler and steps filled in where it names none (``default_sampler``,
+        ``default_steps``): what it is sampled with, and what a record of it should say."""
         if not isinstance(request, GenerationRequest):
             raise TypeError(f"request is a {type(request).__name__}; expected a GenerationRequest")
+        if request.sampler is not None and request.steps is not None:
+            return request
+        sampler = self.default_sampler if request.sampler is None else request.sampler
+        return dataclasses.replace(request, sampler=sampler,
+                                   steps=self.default_steps if request.steps is None else request.steps)
+
+    def validate(self, request: GenerationRequest) -> None:
+        """``RequestError`` naming the first field of ``request`` that this engine and sampler cannot serve (its
+        sampler and steps as ``resolve`` fills them in)."""
+        request = self.resolve(request)
         if not isinstance(request.prompt, str) or not request.prompt.strip():
             raise RequestError(f"prompt is {request.prompt!r}; expected a non-empty string", "prompt")
         if not isinstance(request.negative_prompt, str):
@@ -134,7 +163,7 @@ class Pipeline:
             raise RequestError(f"steps is {request.steps!r}; expected an integer from 1 to {self.max_steps}", "steps")
         if request.sampler != "ddim":
             try:
-                self.sigma_samplers[request.sampler].trajectory(int(request.steps))
+                self._trajectory(request)
             except ValueError as error:
                 raise RequestError(f"steps is {request.steps}; the {request.sampler} sampler cannot take them: "
                                    f"{error}", "steps") from None
@@ -148,7 +177,7 @@ class Pipeline:
         if not _is_number(request.eta) or not 0 <= request.eta <= 1:
             raise RequestError(f"eta is {request.eta!r}; expected a number from 0 to 1", "eta")
         if request.eta != 0 and request.sampler != "ddim":
-            raise RequestError(f"eta is {request.eta!r}; expected 0 for the deterministic {request.sampler} sampler "
+            raise RequestError(f"eta is {request.eta!r}; expected 0 for the {request.sampler} sampler "
                                f"(eta applies to ddim only)", "eta")
         info = self.info
         for name in ("height", "width"):
@@ -161,6 +190,12 @@ class Pipeline:
                     f"{name} is {size!r}; expected a multiple of {info.image_size_multiple} from "
                     f"{info.min_image_size} to {info.max_image_size} (or none for the model's {info.image_size})",
                     name)
+
+    def _trajectory(self, request: GenerationRequest) -> DDIMTrajectory | SigmaTrajectory | PLMSTrajectory:
+        """The walk ``request``'s sampler plans for its steps: one entry per UNet call."""
+        if request.sampler == "ddim":
+            return self.sampler.trajectory(int(request.steps))
+        return self.sigma_samplers[request.sampler].trajectory(int(request.steps))
 
     def _can_plan(self, steps: int) -> bool:
         try:
@@ -186,9 +221,11 @@ class Pipeline:
 
     def start(self, requests: Sequence[GenerationRequest]) -> list[SamplingState]:
         """Validated requests -> states at step 0: prompts encoded (each distinct text once), x_T drawn from
-        each request's seed and scaled as its sampler starts, its trajectory planned."""
+        each request's seed and scaled as its sampler starts, its trajectory planned. Each state holds its request
+        as ``resolve`` fills it in."""
         for request in requests:
             self.validate(request)
+        requests = [self.resolve(request) for request in requests]
         if not requests:
             return []
         self._say_guidance_below_one(requests)
@@ -201,12 +238,9 @@ class Pipeline:
             height, width = self.image_shape(request)
             shape = (self.info.latent_channels, height // factor, width // factor)
             noise = initial_noise([request.seed], shape)
-            if request.sampler == "ddim":
-                trajectory: DDIMTrajectory | SigmaTrajectory = self.sampler.trajectory(int(request.steps))
-            else:
-                sampler = self.sigma_samplers[request.sampler]
-                trajectory = sampler.trajectory(int(request.steps))
-                noise = noise * np.float32(sampler.initial_noise_scale(trajectory))
+            trajectory = self._trajectory(request)
+            if request.sampler != "ddim":
+                noise = noise * np.float32(self.sigma_samplers[request.sampler].initial_noise_scale(trajectory))
             positive, negative = row[request.prompt], row[request.negative_prompt]
             states.append(SamplingState(
                 request=request, trajectory=trajectory, step_index=0, latents=self.engine.to_array(noise),
@@ -254,16 +288,16 @@ class Pipeline:
                 group_prediction = concatenate([prediction[row:row + 1] for row in rows])
                 group_latents = concatenate([latents[row:row + 1] for row in rows])
             step = self._ddim_step if name == "ddim" else self._sigma_step
-            stepped, pred_original = step(group, group_prediction, group_latents, shape)
+            stepped, history = step(group, group_prediction, group_latents, shape)
             for index, (row, state) in enumerate(zip(rows, group)):
                 new_states[row] = dataclasses.replace(
                     state, step_index=state.step_index + 1, latents=stepped[index:index + 1],
-                    pred_original_sample=pred_original[index:index + 1])
+                    history=tuple(array[index:index + 1] for array in history))
         return new_states
 
     def _ddim_step(self, states: Sequence[SamplingState], prediction: Array, latents: Array,
-                   shape: tuple[int, ...]) -> tuple[Array, Array]:
-        """One DDIM step of ``states`` (their rows of the guided prediction and latents): ``(x_prev, x_0)``."""
+                   shape: tuple[int, ...]) -> tuple[Array, tuple[Array, ...]]:
+        """One DDIM step of ``states`` (their rows of the guided prediction and latents): ``(x_prev, ())``."""
         timesteps = np.array([s.trajectory.timesteps[s.step_index] for s in states], dtype=np.int64)
         prev_timesteps = np.array([s.trajectory.prev_timesteps[s.step_index] for s in states], dtype=np.int64)
         eta = np.array([float(state.request.eta) for state in states], dtype=np.float64)
@@ -272,20 +306,26 @@ class Pipeline:
             seeds = [int(state.request.seed) for state in states]
             step_indices = [state.step_index for state in states]
             noise = self.engine.to_array(step_noise(seeds, step_indices, shape), latents)
-        return self.sampler.step(prediction, timesteps, prev_timesteps, latents, eta, noise,
-                                 to_array=self.engine.to_array)
+        prev_sample, _ = self.sampler.step(prediction, timesteps, prev_timesteps, latents, eta, noise,
+                                           to_array=self.engine.to_array)
+        return prev_sample, ()
 
     def _sigma_step(self, states: Sequence[SamplingState], prediction: Array, latents: Array,
-                    shape: tuple[int, ...]) -> tuple[Array, Array]:
-        """One step of ``states``, all of one sigma-space sampler: ``(x_prev, x_0)``."""
+                    shape: tuple[int, ...]) -> tuple[Array, tuple[Array, ...]]:
+        """One step of ``states``, all of one sampler other than DDIM: ``(x_prev, history)``."""
         sampler = self.sigma_samplers[states[0].request.sampler]
-        previous = None
-        if any(state.pred_original_sample is not None for state in states):
-            # rows at step 0 have no previous x_0; the solver ignores the row it is handed for them
-            previous = concatenate([state.latents if state.pred_original_sample is None
-                                    else state.pred_original_sample for state in states])
-        return sampler.step(prediction, [s.trajectory for s in states], [s.step_index for s in states], latents,
-                            previous, to_array=self.engine.to_array)
+        step_indices = [state.step_index for state in states]
+        history: tuple[Array, ...] = ()
+        if any(state.history for state in states):
+            # rows at step 0 have no history yet; the sampler gives the latents it is handed for them weight 0
+            history = tuple(concatenate([state.history[slot] if state.history else state.latents for state in states])
+                            for slot in range(sampler.history_size))
+        noise = None
+        if sampler.stochastic:
+            seeds = [int(state.request.seed) for state in states]
+            noise = self.engine.to_array(step_noise(seeds, step_indices, shape), latents)
+        return sampler.step(prediction, [s.trajectory for s in states], step_indices, latents, history, noise,
+                            to_array=self.engine.to_array)
 
     def decode(self, states: Sequence[SamplingState]) -> list[np.ndarray]:
         """Finished states of one latent shape -> images, each ``(H, W, 3) uint8``:
@@ -300,11 +340,13 @@ class Pipeline:
                  batch_size: int | None = None) -> list[np.ndarray]:
         """One ``(H, W, 3) uint8`` image per request, in order. Requests of one size are sampled together, at
         most ``batch_size`` at a time (default: what the engine's UNet batch holds with guidance); each request
-        leaves its batch when its own steps are done. ``progress`` shows a bar over UNet calls on stderr.
+        leaves its batch when its own steps are done. ``progress`` shows a bar over UNet calls on stderr (a
+        request's steps make as many calls as diffusers makes: N + 1 for PLMS's N > 1).
         Raises ``RequestError`` before any work if a request (or ``batch_size``) is invalid."""
         requests = list(requests)
         for request in requests:
             self.validate(request)
+        requests = [self.resolve(request) for request in requests]
         most = self.info.max_images
         batch_size = most if batch_size is None else batch_size
         if not _is_integer(batch_size) or not 1 <= batch_size <= most:
@@ -315,7 +357,7 @@ class Pipeline:
             by_shape.setdefault(self.image_shape(request), []).append(index)
         batches = [indices[start:start + batch_size]
                    for indices in by_shape.values() for start in range(0, len(indices), batch_size)]
-        total = sum(max(int(requests[i].steps) for i in batch) for batch in batches)
+        total = sum(max(len(self._trajectory(requests[i])) for i in batch) for batch in batches)
         images: list[Any] = [None] * len(requests)
         with tqdm(total=total, desc="sampling", unit="step", disable=not progress, dynamic_ncols=True) as bar:
             for batch in batches:

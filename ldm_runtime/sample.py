@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ldm_runtime.command_line import OneLineArgumentParser, finite_float, report_user_error
-from ldm_runtime.config import LARGEST_IMAGE_SIDE, MAX_TRAIN_TIMESTEPS
+from ldm_runtime.config import DEFAULT_SAMPLER, DEFAULT_STEPS, LARGEST_IMAGE_SIDE, MAX_TRAIN_TIMESTEPS
 from ldm_runtime.engines import AUTO_ENGINE_HELP, ENGINE_NAMES, engine_for_flags, load_engine
 from ldm_runtime.errors import UserError
 from ldm_runtime.images import image_grid, png_bytes
@@ -62,10 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the first prompt; prompt i uses seed + i (default: %(default)s)")
     parser.add_argument("--sampler", choices=SAMPLER_NAMES, default=REQUEST_DEFAULTS["sampler"],
-                        help="ddim (the model's own settings), euler, or DPM-Solver++ 2M with timesteps or Karras "
-                             "sigmas evenly spaced (default: %(default)s)")
+                        help="ddim (the model's own settings); euler, euler-a (ancestral); DPM-Solver++ 2M, as an ODE "
+                             "or an SDE, with timesteps or Karras sigmas evenly spaced; unipc (order 2), unipc-3; "
+                             "plms (the LDM paper's, N + 1 UNet calls for N steps); lcm (for consistency-distilled "
+                             "models, at most 50 steps). euler-a, the -sde ones and lcm draw step noise from the seed "
+                             f"(default: the model's default_sampler, else {DEFAULT_SAMPLER})")
     parser.add_argument("--steps", type=int, default=REQUEST_DEFAULTS["steps"],
-                        help="sampler steps (default: %(default)s)")
+                        help=f"sampler steps (default: the model's default_sampler steps, else {DEFAULT_STEPS})")
     parser.add_argument("--guidance", type=finite_float, default=REQUEST_DEFAULTS["guidance_scale"],
                         help="classifier-free guidance scale, 1 = no guidance (default: %(default)s)")
     parser.add_argument("--eta", type=finite_float, default=REQUEST_DEFAULTS["eta"],
@@ -113,9 +116,9 @@ def _sample(args: argparse.Namespace) -> tuple[list[Path], str | None]:
     auto_choice = f"--engine auto picked {engine.info.name}" if args.engine == "auto" else None
     pipeline = Pipeline(engine)
     requests = [
-        GenerationRequest(prompt=prompt, negative_prompt=args.negative_prompt, seed=seed, sampler=args.sampler,
-                          steps=args.steps, guidance_scale=args.guidance, eta=args.eta, height=args.height,
-                          width=args.width)
+        pipeline.resolve(GenerationRequest(
+            prompt=prompt, negative_prompt=args.negative_prompt, seed=seed, sampler=args.sampler, steps=args.steps,
+            guidance_scale=args.guidance, eta=args.eta, height=args.height, width=args.width))
         for prompt, seed in zip(args.prompts, seeds)
     ]
     for request in requests:

@@ -43,6 +43,7 @@ class EngineInfo:
     text_max_length: int
     schedule: dict  # the model.json "schedule" entry (NoiseSchedule.from_dict reads it)
     sampler: dict = field(default_factory=dict)  # the model's DDIM settings (DDIMConfig.from_dict); {} = defaults
+    default_sampler: dict = field(default_factory=dict)  # the model's SamplerDefaults (from_dict); {} = defaults
 
     @property
     def max_images(self) -> int:

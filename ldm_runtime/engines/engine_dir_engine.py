@@ -48,6 +48,7 @@ class EngineDirEngine:
             text_max_length=model.text_max_length,
             schedule=dict(self.manifest.schedule),
             sampler=dict(self.manifest.sampler),
+            default_sampler=dict(self.manifest.default_sampler),
         )
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:

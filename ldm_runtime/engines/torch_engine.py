@@ -83,6 +83,7 @@ class TorchEngine:
             text_max_length=config.text_encoder.max_length,
             schedule=config.schedule.to_dict(),
             sampler=config.sampler.to_dict(),
+            default_sampler=config.default_sampler.to_dict(),
         )
 
     @torch.inference_mode()

@@ -1,5 +1,5 @@
-"""Noise schedules and the samplers (DDIM, Euler, DPM-Solver++ 2M), over numpy arrays or torch tensors (torch is
-never imported here)."""
+"""Noise schedules and the samplers (DDIM, Euler and Euler ancestral, DPM-Solver++ 2M and its SDE form, UniPC, PLMS,
+LCM), over numpy arrays or torch tensors (torch is never imported here)."""
 
 from ldm_runtime.schedulers.by_name import SAMPLER_NAMES, sigma_samplers
 from ldm_runtime.schedulers.ddim import (
@@ -13,9 +13,12 @@ from ldm_runtime.schedulers.ddim import (
     previous_timesteps,
 )
 from ldm_runtime.schedulers.dpm_solver import DPMSolverSampler
-from ldm_runtime.schedulers.euler import EulerSampler
+from ldm_runtime.schedulers.euler import EulerAncestralSampler, EulerSampler
+from ldm_runtime.schedulers.lcm import LCMSampler
+from ldm_runtime.schedulers.plms import PLMSSampler, PLMSTrajectory
 from ldm_runtime.schedulers.schedule import NoiseSchedule
 from ldm_runtime.schedulers.sigmas import SigmaSampler, SigmaTrajectory
+from ldm_runtime.schedulers.unipc import UniPCSampler
 
 __all__ = [
     "FINAL_TIMESTEP",
@@ -25,10 +28,15 @@ __all__ = [
     "DDIMSampler",
     "DDIMTrajectory",
     "DPMSolverSampler",
+    "EulerAncestralSampler",
     "EulerSampler",
+    "LCMSampler",
     "NoiseSchedule",
+    "PLMSSampler",
+    "PLMSTrajectory",
     "SigmaSampler",
     "SigmaTrajectory",
+    "UniPCSampler",
     "ddim_step",
     "ddim_timesteps",
     "previous_timesteps",

@@ -4,8 +4,9 @@ A ``SigmaSampler`` plans a request's ``SigmaTrajectory`` (the timesteps the UNet
 as diffusers' ``set_timesteps`` computes them for the same spacing) and updates a batch whose rows may sit at
 different steps of different trajectories: per-row scalars are computed on the host in float64 and handed to the
 engine's array type by a converter, as in ``ddim.py``; the array math uses only ``+ - * /``. The pipeline multiplies
-x_T by ``initial_noise_scale``, divides each UNet input by ``input_scales`` (sqrt(sigma^2 + 1) for Euler), and
-keeps each row's last predicted x_0 for multistep solvers (``step``'s ``previous``).
+x_T by ``initial_noise_scale``, divides each UNet input by ``input_scales`` (sqrt(sigma^2 + 1) for Euler), keeps
+the ``history_size`` arrays each row's ``step`` returns (a multistep solver's earlier model outputs) and hands them
+to the row's next step, and draws each row's per-step noise from its seed for a ``stochastic`` sampler.
 """
 
 from __future__ import annotations
@@ -70,6 +71,24 @@ def sigma_to_timestep(sigma: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
     return low + weight
 
 
+def solver_trajectory(schedule: NoiseSchedule, steps: int, karras: bool, spacing: str,
+                      steps_offset: int) -> SigmaTrajectory:
+    """The trajectory of diffusers' multistep solvers (DPM-Solver++, UniPC): N of N + 1 spaced integer timesteps, or
+    Karras sigmas and their rounded timesteps; ``ValueError`` where two timesteps coincide or one passes T - 1."""
+    count = schedule.num_train_timesteps
+    table = schedule_sigmas(schedule)
+    if karras:
+        sigmas = karras_sigmas(table, steps)
+        timesteps = sigma_to_timestep(sigmas, table).round()
+    else:
+        timesteps = spaced_timesteps(count, steps, spacing, steps_offset, endpoint_extra=1).round()
+        sigmas = np.interp(timesteps, np.arange(count), table)
+    if timesteps[0] >= count or np.any(np.diff(sigmas) >= 0):
+        raise ValueError(f"num_inference_steps {steps} gives the timesteps {timesteps.astype(int).tolist()}; "
+                         f"expected distinct timesteps below {count} (use fewer steps)")
+    return read_only_trajectory(timesteps, sigmas)
+
+
 def check_steps(schedule: NoiseSchedule, num_inference_steps: Any) -> int:
     """``num_inference_steps`` as an int; ``ValueError`` unless it is an integer from 1 to T."""
     count = schedule.num_train_timesteps
@@ -109,10 +128,14 @@ def row_coefficients(coefficients: np.ndarray, sample: Any, to_array: ArrayConve
 
 
 class SigmaSampler:
-    """What the pipeline asks of a sigma-space sampler; subclasses plan and step. Holds no per-request state."""
+    """What the pipeline asks of a sampler other than DDIM; subclasses plan and step. Holds no per-request state:
+    a row's state between steps is the ``history_size`` arrays its ``step`` returns. A ``stochastic`` sampler's
+    ``step`` takes unit Gaussian noise for every row."""
 
     name: str
     schedule: NoiseSchedule
+    history_size: int = 0
+    stochastic: bool = False
 
     def trajectory(self, num_inference_steps: int) -> SigmaTrajectory:
         raise NotImplementedError
@@ -125,9 +148,28 @@ class SigmaSampler:
         """``(B,) float64``: each row's UNet input is its latents divided by this."""
         return np.ones(len(trajectories), dtype=np.float64)
 
-    def step(self, model_output: Any, trajectories: Sequence[SigmaTrajectory], step_indices: Sequence[int],
-             sample: Any, previous: Any = None, to_array: ArrayConverter | None = None) -> tuple[Any, Any]:
+    def step(self, model_output: Any, trajectories: Sequence[Any], step_indices: Sequence[int], sample: Any,
+             history: tuple[Any, ...] = (), noise: Any = None,
+             to_array: ArrayConverter | None = None) -> tuple[Any, tuple[Any, ...]]:
         """One update of ``(B, C, h, w)`` latents, row i at ``step_indices[i]`` of ``trajectories[i]``.
-        ``previous``: each row's predicted x_0 of its last step (rows at step 0: any finite values), needed by
-        multistep solvers only. Returns ``(prev_sample, pred_original_sample)``, shaped and typed like ``sample``."""
+        ``history``: the ``history_size`` arrays, shaped like ``sample``, that each row's previous step returned
+        (rows at step 0: any finite values), or ``()`` when every row is at step 0. ``noise``: ``(B, C, h, w)`` unit
+        Gaussian noise (e.g. ``noise.step_noise``), needed by a ``stochastic`` sampler only.
+        Returns ``(prev_sample, history)``: the new latents and ``history_size`` arrays, shaped and typed like
+        ``sample``."""
         raise NotImplementedError
+
+    def filled_history(self, history: tuple[Any, ...], sample: Any) -> tuple[Any, ...]:
+        """``history``, or ``sample`` in every slot where it is ``()`` (every row at step 0)."""
+        if not history:
+            return (sample,) * self.history_size
+        assert len(history) == self.history_size, (len(history), self.history_size)
+        return history
+
+    def check_noise(self, noise: Any, sample: Any) -> Any:
+        """``noise``, after checking that a stochastic step was handed noise shaped like the sample."""
+        if noise is None:
+            raise ValueError(f"the {self.name} sampler needs per-step noise; expected a noise array shaped like the "
+                             f"sample")
+        assert noise.shape == sample.shape, (noise.shape, sample.shape)
+        return noise

@@ -1,6 +1,7 @@
-"""Euler and DPM-Solver++(2M) against diffusers' schedulers of the same name and settings (whole trajectories driven
-by a fixed random linear "model" of the sample and timestep), and the samplers through the pipeline and ldm-sample:
-per-request state in mixed batches, the initial and input scaling, and the one-line refusals."""
+"""Every sampler but DDIM against diffusers' scheduler of the same name and settings (whole trajectories driven by a
+fixed random linear "model" of the sample and timestep, the stochastic ones fed the same noise), and the samplers
+through the pipeline and ldm-sample: per-request state in mixed batches, seeded noise that does not depend on the
+batch, the initial and input scaling, and the one-line refusals."""
 
 from __future__ import annotations
 
@@ -9,29 +10,72 @@ import json
 import numpy as np
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    LCMScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+from diffusers.schedulers import scheduling_dpmsolver_multistep, scheduling_euler_ancestral_discrete, scheduling_lcm
 from PIL import Image
 
 from ldm_runtime import sample
-from ldm_runtime.noise import initial_noise
+from ldm_runtime.noise import initial_noise, step_noise
 from ldm_runtime.pipeline import GenerationRequest, Pipeline, RequestError
-from ldm_runtime.schedulers import SAMPLER_NAMES, DPMSolverSampler, EulerSampler, NoiseSchedule
-from test_pipeline import PROMPTS, checkpoint_dir, engine, sample_latents  # noqa: F401 (session fixtures)
+from ldm_runtime.schedulers import (
+    SAMPLER_NAMES,
+    DPMSolverSampler,
+    EulerAncestralSampler,
+    EulerSampler,
+    LCMSampler,
+    NoiseSchedule,
+    PLMSSampler,
+    UniPCSampler,
+)
+from test_pipeline import (  # noqa: F401 (session fixtures)
+    PROMPTS,
+    CountingEngine,
+    checkpoint_dir,
+    engine,
+    sample_latents,
+)
 
 LATENT_SHAPE = (2, 4, 6, 5)
+STOCHASTIC = ("euler-a", "dpmpp-2m-sde", "dpmpp-2m-sde-karras", "lcm")
+LINSPACE, LEADING_OFFSET_1, TRAILING = ({"timestep_spacing": "linspace"},
+                                        {"timestep_spacing": "leading", "steps_offset": 1},
+                                        {"timestep_spacing": "trailing"})
 
 
 def samplers_and_oracles(name: str, schedule: NoiseSchedule, **spacing):
-    """Our sampler and diffusers' scheduler of the same name and settings."""
+    """Our sampler and diffusers' scheduler of the same name and settings, the scheduler reading the schedule's
+    float64 alpha products (its own float32 ones lose 1e-4 of sigma near timestep 0 in 1 - alphas_cumprod)."""
+    ours, oracle = _sampler_and_oracle(name, schedule, **spacing)
+    oracle.alphas_cumprod = torch.from_numpy(schedule.alphas_cumprod.copy())
+    return ours, oracle
+
+
+def _sampler_and_oracle(name: str, schedule: NoiseSchedule, **spacing):
     settings = {"num_train_timesteps": schedule.num_train_timesteps, "beta_start": schedule.beta_start,
                 "beta_end": schedule.beta_end, "beta_schedule": schedule.beta_schedule,
                 "prediction_type": schedule.prediction_type, **spacing}
     if name == "euler":
         return EulerSampler(schedule, **spacing), EulerDiscreteScheduler(**settings)
-    karras = name == "dpmpp-2m-karras"
-    oracle = DPMSolverMultistepScheduler(**settings, algorithm_type="dpmsolver++", solver_order=2,
-                                         use_karras_sigmas=karras)
-    return DPMSolverSampler(schedule, karras=karras, **spacing), oracle
+    if name == "euler-a":
+        return EulerAncestralSampler(schedule, **spacing), EulerAncestralDiscreteScheduler(**settings)
+    if name.startswith("unipc"):
+        order = 3 if name == "unipc-3" else 2
+        return UniPCSampler(schedule, order=order, **spacing), UniPCMultistepScheduler(**settings, solver_order=order)
+    if name == "plms":
+        return PLMSSampler(schedule, **spacing), PNDMScheduler(**settings, skip_prk_steps=True)
+    if name == "lcm":
+        return LCMSampler(schedule), LCMScheduler(**settings)
+    karras, sde = name.endswith("-karras"), "-sde" in name
+    oracle = DPMSolverMultistepScheduler(**settings, algorithm_type="sde-dpmsolver++" if sde else "dpmsolver++",
+                                         solver_order=2, use_karras_sigmas=karras)
+    return DPMSolverSampler(schedule, karras=karras, sde=sde, **spacing), oracle
 
 
 def linear_model(rng: np.random.Generator):
@@ -41,77 +85,141 @@ def linear_model(rng: np.random.Generator):
     return lambda latents, timestep: np.einsum("ij,bjhw->bihw", mix, latents) + bias * np.cos(timestep / 300.0)
 
 
-@pytest.mark.parametrize("steps", [4, 10, 25])
+ORACLE_CASES = [
+    pytest.param(name, spacing, id=f"{name}-{label}")
+    for name in ("euler", "euler-a", "dpmpp-2m", "dpmpp-2m-sde", "unipc", "unipc-3", "plms")
+    for label, spacing in (("linspace", LINSPACE), ("leading-offset-1", LEADING_OFFSET_1), ("trailing", TRAILING))
+] + [pytest.param(name, {}, id=name) for name in ("dpmpp-2m-karras", "dpmpp-2m-sde-karras", "lcm")]
+ORACLE_STEPS = [pytest.param(case, steps, id=f"{case.id}-{steps}")
+                for case in ORACLE_CASES for steps in (1, 2, 4, 10, 25)]
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("name,spacing", [
-    pytest.param("euler", {}, id="euler"),
-    pytest.param("euler", {"timestep_spacing": "leading", "steps_offset": 1}, id="euler-leading-offset-1"),
-    pytest.param("dpmpp-2m", {}, id="dpmpp-2m"),
-    pytest.param("dpmpp-2m-karras", {}, id="dpmpp-2m-karras"),
-])
-def test_sampler_trajectory_matches_diffusers_scheduler(name, spacing, prediction_type, steps, rng):
+@pytest.mark.parametrize("case,steps", ORACLE_STEPS)
+def test_sampler_trajectory_matches_diffusers_scheduler(case, steps, prediction_type, rng, monkeypatch):
+    name, spacing = case.values
     schedule = NoiseSchedule(prediction_type=prediction_type)
     ours, oracle = samplers_and_oracles(name, schedule, **spacing)
     oracle.set_timesteps(steps)
     trajectory = ours.trajectory(steps)
     np.testing.assert_array_equal(trajectory.timesteps, oracle.timesteps.double().numpy())
+    assert ours.stochastic == (name in STOCHASTIC)
     model = linear_model(rng)
     noise = rng.standard_normal(LATENT_SHAPE).astype(np.float32)
+    step_noises = rng.standard_normal((len(trajectory),) + LATENT_SHAPE).astype(np.float32)
+    drawn = []  # diffusers draws its per-step noise through randn_tensor: it gets ours, in order
+
+    def randn_tensor(shape, dtype=None, **kwargs):
+        drawn.append(shape)
+        return torch.from_numpy(step_noises[len(drawn) - 1]).to(dtype)
+
+    for module in (scheduling_euler_ancestral_discrete, scheduling_dpmsolver_multistep, scheduling_lcm):
+        monkeypatch.setattr(module, "randn_tensor", randn_tensor)
     # ours in float32 as the engines hold latents; diffusers' schedulers compute in float32 too
     latents = noise * np.float32(ours.initial_noise_scale(trajectory))
     expected = torch.from_numpy(noise) * oracle.init_noise_sigma
     rows = [trajectory] * LATENT_SHAPE[0]
-    previous = None
-    for index in range(steps):
+    history = ()
+    for index in range(len(trajectory)):
         scales = ours.input_scales(rows, [index] * len(rows)).astype(np.float32).reshape(-1, 1, 1, 1)
         output = model(latents / scales, trajectory.timesteps[index]).astype(np.float32)
-        latents, previous = ours.step(output, rows, [index] * len(rows), latents, previous)
+        latents, history = ours.step(output, rows, [index] * len(rows), latents, history,
+                                     step_noises[index] if ours.stochastic else None)
+        assert len(history) == ours.history_size
         timestep = oracle.timesteps[index]
         model_input = oracle.scale_model_input(expected, timestep)
         oracle_output = torch.from_numpy(model(model_input.double().numpy(), float(timestep)).astype(np.float32))
         expected = oracle.step(oracle_output, timestep, expected).prev_sample
     assert latents.dtype == np.float32
+    if name in STOCHASTIC and name != "lcm":  # LCM's last step draws none
+        assert len(drawn) == len(trajectory)
     expected = expected.double().numpy()
     error = np.abs(latents - expected).max() / np.abs(expected).max()
     assert error <= 1e-5, error
 
 
-def test_rows_at_different_steps_of_different_trajectories_step_as_they_would_alone(rng):
-    """DPM-Solver++ rows at step 0, a second-order step and the last step, in one call, each as if alone."""
-    sampler = DPMSolverSampler(NoiseSchedule(), karras=True)
-    trajectories = [sampler.trajectory(steps) for steps in (7, 12, 5)]
-    indices = [0, 5, 4]
-    latents = rng.standard_normal((3, 4, 4, 4)).astype(np.float32)
-    output = rng.standard_normal((3, 4, 4, 4)).astype(np.float32)
-    previous = rng.standard_normal((3, 4, 4, 4)).astype(np.float32)
-    together, _ = sampler.step(output, trajectories, indices, latents, previous)
-    for row in range(3):
-        alone, _ = sampler.step(output[row:row + 1], trajectories[row:row + 1], indices[row:row + 1],
-                                latents[row:row + 1], previous[row:row + 1])
+@pytest.mark.parametrize("name,steps,indices", [
+    pytest.param("dpmpp-2m-karras", (7, 12, 5), (0, 5, 4), id="dpmpp-2m-karras"),
+    pytest.param("dpmpp-2m-sde", (7, 12, 5), (0, 5, 4), id="dpmpp-2m-sde"),
+    pytest.param("unipc-3", (7, 12, 5, 9), (0, 1, 4, 6), id="unipc-3"),
+    pytest.param("plms", (7, 12, 5, 9), (0, 1, 2, 7), id="plms"),
+    pytest.param("euler-a", (7, 12), (0, 11), id="euler-a"),
+    pytest.param("lcm", (7, 12), (3, 11), id="lcm"),
+])
+def test_rows_at_different_steps_of_different_trajectories_step_as_they_would_alone(name, steps, indices, rng):
+    """Rows at the first step, multistep steps and the last step, in one call, each as if alone; the history and the
+    noise count."""
+    sampler = samplers_and_oracles(name, NoiseSchedule())[0]
+    trajectories = [sampler.trajectory(count) for count in steps]
+    batch = len(steps)
+    latents, output, noise = (rng.standard_normal((batch, 4, 4, 4)).astype(np.float32) for _ in range(3))
+    history = tuple(rng.standard_normal((batch, 4, 4, 4)).astype(np.float32) for _ in range(sampler.history_size))
+    noise = noise if sampler.stochastic else None
+
+    def rows(arrays, row):
+        return tuple(array[row:row + 1] for array in arrays)
+
+    together, together_history = sampler.step(output, trajectories, indices, latents, history, noise)
+    for row in range(batch):
+        alone, alone_history = sampler.step(output[row:row + 1], trajectories[row:row + 1], indices[row:row + 1],
+                                            latents[row:row + 1], rows(history, row),
+                                            None if noise is None else noise[row:row + 1])
         assert np.array_equal(together[row:row + 1], alone)
-    assert not np.array_equal(together[1], sampler.step(output[1:2], trajectories[1:2], [5], latents[1:2],
-                                                        previous[1:2] + 1)[0][0]), "the previous x_0 must count"
+        assert all(np.array_equal(a, b) for a, b in zip(rows(together_history, row), alone_history))
+    changed = []  # (row, its step with its history or its noise moved by 1)
+    if history:
+        row = next(row for row in range(batch) if 0 < indices[row] < len(trajectories[row]) - 1)
+        changed.append((row, sampler.step(output[row:row + 1], trajectories[row:row + 1], indices[row:row + 1],
+                                          latents[row:row + 1], tuple(array + 1 for array in rows(history, row)),
+                                          None if noise is None else noise[row:row + 1])[0]))
+    if noise is not None:
+        row = next(row for row in range(batch) if indices[row] < len(trajectories[row]) - 1)
+        changed.append((row, sampler.step(output[row:row + 1], trajectories[row:row + 1], indices[row:row + 1],
+                                          latents[row:row + 1], rows(history, row), noise[row:row + 1] + 1)[0]))
+    assert changed and all(not np.array_equal(together[row:row + 1], other) for row, other in changed)
 
 
 def test_pipeline_image_is_identical_alone_or_batched_with_other_samplers_and_step_counts(engine, rng):
     pipeline = Pipeline(engine)
-    seeds = rng.choice(2**62, size=6, replace=False).tolist()
     settings = [("euler", 4, 0.0), ("dpmpp-2m", 5, 0.0), ("dpmpp-2m-karras", 3, 0.0), ("ddim", 6, 0.5),
-                ("ddim", 2, 0.0), ("euler", 7, 0.0)]
+                ("ddim", 2, 0.0), ("euler", 7, 0.0), ("unipc", 5, 0.0), ("unipc-3", 6, 0.0), ("plms", 4, 0.0),
+                ("euler-a", 3, 0.0), ("lcm", 4, 0.0), ("dpmpp-2m-sde-karras", 5, 0.0)]
+    seeds = rng.choice(2**62, size=len(settings), replace=False).tolist()
     requests = [GenerationRequest(prompt=PROMPTS[i % len(PROMPTS)], seed=seed, sampler=sampler, steps=steps, eta=eta,
                                   guidance_scale=[1.0, 3.0][i % 2])
                 for i, (seed, (sampler, steps, eta)) in enumerate(zip(seeds, settings))]
     batched = pipeline.generate(requests)
     for request, image in zip(requests, batched):
         assert np.array_equal(pipeline.generate([request])[0], image), request.sampler
-    alone = [pipeline.generate([GenerationRequest(prompt=PROMPTS[0], seed=seeds[0], sampler=name, steps=4)])[0]
+    # 6 steps: UniPC-3 is third order only from its third step to the third from last, so 4 steps match UniPC
+    alone = [sample_latents(pipeline, [GenerationRequest(prompt=PROMPTS[0], seed=seeds[0], sampler=name, steps=6)])[0]
              for name in SAMPLER_NAMES]
-    assert all(not np.array_equal(alone[0], image) for image in alone[1:]), "each sampler must change the image"
+    for index, name in enumerate(SAMPLER_NAMES):
+        assert all(not torch.equal(alone[index], other) for other in alone[index + 1:]), f"{name} must differ"
 
 
-@pytest.mark.parametrize("name", ["euler", "dpmpp-2m-karras"])
+@pytest.mark.parametrize("name", STOCHASTIC)
+def test_stochastic_sampler_latents_are_identical_alone_or_in_a_mixed_batch(engine, name, rng):
+    """The request's per-step noise comes from its seed: batch mates of other samplers, steps and seeds (one of them
+    of the same sampler) change nothing, and another seed changes the result."""
+    pipeline = Pipeline(engine)
+    seeds = rng.choice(2**62, size=5, replace=False).tolist()
+    request = GenerationRequest(prompt=PROMPTS[0], seed=seeds[0], sampler=name, steps=5, guidance_scale=2.0)
+    mates = [GenerationRequest(prompt=PROMPTS[1], seed=seeds[1], sampler=name, steps=3),
+             GenerationRequest(prompt=PROMPTS[2], seed=seeds[2], sampler="plms", steps=6, guidance_scale=1.0),
+             GenerationRequest(prompt=PROMPTS[3], seed=seeds[3], sampler="ddim", steps=4, eta=0.8),
+             GenerationRequest(prompt=PROMPTS[0], seed=seeds[4], sampler="unipc", steps=7)]
+    [alone] = sample_latents(pipeline, [request])
+    for batch in ([mates[0], request, *mates[1:]], [*mates[1:3], request], [request, mates[0]]):
+        assert torch.equal(sample_latents(pipeline, batch)[batch.index(request)], alone)
+    [other_seed] = sample_latents(pipeline, [GenerationRequest(**{**request.__dict__, "seed": seeds[1]})])
+    assert not torch.equal(other_seed, alone)
+
+
+@pytest.mark.parametrize("name", SAMPLER_NAMES[1:])
 def test_pipeline_scales_the_noise_and_the_unet_input_as_the_sampler_says(engine, name, rng):
-    """The pipeline's latents against a hand-written loop over the engine (guidance 1: one UNet row each)."""
+    """The pipeline's latents against a hand-written loop over the engine (guidance 1: one UNet row each) that keeps
+    the sampler's history and draws its step noise from the seed; one UNet call per trajectory entry."""
     pipeline = Pipeline(engine)
     seed, steps = int(rng.integers(2**62)), 5
     request = GenerationRequest(prompt=PROMPTS[1], seed=seed, sampler=name, steps=steps, guidance_scale=1.0)
@@ -123,37 +231,58 @@ def test_pipeline_scales_the_noise_and_the_unet_input_as_the_sampler_says(engine
     shape = (engine.info.latent_channels, engine.info.image_size // engine.info.latent_factor,
              engine.info.image_size // engine.info.latent_factor)
     latents = engine.to_array(initial_noise([seed], shape) * np.float32(sampler.initial_noise_scale(trajectory)))
-    previous = None
-    for index in range(steps):
+    history = ()
+    for index in range(len(trajectory)):
         scale = sampler.input_scales([trajectory], [index])
         unet_input = latents / engine.to_array(scale.reshape(-1, 1, 1, 1), latents)
         timestep = np.rint(trajectory.timesteps[index:index + 1]).astype(np.int64)
         output = engine.unet(unet_input, timestep, context, mask)
-        latents, previous = sampler.step(output, [trajectory], [index], latents, previous, to_array=engine.to_array)
+        noise = engine.to_array(step_noise([seed], [index], shape), latents) if sampler.stochastic else None
+        latents, history = sampler.step(output, [trajectory], [index], latents, history, noise,
+                                        to_array=engine.to_array)
     assert torch.allclose(latents_from_pipeline, latents, rtol=1e-5, atol=1e-5)
 
 
-def test_unknown_sampler_eta_without_ddim_and_repeated_solver_timesteps_are_refused(engine):
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_plms_steps_make_as_many_unet_calls_as_diffusers_pndm(engine, steps):
+    counting = CountingEngine(engine)
+    pipeline = Pipeline(counting)
+    pipeline.generate([GenerationRequest(prompt=PROMPTS[0], seed=3, sampler="plms", steps=steps)])
+    oracle = PNDMScheduler(skip_prk_steps=True)
+    oracle.set_timesteps(steps)
+    assert [int(call["timesteps"][0]) for call in counting.unet_calls] == oracle.timesteps.tolist()
+
+
+def test_unknown_sampler_eta_without_ddim_and_unplannable_steps_are_refused(engine):
     pipeline = Pipeline(engine)
     with pytest.raises(RequestError) as raised:
         pipeline.validate(GenerationRequest(prompt="a red circle", seed=1, sampler="heun"))
-    assert str(raised.value) == "sampler is 'heun'; expected one of ddim, euler, dpmpp-2m, dpmpp-2m-karras"
+    assert str(raised.value) == ("sampler is 'heun'; expected one of ddim, euler, euler-a, dpmpp-2m, dpmpp-2m-karras, "
+                                 "dpmpp-2m-sde, dpmpp-2m-sde-karras, unipc, unipc-3, plms, lcm")
     assert raised.value.field == "sampler"
-    with pytest.raises(RequestError, match="eta is 0.5; expected 0 for the deterministic euler sampler"):
-        pipeline.validate(GenerationRequest(prompt="a red circle", seed=1, sampler="euler", eta=0.5))
+    for name in SAMPLER_NAMES[1:]:
+        with pytest.raises(RequestError, match=f"eta is 0.5; expected 0 for the {name} sampler"):
+            pipeline.validate(GenerationRequest(prompt="a red circle", seed=1, sampler=name, eta=0.5))
+    with pytest.raises(RequestError) as raised:
+        pipeline.validate(GenerationRequest(prompt="a red circle", seed=1, sampler="lcm", steps=51))
+    assert str(raised.value).startswith("steps is 51; the lcm sampler cannot take them: num_inference_steps is 51; "
+                                        "expected an integer from 1 to 50")
+    assert raised.value.field == "steps" and "\n" not in str(raised.value)
     with pytest.raises(ValueError, match="num_inference_steps 1000 gives the timesteps .*; expected distinct"):
         DPMSolverSampler(NoiseSchedule()).trajectory(1000)  # rounded linspace repeats a timestep: h would be 0
+    with pytest.raises(ValueError, match="num_inference_steps 61 gives the plms timesteps .*; expected 61 timesteps"):
+        PLMSSampler(NoiseSchedule(), timestep_spacing="trailing").trajectory(61)  # diffusers lists a timestep -1
 
 
 def test_ldm_sample_sampler_flag_writes_the_pipelines_image_and_names_the_sampler(checkpoint_dir, engine, tmp_path,
                                                                                   capsys):
     out = tmp_path / "one.png"
     code = sample.main(["--model", str(checkpoint_dir), "a red circle", "--seed", "3", "--steps", "4",
-                        "--sampler", "dpmpp-2m", "--out", str(out)])
+                        "--sampler", "dpmpp-2m-sde", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
-    request = GenerationRequest(prompt="a red circle", seed=3, steps=4, sampler="dpmpp-2m")
+    request = GenerationRequest(prompt="a red circle", seed=3, steps=4, sampler="dpmpp-2m-sde")
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), Pipeline(engine).generate([request])[0])
-    assert json.loads(Image.open(out).text["parameters"])["sampler"] == "dpmpp-2m"
+    assert json.loads(Image.open(out).text["parameters"])["sampler"] == "dpmpp-2m-sde"
 
 
 def test_ldm_sample_refuses_an_unknown_sampler_in_one_line_with_exit_2(checkpoint_dir, tmp_path, capsys):
@@ -161,4 +290,4 @@ def test_ldm_sample_refuses_an_unknown_sampler_in_one_line_with_exit_2(checkpoin
                         "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("ldm-sample: error: ") and "'heun'" in err, err
-    assert "dpmpp-2m-karras" in err and not (tmp_path / "out").exists()
+    assert all(name in err for name in SAMPLER_NAMES) and not (tmp_path / "out").exists()
