@@ -3,21 +3,19 @@
 ``*_to_diffusers``: our configuration -> the keyword arguments of diffusers' class that builds the same network
 (``UNet2DConditionModel``, ``AutoencoderKL`` or ``VQModel``, ``DDIMScheduler``). ``*_from_diffusers``: a
 component's config.json -> our configuration, ``ImportRefusedError`` in one sentence for a setting these networks
-do not implement. Plain dicts: neither torch nor diffusers is imported.
+do not implement (the scheduler's: ``diffusers_scheduler.py``). Plain dicts: neither torch nor diffusers is imported.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ldm_export.diffusers_limits import (TEXT_ENCODER_LIMITS, TEXT_ENCODER_REQUIRED, UNET_LIMITS, VAE_LIMITS,
                                          check_values)
 from ldm_export.errors import ImportRefusedError
 from ldm_export.untrusted_files import describe
-from ldm_runtime.config import (AutoencoderConfig, ConfigError, DDIMConfig, ScheduleConfig, TextEncoderConfig,
-                                UNetConfig)
+from ldm_runtime.config import AutoencoderConfig, DDIMConfig, ScheduleConfig, TextEncoderConfig, UNetConfig
 
 UNET_DEFAULTS = {
     "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0, "mid_block_type": "UNetMidBlock2DCrossAttn",
@@ -33,11 +31,6 @@ UNET_DEFAULTS = {
 }
 VAE_DEFAULTS = {"act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True, "shift_factor": None,
                 "latents_mean": None, "latents_std": None}
-# diffusers' DDIMScheduler defaults: a key a scheduler_config.json leaves out means what DDIMScheduler makes of it
-SCHEDULER_DEFAULTS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
-                      "prediction_type": "epsilon", "timestep_spacing": "leading", "steps_offset": 0,
-                      "set_alpha_to_one": True, "clip_sample": True, "clip_sample_range": 1.0}
-SCHEDULER_REFUSED = {"trained_betas": None, "thresholding": False, "rescale_betas_zero_snr": False}
 
 
 def _check_defaults(config: dict[str, Any], expected: dict[str, Any], what: str, where: Path) -> None:
@@ -174,18 +167,6 @@ def autoencoder_from_diffusers(config: dict[str, Any], where: Path) -> tuple[Aut
 
 # --- the scheduler ---------------------------------------------------------------------------------------------
 
-# The scheduler classes whose config.json ldm-import samples with DDIM, and the keys each records besides
-# DDIMScheduler's own (SD 1.x ships a PNDM config, SD 2.0 an Euler one; SD 2.x's DDIM configs keep PNDM's key).
-SCHEDULER_CLASSES = {
-    "DDIMScheduler": ("skip_prk_steps",),
-    "PNDMScheduler": ("skip_prk_steps",),
-    "EulerDiscreteScheduler": ("skip_prk_steps", "interpolation_type", "use_karras_sigmas", "use_exponential_sigmas",
-                               "use_beta_sigmas", "sigma_min", "sigma_max", "timestep_type", "final_sigmas_type"),
-}
-# DDIMScheduler's keys that act only with thresholding, which is refused
-SCHEDULER_THRESHOLDING_KEYS = ("dynamic_thresholding_ratio", "sample_max_value")
-
-
 def schedule_to_diffusers(schedule: ScheduleConfig, sampler: DDIMConfig) -> dict[str, Any]:
     """Our noise schedule and DDIM settings -> ``DDIMScheduler``'s keyword arguments. ``previous_timestep`` has none:
     DDIMScheduler always steps to t - T // N (our "diffusers"), and a StableDiffusionPipeline built with it reads
@@ -195,66 +176,6 @@ def schedule_to_diffusers(schedule: ScheduleConfig, sampler: DDIMConfig) -> dict
             "prediction_type": schedule.prediction_type, "timestep_spacing": sampler.timestep_spacing,
             "steps_offset": sampler.steps_offset, "set_alpha_to_one": sampler.set_alpha_to_one,
             "clip_sample": sampler.clip_sample, "clip_sample_range": sampler.clip_sample_range}
-
-
-def schedule_from_diffusers(config: dict[str, Any], where: Path,
-                            log: Callable[[str], None] = lambda line: None) -> tuple[ScheduleConfig, DDIMConfig]:
-    """scheduler_config.json -> (our ScheduleConfig, our DDIMConfig): what diffusers' StableDiffusionPipeline samples
-    with a DDIMScheduler read from that file. That is DDIMScheduler's reading of the keys, the pipeline's rewrites
-    (steps_offset 1, clip_sample false) and diffusers' step to t - T // N (``previous_timestep`` "diffusers").
-
-    ``log`` gets one line for each way that differs from what the file says or from exact DDIM, with the model.json
-    setting that changes it. A scheduler class or a key not known here is an ``ImportRefusedError``.
-    """
-    class_name = config.get("_class_name", "DDIMScheduler")
-    if not isinstance(class_name, str) or class_name not in SCHEDULER_CLASSES:
-        raise ImportRefusedError(f"{where} describes a {describe(class_name)}; ldm-import samples with DDIM and reads "
-                                 f"{', '.join(SCHEDULER_CLASSES)} configs (save a DDIMScheduler config there to "
-                                 f"sample this model with DDIM)")
-    known = {*SCHEDULER_DEFAULTS, *SCHEDULER_REFUSED, *SCHEDULER_THRESHOLDING_KEYS, *SCHEDULER_CLASSES[class_name]}
-    unknown = sorted(key for key in config if not key.startswith("_") and key not in known)
-    if unknown:
-        raise ImportRefusedError(f"{where}: the scheduler's key {describe(unknown[0])} is not one ldm-import reads "
-                                 f"for a {class_name}; expected some of {sorted(known)}")
-    defaulted = config.get("_use_default_values", [])
-    if not isinstance(defaulted, list) or not all(isinstance(key, str) for key in defaulted):
-        raise ImportRefusedError(f"{where}: _use_default_values is {describe(defaulted)}; expected a list of key "
-                                 f"names")
-    config = {key: value for key, value in config.items() if key not in defaulted}  # as diffusers' from_config
-    _check_defaults(config, SCHEDULER_REFUSED, "the scheduler's", where)
-    settings = {key: config.get(key, default) for key, default in SCHEDULER_DEFAULTS.items()}
-    if settings["beta_schedule"] not in ("scaled_linear", "linear"):
-        raise ImportRefusedError(f"{where}: beta_schedule {settings['beta_schedule']!r} is not one of "
-                                 f"'scaled_linear', 'linear'")
-    try:
-        schedule = ScheduleConfig(num_train_timesteps=settings["num_train_timesteps"],
-                                  beta_start=settings["beta_start"], beta_end=settings["beta_end"],
-                                  beta_schedule=settings["beta_schedule"], prediction_type=settings["prediction_type"])
-        schedule.validate()
-        as_written = DDIMConfig(timestep_spacing=settings["timestep_spacing"], steps_offset=settings["steps_offset"],
-                                set_alpha_to_one=settings["set_alpha_to_one"], clip_sample=settings["clip_sample"],
-                                clip_sample_range=settings["clip_sample_range"])
-    except (ConfigError, ValueError) as error:
-        raise ImportRefusedError(f"{where}: {error}") from None
-    sampler = dataclasses.replace(as_written, steps_offset=1, clip_sample=False, previous_timestep="diffusers")
-
-    if class_name != "DDIMScheduler":
-        log(f"{where} describes a {class_name}: sampled with DDIM instead, with the settings DDIMScheduler.from_config "
-            f"takes from it (diffusers gives the same images with that scheduler)")
-    if as_written.steps_offset != 1 and as_written.timestep_spacing == "leading":
-        log(f"{where}: steps_offset {as_written.steps_offset} is read as 1, as diffusers' StableDiffusionPipeline "
-            f"does (set sampler.steps_offset in model.json to sample with {as_written.steps_offset})")
-    if as_written.clip_sample:
-        log(f"{where}: clip_sample {'true' if 'clip_sample' in config else 'left out (DDIMScheduler: true)'} is read "
-            f"as false, as diffusers' StableDiffusionPipeline does (set sampler.clip_sample in model.json to clip)")
-    if as_written.timestep_spacing != "leading":
-        log(f"{where}: the {as_written.timestep_spacing!r} spacing steps from t to t - "
-            f"{schedule.num_train_timesteps} // steps as diffusers' DDIMScheduler does, not always to the next "
-            f"timestep it visits (set sampler.previous_timestep \"listed\" in model.json for exact DDIM steps)")
-    if as_written.timestep_spacing == "trailing":
-        log(f"{where}: for some step counts (61 of 1000 timesteps, for one) diffusers' 'trailing' spacing takes an "
-            f"extra last step at timestep -1; ldm takes exactly the steps asked for")
-    return schedule, sampler
 
 
 # --- the text encoder ------------------------------------------------------------------------------------------

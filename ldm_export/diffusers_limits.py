@@ -106,6 +106,14 @@ SCHEDULER_LIMITS = {
     "steps_offset": Limit("integer", 0, 1000),  # SD: 1, within its 1000 training timesteps
     "set_alpha_to_one": Limit("flag"), "clip_sample": Limit("flag"), "clip_sample_range": Limit("number", 0, 100),
     "thresholding": Limit("flag"), "rescale_betas_zero_snr": Limit("flag"),
+    # the other classes' settings that decide which sampler a config describes (diffusers_scheduler.py)
+    "skip_prk_steps": FLAG, "use_karras_sigmas": FLAG, "use_exponential_sigmas": FLAG, "use_beta_sigmas": FLAG,
+    "use_lu_lambdas": FLAG, "use_flow_sigmas": FLAG, "lower_order_final": FLAG, "euler_at_final": FLAG,
+    "predict_x0": FLAG, "use_dynamic_shifting": FLAG,
+    "solver_order": Limit("integer", 1, 3), "original_inference_steps": Limit("integer", 1, MAX_TRAIN_TIMESTEPS),
+    "timestep_scaling": Limit("number", 0, 1000), "algorithm_type": TEXT, "solver_type": TEXT,
+    "final_sigmas_type": TEXT, "interpolation_type": TEXT, "timestep_type": TEXT,
+    "variance_type": Limit("text", nullable=True),
 }
 MODEL_INDEX_LIMITS = {"_class_name": TEXT}
 

@@ -8,7 +8,8 @@ A diffusers folder holds ``model_index.json``, ``unet/``, ``vae/``, ``text_encod
 ``scheduler/``. Our networks use diffusers' parameter names, so the UNet and VAE weights keep their keys; the
 CLIP text encoder's go under ``model.``. Every setting that makes the model Stable Diffusion (CLIP text encoder,
 cross-attention over all 77 tokens, epsilon or v prediction, linear projections, per-level heads, fp32
-attention, the VAE scaling factor, the scheduler's settings) is written into model.json.
+attention, the VAE scaling factor, the scheduler's settings and the sampler its class names) is written into
+model.json.
 
 Pickled weights (``.ckpt``, ``.bin``, ``.pt``) are refused, never loaded: unpickling runs code. So are the kinds
 this runtime does not run (SDXL, SD3, Flux, inpainting UNets, LoRA files), each named in one line.
@@ -21,9 +22,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from ldm_export.diffusers_config import (autoencoder_from_diffusers, schedule_from_diffusers,
-                                         text_encoder_from_transformers, unet_from_diffusers)
+from ldm_export.diffusers_config import autoencoder_from_diffusers, text_encoder_from_transformers, unet_from_diffusers
 from ldm_export.diffusers_limits import MODEL_INDEX_LIMITS, SCHEDULER_LIMITS, check_values
+from ldm_export.diffusers_scheduler import schedule_from_diffusers
 from ldm_export.errors import ImportRefusedError
 from ldm_export.imported_checkpoint import (checked_weights, clip_shapes, clip_state_dict, fit_state_dict,
                                             write_checkpoint)
@@ -138,13 +139,14 @@ def import_diffusers_folder(source: Path, out: Path, clip_skip: int = 0,
     scheduler_config = _read_json(scheduler_json)
     check_values(scheduler_config, SCHEDULER_LIMITS, "the scheduler's", scheduler_json)
     scheduler_notes: list[str] = []  # said once nothing else refuses the import
-    schedule, sampler = schedule_from_diffusers(scheduler_config, scheduler_json, scheduler_notes.append)
+    schedule, sampler, default_sampler = schedule_from_diffusers(scheduler_config, scheduler_json,
+                                                                 scheduler_notes.append)
     sample_size = unet_json.get("sample_size", 64)
     if isinstance(sample_size, list):
         sample_size = sample_size[0]
     config = ModelConfig(image_size=int(sample_size) * autoencoder_cfg.factor, autoencoder=autoencoder_cfg,
                          unet=unet_cfg, text_encoder=text_cfg, schedule=schedule, latent_scale_factor=scale,
-                         sampler=sampler)
+                         sampler=sampler, default_sampler=default_sampler)
     try:
         config.validate()
     except ConfigError as error:

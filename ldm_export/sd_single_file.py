@@ -23,12 +23,13 @@ from typing import Any
 
 from ldm_export.diffusers_config import autoencoder_to_diffusers, unet_to_diffusers
 from ldm_export.diffusers_limits import TEXT_ENCODER_LIMITS, UNET_LIMITS, VAE_LIMITS, check_values
+from ldm_export.diffusers_scheduler import IMPORTED_STEPS
 from ldm_export.errors import ImportRefusedError
 from ldm_export.imported_checkpoint import (canonical_clip, checked_weights, clip_shapes, clip_state_dict,
                                             fit_state_dict, write_checkpoint)
 from ldm_export.untrusted_files import shape_only
-from ldm_runtime.config import (AutoencoderConfig, ConfigError, DDIMConfig, ModelConfig, ScheduleConfig,
-                                TextEncoderConfig, UNetConfig)
+from ldm_runtime.config import (AutoencoderConfig, ConfigError, DDIMConfig, ModelConfig, SamplerDefaults,
+                                ScheduleConfig, TextEncoderConfig, UNetConfig)
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -302,7 +303,9 @@ def import_single_file(path: Path, header: dict[str, tuple[str, tuple[int, ...]]
     config = ModelConfig(image_size=size, autoencoder=autoencoder_cfg, unet=unet_cfg, text_encoder=text_cfg,
                          schedule=ScheduleConfig(prediction_type=prediction_type), latent_scale_factor=0.18215,
                          sampler=DDIMConfig(steps_offset=1, set_alpha_to_one=False, clip_sample=False,
-                                            previous_timestep="diffusers"))
+                                            previous_timestep="diffusers"),
+                         # a single file names no scheduler: DDIM, as SD's own scripts sample it
+                         default_sampler=SamplerDefaults(name="ddim", steps=IMPORTED_STEPS))
     _check_sizes(config, image_size, path)
     try:
         config.validate()

@@ -10,8 +10,9 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-from ldm_export.diffusers_config import (autoencoder_from_diffusers, autoencoder_to_diffusers, schedule_from_diffusers,
-                                         schedule_to_diffusers, unet_from_diffusers, unet_to_diffusers)
+from ldm_export.diffusers_config import (autoencoder_from_diffusers, autoencoder_to_diffusers, schedule_to_diffusers,
+                                         unet_from_diffusers, unet_to_diffusers)
+from ldm_export.diffusers_scheduler import schedule_from_diffusers
 from ldm_runtime.config import AutoencoderConfig, DDIMConfig, ScheduleConfig, UNetConfig, preset
 
 WHERE = Path("component")
@@ -51,4 +52,4 @@ def test_a_schedule_and_ddim_settings_come_back_from_the_config_ddim_scheduler_r
     sampler = DDIMConfig(timestep_spacing="trailing", steps_offset=1, set_alpha_to_one=True, clip_sample=False,
                          clip_sample_range=2.0, previous_timestep="diffusers")
     theirs = DDIMScheduler(**schedule_to_diffusers(schedule, sampler))
-    assert schedule_from_diffusers(dict(theirs.config), WHERE) == (schedule, sampler)
+    assert schedule_from_diffusers(dict(theirs.config), WHERE)[:2] == (schedule, sampler)

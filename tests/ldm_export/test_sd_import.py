@@ -66,7 +66,7 @@ def _our_images(checkpoint: Path, seeds: list[int], engine=None) -> list[np.ndar
     from ldm_runtime.pipeline import GenerationRequest, Pipeline
 
     engine = engine or TorchEngine(checkpoint, device="cpu")
-    requests = [GenerationRequest(prompt=prompt, seed=seed, steps=STEPS, guidance_scale=GUIDANCE)
+    requests = [GenerationRequest(prompt=prompt, seed=seed, sampler="ddim", steps=STEPS, guidance_scale=GUIDANCE)
                 for prompt, seed in zip(PROMPTS, seeds)]
     return [image.astype(np.float64) / 255.0 for image in Pipeline(engine).generate(requests)]
 

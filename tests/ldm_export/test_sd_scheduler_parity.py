@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from ldm_export.diffusers_config import schedule_from_diffusers
+from ldm_export.diffusers_scheduler import schedule_from_diffusers
 from ldm_export.errors import ImportRefusedError
 from ldm_export.sd_import import import_source
 from ldm_runtime.noise import initial_noise
@@ -68,7 +68,7 @@ def _our_latents(model, ddim, steps: int, guidance_scale: float, seed: int) -> t
 
     _, engine, _ = model
     pipeline = Pipeline(engine, ddim)
-    states = pipeline.start([GenerationRequest(prompt=PROMPTS[0], seed=seed, steps=steps,
+    states = pipeline.start([GenerationRequest(prompt=PROMPTS[0], seed=seed, sampler="ddim", steps=steps,
                                                guidance_scale=guidance_scale)])
     while not states[0].done:
         states = pipeline.advance(states)
@@ -84,7 +84,8 @@ def _relative_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
 def _imported_sampler(model, scheduler_config: dict, lines: list[str] | None = None):
     _, _, sizes = model
     scheduler_config = {**scheduler_config, "prediction_type": sizes.prediction_type}
-    schedule, sampler = schedule_from_diffusers(scheduler_config, WHERE, (lines if lines is not None else []).append)
+    schedule, sampler, _ = schedule_from_diffusers(scheduler_config, WHERE,
+                                                   (lines if lines is not None else []).append)
     assert schedule.prediction_type == sizes.prediction_type
     return scheduler_config, sampler
 
@@ -177,7 +178,7 @@ def test_import_of_a_folder_whose_scheduler_differs_says_each_difference_in_one_
 
 def test_leading_steps_offset_zero_is_read_as_one_and_said():
     lines: list[str] = []
-    _, sampler = schedule_from_diffusers(_ddim_config(steps_offset=0, clip_sample=False), WHERE, lines.append)
+    _, sampler, _ = schedule_from_diffusers(_ddim_config(steps_offset=0, clip_sample=False), WHERE, lines.append)
     assert sampler.steps_offset == 1 and sampler.previous_timestep == "diffusers"
     assert len(lines) == 1 and "steps_offset 0 is read as 1" in lines[0] and "sampler.steps_offset" in lines[0]
 
@@ -185,28 +186,32 @@ def test_leading_steps_offset_zero_is_read_as_one_and_said():
 def test_a_scheduler_config_without_clip_sample_is_read_as_the_pipeline_reads_it():
     """DDIMScheduler's default clip_sample is true, which StableDiffusionPipeline rewrites to false."""
     lines: list[str] = []
-    _, sampler = schedule_from_diffusers({"_class_name": "DDIMScheduler", **SD_SCHEDULE, "steps_offset": 1}, WHERE,
-                                         lines.append)
+    _, sampler, _ = schedule_from_diffusers({"_class_name": "DDIMScheduler", **SD_SCHEDULE, "steps_offset": 1}, WHERE,
+                                            lines.append)
     assert sampler.clip_sample is False
     assert len(lines) == 1 and "clip_sample left out (DDIMScheduler: true) is read as false" in lines[0]
 
 
-@pytest.mark.parametrize("class_name", ["PNDMScheduler", "EulerDiscreteScheduler"])
-def test_a_scheduler_of_another_class_is_mapped_to_ddim_and_said(class_name):
-    """SD 1.x ships a PNDM config, SD 2.0 an Euler one, each with the other's leftover keys."""
+@pytest.mark.parametrize("class_name, sampler_name", [("PNDMScheduler", "plms"), ("EulerDiscreteScheduler", "euler")])
+def test_the_ddim_settings_of_another_class_are_what_ddim_reads_of_it_and_its_sampler_is_the_default(class_name,
+                                                                                                    sampler_name):
+    """SD 1.x ships a PNDM config, SD 2.0 an Euler one, each with the other's leftover keys; a request that names
+    ddim samples as DDIMScheduler.from_config of that file."""
     from diffusers import EulerDiscreteScheduler, PNDMScheduler
 
     scheduler = {"PNDMScheduler": PNDMScheduler, "EulerDiscreteScheduler": EulerDiscreteScheduler}[class_name]
-    config = {**json.loads(scheduler(**SD_SCHEDULE, steps_offset=1).to_json_string()), "clip_sample": False,
-              "skip_prk_steps": True}
+    config = {**json.loads(scheduler(**SD_SCHEDULE, steps_offset=1, timestep_spacing="trailing").to_json_string()),
+              "clip_sample": False, "skip_prk_steps": True}
     lines: list[str] = []
-    schedule, sampler = schedule_from_diffusers(config, WHERE, lines.append)
-    assert schedule.beta_schedule == "scaled_linear" and sampler.timestep_spacing == config["timestep_spacing"]
-    assert f"describes a {class_name}: sampled with DDIM instead" in lines[0]
+    schedule, sampler, defaults = schedule_from_diffusers(config, WHERE, lines.append)
+    assert schedule.beta_schedule == "scaled_linear" and sampler.timestep_spacing == "trailing"
+    assert (sampler.steps_offset, sampler.clip_sample, sampler.previous_timestep) == (1, False, "diffusers")
+    assert (defaults.name, defaults.timestep_spacing, defaults.steps_offset) == (sampler_name, "trailing", 1)
+    assert not any("DDIM instead" in line for line in lines), lines
 
 
 @pytest.mark.parametrize("config, named", [
-    ({"_class_name": "LCMScheduler"}, '"LCMScheduler"'),
+    ({"_class_name": "KDPM2DiscreteScheduler"}, '"KDPM2DiscreteScheduler"'),
     ({"_class_name": ["DDIMScheduler"]}, '["DDIMScheduler"]'),
     ({"_class_name": "DDIMScheduler", "timestep_offset_mode": "shifted"}, '"timestep_offset_mode"'),
     ({"_class_name": "DDIMScheduler", "use_karras_sigmas": True}, '"use_karras_sigmas"'),

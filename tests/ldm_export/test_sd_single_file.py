@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ldm_export.diffusers_scheduler import IMPORTED_STEPS
 from ldm_export.sd_import import import_source, main
 from tests.conftest import base_seed
 from tests.ldm_export.tiny_sd import (IMAGE_SIZE, SD1_LIKE, SD2_LIKE, component_weights, write_diffusers_folder,
@@ -55,7 +56,12 @@ def test_single_file_import_equals_the_diffusers_folder_import(folder_import, tm
     out = tmp_path / "from-file"
     code = main([str(path), "--out", str(out), "--tokenizer", str(source / "tokenizer"), *_args(sizes)])
     assert code == 0, capsys.readouterr().err
-    assert json.loads((out / "model.json").read_text()) == json.loads((checkpoint / "model.json").read_text())
+    from_file, from_folder = (json.loads((folder / "model.json").read_text()) for folder in (out, checkpoint))
+    # a single file names no scheduler class: a request that names no sampler gets DDIM, its imported steps
+    assert from_file.pop("default_sampler") == {"name": "ddim", "steps": IMPORTED_STEPS, "timestep_spacing": None,
+                                                "steps_offset": None}
+    assert from_folder.pop("default_sampler")["name"] == ("plms" if sizes is SD1_LIKE else "ddim")
+    assert from_file == from_folder
     for stem in ("unet", "autoencoder", "text_encoder"):
         expected, actual = load_file(str(checkpoint / f"{stem}.safetensors")), load_file(str(out / f"{stem}.safetensors"))
         assert sorted(actual) == sorted(expected), stem
