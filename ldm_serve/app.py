@@ -11,6 +11,7 @@ required. What a browser may do with the server (Host names, CORS, security head
 from __future__ import annotations
 
 import asyncio
+import html
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
@@ -21,6 +22,7 @@ from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel
 
 from ldm_runtime.pipeline import Pipeline
+from ldm_runtime.schedulers import SAMPLER_NAMES
 from ldm_serve.batcher import Batcher
 from ldm_serve.browser import (LOOPBACK_HOSTS, HostCheckMiddleware, JsonCorsMiddleware, SecurityHeadersMiddleware,
                                cors_options, page_policy)
@@ -63,7 +65,7 @@ def create_app(pipeline: Pipeline, batcher: Batcher, limits: ServeLimits, metric
     app.post(OPENAI_IMAGES_PATH, summary="Generate images from a prompt, in the OpenAI images API's shapes",
              openapi_extra=openai_images_openapi(route.openai_model, limits))(route.create_openai_images)
     add_status_routes(app, batcher, metrics)
-    page = resources.files("ldm_serve").joinpath("page.html").read_text(encoding="utf-8")
+    page = page_with_samplers(limits.default_sampler)
     page_headers = {"Content-Security-Policy": page_policy(page)}
 
     @app.get(PAGE_PATH, include_in_schema=False)
@@ -83,6 +85,7 @@ def create_app(pipeline: Pipeline, batcher: Batcher, limits: ServeLimits, metric
 
 
 DOCS_PATH = "/docs"
+SAMPLER_SELECT = '<select id="sampler"></select>'  # in page.html, filled in by page_with_samplers
 # FastAPI's Swagger UI page loads its script, style and icon from these hosts; its style uses inline attributes
 SWAGGER_UI_SOURCES = {"script-src": "https://cdn.jsdelivr.net",
                       "style-src": "https://cdn.jsdelivr.net 'unsafe-inline'",
@@ -95,6 +98,16 @@ ANSWER_SCHEMA = {"type": "object", "properties": {
     "timings": {"type": "object", "properties": {"queue_ms": {"type": "number"},
                                                  "compute_ms": {"type": "number"},
                                                  "total_ms": {"type": "number"}}}}}
+
+
+def page_with_samplers(default_sampler: str) -> str:
+    """``page.html`` with its sampler choice filled in: every one of ``SAMPLER_NAMES``, ``default_sampler`` (what a
+    request that names none gets) selected. The options are markup, not script, so the page's CSP is unchanged."""
+    page = resources.files("ldm_serve").joinpath("page.html").read_text(encoding="utf-8")
+    assert page.count(SAMPLER_SELECT) == 1, "page.html has lost its sampler select"
+    options = "".join(f'<option{" selected" if name == default_sampler else ""}>{html.escape(name)}</option>'
+                      for name in SAMPLER_NAMES)
+    return page.replace(SAMPLER_SELECT, f'<select id="sampler">{options}</select>')
 
 
 def images_openapi(model: type[BaseModel], limits: ServeLimits) -> dict[str, Any]:

@@ -35,6 +35,7 @@ import sys
 from ldm_runtime.command_line import OneLineArgumentParser, finite_float, report_user_error
 from ldm_runtime.engines import AUTO_ENGINE_HELP, ENGINE_NAMES
 from ldm_runtime.errors import UserError
+from ldm_runtime.schedulers import SAMPLER_NAMES
 from ldm_serve.batcher import BATCHING_MODES, BatcherConfig
 from ldm_serve.request_schema import ServeLimits
 from ldm_serve.server import (API_KEY_ENV, BODY_TIMEOUT_S, DRAIN_TIMEOUT_S, HEADER_TIMEOUT_S, PROG, ServeError,
@@ -66,9 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-n", type=int, default=LIMIT_DEFAULTS.max_n,
                         help="most images per request (default: %(default)s, at most --max-batch)")
     parser.add_argument("--max-steps", type=int, default=LIMIT_DEFAULTS.max_steps,
-                        help="most DDIM steps per request (default: %(default)s)")
-    parser.add_argument("--default-steps", type=int, default=LIMIT_DEFAULTS.default_steps,
-                        help="steps of a request that names none (default: %(default)s)")
+                        help="most sampler steps per request (default: %(default)s)")
+    parser.add_argument("--default-steps", type=int, default=None,
+                        help=f"steps of a request that names none (default: the model's default_sampler steps, "
+                             f"else {LIMIT_DEFAULTS.default_steps})")
+    parser.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
+                        help=f"the sampler of a request that names none; a request may name any of them "
+                             f"(default: the model's default_sampler, else {LIMIT_DEFAULTS.default_sampler})")
     parser.add_argument("--max-size", type=int, default=None,
                         help="largest image side in pixels (default: the engine's largest)")
     parser.add_argument("--max-prompt-chars", type=int, default=LIMIT_DEFAULTS.max_prompt_chars,

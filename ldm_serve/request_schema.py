@@ -17,7 +17,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from ldm_runtime.noise import MAX_SEED
-from ldm_runtime.pipeline import DEFAULT_STEPS, GenerationRequest
+from ldm_runtime.pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, GenerationRequest
+from ldm_runtime.schedulers import SAMPLER_NAMES
 from ldm_serve.errors import ApiError, printable, shortened, shown_value
 
 MAX_GUIDANCE_SCALE = 100.0
@@ -29,6 +30,7 @@ MAX_NESTING = 16  # arrays or objects in a field's value: a valid request has no
 BLANK_CHARACTERS = (r"\u0009-\u000d\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
                     r"\ufeff")
 NOT_BLANK_PATTERN = f"[^{BLANK_CHARACTERS}]"
+REQUEST_DEFAULTS = {field.name: field.default for field in dataclasses.fields(GenerationRequest)}
 
 
 def largest_request_bytes(max_prompt_chars: int) -> int:
@@ -52,12 +54,13 @@ class ServeLimits:
     size_multiple: int = 8
     default_size: int = 32
     default_steps: int = DEFAULT_STEPS
+    default_sampler: str = DEFAULT_SAMPLER
 
 
 @functools.lru_cache(maxsize=8)
 def request_model(limits: ServeLimits) -> type[BaseModel]:
     """The pydantic model of a ``POST /v1/images`` body under ``limits``: strict types, unknown fields refused."""
-    defaults = {field.name: field.default for field in dataclasses.fields(GenerationRequest)}
+    defaults = REQUEST_DEFAULTS
     size = dict(ge=limits.min_size, le=limits.max_size, multiple_of=limits.size_multiple)
     size_text = (f"Image {{}} in pixels: a multiple of {limits.size_multiple} from {limits.min_size} to "
                  f"{limits.max_size}; null for the model's {limits.default_size}.")
@@ -65,7 +68,8 @@ def request_model(limits: ServeLimits) -> type[BaseModel]:
         "ImageRequest",
         __config__=ConfigDict(extra="forbid", strict=True,
                               json_schema_extra={"examples": [{"prompt": "a red circle on a blue background",
-                                                               "seed": 7, "steps": 25}]}),
+                                                               "seed": 7, "steps": 25}],
+                                                 "allOf": [eta_only_for_ddim(limits.default_sampler)]}),
         prompt=(str, Field(min_length=1, max_length=limits.max_prompt_chars,
                            json_schema_extra={"pattern": NOT_BLANK_PATTERN},  # checked in parse_body
                            description="What to draw, not only spaces. Longer than the model's token limit is "
@@ -73,11 +77,15 @@ def request_model(limits: ServeLimits) -> type[BaseModel]:
         negative_prompt=(str, Field(defaults["negative_prompt"], max_length=limits.max_prompt_chars,
                                     description="What to steer away from; empty for none.")),
         n=(int, Field(1, ge=1, le=limits.max_n, description="Number of images; image i uses seed + i (mod 2**63).")),
-        steps=(int, Field(limits.default_steps, ge=1, le=limits.max_steps, description="DDIM steps.")),
+        sampler=(Literal[SAMPLER_NAMES], Field(limits.default_sampler,
+                                               description="The sampler: ddim (with the model's own DDIM settings) "
+                                                           "or another, which takes eta 0 only.")),
+        steps=(int, Field(limits.default_steps, ge=1, le=limits.max_steps, description="Sampler steps.")),
         guidance_scale=(float, Field(defaults["guidance_scale"], ge=0, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False,
                                      description="Classifier-free guidance scale; 1 means no guidance.")),
         eta=(float, Field(defaults["eta"], ge=0, le=1, allow_inf_nan=False,
-                          description="DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like.")),
+                          description="DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like; 0 with any other "
+                                      "sampler.")),
         seed=(int | None, Field(None, ge=0, le=MAX_SEED - 1,
                                 description="Seed of the first image; image i uses (seed + i) mod 2**63; null "
                                             "picks one (returned in the answer). The same request and seed give "
@@ -85,6 +93,16 @@ def request_model(limits: ServeLimits) -> type[BaseModel]:
         height=(int | None, Field(None, **size, description=size_text.format("height"))),
         width=(int | None, Field(None, **size, description=size_text.format("width"))),
     )
+
+
+def eta_only_for_ddim(default_sampler: str) -> dict[str, Any]:
+    """The JSON Schema rule "eta is 0 unless the sampler is ddim", where a body without ``sampler`` gets
+    ``default_sampler`` (``Pipeline.validate`` enforces it; the schema says it, so that schema-valid bodies pass)."""
+    others = [name for name in SAMPLER_NAMES if name != "ddim"]
+    sampler_is_not_ddim: dict[str, Any] = {"properties": {"sampler": {"enum": others}}}
+    if default_sampler == "ddim":
+        sampler_is_not_ddim["required"] = ["sampler"]
+    return {"if": sampler_is_not_ddim, "then": {"properties": {"eta": {"const": 0}}}}
 
 
 def image_sizes(limits: ServeLimits) -> list[str]:
@@ -97,8 +115,8 @@ def image_sizes(limits: ServeLimits) -> list[str]:
 def openai_request_model(limits: ServeLimits) -> type[BaseModel]:
     """The pydantic model of a ``POST /v1/images/generations`` body: OpenAI's fields (``model`` and ``user`` are
     taken and not used; ``response_format`` can only be ``b64_json``, as the server keeps no images to link to)
-    and ours (``negative_prompt``, ``steps``, ``guidance_scale``, ``eta``, ``seed``), under the same limits as
-    ``request_model``."""
+    and ours (``negative_prompt``, ``sampler``, ``steps``, ``guidance_scale``, ``eta``, ``seed``), under the same
+    limits as ``request_model``."""
     ours = request_model(limits).model_fields
     sizes = image_sizes(limits)
     default_size = f"{limits.default_size}x{limits.default_size}"
@@ -106,7 +124,8 @@ def openai_request_model(limits: ServeLimits) -> type[BaseModel]:
         "OpenAIImageRequest",
         __config__=ConfigDict(extra="forbid", strict=True,
                               json_schema_extra={"examples": [{"prompt": "a red circle on a blue background",
-                                                               "size": default_size, "seed": 7}]}),
+                                                               "size": default_size, "seed": 7}],
+                                                 "allOf": [eta_only_for_ddim(limits.default_sampler)]}),
         prompt=(str, ours["prompt"]),
         n=(int, ours["n"]),
         size=(Literal[tuple(sizes)] | None, Field(None, description=f'Image size "WxH" in pixels, width first; '
@@ -118,8 +137,8 @@ def openai_request_model(limits: ServeLimits) -> type[BaseModel]:
         model=(str | None, Field(None, max_length=MAX_OPENAI_NAME_CHARS, description="Taken and not used: the "
                                                                                  "server serves one model.")),
         user=(str | None, Field(None, max_length=MAX_OPENAI_NAME_CHARS, description="Taken and not used.")),
-        **{name: (ours[name].annotation, ours[name]) for name in ("negative_prompt", "steps", "guidance_scale",
-                                                                  "eta", "seed")},
+        **{name: (ours[name].annotation, ours[name]) for name in ("negative_prompt", "sampler", "steps",
+                                                                  "guidance_scale", "eta", "seed")},
     )
 
 
@@ -130,6 +149,7 @@ def expected_text(field: str, limits: ServeLimits) -> str:
         "prompt": f"a non-empty string of at most {limits.max_prompt_chars} characters",
         "negative_prompt": f"a string of at most {limits.max_prompt_chars} characters",
         "n": f"an integer from 1 to {limits.max_n}",
+        "sampler": f"one of {', '.join(SAMPLER_NAMES)}",
         "steps": f"an integer from 1 to {limits.max_steps}",
         "guidance_scale": f"a number from 0 to {MAX_GUIDANCE_SCALE:g}",
         "eta": "a number from 0 to 1",

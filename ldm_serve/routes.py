@@ -113,8 +113,9 @@ class ImagesRoute:
                              width: int | None) -> list[GenerationRequest]:
         """One request per seed, each checked by the pipeline (``ApiError`` 422 naming the field)."""
         requests = [GenerationRequest(prompt=parsed.prompt, negative_prompt=parsed.negative_prompt, seed=one_seed,
-                                      steps=parsed.steps, guidance_scale=parsed.guidance_scale, eta=parsed.eta,
-                                      height=height, width=width) for one_seed in seeds]
+                                      sampler=parsed.sampler, steps=parsed.steps,
+                                      guidance_scale=parsed.guidance_scale, eta=parsed.eta, height=height,
+                                      width=width) for one_seed in seeds]
         for generation in requests:
             try:
                 self.pipeline.validate(generation)
@@ -153,7 +154,7 @@ async def _encode_pngs(parsed: BaseModel, seeds: list[int], result: JobResult) -
     height, width = result.images[0].shape[:2]
     parameters = [{"prompt": parsed.prompt, "negative_prompt": parsed.negative_prompt, "seed": one_seed,
                    "steps": parsed.steps, "guidance_scale": parsed.guidance_scale, "eta": parsed.eta,
-                   "height": height, "width": width, "sampler": "ddim"} for one_seed in seeds]
+                   "height": height, "width": width, "sampler": parsed.sampler} for one_seed in seeds]
     return await asyncio.to_thread(lambda: [png_bytes(image, settings)
                                             for image, settings in zip(result.images, parameters)])
 

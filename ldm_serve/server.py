@@ -28,8 +28,8 @@ from typing import Any, Iterator
 import uvicorn
 
 from ldm_runtime.engines import THREADED_ENGINES, engine_for_flags, load_engine
-from ldm_runtime.errors import UserError
-from ldm_runtime.pipeline import Pipeline
+from ldm_runtime.errors import RequestError, UserError
+from ldm_runtime.pipeline import GenerationRequest, Pipeline
 from ldm_serve.app import create_app
 from ldm_serve.batcher import Batcher, BatcherConfig, StepGate
 from ldm_serve.browser import ANY_HOST, LOOPBACK_HOSTS
@@ -91,7 +91,16 @@ def build_app(args: argparse.Namespace, api_key: str | None = None):
                                                           f"rows and guidance doubles each image)")
     check_range("--max-n", args.max_n, 1, max_batch, " (--max-batch)")
     check_range("--max-steps", args.max_steps, 1, pipeline.max_steps, " (what the sampler can plan)")
-    check_range("--default-steps", args.default_steps, 1, args.max_steps, " (--max-steps)")
+    sampler = pipeline.default_sampler if args.sampler is None else args.sampler
+    default_steps = pipeline.default_steps if args.default_steps is None else args.default_steps
+    check_range("--default-steps" if args.default_steps is not None else "the model's default steps", default_steps,
+                1, args.max_steps, " (--max-steps)")
+    try:
+        pipeline.validate(GenerationRequest(prompt="a request that names only a prompt", seed=0,
+                                            sampler=sampler, steps=default_steps))
+    except RequestError as error:
+        raise ServeError(f"--sampler {sampler} with --default-steps {default_steps} cannot serve a "
+                         f"request that names neither: {error}") from None
     max_size = info.max_image_size if args.max_size is None else args.max_size
     check_range("--max-size", max_size, max(info.min_image_size, info.image_size), info.max_image_size,
                  " (the engine's range)")
@@ -100,7 +109,7 @@ def build_app(args: argparse.Namespace, api_key: str | None = None):
     limits = ServeLimits(max_n=args.max_n, max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars,
                          max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
                          min_size=info.min_image_size, max_size=max_size, size_multiple=info.image_size_multiple,
-                         default_size=info.image_size, default_steps=args.default_steps)
+                         default_size=info.image_size, default_steps=default_steps, default_sampler=sampler)
     metrics = ServeMetrics()
     gate_path = os.environ.get(STEP_GATE_ENV)
     batcher = Batcher(pipeline, BatcherConfig(mode=args.batching, max_batch=max_batch, max_queue=args.max_queue,
@@ -110,7 +119,8 @@ def build_app(args: argparse.Namespace, api_key: str | None = None):
                      allowed_hosts=allowed_hosts, cors_origins=cors_origins)
     picked = " picked by --engine auto" if args.engine == "auto" else ""
     description = (f"{args.model} ({info.name} engine{picked}, {args.batching} batching, max batch {max_batch}, "
-                   f"queue {args.max_queue}{', API key required' if api_key else ''})")
+                   f"queue {args.max_queue}, default sampler {sampler} {default_steps} steps"
+                   f"{', API key required' if api_key else ''})")
     return app, batcher, api_key, description
 
 

@@ -34,7 +34,7 @@ import sys
 import tempfile
 import textwrap
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +48,8 @@ from ldm_runtime.errors import RequestError, UserError
 from ldm_runtime.files import write_text_atomic
 from ldm_runtime.images import image_grid
 from ldm_runtime.noise import MAX_SEED, MAX_TRAIN_SEED
-from ldm_runtime.pipeline import GenerationRequest, Pipeline
+from ldm_runtime.pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, GenerationRequest, Pipeline
+from ldm_runtime.schedulers import SAMPLER_NAMES
 
 PROG = "ldm-eval"
 # The classifier shipped with the repository, found from this file so a fresh clone works from any folder.
@@ -72,7 +73,8 @@ class EvalSettings:
     json: str
     classifier: str = str(DEFAULT_CLASSIFIER)
     num_prompts: int = 200
-    steps: int = REQUEST_DEFAULTS["steps"]
+    sampler: str | None = None  # None: the model's default (Pipeline.resolve)
+    steps: int | None = None
     guidance: float = REQUEST_DEFAULTS["guidance_scale"]
     eta: float = REQUEST_DEFAULTS["eta"]
     seed: int = 0  # prompt i is sampled with seed + i
@@ -84,12 +86,17 @@ class EvalSettings:
 
     def validate(self) -> None:
         for name in ("num_prompts", "steps", "batch_size"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise EvalError(f"--{name.replace('_', '-')} is {getattr(self, name)}; expected a positive integer")
         if not np.isfinite(self.guidance) or self.guidance < 0:
             raise EvalError(f"--guidance is {self.guidance}; expected a number >= 0")
         if not 0.0 <= self.eta <= 1.0:
             raise EvalError(f"--eta is {self.eta}; expected a value in [0, 1]")
+        if self.sampler is not None and self.sampler not in SAMPLER_NAMES:
+            raise EvalError(f"--sampler is {self.sampler!r}; expected one of {', '.join(SAMPLER_NAMES)}")
+        if self.sampler not in (None, "ddim") and self.eta != 0:
+            raise EvalError(f"--eta is {self.eta} with --sampler {self.sampler}; expected 0 (eta applies to ddim "
+                            f"only)")
         last_seed = MAX_SEED - self.num_prompts  # prompt i is sampled with seed + i, below MAX_SEED
         if not 0 <= self.seed <= last_seed:
             raise EvalError(f"--seed is {self.seed}; expected an integer from 0 to {last_seed} (2**63 - "
@@ -200,14 +207,16 @@ def score_samples(samples: np.ndarray, truths: list, captions: list[str], refere
 
 
 def generate_images(engine, captions: list[str], seeds: list[int], steps: int, guidance: float, eta: float,
-                    batch_size: int) -> np.ndarray:
-    """One image per caption: (N, H, W, 3) uint8, sampled ``batch_size`` at a time (at most what the engine holds)."""
+                    batch_size: int, sampler: str = REQUEST_DEFAULTS["sampler"]) -> np.ndarray:
+    """One image per caption with ``sampler`` (one of ``SAMPLER_NAMES``): (N, H, W, 3) uint8, sampled ``batch_size``
+    at a time (at most what the engine holds)."""
     pipeline = Pipeline(engine)
     batch_size = max(1, min(batch_size, engine.info.max_images))
     images = []
     with tqdm(total=len(captions), desc="generating", unit="img", dynamic_ncols=True, file=sys.stderr) as bar:
         for start in range(0, len(captions), batch_size):
-            requests = [GenerationRequest(prompt=caption, seed=seed, steps=steps, guidance_scale=guidance, eta=eta)
+            requests = [GenerationRequest(prompt=caption, seed=seed, sampler=sampler, steps=steps,
+                                          guidance_scale=guidance, eta=eta)
                         for caption, seed in zip(captions[start:start + batch_size], seeds[start:start + batch_size])]
             images += [np.asarray(image, dtype=np.uint8) for image in pipeline.generate(requests,
                                                                                         batch_size=batch_size)]
@@ -288,6 +297,9 @@ def evaluate(settings: EvalSettings) -> dict[str, Any]:
         engine = load_engine(settings.model, engine=settings.engine, device=settings.device)
     except UserError as error:  # EngineLoadError, CheckpointError, EngineDirError, a bad device
         raise EvalError(f"--model {settings.model} cannot be opened: {error}") from None
+    defaults = Pipeline(engine)  # a request that names no sampler or steps gets the model's defaults
+    settings = replace(settings, sampler=settings.sampler or defaults.default_sampler,
+                       steps=settings.steps or defaults.default_steps)
     count, image_size = settings.num_prompts, engine.info.image_size
     prompts = ShapesDataset.heldout(count, image_size, settings.data_seed)
     captions = [prompts.caption(i) for i in range(count)]
@@ -297,7 +309,7 @@ def evaluate(settings: EvalSettings) -> dict[str, Any]:
     generate_started = time.perf_counter()
     try:
         samples = generate_images(engine, captions, seeds, settings.steps, settings.guidance, settings.eta,
-                                  settings.batch_size)
+                                  settings.batch_size, settings.sampler)
     except RequestError as error:
         raise EvalError(f"the model cannot sample with these settings: {error}") from None
     generate_seconds = time.perf_counter() - generate_started
@@ -348,10 +360,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--classifier", default=defaults.classifier,
                         help="classifier dir (default: the models/shapes-classifier shipped with the repository)")
     parser.add_argument("--num-prompts", type=int, default=defaults.num_prompts, help="held-out prompts to generate")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="DDIM steps per image")
+    parser.add_argument("--sampler", choices=SAMPLER_NAMES, default=defaults.sampler,
+                        help="the sampler of every image: ddim (the model's own settings) or another, which takes "
+                             f"--eta 0 only (default: the model's default_sampler, else {DEFAULT_SAMPLER})")
+    parser.add_argument("--steps", type=int, default=defaults.steps,
+                        help=f"sampler steps per image (default: the model's default_sampler steps, else "
+                             f"{DEFAULT_STEPS})")
     parser.add_argument("--guidance", type=finite_float, default=defaults.guidance,
                         help="classifier-free guidance scale")
-    parser.add_argument("--eta", type=finite_float, default=defaults.eta, help="DDIM eta (0: deterministic)")
+    parser.add_argument("--eta", type=finite_float, default=defaults.eta,
+                        help="DDIM eta (0: deterministic); the other samplers take 0 only")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="prompt i is sampled with seed + i")
     parser.add_argument("--data-seed", type=int, default=defaults.data_seed,
                         help="seed of the model's training data; the prompts come from its held-out split")
@@ -375,8 +393,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         return report_user_error(PROG, error)
     adherence_line = ", ".join(f"{name} {value:.3f}" for name, value in report["adherence"].items())
-    print(f"ldm-eval: adherence {adherence_line}; fid_in_domain {report['fid_in_domain']:.3f} "
-          f"(real floor {report['fid_real_floor']:.3f}); recon {report['recon_psnr_db']:.2f} dB; wrote {settings.json}",
+    sampled = report["settings"]
+    print(f"ldm-eval: {sampled['sampler']}, {sampled['steps']} steps: adherence {adherence_line}; fid_in_domain "
+          f"{report['fid_in_domain']:.3f} (real floor {report['fid_real_floor']:.3f}); recon "
+          f"{report['recon_psnr_db']:.2f} dB; wrote {settings.json}",
           file=sys.stderr)
     return 0
 

@@ -32,7 +32,8 @@ from ldm_runtime.files import sha256_file
 from ldm_runtime.guidance import UNET_ROWS_PER_IMAGE, guided_images, guided_unet_rows
 from ldm_runtime.manifest import load_manifest
 from ldm_runtime.pipeline import DEFAULT_GUIDANCE_SCALE
-from ldm_tools.bench.diffusers_peers import PIPELINE_PEER, pipeline_refusal
+from ldm_runtime.schedulers import SAMPLER_NAMES
+from ldm_tools.bench.diffusers_peers import PIPELINE_PEER, pipeline_refusal, pipeline_sampler_refusal
 from ldm_tools.bench.report import (
     WIDE_SPREAD,
     format_profiles,
@@ -65,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "memory. Prints a table; --json and --plot write the JSON and a PNG.",
         epilog="Engines: torch (eager PyTorch, the baseline, always run), torch.compile (the same model under "
                "torch.compile), diffusers (diffusers' UNet2DConditionModel with our UNet's configuration and "
-               "weights), diffusers-pipeline (diffusers' whole StableDiffusionPipeline end to end, with the model's "
-               "DDIM settings, steps and guidance; run by default on a Stable Diffusion checkpoint from ldm-import), "
+               "weights), diffusers-pipeline (diffusers' whole StableDiffusionPipeline end to end, with the scheduler "
+               "that matches --sampler (ddim: the model's DDIM settings), the same steps and guidance; run by default "
+               "on a Stable Diffusion checkpoint from ldm-import), "
                "onnxruntime (an engine dir; exported in a temporary folder when --model is a checkpoint), "
                "openvino and openvino-bf16 (the same engine dir on OpenVINO at fp32, or bf16 where the CPU has native "
                "bf16; compiled with no cache, so the first image includes compiling), torch-bf16 (eager PyTorch under "
@@ -88,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-sizes", default="1,4,8", metavar="LIST",
                         help="images per request, comma-separated; each UNet step runs twice as many rows "
                              "(classifier-free guidance) (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=10, help="DDIM steps of one request (default: %(default)s)")
+    parser.add_argument("--sampler", choices=SAMPLER_NAMES, default="ddim",
+                        help="the sampler of every request, for every engine (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=10, help="sampler steps of one request (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per engine and batch size "
                                                                 "(default: %(default)s)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
@@ -299,13 +303,16 @@ def _measure(plan: dict[str, Any], args: argparse.Namespace, model_info: dict[st
         "format_version": 1,
         "machine": machine_info(),
         "model": model_info,
-        "settings": {"engines": plan["engines"], "batch_sizes": plan["batch_sizes"], "steps": args.steps,
+        "settings": {"engines": plan["engines"], "batch_sizes": plan["batch_sizes"], "sampler": args.sampler,
+                     "steps": args.steps,
                      "repeats": args.repeats, "warmup": 1, "threads": args.threads, "device": args.device,
                      "guidance_scale": DEFAULT_GUIDANCE_SCALE, "wide_spread_over": WIDE_SPREAD},
         "engines": list(entries.values()),
         "results": result_rows(step_seconds, e2e_seconds, plan["engines"], plan["batch_sizes"], BASELINE),
     }
-    report["notes"] = _notes(report)
+    # the work every figure is of, first, so that the printed table and the JSON both say it
+    report["notes"] = [f"every request: {args.steps} {args.sampler} steps, guidance {DEFAULT_GUIDANCE_SCALE:g}",
+                       *_notes(report)]
     return report
 
 
@@ -317,7 +324,8 @@ def _start_workers(plan: dict[str, Any], args: argparse.Namespace, workers: dict
     outputs = {}
     for name in plan["engines"]:
         entry = entries[name] = {"name": name, "status": "ok", "reason": None}
-        missing = _missing_library(name) or _bf16_refusal(name, args.device)
+        missing = (_missing_library(name) or _bf16_refusal(name, args.device)
+                   or (pipeline_sampler_refusal(args.sampler) if name == PIPELINE_PEER else None))
         if missing:
             entry.update(status="failed", reason=missing)
             _log(f"{name}: skipped ({missing})")
@@ -326,7 +334,7 @@ def _start_workers(plan: dict[str, Any], args: argparse.Namespace, workers: dict
         worker = Worker(WorkerSpec(engine=name, folder=plan["engine_dir"] if name in ENGINE_DIR_PEERS
                                    else plan["checkpoint"], device=args.device, threads=args.threads,
                                    steps=args.steps, image_size=plan["image_size"],
-                                   guidance_scale=DEFAULT_GUIDANCE_SCALE))
+                                   guidance_scale=DEFAULT_GUIDANCE_SCALE, sampler=args.sampler))
         try:
             ready = worker.ask()
         except WorkerFailed as error:

@@ -2,11 +2,12 @@
 
 ``diffusers_unet_model``: diffusers' ``UNet2DConditionModel`` with our UNet's configuration (per-level heads and
 fp32 attention included) and its very tensors: the parameter names are the same. ``stable_diffusion_pipeline``:
-diffusers' whole ``StableDiffusionPipeline`` (tokenizer, CLIP text encoder, UNet, DDIM scheduler with the model's
-settings, VAE) over a Stable Diffusion checkpoint dir that ldm-import wrote, so "images per second against
-diffusers" is timed on the same work as ours: the same weights, scheduler, steps, guidance and image size. Its
-DDIMScheduler keeps model.json's steps_offset and clip_sample (StableDiffusionPipeline rewrites them when built
-with one); it steps to t - T // N whatever ``previous_timestep`` says, the same UNet work either way.
+diffusers' whole ``StableDiffusionPipeline`` (tokenizer, CLIP text encoder, UNet, scheduler, VAE) over a Stable
+Diffusion checkpoint dir that ldm-import wrote, so "images per second against diffusers" is timed on the same work as
+ours: the same weights, sampler, steps, guidance and image size. The scheduler is the diffusers class our sampler of
+that name matches (``PIPELINE_SCHEDULERS``); for ddim a DDIMScheduler with the model's settings, which keeps
+model.json's steps_offset and clip_sample (StableDiffusionPipeline rewrites them when built with one) and steps to
+t - T // N whatever ``previous_timestep`` says, the same UNet work either way.
 """
 
 from __future__ import annotations
@@ -20,6 +21,22 @@ from ldm_runtime.checkpoint import TOKENIZER_DIR
 from ldm_runtime.config import ModelConfig
 
 PIPELINE_PEER = "diffusers-pipeline"
+# Our samplers other than ddim, as the diffusers scheduler (class name, keyword arguments beside the noise schedule's)
+# whose numbers they match: ldm_runtime.schedulers' docstrings and the parity tests say which.
+PIPELINE_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp-2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp-2m-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                        "use_karras_sigmas": True}),
+    "dpmpp-2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "dpmpp-2m-sde-karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2,
+                                                            "use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {"solver_order": 2}),
+    "unipc-3": ("UniPCMultistepScheduler", {"solver_order": 3}),
+    "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "lcm": ("LCMScheduler", {}),
+}
 
 
 def pipeline_refusal(config: ModelConfig) -> str | None:
@@ -30,6 +47,30 @@ def pipeline_refusal(config: ModelConfig) -> str | None:
     if config.autoencoder.kind != "kl":
         return f"{PIPELINE_PEER} needs a KL autoencoder; this model's is {config.autoencoder.kind!r}"
     return None
+
+
+def pipeline_sampler_refusal(sampler: str) -> str | None:
+    """Why diffusers' StableDiffusionPipeline cannot sample with our ``sampler`` (one sentence), or None when it can."""
+    if sampler == "ddim" or sampler in PIPELINE_SCHEDULERS:
+        return None
+    return (f"{PIPELINE_PEER} has no diffusers scheduler known to match --sampler {sampler}; expected one of ddim, "
+            f"{', '.join(PIPELINE_SCHEDULERS)}")
+
+
+def pipeline_scheduler(config: ModelConfig, sampler: str):
+    """The diffusers scheduler that samples as our ``sampler`` does on ``config``'s noise schedule: for ddim a
+    DDIMScheduler with the model's DDIM settings, for the others ``PIPELINE_SCHEDULERS``' class and settings."""
+    import diffusers
+
+    refusal = pipeline_sampler_refusal(sampler)
+    assert refusal is None, refusal
+    ddim_settings = schedule_to_diffusers(config.schedule, config.sampler)
+    if sampler == "ddim":
+        return diffusers.DDIMScheduler(**ddim_settings)
+    class_name, settings = PIPELINE_SCHEDULERS[sampler]
+    schedule = {key: ddim_settings[key] for key in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule",
+                                                    "prediction_type")}
+    return getattr(diffusers, class_name)(**schedule, **settings)
 
 
 def diffusers_unet_model(unet, sample_size: int = 8):
@@ -43,9 +84,10 @@ def diffusers_unet_model(unet, sample_size: int = 8):
     return theirs.eval().requires_grad_(False)
 
 
-def stable_diffusion_pipeline(folder: Path, config: ModelConfig, unet, autoencoder, text_encoder):
+def stable_diffusion_pipeline(folder: Path, config: ModelConfig, unet, autoencoder, text_encoder,
+                              sampler: str = "ddim"):
     """diffusers' StableDiffusionPipeline over checkpoint dir ``folder``'s networks (ours, already loaded: their
-    tensors are shared) with a DDIMScheduler of the model's schedule and sampler settings."""
+    tensors are shared) with the scheduler of our ``sampler`` (``pipeline_scheduler``)."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
     from transformers import AutoTokenizer
@@ -64,7 +106,7 @@ def stable_diffusion_pipeline(folder: Path, config: ModelConfig, unet, autoencod
         scheduler=DDIMScheduler(**scheduler_settings), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
     # a fresh one: the constructor rewrote its scheduler's steps_offset and clip_sample in place
-    pipe.scheduler = DDIMScheduler(**scheduler_settings)
+    pipe.scheduler = pipeline_scheduler(config, sampler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

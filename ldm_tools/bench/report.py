@@ -131,7 +131,8 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
         axes.set_xticks(batch_sizes, [str(size) for size in batch_sizes])
     steps_axes.legend()
     figure.suptitle(f"ldm-bench: {report['model']['name']} ({report['model']['latent_size']}² latents, "
-                    f"{report['settings']['steps']} steps) on {report['machine']['cpu']}, "
+                    f"{report['settings']['steps']} {report['settings']['sampler']} steps) on "
+                    f"{report['machine']['cpu']}, "
                     f"{report['settings']['threads']} thread(s)", fontsize=9)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

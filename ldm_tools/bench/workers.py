@@ -5,7 +5,7 @@ A worker loads its engine, makes one image (the time to first image counts from 
 included), answers the UNet-output check, then serves commands until told to stop:
 
     ("warmup", B)        one request of B images end to end, then one step; returns the step's seconds
-    ("step", B, calls)   ``calls`` guided DDIM steps on B images; returns seconds per step
+    ("step", B, calls)   ``calls`` guided sampler steps on B images; returns seconds per step
     ("e2e", B)           one text-to-image request of B images; returns seconds
     ("memory",)          {"peak_rss_mib": ..., "cuda_max_allocated_mib": ... or None}
     ("profile", B)       where one guided step's operator time goes: [{"op", "share", "ms"}], largest first
@@ -13,6 +13,7 @@ included), answers the UNet-output check, then serves commands until told to sto
 
 from __future__ import annotations
 
+import copy
 import multiprocessing
 import os
 import platform
@@ -52,9 +53,10 @@ class WorkerSpec:
     folder: str  # a checkpoint dir (torch peers) or an engine dir (ENGINE_DIR_PEERS)
     device: str
     threads: int
-    steps: int  # DDIM steps of one end-to-end request
+    steps: int  # sampler steps of one end-to-end request
     image_size: int
     guidance_scale: float
+    sampler: str = "ddim"  # one of ldm_runtime.schedulers.SAMPLER_NAMES, for every request
 
 
 class Worker:
@@ -140,7 +142,7 @@ class _EngineBench:
         self._states: dict[int, list] = {}
 
     def requests(self, batch_size: int) -> list:
-        return [GenerationRequest(prompt=PROMPT, seed=index, steps=self.spec.steps,
+        return [GenerationRequest(prompt=PROMPT, seed=index, sampler=self.spec.sampler, steps=self.spec.steps,
                                   guidance_scale=self.spec.guidance_scale, height=self.spec.image_size,
                                   width=self.spec.image_size) for index in range(batch_size)]
 
@@ -193,7 +195,7 @@ class _EngineBench:
         return self.step(batch_size, 1)
 
     def step(self, batch_size: int, calls: int) -> float:
-        """Seconds per guided DDIM step of ``batch_size`` images (one UNet call on 2 x batch_size rows and the
+        """Seconds per guided sampler step of ``batch_size`` images (one UNet call on 2 x batch_size rows and the
         sampler's update), the mean of ``calls`` steps from the same starting states."""
         states = self._start(batch_size)
         self._synchronize()
@@ -205,7 +207,7 @@ class _EngineBench:
         return (time.perf_counter() - started) / calls
 
     def e2e(self, batch_size: int) -> float:
-        """Seconds for one request of ``batch_size`` images: text encoder, the DDIM steps, decode."""
+        """Seconds for one request of ``batch_size`` images: text encoder, the sampler steps, decode."""
         requests = self.requests(batch_size)
         self._synchronize()
         started = time.perf_counter()
@@ -255,7 +257,7 @@ class _PipelineBench(_EngineBench):
         load_started = time.perf_counter()
         engine = self.engine
         self.sd = stable_diffusion_pipeline(Path(spec.folder), engine.config, engine.unet_model, engine.autoencoder,
-                                            engine.text_encoder)
+                                            engine.text_encoder, spec.sampler)
         self.sd.to(engine.device)
         self.options = pipeline_call_options(engine.config, spec.steps, spec.guidance_scale, spec.image_size)
         self.load_s += time.perf_counter() - load_started
@@ -301,7 +303,8 @@ class _PipelineBench(_EngineBench):
         import diffusers
         import torch
 
-        return {**super().describe(), "version": f"torch {torch.__version__}, diffusers {diffusers.__version__}"}
+        return {**super().describe(), "version": f"torch {torch.__version__}, diffusers {diffusers.__version__}",
+                "scheduler": type(self.sd.scheduler).__name__}
 
     def step(self, batch_size: int, calls: int) -> float:
         import torch
@@ -315,16 +318,19 @@ class _PipelineBench(_EngineBench):
                                       generator=self._generators(1)[0], device=self.engine.device)
             self._step_inputs[batch_size] = (torch.cat([unconditional, conditional]), latents)
         embeddings, latents = self._step_inputs[batch_size]
-        timestep = self.sd.scheduler.timesteps[0]
+        at_first_step = self.sd.scheduler
+        timestep = at_first_step.timesteps[0]
         self._synchronize()
         started = time.perf_counter()
         with torch.inference_mode():
             for _ in range(calls):
-                model_input = self.sd.scheduler.scale_model_input(torch.cat([latents] * 2), timestep)
+                # most schedulers count the steps they take: each call takes the first step again, as ours does
+                scheduler = copy.copy(at_first_step)
+                model_input = scheduler.scale_model_input(torch.cat([latents] * 2), timestep)
                 unconditional, conditional = self.sd.unet(model_input, timestep,
                                                           encoder_hidden_states=embeddings).sample.chunk(2)
                 guided = unconditional + self.spec.guidance_scale * (conditional - unconditional)
-                advanced = self.sd.scheduler.step(guided, timestep, latents).prev_sample
+                advanced = scheduler.step(guided, timestep, latents).prev_sample
             advanced.cpu()
         self._synchronize()
         return (time.perf_counter() - started) / calls

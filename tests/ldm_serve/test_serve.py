@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ldm_runtime.schedulers import SAMPLER_NAMES
 from tests.ldm_serve.gated_server import JSON, PROMPTS, STATE_TIMEOUT_S, Server, body, post, post_all
 
 
@@ -152,6 +153,42 @@ def test_a_short_request_joins_the_running_batch_and_finishes_before_a_long_one_
             assert long_response.status_code == 200
             assert short_response.json()["timings"]["compute_ms"] < long_response.json()["timings"]["compute_ms"]
     asyncio.run(run())
+
+
+def test_requests_with_different_samplers_and_steps_share_one_unet_call_and_each_image_is_its_own(server, rng):
+    """A ddim request and one of each other sampler (as many as a UNet call holds), with different step counts,
+    held until all are queued: the next UNet call holds every one of them, and each image is what that request gives
+    alone, which for the other samplers is not the ddim image of the same request."""
+    max_batch = httpx.get(f"{server.url}/readyz").json()["max_batch"]
+    names = ["ddim", *[name for name in SAMPLER_NAMES if name != "ddim"]][:max_batch]
+    assert len(names) >= 2
+    bodies = [body(prompt=PROMPTS[index % len(PROMPTS)], seed=int(rng.integers(0, 2**62)), sampler=name,
+                   steps=int(rng.integers(2, 7))) for index, name in enumerate(names)]
+
+    async def send_all_while_held() -> tuple[list[httpx.Response], float, float]:
+        with server.held():
+            sending = asyncio.ensure_future(post_all(server.url, bodies))
+            await asyncio.to_thread(server.wait_for, "ldm_serve_queue_depth", lambda value: value == len(bodies),
+                                    "the requests never all queued")
+            rows_before = server.metric("ldm_serve_batch_size_sum")
+            calls_before = server.metric("ldm_serve_batch_size_count")
+            server.hold(more_calls=1)
+            await asyncio.to_thread(server.wait_for, "ldm_serve_batch_size_count",
+                                    lambda value: value == calls_before + 1, "the first UNet call never ran")
+            first_call_rows = server.metric("ldm_serve_batch_size_sum") - rows_before
+            unet_calls = server.metric("ldm_serve_batch_size_count") - calls_before
+        return await sending, first_call_rows, unet_calls
+
+    together, first_call_rows, unet_calls = asyncio.run(send_all_while_held())
+    assert [response.status_code for response in together] == [200] * len(bodies), together[0].text
+    assert (unet_calls, first_call_rows) == (1, len(bodies))  # one UNet call served every sampler
+    for payload, response in zip(bodies, together):
+        png = base64.b64decode(response.json()["images"][0])
+        assert json.loads(Image.open(io.BytesIO(png)).text["parameters"])["sampler"] == payload["sampler"]
+        assert post(server.url, payload).json()["images"] == response.json()["images"], payload
+        if payload["sampler"] != "ddim":
+            as_ddim = post(server.url, {**payload, "sampler": "ddim"}).json()["images"]
+            assert as_ddim != response.json()["images"], payload
 
 
 # ---------------------------------------------------------------- disconnects and timeouts
@@ -315,6 +352,11 @@ BAD_BODIES = [
     ({"prompt": "a", "guidance_scale": "5"}, 422, "guidance_scale", 'guidance_scale is "5"'),
     ({"prompt": "a", "eta": 1.5}, 422, "eta", "eta is 1.5; expected a number from 0 to 1"),
     ({"prompt": "a", "eta": [0]}, 422, "eta", "eta is [0]"),
+    ({"prompt": "a", "sampler": "heun"}, 422, "sampler",
+     f'sampler is "heun"; expected one of {", ".join(SAMPLER_NAMES)}'),
+    ({"prompt": "a", "sampler": None}, 422, "sampler", "sampler is null; expected one of"),
+    ({"prompt": "a", "sampler": SAMPLER_NAMES[1], "eta": 0.5}, 422, "eta",
+     f"eta is 0.5; expected 0 for the {SAMPLER_NAMES[1]} sampler"),
     ({"prompt": "a", "seed": -1}, 422, "seed", "seed is -1"),
     ({"prompt": "a", "seed": 2**63}, 422, "seed", "seed is 9223372036854775808"),
     ({"prompt": "a", "seed": 1.5}, 422, "seed", "seed is 1.5"),
@@ -379,8 +421,9 @@ def test_openapi_schema_documents_every_field_with_its_limits(server):
     schema = httpx.get(f"{server.url}/openapi.json").json()
     request = schema["paths"]["/v1/images"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     fields = request["properties"]
-    assert set(fields) == {"prompt", "negative_prompt", "n", "steps", "guidance_scale", "eta", "seed", "height",
-                           "width"}
+    assert set(fields) == {"prompt", "negative_prompt", "n", "sampler", "steps", "guidance_scale", "eta", "seed",
+                           "height", "width"}
+    assert (fields["sampler"]["enum"], fields["sampler"]["default"]) == (list(SAMPLER_NAMES), "ddim")
     assert request["required"] == ["prompt"] and request["additionalProperties"] is False
     assert all(field.get("description") for field in fields.values())
     assert (fields["steps"]["minimum"], fields["steps"]["maximum"]) == (1, 999)
@@ -441,6 +484,7 @@ def test_text_cache_gives_the_engine_rows_bit_for_bit_and_encodes_each_prompt_on
     (["--model", "{engine}", "--max-batch", "99"], "--max-batch is 99; expected an integer from 1 to 4"),
     (["--model", "{engine}", "--port", "70000"], "--port is 70000; expected an integer from 0 to 65535"),
     (["--model", "{engine}", "--batching", "huge"], "invalid choice: 'huge'"),
+    (["--model", "{engine}", "--sampler", "heun"], "argument --sampler: invalid choice: 'heun'"),
     (["--model", "{engine}", "--api-key-file", "{missing}"], "cannot be read"),
     (["--model", "{engine}", "--header-timeout", "nan"], "argument --header-timeout: 'nan' is not a finite number"),
     (["--model", "{engine}", "--drain-timeout", "0"], "--drain-timeout is 0.0; expected seconds above 0"),

@@ -17,6 +17,7 @@ import openai
 import pytest
 from PIL import Image
 
+from ldm_runtime.schedulers import SAMPLER_NAMES
 from ldm_serve.server import API_KEY_ENV
 from tests.ldm_serve.gated_server import JSON, PROMPTS, Server, post
 
@@ -49,19 +50,20 @@ def assert_openai_error(error: dict, param: str | None, code: str, message: str)
 
 
 def test_the_openai_client_gets_the_pngs_v1_images_makes_for_the_same_request(keyed_server, rng):
-    seed = int(rng.integers(0, 2**62))
+    seed, sampler = int(rng.integers(0, 2**62)), str(rng.choice(SAMPLER_NAMES))
     ok_before = keyed_server.metric('ldm_serve_requests_total{outcome="ok"}')
     answer = client_for(keyed_server).images.generate(
         prompt=PROMPTS[1], n=2, size="24x16", response_format="b64_json", model="anything", user="tester",
-        extra_body={"seed": seed, "steps": 3, "negative_prompt": "blurry", "guidance_scale": 2.5})
+        extra_body={"seed": seed, "steps": 3, "negative_prompt": "blurry", "guidance_scale": 2.5, "sampler": sampler})
     pngs = [base64.b64decode(image.b64_json) for image in answer.data]
     ours = post(keyed_server.url, {"prompt": PROMPTS[1], "n": 2, "width": 24, "height": 16, "seed": seed, "steps": 3,
-                                   "negative_prompt": "blurry", "guidance_scale": 2.5},
+                                   "negative_prompt": "blurry", "guidance_scale": 2.5, "sampler": sampler},
                 headers={**JSON, "Authorization": f"Bearer {API_KEY}"})
     assert ours.status_code == 200, ours.text
     assert pngs == [base64.b64decode(image) for image in ours.json()["images"]]
     assert len(set(pngs)) == 2 and np.asarray(Image.open(io.BytesIO(pngs[0]))).shape == (16, 24, 3)  # "WxH"
     assert [image.model_extra["seed"] for image in answer.data] == [seed, seed + 1]
+    assert json.loads(Image.open(io.BytesIO(pngs[0])).text["parameters"])["sampler"] == sampler
     assert answer.size == "24x16" and answer.output_format == "png" and answer.created > 0
     assert keyed_server.metric('ldm_serve_requests_total{outcome="ok"}') == ok_before + 2
 
@@ -80,6 +82,9 @@ def test_the_openai_client_without_extras_gets_the_models_size_and_a_seed(keyed_
     ({"response_format": "url"}, "response_format", "the server keeps no images, so it cannot answer with a \"url\""),
     ({"n": 5}, "n", "n is 5; expected an integer from 1 to 4"),
     ({"extra_body": {"steps": 9}}, "steps", "steps is 9; expected an integer from 1 to 8"),
+    ({"extra_body": {"sampler": "heun"}}, "sampler", f'sampler is "heun"; expected one of {", ".join(SAMPLER_NAMES)}'),
+    ({"extra_body": {"sampler": SAMPLER_NAMES[-1], "eta": 0.3}}, "eta",
+     f"eta is 0.3; expected 0 for the {SAMPLER_NAMES[-1]} sampler"),
     ({"quality": "hd"}, "quality", "quality is not a field of this request; expected some of prompt, n, size"),
 ])
 def test_the_openai_client_raises_bad_request_naming_the_param(keyed_server, arguments, param, message):
@@ -152,6 +157,7 @@ def test_the_schema_lists_exactly_the_sizes_and_formats_the_route_takes(keyed_se
                                    (16, 20, 24, 28, 32))
     formats = next(option for option in fields["response_format"]["anyOf"] if option.get("type") == "string")
     assert formats.get("enum", [formats.get("const")]) == ["b64_json"]
+    assert fields["sampler"]["enum"] == list(SAMPLER_NAMES) and fields["steps"]["maximum"] == 8
     assert operation["security"] == [{"bearer": []}]
     error_schema = operation["responses"]["400"]["content"]["application/json"]["schema"]
     assert error_schema["properties"]["error"]["required"] == ["message", "type", "param", "code"]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from ldm_runtime.schedulers import SAMPLER_NAMES
 from ldm_serve.server import API_KEY_ENV
 from tests.ldm_serve.gated_server import JSON, Server, post
 
@@ -99,6 +100,24 @@ def test_a_typed_prompt_gives_the_servers_image_with_its_seed_and_timing(page, p
     offline = all(url.startswith((page_server.url, "data:")) for url in page.requested)
     assert page.requested and offline, page.requested
     assert "'none'" in page.evaluate("() => fetch('/').then(answer => answer.headers.get('content-security-policy'))")
+    assert not [text for text in page.console if "Content Security Policy" in text], page.console
+
+
+def test_the_sampler_choice_lists_the_servers_samplers_and_gives_the_chosen_samplers_image(page, page_server, rng):
+    assert page.locator("#sampler option").all_inner_texts() == list(SAMPLER_NAMES)
+    assert page.input_value("#sampler") == "ddim"  # the server's default
+    sampler, seed = SAMPLER_NAMES[-1], int(rng.integers(0, 2**62))
+    page.fill("#prompt", "two yellow stars")
+    page.select_option("#sampler", sampler)
+    page.fill("#steps", "3")
+    page.fill("#seed", str(seed))
+    page.fill("#api-key", API_KEY)
+    page.click("#generate")
+    page.locator("#images figure.done img").first.wait_for(timeout=WAIT_MS)
+    alone = post(page_server.url, {"prompt": "two yellow stars", "steps": 3, "seed": seed, "sampler": sampler},
+                 headers={**JSON, "Authorization": f"Bearer {API_KEY}", "Accept": "image/png"})
+    assert alone.status_code == 200, alone.text
+    assert image_bytes(page) == alone.content
     assert not [text for text in page.console if "Content Security Policy" in text], page.console
 
 

@@ -2,11 +2,15 @@
 requests from ``/openapi.json`` (valid ones, invalid ones, boundary values, unsupported methods, missing and wrong
 credentials) against a real server and must find nothing; and the bounds in the schema are the server's own.
 
-The server allows 2 steps and 2 images at most, so that the valid requests schemathesis sends stay quick; the
-run's seed comes from the test's ``seed`` fixture, so a failure replays with ``LDM_TEST_SEED``."""
+The server allows 2 steps and 2 images at most, so that the valid requests schemathesis sends stay quick, and its
+default sampler is not ddim, so that the schema's rule on eta covers a body that names no sampler; the run's seed
+comes from the test's ``seed`` fixture, so a failure replays with ``LDM_TEST_SEED``."""
 
 from __future__ import annotations
 
+import base64
+import io
+import json
 import re
 import subprocess
 import sys
@@ -14,18 +18,22 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
+from ldm_runtime.schedulers import SAMPLER_NAMES
+from ldm_serve.errors import OPENAI_IMAGES_PATH
 from tests.ldm_serve.gated_server import JSON, Server
 
 API_KEY = "sesame"
 EXAMPLES_PER_OPERATION = 10
 REQUEST_TIMEOUT_S = 300
+DEFAULT_SAMPLER = next(name for name in SAMPLER_NAMES if name != "ddim")
 
 
 @pytest.fixture(scope="module")
 def schema_server(engine_dir):
     running = Server(engine_dir, "--max-steps", "2", "--default-steps", "2", "--max-n", "2",
-                     env={"LDM_SERVE_API_KEY": API_KEY}).wait_ready()
+                     "--sampler", DEFAULT_SAMPLER, env={"LDM_SERVE_API_KEY": API_KEY}).wait_ready()
     yield running
     running.stop()
 
@@ -71,3 +79,25 @@ def test_the_schema_bounds_and_media_types_are_the_servers_own(schema_server):
                         content=b'{"prompt": "a red circle", "seed": 9223372036854775807, "n": 2.0, "steps": 1e0}')
     assert images.status_code == 200, images.text
     assert images.json()["seeds"] == [2**63 - 1, 0]
+
+
+def test_the_schema_lists_the_samplers_and_a_body_without_one_gets_the_servers_default(schema_server):
+    schema = httpx.get(f"{schema_server.url}/openapi.json", headers=schema_server.auth).json()
+    for path in ("/v1/images", OPENAI_IMAGES_PATH):
+        request = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        sampler = request["properties"]["sampler"]
+        assert (sampler["enum"], sampler["default"]) == (list(SAMPLER_NAMES), DEFAULT_SAMPLER)
+        assert request["properties"]["steps"]["maximum"] == 2
+        eta_rule = request["allOf"][0]
+        assert "required" not in eta_rule["if"] and eta_rule["then"]["properties"]["eta"] == {"const": 0}
+    answer = httpx.post(f"{schema_server.url}/v1/images", headers={**schema_server.auth, **JSON}, timeout=60,
+                        content=b'{"prompt": "a red circle", "seed": 3}')
+    assert answer.status_code == 200, answer.text
+    png = Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0])))
+    assert json.loads(png.text["parameters"])["sampler"] == DEFAULT_SAMPLER
+    refused = httpx.post(f"{schema_server.url}/v1/images", headers={**schema_server.auth, **JSON}, timeout=60,
+                         content=b'{"prompt": "a red circle", "eta": 0.5}')
+    assert refused.status_code == 422 and refused.json()["error"]["field"] == "eta", refused.text
+    ddim = httpx.post(f"{schema_server.url}/v1/images", headers={**schema_server.auth, **JSON}, timeout=60,
+                      content=b'{"prompt": "a red circle", "seed": 3, "sampler": "ddim", "eta": 0.5}')
+    assert ddim.status_code == 200 and ddim.json()["images"] != answer.json()["images"], ddim.text

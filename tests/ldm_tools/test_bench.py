@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from ldm_runtime.schedulers import SAMPLER_NAMES
 from ldm_tools.bench import main
 from ldm_tools.bench.workers import cpu_info
 from tests.ldm_export.tiny_checkpoint import shared_tiny_checkpoint, shared_tiny_engine
@@ -103,7 +104,9 @@ def test_tiny_bench_writes_table_json_and_png_plot(checkpoint, tmp_path, capsys)
     (["--batch-sizes", "1,x"], ["'1,x'", "positive integers"]),
     (["--steps", "0"], ["--steps is 0"]),
     (["--latent-size", "8"], ["--latent-size applies to --preset only"]),
-], ids=["unknown-engine", "batch-too-large", "batch-not-a-number", "zero-steps", "latent-size-without-preset"])
+    (["--sampler", "heun"], ["argument --sampler: invalid choice: 'heun'"]),
+], ids=["unknown-engine", "batch-too-large", "batch-not-a-number", "zero-steps", "latent-size-without-preset",
+        "unknown-sampler"])
 def test_bad_argument_is_one_line_and_exit_2(checkpoint, capsys, argv, fragments):
     code, _, err = run_bench(capsys, "--model", checkpoint, *argv)
     assert_one_line_error(code, err, *fragments)
@@ -395,6 +398,68 @@ def test_the_rebuilt_pipeline_of_a_clip_skip_import_encodes_prompts_as_ours(impo
     assert float((last_layer - ours).norm() / ours.norm()) > 1e-3, "clip skip 1 must change the context"
     image = pipe(PROMPTS[0], generator=torch.Generator().manual_seed(seed), **options).images[0]
     assert image.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and image.std() > 0
+
+
+def test_every_worker_request_uses_the_sampler_of_its_spec():
+    from types import SimpleNamespace
+
+    from ldm_tools.bench.workers import WorkerSpec, _EngineBench
+
+    for sampler in SAMPLER_NAMES:
+        spec = WorkerSpec(engine="torch", folder="unused", device="cpu", threads=1, steps=3, image_size=16,
+                          guidance_scale=5.0, sampler=sampler)
+        requests = _EngineBench.requests(SimpleNamespace(spec=spec), 2)
+        assert [(request.sampler, request.steps) for request in requests] == [(sampler, 3)] * 2
+
+
+def test_the_pipeline_scheduler_of_each_sampler_is_the_diffusers_class_it_names():
+    from ldm_runtime.config import preset
+    from ldm_tools.bench.diffusers_peers import PIPELINE_SCHEDULERS, pipeline_sampler_refusal, pipeline_scheduler
+
+    assert set(PIPELINE_SCHEDULERS) <= set(SAMPLER_NAMES) - {"ddim"}
+    config = preset("sd15")
+    assert type(pipeline_scheduler(config, "ddim")).__name__ == "DDIMScheduler"
+    for sampler, (class_name, settings) in PIPELINE_SCHEDULERS.items():
+        scheduler = pipeline_scheduler(config, sampler)
+        assert type(scheduler).__name__ == class_name and pipeline_sampler_refusal(sampler) is None
+        assert scheduler.config.prediction_type == config.schedule.prediction_type
+        assert all(scheduler.config[key] == value for key, value in settings.items()), sampler
+    refusal = pipeline_sampler_refusal("heun")
+    assert "--sampler heun" in refusal and "\n" not in refusal
+
+
+def bench_with_sampler(capsys, checkpoint: Path, sampler: str, out: Path) -> tuple[dict, str]:
+    """A 2-step torch bench of ``checkpoint`` (with its diffusers peers) with ``--sampler``: (report, stdout)."""
+    code, stdout, err = run_bench(capsys, "--model", checkpoint, "--engines", "torch", "--batch-sizes", 1,
+                                  "--steps", 2, "--repeats", 1, "--threads", 1, "--sampler", sampler, "--json", out)
+    assert code == 0, err
+    return json.loads(out.read_text()), stdout
+
+
+def test_bench_records_the_sampler_and_diffusers_pipeline_samples_with_its_scheduler(imported_sd, tmp_path, capsys):
+    from ldm_tools.bench.diffusers_peers import PIPELINE_SCHEDULERS
+
+    sampler = next(name for name in SAMPLER_NAMES if name in PIPELINE_SCHEDULERS)
+    report, stdout = bench_with_sampler(capsys, imported_sd[1], sampler, tmp_path / "bench.json")
+    assert (report["settings"]["sampler"], report["settings"]["steps"]) == (sampler, 2)
+    assert report["notes"][0] == f"every request: 2 {sampler} steps, guidance 5" and f"- {report['notes'][0]}" in stdout
+    engines = {entry["name"]: entry for entry in report["engines"]}
+    assert engines["diffusers-pipeline"]["status"] == "ok", engines["diffusers-pipeline"]["reason"]
+    assert engines["diffusers-pipeline"]["scheduler"] == PIPELINE_SCHEDULERS[sampler][0]
+
+
+def test_a_sampler_diffusers_pipeline_has_no_scheduler_for_is_said_in_one_line_not_swapped(imported_sd, tmp_path,
+                                                                                           capsys, monkeypatch):
+    from ldm_tools.bench import diffusers_peers
+
+    sampler = next(name for name in SAMPLER_NAMES if name != "ddim")
+    monkeypatch.delitem(diffusers_peers.PIPELINE_SCHEDULERS, sampler, raising=False)
+    report, stdout = bench_with_sampler(capsys, imported_sd[1], sampler, tmp_path / "bench.json")
+    engines = {entry["name"]: entry for entry in report["engines"]}
+    assert engines["diffusers-pipeline"]["status"] == "failed"
+    assert not any(row["engine"] == "diffusers-pipeline" for row in report["results"])
+    said = [line for line in stdout.splitlines() if "diffusers-pipeline did not run" in line]
+    assert len(said) == 1 and f"--sampler {sampler}" in said[0], stdout
 
 
 def test_diffusers_pipeline_peer_is_refused_for_a_model_without_clip(checkpoint, capsys):

@@ -11,6 +11,7 @@ import pytest
 
 import ldm_tools.evaluate
 from ldm_runtime.engines.base import EngineInfo
+from ldm_runtime.schedulers import SAMPLER_NAMES
 from ldm_tools.evaluate import (
     DEFAULT_CLASSIFIER, adherence, background_stated, frechet_distance, main, reconstruction_psnr, score_samples,
     stated_sizes,
@@ -172,6 +173,8 @@ def stand_in_model(tmp_path, monkeypatch):
     calls = []
 
     class Pipeline:
+        default_sampler, default_steps = "ddim", 25  # a model.json that names no default_sampler
+
         def __init__(self, engine):
             self.real = ShapesDataset.heldout(64, 32, seed=7)
             self.by_caption = {}
@@ -202,7 +205,8 @@ def test_main_writes_the_report_and_the_grid(stand_in_model, tmp_path):
     assert report["settings"]["num_prompts"] == 24 and report["settings"]["engine_name"] == "fake"
     assert [len(batch) for batch in calls] == [10, 10, 4]
     assert [r.seed for batch in calls for r in batch] == list(range(100, 124))
-    assert {(r.steps, r.guidance_scale, r.eta) for batch in calls for r in batch} == {(3, 5.0, 0.0)}
+    assert {(r.sampler, r.steps, r.guidance_scale, r.eta) for batch in calls for r in batch} == {("ddim", 3, 5.0, 0.0)}
+    assert (report["settings"]["sampler"], report["settings"]["steps"]) == ("ddim", 3)
     from PIL import Image
     assert Image.open(grid_path).size[0] > 8 * 128
 
@@ -234,15 +238,33 @@ def test_bad_input_is_one_error_line_and_exit_2(case, stand_in_model, tmp_path, 
                                                          f"{2**63 - 24}"),
     (["--data-seed", str(2**64)], f"--data-seed is {2**64}; expected an integer from 0 to 2**32 - 1"),
     (["--seed", "-3"], "--seed is -3"),
+    (["--sampler", "heun"], "argument --sampler: invalid choice: 'heun'"),
+    (["--sampler", SAMPLER_NAMES[-1], "--eta", "0.5"],
+     f"--eta is 0.5 with --sampler {SAMPLER_NAMES[-1]}; expected 0"),
 ])
-def test_seeds_out_of_range_are_one_line_before_any_work(extra, message, stand_in_model, tmp_path, capsys,
-                                                         monkeypatch):
+def test_seeds_and_samplers_out_of_range_are_one_line_before_any_work(extra, message, stand_in_model, tmp_path,
+                                                                     capsys, monkeypatch):
     model, calls = stand_in_model
     monkeypatch.setattr(ldm_tools.evaluate, "load_engine", lambda *args, **kwargs: pytest.fail("the model was loaded"))
     assert main(["--model", str(model), "--json", str(tmp_path / "eval.json"), *extra]) == 2
     error = capsys.readouterr().err
     assert error.startswith(f"ldm-eval: error: {message}"), error
     assert error.count("\n") == 1 and not (tmp_path / "eval.json").exists() and calls == []
+
+
+@needs_classifier
+@pytest.mark.parametrize("sampler", [name for name in SAMPLER_NAMES if name != "ddim"])
+def test_the_sampler_flag_reaches_every_request_and_the_report_names_it_beside_the_steps(sampler, stand_in_model,
+                                                                                          tmp_path, capsys):
+    model, calls = stand_in_model
+    report_path = tmp_path / "eval.json"
+    assert main(["--model", str(model), "--json", str(report_path), "--num-prompts", "6", "--data-seed", "7",
+                 "--steps", "4", "--sampler", sampler]) == 0
+    assert {(r.sampler, r.steps) for batch in calls for r in batch} == {(sampler, 4)}
+    settings = json.loads(report_path.read_text())["settings"]
+    assert (settings["sampler"], settings["steps"]) == (sampler, 4)
+    assert list(settings).index("steps") == list(settings).index("sampler") + 1
+    assert f"ldm-eval: {sampler}, 4 steps: adherence " in capsys.readouterr().err
 
 
 def test_importing_the_evaluator_does_not_import_torch():
