@@ -148,6 +148,7 @@ class Pipeline:
     def validate(self, request: GenerationRequest) -> None:
         """``RequestError`` naming the first field of ``request`` that this engine and sampler cannot serve (its
         sampler and steps as ``resolve`` fills them in)."""
+        named_sampler = isinstance(request, GenerationRequest) and request.sampler is not None
         request = self.resolve(request)
         if not isinstance(request.prompt, str) or not request.prompt.strip():
             raise RequestError(f"prompt is {request.prompt!r}; expected a non-empty string", "prompt")
@@ -177,7 +178,8 @@ class Pipeline:
         if not _is_number(request.eta) or not 0 <= request.eta <= 1:
             raise RequestError(f"eta is {request.eta!r}; expected a number from 0 to 1", "eta")
         if request.eta != 0 and request.sampler != "ddim":
-            raise RequestError(f"eta is {request.eta!r}; expected 0 for the {request.sampler} sampler "
+            whose = "" if named_sampler else ", this model's default (name the ddim sampler to use eta)"
+            raise RequestError(f"eta is {request.eta!r}; expected 0 for the {request.sampler} sampler{whose} "
                                f"(eta applies to ddim only)", "eta")
         info = self.info
         for name in ("height", "width"):

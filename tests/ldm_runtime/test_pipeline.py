@@ -58,7 +58,7 @@ def pipeline(engine) -> Pipeline:
 
 def random_requests(rng: np.random.Generator, count: int, **settings) -> list[GenerationRequest]:
     seeds = rng.choice(2**62, size=count, replace=False).tolist()
-    settings = {"steps": 3, **settings}
+    settings = {"sampler": "ddim", "steps": 3, **settings}
     return [GenerationRequest(prompt=PROMPTS[i % len(PROMPTS)], seed=seed, **settings)
             for i, seed in enumerate(seeds)]
 
@@ -265,7 +265,7 @@ def test_size_error_names_the_allowed_multiple_and_range(pipeline):
 
 def test_steps_the_leading_spacing_cannot_plan_are_refused_naming_the_limit(engine):
     # "leading" with steps_offset 1 would start at timestep 1000 for 1000 steps; "trailing" plans all 1000
-    request = GenerationRequest(prompt="a red circle", seed=1, steps=1000)
+    request = GenerationRequest(prompt="a red circle", seed=1, sampler="ddim", steps=1000)
     with pytest.raises(RequestError, match="steps is 1000; expected an integer from 1 to 999"):
         Pipeline(engine).validate(request)
     Pipeline(engine, DDIMConfig(timestep_spacing="trailing")).validate(request)

@@ -29,12 +29,12 @@ def test_writes_one_png_per_prompt_and_a_grid_with_the_settings_in_a_text_chunk(
                                                                                  capsys):
     prompts = ["a red circle", "a blue square", "a green triangle"]
     out = tmp_path / "new" / "samples"
-    code, err = run(["--model", checkpoint_dir, *prompts, "--seed", 11, "--steps", 3, "--guidance", 3.5,
-                     "--eta", 0.25, "--negative-prompt", "blurry", "--out", out], capsys)
+    code, err = run(["--model", checkpoint_dir, *prompts, "--seed", 11, "--sampler", "ddim", "--steps", 3,
+                     "--guidance", 3.5, "--eta", 0.25, "--negative-prompt", "blurry", "--out", out], capsys)
     assert code == 0, err
     names = ["000-seed11.png", "001-seed12.png", "002-seed13.png"]
     assert sorted(path.name for path in out.iterdir()) == sorted(names + ["grid.png"])
-    requests = [GenerationRequest(prompt=prompt, seed=11 + i, steps=3, guidance_scale=3.5, eta=0.25,
+    requests = [GenerationRequest(prompt=prompt, seed=11 + i, sampler="ddim", steps=3, guidance_scale=3.5, eta=0.25,
                                   negative_prompt="blurry") for i, prompt in enumerate(prompts)]
     expected = Pipeline(engine).generate(requests)
     for name, request, image in zip(names, requests, expected):
@@ -54,8 +54,8 @@ def test_a_single_prompt_goes_to_the_png_path_given_and_twice_gives_identical_by
                                                                                     capsys):
     paths = [tmp_path / "first.png", tmp_path / "second.png"]
     for path in paths:
-        code, err = run(["--model", checkpoint_dir, "a red circle", "--seed", 5, "--steps", 2, "--eta", 1,
-                         "--height", 12, "--width", 20, "--out", path], capsys)
+        code, err = run(["--model", checkpoint_dir, "a red circle", "--seed", 5, "--sampler", "ddim", "--steps", 2,
+                         "--eta", 1, "--height", 12, "--width", 20, "--out", path], capsys)
         assert code == 0, err
     assert sorted(os.listdir(tmp_path)) == ["first.png", "second.png"]
     assert pixels(paths[0]).shape == (12, 20, 3)

@@ -310,7 +310,7 @@ def test_sampling_on_the_fake_keeps_latents_on_the_engine_and_matches_the_onnxru
         planned, fake, onnxruntime_engine, seed):
     engine = TensorRtEngine(planned)
     requests = [GenerationRequest(prompt="a red circle", seed=seed, steps=4),
-                GenerationRequest(prompt="a blue square", seed=seed + 1, steps=3, eta=0.5, height=20)]
+                GenerationRequest(prompt="a blue square", seed=seed + 1, sampler="ddim", steps=3, eta=0.5, height=20)]
     pipeline = Pipeline(engine)
     states = pipeline.advance(pipeline.start(requests[:1]))
     assert isinstance(states[0].latents, torch.Tensor) and states[0].latents.device == engine.device

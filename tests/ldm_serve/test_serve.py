@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ldm_runtime.config import DEFAULT_SAMPLER
 from ldm_runtime.schedulers import SAMPLER_NAMES
 from tests.ldm_serve.gated_server import JSON, PROMPTS, STATE_TIMEOUT_S, Server, body, post, post_all
 
@@ -40,10 +41,11 @@ def random_bodies(rng: np.random.Generator, count: int) -> list[dict]:
     """Requests that differ in everything a request can set, one shared batch's worth of variety."""
     bodies = []
     for index in range(count):
+        eta = float(rng.choice([0.0, 0.6]))
         bodies.append(body(
             prompt=PROMPTS[index % len(PROMPTS)], seed=int(rng.integers(0, 2**62)), steps=int(rng.integers(2, 9)),
-            guidance_scale=float(rng.choice([1.0, 2.5, 5.0])), eta=float(rng.choice([0.0, 0.6])),
-            negative_prompt=["", "blurry"][index % 2], n=int(rng.integers(1, 3)),
+            guidance_scale=float(rng.choice([1.0, 2.5, 5.0])), eta=eta, negative_prompt=["", "blurry"][index % 2],
+            n=int(rng.integers(1, 3)), **({"sampler": "ddim"} if eta else {}),  # eta is DDIM's
             **({"height": 20, "width": 24} if index % 5 == 4 else {})))
     return bodies
 
@@ -423,7 +425,7 @@ def test_openapi_schema_documents_every_field_with_its_limits(server):
     fields = request["properties"]
     assert set(fields) == {"prompt", "negative_prompt", "n", "sampler", "steps", "guidance_scale", "eta", "seed",
                            "height", "width"}
-    assert (fields["sampler"]["enum"], fields["sampler"]["default"]) == (list(SAMPLER_NAMES), "ddim")
+    assert (fields["sampler"]["enum"], fields["sampler"]["default"]) == (list(SAMPLER_NAMES), DEFAULT_SAMPLER)
     assert request["required"] == ["prompt"] and request["additionalProperties"] is False
     assert all(field.get("description") for field in fields.values())
     assert (fields["steps"]["minimum"], fields["steps"]["maximum"]) == (1, 999)

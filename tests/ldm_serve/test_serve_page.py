@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from ldm_runtime.config import DEFAULT_SAMPLER
 from ldm_runtime.schedulers import SAMPLER_NAMES
 from ldm_serve.server import API_KEY_ENV
 from tests.ldm_serve.gated_server import JSON, Server, post
@@ -105,7 +106,7 @@ def test_a_typed_prompt_gives_the_servers_image_with_its_seed_and_timing(page, p
 
 def test_the_sampler_choice_lists_the_servers_samplers_and_gives_the_chosen_samplers_image(page, page_server, rng):
     assert page.locator("#sampler option").all_inner_texts() == list(SAMPLER_NAMES)
-    assert page.input_value("#sampler") == "ddim"  # the server's default
+    assert page.input_value("#sampler") == DEFAULT_SAMPLER  # the server's default: the model names none
     sampler, seed = SAMPLER_NAMES[-1], int(rng.integers(0, 2**62))
     page.fill("#prompt", "two yellow stars")
     page.select_option("#sampler", sampler)
