@@ -278,3 +278,58 @@ def test_the_json_of_diffusers_default_lambda_min_clipped_is_accepted(sources, t
     assert config["lambda_min_clipped"] == -math.inf
     checkpoint = import_source(_folder_with_scheduler(base, tmp_path / "diffusers", config), tmp_path / "checkpoint")
     assert json.loads((checkpoint / "model.json").read_text())["default_sampler"]["name"] == "dpmpp-2m"
+
+
+# --- the fp32 engine dir of an import, with every sampler ----------------------------------------------------------
+
+# sampler -> (the diffusers class StableDiffusionPipeline would use for it, the settings that pick that form of it)
+ENGINE_DIR_SAMPLERS = {
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp-2m": ("DPMSolverMultistepScheduler", {}),
+    "dpmpp-2m-karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "dpmpp-2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "unipc-3": ("UniPCMultistepScheduler", {"solver_order": 3}),
+    "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "lcm": ("LCMScheduler", {}),
+}
+
+
+@pytest.fixture(scope="module")
+def exported_ddim_import(sources, tmp_path_factory):
+    """The SD 1.x-like folder with a DDIM "leading" config, imported and exported to an fp32 engine dir, and the
+    config (what every other class is built from, as diffusers' from_config carries its keys)."""
+    from ldm_export.engine_dir import ExportOptions, export_engine
+
+    base, _ = sources("sd1")
+    config = _config("DDIMScheduler", **LEADING, clip_sample=False, set_alpha_to_one=False)
+    folder = tmp_path_factory.mktemp("ddim-import")
+    checkpoint = import_source(_folder_with_scheduler(base, folder / "diffusers", config), folder / "checkpoint")
+    return export_engine(checkpoint, folder / "engine", ExportOptions(precision="fp32")), config
+
+
+@pytest.mark.parametrize("sampler", sorted(ENGINE_DIR_SAMPLERS))
+def test_the_fp32_engine_dir_of_an_import_samples_each_sampler_as_diffusers_pipeline(sampler, sources,
+                                                                                    exported_ddim_import, rng,
+                                                                                    monkeypatch):
+    """Each sampler named in a request, on onnxruntime over the fp32 engine dir, against StableDiffusionPipeline
+    with the class of that sampler built from the model's scheduler_config.json."""
+    from ldm_runtime.engines import load_engine
+    from ldm_runtime.pipeline import GenerationRequest, Pipeline
+
+    engine_dir, config = exported_ddim_import
+    _, pipe = sources("sd1")
+    class_name, settings = ENGINE_DIR_SAMPLERS[sampler]
+    built = {**{key: value for key, value in config.items() if not key.startswith("_")}, **settings,
+             "_class_name": class_name}
+    seed, steps = int(rng.integers(0, 2**31)), 4
+    expected = _diffusers_latents(pipe, built, steps, seed, monkeypatch)
+    pipeline = Pipeline(load_engine(engine_dir, engine="onnxruntime", intra_op_threads=1))
+    states = pipeline.start([GenerationRequest(prompt=PROMPTS[0], seed=seed, sampler=sampler, steps=steps,
+                                               guidance_scale=GUIDANCE)])
+    while not states[0].done:
+        states = pipeline.advance(states)
+    error = _relative_error(expected, torch.from_numpy(states[0].latents))
+    print(f"{sampler}: latent relative error {error:.2e}")
+    assert error <= LATENT_RTOL, (sampler, error)
