@@ -4,8 +4,10 @@
         --json benchmarks/results/cpu-quality-vs-steps.json --plot docs/quality-vs-steps.png
 
 Each setting is a sampler and a step count (``--settings``, default: DDIM at 4, 6, 8, 10, 25, 50 steps and every
-other sampler at 2, 3, 4, 5, 6, 8, 10, 15). For each, the ``--num-prompts`` held-out prompts of ldm-eval are
-sampled with the same seeds (prompt i: seed i) and guidance, and judged by the shipped attribute classifier
+other sampler at 2, 3, 4, 5, 6, 8, 10, 15), and optionally a guidance interval (``euler:6:0.5-8``: guidance only
+at the UNet calls whose noise level lies in (0.5, 8]; the others run one UNet row instead of two). For each, the
+``--num-prompts`` held-out prompts of ldm-eval are sampled with the same seeds (prompt i: seed i) and guidance,
+and judged by the shipped attribute classifier
 exactly as ``ldm-eval`` judges them (``ldm_tools.evaluate``): adherence per attribute and the in-domain FID. The
 engine is loaded once; each setting's images per second is its generation time alone (text encoder, UNet
 calls, decoder, in batches of ``--batch-size``). Results are written to ``--json`` after every setting, and a
@@ -46,25 +48,30 @@ def default_settings() -> list[tuple[str, int]]:
         (name, steps) for name in SAMPLER_NAMES if name != "ddim" for steps in SAMPLER_STEPS]
 
 
-def parse_settings(text: str) -> list[tuple[str, int]]:
-    """``"ddim:25,euler:4"`` -> ``[("ddim", 25), ("euler", 4)]``."""
-    settings = []
+def parse_settings(text: str) -> list[tuple]:
+    """``"ddim:25,euler:4,euler:6:0.5-8"`` -> ``[("ddim", 25), ("euler", 4), ("euler", 6, (0.5, 8.0))]``."""
+    settings: list[tuple] = []
     for item in text.split(","):
-        name, _, steps = item.strip().partition(":")
-        if name not in SAMPLER_NAMES or not steps.isdigit() or int(steps) < 1:
-            raise SystemExit(f"quality_vs_steps: --settings item {item!r} is not SAMPLER:STEPS with SAMPLER one of "
-                             f"{', '.join(SAMPLER_NAMES)} and STEPS an integer >= 1")
-        settings.append((name, int(steps)))
+        name, steps, *interval = item.strip().split(":")
+        try:
+            low, high = (float(end) for end in interval[0].split("-")) if interval else (0.0, 1.0)
+        except ValueError:
+            low, high = -1.0, -1.0
+        if (name not in SAMPLER_NAMES or not steps.isdigit() or int(steps) < 1 or len(interval) > 1
+                or not 0 <= low < high):
+            raise SystemExit(f"quality_vs_steps: --settings item {item!r} is not SAMPLER:STEPS[:LOW-HIGH] with "
+                             f"SAMPLER one of {', '.join(SAMPLER_NAMES)}, STEPS an integer >= 1 and 0 <= LOW < HIGH")
+        settings.append((name, int(steps), (low, high)) if interval else (name, int(steps)))
     return settings
 
 
-def unet_calls(name: str, steps: int) -> int:
+def unet_calls(name: str, steps: int, interval: tuple[float, float] | None = None) -> int:
     """Guided UNet evaluations per image: PLMS takes one more than its steps (diffusers' PNDM does the same)."""
     return steps + 1 if name == "plms" and steps > 1 else steps
 
 
-def key(name: str, steps: int) -> str:
-    return f"{name}:{steps}"
+def key(name: str, steps: int, interval: tuple[float, float] | None = None) -> str:
+    return f"{name}:{steps}" if interval is None else f"{name}:{steps}:{interval[0]:g}-{interval[1]:g}"
 
 
 def meets(result: dict, bar: dict) -> bool:
@@ -102,13 +109,19 @@ def summary(results: dict[str, dict], bar_key: str) -> tuple[str, dict]:
     return "\n".join(lines), facts
 
 
+def label(result: dict) -> str:
+    """The sampler of a result, with its guidance interval if it has one."""
+    interval = result.get("guidance_interval")
+    return result["sampler"] if not interval else f"{result['sampler']}, guidance in ({interval[0]:g}, {interval[1]:g}]"
+
+
 def table(results: dict[str, dict], bar_key: str) -> str:
     bar = results[bar_key]
     lines = ["| sampler | steps | UNet calls | shape | colour | all | FID | images/s | meets the bar |",
              "|---|---|---|---|---|---|---|---|---|"]
     for result in results.values():
         adherence = result["adherence"]
-        lines.append(f"| {result['sampler']} | {result['steps']} | {result['unet_calls']} | {adherence['shape']:.3f} | "
+        lines.append(f"| {label(result)} | {result['steps']} | {result['unet_calls']} | {adherence['shape']:.3f} | "
                      f"{adherence['color']:.3f} | {adherence['all']:.3f} | {result['fid_in_domain']:.1f} | "
                      f"{result['images_per_s']:.2f} | {'yes' if meets(result, bar) else ''} |")
     return "\n".join(lines)
@@ -121,8 +134,8 @@ def plot(results: dict[str, dict], bar_key: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
-    for sampler in dict.fromkeys(result["sampler"] for result in results.values()):
-        rows = sorted((r for r in results.values() if r["sampler"] == sampler), key=lambda r: r["unet_calls"])
+    for sampler in dict.fromkeys(label(result) for result in results.values()):
+        rows = sorted((r for r in results.values() if label(r) == sampler), key=lambda r: r["unet_calls"])
         calls = [row["unet_calls"] for row in rows]
         style = {"linewidth": 2.5, "color": "black"} if sampler == "ddim" else {"linewidth": 1.2}
         left.plot(calls, [row["adherence"]["all"] for row in rows], marker="o", markersize=3, label=sampler, **style)
@@ -181,20 +194,21 @@ def main(argv: list[str] | None = None) -> int:
                "python": platform.python_version(), "engine": engine.info.name, "model": str(args.model),
                "num_prompts": count, "guidance": args.guidance, "batch_size": args.batch_size,
                "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
-    for name, steps in settings:
-        if key(name, steps) in results:
+    for setting in settings:
+        name, steps, interval = (*setting, None)[:3]
+        if key(*setting) in results:
             continue
         started = time.perf_counter()
         images = generate_images(engine, captions, list(range(count)), steps, args.guidance, 0.0, args.batch_size,
-                                 name)
+                                 name, interval)
         seconds = time.perf_counter() - started
         scores = score_samples(images, truths, captions, real_a, real_b, classifier)
-        results[key(name, steps)] = {
-            "sampler": name, "steps": steps, "unet_calls": unet_calls(name, steps),
+        results[key(*setting)] = {
+            "sampler": name, "steps": steps, "unet_calls": unet_calls(name, steps), "guidance_interval": interval,
             "adherence": {attribute: round(float(value), 4) for attribute, value in scores["adherence"].items()},
             "fid_in_domain": round(float(scores["fid_in_domain"]), 3),
             "images_per_s": round(count / seconds, 3)}
-        print(f"{key(name, steps)}: all {scores['adherence']['all']:.3f}, FID {scores['fid_in_domain']:.1f}, "
+        print(f"{key(*setting)}: all {scores['adherence']['all']:.3f}, FID {scores['fid_in_domain']:.1f}, "
               f"{count / seconds:.2f} images/s", file=sys.stderr, flush=True)
         partial = args.json.with_suffix(".partial")
         partial.write_text(json.dumps({"machine": machine, "results": results}, indent=1))
@@ -202,11 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.speed_rounds > 0:
         rates: dict[str, list[float]] = {key(*setting): [] for setting in settings}
         for _ in range(args.speed_rounds):
-            for name, steps in settings:
+            for setting in settings:
+                name, steps, interval = (*setting, None)[:3]
                 started = time.perf_counter()
                 generate_images(engine, captions, list(range(count)), steps, args.guidance, 0.0, args.batch_size,
-                                name)
-                rates[key(name, steps)].append(count / (time.perf_counter() - started))
+                                name, interval)
+                rates[key(*setting)].append(count / (time.perf_counter() - started))
         for name, values in rates.items():
             median = float(np.median(values))
             results[name].update(images_per_s=round(median, 3), speed_rounds=len(values),

@@ -47,6 +47,17 @@ def finite_float(text: str) -> float:
     return value
 
 
+def noise_interval(text: str) -> tuple[float, float]:
+    """argparse type for a noise-level interval "LOW,HIGH": two finite numbers with 0 <= LOW < HIGH."""
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise argparse.ArgumentTypeError(f"{text!r} is not two numbers LOW,HIGH")
+    low, high = (finite_float(part.strip()) for part in parts)
+    if not 0 <= low < high:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an interval with 0 <= LOW < HIGH")
+    return low, high
+
+
 def check_writable_folder(flag: str, folder: Path) -> None:
     """``UsageError`` naming ``flag`` unless ``folder`` is, or can be created as, a folder this process can write
     into. Proven by doing it (missing folders are created, a file is written in the deepest, then the folders this

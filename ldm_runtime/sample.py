@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from ldm_runtime.command_line import OneLineArgumentParser, finite_float, report_user_error
+from ldm_runtime.command_line import OneLineArgumentParser, finite_float, noise_interval, report_user_error
 from ldm_runtime.config import DEFAULT_SAMPLER, DEFAULT_STEPS, LARGEST_IMAGE_SIDE, MAX_TRAIN_TIMESTEPS
 from ldm_runtime.engines import AUTO_ENGINE_HELP, ENGINE_NAMES, engine_for_flags, load_engine
 from ldm_runtime.errors import UserError
@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"sampler steps (default: the model's default_sampler steps, else {DEFAULT_STEPS})")
     parser.add_argument("--guidance", type=finite_float, default=REQUEST_DEFAULTS["guidance_scale"],
                         help="classifier-free guidance scale, 1 = no guidance (default: %(default)s)")
+    parser.add_argument("--guidance-interval", type=noise_interval, default=None, metavar="LOW,HIGH",
+                        help="guide only the UNet calls whose noise level sigma lies in (LOW, HIGH]; the others "
+                             "run the conditional branch alone, at half the UNet rows (default: every call)")
     parser.add_argument("--eta", type=finite_float, default=REQUEST_DEFAULTS["eta"],
                         help="DDIM eta from 0 (deterministic) to 1 (DDPM-like); other samplers take 0 only "
                              "(default: %(default)s)")
@@ -118,7 +121,8 @@ def _sample(args: argparse.Namespace) -> tuple[list[Path], str | None]:
     requests = [
         pipeline.resolve(GenerationRequest(
             prompt=prompt, negative_prompt=args.negative_prompt, seed=seed, sampler=args.sampler, steps=args.steps,
-            guidance_scale=args.guidance, eta=args.eta, height=args.height, width=args.width))
+            guidance_scale=args.guidance, guidance_interval=args.guidance_interval, eta=args.eta,
+            height=args.height, width=args.width))
         for prompt, seed in zip(args.prompts, seeds)
     ]
     for request in requests:

@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from ldm_runtime.command_line import OneLineArgumentParser, finite_float, report_user_error
+from ldm_runtime.command_line import OneLineArgumentParser, finite_float, noise_interval, report_user_error
 from ldm_runtime.engines import AUTO_ENGINE_HELP, CHECKPOINT_MARKER, ENGINE_DIR_MARKER, ENGINE_NAMES, load_engine
 from ldm_runtime.errors import RequestError, UserError
 from ldm_runtime.files import write_text_atomic
@@ -76,6 +76,7 @@ class EvalSettings:
     sampler: str | None = None  # None: the model's default (Pipeline.resolve)
     steps: int | None = None
     guidance: float = REQUEST_DEFAULTS["guidance_scale"]
+    guidance_interval: tuple[float, float] | None = None  # noise levels (low, high] where guidance applies
     eta: float = REQUEST_DEFAULTS["eta"]
     seed: int = 0  # prompt i is sampled with seed + i
     data_seed: int = 0  # the training data's seed: prompts come from its held-out split
@@ -207,7 +208,8 @@ def score_samples(samples: np.ndarray, truths: list, captions: list[str], refere
 
 
 def generate_images(engine, captions: list[str], seeds: list[int], steps: int, guidance: float, eta: float,
-                    batch_size: int, sampler: str = REQUEST_DEFAULTS["sampler"]) -> np.ndarray:
+                    batch_size: int, sampler: str = REQUEST_DEFAULTS["sampler"],
+                    guidance_interval: tuple[float, float] | None = None) -> np.ndarray:
     """One image per caption with ``sampler`` (one of ``SAMPLER_NAMES``): (N, H, W, 3) uint8, sampled ``batch_size``
     at a time (at most what the engine holds)."""
     pipeline = Pipeline(engine)
@@ -216,7 +218,7 @@ def generate_images(engine, captions: list[str], seeds: list[int], steps: int, g
     with tqdm(total=len(captions), desc="generating", unit="img", dynamic_ncols=True, file=sys.stderr) as bar:
         for start in range(0, len(captions), batch_size):
             requests = [GenerationRequest(prompt=caption, seed=seed, sampler=sampler, steps=steps,
-                                          guidance_scale=guidance, eta=eta)
+                                          guidance_scale=guidance, guidance_interval=guidance_interval, eta=eta)
                         for caption, seed in zip(captions[start:start + batch_size], seeds[start:start + batch_size])]
             images += [np.asarray(image, dtype=np.uint8) for image in pipeline.generate(requests,
                                                                                         batch_size=batch_size)]
@@ -309,7 +311,7 @@ def evaluate(settings: EvalSettings) -> dict[str, Any]:
     generate_started = time.perf_counter()
     try:
         samples = generate_images(engine, captions, seeds, settings.steps, settings.guidance, settings.eta,
-                                  settings.batch_size, settings.sampler)
+                                  settings.batch_size, settings.sampler, settings.guidance_interval)
     except RequestError as error:
         raise EvalError(f"the model cannot sample with these settings: {error}") from None
     generate_seconds = time.perf_counter() - generate_started
@@ -368,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{DEFAULT_STEPS})")
     parser.add_argument("--guidance", type=finite_float, default=defaults.guidance,
                         help="classifier-free guidance scale")
+    parser.add_argument("--guidance-interval", type=noise_interval, default=None, metavar="LOW,HIGH",
+                        help="guide only the UNet calls whose noise level sigma lies in (LOW, HIGH] (default: every "
+                             "call)")
     parser.add_argument("--eta", type=finite_float, default=defaults.eta,
                         help="DDIM eta (0: deterministic); the other samplers take 0 only")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="prompt i is sampled with seed + i")

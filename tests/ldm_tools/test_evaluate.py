@@ -267,6 +267,16 @@ def test_the_sampler_flag_reaches_every_request_and_the_report_names_it_beside_t
     assert f"ldm-eval: {sampler}, 4 steps: adherence " in capsys.readouterr().err
 
 
+@needs_classifier
+def test_the_guidance_interval_reaches_every_request_and_the_report(stand_in_model, tmp_path):
+    model, calls = stand_in_model
+    report_path = tmp_path / "eval.json"
+    assert main(["--model", str(model), "--json", str(report_path), "--num-prompts", "6", "--data-seed", "7",
+                 "--guidance-interval", "0.5,8"]) == 0
+    assert {r.guidance_interval for batch in calls for r in batch} == {(0.5, 8.0)}
+    assert json.loads(report_path.read_text())["settings"]["guidance_interval"] == [0.5, 8.0]
+
+
 def test_importing_the_evaluator_does_not_import_torch():
     code = "import sys, ldm_tools.evaluate; sys.exit('torch' in sys.modules or 'ldm_train' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
