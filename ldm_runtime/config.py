@@ -40,6 +40,9 @@ SIGMA_SPACINGS = ("linspace", "leading", "trailing")  # how the samplers other t
 # (BENCHMARKS.md, "Quality against steps": DDIM needs 10 steps, Euler 6)
 DEFAULT_SAMPLER = "euler"
 DEFAULT_STEPS = 6
+# The steps of a request that names a sampler other than the model's default and no steps: the step count every
+# sampler was run with before the samplers had defaults of their own (DEFAULT_STEPS is Euler's, not theirs)
+OTHER_SAMPLER_STEPS = 25
 
 # The range of every number in model.json: what the largest published SD-family models use (SD 1.x/2.x, SDXL; SD 3
 # for the text width and length) with room to spare, and no more, so that a folder anyone can edit is refused in
@@ -346,8 +349,18 @@ class SamplerDefaults:
 
     @property
     def sampler_steps(self) -> int:
-        """The steps of a request that names none."""
-        return self.steps or DEFAULT_STEPS
+        """The steps of a request that names neither sampler nor steps."""
+        return self.steps_for(self.sampler)
+
+    def steps_for(self, sampler: str) -> int:
+        """The steps of a request that names ``sampler`` and no steps: the model's default steps for its default
+        sampler (``DEFAULT_STEPS`` for ``DEFAULT_SAMPLER`` where the model names none), ``OTHER_SAMPLER_STEPS``
+        for any other."""
+        if sampler != self.sampler:
+            return OTHER_SAMPLER_STEPS
+        if self.steps is not None:
+            return self.steps
+        return DEFAULT_STEPS if sampler == DEFAULT_SAMPLER else OTHER_SAMPLER_STEPS
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

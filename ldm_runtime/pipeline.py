@@ -55,8 +55,8 @@ log = logging.getLogger(__name__)
 class GenerationRequest:
     """One image to make. ``seed`` alone decides its noise; ``height``/``width`` None mean the model's image_size.
     ``sampler`` is one of ``SAMPLER_NAMES``; ``sampler`` and ``steps`` None mean the model's default
-    (``Pipeline.resolve``: its ``default_sampler``, else ``DEFAULT_SAMPLER`` and ``DEFAULT_STEPS``); ``eta`` applies
-    to "ddim" only. The stochastic samplers (euler-a,
+    (``Pipeline.resolve``: its ``default_sampler``, else ``DEFAULT_SAMPLER`` and ``DEFAULT_STEPS``; a sampler other
+    than the default without steps takes ``OTHER_SAMPLER_STEPS``); ``eta`` applies to "ddim" only. The stochastic samplers (euler-a,
     dpmpp-2m-sde, dpmpp-2m-sde-karras, lcm) draw each step's noise from ``seed`` as well.
 
     ``guidance_interval`` ``(low, high)`` applies guidance only at the UNet calls whose noise level sigma (of the
@@ -139,8 +139,12 @@ class Pipeline:
 
     @property
     def default_steps(self) -> int:
-        """The steps of a request that names none: the model's ``default_sampler.steps``, else ``DEFAULT_STEPS``."""
+        """The steps of a request that names neither sampler nor steps (``SamplerDefaults.steps_for``)."""
         return self.defaults.sampler_steps
+
+    def default_steps_for(self, sampler: str) -> int:
+        """The steps of a request that names ``sampler`` and no steps (``SamplerDefaults.steps_for``)."""
+        return self.defaults.steps_for(sampler)
 
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
         """``request`` with its sampler and steps filled in where it names none (``default_sampler``,
@@ -150,8 +154,10 @@ class Pipeline:
         if request.sampler is not None and request.steps is not None:
             return request
         sampler = self.default_sampler if request.sampler is None else request.sampler
-        return dataclasses.replace(request, sampler=sampler,
-                                   steps=self.default_steps if request.steps is None else request.steps)
+        steps = request.steps
+        if steps is None:
+            steps = self.defaults.steps_for(sampler) if isinstance(sampler, str) else self.default_steps
+        return dataclasses.replace(request, sampler=sampler, steps=steps)
 
     def validate(self, request: GenerationRequest) -> None:
         """``RequestError`` naming the first field of ``request`` that this engine and sampler cannot serve (its

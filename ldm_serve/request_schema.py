@@ -80,7 +80,9 @@ def request_model(limits: ServeLimits) -> type[BaseModel]:
         sampler=(Literal[SAMPLER_NAMES], Field(limits.default_sampler,
                                                description="The sampler: ddim (with the model's own DDIM settings) "
                                                            "or another, which takes eta 0 only.")),
-        steps=(int, Field(limits.default_steps, ge=1, le=limits.max_steps, description="Sampler steps.")),
+        steps=(int, Field(limits.default_steps, ge=1, le=limits.max_steps,
+                          description="Sampler steps; the default is the default sampler's, and a request that names "
+                                      "another sampler and no steps gets that sampler's default.")),
         guidance_scale=(float, Field(defaults["guidance_scale"], ge=0, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False,
                                      description="Classifier-free guidance scale; 1 means no guidance.")),
         eta=(float, Field(defaults["eta"], ge=0, le=1, allow_inf_nan=False,

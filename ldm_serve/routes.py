@@ -69,7 +69,7 @@ class ImagesRoute:
             raise ApiError(406, "not_acceptable", f"n is {parsed.n} but the client accepts only image/png; expected "
                                                   f"n = 1 or Accept: application/json", "n")
         seeds, result, total_s = await self._generate(request, parsed, parsed.height, parsed.width, arrived)
-        pngs = await _encode_pngs(parsed, seeds, result)
+        pngs = await _encode_pngs(parsed, self._steps(parsed), seeds, result)
         height, width = result.images[0].shape[:2]
         timings = _timings(result, total_s)
         if png:
@@ -84,7 +84,7 @@ class ImagesRoute:
         parsed = parse_body(raw, request.headers.get("content-type", ""), self.limits, self.openai_model)
         width, height = (None, None) if parsed.size is None else map(int, parsed.size.split("x"))
         seeds, result, total_s = await self._generate(request, parsed, height, width, arrived)
-        pngs = await _encode_pngs(parsed, seeds, result)
+        pngs = await _encode_pngs(parsed, self._steps(parsed), seeds, result)
         height, width = result.images[0].shape[:2]
         return JSONResponse({"created": int(time.time()),
                              "data": [{"b64_json": base64.b64encode(data).decode("ascii"), "seed": one_seed}
@@ -109,11 +109,18 @@ class ImagesRoute:
         self.metrics.requests.labels("ok").inc()
         return seeds, result, total_s
 
+    def _steps(self, parsed: BaseModel) -> int:
+        """The request's steps: those it names, else the server's default steps for the server's default sampler
+        (the body's default), else the pipeline's default for the sampler it names, at most ``--max-steps``."""
+        if "steps" in parsed.model_fields_set or parsed.sampler == self.limits.default_sampler:
+            return parsed.steps
+        return min(self.pipeline.default_steps_for(parsed.sampler), self.limits.max_steps)
+
     def _generation_requests(self, parsed: BaseModel, seeds: list[int], height: int | None,
                              width: int | None) -> list[GenerationRequest]:
         """One request per seed, each checked by the pipeline (``ApiError`` 422 naming the field)."""
         requests = [GenerationRequest(prompt=parsed.prompt, negative_prompt=parsed.negative_prompt, seed=one_seed,
-                                      sampler=parsed.sampler, steps=parsed.steps,
+                                      sampler=parsed.sampler, steps=self._steps(parsed),
                                       guidance_scale=parsed.guidance_scale, eta=parsed.eta, height=height,
                                       width=width) for one_seed in seeds]
         for generation in requests:
@@ -149,11 +156,12 @@ def _accepts(accept: str) -> set[str]:
     return types
 
 
-async def _encode_pngs(parsed: BaseModel, seeds: list[int], result: JobResult) -> list[bytes]:
-    """The images as PNG bytes, each with its generation parameters in a text chunk."""
+async def _encode_pngs(parsed: BaseModel, steps: int, seeds: list[int], result: JobResult) -> list[bytes]:
+    """The images as PNG bytes, each with its generation parameters (``steps``: those it was sampled with) in a
+    text chunk."""
     height, width = result.images[0].shape[:2]
     parameters = [{"prompt": parsed.prompt, "negative_prompt": parsed.negative_prompt, "seed": one_seed,
-                   "steps": parsed.steps, "guidance_scale": parsed.guidance_scale, "eta": parsed.eta,
+                   "steps": steps, "guidance_scale": parsed.guidance_scale, "eta": parsed.eta,
                    "height": height, "width": width, "sampler": parsed.sampler} for one_seed in seeds]
     return await asyncio.to_thread(lambda: [png_bytes(image, settings)
                                             for image, settings in zip(result.images, parameters)])

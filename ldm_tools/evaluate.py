@@ -300,8 +300,8 @@ def evaluate(settings: EvalSettings) -> dict[str, Any]:
     except UserError as error:  # EngineLoadError, CheckpointError, EngineDirError, a bad device
         raise EvalError(f"--model {settings.model} cannot be opened: {error}") from None
     defaults = Pipeline(engine)  # a request that names no sampler or steps gets the model's defaults
-    settings = replace(settings, sampler=settings.sampler or defaults.default_sampler,
-                       steps=settings.steps or defaults.default_steps)
+    sampler = settings.sampler or defaults.default_sampler
+    settings = replace(settings, sampler=sampler, steps=settings.steps or defaults.default_steps_for(sampler))
     count, image_size = settings.num_prompts, engine.info.image_size
     prompts = ShapesDataset.heldout(count, image_size, settings.data_seed)
     captions = [prompts.caption(i) for i in range(count)]

@@ -17,6 +17,7 @@ from ldm_runtime import sample
 from ldm_runtime.config import (
     DEFAULT_SAMPLER,
     DEFAULT_STEPS,
+    OTHER_SAMPLER_STEPS,
     SAMPLER_NAMES,
     ConfigError,
     ModelConfig,
@@ -55,8 +56,10 @@ def test_a_request_naming_nothing_gets_the_models_default_sampler_steps_and_spac
     assert not np.array_equal(image_named, image_ddim)  # the default is not ddim's image
     # the spacing reaches the trajectory: trailing starts at T - 1 and steps T / 3
     np.testing.assert_array_equal(pipeline.sigma_samplers["euler"].trajectory(3).timesteps, [999, 666, 332])
-    # a request naming only its sampler keeps the model's steps, and only its steps keeps the model's sampler
-    assert pipeline.resolve(dataclasses.replace(unnamed, sampler="ddim")).steps == 3
+    # a request naming another sampler and no steps gets OTHER_SAMPLER_STEPS (the model's steps are its default
+    # sampler's), one naming only its steps keeps the model's sampler
+    assert pipeline.resolve(dataclasses.replace(unnamed, sampler="ddim")).steps == OTHER_SAMPLER_STEPS
+    assert pipeline.resolve(dataclasses.replace(unnamed, sampler="euler")).steps == 3
     assert pipeline.resolve(dataclasses.replace(unnamed, steps=7)).sampler == "euler"
 
 
@@ -64,6 +67,9 @@ def test_a_model_that_names_no_default_gets_the_projects(rng):
     defaults = SamplerDefaults.from_dict({})
     assert (defaults.sampler, defaults.sampler_steps) == (DEFAULT_SAMPLER, DEFAULT_STEPS)
     assert DEFAULT_SAMPLER in SAMPLER_NAMES
+    assert {defaults.steps_for(name) for name in SAMPLER_NAMES if name != DEFAULT_SAMPLER} == {OTHER_SAMPLER_STEPS}
+    # a model naming a sampler but no steps: DEFAULT_STEPS is Euler's, not that sampler's
+    assert SamplerDefaults(name="unipc").steps_for("unipc") == OTHER_SAMPLER_STEPS
     old = json.loads(TINY_CONFIG.to_json())
     del old["default_sampler"]  # model.json written before it was recorded
     assert ModelConfig.from_dict(old).default_sampler == SamplerDefaults()

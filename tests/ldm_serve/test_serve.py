@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm_runtime.config import DEFAULT_SAMPLER
+from ldm_runtime.config import DEFAULT_SAMPLER, DEFAULT_STEPS, OTHER_SAMPLER_STEPS
 from ldm_runtime.schedulers import SAMPLER_NAMES
 from tests.ldm_serve.gated_server import JSON, PROMPTS, STATE_TIMEOUT_S, Server, body, post, post_all
 
@@ -191,6 +191,22 @@ def test_requests_with_different_samplers_and_steps_share_one_unet_call_and_each
         if payload["sampler"] != "ddim":
             as_ddim = post(server.url, {**payload, "sampler": "ddim"}).json()["images"]
             assert as_ddim != response.json()["images"], payload
+
+
+def test_a_request_naming_another_sampler_and_no_steps_gets_that_samplers_default_steps(server, rng):
+    """The server's default steps are its default sampler's; ddim without steps gets OTHER_SAMPLER_STEPS (at most
+    --max-steps), as ldm-sample does, and the PNG records the steps it was sampled with."""
+    seed = int(rng.integers(0, 2**62))
+    unnamed = {key: value for key, value in body(seed=seed, sampler="ddim").items() if key != "steps"}
+    answer = post(server.url, unnamed)
+    assert answer.status_code == 200, answer.text
+    png = Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0])))
+    assert json.loads(png.text["parameters"])["steps"] == OTHER_SAMPLER_STEPS
+    assert post(server.url, {**unnamed, "steps": OTHER_SAMPLER_STEPS}).json()["images"] == answer.json()["images"]
+    plain = {key: value for key, value in body(seed=seed).items() if key not in ("steps", "sampler")}
+    png = Image.open(io.BytesIO(base64.b64decode(post(server.url, plain).json()["images"][0])))
+    assert (json.loads(png.text["parameters"])["sampler"], json.loads(png.text["parameters"])["steps"]) == (
+        DEFAULT_SAMPLER, DEFAULT_STEPS)
 
 
 # ---------------------------------------------------------------- disconnects and timeouts

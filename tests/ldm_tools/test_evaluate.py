@@ -173,7 +173,10 @@ def stand_in_model(tmp_path, monkeypatch):
     calls = []
 
     class Pipeline:
-        default_sampler, default_steps = "ddim", 25  # a model.json that names no default_sampler
+        default_sampler, default_steps = "ddim", 25  # a model.json that names ddim at 25 steps
+
+        def default_steps_for(self, sampler):
+            return self.default_steps
 
         def __init__(self, engine):
             self.real = ShapesDataset.heldout(64, 32, seed=7)
