@@ -56,8 +56,8 @@ class GenerationRequest:
     """One image to make. ``seed`` alone decides its noise; ``height``/``width`` None mean the model's image_size.
     ``sampler`` is one of ``SAMPLER_NAMES``; ``sampler`` and ``steps`` None mean the model's default
     (``Pipeline.resolve``: its ``default_sampler``, else ``DEFAULT_SAMPLER`` and ``DEFAULT_STEPS``; a sampler other
-    than the default without steps takes ``OTHER_SAMPLER_STEPS``); ``eta`` applies to "ddim" only. The stochastic samplers (euler-a,
-    dpmpp-2m-sde, dpmpp-2m-sde-karras, lcm) draw each step's noise from ``seed`` as well.
+    than the default without steps takes ``OTHER_SAMPLER_STEPS``); ``eta`` applies to "ddim" only. The stochastic
+    samplers (euler-a, dpmpp-2m-sde, dpmpp-2m-sde-karras, lcm) draw each step's noise from ``seed`` as well.
 
     ``guidance_interval`` ``(low, high)`` applies guidance only at the UNet calls whose noise level sigma (of the
     timestep the UNet sees, sqrt((1 - a_t) / a_t)) lies in ``(low, high]``, as Kynkäänniemi et al. 2024 ("Applying
