@@ -108,9 +108,8 @@ def load_model_config(folder: str | Path) -> ModelConfig:
     """The validated ModelConfig of checkpoint dir ``folder``, after checking model.json against the sha256 the
     dir records; ``CheckpointError`` naming what is wrong."""
     folder = Path(folder)
-    if (folder / MODEL_JSON).is_file():
-        verify_recorded_digests(folder, [MODEL_JSON])
-    data = read_description(folder, MODEL_JSON, "checkpoint dir", CheckpointError)
+    data = read_description(folder, MODEL_JSON, "checkpoint dir", CheckpointError)  # a small regular file
+    verify_recorded_digests(folder, [MODEL_JSON])
     path = folder / MODEL_JSON
     try:
         config = ModelConfig.from_dict(data)

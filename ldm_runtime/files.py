@@ -3,39 +3,63 @@ user can act on; each file's sha256; and writing a file whole or not at all.
 
 A checkpoint dir is described by ``model.json``, an engine dir by ``manifest.json``; each records the sha256 of
 its other files. Both are written file by file into a temporary folder beside the target (``ldm_runtime.staging``),
-synced and renamed over it, so a crash leaves the old file or the new one, never half of one. Only the standard library is imported.
+synced and renamed over it, so a crash leaves the old file or the new one, never half of one. A description is
+read only from a regular file of at most ``MAX_DESCRIPTION_BYTES``: a named pipe or a device (a read that could
+block forever) or a file of gigabytes is refused in one sentence before any of it is read. Only the standard
+library is imported.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import stat
 from pathlib import Path
 from typing import Any, Callable
 
 from ldm_runtime.staging import write_atomic  # in a locked temporary folder that a later writer sweeps if this one dies
 
 SHA256_BLOCK_BYTES = 1 << 20
+MAX_DESCRIPTION_BYTES = 4 << 20  # model.json and manifest.json are a few KB, SD's included
+SPECIAL_FILES = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a device"),
+                 (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"))
 
 
 def read_description(folder: str | Path, name: str, kind: str, error: Callable[[str], Exception],
                      how_to_make: str = "") -> Any:
     """The parsed JSON of ``folder/name``, the file that makes ``folder`` a ``kind`` ("checkpoint dir", "engine
-    dir"). A folder that is missing, lacks the file, or holds one that cannot be read or is not JSON raises
-    ``error(message)``, the message one sentence naming the folder or the file."""
+    dir"). A folder that is missing, lacks the file, or holds one that is not a regular file, is larger than
+    ``MAX_DESCRIPTION_BYTES``, cannot be read or is not JSON raises ``error(message)``, the message one sentence
+    naming the folder or the file."""
     folder = Path(folder)
     if not folder.is_dir():
         raise error(f"{kind} {folder} does not exist or is not a folder")
     path = folder / name
-    if not path.is_file():
-        article = "an" if kind[0] in "aeiou" else "a"
-        raise error(f"{folder} is not {article} {kind}: it has no {name}{f' ({how_to_make})' if how_to_make else ''}")
     try:
-        return json.loads(path.read_text())
+        status = path.stat()
+    except FileNotFoundError:
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise error(f"{folder} is not {article} {kind}: it has no {name}{f' ({how_to_make})' if how_to_make else ''}"
+                    ) from None
     except OSError as failure:
         raise error(f"cannot read {path} ({failure.strerror or failure})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as failure:  # RecursionError: nested too deep
-        raise error(f"{path} is not valid JSON ({failure})") from None
+    if not stat.S_ISREG(status.st_mode):
+        special = next((what for test, what in SPECIAL_FILES if test(status.st_mode)), "a special file")
+        raise error(f"{path} is {special}, not a regular file; expected the {kind}'s {name}")
+    if status.st_size > MAX_DESCRIPTION_BYTES:
+        raise error(f"{path} is {status.st_size} bytes; expected a {name} of at most {MAX_DESCRIPTION_BYTES} bytes")
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_DESCRIPTION_BYTES + 1)
+    except OSError as failure:
+        raise error(f"cannot read {path} ({failure.strerror or failure})") from None
+    if len(data) > MAX_DESCRIPTION_BYTES:  # it grew since stat
+        raise error(f"{path} is more than {MAX_DESCRIPTION_BYTES} bytes; expected a {name} of at most "
+                    f"{MAX_DESCRIPTION_BYTES} bytes")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as failure:  # JSON, UTF-8, a 5,000-digit integer; RecursionError: too deep
+        raise error(f"{path} is not valid JSON ({' '.join(str(failure).split())[:200]})") from None
 
 
 def sha256_file(path: str | Path) -> str:

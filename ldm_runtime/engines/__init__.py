@@ -41,9 +41,10 @@ def pick_engine(path: str | Path, device: str = "auto") -> tuple[str, str]:
     openvino where it imports and the engine runs on the CPU (measured as fast as onnxruntime at 2 UNet rows and
     faster at 16: BENCHMARKS.md), else on onnxruntime (on a GPU, or without openvino)."""
     folder = _existing_folder(path)
-    if (folder / CHECKPOINT_MARKER).is_file():
+    # a marker that is there but no regular file is the loader's to name (a named pipe, a folder...)
+    if (folder / CHECKPOINT_MARKER).exists():
         return "torch", f"{folder} is a checkpoint dir, which runs eagerly on torch"
-    if not (folder / ENGINE_DIR_MARKER).is_file():
+    if not (folder / ENGINE_DIR_MARKER).exists():
         raise EngineLoadError(f"{folder} has neither {CHECKPOINT_MARKER} nor {ENGINE_DIR_MARKER}; expected a "
                               f"checkpoint dir (ldm-train) or an engine dir (ldm-export)")
     if device != "cpu" and _tensorrt_runs(folder, device):
@@ -104,8 +105,9 @@ def load_engine(path: str | Path, engine: str = "auto", device: str = "auto", **
     if engine not in ENGINE_NAMES:
         raise EngineLoadError(f"engine {engine!r} is not one of {', '.join(ENGINE_NAMES)}")
     folder = _existing_folder(path)
-    is_checkpoint = (folder / CHECKPOINT_MARKER).is_file()
-    is_engine_dir = (folder / ENGINE_DIR_MARKER).is_file()
+    # there, as any kind of file: the engine's loader says what is wrong with one that is no regular file
+    is_checkpoint = (folder / CHECKPOINT_MARKER).exists()
+    is_engine_dir = (folder / ENGINE_DIR_MARKER).exists()
     if engine == "auto":
         engine, reason = pick_engine(folder, device)
         log.debug("--engine auto picked %s: %s", engine, reason)

@@ -339,3 +339,30 @@ def test_a_text_length_of_a_billion_in_an_engine_dir_is_one_line_from_ldm_sample
     edit_manifest(engine, lambda data: set_field(data, ("model", "text_max_length"), 10**9))
     code, err = run_sample(engine, tmp_path, capsys)
     assert_one_line_error(code, err, "model.text_max_length is 1000000000; expected an integer from 1 to 512")
+
+
+@pytest.mark.parametrize("folder_kind, name", [("checkpoint", "model.json"), ("engine", "manifest.json")])
+@pytest.mark.parametrize("replacement, message", [
+    ("fifo", "is a named pipe, not a regular file; expected the"),  # reading it would block forever
+    ("folder", "is a folder, not a regular file; expected the"),
+    ("huge", f"bytes; expected a {{name}} of at most {4 << 20} bytes"),
+    ("bad utf-8", "is not valid JSON"),
+])
+def test_a_description_that_is_not_a_small_regular_json_file_is_one_line_before_it_is_read(
+        folder_kind, name, replacement, message, tiny_checkpoint, tiny_engine, tmp_path, capsys):
+    import os
+
+    folder = copy_of(tiny_checkpoint if folder_kind == "checkpoint" else tiny_engine, tmp_path, folder_kind)
+    description = folder / name
+    description.unlink()
+    if replacement == "fifo":
+        os.mkfifo(description)
+    elif replacement == "folder":
+        description.mkdir()
+    elif replacement == "huge":
+        with open(description, "wb") as handle:
+            handle.truncate((4 << 20) + 1)  # sparse: no data is written, and none may be read
+    else:
+        description.write_bytes(b'{"image_size": "\xff"}')
+    code, err = run_sample(folder, tmp_path, capsys)
+    assert_one_line_error(code, err, str(description), message.format(name=name))
