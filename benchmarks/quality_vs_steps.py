@@ -65,7 +65,7 @@ def parse_settings(text: str) -> list[tuple]:
     return settings
 
 
-def unet_calls(name: str, steps: int, interval: tuple[float, float] | None = None) -> int:
+def unet_calls(name: str, steps: int) -> int:
     """Guided UNet evaluations per image: PLMS takes one more than its steps (diffusers' PNDM does the same)."""
     return steps + 1 if name == "plms" and steps > 1 else steps
 

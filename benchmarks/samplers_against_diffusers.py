@@ -15,36 +15,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+import diffusers
 import numpy as np
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
-    EulerDiscreteScheduler,
-    LCMScheduler,
-    PNDMScheduler,
-    UniPCMultistepScheduler,
-)
 from diffusers.schedulers import scheduling_dpmsolver_multistep, scheduling_euler_ancestral_discrete, scheduling_lcm
 
 from ldm_runtime.engines.torch_engine import TorchEngine
 from ldm_runtime.noise import initial_noise, step_noise
 from ldm_runtime.pipeline import GenerationRequest, Pipeline
-
-SCHEDULERS = {
-    "euler": (EulerDiscreteScheduler, {}),
-    "euler-a": (EulerAncestralDiscreteScheduler, {}),
-    "dpmpp-2m": (DPMSolverMultistepScheduler, {}),
-    "dpmpp-2m-karras": (DPMSolverMultistepScheduler, {"use_karras_sigmas": True}),
-    "dpmpp-2m-sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
-    "dpmpp-2m-sde-karras": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++",
-                                                          "use_karras_sigmas": True}),
-    "unipc": (UniPCMultistepScheduler, {}),
-    "unipc-3": (UniPCMultistepScheduler, {"solver_order": 3}),
-    "plms": (PNDMScheduler, {"skip_prk_steps": True}),
-    "lcm": (LCMScheduler, {}),
-}
+from ldm_tools.bench.diffusers_peers import PIPELINE_SCHEDULERS  # our sampler -> diffusers' class and settings
 
 
 def diffusers_latents(engine: TorchEngine, scheduler, prompt: str, seed: int, steps: int, guidance: float,
@@ -92,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     print("| sampler | steps | latent relative error against diffusers |")
     print("|---|---|---|")
     worst = 0.0
-    for name, (scheduler_class, extra) in SCHEDULERS.items():
+    for name, (class_name, extra) in PIPELINE_SCHEDULERS.items():
+        scheduler_class = getattr(diffusers, class_name)
         for steps in (int(value) for value in args.steps.split(",")):
             theirs = diffusers_latents(engine, scheduler_class(**settings, **extra), args.prompt, args.seed, steps,
                                        args.guidance, alphas_cumprod)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ldm_export.errors import ImportRefusedError
+from ldm_runtime.files import special_file_kind
 
 MAX_JSON_BYTES = 1 << 20  # a component's config.json is about 1 KB; trained_betas for T = 1000 about 25 KB
 MAX_JSON_DEPTH = 16  # diffusers and transformers write objects of lists (depth 2)
@@ -26,8 +27,6 @@ MAX_RANK = 8
 DTYPES = {"F64": (8, "float64"), "F32": (4, "float32"), "F16": (2, "float16"), "BF16": (2, "bfloat16"),
           "F8_E4M3": (1, "float8_e4m3fn"), "F8_E5M2": (1, "float8_e5m2"), "I64": (8, "int64"), "I32": (4, "int32"),
           "I16": (2, "int16"), "I8": (1, "int8"), "U8": (1, "uint8"), "BOOL": (1, "bool")}
-FILE_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (stat.S_ISCHR, "a device"),
-              (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"))
 
 
 def regular_file_size(path: Path, expected: str) -> int:
@@ -40,8 +39,8 @@ def regular_file_size(path: Path, expected: str) -> int:
     except OSError as error:
         raise ImportRefusedError(f"cannot read {path} ({error.strerror or error}); expected {expected}") from None
     if not stat.S_ISREG(status.st_mode):
-        kind = next((name for test, name in FILE_KINDS if test(status.st_mode)), "a special file")
-        raise ImportRefusedError(f"{path} is {kind}, not a regular file; expected {expected}")
+        raise ImportRefusedError(f"{path} is {special_file_kind(status.st_mode)}, not a regular file; expected "
+                                 f"{expected}")
     return status.st_size
 
 

@@ -25,6 +25,11 @@ SPECIAL_FILES = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe"), (s
                  (stat.S_ISBLK, "a device"), (stat.S_ISSOCK, "a socket"))
 
 
+def special_file_kind(mode: int) -> str:
+    """What a file of ``stat`` mode ``mode`` that is not a regular file is, for a message ("a named pipe")."""
+    return next((what for test, what in SPECIAL_FILES if test(mode)), "a special file")
+
+
 def read_description(folder: str | Path, name: str, kind: str, error: Callable[[str], Exception],
                      how_to_make: str = "") -> Any:
     """The parsed JSON of ``folder/name``, the file that makes ``folder`` a ``kind`` ("checkpoint dir", "engine
@@ -44,8 +49,8 @@ def read_description(folder: str | Path, name: str, kind: str, error: Callable[[
     except OSError as failure:
         raise error(f"cannot read {path} ({failure.strerror or failure})") from None
     if not stat.S_ISREG(status.st_mode):
-        special = next((what for test, what in SPECIAL_FILES if test(status.st_mode)), "a special file")
-        raise error(f"{path} is {special}, not a regular file; expected the {kind}'s {name}")
+        raise error(f"{path} is {special_file_kind(status.st_mode)}, not a regular file; expected the {kind}'s "
+                    f"{name}")
     if status.st_size > MAX_DESCRIPTION_BYTES:
         raise error(f"{path} is {status.st_size} bytes; expected a {name} of at most {MAX_DESCRIPTION_BYTES} bytes")
     try:

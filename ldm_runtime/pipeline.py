@@ -42,6 +42,7 @@ from ldm_runtime.schedulers import (
     SigmaTrajectory,
     sigma_samplers,
 )
+from ldm_runtime.schedulers.sigmas import schedule_sigmas
 
 __all__ = ["DEFAULT_GUIDANCE_SCALE", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "GenerationRequest", "Pipeline",
            "SamplingState"]
@@ -121,8 +122,7 @@ class Pipeline:
         self.defaults = SamplerDefaults.from_dict(dict(getattr(engine.info, "default_sampler", {})))
         # the other samplers, with diffusers' defaults but the model's timestep spacing and offset, if it names them
         self.sigma_samplers = sigma_samplers(self.sampler.schedule, self.defaults, ddim.set_alpha_to_one)
-        alphas_cumprod = self.sampler.schedule.alphas_cumprod
-        self._timestep_sigmas = np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)  # what guidance_interval reads
+        self._timestep_sigmas = schedule_sigmas(self.sampler.schedule)  # what guidance_interval reads
         # the most steps DDIM can plan: T, or fewer when the "leading" spacing's offset would pass timestep T - 1
         count = self.sampler.schedule.num_train_timesteps
         self.max_steps = next((steps for steps in range(count, 0, -1) if self._can_plan(steps)), 0)
@@ -154,9 +154,7 @@ class Pipeline:
         if request.sampler is not None and request.steps is not None:
             return request
         sampler = self.default_sampler if request.sampler is None else request.sampler
-        steps = request.steps
-        if steps is None:
-            steps = self.defaults.steps_for(sampler) if isinstance(sampler, str) else self.default_steps
+        steps = self.defaults.steps_for(sampler) if request.steps is None else request.steps
         return dataclasses.replace(request, sampler=sampler, steps=steps)
 
     def validate(self, request: GenerationRequest) -> None:
