@@ -1,8 +1,11 @@
-"""The four ONNX graphs of an engine, exported from the eager modules with ``torch.onnx.export(dynamo=True)``.
+"""The ONNX graphs of an engine, exported from the eager modules with ``torch.onnx.export(dynamo=True)``.
 
     text_encoder  input_ids (B, L) int64, attention_mask (B, L) int64 (1 = token) -> context (B, L, D) float32
     unet          latents (B, C, h, w) float32, timesteps (B,) int64, context (B, L, D) float32,
-                  context_mask (B, L) bool (True = token) -> noise_pred (B, C, h, w) float32
+                  context_mask (B, L) bool (True = token) -> noise_pred (B, C, h, w) float32,
+                  deep_features (B, F, h, w) float32 (the hidden state entering the last up-block)
+    unet_shallow  the unet's inputs and deep_features -> noise_pred: the UNet's shallow part alone, DeepCache's
+                  cheap step (``UNet.forward_shallow``), holding only that part's weights
     vae_decoder   latents (B, C, h, w) float32 (unscaled) -> images (B, 3, H, W) float32 in [-1, 1]
     vae_encoder   images (B, 3, H, W) float32 in [-1, 1] -> latents (B, C, h, w) float32 (posterior mode, unscaled)
 
@@ -29,7 +32,8 @@ from torch import nn
 from torch.export import Dim
 
 from ldm_runtime.checkpoint import CheckpointNetworks
-from ldm_runtime.manifest import DimRange, TensorSpec
+from ldm_runtime.manifest import DEEP_FEATURES, SHALLOW_UNET_GRAPH, DimRange, TensorSpec
+from ldm_runtime.models.unet import DeepFeaturesUNet, ShallowUNet, deep_feature_channels
 
 # ONNX protobufs cannot exceed 2 GiB; past this many bytes of weights they go to a "<graph>.onnx.data" file.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -81,7 +85,7 @@ def export_dims(modules: CheckpointNetworks, batch: DimRange, image_size: DimRan
 
 
 def graph_specs(modules: CheckpointNetworks) -> dict[str, GraphSpec]:
-    """The four graphs of an engine, by name, in export order."""
+    """The graphs of an engine, by name, in export order."""
     config = modules.config
     channels = config.autoencoder.latent_channels
     length = config.text_encoder.max_length
@@ -89,6 +93,10 @@ def graph_specs(modules: CheckpointNetworks) -> dict[str, GraphSpec]:
     latent_shape = ("batch", channels, "latent_height", "latent_width")
     image_shape = ("batch", 3, "image_height", "image_width")
     context = TensorSpec("context", "float32", ("batch", length, width))
+    unet_inputs = (TensorSpec("latents", "float32", latent_shape), TensorSpec("timesteps", "int64", ("batch",)),
+                   context, TensorSpec("context_mask", "bool", ("batch", length)))
+    deep_features = TensorSpec(DEEP_FEATURES, "float32",
+                               ("batch", deep_feature_channels(config.unet), "latent_height", "latent_width"))
     return {
         "text_encoder": GraphSpec(
             "text_encoder", modules.text_encoder,
@@ -96,9 +104,10 @@ def graph_specs(modules: CheckpointNetworks) -> dict[str, GraphSpec]:
              TensorSpec("attention_mask", "int64", ("batch", length))),
             (context,)),
         "unet": GraphSpec(
-            "unet", modules.unet,
-            (TensorSpec("latents", "float32", latent_shape), TensorSpec("timesteps", "int64", ("batch",)), context,
-             TensorSpec("context_mask", "bool", ("batch", length))),
+            "unet", DeepFeaturesUNet(modules.unet).eval(), unet_inputs,
+            (TensorSpec("noise_pred", "float32", latent_shape), deep_features)),
+        SHALLOW_UNET_GRAPH: GraphSpec(
+            SHALLOW_UNET_GRAPH, ShallowUNet(modules.unet).eval(), (*unet_inputs, deep_features),
             (TensorSpec("noise_pred", "float32", latent_shape),)),
         "vae_decoder": GraphSpec(
             "vae_decoder", DecoderGraph(modules.autoencoder).eval(),

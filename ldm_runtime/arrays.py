@@ -40,3 +40,11 @@ def host_to_array_like(values: np.ndarray, like: Any) -> Any:
     if not values.flags.writeable:
         values = values.copy()  # torch warns on read-only numpy memory (e.g. a shared schedule's arrays)
     return module.as_tensor(values, device=like.device).to(like.dtype)
+
+
+def take_rows(array: Any, rows: np.ndarray) -> Any:
+    """``array``'s rows ``rows`` ((N,) int64 host indices), in that order."""
+    module = array_module(array)
+    if module is np:
+        return array[rows]
+    return array.index_select(0, module.as_tensor(rows, device=array.device))

@@ -43,6 +43,11 @@ DEFAULT_STEPS = 6
 # The steps of a request that names a sampler other than the model's default and no steps: the step count every
 # sampler was run with before the samplers had defaults of their own (DEFAULT_STEPS is Euler's, not theirs)
 OTHER_SAMPLER_STEPS = 25
+# Feature caching across steps (DeepCache, Ma et al. 2024): the UNet runs whole at every ``cache_interval``-th step
+# and only its shallow part between them; "uniform" spaces the whole steps evenly, "quadratic" packs them around
+# a step part-way in, as the paper's non-uniform schedule does
+CACHE_SCHEDULES = ("uniform", "quadratic")
+MAX_CACHE_INTERVAL = 100
 
 # The range of every number in model.json: what the largest published SD-family models use (SD 1.x/2.x, SDXL; SD 3
 # for the text width and length) with room to spare, and no more, so that a folder anyone can edit is refused in
@@ -326,6 +331,11 @@ class SamplerDefaults:
     steps: int | None = None
     timestep_spacing: str | None = None
     steps_offset: int | None = None
+    # a request's guidance interval (low, high] in noise levels, cache interval and cache schedule where it names
+    # none (GenerationRequest); null: guidance at every step, no caching, "uniform"
+    guidance_interval: tuple[float, float] | None = None
+    cache_interval: int | None = None
+    cache_schedule: str | None = None
 
     def __post_init__(self) -> None:
         if self.name is not None and (not isinstance(self.name, str) or self.name not in SAMPLER_NAMES):
@@ -341,6 +351,17 @@ class SamplerDefaults:
                                               or not 0 <= self.steps_offset < MAX_TRAIN_TIMESTEPS):
             raise ValueError(f"default_sampler.steps_offset is {self.steps_offset!r}; expected an integer from 0 "
                              f"to {MAX_TRAIN_TIMESTEPS - 1} or null")
+        if self.guidance_interval is not None and not is_guidance_interval(self.guidance_interval):
+            raise ValueError(f"default_sampler.guidance_interval is {self.guidance_interval!r}; expected two noise "
+                             f"levels [low, high] with 0 <= low < high, or null")
+        if self.guidance_interval is not None:
+            object.__setattr__(self, "guidance_interval", tuple(float(end) for end in self.guidance_interval))
+        if self.cache_interval is not None and not is_cache_interval(self.cache_interval):
+            raise ValueError(f"default_sampler.cache_interval is {self.cache_interval!r}; expected an integer from 1 "
+                             f"to {MAX_CACHE_INTERVAL} or null")
+        if self.cache_schedule is not None and self.cache_schedule not in CACHE_SCHEDULES:
+            raise ValueError(f"default_sampler.cache_schedule is {self.cache_schedule!r}; expected one of "
+                             f"{', '.join(CACHE_SCHEDULES)} or null")
 
     @property
     def sampler(self) -> str:
@@ -363,7 +384,10 @@ class SamplerDefaults:
         return DEFAULT_STEPS if sampler == DEFAULT_SAMPLER else OTHER_SAMPLER_STEPS
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if self.guidance_interval is not None:
+            data["guidance_interval"] = list(self.guidance_interval)
+        return data
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "default_sampler") -> "SamplerDefaults":
@@ -487,6 +511,17 @@ def check_latent_scale_factor(name: str, value: Any) -> None:
 def _check_flag(name: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise ConfigError(f"{name} is {value!r}; expected true or false")
+
+
+def is_guidance_interval(value: Any) -> bool:
+    """Whether ``value`` is two finite noise levels ``(low, high)`` with ``0 <= low < high``."""
+    return (isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_number(end) for end in value)
+            and 0 <= value[0] < value[1] < math.inf)
+
+
+def is_cache_interval(value: Any) -> bool:
+    """Whether ``value`` is an integer from 1 to ``MAX_CACHE_INTERVAL``."""
+    return _is_integer(value) and 1 <= value <= MAX_CACHE_INTERVAL
 
 
 def config_from_dict(cls: type, data: Any, where: str) -> Any:

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ldm_runtime.arrays import ArrayConverter, array_module, concatenate, host_to_array_like
+from ldm_runtime.arrays import ArrayConverter, concatenate, host_to_array_like, take_rows
 
 UNET_ROWS_PER_IMAGE = 2  # with guidance on, an image takes an unconditional and a conditional UNet row
 
@@ -92,7 +92,7 @@ class GuidedBatch:
         assert unconditional.shape == conditional.shape, (unconditional.shape, conditional.shape)
         if len(self.unconditional_rows) == 0:
             return conditional
-        unconditional_part = unconditional if self._all_rows_guided() else _take_rows(unconditional,
+        unconditional_part = unconditional if self._all_rows_guided() else take_rows(unconditional,
                                                                                     self.unconditional_rows)
         return concatenate([unconditional_part, conditional])
 
@@ -109,18 +109,11 @@ class GuidedBatch:
             # a row without an unconditional pass reads its own conditional output: eps_c + s * 0 = eps_c exactly
             source = unconditional_count + np.arange(self.batch_size, dtype=np.int64)
             source[self.unconditional_rows] = np.arange(unconditional_count, dtype=np.int64)
-            noise_pred_uncond = _take_rows(model_output, source)
+            noise_pred_uncond = take_rows(model_output, source)
         return apply_guidance(noise_pred_uncond, noise_pred_cond, self.guidance_scale, to_array)
 
     def _all_rows_guided(self) -> bool:
         return len(self.unconditional_rows) == self.batch_size
-
-
-def _take_rows(array: Any, rows: np.ndarray) -> Any:
-    module = array_module(array)
-    if module is np:
-        return array[rows]
-    return array.index_select(0, module.as_tensor(rows, device=array.device))
 
 
 def _check_guidance_scale(guidance_scale: float | Sequence[float], batch: int) -> np.ndarray:

@@ -47,6 +47,10 @@ MANIFEST_JSON = "manifest.json"
 MANIFEST_FORMAT_VERSION = 1
 TOKENIZER_DIR = "tokenizer"
 GRAPH_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+# DeepCache's cheap step: the UNet's shallow part on the deep features the "unet" graph's second output gives
+SHALLOW_UNET_GRAPH = "unet_shallow"
+DEEP_FEATURES = "deep_features"  # the "unet" graph's second output and the "unet_shallow" graph's last input
+OPTIONAL_GRAPH_NAMES = (SHALLOW_UNET_GRAPH,)
 REQUIRED_DIMS = ("batch", "image_height")  # the ranges the runtime checks requests against
 TENSOR_DTYPES = ("float32", "float16", "int64", "int32", "bool")
 PRECISIONS = ("fp32", "fp16")
@@ -264,6 +268,14 @@ class EngineManifest:
         missing = [name for name in GRAPH_NAMES if name not in manifest.graphs]
         if missing:
             raise EngineDirError(f"{where} lists no {', '.join(missing)} graph; expected all of {GRAPH_NAMES}")
+        unknown = [name for name in manifest.graphs if name not in GRAPH_NAMES + OPTIONAL_GRAPH_NAMES]
+        if unknown:
+            raise EngineDirError(f"{where} lists graphs {unknown} the runtime does not know; expected "
+                                 f"{', '.join(GRAPH_NAMES + OPTIONAL_GRAPH_NAMES)}")
+        unet_outputs = [spec.name for spec in manifest.graphs["unet"].outputs]
+        if SHALLOW_UNET_GRAPH in manifest.graphs and DEEP_FEATURES not in unet_outputs:
+            raise EngineDirError(f"{where} lists a {SHALLOW_UNET_GRAPH} graph but its unet graph has no "
+                                 f"{DEEP_FEATURES} output (outputs {unet_outputs}); re-export it")
         for graph_name, graph in manifest.graphs.items():
             for spec in (*graph.inputs, *graph.outputs):
                 unknown = [axis for axis in spec.shape if isinstance(axis, str) and axis not in manifest.dims]
@@ -325,13 +337,14 @@ def load_manifest(engine_dir: str | Path) -> EngineManifest:
     return EngineManifest.from_dict(data, where=str(path))
 
 
-def verify_engine_files(engine_dir: str | Path, manifest: EngineManifest, graphs: tuple[str, ...] = GRAPH_NAMES,
+def verify_engine_files(engine_dir: str | Path, manifest: EngineManifest, graphs: tuple[str, ...] | None = None,
                         plans: bool = False) -> None:
-    """Check the sha256 of every file the manifest lists for ``graphs`` (and the tokenizer, and the TensorRT
-    plans when ``plans``); ``EngineDirError`` naming the first file that is missing or differs."""
+    """Check the sha256 of every file the manifest lists for ``graphs`` (None: every graph it lists) and the
+    tokenizer's, and the TensorRT plans' when ``plans``; ``EngineDirError`` naming the first file that is missing
+    or differs."""
     folder = Path(engine_dir)
     expected: dict[str, str] = {}
-    for name in graphs:
+    for name in manifest.graphs if graphs is None else graphs:
         expected.update(manifest.graphs[name].files)
     expected.update({f"{TOKENIZER_DIR}/{name}": digest for name, digest in manifest.tokenizer_files.items()})
     if plans and manifest.tensorrt:

@@ -26,9 +26,18 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from ldm_runtime.arrays import concatenate
-from ldm_runtime.config import DEFAULT_SAMPLER, DEFAULT_STEPS, SamplerDefaults
-from ldm_runtime.engines.base import Array, Engine, EngineInfo
+from ldm_runtime.arrays import concatenate, take_rows
+from ldm_runtime.config import (
+    CACHE_SCHEDULES,
+    DEFAULT_SAMPLER,
+    DEFAULT_STEPS,
+    MAX_CACHE_INTERVAL,
+    SamplerDefaults,
+    is_cache_interval,
+    is_guidance_interval,
+)
+from ldm_runtime.deep_cache import whole_steps
+from ldm_runtime.engines.base import Array, Engine, EngineInfo, deep_cache_missing
 from ldm_runtime.errors import RequestError
 from ldm_runtime.guidance import GuidedBatch, guidance_below_one_note
 from ldm_runtime.noise import MAX_SEED, initial_noise, step_noise
@@ -63,7 +72,13 @@ class GenerationRequest:
     ``guidance_interval`` ``(low, high)`` applies guidance only at the UNet calls whose noise level sigma (of the
     timestep the UNet sees, sqrt((1 - a_t) / a_t)) lies in ``(low, high]``, as Kynkäänniemi et al. 2024 ("Applying
     guidance in a limited interval improves sample and distribution quality"); the other calls run the
-    conditional branch alone, one UNet row instead of two. None: guidance at every call.
+    conditional branch alone, one UNet row instead of two. None: the model's default (``SamplerDefaults``),
+    else guidance at every call.
+
+    ``cache_interval`` N > 1 caches the UNet's deep features across steps (DeepCache, Ma et al. 2024): the UNet
+    runs whole at one step in N (``cache_schedule`` "uniform"; "quadratic" packs those steps around a step
+    part-way in, the paper's non-uniform schedule) and only its shallow part, on the features kept from the last
+    whole step, at the steps between. None: the model's defaults, else 1 (every step whole) and "uniform".
 
     Prompts longer than the engine's ``text_max_length`` tokens are truncated, as in training.
     """
@@ -75,6 +90,8 @@ class GenerationRequest:
     steps: int | None = None
     guidance_scale: float = DEFAULT_GUIDANCE_SCALE
     guidance_interval: tuple[float, float] | None = None
+    cache_interval: int | None = None
+    cache_schedule: str | None = None
     eta: float = 0.0
     height: int | None = None
     width: int | None = None
@@ -97,6 +114,10 @@ class SamplingState:
     negative_context: Array
     negative_context_mask: Array
     history: tuple[Array, ...] = ()
+    # the UNet's deep features from the request's last whole step (``cache_interval`` > 1), for its conditional and
+    # its unconditional row ((1, F, h, w), or None where that step did not run the row)
+    deep_features: Array | None = None
+    unconditional_deep_features: Array | None = None
 
     @property
     def done(self) -> bool:
@@ -151,11 +172,20 @@ class Pipeline:
         ``default_steps``): what it is sampled with, and what a record of it should say."""
         if not isinstance(request, GenerationRequest):
             raise TypeError(f"request is a {type(request).__name__}; expected a GenerationRequest")
-        if request.sampler is not None and request.steps is not None:
+        defaults = self.defaults
+        filled = {
+            "sampler": self.default_sampler if request.sampler is None else request.sampler,
+            "guidance_interval": (defaults.guidance_interval if request.guidance_interval is None
+                                  else request.guidance_interval),
+            "cache_interval": (defaults.cache_interval or 1) if request.cache_interval is None
+            else request.cache_interval,
+            "cache_schedule": (defaults.cache_schedule or "uniform") if request.cache_schedule is None
+            else request.cache_schedule,
+        }
+        filled["steps"] = defaults.steps_for(filled["sampler"]) if request.steps is None else request.steps
+        if all(getattr(request, name) == value for name, value in filled.items()):
             return request
-        sampler = self.default_sampler if request.sampler is None else request.sampler
-        steps = self.defaults.steps_for(sampler) if request.steps is None else request.steps
-        return dataclasses.replace(request, sampler=sampler, steps=steps)
+        return dataclasses.replace(request, **filled)
 
     def validate(self, request: GenerationRequest) -> None:
         """``RequestError`` naming the first field of ``request`` that this engine and sampler cannot serve (its
@@ -188,11 +218,19 @@ class Pipeline:
             raise RequestError(f"guidance_scale is {request.guidance_scale!r}; expected a finite number >= 0",
                                "guidance_scale")
         interval = request.guidance_interval
-        if interval is not None and not (isinstance(interval, (tuple, list)) and len(interval) == 2
-                                         and all(_is_number(end) for end in interval)
-                                         and 0 <= interval[0] < interval[1]):
+        if interval is not None and not is_guidance_interval(interval):
             raise RequestError(f"guidance_interval is {interval!r}; expected two noise levels (low, high) with "
                                f"0 <= low < high, or none", "guidance_interval")
+        if not is_cache_interval(request.cache_interval):
+            raise RequestError(f"cache_interval is {request.cache_interval!r}; expected an integer from 1 to "
+                               f"{MAX_CACHE_INTERVAL} (1: the whole UNet at every step)", "cache_interval")
+        if request.cache_schedule not in CACHE_SCHEDULES:
+            raise RequestError(f"cache_schedule is {request.cache_schedule!r}; expected one of "
+                               f"{', '.join(CACHE_SCHEDULES)}", "cache_schedule")
+        if request.cache_interval > 1 and not getattr(self.engine, "deep_cache", False):
+            raise RequestError(f"cache_interval is {request.cache_interval}; the {self.info.name} engine cannot cache "
+                               f"the UNet's features across steps ({deep_cache_missing(self.engine)}); expected 1",
+                               "cache_interval")
         if not _is_number(request.eta) or not 0 <= request.eta <= 1:
             raise RequestError(f"eta is {request.eta!r}; expected a number from 0 to 1", "eta")
         if request.eta != 0 and request.sampler != "ddim":
@@ -290,13 +328,15 @@ class Pipeline:
         if (input_scales != 1).any():
             unet_latents = latents / self.engine.to_array(input_scales.reshape(-1, 1, 1, 1), latents)
 
-        guided = GuidedBatch.plan(self._guidance_scales(states, timesteps), len(states))
-        context = guided.stack(concatenate([s.context for s in states]),
-                               concatenate([s.negative_context for s in states]))
-        context_mask = guided.stack(concatenate([s.context_mask for s in states]),
-                                    concatenate([s.negative_context_mask for s in states]))
-        model_output = self.engine.unet(guided.stack(unet_latents), guided.stack(timesteps), context, context_mask)
-        prediction = guided.combine(model_output, self.engine.to_array)
+        scales = np.array(self._guidance_scales(states, timesteps), dtype=np.float64)
+        shallow = np.array([self._takes_shallow_step(state, scale) for state, scale in zip(states, scales)])
+        features = [(s.deep_features, s.unconditional_deep_features) for s in states]
+        parts = [rows for rows in (np.flatnonzero(~shallow), np.flatnonzero(shallow)) if len(rows)]
+        predictions = [self._unet_part(states, rows, bool(shallow[rows[0]]), unet_latents, timesteps, scales, features)
+                       for rows in parts]
+        prediction = predictions[0]
+        if len(parts) == 2:  # whole and shallow rows: back in the states' order
+            prediction = take_rows(concatenate(predictions), np.argsort(np.concatenate(parts)))
 
         new_states: list[Any] = [None] * len(states)
         for name in dict.fromkeys(state.request.sampler for state in states):
@@ -312,8 +352,51 @@ class Pipeline:
             for index, (row, state) in enumerate(zip(rows, group)):
                 new_states[row] = dataclasses.replace(
                     state, step_index=state.step_index + 1, latents=stepped[index:index + 1],
-                    history=tuple(array[index:index + 1] for array in history))
+                    history=tuple(array[index:index + 1] for array in history),
+                    deep_features=features[row][0], unconditional_deep_features=features[row][1])
         return new_states
+
+    def _takes_shallow_step(self, state: SamplingState, guidance_scale: float) -> bool:
+        """Whether ``state``'s next UNet call runs the shallow part only: its request caches features, this call is
+        not one of its whole steps, and features are kept for every row it runs (a row guided now but not at the
+        last whole step has no unconditional features: the call then runs whole)."""
+        interval = int(state.request.cache_interval)
+        if interval == 1 or state.deep_features is None:
+            return False
+        if state.step_index in whole_steps(len(state.trajectory), interval, state.request.cache_schedule):
+            return False
+        return guidance_scale == 1.0 or state.unconditional_deep_features is not None
+
+    def _unet_part(self, states: Sequence[SamplingState], rows: np.ndarray, shallow: bool, unet_latents: Array,
+                   timesteps: np.ndarray, scales: np.ndarray, features: list) -> Array:
+        """The guided prediction of ``states[rows]`` from one UNet call: whole (keeping each caching row's deep
+        features in ``features[row]``) or, with ``shallow``, the shallow part on the features they keep."""
+        part = [states[row] for row in rows]
+        everything = len(rows) == len(states)
+        guided = GuidedBatch.plan(scales[rows], len(rows))
+        context = guided.stack(concatenate([s.context for s in part]), concatenate([s.negative_context for s in part]))
+        context_mask = guided.stack(concatenate([s.context_mask for s in part]),
+                                    concatenate([s.negative_context_mask for s in part]))
+        latents = unet_latents if everything else concatenate([unet_latents[row:row + 1] for row in rows])
+        inputs = (guided.stack(latents), guided.stack(timesteps[rows]), context, context_mask)
+        if shallow:
+            cached = concatenate([s.deep_features for s in part])
+            unconditional = concatenate([s.unconditional_deep_features if s.unconditional_deep_features is not None
+                                         else s.deep_features for s in part])
+            return guided.combine(self.engine.unet_shallow(*inputs, guided.stack(cached, unconditional)),
+                                  self.engine.to_array)
+        if all(int(s.request.cache_interval) == 1 for s in part):
+            return guided.combine(self.engine.unet(*inputs), self.engine.to_array)
+        model_output, deep = self.engine.unet_with_deep_features(*inputs)
+        first_conditional = len(guided.unconditional_rows)
+        unconditional_at = {int(row): index for index, row in enumerate(guided.unconditional_rows)}
+        for index, (row, state) in enumerate(zip(rows, part)):
+            if int(state.request.cache_interval) == 1:
+                continue
+            conditional = deep[first_conditional + index:first_conditional + index + 1]
+            at = unconditional_at.get(index)
+            features[row] = (conditional, None if at is None else deep[at:at + 1])
+        return guided.combine(model_output, self.engine.to_array)
 
     def _guidance_scales(self, states: Sequence[SamplingState], timesteps: np.ndarray) -> list[float]:
         """Each row's guidance scale at this call: its request's, or 1 (the conditional branch alone) where the

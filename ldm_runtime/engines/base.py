@@ -67,8 +67,18 @@ class Engine(Protocol):
     def encode_images(self, images: Array) -> Array:
         """Images (B, 3, H, W) float in [-1, 1] -> unscaled latents (B, C, h, w) (the posterior mode)."""
 
+    # Feature caching across steps (DeepCache): engines with ``deep_cache = True`` also answer
+    #   unet_with_deep_features(latents, timesteps, context, context_mask) -> (prediction, deep_features)
+    #   unet_shallow(latents, timesteps, context, context_mask, deep_features) -> prediction
+    # (``ldm_runtime.models.unet.UNet.forward_with_deep_features`` and ``forward_shallow``).
+
     def to_array(self, values: np.ndarray, like: Array | None = None) -> Array:
         """A host array as an engine array (on the engine's device; ``like``'s dtype when given)."""
 
     def to_host(self, array: Array) -> np.ndarray:
         """An engine array as a host numpy array."""
+
+
+def deep_cache_missing(engine: Any) -> str:
+    """Why ``engine`` cannot cache the UNet's features across steps (``deep_cache``), in a few words."""
+    return getattr(engine, "deep_cache_missing", None) or "it has no shallow UNet graph"

@@ -14,7 +14,15 @@ from pathlib import Path
 import numpy as np
 
 from ldm_runtime.engines.base import EngineInfo
-from ldm_runtime.manifest import TOKENIZER_DIR, EngineDirError, EngineManifest, load_manifest, verify_engine_files
+from ldm_runtime.manifest import (
+    DEEP_FEATURES,
+    SHALLOW_UNET_GRAPH,
+    TOKENIZER_DIR,
+    EngineDirError,
+    EngineManifest,
+    load_manifest,
+    verify_engine_files,
+)
 
 
 class EngineDirEngine:
@@ -73,9 +81,35 @@ class EngineDirEngine:
              context_mask: np.ndarray) -> np.ndarray:
         """latents (B, C, h, w) scaled, timesteps (B,) int64 (one per sample), context (B, L, D),
         context_mask (B, L) bool -> the UNet's prediction (B, C, h, w) float32."""
+        return self.unet_with_deep_features(latents, timesteps, context, context_mask)[0]
+
+    @property
+    def deep_cache(self) -> bool:
+        """Whether the engine dir has the graphs of feature caching across steps (``unet_shallow``)."""
+        return SHALLOW_UNET_GRAPH in self.manifest.graphs
+
+    @property
+    def deep_cache_missing(self) -> str | None:
+        """Why the engine dir cannot cache features across steps, or None."""
+        if self.deep_cache:
+            return None
+        return f"engine dir {self.engine_dir} has no {SHALLOW_UNET_GRAPH} graph; re-export it with this ldm-export"
+
+    def unet_with_deep_features(self, latents: np.ndarray, timesteps: np.ndarray, context: np.ndarray,
+                                context_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """``unet``'s prediction and the deep features DeepCache keeps (None from an engine dir without them)."""
         timesteps = self.unet_timesteps(latents, timesteps)
-        (noise_pred,) = self.run("unet", {"latents": latents, "timesteps": timesteps, "context": context,
-                                          "context_mask": np.asarray(context_mask, dtype=bool)})
+        outputs = self.run("unet", {"latents": latents, "timesteps": timesteps, "context": context,
+                                    "context_mask": np.asarray(context_mask, dtype=bool)})
+        return outputs[0], (outputs[1] if len(outputs) > 1 else None)
+
+    def unet_shallow(self, latents: np.ndarray, timesteps: np.ndarray, context: np.ndarray, context_mask: np.ndarray,
+                     deep_features: np.ndarray) -> np.ndarray:
+        """The prediction from the UNet's shallow part on deep features kept from ``unet_with_deep_features``."""
+        timesteps = self.unet_timesteps(latents, timesteps)
+        (noise_pred,) = self.run(SHALLOW_UNET_GRAPH, {
+            "latents": latents, "timesteps": timesteps, "context": context,
+            "context_mask": np.asarray(context_mask, dtype=bool), DEEP_FEATURES: deep_features})
         return noise_pred
 
     def unet_timesteps(self, latents, timesteps) -> np.ndarray:

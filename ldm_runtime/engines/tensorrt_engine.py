@@ -51,11 +51,17 @@ from ldm_runtime.engines.tensorrt_plans import (
     plan_call,
 )
 from ldm_runtime.errors import EngineDirError, EngineLoadError
-from ldm_runtime.manifest import GraphEntry, check_tensorrt_plans, verify_engine_files
+from ldm_runtime.manifest import (
+    DEEP_FEATURES,
+    SHALLOW_UNET_GRAPH,
+    GraphEntry,
+    check_tensorrt_plans,
+    verify_engine_files,
+)
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int64": torch.int64, "int32": torch.int32,
                 "bool": torch.bool}
-CAPTURED_GRAPHS = ("unet",)  # the graph the sampling loop calls every step
+CAPTURED_GRAPHS = ("unet", SHALLOW_UNET_GRAPH)  # the graphs the sampling loop calls every step
 log = logging.getLogger(__name__)
 
 
@@ -148,9 +154,23 @@ class TensorRtEngine(EngineDirEngine):
              context_mask: torch.Tensor) -> torch.Tensor:
         """latents (B, C, h, w) scaled, timesteps (B,) int64 on the host (one per sample), context (B, L, D),
         context_mask (B, L) bool -> the UNet's prediction (B, C, h, w) float32 on the GPU."""
+        return self.unet_with_deep_features(latents, timesteps, context, context_mask)[0]
+
+    def unet_with_deep_features(self, latents: torch.Tensor, timesteps: np.ndarray, context: torch.Tensor,
+                                context_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``unet``'s prediction and the deep features DeepCache keeps (None from plans without them)."""
         timesteps = self.unet_timesteps(latents, timesteps)
-        (noise_pred,) = self.run("unet", {"latents": latents, "timesteps": self._device_tensor(timesteps),
-                                          "context": context, "context_mask": context_mask})
+        outputs = self.run("unet", {"latents": latents, "timesteps": self._device_tensor(timesteps),
+                                    "context": context, "context_mask": context_mask})
+        return outputs[0], (outputs[1] if len(outputs) > 1 else None)
+
+    def unet_shallow(self, latents: torch.Tensor, timesteps: np.ndarray, context: torch.Tensor,
+                     context_mask: torch.Tensor, deep_features: torch.Tensor) -> torch.Tensor:
+        """The prediction from the UNet's shallow part on deep features kept from ``unet_with_deep_features``."""
+        timesteps = self.unet_timesteps(latents, timesteps)
+        (noise_pred,) = self.run(SHALLOW_UNET_GRAPH, {
+            "latents": latents, "timesteps": self._device_tensor(timesteps), "context": context,
+            "context_mask": context_mask, DEEP_FEATURES: deep_features})
         return noise_pred
 
     def to_array(self, values: np.ndarray, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -233,7 +253,7 @@ class PlanRunner:
             _fill_padded(buffers[name], feeds[name])
         captured = self._replay(call, key, buffers) if self.capture else None
         if captured is not None:
-            outputs = [captured]
+            outputs = captured
         else:
             self._bind(call, key, buffers)
             if not self.contexts[call.profile].execute_async_v3(self.stream()):
@@ -271,18 +291,17 @@ class PlanRunner:
                 raise RuntimeError(f"TensorRT refused the address of {self.name} tensor {name}")
         self._bound[call.profile] = (tag, key)
 
-    def _replay(self, call: CallPlan, key: tuple, buffers: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """Run this call shape from its CUDA graph, capturing it on the first call (one output only). None, and
-        no more captures for this plan, when the capture fails: the call then runs uncaptured."""
-        assert len(self.outputs) == 1, self.outputs
-        (output,) = self.outputs
+    def _replay(self, call: CallPlan, key: tuple, buffers: dict[str, torch.Tensor]) -> list[torch.Tensor] | None:
+        """Run this call shape from its CUDA graph, capturing it on the first call. None, and no more captures
+        for this plan, when the capture fails: the call then runs uncaptured."""
         context = self.contexts[call.profile]
+        output_buffers = {name: buffers[name] for name in self.outputs}
 
-        def enqueue(*inputs: torch.Tensor) -> torch.Tensor:
-            self._bind(call, key, {**dict(zip(self.inputs, inputs)), output: buffers[output]}, tag="graph")
+        def enqueue(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            self._bind(call, key, {**dict(zip(self.inputs, inputs)), **output_buffers}, tag="graph")
             if not context.execute_async_v3(self.stream()):  # torch's current stream: the capturing one
                 raise RuntimeError(f"TensorRT failed to run {self.name} on shapes {call.shapes}")
-            return buffers[output]
+            return tuple(output_buffers.values())
 
         captured = self.graphs.get(key)
         if captured is None:
@@ -295,9 +314,8 @@ class PlanRunner:
                 self.capture, self._bound[call.profile] = False, None
                 return None
             self.graphs[key] = captured
-        self._bind(call, key, {**dict(zip(self.inputs, captured.static_inputs)), output: buffers[output]},
-                   tag="graph")
-        return captured.replay([buffers[name] for name in self.inputs])
+        self._bind(call, key, {**dict(zip(self.inputs, captured.static_inputs)), **output_buffers}, tag="graph")
+        return list(captured.replay([buffers[name] for name in self.inputs]))
 
 
 def _fill_padded(buffer: torch.Tensor, value: torch.Tensor) -> None:

@@ -45,6 +45,7 @@ class TorchEngine:
     """
 
     name = "torch"  # EngineInfo.name
+    deep_cache = True  # unet_with_deep_features and unet_shallow: feature caching across steps
 
     def __init__(self, checkpoint_dir: str | Path | CheckpointNetworks, device: str = "auto",
                  dtype: torch.dtype = torch.float32, unet_chunk_size: int | None = DEFAULT_UNET_CHUNK_SIZE,
@@ -101,16 +102,39 @@ class TorchEngine:
              context_mask: torch.Tensor) -> torch.Tensor:
         """latents (B, C, h, w) scaled, timesteps (B,) int64 host, context (B, L, D), context_mask (B, L) bool
         -> the UNet's prediction (B, C, h, w) in latents' dtype."""
-        batch = latents.shape[0]
         inputs = self._unet_inputs(latents, timesteps, context, context_mask)
+        (noise_pred,) = self._chunked(lambda *chunk: (self._run_unet(list(chunk)),), inputs)
+        return noise_pred.to(latents.dtype)
+
+    @torch.inference_mode()
+    def unet_with_deep_features(self, latents: torch.Tensor, timesteps: np.ndarray, context: torch.Tensor,
+                                context_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``unet``'s prediction and the deep features DeepCache keeps between steps, (B, F, h, w) in the
+        engine's dtype (``UNet.forward_with_deep_features``)."""
+        inputs = self._unet_inputs(latents, timesteps, context, context_mask)
+        noise_pred, features = self._chunked(self.unet_model.forward_with_deep_features, inputs)
+        return noise_pred.to(latents.dtype), features
+
+    @torch.inference_mode()
+    def unet_shallow(self, latents: torch.Tensor, timesteps: np.ndarray, context: torch.Tensor,
+                     context_mask: torch.Tensor, deep_features: torch.Tensor) -> torch.Tensor:
+        """The prediction from the UNet's shallow part on deep features kept from an earlier
+        ``unet_with_deep_features`` call (``UNet.forward_shallow``)."""
+        inputs = (*self._unet_inputs(latents, timesteps, context, context_mask), deep_features.to(self.dtype))
+        (noise_pred,) = self._chunked(lambda *chunk: (self.unet_model.forward_shallow(*chunk),), inputs)
+        return noise_pred.to(latents.dtype)
+
+    def _chunked(self, run, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """``run(*inputs)`` (a tuple of outputs) on chunks of the rows, each padded to the chunk size."""
+        batch = inputs[0].shape[0]
         chunk = self._unet_chunk(batch)
         outputs = []
         for start in range(0, batch, chunk):
             rows = min(chunk, batch - start)
             # pad with copies of the last row: a call's row count depends only on ``rows``
             padded = [_pad_rows(tensor[start:start + rows], self._padded_rows(rows, chunk)) for tensor in inputs]
-            outputs.append(self._run_unet(padded)[:rows])
-        return torch.cat(outputs).to(latents.dtype)
+            outputs.append([output[:rows] for output in run(*padded)])
+        return tuple(torch.cat(parts) for parts in zip(*outputs))
 
     def _unet_chunk(self, batch: int) -> int:
         """The most rows one UNet call takes."""

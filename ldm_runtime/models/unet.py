@@ -184,6 +184,49 @@ class UNet(nn.Module):
         context_mask: (B, L) bool, True = real token, or None (attend to every token).
         Returns (B, out_channels, h, w) in latents' dtype.
         """
+        return self.forward_with_deep_features(latents, timesteps, context, context_mask)[0]
+
+    def forward_with_deep_features(self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                                   context_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward``'s prediction and the deep features: the hidden state that enters the last up-block (the
+        block of the outermost skip connections), ``(B, deep_feature_channels, h, w)``, what DeepCache keeps
+        between steps (``forward_shallow``)."""
+        temb, context, context_mask = self._conditioning(latents, timesteps, context, context_mask)
+        hidden_states, skips = self._shallow_down(latents, temb, context, context_mask)
+        block = self.down_blocks[0]
+        for downsampler in block.downsamplers:
+            hidden_states = downsampler(hidden_states)
+            skips.append(hidden_states)
+        for block in self.down_blocks[1:]:
+            hidden_states, block_skips = block(hidden_states, temb, context, context_mask)
+            skips.extend(block_skips)
+
+        hidden_states = self.mid_block(hidden_states, temb, context, context_mask)
+
+        for block in self.up_blocks[:-1]:
+            count = len(block.resnets)
+            hidden_states = block(hidden_states, skips[-count:], temb, context, context_mask)
+            skips = skips[:-count]
+        return self._shallow_up(hidden_states, skips, temb, context, context_mask), hidden_states
+
+    def forward_shallow(self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                        context_mask: torch.Tensor | None, deep_features: torch.Tensor) -> torch.Tensor:
+        """The prediction from the shallow part alone (``conv_in``, the first down-block's layers, the last
+        up-block, the output head) on ``deep_features`` kept from an earlier call of
+        ``forward_with_deep_features``: DeepCache's cheap step (Ma et al. 2024). With the deep features of the
+        same inputs it equals ``forward`` (the same operations in the same order)."""
+        temb, context, context_mask = self._conditioning(latents, timesteps, context, context_mask)
+        _, skips = self._shallow_down(latents, temb, context, context_mask)
+        return self._shallow_up(deep_features.to(latents.dtype), skips, temb, context, context_mask)
+
+    @property
+    def deep_feature_channels(self) -> int:
+        """The channels of ``forward_with_deep_features``' deep features."""
+        return deep_feature_channels(self.cfg)
+
+    def _conditioning(self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                      context_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The time embedding, the context in latents' dtype and the attention mask every block takes."""
         timesteps = timesteps.reshape(-1).expand(latents.shape[0])
         temb = self.time_embedding(timestep_embedding(timesteps, self.cfg.model_channels).to(latents.dtype))
         context = context.to(latents.dtype)
@@ -191,18 +234,60 @@ class UNet(nn.Module):
             # A row with no real token attends to all of them (as diffusers' additive -10000 bias does), never NaN.
             context_mask = context_mask.bool()
             context_mask = context_mask | ~context_mask.any(dim=1, keepdim=True)
+        return temb, context, context_mask
 
+    def _shallow_down(self, latents: torch.Tensor, temb: torch.Tensor, context: torch.Tensor,
+                      context_mask: torch.Tensor | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``conv_in`` and the first down-block's layers (not its downsampler): the hidden state and the skip
+        connections the last up-block consumes."""
         hidden_states = self.conv_in(latents)
         skips = [hidden_states]
-        for block in self.down_blocks:
-            hidden_states, block_skips = block(hidden_states, temb, context, context_mask)
-            skips.extend(block_skips)
+        block = self.down_blocks[0]
+        for i, resnet in enumerate(block.resnets):
+            hidden_states = resnet(hidden_states, temb)
+            if block.attentions:
+                hidden_states = block.attentions[i](hidden_states, context, context_mask)
+            skips.append(hidden_states)
+        return hidden_states, skips
 
-        hidden_states = self.mid_block(hidden_states, temb, context, context_mask)
-
-        for block in self.up_blocks:
-            count = len(block.resnets)
-            hidden_states = block(hidden_states, skips[-count:], temb, context, context_mask)
-            skips = skips[:-count]
-
+    def _shallow_up(self, hidden_states: torch.Tensor, skips: list[torch.Tensor], temb: torch.Tensor,
+                    context: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
+        """The last up-block on ``skips`` (exactly the ones it consumes) and the output head."""
+        hidden_states = self.up_blocks[-1](hidden_states, skips, temb, context, context_mask)
         return self.conv_out(self.conv_norm_out(hidden_states))
+
+
+class DeepFeaturesUNet(nn.Module):
+    """``UNet.forward_with_deep_features`` as a module: what the exported "unet" graph computes."""
+
+    def __init__(self, unet: UNet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                context_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.unet.forward_with_deep_features(latents, timesteps, context, context_mask)
+
+
+class ShallowUNet(nn.Module):
+    """``UNet.forward_shallow`` as a module holding only the shallow part's weights (shared with ``unet``): what
+    the exported "unet_shallow" graph computes."""
+
+    def __init__(self, unet: UNet):
+        super().__init__()
+        self.cfg = unet.cfg
+        for name in ("conv_in", "time_embedding", "conv_norm_out", "conv_out"):
+            setattr(self, name, getattr(unet, name))
+        self.down_blocks = nn.ModuleList([unet.down_blocks[0]])
+        self.up_blocks = nn.ModuleList([unet.up_blocks[-1]])
+
+    _conditioning = UNet._conditioning
+    _shallow_down = UNet._shallow_down
+    _shallow_up = UNet._shallow_up
+    forward = UNet.forward_shallow
+
+
+def deep_feature_channels(cfg: UNetConfig) -> int:
+    """The channels of the deep features (``UNet.forward_with_deep_features``): the second level's width, or the
+    only level's in a one-level UNet."""
+    return cfg.model_channels * cfg.channel_mult[min(1, len(cfg.channel_mult) - 1)]

@@ -36,7 +36,7 @@ def test_fp32_export_matches_eager_within_1e4_and_40_db(fp32_export):
     assert code == 0, output
     validation = manifest_of(engine)["validation"]
     assert validation["passed"]
-    assert set(validation["graphs"]) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
+    assert set(validation["graphs"]) == {"text_encoder", "unet", "unet_shallow", "vae_decoder", "vae_encoder"}
     for name, check in validation["graphs"].items():
         assert 0 < check["relative_error"] <= 1e-4, (name, check)
         assert len(check["cases"]) == 2, check  # opt sizes and the range's edges
@@ -273,7 +273,8 @@ def test_the_export_holds_no_written_graph_in_memory_while_it_validates(tiny_che
         return kept
 
     def look_at_what_was_kept(staging, specs, modules, dims, precision_of, precision, seed):
-        assert set(kept) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}  # written before validating
+        # every graph written before validating
+        assert set(kept) == {"text_encoder", "unet", "unet_shallow", "vae_decoder", "vae_encoder"}
         return ValidationReport(seed=seed, graphs=[], sample=None)
 
     monkeypatch.setattr(ldm_export.onnx_export, "export_graph", stand_in_graph)

@@ -28,7 +28,7 @@ def test_demo_model_exports_within_the_validation_bounds(demo_export):
     validation = json.loads((engine / "manifest.json").read_text())["validation"]
     bound, psnr = (1e-4, 40.0) if precision == "fp32" else (1e-2, 30.0)
     assert validation["passed"]
-    assert set(validation["graphs"]) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
+    assert set(validation["graphs"]) == {"text_encoder", "unet", "unet_shallow", "vae_decoder", "vae_encoder"}
     for name, check in validation["graphs"].items():
         assert 0 < check["relative_error"] <= bound, (name, check)
     assert validation["sample"]["steps"] == 25 and validation["sample"]["psnr_db"] >= psnr

@@ -49,7 +49,7 @@ def test_a_request_naming_nothing_gets_the_models_default_sampler_steps_and_spac
     seed = int(rng.integers(2**62))
     unnamed = GenerationRequest(prompt=PROMPTS[0], seed=seed)
     named = GenerationRequest(prompt=PROMPTS[0], seed=seed, sampler="euler", steps=3)
-    assert pipeline.resolve(unnamed) == named
+    assert pipeline.resolve(unnamed) == dataclasses.replace(named, cache_interval=1, cache_schedule="uniform")
     [image_unnamed, image_named, image_ddim] = pipeline.generate(
         [unnamed, named, dataclasses.replace(named, sampler="ddim")])
     assert np.array_equal(image_unnamed, image_named)
@@ -110,7 +110,8 @@ def test_ldm_export_carries_the_default_into_the_manifest_and_the_engine_dir_sam
                         "--batch-range", "1:2:4"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["default_sampler"] == {"name": "euler", "steps": 3, "timestep_spacing": "trailing",
-                                           "steps_offset": 0}
+                                           "steps_offset": 0, "guidance_interval": None, "cache_interval": None,
+                                           "cache_schedule": None}
     engine_dir = Pipeline(load_engine(out, engine="onnxruntime"))
     eager = Pipeline(TorchEngine(euler_checkpoint, device="cpu"))
     assert (engine_dir.default_sampler, engine_dir.default_steps) == ("euler", 3)

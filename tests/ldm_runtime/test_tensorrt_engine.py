@@ -278,7 +278,7 @@ def test_one_context_per_profile_and_tensors_bound_by_the_manifest_names(two_pro
         assert shapes == unet_shapes(bucket)
         assert {call[2] for call in fake if call[0] == "set_input_shape"} == {profile}
         bound = {call[3] for call in fake if call[0] == "set_tensor_address"}
-        assert bound == {"latents", "timesteps", "context", "context_mask", "noise_pred"}
+        assert bound == {"latents", "timesteps", "context", "context_mask", "noise_pred", "deep_features"}
         assert [call[:3] for call in fake if call[0] == "execute_async_v3"] == [("execute_async_v3", "unet", profile)]
 
 
@@ -290,7 +290,8 @@ def test_buffers_are_allocated_once_per_bucket_and_reused_across_steps(planned, 
         latents, timesteps, context, mask = unet_inputs(rng, rows)
         engine.unet(engine.to_array(latents), timesteps, engine.to_array(context), engine.to_array(mask))
         addresses.append({call[3]: call[4] for call in fake if call[0] == "set_tensor_address"})
-    assert len(addresses[0]) == 5 and addresses[1] == {}  # the same bucket again: shapes and addresses kept
+    # four inputs, noise_pred and deep_features; the same bucket again: shapes and addresses kept
+    assert len(addresses[0]) == 6 and addresses[1] == {}
     assert set(addresses[2].values()).isdisjoint(addresses[0].values())  # bucket 1 has buffers of its own
     assert addresses[3] == addresses[0] and addresses[4] == {}  # 4 rows fill bucket 4: its buffers again
     assert len(engine.plans["unet"].buffers) == 2
@@ -423,6 +424,8 @@ class CpuCapturedCall:
         assert (self.context.addresses, self.context.shapes) == (self.addresses, self.shapes), \
             "the context was not re-bound to the captured call's shapes and buffers"
         assert self.context.run_with(self.addresses, self.shapes)
+        if isinstance(self.static_output, tuple):
+            return tuple(output.clone() for output in self.static_output)
         return self.static_output.clone()
 
 
