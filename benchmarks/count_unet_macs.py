@@ -1,5 +1,6 @@
-"""Multiply-adds of one UNet row, and the share of them that projects the prompt into cross-attention keys and
-values (the same on every sampling step of a request).
+"""Multiply-adds of one UNet row, the share of them that projects the prompt into cross-attention keys and values
+(the same on every sampling step of a request), and the share the UNet's shallow part alone takes (what a step
+between whole steps costs under feature caching, ``cache_interval``).
 
     python benchmarks/count_unet_macs.py --checkpoint models/shapes-demo
     python benchmarks/count_unet_macs.py --preset sd15 --latent-size 16
@@ -54,8 +55,14 @@ def main() -> None:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         unet(*inputs)
     total = counter.get_total_flops() / 2
+    with torch.no_grad():
+        _, deep_features = unet.forward_with_deep_features(*inputs)
+        with FlopCounterMode(display=False) as shallow_counter:
+            unet.forward_shallow(*inputs, deep_features)
+    shallow = shallow_counter.get_total_flops() / 2
     print(f"one UNet row at {size}x{size} latents: {total / 1e6:.1f} MMAC; cross-attention keys and values of the "
-          f"prompt: {key_value_macs[0] / 1e6:.1f} MMAC ({100 * key_value_macs[0] / total:.1f}%)")
+          f"prompt: {key_value_macs[0] / 1e6:.1f} MMAC ({100 * key_value_macs[0] / total:.1f}%); the shallow part "
+          f"alone: {shallow / 1e6:.1f} MMAC ({100 * shallow / total:.1f}%)")
 
 
 if __name__ == "__main__":
