@@ -3,6 +3,8 @@ tokenizer/) that ldm-sample, ldm-export and ldm-serve take.
 
     ldm-import path/to/stable-diffusion-v1-5 --out runs/sd15      # a diffusers folder (safetensors weights)
     ldm-import v2-1_768-ema-pruned.safetensors --tokenizer sd21/tokenizer --prediction-type v_prediction --out runs/sd21
+    ldm-import path/to/stable-diffusion-v1-5 --lora style.safetensors:0.8 --out runs/sd15-style   # a LoRA fused in
+    ldm-import runs/ldm --lora style.safetensors --out runs/ldm-style                # into one of our checkpoint dirs
 
 A diffusers folder holds ``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/`` and
 ``scheduler/``. Our networks use diffusers' parameter names, so the UNet and VAE weights keep their keys; the
@@ -11,8 +13,12 @@ cross-attention over all 77 tokens, epsilon or v prediction, linear projections,
 attention, the VAE scaling factor, the scheduler's settings and the sampler its class names) is written into
 model.json.
 
+``--lora FILE[:SCALE]`` (repeatable) fuses LoRA adapters into the weights written, and model.json records each one's
+file name, sha256 and scale (``ldm_export.lora``); on a checkpoint dir (ldm-train's or ldm-import's) it writes a copy
+with the adapters fused.
+
 Pickled weights (``.ckpt``, ``.bin``, ``.pt``) are refused, never loaded: unpickling runs code. So are the kinds
-this runtime does not run (SDXL, SD3, Flux, inpainting UNets, LoRA files), each named in one line.
+this runtime does not run (SDXL, SD3, Flux, inpainting UNets, a LoRA file as the source), each named in one line.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from ldm_export.diffusers_config import autoencoder_from_diffusers, text_encoder_from_transformers, unet_from_diffusers
 from ldm_export.diffusers_limits import MODEL_INDEX_LIMITS, SCHEDULER_LIMITS, check_values
@@ -28,14 +34,16 @@ from ldm_export.diffusers_scheduler import schedule_from_diffusers
 from ldm_export.errors import ImportRefusedError
 from ldm_export.imported_checkpoint import (checked_weights, clip_shapes, clip_state_dict, fit_state_dict,
                                             write_checkpoint)
+from ldm_export.lora import AdapterFile, adapter_argument, fuse_checkpoint, fuse_into_import
 from ldm_export.sd_single_file import import_single_file
-from ldm_export.untrusted_files import read_json_object, read_safetensors_header
+from ldm_export.untrusted_files import PICKLE_SUFFIXES, read_json_object, read_safetensors_header
 from ldm_runtime.command_line import OneLineArgumentParser, report_user_error
 from ldm_runtime.config import ConfigError, ModelConfig
 from ldm_runtime.errors import UserError
 
 PROG = "ldm-import"
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")
+LORA_SOURCE = ("LoRA weights (an adapter for a base model, not a model); pass it as --lora FILE[:SCALE] to the "
+               "import of its base model")
 CONVERT_HINT = ("convert it to .safetensors first, in a throwaway environment you trust with the file (e.g. "
                 "diffusers' scripts/convert_original_stable_diffusion_to_diffusers.py --to_safetensors), "
                 "or download the .safetensors release")
@@ -90,8 +98,7 @@ def _weights_file(component: Path) -> Path:
 
 def _refuse_lora(names, where: Path) -> None:
     if any("lora" in name.lower() for name in names):
-        raise ImportRefusedError(f"{where} holds LoRA weights (an adapter for a base model, not a model); "
-                                 f"merge it into its base model and import that")
+        raise ImportRefusedError(f"{where} holds {LORA_SOURCE}")
 
 
 # --- weights ---------------------------------------------------------------------------------------------------
@@ -114,8 +121,10 @@ def _rename_legacy_vae(tensors: dict[str, Any]) -> dict[str, Any]:
 # --- the import ------------------------------------------------------------------------------------------------
 
 def import_diffusers_folder(source: Path, out: Path, clip_skip: int = 0,
-                            log: Callable[[str], None] = lambda line: None) -> Path:
-    """Write checkpoint dir ``out`` from the diffusers Stable Diffusion folder ``source``; returns ``out``.
+                            log: Callable[[str], None] = lambda line: None,
+                            adapters: Sequence[AdapterFile] = ()) -> Path:
+    """Write checkpoint dir ``out`` from the diffusers Stable Diffusion folder ``source``, ``adapters`` fused;
+    returns ``out``.
 
     ``out`` appears complete or not at all (written in a sibling temporary folder, then renamed).
     """
@@ -173,6 +182,7 @@ def import_diffusers_folder(source: Path, out: Path, clip_skip: int = 0,
         "text_encoder": checked_weights(text_file, read_safetensors_header(text_file), lambda tensors: fit_state_dict(
             text_shapes, clip_state_dict(tensors, text_shapes), "text encoder", text_file)),
     }
+    config, weights = fuse_into_import(config, weights, adapters, log)
     write_checkpoint(out, config, weights, source / "tokenizer",
                      settings={"source": source.name, "clip_skip": clip_skip})
     for line in scheduler_notes:
@@ -184,7 +194,7 @@ def import_diffusers_folder(source: Path, out: Path, clip_skip: int = 0,
 
 # Keys that only one kind of single-file checkpoint has, in the order they are looked for.
 SINGLE_FILE_KINDS = (
-    ("lora", "LoRA weights (an adapter for a base model, not a model); merge it into its base model and import that"),
+    ("lora", LORA_SOURCE),
     ("conditioner.embedders.1", "SDXL"),
     ("joint_blocks.", "Stable Diffusion 3"),
     ("double_blocks.", "Flux"),
@@ -206,13 +216,23 @@ def refuse_unsupported_single_file(path: Path, header: dict[str, tuple[str, tupl
 
 def import_source(source: str | Path, out: str | Path, clip_skip: int = 0,
                   log: Callable[[str], None] = lambda line: None, tokenizer: str | Path | None = None,
-                  prediction_type: str | None = None, image_size: int | None = None) -> Path:
+                  prediction_type: str | None = None, image_size: int | None = None,
+                  adapters: Sequence[AdapterFile] = ()) -> Path:
     """Import ``source`` (a diffusers folder, or an original-layout .safetensors file with ``tokenizer``, a CLIP
-    tokenizer folder, and for SD 2.x ``prediction_type``) into checkpoint dir ``out``; ``ImportRefusedError`` in
-    one sentence for anything it does not take."""
+    tokenizer folder, and for SD 2.x ``prediction_type``) into checkpoint dir ``out`` with ``adapters`` fused, or
+    fuse ``adapters`` into a copy of checkpoint dir ``source``; ``ImportRefusedError`` in one sentence for anything
+    it does not take."""
     source, out = Path(source), Path(out)
     if out.exists():
         raise ImportRefusedError(f"--out {out} already exists; expected a new folder")
+    if source.is_dir() and (source / "model.json").is_file() and not (source / "model_index.json").exists():
+        flags = (("--clip-skip", clip_skip), ("--tokenizer", tokenizer), ("--prediction-type", prediction_type),
+                 ("--image-size", image_size))
+        given = [flag for flag, value in flags if value]
+        if not adapters or given:
+            raise ImportRefusedError(f"{source} is already a checkpoint dir; expected --lora FILE[:SCALE] to fuse "
+                                     f"adapters into a copy of it" + (f", and no {given[0]}" if given else ""))
+        return fuse_checkpoint(source, out, adapters, log)
     if source.is_file():
         if source.suffix.lower() in PICKLE_SUFFIXES:
             refuse_pickle(source)
@@ -220,7 +240,7 @@ def import_source(source: str | Path, out: str | Path, clip_skip: int = 0,
             header = read_safetensors_header(source)
             refuse_unsupported_single_file(source, header)
             return import_single_file(source, header, out, None if tokenizer is None else Path(tokenizer),
-                                      prediction_type, image_size, clip_skip, log)
+                                      prediction_type, image_size, clip_skip, log, adapters)
         raise ImportRefusedError(f"{source} is neither a .safetensors file nor a folder; ldm-import takes a diffusers "
                                  f"folder or an original-layout Stable Diffusion .safetensors file")
     if source.exists() and not source.is_dir():
@@ -230,17 +250,18 @@ def import_source(source: str | Path, out: str | Path, clip_skip: int = 0,
         raise ImportRefusedError(f"{source} does not exist; expected a diffusers Stable Diffusion folder")
     if not (source / "model_index.json").is_file():
         if any(path.name.startswith("pytorch_lora_weights") for path in source.iterdir()):
-            raise ImportRefusedError(f"{source} holds LoRA weights (an adapter for a base model, not a model); "
-                                     f"merge it into its base model and import that")
-        raise ImportRefusedError(f"{source} has no model_index.json; expected a diffusers Stable Diffusion folder")
-    return import_diffusers_folder(source, out, clip_skip, log)
+            raise ImportRefusedError(f"{source} holds {LORA_SOURCE}")
+        raise ImportRefusedError(f"{source} has no model_index.json; expected a diffusers Stable Diffusion folder "
+                                 f"(or, with --lora, a checkpoint dir)")
+    return import_diffusers_folder(source, out, clip_skip, log, adapters)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog=PROG, description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", metavar="SOURCE", help="a diffusers Stable Diffusion 1.x/2.x folder, or one "
-                                                         "original-layout .safetensors file")
+                                                         "original-layout .safetensors file; with --lora, also a "
+                                                         "checkpoint dir (ldm-train's or ldm-import's)")
     parser.add_argument("--out", required=True, metavar="CHECKPOINT_DIR", help="checkpoint dir to write (must not "
                                                                                  "exist)")
     parser.add_argument("--clip-skip", type=int, default=0, metavar="N",
@@ -254,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "v_prediction, 512-base: epsilon); SD 1.x: epsilon")
     parser.add_argument("--image-size", type=int, default=None, metavar="PIXELS",
                         help="single files only: the model's native size (default: 768 for v_prediction, else 512)")
+    parser.add_argument("--lora", action="append", type=adapter_argument, default=[], metavar="FILE[:SCALE]",
+                        help="fuse this LoRA adapter (.safetensors, diffusers/PEFT or kohya layout; UNet and text "
+                             "encoder, linear and LoCon layers) into the weights at SCALE (default 1), recorded in "
+                             "model.json; repeatable, applied in order")
     return parser
 
 
@@ -265,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         import_source(args.source, args.out, args.clip_skip, _log, tokenizer=args.tokenizer,
-                      prediction_type=args.prediction_type, image_size=args.image_size)
+                      prediction_type=args.prediction_type, image_size=args.image_size, adapters=args.lora)
     except UserError as error:
         return report_user_error(PROG, error)
     except KeyboardInterrupt:

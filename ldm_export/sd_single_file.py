@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from ldm_export.diffusers_config import autoencoder_to_diffusers, unet_to_diffusers
 from ldm_export.diffusers_limits import TEXT_ENCODER_LIMITS, UNET_LIMITS, VAE_LIMITS, check_values
@@ -27,6 +27,7 @@ from ldm_export.diffusers_scheduler import IMPORTED_STEPS
 from ldm_export.errors import ImportRefusedError
 from ldm_export.imported_checkpoint import (canonical_clip, checked_weights, clip_shapes, clip_state_dict,
                                             fit_state_dict, write_checkpoint)
+from ldm_export.lora import AdapterFile, fuse_into_import
 from ldm_export.untrusted_files import shape_only
 from ldm_runtime.config import (AutoencoderConfig, ConfigError, DDIMConfig, ModelConfig, SamplerDefaults,
                                 ScheduleConfig, TextEncoderConfig, UNetConfig)
@@ -272,9 +273,10 @@ def _renamed(tensors: dict[str, Any], sources: dict[str, str]) -> dict[str, Any]
 
 
 def import_single_file(path: Path, header: dict[str, tuple[str, tuple[int, ...]]], out: Path, tokenizer: Path | None,
-                       prediction_type: str | None, image_size: int | None, clip_skip: int, log) -> Path:
-    """Checkpoint dir ``out`` from the original-layout SD 1.x/2.x file ``path`` (see the module docstring), whose
-    safetensors ``header`` is checked first: every refusal comes before a tensor is read."""
+                       prediction_type: str | None, image_size: int | None, clip_skip: int, log,
+                       adapters: Sequence[AdapterFile] = ()) -> Path:
+    """Checkpoint dir ``out`` from the original-layout SD 1.x/2.x file ``path`` (see the module docstring), with
+    ``adapters`` fused, whose safetensors ``header`` is checked first: every refusal comes before a tensor is read."""
     openclip = any(name.startswith(OPENCLIP_PREFIX) for name in header)
     if not all(any(name.startswith(prefix) for name in header)
                for prefix in (UNET_PREFIX, VAE_PREFIX, OPENCLIP_PREFIX if openclip else CLIP_PREFIX)):
@@ -336,6 +338,7 @@ def import_single_file(path: Path, header: dict[str, tuple[str, tuple[int, ...]]
         "text_encoder": checked_weights(path, header, lambda tensors: fit_state_dict(
             text_shapes, clip_state_dict(text_of(tensors), text_shapes), "text encoder", path), text_names),
     }
+    config, weights = fuse_into_import(config, weights, adapters, log)
     write_checkpoint(out, config, weights, tokenizer,
                      settings={"source": path.name, "clip_skip": clip_skip, "ema": ema,
                                "prediction_type": config.schedule.prediction_type, "image_size": config.image_size})

@@ -23,6 +23,7 @@ MAX_HEADER_BYTES = 16 << 20  # SD 1.x with its EMA copy: about 1,900 tensors in 
 MAX_TENSORS = 20_000  # SDXL with an EMA copy: about 5,000
 MAX_NAME_CHARS = 256  # the longest SD key is under 100 characters
 MAX_RANK = 8
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")  # refused by name, never opened: unpickling runs code
 # safetensors dtype -> (bytes per element, torch dtype name)
 DTYPES = {"F64": (8, "float64"), "F32": (4, "float32"), "F16": (2, "float16"), "BF16": (2, "bfloat16"),
           "F8_E4M3": (1, "float8_e4m3fn"), "F8_E5M2": (1, "float8_e5m2"), "I64": (8, "int64"), "I32": (4, "int32"),
@@ -96,6 +97,15 @@ def _refuse_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return data
 
 
+def parse_json_text(text: str, what: str) -> Any:
+    """The JSON value in ``text`` (a string a file holds, such as a safetensors metadata entry; ``what``: where it
+    is, for the message), at most ``MAX_JSON_DEPTH`` levels deep."""
+    data = _parse_json(text.encode("utf-8", "surrogatepass"), what)
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise ImportRefusedError(f"{what} nests lists or objects more than {MAX_JSON_DEPTH} levels deep")
+    return data
+
+
 def read_json_object(path: Path, expected: str) -> dict[str, Any]:
     """The JSON object in file ``path`` (``expected``: what it should be, for the message)."""
     size = regular_file_size(path, expected)
@@ -146,6 +156,11 @@ def _checked_entry(path: Path, name: Any, entry: Any) -> tuple[str, tuple[int, .
 def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{tensor name: (safetensors dtype, shape)} of .safetensors file ``path``, read from its header alone after
     checking that the tensors it describes fill the rest of the file exactly, back to back."""
+    return read_safetensors_header_and_metadata(path)[0]
+
+
+def read_safetensors_header_and_metadata(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]], dict[str, str]]:
+    """``read_safetensors_header``'s tensors and the header's ``__metadata__`` (strings by name)."""
     expected = "a complete safetensors file"
     size = regular_file_size(path, expected)
     with open(path, "rb") as handle:
@@ -176,7 +191,7 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]
     if position != size - 8 - length:
         raise ImportRefusedError(f"{path} holds {size - 8 - length} bytes of tensor data but its header describes "
                                  f"{position}; expected {expected} (is it truncated?)")
-    return tensors
+    return tensors, metadata
 
 
 def _torch_dtype(dtype: str):

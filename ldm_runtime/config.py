@@ -73,6 +73,10 @@ MAX_CODEBOOK_SIZE = 262_144  # VQGAN: 16384
 LATENT_SCALE_FACTORS = (1e-3, 1e3)  # SD: 0.18215; SDXL: 0.13025; SD 3: 1.5305
 LAYER_NORM_EPS = (1e-12, 0.1)  # BERT: 1e-12; CLIP: 1e-5
 MAX_CLIP_SAMPLE_RANGE = 1000.0  # diffusers: 1
+MAX_ADAPTERS = 16  # LoRA adapters fused into one checkpoint (ldm-import --lora)
+# A LoRA's scale: 0 to 1 as usually applied, negative or above 1 for "slider" adapters; past 10 the change swamps the
+# weights it is added to
+ADAPTER_SCALES = (-10.0, 10.0)
 
 
 @dataclass(frozen=True)
@@ -384,7 +388,11 @@ class SamplerDefaults:
         return DEFAULT_STEPS if sampler == DEFAULT_SAMPLER else OTHER_SAMPLER_STEPS
 
     def to_dict(self) -> dict[str, Any]:
+        """The model.json entry; the guidance and cache defaults only where set."""
         data = dataclasses.asdict(self)
+        for name in ("guidance_interval", "cache_interval", "cache_schedule"):
+            if data[name] is None:
+                del data[name]
         if self.guidance_interval is not None:
             data["guidance_interval"] = list(self.guidance_interval)
         return data
@@ -409,6 +417,9 @@ class ModelConfig:
     sampler: DDIMConfig = field(default_factory=DDIMConfig)
     # The sampler and steps of a request that names none, and the other samplers' spacing (SamplerDefaults)
     default_sampler: SamplerDefaults = field(default_factory=SamplerDefaults)
+    # The LoRA adapters fused into the weights, in the order applied (ldm-import --lora): each
+    # {"file": its name, "sha256": its digest, "scale": the scale it was fused at}
+    adapters: tuple[dict[str, Any], ...] = ()
     format_version: int = FORMAT_VERSION
 
     @property
@@ -446,6 +457,7 @@ class ModelConfig:
         if (self.default_sampler.steps or 0) > self.schedule.num_train_timesteps:
             raise ConfigError(f"default_sampler.steps is {self.default_sampler.steps}; expected an integer from 1 to "
                               f"{self.schedule.num_train_timesteps} (schedule.num_train_timesteps)")
+        _check_adapters(self.adapters)
         if self.image_size % self.autoencoder.factor:
             raise ConfigError(
                 f"image_size {self.image_size} is not divisible by the autoencoder factor {self.autoencoder.factor}"
@@ -457,7 +469,9 @@ class ModelConfig:
             )
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+        data = dataclasses.asdict(self)
+        data["default_sampler"] = self.default_sampler.to_dict()
+        return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> "ModelConfig":
@@ -506,6 +520,25 @@ def check_number(name: str, value: Any, low: float, high: float, meaning: str = 
 def check_latent_scale_factor(name: str, value: Any) -> None:
     """``ConfigError`` unless ``value`` lies in ``LATENT_SCALE_FACTORS`` (model.json's and manifest.json's)."""
     check_number(name, value, *LATENT_SCALE_FACTORS, "1 / the std of the training latents")
+
+
+def _check_adapters(adapters: Any) -> None:
+    """``ConfigError`` naming the first of model.json's ``adapters`` that is not {"file": a file name, "sha256": 64 hex
+    digits, "scale": a number in ``ADAPTER_SCALES``}, or more than ``MAX_ADAPTERS`` of them."""
+    if not isinstance(adapters, tuple) or len(adapters) > MAX_ADAPTERS:
+        raise ConfigError(f"adapters has {len(adapters) if isinstance(adapters, tuple) else repr(adapters)} entries; "
+                          f"expected a list of at most {MAX_ADAPTERS}")
+    for index, adapter in enumerate(adapters):
+        where = f"adapters[{index}]"
+        if not isinstance(adapter, dict) or sorted(adapter) != ["file", "scale", "sha256"]:
+            keys = sorted(adapter) if isinstance(adapter, dict) else type(adapter).__name__
+            raise ConfigError(f"{where} is {keys}; expected an object of file, sha256 and scale")
+        name, digest = adapter["file"], adapter["sha256"]
+        if not isinstance(name, str) or not 1 <= len(name) <= 255 or not name.isprintable() or "/" in name:
+            raise ConfigError(f"{where}.file is {name!r:.80}; expected a file name of 1 to 255 printable characters")
+        if not isinstance(digest, str) or len(digest) != 64 or any(char not in "0123456789abcdef" for char in digest):
+            raise ConfigError(f"{where}.sha256 is {digest!r:.80}; expected 64 lowercase hexadecimal digits")
+        check_number(f"{where}.scale", adapter["scale"], *ADAPTER_SCALES)
 
 
 def _check_flag(name: str, value: Any) -> None:

@@ -34,7 +34,7 @@ FORBIDDEN = {
 RUNTIME_FLOORS = {
     "basics": ("__init__.py", "errors.py", "arrays.py", "files.py", "staging.py", "folder_swap.py", "images.py",
                "command_line.py"),
-    "numerics": ("config.py", "noise.py", "guidance.py", "schedulers/", "models/"),  # the model and its maths
+    "numerics": ("config.py", "noise.py", "guidance.py", "deep_cache.py", "schedulers/", "models/"),  # the model, maths
     "folders": ("checkpoint.py", "manifest.py"),  # reading a checkpoint dir and an engine dir
     "engines": ("engines/",),
     "pipeline": ("pipeline.py",),

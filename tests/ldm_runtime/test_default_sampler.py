@@ -110,8 +110,7 @@ def test_ldm_export_carries_the_default_into_the_manifest_and_the_engine_dir_sam
                         "--batch-range", "1:2:4"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["default_sampler"] == {"name": "euler", "steps": 3, "timestep_spacing": "trailing",
-                                           "steps_offset": 0, "guidance_interval": None, "cache_interval": None,
-                                           "cache_schedule": None}
+                                           "steps_offset": 0}
     engine_dir = Pipeline(load_engine(out, engine="onnxruntime"))
     eager = Pipeline(TorchEngine(euler_checkpoint, device="cpu"))
     assert (engine_dir.default_sampler, engine_dir.default_steps) == ("euler", 3)
