@@ -21,6 +21,20 @@ in turn), with the images/s of each against the one process:
     OMP_NUM_THREADS=1 python benchmarks/load_test.py --model runs/engine-shapes-random --build shapes \
         --replicas 1,2 --concurrency 16 --seconds 60
 
+``--curve 0.25,0.5,0.8,1,1.25,1.5`` instead draws load curves, as the serving benchmarks of vLLM and SGLang do: it
+starts ``ldm-serve`` once per batching mode with a bounded queue (``--curve-queue``), measures each mode's capacity
+(completed requests/s of ``--capacity-clients`` closed-loop clients for ``--capacity-seconds``, after as long as
+``--warm-up-seconds`` of the same, not counted) and takes the highest as the server's capacity, then offers each mode the same open-loop Poisson arrivals at each multiple of it
+for ``--seconds``, the modes taking turns at each load. Requests mix ``--mix-steps`` step counts, ``--mix-sizes``
+image sides and guidance on (``--guidance``) or off (1), drawn per request. Per mode and load it records completed
+requests/s (answered 200 over the time from the first arrival to the last answer), p50/p90/p99 latency (the
+client's, request to answer) split into queue wait and service (the server's ``timings``: arrival to start, start
+to answer), and the share refused with 429. Tables print as Markdown; ``--plot`` draws the curves:
+
+    OMP_NUM_THREADS=1 python benchmarks/load_test.py --model runs/serve-load-tiny --build tiny --max-batch 8 \
+        --curve 0.25,0.5,0.8,1,1.25,1.5 --seconds 40 --json benchmarks/results/cpu-load-curves.json \
+        --plot benchmarks/results/cpu-load-curves.png
+
 ``--build PRESET`` first writes a random-weight checkpoint of an ``ldm_runtime.config`` preset ("shapes": the
 4.6 M parameter UNet with MiniLM; "tiny": the 16 px model the tests export) and exports it to ``--model`` with a
 UNet batch range up to 32, unless ``--model`` already holds an engine dir.
@@ -189,6 +203,176 @@ async def overload(url: str, clients: int, steps: list[int], guidance: float, se
     return counts
 
 
+def mixed_body(rng: np.random.Generator, steps: list[int], sizes: list[int], guidance: float) -> dict:
+    """A request of the load curves' traffic mix: its steps, side and guidance (on, or 1: off) drawn at random."""
+    side = int(rng.choice(sizes))
+    return {**request_body(rng, steps, float(rng.choice([guidance, 1.0]))), "width": side, "height": side}
+
+
+async def open_loop(url: str, rate: float, seconds: float, steps: list[int], sizes: list[int], guidance: float,
+                    seed: int) -> dict:
+    """Poisson arrivals at ``rate`` requests/s for ``seconds``, each sent when it arrives whatever is in flight;
+    every answer awaited. The same ``seed`` gives the same arrivals and requests."""
+    rng = np.random.default_rng(seed)
+    arrivals = np.cumsum(rng.exponential(1.0 / rate, size=max(1, int(rate * seconds * 2) + 10)))
+    arrivals = arrivals[arrivals < seconds]
+    bodies = [mixed_body(rng, steps, sizes, guidance) for _ in arrivals]
+    answers: list[dict] = []
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=64)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        began = time.monotonic()
+
+        async def one(at: float, body: dict) -> None:
+            await asyncio.sleep(max(0.0, began + at - time.monotonic()))  # the request's arrival time
+            sent = time.monotonic()
+            try:
+                response = await client.post(f"{url}/v1/images", json=body)
+            except httpx.HTTPError as error:
+                answers.append({"status": type(error).__name__})
+                return
+            answer = {"status": str(response.status_code), "done_s": time.monotonic() - began,
+                      "latency_s": time.monotonic() - sent, "steps": body["steps"]}
+            if response.status_code == 200:
+                timings = response.json()["timings"]
+                answer.update(queue_s=timings["queue_ms"] / 1e3, service_s=timings["compute_ms"] / 1e3)
+            answers.append(answer)
+
+        await asyncio.gather(*(one(float(at), body) for at, body in zip(arrivals, bodies)))
+    return {"rate": rate, "seconds": seconds, "sent": len(bodies), "answers": answers}
+
+
+def curve_point(run: dict, load: float) -> dict:
+    """One load's figures from ``open_loop``'s answers: completed requests/s over the arrival window or, when
+    answers come later, up to the last answer."""
+    done = [answer for answer in run["answers"] if answer["status"] == "200"]
+    statuses: dict[str, int] = {}
+    for answer in run["answers"]:
+        statuses[answer["status"]] = statuses.get(answer["status"], 0) + 1
+    span = max([run["seconds"]] + [answer["done_s"] for answer in done])  # the window, or to the last answer
+
+    def percentiles(key: str) -> list[float]:
+        values = np.array([answer[key] for answer in done]) if done else np.array([np.nan])
+        return [float(np.percentile(values, q) * 1e3) for q in (50, 90, 99)]
+
+    return {"load": load, "offered_per_s": run["rate"], "sent": run["sent"], "completed": len(done),
+            "completed_per_s": len(done) / span, "statuses": statuses,
+            "rejected_share": statuses.get("429", 0) / max(1, run["sent"]),
+            "latency_ms": percentiles("latency_s"), "queue_ms": percentiles("queue_s"),
+            "service_ms": percentiles("service_s")}
+
+
+def load_curves(model: Path, serve_flags: list[str], modes: list[str], loads: list[float], args) -> dict:
+    """Every mode's capacity, then its curve over ``loads`` (multiples of the highest capacity)."""
+    steps = [int(value) for value in args.mix_steps.split(",")]
+    sizes = [int(value) for value in args.mix_sizes.split(",")]
+    clients = args.curve_queue if args.capacity_clients is None else args.capacity_clients
+    flags = serve_flags + ["--max-queue", str(args.curve_queue), "--max-steps", str(max(steps)),
+                           "--default-steps", str(min(steps))]
+    servers = {mode: start_server(model, flags + ["--batching", mode]) for mode in modes}
+    capacities: dict[str, float] = {}
+    points: dict[str, list[dict]] = {mode: [] for mode in modes}
+    try:
+        for mode in modes:
+            # first every size at every batch size the mix makes: an engine's first call of a shape costs more
+            asyncio.run(closed_loop_mixed(servers[mode].url, clients, args.warm_up_seconds, steps,
+                                          sizes, args.guidance, args.seed + 500))
+            if args.capacity is not None:
+                continue
+            cell = asyncio.run(closed_loop_mixed(servers[mode].url, clients, args.capacity_seconds,
+                                                 steps, sizes, args.guidance, args.seed))
+            capacities[mode] = cell["completed_per_s"]
+            print(f"{mode:8s} capacity: {capacities[mode]:.2f} requests/s ({clients} closed-loop "
+                  f"clients, {cell['errors']} errors)", file=sys.stderr, flush=True)
+        capacity = max(capacities.values()) if args.capacity is None else args.capacity
+        for index, load in enumerate(loads):
+            for mode in modes:
+                run = asyncio.run(open_loop(servers[mode].url, load * capacity, args.seconds, steps, sizes,
+                                            args.guidance, args.seed + 1000 + index))
+                point = curve_point(run, load)
+                points[mode].append(point)
+                print(f"{mode:8s} {load:4.2f}x: {point['completed_per_s']:6.2f}/s done, p50/p90/p99 "
+                      f"{'/'.join(f'{value:.0f}' for value in point['latency_ms'])} ms (queue p99 "
+                      f"{point['queue_ms'][2]:.0f}), 429 {point['rejected_share']:.0%}", file=sys.stderr, flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+    return {"capacity_per_s": capacity, "capacities_per_s": capacities, "mix": {"steps": steps, "sizes": sizes,
+            "guidance": [args.guidance, 1.0]}, "queue": args.curve_queue, "seconds": args.seconds, "curves": points}
+
+
+async def closed_loop_mixed(url: str, clients: int, seconds: float, steps: list[int], sizes: list[int],
+                            guidance: float, seed: int) -> dict:
+    """``clients`` closed-loop clients sending the load curves' traffic mix: completed requests/s and errors."""
+    done, errors = 0, 0
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        stop_at = time.monotonic() + seconds
+
+        async def one_client(index: int) -> None:
+            nonlocal done, errors
+            rng = np.random.default_rng([seed, index])
+            while time.monotonic() < stop_at:
+                try:
+                    response = await client.post(f"{url}/v1/images", json=mixed_body(rng, steps, sizes, guidance))
+                except httpx.HTTPError:
+                    errors += 1
+                    continue
+                if response.status_code == 200:
+                    done += 1
+                else:
+                    errors += 1
+
+        began = time.monotonic()
+        await asyncio.gather(*(one_client(index) for index in range(clients)))
+    return {"completed_per_s": done / (time.monotonic() - began), "errors": errors}
+
+
+def curves_table(result: dict) -> str:
+    """The load curves as Markdown: a row per load, a column group per mode."""
+    modes = list(result["curves"])
+    lines = ["| load | offered/s | " + " | ".join(f"{mode}: done/s, p50 / p90 / p99 ms (queue p99), 429"
+                                                  for mode in modes) + " |",
+             "|" + " --- |" * (len(modes) + 2)]
+    for index, point in enumerate(result["curves"][modes[0]]):
+        cells = []
+        for mode in modes:
+            cell = result["curves"][mode][index]
+            latency = " / ".join(f"{value:.0f}" for value in cell["latency_ms"])
+            cells.append(f"{cell['completed_per_s']:.2f}, {latency} ({cell['queue_ms'][2]:.0f}), "
+                         f"{cell['rejected_share']:.0%}")
+        lines.append(f"| {point['load']:g}× | {point['offered_per_s']:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(result: dict, path: Path, title: str) -> None:
+    """p50 and p99 latency, completed requests/s and the 429 share against offered load, a line per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    for mode, points in result["curves"].items():
+        loads = [point["load"] for point in points]
+        line, = axes[0].plot(loads, [point["latency_ms"][2] / 1e3 for point in points], marker="o",
+                             label=f"{mode} p99")
+        axes[0].plot(loads, [point["latency_ms"][0] / 1e3 for point in points], marker=".", linestyle="--",
+                     color=line.get_color(), label=f"{mode} p50")
+        axes[1].plot(loads, [point["completed_per_s"] for point in points], marker="o", label=mode)
+        axes[2].plot(loads, [100 * point["rejected_share"] for point in points], marker="o", label=mode)
+    offered = [point["offered_per_s"] for point in next(iter(result["curves"].values()))]
+    axes[1].plot([point["load"] for point in next(iter(result["curves"].values()))], offered, color="grey",
+                 linestyle=":", label="offered")
+    for axis, label in zip(axes, ("latency (s)", "completed requests/s", "refused with 429 (%)")):
+        axis.set_xlabel(f"offered load (× capacity {result['capacity_per_s']:.2f} requests/s)")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=8)
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
 def markdown_table(results: dict[str, list[dict]], concurrencies: list[int]) -> str:
     header = "| concurrency | " + " | ".join(f"{mode}: img/s, p50 / p95 / p99 ms, errors" for mode in MODES) + " |"
     lines = [header, "|" + " --- |" * (len(MODES) + 1)]
@@ -226,6 +410,22 @@ def main(argv: list[str] | None = None) -> int:
                              "openvino compiles each batch bucket on its first use, in every replica)")
     parser.add_argument("--replicas", default=None, metavar="R,R...",
                         help="compare one process with ldm-serve --replicas R for each R instead (the ray extra)")
+    parser.add_argument("--curve", default=None, metavar="LOAD,LOAD...",
+                        help="draw load curves at these multiples of the measured capacity instead")
+    parser.add_argument("--mix-steps", default="10,20,30,40,50", help="--curve: step counts requests draw from")
+    parser.add_argument("--mix-sizes", default="16,24,32", help="--curve: image sides requests draw from")
+    parser.add_argument("--curve-queue", type=int, default=16, help="--curve: ldm-serve --max-queue")
+    parser.add_argument("--capacity-clients", type=int, default=None,
+                        help="--curve: closed-loop clients that measure capacity (default: --curve-queue, so that "
+                             "the queue is never full and no client is refused)")
+    parser.add_argument("--capacity-seconds", type=float, default=30.0,
+                        help="--curve: seconds each mode's capacity is measured for")
+    parser.add_argument("--capacity", type=float, default=None, metavar="REQUESTS_PER_S",
+                        help="--curve: take this capacity instead of measuring it (another run's, so that the "
+                             "offered loads are the same)")
+    parser.add_argument("--warm-up-seconds", type=float, default=15.0,
+                        help="--curve: seconds of the same closed loop, not counted, before capacity is measured")
+    parser.add_argument("--plot", type=Path, default=None, help="--curve: draw the curves into this PNG")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
@@ -235,12 +435,26 @@ def main(argv: list[str] | None = None) -> int:
     if args.build and not (args.model / "manifest.json").is_file():
         build_model(args.build, args.model)
 
+    mix = (f"steps drawn from {args.mix_steps}, sides from {args.mix_sizes}, guidance {args.guidance} or 1"
+           if args.curve else f"steps drawn from {steps}, guidance {args.guidance}")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
-          f"{platform.python_version()}; model {args.model}; steps drawn from {steps}, guidance {args.guidance}",
-          file=sys.stderr)
+          f"{platform.python_version()}; model {args.model}; {mix}", file=sys.stderr)
     serve_flags = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
                    "--max-steps", str(max(steps)), "--default-steps", str(min(steps)), "--request-timeout", "600",
                    "--engine", args.engine]
+    if args.curve:
+        curve_flags = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
+                       "--request-timeout", "600", "--engine", args.engine]
+        result = load_curves(args.model, curve_flags, modes, [float(value) for value in args.curve.split(",")], args)
+        result["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+        print(curves_table(result))
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+        if args.plot:
+            plot_curves(result, args.plot, f"ldm-serve load curves: {args.model.name}, --max-batch {args.max_batch}, "
+                                           f"--max-queue {args.curve_queue}, steps {args.mix_steps}, sides "
+                                           f"{args.mix_sizes}, guidance {args.guidance:g} or 1")
+        return 0
     if args.replicas:
         counts = [int(value) for value in args.replicas.split(",")]
         results = compare_replicas(args.model, serve_flags + ["--max-queue", str(4 * max(concurrencies))], counts,

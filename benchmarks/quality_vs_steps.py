@@ -19,6 +19,10 @@ The bar (``--bar``, default ddim at 25 steps) is met by a setting whose adherenc
 every attribute and whose FID is at most 5% above it; the table marks those, and the summary names the fastest
 (fewest UNet calls, then most images per second) of each sampler and overall, with its images/s against the
 best DDIM setting that meets the bar and against the bar itself.
+
+``ldm-eval frontier`` (``ldm_tools/frontier.py``) measures the same on any list of engines, precisions, samplers,
+cache and guidance intervals, adds the distance to a reference run for models without a judge, and plots the
+frontier; this script keeps the sampler-by-steps grid and its resumable JSON.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import numpy as np
 
 from ldm_runtime.engines import load_engine
 from ldm_runtime.schedulers import SAMPLER_NAMES
-from ldm_tools.evaluate import DEFAULT_CLASSIFIER, _load_classifier, generate_images, score_samples
+from ldm_tools.evaluate import DEFAULT_CLASSIFIER, generate_images, load_judge, score_samples
 
 DDIM_STEPS = (4, 6, 8, 10, 25, 50)
 SAMPLER_STEPS = (2, 3, 4, 5, 6, 8, 10, 15)
@@ -182,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stored = json.loads(args.json.read_text()) if args.json.is_file() else {}
     results: dict[str, dict] = stored.get("results", {})
-    classifier, _ = _load_classifier(str(DEFAULT_CLASSIFIER))
+    classifier, _ = load_judge(str(DEFAULT_CLASSIFIER))
     engine = load_engine(args.model, engine=args.engine)
     count = args.num_prompts
     prompts = ShapesDataset.heldout(count, engine.info.image_size, 0)

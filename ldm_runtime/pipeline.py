@@ -1,7 +1,7 @@
-"""Text to image over any engine: requests in, ``(H, W, 3) uint8`` images out.
+"""Text to image, image to image and inpainting over any engine: requests in, ``(H, W, 3) uint8`` images out.
 
 Each image is a function of its own request only (prompt, negative prompt, seed, sampler, steps, guidance,
-eta, size), never of the requests it shares a batch with: its noise comes from its own seed
+eta, size, init image, strength, mask), never of the requests it shares a batch with: its noise comes from its own seed
 (``ldm_runtime.noise``), and every operation on a batch works row by row (exactly so on an engine whose
 calls are row-wise exact, as the torch engine's fixed-size chunks make them).
 
@@ -53,15 +53,19 @@ from ldm_runtime.schedulers import (
 )
 from ldm_runtime.schedulers.sigmas import schedule_sigmas
 
-__all__ = ["DEFAULT_GUIDANCE_SCALE", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "GenerationRequest", "Pipeline",
-           "SamplingState"]
+__all__ = ["DEFAULT_GUIDANCE_SCALE", "DEFAULT_INPAINT_STRENGTH", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "DEFAULT_STRENGTH",
+           "GenerationRequest", "Pipeline", "SamplingState"]
 # The CompVis LDM text-to-image script's default scale: milder than Stable Diffusion's 7.5, which
 # over-saturates small models trained on few captions.
 DEFAULT_GUIDANCE_SCALE = 5.0
+# diffusers' defaults: its img2img pipeline's strength, and its inpainting pipeline's (the masked region from noise)
+DEFAULT_STRENGTH = 0.8
+DEFAULT_INPAINT_STRENGTH = 1.0
+REPAINT_THRESHOLD = 128  # a uint8 mask repaints from here up: diffusers binarizes masks at 0.5
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, eq=False)
 class GenerationRequest:
     """One image to make. ``seed`` alone decides its noise; ``height``/``width`` None mean the model's image_size.
     ``sampler`` is one of ``SAMPLER_NAMES``; ``sampler`` and ``steps`` None mean the model's default
@@ -81,6 +85,16 @@ class GenerationRequest:
     whole step, at the steps between. None: the model's defaults, else 1 (every step whole) and "uniform".
 
     Prompts longer than the engine's ``text_max_length`` tokens are truncated, as in training.
+
+    ``init_image`` ``(H, W, 3) uint8`` RGB makes it image to image (SDEdit, Meng et al. 2022), as diffusers'
+    StableDiffusionImg2ImgPipeline: of the sampler's ``steps``, the last ``int(steps * strength)`` run, from the
+    image's latents noised to the first of them with the seed's x_T noise. The image sets the size (``height`` and
+    ``width`` none or equal). ``strength`` 1 starts from pure noise (text to image: the image is not used unless
+    masked), 0 returns the image's autoencoder reconstruction. ``mask`` ``(H, W)`` uint8 (``REPAINT_THRESHOLD`` and
+    up) or bool (True) marks what to repaint: after every step the latents outside it are the image's, noised to the
+    next step's level (latent blending, as diffusers' StableDiffusionInpaintPipeline does for a 4-channel UNet), and
+    the image returned has the init image's own pixels outside it. ``strength`` None: ``DEFAULT_STRENGTH``, or
+    ``DEFAULT_INPAINT_STRENGTH`` with a mask. Requests hold read-only copies of the arrays and compare them by value.
     """
 
     prompt: str
@@ -95,6 +109,37 @@ class GenerationRequest:
     eta: float = 0.0
     height: int | None = None
     width: int | None = None
+    init_image: np.ndarray | None = None
+    strength: float | None = None
+    mask: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        for name in _ARRAY_FIELDS:  # a copy the caller cannot change; replace() hands it on uncopied
+            value = getattr(self, name)
+            if isinstance(value, np.ndarray) and (value.flags.writeable or value.base is not None):
+                value = value.copy()
+                value.flags.writeable = False
+                object.__setattr__(self, name, value)
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return all(_same_value(getattr(self, field.name), getattr(other, field.name))
+                   for field in dataclasses.fields(self))
+
+    def __hash__(self) -> int:
+        return hash(tuple((value.shape, value.dtype.str) if isinstance(value, np.ndarray) else value
+                          for value in (getattr(self, field.name) for field in dataclasses.fields(self))))
+
+
+_ARRAY_FIELDS = ("init_image", "mask")
+
+
+def _same_value(first: Any, second: Any) -> bool:
+    if isinstance(first, np.ndarray) or isinstance(second, np.ndarray):
+        return (isinstance(first, np.ndarray) and isinstance(second, np.ndarray) and first.dtype == second.dtype
+                and first.shape == second.shape and bool(np.array_equal(first, second)))
+    return bool(first == second)
 
 
 @dataclass(frozen=True, eq=False)
@@ -103,7 +148,9 @@ class SamplingState:
     done); ``latents`` is x_t at that step, ``(1, C, h, w)`` float32 on the engine. The context rows are
     ``(1, L, D)`` float and the masks ``(1, L)`` bool, for the prompt and for the negative prompt.
     ``history`` is what the request's sampler keeps between steps (() at step 0, and always for DDIM): its
-    ``history_size`` arrays shaped like ``latents``, e.g. a multistep solver's earlier model outputs."""
+    ``history_size`` arrays shaped like ``latents``, e.g. a multistep solver's earlier model outputs.
+    ``trajectory`` of an image-to-image request is its sampler's begun part-way (``trajectory_from``), so step 0 is
+    the first step it takes; at strength 0 it is empty and the state done from the start."""
 
     request: GenerationRequest
     trajectory: DDIMTrajectory | SigmaTrajectory | PLMSTrajectory
@@ -118,6 +165,11 @@ class SamplingState:
     # its unconditional row ((1, F, h, w), or None where that step did not run the row)
     deep_features: Array | None = None
     unconditional_deep_features: Array | None = None
+    # a masked request's blending: the init image's latents x_0 (times latent_scale_factor) and the unit noise its
+    # x_T was drawn from, both (1, C, h, w), and the mask at the latents' size (1, 1, h, w), 1 = repaint
+    original_latents: Array | None = None
+    original_noise: Array | None = None
+    latent_mask: Array | None = None
 
     @property
     def done(self) -> bool:
@@ -131,9 +183,10 @@ class SamplingState:
 
 class Pipeline:
     """Text-to-image sampling with classifier-free guidance over ``engine``, each request with the sampler it
-    names (``GenerationRequest.sampler``). ``ddim`` None takes the model's own DDIM settings
-    (``engine.info.sampler``: a Stable Diffusion import's scheduler_config.json). The first
-    request with guidance below 1 logs ``guidance_below_one_note``'s line (a warning of this module's logger)."""
+    names (``GenerationRequest.sampler``), from its init image and under its mask where it gives them. ``ddim`` None
+    takes the model's own DDIM settings (``engine.info.sampler``: a Stable Diffusion import's scheduler_config.json).
+    The first request with guidance below 1 logs ``guidance_below_one_note``'s line (a warning of this module's
+    logger)."""
 
     def __init__(self, engine: Engine, ddim: DDIMConfig | None = None):
         self.engine = engine
@@ -183,6 +236,8 @@ class Pipeline:
             else request.cache_schedule,
         }
         filled["steps"] = defaults.steps_for(filled["sampler"]) if request.steps is None else request.steps
+        if request.init_image is not None and request.strength is None:
+            filled["strength"] = DEFAULT_STRENGTH if request.mask is None else DEFAULT_INPAINT_STRENGTH
         if all(getattr(request, name) == value for name, value in filled.items()):
             return request
         return dataclasses.replace(request, **filled)
@@ -248,12 +303,86 @@ class Pipeline:
                     f"{name} is {size!r}; expected a multiple of {info.image_size_multiple} from "
                     f"{info.min_image_size} to {info.max_image_size} (or none for the model's {info.image_size})",
                     name)
+        self._validate_edit(request)
 
-    def _trajectory(self, request: GenerationRequest) -> DDIMTrajectory | SigmaTrajectory | PLMSTrajectory:
-        """The walk ``request``'s sampler plans for its steps: one entry per UNet call."""
+    def _validate_edit(self, request: GenerationRequest) -> None:
+        """``RequestError`` naming the first of ``init_image``, ``height``/``width``, ``strength`` and ``mask`` that
+        does not fit (``request`` as ``resolve`` fills it in)."""
+        image, mask, strength = request.init_image, request.mask, request.strength
+        if image is None:
+            if mask is not None:
+                raise RequestError("mask is given without an init_image; expected an init_image for it to mask",
+                                   "mask")
+            if strength is not None:
+                raise RequestError(f"strength is {strength!r} without an init_image; expected none (strength applies "
+                                   f"to image-to-image only)", "strength")
+            return
+        if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise RequestError(f"init_image is {_describe(image)}; expected an (H, W, 3) uint8 RGB array",
+                               "init_image")
+        info = self.info
+        height, width = image.shape[:2]
+        if any(side % info.image_size_multiple or not info.min_image_size <= side <= info.max_image_size
+               for side in (height, width)):
+            raise RequestError(f"init_image is {width}x{height} pixels; expected sides that are multiples of "
+                               f"{info.image_size_multiple} from {info.min_image_size} to {info.max_image_size}",
+                               "init_image")
+        for name, side in (("height", height), ("width", width)):
+            given = getattr(request, name)
+            if given is not None and given != side:
+                raise RequestError(f"{name} is {given!r} but the init_image is {width}x{height} pixels; expected "
+                                   f"none or {side}", name)
+        if not _is_number(strength) or not 0 <= strength <= 1:
+            raise RequestError(f"strength is {strength!r}; expected a number from 0 to 1", "strength")
+        if mask is None:
+            return
+        if not isinstance(mask, np.ndarray) or mask.dtype not in (np.uint8, np.bool_) or mask.ndim != 2:
+            raise RequestError(f"mask is {_describe(mask)}; expected an (H, W) uint8 or bool array (white or True: "
+                               f"repaint)", "mask")
+        if mask.shape != (height, width):
+            raise RequestError(f"mask is {mask.shape[1]}x{mask.shape[0]} pixels; expected the init_image's size, "
+                               f"{width}x{height}", "mask")
+
+    def _trajectory(self, request: GenerationRequest,
+                    start: int = 0) -> DDIMTrajectory | SigmaTrajectory | PLMSTrajectory:
+        """The walk ``request``'s sampler plans for its steps, begun at step ``start``: one entry per UNet call."""
         if request.sampler == "ddim":
-            return self.sampler.trajectory(int(request.steps))
-        return self.sigma_samplers[request.sampler].trajectory(int(request.steps))
+            return self.sampler.trajectory_from(int(request.steps), start)
+        return self.sigma_samplers[request.sampler].trajectory_from(int(request.steps), start)
+
+    @staticmethod
+    def _first_step(request: GenerationRequest) -> int:
+        """The step an image-to-image request begins at, as diffusers' img2img ``get_timesteps``: of N steps, the
+        last ``min(int(N * strength), N)`` run (0 for text to image)."""
+        if request.init_image is None:
+            return 0
+        steps = int(request.steps)
+        return steps - min(int(steps * float(request.strength)), steps)
+
+    def _noised(self, request: GenerationRequest, trajectory: Any, index: int, original: Array,
+                noise: Array) -> Array:
+        """Latents ``original`` noised with unit ``noise`` to step ``index`` of ``trajectory`` (its end: x_0 itself),
+        in the latents of ``request``'s sampler, as its ``noise_scales`` (diffusers' ``add_noise``) says."""
+        sampler = self.sampler if request.sampler == "ddim" else self.sigma_samplers[request.sampler]
+        signal, scale = sampler.noise_scales(trajectory, index)
+        return original * signal + noise * scale
+
+    def _blended(self, state: SamplingState, latents: Array) -> Array:
+        """``latents``, ``state``'s after its step; for a masked request, outside the mask the init image's latents
+        noised to the next step (x_0 after the last), as diffusers' inpainting pipeline blends for a 4-channel UNet."""
+        if state.latent_mask is None:
+            return latents
+        mask = state.latent_mask
+        original = self._noised(state.request, state.trajectory, state.step_index + 1, state.original_latents,
+                                state.original_noise)
+        return (1 - mask) * original + mask * latents
+
+    def _encode_image(self, image: np.ndarray) -> Array:
+        """An ``(H, W, 3) uint8`` image -> its latents times ``latent_scale_factor``, ``(1, C, h, w)`` on the engine
+        (pixels to [-1, 1] as diffusers' image processor: x / 255 * 2 - 1 in float32)."""
+        pixels = image.astype(np.float32) / np.float32(255.0) * np.float32(2.0) - np.float32(1.0)
+        pixels = np.ascontiguousarray(pixels.transpose(2, 0, 1)[None])
+        return self.engine.encode_images(self.engine.to_array(pixels)) * self.info.latent_scale_factor
 
     def _can_plan(self, steps: int) -> bool:
         try:
@@ -273,14 +402,18 @@ class Pipeline:
                 return
 
     def image_shape(self, request: GenerationRequest) -> tuple[int, int]:
-        """``(height, width)`` in pixels of the image ``request`` makes."""
+        """``(height, width)`` in pixels of the image ``request`` makes: its init image's, if it has one."""
+        if request.init_image is not None:
+            return (int(request.init_image.shape[0]), int(request.init_image.shape[1]))
         size = self.info.image_size
         return (int(request.height or size), int(request.width or size))
 
     def start(self, requests: Sequence[GenerationRequest]) -> list[SamplingState]:
         """Validated requests -> states at step 0: prompts encoded (each distinct text once), x_T drawn from
-        each request's seed and scaled as its sampler starts, its trajectory planned. Each state holds its request
-        as ``resolve`` fills it in."""
+        each request's seed and scaled as its sampler starts, its trajectory planned. An image-to-image request's
+        trajectory begins part-way, at the step its strength names, and its x_T is its init image's latents
+        (encoded alone) noised to that step with the seed's noise, as its sampler's ``noise_scales`` says. Each state
+        holds its request as ``resolve`` fills it in."""
         for request in requests:
             self.validate(request)
         requests = [self.resolve(request) for request in requests]
@@ -296,15 +429,28 @@ class Pipeline:
             height, width = self.image_shape(request)
             shape = (self.info.latent_channels, height // factor, width // factor)
             noise = initial_noise([request.seed], shape)
-            trajectory = self._trajectory(request)
-            if request.sampler != "ddim":
-                noise = noise * np.float32(self.sigma_samplers[request.sampler].initial_noise_scale(trajectory))
+            first = self._first_step(request)
+            trajectory = self._trajectory(request, first)
+            unit_noise = self.engine.to_array(noise)
+            latents = unit_noise
+            if request.sampler != "ddim" and first == 0:
+                latents = self.engine.to_array(
+                    noise * np.float32(self.sigma_samplers[request.sampler].initial_noise_scale(trajectory)))
+            edit: dict[str, Array] = {}
+            if request.init_image is not None and (first > 0 or request.mask is not None):
+                original = self._encode_image(request.init_image)
+                if first > 0:  # else strength 1: pure noise, as text to image (and diffusers' inpainting pipeline)
+                    latents = self._noised(request, trajectory, 0, original, unit_noise)
+                if request.mask is not None:
+                    latent_mask = _repaint_pixels(request.mask)[::factor, ::factor]  # torch's nearest, as diffusers
+                    edit = dict(original_latents=original, original_noise=unit_noise, latent_mask=self.engine.to_array(
+                        latent_mask[None, None].astype(np.float32), latents))
             positive, negative = row[request.prompt], row[request.negative_prompt]
             states.append(SamplingState(
-                request=request, trajectory=trajectory, step_index=0, latents=self.engine.to_array(noise),
+                request=request, trajectory=trajectory, step_index=0, latents=latents,
                 context=context[positive:positive + 1], context_mask=context_mask[positive:positive + 1],
                 negative_context=context[negative:negative + 1],
-                negative_context_mask=context_mask[negative:negative + 1],
+                negative_context_mask=context_mask[negative:negative + 1], **edit,
             ))
         return states
 
@@ -351,7 +497,7 @@ class Pipeline:
             stepped, history = step(group, group_prediction, group_latents, shape)
             for index, (row, state) in enumerate(zip(rows, group)):
                 new_states[row] = dataclasses.replace(
-                    state, step_index=state.step_index + 1, latents=stepped[index:index + 1],
+                    state, step_index=state.step_index + 1, latents=self._blended(state, stepped[index:index + 1]),
                     history=tuple(array[index:index + 1] for array in history),
                     deep_features=features[row][0], unconditional_deep_features=features[row][1])
         return new_states
@@ -443,12 +589,18 @@ class Pipeline:
 
     def decode(self, states: Sequence[SamplingState]) -> list[np.ndarray]:
         """Finished states of one latent shape -> images, each ``(H, W, 3) uint8``:
-        latents / latent_scale_factor, decoded, then round(clip((x + 1) * 127.5, 0, 255))."""
+        latents / latent_scale_factor, decoded, then round(clip((x + 1) * 127.5, 0, 255)); a masked request's
+        image then takes its init image's pixels, exactly, wherever the mask does not repaint."""
         assert states and all(state.done for state in states), "decode needs finished states"
         latents = concatenate([state.latents for state in states]) / self.info.latent_scale_factor
         images = self.engine.to_host(self.engine.decode(latents)).astype(np.float32)
         pixels = np.round(np.clip((images + 1.0) * 127.5, 0.0, 255.0)).astype(np.uint8)
-        return [np.ascontiguousarray(image.transpose(1, 2, 0)) for image in pixels]
+        decoded = [np.ascontiguousarray(image.transpose(1, 2, 0)) for image in pixels]
+        for state, image in zip(states, decoded):
+            if state.request.mask is not None:
+                kept = ~_repaint_pixels(state.request.mask)
+                image[kept] = state.request.init_image[kept]
+        return decoded
 
     def generate(self, requests: Sequence[GenerationRequest], progress: bool = False,
                  batch_size: int | None = None) -> list[np.ndarray]:
@@ -471,7 +623,8 @@ class Pipeline:
             by_shape.setdefault(self.image_shape(request), []).append(index)
         batches = [indices[start:start + batch_size]
                    for indices in by_shape.values() for start in range(0, len(indices), batch_size)]
-        total = sum(max(len(self._trajectory(requests[i])) for i in batch) for batch in batches)
+        total = sum(max(len(self._trajectory(requests[i], self._first_step(requests[i]))) for i in batch)
+                    for batch in batches)
         images: list[Any] = [None] * len(requests)
         with tqdm(total=total, desc="sampling", unit="step", disable=not progress, dynamic_ncols=True) as bar:
             for batch in batches:
@@ -493,3 +646,14 @@ def _is_integer(value: Any) -> bool:
 def _is_number(value: Any) -> bool:
     return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
             and math.isfinite(value))
+
+
+def _repaint_pixels(mask: np.ndarray) -> np.ndarray:
+    """``(H, W) bool``: where a request's mask repaints (True, or ``REPAINT_THRESHOLD`` and up)."""
+    return mask if mask.dtype == np.bool_ else mask >= REPAINT_THRESHOLD
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, np.ndarray):
+        return f"a {value.dtype} array of shape {value.shape}"
+    return f"a {type(value).__name__}"

@@ -27,10 +27,13 @@ from typing import Any
 import numpy as np
 
 from ldm_runtime.command_line import OneLineArgumentParser, finite_float, noise_interval, report_user_error
-from ldm_runtime.config import DEFAULT_SAMPLER, DEFAULT_STEPS, LARGEST_IMAGE_SIDE, MAX_TRAIN_TIMESTEPS
-from ldm_runtime.engines import AUTO_ENGINE_HELP, ENGINE_NAMES, engine_for_flags, load_engine
+from ldm_runtime.config import (CACHE_SCHEDULES, DEFAULT_SAMPLER, DEFAULT_STEPS, LARGEST_IMAGE_SIDE, MAX_CACHE_INTERVAL,
+                                MAX_TRAIN_TIMESTEPS)
+from ldm_runtime.engines import (
+    AUTO_ENGINE_HELP, ENGINE_NAMES, PRECISION_HELP, PRECISION_NAMES, engine_for_flags, load_engine, precision_note,
+)
 from ldm_runtime.errors import UserError
-from ldm_runtime.images import image_grid, png_bytes
+from ldm_runtime.images import MAX_UPLOAD_BYTES, image_grid, png_bytes, read_upload
 from ldm_runtime.pipeline import GenerationRequest, Pipeline
 from ldm_runtime.schedulers import SAMPLER_NAMES
 from ldm_runtime.staging import temporary_folder
@@ -73,7 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="classifier-free guidance scale, 1 = no guidance (default: %(default)s)")
     parser.add_argument("--guidance-interval", type=noise_interval, default=None, metavar="LOW,HIGH",
                         help="guide only the UNet calls whose noise level sigma lies in (LOW, HIGH]; the others "
-                             "run the conditional branch alone, at half the UNet rows (default: every call)")
+                             "run the conditional branch alone, at half the UNet rows (default: the model's "
+                             "default_sampler.guidance_interval, else every call)")
+    parser.add_argument("--cache-interval", type=int, default=REQUEST_DEFAULTS["cache_interval"], metavar="N",
+                        help=f"run the whole UNet at one step in N and, at the steps between, only its shallow part "
+                             f"on the deep features cached at the last whole step (DeepCache); N from 1 to "
+                             f"{MAX_CACHE_INTERVAL}, N > 1 on an engine that caches (default: the model's "
+                             f"default_sampler.cache_interval, else 1: the whole UNet at every step)")
+    parser.add_argument("--cache-schedule", choices=CACHE_SCHEDULES, default=REQUEST_DEFAULTS["cache_schedule"],
+                        help="which steps run the whole UNet under --cache-interval: uniform spaces them evenly, "
+                             "quadratic packs them around a step part-way in (default: the model's "
+                             f"default_sampler.cache_schedule, else {CACHE_SCHEDULES[0]})")
     parser.add_argument("--eta", type=finite_float, default=REQUEST_DEFAULTS["eta"],
                         help="DDIM eta from 0 (deterministic) to 1 (DDPM-like); other samplers take 0 only "
                              "(default: %(default)s)")
@@ -81,12 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="what to steer away from, for every prompt (default: none)")
     parser.add_argument("--height", type=int, default=None, help="image height (default: the model's size)")
     parser.add_argument("--width", type=int, default=None, help="image width (default: the model's size)")
+    parser.add_argument("--init-image", default=None, metavar="PATH",
+                        help="image to image (SDEdit) from this PNG, JPEG or WebP image: it is noised to the step "
+                             "--strength names and denoised from there; its size is the images' size")
+    parser.add_argument("--strength", type=finite_float, default=None, metavar="S",
+                        help="with --init-image, how much of it is redrawn: the last int(steps * S) steps run, "
+                             "from 0 (the image's reconstruction) to 1 (pure noise, as text to image) (default: "
+                             "0.8, or 1 with --mask)")
+    parser.add_argument("--mask", default=None, metavar="PATH",
+                        help="with --init-image, inpaint: an image of its size, white (grey 128 and up) where it is "
+                             "repainted; elsewhere the images keep the init image's pixels")
     parser.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
                         help=f"{AUTO_ENGINE_HELP} (and says which); triton (a checkpoint dir on a CUDA GPU) runs "
                              f"the fused Triton kernels in fp16 with CUDA graphs")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
-                        help="the openvino engine's inference precision; bf16 only on a CPU with native bf16 "
-                             "(default: fp32)")
+    parser.add_argument("--precision", choices=PRECISION_NAMES, default="auto", help=PRECISION_HELP)
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="prompts sampled together (default: as many as the engine's batch holds)")
@@ -111,6 +132,7 @@ def _sample(args: argparse.Namespace) -> tuple[list[Path], str | None]:
     """Everything after parsing: check the output, load the engine, check the requests, sample, write.
     Returns the files written and, under --engine auto, which engine it picked and why."""
     check_flags(args)
+    init_image, mask = read_edit_images(args)
     count = len(args.prompts)
     seeds = [args.seed + index for index in range(count)]
     plan = plan_output(args.out, seeds)
@@ -121,8 +143,9 @@ def _sample(args: argparse.Namespace) -> tuple[list[Path], str | None]:
     requests = [
         pipeline.resolve(GenerationRequest(
             prompt=prompt, negative_prompt=args.negative_prompt, seed=seed, sampler=args.sampler, steps=args.steps,
-            guidance_scale=args.guidance, guidance_interval=args.guidance_interval, eta=args.eta,
-            height=args.height, width=args.width))
+            guidance_scale=args.guidance, guidance_interval=args.guidance_interval,
+            cache_interval=args.cache_interval, cache_schedule=args.cache_schedule, eta=args.eta,
+            height=args.height, width=args.width, init_image=init_image, strength=args.strength, mask=mask))
         for prompt, seed in zip(args.prompts, seeds)
     ]
     for request in requests:
@@ -132,12 +155,14 @@ def _sample(args: argparse.Namespace) -> tuple[list[Path], str | None]:
         height, width = pipeline.image_shape(requests[0])
         raise SampleError(f"{count} images of {height}x{width} are {pixels} pixels; expected at most {MAX_PIXELS} in "
                           f"one run (fewer prompts or a smaller --height and --width)")
+    if note := precision_note(engine, args.precision):  # once the requests are known good, before a slow start
+        print(f"{PROG}: {note}", file=sys.stderr, flush=True)
     images = pipeline.generate(requests, progress=True, batch_size=args.batch_size)
     metadata = []
     for request, image in zip(requests, images):
-        settings = dataclasses.asdict(request)
+        settings = dataclasses.asdict(dataclasses.replace(request, init_image=None, mask=None))
         settings.update(height=image.shape[0], width=image.shape[1], model=str(args.model),
-                        engine=engine.info.name)
+                        engine=engine.info.name, init_image=args.init_image, mask=args.mask)
         metadata.append(settings)
     return write_outputs(plan, images, metadata), auto_choice
 
@@ -149,10 +174,38 @@ def check_flags(args: argparse.Namespace) -> None:
         raise SampleError(f"{len(args.prompts)} prompts make {len(args.prompts)} images; expected at most "
                           f"{MAX_PROMPTS} in one run")
     limits = {"--steps": (args.steps, MAX_TRAIN_TIMESTEPS), "--height": (args.height, LARGEST_IMAGE_SIDE),
-              "--width": (args.width, LARGEST_IMAGE_SIDE)}
+              "--width": (args.width, LARGEST_IMAGE_SIDE),
+              "--cache-interval": (args.cache_interval, MAX_CACHE_INTERVAL)}
     for flag, (value, most) in limits.items():
         if value is not None and value > most:
             raise SampleError(f"{flag} is {value}; expected an integer from 1 to {most}")
+    for flag, value in (("--strength", args.strength), ("--mask", args.mask)):
+        if value is not None and args.init_image is None:
+            raise SampleError(f"{flag} {value} is given without --init-image; expected an --init-image for it")
+
+
+def read_edit_images(args: argparse.Namespace) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``--init-image`` ``(H, W, 3) uint8`` and ``--mask`` ``(H, W) uint8`` (None where not given), read as untrusted
+    files (``images.read_upload``); a ``UserError`` naming the flag and path for a file that cannot be read or
+    decoded, or a mask of another size."""
+    read = {}
+    for flag, path, grey in (("--init-image", args.init_image, False), ("--mask", args.mask, True)):
+        if path is None:
+            continue
+        what = f"{flag} {path}"
+        try:
+            with open(path, "rb") as file:
+                data = file.read(MAX_UPLOAD_BYTES + 1)  # one byte past the limit is enough to refuse it
+        except OSError as error:
+            raise SampleError(f"{what} cannot be read: {error.strerror or error}") from None
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise SampleError(f"{what} is over {MAX_UPLOAD_BYTES} bytes; expected an image of at most that")
+        read[flag] = read_upload(data, what, max_side=LARGEST_IMAGE_SIDE, mask=grey)
+    image, mask = read.get("--init-image"), read.get("--mask")
+    if image is not None and mask is not None and mask.shape != image.shape[:2]:
+        raise SampleError(f"--mask {args.mask} is {mask.shape[1]}x{mask.shape[0]} pixels; expected the --init-image's "
+                          f"size, {image.shape[1]}x{image.shape[0]}")
+    return image, mask
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@
 - ``server``: the server assembled from its flags (``build_app``, ``DrainingServer``), for one process and each replica
 - ``replicas``: ``--replicas N``, the same app in Ray Serve replicas (imports ray)
 - ``app``: the FastAPI app (``create_app``) and its OpenAPI schema
-- ``routes``: the images routes and the status routes
+- ``routes``: the images routes (answered whole or streamed, and cancel) and the status routes
+- ``events``: a streamed request's server-sent events, ours and OpenAI's
 - ``request_schema``: a request's body, its schema under the server's limits and its parse
 - ``errors``: ``ApiError`` and the JSON error answers, ours and OpenAI's
 - ``middleware``: the body limit, the API key, and the last-resort JSON 500

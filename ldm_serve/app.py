@@ -1,7 +1,8 @@
 """The FastAPI app of ``ldm-serve`` (``create_app``) and its OpenAPI schema.
 
 Routes: ``POST /v1/images`` (text to image), ``POST /v1/images/generations`` (the same in the OpenAI images
-API's shapes, so that OpenAI's clients work unchanged), ``GET /`` (a page to try it, ``page.html``),
+API's shapes, so that OpenAI's clients work unchanged), either streamed as it goes with ``stream: true``
+(``ldm_serve.events``), ``DELETE /v1/images/{id}`` (cancel one), ``GET /`` (a page to try it, ``page.html``),
 ``GET /healthz`` (the process answers), ``GET /readyz`` (engine warmed up and not draining), ``GET /metrics``
 (Prometheus text format), ``GET /openapi.json`` and ``/docs`` (Swagger UI). The schema says what the server does:
 each request body exactly as the server validates it, every answer a route can give, and the API key where one is
@@ -26,7 +27,8 @@ from ldm_runtime.schedulers import SAMPLER_NAMES
 from ldm_serve.batcher import Batcher
 from ldm_serve.browser import (LOOPBACK_HOSTS, HostCheckMiddleware, JsonCorsMiddleware, SecurityHeadersMiddleware,
                                cors_options, page_policy)
-from ldm_serve.errors import ERROR_CONTENT, ERROR_SCHEMA, OPENAI_ERROR_CONTENT, OPENAI_IMAGES_PATH, add_error_handlers
+from ldm_serve.errors import (ERROR_CONTENT, ERROR_SCHEMA, OPENAI_ERROR_CONTENT, OPENAI_ERROR_SCHEMA, OPENAI_IMAGES_PATH,
+                              add_error_handlers)
 from ldm_serve.metrics import ServeMetrics
 from ldm_serve.middleware import HEALTH_PATHS, PAGE_PATH, ApiKeyMiddleware, BodyLimitMiddleware, ErrorSafetyMiddleware
 from ldm_serve.request_schema import ServeLimits
@@ -64,6 +66,8 @@ def create_app(pipeline: Pipeline, batcher: Batcher, limits: ServeLimits, metric
              openapi_extra=images_openapi(route.model, limits))(route.create_images)
     app.post(OPENAI_IMAGES_PATH, summary="Generate images from a prompt, in the OpenAI images API's shapes",
              openapi_extra=openai_images_openapi(route.openai_model, limits))(route.create_openai_images)
+    app.delete("/v1/images/{request_id}", summary="Cancel a queued or running request",
+               openapi_extra=CANCEL_OPENAPI)(route.cancel_images)
     add_status_routes(app, batcher, metrics)
     page = page_with_samplers(limits.default_sampler)
     page_headers = {"Content-Security-Policy": page_policy(page)}
@@ -116,13 +120,19 @@ def images_openapi(model: type[BaseModel], limits: ServeLimits) -> dict[str, Any
         "requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}},
         "responses": {
             "200": {"description": "JSON with base64 PNGs, seeds and timings; PNG bytes for n = 1 when the client "
-                                   "accepts image/png and not JSON (seed in X-Seed, timings in Server-Timing)",
+                                   "accepts image/png and not JSON (seed in X-Seed, timings in Server-Timing); "
+                                   "server-sent events with stream true (queued, progress, preview, then completed "
+                                   "with the JSON answer, or error). The request's id is in X-Request-Id.",
+                    "headers": {"X-Request-Id": REQUEST_ID_HEADER_SCHEMA},
                     "content": {"application/json": {"schema": ANSWER_SCHEMA},
-                                "image/png": {"schema": {"type": "string", "format": "binary"}}}},
+                                "image/png": {"schema": {"type": "string", "format": "binary"}},
+                                "text/event-stream": {"schema": OUR_EVENT_SCHEMA}}},
             "400": {"description": "Malformed JSON, or a Host header the server does not answer",
                     "content": ERROR_CONTENT},
             "401": {"description": "Missing or wrong API key", "content": ERROR_CONTENT},
-            "406": {"description": "image/png only, for more than one image", "content": ERROR_CONTENT},
+            "406": {"description": "image/png only, for more than one image; a stream for a client that does not "
+                                   "accept text/event-stream", "content": ERROR_CONTENT},
+            "409": {"description": "Cancelled (DELETE /v1/images/{id}) before it finished", "content": ERROR_CONTENT},
             "413": {"description": f"Body over {limits.max_body_bytes} bytes", "content": ERROR_CONTENT},
             "415": {"description": "No Content-Type: application/json", "content": ERROR_CONTENT},
             "422": {"description": "A field is invalid (named in error.field)", "content": ERROR_CONTENT},
@@ -140,18 +150,68 @@ OPENAI_ANSWER_SCHEMA = {"type": "object", "required": ["created", "data"], "prop
     "timings": ANSWER_SCHEMA["properties"]["timings"]}}
 
 
+def event_schema(events: dict[str, dict]) -> dict:
+    """The schema of one server-sent event of a stream (OpenAPI 3.1 has a ``text/event-stream`` schema describe
+    each event): its name, and its data, JSON of the schema ``events`` gives for that name."""
+    return {"oneOf": [{"type": "object", "required": ["event", "data"], "properties": {
+        "event": {"const": name},
+        "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": schema}}}
+        for name, schema in events.items()]}
+
+
+def _object(required: dict[str, dict], **optional: dict) -> dict:
+    return {"type": "object", "required": list(required), "properties": {**required, **optional}}
+
+
+COUNT = {"type": "integer", "minimum": 0}
+ID = {"type": "string"}
+PNG = {"type": "string", "contentEncoding": "base64", "contentMediaType": "image/png"}
+OUR_EVENT_SCHEMA = event_schema({
+    "queued": _object({"id": ID, "position": COUNT}),
+    "progress": _object({"id": ID, "step": COUNT, "steps": COUNT}),
+    "preview": _object({"id": ID, "image": COUNT, "index": COUNT, "step": COUNT, "steps": COUNT, "b64_png": PNG}),
+    "completed": {**ANSWER_SCHEMA, "required": ["id", "images", "seeds", "width", "height", "timings"],
+                  "properties": {"id": ID, **ANSWER_SCHEMA["properties"]}},
+    "error": ERROR_SCHEMA})
+OPENAI_IMAGE_EVENT = {"b64_json": PNG, "created_at": {"type": "integer"}, "size": {"type": "string"},
+                      "output_format": {"const": "png"}, "background": {"type": "string"},
+                      "quality": {"type": "string"}, "image_index": COUNT, "seed": {"type": "integer"}}
+OPENAI_EVENT_SCHEMA = event_schema({
+    "image_generation.partial_image": _object({"type": {"const": "image_generation.partial_image"},
+                                               "partial_image_index": COUNT, **OPENAI_IMAGE_EVENT}),
+    "image_generation.completed": _object({"type": {"const": "image_generation.completed"}, **OPENAI_IMAGE_EVENT},
+                                          timings=ANSWER_SCHEMA["properties"]["timings"]),
+    "error": _object({"type": {"const": "error"}, "error": OPENAI_ERROR_SCHEMA["properties"]["error"]})})
+REQUEST_ID_HEADER_SCHEMA = {"description": "The request's id, for DELETE /v1/images/{id}",
+                            "schema": {"type": "string"}}
+CANCEL_OPENAPI = {"responses": {
+    "200": {"description": "Cancelled: its images leave the batch at the next step; the request itself is answered "
+                           "409 (a stream: an error event) with type cancelled",
+            "content": {"application/json": {"schema": {"type": "object", "properties": {
+                "id": {"type": "string"}, "status": {"const": "cancelled"}}}}}},
+    "401": {"description": "Missing or wrong API key", "content": ERROR_CONTENT},
+    "404": {"description": "No queued or running request has this id", "content": ERROR_CONTENT}}}
+
+
 def openai_images_openapi(model: type[BaseModel], limits: ServeLimits) -> dict[str, Any]:
     """The OpenAPI entry of ``POST /v1/images/generations``: the body's schema and every answer it can get, the
     errors in OpenAI's shape."""
     return {
         "requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}},
         "responses": {
-            "200": {"description": "The images as base64 PNGs, each with its seed; the size and the timings",
-                    "content": {"application/json": {"schema": OPENAI_ANSWER_SCHEMA}}},
+            "200": {"description": "The images as base64 PNGs, each with its seed; the size and the timings. With "
+                                   "stream true, OpenAI's server-sent events: image_generation.partial_image, then "
+                                   "image_generation.completed for each image. The request's id is in "
+                                   "X-Request-Id.",
+                    "headers": {"X-Request-Id": REQUEST_ID_HEADER_SCHEMA},
+                    "content": {"application/json": {"schema": OPENAI_ANSWER_SCHEMA},
+                                "text/event-stream": {"schema": OPENAI_EVENT_SCHEMA}}},
             "400": {"description": "Malformed JSON, a Host header the server does not answer, or a field is invalid "
                                    "(named in error.param)",
                     "content": OPENAI_ERROR_CONTENT},
             "401": {"description": "Missing or wrong API key", "content": OPENAI_ERROR_CONTENT},
+            "409": {"description": "Cancelled (DELETE /v1/images/{id}) before it finished",
+                    "content": OPENAI_ERROR_CONTENT},
             "413": {"description": f"Body over {limits.max_body_bytes} bytes", "content": OPENAI_ERROR_CONTENT},
             "415": {"description": "No Content-Type: application/json", "content": OPENAI_ERROR_CONTENT},
             "429": {"description": "Queue full; see Retry-After", "content": OPENAI_ERROR_CONTENT},

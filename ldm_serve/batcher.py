@@ -15,6 +15,13 @@ In every mode a finished job leaves the batch (is decoded and answered) at once,
 one is dropped at the next step boundary, freeing its rows. Each image depends on its own request only
 (``ldm_runtime.pipeline``), so the mode changes latency and throughput, never the pixels.
 
+A job with an ``events`` queue (a streamed request) hears how it goes, from the worker through its event loop:
+``("queued", {"position": P})`` whenever the number of jobs ahead of it changes, ``("progress", {"step": S,
+"steps": N})`` when it starts (S = 0) and after each step, and ``("preview", {"image": I, "index": K, "step": S,
+"steps": N, "pixels": (H, W, 3) uint8})`` at ``job.previews`` steps spread evenly over its trajectory, made by the
+batcher's previewer (``ldm_runtime.previews``) from the latents it holds; the images themselves still come
+through the job's future, after every event.
+
 A step gate (``StepGate``; ``LDM_SERVE_STEP_GATE`` in ``ldm-serve``) can hold the worker at a step boundary,
 so that tests decide how much work is in flight instead of guessing from the machine's speed.
 """
@@ -27,6 +34,7 @@ import dataclasses
 import logging
 import math
 import os
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -62,6 +70,10 @@ class JobTimeout(Exception):
     """The job passed its deadline before it finished."""
 
 
+class JobCancelled(Exception):
+    """The job was cancelled (``Batcher.cancel``) before it finished."""
+
+
 @dataclass(frozen=True)
 class JobResult:
     """A finished job: ``images`` are ``(H, W, 3) uint8``, one per request; times in seconds."""
@@ -83,9 +95,23 @@ class Job:
     started_at: float | None = None
     cancelled: bool = False  # set from the event loop (client gone); read by the worker at step boundaries
     states: list[SamplingState] = field(default_factory=list)
+    id: str = field(default_factory=lambda: secrets.token_hex(12))  # what DELETE names; unguessable
+    events: asyncio.Queue | None = None  # a streamed job's progress (module docstring); None: nobody listens
+    previews: int = 0  # previews of each image wanted over its trajectory (with ``events``)
+    position: int | None = None  # jobs ahead of it in the queue while it waits
+    preview_steps: frozenset[int] = frozenset()
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    def emit(self, kind: str, **values: Any) -> None:
+        """Hand one event to the job's ``events`` queue on its loop (thread-safe; nothing without a queue)."""
+        if self.events is None:
+            return
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, values))
+        except RuntimeError:  # the loop has closed: nobody is listening any more
+            pass
 
     def resolve(self, result: Any = None, error: BaseException | None = None) -> None:
         """Hand the outcome to the event loop (thread-safe; a job already answered ignores it)."""
@@ -157,17 +183,29 @@ def warm_up_batch_sizes(max_batch: int) -> list[int]:
     return list(batch_buckets_for(max(1, max_batch)))
 
 
+def preview_steps(steps: int, count: int) -> frozenset[int]:
+    """The steps (counted as taken, 1 to ``steps`` - 1) after which ``count`` previews are made, spread evenly;
+    fewer where the trajectory has fewer steps between its first and its last."""
+    return frozenset(min(steps - 1, max(1, round(steps * index / (count + 1)))) for index in range(1, count + 1)
+                     if steps > 1)
+
+
 class Batcher:
     """The bounded queue and the worker thread. ``observer`` receives the events metrics are made of:
     ``observer("unet_call", rows=..., seconds=...)``, ``observer("queue_depth", depth=...)``,
-    ``observer("active", rows=...)``."""
+    ``observer("active", rows=...)``. ``make_previewer`` (called once on the worker thread while it warms up, as
+    it may run the engine) gives what makes a streamed job's previews (``ldm_runtime.previews``); None: no
+    previews."""
 
     def __init__(self, pipeline: Pipeline, config: BatcherConfig,
-                 observer: Callable[..., None] = lambda event, **values: None, step_gate: StepGate | None = None):
+                 observer: Callable[..., None] = lambda event, **values: None, step_gate: StepGate | None = None,
+                 make_previewer: Callable[[], Any] | None = None):
         self.pipeline = pipeline
         self.config = config
         self.observer = observer
         self.step_gate = step_gate
+        self.make_previewer = make_previewer
+        self.previewer: Any = None
         self._unet_calls = 0
         self.ready = False
         self.draining = False
@@ -195,6 +233,8 @@ class Batcher:
                 raise NotAccepting("warming_up")
             if len(self._queue) >= self.config.max_queue:
                 raise QueueFull(self._retry_after_s())
+            job.position = len(self._queue)
+            job.emit("queued", position=job.position)
             self._queue.append(job)
             self.observer("queue_depth", depth=len(self._queue))
             self._condition.notify()
@@ -228,6 +268,11 @@ class Batcher:
             job.cancel()
             job.resolve(error=NotAccepting("draining"))
 
+    def cancel(self, job: Job) -> None:
+        """Cancel ``job`` for its client: it is answered ``JobCancelled`` now and leaves as ``withdraw`` says."""
+        self.withdraw(job)
+        job.resolve(error=JobCancelled())
+
     def withdraw(self, job: Job) -> None:
         """The client of ``job`` has gone: a queued job frees its slot now, a running one at the next step."""
         job.cancel()
@@ -238,6 +283,7 @@ class Batcher:
                 pass  # already running (or finished)
             else:
                 self.observer("queue_depth", depth=len(self._queue))
+                self._tell_positions()
             self._condition.notify()
 
     @property
@@ -258,6 +304,11 @@ class Batcher:
     def _run(self) -> None:
         if self._warm_up_first:
             self._warm_up()
+        if self.make_previewer is not None:
+            try:
+                self.previewer = self.make_previewer()
+            except Exception:  # streamed requests then get no previews; the log says why
+                logger.exception("preparing the previews failed")
         self.ready = True
         while True:
             admitted = self._admit()
@@ -318,7 +369,15 @@ class Batcher:
                 admitted.append(job)
                 room -= rows
             self.observer("queue_depth", depth=len(self._queue))
+            self._tell_positions()
             return admitted
+
+    def _tell_positions(self) -> None:
+        """Each queued job that listens hears its new position where it has changed (caller holds the condition)."""
+        for position, job in enumerate(self._queue):
+            if job.position != position:
+                job.position = position
+                job.emit("queued", position=position)
 
     def _held(self) -> bool:
         """The step gate holds: no job is admitted and no step starts (expired and departed jobs still leave)."""
@@ -333,6 +392,7 @@ class Batcher:
         if len(live) != len(self._queue):
             self._queue = collections.deque(live)
             self.observer("queue_depth", depth=len(self._queue))
+            self._tell_positions()
 
     def _start_jobs(self, jobs: list[Job]) -> None:
         if not jobs:
@@ -354,6 +414,10 @@ class Batcher:
             job.started_at = now
             job.states, states = states[:len(job.requests)], states[len(job.requests):]
             self._active.append(job)
+            if job.events is not None:
+                steps = max(len(state.trajectory) for state in job.states)
+                job.preview_steps = preview_steps(steps, job.previews) if self.previewer is not None else frozenset()
+                job.emit("progress", step=0, steps=steps)
 
     def _drop_cancelled_and_expired(self) -> None:
         self._active = _live_jobs(self._active)
@@ -381,13 +445,32 @@ class Batcher:
                 job.states[index] = state
         still_running = []
         for job in self._active:
-            if id(job) in failed:
+            if id(job) in failed or job.cancelled:
                 continue
             if all(state.done for state in job.states):
                 self._finish(job)
             else:
                 still_running.append(job)
+                if job.events is not None:
+                    self._tell_progress(job)
         self._active = still_running
+
+    def _tell_progress(self, job: Job) -> None:
+        """A running streamed job hears its step, and gets its previews at the steps planned for them."""
+        step = min(state.step_index for state in job.states)
+        steps = max(len(state.trajectory) for state in job.states)
+        job.emit("progress", step=step, steps=steps)
+        if step not in job.preview_steps:
+            return
+        try:
+            images = self.previewer.images(self.pipeline.engine, [state.latents for state in job.states])
+        except Exception:  # a preview is a nicety: the job goes on without the rest of them
+            logger.exception("a preview failed")
+            job.preview_steps = frozenset()
+            return
+        index = sorted(job.preview_steps).index(step)
+        for image, pixels in enumerate(images):
+            job.emit("preview", image=image, index=index, step=step, steps=steps, pixels=pixels)
 
     def _finish(self, job: Job) -> None:
         try:

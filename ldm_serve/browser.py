@@ -28,7 +28,7 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 NO_CONTENT_POLICY = "default-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"), (b"x-frame-options", b"DENY"),
                     (b"referrer-policy", b"no-referrer"), (b"content-security-policy", NO_CONTENT_POLICY.encode())]
-CORS_EXPOSED_HEADERS = ["Retry-After", "X-Seed", "Server-Timing", "X-Ldm-Replica"]
+CORS_EXPOSED_HEADERS = ["Retry-After", "X-Seed", "Server-Timing", "X-Ldm-Replica", "X-Request-Id"]
 INLINE_ELEMENT = re.compile(r"<(script|style)>(.*?)</\1>", re.DOTALL)
 
 
@@ -82,7 +82,7 @@ class JsonCorsMiddleware(CORSMiddleware):
 
 def cors_options(origins: tuple[str, ...]) -> dict[str, Any]:
     """``JsonCorsMiddleware``'s options for ``origins``: the methods, headers and answer headers the routes use."""
-    return {"allow_origins": list(origins), "allow_methods": ["GET", "POST"],
+    return {"allow_origins": list(origins), "allow_methods": ["GET", "POST", "DELETE"],
             "allow_headers": ["Authorization", "Content-Type", "Accept"], "expose_headers": CORS_EXPOSED_HEADERS,
             "max_age": 600}
 

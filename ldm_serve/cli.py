@@ -32,8 +32,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ldm_runtime.command_line import OneLineArgumentParser, finite_float, report_user_error
-from ldm_runtime.engines import AUTO_ENGINE_HELP, ENGINE_NAMES
+from ldm_runtime.command_line import OneLineArgumentParser, finite_float, noise_interval, report_user_error
+from ldm_runtime.config import CACHE_SCHEDULES, MAX_CACHE_INTERVAL
+from ldm_runtime.engines import AUTO_ENGINE_HELP, ENGINE_NAMES, PRECISION_HELP, PRECISION_NAMES
 from ldm_runtime.errors import UserError
 from ldm_runtime.schedulers import SAMPLER_NAMES
 from ldm_serve.batcher import BATCHING_MODES, BatcherConfig
@@ -74,6 +75,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
                         help=f"the sampler of a request that names none; a request may name any of them "
                              f"(default: the model's default_sampler, else {LIMIT_DEFAULTS.default_sampler})")
+    parser.add_argument("--guidance-interval", type=noise_interval, default=None, metavar="LOW,HIGH",
+                        help="the guidance interval of a request that names none: guidance only at the UNet calls "
+                             "whose noise level sigma lies in (LOW, HIGH], the conditional branch alone at the "
+                             "others (default: the model's default_sampler.guidance_interval, else every call)")
+    parser.add_argument("--cache-interval", type=int, default=None, metavar="N",
+                        help=f"the cache interval of a request that names none: the whole UNet at one step in N "
+                             f"and only its shallow part, on the deep features cached at the last whole step, at the "
+                             f"steps between (DeepCache); N from 1 to {MAX_CACHE_INTERVAL}, N > 1 on an engine that "
+                             f"caches (default: the model's default_sampler.cache_interval, else "
+                             f"{LIMIT_DEFAULTS.default_cache_interval})")
+    parser.add_argument("--cache-schedule", choices=CACHE_SCHEDULES, default=None,
+                        help=f"the cache schedule of a request that names none: which steps run the whole UNet "
+                             f"(default: the model's default_sampler.cache_schedule, else "
+                             f"{LIMIT_DEFAULTS.default_cache_schedule})")
     parser.add_argument("--max-size", type=int, default=None,
                         help="largest image side in pixels (default: the engine's largest)")
     parser.add_argument("--max-prompt-chars", type=int, default=LIMIT_DEFAULTS.max_prompt_chars,
@@ -106,9 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
     parser.add_argument("--text-cache", type=int, default=DEFAULT_CAPACITY, metavar="N",
                         help="prompts whose text encoding is remembered, 0 for none (default: %(default)s)")
-    parser.add_argument("--precision", choices=("fp32", "bf16"), default=None,
-                        help="the openvino engine's inference precision; bf16 only on a CPU with native bf16 "
-                             "(default: fp32)")
+    parser.add_argument("--precision", choices=PRECISION_NAMES, default="auto", help=PRECISION_HELP)
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads per engine call (default: the engine's own default)")
     parser.add_argument("--replicas", type=int, default=None, metavar="N",

@@ -1,5 +1,6 @@
 """The Prometheus metrics of ``ldm-serve`` (``GET /metrics``): queue depth, images in the running batch, batch
-sizes, latency, requests by outcome, UNet calls and denoising steps."""
+sizes, latency, requests by outcome (a request cancelled by ``DELETE`` is "cancelled", one whose client left or
+closed its stream "disconnected"), UNet calls and denoising steps."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 OUTCOMES = ("ok", "invalid", "unauthorized", "queue_full", "not_ready", "draining", "timeout", "disconnected",
-            "error")
+            "cancelled", "error")
 
 
 class ServeMetrics:

@@ -12,10 +12,11 @@ import math
 import re
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from ldm_runtime.config import CACHE_SCHEDULES, MAX_CACHE_INTERVAL
 from ldm_runtime.noise import MAX_SEED
 from ldm_runtime.pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, GenerationRequest
 from ldm_runtime.schedulers import SAMPLER_NAMES
@@ -25,6 +26,7 @@ MAX_GUIDANCE_SCALE = 100.0
 DEFAULT_PROMPT_CHARS = 1000
 MAX_OPENAI_NAME_CHARS = 256  # OpenAI's limit on model and user
 MAX_NESTING = 16  # arrays or objects in a field's value: a valid request has none; past this, only the depth is shown
+MAX_PARTIAL_IMAGES = 3  # OpenAI's limit on partial_images
 # Characters that do not make a prompt: Python's str.isspace() and ECMA-262's \s together, spelled out so that the
 # schema's "pattern" (ECMA-262) and the server (Python re) mean the same characters.
 BLANK_CHARACTERS = (r"\u0009-\u000d\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
@@ -55,6 +57,10 @@ class ServeLimits:
     default_size: int = 32
     default_steps: int = DEFAULT_STEPS
     default_sampler: str = DEFAULT_SAMPLER
+    default_guidance_interval: tuple[float, float] | None = None  # None: guidance at every UNet call
+    default_cache_interval: int = 1
+    default_cache_schedule: str = CACHE_SCHEDULES[0]
+    max_cache_interval: int = MAX_CACHE_INTERVAL  # 1 where the engine cannot cache the UNet's features
 
 
 @functools.lru_cache(maxsize=8)
@@ -69,7 +75,8 @@ def request_model(limits: ServeLimits) -> type[BaseModel]:
         __config__=ConfigDict(extra="forbid", strict=True,
                               json_schema_extra={"examples": [{"prompt": "a red circle on a blue background",
                                                                "seed": 7, "steps": 25}],
-                                                 "allOf": [eta_only_for_ddim(limits.default_sampler)]}),
+                                                 "allOf": [eta_only_for_ddim(limits.default_sampler),
+                                                           only_when_streamed("previews")]}),
         prompt=(str, Field(min_length=1, max_length=limits.max_prompt_chars,
                            json_schema_extra={"pattern": NOT_BLANK_PATTERN},  # checked in parse_body
                            description="What to draw, not only spaces. Longer than the model's token limit is "
@@ -85,6 +92,24 @@ def request_model(limits: ServeLimits) -> type[BaseModel]:
                                       "another sampler and no steps gets that sampler's default.")),
         guidance_scale=(float, Field(defaults["guidance_scale"], ge=0, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False,
                                      description="Classifier-free guidance scale; 1 means no guidance.")),
+        guidance_interval=(Annotated[list[Annotated[float, Field(ge=0, allow_inf_nan=False)]],
+                                     Field(min_length=2, max_length=2)] | None,
+                           Field(_interval_json(limits.default_guidance_interval),
+                                 description=f"[low, high] with 0 <= low < high: guidance only at the UNet calls "
+                                             f"whose noise level sigma lies in (low, high], the conditional branch "
+                                             f"alone at the others; null for the server's default, "
+                                             f"{_interval_text(limits.default_guidance_interval)}.")),
+        cache_interval=(int, Field(limits.default_cache_interval, ge=1, le=limits.max_cache_interval,
+                                   description="N: the whole UNet at one step in N and, at the steps between, "
+                                               "only its shallow part on the deep features kept from the last "
+                                               "whole step (DeepCache); 1: the whole UNet at every step."
+                                               + ("" if limits.max_cache_interval > 1 else
+                                                  " Only 1 here: this server's engine cannot cache them."))),
+        cache_schedule=(Literal[CACHE_SCHEDULES], Field(limits.default_cache_schedule,
+                                                        description="Which steps run the whole UNet when "
+                                                                    "cache_interval > 1: uniform spaces them evenly, "
+                                                                    "quadratic packs them around a step part-way "
+                                                                    "in.")),
         eta=(float, Field(defaults["eta"], ge=0, le=1, allow_inf_nan=False,
                           description="DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like; 0 with any other "
                                       "sampler.")),
@@ -94,7 +119,29 @@ def request_model(limits: ServeLimits) -> type[BaseModel]:
                                             "the same image whatever else runs.")),
         height=(int | None, Field(None, **size, description=size_text.format("height"))),
         width=(int | None, Field(None, **size, description=size_text.format("width"))),
+        stream=(bool, Field(False, description="true: the answer is server-sent events as the request goes: queued "
+                                               "(its id, then its place in the queue), progress (each step), "
+                                               "preview (with previews), then completed (the JSON answer) or "
+                                               "error. DELETE /v1/images/{id} cancels it.")),
+        previews=(int, Field(0, ge=0, le=limits.max_steps,
+                             description="With stream: previews of each image while it is made, spread evenly over "
+                                         "its steps (at most one a step, none after the last).")),
     )
+
+
+def only_when_streamed(field: str) -> dict[str, Any]:
+    """The JSON Schema rule "``field`` above 0 needs stream true" (``parse_body`` enforces it)."""
+    return {"if": {"properties": {field: {"exclusiveMinimum": 0}}, "required": [field]},
+            "then": {"properties": {"stream": {"const": True}}, "required": ["stream"]}}
+
+
+def _interval_json(interval: tuple[float, float] | None) -> list[float] | None:
+    return None if interval is None else [float(end) for end in interval]
+
+
+def _interval_text(interval: tuple[float, float] | None) -> str:
+    """A guidance interval as a request's error or description shows it."""
+    return "guidance at every UNet call" if interval is None else f"[{float(interval[0])!r}, {float(interval[1])!r}]"
 
 
 def eta_only_for_ddim(default_sampler: str) -> dict[str, Any]:
@@ -117,8 +164,9 @@ def image_sizes(limits: ServeLimits) -> list[str]:
 def openai_request_model(limits: ServeLimits) -> type[BaseModel]:
     """The pydantic model of a ``POST /v1/images/generations`` body: OpenAI's fields (``model`` and ``user`` are
     taken and not used; ``response_format`` can only be ``b64_json``, as the server keeps no images to link to)
-    and ours (``negative_prompt``, ``sampler``, ``steps``, ``guidance_scale``, ``eta``, ``seed``), under the same
-    limits as ``request_model``."""
+    and ours (``negative_prompt``, ``sampler``, ``steps``, ``guidance_scale``, ``guidance_interval``,
+    ``cache_interval``, ``cache_schedule``, ``eta``, ``seed``), under the same limits as ``request_model``;
+    ``stream`` and ``partial_images`` as OpenAI's streaming of images."""
     ours = request_model(limits).model_fields
     sizes = image_sizes(limits)
     default_size = f"{limits.default_size}x{limits.default_size}"
@@ -127,7 +175,8 @@ def openai_request_model(limits: ServeLimits) -> type[BaseModel]:
         __config__=ConfigDict(extra="forbid", strict=True,
                               json_schema_extra={"examples": [{"prompt": "a red circle on a blue background",
                                                                "size": default_size, "seed": 7}],
-                                                 "allOf": [eta_only_for_ddim(limits.default_sampler)]}),
+                                                 "allOf": [eta_only_for_ddim(limits.default_sampler),
+                                                           only_when_streamed("partial_images")]}),
         prompt=(str, ours["prompt"]),
         n=(int, ours["n"]),
         size=(Literal[tuple(sizes)] | None, Field(None, description=f'Image size "WxH" in pixels, width first; '
@@ -139,8 +188,17 @@ def openai_request_model(limits: ServeLimits) -> type[BaseModel]:
         model=(str | None, Field(None, max_length=MAX_OPENAI_NAME_CHARS, description="Taken and not used: the "
                                                                                  "server serves one model.")),
         user=(str | None, Field(None, max_length=MAX_OPENAI_NAME_CHARS, description="Taken and not used.")),
+        stream=(bool, Field(False, description="true: the answer is server-sent events in OpenAI's shape: "
+                                               "image_generation.partial_image (with partial_images), then "
+                                               "image_generation.completed for each image.")),
+        partial_images=(int, Field(0, ge=0, le=MAX_PARTIAL_IMAGES,
+                                   description=f"With stream: partial images of each image while it is made, 0 to "
+                                               f"{MAX_PARTIAL_IMAGES}, spread evenly over its steps (fewer where it "
+                                               f"has fewer steps).")),
         **{name: (ours[name].annotation, ours[name]) for name in ("negative_prompt", "sampler", "steps",
-                                                                  "guidance_scale", "eta", "seed")},
+                                                                  "guidance_scale", "guidance_interval",
+                                                                  "cache_interval", "cache_schedule", "eta",
+                                                                  "seed")},
     )
 
 
@@ -154,6 +212,11 @@ def expected_text(field: str, limits: ServeLimits) -> str:
         "sampler": f"one of {', '.join(SAMPLER_NAMES)}",
         "steps": f"an integer from 1 to {limits.max_steps}",
         "guidance_scale": f"a number from 0 to {MAX_GUIDANCE_SCALE:g}",
+        "guidance_interval": f"two noise levels [low, high] with 0 <= low < high, or null for the server's "
+                             f"default ({_interval_text(limits.default_guidance_interval)})",
+        "cache_interval": (f"an integer from 1 to {limits.max_cache_interval}" if limits.max_cache_interval > 1 else
+                           "1 (this server's engine cannot cache the UNet's features across steps)"),
+        "cache_schedule": f"one of {', '.join(CACHE_SCHEDULES)}",
         "eta": "a number from 0 to 1",
         "seed": "an integer from 0 to 2**63 - 1, or null",
         "height": sizes,
@@ -163,6 +226,9 @@ def expected_text(field: str, limits: ServeLimits) -> str:
         "response_format": '"b64_json" or null (the server keeps no images, so it cannot answer with a "url")',
         "model": f"a string of at most {MAX_OPENAI_NAME_CHARS} characters, or null (the server serves one model)",
         "user": f"a string of at most {MAX_OPENAI_NAME_CHARS} characters, or null",
+        "stream": "true or false",
+        "previews": f"an integer from 0 to {limits.max_steps}",
+        "partial_images": f"an integer from 0 to {MAX_PARTIAL_IMAGES}",
     }.get(field, "")
 
 
@@ -179,7 +245,8 @@ def validation_error(error: ValidationError, body: Any, limits: ServeLimits, mod
                                                 f"of {known}", field)
     if first["type"] == "missing":
         return ApiError(422, "invalid_request", f"{field} is missing; expected {expected_text(field, limits)}", field)
-    value = first.get("input")
+    # an error inside an array names an item; the sentence shows the whole value the field was given
+    value = body[field] if len(location) > 1 and isinstance(body, dict) and field in body else first.get("input")
     if first["type"] == "string_too_long" and isinstance(value, str):
         return ApiError(422, "invalid_request", f"{field} has {len(value)} characters; expected at most "
                                                 f"{first['ctx']['max_length']}", field)
@@ -274,4 +341,14 @@ def parse_body(raw: bytes, content_type: str, limits: ServeLimits, model: type[B
     if not re.search(NOT_BLANK_PATTERN, parsed.prompt):
         raise ApiError(422, "invalid_request", f"prompt is {shown_value(parsed.prompt)}; expected "
                                                f"{expected_text('prompt', limits)} (not only spaces)", "prompt")
+    interval = getattr(parsed, "guidance_interval", None)
+    if interval is not None and not interval[0] < interval[1]:  # JSON Schema cannot compare two items
+        raise ApiError(422, "invalid_request", f"guidance_interval is {shown_value(fields['guidance_interval'])}; "
+                                               f"expected {expected_text('guidance_interval', limits)}",
+                       "guidance_interval")
+    for name in ("previews", "partial_images"):
+        wanted = getattr(parsed, name, 0)
+        if wanted and not parsed.stream:
+            raise ApiError(422, "invalid_request", f"{name} is {wanted} but stream is false; expected stream: true "
+                                                   f"for {name.replace('_', ' ')}, or {name} 0", name)
     return parsed

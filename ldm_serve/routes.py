@@ -1,15 +1,18 @@
-"""The routes of ``ldm-serve``: the images routes (``ImagesRoute``: parse, queue one job, wait, answer) and the
-status routes ``/healthz``, ``/readyz`` and ``/metrics``.
+"""The routes of ``ldm-serve``: the images routes (``ImagesRoute``: parse, queue one job, wait, answer, or stream
+it as it goes; and cancel) and the status routes ``/healthz``, ``/readyz`` and ``/metrics``.
 
 Nothing a client sends reaches a file path or picks an engine. A full queue is 429 and a server warming up,
 draining or past the request's timeout 503, each with ``Retry-After``; a client that disconnects withdraws its
-job from the batch.
+job from the batch, and so does ``DELETE /v1/images/{id}`` (the id is in every answer's ``X-Request-Id`` and in a
+stream's first event). A streamed request (``stream: true``) is answered with server-sent events
+(``ldm_serve.events``) as it waits, runs and finishes; its images are byte for byte those it gets unstreamed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import math
 import secrets
 import time
@@ -24,18 +27,22 @@ from ldm_runtime.errors import RequestError
 from ldm_runtime.images import png_bytes
 from ldm_runtime.noise import MAX_SEED
 from ldm_runtime.pipeline import GenerationRequest, Pipeline
-from ldm_serve.batcher import Batcher, Job, JobResult, JobTimeout, NotAccepting, QueueFull
-from ldm_serve.errors import ERROR_CONTENT, ApiError, error_response
+from ldm_serve.batcher import Batcher, Job, JobCancelled, JobResult, JobTimeout, NotAccepting, QueueFull
+from ldm_serve.errors import ERROR_CONTENT, OPENAI_IMAGES_PATH, ApiError, error_body, error_response, shown_value
+from ldm_serve.events import (OPENAI_COMPLETED, OPENAI_PARTIAL, EventStream, job_events, openai_image_event,
+                              preview_png, sse)
 from ldm_serve.metrics import ServeMetrics
 from ldm_serve.request_schema import ServeLimits, openai_request_model, parse_body, request_model
 
 STUCK_STEP_GRACE_S = 1.0  # the worker drops an expired job at its next step boundary; this covers a stuck step
+REQUEST_ID_HEADER = "X-Request-Id"
 
 
 class ImagesRoute:
     """``POST /v1/images`` and ``POST /v1/images/generations`` (the API key is ``ApiKeyMiddleware``'s): parse,
-    queue one job of ``n`` images, wait for it, answer: PNG or our JSON on the first, OpenAI's JSON on the second.
-    Both share the limits, the queue, the batcher and the metrics."""
+    queue one job of ``n`` images, wait for it, answer: PNG or our JSON on the first, OpenAI's JSON on the second;
+    with ``stream`` true, events as it goes in each route's shape. Both share the limits, the queue, the batcher,
+    the metrics and the jobs ``DELETE /v1/images/{id}`` (``cancel_images``) finds by id."""
 
     def __init__(self, pipeline: Pipeline, batcher: Batcher, limits: ServeLimits, metrics: ServeMetrics):
         self.pipeline = pipeline
@@ -44,6 +51,7 @@ class ImagesRoute:
         self.metrics = metrics
         self.model = request_model(limits)
         self.openai_model = openai_request_model(limits)
+        self.jobs: dict[str, Job] = {}  # queued or running, by id
 
     async def create_images(self, request: Request) -> Response:
         return await self._counted(request, self._answer)
@@ -51,14 +59,33 @@ class ImagesRoute:
     async def create_openai_images(self, request: Request) -> Response:
         return await self._counted(request, self._answer_openai)
 
+    async def cancel_images(self, request_id: str) -> Response:
+        """``DELETE /v1/images/{id}``: the queued or running request ``id`` is answered as cancelled, and its images
+        leave the batch at the next step boundary."""
+        job = self.jobs.get(request_id)
+        if job is None:
+            raise ApiError(404, "not_found", f"no queued or running request has id {shown_value(request_id)}; "
+                                             f"expected the id of one (its {REQUEST_ID_HEADER} header, or its "
+                                             f"stream's first event)", "id")
+        self.batcher.cancel(job)
+        return JSONResponse({"id": request_id, "status": "cancelled"})
+
     async def _counted(self, request: Request, answer: Callable) -> Response:
+        """``answer``'s response, the request counted in flight until it has been answered (a stream: until it
+        ends) and counted by outcome where it fails before it is answered."""
         arrived = time.monotonic()
-        with self.metrics.in_flight.track_inprogress():
-            try:
-                return await answer(request, arrived)
-            except ApiError as error:
-                self.metrics.requests.labels(_outcome(error)).inc()
-                raise
+        self.metrics.in_flight.inc()
+        streaming = False
+        try:
+            response = await answer(request, arrived)
+            streaming = isinstance(response, EventStream)  # its end does the rest
+            return response
+        except ApiError as error:
+            self.metrics.requests.labels(outcome_of(error)).inc()
+            raise
+        finally:
+            if not streaming:
+                self.metrics.in_flight.dec()
 
     async def _answer(self, request: Request, arrived: float) -> Response:
         raw = await request.body()
@@ -68,46 +95,156 @@ class ImagesRoute:
         if png and parsed.n > 1:
             raise ApiError(406, "not_acceptable", f"n is {parsed.n} but the client accepts only image/png; expected "
                                                   f"n = 1 or Accept: application/json", "n")
-        seeds, result, total_s = await self._generate(request, parsed, parsed.height, parsed.width, arrived)
-        pngs = await _encode_pngs(parsed, self._steps(parsed), seeds, result)
-        height, width = result.images[0].shape[:2]
-        timings = _timings(result, total_s)
+        if parsed.stream:
+            if not accepted & {"text/event-stream", "text/*", "*/*"}:
+                raise ApiError(406, "not_acceptable", "stream is true but the client does not accept "
+                                                      "text/event-stream; expected stream: false or Accept: "
+                                                      "text/event-stream", "stream")
+            seeds, requests, job = self._queue_job(parsed, parsed.height, parsed.width, arrived, parsed.previews)
+            return self._event_stream(job, lambda answered: self._our_events(job, requests, seeds, arrived,
+                                                                             answered))
+        seeds, requests, job = self._queue_job(parsed, parsed.height, parsed.width, arrived)
+        result, total_s = await self._wait(job, request, arrived)
+        pngs = await encode_pngs(requests, result)
+        timings = timings_of(result, total_s)
         if png:
             server_timing = ", ".join(f"{name[:-3]};dur={value}" for name, value in timings.items())
             return Response(pngs[0], media_type="image/png",
-                            headers={"X-Seed": str(seeds[0]), "Server-Timing": server_timing})
-        return JSONResponse({"images": [base64.b64encode(data).decode("ascii") for data in pngs], "seeds": seeds,
-                             "width": width, "height": height, "timings": timings})
+                            headers={"X-Seed": str(seeds[0]), "Server-Timing": server_timing,
+                                     REQUEST_ID_HEADER: job.id})
+        return JSONResponse(our_answer(pngs, seeds, result, timings), headers={REQUEST_ID_HEADER: job.id})
 
     async def _answer_openai(self, request: Request, arrived: float) -> Response:
         raw = await request.body()
         parsed = parse_body(raw, request.headers.get("content-type", ""), self.limits, self.openai_model)
         width, height = (None, None) if parsed.size is None else map(int, parsed.size.split("x"))
-        seeds, result, total_s = await self._generate(request, parsed, height, width, arrived)
-        pngs = await _encode_pngs(parsed, self._steps(parsed), seeds, result)
+        if parsed.stream:
+            seeds, requests, job = self._queue_job(parsed, height, width, arrived, parsed.partial_images)
+            return self._event_stream(job, lambda answered: self._openai_events(job, requests, seeds, arrived,
+                                                                                answered))
+        seeds, requests, job = self._queue_job(parsed, height, width, arrived)
+        result, total_s = await self._wait(job, request, arrived)
+        pngs = await encode_pngs(requests, result)
         height, width = result.images[0].shape[:2]
         return JSONResponse({"created": int(time.time()),
                              "data": [{"b64_json": base64.b64encode(data).decode("ascii"), "seed": one_seed}
                                       for data, one_seed in zip(pngs, seeds)],
                              "size": f"{width}x{height}", "output_format": "png",
-                             "timings": _timings(result, total_s)})
+                             "timings": timings_of(result, total_s)}, headers={REQUEST_ID_HEADER: job.id})
 
-    async def _generate(self, request: Request, parsed: BaseModel, height: int | None, width: int | None,
-                        arrived: float) -> tuple[list[int], JobResult, float]:
-        """Queue the ``parsed.n`` images and wait for them: their seeds, the job's result and the seconds since
-        the request arrived (observed as its latency, and counted as ok)."""
+    def _queue_job(self, parsed: BaseModel, height: int | None, width: int | None, arrived: float,
+                   previews: int | None = None) -> tuple[list[int], list[GenerationRequest], Job]:
+        """Queue the ``parsed.n`` images as one job: their seeds, their requests as sampled, and the job, which
+        ``cancel_images`` finds by its id until it is answered. ``previews`` not None: the job is streamed, with
+        that many previews of each image."""
         seed = secrets.randbelow(MAX_SEED) if parsed.seed is None else parsed.seed
         seeds = [(seed + index) % MAX_SEED for index in range(parsed.n)]
         requests = self._generation_requests(parsed, seeds, height, width)
         loop = asyncio.get_running_loop()
         job = Job(requests=requests, deadline=arrived + self.limits.request_timeout_s, loop=loop,
-                  future=loop.create_future(), enqueued_at=arrived)
+                  future=loop.create_future(), enqueued_at=arrived,
+                  events=None if previews is None else asyncio.Queue(), previews=previews or 0)
         self._submit(job)
-        result = await await_job(self.batcher, job, request, self.limits)
+        self.jobs[job.id] = job
+        return seeds, requests, job
+
+    async def _wait(self, job: Job, request: Request, arrived: float) -> tuple[JobResult, float]:
+        """The job's result and the seconds since the request arrived (observed as its latency, and counted as ok);
+        ``await_job``'s errors."""
+        try:
+            result = await await_job(self.batcher, job, request, self.limits)
+        finally:
+            self.jobs.pop(job.id, None)
+        return result, self.finished(arrived)
+
+    def finished(self, arrived: float) -> float:
+        """A request answered with its images: its latency observed and counted as ok; returns the seconds."""
         total_s = time.monotonic() - arrived
         self.metrics.latency.observe(total_s)
         self.metrics.requests.labels("ok").inc()
-        return seeds, result, total_s
+        return total_s
+
+    def _event_stream(self, job: Job, events_of: Callable) -> EventStream:
+        """The streamed answer of ``job``: ``events_of(answered)`` gives its events and calls ``answered()`` once the
+        job has its outcome. When the stream ends, however it ends, the job leaves the registry and the request stops
+        counting in flight; a job left without an outcome (its client gone) is withdrawn from the batch and
+        counted as disconnected."""
+        reached_the_end = False
+
+        def answered() -> None:
+            nonlocal reached_the_end
+            reached_the_end = True
+
+        def on_close() -> None:
+            self.jobs.pop(job.id, None)
+            self.metrics.in_flight.dec()
+            if not reached_the_end:
+                self.batcher.withdraw(job)
+                self.metrics.requests.labels("disconnected").inc()
+
+        return EventStream(events_of(answered), on_close, headers={REQUEST_ID_HEADER: job.id})
+
+    async def _outcome_events(self, job: Job, arrived: float, answered: Callable[[], None]):
+        """``job_events`` with the job's end made an outcome: ``("preview", ...)`` and the others as they come,
+        then ``("result", {"result": JobResult, "total_s": seconds})``, counted as ok, or ``("failed", {"error":
+        ApiError})``, counted by its outcome; ``answered()`` before either."""
+        async for kind, values in job_events(job, job.deadline + STUCK_STEP_GRACE_S):
+            if kind == "late":
+                self.batcher.withdraw(job)
+                error = timeout_error(self.limits)
+            elif kind == "done":
+                try:
+                    result = job_result(job, self.limits)
+                except ApiError as failure:
+                    error = failure
+                else:
+                    answered()
+                    yield "result", {"result": result, "total_s": self.finished(arrived)}
+                    return
+            else:
+                yield kind, values
+                continue
+            self.metrics.requests.labels(outcome_of(error)).inc()
+            answered()
+            yield "failed", {"error": error}
+            return
+
+    async def _our_events(self, job: Job, requests: list[GenerationRequest], seeds: list[int], arrived: float,
+                          answered: Callable[[], None]):
+        """``POST /v1/images``' events (``ldm_serve.events``)."""
+        async for kind, values in self._outcome_events(job, arrived, answered):
+            if kind == "preview":
+                b64_png = await preview_png(values["pixels"], seeds[values["image"]], values["step"], values["steps"])
+                yield sse("preview", {"id": job.id, **{name: values[name] for name in ("image", "index", "step",
+                                                                                      "steps")}, "b64_png": b64_png})
+            elif kind == "result":
+                result, total_s = values["result"], values["total_s"]
+                pngs = await encode_pngs(requests, result)
+                yield sse("completed", {"id": job.id, **our_answer(pngs, seeds, result, timings_of(result, total_s))})
+            elif kind == "failed":
+                yield sse("error", json.loads(error_body(values["error"])))
+            else:
+                yield sse(kind, {"id": job.id, **values})
+
+    async def _openai_events(self, job: Job, requests: list[GenerationRequest], seeds: list[int], arrived: float,
+                             answered: Callable[[], None]):
+        """``POST /v1/images/generations``' events in OpenAI's shape (``ldm_serve.events``)."""
+        height, width = self.pipeline.image_shape(requests[0])
+        async for kind, values in self._outcome_events(job, arrived, answered):
+            if kind == "preview":
+                image = values["image"]
+                b64_png = await preview_png(values["pixels"], seeds[image], values["step"], values["steps"])
+                yield openai_image_event(OPENAI_PARTIAL, b64_png, width, height, partial_image_index=values["index"],
+                                         image_index=image, seed=seeds[image])
+            elif kind == "result":
+                result, total_s = values["result"], values["total_s"]
+                pngs = await encode_pngs(requests, result)
+                timings = timings_of(result, total_s)
+                for image, (png, seed) in enumerate(zip(pngs, seeds)):
+                    yield openai_image_event(OPENAI_COMPLETED, base64.b64encode(png).decode("ascii"), width, height,
+                                             image_index=image, seed=seed, timings=timings)
+            elif kind == "failed":
+                yield sse("error", {"type": "error", **json.loads(error_body(values["error"], OPENAI_IMAGES_PATH))})
 
     def _steps(self, parsed: BaseModel) -> int:
         """The request's steps: those it names, else the server's default steps for the server's default sampler
@@ -118,17 +255,21 @@ class ImagesRoute:
 
     def _generation_requests(self, parsed: BaseModel, seeds: list[int], height: int | None,
                              width: int | None) -> list[GenerationRequest]:
-        """One request per seed, each checked by the pipeline (``ApiError`` 422 naming the field)."""
+        """One request per seed, each checked by the pipeline (``ApiError`` 422 naming the field) and resolved
+        (``Pipeline.resolve``) into what it is sampled with; a null ``guidance_interval`` is the server's default."""
+        interval = parsed.guidance_interval
+        interval = self.limits.default_guidance_interval if interval is None else tuple(interval)
         requests = [GenerationRequest(prompt=parsed.prompt, negative_prompt=parsed.negative_prompt, seed=one_seed,
                                       sampler=parsed.sampler, steps=self._steps(parsed),
-                                      guidance_scale=parsed.guidance_scale, eta=parsed.eta, height=height,
-                                      width=width) for one_seed in seeds]
+                                      guidance_scale=parsed.guidance_scale, guidance_interval=interval,
+                                      cache_interval=parsed.cache_interval, cache_schedule=parsed.cache_schedule,
+                                      eta=parsed.eta, height=height, width=width) for one_seed in seeds]
         for generation in requests:
             try:
                 self.pipeline.validate(generation)
             except RequestError as error:
                 raise ApiError(422, "invalid_request", str(error), error.field) from None
-        return requests
+        return [self.pipeline.resolve(generation) for generation in requests]
 
     def _submit(self, job: Job) -> None:
         """Queue ``job``; a full queue is 429, a server warming up or draining 503, both with Retry-After."""
@@ -156,18 +297,27 @@ def _accepts(accept: str) -> set[str]:
     return types
 
 
-async def _encode_pngs(parsed: BaseModel, steps: int, seeds: list[int], result: JobResult) -> list[bytes]:
-    """The images as PNG bytes, each with its generation parameters (``steps``: those it was sampled with) in a
-    text chunk."""
+def our_answer(pngs: list[bytes], seeds: list[int], result: JobResult, timings: dict[str, float]) -> dict:
+    """The JSON answer of ``POST /v1/images``: base64 PNGs, seeds, size, timings."""
     height, width = result.images[0].shape[:2]
-    parameters = [{"prompt": parsed.prompt, "negative_prompt": parsed.negative_prompt, "seed": one_seed,
-                   "steps": steps, "guidance_scale": parsed.guidance_scale, "eta": parsed.eta,
-                   "height": height, "width": width, "sampler": parsed.sampler} for one_seed in seeds]
+    return {"images": [base64.b64encode(data).decode("ascii") for data in pngs], "seeds": seeds, "width": width,
+            "height": height, "timings": timings}
+
+
+async def encode_pngs(requests: list[GenerationRequest], result: JobResult) -> list[bytes]:
+    """The images as PNG bytes, each with the settings it was sampled with (its resolved request) in a text
+    chunk."""
+    height, width = result.images[0].shape[:2]
+    parameters = [{"prompt": one.prompt, "negative_prompt": one.negative_prompt, "seed": one.seed,
+                   "steps": one.steps, "guidance_scale": one.guidance_scale,
+                   "guidance_interval": None if one.guidance_interval is None else list(one.guidance_interval),
+                   "cache_interval": one.cache_interval, "cache_schedule": one.cache_schedule, "eta": one.eta,
+                   "height": height, "width": width, "sampler": one.sampler} for one in requests]
     return await asyncio.to_thread(lambda: [png_bytes(image, settings)
                                             for image, settings in zip(result.images, parameters)])
 
 
-def _timings(result: JobResult, total_s: float) -> dict[str, float]:
+def timings_of(result: JobResult, total_s: float) -> dict[str, float]:
     return {"queue_ms": round(result.queue_s * 1e3, 3), "compute_ms": round(result.compute_s * 1e3, 3),
             "total_ms": round(total_s * 1e3, 3)}
 
@@ -185,10 +335,19 @@ async def await_job(batcher: Batcher, job: Job, request: Request, limits: ServeL
         batcher.withdraw(job)
         if disconnected in done:  # nobody reads this answer; it only ends the handler and counts the outcome
             raise ApiError(499, "disconnected", "the client disconnected before its images were ready")
-        raise _timeout_error(limits)
+        raise timeout_error(limits)
+    return job_result(job, limits)
+
+
+def job_result(job: Job, limits: ServeLimits) -> JobResult:
+    """The result of a job whose future is done; its failure as an ``ApiError``: 422 (a request error), 409
+    (cancelled), 503 (timed out, or the drain time ran out) or 500 (anything else)."""
     error = job.future.exception()
     if isinstance(error, JobTimeout):
-        raise _timeout_error(limits)
+        raise timeout_error(limits)
+    if isinstance(error, JobCancelled):
+        raise ApiError(409, "cancelled", f"the request was cancelled (DELETE /v1/images/{job.id}) before its images "
+                                         f"were ready")
     if isinstance(error, RequestError):
         raise ApiError(422, "invalid_request", str(error), error.field)
     if isinstance(error, NotAccepting):  # the drain time ran out before this request finished
@@ -204,16 +363,16 @@ def _not_accepting_error(error: NotAccepting) -> ApiError:
                     {"Retry-After": "1" if error.reason == "warming_up" else "5"})
 
 
-def _timeout_error(limits: ServeLimits) -> ApiError:
+def timeout_error(limits: ServeLimits) -> ApiError:
     return ApiError(503, "timeout", f"the request did not finish within the server's {limits.request_timeout_s:g} s "
                                     f"limit; expected a retry when the server is less busy", None,
                     {"Retry-After": str(max(1, math.ceil(limits.request_timeout_s / 10)))})
 
 
-def _outcome(error: ApiError) -> str:
+def outcome_of(error: ApiError) -> str:
     return {429: "queue_full", 499: "disconnected", 500: "error"}.get(
-        error.status, {"warming_up": "not_ready", "draining": "draining", "timeout": "timeout"}.get(error.type,
-                                                                                                 "invalid"))
+        error.status, {"warming_up": "not_ready", "draining": "draining", "timeout": "timeout",
+                       "cancelled": "cancelled"}.get(error.type, "invalid"))
 
 
 async def _wait_for_disconnect(request: Request) -> None:

@@ -27,9 +27,11 @@ from typing import Any, Iterator
 
 import uvicorn
 
-from ldm_runtime.engines import THREADED_ENGINES, engine_for_flags, load_engine
+from ldm_runtime.config import MAX_CACHE_INTERVAL
+from ldm_runtime.engines import THREADED_ENGINES, engine_for_flags, load_engine, precision_note
 from ldm_runtime.errors import RequestError, UserError
 from ldm_runtime.pipeline import GenerationRequest, Pipeline
+from ldm_runtime.previews import PREVIEW_FILE, load_latent_preview, preview_for
 from ldm_serve.app import create_app
 from ldm_serve.batcher import Batcher, BatcherConfig, StepGate
 from ldm_serve.browser import ANY_HOST, LOOPBACK_HOSTS
@@ -49,6 +51,9 @@ ABORT_GRACE_S = 1.0  # after the drain time: for the 503s to go out before conne
 WILDCARD_ADDRESSES = ("0.0.0.0", "::")  # every interface: no client sends these as its Host
 HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?"  # a name or IPv4 address
                        r"|\[[0-9A-Fa-f:.]+\]|[0-9A-Fa-f]*:[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*")  # IPv6, bracketed or not
+# the flags that set what a request naming none of these settings is sampled with
+SETTING_FLAGS = {"guidance_interval": "--guidance-interval", "cache_interval": "--cache-interval",
+                 "cache_schedule": "--cache-schedule"}
 ORIGIN = re.compile(r"https?://([A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")
 
 
@@ -72,6 +77,8 @@ def build_app(args: argparse.Namespace, api_key: str | None = None):
         if not 0 < seconds <= 86_400:  # NaN fails too
             raise ServeError(f"{flag} is {seconds}; expected seconds above 0, at most 86400")
     check_range("--text-cache", args.text_cache, 0, None)
+    if args.cache_interval is not None:
+        check_range("--cache-interval", args.cache_interval, 1, MAX_CACHE_INTERVAL)
     if args.threads is not None:
         check_range("--threads", args.threads, 1, None)
     if not args.max_wait_ms >= 0 or args.max_wait_ms > 10_000:
@@ -95,12 +102,21 @@ def build_app(args: argparse.Namespace, api_key: str | None = None):
     default_steps = pipeline.default_steps if args.default_steps is None else args.default_steps
     check_range("--default-steps" if args.default_steps is not None else "the model's default steps", default_steps,
                 1, args.max_steps, " (--max-steps)")
+    # what a request that names only a prompt is sampled with: the flags, else the model's defaults
+    default_request = GenerationRequest(prompt="a request that names only a prompt", seed=0, sampler=sampler,
+                                        steps=default_steps, guidance_interval=args.guidance_interval,
+                                        cache_interval=args.cache_interval, cache_schedule=args.cache_schedule)
     try:
-        pipeline.validate(GenerationRequest(prompt="a request that names only a prompt", seed=0,
-                                            sampler=sampler, steps=default_steps))
+        pipeline.validate(default_request)
     except RequestError as error:
+        if error.field in SETTING_FLAGS:  # the model's default, or the flag that overrides it
+            flag, value = SETTING_FLAGS[error.field], getattr(pipeline.resolve(default_request), error.field)
+            given = (f"{flag} {value}" if getattr(args, error.field) is not None
+                     else f"the model's default_sampler.{error.field} {value} ({flag} sets another)")
+            raise ServeError(f"{given} cannot serve a request that names no {error.field}: {error}") from None
         raise ServeError(f"--sampler {sampler} with --default-steps {default_steps} cannot serve a "
                          f"request that names neither: {error}") from None
+    default_request = pipeline.resolve(default_request)
     max_size = info.max_image_size if args.max_size is None else args.max_size
     check_range("--max-size", max_size, max(info.min_image_size, info.image_size), info.max_image_size,
                  " (the engine's range)")
@@ -109,19 +125,41 @@ def build_app(args: argparse.Namespace, api_key: str | None = None):
     limits = ServeLimits(max_n=args.max_n, max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars,
                          max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
                          min_size=info.min_image_size, max_size=max_size, size_multiple=info.image_size_multiple,
-                         default_size=info.image_size, default_steps=default_steps, default_sampler=sampler)
+                         default_size=info.image_size, default_steps=default_steps, default_sampler=sampler,
+                         default_guidance_interval=default_request.guidance_interval,
+                         default_cache_interval=default_request.cache_interval,
+                         default_cache_schedule=default_request.cache_schedule,
+                         max_cache_interval=MAX_CACHE_INTERVAL if getattr(engine, "deep_cache", False) else 1)
     metrics = ServeMetrics()
     gate_path = os.environ.get(STEP_GATE_ENV)
+    # the model folder's latent-to-RGB map, else one fitted (or the decoder) on the worker while it warms up
+    stored_preview = load_latent_preview(args.model, info.latent_channels, info.latent_factor)
     batcher = Batcher(pipeline, BatcherConfig(mode=args.batching, max_batch=max_batch, max_queue=args.max_queue,
                                               max_wait_s=args.max_wait_ms / 1000), observer=metrics.observe,
-                      step_gate=StepGate(gate_path) if gate_path else None)
+                      step_gate=StepGate(gate_path) if gate_path else None,
+                      make_previewer=lambda: preview_for(engine, stored_preview))
     app = create_app(pipeline, batcher, limits, metrics, api_key=api_key, model_name=Path(args.model).name,
                      allowed_hosts=allowed_hosts, cors_origins=cors_origins)
     picked = " picked by --engine auto" if args.engine == "auto" else ""
     description = (f"{args.model} ({info.name} engine{picked}, {args.batching} batching, max batch {max_batch}, "
                    f"queue {args.max_queue}, default sampler {sampler} {default_steps} steps"
+                   f"{_default_settings_text(default_request)}"
+                   f", previews {'from ' + PREVIEW_FILE if stored_preview else 'fitted at start'}"
                    f"{', API key required' if api_key else ''})")
+    if note := precision_note(engine, args.precision):  # once every flag is known good
+        logging.getLogger("ldm_runtime.engines").info(note)
     return app, batcher, api_key, description
+
+
+def _default_settings_text(request: GenerationRequest) -> str:
+    """The guidance interval and feature caching of a request that names neither, for the serving line, where
+    they are not guidance at every call and the whole UNet at every step."""
+    text = ""
+    if request.guidance_interval is not None:
+        text += f" guided in ({request.guidance_interval[0]:g}, {request.guidance_interval[1]:g}]"
+    if request.cache_interval > 1:
+        text += f" whole UNet at 1 step in {request.cache_interval} ({request.cache_schedule})"
+    return text
 
 
 def prepare_server(args: argparse.Namespace) -> tuple[DrainingServer, socket.socket]:

@@ -2,6 +2,7 @@
 
     ldm-eval --model runs/ldm --json runs/ldm/eval.json --grid runs/ldm/eval.png
     ldm-eval --model engines/ldm-fp16 --engine onnxruntime --json eval.json --num-prompts 500
+    ldm-eval frontier --model runs/ldm --configs torch/fp32/ddim:25 torch/fp32/euler:6 --json frontier.json
 
 The prompts are the captions of the shapes set's held-out split (``ShapesDataset.heldout``, items the
 model never trained on); each caption's labels are the truth. One image is generated per prompt
@@ -18,6 +19,9 @@ model never trained on); each caption's labels are the truth. One image is gener
 - ``recon_psnr_db``: the autoencoder alone, mean PSNR of decode(encode(x)) over the prompts' real images.
 - ``classifier_accuracy``: the judge's own accuracy on real held-out images (from classifier.json), and
   ``classifier_accuracy_blurred`` on the same images blurred by 1 px, a guide to how much soft edges cost it.
+
+``ldm-eval frontier`` judges a list of sampling configurations (engine, precision, sampler, steps, cache and
+guidance intervals) at once, images per second beside quality: ``ldm_tools.frontier``.
 
 The classifier and the held-out prompts come from the training package (``ldm_train.classifier``,
 ``ldm_train.data.shapes``): this is a tool above the stages, which may import any of them. Torch and the training
@@ -43,6 +47,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from ldm_runtime.command_line import OneLineArgumentParser, finite_float, noise_interval, report_user_error
+from ldm_runtime.config import CACHE_SCHEDULES
 from ldm_runtime.engines import AUTO_ENGINE_HELP, CHECKPOINT_MARKER, ENGINE_DIR_MARKER, ENGINE_NAMES, load_engine
 from ldm_runtime.errors import RequestError, UserError
 from ldm_runtime.files import write_text_atomic
@@ -77,6 +82,8 @@ class EvalSettings:
     steps: int | None = None
     guidance: float = REQUEST_DEFAULTS["guidance_scale"]
     guidance_interval: tuple[float, float] | None = None  # noise levels (low, high] where guidance applies
+    cache_interval: int | None = None  # None: the model's default (Pipeline.resolve), else 1: no feature caching
+    cache_schedule: str | None = None
     eta: float = REQUEST_DEFAULTS["eta"]
     seed: int = 0  # prompt i is sampled with seed + i
     data_seed: int = 0  # the training data's seed: prompts come from its held-out split
@@ -86,7 +93,7 @@ class EvalSettings:
     grid: str | None = None
 
     def validate(self) -> None:
-        for name in ("num_prompts", "steps", "batch_size"):
+        for name in ("num_prompts", "steps", "batch_size", "cache_interval"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise EvalError(f"--{name.replace('_', '-')} is {getattr(self, name)}; expected a positive integer")
         if not np.isfinite(self.guidance) or self.guidance < 0:
@@ -109,12 +116,12 @@ class EvalSettings:
         if not model.is_dir() or not ((model / CHECKPOINT_MARKER).is_file() or (model / ENGINE_DIR_MARKER).is_file()):
             raise EvalError(f"--model {self.model} is neither a checkpoint dir ({CHECKPOINT_MARKER}) nor an engine "
                             f"dir ({ENGINE_DIR_MARKER})")
-        _check_writable("--json", Path(self.json))
+        check_writable_file("--json", Path(self.json))
         if self.grid is not None:
-            _check_writable("--grid", Path(self.grid))
+            check_writable_file("--grid", Path(self.grid))
 
 
-def _check_writable(flag: str, path: Path) -> None:
+def check_writable_file(flag: str, path: Path) -> None:
     """Create ``path``'s folder and a probe file in it, before any work: the report must not be lost at the end."""
     if path.is_dir():
         raise EvalError(f"{flag} {path} is a folder; expected a file path")
@@ -209,16 +216,19 @@ def score_samples(samples: np.ndarray, truths: list, captions: list[str], refere
 
 def generate_images(engine, captions: list[str], seeds: list[int], steps: int, guidance: float, eta: float,
                     batch_size: int, sampler: str = REQUEST_DEFAULTS["sampler"],
-                    guidance_interval: tuple[float, float] | None = None) -> np.ndarray:
+                    guidance_interval: tuple[float, float] | None = None, cache_interval: int | None = None,
+                    cache_schedule: str | None = None) -> np.ndarray:
     """One image per caption with ``sampler`` (one of ``SAMPLER_NAMES``): (N, H, W, 3) uint8, sampled ``batch_size``
-    at a time (at most what the engine holds)."""
+    at a time (at most what the engine holds). The guidance interval and the cache settings are the request
+    fields of the same names (``GenerationRequest``; None: the model's defaults)."""
     pipeline = Pipeline(engine)
     batch_size = max(1, min(batch_size, engine.info.max_images))
     images = []
     with tqdm(total=len(captions), desc="generating", unit="img", dynamic_ncols=True, file=sys.stderr) as bar:
         for start in range(0, len(captions), batch_size):
             requests = [GenerationRequest(prompt=caption, seed=seed, sampler=sampler, steps=steps,
-                                          guidance_scale=guidance, guidance_interval=guidance_interval, eta=eta)
+                                          guidance_scale=guidance, guidance_interval=guidance_interval,
+                                          cache_interval=cache_interval, cache_schedule=cache_schedule, eta=eta)
                         for caption, seed in zip(captions[start:start + batch_size], seeds[start:start + batch_size])]
             images += [np.asarray(image, dtype=np.uint8) for image in pipeline.generate(requests,
                                                                                         batch_size=batch_size)]
@@ -279,7 +289,9 @@ def _captioned_cell(sample: np.ndarray, caption: str, agrees: bool) -> np.ndarra
 # --- the whole evaluation ---------------------------------------------------------------------------------
 
 
-def _load_classifier(folder: str):
+def load_judge(folder: str):
+    """(the attribute classifier in ``folder``, its classifier.json description); ``EvalError`` naming
+    ``--classifier`` where it is unusable."""
     from ldm_train.classifier import load_classifier
 
     try:
@@ -288,13 +300,30 @@ def _load_classifier(folder: str):
         raise EvalError(f"--classifier {folder} is unusable: {error}") from None
 
 
+def heldout_prompts(count: int, image_size: int, data_seed: int) -> tuple[list[str], list]:
+    """(captions, labels) of items 0..count - 1 of the shapes set's held-out split: the prompts and their truth."""
+    from ldm_train.data.shapes import ShapesDataset
+
+    prompts = ShapesDataset.heldout(count, image_size, data_seed)
+    return [prompts.caption(i) for i in range(count)], [prompts.labels(i) for i in range(count)]
+
+
+def real_image_sets(count: int, image_size: int, data_seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The real images FID compares with, (count, H, W, 3) uint8 each: items [N, 2N) and [2N, 3N) of the same
+    held-out split, other than the prompts' own (``fid_in_domain`` against the first, ``fid_real_floor``)."""
+    from ldm_train.data.shapes import ShapesDataset
+
+    real = ShapesDataset.heldout(3 * count, image_size, data_seed)
+    return real.images_uint8(range(count, 2 * count)), real.images_uint8(range(2 * count, 3 * count))
+
+
 def evaluate(settings: EvalSettings) -> dict[str, Any]:
     """Run the whole evaluation and return the report (what ``--json`` receives)."""
     from ldm_train.data.shapes import ShapesDataset
 
     settings.validate()
     started = time.perf_counter()
-    classifier, description = _load_classifier(settings.classifier)
+    classifier, description = load_judge(settings.classifier)
     try:
         engine = load_engine(settings.model, engine=settings.engine, device=settings.device)
     except UserError as error:  # EngineLoadError, CheckpointError, EngineDirError, a bad device
@@ -311,16 +340,15 @@ def evaluate(settings: EvalSettings) -> dict[str, Any]:
     generate_started = time.perf_counter()
     try:
         samples = generate_images(engine, captions, seeds, settings.steps, settings.guidance, settings.eta,
-                                  settings.batch_size, settings.sampler, settings.guidance_interval)
+                                  settings.batch_size, settings.sampler, settings.guidance_interval,
+                                  settings.cache_interval, settings.cache_schedule)
     except RequestError as error:
         raise EvalError(f"the model cannot sample with these settings: {error}") from None
     generate_seconds = time.perf_counter() - generate_started
 
     judge_started = time.perf_counter()
-    # Items [N, 2N) and [2N, 3N) of the same held-out split: real images other than the prompts' own.
-    real = ShapesDataset.heldout(3 * count, classifier.config.image_size, settings.data_seed)
-    scores = score_samples(samples, truths, captions, real.images_uint8(range(count, 2 * count)),
-                           real.images_uint8(range(2 * count, 3 * count)), classifier)
+    scores = score_samples(samples, truths, captions,
+                           *real_image_sets(count, classifier.config.image_size, settings.data_seed), classifier)
     judge_seconds = time.perf_counter() - judge_started
 
     reconstruct_started = time.perf_counter()
@@ -373,6 +401,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance-interval", type=noise_interval, default=None, metavar="LOW,HIGH",
                         help="guide only the UNet calls whose noise level sigma lies in (LOW, HIGH] (default: every "
                              "call)")
+    parser.add_argument("--cache-interval", type=int, default=defaults.cache_interval, metavar="N",
+                        help="DeepCache: run the whole UNet one step in N and its shallow part, on the features kept "
+                             "from then, between (an engine with feature caching only; default: the model's, else 1)")
+    parser.add_argument("--cache-schedule", choices=CACHE_SCHEDULES, default=defaults.cache_schedule,
+                        help="which steps run the whole UNet under --cache-interval (default: the model's, else "
+                             "uniform)")
     parser.add_argument("--eta", type=finite_float, default=defaults.eta,
                         help="DDIM eta (0: deterministic); the other samplers take 0 only")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="prompt i is sampled with seed + i")
@@ -388,6 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["frontier"]:
+        from ldm_tools.frontier import main as frontier_main
+
+        return frontier_main(argv[1:])
     try:
         settings = EvalSettings(**vars(build_parser().parse_args(argv)))
         report = evaluate(settings)

@@ -33,7 +33,7 @@ FORBIDDEN = {
 # A name ending in "/" is a folder: every module in it.
 RUNTIME_FLOORS = {
     "basics": ("__init__.py", "errors.py", "arrays.py", "files.py", "staging.py", "folder_swap.py", "images.py",
-               "command_line.py"),
+               "previews.py", "command_line.py"),
     "numerics": ("config.py", "noise.py", "guidance.py", "deep_cache.py", "schedulers/", "models/"),  # the model, maths
     "folders": ("checkpoint.py", "manifest.py"),  # reading a checkpoint dir and an engine dir
     "engines": ("engines/",),

@@ -22,6 +22,12 @@ from ldm_runtime.manifest import MANIFEST_JSON, check_tensorrt_plans, load_manif
 ENGINE_NAMES = ("auto", "torch", "triton", "onnxruntime", "openvino", "tensorrt")
 ENGINE_DIR_ENGINES = ("onnxruntime", "openvino", "tensorrt")  # the engines that run an engine dir
 THREADED_ENGINES = ("onnxruntime", "openvino")  # the engines that take intra_op_threads (their CPU threads)
+PRECISION_NAMES = ("auto", "fp32", "bf16")  # --precision: the openvino engine's; auto, the default, fits any engine
+# What --precision does, for the commands' --help
+PRECISION_HELP = ("the openvino engine's inference precision: auto takes bf16 where the CPU has native bf16 (AVX-512 "
+                  "BF16 or AMX) and bf16 met the fidelity bar on this engine, else fp32, and says which; bf16 only "
+                  "on a CPU with native bf16; other engines keep their own precision under auto and refuse fp32 and "
+                  "bf16 (default: auto)")
 CHECKPOINT_MARKER = MODEL_JSON
 ENGINE_DIR_MARKER = MANIFEST_JSON
 # The optional libraries an engine needs: a missing one is the user's to install, not a bug.
@@ -96,7 +102,8 @@ def load_engine(path: str | Path, engine: str = "auto", device: str = "auto", **
     """The engine for ``path``: "torch" or "triton" for a checkpoint dir, "onnxruntime", "openvino" or "tensorrt"
     (an engine dir exported with --backend tensorrt) for an engine dir; "auto" takes ``pick_engine``'s choice and logs it at debug level (the commands name the engine
     in their own output, after the flags that depend on it have been checked). ``options`` go to the engine's constructor
-    (e.g. ``dtype``, ``unet_chunk_size`` for torch; ``intra_op_threads`` for onnxruntime and openvino).
+    (e.g. ``dtype``, ``unet_chunk_size`` for torch; ``intra_op_threads`` for onnxruntime and openvino; ``precision``
+    for openvino, where ``precision="auto"`` is dropped for every other engine, which keeps its own).
 
     Raises ``EngineLoadError`` for an unknown engine name, a folder that is neither kind, a device this machine
     lacks or an engine library that is not installed, and ``CheckpointError`` or ``EngineDirError`` for a folder
@@ -114,6 +121,8 @@ def load_engine(path: str | Path, engine: str = "auto", device: str = "auto", **
     if engine in ("torch", "triton") and not is_checkpoint:
         raise EngineLoadError(f"{folder} has no {CHECKPOINT_MARKER}; the {engine} engine runs a checkpoint dir "
                               f"written by ldm-train")
+    if options.get("precision") == "auto" and engine != "openvino":
+        options = {name: value for name, value in options.items() if name != "precision"}
     if engine in ENGINE_DIR_ENGINES and not is_engine_dir:
         raise EngineLoadError(f"{folder} has no {ENGINE_DIR_MARKER}; the {engine} engine runs an engine dir "
                               f"written by ldm-export")
@@ -132,18 +141,28 @@ def engine_for_flags(path: str | Path, engine: str, device: str = "auto", precis
     ``--threads`` ask for. "auto" stays "auto" (``load_engine`` picks, and a failure while loading keeps its
     traceback) unless a flag depends on the choice. ``threads`` becomes the sessions' ``intra_op_threads`` for
     the CPU engine-dir engines; the torch engines and tensorrt leave it to the caller (``torch.set_num_threads``).
-    ``EngineLoadError`` when ``--precision`` names an engine that has no such setting."""
-    if engine == "auto" and (precision is not None or threads is not None):
+    ``precision`` "auto" fits any engine (``load_engine`` gives it to the openvino engine, which takes bf16 or fp32:
+    ``precision_note`` says which, and leaves every other engine at its own precision). ``EngineLoadError`` when
+    ``--precision`` fp32 or bf16 names an engine that has no such setting."""
+    if engine == "auto" and (precision not in (None, "auto") or threads is not None):
         engine, _ = pick_engine(path, device)
     options: dict[str, Any] = {}
-    if precision is not None:
+    if precision == "auto" and engine in ("auto", "openvino"):
+        options["precision"] = precision
+    elif precision not in (None, "auto"):
         if engine != "openvino":
             raise EngineLoadError(f"--precision {precision} applies to the openvino engine, not {engine}; "
-                                  f"expected --engine openvino or no --precision")
+                                  f"expected --engine openvino or --precision auto")
         options["precision"] = precision
     if threads is not None and engine in THREADED_ENGINES:
         options["intra_op_threads"] = threads
     return engine, options
+
+
+def precision_note(engine: Engine, precision: str | None) -> str | None:
+    """The openvino engine's one sentence saying what ``--precision auto`` took and why; None for any other
+    ``precision`` and for the other engines, which keep their own precision under auto without a word."""
+    return getattr(engine, "precision_choice", None) if precision == "auto" else None
 
 
 def _engine_class(engine: str) -> type:
@@ -169,5 +188,5 @@ def _engine_class(engine: str) -> type:
     return OnnxRuntimeEngine
 
 
-__all__ = ["ENGINE_DIR_ENGINES", "ENGINE_NAMES", "THREADED_ENGINES", "Engine", "EngineInfo", "EngineLoadError",
-           "load_engine", "pick_engine"]
+__all__ = ["ENGINE_DIR_ENGINES", "ENGINE_NAMES", "PRECISION_NAMES", "THREADED_ENGINES", "Engine", "EngineInfo",
+           "EngineLoadError", "engine_for_flags", "load_engine", "pick_engine", "precision_note"]

@@ -13,19 +13,24 @@ re-laid-out weights per bucket), or once for every bucket with the batch axis a 
 weights; each bucket's first call prepares its kernels). By default (None) a graph is compiled per bucket unless
 its weights on disk exceed ``ONE_COMPILE_ABOVE_BYTES``.
 
-Compile cache (``ldm_runtime.engines.compile_cache``): each compiled graph is exported to ``$LDM_COMPILE_CACHE`` if
-set (``off`` turns it off), else ``$XDG_CACHE_HOME/ldm-runtime/openvino`` or ``~/.cache/ldm-runtime/openvino``, keyed
-by the sha256 of the graph's files, the shapes, the compile settings, the OpenVINO version and the CPU, and imported
-by a later process only when it is provably that entry; anything else is dropped and compiled again. A folder that
-cannot be created or that other users could write to turns the cache off with a warning.
+Compile cache (``ldm_runtime.engines.compile_cache``): each compiled graph whose weights are at most
+``CACHE_UP_TO_BYTES`` is exported to ``$LDM_COMPILE_CACHE`` if set (``off`` turns it off), else
+``$XDG_CACHE_HOME/ldm-runtime/openvino`` or ``~/.cache/ldm-runtime/openvino``, keyed by the sha256 of the graph's
+files, the shapes, the compile settings, the OpenVINO version and the CPU, and imported by a later process only when
+it is provably that entry; anything else is dropped and compiled again. A folder that cannot be created or that other
+users could write to turns the cache off with a warning. Larger graphs (every graph of SD's size) are compiled in
+every process: their entries took longer to read, check and import than the compile they save.
 
 Precision: "fp32" computes in float32 (OpenVINO's inference precision hint pinned to f32, since on a CPU with
 native bf16 its default would be bf16); "bf16" is offered only where OpenVINO reports native bf16 for the CPU
-(AVX-512 BF16 or AMX) and is refused elsewhere, naming what is missing.
+(AVX-512 BF16 or AMX) and is refused elsewhere, naming what is missing. "auto" takes bf16 where the CPU has native
+bf16 and ``BF16_MEASURED`` met the fidelity bar, else fp32 (``auto_precision``); ``precision_choice`` says which it
+took and why.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +44,45 @@ from ldm_runtime.files import sha256_file
 from ldm_runtime.manifest import EngineDirError
 
 PRECISIONS = {"fp32": "f32", "bf16": "bf16"}  # --precision -> OpenVINO's INFERENCE_PRECISION_HINT
+AUTO_PRECISION = "auto"  # bf16 where the CPU and the measured fidelity allow it, else fp32 (auto_precision)
 DEFAULT_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 INSTALL_HINT = "pip install 'ldm-runtime[openvino]'"
 DEFAULT_CACHE = "default"  # cache_dir value: the folder default_cache_dir() names
 ONE_COMPILE_ABOVE_BYTES = 256 * 2**20  # graphs with more weights than this are compiled once for every bucket
+# graphs with more weights than this are not kept in the compile cache: reading, checking and importing an entry took
+# longer than compiling for every graph of 87 MB or more measured (the demo's text encoder, every SD graph), and less
+# for every graph of 19 MB or less (the demo's UNet and autoencoder): BENCHMARKS.md, "bf16 and the cold start on
+# the openvino engine"
+CACHE_UP_TO_BYTES = 32 * 2**20
+BF16_PSNR_BAR_DB = 40.0  # a whole sampling run's bf16 images against fp32's, for --precision auto to take bf16
+BF16_ADHERENCE_BAR = 0.02  # and its prompt adherence (ldm-eval's, every attribute) within this of fp32's
+SLOW_START_S = 60.0  # a measured cold first image this long or longer is named when auto takes its precision
+
+
+@dataclass(frozen=True)
+class Bf16Measurement:
+    """bf16 against fp32 on this engine, as measured: whole sampling runs (the default sampler and steps, each image
+    alone) on the demo model and on the sd15 preset's random model at 16x16 latents, and ldm-eval's adherence on the
+    demo model; cold first images (a new process, empty compile cache) of sd15 at 16x16 latents, 1 thread. A run's
+    PSNR is that of all its uint8 images together against fp32's (as ldm-export's validation reports a run)."""
+
+    worst_run_psnr_db: float  # the lowest PSNR of a sampling run at bf16 against fp32, over the runs measured
+    worst_model: str  # the model of that run
+    adherence_difference: float  # the largest |bf16 - fp32| over ldm-eval's adherence fractions
+    cold_first_image_s: dict[str, float]  # precision -> seconds
+    source: str  # the benchmark and result file that measured it
+
+    @property
+    def meets_bar(self) -> bool:
+        return (self.worst_run_psnr_db >= BF16_PSNR_BAR_DB
+                and self.adherence_difference <= BF16_ADHERENCE_BAR)
+
+
+BF16_MEASURED = Bf16Measurement(
+    worst_run_psnr_db=38.9, worst_model="demo, ldm-eval's prompts", adherence_difference=0.006,
+    cold_first_image_s={"fp32": float("nan"), "bf16": float("nan")},
+    source="benchmarks/bf16_fidelity.py and benchmarks/openvino_cold_start.py (benchmarks/results/"
+           "cpu-openvino-bf16-fidelity.json, cpu-openvino-cold-start-sd15.json)")
 
 
 class OpenVinoUnavailable(EngineLoadError):
@@ -65,6 +105,42 @@ def cpu_capabilities(core: Any) -> list[str]:
     return [str(capability) for capability in core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
 
 
+def auto_precision(capabilities: list[str], large_model: bool, measured: Bf16Measurement | None = None
+                   ) -> tuple[str, str]:
+    """(the precision "auto" takes, one sentence saying which and why) on a CPU whose OpenVINO capabilities are
+    ``capabilities``: bf16 where they include "BF16" (native bf16) and ``measured`` met the fidelity bar, else fp32.
+    For a ``large_model`` (weights past ``ONE_COMPILE_ABOVE_BYTES``: SD's size, where the cold start was measured),
+    a measured cold first image of ``SLOW_START_S`` or more is named, with the measured alternative that starts
+    soonest (the other precision where this CPU can run it, or the onnxruntime engine). ``measured``: None for
+    ``BF16_MEASURED``."""
+    measured = BF16_MEASURED if measured is None else measured
+    bar = (f"its worst whole sampling run {measured.worst_run_psnr_db:.1f} dB against fp32, on {measured.worst_model}; "
+           f"prompt adherence within {measured.adherence_difference:.3f} of fp32's")
+    if "BF16" not in capabilities:
+        precision, why = "fp32", f"this CPU has no native bf16 (OpenVINO reports {', '.join(capabilities)})"
+    elif not measured.meets_bar:
+        precision, why = "fp32", (f"this CPU has native bf16, but bf16 missed the fidelity bar of {BF16_PSNR_BAR_DB:g} "
+                                  f"dB and {BF16_ADHERENCE_BAR:g} ({bar}: BENCHMARKS.md); --precision bf16 takes it "
+                                  f"anyway")
+    else:
+        precision, why = "bf16", f"this CPU has native bf16 and bf16 met the fidelity bar ({bar}: BENCHMARKS.md)"
+    note = f"--precision auto took {precision} on the openvino engine: {why}"
+    cold = measured.cold_first_image_s.get(precision, float("nan"))
+    if large_model and cold >= SLOW_START_S:
+        others = {"--precision fp32": measured.cold_first_image_s.get("fp32", float("nan")),
+                  "--engine onnxruntime": measured.cold_first_image_s.get("onnxruntime", float("nan"))}
+        if precision == "fp32" and "BF16" in capabilities:
+            others = {"--precision bf16": measured.cold_first_image_s.get("bf16", float("nan")),
+                      "--engine onnxruntime": others["--engine onnxruntime"]}
+        flag, seconds = min(((flag, seconds) for flag, seconds in others.items() if seconds == seconds),
+                            key=lambda item: item[1], default=(None, float("nan")))
+        note += (f"; at SD's size its first image in a new process took {cold / 60:.1f} min (sd15 at 16x16 latents, "
+                 f"1 thread: BENCHMARKS.md)")
+        if flag is not None and seconds < cold:
+            note += f", and {flag} took {seconds:.0f} s"
+    return precision, note
+
+
 def first_line(error: Exception) -> str:
     """The first line of an OpenVINO exception's message (they run to many lines of C++ locations)."""
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -73,13 +149,15 @@ def first_line(error: Exception) -> str:
 class OpenVinoEngine(EngineDirEngine):
     """An engine dir's four graphs compiled by OpenVINO for the CPU, behind the Engine protocol (numpy arrays).
 
-    precision: "fp32" or "bf16" (bf16 only on a CPU with native bf16: ``OpenVinoUnavailable`` elsewhere).
+    precision: "fp32", "bf16" (only on a CPU with native bf16: ``OpenVinoUnavailable`` elsewhere) or "auto"
+    (``auto_precision``: ``precision`` is then the one it took, and ``precision_choice`` says which and why).
     intra_op_threads: OpenVINO's inference threads per call (None: its default, one per core); the same option
     name as the onnxruntime engine's, so ``--threads`` means the same for both. batch_buckets: the batch sizes
     graphs are compiled for (None: powers of two up to the engine dir's largest batch, and that batch).
     verify: check every graph's and the tokenizer's sha256 against the manifest first. device: "auto" or "cpu".
-    cache_dir: a folder where the engine keeps the graphs it compiles, so a later process loads them instead of
-    compiling again ("default": ``default_cache_dir()``; None: compile in every process).
+    cache_dir: a folder where the engine keeps the graphs it compiles (those of at most ``CACHE_UP_TO_BYTES`` of
+    weights), so a later process loads them instead of compiling again ("default": ``default_cache_dir()``; None:
+    compile in every process).
     compile_per_bucket: True compiles every graph once per batch bucket (static shapes), False once for all buckets
     (one copy of the weights), None by the size of each graph's weights (see the module docstring).
     Batches and image sizes outside the exported ranges raise ``OutOfRangeError`` naming the allowed range.
@@ -91,8 +169,9 @@ class OpenVinoEngine(EngineDirEngine):
         if device not in ("auto", "cpu"):
             raise OpenVinoUnavailable(f"device {device!r} is not valid for the openvino engine, which runs on the "
                                       f"CPU; expected 'auto' or 'cpu' (use --engine onnxruntime on a GPU)")
-        if precision not in PRECISIONS:
-            raise EngineLoadError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)} for the openvino engine")
+        if precision not in (*PRECISIONS, AUTO_PRECISION):
+            raise EngineLoadError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)} or "
+                                  f"{AUTO_PRECISION} for the openvino engine")
         if intra_op_threads is not None and (isinstance(intra_op_threads, bool) or not isinstance(intra_op_threads, int)
                                              or intra_op_threads < 1):
             raise EngineLoadError(f"intra_op_threads is {intra_op_threads!r}; expected a positive integer or None")
@@ -101,10 +180,15 @@ class OpenVinoEngine(EngineDirEngine):
         self.core = openvino.Core()
         folder = default_cache_dir() if cache_dir == DEFAULT_CACHE else cache_dir
         self.compile_cache = CompileCache.open(folder) if folder is not None else None
-        if precision == "bf16" and "BF16" not in cpu_capabilities(self.core):
+        capabilities = cpu_capabilities(self.core)
+        if precision == "bf16" and "BF16" not in capabilities:
             raise OpenVinoUnavailable(
                 f"precision bf16 needs a CPU with native bf16 (AVX-512 BF16 or AMX), and OpenVINO reports only "
-                f"{', '.join(cpu_capabilities(self.core))} for this one; use --precision fp32")
+                f"{', '.join(capabilities)} for this one; use --precision fp32")
+        self.precision_choice: str | None = None  # what precision "auto" took and why
+        if precision == AUTO_PRECISION:
+            large = self._weight_bytes("unet") > ONE_COMPILE_ABOVE_BYTES
+            precision, self.precision_choice = auto_precision(capabilities, large)
         self.precision = precision
         if batch_buckets is not None and (not batch_buckets or any(
                 isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_buckets)):
@@ -131,9 +215,12 @@ class OpenVinoEngine(EngineDirEngine):
         if self.compile_cache is not None:  # what a compile depends on beyond its shapes and settings
             self._compiler = {"openvino": openvino.get_version(), "device": "CPU",
                               "cpu": str(self.core.get_property("CPU", "FULL_DEVICE_NAME")),
-                              "capabilities": cpu_capabilities(self.core)}
+                              "capabilities": capabilities}
+        weight_bytes = {name: self._weight_bytes(name) for name in self.manifest.graphs}
         self.per_bucket = {name: compile_per_bucket if compile_per_bucket is not None
-                           else self._weight_bytes(name) <= ONE_COMPILE_ABOVE_BYTES for name in self.manifest.graphs}
+                           else size <= ONE_COMPILE_ABOVE_BYTES for name, size in weight_bytes.items()}
+        self.cached = {name: self.compile_cache is not None and size <= CACHE_UP_TO_BYTES
+                       for name, size in weight_bytes.items()}  # the graphs the compile cache keeps
         self._compiled: dict[tuple, Any] = {}  # (graph, input shapes) -> an infer request of the compiled graph
         self._counting: str | None = None  # the graph operator_times is profiling, and the shapes it compiled
         self._counted: list[tuple] = []
@@ -201,7 +288,7 @@ class OpenVinoEngine(EngineDirEngine):
         model.reshape({name: openvino.PartialShape([batch if size == -1 else size for size in shape])
                        for name, shape in shapes.items()})
         config = {**self.compile_config, **extra_config}
-        if self.compile_cache is None or extra_config:  # a profiling compile is used once, so it is not kept
+        if not self.cached[graph] or extra_config:  # a profiling compile is used once, so it is not kept
             return self.core.compile_model(model, "CPU", config).create_infer_request()
         key = cache_key(self._compiler, graph, self._graph_digest(graph), self.batch_buckets[-1],
                         sorted(shapes.items()), config)

@@ -111,6 +111,11 @@ class DDIMTrajectory:
         """(t, prev_t) as Python ints, prev_t = -1 on the last step."""
         return zip(self.timesteps.tolist(), self.prev_timesteps.tolist())
 
+    def begun_at(self, start: int) -> "DDIMTrajectory":
+        """The walk from step ``start`` on (``len(self)``: no steps left), as image-to-image begins part-way."""
+        assert 0 <= start <= len(self), (start, len(self))
+        return DDIMTrajectory(self.timesteps[start:], self.prev_timesteps[start:])
+
 
 def ddim_step(
     model_output: Any,
@@ -215,6 +220,19 @@ class DDIMSampler:
 
     def trajectory(self, num_inference_steps: int) -> DDIMTrajectory:
         return DDIMTrajectory.plan(self.schedule, num_inference_steps, self.config)
+
+    def trajectory_from(self, num_inference_steps: int, start: int) -> DDIMTrajectory:
+        """The trajectory of ``num_inference_steps`` begun at step ``start`` (image-to-image): its last
+        ``num_inference_steps - start`` steps, as diffusers' img2img pipeline slices ``DDIMScheduler.timesteps``."""
+        return self.trajectory(num_inference_steps).begun_at(start)
+
+    def noise_scales(self, trajectory: DDIMTrajectory, index: int) -> tuple[float, float]:
+        """``(a, b)``: the latents at step ``index`` of ``trajectory`` (before its UNet call; ``len(trajectory)``: the
+        end, x_0 itself) are ``a x_0 + b eps``, i.e. sqrt(a_t) and sqrt(1 - a_t), as ``DDIMScheduler.add_noise``."""
+        if index == len(trajectory):
+            return 1.0, 0.0
+        alpha = float(self.schedule.alphas_cumprod[int(trajectory.timesteps[index])])
+        return float(np.sqrt(alpha)), float(np.sqrt(1.0 - alpha))
 
     def step(self, model_output: Any, timesteps: Any, prev_timesteps: Any, sample: Any,
              eta: float | np.ndarray | None = None, noise: Any = None,

@@ -63,6 +63,10 @@ class EulerSampler(SigmaSampler):
         sigma = row_sigmas(trajectories, step_indices)[1]
         return np.sqrt(sigma**2 + 1.0)
 
+    def noise_scales(self, trajectory: SigmaTrajectory, index: int) -> tuple[float, float]:
+        """``(1, sigma)``: latents in sigma space are x_0 + sigma eps."""
+        return 1.0, float(trajectory.sigmas[index])
+
     def step(self, model_output: Any, trajectories: Sequence[SigmaTrajectory], step_indices: Sequence[int],
              sample: Any, history: tuple[Any, ...] = (), noise: Any = None,
              to_array: ArrayConverter | None = None) -> tuple[Any, tuple[Any, ...]]:

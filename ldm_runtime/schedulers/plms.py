@@ -60,8 +60,16 @@ class PLMSSampler(SigmaSampler):
             raise ValueError(f"plms timestep_spacing {self.timestep_spacing!r} is not one of {SIGMA_SPACINGS}")
 
     def trajectory(self, num_inference_steps: int) -> PLMSTrajectory:
+        return self.trajectory_from(num_inference_steps, 0)
+
+    def trajectory_from(self, num_inference_steps: int, start: int) -> PLMSTrajectory:
+        """A PLMS run over the last ``num_inference_steps - start`` of the N spaced timesteps, each step still T // N
+        (image-to-image): its calls begin with a first step and its redo, as a run of N steps does. diffusers'
+        ``PNDMScheduler`` has no begin index: its img2img pipeline slices the N + 1 calls at ``start`` instead, which
+        begins one spaced timestep higher and then hands the UNet a timestep one step below the sample's."""
         steps = check_steps(self.schedule, num_inference_steps)
         count = self.schedule.num_train_timesteps
+        assert 0 <= start <= steps, (start, steps)
         if self.timestep_spacing == "linspace":
             spaced = np.linspace(0, count - 1, steps).round()
         elif self.timestep_spacing == "leading":
@@ -70,17 +78,24 @@ class PLMSSampler(SigmaSampler):
             spaced = np.round(np.arange(count, 0, -count / steps))[::-1] - 1
         spaced = spaced.astype(np.int64)  # ascending
         stride = count // steps
-        timesteps = np.concatenate([spaced[:-1], spaced[-2:-1], spaced[-1:]])[::-1]
-        from_timesteps, to_timesteps = timesteps.copy(), timesteps - stride
-        if len(timesteps) > 1:  # the second call redoes the first step, from one stride above its own timestep
-            from_timesteps[1], to_timesteps[1] = timesteps[1] + stride, timesteps[1]
+        timesteps, from_timesteps, to_timesteps = _calls(spaced, stride)
         if len(spaced) != steps or spaced.min() < 0 or from_timesteps.max() >= count:
             raise ValueError(f"num_inference_steps {steps} gives the plms timesteps {spaced[::-1].tolist()}; expected "
                              f"{steps} timesteps from 0 to {count - 1 - stride} (use other steps)")
+        if start:
+            timesteps, from_timesteps, to_timesteps = _calls(spaced[:steps - start], stride)
         to_timesteps = np.maximum(to_timesteps, -1)
         for array in (timesteps, from_timesteps, to_timesteps):
             array.flags.writeable = False
         return PLMSTrajectory(np.ascontiguousarray(timesteps), from_timesteps, to_timesteps)
+
+    def noise_scales(self, trajectory: PLMSTrajectory, index: int) -> tuple[float, float]:
+        """sqrt(a_t) and sqrt(1 - a_t) at the timestep of call ``index``, the sample's own (x_0 at the end), as
+        ``PNDMScheduler.add_noise``."""
+        if index == len(trajectory):
+            return 1.0, 0.0
+        alpha = float(self.schedule.alphas_cumprod[int(trajectory.timesteps[index])])
+        return float(np.sqrt(alpha)), float(np.sqrt(1.0 - alpha))
 
     def step(self, model_output: Any, trajectories: Sequence[PLMSTrajectory], step_indices: Sequence[int],
              sample: Any, history: tuple[Any, ...] = (), noise: Any = None,
@@ -124,3 +139,13 @@ class PLMSSampler(SigmaSampler):
             eps_scale = eps_scale * np.sqrt(alpha)
         base = (0.0, sample_scale) if index == 1 else (sample_scale, 0.0)
         return np.array(base + tuple(eps_scale * weight for weight in output_weights), dtype=np.float64)
+
+
+def _calls(spaced: np.ndarray, stride: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The calls of a PLMS run over ``spaced`` (ascending): each call's timestep, descending, the second one's
+    twice, and the timesteps its transfer goes from and to (to: below 0 past the last)."""
+    timesteps = np.concatenate([spaced[:-1], spaced[-2:-1], spaced[-1:]])[::-1]
+    from_timesteps, to_timesteps = timesteps.copy(), timesteps - stride
+    if len(timesteps) > 1:  # the second call redoes the first step, from one stride above its own timestep
+        from_timesteps[1], to_timesteps[1] = timesteps[1] + stride, timesteps[1]
+    return timesteps, from_timesteps, to_timesteps

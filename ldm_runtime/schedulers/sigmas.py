@@ -7,6 +7,8 @@ engine's array type by a converter, as in ``ddim.py``; the array math uses only 
 x_T by ``initial_noise_scale``, divides each UNet input by ``input_scales`` (sqrt(sigma^2 + 1) for Euler), keeps
 the ``history_size`` arrays each row's ``step`` returns (a multistep solver's earlier model outputs) and hands them
 to the row's next step, and draws each row's per-step noise from its seed for a ``stochastic`` sampler.
+Image-to-image begins a row part-way (``trajectory_from``: its first step is a first step, with no history, as
+diffusers' schedulers begin after ``set_begin_index``) from an image's latents noised as ``noise_scales`` says.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ class SigmaTrajectory:
 
     def __len__(self) -> int:
         return len(self.timesteps)
+
+    def begun_at(self, start: int) -> "SigmaTrajectory":
+        """The walk from step ``start`` on (``len(self)``: no steps left, the sigmas just the final 0)."""
+        assert 0 <= start <= len(self), (start, len(self))
+        return SigmaTrajectory(self.timesteps[start:], self.sigmas[start:])
 
 
 def schedule_sigmas(schedule: NoiseSchedule) -> np.ndarray:
@@ -139,6 +146,19 @@ class SigmaSampler:
 
     def trajectory(self, num_inference_steps: int) -> SigmaTrajectory:
         raise NotImplementedError
+
+    def trajectory_from(self, num_inference_steps: int, start: int) -> Any:
+        """The trajectory of ``num_inference_steps`` begun at step ``start`` (image-to-image): its last
+        ``num_inference_steps - start`` steps, the first of them taken as a first step."""
+        return self.trajectory(num_inference_steps).begun_at(start)
+
+    def noise_scales(self, trajectory: Any, index: int) -> tuple[float, float]:
+        """``(a, b)``: the latents at step ``index`` of ``trajectory`` (before its UNet call; ``len(trajectory)``: the
+        end, x_0 itself) are ``a x_0 + b eps`` in this sampler's latents, as its diffusers scheduler's ``add_noise``
+        makes them: on variance-preserving latents alpha and alpha sigma, alpha = 1 / sqrt(sigma^2 + 1)."""
+        sigma = float(trajectory.sigmas[index])
+        alpha = 1.0 / np.sqrt(sigma**2 + 1.0)
+        return float(alpha), float(alpha * sigma)
 
     def initial_noise_scale(self, trajectory: SigmaTrajectory) -> float:
         """x_T = unit noise times this (diffusers' init_noise_sigma); 1 on variance-preserving latents."""

@@ -2,6 +2,10 @@
 
 Bad input of any kind is one line ``ldm-bench: error: ...`` on stderr and exit status 2, before any engine
 is loaded. torch and the training code are imported only in the child processes that need them.
+
+The engines run in groups that fit the memory budget (``memory``): eager PyTorch, the baseline, starts first and
+stays resident, and is timed in the rounds of every group, so each engine's ratios are against the baseline's
+figures from its own rounds (the same machine state); in the plan its measured size replaces its estimate.
 """
 
 from __future__ import annotations
@@ -34,10 +38,13 @@ from ldm_runtime.manifest import load_manifest
 from ldm_runtime.pipeline import DEFAULT_GUIDANCE_SCALE
 from ldm_runtime.schedulers import SAMPLER_NAMES
 from ldm_tools.bench.diffusers_peers import PIPELINE_PEER, pipeline_refusal, pipeline_sampler_refusal
+from ldm_tools.bench.memory import (AUTO_MARGIN, Workload, activation_mib, available_memory_mib, estimate_rss_mib,
+                                    plan_groups)
 from ldm_tools.bench.report import (
     WIDE_SPREAD,
     format_profiles,
     format_table,
+    group_label,
     result_rows,
     write_json,
     write_plot,
@@ -101,19 +108,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="FILE", default=None, help="write every figure and sample here")
     parser.add_argument("--plot", metavar="FILE", default=None,
                         help="write the PNG plot here (default: beside --json, with .png)")
+    parser.add_argument("--memory-budget", default="auto", metavar="GIB",
+                        help="the memory the engine processes may hold at once: GiB, 'auto' (90%% of the memory "
+                             "available: MemAvailable, or a cgroup's limit where lower) or 'all' (every engine at "
+                             "once, whatever the machine has); engines that do not fit together run in groups, eager "
+                             "PyTorch in each (default: %(default)s)")
     parser.add_argument("--profile", action="store_true",
                         help="after timing, profile one step per engine and batch size: the operators that take "
                              "the time (torch's profiler; onnxruntime's per-node profile)")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run ldm-bench; returns the exit status (0, or 2 after a one-line error on stderr)."""
+def main(argv: list[str] | None = None, available_mib: float | None = None) -> int:
+    """Run ldm-bench; returns the exit status (0, or 2 after a one-line error on stderr). ``available_mib``: the
+    memory --memory-budget auto plans with, MiB (None: what this machine has, ``available_memory_mib``)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
         plan = check_arguments(args)
-        report = run(plan, args, command=" ".join([PROG, *map(shlex.quote, argv)]))
+        report = run(plan, args, command=" ".join([PROG, *map(shlex.quote, argv)]), available_mib=available_mib)
     except UserError as error:
         return report_user_error(PROG, error)
     except KeyboardInterrupt:
@@ -158,7 +171,8 @@ def check_arguments(args: argparse.Namespace) -> dict[str, Any]:
     for flag, value in (("--json", args.json), ("--plot", args.plot)):
         if value is not None and (Path(value).is_dir() or not _writable_parent(Path(value))):
             raise BenchError(f"{flag} {value} cannot be written; expected a file path in a writable folder")
-    plan: dict[str, Any] = {"engines": engines, "batch_sizes": batch_sizes, "preset": args.preset}
+    plan: dict[str, Any] = {"engines": engines, "batch_sizes": batch_sizes, "preset": args.preset,
+                            "memory_budget": _memory_budget_flag(args.memory_budget), "engine_dir_bytes": 4}
     if args.preset:
         config = preset(args.preset)
         _check_pipeline_peer(config, engines)
@@ -181,6 +195,21 @@ def check_arguments(args: argparse.Namespace) -> dict[str, Any]:
         _check_batch_range(batch_sizes, max(1, math.ceil(low / UNET_ROWS_PER_IMAGE)), guided_images(high),
                            f"the engine dir {args.model} (UNet batch {low}..{high} with guidance)")
     return plan
+
+
+def _memory_budget_flag(text: str) -> str | float:
+    """--memory-budget as "auto", "all" or GiB (a positive number)."""
+    value = text.strip().lower()
+    if value in ("auto", "all"):
+        return value
+    try:
+        gib = float(value)
+    except ValueError:
+        gib = math.nan
+    if not (math.isfinite(gib) and gib > 0):
+        raise BenchError(f"--memory-budget {text!r} is not valid; expected auto, all or a positive number of GiB "
+                         f"(e.g. 20)")
+    return gib
 
 
 def _check_pipeline_peer(config, engines: list[str]) -> None:
@@ -238,14 +267,17 @@ def _check_model_folder(folder: Path, checkpoint: str | None, engines: list[str]
         engines.append("onnxruntime")  # an engine dir is there to be timed, by onnxruntime unless --engines names one
     return {"checkpoint": str(chosen), "engine_dir": str(folder), "image_size": manifest.model.image_size,
             "latent_size": manifest.model.image_size // manifest.model.latent_factor, "model_name": folder.name,
-            "engine_dir_batch": (manifest.batch.min, manifest.batch.max)}
+            "engine_dir_batch": (manifest.batch.min, manifest.batch.max),
+            "engine_dir_bytes": 2 if manifest.graphs["unet"].precision == "fp16" else 4}
 
 
-def run(plan: dict[str, Any], args: argparse.Namespace, command: str) -> dict[str, Any]:
-    """Make the folders, start one worker per engine, time them round robin; the report (also written)."""
+def run(plan: dict[str, Any], args: argparse.Namespace, command: str,
+        available_mib: float | None = None) -> dict[str, Any]:
+    """Make the folders, start one worker per engine, time them round robin in groups that fit the memory budget
+    (``available_mib``: the memory auto plans with, None: read it here); the report (also written)."""
     with tempfile.TemporaryDirectory(prefix="ldm-bench-") as scratch:
         model_info = _prepare_sources(plan, Path(scratch))
-        report = _measure(plan, args, model_info)
+        report = _measure(plan, args, model_info, available_mib)
     report["command"] = command
     if args.json:
         write_json(report, Path(args.json))
@@ -284,18 +316,31 @@ def _prepare_sources(plan: dict[str, Any], scratch: Path) -> dict[str, Any]:
     return info
 
 
-def _measure(plan: dict[str, Any], args: argparse.Namespace, model_info: dict[str, Any]) -> dict[str, Any]:
-    """Start the engines, compare their UNet outputs, time them round robin, then the report (without the plot)."""
+def _measure(plan: dict[str, Any], args: argparse.Namespace, model_info: dict[str, Any],
+             available_mib: float | None) -> dict[str, Any]:
+    """Start eager PyTorch, plan the groups, then per group start its engines, compare their UNet outputs with
+    eager's, time them round robin with eager and stop them; the report (without the plot)."""
     entries: dict[str, dict[str, Any]] = {}
     workers: dict[str, Any] = {}
+    results: list[dict[str, Any]] = []
+    runnable = _refuse_what_cannot_run(plan, args, entries)
+    budget = _memory_budget(plan["memory_budget"], available_mib)
     try:
-        outputs = _start_workers(plan, args, workers, entries)
-        _compare_unet_outputs(outputs, entries)
-        step_seconds, e2e_seconds = _time_round_robin(plan, args, workers, entries)
-        for name, worker in workers.items():
-            entries[name].update(worker.ask("memory"))
-        if args.profile:
-            _profile(plan, workers, entries)
+        reference = _start_workers([BASELINE], plan, args, workers, entries)[BASELINE]
+        grouping = _plan_groups(plan, runnable, entries, budget)
+        for index, group in enumerate(grouping["groups"], start=1):
+            if len(grouping["groups"]) > 1:
+                _log(f"group {index} of {len(grouping['groups'])}: {', '.join(group)}")
+            outputs = _start_workers(group[1:], plan, args, workers, entries)
+            if index > 1 and not outputs:
+                continue  # none of its peers started: eager alone was timed already
+            _compare_unet_outputs(reference, outputs, entries)
+            step_seconds, e2e_seconds = _time_round_robin(plan, args, group, workers, entries)
+            rows = result_rows(step_seconds, e2e_seconds, group, plan["batch_sizes"], BASELINE)
+            results += [dict(row, group=index) for row in rows]
+            peers = [name for name in group[1:] if name in workers]
+            _finish(peers, plan, args, workers, entries)
+        _finish([name for name in (BASELINE,) if name in workers], plan, args, workers, entries)
     finally:
         for worker in workers.values():
             worker.stop()
@@ -306,9 +351,11 @@ def _measure(plan: dict[str, Any], args: argparse.Namespace, model_info: dict[st
         "settings": {"engines": plan["engines"], "batch_sizes": plan["batch_sizes"], "sampler": args.sampler,
                      "steps": args.steps,
                      "repeats": args.repeats, "warmup": 1, "threads": args.threads, "device": args.device,
-                     "guidance_scale": DEFAULT_GUIDANCE_SCALE, "wide_spread_over": WIDE_SPREAD},
+                     "guidance_scale": DEFAULT_GUIDANCE_SCALE, "wide_spread_over": WIDE_SPREAD,
+                     "memory_budget": args.memory_budget},
+        "grouping": grouping,
         "engines": list(entries.values()),
-        "results": result_rows(step_seconds, e2e_seconds, plan["engines"], plan["batch_sizes"], BASELINE),
+        "results": results,
     }
     # the work every figure is of, first, so that the printed table and the JSON both say it
     report["notes"] = [f"every request: {args.steps} {args.sampler} steps, guidance {DEFAULT_GUIDANCE_SCALE:g}",
@@ -316,12 +363,10 @@ def _measure(plan: dict[str, Any], args: argparse.Namespace, model_info: dict[st
     return report
 
 
-def _start_workers(plan: dict[str, Any], args: argparse.Namespace, workers: dict[str, Any],
-                   entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """One worker per engine, started one at a time (loads do not compete with each other), each making its
-    first image; fills ``workers`` and ``entries``, returns each engine's UNet output for the check.
-    A peer that cannot run is recorded as failed; the baseline that cannot run is ``BenchError``."""
-    outputs = {}
+def _refuse_what_cannot_run(plan: dict[str, Any], args: argparse.Namespace,
+                            entries: dict[str, dict[str, Any]]) -> list[str]:
+    """Every engine's entry, those this machine cannot run recorded as failed with the reason; the others' names."""
+    runnable = []
     for name in plan["engines"]:
         entry = entries[name] = {"name": name, "status": "ok", "reason": None}
         missing = (_missing_library(name) or _bf16_refusal(name, args.device)
@@ -329,7 +374,90 @@ def _start_workers(plan: dict[str, Any], args: argparse.Namespace, workers: dict
         if missing:
             entry.update(status="failed", reason=missing)
             _log(f"{name}: skipped ({missing})")
-            continue
+        else:
+            runnable.append(name)
+    return runnable
+
+
+def _memory_budget(flag: str | float, available_mib: float | None) -> dict[str, Any]:
+    """The budget the groups are planned in: ``budget_mib`` (None: no bound) and what it came from."""
+    if flag == "all":
+        return {"budget_mib": None, "available_mib": None, "available_from": None}
+    if flag != "auto":
+        return {"budget_mib": flag * 1024, "available_mib": None, "available_from": None}
+    source = "given" if available_mib is not None else None
+    if available_mib is None:
+        available_mib, source = available_memory_mib() or (None, None)
+    budget_mib = None if available_mib is None else (1 - AUTO_MARGIN) * available_mib
+    return {"budget_mib": budget_mib, "available_mib": available_mib, "available_from": source}
+
+
+def _workload(plan: dict[str, Any], parameters: dict[str, int]) -> Workload:
+    config = load_model_config(plan["checkpoint"])
+    return Workload(unet_parameters=parameters["unet"],
+                    other_parameters=parameters["autoencoder"] + parameters["text_encoder"],
+                    batch_sizes=tuple(plan["batch_sizes"]), latent_size=plan["latent_size"],
+                    image_size=plan["image_size"], unet_channels=config.unet.model_channels,
+                    decoder_channels=config.autoencoder.base_channels * config.autoencoder.channel_mult[0],
+                    engine_dir_bytes=plan["engine_dir_bytes"])
+
+
+def _plan_groups(plan: dict[str, Any], runnable: list[str], entries: dict[str, dict[str, Any]],
+                 budget: dict[str, Any]) -> dict[str, Any]:
+    """The report's ``grouping``: each runnable engine's estimated peak, the groups that fit the budget and the
+    engines that fit in none (recorded as skipped). Said in one line on stderr. Eager PyTorch has loaded and made its
+    first image already: its measured resident size (its peak where that cannot be read), with its largest
+    request's activations on top, is what it will hold beside every group."""
+    workload = _workload(plan, entries[BASELINE]["parameters"])
+    peaks = {}
+    for name in runnable:
+        entries[name]["estimated_rss_mib"] = peaks[name] = estimate_rss_mib(name, workload)
+    resident = entries[BASELINE]["rss_mib"] or entries[BASELINE]["peak_rss_mib"]
+    peaks[BASELINE] = resident + activation_mib(BASELINE, workload)
+    groups, skipped = plan_groups(peaks, BASELINE, budget["budget_mib"])
+    gib = {name: value / 1024 for name, value in peaks.items()}
+    flag = plan["memory_budget"]
+    for name in skipped:
+        entries[name].update(status="skipped", reason=(
+            f"needs ~{gib[name]:.1f} GiB resident by its estimate beside eager PyTorch's ~{gib[BASELINE]:.1f} GiB, "
+            f"more than the memory budget of {budget['budget_mib'] / 1024:.1f} GiB (--memory-budget "
+            f"{flag if isinstance(flag, str) else f'{flag:g}'})"))
+    _log(_grouping_line(gib, groups, skipped, budget, flag))
+    return {**budget, "planned_rss_mib": peaks, "groups": groups, "skipped": skipped}
+
+
+def _grouping_line(gib: dict[str, float], groups: list[list[str]], skipped: list[str], budget: dict[str, Any],
+                   flag: str | float) -> str:
+    need = (f"{len(gib)} engines need ~{sum(gib.values()):.1f} GiB resident together" if len(gib) > 1
+            else f"eager PyTorch alone needs ~{sum(gib.values()):.1f} GiB resident")
+    if budget["budget_mib"] is None:
+        why = ("--memory-budget all" if flag == "all" else
+               "this machine's available memory cannot be read (no MemAvailable in /proc/meminfo; --memory-budget "
+               "GIB sets a budget)")
+        return f"{need}; {why}: running them all at once"
+    if budget["available_mib"] is not None:
+        have = (f"this machine has {budget['available_mib'] / 1024:.1f} GiB available ({budget['available_from']}), "
+                f"a budget of {budget['budget_mib'] / 1024:.1f} GiB with {100 * AUTO_MARGIN:.0f}% kept free")
+    else:
+        have = f"the budget is {budget['budget_mib'] / 1024:.1f} GiB (--memory-budget)"
+    if len(groups) == 1 and not skipped:
+        return f"{need} and {have}: running them all at once"
+    line = (f"{need} and {have}: running them in {len(groups)} group{'s' if len(groups) > 1 else ''}, eager "
+            f"PyTorch timed in each: " + "; ".join(", ".join(group) for group in groups))
+    if skipped:
+        line += f"; skipped, too large beside eager PyTorch: {', '.join(skipped)}"
+    return line
+
+
+def _start_workers(names: list[str], plan: dict[str, Any], args: argparse.Namespace, workers: dict[str, Any],
+                   entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A worker for each of ``names``, started one at a time (loads do not compete with each other), each making
+    its first image; fills ``workers`` and ``entries`` (the baseline's with its peak so far), returns each engine's
+    UNet output for the check. A peer that cannot run is recorded as failed; the baseline that cannot run is
+    ``BenchError``."""
+    outputs = {}
+    for name in names:
+        entry = entries[name]
         _log(f"{name}: loading and making a first image")
         worker = Worker(WorkerSpec(engine=name, folder=plan["engine_dir"] if name in ENGINE_DIR_PEERS
                                    else plan["checkpoint"], device=args.device, threads=args.threads,
@@ -337,6 +465,8 @@ def _start_workers(plan: dict[str, Any], args: argparse.Namespace, workers: dict
                                    guidance_scale=DEFAULT_GUIDANCE_SCALE, sampler=args.sampler))
         try:
             ready = worker.ask()
+            if name == BASELINE:
+                ready.update(worker.ask("memory"))  # what the plan takes for it
         except WorkerFailed as error:
             worker.stop()
             if name == BASELINE:
@@ -351,25 +481,28 @@ def _start_workers(plan: dict[str, Any], args: argparse.Namespace, workers: dict
     return outputs
 
 
-def _compare_unet_outputs(outputs: dict[str, Any], entries: dict[str, dict[str, Any]]) -> None:
+def _compare_unet_outputs(reference: Any, outputs: dict[str, Any], entries: dict[str, dict[str, Any]]) -> None:
     """Each engine's ``unet_relative_error``: ||output - eager|| / ||eager|| of the same UNet call."""
-    reference = outputs[BASELINE].astype(np.float64)
+    reference = reference.astype(np.float64)
+    entries[BASELINE].setdefault("unet_relative_error", 0.0)
     for name, output in outputs.items():
         entries[name]["unet_relative_error"] = float(np.linalg.norm(output - reference) /
                                                      max(np.linalg.norm(reference), 1e-30))
 
 
-def _time_round_robin(plan: dict[str, Any], args: argparse.Namespace, workers: dict[str, Any],
+def _time_round_robin(plan: dict[str, Any], args: argparse.Namespace, group: list[str], workers: dict[str, Any],
                       entries: dict[str, dict[str, Any]]) -> tuple[dict, dict]:
-    """(step seconds, end-to-end seconds) per (engine, batch size): per batch size, a warm-up each, then
-    ``--repeats`` rounds in which the engines take turns, starting one further along each round."""
+    """(step seconds, end-to-end seconds) per (engine, batch size) of the running engines of ``group``: per batch
+    size, a warm-up each, then ``--repeats`` rounds in which the engines take turns, starting one further along
+    each round."""
     step_seconds: dict[tuple[str, int], list[float]] = {}
     e2e_seconds: dict[tuple[str, int], list[float]] = {}
-    total = len(plan["batch_sizes"]) * (1 + 2 * args.repeats) * len(workers)
+    members = [name for name in group if name in workers]
+    total = len(plan["batch_sizes"]) * (1 + 2 * args.repeats) * len(members)
     with tqdm(total=total, desc=PROG, unit="run", dynamic_ncols=True, file=sys.stderr) as bar:
         for batch_size in plan["batch_sizes"]:
             calls = {}
-            for name in list(workers):
+            for name in [name for name in members if name in workers]:
                 try:
                     step = workers[name].ask("warmup", batch_size)
                 except WorkerFailed as error:
@@ -379,7 +512,7 @@ def _time_round_robin(plan: dict[str, Any], args: argparse.Namespace, workers: d
                     bar.update(1)
                 calls[name] = max(1, min(50, round(0.25 / max(step, 1e-6))))  # a repeat lasts >= ~0.25 s
             for repeat in range(args.repeats):
-                names = [name for name in workers if name in calls]
+                names = [name for name in members if name in workers and name in calls]
                 order = names[repeat % len(names):] + names[:repeat % len(names)] if names else []
                 for kind in ("step", "e2e"):
                     for name in order:
@@ -398,14 +531,25 @@ def _time_round_robin(plan: dict[str, Any], args: argparse.Namespace, workers: d
     return step_seconds, e2e_seconds
 
 
-def _profile(plan: dict[str, Any], workers: dict[str, Any], entries: dict[str, dict[str, Any]]) -> None:
-    """Each engine's operator profile of one step per batch size, into its entry's ``profile``."""
-    for name in list(workers):
-        for batch_size in plan["batch_sizes"]:
-            try:
-                entries[name].setdefault("profile", {})[str(batch_size)] = workers[name].ask("profile", batch_size)
-            except WorkerFailed as error:
-                entries[name].setdefault("profile", {})[str(batch_size)] = f"failed: {error}"
+def _finish(names: list[str], plan: dict[str, Any], args: argparse.Namespace, workers: dict[str, Any],
+            entries: dict[str, dict[str, Any]]) -> None:
+    """Each of ``names``' peak memory and, with --profile, its operator profile; then its worker is stopped."""
+    for name in names:
+        try:
+            entries[name].update(workers[name].ask("memory"))
+        except WorkerFailed as error:
+            workers.pop(name).stop()
+            entries[name].update(status="failed", reason=f"after its timed rounds: {error}")
+            _log(f"{name}: failed after its timed rounds ({error})")
+            continue
+        if args.profile:
+            for batch_size in plan["batch_sizes"]:
+                try:
+                    entries[name].setdefault("profile", {})[str(batch_size)] = workers[name].ask("profile",
+                                                                                                batch_size)
+                except WorkerFailed as error:
+                    entries[name].setdefault("profile", {})[str(batch_size)] = f"failed: {error}"
+        workers.pop(name).stop()
 
 
 def _drop(workers: dict, entries: dict, name: str, batch_size: int, error: Exception) -> None:
@@ -455,9 +599,18 @@ def machine_info() -> dict[str, Any]:
 
 
 def _notes(report: dict[str, Any]) -> list[str]:
-    """What the table does not say by itself: spreads too wide to trust, failed peers, the best engine's ratios."""
+    """What the table does not say by itself: the groups, spreads too wide to trust, failed peers, the best engine's
+    ratios. Engines are compared through their ratios to eager PyTorch, each against eager's figures from its own
+    group's rounds (in one group this is the same as comparing their medians)."""
     notes = []
-    wide = [f"{row['engine']} at batch {row['batch_size']}" for row in report["results"] if row["wide_spread"]]
+    groups = report.get("grouping", {}).get("groups", [])
+    grouped = len(groups) > 1
+    if grouped:
+        notes.append(f"to fit the memory budget the engines ran in {len(groups)} groups ("
+                     + "; ".join(", ".join(group) for group in groups) + "), eager PyTorch timed in each: every × "
+                     "eager is against eager's figures from the same group's rounds")
+    wide = [f"{row['engine']}{group_label(row) if grouped else ''} at batch {row['batch_size']}"
+            for row in report["results"] if row["wide_spread"]]
     if wide:
         notes.append(f"spread (max - min over median) above {100 * WIDE_SPREAD:.0f}% or fewer than 3 repeats, "
                      f"figures marked ! are indicative only: {', '.join(wide)}")
@@ -471,7 +624,7 @@ def _notes(report: dict[str, Any]) -> list[str]:
         if rows:
             best = max(rows, key=lambda row: row["steps_speedup_vs_torch"])
             compiled = next((row for row in rows if row["engine"] == "torch.compile"), None)
-            against = (f", {best['unet_steps_per_s'] * compiled['step_seconds']['median']:.2f}× torch.compile"
+            against = (f", {best['steps_speedup_vs_torch'] / compiled['steps_speedup_vs_torch']:.2f}× torch.compile"
                        if compiled and best is not compiled else "")
             rounds = best.get("steps_speedup_per_round") or []
             spread = (f" (round by round {min(rounds):.2f}-{max(rounds):.2f}×)" if len(rounds) > 1 else "")
@@ -480,9 +633,10 @@ def _notes(report: dict[str, Any]) -> list[str]:
         ours = [row for row in rows if row["engine"] in OUR_ENGINES]
         peers = [row for row in rows if row["engine"] in FAST_PEERS]
         if ours and peers:
-            mine = max(ours, key=lambda row: row["unet_steps_per_s"])
-            theirs = max(peers, key=lambda row: row["unet_steps_per_s"])
+            mine = max(ours, key=lambda row: row["steps_speedup_vs_torch"])
+            theirs = max(peers, key=lambda row: row["steps_speedup_vs_torch"])
             notes.append(f"batch {batch_size}: our fastest engine, {mine['engine']}, makes "
-                         f"{mine['unet_steps_per_s'] / theirs['unet_steps_per_s']:.2f}× the UNet steps/s of the "
-                         f"fastest peer, {theirs['engine']}")
+                         f"{mine['steps_speedup_vs_torch'] / theirs['steps_speedup_vs_torch']:.2f}× the UNet steps/s "
+                         f"of the fastest peer, {theirs['engine']}")
     return notes
+

@@ -1,5 +1,6 @@
 """From timing samples to what a person reads: medians and spreads, ratios to eager PyTorch, the terminal
-table, the JSON file and the plot of UNet steps per second by batch size."""
+table, the JSON file and the plot of UNet steps per second by batch size. Where the engines ran in several groups
+(to fit in memory), each row carries its ``group`` and eager PyTorch has a row per group."""
 
 from __future__ import annotations
 
@@ -49,11 +50,22 @@ def result_rows(step_seconds: dict[tuple[str, int], list[float]], e2e_seconds: d
     return rows
 
 
+def grouped(report: dict[str, Any]) -> bool:
+    """Whether the engines ran in more than one group."""
+    return len({row.get("group", 1) for row in report["results"]}) > 1
+
+
+def group_label(row: dict[str, Any]) -> str:
+    return f" (group {row.get('group', 1)})"
+
+
 def format_table(report: dict[str, Any]) -> str:
-    """The terminal table (GitHub markdown, so it pastes into BENCHMARKS.md as it is)."""
+    """The terminal table (GitHub markdown, so it pastes into BENCHMARKS.md as it is); with a group column where
+    the engines ran in groups."""
     engines = {entry["name"]: entry for entry in report["engines"]}
-    header = ["engine", "batch", "UNet steps/s", "× eager", "images/s", "latency s", "× eager",
-              "first image s", "peak RSS MiB", "rel. err"]
+    in_groups = grouped(report)
+    header = ["engine", *(["group"] if in_groups else []), "batch", "UNet steps/s", "× eager", "images/s",
+              "latency s", "× eager", "first image s", "peak RSS MiB", "rel. err"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in report["results"]:
         entry = engines[row["engine"]]
@@ -63,7 +75,7 @@ def format_table(report: dict[str, Any]) -> str:
         if entry.get("cuda_max_allocated_mib") is not None:
             memory = f"{memory:.0f} (CUDA {entry['cuda_max_allocated_mib']:.0f})"
         cells = [
-            row["engine"], str(row["batch_size"]),
+            row["engine"], *([str(row.get("group", 1))] if in_groups else []), str(row["batch_size"]),
             f"{row['unet_steps_per_s']:.3g} ±{100 * step['spread']:.0f}%{mark}",
             _ratio(row["steps_speedup_vs_torch"]),
             f"{row['images_per_s']:.3g}",
@@ -76,7 +88,7 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     for entry in report["engines"]:
         if entry["status"] != "ok":
-            lines.append(f"| {entry['name']} | failed: {entry['reason']} |" + " |" * (len(header) - 2))
+            lines.append(f"| {entry['name']} | {entry['status']}: {entry['reason']} |" + " |" * (len(header) - 2))
     return "\n".join(lines)
 
 
@@ -111,14 +123,16 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
     plain = FuncFormatter(lambda value, _: f"{value:g}")  # 40, not 4 x 10^1
 
     figure, (steps_axes, images_axes) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
-    for engine in dict.fromkeys(row["engine"] for row in report["results"]):
-        rows = [row for row in report["results"] if row["engine"] == engine]
+    in_groups = grouped(report)
+    for engine, group in dict.fromkeys((row["engine"], row.get("group", 1)) for row in report["results"]):
+        rows = [row for row in report["results"] if (row["engine"], row.get("group", 1)) == (engine, group)]
         batches = [row["batch_size"] for row in rows]
         medians = [row["unet_steps_per_s"] for row in rows]
         low = [median - 1.0 / row["step_seconds"]["max"] for median, row in zip(medians, rows)]
         high = [1.0 / row["step_seconds"]["min"] - median for median, row in zip(medians, rows)]
-        steps_axes.errorbar(batches, medians, yerr=[low, high], marker="o", capsize=3, label=engine)
-        images_axes.plot(batches, [row["images_per_s"] for row in rows], marker="o", label=engine)
+        label = engine + (group_label(rows[0]) if in_groups else "")
+        steps_axes.errorbar(batches, medians, yerr=[low, high], marker="o", capsize=3, label=label)
+        images_axes.plot(batches, [row["images_per_s"] for row in rows], marker="o", label=label)
     for axes, label in ((steps_axes, "UNet steps/s (guided, median)"), (images_axes, "images/s end to end")):
         axes.set_xscale("log", base=2)
         axes.set_yscale("log")

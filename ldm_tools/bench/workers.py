@@ -7,7 +7,8 @@ included), answers the UNet-output check, then serves commands until told to sto
     ("warmup", B)        one request of B images end to end, then one step; returns the step's seconds
     ("step", B, calls)   ``calls`` guided sampler steps on B images; returns seconds per step
     ("e2e", B)           one text-to-image request of B images; returns seconds
-    ("memory",)          {"peak_rss_mib": ..., "cuda_max_allocated_mib": ... or None}
+    ("memory",)          {"peak_rss_mib": ..., "rss_mib": ... (resident now) or None, "cuda_max_allocated_mib": ...
+                          or None}
     ("profile", B)       where one guided step's operator time goes: [{"op", "share", "ms"}], largest first
 """
 
@@ -151,7 +152,18 @@ class _EngineBench:
         image = self.pipeline.generate(self.requests(1), batch_size=1)[0]
         ready_at = time.time()
         return {"load_s": self.load_s, "ready_at": ready_at, "image_std": float(image.std()),
-                "unet_output": self.check_output(), **self.describe()}
+                "unet_output": self.check_output(), "parameters": self.parameters(), **self.describe()}
+
+    def parameters(self) -> dict[str, int] | None:
+        """Each network's parameter count (the UNet's, the autoencoder's, the text encoder's); None for an engine
+        over an engine dir, which holds graphs rather than networks."""
+        if self.spec.engine in ENGINE_DIR_PEERS:
+            return None
+        networks = {"unet": self.engine.unet_model, "autoencoder": self.engine.autoencoder,
+                    "text_encoder": self.engine.text_encoder}
+        # data_ptr: a tensor two modules share (a wrapped UNet, tied embeddings) counts once
+        return {name: sum({parameter.data_ptr(): parameter.numel() for parameter in network.parameters()}.values())
+                for name, network in networks.items()}
 
     def check_output(self) -> np.ndarray:
         """One UNet call on inputs every worker draws alike, for the comparison with eager PyTorch."""
@@ -216,12 +228,16 @@ class _EngineBench:
 
     def memory(self) -> dict[str, Any]:
         peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        try:  # resident now: pages, the second field of /proc/self/statm
+            rss_mib = int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+        except (OSError, ValueError, IndexError):
+            rss_mib = None
         cuda = None
         if self.spec.engine not in ENGINE_DIR_PEERS and self.engine.device.type == "cuda":
             import torch
 
             cuda = torch.cuda.max_memory_allocated(self.engine.device) / 2**20
-        return {"peak_rss_mib": peak_rss_mib, "cuda_max_allocated_mib": cuda}
+        return {"peak_rss_mib": peak_rss_mib, "rss_mib": rss_mib, "cuda_max_allocated_mib": cuda}
 
     def profile(self, batch_size: int) -> list[dict[str, Any]]:
         """The operator kinds that take one guided step's time (self time, the ``PROFILE_TOP`` largest): torch's
@@ -272,7 +288,7 @@ class _PipelineBench(_EngineBench):
         image = self._call(1)[0]
         ready_at = time.time()
         return {"load_s": self.load_s, "ready_at": ready_at, "image_std": float(image.std()),
-                "unet_output": self.check_output(), **self.describe()}
+                "unet_output": self.check_output(), "parameters": self.parameters(), **self.describe()}
 
     def _call(self, batch_size: int) -> np.ndarray:
         import torch

@@ -471,3 +471,168 @@ def test_ldm_sample_precision_bf16_is_refused_in_one_line_without_native_bf16_or
     assert main(base + ["--engine", "onnxruntime", "--precision", "bf16"]) == 2
     assert "--precision bf16 applies to the openvino engine, not onnxruntime" in capsys.readouterr().err
     assert not (tmp_path / "image.png").exists()
+
+
+MET_BAR = openvino_engine.Bf16Measurement(
+    worst_run_psnr_db=45.5, worst_model="sd15", adherence_difference=0.005,
+    cold_first_image_s={"fp32": 20.0, "bf16": 25.0, "onnxruntime": 40.0}, source="a test's figures")
+NATIVE_BF16 = ["WINOGRAD", "FP32", "BF16", "INT8", "BIN", "EXPORT_IMPORT"]  # what OpenVINO reports on AVX-512 BF16
+NO_BF16 = ["WINOGRAD", "FP32", "INT8", "BIN", "EXPORT_IMPORT"]
+
+
+def test_auto_takes_bf16_only_on_native_bf16_where_the_measured_fidelity_met_the_bar():
+    auto_precision = openvino_engine.auto_precision
+    precision, note = auto_precision(NATIVE_BF16, False, MET_BAR)
+    assert precision == "bf16" and note.startswith("--precision auto took bf16 on the openvino engine: this CPU has "
+                                                   "native bf16 and bf16 met the fidelity bar (its worst whole "
+                                                   "sampling run 45.5 dB against fp32, on sd15; prompt adherence "
+                                                   "within 0.005 of fp32's: BENCHMARKS.md)")
+    precision, note = auto_precision(NO_BF16, False, MET_BAR)
+    assert (precision, note) == ("fp32", "--precision auto took fp32 on the openvino engine: this CPU has no native "
+                                         "bf16 (OpenVINO reports WINOGRAD, FP32, INT8, BIN, EXPORT_IMPORT)")
+    for missed in (dataclasses.replace(MET_BAR, worst_run_psnr_db=39.4),
+                   dataclasses.replace(MET_BAR, adherence_difference=0.025),
+                   dataclasses.replace(MET_BAR, worst_run_psnr_db=float("nan"))):  # never measured
+        precision, note = auto_precision(NATIVE_BF16, False, missed)
+        assert precision == "fp32" and "bf16 missed the fidelity bar of 40 dB and 0.02" in note, note
+        assert note.endswith("--precision bf16 takes it anyway") and "\n" not in note
+    assert "its worst whole sampling run 39.4 dB against fp32, on sd15;" in auto_precision(
+        NATIVE_BF16, False, dataclasses.replace(MET_BAR, worst_run_psnr_db=39.4))[1]
+
+
+def test_auto_names_a_cold_start_of_minutes_at_sds_size_and_the_alternative_that_starts_sooner():
+    auto_precision = openvino_engine.auto_precision
+    slow_bf16 = dataclasses.replace(MET_BAR, cold_first_image_s={"fp32": 191.0, "bf16": 830.0, "onnxruntime": 21.0})
+    precision, note = auto_precision(NATIVE_BF16, True, slow_bf16)
+    assert precision == "bf16" and note.endswith(
+        "; at SD's size its first image in a new process took 13.8 min (sd15 at 16x16 latents, 1 thread: "
+        "BENCHMARKS.md), and --engine onnxruntime took 21 s")
+    without_onnxruntime = dataclasses.replace(slow_bf16, cold_first_image_s={"fp32": 191.0, "bf16": 830.0})
+    assert auto_precision(NATIVE_BF16, True, without_onnxruntime)[1].endswith(", and --precision fp32 took 191 s")
+    assert "min" not in auto_precision(NATIVE_BF16, False, slow_bf16)[1]  # the demo model's size: not measured slow
+    # fp32 taken for want of native bf16: bf16 is no alternative on this CPU, however soon it started
+    slow_fp32 = dataclasses.replace(MET_BAR, cold_first_image_s={"fp32": 191.0, "bf16": 1.0})
+    precision, note = auto_precision(NO_BF16, True, slow_fp32)
+    assert precision == "fp32" and note.endswith("took 3.2 min (sd15 at 16x16 latents, 1 thread: BENCHMARKS.md)")
+    assert "took 1 s" in auto_precision(NATIVE_BF16, True, dataclasses.replace(slow_fp32, worst_run_psnr_db=30.0))[1]
+    assert "min" not in auto_precision(NATIVE_BF16, True, MET_BAR)[1]  # 25 s is not a slow start
+
+
+def test_the_measurement_auto_reads_is_the_recorded_benchmark_result():
+    measured = openvino_engine.BF16_MEASURED
+    fidelity = json.loads((REPO / "benchmarks/results/cpu-openvino-bf16-fidelity.json").read_text())
+    assert "avx512_bf16" in fidelity["machine"]["cpu_flags"] or "amx_bf16" in fidelity["machine"]["cpu_flags"]
+    assert set(fidelity["models"]) == {"demo", "sd15"} and "adherence" in fidelity  # every run the bar asks for
+    assert fidelity["worst_run"]["model"] == measured.worst_model
+    assert fidelity["worst_run"]["psnr_db"] == pytest.approx(measured.worst_run_psnr_db, abs=0.05)
+    assert fidelity["adherence"]["max_difference"] == pytest.approx(measured.adherence_difference, abs=1e-4)
+    assert fidelity["meets_bar"] == measured.meets_bar
+    cold_start = json.loads((REPO / "benchmarks/results/cpu-openvino-cold-start-sd15.json").read_text())
+    assert cold_start["settings"]["threads"] == 1 and cold_start["settings"]["code"]["after"] == "this tree"
+    medians = cold_start["first_image_median_s"]["after"]  # the engine as it is: an empty compile cache
+    cold = {"fp32": medians["openvino fp32 cold"], "bf16": medians["openvino bf16 cold"],
+            "onnxruntime": medians["onnxruntime none"]}
+    assert cold == pytest.approx(measured.cold_first_image_s, abs=0.05)
+
+
+def test_precision_auto_on_the_engine_takes_what_the_cpu_and_the_measurement_allow(exported, monkeypatch):
+    monkeypatch.setattr(openvino_engine, "BF16_MEASURED", MET_BAR)
+    monkeypatch.setattr(openvino_engine, "cpu_capabilities", lambda core: NATIVE_BF16)
+    engine = OpenVinoEngine(exported[1], precision="auto", verify=False)
+    assert engine.precision == "bf16" and engine.compile_config["INFERENCE_PRECISION_HINT"] == "bf16"
+    assert "took bf16" in engine.precision_choice and "min" not in engine.precision_choice  # a tiny model
+    monkeypatch.setattr(openvino_engine, "cpu_capabilities", lambda core: NO_BF16)
+    engine = OpenVinoEngine(exported[1], precision="auto", verify=False)
+    assert engine.precision == "fp32" and engine.compile_config["INFERENCE_PRECISION_HINT"] == "f32"
+    assert "no native bf16" in engine.precision_choice
+    assert OpenVinoEngine(exported[1], precision="fp32", verify=False).precision_choice is None
+
+
+def test_engine_for_flags_gives_auto_to_openvino_only_and_refuses_an_explicit_precision_elsewhere(exported):
+    from ldm_runtime.engines import EngineLoadError, engine_for_flags
+
+    engine_dir, checkpoint = exported[1], exported[0]
+    assert engine_for_flags(engine_dir, "auto", "cpu", "auto") == ("auto", {"precision": "auto"})  # picked on load
+    assert engine_for_flags(engine_dir, "openvino", "cpu", "auto") == ("openvino", {"precision": "auto"})
+    assert engine_for_flags(engine_dir, "onnxruntime", "cpu", "auto") == ("onnxruntime", {})
+    assert engine_for_flags(checkpoint, "torch", "cpu", "auto", threads=1) == ("torch", {})
+    assert engine_for_flags(engine_dir, "auto", "cpu", "bf16", 1) == ("openvino", {"precision": "bf16",
+                                                                                   "intra_op_threads": 1})
+    for precision in ("fp32", "bf16"):
+        with pytest.raises(EngineLoadError, match=f"--precision {precision} applies to the openvino engine, not "
+                                                  f"onnxruntime; expected --engine openvino or --precision auto"):
+            engine_for_flags(engine_dir, "onnxruntime", "cpu", precision)
+
+
+def test_load_engine_gives_precision_auto_to_openvino_and_leaves_other_engines_at_their_own(exported, monkeypatch):
+    from ldm_runtime.engines import precision_note
+
+    monkeypatch.setattr(openvino_engine, "cpu_capabilities", lambda core: NO_BF16)
+    openvino = load_engine(exported[1], engine="auto", device="cpu", precision="auto", intra_op_threads=1)
+    assert isinstance(openvino, OpenVinoEngine) and openvino.precision == "fp32"
+    assert precision_note(openvino, "auto") == openvino.precision_choice
+    assert "no native bf16" in openvino.precision_choice
+    assert precision_note(openvino, "fp32") is None
+    onnxruntime = load_engine(exported[1], engine="onnxruntime", precision="auto", intra_op_threads=1)
+    assert isinstance(onnxruntime, OnnxRuntimeEngine) and precision_note(onnxruntime, "auto") is None
+
+
+def test_ldm_sample_says_in_one_line_what_precision_auto_took_before_sampling(exported, tmp_path, capsys,
+                                                                              monkeypatch):
+    from ldm_runtime.sample import main
+
+    monkeypatch.setattr(openvino_engine, "cpu_capabilities", lambda core: NO_BF16)
+    base = ["--model", str(exported[1]), "a red circle", "--steps", "2", "--out", str(tmp_path / "image.png")]
+    assert main(base + ["--engine", "openvino"]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    said = [line for line in lines if "--precision auto" in line]
+    assert said == ["ldm-sample: --precision auto took fp32 on the openvino engine: this CPU has no native bf16 "
+                    "(OpenVINO reports WINOGRAD, FP32, INT8, BIN, EXPORT_IMPORT)"]
+    assert lines.index(said[0]) < lines.index(next(line for line in lines if "wrote" in line))
+    for other in (["--engine", "onnxruntime"], ["--engine", "openvino", "--precision", "fp32"]):
+        assert main(base + other) == 0
+        assert "--precision" not in capsys.readouterr().err  # onnxruntime keeps its own precision without a word
+
+
+def test_graphs_with_weights_past_the_cache_limit_are_compiled_in_every_process_and_never_kept(
+        exported, tmp_path, seed, monkeypatch):
+    sizes = {name: sum((exported[1] / file).stat().st_size for file in graph["files"])
+             for name, graph in json.loads((exported[1] / "manifest.json").read_text())["graphs"].items()}
+    monkeypatch.setattr(openvino_engine, "CACHE_UP_TO_BYTES", sizes["unet"] - 1)  # the UNet is "large"
+    clean = generate_from_cache(exported[1], None, seed)
+    first = generate_from_cache(exported[1], tmp_path, seed)
+    kept = sorted(json.loads(path.read_text())["graph"] for path in tmp_path.glob("*.json"))
+    assert kept == sorted(name for name in ("text_encoder", "vae_decoder") if sizes[name] <= sizes["unet"] - 1)
+    assert "unet" not in kept and kept  # the tiny model's text encoder and decoder are smaller than its UNet
+    assert np.array_equal(first, clean) and np.array_equal(generate_from_cache(exported[1], tmp_path, seed), clean)
+
+
+def test_ldm_serve_says_what_precision_auto_took_once_its_flags_are_good(exported, monkeypatch, capsys):
+    from ldm_serve import cli, server
+
+    monkeypatch.setattr(openvino_engine, "cpu_capabilities", lambda core: NO_BF16)
+    logger = logging.getLogger("ldm_runtime")  # each build_app adds a handler writing to stderr: one per process
+    handlers = list(logger.handlers)
+    monkeypatch.setattr(logger, "propagate", logger.propagate)
+    monkeypatch.setattr(logger, "level", logger.level)
+    base = ["--model", str(exported[1]), "--engine", "openvino", "--port", "0"]
+    monkeypatch.setattr(logger, "handlers", list(handlers))
+    with pytest.raises(server.ServeError, match="--max-batch is 999"):
+        server.build_app(cli.build_parser().parse_args(base + ["--max-batch", "999"]))
+    assert "--precision" not in capsys.readouterr().err  # a bad flag is the only line
+    monkeypatch.setattr(logger, "handlers", list(handlers))
+    server.build_app(cli.build_parser().parse_args(base))
+    said = [line for line in capsys.readouterr().err.splitlines() if "--precision auto" in line]
+    assert said == ["ldm-serve: INFO: --precision auto took fp32 on the openvino engine: this CPU has no native bf16 "
+                    "(OpenVINO reports WINOGRAD, FP32, INT8, BIN, EXPORT_IMPORT)"]
+
+
+def test_the_compile_cache_limit_lies_between_the_graphs_the_cache_measured_faster_and_slower_than_compiling():
+    rows = [row for name in ("cpu-openvino-cache-probe-demo.json", "cpu-openvino-cold-start-sd15.json")
+            for probe in json.loads((REPO / "benchmarks/results" / name).read_text())["cache_probe"].values()
+            for row in probe["table"]]
+    faster = [row["weights_mb"] for row in rows if row["read_check_import_s"] < row["compile_s"]]
+    slower = [row["weights_mb"] for row in rows if row["read_check_import_s"] >= row["compile_s"]]
+    assert faster and slower
+    limit_mb = openvino_engine.CACHE_UP_TO_BYTES / 2**20
+    assert max(faster) <= limit_mb < min(slower), (sorted(faster), sorted(slower))

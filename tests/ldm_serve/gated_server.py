@@ -1,15 +1,19 @@
 """``ldm-serve`` as the server tests run it: ``Server``, the real server in a subprocess whose worker the test
-holds and releases with the step gate and whose state it reads from ``/metrics``, and the requests they send it."""
+holds and releases with the step gate and whose state it reads from ``/metrics``, the requests they send it, and
+``StreamedRequest``, a plain server-sent-events client for streamed requests."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
+import queue
 import re
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import httpx
 
@@ -80,3 +84,68 @@ async def post_all(url: str, payloads: list[dict], headers=JSON) -> list[httpx.R
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
         return await asyncio.gather(*(client.post(f"{url}/v1/images", content=json.dumps(payload), headers=headers)
                                       for payload in payloads))
+
+
+def sse_events(lines: Iterable[str]) -> Iterator[tuple[str, dict]]:
+    """Server-sent events from the lines of a ``text/event-stream`` body, as the HTML standard parses them: each
+    event's name ("message" when it has none) and its data lines joined, here read as JSON."""
+    name, data = "message", []
+    for line in lines:
+        if not line:
+            if data:
+                yield name, json.loads("\n".join(data))
+            name, data = "message", []
+        elif not line.startswith(":"):
+            field, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if field == "event":
+                name = value
+            elif field == "data":
+                data.append(value)
+
+
+class StreamedRequest:
+    """A streamed ``POST path`` read by a thread of its own: ``response`` has its status and headers, ``next()``
+    gives its events in order as ``(name, data)``, then ``("end", {})`` once the server ends the stream;
+    ``close()`` drops the connection (the client leaving)."""
+
+    def __init__(self, url: str, payload: dict, path: str = "/v1/images", headers: dict = JSON):
+        self.events: queue.Queue = queue.Queue()
+        self._client = httpx.Client(timeout=STATE_TIMEOUT_S)
+        self._stream = self._client.stream("POST", f"{url}{path}", content=json.dumps(payload), headers=headers)
+        self.response = self._stream.__enter__()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        try:
+            for event in sse_events(self.response.iter_lines()):
+                self.events.put(event)
+        except Exception as error:  # closed by close() while reading
+            self.events.put(("closed", {"error": repr(error)}))
+        else:
+            self.events.put(("end", {}))
+
+    def next(self) -> tuple[str, dict]:
+        return self.events.get(timeout=STATE_TIMEOUT_S)
+
+    def until(self, name: str) -> list[tuple[str, dict]]:
+        """The events up to and including the next one called ``name``."""
+        events = [self.next()]
+        while events[-1][0] != name:
+            assert events[-1][0] not in ("end", "closed"), events
+            events.append(self.next())
+        return events
+
+    def rest(self) -> list[tuple[str, dict]]:
+        """Every event left, up to the end of the stream (its "end" left out)."""
+        events = [self.next()]
+        while events[-1][0] not in ("end", "closed"):
+            events.append(self.next())
+        assert events[-1][0] == "end", events
+        return events[:-1]
+
+    def close(self) -> None:
+        self._stream.__exit__(None, None, None)
+        self._client.close()
+        self._reader.join(STATE_TIMEOUT_S)

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm_runtime.config import DEFAULT_SAMPLER, DEFAULT_STEPS, OTHER_SAMPLER_STEPS
+from ldm_runtime.config import CACHE_SCHEDULES, DEFAULT_SAMPLER, DEFAULT_STEPS, OTHER_SAMPLER_STEPS
 from ldm_runtime.schedulers import SAMPLER_NAMES
 from tests.ldm_serve.gated_server import JSON, PROMPTS, STATE_TIMEOUT_S, Server, body, post, post_all
 
@@ -37,15 +37,18 @@ def server(engine_dir):
     running.stop()
 
 
-def random_bodies(rng: np.random.Generator, count: int) -> list[dict]:
+def random_bodies(rng: np.random.Generator, count: int, cache_intervals: tuple[int, ...] = (1,)) -> list[dict]:
     """Requests that differ in everything a request can set, one shared batch's worth of variety."""
     bodies = []
     for index in range(count):
         eta = float(rng.choice([0.0, 0.6]))
+        interval = [None, [0.0, 1.0], [0.5, 5.0]][int(rng.integers(3))]  # None: the server's default (everywhere)
         bodies.append(body(
             prompt=PROMPTS[index % len(PROMPTS)], seed=int(rng.integers(0, 2**62)), steps=int(rng.integers(2, 9)),
             guidance_scale=float(rng.choice([1.0, 2.5, 5.0])), eta=eta, negative_prompt=["", "blurry"][index % 2],
             n=int(rng.integers(1, 3)), **({"sampler": "ddim"} if eta else {}),  # eta is DDIM's
+            **({"guidance_interval": interval} if interval else {}), cache_schedule=str(rng.choice(CACHE_SCHEDULES)),
+            cache_interval=int(rng.choice(cache_intervals)),
             **({"height": 20, "width": 24} if index % 5 == 4 else {})))
     return bodies
 
@@ -97,9 +100,10 @@ def test_a_request_without_a_seed_gets_one_and_the_same_seed_reproduces_it(serve
 
 
 def test_concurrent_requests_give_the_same_bytes_as_each_request_alone(server, rng):
-    """Batch invariance: 24 different requests at once (different steps, guidance, eta, negative prompts, n and
-    sizes share UNet calls at different steps) answer exactly what each answers alone."""
-    bodies = random_bodies(rng, 24)
+    """Batch invariance: 24 different requests at once (different steps, guidance, guidance intervals, feature
+    caching where the engine has it, eta, negative prompts, n and sizes share UNet calls at different steps) answer
+    exactly what each answers alone."""
+    bodies = random_bodies(rng, 24, (1, 2, 3) if max_cache_interval(server) >= 3 else (1,))
 
     async def send_all_while_held() -> list[httpx.Response]:
         with server.held():
@@ -207,6 +211,154 @@ def test_a_request_naming_another_sampler_and_no_steps_gets_that_samplers_defaul
     png = Image.open(io.BytesIO(base64.b64decode(post(server.url, plain).json()["images"][0])))
     assert (json.loads(png.text["parameters"])["sampler"], json.loads(png.text["parameters"])["steps"]) == (
         DEFAULT_SAMPLER, DEFAULT_STEPS)
+
+
+def parameters_of(response: httpx.Response, index: int = 0) -> dict:
+    """The settings the server recorded in image ``index``'s PNG text chunk."""
+    png = base64.b64decode(response.json()["images"][index])
+    return json.loads(Image.open(io.BytesIO(png)).text["parameters"])
+
+
+def max_cache_interval(running: Server) -> int:
+    """The largest cache_interval the server's schema allows: 1 where its engine cannot cache the UNet's features."""
+    schema = httpx.get(f"{running.url}/openapi.json", headers=running.auth).json()
+    request = schema["paths"]["/v1/images"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    return request["properties"]["cache_interval"]["maximum"]
+
+
+def pixels_of(response: httpx.Response, index: int = 0) -> np.ndarray:
+    """Image ``index``'s pixels (the PNG bytes also hold its settings, which differ between the requests compared)."""
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(response.json()["images"][index]))))
+
+
+def test_a_guidance_interval_reaches_the_sampler_and_the_png_records_it(server, rng):
+    """An interval that holds no UNet call's noise level is guidance off: the image of guidance scale 1; one that
+    holds every call is the image without an interval; the PNG records each as sent (and null for none)."""
+    request = body(seed=int(rng.integers(0, 2**62)), steps=4, guidance_scale=5.0)
+    guided, unguided = post(server.url, request), post(server.url, {**request, "guidance_scale": 1.0})
+    nowhere = post(server.url, {**request, "guidance_interval": [1e5, 1e6]})
+    everywhere = post(server.url, {**request, "guidance_interval": [0, 1e6]})
+    assert [answer.status_code for answer in (guided, unguided, nowhere, everywhere)] == [200] * 4, nowhere.text
+    assert not np.array_equal(pixels_of(guided), pixels_of(unguided))
+    assert np.array_equal(pixels_of(nowhere), pixels_of(unguided))
+    assert np.array_equal(pixels_of(everywhere), pixels_of(guided))
+    assert parameters_of(nowhere)["guidance_interval"] == [1e5, 1e6]
+    assert parameters_of(everywhere)["guidance_interval"] == [0, 1e6]
+    assert parameters_of(guided)["guidance_interval"] is None  # the server's default: every call
+    assert post(server.url, {**request, "guidance_interval": None}).json()["images"] == guided.json()["images"]
+
+
+def test_cache_interval_1_and_either_cache_schedule_are_taken_and_recorded(server, rng):
+    """Interval 1 runs the whole UNet at every step whatever the schedule: the image of a request naming neither."""
+    request = body(seed=int(rng.integers(0, 2**62)), steps=3)
+    plain = post(server.url, request)
+    assert parameters_of(plain)["cache_interval"] == 1 and parameters_of(plain)["cache_schedule"] == "uniform"
+    for schedule in CACHE_SCHEDULES:
+        named = post(server.url, {**request, "cache_interval": 1, "cache_schedule": schedule})
+        assert named.status_code == 200, named.text
+        assert np.array_equal(pixels_of(named), pixels_of(plain))
+        assert (parameters_of(named)["cache_interval"], parameters_of(named)["cache_schedule"]) == (1, schedule)
+
+
+def test_a_cache_interval_above_1_is_refused_naming_it_where_the_engine_cannot_cache(engine_dir_without_deep_cache,
+                                                                                      tmp_path):
+    """An engine dir without the shallow UNet graph: the schema allows cache_interval 1 only, a request for 2 gets a
+    4xx naming cache_interval on both routes (and 1 is served), and --cache-interval 2 is one line, exit 2."""
+    running = Server(engine_dir_without_deep_cache, "--max-steps", "8").wait_ready()
+    try:
+        assert max_cache_interval(running) == 1
+        refused = post(running.url, body(cache_interval=2))
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["error"] == {"type": "invalid_request", "field": "cache_interval",
+                                           "message": f"cache_interval is 2; {CACHE_ONLY_1}"}
+        openai = httpx.post(f"{running.url}/v1/images/generations", headers=JSON, timeout=60,
+                            content=json.dumps({"prompt": "a red circle", "cache_interval": 2}))
+        assert openai.status_code == 400 and openai.json()["error"]["param"] == "cache_interval", openai.text
+        assert post(running.url, body(cache_interval=1)).status_code == 200
+    finally:
+        running.stop()
+    result = subprocess.run([sys.executable, "-m", "ldm_serve.cli", "--model", str(engine_dir_without_deep_cache),
+                             "--cache-interval", "2"], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ldm-serve: error: ")]
+    assert result.returncode == 2 and len(errors) == 1 and result.stderr.endswith(errors[0] + "\n"), result.stderr
+    assert errors[0].startswith("ldm-serve: error: --cache-interval 2 cannot serve a request that names no "
+                                "cache_interval: cache_interval is 2; the "), result.stderr
+    assert "engine cannot cache the UNet's features across steps" in errors[0] and "Traceback" not in result.stderr
+
+
+def check_cache_interval_2_is_batch_invariant_and_recorded(running: Server) -> None:
+    """cache_interval 2 requests (each schedule) held until they and two others are all queued, so that they share
+    UNet calls: each image is what its request gives alone, differs from the whole UNet's at every step, and its PNG
+    records the interval and the schedule."""
+    cached = [body(prompt=PROMPTS[index], seed=index, steps=6, cache_interval=2, cache_schedule=schedule)
+              for index, schedule in enumerate(CACHE_SCHEDULES)]
+    payloads = cached + [body(prompt=PROMPTS[2], seed=5, steps=5),
+                         body(prompt=PROMPTS[3], seed=6, steps=4, cache_interval=3, guidance_interval=[0, 1])]
+
+    async def send_together() -> list[httpx.Response]:
+        with running.held():
+            sending = asyncio.ensure_future(post_all(running.url, payloads))
+            await asyncio.to_thread(running.wait_for, "ldm_serve_queue_depth", lambda value: value == len(payloads),
+                                    "the requests never all queued")
+        return await sending
+
+    together = asyncio.run(send_together())
+    assert [answer.status_code for answer in together] == [200] * len(payloads), together[0].text
+    for payload, answer in zip(payloads, together):
+        assert post(running.url, payload).json()["images"] == answer.json()["images"], payload
+    for payload, answer in zip(cached, together):
+        assert (parameters_of(answer)["cache_interval"], parameters_of(answer)["cache_schedule"]) == (
+            2, payload["cache_schedule"])
+        whole = post(running.url, {**payload, "cache_interval": 1})
+        assert whole.status_code == 200 and not np.array_equal(pixels_of(whole), pixels_of(answer)), payload
+
+
+def test_cache_interval_2_on_the_engine_dir_is_batch_invariant_and_recorded(server):
+    if max_cache_interval(server) == 1:
+        pytest.skip("the engine dir has no shallow UNet graph: its engine cannot cache the UNet's features")
+    check_cache_interval_2_is_batch_invariant_and_recorded(server)
+
+
+def test_cache_interval_2_on_the_torch_engine_is_batch_invariant_and_recorded(tiny_checkpoint):
+    from ldm_runtime.engines import load_engine
+
+    if not getattr(load_engine(tiny_checkpoint, engine="torch", device="cpu"), "deep_cache", False):
+        pytest.skip("the torch engine cannot cache the UNet's features across steps (it has no deep_cache)")
+    running = Server(tiny_checkpoint, "--engine", "torch", "--device", "cpu", "--max-steps", "8").wait_ready()
+    try:
+        assert max_cache_interval(running) > 1
+        check_cache_interval_2_is_batch_invariant_and_recorded(running)
+    finally:
+        running.stop()
+
+
+def test_the_servers_guidance_interval_and_cache_flags_are_what_a_request_naming_none_gets(engine_dir, rng):
+    """--guidance-interval, --cache-interval and --cache-schedule are the settings of a request that names none (or
+    null for the interval): the schema's defaults, the serving line and the PNG say them, and an interval that
+    holds no UNet call's noise level gives the unguided image."""
+    running = Server(engine_dir, "--guidance-interval", "100000,1000000", "--cache-interval", "1",
+                     "--cache-schedule", "quadratic").wait_ready()
+    try:
+        schema = httpx.get(f"{running.url}/openapi.json").json()
+        fields = schema["paths"]["/v1/images"]["post"]["requestBody"]["content"]["application/json"]["schema"][
+            "properties"]
+        assert fields["guidance_interval"]["default"] == [1e5, 1e6]
+        assert (fields["cache_interval"]["default"], fields["cache_schedule"]["default"]) == (1, "quadratic")
+        assert "guided in (100000, 1e+06]" in running.log
+        request = body(seed=int(rng.integers(0, 2**62)), steps=3, guidance_scale=5.0)
+        plain = post(running.url, request)
+        assert plain.status_code == 200, plain.text
+        recorded = parameters_of(plain)
+        assert (recorded["guidance_interval"], recorded["cache_interval"], recorded["cache_schedule"]) == (
+            [1e5, 1e6], 1, "quadratic")
+        assert np.array_equal(pixels_of(post(running.url, {**request, "guidance_scale": 1.0})), pixels_of(plain))
+        assert post(running.url, {**request, "guidance_interval": None}).json()["images"] == plain.json()["images"]
+        everywhere = post(running.url, {**request, "guidance_interval": [0, 1e6]})
+        assert parameters_of(everywhere)["guidance_interval"] == [0, 1e6]
+        assert not np.array_equal(pixels_of(everywhere), pixels_of(plain))
+    finally:
+        running.stop()
 
 
 # ---------------------------------------------------------------- disconnects and timeouts
@@ -351,6 +503,9 @@ def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(engine
 
 # ---------------------------------------------------------------- bad input
 
+INTERVAL = ("expected two noise levels [low, high] with 0 <= low < high, or null for the server's default "
+            "(guidance at every UNet call)")
+CACHE_ONLY_1 = "expected 1 (this server's engine cannot cache the UNet's features across steps)"
 BAD_BODIES = [
     ({"steps": 4}, 422, "prompt", "prompt is missing"),
     ({"prompt": 3}, 422, "prompt", "prompt is 3; expected a non-empty string"),
@@ -375,6 +530,22 @@ BAD_BODIES = [
     ({"prompt": "a", "sampler": None}, 422, "sampler", "sampler is null; expected one of"),
     ({"prompt": "a", "sampler": SAMPLER_NAMES[1], "eta": 0.5}, 422, "eta",
      f"eta is 0.5; expected 0 for the {SAMPLER_NAMES[1]} sampler"),
+    ({"prompt": "a", "guidance_interval": [5, 1]}, 422, "guidance_interval",
+     f"guidance_interval is [5, 1]; {INTERVAL}"),
+    ({"prompt": "a", "guidance_interval": [2, 2]}, 422, "guidance_interval", "guidance_interval is [2, 2]"),
+    ({"prompt": "a", "guidance_interval": [-1, 2]}, 422, "guidance_interval", "guidance_interval is [-1, 2]"),
+    ({"prompt": "a", "guidance_interval": [1]}, 422, "guidance_interval", "guidance_interval is [1]"),
+    ({"prompt": "a", "guidance_interval": [0, 1, 2]}, 422, "guidance_interval", "guidance_interval is [0, 1, 2]"),
+    ({"prompt": "a", "guidance_interval": "0,1"}, 422, "guidance_interval", 'guidance_interval is "0,1"'),
+    ({"prompt": "a", "guidance_interval": [0, "1"]}, 422, "guidance_interval", 'guidance_interval is [0, "1"]'),
+    ({"prompt": "a", "guidance_interval": {"low": 0, "high": 1}}, 422, "guidance_interval", "guidance_interval is {"),
+    ({"prompt": "a", "cache_interval": 0}, 422, "cache_interval", "cache_interval is 0; expected "),
+    ({"prompt": "a", "cache_interval": 101}, 422, "cache_interval", "cache_interval is 101; expected "),
+    ({"prompt": "a", "cache_interval": 1.5}, 422, "cache_interval", "cache_interval is 1.5"),
+    ({"prompt": "a", "cache_interval": None}, 422, "cache_interval", "cache_interval is null"),
+    ({"prompt": "a", "cache_schedule": "cubic"}, 422, "cache_schedule",
+     'cache_schedule is "cubic"; expected one of uniform, quadratic'),
+    ({"prompt": "a", "cache_schedule": None}, 422, "cache_schedule", "cache_schedule is null"),
     ({"prompt": "a", "seed": -1}, 422, "seed", "seed is -1"),
     ({"prompt": "a", "seed": 2**63}, 422, "seed", "seed is 9223372036854775808"),
     ({"prompt": "a", "seed": 1.5}, 422, "seed", "seed is 1.5"),
@@ -439,8 +610,14 @@ def test_openapi_schema_documents_every_field_with_its_limits(server):
     schema = httpx.get(f"{server.url}/openapi.json").json()
     request = schema["paths"]["/v1/images"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     fields = request["properties"]
-    assert set(fields) == {"prompt", "negative_prompt", "n", "sampler", "steps", "guidance_scale", "eta", "seed",
-                           "height", "width"}
+    assert set(fields) == {"prompt", "negative_prompt", "n", "sampler", "steps", "guidance_scale",
+                           "guidance_interval", "cache_interval", "cache_schedule", "eta", "seed", "height", "width",
+                           "stream", "previews"}
+    assert (fields["stream"]["default"], fields["previews"]["default"], fields["previews"]["maximum"]) == (False, 0, 999)
+    interval = fields["guidance_interval"]["anyOf"][0]
+    assert (interval["minItems"], interval["maxItems"], interval["items"]["minimum"]) == (2, 2, 0)
+    assert fields["guidance_interval"]["default"] is None
+    assert (fields["cache_schedule"]["enum"], fields["cache_schedule"]["default"]) == (list(CACHE_SCHEDULES), "uniform")
     assert (fields["sampler"]["enum"], fields["sampler"]["default"]) == (list(SAMPLER_NAMES), DEFAULT_SAMPLER)
     assert request["required"] == ["prompt"] and request["additionalProperties"] is False
     assert all(field.get("description") for field in fields.values())
@@ -503,6 +680,12 @@ def test_text_cache_gives_the_engine_rows_bit_for_bit_and_encodes_each_prompt_on
     (["--model", "{engine}", "--port", "70000"], "--port is 70000; expected an integer from 0 to 65535"),
     (["--model", "{engine}", "--batching", "huge"], "invalid choice: 'huge'"),
     (["--model", "{engine}", "--sampler", "heun"], "argument --sampler: invalid choice: 'heun'"),
+    (["--model", "{engine}", "--guidance-interval", "3,1"],
+     "argument --guidance-interval: '3,1' is not an interval with 0 <= LOW < HIGH"),
+    (["--model", "{engine}", "--guidance-interval", "1"], "argument --guidance-interval: '1' is not two numbers"),
+    (["--model", "{engine}", "--cache-interval", "0"], "--cache-interval is 0; expected an integer from 1 to 100"),
+    (["--model", "{engine}", "--cache-interval", "two"], "argument --cache-interval: invalid int value: 'two'"),
+    (["--model", "{engine}", "--cache-schedule", "cubic"], "argument --cache-schedule: invalid choice: 'cubic'"),
     (["--model", "{engine}", "--api-key-file", "{missing}"], "cannot be read"),
     (["--model", "{engine}", "--header-timeout", "nan"], "argument --header-timeout: 'nan' is not a finite number"),
     (["--model", "{engine}", "--drain-timeout", "0"], "--drain-timeout is 0.0; expected seconds above 0"),

@@ -1,7 +1,8 @@
 """``POST /v1/images/generations`` against the official ``openai`` client, unchanged, pointed at a loopback
 ``ldm-serve`` (``base_url``, ``api_key``): the images are those ``/v1/images`` makes for the same request and seed,
+streamed or not (``stream=True``: partial images, then the completed images, as the client's own event types),
 errors come back in OpenAI's error shape (so the client raises its own exception classes with ``param`` and
-``code``), and the route shares ``/v1/images``' limits, key, queue and metrics. As in test_serve.py, the step gate
+``code``, a cancelled stream too), and the route shares ``/v1/images``' limits, key, queue and metrics. As in test_serve.py, the step gate
 and ``/metrics`` decide when work is queued, never a sleep."""
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from openai.types import ImageGenCompletedEvent, ImageGenPartialImageEvent
 from PIL import Image
 
 from ldm_runtime.schedulers import SAMPLER_NAMES
@@ -68,6 +70,30 @@ def test_the_openai_client_gets_the_pngs_v1_images_makes_for_the_same_request(ke
     assert keyed_server.metric('ldm_serve_requests_total{outcome="ok"}') == ok_before + 2
 
 
+def test_the_openai_client_passes_the_guidance_interval_and_cache_settings_as_extra_fields(keyed_server, rng):
+    """guidance_interval, cache_interval and cache_schedule in ``extra_body``: the PNG /v1/images makes for the same
+    request, recording them; an interval that holds no UNet call's noise level gives the unguided pixels."""
+    seed = int(rng.integers(0, 2**62))
+    extras = {"seed": seed, "steps": 3, "guidance_scale": 4.0, "guidance_interval": [1e5, 1e6], "cache_interval": 1,
+              "cache_schedule": "quadratic"}
+    answer = client_for(keyed_server).images.generate(prompt=PROMPTS[0], extra_body=extras)
+    png = base64.b64decode(answer.data[0].b64_json)
+    ours = post(keyed_server.url, {"prompt": PROMPTS[0], **extras},
+                headers={**JSON, "Authorization": f"Bearer {API_KEY}", "Accept": "image/png"})
+    assert ours.status_code == 200 and ours.content == png, ours.text
+    recorded = json.loads(Image.open(io.BytesIO(png)).text["parameters"])
+    assert (recorded["guidance_interval"], recorded["cache_interval"], recorded["cache_schedule"]) == (
+        [1e5, 1e6], 1, "quadratic")
+    unguided = client_for(keyed_server).images.generate(
+        prompt=PROMPTS[0], extra_body={"seed": seed, "steps": 3, "guidance_scale": 1.0})
+    guided = client_for(keyed_server).images.generate(
+        prompt=PROMPTS[0], extra_body={"seed": seed, "steps": 3, "guidance_scale": 4.0})
+    pixels = [np.asarray(Image.open(io.BytesIO(base64.b64decode(result.data[0].b64_json))))
+              for result in (unguided, guided)]
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), pixels[0])
+    assert not np.array_equal(pixels[0], pixels[1])
+
+
 def test_the_openai_client_without_extras_gets_the_models_size_and_a_seed(keyed_server):
     answer = client_for(keyed_server).images.generate(prompt=PROMPTS[2])
     assert len(answer.data) == 1 and answer.size == "16x16"
@@ -85,7 +111,16 @@ def test_the_openai_client_without_extras_gets_the_models_size_and_a_seed(keyed_
     ({"extra_body": {"sampler": "heun"}}, "sampler", f'sampler is "heun"; expected one of {", ".join(SAMPLER_NAMES)}'),
     ({"extra_body": {"sampler": SAMPLER_NAMES[-1], "eta": 0.3}}, "eta",
      f"eta is 0.3; expected 0 for the {SAMPLER_NAMES[-1]} sampler"),
+    ({"extra_body": {"guidance_interval": [2, 1]}}, "guidance_interval",
+     "guidance_interval is [2, 1]; expected two noise levels [low, high] with 0 <= low < high, or null"),
+    ({"extra_body": {"guidance_interval": 1}}, "guidance_interval", "guidance_interval is 1; expected two noise"),
+    ({"extra_body": {"cache_interval": 0}}, "cache_interval", "cache_interval is 0; expected "),
+    ({"extra_body": {"cache_schedule": "cubic"}}, "cache_schedule",
+     'cache_schedule is "cubic"; expected one of uniform, quadratic'),
     ({"quality": "hd"}, "quality", "quality is not a field of this request; expected some of prompt, n, size"),
+    ({"partial_images": 2}, "partial_images", "partial_images is 2 but stream is false; expected stream: true for "
+                                              "partial images, or partial_images 0"),
+    ({"partial_images": 4, "stream": True}, "partial_images", "partial_images is 4; expected an integer from 0 to 3"),
 ])
 def test_the_openai_client_raises_bad_request_naming_the_param(keyed_server, arguments, param, message):
     invalid_before = keyed_server.metric('ldm_serve_requests_total{outcome="invalid"}')
@@ -161,3 +196,43 @@ def test_the_schema_lists_exactly_the_sizes_and_formats_the_route_takes(keyed_se
     assert operation["security"] == [{"bearer": []}]
     error_schema = operation["responses"]["400"]["content"]["application/json"]["schema"]
     assert error_schema["properties"]["error"]["required"] == ["message", "type", "param", "code"]
+
+
+def test_the_openai_clients_stream_gets_partial_images_then_the_images_v1_images_makes(keyed_server, rng):
+    seed = int(rng.integers(0, 2**62))
+    ok_before = keyed_server.metric('ldm_serve_requests_total{outcome="ok"}')
+    stream = client_for(keyed_server).images.generate(prompt=PROMPTS[3], n=2, size="20x16", stream=True,
+                                                      partial_images=2, extra_body={"seed": seed, "steps": 6})
+    events = list(stream)
+    assert stream.response.headers["content-type"].startswith("text/event-stream")
+    partial = [event for event in events if isinstance(event, ImageGenPartialImageEvent)]
+    completed = [event for event in events if isinstance(event, ImageGenCompletedEvent)]
+    assert events == partial + completed, [event.type for event in events]
+    assert [(event.model_extra["image_index"], event.partial_image_index) for event in partial] == [
+        (0, 0), (1, 0), (0, 1), (1, 1)]
+    for event in partial:
+        preview = np.asarray(Image.open(io.BytesIO(base64.b64decode(event.b64_json))))
+        assert preview.shape == (16, 20, 3) and event.size == "20x16" and event.output_format == "png"
+    assert [event.model_extra["seed"] for event in completed] == [seed, seed + 1]
+    assert all(event.type == "image_generation.completed" and event.size == "20x16" for event in completed)
+    ours = post(keyed_server.url, {"prompt": PROMPTS[3], "n": 2, "width": 20, "height": 16, "seed": seed, "steps": 6},
+                headers={**JSON, "Authorization": f"Bearer {API_KEY}"})
+    assert [base64.b64decode(event.b64_json) for event in completed] == [
+        base64.b64decode(image) for image in ours.json()["images"]]
+    assert keyed_server.metric('ldm_serve_requests_total{outcome="ok"}') == ok_before + 2
+
+
+def test_a_cancelled_openai_stream_ends_with_an_error_the_client_raises(keyed_server):
+    cancelled_before = keyed_server.metric('ldm_serve_requests_total{outcome="cancelled"}')
+    with keyed_server.held():
+        stream = client_for(keyed_server).images.generate(prompt=PROMPTS[0], stream=True, extra_body={"steps": 8})
+        keyed_server.wait_for("ldm_serve_queue_depth", lambda value: value == 1, "the request never queued")
+        request_id = stream.response.headers["x-request-id"]
+        cancelled = httpx.delete(f"{keyed_server.url}/v1/images/{request_id}",
+                                 headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+        assert cancelled.status_code == 200, cancelled.text
+        with pytest.raises(openai.APIError) as raised:
+            list(stream)
+    assert raised.value.body["code"] == "cancelled" and request_id in raised.value.message
+    keyed_server.wait_for("ldm_serve_queue_depth", lambda value: value == 0, "the cancelled request still queues")
+    assert keyed_server.metric('ldm_serve_requests_total{outcome="cancelled"}') == cancelled_before + 1

@@ -1,16 +1,19 @@
 """The try-it page (``GET /``) in a real headless browser: Python Playwright driving Debian's Chromium
 (``/usr/bin/chromium``; ``playwright install`` is never used). A prompt typed and Generate clicked gives the image
 ``/v1/images`` makes for the same request, with its seed and timing; a bad value shows the server's own message; the
-queue depth follows the server's queue; and the page asks nothing of any host but the server (it works offline) and
-runs under its strict Content-Security-Policy without a violation.
+queue depth follows the server's queue; a request streams its place in the queue, a progress bar and its previews
+into its figure, and its Cancel button cancels it; and the page asks nothing of any host but the server (it works
+offline) and runs under its strict Content-Security-Policy without a violation.
 
 Without Chromium or Playwright the tests skip, unless ``LDM_REQUIRE_BROWSER=1`` (as ``.ci/run`` sets it), when they
 fail instead."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,7 @@ import pytest
 from ldm_runtime.config import DEFAULT_SAMPLER
 from ldm_runtime.schedulers import SAMPLER_NAMES
 from ldm_serve.server import API_KEY_ENV
-from tests.ldm_serve.gated_server import JSON, Server, post
+from tests.ldm_serve.gated_server import JSON, Server, post, post_all
 
 CHROMIUM = Path("/usr/bin/chromium")
 REQUIRE_ENV = "LDM_REQUIRE_BROWSER"
@@ -122,10 +125,35 @@ def test_the_sampler_choice_lists_the_servers_samplers_and_gives_the_chosen_samp
     assert not [text for text in page.console if "Content Security Policy" in text], page.console
 
 
+def test_the_guidance_and_cache_interval_fields_give_the_servers_image_for_them(page, page_server, rng):
+    """Beside the sampler: "LOW, HIGH" is sent as the JSON array [LOW, HIGH], the cache interval as a number."""
+    seed = int(rng.integers(0, 2**62))
+    page.fill("#prompt", "a small green triangle")
+    page.fill("#steps", "3")
+    page.fill("#seed", str(seed))
+    page.fill("#guidance-interval", " 0.5, 1e6 ")
+    page.fill("#cache-interval", "1")
+    page.fill("#api-key", API_KEY)
+    with page.expect_request(lambda request: request.url.endswith("/v1/images")) as sent:
+        page.click("#generate")
+    assert '"guidance_interval": [0.5, 1e6]' in sent.value.post_data and '"cache_interval": 1' in sent.value.post_data
+    page.locator("#images figure.done img").first.wait_for(timeout=WAIT_MS)
+    alone = post(page_server.url, {"prompt": "a small green triangle", "steps": 3, "seed": seed,
+                                   "guidance_interval": [0.5, 1e6], "cache_interval": 1},
+                 headers={**JSON, "Authorization": f"Bearer {API_KEY}", "Accept": "image/png"})
+    assert alone.status_code == 200, alone.text
+    assert image_bytes(page) == alone.content
+    assert not [text for text in page.console if "Content Security Policy" in text], page.console
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("#steps", "1000", "steps is 1000; expected an integer from 1 to 8"),
     ("#seed", "a lucky one", 'seed is "a lucky one"; expected an integer from 0 to 2**63 - 1, or null'),
     ("#width", "18", "width is 18; expected a multiple of 4 from 16 to 32, or null"),
+    ("#guidance-interval", "5, 1", "guidance_interval is [5, 1]; expected two noise levels [low, high] with "
+                                   "0 <= low < high, or null for the server's default (guidance at every UNet call)"),
+    ("#guidance-interval", "high", 'guidance_interval is "high"; expected two noise levels [low, high] with '
+                                   "0 <= low < high, or null for the server's default (guidance at every UNet call)"),
     ("#api-key", "wrong", "the request has a wrong API key; expected the header Authorization: Bearer <key>"),
 ])
 def test_a_bad_value_shows_the_servers_error_message(page, field, value, message):
@@ -137,6 +165,19 @@ def test_a_bad_value_shows_the_servers_error_message(page, field, value, message
     error.filter(has_text=message).wait_for(timeout=WAIT_MS)
     assert error.inner_text() == message
     assert page.locator("#images figure.failed").count() == 1 and page.locator("#images img").count() == 0
+
+
+def test_a_bad_cache_interval_shows_the_message_the_server_gives_for_it(page, page_server):
+    refused = post(page_server.url, {"prompt": "a red circle", "cache_interval": 0},
+                   headers={**JSON, "Authorization": f"Bearer {API_KEY}"})
+    message = refused.json()["error"]["message"]  # the range depends on whether the engine caches UNet features
+    assert refused.status_code == 422 and message.startswith("cache_interval is 0; expected "), refused.text
+    page.fill("#prompt", "a red circle")
+    page.fill("#api-key", API_KEY)
+    page.fill("#cache-interval", "0")
+    page.click("#generate")
+    page.locator("#error").filter(has_text=message).wait_for(timeout=WAIT_MS)
+    assert page.locator("#error").inner_text() == message
 
 
 def test_the_queue_depth_follows_the_server_and_images_arrive_when_it_runs(page, page_server):
@@ -164,3 +205,57 @@ def test_a_page_of_another_site_cannot_frame_the_page(browser, page_server):
         assert all(frame.query_selector("#generate") is None for frame in framing.frames)
     finally:
         context.close()
+
+
+def test_the_page_shows_the_queue_position_then_a_progress_bar_and_previews_then_the_servers_image(page, page_server,
+                                                                                                rng):
+    seed = int(rng.integers(0, 2**62))
+    auth = {**JSON, "Authorization": f"Bearer {API_KEY}"}
+    page.fill("#prompt", "a blue square on the left")
+    page.fill("#api-key", API_KEY)
+    page.fill("#steps", "6")
+    page.fill("#seed", str(seed))
+    page.fill("#previews", "3")  # after steps 2, 3 and 4 of 6
+    figure = page.locator("#images figure").first
+    with page_server.held():
+        ahead = threading.Thread(target=lambda: asyncio.run(post_all(page_server.url, [
+            {"prompt": "two yellow stars", "n": 4, "steps": 2, "seed": index} for index in range(2)], headers=auth)))
+        ahead.start()  # two requests of four images each: each fills the batch of four
+        page_server.wait_for("ldm_serve_queue_depth", lambda value: value == 2, "the two requests never queued")
+        page.click("#generate")
+        figure.locator("figcaption").filter(has_text="queued, 2 requests ahead").wait_for(timeout=WAIT_MS)
+        page_server.hold(more_calls=2)  # the first request ahead runs its two steps
+        figure.locator("figcaption").filter(has_text="queued, 1 request ahead").wait_for(timeout=WAIT_MS)
+        assert figure.locator("img").count() == 0 and figure.locator("progress").get_attribute("value") == "0"
+        page_server.hold(more_calls=2 + 3)  # the second runs its two, then the page's request three of its six
+        figure.locator("figcaption").filter(has_text="step 3 of 6").wait_for(timeout=WAIT_MS)
+        progress = figure.locator("progress")
+        assert (progress.get_attribute("value"), progress.get_attribute("max")) == ("3", "6")
+        assert figure.locator("img").get_attribute("alt") == "preview at step 3"
+        preview = base64.b64decode(figure.locator("img").get_attribute("src").removeprefix("data:image/png;base64,"))
+    ahead.join(WAIT_MS / 1000)
+    page.locator("#images figure.done img").first.wait_for(timeout=WAIT_MS)
+    assert figure.locator("progress").count() == 0 and figure.locator("button").count() == 0
+    alone = post(page_server.url, {"prompt": "a blue square on the left", "steps": 6, "seed": seed},
+                 headers={**auth, "Accept": "image/png"})
+    assert image_bytes(page) == alone.content and preview != alone.content
+    assert not [text for text in page.console if "Content Security Policy" in text], page.console
+
+
+def test_the_cancel_button_cancels_the_request_and_the_server_drops_it(page, page_server):
+    cancelled_before = page_server.metric('ldm_serve_requests_total{outcome="cancelled"}')
+    page.fill("#prompt", "a small green triangle")
+    page.fill("#api-key", API_KEY)
+    page.fill("#steps", "8")
+    figure = page.locator("#images figure").first
+    with page_server.held():
+        page.click("#generate")
+        figure.locator("figcaption").filter(has_text="queued, next to start").wait_for(timeout=WAIT_MS)
+        page_server.hold(more_calls=1)
+        figure.locator("figcaption").filter(has_text="step 1 of 8").wait_for(timeout=WAIT_MS)
+        figure.locator("button.cancel").click()
+        page.locator("#images figure.cancelled").wait_for(timeout=WAIT_MS)
+        assert figure.locator("figcaption").inner_text() == "cancelled"
+        page_server.wait_for("ldm_serve_active_images", lambda value: value == 0, "the cancelled request still runs")
+    assert page_server.metric('ldm_serve_requests_total{outcome="cancelled"}') == cancelled_before + 1
+    assert page.locator("#error").is_hidden()

@@ -1,5 +1,6 @@
 """ldm-bench through its command line on the tiny checkpoint: a run of seconds writes a table, a JSON file with
-sane figures and a PNG plot; every kind of bad input is one line on stderr and exit status 2."""
+sane figures and a PNG plot; every kind of bad input is one line on stderr and exit status 2. The memory the runs
+plan with is given (``AVAILABLE_MIB``), never this machine's."""
 
 import json
 import os
@@ -17,6 +18,7 @@ from tests.ldm_export.tiny_checkpoint import shared_tiny_checkpoint, shared_tiny
 
 REPO = Path(__file__).resolve().parents[2]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+AVAILABLE_MIB = 64 * 1024  # what --memory-budget auto plans with in these runs: every tiny engine fits at once
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +26,8 @@ def checkpoint(tmp_path_factory):
     return shared_tiny_checkpoint(tmp_path_factory)
 
 
-def run_bench(capsys, *argv):
-    code = main([str(arg) for arg in argv])
+def run_bench(capsys, *argv, available_mib=AVAILABLE_MIB):
+    code = main([str(arg) for arg in argv], available_mib=available_mib)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -105,8 +107,13 @@ def test_tiny_bench_writes_table_json_and_png_plot(checkpoint, tmp_path, capsys)
     (["--steps", "0"], ["--steps is 0"]),
     (["--latent-size", "8"], ["--latent-size applies to --preset only"]),
     (["--sampler", "heun"], ["argument --sampler: invalid choice: 'heun'"]),
+    (["--memory-budget", "0"], ["--memory-budget '0'", "auto, all or a positive number of GiB"]),
+    (["--memory-budget", "-4"], ["--memory-budget '-4'", "auto, all or a positive number of GiB"]),
+    (["--memory-budget", "20GB"], ["--memory-budget '20GB'", "auto, all or a positive number of GiB"]),
+    (["--memory-budget", "inf"], ["--memory-budget 'inf'", "auto, all or a positive number of GiB"]),
 ], ids=["unknown-engine", "batch-too-large", "batch-not-a-number", "zero-steps", "latent-size-without-preset",
-        "unknown-sampler"])
+        "unknown-sampler", "zero-memory-budget", "negative-memory-budget", "memory-budget-with-unit",
+        "infinite-memory-budget"])
 def test_bad_argument_is_one_line_and_exit_2(checkpoint, capsys, argv, fragments):
     code, _, err = run_bench(capsys, "--model", checkpoint, *argv)
     assert_one_line_error(code, err, *fragments)
@@ -297,6 +304,205 @@ def test_per_round_ratios_cancel_a_machine_that_slows_down_for_a_round():
                        ["torch", "openvino"], [8], "torch")
     fast = next(row for row in rows if row["engine"] == "openvino")
     assert fast["wide_spread"] and fast["steps_speedup_per_round"] == pytest.approx([2.0, 2.0, 2.0])
+
+
+# --- fitting the engines in memory: estimates, the machine's available memory, groups ----------------------------
+
+def test_the_memory_plan_packs_peers_largest_first_beside_the_baseline_within_the_budget():
+    from ldm_tools.bench.memory import plan_groups
+
+    peaks = {"torch": 5.0, "a": 6.0, "b": 4.0, "c": 3.0, "e": 9.0, "d": 2.0}  # the run's order
+    groups, skipped = plan_groups(peaks, "torch", 12.0)  # 7 beside the baseline: e never fits
+    assert skipped == ["e"]
+    assert groups == [["torch", "a"], ["torch", "b", "c"], ["torch", "d"]]
+    assert plan_groups(peaks, "torch", None) == ([["torch", "a", "b", "c", "e", "d"]], [])  # no bound: all at once
+    assert plan_groups(peaks, "torch", 100.0) == ([["torch", "a", "b", "c", "e", "d"]], [])
+    assert plan_groups(peaks, "torch", 4.0) == ([["torch"]], ["a", "b", "c", "e", "d"])  # the baseline alone is over
+    assert plan_groups({"torch": 5.0}, "torch", 6.0) == ([["torch"]], [])
+
+
+@pytest.mark.parametrize("trial", range(20))
+def test_every_memory_plan_fits_its_budget_uses_each_peer_once_and_has_no_two_groups_that_fit_together(trial):
+    import random
+
+    from ldm_tools.bench.memory import plan_groups
+
+    rng = random.Random(trial)
+    peaks = {"torch": rng.uniform(1, 8), **{f"peer{index}": rng.uniform(0.5, 12) for index in range(rng.randint(0, 9))}}
+    budget = rng.uniform(4, 30)
+    groups, skipped = plan_groups(peaks, "torch", budget)
+    peers = [name for group in groups for name in group[1:]]
+    assert sorted(peers + skipped) == sorted(set(peaks) - {"torch"}) and len(set(peers)) == len(peers)
+    order = list(peaks)
+    for group in groups:
+        assert group[0] == "torch" and group[1:] == sorted(group[1:], key=order.index)
+        assert len(group) == 1 or sum(peaks[name] for name in group) <= budget
+    assert all(peaks["torch"] + peaks[name] > budget for name in skipped)
+    for first, later in zip(groups, groups[1:]):  # first fit: a later group's peers did not fit in an earlier one
+        assert sum(peaks[name] for name in first + later[1:]) > budget
+
+
+def sd15_workload(**changes):
+    from ldm_tools.bench.memory import Workload
+
+    # SD 1.5's parameter counts (the UNet's, the autoencoder's and the 12-layer BERT's) at 16x16 latents
+    sizes = dict(unet_parameters=859_520_964, other_parameters=83_653_863 + 108_557_568, batch_sizes=(1, 8),
+                 latent_size=16, image_size=128, unet_channels=320, decoder_channels=128)
+    return Workload(**{**sizes, **changes})
+
+
+def test_memory_estimates_cover_every_engine_and_grow_with_weights_shapes_and_activations():
+    from ldm_tools.bench.memory import ENGINE_MEMORY, MIB, activation_mib, estimate_rss_mib, map_mib, unet_shapes
+    from ldm_tools.bench.workers import PEERS
+
+    assert set(ENGINE_MEMORY) == set(PEERS)
+    base = sd15_workload()
+    assert unet_shapes((1, 8)) == 3 and unet_shapes((1, 4, 8)) == 4 and unet_shapes((1,)) == 2  # 1, 2, 16 rows
+    larger = sd15_workload(other_parameters=base.other_parameters + 2**28)
+    for engine in PEERS:  # fp32 weights, in the checkpoint and the engine dir alike
+        assert estimate_rss_mib(engine, larger) - estimate_rss_mib(engine, base) == pytest.approx(
+            ENGINE_MEMORY[engine].weight_copies * 2**28 * 4 / MIB)
+    # openvino prepares the UNet once more for each batch bucket, bf16's at half the bytes; the largest request is
+    # the same, so the activations are too
+    more_shapes = sd15_workload(batch_sizes=(1, 4, 8))
+    for engine, bytes_per_parameter in (("openvino", 4), ("openvino-bf16", 2)):
+        assert estimate_rss_mib(engine, more_shapes) - estimate_rss_mib(engine, base) == pytest.approx(
+            ENGINE_MEMORY[engine].copies_per_unet_shape * base.unet_parameters * bytes_per_parameter / MIB)
+    assert estimate_rss_mib("torch", more_shapes) == estimate_rss_mib("torch", base)
+    # an fp16 engine dir halves what onnxruntime reads; the checkpoint the torch engines read stays fp32
+    fp16 = sd15_workload(engine_dir_bytes=2)
+    parameters = base.unet_parameters + base.other_parameters
+    assert estimate_rss_mib("onnxruntime", base) - estimate_rss_mib("onnxruntime", fp16) == pytest.approx(
+        ENGINE_MEMORY["onnxruntime"].weight_copies * parameters * 2 / MIB)
+    assert estimate_rss_mib("torch", fp16) == estimate_rss_mib("torch", base)
+    # activations: the engine's maps of the largest request's UNet rows (2 per image) and images, 4 bytes each
+    wide = sd15_workload(latent_size=64, image_size=512, batch_sizes=(2, 8))
+    assert map_mib(wide) == pytest.approx(4 * (16 * 64**2 * 320 + 8 * 512**2 * 128) / MIB)
+    for engine in PEERS:
+        assert activation_mib(engine, wide) == pytest.approx(ENGINE_MEMORY[engine].maps * map_mib(wide))
+        shapes_apart = (ENGINE_MEMORY[engine].copies_per_unet_shape * base.unet_parameters
+                        * ENGINE_MEMORY[engine].compute_bytes / MIB)  # (2, 8) adds the 4-row bucket to (1, 8)'s
+        assert estimate_rss_mib(engine, wide) - estimate_rss_mib(engine, base) == pytest.approx(
+            activation_mib(engine, wide) - activation_mib(engine, base) + shapes_apart)
+
+
+def write_files(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize("cgroup, files, expected", [
+    ("", {}, (8192, "MemAvailable")),  # no cgroup file: MemAvailable alone
+    ("0::/\n", {}, (8192, "MemAvailable")),  # cgroup v2 without a memory.max at its root
+    ("0::/bench.slice/job\n", {"bench.slice/job/memory.max": "max\n", "bench.slice/job/memory.current": "0\n"},
+     (8192, "MemAvailable")),
+    ("0::/bench.slice/job\n", {"bench.slice/job/memory.max": f"{4 * GIB}\n",
+                               "bench.slice/job/memory.current": f"{3 * GIB}\n",
+                               "bench.slice/job/memory.stat": f"anon 1\ninactive_file {GIB}\nactive_file 5\n"},
+     (2048, "the limit of cgroup {root}/bench.slice/job")),  # 4 GiB less 3 used of which 1 is reclaimable cache
+    ("0::/bench.slice/job\n", {"bench.slice/job/memory.max": f"{4 * GIB}\n",
+                               "bench.slice/job/memory.current": f"{GIB}\n",
+                               "bench.slice/memory.max": f"{3 * GIB}\n", "bench.slice/memory.current": f"{GIB}\n"},
+     (1024 * 2, "the limit of cgroup {root}/bench.slice")),  # the parent's limit leaves less room
+    ("4:memory:/docker/abc\n2:cpu,cpuacct:/docker/abc\n",
+     {"memory/docker/abc/memory.limit_in_bytes": f"{6 * GIB}\n", "memory/docker/abc/memory.usage_in_bytes": f"{GIB}\n",
+      "memory/docker/abc/memory.stat": "total_inactive_file 0\n",
+      "memory/memory.limit_in_bytes": "9223372036854771712\n", "memory/memory.usage_in_bytes": "1\n"},
+     (5120, "the limit of cgroup {root}/memory/docker/abc")),  # cgroup v1; its root's "no limit" is not a limit
+], ids=["no-cgroup", "v2-root", "v2-no-limit", "v2-limit", "v2-parent-limit", "v1-limit"])
+def test_available_memory_is_mem_available_or_less_where_a_cgroup_limit_leaves_less(tmp_path, cgroup, files,
+                                                                                      expected):
+    from ldm_tools.bench.memory import available_memory_mib
+
+    proc, root = tmp_path / "proc", tmp_path / "cgroup"
+    write_files(proc, {"meminfo": f"MemTotal:  33554432 kB\nMemAvailable:  {8 * 2**20} kB\nCached: 1 kB\n"})
+    if cgroup:
+        write_files(proc, {"self/cgroup": cgroup})
+    write_files(root, files)
+    mib, source = available_memory_mib(proc, root)
+    assert mib == pytest.approx(expected[0]) and source == expected[1].format(root=root)
+    assert available_memory_mib(tmp_path / "elsewhere", root) is None  # no /proc/meminfo: nothing to plan with
+
+
+def test_bench_runs_engines_in_groups_that_fit_a_memory_budget_with_eager_pytorch_in_each(tmp_path, capsys,
+                                                                                         monkeypatch):
+    pytest.importorskip("openvino")  # the dev extra installs it
+    from ldm_tools.bench import cli
+
+    # estimates that force groups whatever this machine's engines really take: openvino and onnxruntime do not fit
+    # together beside eager PyTorch in the 18 GiB budget (90% of the 20 GiB given), torch.compile fits nowhere
+    estimates = {"openvino": 12 * 1024, "onnxruntime": 10 * 1024, "torch.compile": 40 * 1024}
+    monkeypatch.setattr(cli, "estimate_rss_mib", lambda engine, workload: estimates.get(engine, 1024))
+    out = tmp_path / "bench.json"
+    code, stdout, err = run_bench(capsys, "--preset", "shapes", "--engines", "torch,onnxruntime,openvino,torch.compile",
+                                  "--batch-sizes", 1, "--steps", 1, "--repeats", 1, "--threads", 1, "--json", out,
+                                  available_mib=20 * 1024)
+    assert code == 0, err
+    said = [line for line in err.splitlines() if "resident together" in line]
+    assert len(said) == 1, err
+    assert said[0].startswith("ldm-bench: 4 engines need ~") and "this machine has 20.0 GiB available" in said[0]
+    assert ("a budget of 18.0 GiB with 10% kept free: running them in 2 groups, eager PyTorch timed in each: "
+            "torch, openvino; torch, onnxruntime; skipped, too large beside eager PyTorch: torch.compile") in said[0]
+
+    report = json.loads(out.read_text())
+    grouping = report["grouping"]
+    assert grouping["groups"] == [["torch", "openvino"], ["torch", "onnxruntime"]]
+    assert grouping["skipped"] == ["torch.compile"] and grouping["budget_mib"] == pytest.approx(0.9 * 20 * 1024)
+    assert report["settings"]["memory_budget"] == "auto"
+    for group in grouping["groups"]:
+        assert sum(grouping["planned_rss_mib"][name] for name in group) <= grouping["budget_mib"]
+    engines = {entry["name"]: entry for entry in report["engines"]}
+    # the baseline's plan is its measured peak (with its largest request's activations), not its estimate
+    assert engines["torch"]["estimated_rss_mib"] == 1024 and grouping["planned_rss_mib"]["torch"] != 1024
+    assert grouping["planned_rss_mib"]["torch"] > 50
+    assert engines["torch.compile"]["status"] == "skipped" and "time_to_first_image_s" not in engines["torch.compile"]
+    assert "memory budget of 18.0 GiB" in engines["torch.compile"]["reason"]
+    assert f"torch.compile did not run: {engines['torch.compile']['reason']}" in report["notes"]
+    for name in ("openvino", "onnxruntime"):
+        assert engines[name]["status"] == "ok" and engines[name]["estimated_rss_mib"] == estimates[name]
+        assert engines[name]["peak_rss_mib"] > 50 and engines[name]["unet_relative_error"] < 1e-4
+
+    rows = {(row["engine"], row["group"]): row for row in report["results"]}
+    assert set(rows) == {("torch", 1), ("openvino", 1), ("torch", 2), ("onnxruntime", 2)}
+    for group, peer in ((1, "openvino"), (2, "onnxruntime")):  # each against the eager PyTorch of its own rounds
+        base, row = rows[("torch", group)], rows[(peer, group)]
+        assert row["steps_speedup_vs_torch"] == pytest.approx(base["step_seconds"]["median"]
+                                                              / row["step_seconds"]["median"])
+    assert "| torch | 2 | 1 |" in stdout and "| onnxruntime | 2 | 1 |" in stdout and "| openvino | 1 | 1 |" in stdout
+    assert any(note.startswith("to fit the memory budget the engines ran in 2 groups") for note in report["notes"])
+    # one group at a time: onnxruntime's process starts after openvino's group is timed
+    assert err.index("openvino: first image after") < err.index("onnxruntime: loading")
+
+
+def test_notes_compare_engines_of_different_groups_through_their_own_groups_eager():
+    from ldm_tools.bench.cli import _notes
+    from ldm_tools.bench.report import format_table, result_rows
+
+    # the machine ran at half speed during group 2: eager and openvino alike
+    rows = [dict(row, group=1) for row in result_rows({("torch", 1): [1.0] * 3, ("torch.compile", 1): [0.8] * 3},
+                                                      {("torch", 1): [3.0] * 3, ("torch.compile", 1): [2.5] * 3},
+                                                      ["torch", "torch.compile"], [1], "torch")]
+    rows += [dict(row, group=2) for row in result_rows({("torch", 1): [2.0] * 3, ("openvino", 1): [0.5] * 3},
+                                                       {("torch", 1): [6.0] * 3, ("openvino", 1): [3.0] * 3},
+                                                       ["torch", "openvino"], [1], "torch")]
+    entries = [{"name": name, "status": "ok", "reason": None, "time_to_first_image_s": 1.0, "peak_rss_mib": 100.0,
+                "unet_relative_error": 0.0} for name in ("torch", "torch.compile", "openvino")]
+    report = {"results": rows, "engines": entries, "settings": {"batch_sizes": [1]},
+              "grouping": {"groups": [["torch", "torch.compile"], ["torch", "openvino"]]}}
+    notes = _notes(report)
+    # openvino is 4x its eager, torch.compile 1.25x its own: 3.2x, where the raw medians would say 1.6x
+    assert ("batch 1: fastest is openvino at 4.00× eager PyTorch's UNet steps/s (round by round 4.00-4.00×), "
+            "3.20× torch.compile") in notes
+    assert "batch 1: our fastest engine, openvino, makes 3.20× the UNet steps/s of the fastest peer, torch.compile" \
+        in notes
+    assert notes[0].startswith("to fit the memory budget the engines ran in 2 groups (torch, torch.compile; torch, "
+                               "openvino)")
+    table = format_table(report)
+    assert "| engine | group | batch |" in table and "| torch | 2 | 1 | 0.5 ±0% | 1.00× |" in table
 
 
 # --- a Stable Diffusion checkpoint (ldm-import): diffusers' whole pipeline is timed beside ours --------------------

@@ -16,7 +16,9 @@ from ldm_tools.evaluate import (
     DEFAULT_CLASSIFIER, adherence, background_stated, frechet_distance, main, reconstruction_psnr, score_samples,
     stated_sizes,
 )
-from ldm_train.data.shapes import COLORS, MIN_CONTRAST, PALETTE, ShapeObject, ShapesDataset, ShapesLabels, color_distance
+from ldm_train.data.shapes import (
+    COLORS, MIN_CONTRAST, PALETTE, ShapeObject, ShapesDataset, ShapesLabels, color_distance,
+)
 
 needs_classifier = pytest.mark.skipif(not (DEFAULT_CLASSIFIER / "classifier.json").is_file(),
                                       reason="models/shapes-classifier is not in this tree")
@@ -278,6 +280,30 @@ def test_the_guidance_interval_reaches_every_request_and_the_report(stand_in_mod
                  "--guidance-interval", "0.5,8"]) == 0
     assert {r.guidance_interval for batch in calls for r in batch} == {(0.5, 8.0)}
     assert json.loads(report_path.read_text())["settings"]["guidance_interval"] == [0.5, 8.0]
+
+
+@needs_classifier
+def test_the_cache_settings_reach_every_request_and_the_report(stand_in_model, tmp_path):
+    model, calls = stand_in_model
+    report_path = tmp_path / "eval.json"
+    assert main(["--model", str(model), "--json", str(report_path), "--num-prompts", "6", "--data-seed", "7",
+                 "--cache-interval", "3", "--cache-schedule", "quadratic"]) == 0
+    assert {(r.cache_interval, r.cache_schedule) for batch in calls for r in batch} == {(3, "quadratic")}
+    settings = json.loads(report_path.read_text())["settings"]
+    assert (settings["cache_interval"], settings["cache_schedule"]) == (3, "quadratic")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--cache-interval", "0"], "--cache-interval is 0; expected a positive integer"),
+    (["--cache-schedule", "cubic"], "argument --cache-schedule: invalid choice: 'cubic'"),
+])
+def test_bad_cache_settings_are_one_line_before_any_work(extra, message, stand_in_model, tmp_path, capsys,
+                                                         monkeypatch):
+    model, calls = stand_in_model
+    monkeypatch.setattr(ldm_tools.evaluate, "load_engine", lambda *args, **kwargs: pytest.fail("the model was loaded"))
+    assert main(["--model", str(model), "--json", str(tmp_path / "eval.json"), *extra]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"ldm-eval: error: {message}") and error.count("\n") == 1, error
 
 
 def test_importing_the_evaluator_does_not_import_torch():

@@ -1,0 +1,245 @@
+"""ldm-eval frontier: the Pareto front and the bar as pure functions, the configuration and bar syntax (good and
+bad), and whole runs on the tiny random checkpoint: the report's fields, the reference distance against latents
+sampled here, refused configurations reported as skipped, and bad flags as one line before any work."""
+
+import json
+
+import numpy as np
+import pytest
+
+from ldm_runtime.engines import load_engine
+from ldm_runtime.pipeline import Pipeline
+from ldm_tools import evaluate
+from ldm_tools.frontier import (
+    CONFIG_SYNTAX, EVERY_NOISE_LEVEL, FrontierError, SamplingConfig, main, meets_bar, parse_bar, parse_config,
+    pareto_front, summarize,
+)
+from tests.ldm_export.tiny_checkpoint import shared_tiny_checkpoint
+
+
+def brute_force_front(speeds, qualities):
+    """The definition, checked point by point against every other point."""
+    front = []
+    for i, (speed, quality) in enumerate(zip(speeds, qualities)):
+        mine = (speed, *quality)
+        if not any(all(a >= b for a, b in zip(other, mine)) and any(a > b for a, b in zip(other, mine))
+                   for other in ((s, *q) for s, q in zip(speeds, qualities))):
+            front.append(i)
+    return front
+
+
+@pytest.mark.parametrize("dimensions", [1, 2])
+def test_pareto_front_keeps_exactly_the_points_no_other_beats_fastest_first(rng, dimensions):
+    for _ in range(20):
+        count = int(rng.integers(1, 30))
+        # a coarse grid, so that ties in speed or quality and equal points happen
+        speeds = rng.integers(0, 6, size=count).astype(float)
+        qualities = rng.integers(0, 6, size=(count, dimensions)).astype(float)
+        front = pareto_front(list(speeds), qualities.tolist())
+        assert sorted(front) == brute_force_front(speeds, qualities.tolist())
+        assert [speeds[i] for i in front] == sorted((speeds[i] for i in front), reverse=True)
+
+
+def test_pareto_front_of_a_hand_made_set():
+    # (images/s, -latent RMS): C is slower and worse than B; D and E are equal and both kept
+    speeds = [1.0, 2.0, 1.5, 3.0, 3.0]
+    qualities = [[-0.1], [-0.2], [-0.3], [-0.5], [-0.5]]
+    assert pareto_front(speeds, qualities) == [3, 4, 1, 0]
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("torch/fp32/euler:6", SamplingConfig("torch", "fp32", "euler", 6)),
+    ("onnxruntime/fp32/ddim:10/cache=2/gi=0.5-8",
+     SamplingConfig("onnxruntime", "fp32", "ddim", 10, 2, "uniform", (0.5, 8.0))),
+    ("openvino/bf16/dpmpp-2m:12/gi=0-10/cache=3:quadratic",
+     SamplingConfig("openvino", "bf16", "dpmpp-2m", 12, 3, "quadratic", (0.0, 10.0))),
+    ("torch/bf16/ddim:25/cache=1:quadratic", SamplingConfig("torch", "bf16", "ddim", 25)),
+])
+def test_good_configurations_parse_and_their_names_read_back_the_same(text, expected):
+    config = parse_config(text)
+    assert config == expected
+    assert parse_config(config.name) == config
+    request = config.request("a red circle", 7, 5.0)
+    assert (request.sampler, request.steps, request.cache_interval, request.cache_schedule) == (
+        expected.sampler, expected.steps, expected.cache_interval, expected.cache_schedule)
+    assert request.guidance_interval == (expected.guidance_interval or EVERY_NOISE_LEVEL)
+
+
+@pytest.mark.parametrize("text, why", [
+    ("euler:6", "has fewer than three parts"),
+    ("torchy/fp32/euler:6", "names engine 'torchy'"),
+    ("openvino/fp16/euler:6", "names precision 'fp16', which the openvino engine does not have"),
+    ("torch/fp32/heun:6", "names sampler 'heun'"),
+    ("torch/fp32/euler", "has steps '', not a positive integer"),
+    ("torch/fp32/euler:0", "has steps '0'"),
+    ("torch/fp32/euler:6/cache=0", "has cache interval '0'"),
+    ("torch/fp32/euler:6/cache=2:cubic", "has cache schedule 'cubic'"),
+    ("torch/fp32/euler:6/gi=8-0.5", "has guidance interval '8-0.5'"),
+    ("torch/fp32/euler:6/gi=nan-1", "has guidance interval 'nan-1'"),
+    ("torch/fp32/euler:6/eta=1", "has option 'eta=1'"),
+    ("torch/fp32/euler:6/gi=0-1/gi=0-2", "gives gi= twice"),
+])
+def test_bad_configurations_are_one_sentence_naming_them(text, why):
+    with pytest.raises(FrontierError) as error:
+        parse_config(text)
+    message = str(error.value)
+    assert message.startswith(f"configuration {text!r} {why}") and message.endswith(f"; expected {CONFIG_SYNTAX}")
+    assert "\n" not in message
+
+
+def test_bar_terms_parse_and_bad_ones_are_refused():
+    assert parse_bar("adherence-drop=0.02,fid-ratio=1.05") == {"adherence-drop": 0.02, "fid-ratio": 1.05}
+    assert parse_bar("latent-rms=0.1, psnr-db=30") == {"latent-rms": 0.1, "psnr-db": 30.0}
+    for text in ("fid=1.05", "latent-rms", "latent-rms=x", "psnr-db=inf", "latent-rms=1,latent-rms=2",
+                 "adherence-drop=-0.1", "fid-ratio=0"):
+        with pytest.raises(FrontierError, match="^--bar term "):
+            parse_bar(text)
+
+
+def measured(name: str, images_per_s: float, shape: float = 0.9, fid: float = 240.0, rms: float = 0.1) -> dict:
+    config = parse_config(name)
+    return {**config.to_dict(), "engine_key": config.engine_key, "sampler_alone": config.sampler_alone,
+            "status": "ok", "images_per_s": images_per_s, "adherence": {"shape": shape, "color": 0.99, "all": shape},
+            "fid_in_domain": fid, "latent_rms": rms, "image_psnr_db": 30.0}
+
+
+def test_meets_bar_applies_every_term_against_the_baseline():
+    baseline = measured("torch/fp32/ddim:25", 1.0, shape=0.92, fid=240.0)
+    bar = {"adherence-drop": 0.02, "fid-ratio": 1.05}
+    assert meets_bar(measured("torch/fp32/euler:6", 3.0, shape=0.90, fid=252.0), baseline, bar)
+    assert not meets_bar(measured("torch/fp32/euler:5", 3.0, shape=0.899, fid=240.0), baseline, bar)
+    assert not meets_bar(measured("torch/fp32/euler:5", 3.0, shape=0.92, fid=252.1), baseline, bar)
+    assert not meets_bar(measured("torch/fp32/euler:5", 3.0), {**baseline, "status": "skipped"}, bar)
+    assert meets_bar(measured("torch/fp32/euler:5", 3.0, rms=0.2), None, {"latent-rms": 0.2})
+    assert not meets_bar(measured("torch/fp32/euler:5", 3.0, rms=0.21), None, {"latent-rms": 0.2})
+    nan_baseline = {**baseline, "adherence": {**baseline["adherence"], "color": float("nan")}}
+    assert meets_bar(measured("torch/fp32/euler:6", 3.0, shape=0.90), nan_baseline, bar)
+
+
+def test_summary_names_the_fastest_within_the_bar_per_engine_beside_ddim_and_the_sampler_alone():
+    results = [measured("onnxruntime/fp32/ddim:25", 1.0, shape=0.92, rms=0.01),
+               measured("onnxruntime/fp32/ddim:10", 2.0, shape=0.91, rms=0.05),
+               measured("onnxruntime/fp32/euler:6", 3.0, shape=0.91, rms=0.08),
+               measured("onnxruntime/fp32/euler:6/cache=2", 4.5, shape=0.905, rms=0.09),
+               measured("onnxruntime/fp32/euler:4", 6.0, shape=0.5, rms=0.3),
+               measured("torch/fp32/euler:6", 1.2, shape=0.91, rms=0.08),
+               {**parse_config("openvino/bf16/euler:6").to_dict(), "engine_key": "openvino/bf16", "status": "skipped",
+                "reason": "no bf16 here", "sampler_alone": True}]
+    summary = summarize(results, "onnxruntime/fp32/ddim:25", {"adherence-drop": 0.02})
+    assert summary["fastest_within_bar"] == "onnxruntime/fp32/euler:6/cache=2"
+    assert summary["speedup_over_baseline"] == 4.5
+    group = summary["by_engine"]["onnxruntime/fp32"]
+    assert (group["fastest_ddim"], group["speedup_over_fastest_ddim"]) == ("onnxruntime/fp32/ddim:10", 2.25)
+    assert (group["fastest_sampler_alone"], group["speedup_over_sampler_alone"]) == ("onnxruntime/fp32/euler:6", 1.5)
+    assert summary["by_engine"]["torch/fp32"]["fastest"] == "torch/fp32/euler:6"
+    assert "openvino/bf16" not in summary["by_engine"]
+    assert summary["frontier"]["latent_rms"] == ["onnxruntime/fp32/euler:4", "onnxruntime/fp32/euler:6/cache=2",
+                                                 "onnxruntime/fp32/euler:6", "onnxruntime/fp32/ddim:10",
+                                                 "onnxruntime/fp32/ddim:25"]
+    assert [r["meets_bar"] for r in results[:6]] == [True, True, True, True, False, True]
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    return shared_tiny_checkpoint(tmp_path_factory)
+
+
+def final_latents(engine, config: SamplingConfig, seeds: list[int], captions: list[str]) -> np.ndarray:
+    """Sampled here with the pipeline's own loop: (N, C, h, w) float64 latents as the UNet sees them."""
+    pipeline = Pipeline(engine)
+    states = pipeline.start([config.request(caption, seed, 5.0) for caption, seed in zip(captions, seeds)])
+    while not all(state.done for state in states):
+        states = pipeline.advance(states)
+    return np.concatenate([engine.to_host(state.latents) for state in states]).astype(np.float64)
+
+
+def test_a_run_on_the_tiny_checkpoint_reports_speed_and_the_reference_distance(tiny_checkpoint, tmp_path, capsys,
+                                                                               seed):
+    report_path, plot_path = tmp_path / "frontier.json", tmp_path / "frontier.png"
+    first_seed = seed % 1000
+    configs = ["torch/fp32/ddim:3", "torch/fp32/euler:2/gi=0.5-20", "torch/fp32/ddim:6", "torch/fp32/ddim:5000",
+               "torch/fp32/ddim:4/cache=2"]
+    assert main(["--model", str(tiny_checkpoint), "--configs", *configs, "--reference-steps", "6", "--num-prompts", "3",
+                 "--seed", str(first_seed), "--batch-size", "2", "--repeats", "2", "--speed-images", "2", "--bar",
+                 "latent-rms=1e9", "--json", str(report_path), "--plot", str(plot_path), "--threads", "1"]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["settings"]["judge"] == "none" and report["settings"]["reference"] == "torch/fp32/ddim:6"
+    assert report["machine"]["cpu"] and report["settings"]["seeds"] == f"{first_seed}..{first_seed + 2}"
+    results = {result["config"]: result for result in report["results"]}
+    assert list(results) == configs
+    refused = results["torch/fp32/ddim:5000"]
+    assert refused["status"] == "skipped" and "steps is 5000" in refused["reason"]
+    done = [result for result in results.values() if result["status"] == "ok"]
+    assert len(done) == 4
+    for result in done:
+        assert result["images_per_s"] > 0 and len(result["images_per_s_rounds"]) == 2
+        assert "adherence" not in result and set(result["on_frontier"]) <= {"latent_rms", "image_psnr_db"}
+    # the configuration that is the reference lands on it exactly; the others are measured against it
+    assert results["torch/fp32/ddim:6"]["latent_rms"] == 0 and results["torch/fp32/ddim:6"]["image_psnr_db"] == 100
+    captions, _ = evaluate.heldout_prompts(3, 16, 0)
+    seeds = [first_seed + index for index in range(3)]
+    engine = load_engine(tiny_checkpoint, engine="torch")
+    reference = final_latents(engine, parse_config("torch/fp32/ddim:6"), seeds, captions)
+    for name in ("torch/fp32/ddim:3", "torch/fp32/euler:2/gi=0.5-20"):
+        expected = np.sqrt(np.mean((final_latents(engine, parse_config(name), seeds, captions) - reference) ** 2))
+        assert expected > 0 and results[name]["latent_rms"] == pytest.approx(expected, rel=1e-4)
+    assert results["torch/fp32/ddim:3"]["whole_unet_rows_per_image"] == 6
+    assert results["torch/fp32/euler:2/gi=0.5-20"]["whole_unet_rows_per_image"] == 3  # one call guided, one not
+    cached = results["torch/fp32/ddim:4/cache=2"]
+    assert (cached["whole_unet_rows_per_image"], cached["shallow_unet_rows_per_image"]) == (4, 4)
+    fastest = max(done, key=lambda result: result["images_per_s"])
+    assert report["summary"]["fastest_within_bar"] == fastest["config"] and all(r["meets_bar"] for r in done)
+    assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    output = capsys.readouterr().out
+    assert "| torch/fp32/ddim:3 |" in output and "skipped torch/fp32/ddim:5000: " in output
+
+
+def test_a_cache_interval_the_engine_cannot_serve_is_skipped_with_the_reason(tiny_checkpoint, tmp_path, monkeypatch):
+    import ldm_tools.frontier
+
+    def without_deep_cache(*args, **kwargs):
+        engine = load_engine(*args, **kwargs)
+        engine.deep_cache = False
+        return engine
+
+    monkeypatch.setattr(ldm_tools.frontier, "load_engine", without_deep_cache)
+    report_path = tmp_path / "frontier.json"
+    assert main(["--model", str(tiny_checkpoint), "--configs", "torch/fp32/ddim:2", "torch/fp32/ddim:4/cache=2",
+                 "--reference-steps", "0", "--num-prompts", "2", "--repeats", "1", "--json", str(report_path)]) == 0
+    results = json.loads(report_path.read_text())["results"]
+    assert results[0]["status"] == "ok" and "latent_rms" not in results[0]
+    assert results[1]["status"] == "skipped" and "cache_interval is 2" in results[1]["reason"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--configs", "onnxruntime/fp32/ddim:4"], "configuration onnxruntime/fp32/ddim:4 runs on onnxruntime at fp32, "
+                                               "which needs an engine dir exported at fp32 among --model"),
+    (["--configs", "torch/fp32/ddim:4", "--bar", "fid-ratio=1.05"], "--bar fid-ratio has terms relative to a "
+                                                                    "baseline; expected --baseline CONFIG too"),
+    (["--configs", "torch/fp32/ddim:4", "--bar", "latent-rms=0.1", "--reference-steps", "0"],
+     "--bar with latent-rms or psnr-db needs the reference run"),
+    (["--configs", "torch/fp32/ddim:4", "--reference-sampler", "euler-a"],
+     "--reference-sampler is 'euler-a'; expected a deterministic sampler"),
+    (["--configs", "torch/fp32/ddim:4", "torch/fp32/ddim:4"], "--configs names torch/fp32/ddim:4 twice"),
+    (["--configs", "torch/fp32/ddim:4/cach=2"], "configuration 'torch/fp32/ddim:4/cach=2' has option 'cach=2'"),
+    (["--configs", "torch/fp32/ddim:4", "--repeats", "0"], "--repeats is 0; expected a positive integer"),
+    (["--configs", "torch/fp32/ddim:4", "--judge", "shapes"], "--judge shapes judges 32 px images"),
+])
+def test_bad_flags_are_one_line_and_exit_2_before_any_sampling(flags, message, tiny_checkpoint, tmp_path, capsys,
+                                                             monkeypatch):
+    import ldm_tools.frontier
+
+    monkeypatch.setattr(ldm_tools.frontier, "sample", lambda *args, **kwargs: pytest.fail("something was sampled"))
+    report_path = tmp_path / "frontier.json"
+    assert main(["--model", str(tiny_checkpoint), "--json", str(report_path), *flags]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"ldm-eval frontier: error: {message}"), error
+    assert error.count("\n") == 1 and not report_path.exists()
+
+
+def test_ldm_eval_runs_the_frontier_as_its_subcommand(monkeypatch):
+    import ldm_tools.frontier
+
+    seen = []
+    monkeypatch.setattr(ldm_tools.frontier, "main", lambda argv: seen.append(argv) or 0)
+    assert evaluate.main(["frontier", "--model", "m"]) == 0 and seen == [["--model", "m"]]
