@@ -24,8 +24,9 @@ in turn), with the images/s of each against the one process:
 ``--curve 0.25,0.5,0.8,1,1.25,1.5`` instead draws load curves, as the serving benchmarks of vLLM and SGLang do: it
 starts ``ldm-serve`` once per batching mode with a bounded queue (``--curve-queue``), measures each mode's capacity
 (completed requests/s of ``--capacity-clients`` closed-loop clients for ``--capacity-seconds``, after as long as
-``--warm-up-seconds`` of the same, not counted) and takes the highest as the server's capacity, then offers each mode the same open-loop Poisson arrivals at each multiple of it
-for ``--seconds``, the modes taking turns at each load. Requests mix ``--mix-steps`` step counts, ``--mix-sizes``
+``--warm-up-seconds`` of the same, not counted) and takes the highest as the server's capacity (or takes
+``--capacity``), then offers each mode the same open-loop Poisson arrivals at each multiple of it for
+``--seconds``, the modes taking turns at each load. Requests mix ``--mix-steps`` step counts, ``--mix-sizes``
 image sides and guidance on (``--guidance``) or off (1), drawn per request. Per mode and load it records completed
 requests/s (answered 200 over the time from the first arrival to the last answer), p50/p90/p99 latency (the
 client's, request to answer) split into queue wait and service (the server's ``timings``: arrival to start, start

@@ -27,8 +27,8 @@ from ldm_runtime.schedulers import SAMPLER_NAMES
 from ldm_serve.batcher import Batcher
 from ldm_serve.browser import (LOOPBACK_HOSTS, HostCheckMiddleware, JsonCorsMiddleware, SecurityHeadersMiddleware,
                                cors_options, page_policy)
-from ldm_serve.errors import (ERROR_CONTENT, ERROR_SCHEMA, OPENAI_ERROR_CONTENT, OPENAI_ERROR_SCHEMA, OPENAI_IMAGES_PATH,
-                              add_error_handlers)
+from ldm_serve.errors import (ERROR_CONTENT, ERROR_SCHEMA, OPENAI_ERROR_CONTENT, OPENAI_ERROR_SCHEMA,
+                              OPENAI_IMAGES_PATH, add_error_handlers)
 from ldm_serve.metrics import ServeMetrics
 from ldm_serve.middleware import HEALTH_PATHS, PAGE_PATH, ApiKeyMiddleware, BodyLimitMiddleware, ErrorSafetyMiddleware
 from ldm_serve.request_schema import ServeLimits

@@ -423,10 +423,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["frontier"]:
-        from ldm_tools.frontier import main as frontier_main
-
-        return frontier_main(argv[1:])
     try:
         settings = EvalSettings(**vars(build_parser().parse_args(argv)))
         report = evaluate(settings)

@@ -613,7 +613,8 @@ def test_openapi_schema_documents_every_field_with_its_limits(server):
     assert set(fields) == {"prompt", "negative_prompt", "n", "sampler", "steps", "guidance_scale",
                            "guidance_interval", "cache_interval", "cache_schedule", "eta", "seed", "height", "width",
                            "stream", "previews"}
-    assert (fields["stream"]["default"], fields["previews"]["default"], fields["previews"]["maximum"]) == (False, 0, 999)
+    assert (fields["stream"]["default"], fields["previews"]["default"]) == (False, 0)
+    assert fields["previews"]["maximum"] == 999  # --max-steps: at most one preview a step
     interval = fields["guidance_interval"]["anyOf"][0]
     assert (interval["minItems"], interval["maxItems"], interval["items"]["minimum"]) == (2, 2, 0)
     assert fields["guidance_interval"]["default"] is None

@@ -2,8 +2,8 @@
 ``ldm-serve`` (``base_url``, ``api_key``): the images are those ``/v1/images`` makes for the same request and seed,
 streamed or not (``stream=True``: partial images, then the completed images, as the client's own event types),
 errors come back in OpenAI's error shape (so the client raises its own exception classes with ``param`` and
-``code``, a cancelled stream too), and the route shares ``/v1/images``' limits, key, queue and metrics. As in test_serve.py, the step gate
-and ``/metrics`` decide when work is queued, never a sleep."""
+``code``, a cancelled stream too), and the route shares ``/v1/images``' limits, key, queue and metrics. As in
+test_serve.py, the step gate and ``/metrics`` decide when work is queued, never a sleep."""
 
 from __future__ import annotations
 

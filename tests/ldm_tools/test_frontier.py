@@ -90,8 +90,9 @@ def test_bad_configurations_are_one_sentence_naming_them(text, why):
 def test_bar_terms_parse_and_bad_ones_are_refused():
     assert parse_bar("adherence-drop=0.02,fid-ratio=1.05") == {"adherence-drop": 0.02, "fid-ratio": 1.05}
     assert parse_bar("latent-rms=0.1, psnr-db=30") == {"latent-rms": 0.1, "psnr-db": 30.0}
+    assert parse_bar("latent-rms-ratio=1.5") == {"latent-rms-ratio": 1.5}
     for text in ("fid=1.05", "latent-rms", "latent-rms=x", "psnr-db=inf", "latent-rms=1,latent-rms=2",
-                 "adherence-drop=-0.1", "fid-ratio=0"):
+                 "adherence-drop=-0.1", "fid-ratio=0", "latent-rms-ratio=0"):
         with pytest.raises(FrontierError, match="^--bar term "):
             parse_bar(text)
 
@@ -112,6 +113,9 @@ def test_meets_bar_applies_every_term_against_the_baseline():
     assert not meets_bar(measured("torch/fp32/euler:5", 3.0), {**baseline, "status": "skipped"}, bar)
     assert meets_bar(measured("torch/fp32/euler:5", 3.0, rms=0.2), None, {"latent-rms": 0.2})
     assert not meets_bar(measured("torch/fp32/euler:5", 3.0, rms=0.21), None, {"latent-rms": 0.2})
+    assert meets_bar(measured("torch/fp32/euler:5", 3.0, rms=0.2), baseline, {"latent-rms-ratio": 2})
+    assert not meets_bar(measured("torch/fp32/euler:5", 3.0, rms=0.21), baseline, {"latent-rms-ratio": 2})
+    assert not meets_bar(measured("torch/fp32/euler:5", 3.0, rms=0.01), None, {"latent-rms-ratio": 2})
     nan_baseline = {**baseline, "adherence": {**baseline["adherence"], "color": float("nan")}}
     assert meets_bar(measured("torch/fp32/euler:6", 3.0, shape=0.90), nan_baseline, bar)
 
@@ -217,7 +221,7 @@ def test_a_cache_interval_the_engine_cannot_serve_is_skipped_with_the_reason(tin
     (["--configs", "torch/fp32/ddim:4", "--bar", "fid-ratio=1.05"], "--bar fid-ratio has terms relative to a "
                                                                     "baseline; expected --baseline CONFIG too"),
     (["--configs", "torch/fp32/ddim:4", "--bar", "latent-rms=0.1", "--reference-steps", "0"],
-     "--bar with latent-rms or psnr-db needs the reference run"),
+     "--bar with latent-rms, latent-rms-ratio or psnr-db needs the reference run"),
     (["--configs", "torch/fp32/ddim:4", "--reference-sampler", "euler-a"],
      "--reference-sampler is 'euler-a'; expected a deterministic sampler"),
     (["--configs", "torch/fp32/ddim:4", "torch/fp32/ddim:4"], "--configs names torch/fp32/ddim:4 twice"),
@@ -242,4 +246,9 @@ def test_ldm_eval_runs_the_frontier_as_its_subcommand(monkeypatch):
 
     seen = []
     monkeypatch.setattr(ldm_tools.frontier, "main", lambda argv: seen.append(argv) or 0)
-    assert evaluate.main(["frontier", "--model", "m"]) == 0 and seen == [["--model", "m"]]
+    from ldm_tools import eval_command
+
+    assert eval_command.main(["frontier", "--model", "m"]) == 0 and seen == [["--model", "m"]]
+    called = []
+    monkeypatch.setattr(evaluate, "main", lambda argv: called.append(argv) or 0)
+    assert eval_command.main(["--model", "m"]) == 0 and called == [["--model", "m"]]
