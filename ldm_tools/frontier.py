@@ -29,8 +29,8 @@ drift in the machine's load falls on all of them alike.
 
 The frontier of a quality metric is the configurations no other beats on both images/s and that metric. The bar
 (``--bar``) holds terms relative to ``--baseline`` (``adherence-drop``: every attribute's adherence at most this
-below the baseline's; ``fid-ratio``: FID at most this times the baseline's) and absolute ones (``latent-rms``: at
-most; ``psnr-db``: at least); the fastest configuration that meets every term is named, overall and per engine,
+below the baseline's; ``fid-ratio``: FID at most this times the baseline's; ``latent-rms-ratio``: latent RMS at most
+this times the baseline's) and absolute ones (``latent-rms``: at most; ``psnr-db``: at least); the fastest configuration that meets every term is named, overall and per engine,
 beside the fastest DDIM and the fastest without cache or guidance interval. A configuration its engine refuses
 (one that cannot load here, a cache interval on an engine without feature caching) is reported as skipped, with
 the reason.
@@ -80,9 +80,11 @@ ENGINE_PRECISIONS = {"torch": ("fp32", "bf16", "fp16"), "triton": ("fp16", "bf16
 CHECKPOINT_ENGINES = ("torch", "triton")
 DETERMINISTIC_SAMPLERS = ("ddim", "euler", "dpmpp-2m", "dpmpp-2m-karras", "unipc", "unipc-3", "plms")
 CONFIG_SYNTAX = "ENGINE/PRECISION/SAMPLER:STEPS[/cache=N[:SCHEDULE]][/gi=LOW-HIGH]"
-BAR_TERMS = ("adherence-drop", "fid-ratio", "latent-rms", "psnr-db")
-JUDGE_TERMS = ("adherence-drop", "fid-ratio")  # the shapes judge's, relative to --baseline
-REFERENCE_TERMS = ("latent-rms", "psnr-db")
+BAR_TERMS = ("adherence-drop", "fid-ratio", "latent-rms", "latent-rms-ratio", "psnr-db")
+RELATIVE_TERMS = ("adherence-drop", "fid-ratio", "latent-rms-ratio")  # against --baseline's values
+RATIO_TERMS = ("fid-ratio", "latent-rms-ratio")
+JUDGE_TERMS = ("adherence-drop", "fid-ratio")  # the shapes judge's
+REFERENCE_TERMS = ("latent-rms", "latent-rms-ratio", "psnr-db")
 # quality metrics: (label, +1 where higher is better, -1 where lower is)
 METRICS = {"adherence": ("adherence, every attribute", 1), "fid_in_domain": ("in-domain FID", -1),
            "latent_rms": ("RMS of final latents against the reference", -1),
@@ -204,9 +206,9 @@ def parse_bar(text: str) -> dict[str, float]:
         if key not in BAR_TERMS or not math.isfinite(number) or key in bar:
             raise FrontierError(f"--bar term {term.strip()!r} is not one of {', '.join(BAR_TERMS)} given once as "
                                 f"NAME=NUMBER")
-        if number < 0 or (key == "fid-ratio" and number == 0):
-            raise FrontierError(f"--bar term {term.strip()!r} is negative{' or zero' if key == 'fid-ratio' else ''}; "
-                                f"expected a {'positive' if key == 'fid-ratio' else 'non-negative'} number")
+        if number < 0 or (key in RATIO_TERMS and number == 0):
+            raise FrontierError(f"--bar term {term.strip()!r} is negative{' or zero' if key in RATIO_TERMS else ''}; "
+                                f"expected a {'positive' if key in RATIO_TERMS else 'non-negative'} number")
         bar[key] = number
     return bar
 
@@ -237,7 +239,7 @@ def metric_value(result: dict[str, Any], metric: str) -> float | None:
 def meets_bar(result: dict[str, Any], baseline: dict[str, Any] | None, bar: dict[str, float]) -> bool:
     """Whether ``result`` meets every term of ``bar`` (``parse_bar``); relative terms read ``baseline``'s values
     (an attribute the baseline's prompts never state, NaN, is not judged)."""
-    if any(term in JUDGE_TERMS for term in bar) and (baseline is None or baseline.get("status") != "ok"):
+    if any(term in RELATIVE_TERMS for term in bar) and (baseline is None or baseline.get("status") != "ok"):
         return False
     if "adherence-drop" in bar:
         for attribute, floor in baseline["adherence"].items():
@@ -246,6 +248,8 @@ def meets_bar(result: dict[str, Any], baseline: dict[str, Any] | None, bar: dict
     if "fid-ratio" in bar and result["fid_in_domain"] > baseline["fid_in_domain"] * bar["fid-ratio"]:
         return False
     if "latent-rms" in bar and result["latent_rms"] > bar["latent-rms"]:
+        return False
+    if "latent-rms-ratio" in bar and result["latent_rms"] > baseline["latent_rms"] * bar["latent-rms-ratio"]:
         return False
     return not ("psnr-db" in bar and result["image_psnr_db"] < bar["psnr-db"])
 
@@ -443,15 +447,15 @@ class FrontierSettings:
         repeated = [config.name for index, config in enumerate(self.configs) if config in self.configs[:index]]
         if repeated:
             raise FrontierError(f"--configs names {repeated[0]} twice; expected each configuration once")
-        if any(term in JUDGE_TERMS for term in self.bar) and self.baseline is None:
+        if any(term in RELATIVE_TERMS for term in self.bar) and self.baseline is None:
             raise FrontierError(f"--bar {','.join(self.bar)} has terms relative to a baseline; expected --baseline "
                                 f"CONFIG too")
         if self.judge == "none" and any(term in JUDGE_TERMS for term in self.bar):
             raise FrontierError("--bar with adherence-drop or fid-ratio needs the shapes judge; expected --judge "
                                 "shapes or auto")
         if self.reference is None and any(term in REFERENCE_TERMS for term in self.bar):
-            raise FrontierError("--bar with latent-rms or psnr-db needs the reference run; expected --reference-steps "
-                                "above 0")
+            raise FrontierError("--bar with latent-rms, latent-rms-ratio or psnr-db needs the reference run; expected "
+                                "--reference-steps above 0")
         check_writable_file("--json", Path(self.json))
         if self.plot is not None:
             check_writable_file("--plot", Path(self.plot))
@@ -676,7 +680,8 @@ def format_report(report: dict[str, Any]) -> str:
     header = ["configuration", "UNet rows / image (whole + shallow)", "images/s (spread)"]
     header += ["shape / colour / all", "FID"] if judged else []
     header += ["latent RMS", "PSNR (dB)"] if referenced else []
-    header += ["frontier", "meets the bar"]
+    header += ["frontier"] if summary["frontier"] else []
+    header += ["meets the bar"] if summary["bar"] else []
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for result in results:
         if result["status"] != "ok":
@@ -689,7 +694,8 @@ def format_report(report: dict[str, Any]) -> str:
                     f"{result['fid_in_domain']:.1f}"]
         if referenced:
             row += [f"{result['latent_rms']:.4f}", f"{result['image_psnr_db']:.1f}"]
-        row += [", ".join(result.get("on_frontier", [])), "yes" if result.get("meets_bar") else ""]
+        row += [", ".join(result["on_frontier"])] if summary["frontier"] else []
+        row += ["yes" if result["meets_bar"] else ""] if summary["bar"] else []
         lines.append("| " + " | ".join(row) + " |")
     lines += [f"skipped {result['config']}: {result['reason']}" for result in results if result["status"] != "ok"]
     speeds = {result["config"]: result.get("images_per_s") for result in results}
@@ -736,11 +742,13 @@ def plot_frontier(report: dict[str, Any], path: Path) -> None:
     colours = {key: plt.get_cmap("tab10")(index % 10) for index, key in enumerate(groups)}
     markers = {(True, True): "o", (False, True): "s", (True, False): "^", (False, False): "D"}
     baseline = next((r for r in done if r["config"] == summary["baseline"]), None)
-    thresholds = {"adherence": baseline and "adherence-drop" in summary["bar"]
-                  and baseline["adherence"]["all"] - summary["bar"]["adherence-drop"],
-                  "fid_in_domain": baseline and "fid-ratio" in summary["bar"]
-                  and baseline["fid_in_domain"] * summary["bar"]["fid-ratio"],
-                  "latent_rms": summary["bar"].get("latent-rms")}
+    bar = summary["bar"]
+    rms_limits = [bar["latent-rms"]] if "latent-rms" in bar else []
+    rms_limits += [baseline["latent_rms"] * bar["latent-rms-ratio"]] if baseline and "latent-rms-ratio" in bar else []
+    thresholds = {"adherence": baseline and "adherence-drop" in bar and baseline["adherence"]["all"]
+                  - bar["adherence-drop"],
+                  "fid_in_domain": baseline and "fid-ratio" in bar and baseline["fid_in_domain"] * bar["fid-ratio"],
+                  "latent_rms": min(rms_limits, default=None)}
     for axes, metric in zip(axes_list[0], metrics):
         for result in done:
             kind = (result["cache_interval"] == 1, result["guidance_interval"] is None)
