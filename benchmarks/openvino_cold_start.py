@@ -3,7 +3,8 @@ precision, with the compile cache empty (cold) and filled (warm), beside onnxrun
 
     python -c "from ldm_tools.bench.sources import *; write_preset_checkpoint('sd15', 16, 'sd15-ckpt'); \\
         export_onnxruntime_engine('sd15-ckpt', 'sd15-engine', 16, 128, 128)"
-    mkdir /tmp/before && git archive BASE | tar -x -C /tmp/before      # the code to compare with
+    mkdir /tmp/before && cp -r ldm_* benchmarks /tmp/before/     # the code to compare with: this tree, with
+    git show BASE:ldm_runtime/engines/openvino_engine.py > /tmp/before/ldm_runtime/engines/openvino_engine.py
     OMP_NUM_THREADS=1 python benchmarks/openvino_cold_start.py sd15-engine --threads 1 --precisions fp32,bf16 \\
         --rounds 2 --label after --compare before=/tmp/before \\
         --json benchmarks/results/cpu-openvino-cold-start-sd15.json
@@ -243,8 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3, help="repeats of each --cache-probe stage")
     parser.add_argument("--label", default="this tree", help="the name of this tree's runs")
     parser.add_argument("--compare", default=None, metavar="LABEL=DIR",
-                        help="also make every first-image run with the code in DIR (such as `git archive` of an "
-                             "earlier commit, unpacked), round by round beside this tree's, named LABEL")
+                        help="also make every first-image run with the code in DIR (a copy of the packages with an "
+                             "earlier engine), round by round beside this tree's, named LABEL")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
     from ldm_tools.bench.cli import machine_info

@@ -628,7 +628,7 @@ def test_ldm_serve_says_what_precision_auto_took_once_its_flags_are_good(exporte
 
 
 def test_the_compile_cache_limit_lies_between_the_graphs_the_cache_measured_faster_and_slower_than_compiling():
-    rows = [row for name in ("cpu-openvino-cache-probe-demo.json", "cpu-openvino-cold-start-sd15.json")
+    rows = [row for name in ("cpu-openvino-cold-start-demo.json", "cpu-openvino-cold-start-sd15.json")
             for probe in json.loads((REPO / "benchmarks/results" / name).read_text())["cache_probe"].values()
             for row in probe["table"]]
     faster = [row["weights_mb"] for row in rows if row["read_check_import_s"] < row["compile_s"]]
