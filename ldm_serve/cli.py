@@ -171,11 +171,12 @@ def _serve_replicas(args: argparse.Namespace) -> int:
                          "'ldm-runtime[ray]'") from None
     from ldm_serve.replicas import serve_replicas  # imports ray, an optional extra
 
+    check_range("--port", args.port, 0, 65535)
+    if args.ray_address is None:  # in use: the only line, before the engine loads, not Ray's proxy failing later
+        bind_socket(args.host, args.port).close()
     _, batcher, api_key, description = build_app(args)  # the replicas load their own; this one is let go
     max_batch = batcher.config.max_batch
     del batcher
-    if args.ray_address is None:
-        bind_socket(args.host, args.port).close()  # in use: one line now, not Ray's proxy failing to start later
     return serve_replicas(args, api_key, description, max_batch, counts)
 
 

@@ -165,8 +165,13 @@ def _default_settings_text(request: GenerationRequest) -> str:
 def prepare_server(args: argparse.Namespace) -> tuple[DrainingServer, socket.socket]:
     """Check the flags, load the engine, bind the socket: everything that can fail with a user's error. Says on
     stderr where the server listens; ``server.run(sockets=[sock])`` then serves until SIGTERM or SIGINT."""
-    app, batcher, api_key, description = build_app(args)
-    sock = bind_socket(args.host, args.port)
+    check_range("--port", args.port, 0, 65535)
+    sock = bind_socket(args.host, args.port)  # a port in use is the only line, before the engine loads and speaks
+    try:
+        app, batcher, api_key, description = build_app(args)
+    except BaseException:
+        sock.close()
+        raise
     host, port = sock.getsockname()[:2]
     protocol = functools.partial(GuardedH11Protocol, header_timeout_s=args.header_timeout,
                                  body_timeout_s=args.body_timeout)
