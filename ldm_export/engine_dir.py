@@ -34,6 +34,7 @@ from ldm_export.tensorrt_build import build_plans, tensorrt_missing
 from ldm_export.validate import validate_engine
 from ldm_runtime.checkpoint import TOKENIZER_DIR, CheckpointNetworks
 from ldm_runtime.command_line import check_writable_folder
+from ldm_runtime.engines.torch_engine import TorchEngine
 from ldm_runtime.files import sha256_file
 from ldm_runtime.guidance import UNET_ROWS_PER_IMAGE
 from ldm_runtime.config import LARGEST_IMAGE_SIDE
@@ -48,6 +49,7 @@ from ldm_runtime.manifest import (
     load_manifest,
 )
 from ldm_runtime.folder_swap import replace_folder
+from ldm_runtime.previews import PREVIEW_FILE, LatentPreview, load_latent_preview, write_fitted_preview
 from ldm_runtime.staging import temporary_folder
 
 def default_backend() -> str:
@@ -161,6 +163,8 @@ def export_engine(checkpoint_dir: str | Path, out: str | Path, options: ExportOp
     check_out(out, options.force)
     started = time.perf_counter()
     modules = load_checkpoint_to_export(checkpoint_dir)
+    config = modules.config
+    stored_preview = load_latent_preview(modules.folder, config.autoencoder.latent_channels, config.autoencoder.factor)
     checkpoint_sha256, checkpoint_files = checkpoint_digest(modules.folder, modules.config)
     dims = resolve_dims(modules, options)
     specs = graph_specs(modules)
@@ -219,9 +223,19 @@ def export_engine(checkpoint_dir: str | Path, out: str | Path, options: ExportOp
         if options.backend == "tensorrt":
             manifest["tensorrt"] = build_plans(staging, manifest, log)
         _write_manifest(staging, manifest)
+        log(_write_preview(modules, stored_preview, staging))
         _move_into_place(staging, out, options.force)
     log(f"wrote {out} ({time.perf_counter() - started:.1f} s)")
     return out
+
+
+def _write_preview(modules: CheckpointNetworks, stored: LatentPreview | None, folder: Path) -> str:
+    """The checkpoint's latent preview map (``stored``, checked as the export began) copied into ``folder``, or one
+    fitted now on the eager model; returns a line saying which."""
+    if stored is None:
+        return write_fitted_preview(TorchEngine(modules, device="cpu"), folder)
+    shutil.copyfile(modules.folder / PREVIEW_FILE, folder / PREVIEW_FILE)
+    return f"copied {modules.folder / PREVIEW_FILE}"
 
 
 def _typical_latents(modules: CheckpointNetworks, dims: dict[str, DimRange]) -> torch.Tensor:

@@ -169,6 +169,22 @@ def load_latent_preview(folder: str | Path, latent_channels: int, factor: int) -
     return LatentPreview(weights=weights.astype(np.float32), factor=factor, source=f"the linear map in {path}")
 
 
+def write_fitted_preview(engine: Any, folder: str | Path) -> str:
+    """Fit ``engine``'s latent preview map and keep it as ``folder/PREVIEW_FILE`` when it explains at least
+    ``MIN_FIT_R2`` of the decoder's colours (a map there before is removed otherwise: servers then preview with the
+    decoder); returns a line saying which. What ldm-train and ldm-export do once a model's autoencoder is final, so
+    that a server starts without fitting. Runs on the engine."""
+    fitted, score = fit_latent_preview(engine)
+    path = Path(folder) / PREVIEW_FILE
+    if score >= MIN_FIT_R2:
+        save_latent_preview(folder, fitted)
+        return (f"wrote {PREVIEW_FILE} (a linear map from latents to RGB explaining R² {score:.2f} of the decoder's "
+                f"colours)")
+    path.unlink(missing_ok=True)
+    return (f"no {PREVIEW_FILE}: a linear map explains R² {score:.2f} of the decoder's colours, under "
+            f"{MIN_FIT_R2}; previews decode")
+
+
 def save_latent_preview(folder: str | Path, preview: LatentPreview) -> Path:
     """Write ``preview`` as ``folder/PREVIEW_FILE`` (whole or not at all); returns its path."""
     path = Path(folder) / PREVIEW_FILE

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,9 @@ from tqdm import tqdm
 
 from ldm_runtime.checkpoint import TEXT_ENCODER_DIR, load_model_config, load_state_dict_file, load_tensors
 from ldm_runtime.config import ConfigError, ModelConfig, preset
+from ldm_runtime.engines.torch_engine import TorchEngine
 from ldm_runtime.models import Autoencoder, TextEncoder, UNet
+from ldm_runtime.previews import write_fitted_preview
 from ldm_train.checkpoint import (
     load_train_state, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint, select_prefixed,
 )
@@ -183,6 +186,8 @@ def _train(settings: UNetSettings, config: ModelConfig, autoencoder_dir: Path, o
                 _save(out, settings, config, autoencoder, denoiser, ema, optimizer, done)
     finally:
         progress.close()
+    if process.is_main:  # the autoencoder is final: the previews' latent-to-RGB map, so servers start without fitting
+        print(f"ldm-train: {write_fitted_preview(TorchEngine(out, device=str(device)), out)}", file=sys.stderr)
     return out
 
 

@@ -13,7 +13,8 @@ import pytest
 from ldm_runtime.engines.base import EngineInfo
 from ldm_runtime.errors import ConfigError
 from ldm_runtime.previews import (PREVIEW_FILE, DecoderPreview, LatentPreview, fit_latent_preview,
-                                  load_latent_preview, preview_for, save_latent_preview, unit_scale)
+                                  load_latent_preview, preview_for, save_latent_preview, unit_scale,
+                                  write_fitted_preview)
 
 FACTOR = 2
 SCALE = 0.5
@@ -88,6 +89,17 @@ def test_where_no_linear_map_explains_the_decoder_the_previews_are_the_decoders(
     for image, one in zip(images, decoded):
         expected = np.round(np.clip((one + 1) * 127.5, 0, 255)).astype(np.uint8).transpose(1, 2, 0)
         np.testing.assert_array_equal(image, expected)
+
+
+def test_the_map_written_for_a_model_folder_is_the_fit_or_none_where_it_explains_too_little(tmp_path, rng):
+    weights = rng.normal(0, 0.4, size=(5, 3))
+    said = write_fitted_preview(PerPixelEngine(linear_decoder(weights)), tmp_path)
+    assert said.startswith(f"wrote {PREVIEW_FILE} (") and "R² 1.00" in said, said
+    np.testing.assert_allclose(load_latent_preview(tmp_path, 4, FACTOR).weights, weights, atol=1e-4)
+    said = write_fitted_preview(PerPixelEngine(lambda scaled: np.sin(40.0 * scaled[..., :3] * scaled[..., 3:])),
+                                tmp_path)  # the folder's decoder changed: the old map must not stay
+    assert said.startswith(f"no {PREVIEW_FILE}: ") and said.endswith("previews decode"), said
+    assert not (tmp_path / PREVIEW_FILE).exists()
 
 
 def test_a_stored_map_is_taken_before_any_fit_and_round_trips(tmp_path, rng):

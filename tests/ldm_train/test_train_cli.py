@@ -14,7 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 from ldm_runtime.checkpoint import load_model_config, load_state_dict_file
+from ldm_runtime.engines.torch_engine import TorchEngine
 from ldm_runtime.models import Autoencoder, UNet
+from ldm_runtime.previews import MIN_FIT_R2, PREVIEW_FILE, fit_latent_preview
 from ldm_train.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
@@ -47,9 +49,15 @@ def test_autoencoder_stage_writes_a_loadable_checkpoint(autoencoder_dir):
     assert any((autoencoder_dir / "samples").glob("*.png"))
 
 
-def test_unet_stage_writes_a_loadable_self_contained_checkpoint(autoencoder_dir, tmp_path):
+def test_unet_stage_writes_a_loadable_self_contained_checkpoint(autoencoder_dir, tmp_path, capsys):
     out = tmp_path / "ldm"
     assert main(["unet", *UNET_FLAGS, "--autoencoder", str(autoencoder_dir), "--out", str(out), "--steps", "3"]) == 0
+    said = capsys.readouterr().err  # the previews' map, fitted on the final autoencoder, or why there is none
+    _, score = fit_latent_preview(TorchEngine(out, device="cpu"))
+    if score >= MIN_FIT_R2:
+        assert f"ldm-train: wrote {PREVIEW_FILE}" in said and (out / PREVIEW_FILE).is_file()
+    else:
+        assert f"ldm-train: no {PREVIEW_FILE}" in said and not (out / PREVIEW_FILE).exists()
     config = load_model_config(out)
     assert config.latent_scale_factor == load_model_config(autoencoder_dir).latent_scale_factor
     assert config.unet.context_dim == 384  # MiniLM's width
