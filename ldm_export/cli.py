@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="do not compare the graphs with the eager model (the manifest records that)")
     parser.add_argument("--validation-seed", type=int, default=defaults.validation_seed,
                         help="seed of the validation inputs (default: a fresh one, recorded in the manifest)")
+    parser.add_argument("--lora-slots", type=int, default=defaults.lora_slots, metavar="RANK",
+                        help="give the UNet graphs per-row LoRA inputs of rank RANK, so that ldm-sample / ldm-serve "
+                             "--lora adapters apply per request (the summed ranks of one request's adapters; costs "
+                             "two thin matmuls per linear and 1x1 layer at every step; default: none)")
     parser.add_argument("--rebuild-plans", metavar="ENGINE_DIR", default=None,
                         help="rebuild the TensorRT plans of an existing engine dir from its ONNX graphs, on this GPU")
     return parser
@@ -102,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         options = ExportOptions(
             precision=args.engine, backend=args.backend, batch_range=args.batch_range,
             size_range=args.size_range, opset=args.opset, force=args.force, fp32_io=args.fp32_io,
-            skip_validation=args.skip_validation, validation_seed=args.validation_seed)
+            skip_validation=args.skip_validation, validation_seed=args.validation_seed, lora_slots=args.lora_slots)
         export_engine(args.checkpoint, args.out, options, log=_log, show_report=lambda table: print(table, flush=True))
     except ValidationFailedError as error:
         report_user_error(PROG, error)

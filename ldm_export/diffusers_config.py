@@ -74,9 +74,6 @@ def unet_from_diffusers(config: dict[str, Any], where: Path) -> UNetConfig:
     if config.get("addition_embed_type") == "text_time":
         raise ImportRefusedError(f"{where} is an SDXL UNet (addition_embed_type 'text_time'); ldm-import takes "
                                  f"Stable Diffusion 1.x/2.x")
-    if config.get("in_channels") == 9:
-        raise ImportRefusedError(f"{where} is a 9-channel inpainting UNet; ldm-import takes text-to-image Stable "
-                                 f"Diffusion 1.x/2.x UNets (4 input channels)")
     if config.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
         raise ImportRefusedError(f"{where} describes a {config.get('_class_name')}; expected a UNet2DConditionModel")
     _check_defaults(config, UNET_DEFAULTS, "the UNet's", where)

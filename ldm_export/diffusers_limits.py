@@ -70,7 +70,7 @@ BLOCK_TYPES = Limit("text", items=MAX_LEVELS, single=False)
 LEVEL_CHANNELS = Limit("integer", 1, MAX_CHANNELS, items=MAX_LEVELS, single=False)
 LAYERS_PER_BLOCK = Limit("integer", 1, MAX_RES_BLOCKS)  # SD and SDXL: 2
 GROUPS = Limit("integer", 1, 128)  # SD: 32
-CHANNELS = Limit("integer", 1, 16)
+CHANNELS = Limit("integer", 1, 16)  # RGB: 3; SD's latents: 4; SD's inpainting UNets take 9
 
 UNET_LIMITS = {
     "_class_name": TEXT, "in_channels": CHANNELS, "out_channels": CHANNELS, "block_out_channels": LEVEL_CHANNELS,

@@ -27,11 +27,13 @@ from ldm_export.onnx_export import (
     export_all,
     export_dims,
     graph_specs,
+    lora_slots_record,
 )
 from ldm_export.options import DEFAULT_BATCH_RANGE, MAX_VALIDATION_SEED, ExportOptions
 from ldm_export.source import checkpoint_digest, load_checkpoint_to_export
 from ldm_export.tensorrt_build import build_plans, tensorrt_missing
 from ldm_export.validate import validate_engine
+from ldm_runtime.adapters import MAX_ADAPTER_RANK, MAX_REQUEST_ADAPTERS
 from ldm_runtime.checkpoint import TOKENIZER_DIR, CheckpointNetworks
 from ldm_runtime.command_line import check_writable_folder
 from ldm_runtime.engines.torch_engine import TorchEngine
@@ -82,6 +84,13 @@ def check_options(options: ExportOptions) -> None:
         smallest, largest = options.size_range
         raise ExportError(f"--size-range {smallest}:{largest} has MAX {largest}; expected at most {LARGEST_IMAGE_SIDE} "
                           f"pixels, the largest side an engine dir may hold")
+    slots = options.lora_slots
+    if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int)
+                              or not 1 <= slots <= MAX_ADAPTER_RANK * MAX_REQUEST_ADAPTERS):
+        raise ExportError(f"--lora-slots is {slots!r}; expected a rank from 1 to "
+                          f"{MAX_ADAPTER_RANK * MAX_REQUEST_ADAPTERS} (the summed ranks a request may name)")
+    if slots is not None and options.backend == "tensorrt":
+        raise ExportError("--lora-slots applies to --backend onnxruntime; expected no --lora-slots for tensorrt")
     seed = options.validation_seed
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
                              or not 0 <= seed <= MAX_VALIDATION_SEED):
@@ -167,7 +176,7 @@ def export_engine(checkpoint_dir: str | Path, out: str | Path, options: ExportOp
     stored_preview = load_latent_preview(modules.folder, config.autoencoder.latent_channels, config.autoencoder.factor)
     checkpoint_sha256, checkpoint_files = checkpoint_digest(modules.folder, modules.config)
     dims = resolve_dims(modules, options)
-    specs = graph_specs(modules)
+    specs = graph_specs(modules, options.lora_slots)
     precision_of = {name: options.precision for name in specs}
     notes: dict[str, dict] = {name: {} for name in specs}
     if options.precision == "fp16":
@@ -206,6 +215,8 @@ def export_engine(checkpoint_dir: str | Path, out: str | Path, options: ExportOp
             opset=written["unet"].opset, dims=dims, graphs=graphs,
             tokenizer_files=_copy_tokenizer(modules, staging), checkpoint_sha256=checkpoint_sha256,
             checkpoint_files=checkpoint_files, validation=None, tensorrt=None)
+        if options.lora_slots is not None:
+            manifest["lora_slots"] = lora_slots_record(modules, specs, options.lora_slots)
         _write_manifest(staging, manifest)
         load_manifest(staging)  # what the runtime will read must parse
 

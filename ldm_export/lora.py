@@ -15,7 +15,8 @@ Linear layers and convolutions are fused: down (rank, in) or (rank, in, kh, kw),
 a kh x kw down (LoCon) goes into a convolution of that kernel, a 1x1 one into a linear or 1x1 layer. Every key must be
 placed: another kind of adapter (DoRA, LoHa, LoKr, ...), a module the model lacks or a shape that does not fit it is
 an ``ImportRefusedError`` naming the key, found from the file's header (``untrusted_files``) before any tensor is
-read. Nothing is unpickled.
+read. Nothing is unpickled. The placement is the runtime's (``ldm_runtime.adapters``), which serves the same files
+per request without fusing them.
 """
 
 from __future__ import annotations
@@ -24,16 +25,16 @@ import argparse
 import dataclasses
 import math
 import os
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Sequence
+from typing import Any, Callable, Sequence
 
 from ldm_export.errors import ImportRefusedError
-from ldm_export.untrusted_files import (PICKLE_SUFFIXES, describe, load_tensors, parse_json_text,
-                                        read_safetensors_header, read_safetensors_header_and_metadata,
-                                        regular_file_size)
+from ldm_export.untrusted_files import (PICKLE_SUFFIXES, load_tensors, read_safetensors_header,
+                                        read_safetensors_header_and_metadata, regular_file_size)
+from ldm_runtime.adapters import (TEXT_ENCODER, UNET, AdapterError, ModuleUpdate, NETWORK_NAMES, Targets,
+                                  place_adapter, targets_from_shapes, with_factors)
 from ldm_runtime.checkpoint import (MODEL_JSON, TEXT_ENCODER_DIR, TEXT_ENCODER_WEIGHTS, TOKENIZER_DIR, UNET_WEIGHTS,
                                     folder_files, load_model_config, verify_recorded_digests, weight_files,
                                     write_train_state)
@@ -41,27 +42,6 @@ from ldm_runtime.config import ADAPTER_SCALES, MAX_ADAPTERS, ConfigError, ModelC
 from ldm_runtime.errors import CheckpointError
 from ldm_runtime.files import sha256_file
 from ldm_runtime.staging import temporary_folder
-
-UNET, TEXT_ENCODER = "unet", "text_encoder"
-NETWORK_NAMES = {UNET: "UNet", TEXT_ENCODER: "text encoder"}
-KOHYA_PREFIXES = {"lora_unet_": UNET, "lora_te_": TEXT_ENCODER}
-KOHYA_ROLES = {"lora_down.weight": "down", "lora_up.weight": "up", "alpha": "alpha"}
-DIFFUSERS_PREFIXES = {"unet.": UNET, "text_encoder.": TEXT_ENCODER}
-DIFFUSERS_KEY = re.compile(r"(?P<module>.+?)(?:\.lora_(?P<peft>[AB])\.weight|\.lora(?:_linear_layer)?\.(?P<old>down|up)"
-                           r"\.weight|\.processor\.(?P<projection>to_[qkv]|to_out)_lora\.(?P<processor>down|up)\.weight"
-                           r"|\.(?P<alpha>alpha))")
-# The text encoder's module names with the level that transformers before 5 put above them (CLIP's "text_model.")
-TEXT_MODEL_LEVEL = "text_model."
-# Other kinds of adapter, by a part of their keys
-OTHER_KINDS = {"dora_scale": "DoRA", "lora_magnitude_vector": "DoRA", "hada_": "LoHa", "lokr_": "LoKr",
-               "lora_mid": "LoCon with a Tucker core (lora_mid)", "lora_embedding_": "an embedding LoRA",
-               "oft_": "OFT", ".diff": "a full weight difference", "lora_B.bias": "a LoRA bias (PEFT's lora_bias)",
-               "lora_up.bias": "a LoRA bias"}
-METADATA_KEY = "lora_adapter_metadata"  # diffusers' save_lora_weights: PEFT's LoraConfig of each network
-PATTERN = re.compile(r"\^?[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")  # a module name (PEFT takes regexes: refused)
-MAX_ALPHA = 65536.0  # kohya and PEFT: alpha about the rank (at most a few hundred), often 1
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-
 
 @dataclass(frozen=True)
 class AdapterFile:
@@ -89,30 +69,6 @@ def adapter_argument(text: str) -> AdapterFile:
 
 # --- the modules an adapter may change ---------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Targets:
-    """The weights of one network an adapter may change: {module name as diffusers and PEFT write it: (state-dict
-    key, shape)} for every linear or convolution weight, and the same names with dots as underscores (kohya's),
-    mapped to None where two modules share one."""
-
-    weights: dict[str, tuple[str, tuple[int, ...]]]
-    underscored: dict[str, str | None]
-
-
-def targets_from_shapes(shapes: dict[str, tuple[int, ...]], prefix: str = "") -> Targets:
-    """``Targets`` of a state dict's ``shapes`` {key: shape}; ``prefix``: what its keys have before the module names
-    (our text encoder's "model."); CLIP's "text_model." level is dropped as well."""
-    weights = {}
-    for key, shape in shapes.items():
-        if key.endswith(".weight") and key.startswith(prefix) and len(shape) in (2, 4):
-            weights[key[len(prefix):-len(".weight")].removeprefix(TEXT_MODEL_LEVEL)] = (key, tuple(shape))
-    underscored: dict[str, str | None] = {}
-    for module in weights:
-        name = module.replace(".", "_")
-        underscored[name] = None if name in underscored else module
-    return Targets(weights, underscored)
-
-
 def import_targets(config: ModelConfig) -> dict[str, Targets]:
     """The UNet's and the CLIP text encoder's ``Targets`` of a model ldm-import writes, from ``config`` alone."""
     import torch
@@ -131,20 +87,6 @@ def import_targets(config: ModelConfig) -> dict[str, Targets]:
 # --- reading an adapter ------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class ModuleUpdate:
-    """One module's change: ``target`` (a key of the network's state dict) += ``factor`` * up @ down, with the
-    tensors ``down`` and ``up`` of the adapter file and their shapes."""
-
-    network: str
-    target: str
-    down: str
-    up: str
-    down_shape: tuple[int, ...]
-    up_shape: tuple[int, ...]
-    factor: float
-
-
-@dataclass(frozen=True)
 class Adapter:
     """A LoRA file read and placed in a model: its updates, and what model.json records of it."""
 
@@ -157,139 +99,10 @@ class Adapter:
         return {"file": self.path.name, "sha256": self.sha256, "scale": self.scale}
 
 
-@dataclass
-class _Module:
-    """The keys of one adapted module: its network, its name as the file gives it, and down/up/alpha tensors."""
-
-    network: str
-    name: str
-    keys: dict[str, str] = dataclasses.field(default_factory=dict)
-
-
-def _refuse_key(path: Path, key: str) -> NoReturn:
-    for marker, kind in OTHER_KINDS.items():
-        if marker in key:
-            raise ImportRefusedError(f"{path}: {key!r} belongs to {kind}, which ldm-import does not fuse; expected "
-                                     f"a LoRA (down and up weights, alpha)")
-    raise ImportRefusedError(f"{path}: cannot place {key!r}; expected LoRA keys unet.<module>.lora_A.weight / "
-                             f".lora_B.weight (diffusers, PEFT; text_encoder.* for the text encoder) or "
-                             f"lora_unet_<module>.lora_down.weight / .lora_up.weight / .alpha (kohya; lora_te_*)")
-
-
-def _kohya_key(path: Path, key: str, targets: dict[str, Targets]) -> tuple[str, str, str] | None:
-    """(network, module name, role) of kohya key ``key``, or None when it is not one."""
-    prefix = next((prefix for prefix in KOHYA_PREFIXES if key.startswith(prefix)), None)
-    if prefix is None:
-        return None
-    name, _, tail = key[len(prefix):].partition(".")
-    if tail not in KOHYA_ROLES:
-        _refuse_key(path, key)
-    network = KOHYA_PREFIXES[prefix]
-    name = name.removeprefix(TEXT_MODEL_LEVEL.replace(".", "_")) if network == TEXT_ENCODER else name
-    module = targets[network].underscored.get(name) if network in targets else name
-    if network in targets and module is None:
-        why = "two modules" if name in targets[network].underscored else "no module"
-        raise ImportRefusedError(f"{path}: {key!r} names {why} of this model's {NETWORK_NAMES[network]} (kohya "
-                                 f"{name!r}); expected an adapter for this model")
-    return network, module, KOHYA_ROLES[tail]
-
-
-def _diffusers_key(path: Path, key: str) -> tuple[str, str, str] | None:
-    """(network, module name as the file gives it, role) of diffusers or PEFT key ``key``, or None."""
-    prefix = next((prefix for prefix in DIFFUSERS_PREFIXES if key.startswith(prefix)), None)
-    if prefix is None:
-        return None
-    match = DIFFUSERS_KEY.fullmatch(key[len(prefix):])
-    if match is None:
-        _refuse_key(path, key)
-    network, module = DIFFUSERS_PREFIXES[prefix], match["module"]
-    if match["alpha"]:
-        return network, module, "alpha"
-    if match["projection"]:  # attention processors' LoRA of to_q, to_k, to_v, to_out.0 (UNet only)
-        if network != UNET:
-            _refuse_key(path, key)
-        projection = "to_out.0" if match["projection"] == "to_out" else match["projection"]
-        return network, f"{module}.{projection}", match["processor"]
-    role = match["old"] or ("down" if match["peft"] == "A" else "up")
-    return network, module, role
-
-
-def _metadata(path: Path, metadata: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """{network: its PEFT LoraConfig} from the ``lora_adapter_metadata`` diffusers writes (keys "unet.r", ...),
-    each value checked: ``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora``; DoRA and
-    transposed weights are refused."""
-    if METADATA_KEY not in metadata:
-        return {}
-    where = f"the {METADATA_KEY} of {path}"
-    packed = parse_json_text(metadata[METADATA_KEY], where)
-    if not isinstance(packed, dict):
-        raise ImportRefusedError(f"{where} is {describe(packed)}; expected an object")
-    configs: dict[str, dict[str, Any]] = {}
-    for key, value in packed.items():
-        network, _, name = key.partition(".")
-        if network in NETWORK_NAMES:
-            configs.setdefault(network, {})[name] = value
-    for network, config in configs.items():
-        wrong = _wrong_metadata(config)
-        if wrong:
-            name, expected = wrong
-            raise ImportRefusedError(f"{where}: {network}.{name} is {describe(config.get(name))}; expected {expected}")
-    return configs
-
-
-def _wrong_metadata(config: dict[str, Any]) -> tuple[str, str] | None:
-    """(the first key of a network's PEFT LoraConfig that ldm-import does not take, what it expects), or None;
-    the optional keys get their defaults."""
-    if not _is_rank(config.get("r")):
-        return "r", "the rank, a whole number from 1"
-    if not _is_alpha(config.get("lora_alpha")):
-        return "lora_alpha", f"a number above 0 and at most {MAX_ALPHA:g}"
-    for name, check, expected in (("rank_pattern", _is_rank, "ranks"), ("alpha_pattern", _is_alpha, "alphas")):
-        patterns = config.setdefault(name, {})
-        if not isinstance(patterns, dict) or not all(isinstance(key, str) and PATTERN.fullmatch(key) and check(value)
-                                                     for key, value in patterns.items()):
-            return name, f"an object of module names (^ to anchor one at the start; no other regex) to {expected}"
-    for name in ("use_rslora", "use_dora", "fan_in_fan_out"):
-        if config.setdefault(name, False) not in (True, False):
-            return name, "true or false"
-    for name in ("use_dora", "fan_in_fan_out"):
-        if config[name]:
-            return name, "false (ldm-import fuses plain LoRA)"
-    return None
-
-
-def _is_rank(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
-def _is_alpha(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            and 0 < value <= MAX_ALPHA)
-
-
-def _pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's per-module value: that of the first pattern naming ``module`` (the whole name, or its last dotted
-    parts; "^name": the whole name only), else ``default``."""
-    for pattern, value in patterns.items():
-        name = pattern.removeprefix("^")
-        if module == name or (not pattern.startswith("^") and module.endswith("." + name)):
-            return value
-    return default
-
-
-def _fits(down: tuple[int, ...], up: tuple[int, ...], weight: tuple[int, ...]) -> bool:
-    """Whether down (rank, in[, kh, kw]) and up (out, rank[, 1, 1]) make a change of ``weight``'s shape."""
-    if len(down) not in (2, 4) or len(up) not in (2, 4) or up[2:] not in ((), (1, 1)) or down[0] != up[1]:
-        return False
-    kernel = down[2:] if len(down) == 4 else (1, 1)
-    weight_kernel = weight[2:] if len(weight) == 4 else (1, 1)
-    return down[0] >= 1 and up[0] == weight[0] and down[1] == weight[1] and kernel == weight_kernel
-
-
 def read_adapter(adapter: AdapterFile, targets: dict[str, Targets], absent: dict[str, str] | None = None) -> Adapter:
-    """``adapter``'s file read as if hostile and placed in the networks of ``targets``; ``absent``: {network: why
-    the model has no weights of it to change} for the message. Every refusal comes from the header, before a tensor
-    is read; then only the alpha tensors are."""
+    """``adapter``'s file read as if hostile and placed in the networks of ``targets``
+    (``ldm_runtime.adapters.place_adapter``); ``absent``: {network: why the model has no weights of it to change} for
+    the message. Every refusal comes from the header, before a tensor is read; then only the alpha tensors are."""
     path = adapter.path
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise ImportRefusedError(f"{path} is a pickled file ({path.suffix}); ldm-import never unpickles (loading a "
@@ -298,81 +111,14 @@ def read_adapter(adapter: AdapterFile, targets: dict[str, Targets], absent: dict
     if path.suffix.lower() != ".safetensors":
         raise ImportRefusedError(f"{path} is not a .safetensors file; expected a LoRA .safetensors file")
     header, metadata = read_safetensors_header_and_metadata(path)
-    configs = _metadata(path, metadata)
-    modules: dict[tuple[str, str], _Module] = {}
-    for key in header:
-        placed = _kohya_key(path, key, targets) or _diffusers_key(path, key)
-        if placed is None:
-            _refuse_key(path, key)
-        network, name, role = placed
-        if network not in targets:
-            why = (absent or {}).get(network, "it holds none")
-            raise ImportRefusedError(f"{path}: {key!r} adapts the {NETWORK_NAMES[network]}, whose weights this "
-                                     f"checkpoint does not hold ({why}); expected an adapter of the UNet only")
-        module = modules.setdefault((network, name), _Module(network, name))
-        if role in module.keys:
-            raise ImportRefusedError(f"{path}: {key!r} and {module.keys[role]!r} are both the {role} of "
-                                     f"{NETWORK_NAMES[network]} module {name!r}; expected one")
-        module.keys[role] = key
-    if not any("down" in module.keys for module in modules.values()):
-        raise ImportRefusedError(f"{path} holds no LoRA weights; expected down and up weights of UNet or text encoder "
-                                 f"modules")
-    pending = []
-    for module in modules.values():
-        pending.append(_placed(path, module, header, targets[module.network], configs.get(module.network)))
-    alpha_keys = [alpha for *_, alpha in pending if isinstance(alpha, str)]
-    alphas = {key: tensor.reshape(-1)[0].item() for key, tensor in load_tensors(path, alpha_keys).items()}
-    updates = []
-    for update, rank, rslora, alpha in pending:
-        alpha = alphas.get(alpha, alpha)
-        if not _is_alpha(alpha):
-            raise ImportRefusedError(f"{path}: the alpha of {update.target!r} is {alpha!r}; expected a number above 0 "
-                                     f"and at most {MAX_ALPHA:g}")
-        factor = adapter.scale * alpha / (math.sqrt(rank) if rslora else rank)
-        updates.append(dataclasses.replace(update, factor=factor))
-    return Adapter(path, adapter.scale, sha256_file(path), tuple(updates))
-
-
-def _placed(path: Path, module: _Module, header: dict[str, tuple[str, tuple[int, ...]]], targets: Targets,
-            config: dict[str, Any] | None) -> tuple[ModuleUpdate, int, bool, float | str]:
-    """(the update of ``module``, factor 0 until alpha is known; its rank; whether alpha is over sqrt(rank); alpha,
-    or the key of its alpha tensor), every key checked against the header."""
-    network_name = NETWORK_NAMES[module.network]
-    for role, other in (("down", "up"), ("up", "down"), ("alpha", "down")):
-        if role in module.keys and other not in module.keys:
-            raise ImportRefusedError(f"{path}: {module.keys[role]!r} has no {other} weight beside it; expected the "
-                                     f"down and up weights of each module")
-    down_key, up_key = module.keys["down"], module.keys["up"]
-    canonical = module.name.removeprefix(TEXT_MODEL_LEVEL) if module.network == TEXT_ENCODER else module.name
-    if canonical not in targets.weights:
-        raise ImportRefusedError(f"{path}: {down_key!r} adapts {network_name} module {module.name!r}, which this "
-                                 f"model does not have; expected an adapter for this model")
-    target, weight_shape = targets.weights[canonical]
-    (down_dtype, down_shape), (up_dtype, up_shape) = header[down_key], header[up_key]
-    for key, dtype in ((down_key, down_dtype), (up_key, up_dtype)):
-        if dtype not in FLOAT_DTYPES:
-            raise ImportRefusedError(f"{path}: {key!r} is {dtype}; expected floating point ({', '.join(FLOAT_DTYPES)})")
-    if not _fits(down_shape, up_shape, weight_shape):
-        raise ImportRefusedError(f"{path}: {down_key!r} {list(down_shape)} and {up_key!r} {list(up_shape)} do not fit "
-                                 f"{network_name} module {module.name!r} of shape {list(weight_shape)}; expected down "
-                                 f"(rank, in[, kh, kw]) and up (out, rank[, 1, 1]) of its sizes")
-    rank = down_shape[0]
-    update = ModuleUpdate(module.network, target, down_key, up_key, down_shape, up_shape, 0.0)
-    if "alpha" in module.keys:
-        alpha_key = module.keys["alpha"]
-        dtype, shape = header[alpha_key]
-        if dtype not in FLOAT_DTYPES or shape not in ((), (1,)):
-            raise ImportRefusedError(f"{path}: {alpha_key!r} is {dtype} of shape {list(shape)}; expected one floating "
-                                     f"point number")
-        return update, rank, False, alpha_key
-    if config is None:
-        return update, rank, False, float(rank)  # no alpha: a scale of 1, as diffusers and kohya read it
-    configured_rank = _pattern_value(config["rank_pattern"], module.name, config["r"])
-    if configured_rank != rank:
-        raise ImportRefusedError(f"{path}: {down_key!r} has rank {rank} but the {METADATA_KEY} gives "
-                                 f"{network_name} module {module.name!r} rank {configured_rank}; expected them equal")
-    return update, rank, config["use_rslora"], _pattern_value(config["alpha_pattern"], module.name,
-                                                             config["lora_alpha"])
+    try:
+        pending = place_adapter(path, header, metadata, targets, absent)
+        alpha_keys = [placed.alpha for placed in pending if isinstance(placed.alpha, str)]
+        alphas = {key: tensor.reshape(-1)[0].item() for key, tensor in load_tensors(path, alpha_keys).items()}
+        updates = with_factors(path, pending, alphas, adapter.scale)
+    except AdapterError as error:
+        raise ImportRefusedError(str(error)) from None
+    return Adapter(path, adapter.scale, sha256_file(path), updates)
 
 
 def read_adapters(adapters: Sequence[AdapterFile], targets: dict[str, Targets],

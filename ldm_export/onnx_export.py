@@ -1,13 +1,18 @@
 """The ONNX graphs of an engine, exported from the eager modules with ``torch.onnx.export(dynamo=True)``.
 
     text_encoder  input_ids (B, L) int64, attention_mask (B, L) int64 (1 = token) -> context (B, L, D) float32
-    unet          latents (B, C, h, w) float32, timesteps (B,) int64, context (B, L, D) float32,
+    unet          latents (B, C, h, w) float32 (an inpainting model's: (B, 2C + 1, h, w), the latents, the mask and
+                  the masked image's latents), timesteps (B,) int64, context (B, L, D) float32,
                   context_mask (B, L) bool (True = token) -> noise_pred (B, C, h, w) float32,
                   deep_features (B, F, h, w) float32 (the hidden state entering the last up-block)
     unet_shallow  the unet's inputs and deep_features -> noise_pred: the UNet's shallow part alone, DeepCache's
                   cheap step (``UNet.forward_shallow``), holding only that part's weights
     vae_decoder   latents (B, C, h, w) float32 (unscaled) -> images (B, 3, H, W) float32 in [-1, 1]
     vae_encoder   images (B, 3, H, W) float32 in [-1, 1] -> latents (B, C, h, w) float32 (posterior mode, unscaled)
+
+With ``lora_slots`` R (``ldm-export --lora-slots``), both UNet graphs also take, after their inputs, per-row LoRA
+factors of every linear layer and 1x1 convolution they run: ``lora_down.<module>`` (B, R, in) and
+``lora_up.<module>`` (B, out, R), scales folded in (``SlotUNet``; the manifest's ``lora_slots`` lists them).
 
 B, h, w, H and W are dynamic within the export's ranges (``dims``); L (the text length) is fixed. The
 kernels dispatch is forced to its PyTorch reference while tracing, so the graphs hold standard ONNX ops.
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import logging
 import os
 import time
@@ -32,6 +38,7 @@ from torch import nn
 from torch.export import Dim
 
 from ldm_runtime.checkpoint import CheckpointNetworks
+from ldm_runtime.engines.torch_adapters import RowLora, is_pointwise
 from ldm_runtime.manifest import DEEP_FEATURES, SHALLOW_UNET_GRAPH, DimRange, TensorSpec
 from ldm_runtime.models.unet import DeepFeaturesUNet, ShallowUNet, deep_feature_channels
 
@@ -61,6 +68,58 @@ class EncoderGraph(nn.Module):
         return self.autoencoder.encode(images).mode()
 
 
+class SlotUNet(nn.Module):
+    """A UNet graph (``DeepFeaturesUNet`` or ``ShallowUNet`` of ``unet``) that takes, after its own ``inputs``
+    inputs, (down, up) of every module in ``modules`` (names in ``unet``) and adds their change row by row."""
+
+    def __init__(self, graph: nn.Module, unet: nn.Module, inputs: int, modules: list[str]):
+        super().__init__()
+        # not "graph": an FX GraphModule's own attribute, which the exporter's decomposition would shadow
+        self.unet_graph, self.inputs, self.modules_adapted = graph, inputs, modules
+        self.lora = RowLora(unet, [f"{name}.weight" for name in modules])
+
+    def forward(self, *tensors: torch.Tensor):
+        own, factors = tensors[:self.inputs], tensors[self.inputs:]
+        with self.lora.rows({f"{name}.weight": (factors[2 * index], factors[2 * index + 1])
+                             for index, name in enumerate(self.modules_adapted)}):
+            return self.unet_graph(*own)
+
+
+def slot_modules(unet: nn.Module, graph: nn.Module, example: tuple[torch.Tensor, ...]) -> list[str]:
+    """The linear layers and 1x1 convolutions of ``unet`` that ``graph`` runs on ``example``, in call order."""
+    called: list[str] = []
+    names = {module: name for name, module in unet.named_modules() if is_pointwise(module)}
+    handles = [module.register_forward_hook(lambda module, *_: called.append(names[module])) for module in names]
+    try:
+        with torch.no_grad():
+            graph(*example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return list(dict.fromkeys(called))
+
+
+def lora_slot_specs(unet: nn.Module, modules: list[str], rank: int) -> tuple[TensorSpec, ...]:
+    """The ``lora_down.*`` / ``lora_up.*`` inputs of ``modules``, pairwise."""
+    specs = []
+    for name in modules:
+        weight = unet.get_submodule(name).weight
+        specs += [TensorSpec(f"lora_down.{name}", "float32", ("batch", rank, weight.shape[1])),
+                  TensorSpec(f"lora_up.{name}", "float32", ("batch", weight.shape[0], rank))]
+    return tuple(specs)
+
+
+def lora_slots_record(modules: CheckpointNetworks, specs: dict[str, "GraphSpec"], rank: int) -> dict:
+    """The manifest's ``lora_slots``: the rank and {module: [in, out]} of every slot of the specs' graphs."""
+    names = [name for spec in specs.values() if isinstance(spec.module, SlotUNet)
+             for name in spec.module.modules_adapted]
+    sizes = {}
+    for name in dict.fromkeys(names):
+        weight = modules.unet.get_submodule(name).weight
+        sizes[name] = [int(weight.shape[1]), int(weight.shape[0])]
+    return {"rank": rank, "modules": sizes}
+
+
 @dataclass(frozen=True)
 class GraphSpec:
     """One graph: the module that computes it and its named inputs / outputs (float dtypes as exported)."""
@@ -84,20 +143,23 @@ def export_dims(modules: CheckpointNetworks, batch: DimRange, image_size: DimRan
             "latent_height": latent, "latent_width": latent}
 
 
-def graph_specs(modules: CheckpointNetworks) -> dict[str, GraphSpec]:
-    """The graphs of an engine, by name, in export order."""
+def graph_specs(modules: CheckpointNetworks, lora_slots: int | None = None) -> dict[str, GraphSpec]:
+    """The graphs of an engine, by name, in export order; ``lora_slots``: the rank of the UNet graphs' per-row LoRA
+    inputs (None: none)."""
     config = modules.config
     channels = config.autoencoder.latent_channels
     length = config.text_encoder.max_length
     width = config.unet.context_dim
     latent_shape = ("batch", channels, "latent_height", "latent_width")
+    # an inpainting UNet's latents carry the mask and the masked image's latents after them (2C + 1 channels)
+    unet_latent_shape = ("batch", config.unet.in_channels, "latent_height", "latent_width")
     image_shape = ("batch", 3, "image_height", "image_width")
     context = TensorSpec("context", "float32", ("batch", length, width))
-    unet_inputs = (TensorSpec("latents", "float32", latent_shape), TensorSpec("timesteps", "int64", ("batch",)),
+    unet_inputs = (TensorSpec("latents", "float32", unet_latent_shape), TensorSpec("timesteps", "int64", ("batch",)),
                    context, TensorSpec("context_mask", "bool", ("batch", length)))
     deep_features = TensorSpec(DEEP_FEATURES, "float32",
                                ("batch", deep_feature_channels(config.unet), "latent_height", "latent_width"))
-    return {
+    specs = {
         "text_encoder": GraphSpec(
             "text_encoder", modules.text_encoder,
             (TensorSpec("input_ids", "int64", ("batch", length)),
@@ -116,6 +178,18 @@ def graph_specs(modules: CheckpointNetworks) -> dict[str, GraphSpec]:
             "vae_encoder", EncoderGraph(modules.autoencoder).eval(),
             (TensorSpec("images", "float32", image_shape),), (TensorSpec("latents", "float32", latent_shape),)),
     }
+    if lora_slots is None:
+        return specs
+    sizes = {"batch": 2, "latent_height": 2 ** len(config.unet.channel_mult), "latent_width": 0}
+    sizes["latent_width"] = sizes["latent_height"]
+    for name in ("unet", SHALLOW_UNET_GRAPH):
+        spec = specs[name]
+        example = tuple(random_inputs(spec, modules, sizes, torch.Generator().manual_seed(0)).values())
+        adapted = slot_modules(modules.unet, spec.module, example)
+        specs[name] = dataclasses.replace(
+            spec, module=SlotUNet(spec.module, modules.unet, len(spec.inputs), adapted).eval(),
+            inputs=spec.inputs + lora_slot_specs(modules.unet, adapted, lora_slots))
+    return specs
 
 
 def random_inputs(spec: GraphSpec, modules: CheckpointNetworks, sizes: dict[str, int],
@@ -140,6 +214,9 @@ def random_inputs(spec: GraphSpec, modules: CheckpointNetworks, sizes: dict[str,
             tensors[tensor.name] = torch.rand(shape, generator=generator) * 2 - 1
         elif tensor.name == "latents" and spec.name == "vae_decoder":
             tensors[tensor.name] = torch.randn(shape, generator=generator) / config.latent_scale_factor
+        elif tensor.name.startswith("lora_"):  # a LoRA's size: down ~ 1/sqrt(in), the change a fraction of W x
+            fan_in = shape[2] if tensor.name.startswith("lora_down.") else shape[2] * 16
+            tensors[tensor.name] = torch.randn(shape, generator=generator) / fan_in ** 0.5
         else:
             tensors[tensor.name] = torch.randn(shape, generator=generator)
     return tensors
@@ -190,7 +267,8 @@ def export_graph(spec: GraphSpec, modules: CheckpointNetworks, dims: dict[str, D
     with reference_kernels(), _quiet_exporter(), torch.no_grad():
         program = torch.onnx.export(
             spec.module, tuple(example.values()), None, dynamo=True, opset_version=opset,
-            dynamic_shapes=_dynamic_shapes(spec, dims),
+            dynamic_shapes=_dynamic_shapes(spec, dims) if not isinstance(spec.module, SlotUNet)
+            else (tuple(_dynamic_shapes(spec, dims).values()),),  # the one *tensors argument
             input_names=[t.name for t in spec.inputs], output_names=[t.name for t in spec.outputs],
             # The exporter's optimiser (constant folding, dead code, redundant reshapes) stays on: on the shapes
             # UNet it cuts 2071 nodes to 830 and onnxruntime's session load from 1.6 s to 1.0 s; step time is

@@ -24,3 +24,4 @@ class ExportOptions:
     fp32_io: bool = False
     skip_validation: bool = False
     validation_seed: int | None = None  # None: a fresh seed per export (recorded in the manifest)
+    lora_slots: int | None = None  # the rank of the UNet graphs' per-row LoRA inputs; None: no such inputs

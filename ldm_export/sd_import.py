@@ -18,7 +18,9 @@ file name, sha256 and scale (``ldm_export.lora``); on a checkpoint dir (ldm-trai
 with the adapters fused.
 
 Pickled weights (``.ckpt``, ``.bin``, ``.pt``) are refused, never loaded: unpickling runs code. So are the kinds
-this runtime does not run (SDXL, SD3, Flux, inpainting UNets, a LoRA file as the source), each named in one line.
+this runtime does not run (SDXL, SD3, Flux, upscalers, a LoRA file as the source), each named in one line. Stable
+Diffusion's inpainting models (9-channel UNets: the latents, the mask and the masked image's latents) are imported
+as any other, and model.json's unet.in_channels says which they are.
 """
 
 from __future__ import annotations
@@ -47,13 +49,13 @@ LORA_SOURCE = ("LoRA weights (an adapter for a base model, not a model); pass it
 CONVERT_HINT = ("convert it to .safetensors first, in a throwaway environment you trust with the file (e.g. "
                 "diffusers' scripts/convert_original_stable_diffusion_to_diffusers.py --to_safetensors), "
                 "or download the .safetensors release")
-# model_index.json pipeline classes that are Stable Diffusion 1.x/2.x text-to-image (same five components)
-SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+# model_index.json pipeline classes that are Stable Diffusion 1.x/2.x (the same five components; an inpainting model's
+# UNet takes 9 channels, which its config.json says)
+SD_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline")
 UNSUPPORTED_PIPELINES = {
     "StableDiffusionXL": "SDXL",
     "StableDiffusion3": "Stable Diffusion 3",
     "Flux": "Flux",
-    "StableDiffusionInpaint": "an inpainting model",
     "StableDiffusionUpscale": "an upscaler",
     "StableDiffusionDepth2Img": "a depth-to-image model",
     "StableCascade": "Stable Cascade",
@@ -134,7 +136,7 @@ def import_diffusers_folder(source: Path, out: Path, clip_skip: int = 0,
     for prefix, kind in UNSUPPORTED_PIPELINES.items():
         if pipeline.startswith(prefix):
             raise ImportRefusedError(f"{source} is {kind} ({pipeline}); ldm-import takes Stable Diffusion 1.x/2.x "
-                                     f"text-to-image models")
+                                     f"text-to-image and inpainting models")
     if pipeline not in SD_PIPELINES:
         raise ImportRefusedError(f"{source} holds a {pipeline or 'pipeline of no named class'}; ldm-import takes "
                                  f"{' or '.join(SD_PIPELINES)} folders")
@@ -208,10 +210,6 @@ def refuse_unsupported_single_file(path: Path, header: dict[str, tuple[str, tupl
         if any(marker in name.lower() for name in header):
             raise ImportRefusedError(f"{path} holds {kind}" if kind.startswith("LoRA") else
                                      f"{path} is {kind}; ldm-import takes Stable Diffusion 1.x/2.x models")
-    _, conv_in_shape = header.get("model.diffusion_model.input_blocks.0.0.weight", ("", ()))
-    if conv_in_shape[1:2] == (9,):
-        raise ImportRefusedError(f"{path} holds a 9-channel inpainting UNet; ldm-import takes text-to-image "
-                                 f"Stable Diffusion 1.x/2.x UNets (4 input channels)")
 
 
 def import_source(source: str | Path, out: str | Path, clip_skip: int = 0,

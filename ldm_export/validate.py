@@ -6,9 +6,9 @@ Two checks, both on fresh random inputs (the seed is drawn per export and record
   error ``||onnx - eager|| / ||eager||`` (L2 norms over every output element, in float64), at two shape
   cases: (opt batch, opt size) and (min batch, max height x min width). Limits: 1e-4 for fp32 graphs,
   1e-2 for fp16 ones.
-- a full sample: the same requests (prompts, seeds, 25 DDIM steps, guidance) through ``Pipeline`` on the
-  onnxruntime engine and on the eager torch engine, compared as images: PSNR = 10 log10(255^2 / MSE) over
-  the uint8 pixels of all images. Limits: 40 dB for fp32, 30 dB for fp16.
+- a full sample: the same requests (prompts, seeds, 25 DDIM steps, guidance; for an inpainting model a random
+  image and mask too) through ``Pipeline`` on the onnxruntime engine and on the eager torch engine, compared as
+  images: PSNR = 10 log10(255^2 / MSE) over the uint8 pixels of all images. Limits: 40 dB for fp32, 30 dB for fp16.
 """
 
 from __future__ import annotations
@@ -180,7 +180,9 @@ def check_sample(engine: OnnxRuntimeEngine, modules: CheckpointNetworks, precisi
     ``modules`` (the networks the export loaded: no second copy of the weights, which at SD 1.5's size would not
     fit beside the first and the new graphs' sessions on a 24 GiB machine)."""
     count = max(1, min(len(SAMPLE_PROMPTS), engine.info.max_images))
-    requests = [GenerationRequest(prompt=prompt, seed=seed + index, sampler="ddim", steps=SAMPLE_STEPS)
+    requests = [GenerationRequest(prompt=prompt, seed=seed + index, sampler="ddim", steps=SAMPLE_STEPS,
+                                  **(_inpainting_fields(engine.info.image_size, seed + index)
+                                     if engine.info.inpainting else {}))
                 for index, prompt in enumerate(SAMPLE_PROMPTS[:count])]
     eager = TorchEngine(modules, device="cpu", unet_chunk_size=None)  # one UNet call per step, unpadded
     with reference_kernels():
@@ -189,6 +191,19 @@ def check_sample(engine: OnnxRuntimeEngine, modules: CheckpointNetworks, precisi
     return SampleCheck(psnr_db=psnr_db(actual, expected), limit_db=PSNR_LIMITS_DB[precision], steps=SAMPLE_STEPS,
                        seeds=[r.seed for r in requests], prompts=[r.prompt for r in requests],
                        guidance_scale=requests[0].guidance_scale, image_size=engine.info.image_size)
+
+
+def _inpainting_fields(size: int, seed: int) -> dict[str, np.ndarray]:
+    """An inpainting model's sample request needs an image and a mask: random pixels drawn from ``seed``, and a
+    mask that repaints all but a random rectangle a quarter of each side (the image keeps the init image's pixels
+    there on every engine, so the PSNR is mostly of repainted pixels)."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    mask = np.ones((size, size), dtype=bool)
+    side = max(1, size // 4)
+    top, left = rng.integers(0, size - side + 1, 2)
+    mask[top:top + side, left:left + side] = False
+    return {"init_image": image, "mask": mask}
 
 
 def validate_engine(engine_dir: Path, specs: dict[str, GraphSpec], modules: CheckpointNetworks,

@@ -427,6 +427,12 @@ class ModelConfig:
         return self.image_size // self.autoencoder.factor
 
     @property
+    def inpainting(self) -> bool:
+        """Whether the UNet is an inpainting one (Stable Diffusion's): every call takes the latents, the mask and the
+        masked image's latents concatenated along channels (``inpainting_channels``)."""
+        return self.unet.in_channels == inpainting_channels(self.autoencoder.latent_channels)
+
+    @property
     def image_size_multiple(self) -> int:
         """Image sides must divide by this: the autoencoder's factor times the UNet's total downsampling."""
         return self.autoencoder.factor * self.unet.latent_size_multiple
@@ -462,10 +468,11 @@ class ModelConfig:
             raise ConfigError(
                 f"image_size {self.image_size} is not divisible by the autoencoder factor {self.autoencoder.factor}"
             )
-        if self.unet.in_channels != self.autoencoder.latent_channels:
+        latent = self.autoencoder.latent_channels
+        if self.unet.in_channels not in (latent, inpainting_channels(latent)):
             raise ConfigError(
-                f"unet in_channels {self.unet.in_channels} != autoencoder latent_channels "
-                f"{self.autoencoder.latent_channels}"
+                f"unet.in_channels is {self.unet.in_channels}; expected {latent} (autoencoder.latent_channels: text to "
+                f"image) or {inpainting_channels(latent)} (latents, mask and masked image latents: inpainting)"
             )
 
     def to_json(self) -> str:
@@ -481,6 +488,12 @@ class ModelConfig:
     def from_dict(cls, data: Any) -> "ModelConfig":
         """The configuration a parsed ``model.json`` describes; ``ConfigError`` naming an unknown key."""
         return config_from_dict(cls, data, "model.json")
+
+
+def inpainting_channels(latent_channels: int) -> int:
+    """The input channels of an inpainting UNet over ``latent_channels``-channel latents: the latents, the mask (one
+    channel) and the masked image's latents, in that order (diffusers' StableDiffusionInpaintPipeline; SD: 9)."""
+    return 2 * latent_channels + 1
 
 
 def _check_widths(network: str, base_name: str, base: int, channel_mult: tuple[int, ...], num_groups: int) -> None:

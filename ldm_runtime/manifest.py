@@ -39,6 +39,7 @@ from ldm_runtime.config import (
     check_integer,
     check_latent_scale_factor,
     config_from_dict,
+    inpainting_channels,
 )
 from ldm_runtime.errors import EngineDirError, OutOfRangeError
 from ldm_runtime.files import read_description, sha256_file
@@ -159,6 +160,7 @@ class ModelInfo:
     text_max_length: int
     context_dim: int
     mask_padding: bool = True  # False: the UNet attends to every token, padding included (Stable Diffusion)
+    inpainting: bool = False  # the unet graphs take [latents, mask, masked image latents] (ModelConfig.inpainting)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelInfo":
@@ -181,6 +183,8 @@ class ModelInfo:
             raise EngineDirError(f"{where}: model.latent_factor is {self.latent_factor!r}; expected one of {factors}")
         if not isinstance(self.mask_padding, bool):
             raise EngineDirError(f"{where}: model.mask_padding is {self.mask_padding!r}; expected true or false")
+        if not isinstance(self.inpainting, bool):
+            raise EngineDirError(f"{where}: model.inpainting is {self.inpainting!r}; expected true or false")
 
 
 @dataclass(frozen=True)
@@ -276,6 +280,15 @@ class EngineManifest:
         if SHALLOW_UNET_GRAPH in manifest.graphs and DEEP_FEATURES not in unet_outputs:
             raise EngineDirError(f"{where} lists a {SHALLOW_UNET_GRAPH} graph but its unet graph has no "
                                  f"{DEEP_FEATURES} output (outputs {unet_outputs}); re-export it")
+        model = manifest.model
+        channels = inpainting_channels(model.latent_channels) if model.inpainting else model.latent_channels
+        for graph_name in ("unet", SHALLOW_UNET_GRAPH):
+            graph = manifest.graphs.get(graph_name)
+            latents = next((spec for spec in graph.inputs if spec.name == "latents"), None) if graph else None
+            if latents is not None and latents.shape[1:2] != (channels,):
+                raise EngineDirError(f"{where}: {graph_name} input latents has shape {list(latents.shape)} but "
+                                     f"model.inpainting is {str(model.inpainting).lower()}; expected {channels} "
+                                     f"channels")
         for graph_name, graph in manifest.graphs.items():
             for spec in (*graph.inputs, *graph.outputs):
                 unknown = [axis for axis in spec.shape if isinstance(axis, str) and axis not in manifest.dims]

@@ -26,7 +26,8 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from ldm_runtime.arrays import concatenate, take_rows
+from ldm_runtime.adapters import check_request_adapters
+from ldm_runtime.arrays import array_module, concatenate, take_rows
 from ldm_runtime.config import (
     CACHE_SCHEDULES,
     DEFAULT_SAMPLER,
@@ -95,6 +96,11 @@ class GenerationRequest:
     next step's level (latent blending, as diffusers' StableDiffusionInpaintPipeline does for a 4-channel UNet), and
     the image returned has the init image's own pixels outside it. ``strength`` None: ``DEFAULT_STRENGTH``, or
     ``DEFAULT_INPAINT_STRENGTH`` with a mask. Requests hold read-only copies of the arrays and compare them by value.
+
+    An inpainting model (``EngineInfo.inpainting``: Stable Diffusion's 9-channel UNets) needs both ``init_image`` and
+    ``mask``: every UNet call takes the latents, the mask and the latents of the init image with the mask's pixels
+    blanked, concatenated, as diffusers' StableDiffusionInpaintPipeline does for a 9-channel UNet (no latent
+    blending); ``strength`` works as for any model.
     """
 
     prompt: str
@@ -112,6 +118,7 @@ class GenerationRequest:
     init_image: np.ndarray | None = None
     strength: float | None = None
     mask: np.ndarray | None = None
+    lora: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         for name in _ARRAY_FIELDS:  # a copy the caller cannot change; replace() hands it on uncopied
@@ -170,6 +177,9 @@ class SamplingState:
     original_latents: Array | None = None
     original_noise: Array | None = None
     latent_mask: Array | None = None
+    # an inpainting model's (``EngineInfo.inpainting``) conditioning, (1, C + 1, h, w): the mask at the latents' size
+    # and the masked image's latents, which every UNet call takes after the latents
+    unet_conditioning: Array | None = None
 
     @property
     def done(self) -> bool:
@@ -304,11 +314,19 @@ class Pipeline:
                     f"{info.min_image_size} to {info.max_image_size} (or none for the model's {info.image_size})",
                     name)
         self._validate_edit(request)
+        check_request_adapters(request.lora, getattr(self.engine, "adapters", None), info.name,
+                               getattr(self.engine, "adapters_missing", None),
+                               getattr(self.engine, "adapter_slot_rank", None))
 
     def _validate_edit(self, request: GenerationRequest) -> None:
         """``RequestError`` naming the first of ``init_image``, ``height``/``width``, ``strength`` and ``mask`` that
         does not fit (``request`` as ``resolve`` fills it in)."""
         image, mask, strength = request.init_image, request.mask, request.strength
+        missing = [name for name in ("init_image", "mask") if getattr(request, name) is None]
+        if getattr(self.info, "inpainting", False) and missing:
+            raise RequestError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing; this is an "
+                               f"inpainting model, which repaints the masked part of an image: expected an init_image "
+                               f"and a mask", missing[0])
         if image is None:
             if mask is not None:
                 raise RequestError("mask is given without an init_image; expected an init_image for it to mask",
@@ -377,12 +395,25 @@ class Pipeline:
                                 state.original_noise)
         return (1 - mask) * original + mask * latents
 
-    def _encode_image(self, image: np.ndarray) -> Array:
+    def _encode_image(self, image: np.ndarray, keep: np.ndarray | None = None) -> Array:
         """An ``(H, W, 3) uint8`` image -> its latents times ``latent_scale_factor``, ``(1, C, h, w)`` on the engine
-        (pixels to [-1, 1] as diffusers' image processor: x / 255 * 2 - 1 in float32)."""
+        (pixels to [-1, 1] as diffusers' image processor: x / 255 * 2 - 1 in float32); with ``keep``, ``(H, W)``
+        bool, the pixels it does not keep are 0 (mid-grey) before encoding."""
         pixels = image.astype(np.float32) / np.float32(255.0) * np.float32(2.0) - np.float32(1.0)
+        if keep is not None:
+            pixels = pixels * keep[:, :, None].astype(np.float32)
         pixels = np.ascontiguousarray(pixels.transpose(2, 0, 1)[None])
         return self.engine.encode_images(self.engine.to_array(pixels)) * self.info.latent_scale_factor
+
+    def _inpainting_conditioning(self, request: GenerationRequest, like: Array) -> Array:
+        """What an inpainting UNet takes after the latents, ``(1, C + 1, h, w)`` on the engine: the mask at the
+        latents' size (1 = repaint; torch's nearest, as diffusers) and the latents of the init image with the mask's
+        pixels blanked (diffusers' ``masked_image = image * (mask < 0.5)``, in [-1, 1]), times latent_scale_factor."""
+        factor = self.info.latent_factor
+        repaint = _repaint_pixels(request.mask)
+        latent_mask = self.engine.to_array(repaint[::factor, ::factor][None, None].astype(np.float32), like)
+        masked_image = self._encode_image(request.init_image, keep=~repaint)
+        return _join_channels([latent_mask, masked_image])
 
     def _can_plan(self, steps: int) -> bool:
         try:
@@ -420,10 +451,13 @@ class Pipeline:
         if not requests:
             return []
         self._say_guidance_below_one(requests)
-        texts = list(dict.fromkeys([r.prompt for r in requests] + [r.negative_prompt for r in requests]))
-        context, context_mask = self.engine.encode_text(texts)
+        texts = list(dict.fromkeys([(r.prompt, r.lora) for r in requests] + [(r.negative_prompt, r.lora)
+                                                                              for r in requests]))
+        context, context_mask = self.engine.encode_text(
+            [text for text, _ in texts], *([[lora for _, lora in texts]] if any(r.lora for r in requests) else []))
         row = {text: index for index, text in enumerate(texts)}
         factor = self.info.latent_factor
+        inpainting = getattr(self.info, "inpainting", False)
         states = []
         for request in requests:
             height, width = self.image_shape(request)
@@ -437,15 +471,18 @@ class Pipeline:
                 latents = self.engine.to_array(
                     noise * np.float32(self.sigma_samplers[request.sampler].initial_noise_scale(trajectory)))
             edit: dict[str, Array] = {}
-            if request.init_image is not None and (first > 0 or request.mask is not None):
+            blends = request.mask is not None and not inpainting  # an inpainting UNet sees the mask instead
+            if request.init_image is not None and (first > 0 or blends):
                 original = self._encode_image(request.init_image)
                 if first > 0:  # else strength 1: pure noise, as text to image (and diffusers' inpainting pipeline)
                     latents = self._noised(request, trajectory, 0, original, unit_noise)
-                if request.mask is not None:
+                if blends:
                     latent_mask = _repaint_pixels(request.mask)[::factor, ::factor]  # torch's nearest, as diffusers
                     edit = dict(original_latents=original, original_noise=unit_noise, latent_mask=self.engine.to_array(
                         latent_mask[None, None].astype(np.float32), latents))
-            positive, negative = row[request.prompt], row[request.negative_prompt]
+            if inpainting:  # validate saw to the init image and the mask
+                edit["unet_conditioning"] = self._inpainting_conditioning(request, latents)
+            positive, negative = row[(request.prompt, request.lora)], row[(request.negative_prompt, request.lora)]
             states.append(SamplingState(
                 request=request, trajectory=trajectory, step_index=0, latents=latents,
                 context=context[positive:positive + 1], context_mask=context_mask[positive:positive + 1],
@@ -473,6 +510,8 @@ class Pipeline:
         unet_latents = latents
         if (input_scales != 1).any():
             unet_latents = latents / self.engine.to_array(input_scales.reshape(-1, 1, 1, 1), latents)
+        if states[0].unet_conditioning is not None:  # an inpainting model: [latents, mask, masked image latents]
+            unet_latents = _join_channels([unet_latents, concatenate([s.unet_conditioning for s in states])])
 
         scales = np.array(self._guidance_scales(states, timesteps), dtype=np.float64)
         shallow = np.array([self._takes_shallow_step(state, scale) for state, scale in zip(states, scales)])
@@ -525,15 +564,18 @@ class Pipeline:
                                     concatenate([s.negative_context_mask for s in part]))
         latents = unet_latents if everything else concatenate([unet_latents[row:row + 1] for row in rows])
         inputs = (guided.stack(latents), guided.stack(timesteps[rows]), context, context_mask)
+        # each UNet row's adapters (both halves of a guided request: fused weights would serve both)
+        lora = {"adapters": [part[row].request.lora for row in guided.stack(np.arange(len(part)))]
+                } if any(s.request.lora for s in part) else {}
         if shallow:
             cached = concatenate([s.deep_features for s in part])
             unconditional = concatenate([s.unconditional_deep_features if s.unconditional_deep_features is not None
                                          else s.deep_features for s in part])
-            return guided.combine(self.engine.unet_shallow(*inputs, guided.stack(cached, unconditional)),
+            return guided.combine(self.engine.unet_shallow(*inputs, guided.stack(cached, unconditional), **lora),
                                   self.engine.to_array)
         if all(int(s.request.cache_interval) == 1 for s in part):
-            return guided.combine(self.engine.unet(*inputs), self.engine.to_array)
-        model_output, deep = self.engine.unet_with_deep_features(*inputs)
+            return guided.combine(self.engine.unet(*inputs, **lora), self.engine.to_array)
+        model_output, deep = self.engine.unet_with_deep_features(*inputs, **lora)
         first_conditional = len(guided.unconditional_rows)
         unconditional_at = {int(row): index for index, row in enumerate(guided.unconditional_rows)}
         for index, (row, state) in enumerate(zip(rows, part)):
@@ -646,6 +688,12 @@ def _is_integer(value: Any) -> bool:
 def _is_number(value: Any) -> bool:
     return (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
             and math.isfinite(value))
+
+
+def _join_channels(arrays: list[Any]) -> Any:
+    """Arrays of one kind (numpy or torch, one device), ``(B, C_i, h, w)``, joined along their channels."""
+    module = array_module(arrays[0])
+    return np.concatenate(arrays, axis=1) if module is np else module.cat(arrays, dim=1)
 
 
 def _repaint_pixels(mask: np.ndarray) -> np.ndarray:

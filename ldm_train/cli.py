@@ -3,6 +3,7 @@
     ldm-train autoencoder --preset shapes --out runs/ae --steps 3000
     ldm-train unet --autoencoder runs/ae --preset shapes --out runs/ldm --steps 6000
     ldm-train classifier --out models/shapes-classifier       # the attribute classifier ldm-eval judges with
+    ldm-train lora --base runs/ldm --out style.safetensors --rank 4   # a LoRA adapter for ldm-import --lora
     torchrun --nproc-per-node 2 -m ldm_train unet ...        # data-parallel (gloo on CPU, nccl on GPU)
 """
 
@@ -20,6 +21,7 @@ from ldm_runtime.errors import DiskFullError, UserError
 from ldm_train.classifier import ClassifierTrainSettings, train_classifier
 from ldm_runtime.folder_swap import restore_replaced
 from ldm_train.run import AutoencoderSettings, UNetSettings
+from ldm_train.train_lora import LoraSettings
 
 PROG = "ldm-train"
 
@@ -60,13 +62,17 @@ HELP = {
     "prediction_type": "what the UNet predicts: epsilon or v_prediction (default: the preset's schedule's)",
     "lr_schedule": "learning rate over the run: constant, or cosine (from --learning-rate down to 0 at --steps)",
     "warmup_steps": "raise the learning rate linearly from 0 over this many steps first",
+    "task": "text (text to image) or inpaint: the UNet also takes the mask and the masked image's latents (the "
+            "paper's inpainting model), trained on random boxes and strokes, a quarter of them the whole image",
+    "init_unet": "start from the UNet of this checkpoint dir (same widths); for --task inpaint from a text-to-image "
+                 "UNet, the new input channels start at zero, so training starts from that model",
 }
 STAGE_SETTINGS = {"autoencoder": AutoencoderSettings, "unet": UNetSettings}  # each stage's flags and defaults
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    stages = parser.add_subparsers(dest="stage", required=True, metavar="{autoencoder,unet,classifier}")
+    stages = parser.add_subparsers(dest="stage", required=True, metavar="{autoencoder,unet,classifier,lora}")
     for stage, settings in STAGE_SETTINGS.items():
         sub = stages.add_parser(stage, help=f"train the {stage}",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -83,7 +89,47 @@ def build_parser() -> argparse.ArgumentParser:
                 kind = {"int": int, "float": finite_float}.get(str(field.type).split(" ")[0], str)
                 sub.add_argument(flag, type=kind, default=field.default, help=HELP[field.name])
     _add_classifier_parser(stages)
+    _add_lora_parser(stages)
     return parser
+
+
+LORA_HELP = {
+    "data": HELP["data"],
+    "rank": "the adapter's rank R: each adapted layer gains R x (in + out) weights",
+    "alpha": "LoRA alpha: the update is scaled by alpha / rank (default: the rank, a scale of 1)",
+    "targets": "the linear layers to adapt: endings of their module names, comma-separated",
+    "steps": "optimiser steps",
+    "batch_size": "samples per step",
+    "learning_rate": "AdamW learning rate of the adapter's weights",
+    "weight_decay": HELP["weight_decay"],
+    "grad_clip": HELP["grad_clip"],
+    "cond_drop_prob": HELP["cond_drop_prob"],
+    "min_snr_gamma": "min-SNR-γ loss weighting, as ldm-train unet's (0: every sample alike)",
+    "seed": HELP["seed"],
+    "device": HELP["device"],
+    "checkpoint_every": "write the adapter file every N steps (and at the end)",
+    "skip_bad_images": HELP["skip_bad_images"],
+}
+
+
+def _add_lora_parser(stages) -> None:
+    sub = stages.add_parser("lora", help="train a LoRA adapter for a trained model's UNet",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub.add_argument("--base", required=True, help="checkpoint dir of the model to adapt (ldm-train's or ldm-import's)")
+    sub.add_argument("--out", required=True, help="the adapter file to write (.safetensors, diffusers/PEFT layout)")
+    sub.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    sub.add_argument("--caption-replace", action="append", default=[], metavar="OLD=NEW",
+                     help="rewrite OLD (whole words) as NEW in every caption, e.g. 'green background=zorp background' "
+                          "teaches a new word (repeatable, applied in order)")
+    for field in dataclasses.fields(LoraSettings):
+        if field.name not in LORA_HELP:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        if field.type == "bool":
+            sub.add_argument(flag, action="store_true", help=LORA_HELP[field.name])
+        else:
+            kind = {"int": int, "float": finite_float}.get(str(field.type).split(" ")[0], str)
+            sub.add_argument(flag, type=kind, default=field.default, help=LORA_HELP[field.name])
 
 
 def _add_classifier_parser(stages) -> None:
@@ -109,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         return report_user_error(PROG, error)
     if args.stage == "classifier":
         return _train_classifier(args)
+    if args.stage == "lora":
+        return _train_lora(args)
     settings_class = STAGE_SETTINGS[args.stage]
     values = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(settings_class)}}
     settings = settings_class(**values)
@@ -144,6 +192,35 @@ def _train_classifier(args: argparse.Namespace) -> int:
         return report_user_error(PROG, error)
     except OSError as error:
         return _report_full_disk(error, Path(args.out), "free space and train it again")
+    print(f"ldm-train: wrote {out}", file=sys.stderr)
+    return 0
+
+
+def _train_lora(args: argparse.Namespace) -> int:
+    from ldm_train.train_lora import train_lora
+
+    values = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(LoraSettings)}}
+    values["caption_replace"] = tuple(args.caption_replace)
+    out = Path(args.out)
+    try:
+        settings = LoraSettings(**values)
+        settings.validate()
+        if out.exists() and not args.overwrite:
+            raise ConfigError(f"--out {out} already exists; pass --overwrite to replace it")
+        check_writable_folder("--out", out.parent)
+        if not Path(args.base).is_dir():
+            raise CheckpointError(f"--base {args.base} is not a checkpoint dir; expected one written by ldm-train or "
+                                  f"ldm-import")
+        out = train_lora(settings)
+    except UserError as error:
+        return report_user_error(PROG, error)
+    except OSError as error:
+        return _report_full_disk(error, out, "the adapter file written last (if any) is intact: free space and "
+                                             "train it again")
+    except KeyboardInterrupt:
+        print(f"ldm-train: interrupted; {out} holds the adapter as of its last --checkpoint-every (if any)",
+              file=sys.stderr)
+        return 130
     print(f"ldm-train: wrote {out}", file=sys.stderr)
     return 0
 

@@ -110,6 +110,8 @@ class UNetSettings(TrainSettings):
     prediction_type: str | None = None  # overrides the preset schedule's ("epsilon" / "v_prediction")
     lr_schedule: str = "constant"  # or "cosine": from the learning rate down to 0 at --steps
     warmup_steps: int = 0  # linear warm-up from 0 over this many steps, before the schedule
+    task: str = "text"  # or "inpaint": the UNet also takes a mask and the masked image's latents
+    init_unet: str | None = None  # a checkpoint dir whose UNet weights this one starts from
 
     def validate(self) -> None:
         super().validate()
@@ -121,11 +123,14 @@ class UNetSettings(TrainSettings):
             raise ConfigError(f"--prediction-type {self.prediction_type!r} is not one of {', '.join(PREDICTION_TYPES)}")
         if not 0.0 <= self.cond_drop_prob < 1.0:
             raise ConfigError(f"--cond-drop-prob is {self.cond_drop_prob}; expected a value in [0, 1)")
+        if self.task not in UNET_TASKS:
+            raise ConfigError(f"--task is {self.task!r}; expected one of {', '.join(UNET_TASKS)}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"--ema-decay is {self.ema_decay}; expected a value in [0, 1)")
 
 
 LR_SCHEDULES = ("constant", "cosine")
+UNET_TASKS = ("text", "inpaint")  # text to image; inpainting (the paper's and Stable Diffusion's 9-channel UNets)
 
 
 def learning_rate_at(settings: UNetSettings, step: int) -> float:

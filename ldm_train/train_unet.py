@@ -19,7 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ldm_runtime.checkpoint import TEXT_ENCODER_DIR, load_model_config, load_state_dict_file, load_tensors
-from ldm_runtime.config import ConfigError, ModelConfig, preset
+from ldm_runtime.config import ConfigError, ModelConfig, inpainting_channels, preset
 from ldm_runtime.engines.torch_engine import TorchEngine
 from ldm_runtime.models import Autoencoder, TextEncoder, UNet
 from ldm_runtime.previews import write_fitted_preview
@@ -28,6 +28,7 @@ from ldm_train.checkpoint import (
 )
 from ldm_train.data import build_dataset
 from ldm_train.diffusion import ForwardProcess
+from ldm_train.masks import random_masks
 from ldm_train.progress import TrainingProgress
 from ldm_train.run import (
     MetricsLog, Process, UNetSettings, all_reduce_mean, autocast_context, batch_indices, check_finite,
@@ -76,7 +77,8 @@ def unet_model_config(settings: UNetSettings, autoencoder_config: ModelConfig) -
     if settings.text_encoder_kind is not None:
         text = dataclasses.replace(text, kind=settings.text_encoder_kind)
     latent_channels = autoencoder_config.autoencoder.latent_channels
-    unet = dataclasses.replace(config.unet, in_channels=latent_channels, out_channels=latent_channels)
+    in_channels = inpainting_channels(latent_channels) if settings.task == "inpaint" else latent_channels
+    unet = dataclasses.replace(config.unet, in_channels=in_channels, out_channels=latent_channels)
     if settings.channels is not None:
         unet = dataclasses.replace(unet, model_channels=settings.channels)
     if settings.num_groups is not None:
@@ -125,9 +127,13 @@ def _train(settings: UNetSettings, config: ModelConfig, autoencoder_dir: Path, o
     config = dataclasses.replace(config, unet=dataclasses.replace(config.unet, context_dim=text_encoder.hidden_size))
     config.validate()
 
-    denoiser = Denoiser(UNet(config.unet), text_encoder).to(device)
+    unet = UNet(config.unet)
+    if settings.init_unet is not None:
+        initialise_unet(unet, Path(settings.init_unet))
+    denoiser = Denoiser(unet, text_encoder).to(device)
     dataset = build_dataset(settings.data, config.image_size, settings.seed, skip_bad=settings.skip_bad_images)
     data = encode_dataset(dataset, autoencoder, text_encoder, device, settings.batch_size, process.is_main)
+    pixels = dataset_pixels(dataset, process.is_main) if config.inpainting else None
     ema = copy.deepcopy(denoiser).requires_grad_(False)
     trainable = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
@@ -162,6 +168,10 @@ def _train(settings: UNetSettings, config: ModelConfig, autoencoder_dir: Path, o
             latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
             noisy = forward_process.add_noise(latents, noise, timesteps)
             target = forward_process.target(latents, noise, timesteps)
+            if pixels is not None:  # the mask and the masked image's latents follow the latents
+                masks = random_masks(batch, config.image_size, config.image_size, generator)
+                noisy = torch.cat([noisy, inpainting_conditioning(autoencoder, pixels[indices], masks, config,
+                                                                  device)], dim=1)
             denoiser.train()
             with autocast_context(settings.precision, device):
                 prediction = model(noisy, timesteps, **_conditioning(data, caption_ids, device))
@@ -181,7 +191,7 @@ def _train(settings: UNetSettings, config: ModelConfig, autoencoder_dir: Path, o
                                  "learning_rate": learning_rate_at(settings, step)})
             if process.is_main and (done % settings.sample_every == 0 or done == settings.steps):
                 _save_preview(out / "samples" / f"step_{done:07d}.png", ema, autoencoder, data, forward_process, scale,
-                              dataset, device)
+                              dataset, device, pixels, config)
             if process.is_main and (done % settings.checkpoint_every == 0 or done == settings.steps):
                 _save(out, settings, config, autoencoder, denoiser, ema, optimizer, done)
     finally:
@@ -222,6 +232,51 @@ def encode_dataset(dataset, autoencoder: Autoencoder, text_encoder: TextEncoder,
     )
 
 
+def initialise_unet(unet: UNet, folder: Path) -> None:
+    """Load the UNet weights of checkpoint dir ``folder`` into ``unet``; an inpainting ``unet`` over a text-to-image
+    one gets ``conv_in``'s weights for the latents and zeros for the mask and the masked image's latents, so that it
+    starts as that model. ``ConfigError`` naming a weight whose shape differs otherwise."""
+    state = load_tensors(folder / "unet.safetensors")
+    weight = state.get("conv_in.weight")
+    wanted = unet.conv_in.weight.shape
+    if weight is not None and weight.shape[1] < wanted[1] and weight.shape[0] == wanted[0]:
+        state["conv_in.weight"] = torch.cat([weight, weight.new_zeros(wanted[0], wanted[1] - weight.shape[1],
+                                                                      *weight.shape[2:])], dim=1)
+    own = unet.state_dict()
+    for name, value in state.items():
+        if name in own and tuple(own[name].shape) != tuple(value.shape):
+            raise ConfigError(f"--init-unet {folder}: its {name} is {tuple(value.shape)} and this UNet's is "
+                              f"{tuple(own[name].shape)}; expected a UNet of the same widths (--preset, --channels)")
+    missing, unexpected = unet.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        name = (missing or unexpected)[0]
+        raise ConfigError(f"--init-unet {folder}: its UNet {'lacks' if missing else 'has an extra'} {name}; "
+                          f"expected a UNet of the same structure (--preset)")
+
+
+def dataset_pixels(dataset, show_progress: bool) -> torch.Tensor:
+    """Every item's image, ``(N, 3, H, W) uint8``: an inpainting UNet's masked images are made from them anew at
+    each step (a new mask each time)."""
+    images = [dataset[index][0] for index in tqdm(range(len(dataset)), desc="keep images",
+                                                  disable=not show_progress, leave=False)]
+    return torch.stack([((image + 1) * 127.5).round().clamp(0, 255).to(torch.uint8) for image in images])
+
+
+@torch.no_grad()
+def inpainting_conditioning(autoencoder: Autoencoder, pixels: torch.Tensor, masks: torch.Tensor, config: ModelConfig,
+                            device: torch.device) -> torch.Tensor:
+    """What an inpainting UNet takes after the latents, as the runtime makes it (``Pipeline``, after diffusers'
+    StableDiffusionInpaintPipeline): the mask at the latents' size (every f-th pixel: nearest) and the posterior
+    mode of the image with the mask's pixels at 0, times latent_scale_factor. ``pixels`` ``(B, 3, H, W) uint8``,
+    ``masks`` ``(B, 1, H, W)`` with 1 = repaint."""
+    factor = config.autoencoder.factor
+    images = pixels.to(device).float() / 255 * 2 - 1
+    masks = masks.to(device)
+    masked = images * (masks < 0.5)
+    latents = autoencoder.encode(masked).mode() * config.latent_scale_factor
+    return torch.cat([masks[:, :, ::factor, ::factor], latents], dim=1)
+
+
 def training_latents(data: EncodedData, indices: torch.Tensor, generator: torch.Generator,
                      scale: float) -> torch.Tensor:
     """A fresh posterior sample of items ``indices``, times the latent scale factor: (B, C, h, w) float32 on the
@@ -249,18 +304,27 @@ def _update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float, step
 
 @torch.no_grad()
 def _save_preview(path: Path, ema: Denoiser, autoencoder: Autoencoder, data: EncodedData,
-                  forward_process: ForwardProcess, scale: float, dataset, device: torch.device) -> None:
-    """One-step denoising preview: top row the real images, then the EMA model's x̂0 from x_t for each t."""
+                  forward_process: ForwardProcess, scale: float, dataset, device: torch.device,
+                  pixels: torch.Tensor | None = None, config: ModelConfig | None = None) -> None:
+    """One-step denoising preview: top row the real images, then the EMA model's x̂0 from x_t for each t (an
+    inpainting model's with the middle quarter of each image masked)."""
     count = min(8, len(dataset))
     indices = torch.arange(count)
     latents = data.latent_mean[indices].to(device) * scale
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0)).to(device)
     rows = [fetch_images(dataset, range(count))]
+    extra = None
+    if pixels is not None:
+        side = pixels.shape[-1]
+        masks = torch.zeros(count, 1, side, side)
+        masks[:, :, side // 4:3 * side // 4, side // 4:3 * side // 4] = 1
+        extra = inpainting_conditioning(autoencoder, pixels[indices], masks, config, device)
     ema.eval()
     for t in PREVIEW_TIMESTEPS:
         timesteps = torch.full((count,), t, device=device)
         noisy = forward_process.add_noise(latents, noise, timesteps)
-        prediction = ema(noisy, timesteps, **_conditioning(data, data.caption_ids[indices], device))
+        unet_input = noisy if extra is None else torch.cat([noisy, extra], dim=1)
+        prediction = ema(unet_input, timesteps, **_conditioning(data, data.caption_ids[indices], device))
         alpha_bar = forward_process.alphas_cumprod[t].item()
         if forward_process.schedule.prediction_type == "epsilon":
             predicted = (noisy - (1 - alpha_bar) ** 0.5 * prediction) / alpha_bar**0.5

@@ -35,7 +35,7 @@ RUNTIME_FLOORS = {
     "basics": ("__init__.py", "errors.py", "arrays.py", "files.py", "staging.py", "folder_swap.py", "images.py",
                "previews.py", "command_line.py"),
     "numerics": ("config.py", "noise.py", "guidance.py", "deep_cache.py", "schedulers/", "models/"),  # the model, maths
-    "folders": ("checkpoint.py", "manifest.py"),  # reading a checkpoint dir and an engine dir
+    "folders": ("checkpoint.py", "manifest.py", "adapters.py"),  # reading a checkpoint dir, an engine dir, adapters
     "engines": ("engines/",),
     "pipeline": ("pipeline.py",),
     "sample": ("sample.py",),

@@ -44,6 +44,9 @@ class EngineInfo:
     schedule: dict  # the model.json "schedule" entry (NoiseSchedule.from_dict reads it)
     sampler: dict = field(default_factory=dict)  # the model's DDIM settings (DDIMConfig.from_dict); {} = defaults
     default_sampler: dict = field(default_factory=dict)  # the model's SamplerDefaults (from_dict); {} = defaults
+    # an inpainting UNet (ModelConfig.inpainting): ``unet`` takes [latents, mask, masked image latents], 2C + 1
+    # channels, and returns C
+    inpainting: bool = False
 
     @property
     def max_images(self) -> int:
@@ -58,8 +61,9 @@ class Engine(Protocol):
         """Prompts -> (context (B, L, D) float, context_mask (B, L) bool: True = real token)."""
 
     def unet(self, latents: Array, timesteps: np.ndarray, context: Array, context_mask: Array) -> Array:
-        """One UNet call. latents: (B, C, h, w) scaled latents; timesteps: (B,) int64 on the host, one per
-        sample (samples at different steps share a call). Returns the model output, (B, C, h, w)."""
+        """One UNet call. latents: (B, C, h, w) scaled latents (an inpainting model's: (B, 2C + 1, h, w), the mask
+        and the masked image's latents after them); timesteps: (B,) int64 on the host, one per sample (samples at
+        different steps share a call). Returns the model output, (B, C, h, w)."""
 
     def decode(self, latents: Array) -> Array:
         """Unscaled latents (B, C, h, w) -> images (B, 3, H, W) float in [-1, 1]."""
@@ -71,6 +75,9 @@ class Engine(Protocol):
     #   unet_with_deep_features(latents, timesteps, context, context_mask) -> (prediction, deep_features)
     #   unet_shallow(latents, timesteps, context, context_mask, deep_features) -> prediction
     # (``ldm_runtime.models.unet.UNet.forward_with_deep_features`` and ``forward_shallow``).
+    # LoRA adapters per request (``ldm_runtime.adapters``): engines with an ``adapters`` dict (None or absent: none,
+    # ``adapters_missing`` saying why) take ``adapters=``, one (name, scale) tuple per row, in encode_text and the
+    # UNet calls.
 
     def to_array(self, values: np.ndarray, like: Array | None = None) -> Array:
         """A host array as an engine array (on the engine's device; ``like``'s dtype when given)."""

@@ -4,15 +4,22 @@ The onnxruntime and openvino engines differ only in how they run one graph (``ru
 asks of an engine is here, once: the tokenizer, the engine info (with the model's DDIM settings), the
 context mask (all True for a model whose UNet attends to padding too, as Stable Diffusion does), the range
 checks and the casts to the dtypes the manifest lists. Imports numpy and the ``tokenizers`` library only.
+
+An engine dir exported with ``ldm-export --lora-slots RANK`` has per-row LoRA inputs on its UNet graphs
+(``lora_down.<module>`` (B, RANK, in), ``lora_up.<module>`` (B, out, RANK), listed under the manifest's
+``lora_slots``): adapters loaded here (``load_adapters``) fill them row by row, zeros for a row without one.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ldm_runtime.adapters import (TEXT_ENCODER, UNET, AdapterChoice, AdapterError, LoadedAdapter, load_adapter,
+                                   row_factors, targets_from_shapes)
 from ldm_runtime.engines.base import EngineInfo
 from ldm_runtime.manifest import (
     DEEP_FEATURES,
@@ -46,6 +53,7 @@ class EngineDirEngine:
         self.info = EngineInfo(
             name=name,
             latent_channels=model.latent_channels,
+            inpainting=model.inpainting,
             latent_factor=model.latent_factor,
             latent_scale_factor=float(model.latent_scale_factor),
             image_size=model.image_size,
@@ -58,6 +66,71 @@ class EngineDirEngine:
             sampler=dict(self.manifest.sampler),
             default_sampler=dict(self.manifest.default_sampler),
         )
+        self._open_lora_slots()
+
+    def _open_lora_slots(self) -> None:
+        """``adapter_slot_rank`` and ``_slot_modules`` {module: (in, out)} from the manifest's ``lora_slots``;
+        ``adapters`` {} where the engine dir has slots, else None (``adapters_missing`` says why)."""
+        slots = self.manifest.raw.get("lora_slots")
+        self.adapter_slot_rank: int | None = None
+        self._slot_modules: dict[str, tuple[int, int]] = {}
+        self.adapters: dict[str, LoadedAdapter] | None = None
+        self.adapters_missing: str | None = (f"engine dir {self.engine_dir} has no LoRA slots; re-export it with "
+                                             f"ldm-export --lora-slots RANK")
+        if slots is None:
+            return
+        where = f"{self.engine_dir / 'manifest.json'}: lora_slots"
+        try:
+            rank, modules = slots["rank"], slots["modules"]
+            self._slot_modules = {str(name): (int(size[0]), int(size[1])) for name, size in modules.items()}
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+            raise EngineDirError(f"{where} is {slots!r:.80}; expected {{rank, modules: {{name: [in, out]}}}}") from None
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise EngineDirError(f"{where}.rank is {rank!r}; expected a whole number from 1")
+        self.adapter_slot_rank, self.adapters, self.adapters_missing = rank, {}, None
+        self._slot_factors: dict[tuple[str, tuple[AdapterChoice, ...]], dict[str, np.ndarray]] = {}
+
+    def load_adapters(self, files: Mapping[str, str | Path]) -> None:
+        """Load LoRA files {name: path} for requests to name: UNet linear and 1x1 layers of the slots only, each of
+        a rank the slots hold. ``AdapterError`` (or ``EngineDirError`` for an engine dir without slots) otherwise."""
+        if not files:
+            return
+        if self.adapters is None:
+            raise EngineDirError(f"adapters {sorted(files)} cannot be served: {self.adapters_missing}")
+        targets = {UNET: targets_from_shapes({f"{name}.weight": (out, size_in)
+                                              for name, (size_in, out) in self._slot_modules.items()})}
+        why = (f"the engine dir's graphs apply LoRA to the UNet's linear and 1x1 layers only; expected such an "
+               f"adapter, or fuse it with ldm-import --lora and re-export")
+        for name, path in files.items():
+            adapter = load_adapter(name, path, targets, {TEXT_ENCODER: why}, pointwise_only=why)
+            if adapter.rank > self.adapter_slot_rank:
+                raise AdapterError(f"{path} has rank {adapter.rank}; engine dir {self.engine_dir}'s slots hold rank "
+                                   f"{self.adapter_slot_rank} (re-export it with --lora-slots {adapter.rank} or more)")
+            self.adapters[name] = adapter
+
+    def _lora_feeds(self, graph: str, batch: int, adapters: Sequence[AdapterChoice] | None) -> dict[str, np.ndarray]:
+        """The ``lora_down.*`` and ``lora_up.*`` inputs of ``graph`` for ``batch`` rows choosing ``adapters``."""
+        names = [spec.name.removeprefix("lora_down.") for spec in self.manifest.graphs[graph].inputs
+                 if spec.name.startswith("lora_down.")]
+        if not names:
+            return {}
+        choices = tuple(adapters) if adapters is not None else ((),) * batch
+        key = (graph, choices)
+        feeds = self._slot_factors.get(key)
+        if feeds is not None:
+            return feeds
+        if len(self._slot_factors) >= 32:  # a server repeats its mixes; keep the recent ones
+            self._slot_factors.clear()
+        rank, feeds = self.adapter_slot_rank, {}
+        for name in names:
+            size_in, out = self._slot_modules[name]
+            rows = [row_factors((UNET, f"{name}.weight"), choice, self.adapters or {}, rank) for choice in choices]
+            feeds[f"lora_down.{name}"] = np.stack([np.zeros((rank, size_in), np.float32) if row is None else row[0]
+                                                   for row in rows])
+            feeds[f"lora_up.{name}"] = np.stack([np.zeros((out, rank), np.float32) if row is None else row[1]
+                                                 for row in rows])
+        self._slot_factors[key] = feeds
+        return feeds
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run graph ``graph`` on named host arrays; float outputs as float32, in the manifest's output order."""
@@ -65,9 +138,11 @@ class EngineDirEngine:
 
     # --- the Engine protocol -------------------------------------------------------------------------------
 
-    def encode_text(self, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def encode_text(self, prompts: list[str],
+                    adapters: Sequence[AdapterChoice] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """B prompts -> (context (B, L, D) float32, context_mask (B, L) bool: True = a token the UNet attends
-        to; every token, padding included, for a model with ``mask_padding`` false)."""
+        to; every token, padding included, for a model with ``mask_padding`` false). ``adapters``: each prompt's,
+        which leave it as it is (``load_adapters`` takes UNet adapters only)."""
         if isinstance(prompts, str):
             raise TypeError(f"prompts is the string {prompts!r}; expected a list of strings")
         self.manifest.check_batch(len(prompts), "text encoder batch")
@@ -78,10 +153,11 @@ class EngineDirEngine:
         return context, attention_mask.astype(bool)
 
     def unet(self, latents: np.ndarray, timesteps: np.ndarray, context: np.ndarray,
-             context_mask: np.ndarray) -> np.ndarray:
+             context_mask: np.ndarray, adapters: Sequence[AdapterChoice] | None = None) -> np.ndarray:
         """latents (B, C, h, w) scaled, timesteps (B,) int64 (one per sample), context (B, L, D),
-        context_mask (B, L) bool -> the UNet's prediction (B, C, h, w) float32."""
-        return self.unet_with_deep_features(latents, timesteps, context, context_mask)[0]
+        context_mask (B, L) bool, ``adapters`` (None, or each row's ``AdapterChoice``) -> the UNet's prediction
+        (B, C, h, w) float32."""
+        return self.unet_with_deep_features(latents, timesteps, context, context_mask, adapters)[0]
 
     @property
     def deep_cache(self) -> bool:
@@ -96,20 +172,23 @@ class EngineDirEngine:
         return f"engine dir {self.engine_dir} has no {SHALLOW_UNET_GRAPH} graph; re-export it with this ldm-export"
 
     def unet_with_deep_features(self, latents: np.ndarray, timesteps: np.ndarray, context: np.ndarray,
-                                context_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+                                context_mask: np.ndarray, adapters: Sequence[AdapterChoice] | None = None
+                                ) -> tuple[np.ndarray, np.ndarray | None]:
         """``unet``'s prediction and the deep features DeepCache keeps (None from an engine dir without them)."""
         timesteps = self.unet_timesteps(latents, timesteps)
         outputs = self.run("unet", {"latents": latents, "timesteps": timesteps, "context": context,
-                                    "context_mask": np.asarray(context_mask, dtype=bool)})
+                                    "context_mask": np.asarray(context_mask, dtype=bool),
+                                    **self._lora_feeds("unet", latents.shape[0], adapters)})
         return outputs[0], (outputs[1] if len(outputs) > 1 else None)
 
     def unet_shallow(self, latents: np.ndarray, timesteps: np.ndarray, context: np.ndarray, context_mask: np.ndarray,
-                     deep_features: np.ndarray) -> np.ndarray:
+                     deep_features: np.ndarray, adapters: Sequence[AdapterChoice] | None = None) -> np.ndarray:
         """The prediction from the UNet's shallow part on deep features kept from ``unet_with_deep_features``."""
         timesteps = self.unet_timesteps(latents, timesteps)
         (noise_pred,) = self.run(SHALLOW_UNET_GRAPH, {
             "latents": latents, "timesteps": timesteps, "context": context,
-            "context_mask": np.asarray(context_mask, dtype=bool), DEEP_FEATURES: deep_features})
+            "context_mask": np.asarray(context_mask, dtype=bool), DEEP_FEATURES: deep_features,
+            **self._lora_feeds(SHALLOW_UNET_GRAPH, latents.shape[0], adapters)})
         return noise_pred
 
     def unet_timesteps(self, latents, timesteps) -> np.ndarray:

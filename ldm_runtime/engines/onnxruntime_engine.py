@@ -12,7 +12,7 @@ device once, outputs are allocated there by onnxruntime and copied back once.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -46,12 +46,15 @@ class OnnxRuntimeEngine(EngineDirEngine):
     (the level onnxruntime optimises each graph at when it loads it). verify: check every graph's and the
     tokenizer's sha256 against the manifest first (``EngineDirError`` naming the file that differs).
     Batches and image sizes outside the exported ranges raise ``OutOfRangeError`` naming the allowed range.
+    adapters: {name: LoRA .safetensors file} for requests to name, on an engine dir with LoRA slots
+    (``EngineDirEngine.load_adapters``).
     """
 
     def __init__(self, engine_dir: str | Path, providers: Sequence[str] | None = None,
                  intra_op_threads: int | None = None, graph_optimization_level: str = "all", verify: bool = True,
-                 device: str = "auto"):
+                 device: str = "auto", adapters: Mapping[str, str | Path] | None = None):
         self._open_engine_dir(engine_dir, "onnxruntime", verify)
+        self.load_adapters(adapters or {})
         if graph_optimization_level not in GRAPH_OPTIMIZATION_LEVELS:
             raise ValueError(f"graph_optimization_level {graph_optimization_level!r} is not one of "
                              f"{', '.join(GRAPH_OPTIMIZATION_LEVELS)}")

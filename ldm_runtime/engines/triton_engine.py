@@ -66,6 +66,7 @@ class TritonEngine(TorchEngine):
     """
 
     name = "triton"
+    adapters_missing = "its captured CUDA graphs fix the UNet's weights"
 
     def __init__(self, checkpoint_dir: str | Path, device: str = "auto", dtype: torch.dtype = torch.float16,
                  batch_buckets: tuple[int, ...] = DEFAULT_BATCH_BUCKETS, cuda_graphs: bool = True,

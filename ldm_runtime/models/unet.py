@@ -179,8 +179,9 @@ class UNet(nn.Module):
                 context_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Predict the noise (or v) in ``latents``.
 
-        latents: (B, C, h, w) with h, w divisible by 2 ** (levels - 1); timesteps: (B,) int or float, one per
-        sample (a 0-d or (1,) tensor is broadcast); context: (B, L, context_dim) text hidden states;
+        latents: (B, in_channels, h, w) with h, w divisible by 2 ** (levels - 1) (an inpainting UNet's: the latents,
+        the mask and the masked image's latents, ``ldm_runtime.config.inpainting_channels``); timesteps: (B,) int or
+        float, one per sample (a 0-d or (1,) tensor is broadcast); context: (B, L, context_dim) text hidden states;
         context_mask: (B, L) bool, True = real token, or None (attend to every token).
         Returns (B, out_channels, h, w) in latents' dtype.
         """

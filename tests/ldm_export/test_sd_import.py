@@ -198,7 +198,7 @@ def test_import_refuses_diffusers_folder_with_only_pickled_weights(imported, tmp
 
 @pytest.mark.parametrize(("pipeline_class", "named"), [
     ("StableDiffusionXLPipeline", "SDXL"), ("StableDiffusion3Pipeline", "Stable Diffusion 3"),
-    ("FluxPipeline", "Flux"), ("StableDiffusionInpaintPipeline", "inpainting"),
+    ("FluxPipeline", "Flux"), ("StableDiffusionUpscalePipeline", "upscaler"),
 ])
 def test_import_names_unsupported_model_kinds(tmp_path, capsys, pipeline_class, named):
     source = tmp_path / "model"
@@ -208,19 +208,21 @@ def test_import_names_unsupported_model_kinds(tmp_path, capsys, pipeline_class, 
     assert code == 2 and named in line and pipeline_class in line
 
 
-def test_import_names_nine_channel_inpainting_unet(imported, tmp_path, capsys):
+def test_import_names_unet_input_channels_that_are_neither_text_to_image_nor_inpainting(imported, tmp_path,
+                                                                                          capsys):
     _sd1_only(imported)
     source, _, _ = imported
     import shutil
 
-    copy = tmp_path / "inpainting"
+    copy = tmp_path / "five-channels"
     shutil.copytree(source, copy)
     config_path = copy / "unet" / "config.json"
     config = json.loads(config_path.read_text())
-    config["in_channels"] = 9
+    config["in_channels"] = 5
     config_path.write_text(json.dumps(config))
     code, line = _run_cli(capsys, str(copy), "--out", str(tmp_path / "out"))
-    assert code == 2 and "9-channel inpainting" in line
+    assert code == 2 and "unet.in_channels is 5; expected 4" in line and "or 9" in line
+    assert not (tmp_path / "out").exists()
 
 
 def test_import_names_lora_files(tmp_path, capsys):
@@ -277,13 +279,6 @@ def test_import_names_unsupported_single_file_kinds(tmp_path, capsys, key, named
     assert code == 2 and named in line
 
 
-def test_import_names_single_file_nine_channel_inpainting_unet(tmp_path, capsys):
-    from safetensors.torch import save_file
-
-    path = tmp_path / "inpainting.safetensors"
-    save_file({"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 9, 3, 3)}, str(path))
-    code, line = _run_cli(capsys, str(path), "--out", str(tmp_path / "out"))
-    assert code == 2 and "9-channel inpainting" in line
 
 
 def test_ldm_import_cli_writes_a_checkpoint_that_ldm_sample_takes(imported, tmp_path, capsys):

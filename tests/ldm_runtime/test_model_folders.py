@@ -305,6 +305,9 @@ HOSTILE_MANIFEST_CASES = [
     (("model", "latent_factor"), 3, "model.latent_factor is 3; expected one of [1, 2, 4, 8, 16, 32]"),
     (("model", "latent_factor"), 2.0, "model.latent_factor is 2.0; expected one of [1, 2, 4, 8, 16, 32]"),
     (("model", "mask_padding"), "no", "model.mask_padding is 'no'; expected true or false"),
+    (("model", "inpainting"), 1, "model.inpainting is 1; expected true or false"),
+    (("model", "inpainting"), True, "unet input latents has shape ['batch', 4, 'latent_height', 'latent_width'] but "
+                                    "model.inpainting is true; expected 9 channels"),
     (("dims", "batch", "max"), 2**30, "dims.batch.max is 1073741824; expected at most 256"),
     (("dims", "image_height", "max"), 2**20, "dims.image_height.max is 1048576; expected at most 8192"),
     (("graphs", "unet", "inputs", 2, "shape", 1), 10**9, "unet tensor context has axis 1000000000; expected an "
