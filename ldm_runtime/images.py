@@ -58,7 +58,7 @@ def read_upload(data: bytes, what: str, *, max_side: int, mask: bool = False,
     except Exception as error:  # PIL raises many kinds of error on damaged data: each is the file's fault
         reason = " ".join(str(error).split()) or type(error).__name__
         raise RequestError(f"{what} cannot be decoded as {image.format} ({reason}); expected a whole "
-                           f"{UPLOAD_FORMAT_NAMES}", what) from None
+                           f"{UPLOAD_FORMAT_NAMES.removeprefix('a ')}", what) from None
     return pixels
 
 

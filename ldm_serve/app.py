@@ -1,7 +1,8 @@
 """The FastAPI app of ``ldm-serve`` (``create_app``) and its OpenAPI schema.
 
-Routes: ``POST /v1/images`` (text to image), ``POST /v1/images/generations`` (the same in the OpenAI images
-API's shapes, so that OpenAI's clients work unchanged), either streamed as it goes with ``stream: true``
+Routes: ``POST /v1/images`` (text to image, or an edit of an init image, masked or not), ``POST
+/v1/images/generations`` and ``POST /v1/images/edits`` (the same in the OpenAI images API's shapes, so that OpenAI's
+clients work unchanged), each streamed as it goes with ``stream: true``
 (``ldm_serve.events``), ``DELETE /v1/images/{id}`` (cancel one), ``GET /`` (a page to try it, ``page.html``),
 ``GET /healthz`` (the process answers), ``GET /readyz`` (engine warmed up and not draining), ``GET /metrics``
 (Prometheus text format), ``GET /openapi.json`` and ``/docs`` (Swagger UI). The schema says what the server does:
@@ -28,10 +29,10 @@ from ldm_serve.batcher import Batcher
 from ldm_serve.browser import (LOOPBACK_HOSTS, HostCheckMiddleware, JsonCorsMiddleware, SecurityHeadersMiddleware,
                                cors_options, page_policy)
 from ldm_serve.errors import (ERROR_CONTENT, ERROR_SCHEMA, OPENAI_ERROR_CONTENT, OPENAI_ERROR_SCHEMA,
-                              OPENAI_IMAGES_PATH, add_error_handlers)
+                              OPENAI_EDITS_PATH, OPENAI_IMAGES_PATH, add_error_handlers)
 from ldm_serve.metrics import ServeMetrics
 from ldm_serve.middleware import HEALTH_PATHS, PAGE_PATH, ApiKeyMiddleware, BodyLimitMiddleware, ErrorSafetyMiddleware
-from ldm_serve.request_schema import ServeLimits
+from ldm_serve.request_schema import ServeLimits, body_limits, edit_form_schema
 from ldm_serve.routes import ImagesRoute, add_status_routes
 
 
@@ -49,9 +50,9 @@ def create_app(pipeline: Pipeline, batcher: Batcher, limits: ServeLimits, metric
         await asyncio.to_thread(batcher.stop)
 
     app = FastAPI(title="ldm-serve", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description=f"Text-to-image with a latent diffusion model ({model_name}); "
+                  description=f"Text-to-image and image editing with a latent diffusion model ({model_name}); "
                               f"{batcher.config.mode} batching of up to {batcher.config.max_batch} images.")
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=limits.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=limits.max_body_bytes, path_limits=body_limits(limits))
     if api_key is not None:
         app.add_middleware(ApiKeyMiddleware, api_key=api_key, on_refused=metrics.requests.labels("unauthorized").inc)
     if cors_origins:
@@ -61,11 +62,13 @@ def create_app(pipeline: Pipeline, batcher: Batcher, limits: ServeLimits, metric
     app.add_middleware(ErrorSafetyMiddleware, on_error=metrics.requests.labels("error").inc)
     app.add_middleware(SecurityHeadersMiddleware)
     add_error_handlers(app)
-    route = ImagesRoute(pipeline, batcher, limits, metrics)
+    route = ImagesRoute(pipeline, batcher, limits, metrics, cors_origins)
     app.post("/v1/images", summary="Generate images from a prompt",
              openapi_extra=images_openapi(route.model, limits))(route.create_images)
     app.post(OPENAI_IMAGES_PATH, summary="Generate images from a prompt, in the OpenAI images API's shapes",
              openapi_extra=openai_images_openapi(route.openai_model, limits))(route.create_openai_images)
+    app.post(OPENAI_EDITS_PATH, summary="Edit an image (masked or not) from a prompt, in the OpenAI images API's "
+                                        "shapes", openapi_extra=openai_edits_openapi(limits))(route.create_openai_edits)
     app.delete("/v1/images/{request_id}", summary="Cancel a queued or running request",
                openapi_extra=CANCEL_OPENAPI)(route.cancel_images)
     add_status_routes(app, batcher, metrics)
@@ -83,12 +86,14 @@ def create_app(pipeline: Pipeline, batcher: Batcher, limits: ServeLimits, metric
     async def swagger_ui() -> Response:
         return HTMLResponse(docs, headers=docs_headers)
 
-    exact_openapi(app, {"/v1/images": route.model.model_json_schema(),
-                        OPENAI_IMAGES_PATH: route.openai_model.model_json_schema()}, bearer=api_key is not None)
+    exact_openapi(app, {"/v1/images": ("application/json", route.model.model_json_schema()),
+                        OPENAI_IMAGES_PATH: ("application/json", route.openai_model.model_json_schema()),
+                        OPENAI_EDITS_PATH: (FORM_MEDIA_TYPE, edit_form_schema(limits))}, bearer=api_key is not None)
     return app
 
 
 DOCS_PATH = "/docs"
+FORM_MEDIA_TYPE = "multipart/form-data"
 SAMPLER_SELECT = '<select id="sampler"></select>'  # in page.html, filled in by page_with_samplers
 # FastAPI's Swagger UI page loads its script, style and icon from these hosts; its style uses inline attributes
 SWAGGER_UI_SOURCES = {"script-src": "https://cdn.jsdelivr.net",
@@ -133,7 +138,8 @@ def images_openapi(model: type[BaseModel], limits: ServeLimits) -> dict[str, Any
             "406": {"description": "image/png only, for more than one image; a stream for a client that does not "
                                    "accept text/event-stream", "content": ERROR_CONTENT},
             "409": {"description": "Cancelled (DELETE /v1/images/{id}) before it finished", "content": ERROR_CONTENT},
-            "413": {"description": f"Body over {limits.max_body_bytes} bytes", "content": ERROR_CONTENT},
+            "413": {"description": f"Body over {body_limits(limits)['/v1/images']} bytes",
+                    "content": ERROR_CONTENT},
             "415": {"description": "No Content-Type: application/json", "content": ERROR_CONTENT},
             "422": {"description": "A field is invalid (named in error.field)", "content": ERROR_CONTENT},
             "429": {"description": "Queue full; see Retry-After", "content": ERROR_CONTENT},
@@ -212,7 +218,8 @@ def openai_images_openapi(model: type[BaseModel], limits: ServeLimits) -> dict[s
             "401": {"description": "Missing or wrong API key", "content": OPENAI_ERROR_CONTENT},
             "409": {"description": "Cancelled (DELETE /v1/images/{id}) before it finished",
                     "content": OPENAI_ERROR_CONTENT},
-            "413": {"description": f"Body over {limits.max_body_bytes} bytes", "content": OPENAI_ERROR_CONTENT},
+            "413": {"description": f"Body over {body_limits(limits)[OPENAI_IMAGES_PATH]} bytes",
+                    "content": OPENAI_ERROR_CONTENT},
             "415": {"description": "No Content-Type: application/json", "content": OPENAI_ERROR_CONTENT},
             "429": {"description": "Queue full; see Retry-After", "content": OPENAI_ERROR_CONTENT},
             "503": {"description": "Warming up, draining, or timed out; see Retry-After",
@@ -220,7 +227,43 @@ def openai_images_openapi(model: type[BaseModel], limits: ServeLimits) -> dict[s
         }}
 
 
-def exact_openapi(app: FastAPI, request_schemas: dict[str, dict], bearer: bool) -> None:
+OPENAI_EDIT_EVENT_SCHEMA = event_schema({
+    "image_edit.partial_image": _object({"type": {"const": "image_edit.partial_image"}, "partial_image_index": COUNT,
+                                         **OPENAI_IMAGE_EVENT}),
+    "image_edit.completed": _object({"type": {"const": "image_edit.completed"}, **OPENAI_IMAGE_EVENT},
+                                    timings=ANSWER_SCHEMA["properties"]["timings"]),
+    "error": _object({"type": {"const": "error"}, "error": OPENAI_ERROR_SCHEMA["properties"]["error"]})})
+
+
+def openai_edits_openapi(limits: ServeLimits) -> dict[str, Any]:
+    """The OpenAPI entry of ``POST /v1/images/edits``: the form's schema and every answer it can get, the errors
+    in OpenAI's shape."""
+    return {
+        "requestBody": {"required": True, "content": {FORM_MEDIA_TYPE: {"schema": edit_form_schema(limits)}}},
+        "responses": {
+            "200": {"description": "The edited images as base64 PNGs, each with its seed; the size and the timings. "
+                                   "With stream true, OpenAI's server-sent events: image_edit.partial_image, then "
+                                   "image_edit.completed for each image. The request's id is in X-Request-Id.",
+                    "headers": {"X-Request-Id": REQUEST_ID_HEADER_SCHEMA},
+                    "content": {"application/json": {"schema": OPENAI_ANSWER_SCHEMA},
+                                "text/event-stream": {"schema": OPENAI_EDIT_EVENT_SCHEMA}}},
+            "400": {"description": "A malformed form, a Host header the server does not answer, or a field or file "
+                                   "is invalid (named in error.param)", "content": OPENAI_ERROR_CONTENT},
+            "401": {"description": "Missing or wrong API key", "content": OPENAI_ERROR_CONTENT},
+            "403": {"description": "Sent by a page of another origin than the server's and --cors-origin's",
+                    "content": OPENAI_ERROR_CONTENT},
+            "409": {"description": "Cancelled (DELETE /v1/images/{id}) before it finished",
+                    "content": OPENAI_ERROR_CONTENT},
+            "413": {"description": f"Body over {body_limits(limits)[OPENAI_EDITS_PATH]} bytes",
+                    "content": OPENAI_ERROR_CONTENT},
+            "415": {"description": "No Content-Type: multipart/form-data", "content": OPENAI_ERROR_CONTENT},
+            "429": {"description": "Queue full; see Retry-After", "content": OPENAI_ERROR_CONTENT},
+            "503": {"description": "Warming up, draining, or timed out; see Retry-After",
+                    "content": OPENAI_ERROR_CONTENT},
+        }}
+
+
+def exact_openapi(app: FastAPI, request_schemas: dict[str, tuple[str, dict]], bearer: bool) -> None:
     """Make ``app``'s OpenAPI schema say what the server does: each POST route's request body schema as pydantic
     wrote it (FastAPI's OpenAPI models turn integer bounds into floats, 2**63 - 1 into 9.223372036854776e+18, a
     seed the server refuses), and with ``bearer`` the API key as HTTP bearer on every route but the health probes,
@@ -230,8 +273,8 @@ def exact_openapi(app: FastAPI, request_schemas: dict[str, dict], bearer: bool) 
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = make_schema()
-            for path, request_schema in request_schemas.items():
-                schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"] = request_schema
+            for path, (media_type, request_schema) in request_schemas.items():
+                schema["paths"][path]["post"]["requestBody"]["content"][media_type]["schema"] = request_schema
             if bearer:
                 schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
                     "type": "http", "scheme": "bearer", "description": "The API key ldm-serve was started with."}

@@ -94,7 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-prompt-chars", type=int, default=LIMIT_DEFAULTS.max_prompt_chars,
                         help="longest prompt or negative prompt in characters (default: %(default)s)")
     parser.add_argument("--max-body-bytes", type=int, default=None,
-                        help="largest request body; beyond it 413 (default: what the longest valid request needs, "
+                        help="largest body of a request without images; beyond it 413 (the image routes add room for two "
+                             "uploads of --max-size) (default: what the longest valid request needs, "
                              f"{LIMIT_DEFAULTS.max_body_bytes} for the default --max-prompt-chars)")
     parser.add_argument("--header-timeout", type=finite_float, default=HEADER_TIMEOUT_S, metavar="S",
                         help="seconds a request's header may take to arrive (from the connection opening or the "

@@ -2,8 +2,9 @@
 the app meets that body.
 
 Every error is JSON, ``{"error": {"type": ..., "field": ..., "message": ...}}``, where ``message`` is one
-sentence naming the bad value and what was expected; on ``/v1/images/generations`` it is OpenAI's shape,
-``{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}``, with 400 where ``/v1/images`` says 422.
+sentence naming the bad value and what was expected; on ``/v1/images/generations`` and ``/v1/images/edits`` it is
+OpenAI's shape, ``{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}``, with 400 where
+``/v1/images`` says 422.
 No response ever carries a traceback or a path.
 """
 
@@ -19,6 +20,8 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 OPENAI_IMAGES_PATH = "/v1/images/generations"
+OPENAI_EDITS_PATH = "/v1/images/edits"
+OPENAI_PATHS = (OPENAI_IMAGES_PATH, OPENAI_EDITS_PATH)  # answered in OpenAI's error shape
 ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
     "type": "object", "required": ["type", "field", "message"],
     "properties": {"type": {"type": "string"}, "field": {"type": ["string", "null"]}, "message": {"type": "string"}}}}}
@@ -41,15 +44,15 @@ class ApiError(Exception):
 
 def error_status(error: ApiError, path: str | None = None) -> int:
     """The HTTP status of ``error`` on ``path``: OpenAI's API answers 400 where ours answers 422."""
-    return 400 if path == OPENAI_IMAGES_PATH and error.status == 422 else error.status
+    return 400 if path in OPENAI_PATHS and error.status == 422 else error.status
 
 
 def error_body(error: ApiError, path: str | None = None) -> bytes:
     r"""The JSON body of ``error`` on ``path`` in UTF-8, whatever the client put into its message (a lone surrogate
-    is shown as ``\ud800``): OpenAI's error shape on ``OPENAI_IMAGES_PATH``, with our ``type`` word as its
-    ``code``, and ours everywhere else."""
+    is shown as ``\ud800``): OpenAI's error shape on ``OPENAI_PATHS``, with our ``type`` word as its ``code``, and
+    ours everywhere else."""
     field = None if error.field is None else printable(error.field)
-    if path == OPENAI_IMAGES_PATH:
+    if path in OPENAI_PATHS:
         kind = "server_error" if error.status >= 500 else ("rate_limit_error" if error.status == 429
                                                            else "invalid_request_error")
         fields = {"message": printable(error.message), "type": kind, "param": field, "code": error.type}
@@ -94,7 +97,7 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, error: StarletteHTTPException) -> Response:
         message = {404: f"path {shown_value(request.url.path)} does not exist; expected /v1/images, "
-                        f"{OPENAI_IMAGES_PATH}, /, /healthz, /readyz or /metrics",
+                        f"{OPENAI_IMAGES_PATH}, {OPENAI_EDITS_PATH}, /, /healthz, /readyz or /metrics",
                    405: f"method {request.method} is not allowed on {request.url.path}"}.get(error.status_code,
                                                                                             str(error.detail))
         return error_response(ApiError(error.status_code, "http_error", message, None, dict(error.headers or {})),

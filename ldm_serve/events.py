@@ -10,7 +10,8 @@ Ours, each event's data a JSON object with the request's ``id``:
     event: error       data: {"error": {"type", "field", "message"}}                 instead of completed
 
 OpenAI's (its images API's streaming): ``image_generation.partial_image`` events (``partial_images`` of each image,
-``partial_image_index`` from 0), then one ``image_generation.completed`` per image, each with ``b64_json``,
+``partial_image_index`` from 0), then one ``image_generation.completed`` per image (on ``/v1/images/edits``,
+``image_edit.partial_image`` and ``image_edit.completed``), each with ``b64_json``,
 ``size``, ``output_format``, ``background``, ``quality`` and ``created_at``, and ours beside them (``image_index``,
 ``seed``); a failure is an ``error`` event with OpenAI's error object, which OpenAI's clients raise.
 """
@@ -32,6 +33,8 @@ from ldm_serve.batcher import Job
 
 OPENAI_PARTIAL = "image_generation.partial_image"
 OPENAI_COMPLETED = "image_generation.completed"
+OPENAI_EDIT_PARTIAL = "image_edit.partial_image"  # the same events of POST /v1/images/edits
+OPENAI_EDIT_COMPLETED = "image_edit.completed"
 
 
 def sse(event: str, data: dict[str, Any]) -> bytes:
@@ -88,7 +91,7 @@ async def preview_png(pixels: np.ndarray, seed: int, step: int, steps: int) -> s
 
 
 def openai_image_event(event: str, b64_png: str, width: int, height: int, **ours: Any) -> bytes:
-    """An ``image_generation.partial_image`` or ``image_generation.completed`` event in OpenAI's shape, with
+    """An ``image_generation.*`` or ``image_edit.*`` event (``event``) in OpenAI's shape, with
     ``ours`` (``image_index``, ``seed``, ``partial_image_index``) beside its fields."""
     return sse(event, {"type": event, "b64_json": b64_png, "created_at": int(time.time()),
                        "size": f"{width}x{height}", "output_format": "png", "background": "opaque",

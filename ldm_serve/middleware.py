@@ -24,20 +24,23 @@ logger = logging.getLogger("uvicorn.error")
 
 
 class BodyLimitMiddleware:
-    """ASGI middleware: a request body over ``max_body_bytes`` gets 413 before the app reads any of it."""
+    """ASGI middleware: a request body over ``max_body_bytes`` (on a path of ``path_limits``, its own limit) gets
+    413 before the app reads any of it."""
 
-    def __init__(self, app: Any, max_body_bytes: int):
+    def __init__(self, app: Any, max_body_bytes: int, path_limits: dict[str, int] | None = None):
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.path_limits = path_limits or {}
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
-        too_large = ApiError(413, "body_too_large", f"the body is over {self.max_body_bytes} bytes; expected at most "
-                                                    f"{self.max_body_bytes}", "body")
+        limit = self.path_limits.get(scope["path"], self.max_body_bytes)
+        too_large = ApiError(413, "body_too_large", f"the body is over {limit} bytes; expected at most {limit}",
+                             "body")
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_body_bytes):
+        if length is not None and (not length.isdigit() or int(length) > limit):
             await error_response(too_large, scope["path"])(scope, receive, send)
             return
         chunks, size = [], 0
@@ -47,7 +50,7 @@ class BodyLimitMiddleware:
                 return
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body_bytes:
+            if size > limit:
                 await error_response(too_large, scope["path"])(scope, receive, send)
                 return
             chunks.append(chunk)

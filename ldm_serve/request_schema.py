@@ -1,6 +1,7 @@
 """The body of an image request: its pydantic schema under the server's limits (``ServeLimits``), for ours
-(``request_model``) and OpenAI's (``openai_request_model``), and ``parse_body``, which reads any bytes into one or
-raises an ``ApiError`` whose one sentence names the field, the bad value and what was expected.
+(``request_model``) and OpenAI's (``openai_request_model``, ``openai_edit_model``), and ``parse_body``, which reads
+any bytes into one or raises an ``ApiError`` whose one sentence names the field, the bad value and what was expected.
+Each route's largest body (``body_limits``) admits its longest valid request, images included, and no more.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from ldm_runtime.config import CACHE_SCHEDULES, MAX_CACHE_INTERVAL
+from ldm_runtime.images import MAX_UPLOAD_BYTES, UPLOAD_FORMAT_NAMES
 from ldm_runtime.noise import MAX_SEED
 from ldm_runtime.pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, GenerationRequest
 from ldm_runtime.schedulers import SAMPLER_NAMES
-from ldm_serve.errors import ApiError, printable, shortened, shown_value
+from ldm_serve.errors import OPENAI_EDITS_PATH, OPENAI_IMAGES_PATH, ApiError, printable, shortened, shown_value
 
 MAX_GUIDANCE_SCALE = 100.0
 DEFAULT_PROMPT_CHARS = 1000
@@ -33,13 +35,31 @@ BLANK_CHARACTERS = (r"\u0009-\u000d\u001c-\u0020\u0085\u00a0\u1680\u2000-\u200a\
                     r"\ufeff")
 NOT_BLANK_PATTERN = f"[^{BLANK_CHARACTERS}]"
 REQUEST_DEFAULTS = {field.name: field.default for field in dataclasses.fields(GenerationRequest)}
+UPLOAD_METADATA_BYTES = 64 * 2**10  # an upload's PNG framing, zlib blocks and metadata (EXIF, ICC profile)
+IMAGE_FIELDS = ("init_image", "mask")  # our JSON's base64 images
+# strict base64 (RFC 4648, padded, no line breaks), as base64.b64decode(validate=True) reads it; the same in
+# ECMA-262 and Python re
+BASE64_PATTERN = "^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+MAX_FORM_PARTS = 40  # a multipart edit request's parts: every field once, arrays as repeated parts, two files
+FORM_PART_HEADER_BYTES = 512  # a multipart part's boundary line and headers (its name, a file's name and type)
 
 
 def largest_request_bytes(max_prompt_chars: int) -> int:
-    """The bytes of the longest valid ``POST /v1/images`` body, so that the default body limit refuses none: both
+    """The bytes of the longest valid body without images, so that the default body limit refuses none: both
     prompts at 12 bytes a character (an escaped surrogate pair, as JSON encoders write astral characters), and
     1 KiB for the other fields."""
     return 2 * 12 * max_prompt_chars + 1024
+
+
+def largest_upload_bytes(max_side: int) -> int:
+    """The bytes of the largest image a request may hand in when images have at most ``max_side`` pixels a side:
+    an uncompressed 16-bit RGBA PNG's rows at that size and ``UPLOAD_METADATA_BYTES`` (at most MAX_UPLOAD_BYTES)."""
+    return min(MAX_UPLOAD_BYTES, max_side * (8 * max_side + 1) + UPLOAD_METADATA_BYTES)
+
+
+def base64_chars(size: int) -> int:
+    """The length of ``size`` bytes in padded base64."""
+    return 4 * math.ceil(size / 3)
 
 
 @dataclass(frozen=True)
@@ -61,6 +81,17 @@ class ServeLimits:
     default_cache_interval: int = 1
     default_cache_schedule: str = CACHE_SCHEDULES[0]
     max_cache_interval: int = MAX_CACHE_INTERVAL  # 1 where the engine cannot cache the UNet's features
+    max_upload_bytes: int = largest_upload_bytes(64)  # an init image or mask, as a file (base64 in JSON: 4/3 of it)
+
+
+def body_limits(limits: ServeLimits) -> dict[str, int]:
+    """Each POST route's largest body in bytes: ``max_body_bytes`` for a request without images, and on the routes
+    that take them, that and two images of ``max_upload_bytes`` (base64 in a JSON string on ``/v1/images``; raw
+    bytes on ``/v1/images/edits``, with every multipart part's header)."""
+    base64_images = 2 * (base64_chars(limits.max_upload_bytes) + 32)  # each with its name, quotes and comma
+    form_images = 2 * limits.max_upload_bytes + MAX_FORM_PARTS * FORM_PART_HEADER_BYTES
+    return {"/v1/images": limits.max_body_bytes + base64_images, OPENAI_IMAGES_PATH: limits.max_body_bytes,
+            OPENAI_EDITS_PATH: limits.max_body_bytes + form_images}
 
 
 @functools.lru_cache(maxsize=8)
@@ -76,7 +107,9 @@ def request_model(limits: ServeLimits) -> type[BaseModel]:
                               json_schema_extra={"examples": [{"prompt": "a red circle on a blue background",
                                                                "seed": 7, "steps": 25}],
                                                  "allOf": [eta_only_for_ddim(limits.default_sampler),
-                                                           only_when_streamed("previews")]}),
+                                                           only_when_streamed("previews"),
+                                                           only_with_init_image("mask", "string"),
+                                                           only_with_init_image("strength", "number")]}),
         prompt=(str, Field(min_length=1, max_length=limits.max_prompt_chars,
                            json_schema_extra={"pattern": NOT_BLANK_PATTERN},  # checked in parse_body
                            description="What to draw, not only spaces. Longer than the model's token limit is "
@@ -126,6 +159,23 @@ def request_model(limits: ServeLimits) -> type[BaseModel]:
         previews=(int, Field(0, ge=0, le=limits.max_steps,
                              description="With stream: previews of each image while it is made, spread evenly over "
                                          "its steps (at most one a step, none after the last).")),
+        init_image=(str | None, Field(None, max_length=base64_chars(limits.max_upload_bytes),
+                                      json_schema_extra=base64_image_schema(),
+                                      description=f"An image to edit: {UPLOAD_FORMAT_NAMES} of at most "
+                                                  f"{limits.max_upload_bytes} bytes as base64 (no data: prefix), "
+                                                  f"its sides what width and height take; the answer has its size "
+                                                  f"(width and height: null or the same). Image to image (SDEdit) "
+                                                  f"at strength, or inpainting with a mask.")),
+        mask=(str | None, Field(None, max_length=base64_chars(limits.max_upload_bytes),
+                                json_schema_extra=base64_image_schema(),
+                                description="With init_image: where to repaint, an image of its size as base64, "
+                                            "white (grey level 128 and up) repainted, the rest kept pixel for "
+                                            "pixel.")),
+        strength=(float | None, Field(None, ge=0, le=1, allow_inf_nan=False,
+                                      description="With init_image: how much of it to redraw, from 0 (its "
+                                                  "autoencoder reconstruction) to 1 (from pure noise); the last "
+                                                  "int(steps * strength) steps run. null: the model's default "
+                                                  "(another with a mask).")),
     )
 
 
@@ -133,6 +183,17 @@ def only_when_streamed(field: str) -> dict[str, Any]:
     """The JSON Schema rule "``field`` above 0 needs stream true" (``parse_body`` enforces it)."""
     return {"if": {"properties": {field: {"exclusiveMinimum": 0}}, "required": [field]},
             "then": {"properties": {"stream": {"const": True}}, "required": ["stream"]}}
+
+
+def only_with_init_image(field: str, json_type: str) -> dict[str, Any]:
+    """The JSON Schema rule "``field``, unless null, needs an init_image" (the route enforces it)."""
+    return {"if": {"properties": {field: {"type": json_type}}, "required": [field]},
+            "then": {"properties": {"init_image": {"type": "string"}}, "required": ["init_image"]}}
+
+
+def base64_image_schema() -> dict[str, Any]:
+    """What the schema says of a base64 image field beyond its length (the route decodes it)."""
+    return {"pattern": BASE64_PATTERN, "contentEncoding": "base64"}
 
 
 def _interval_json(interval: tuple[float, float] | None) -> list[float] | None:
@@ -202,6 +263,74 @@ def openai_request_model(limits: ServeLimits) -> type[BaseModel]:
     )
 
 
+@functools.lru_cache(maxsize=8)
+def openai_edit_model(limits: ServeLimits) -> type[BaseModel]:
+    """The pydantic model of a ``POST /v1/images/edits`` form's text fields: those of ``openai_request_model`` and
+    ``strength``; its files (``image``, ``mask``) are read beside it (``ldm_serve.uploads``). A form's absent field
+    is its default, so the text fields that JSON could make null take only strings here (``edit_form_schema``)."""
+    generations = openai_request_model(limits).model_fields
+    ours = request_model(limits).model_fields
+    default_size = f"{limits.default_size}x{limits.default_size}"
+    fields: dict[str, Any] = {name: (field.annotation, field) for name, field in generations.items()}
+    fields["size"] = (Literal[tuple(image_sizes(limits))] | None,
+                      Field(None, description=f'Image size "WxH" in pixels, width first: the image\'s own size, as '
+                                              f'when it is absent. The image\'s sides are those of a "WxH" the '
+                                              f'server makes (the model\'s default is "{default_size}").'))
+    fields["stream"] = (bool, Field(False, description="true: the answer is server-sent events in OpenAI's shape: "
+                                                       "image_edit.partial_image (with partial_images), then "
+                                                       "image_edit.completed for each image."))
+    fields["strength"] = (ours["strength"].annotation,
+                          Field(None, ge=0, le=1, allow_inf_nan=False,
+                                description="How much of the image to redraw, from 0 (its autoencoder "
+                                            "reconstruction) to 1 (from pure noise); the last int(steps * "
+                                            "strength) steps run. Absent: the model's default (another with a "
+                                            "mask)."))
+    return create_model(
+        "OpenAIImageEditRequest",
+        __config__=ConfigDict(extra="forbid", strict=True,
+                              json_schema_extra={"allOf": [eta_only_for_ddim(limits.default_sampler),
+                                                           only_when_streamed("partial_images")]}),
+        **fields)
+
+
+FORM_TEXT_FIELDS = ("prompt", "negative_prompt", "sampler", "cache_schedule", "size", "response_format", "model",
+                    "user")  # taken as the part's text; every other field's part is read as JSON (7, 0.5, true, null)
+FORM_ARRAY_FIELDS = ("guidance_interval",)  # an array: one part of JSON, or a part per item (name or name[])
+
+
+def edit_form_schema(limits: ServeLimits) -> dict[str, Any]:
+    """The JSON Schema of ``POST /v1/images/edits``' multipart form: ``openai_edit_model``'s, its text fields that
+    JSON could make null only strings (a form leaves them out instead), and the files ``image`` and ``mask``."""
+    schema = openai_edit_model(limits).model_json_schema()
+    for name in FORM_TEXT_FIELDS:
+        field = schema["properties"][name]
+        if "anyOf" in field:
+            branch = next(option for option in field.pop("anyOf") if option.get("type") != "null")
+            field.pop("default", None)
+            field.update(branch)
+    image_bytes = f"{UPLOAD_FORMAT_NAMES} of at most {limits.max_upload_bytes} bytes"
+    files = {
+        "image": {"type": "string", "format": "binary",
+                  "description": f"The image to edit, a file: {image_bytes}, each side a multiple of "
+                                 f"{limits.size_multiple} from {limits.min_size} to {limits.max_size}."},
+        "mask": {"type": "string", "format": "binary",
+                 "description": f"Where to edit, a file: a PNG (or WebP) with an alpha channel, of the image's size "
+                                f"and at most {limits.max_upload_bytes} bytes, whose fully transparent pixels (alpha "
+                                f"0) are repainted, the rest kept pixel for pixel (OpenAI's convention). Absent: the "
+                                f"whole image is redrawn at strength."}}
+    schema["properties"] = {**files, **schema["properties"]}
+    schema["required"] = ["image", *schema.get("required", [])]
+    # the same two rules as the JSON routes', spelled without if/then: schemathesis cannot judge a conditional on a
+    # form that holds files
+    ddim: dict[str, Any] = {"properties": {"sampler": {"const": "ddim"}}}
+    if limits.default_sampler != "ddim":
+        ddim["required"] = ["sampler"]
+    schema["allOf"] = [{"anyOf": [{"properties": {"eta": {"const": 0}}}, ddim]},
+                       {"anyOf": [{"properties": {"partial_images": {"const": 0}}},
+                                  {"properties": {"stream": {"const": True}}, "required": ["stream"]}]}]
+    return schema
+
+
 def expected_text(field: str, limits: ServeLimits) -> str:
     """What ``field`` must be, as the end of an error sentence."""
     sizes = f"a multiple of {limits.size_multiple} from {limits.min_size} to {limits.max_size}, or null"
@@ -229,6 +358,12 @@ def expected_text(field: str, limits: ServeLimits) -> str:
         "stream": "true or false",
         "previews": f"an integer from 0 to {limits.max_steps}",
         "partial_images": f"an integer from 0 to {MAX_PARTIAL_IMAGES}",
+        "init_image": f"{UPLOAD_FORMAT_NAMES} of at most {limits.max_upload_bytes} bytes as base64 (no data: "
+                      f"prefix), or null",
+        "mask": f"an image of the init_image's size as base64 (white: repaint), at most {limits.max_upload_bytes} "
+                f"bytes, or null",
+        "strength": "a number from 0 to 1, or null",
+        "image": f"one file: {UPLOAD_FORMAT_NAMES} of at most {limits.max_upload_bytes} bytes",
     }.get(field, "")
 
 
@@ -247,6 +382,10 @@ def validation_error(error: ValidationError, body: Any, limits: ServeLimits, mod
         return ApiError(422, "invalid_request", f"{field} is missing; expected {expected_text(field, limits)}", field)
     # an error inside an array names an item; the sentence shows the whole value the field was given
     value = body[field] if len(location) > 1 and isinstance(body, dict) and field in body else first.get("input")
+    if first["type"] == "string_too_long" and isinstance(value, str) and field in IMAGE_FIELDS:
+        return ApiError(422, "invalid_request", f"{field} has {len(value)} characters of base64; expected at most "
+                                                f"{first['ctx']['max_length']} (an image of at most "
+                                                f"{limits.max_upload_bytes} bytes)", field)
     if first["type"] == "string_too_long" and isinstance(value, str):
         return ApiError(422, "invalid_request", f"{field} has {len(value)} characters; expected at most "
                                                 f"{first['ctx']['max_length']}", field)
@@ -334,6 +473,12 @@ def parse_body(raw: bytes, content_type: str, limits: ServeLimits, model: type[B
             raise ApiError(422, "invalid_request", f"{shortened(key)} is an array or object nested {depth} deep; "
                                                    f"expected {expected_text(key, limits) or 'no such field'}", key)
         fields[key] = _plain(value)
+    return validated(fields, limits, model)
+
+
+def validated(fields: dict[str, Any], limits: ServeLimits, model: type[BaseModel]) -> BaseModel:
+    """``fields`` (JSON's values, as ``json_number`` makes its numbers) as a validated ``model``; ``ApiError`` naming
+    the field otherwise, for the rules JSON Schema states and for those it cannot."""
     try:
         parsed = model.model_validate(fields)
     except ValidationError as error:
@@ -351,4 +496,9 @@ def parse_body(raw: bytes, content_type: str, limits: ServeLimits, model: type[B
         if wanted and not parsed.stream:
             raise ApiError(422, "invalid_request", f"{name} is {wanted} but stream is false; expected stream: true "
                                                    f"for {name.replace('_', ' ')}, or {name} 0", name)
+    if "init_image" in model.model_fields and parsed.init_image is None:
+        for name in ("mask", "strength"):
+            if getattr(parsed, name) is not None:
+                raise ApiError(422, "invalid_request", f"{name} is given without an init_image; expected an "
+                                                       f"init_image for it to apply to, or {name} null", name)
     return parsed

@@ -1,5 +1,6 @@
 """The routes of ``ldm-serve``: the images routes (``ImagesRoute``: parse, queue one job, wait, answer, or stream
-it as it goes; and cancel) and the status routes ``/healthz``, ``/readyz`` and ``/metrics``.
+it as it goes; and cancel) and the status routes ``/healthz``, ``/readyz`` and ``/metrics``. An edit (an init image,
+with a mask or not) is a request like any other: its job shares the step-level batch with text to image.
 
 Nothing a client sends reaches a file path or picks an engine. A full queue is 429 and a server warming up,
 draining or past the request's timeout 503, each with ``Retry-After``; a client that disconnects withdraws its
@@ -18,6 +19,7 @@ import secrets
 import time
 from typing import Callable
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -28,29 +30,35 @@ from ldm_runtime.images import png_bytes
 from ldm_runtime.noise import MAX_SEED
 from ldm_runtime.pipeline import GenerationRequest, Pipeline
 from ldm_serve.batcher import Batcher, Job, JobCancelled, JobResult, JobTimeout, NotAccepting, QueueFull
-from ldm_serve.errors import ERROR_CONTENT, OPENAI_IMAGES_PATH, ApiError, error_body, error_response, shown_value
-from ldm_serve.events import (OPENAI_COMPLETED, OPENAI_PARTIAL, EventStream, job_events, openai_image_event,
-                              preview_png, sse)
+from ldm_serve.errors import (ERROR_CONTENT, OPENAI_EDITS_PATH, OPENAI_IMAGES_PATH, ApiError, error_body,
+                              error_response, shown_value)
+from ldm_serve.events import (OPENAI_COMPLETED, OPENAI_EDIT_COMPLETED, OPENAI_EDIT_PARTIAL, OPENAI_PARTIAL,
+                              EventStream, job_events, openai_image_event, preview_png, sse)
 from ldm_serve.metrics import ServeMetrics
-from ldm_serve.request_schema import ServeLimits, openai_request_model, parse_body, request_model
+from ldm_serve.request_schema import ServeLimits, openai_edit_model, openai_request_model, parse_body, request_model
+from ldm_serve.uploads import json_images, read_edit_form
 
 STUCK_STEP_GRACE_S = 1.0  # the worker drops an expired job at its next step boundary; this covers a stuck step
 REQUEST_ID_HEADER = "X-Request-Id"
 
 
 class ImagesRoute:
-    """``POST /v1/images`` and ``POST /v1/images/generations`` (the API key is ``ApiKeyMiddleware``'s): parse,
-    queue one job of ``n`` images, wait for it, answer: PNG or our JSON on the first, OpenAI's JSON on the second;
-    with ``stream`` true, events as it goes in each route's shape. Both share the limits, the queue, the batcher,
-    the metrics and the jobs ``DELETE /v1/images/{id}`` (``cancel_images``) finds by id."""
+    """``POST /v1/images``, ``POST /v1/images/generations`` and ``POST /v1/images/edits`` (the API key is
+    ``ApiKeyMiddleware``'s): parse, queue one job of ``n`` images, wait for it, answer: PNG or our JSON on the
+    first, OpenAI's JSON on the others; with ``stream`` true, events as it goes in each route's shape. All share the
+    limits, the queue, the batcher, the metrics and the jobs ``DELETE /v1/images/{id}`` (``cancel_images``) finds
+    by id."""
 
-    def __init__(self, pipeline: Pipeline, batcher: Batcher, limits: ServeLimits, metrics: ServeMetrics):
+    def __init__(self, pipeline: Pipeline, batcher: Batcher, limits: ServeLimits, metrics: ServeMetrics,
+                 cors_origins: tuple[str, ...] = ()):
         self.pipeline = pipeline
+        self.cors_origins = cors_origins
         self.batcher = batcher
         self.limits = limits
         self.metrics = metrics
         self.model = request_model(limits)
         self.openai_model = openai_request_model(limits)
+        self.edit_model = openai_edit_model(limits)
         self.jobs: dict[str, Job] = {}  # queued or running, by id
 
     async def create_images(self, request: Request) -> Response:
@@ -58,6 +66,9 @@ class ImagesRoute:
 
     async def create_openai_images(self, request: Request) -> Response:
         return await self._counted(request, self._answer_openai)
+
+    async def create_openai_edits(self, request: Request) -> Response:
+        return await self._counted(request, self._answer_openai_edit)
 
     async def cancel_images(self, request_id: str) -> Response:
         """``DELETE /v1/images/{id}``: the queued or running request ``id`` is answered as cancelled, and its images
@@ -90,6 +101,7 @@ class ImagesRoute:
     async def _answer(self, request: Request, arrived: float) -> Response:
         raw = await request.body()
         parsed = parse_body(raw, request.headers.get("content-type", ""), self.limits, self.model)
+        images = await json_images(parsed, self.limits)
         accepted = _accepts(request.headers.get("accept", "application/json"))
         png = "image/png" in accepted and not accepted & {"application/json", "application/*"}
         if png and parsed.n > 1:
@@ -100,10 +112,11 @@ class ImagesRoute:
                 raise ApiError(406, "not_acceptable", "stream is true but the client does not accept "
                                                       "text/event-stream; expected stream: false or Accept: "
                                                       "text/event-stream", "stream")
-            seeds, requests, job = self._queue_job(parsed, parsed.height, parsed.width, arrived, parsed.previews)
+            seeds, requests, job = self._queue_job(parsed, parsed.height, parsed.width, arrived, parsed.previews,
+                                                   images)
             return self._event_stream(job, lambda answered: self._our_events(job, requests, seeds, arrived,
                                                                              answered))
-        seeds, requests, job = self._queue_job(parsed, parsed.height, parsed.width, arrived)
+        seeds, requests, job = self._queue_job(parsed, parsed.height, parsed.width, arrived, images=images)
         result, total_s = await self._wait(job, request, arrived)
         pngs = await encode_pngs(requests, result)
         timings = timings_of(result, total_s)
@@ -118,11 +131,43 @@ class ImagesRoute:
         raw = await request.body()
         parsed = parse_body(raw, request.headers.get("content-type", ""), self.limits, self.openai_model)
         width, height = (None, None) if parsed.size is None else map(int, parsed.size.split("x"))
+        return await self._openai_answer(request, arrived, parsed, height, width, OPENAI_IMAGES_PATH)
+
+    async def _answer_openai_edit(self, request: Request, arrived: float) -> Response:
+        # a page of another site can post a form without asking first (JSON it cannot): only its own origin and
+        # --cors-origin's may; clients that are not browsers send no Origin
+        origin = request.headers.get("origin")
+        own = f"{request.url.scheme}://{request.headers.get('host', '')}".lower()
+        if origin is not None and origin.lower() not in (own, *self.cors_origins):
+            raise ApiError(403, "cross_origin", f"the form comes from a page of another origin, "
+                                                f"{shown_value(origin)}; expected a client that is not a browser, "
+                                                f"this server's page or an origin ldm-serve --cors-origin names",
+                           "origin")
+        parsed, image, mask = await read_edit_form(request, self.limits, self.edit_model)
+        height, width = image.shape[:2]
+        multiple, low, high = self.limits.size_multiple, self.limits.min_size, self.limits.max_size
+        if not all(low <= side <= high and side % multiple == 0 for side in (width, height)):
+            raise ApiError(422, "invalid_request", f"image is {width}x{height} pixels; expected sides that are "
+                                                   f"multiples of {multiple} from {low} to {high}", "image")
+        if parsed.size is not None and parsed.size != f"{width}x{height}":
+            raise ApiError(422, "invalid_request", f"size is {shown_value(parsed.size)} but the image is "
+                                                   f"{width}x{height} pixels; expected the image's size, "
+                                                   f"\"{width}x{height}\", or no size", "size")
+        if mask is not None and mask.shape != image.shape[:2]:
+            raise ApiError(422, "invalid_request", f"mask is {mask.shape[1]}x{mask.shape[0]} pixels but the image "
+                                                   f"is {width}x{height}; expected a mask of the image's size",
+                           "mask")
+        return await self._openai_answer(request, arrived, parsed, None, None, OPENAI_EDITS_PATH, (image, mask))
+
+    async def _openai_answer(self, request: Request, arrived: float, parsed: BaseModel, height: int | None,
+                             width: int | None, path: str,
+                             images: tuple[np.ndarray | None, np.ndarray | None] = (None, None)) -> Response:
+        """Queue the job and answer it in OpenAI's shape on ``path``: its JSON, or with ``stream`` its events."""
         if parsed.stream:
-            seeds, requests, job = self._queue_job(parsed, height, width, arrived, parsed.partial_images)
+            seeds, requests, job = self._queue_job(parsed, height, width, arrived, parsed.partial_images, images)
             return self._event_stream(job, lambda answered: self._openai_events(job, requests, seeds, arrived,
-                                                                                answered))
-        seeds, requests, job = self._queue_job(parsed, height, width, arrived)
+                                                                                answered, path))
+        seeds, requests, job = self._queue_job(parsed, height, width, arrived, images=images)
         result, total_s = await self._wait(job, request, arrived)
         pngs = await encode_pngs(requests, result)
         height, width = result.images[0].shape[:2]
@@ -133,13 +178,14 @@ class ImagesRoute:
                              "timings": timings_of(result, total_s)}, headers={REQUEST_ID_HEADER: job.id})
 
     def _queue_job(self, parsed: BaseModel, height: int | None, width: int | None, arrived: float,
-                   previews: int | None = None) -> tuple[list[int], list[GenerationRequest], Job]:
+                   previews: int | None = None, images: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
+                   ) -> tuple[list[int], list[GenerationRequest], Job]:
         """Queue the ``parsed.n`` images as one job: their seeds, their requests as sampled, and the job, which
         ``cancel_images`` finds by its id until it is answered. ``previews`` not None: the job is streamed, with
-        that many previews of each image."""
+        that many previews of each image. ``images``: the init image and the mask of an edit, or None."""
         seed = secrets.randbelow(MAX_SEED) if parsed.seed is None else parsed.seed
         seeds = [(seed + index) % MAX_SEED for index in range(parsed.n)]
-        requests = self._generation_requests(parsed, seeds, height, width)
+        requests = self._generation_requests(parsed, seeds, height, width, images)
         loop = asyncio.get_running_loop()
         job = Job(requests=requests, deadline=arrived + self.limits.request_timeout_s, loop=loop,
                   future=loop.create_future(), enqueued_at=arrived,
@@ -227,24 +273,27 @@ class ImagesRoute:
                 yield sse(kind, {"id": job.id, **values})
 
     async def _openai_events(self, job: Job, requests: list[GenerationRequest], seeds: list[int], arrived: float,
-                             answered: Callable[[], None]):
-        """``POST /v1/images/generations``' events in OpenAI's shape (``ldm_serve.events``)."""
+                             answered: Callable[[], None], path: str):
+        """``POST /v1/images/generations``' or ``/v1/images/edits``' (``path``) events in OpenAI's shape
+        (``ldm_serve.events``)."""
+        partial, completed = ((OPENAI_PARTIAL, OPENAI_COMPLETED) if path == OPENAI_IMAGES_PATH
+                              else (OPENAI_EDIT_PARTIAL, OPENAI_EDIT_COMPLETED))
         height, width = self.pipeline.image_shape(requests[0])
         async for kind, values in self._outcome_events(job, arrived, answered):
             if kind == "preview":
                 image = values["image"]
                 b64_png = await preview_png(values["pixels"], seeds[image], values["step"], values["steps"])
-                yield openai_image_event(OPENAI_PARTIAL, b64_png, width, height, partial_image_index=values["index"],
+                yield openai_image_event(partial, b64_png, width, height, partial_image_index=values["index"],
                                          image_index=image, seed=seeds[image])
             elif kind == "result":
                 result, total_s = values["result"], values["total_s"]
                 pngs = await encode_pngs(requests, result)
                 timings = timings_of(result, total_s)
                 for image, (png, seed) in enumerate(zip(pngs, seeds)):
-                    yield openai_image_event(OPENAI_COMPLETED, base64.b64encode(png).decode("ascii"), width, height,
+                    yield openai_image_event(completed, base64.b64encode(png).decode("ascii"), width, height,
                                              image_index=image, seed=seed, timings=timings)
             elif kind == "failed":
-                yield sse("error", {"type": "error", **json.loads(error_body(values["error"], OPENAI_IMAGES_PATH))})
+                yield sse("error", {"type": "error", **json.loads(error_body(values["error"], path))})
 
     def _steps(self, parsed: BaseModel) -> int:
         """The request's steps: those it names, else the server's default steps for the server's default sampler
@@ -253,17 +302,20 @@ class ImagesRoute:
             return parsed.steps
         return min(self.pipeline.default_steps_for(parsed.sampler), self.limits.max_steps)
 
-    def _generation_requests(self, parsed: BaseModel, seeds: list[int], height: int | None,
-                             width: int | None) -> list[GenerationRequest]:
+    def _generation_requests(self, parsed: BaseModel, seeds: list[int], height: int | None, width: int | None,
+                             images: tuple[np.ndarray | None, np.ndarray | None]) -> list[GenerationRequest]:
         """One request per seed, each checked by the pipeline (``ApiError`` 422 naming the field) and resolved
-        (``Pipeline.resolve``) into what it is sampled with; a null ``guidance_interval`` is the server's default."""
+        (``Pipeline.resolve``) into what it is sampled with; a null ``guidance_interval`` is the server's default.
+        ``images``: the init image and mask of an edit (None where absent)."""
+        init_image, mask = images
         interval = parsed.guidance_interval
         interval = self.limits.default_guidance_interval if interval is None else tuple(interval)
         requests = [GenerationRequest(prompt=parsed.prompt, negative_prompt=parsed.negative_prompt, seed=one_seed,
                                       sampler=parsed.sampler, steps=self._steps(parsed),
                                       guidance_scale=parsed.guidance_scale, guidance_interval=interval,
                                       cache_interval=parsed.cache_interval, cache_schedule=parsed.cache_schedule,
-                                      eta=parsed.eta, height=height, width=width) for one_seed in seeds]
+                                      eta=parsed.eta, height=height, width=width, init_image=init_image,
+                                      strength=getattr(parsed, "strength", None), mask=mask) for one_seed in seeds]
         for generation in requests:
             try:
                 self.pipeline.validate(generation)
@@ -312,7 +364,9 @@ async def encode_pngs(requests: list[GenerationRequest], result: JobResult) -> l
                    "steps": one.steps, "guidance_scale": one.guidance_scale,
                    "guidance_interval": None if one.guidance_interval is None else list(one.guidance_interval),
                    "cache_interval": one.cache_interval, "cache_schedule": one.cache_schedule, "eta": one.eta,
-                   "height": height, "width": width, "sampler": one.sampler} for one in requests]
+                   "height": height, "width": width, "sampler": one.sampler,
+                   **({} if one.init_image is None else {"strength": one.strength, "masked": one.mask is not None})}
+                  for one in requests]
     return await asyncio.to_thread(lambda: [png_bytes(image, settings)
                                             for image, settings in zip(result.images, parameters)])
 

@@ -37,7 +37,7 @@ from ldm_serve.batcher import Batcher, BatcherConfig, StepGate
 from ldm_serve.browser import ANY_HOST, LOOPBACK_HOSTS
 from ldm_serve.metrics import ServeMetrics
 from ldm_serve.protocol import GuardedH11Protocol
-from ldm_serve.request_schema import ServeLimits, largest_request_bytes
+from ldm_serve.request_schema import ServeLimits, largest_request_bytes, largest_upload_bytes
 from ldm_serve.text_cache import TextEncodingCache
 
 PROG = "ldm-serve"
@@ -129,7 +129,8 @@ def build_app(args: argparse.Namespace, api_key: str | None = None):
                          default_guidance_interval=default_request.guidance_interval,
                          default_cache_interval=default_request.cache_interval,
                          default_cache_schedule=default_request.cache_schedule,
-                         max_cache_interval=MAX_CACHE_INTERVAL if getattr(engine, "deep_cache", False) else 1)
+                         max_cache_interval=MAX_CACHE_INTERVAL if getattr(engine, "deep_cache", False) else 1,
+                         max_upload_bytes=largest_upload_bytes(max_size))
     metrics = ServeMetrics()
     gate_path = os.environ.get(STEP_GATE_ENV)
     # the model folder's latent-to-RGB map, else one fitted (or the decoder) on the worker while it warms up

@@ -26,7 +26,11 @@ from PIL import Image
 
 from ldm_runtime.config import CACHE_SCHEDULES, DEFAULT_SAMPLER, DEFAULT_STEPS, OTHER_SAMPLER_STEPS
 from ldm_runtime.schedulers import SAMPLER_NAMES
+from ldm_serve.request_schema import ServeLimits, base64_chars, body_limits, largest_upload_bytes
 from tests.ldm_serve.gated_server import JSON, PROMPTS, STATE_TIMEOUT_S, Server, body, post, post_all
+
+# the tiny engine's sides go up to 32: /v1/images admits a request without images and two uploads of that size
+IMAGES_BODY_LIMIT = body_limits(ServeLimits(max_size=32, max_upload_bytes=largest_upload_bytes(32)))["/v1/images"]
 
 
 @pytest.fixture(scope="module")
@@ -37,19 +41,37 @@ def server(engine_dir):
     running.stop()
 
 
+def random_edit_fields(rng: np.random.Generator, height: int, width: int, masked: bool) -> dict:
+    """An edit's fields: a random init image (base64 PNG), a strength from 0 to 1 (some with no steps to run, some
+    with all of them) and, if ``masked``, a random mask (white: repaint)."""
+    def b64_png(pixels: np.ndarray) -> str:
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+    fields = {"init_image": b64_png(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)),
+              "strength": float(rng.choice([0.0, 0.3, 0.5, 0.8, 1.0]))}
+    if masked:
+        fields["mask"] = b64_png((rng.random((height, width)) < 0.5).astype(np.uint8) * 255)
+    return fields
+
+
 def random_bodies(rng: np.random.Generator, count: int, cache_intervals: tuple[int, ...] = (1,)) -> list[dict]:
-    """Requests that differ in everything a request can set, one shared batch's worth of variety."""
+    """Requests that differ in everything a request can set, one shared batch's worth of variety: text to image,
+    image to image and inpainting (one request in three each)."""
     bodies = []
     for index in range(count):
         eta = float(rng.choice([0.0, 0.6]))
         interval = [None, [0.0, 1.0], [0.5, 5.0]][int(rng.integers(3))]  # None: the server's default (everywhere)
+        height, width = (20, 24) if index % 5 == 4 else (16, 16)
+        edit = random_edit_fields(rng, height, width, masked=index % 3 == 2) if index % 3 else {}
         bodies.append(body(
             prompt=PROMPTS[index % len(PROMPTS)], seed=int(rng.integers(0, 2**62)), steps=int(rng.integers(2, 9)),
             guidance_scale=float(rng.choice([1.0, 2.5, 5.0])), eta=eta, negative_prompt=["", "blurry"][index % 2],
             n=int(rng.integers(1, 3)), **({"sampler": "ddim"} if eta else {}),  # eta is DDIM's
             **({"guidance_interval": interval} if interval else {}), cache_schedule=str(rng.choice(CACHE_SCHEDULES)),
             cache_interval=int(rng.choice(cache_intervals)),
-            **({"height": 20, "width": 24} if index % 5 == 4 else {})))
+            **({"height": 20, "width": 24} if index % 5 == 4 else {}), **edit))
     return bodies
 
 
@@ -100,9 +122,9 @@ def test_a_request_without_a_seed_gets_one_and_the_same_seed_reproduces_it(serve
 
 
 def test_concurrent_requests_give_the_same_bytes_as_each_request_alone(server, rng):
-    """Batch invariance: 24 different requests at once (different steps, guidance, guidance intervals, feature
-    caching where the engine has it, eta, negative prompts, n and sizes share UNet calls at different steps) answer
-    exactly what each answers alone."""
+    """Batch invariance: 24 different requests at once (text to image, image to image and inpainting; different
+    steps, strengths, guidance, guidance intervals, feature caching where the engine has it, eta, negative prompts,
+    n and sizes share UNet calls at different steps) answer exactly what each answers alone."""
     bodies = random_bodies(rng, 24, (1, 2, 3) if max_cache_interval(server) >= 3 else (1,))
 
     async def send_all_while_held() -> list[httpx.Response]:
@@ -195,6 +217,39 @@ def test_requests_with_different_samplers_and_steps_share_one_unet_call_and_each
         if payload["sampler"] != "ddim":
             as_ddim = post(server.url, {**payload, "sampler": "ddim"}).json()["images"]
             assert as_ddim != response.json()["images"], payload
+
+
+def test_text_to_image_image_to_image_and_inpainting_share_each_unet_call_and_each_image_is_its_own(server, rng):
+    """Text to image (4 steps), image to image at strength 0.5 (its last 2 steps) and inpainting at strength 1 (4
+    steps), held until all are queued: 4 UNet calls serve them all, the first holding all three (each at its own
+    timestep), and each image is what that request gives alone."""
+    seeds = [int(seed) for seed in rng.integers(0, 2**62, 3)]
+    bodies = [body(prompt=PROMPTS[0], seed=seeds[0], steps=4),
+              body(prompt=PROMPTS[1], seed=seeds[1], steps=4, **{**random_edit_fields(rng, 16, 16, masked=False),
+                                                                 "strength": 0.5}),
+              body(prompt=PROMPTS[2], seed=seeds[2], steps=4, **{**random_edit_fields(rng, 16, 16, masked=True),
+                                                                 "strength": 1.0})]
+
+    async def send_all_while_held() -> tuple[list[httpx.Response], float, float, float]:
+        with server.held():
+            sending = asyncio.ensure_future(post_all(server.url, bodies))
+            await asyncio.to_thread(server.wait_for, "ldm_serve_queue_depth", lambda value: value == len(bodies),
+                                    "the requests never all queued")
+            rows_before = server.metric("ldm_serve_batch_size_sum")
+            calls_before = server.metric("ldm_serve_batch_size_count")
+            server.hold(more_calls=1)
+            await asyncio.to_thread(server.wait_for, "ldm_serve_batch_size_count",
+                                    lambda value: value == calls_before + 1, "the first UNet call never ran")
+            first_call_rows = server.metric("ldm_serve_batch_size_sum") - rows_before
+        responses = await sending
+        return (responses, first_call_rows, server.metric("ldm_serve_batch_size_count") - calls_before,
+                server.metric("ldm_serve_batch_size_sum") - rows_before)
+
+    together, first_call_rows, unet_calls, rows = asyncio.run(send_all_while_held())
+    assert [response.status_code for response in together] == [200] * len(bodies), together[0].text
+    assert (first_call_rows, unet_calls, rows) == (3, 4, 4 + 2 + 4)  # alone, they would take 10 calls
+    for payload, response in zip(bodies, together):
+        assert post(server.url, payload).json()["images"] == response.json()["images"], payload.keys()
 
 
 def test_a_request_naming_another_sampler_and_no_steps_gets_that_samplers_default_steps(server, rng):
@@ -560,7 +615,7 @@ BAD_BODIES = [
     (b'{"prompt": "a", "eta": NaN}', 400, "body", "NaN is not valid JSON"),
     (b"", 400, "body", "the body is not valid JSON"),
     (b'{"prompt": "\xff"}', 400, "body", "the body is not UTF-8"),
-    (json.dumps({"prompt": "a" * 30000}).encode(), 413, "body", "the body is over 25024 bytes"),
+    (json.dumps({"prompt": "a" * 300000}).encode(), 413, "body", f"the body is over {IMAGES_BODY_LIMIT} bytes"),
 ]
 
 
@@ -581,7 +636,7 @@ def test_wrong_content_type_chunked_oversized_body_and_png_only_for_several_imag
     assert response.status_code == 415 and response.json()["error"]["field"] == "content-type"
 
     def chunks():  # no Content-Length: the limit is counted while the body streams in
-        for _ in range(40):
+        for _ in range(IMAGES_BODY_LIMIT // 1024 + 1):
             yield b" " * 1024
     response = httpx.post(f"{server.url}/v1/images", content=chunks(), headers=JSON, timeout=30)
     assert response.status_code == 413 and response.json()["error"]["field"] == "body"
@@ -612,8 +667,11 @@ def test_openapi_schema_documents_every_field_with_its_limits(server):
     fields = request["properties"]
     assert set(fields) == {"prompt", "negative_prompt", "n", "sampler", "steps", "guidance_scale",
                            "guidance_interval", "cache_interval", "cache_schedule", "eta", "seed", "height", "width",
-                           "stream", "previews"}
+                           "stream", "previews", "init_image", "mask", "strength"}
     assert (fields["stream"]["default"], fields["previews"]["default"]) == (False, 0)
+    assert fields["init_image"]["anyOf"][0]["maxLength"] == fields["mask"]["anyOf"][0]["maxLength"] == (
+        base64_chars(largest_upload_bytes(32)))  # the tiny engine's largest side
+    assert (fields["strength"]["anyOf"][0]["minimum"], fields["strength"]["anyOf"][0]["maximum"]) == (0, 1)
     assert fields["previews"]["maximum"] == 999  # --max-steps: at most one preview a step
     interval = fields["guidance_interval"]["anyOf"][0]
     assert (interval["minItems"], interval["maxItems"], interval["items"]["minimum"]) == (2, 2, 0)

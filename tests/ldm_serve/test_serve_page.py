@@ -259,3 +259,54 @@ def test_the_cancel_button_cancels_the_request_and_the_server_drops_it(page, pag
         page_server.wait_for("ldm_serve_active_images", lambda value: value == 0, "the cancelled request still runs")
     assert page_server.metric('ldm_serve_requests_total{outcome="cancelled"}') == cancelled_before + 1
     assert page.locator("#error").is_hidden()
+
+
+def test_an_uploaded_image_with_a_painted_stroke_is_inpainted_as_the_request_carrying_that_mask(page, page_server,
+                                                                                                 tmp_path, rng):
+    """A generated PNG uploaded through the file input, a stroke painted across the canvas over it, Generate: the
+    request carries the file's bytes as init_image and a mask of the image's size, white along the stroke only; the
+    image shown is what /v1/images gives for that request, its pixels outside the mask the upload's own."""
+    import io
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    seed = int(rng.integers(0, 2**62))
+    auth = {**JSON, "Authorization": f"Bearer {API_KEY}", "Accept": "image/png"}
+    generated = post(page_server.url, {"prompt": "a red circle", "steps": 2, "seed": seed, "width": 24,
+                                       "height": 16}, headers=auth)
+    assert generated.status_code == 200, generated.text
+    upload = tmp_path / "generated.png"
+    upload.write_bytes(generated.content)
+    posted = []
+    page.on("request", lambda request: posted.append(request.post_data) if request.method == "POST" else None)
+    page.fill("#prompt", "a blue square")
+    page.fill("#steps", "2")
+    page.fill("#seed", str(seed))
+    page.fill("#strength", "0.9")
+    page.fill("#api-key", API_KEY)
+    page.set_input_files("#init-image", str(upload))
+    page.locator("#editor").wait_for(state="visible", timeout=WAIT_MS)
+    box = page.locator("#mask").bounding_box()
+    page.mouse.move(box["x"] + 0.2 * box["width"], box["y"] + 0.5 * box["height"])
+    page.mouse.down()
+    page.mouse.move(box["x"] + 0.6 * box["width"], box["y"] + 0.5 * box["height"], steps=8)
+    page.mouse.up()
+    page.click("#generate")
+    page.locator("#images figure.done img").first.wait_for(timeout=WAIT_MS)
+    sent = json.loads(posted[-1])
+    assert sent["init_image"] == base64.b64encode(generated.content).decode("ascii") and sent["strength"] == 0.9
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(sent["mask"]))).convert("L"))
+    painted = mask >= 128
+    assert mask.shape == (16, 24) and painted[8, 5:14].all(), painted.astype(int)  # along the stroke
+    assert not painted[:, :3].any() and not painted[:, 17:].any() and not painted[:4].any()  # nowhere else
+    alone = post(page_server.url, {"prompt": "a blue square", "steps": 2, "seed": seed, "strength": 0.9,
+                                   "init_image": sent["init_image"], "mask": sent["mask"]}, headers=auth)
+    assert alone.status_code == 200, alone.text
+    assert image_bytes(page) == alone.content
+    shown = np.asarray(Image.open(io.BytesIO(image_bytes(page))).convert("RGB"))
+    original = np.asarray(Image.open(io.BytesIO(generated.content)).convert("RGB"))
+    assert np.array_equal(shown[~painted], original[~painted]) and not np.array_equal(shown, original)
+    assert page.locator("#error").is_hidden()
+    assert not [text for text in page.console if "Content Security Policy" in text], page.console
