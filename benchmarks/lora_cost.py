@@ -6,7 +6,8 @@ dir exported with --lora-slots; and, for comparison, the time to re-export an en
 
 The model is a random-weight checkpoint of the preset; the adapters are random kohya LoRAs of rank --rank on every
 linear layer and 1x1 convolution of the UNet (what an engine dir's slots take). Each figure is the median of
---calls timed UNet calls after 3 warm-up calls, the rows and inputs the same for every variant.
+--calls timed UNet calls after 3 warm-up calls, the variants timed in turn (interleaved), the rows and
+inputs the same for every variant.
 """
 
 from __future__ import annotations
@@ -63,16 +64,25 @@ def write_adapter(unet: torch.nn.Module, path: Path, rank: int, seed: int) -> Pa
     return path
 
 
-def steps_per_second(engine, inputs: tuple, calls: int, adapters=None) -> float:
-    options = {} if adapters is None else {"adapters": adapters}
-    for _ in range(3):
-        engine.unet(*inputs, **options)
-    times = []
-    for _ in range(calls):
+def steps_per_second(variants: dict[str, tuple], calls: int) -> dict[str, float]:
+    """{name: UNet calls per second} of ``variants`` {name: (engine, inputs, adapters or None)}, timed interleaved:
+    each of ``calls`` rounds times every variant once (in an order rotated round by round), so that a load change
+    on the machine weighs on every variant alike; the median per variant."""
+    def call(engine, inputs, adapters) -> float:
         started = time.perf_counter()
-        engine.unet(*inputs, **options)
-        times.append(time.perf_counter() - started)
-    return 1.0 / statistics.median(times)
+        engine.unet(*inputs, **({} if adapters is None else {"adapters": adapters}))
+        return time.perf_counter() - started
+
+    names = list(variants)
+    for name in names:
+        for _ in range(3):
+            call(*variants[name])
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(calls):
+        for offset in range(len(names)):
+            name = names[(round_index + offset) % len(names)]
+            times[name].append(call(*variants[name]))
+    return {name: 1.0 / statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -109,10 +119,9 @@ def main() -> None:
     per_request = TorchEngine(checkpoint, device="cpu", adapters=files)
     fused = TorchEngine(fused_checkpoint, device="cpu")
     inputs = (latents, timesteps, context, mask)
-    figures["torch"] = {"base": steps_per_second(base, inputs, args.calls),
-                        "fused": steps_per_second(fused, inputs, args.calls),
-                        "per_request_one_adapter": steps_per_second(per_request, inputs, args.calls, one),
-                        "per_request_4_adapters": steps_per_second(per_request, inputs, args.calls, mixed)}
+    figures["torch"] = steps_per_second({"base": (base, inputs, None), "fused": (fused, inputs, None),
+                                         "per_request_one_adapter": (per_request, inputs, one),
+                                         "per_request_4_adapters": (per_request, inputs, mixed)}, args.calls)
 
     export_options = ExportOptions(precision="fp32", batch_range=(1, BATCH, 8), validation_seed=0)
     started = time.perf_counter()
@@ -126,10 +135,10 @@ def main() -> None:
     slotted = OnnxRuntimeEngine(slots_dir, adapters=files, **sessions)
     fused_engine = OnnxRuntimeEngine(fused_dir, **sessions)
     host = tuple(np.asarray(value) for value in (latents, timesteps, context, mask))
-    figures["onnxruntime"] = {"fused": steps_per_second(fused_engine, host, args.calls),
-                              "slots_no_adapter": steps_per_second(slotted, host, args.calls),
-                              "per_request_one_adapter": steps_per_second(slotted, host, args.calls, one),
-                              "per_request_4_adapters": steps_per_second(slotted, host, args.calls, mixed)}
+    figures["onnxruntime"] = steps_per_second({"fused": (fused_engine, host, None),
+                                               "slots_no_adapter": (slotted, host, None),
+                                               "per_request_one_adapter": (slotted, host, one),
+                                               "per_request_4_adapters": (slotted, host, mixed)}, args.calls)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))

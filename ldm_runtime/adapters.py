@@ -25,6 +25,7 @@ key must be placed in a module of the model, shapes must fit, values be finite a
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -574,3 +575,37 @@ def slot_rank_for(adapters: Mapping[str, LoadedAdapter]) -> int:
     summed (fixed per engine, so that a row's arithmetic never depends on the rows beside it)."""
     ranks = sorted((adapter.rank for adapter in adapters.values()), reverse=True)
     return sum(ranks[:MAX_REQUEST_ADAPTERS])
+
+
+# --- adapters named on a command line -----------------------------------------------------------------------------
+
+RESERVED_ADAPTER_NAMES = ("none",)  # ldm-serve's metrics label requests without an adapter "none"
+
+
+def named_adapter_argument(text: str) -> tuple[str, Path]:
+    """argparse type of ``ldm-serve --lora NAME=FILE``: (NAME, FILE), NAME what requests call the adapter."""
+    name, equals, path = text.partition("=")
+    if not equals or not path:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=FILE (e.g. style=style.safetensors)")
+    if not ADAPTER_NAME.fullmatch(name) or name in RESERVED_ADAPTER_NAMES:
+        reserved = ", ".join(RESERVED_ADAPTER_NAMES)
+        raise argparse.ArgumentTypeError(f"the name {name!r} of {text!r} is not an adapter name; expected 1 to 64 "
+                                         f"letters, digits, '_', '-' or '.', starting with a letter or digit (not "
+                                         f"{reserved})")
+    return name, Path(path)
+
+
+def adapter_file_argument(text: str) -> tuple[Path, float]:
+    """argparse type of ``ldm-sample --lora FILE[:SCALE]``: (FILE, SCALE), the scale 1 when not given, else a finite
+    number within ``ADAPTER_SCALES`` (a path that exists as written keeps its colons)."""
+    path, colon, tail = text.rpartition(":")
+    if not colon or Path(text).exists():
+        return Path(text), 1.0
+    try:
+        scale = float(tail)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not FILE[:SCALE] (e.g. style.safetensors:0.8)") from None
+    low, high = ADAPTER_SCALES
+    if not (math.isfinite(scale) and low <= scale <= high):
+        raise argparse.ArgumentTypeError(f"the scale of {text!r} is {tail}; expected a number from {low:g} to {high:g}")
+    return Path(path), scale

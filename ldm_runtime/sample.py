@@ -26,11 +26,13 @@ from typing import Any
 
 import numpy as np
 
+from ldm_runtime.adapters import ADAPTER_NAME, MAX_REQUEST_ADAPTERS, AdapterError, adapter_file_argument
 from ldm_runtime.command_line import OneLineArgumentParser, finite_float, noise_interval, report_user_error
 from ldm_runtime.config import (CACHE_SCHEDULES, DEFAULT_SAMPLER, DEFAULT_STEPS, LARGEST_IMAGE_SIDE, MAX_CACHE_INTERVAL,
                                 MAX_TRAIN_TIMESTEPS)
 from ldm_runtime.engines import (
-    AUTO_ENGINE_HELP, ENGINE_NAMES, PRECISION_HELP, PRECISION_NAMES, engine_for_flags, load_engine, precision_note,
+    AUTO_ENGINE_HELP, ENGINE_NAMES, PRECISION_HELP, PRECISION_NAMES, engine_for_flags, load_engine,
+    load_engine_with_adapters, precision_note,
 )
 from ldm_runtime.errors import UserError
 from ldm_runtime.images import MAX_UPLOAD_BYTES, image_grid, png_bytes, read_upload
@@ -104,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mask", default=None, metavar="PATH",
                         help="with --init-image, inpaint: an image of its size, white (grey 128 and up) where it is "
                              "repainted; elsewhere the images keep the init image's pixels")
+    parser.add_argument("--lora", action="append", type=adapter_file_argument, metavar="FILE[:SCALE]",
+                        help="apply the LoRA adapter FILE (.safetensors, diffusers/PEFT or kohya) to every prompt at "
+                             "SCALE (default 1), unfused, as ldm-serve applies it per request; repeatable (the torch "
+                             "engine, or an engine dir exported with ldm-export --lora-slots; to another engine, fuse "
+                             "it with ldm-import --lora)")
     parser.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
                         help=f"{AUTO_ENGINE_HELP} (and says which); triton (a checkpoint dir on a CUDA GPU) runs "
                              f"the fused Triton kernels in fp16 with CUDA graphs")
@@ -136,8 +143,15 @@ def _sample(args: argparse.Namespace) -> tuple[list[Path], str | None]:
     count = len(args.prompts)
     seeds = [args.seed + index for index in range(count)]
     plan = plan_output(args.out, seeds)
+    adapter_files, lora = adapters_of(args.lora or [])
     engine_name, options = engine_for_flags(args.model, args.engine, args.device, args.precision)
-    engine = load_engine(args.model, engine=engine_name, device=args.device, **options)
+    if not adapter_files:
+        engine = load_engine(args.model, engine=engine_name, device=args.device, **options)
+    else:
+        try:
+            engine = load_engine_with_adapters(args.model, engine_name, args.device, options, adapter_files)
+        except AdapterError as error:
+            raise SampleError(f"--lora: {error}") from None
     auto_choice = f"--engine auto picked {engine.info.name}" if args.engine == "auto" else None
     pipeline = Pipeline(engine)
     requests = [
@@ -145,7 +159,8 @@ def _sample(args: argparse.Namespace) -> tuple[list[Path], str | None]:
             prompt=prompt, negative_prompt=args.negative_prompt, seed=seed, sampler=args.sampler, steps=args.steps,
             guidance_scale=args.guidance, guidance_interval=args.guidance_interval,
             cache_interval=args.cache_interval, cache_schedule=args.cache_schedule, eta=args.eta,
-            height=args.height, width=args.width, init_image=init_image, strength=args.strength, mask=mask))
+            height=args.height, width=args.width, init_image=init_image, strength=args.strength, mask=mask,
+            lora=lora))
         for prompt, seed in zip(args.prompts, seeds)
     ]
     for request in requests:
@@ -182,6 +197,24 @@ def check_flags(args: argparse.Namespace) -> None:
     for flag, value in (("--strength", args.strength), ("--mask", args.mask)):
         if value is not None and args.init_image is None:
             raise SampleError(f"{flag} {value} is given without --init-image; expected an --init-image for it")
+
+
+def adapters_of(given: list[tuple[Path, float]]) -> tuple[dict[str, Path], tuple[tuple[str, float], ...]]:
+    """``--lora FILE[:SCALE]``'s adapters {name: file}, each named by its file's stem, and the (name, scale) pairs
+    every prompt applies; ``SampleError`` for a stem that is no adapter name, or two files of one stem."""
+    if len(given) > MAX_REQUEST_ADAPTERS:
+        raise SampleError(f"--lora is given {len(given)} times; expected at most {MAX_REQUEST_ADAPTERS} adapters")
+    files: dict[str, Path] = {}
+    for path, _ in given:
+        name = path.stem
+        if not ADAPTER_NAME.fullmatch(name):
+            raise SampleError(f"--lora {path}: its file name {name!r} names the adapter; expected 1 to 64 letters, "
+                              f"digits, '_', '-' or '.', starting with a letter or digit (rename the file)")
+        if name in files:
+            raise SampleError(f"--lora {path} and --lora {files[name]} are both named {name!r} (their file names); "
+                              f"expected each adapter once, under file names that differ")
+        files[name] = path
+    return files, tuple((path.stem, scale) for path, scale in given)
 
 
 def read_edit_images(args: argparse.Namespace) -> tuple[np.ndarray | None, np.ndarray | None]:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ldm_runtime.adapters import named_adapter_argument
 from ldm_runtime.command_line import OneLineArgumentParser, finite_float, noise_interval, report_user_error
 from ldm_runtime.config import CACHE_SCHEDULES, MAX_CACHE_INTERVAL
 from ldm_runtime.engines import AUTO_ENGINE_HELP, ENGINE_NAMES, PRECISION_HELP, PRECISION_NAMES
@@ -120,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--engine", choices=ENGINE_NAMES, default="auto",
                         help=f"{AUTO_ENGINE_HELP} (and says which)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: %(default)s)")
+    parser.add_argument("--lora", action="append", type=named_adapter_argument, metavar="NAME=FILE",
+                        help="load the LoRA adapter FILE (.safetensors, diffusers/PEFT or kohya) under NAME, for "
+                             "requests to apply per request with \"lora\": [{\"name\": NAME, \"scale\": S}] "
+                             "(repeatable; the torch engine, or an engine dir exported with ldm-export --lora-slots)")
     parser.add_argument("--text-cache", type=int, default=DEFAULT_CAPACITY, metavar="N",
                         help="prompts whose text encoding is remembered, 0 for none (default: %(default)s)")
     parser.add_argument("--precision", choices=PRECISION_NAMES, default="auto", help=PRECISION_HELP)

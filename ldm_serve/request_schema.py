@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
-from ldm_runtime.config import CACHE_SCHEDULES, MAX_CACHE_INTERVAL
+from ldm_runtime.adapters import MAX_REQUEST_ADAPTERS
+from ldm_runtime.config import ADAPTER_SCALES, CACHE_SCHEDULES, MAX_CACHE_INTERVAL
 from ldm_runtime.images import MAX_UPLOAD_BYTES, UPLOAD_FORMAT_NAMES
 from ldm_runtime.noise import MAX_SEED
 from ldm_runtime.pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, GenerationRequest
@@ -82,6 +83,7 @@ class ServeLimits:
     default_cache_schedule: str = CACHE_SCHEDULES[0]
     max_cache_interval: int = MAX_CACHE_INTERVAL  # 1 where the engine cannot cache the UNet's features
     max_upload_bytes: int = largest_upload_bytes(64)  # an init image or mask, as a file (base64 in JSON: 4/3 of it)
+    adapter_names: tuple[str, ...] = ()  # the LoRA adapters a request may name (ldm-serve --lora)
 
 
 def body_limits(limits: ServeLimits) -> dict[str, int]:
@@ -176,7 +178,55 @@ def request_model(limits: ServeLimits) -> type[BaseModel]:
                                                   "autoencoder reconstruction) to 1 (from pure noise); the last "
                                                   "int(steps * strength) steps run. null: the model's default "
                                                   "(another with a mask).")),
+        lora=lora_field(limits),
     )
+
+
+def most_adapters(limits: ServeLimits) -> int:
+    """How many adapters one request may name: ``MAX_REQUEST_ADAPTERS``, at most those loaded."""
+    return min(MAX_REQUEST_ADAPTERS, len(limits.adapter_names))
+
+
+def lora_field(limits: ServeLimits) -> tuple[Any, Any]:
+    """The ``lora`` field: a list of {"name": a loaded adapter, "scale": a number in ``ADAPTER_SCALES``, 1 when
+    absent}. The schema states the items; ``validated`` checks their shape and the pipeline their names, scales and
+    repeats (JSON Schema cannot say that no two items share a name)."""
+    low, high = ADAPTER_SCALES
+    names = limits.adapter_names
+    item = {"type": "object", "additionalProperties": False, "required": ["name"],
+            "properties": {"name": {"enum": list(names)} if names else {"type": "string"},
+                           "scale": {"type": "number", "minimum": low, "maximum": high, "default": 1.0}}}
+    served = (f"the adapters this server loaded ({', '.join(names)})" if names else
+              "none here: this server loaded no adapters (ldm-serve --lora NAME=FILE loads them)")
+    return (list[dict[str, Any]],
+            Field(default_factory=list, max_length=most_adapters(limits),
+                  json_schema_extra={"default": [], "items": item, "uniqueItems": True},
+                  description=f"LoRA adapters to apply to this request's images, each once: [{{\"name\": adapter, "
+                              f"\"scale\": number from {low:g} to {high:g}, 1 when absent}}], at most "
+                              f"{MAX_REQUEST_ADAPTERS}; the names are {served}. Requests with different adapters, "
+                              f"or none, share the batch."))
+
+
+def lora_of(parsed: BaseModel) -> tuple[tuple[str, float], ...]:
+    """A validated request's ``lora`` as ``GenerationRequest.lora``: (name, scale) pairs."""
+    return tuple((item["name"], float(item.get("scale", 1.0))) for item in getattr(parsed, "lora", []))
+
+
+def _lora_from_form(value: Any) -> Any:
+    """A form's ``lora``: one part of a JSON array, or a part per adapter of a JSON object (``_form_values`` leaves
+    JSON objects and arrays of them as text), read into the list the field validates; anything else as it is."""
+    def read(text: Any) -> Any:
+        if not isinstance(text, str):
+            return text
+        try:
+            return _plain(json.loads(text, parse_float=Decimal, parse_int=Decimal, parse_constant=_reject_constant))
+        except (ValueError, RecursionError):
+            return text
+
+    value = read(value)
+    if isinstance(value, dict):
+        return [value]
+    return [read(item) for item in value] if isinstance(value, list) else value
 
 
 def only_when_streamed(field: str) -> dict[str, Any]:
@@ -259,7 +309,7 @@ def openai_request_model(limits: ServeLimits) -> type[BaseModel]:
         **{name: (ours[name].annotation, ours[name]) for name in ("negative_prompt", "sampler", "steps",
                                                                   "guidance_scale", "guidance_interval",
                                                                   "cache_interval", "cache_schedule", "eta",
-                                                                  "seed")},
+                                                                  "seed", "lora")},
     )
 
 
@@ -290,12 +340,13 @@ def openai_edit_model(limits: ServeLimits) -> type[BaseModel]:
         __config__=ConfigDict(extra="forbid", strict=True,
                               json_schema_extra={"allOf": [eta_only_for_ddim(limits.default_sampler),
                                                            only_when_streamed("partial_images")]}),
+        __validators__={"lora_from_form": field_validator("lora", mode="before")(_lora_from_form)},
         **fields)
 
 
 FORM_TEXT_FIELDS = ("prompt", "negative_prompt", "sampler", "cache_schedule", "size", "response_format", "model",
                     "user")  # taken as the part's text; every other field's part is read as JSON (7, 0.5, true, null)
-FORM_ARRAY_FIELDS = ("guidance_interval",)  # an array: one part of JSON, or a part per item (name or name[])
+FORM_ARRAY_FIELDS = ("guidance_interval", "lora")  # an array: one part of JSON, or a part per item (name or name[])
 
 
 def edit_form_schema(limits: ServeLimits) -> dict[str, Any]:
@@ -318,6 +369,8 @@ def edit_form_schema(limits: ServeLimits) -> dict[str, Any]:
                                 f"and at most {limits.max_upload_bytes} bytes, whose fully transparent pixels (alpha "
                                 f"0) are repainted, the rest kept pixel for pixel (OpenAI's convention). Absent: the "
                                 f"whole image is redrawn at strength."}}
+    schema["properties"]["lora"]["description"] += (" In the form: one part holding the JSON array, or a part per "
+                                                    "adapter holding its JSON object.")
     schema["properties"] = {**files, **schema["properties"]}
     schema["required"] = ["image", *schema.get("required", [])]
     # the same two rules as the JSON routes', spelled without if/then: schemathesis cannot judge a conditional on a
@@ -364,6 +417,10 @@ def expected_text(field: str, limits: ServeLimits) -> str:
                 f"bytes, or null",
         "strength": "a number from 0 to 1, or null",
         "image": f"one file: {UPLOAD_FORMAT_NAMES} of at most {limits.max_upload_bytes} bytes",
+        "lora": (f"a list of at most {most_adapters(limits)} objects {{\"name\": one of "
+                 f"{', '.join(limits.adapter_names)}, \"scale\": a number from {ADAPTER_SCALES[0]:g} to "
+                 f"{ADAPTER_SCALES[1]:g}}}, each adapter once" if limits.adapter_names else
+                 "an empty list (this server loaded no LoRA adapters; ldm-serve --lora NAME=FILE loads them)"),
     }.get(field, "")
 
 
@@ -496,6 +553,12 @@ def validated(fields: dict[str, Any], limits: ServeLimits, model: type[BaseModel
         if wanted and not parsed.stream:
             raise ApiError(422, "invalid_request", f"{name} is {wanted} but stream is false; expected stream: true "
                                                    f"for {name.replace('_', ' ')}, or {name} 0", name)
+    for item in getattr(parsed, "lora", []):
+        scale = item.get("scale", 1.0)
+        if (set(item) - {"name", "scale"} or not isinstance(item.get("name"), str) or isinstance(scale, bool)
+                or not isinstance(scale, (int, float))):
+            raise ApiError(422, "invalid_request", f"lora is {shown_value(fields['lora'])}; expected "
+                                                   f"{expected_text('lora', limits)}", "lora")
     if "init_image" in model.model_fields and parsed.init_image is None:
         for name in ("mask", "strength"):
             if getattr(parsed, name) is not None:

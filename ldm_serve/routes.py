@@ -35,7 +35,8 @@ from ldm_serve.errors import (ERROR_CONTENT, OPENAI_EDITS_PATH, OPENAI_IMAGES_PA
 from ldm_serve.events import (OPENAI_COMPLETED, OPENAI_EDIT_COMPLETED, OPENAI_EDIT_PARTIAL, OPENAI_PARTIAL,
                               EventStream, job_events, openai_image_event, preview_png, sse)
 from ldm_serve.metrics import ServeMetrics
-from ldm_serve.request_schema import ServeLimits, openai_edit_model, openai_request_model, parse_body, request_model
+from ldm_serve.request_schema import (ServeLimits, lora_of, openai_edit_model, openai_request_model, parse_body,
+                                      request_model)
 from ldm_serve.uploads import json_images, read_edit_form
 
 STUCK_STEP_GRACE_S = 1.0  # the worker drops an expired job at its next step boundary; this covers a stuck step
@@ -191,6 +192,7 @@ class ImagesRoute:
                   future=loop.create_future(), enqueued_at=arrived,
                   events=None if previews is None else asyncio.Queue(), previews=previews or 0)
         self._submit(job)
+        self.metrics.count_adapters(requests[0].lora)
         self.jobs[job.id] = job
         return seeds, requests, job
 
@@ -308,6 +310,7 @@ class ImagesRoute:
         (``Pipeline.resolve``) into what it is sampled with; a null ``guidance_interval`` is the server's default.
         ``images``: the init image and mask of an edit (None where absent)."""
         init_image, mask = images
+        lora = lora_of(parsed)
         interval = parsed.guidance_interval
         interval = self.limits.default_guidance_interval if interval is None else tuple(interval)
         requests = [GenerationRequest(prompt=parsed.prompt, negative_prompt=parsed.negative_prompt, seed=one_seed,
@@ -315,7 +318,8 @@ class ImagesRoute:
                                       guidance_scale=parsed.guidance_scale, guidance_interval=interval,
                                       cache_interval=parsed.cache_interval, cache_schedule=parsed.cache_schedule,
                                       eta=parsed.eta, height=height, width=width, init_image=init_image,
-                                      strength=getattr(parsed, "strength", None), mask=mask) for one_seed in seeds]
+                                      strength=getattr(parsed, "strength", None), mask=mask, lora=lora)
+                    for one_seed in seeds]
         for generation in requests:
             try:
                 self.pipeline.validate(generation)
@@ -365,7 +369,8 @@ async def encode_pngs(requests: list[GenerationRequest], result: JobResult) -> l
                    "guidance_interval": None if one.guidance_interval is None else list(one.guidance_interval),
                    "cache_interval": one.cache_interval, "cache_schedule": one.cache_schedule, "eta": one.eta,
                    "height": height, "width": width, "sampler": one.sampler,
-                   **({} if one.init_image is None else {"strength": one.strength, "masked": one.mask is not None})}
+                   **({} if one.init_image is None else {"strength": one.strength, "masked": one.mask is not None}),
+                   **({"lora": [list(pair) for pair in one.lora]} if one.lora else {})}
                   for one in requests]
     return await asyncio.to_thread(lambda: [png_bytes(image, settings)
                                             for image, settings in zip(result.images, parameters)])

@@ -27,8 +27,10 @@ from typing import Any, Iterator
 
 import uvicorn
 
+from ldm_runtime.adapters import AdapterError
 from ldm_runtime.config import MAX_CACHE_INTERVAL
-from ldm_runtime.engines import THREADED_ENGINES, engine_for_flags, load_engine, precision_note
+from ldm_runtime.engines import (THREADED_ENGINES, engine_for_flags, load_engine, load_engine_with_adapters,
+                                 precision_note)
 from ldm_runtime.errors import RequestError, UserError
 from ldm_runtime.pipeline import GenerationRequest, Pipeline
 from ldm_runtime.previews import PREVIEW_FILE, load_latent_preview, preview_for
@@ -89,7 +91,8 @@ def build_app(args: argparse.Namespace, api_key: str | None = None):
     cors_origins = tuple(_cors_origin(origin) for origin in args.cors_origin or [])
     api_key = api_key if api_key is not None else _read_api_key(args.api_key_file)
     _log_to_stderr(args.log_level)
-    engine = _load_engine(args)
+    engine = _load_engine(args, _adapter_files(getattr(args, "lora", None) or []))
+    adapter_names = tuple(sorted(getattr(engine, "adapters", None) or {}))
     pipeline = Pipeline(TextEncodingCache(engine, args.text_cache) if args.text_cache else engine)
     info = engine.info
     most_batch = max(1, info.max_images)
@@ -130,8 +133,8 @@ def build_app(args: argparse.Namespace, api_key: str | None = None):
                          default_cache_interval=default_request.cache_interval,
                          default_cache_schedule=default_request.cache_schedule,
                          max_cache_interval=MAX_CACHE_INTERVAL if getattr(engine, "deep_cache", False) else 1,
-                         max_upload_bytes=largest_upload_bytes(max_size))
-    metrics = ServeMetrics()
+                         max_upload_bytes=largest_upload_bytes(max_size), adapter_names=adapter_names)
+    metrics = ServeMetrics(adapter_names)
     gate_path = os.environ.get(STEP_GATE_ENV)
     # the model folder's latent-to-RGB map, else one fitted (or the decoder) on the worker while it warms up
     stored_preview = load_latent_preview(args.model, info.latent_channels, info.latent_factor)
@@ -145,6 +148,7 @@ def build_app(args: argparse.Namespace, api_key: str | None = None):
     description = (f"{args.model} ({info.name} engine{picked}, {args.batching} batching, max batch {max_batch}, "
                    f"queue {args.max_queue}, default sampler {sampler} {default_steps} steps"
                    f"{_default_settings_text(default_request)}"
+                   f"{', adapters ' + ', '.join(adapter_names) if adapter_names else ''}"
                    f", previews {'from ' + PREVIEW_FILE if stored_preview else 'fitted at start'}"
                    f"{', API key required' if api_key else ''})")
     if note := precision_note(engine, args.precision):  # once every flag is known good
@@ -233,12 +237,30 @@ class DrainingServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def _load_engine(args: argparse.Namespace):
-    """The engine of ``--model``, its calls on ``--threads`` CPU threads (onnxruntime's sessions are made with
-    that many; for the torch engines and tensorrt it is torch's process-wide thread count)."""
+def _adapter_files(named: list[tuple[str, Path]]) -> dict[str, Path]:
+    """``--lora NAME=FILE``'s {name: file}; ``ServeError`` for a name given twice."""
+    files: dict[str, Path] = {}
+    for name, path in named:
+        if name in files:
+            raise ServeError(f"--lora {name}={path} repeats the name {name} (--lora {name}={files[name]}); expected "
+                             f"each adapter name once")
+        files[name] = path
+    return files
+
+
+def _load_engine(args: argparse.Namespace, adapter_files: dict[str, Path]):
+    """The engine of ``--model`` with the adapters of ``--lora`` loaded, its calls on ``--threads`` CPU threads
+    (onnxruntime's sessions are made with that many; for the torch engines and tensorrt it is torch's
+    process-wide thread count)."""
     folder = Path(args.model)
     engine_name, options = engine_for_flags(folder, args.engine, args.device, args.precision, args.threads)
-    engine = load_engine(folder, engine=engine_name, device=args.device, **options)
+    if not adapter_files:
+        engine = load_engine(folder, engine=engine_name, device=args.device, **options)
+    else:
+        try:
+            engine = load_engine_with_adapters(folder, engine_name, args.device, options, adapter_files)
+        except AdapterError as error:
+            raise ServeError(f"--lora: {error}") from None
     if args.threads is not None and engine_name not in THREADED_ENGINES:
         import torch  # the torch, triton or tensorrt engine that just loaded imported it
 

@@ -11,8 +11,9 @@ Only the batcher's worker thread calls it, so it needs no lock.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Sequence
 
+from ldm_runtime.adapters import AdapterChoice
 from ldm_runtime.arrays import concatenate
 from ldm_runtime.engines.base import Array, Engine
 
@@ -28,18 +29,23 @@ class TextEncodingCache:
         self.engine = engine
         self.info = engine.info
         self.capacity = capacity
-        self._rows: OrderedDict[str, tuple[Array, Array]] = OrderedDict()
+        self._rows: OrderedDict[tuple[str, AdapterChoice], tuple[Array, Array]] = OrderedDict()
 
-    def encode_text(self, prompts: list[str]) -> tuple[Array, Array]:
-        """B prompts -> (context (B, L, D), context_mask (B, L)), encoding only those not remembered."""
-        missing = [prompt for prompt in dict.fromkeys(prompts) if prompt not in self._rows]
+    def encode_text(self, prompts: list[str],
+                    adapters: Sequence[AdapterChoice] | None = None) -> tuple[Array, Array]:
+        """B prompts -> (context (B, L, D), context_mask (B, L)), encoding only those not remembered; ``adapters``:
+        each prompt's LoRA adapters (remembered apart: they may change its encoding)."""
+        keys = list(zip(prompts, adapters if adapters is not None else [()] * len(prompts)))
+        missing = [key for key in dict.fromkeys(keys) if key not in self._rows]
         if missing:
-            context, mask = self.engine.encode_text(missing)
-            for row, prompt in enumerate(missing):
-                self._rows[prompt] = (context[row:row + 1], mask[row:row + 1])
-        rows = [self._rows[prompt] for prompt in prompts]
-        for prompt in prompts:
-            self._rows.move_to_end(prompt)
+            choices = [choice for _, choice in missing]
+            context, mask = self.engine.encode_text([prompt for prompt, _ in missing],
+                                                    *([choices] if any(choices) else []))
+            for row, key in enumerate(missing):
+                self._rows[key] = (context[row:row + 1], mask[row:row + 1])
+        rows = [self._rows[key] for key in keys]
+        for key in keys:
+            self._rows.move_to_end(key)
         while len(self._rows) > self.capacity:
             self._rows.popitem(last=False)
         return concatenate([context for context, _ in rows]), concatenate([mask for _, mask in rows])

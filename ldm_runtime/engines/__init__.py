@@ -11,8 +11,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
+from ldm_runtime.adapters import AdapterError, check_adapter_file
 from ldm_runtime.checkpoint import MODEL_JSON
 from ldm_runtime.engines import tensorrt_plans
 from ldm_runtime.engines.base import Engine, EngineInfo
@@ -133,6 +134,29 @@ def load_engine(path: str | Path, engine: str = "auto", device: str = "auto", **
             raise
         raise EngineLoadError(f"the {engine} engine needs the {error.name} package, which is not installed here; "
                               f"install it or use another engine") from None
+
+
+def load_engine_with_adapters(model: str | Path, engine: str, device: str, options: Mapping[str, Any],
+                              files: Mapping[str, str | Path]) -> Any:
+    """``load_engine(model, engine, device, **options)`` with the LoRA files ``files`` {name: path} loaded for
+    requests to name (checked as files before the engine loads). ``AdapterError`` for a file the engine cannot
+    serve, or an engine that applies no adapters per request (``adapters_missing`` says why)."""
+    if not files:
+        return load_engine(model, engine=engine, device=device, **options)
+    for path in files.values():
+        check_adapter_file(Path(path))
+    if engine == "auto":
+        engine, _ = pick_engine(model, device)
+    if engine == "torch":  # it loads them while it builds its hooks
+        return load_engine(model, engine=engine, device=device, adapters=dict(files), **options)
+    loaded = load_engine(model, engine=engine, device=device, **options)
+    if getattr(loaded, "adapters", None) is None or not hasattr(loaded, "load_adapters"):
+        why = getattr(loaded, "adapters_missing", None) or "it has no adapter support"
+        raise AdapterError(f"adapters {', '.join(files)} cannot be served: the {loaded.info.name} engine applies no "
+                           f"adapters per request ({why}); expected the torch engine or an engine dir exported with "
+                           f"ldm-export --lora-slots, or the adapters fused with ldm-import --lora")
+    loaded.load_adapters(files)
+    return loaded
 
 
 def engine_for_flags(path: str | Path, engine: str, device: str = "auto", precision: str | None = None,

@@ -667,8 +667,9 @@ def test_openapi_schema_documents_every_field_with_its_limits(server):
     fields = request["properties"]
     assert set(fields) == {"prompt", "negative_prompt", "n", "sampler", "steps", "guidance_scale",
                            "guidance_interval", "cache_interval", "cache_schedule", "eta", "seed", "height", "width",
-                           "stream", "previews", "init_image", "mask", "strength"}
+                           "stream", "previews", "init_image", "mask", "strength", "lora"}
     assert (fields["stream"]["default"], fields["previews"]["default"]) == (False, 0)
+    assert (fields["lora"]["default"], fields["lora"]["maxItems"]) == ([], 0)  # this server loaded no adapters
     assert fields["init_image"]["anyOf"][0]["maxLength"] == fields["mask"]["anyOf"][0]["maxLength"] == (
         base64_chars(largest_upload_bytes(32)))  # the tiny engine's largest side
     assert (fields["strength"]["anyOf"][0]["minimum"], fields["strength"]["anyOf"][0]["maximum"]) == (0, 1)
