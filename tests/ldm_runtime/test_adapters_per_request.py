@@ -67,11 +67,13 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def adapter_files(checkpoint, tmp_path_factory):
     """name -> a LoRA file of the tiny checkpoint: "x" and "y" adapt UNet (3x3 convolutions included) and text
-    encoder; "z" the UNet's linear layers and 1x1 convolutions only."""
+    encoder; "z" and "w" the UNet's linear layers and 1x1 convolutions only."""
     root = tmp_path_factory.mktemp("adapters")
     return {"x": write_kohya_adapter(checkpoint, root / "x.safetensors", _seed("x"), rank=4),
             "y": write_kohya_adapter(checkpoint, root / "y.safetensors", _seed("y"), rank=2),
             "z": write_kohya_adapter(checkpoint, root / "z.safetensors", _seed("z"), rank=3, locon=False,
+                                     text=False),
+            "w": write_kohya_adapter(checkpoint, root / "w.safetensors", _seed("w"), rank=2, locon=False,
                                      text=False)}
 
 
@@ -179,7 +181,7 @@ def slot_engine_dir(checkpoint, tmp_path_factory):
 def onnxruntime_engine(slot_engine_dir, adapter_files):
     from ldm_runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
 
-    return OnnxRuntimeEngine(slot_engine_dir, device="cpu", adapters={"z": adapter_files["z"]})
+    return OnnxRuntimeEngine(slot_engine_dir, device="cpu", adapters={name: adapter_files[name] for name in "zw"})
 
 
 def test_slot_engine_dir_lists_its_slots_and_passed_validation(slot_engine_dir):
@@ -208,13 +210,18 @@ def test_adapter_per_request_on_onnxruntime_equals_the_checkpoint_with_it_fused(
     assert _max_pixel_difference(per_request, expected) <= 1  # onnxruntime vs eager fp32, as validation allows
 
 
-def test_onnxruntime_rows_with_and_without_the_adapter_each_make_their_image_alone(onnxruntime_engine):
-    requests = _requests([(("z", 1.0),), (), (("z", -0.5),)])
+@pytest.mark.parametrize("lora", [[(("z", 1.0),), (), (("z", -0.5),)], [(("z", 1.0),), (("w", 0.7),), ()]],
+                         ids=["one adapter at two scales and none", "two adapters and none"])
+def test_onnxruntime_rows_with_different_adapters_or_none_each_make_their_image_alone(onnxruntime_engine, lora):
+    requests = _requests(lora)
     pipeline = Pipeline(onnxruntime_engine)
     together = pipeline.generate(requests)
     for request, image in zip(requests, together):
         (alone,) = pipeline.generate([request])
         assert _max_pixel_difference([alone], [image]) <= 1, request.lora
+        if request.lora:  # each adapter changes its row's image
+            (plain,) = pipeline.generate([GenerationRequest(**{**vars(request), "lora": ()})])
+            assert _max_pixel_difference([plain], [image]) > 16, request.lora
 
 
 def test_engine_dir_refuses_what_its_slots_cannot_serve_in_one_line(checkpoint, slot_engine_dir, adapter_files,
