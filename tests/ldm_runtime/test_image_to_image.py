@@ -1,7 +1,8 @@
 """Image to image (SDEdit) in the pipeline and ldm-sample: strength 1 is text to image and 0 the reconstruction,
 each sampler begins part-way with a first step, an imported Stable Diffusion model gives the latents of diffusers'
-StableDiffusionImg2ImgPipeline on the same noise, and uploads are read as untrusted bytes. The tiny random-weight
-checkpoint of test_pipeline (16 px images, 8x8 latents) and a tiny random Stable Diffusion folder."""
+StableDiffusionImg2ImgPipeline on the same noise (on the torch engine, and on the onnxruntime and openvino engines
+over its fp32 engine dir), and uploads are read as untrusted bytes. The tiny random-weight checkpoint of
+test_pipeline (16 px images, 8x8 latents) and a tiny random Stable Diffusion folder."""
 
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ from ldm_runtime.noise import initial_noise, step_noise
 from ldm_runtime.pipeline import GenerationRequest, Pipeline
 from ldm_runtime.schedulers import SAMPLER_NAMES, DDIMConfig, NoiseSchedule, PLMSSampler
 from test_pipeline import NumpyEngine, checkpoint_dir, engine  # noqa: F401 (session fixtures: the tiny checkpoint)
+from tests.ldm_runtime.sd_engine_dir import sd2_engines  # noqa: F401 (session fixture: an imported SD's engine dir)
 
 LATENT_RTOL = 1e-5  # final latents against diffusers', fp32 both ways (as the scheduler parity tests)
+ENGINE_DIR_LATENT_RTOL = 1e-4  # an fp32 engine dir's, as its graphs against the eager model (the engine-dir tests)
 PROMPT = "a red circle"
 SIDE = LARGEST_IMAGE_SIDE  # the largest side an upload may have before a model is loaded, as ldm-sample reads them
 BEYOND = SIDE + 1
@@ -486,3 +489,19 @@ def test_imported_v_prediction_model_edits_as_diffusers_img2img_pipeline(stable_
     (actual,) = final_latents(pipeline, [GenerationRequest(prompt=PROMPT, seed=seed, sampler=sampler, steps=6,
                                                            guidance_scale=7.5, init_image=image, strength=0.5)])
     assert relative_error(expected, actual) <= LATENT_RTOL
+
+
+@pytest.mark.parametrize("engine_name", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize(("sampler", "steps", "strength"), [("ddim", 6, 0.5), ("dpmpp-2m", 7, 0.6)])
+def test_fp32_engine_dir_of_an_import_edits_as_diffusers_img2img_pipeline(sd2_engines, rng, monkeypatch,
+                                                                          engine_name, sampler, steps, strength):
+    """The fp32 engine dir of the SD 2.x-like import (v-prediction, linear projections), on either engine, ends on
+    diffusers' final latents within the relative error of 1e-4 that the engine-dir tests allow its graphs against
+    the eager model (the torch engine itself is within 1e-5 of diffusers)."""
+    pipe, pipeline = sd2_engines(engine_name)
+    image, seed = random_image(rng), int(rng.integers(0, 2**31))
+    expected = diffusers_edit_latents(pipe, sampler, image, seed, steps, strength, monkeypatch)
+    (actual,) = final_latents(pipeline, [GenerationRequest(prompt=PROMPT, seed=seed, sampler=sampler, steps=steps,
+                                                           guidance_scale=7.5, init_image=image, strength=strength)])
+    error = relative_error(expected, torch.as_tensor(actual))
+    assert error <= ENGINE_DIR_LATENT_RTOL, error

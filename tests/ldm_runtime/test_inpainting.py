@@ -1,7 +1,8 @@
 """Inpainting by latent blending on any text-to-image model: after every step the latents outside the mask are the
 init image's noised to the next step, the image returned keeps the init image's pixels outside the mask exactly, and
 an imported Stable Diffusion model (4-channel UNet) gives the latents of diffusers' StableDiffusionInpaintPipeline on
-the same noise. The tiny checkpoint of test_pipeline and the tiny Stable Diffusion of test_image_to_image."""
+the same noise (on the torch engine, and on the onnxruntime and openvino engines over its fp32 engine dir). The tiny
+checkpoint of test_pipeline and the tiny Stable Diffusion of test_image_to_image."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ldm_runtime.errors import RequestError
 from ldm_runtime.pipeline import GenerationRequest, Pipeline
-from test_image_to_image import (  # noqa: F401 (fixtures: the tiny checkpoint, the tiny Stable Diffusion)
+from test_image_to_image import (  # noqa: F401 (fixtures: the tiny checkpoint, the tiny SD and its engine dir)
+    ENGINE_DIR_LATENT_RTOL,
     LATENT_RTOL,
     PROMPT,
     checkpoint_dir,
@@ -24,6 +27,7 @@ from test_image_to_image import (  # noqa: F401 (fixtures: the tiny checkpoint, 
     random_image,
     relative_error,
     run,
+    sd2_engines,
     stable_diffusion,
 )
 
@@ -149,3 +153,28 @@ def test_imported_model_inpaints_as_diffusers_inpaint_pipeline(stable_diffusion,
                                                            guidance_scale=7.5, init_image=image, strength=strength,
                                                            mask=mask)])
     assert relative_error(expected, actual) <= LATENT_RTOL
+
+
+@pytest.mark.parametrize("engine_name", ["onnxruntime", "openvino"])
+def test_fp32_engine_dir_of_an_import_inpaints_as_diffusers_inpaint_pipeline(sd2_engines, rng, monkeypatch,
+                                                                             engine_name):
+    """The fp32 engine dir of the SD 2.x-like import (v-prediction, linear projections), on either engine, ends on
+    diffusers' final latents within the relative error of 1e-4 that the engine-dir tests allow its graphs against
+    the eager model; inside the mask its pixels are within one uint8 level of diffusers' image of those latents,
+    outside they are the init image's."""
+    pipe, pipeline = sd2_engines(engine_name)
+    image, mask, seed = random_image(rng), random_mask(rng), int(rng.integers(0, 2**31))
+    expected = diffusers_edit_latents(pipe, "euler", image, seed, 5, 1.0, monkeypatch, mask=mask)
+    request = GenerationRequest(prompt=PROMPT, seed=seed, sampler="euler", steps=5, guidance_scale=7.5,
+                                init_image=image, strength=1.0, mask=mask)
+    (actual,) = final_latents(pipeline, [request])
+    error = relative_error(expected, torch.as_tensor(actual))
+    assert error <= ENGINE_DIR_LATENT_RTOL, error
+    with torch.no_grad():
+        decoded = pipe.vae.decode(expected / pipe.vae.config.scaling_factor).sample
+    want = np.asarray(pipe.image_processor.postprocess(decoded, output_type="pil")[0]).astype(int)
+    got = pipeline.generate([request])[0]
+    repaint = mask >= 128
+    levels = int(np.abs(got[repaint].astype(int) - want[repaint]).max())
+    assert levels <= 1, levels
+    assert np.array_equal(got[~repaint], image[~repaint]) and not np.array_equal(got[repaint], image[repaint])
