@@ -46,6 +46,9 @@ def pipeline_refusal(config: ModelConfig) -> str | None:
                 f"model's is {config.text_encoder.kind!r}")
     if config.autoencoder.kind != "kl":
         return f"{PIPELINE_PEER} needs a KL autoencoder; this model's is {config.autoencoder.kind!r}"
+    if config.inpainting:
+        return (f"{PIPELINE_PEER} runs text to image (StableDiffusionPipeline); this model is an inpainting one "
+                f"(unet.in_channels {config.unet.in_channels})")
     return None
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ldm_runtime.config import inpainting_channels
 from ldm_runtime.engines import load_engine
 from ldm_runtime.engines.openvino_engine import OpenVinoEngine
 from ldm_runtime.pipeline import GenerationRequest, Pipeline
@@ -139,13 +140,17 @@ class _EngineBench:
         load_started = time.perf_counter()
         self.engine = build_engine(spec)
         self.pipeline = Pipeline(self.engine)
+        self.inpainting = self.engine.info.inpainting
         self.load_s = time.perf_counter() - load_started
         self._states: dict[int, list] = {}
 
     def requests(self, batch_size: int) -> list:
+        """``batch_size`` text-to-image requests; an inpainting model's repaint the centre of a flat grey image (it
+        takes nothing else), with the same number of UNet steps."""
+        edit = inpainting_edit(self.spec.image_size) if self.inpainting else {}
         return [GenerationRequest(prompt=PROMPT, seed=index, sampler=self.spec.sampler, steps=self.spec.steps,
                                   guidance_scale=self.spec.guidance_scale, height=self.spec.image_size,
-                                  width=self.spec.image_size) for index in range(batch_size)]
+                                  width=self.spec.image_size, **edit) for index in range(batch_size)]
 
     def first_image(self) -> dict[str, Any]:
         """Make one image (the warm-up a server does before it takes traffic), then the UNet-output check."""
@@ -169,7 +174,9 @@ class _EngineBench:
         """One UNet call on inputs every worker draws alike, for the comparison with eager PyTorch."""
         rng = np.random.default_rng(0)
         size = self.spec.image_size // self.engine.info.latent_factor
-        latents = rng.standard_normal((1, self.engine.info.latent_channels, size, size)).astype(np.float32)
+        channels = self.engine.info.latent_channels
+        channels = inpainting_channels(channels) if self.inpainting else channels  # latents, mask, masked image
+        latents = rng.standard_normal((1, channels, size, size)).astype(np.float32)
         context, context_mask = self.engine.encode_text([PROMPT])
         output = self.engine.unet(self.engine.to_array(latents), np.array([CHECK_TIMESTEP]), context, context_mask)
         return self.engine.to_host(output).astype(np.float32)
@@ -367,6 +374,14 @@ class _PipelineBench(_EngineBench):
         times = {event.key: event.self_cpu_time_total / 1000 for event in profiler.key_averages()
                  if event.self_cpu_time_total > 0}
         return _top_shares(times)
+
+
+def inpainting_edit(size: int) -> dict[str, Any]:
+    """The init image and mask of a benchmark request to an inpainting model: flat grey, the centre half of each
+    side repainted."""
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[size // 4:3 * size // 4, size // 4:3 * size // 4] = 255
+    return {"init_image": np.full((size, size, 3), 128, dtype=np.uint8), "mask": mask, "strength": 1.0}
 
 
 def _top_shares(milliseconds: dict[str, float]) -> list[dict[str, Any]]:

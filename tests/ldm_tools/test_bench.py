@@ -614,8 +614,31 @@ def test_every_worker_request_uses_the_sampler_of_its_spec():
     for sampler in SAMPLER_NAMES:
         spec = WorkerSpec(engine="torch", folder="unused", device="cpu", threads=1, steps=3, image_size=16,
                           guidance_scale=5.0, sampler=sampler)
-        requests = _EngineBench.requests(SimpleNamespace(spec=spec), 2)
+        requests = _EngineBench.requests(SimpleNamespace(spec=spec, inpainting=False), 2)
         assert [(request.sampler, request.steps) for request in requests] == [(sampler, 3)] * 2
+
+
+def test_an_inpainting_model_is_timed_on_inpainting_requests_and_the_pipeline_peer_says_why_not(tmp_path, capsys):
+    import dataclasses
+
+    from ldm_runtime.config import inpainting_channels
+    from ldm_train.checkpoint import write_random_checkpoint
+    from ldm_tools.bench.diffusers_peers import pipeline_refusal
+    from tests.ldm_export.tiny_checkpoint import TINY_CONFIG
+
+    channels = inpainting_channels(TINY_CONFIG.autoencoder.latent_channels)
+    config = dataclasses.replace(TINY_CONFIG, unet=dataclasses.replace(TINY_CONFIG.unet, in_channels=channels))
+    folder = tmp_path / "inpaint"
+    write_random_checkpoint(folder, config, 0)
+    out = tmp_path / "bench.json"
+    code, _, err = run_bench(capsys, "--model", folder, "--engines", "torch,diffusers", "--batch-sizes", 1,
+                             "--steps", 2, "--repeats", 1, "--threads", 1, "--json", out)
+    assert code == 0, err
+    engines = {entry["name"]: entry for entry in json.loads(out.read_text())["engines"]}
+    assert [entry["status"] for entry in engines.values()] == ["ok", "ok"] and engines["torch"]["image_std"] > 0
+    assert engines["diffusers"]["unet_relative_error"] < 1e-4  # the 9-channel input reaches both UNets alike
+    assert "an inpainting one (unet.in_channels 9)" in pipeline_refusal(
+        dataclasses.replace(config, text_encoder=dataclasses.replace(config.text_encoder, kind="clip")))
 
 
 def test_the_pipeline_scheduler_of_each_sampler_is_the_diffusers_class_it_names():
