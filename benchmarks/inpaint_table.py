@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ sys.path.insert(0, str(REPO))
 
 from ldm_runtime.engines import load_engine  # noqa: E402
 from ldm_runtime.pipeline import GenerationRequest, Pipeline  # noqa: E402
+from ldm_tools.bench.cli import machine_info  # noqa: E402
 from ldm_tools.evaluate import load_judge  # noqa: E402
 from ldm_train.classifier import classify  # noqa: E402
 from ldm_train.data.shapes import (COLORS, MIN_CONTRAST, PALETTE, SHAPES, ShapeObject, ShapesDataset,  # noqa: E402
@@ -133,7 +133,7 @@ def main() -> int:
         print(model, json.dumps(results[model]), file=sys.stderr)
     mask_share = float(np.mean([np.mean(case[1] >= 128) for case in cases]))
     report = {
-        "machine": {"cpu": _cpu_model(), "cpu_flags": _cpu_flags(), "python": platform.python_version()},
+        "machine": machine_info(),
         "settings": {**vars(args), "sampler": "ddim", "strength": 1.0, "engine": "torch fp32 cpu",
                      "cases": f"ShapesDataset.heldout({args.count}, {size}, seed={args.data_seed}, max_objects=1)",
                      "masked_share_of_pixels": round(mask_share, 4)},
@@ -141,21 +141,6 @@ def main() -> int:
     }
     Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     return 0
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
-def _cpu_flags() -> list[str]:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("flags"):
-            wanted = {"avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16"}
-            return sorted(set(line.split(":", 1)[1].split()) & wanted)
-    return []
 
 
 if __name__ == "__main__":

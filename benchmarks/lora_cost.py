@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -31,20 +30,10 @@ from ldm_runtime.config import preset
 from ldm_runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
 from ldm_runtime.engines.torch_adapters import is_pointwise
 from ldm_runtime.engines.torch_engine import TorchEngine
+from ldm_tools.bench.cli import machine_info
 from ldm_train.checkpoint import write_random_checkpoint
 
 BATCH = 4
-
-
-def machine() -> dict:
-    flags, model = set(), platform.processor()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
-    return {"cpu": model, "cpu_flags": sorted(flag for flag in flags if flag in wanted)}
 
 
 def write_adapter(unet: torch.nn.Module, path: Path, rank: int, seed: int) -> Path:
@@ -112,7 +101,7 @@ def main() -> None:
     timesteps = np.array([999, 700, 400, 100])
     one = [(("a0", 0.8),)] * BATCH
     mixed = [((name, 0.8),) for name in files]
-    results: dict = {"machine": machine(), "preset": args.preset, "rank": args.rank, "batch": BATCH,
+    results: dict = {"machine": machine_info(), "preset": args.preset, "rank": args.rank, "batch": BATCH,
                      "threads": args.threads, "calls": args.calls, "unet_steps_per_second": {}}
     figures = results["unet_steps_per_second"]
 

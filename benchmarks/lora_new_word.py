@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 import time
@@ -31,22 +30,11 @@ sys.path.insert(0, str(REPO))
 
 from ldm_export.lora import AdapterFile, fuse_checkpoint  # noqa: E402
 from ldm_runtime.engines.torch_engine import TorchEngine  # noqa: E402
+from ldm_tools.bench.cli import machine_info  # noqa: E402
 from ldm_tools.evaluate import adherence, background_stated, generate_images, load_judge  # noqa: E402
 from ldm_train.classifier import classify  # noqa: E402
 from ldm_train.data.shapes import ShapesDataset  # noqa: E402
 from ldm_train.train_lora import caption_replacements, rewrite_caption  # noqa: E402
-
-
-def machine() -> dict:
-    flags = set()
-    model = platform.processor()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
-    return {"cpu": model, "cpu_flags": sorted(flag for flag in flags if flag in wanted)}
 
 
 def judged(engine, classifier, captions, seeds, steps, guidance, batch_size) -> list:
@@ -112,7 +100,7 @@ def main() -> int:
             print(f"{name}: ordinary prompts adherence {rest[name]}", file=sys.stderr)
 
     report = {
-        "machine": machine(),
+        "machine": machine_info(),
         "settings": {**vars(args), "sampler": "ddim", "engine": "torch fp32 cpu",
                      "word_prompts_from": f"ShapesDataset.heldout({40 * args.word_prompts}, {size}, "
                                           f"seed={args.data_seed + 1}), those stating a {args.colour} background",

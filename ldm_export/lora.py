@@ -21,9 +21,7 @@ per request without fusing them.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -34,11 +32,11 @@ from ldm_export.errors import ImportRefusedError
 from ldm_export.untrusted_files import (PICKLE_SUFFIXES, load_tensors, read_safetensors_header,
                                         read_safetensors_header_and_metadata, regular_file_size)
 from ldm_runtime.adapters import (TEXT_ENCODER, UNET, AdapterError, ModuleUpdate, NETWORK_NAMES, Targets,
-                                  place_adapter, targets_from_shapes, with_factors)
+                                  adapter_file_argument, place_adapter, targets_from_shapes, with_factors)
 from ldm_runtime.checkpoint import (MODEL_JSON, TEXT_ENCODER_DIR, TEXT_ENCODER_WEIGHTS, TOKENIZER_DIR, UNET_WEIGHTS,
                                     folder_files, load_model_config, verify_recorded_digests, weight_files,
                                     write_train_state)
-from ldm_runtime.config import ADAPTER_SCALES, MAX_ADAPTERS, ConfigError, ModelConfig
+from ldm_runtime.config import MAX_ADAPTERS, ConfigError, ModelConfig
 from ldm_runtime.errors import CheckpointError
 from ldm_runtime.files import sha256_file
 from ldm_runtime.staging import temporary_folder
@@ -52,19 +50,8 @@ class AdapterFile:
 
 
 def adapter_argument(text: str) -> AdapterFile:
-    """argparse type of ``--lora FILE[:SCALE]``: a path, then optionally a colon and a finite scale within
-    ``ADAPTER_SCALES`` (a path that exists as written keeps its colons)."""
-    path, colon, tail = text.rpartition(":")
-    if not colon or os.path.exists(text):
-        return AdapterFile(Path(text))
-    try:
-        scale = float(tail)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not FILE[:SCALE] (e.g. style.safetensors:0.8)") from None
-    low, high = ADAPTER_SCALES
-    if not (math.isfinite(scale) and low <= scale <= high):
-        raise argparse.ArgumentTypeError(f"the scale of {text!r} is {tail}; expected a number from {low:g} to {high:g}")
-    return AdapterFile(Path(path), scale)
+    """argparse type of ``--lora FILE[:SCALE]`` (``ldm_runtime.adapters.adapter_file_argument``)."""
+    return AdapterFile(*adapter_file_argument(text))
 
 
 # --- the modules an adapter may change ---------------------------------------------------------------------------

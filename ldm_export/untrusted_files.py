@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ldm_export.errors import ImportRefusedError
-from ldm_runtime.files import special_file_kind
+from ldm_runtime.files import describe, special_file_kind
 
 MAX_JSON_BYTES = 1 << 20  # a component's config.json is about 1 KB; trained_betas for T = 1000 about 25 KB
 MAX_JSON_DEPTH = 16  # diffusers and transformers write objects of lists (depth 2)
@@ -43,23 +43,6 @@ def regular_file_size(path: Path, expected: str) -> int:
         raise ImportRefusedError(f"{path} is {special_file_kind(status.st_mode)}, not a regular file; expected "
                                  f"{expected}")
     return status.st_size
-
-
-def describe(value: Any) -> str:
-    """``value`` (parsed JSON) written short enough for a one-line message: itself when short, else its kind."""
-    if isinstance(value, (list, tuple)) and len(value) > 6:
-        return f"a list of {len(value)} values"
-    if isinstance(value, dict) and len(value) > 3:
-        return f"an object of {len(value)} keys"
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError, RecursionError):
-        text = repr(value)
-    if len(text) <= 60:
-        return text
-    if isinstance(value, str):
-        return f'{json.dumps(value[:40])[:-1]}..." ({len(value)} characters)'
-    return f"a value of {len(text)} characters"
 
 
 def _depth(value: Any) -> int:

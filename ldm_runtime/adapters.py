@@ -39,7 +39,7 @@ import numpy as np
 
 from ldm_runtime.config import ADAPTER_SCALES
 from ldm_runtime.errors import RequestError, UserError
-from ldm_runtime.files import sha256_file, special_file_kind
+from ldm_runtime.files import describe, sha256_file, special_file_kind
 
 UNET, TEXT_ENCODER = "unet", "text_encoder"
 NETWORK_NAMES = {UNET: "UNet", TEXT_ENCODER: "text encoder"}
@@ -171,19 +171,6 @@ def _diffusers_key(path: Path, key: str) -> tuple[str, str, str] | None:
         return network, f"{module}.{projection}", match["processor"]
     role = match["old"] or ("down" if match["peft"] == "A" else "up")
     return network, module, role
-
-
-def describe(value: Any) -> str:
-    """``value`` (parsed JSON) written short enough for a one-line message: itself when short, else its kind."""
-    if isinstance(value, (list, tuple)) and len(value) > 6:
-        return f"a list of {len(value)} values"
-    if isinstance(value, dict) and len(value) > 3:
-        return f"an object of {len(value)} keys"
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError, RecursionError):
-        text = repr(value)
-    return text if len(text) <= 60 else f"a {type(value).__name__} of {len(text)} characters"
 
 
 def _parse_metadata_json(text: str, where: str) -> Any:
@@ -596,8 +583,8 @@ def named_adapter_argument(text: str) -> tuple[str, Path]:
 
 
 def adapter_file_argument(text: str) -> tuple[Path, float]:
-    """argparse type of ``ldm-sample --lora FILE[:SCALE]``: (FILE, SCALE), the scale 1 when not given, else a finite
-    number within ``ADAPTER_SCALES`` (a path that exists as written keeps its colons)."""
+    """argparse type of ``--lora FILE[:SCALE]`` (ldm-sample, ldm-import): (FILE, SCALE), the scale 1 when not
+    given, else a finite number within ``ADAPTER_SCALES`` (a path that exists as written keeps its colons)."""
     path, colon, tail = text.rpartition(":")
     if not colon or Path(text).exists():
         return Path(text), 1.0

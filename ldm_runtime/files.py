@@ -67,6 +67,23 @@ def read_description(folder: str | Path, name: str, kind: str, error: Callable[[
         raise error(f"{path} is not valid JSON ({' '.join(str(failure).split())[:200]})") from None
 
 
+def describe(value: Any) -> str:
+    """``value`` (parsed JSON) written short enough for a one-line message: itself when short, else its kind."""
+    if isinstance(value, (list, tuple)) and len(value) > 6:
+        return f"a list of {len(value)} values"
+    if isinstance(value, dict) and len(value) > 3:
+        return f"an object of {len(value)} keys"
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError, RecursionError):
+        text = repr(value)
+    if len(text) <= 60:
+        return text
+    if isinstance(value, str):
+        return f'{json.dumps(value[:40])[:-1]}..." ({len(value)} characters)'
+    return f"a value of {len(text)} characters"
+
+
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()

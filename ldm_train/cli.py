@@ -79,15 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--out", required=True, help="checkpoint dir to write (model.json, *.safetensors)")
         sub.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
         sub.add_argument("--overwrite", action="store_true", help="start over even if --out holds a checkpoint")
-        for field in dataclasses.fields(settings):
-            if field.name == "out":
-                continue
-            flag = "--" + field.name.replace("_", "-")
-            if field.type == "bool":
-                sub.add_argument(flag, action="store_true", help=HELP[field.name])
-            else:
-                kind = {"int": int, "float": finite_float}.get(str(field.type).split(" ")[0], str)
-                sub.add_argument(flag, type=kind, default=field.default, help=HELP[field.name])
+        _add_settings_flags(sub, settings, HELP, skip=("out",))
     _add_classifier_parser(stages)
     _add_lora_parser(stages)
     return parser
@@ -121,15 +113,21 @@ def _add_lora_parser(stages) -> None:
     sub.add_argument("--caption-replace", action="append", default=[], metavar="OLD=NEW",
                      help="rewrite OLD (whole words) as NEW in every caption, e.g. 'green background=zorp background' "
                           "teaches a new word (repeatable, applied in order)")
-    for field in dataclasses.fields(LoraSettings):
-        if field.name not in LORA_HELP:
+    _add_settings_flags(sub, LoraSettings, LORA_HELP, skip=("base", "out", "caption_replace"))
+
+
+def _add_settings_flags(sub, settings, helps: dict[str, str], skip: tuple[str, ...]) -> None:
+    """One flag per field of dataclass ``settings`` but ``skip``, its default the field's, its help ``helps``'
+    (every flag has one: a field without is a KeyError)."""
+    for field in dataclasses.fields(settings):
+        if field.name in skip:
             continue
         flag = "--" + field.name.replace("_", "-")
         if field.type == "bool":
-            sub.add_argument(flag, action="store_true", help=LORA_HELP[field.name])
+            sub.add_argument(flag, action="store_true", help=helps[field.name])
         else:
             kind = {"int": int, "float": finite_float}.get(str(field.type).split(" ")[0], str)
-            sub.add_argument(flag, type=kind, default=field.default, help=LORA_HELP[field.name])
+            sub.add_argument(flag, type=kind, default=field.default, help=helps[field.name])
 
 
 def _add_classifier_parser(stages) -> None:

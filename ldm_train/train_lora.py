@@ -38,8 +38,8 @@ from ldm_train.checkpoint import save_tensors_atomic
 from ldm_train.data import build_dataset
 from ldm_train.diffusion import ForwardProcess
 from ldm_train.progress import TrainingProgress
-from ldm_train.run import batch_indices, check_finite, check_finite_flags, check_whole, start_process, end_process
-from ldm_train.train_unet import Denoiser, EncodedData, _conditioning, encode_dataset, training_latents
+from ldm_train.run import check_finite, check_finite_flags, check_whole, end_process, start_process
+from ldm_train.train_unet import Denoiser, EncodedData, _conditioning, encode_dataset, training_batch
 
 STAGE = "lora"
 DEFAULT_TARGETS = "to_q,to_k,to_v,to_out.0"
@@ -229,13 +229,9 @@ def _train(settings: LoraSettings, replacements, device: torch.device) -> Path:
     try:
         for step in range(settings.steps):
             generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
-            indices = batch_indices(len(dataset), step, settings.batch_size, process, settings.seed)
-            batch = len(indices)
-            latents = training_latents(data, indices, generator, scale)
-            noise = torch.randn(latents.shape, generator=generator)
-            timesteps = torch.randint(0, config.schedule.num_train_timesteps, (batch,), generator=generator)
-            dropped = torch.rand(batch, generator=generator) < settings.cond_drop_prob
-            caption_ids = torch.where(dropped, torch.zeros_like(indices), data.caption_ids[indices])
+            _, latents, noise, timesteps, caption_ids = training_batch(
+                data, step, settings.batch_size, process, settings.seed, generator, scale,
+                config.schedule.num_train_timesteps, settings.cond_drop_prob)
             latents, noise, timesteps = latents.to(device), noise.to(device), timesteps.to(device)
             noisy = forward_process.add_noise(latents, noise, timesteps)
             target = forward_process.target(latents, noise, timesteps)

@@ -155,13 +155,10 @@ def _train(settings: UNetSettings, config: ModelConfig, autoencoder_dir: Path, o
         for step in range(start_step, settings.steps):
             generator = step_generator(settings.seed, step, process.rank)
             torch.manual_seed(settings.seed * 1_000_003 + step)  # dropout in a scratch text encoder, if any
-            indices = batch_indices(len(dataset), step, settings.batch_size, process, settings.seed)
+            indices, latents, noise, timesteps, caption_ids = training_batch(
+                data, step, settings.batch_size, process, settings.seed, generator, scale,
+                config.schedule.num_train_timesteps, settings.cond_drop_prob)
             batch = len(indices)
-            latents = training_latents(data, indices, generator, scale)
-            noise = torch.randn(latents.shape, generator=generator)
-            timesteps = torch.randint(0, config.schedule.num_train_timesteps, (batch,), generator=generator)
-            dropped = torch.rand(batch, generator=generator) < settings.cond_drop_prob
-            caption_ids = torch.where(dropped, torch.zeros_like(indices), data.caption_ids[indices])
 
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate_at(settings, step)
@@ -275,6 +272,20 @@ def inpainting_conditioning(autoencoder: Autoencoder, pixels: torch.Tensor, mask
     masked = images * (masks < 0.5)
     latents = autoencoder.encode(masked).mode() * config.latent_scale_factor
     return torch.cat([masks[:, :, ::factor, ::factor], latents], dim=1)
+
+
+def training_batch(data: EncodedData, step: int, batch_size: int, process, seed: int, generator: torch.Generator,
+                   scale: float, num_train_timesteps: int, cond_drop_prob: float):
+    """Step ``step``'s (indices, latents, noise, timesteps, caption ids; caption 0, the empty prompt, for the dropped
+    ones), every draw from ``generator`` in a fixed order, so that a resumed run replays it."""
+    indices = batch_indices(len(data.caption_ids), step, batch_size, process, seed)
+    batch = len(indices)
+    latents = training_latents(data, indices, generator, scale)
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, num_train_timesteps, (batch,), generator=generator)
+    dropped = torch.rand(batch, generator=generator) < cond_drop_prob
+    caption_ids = torch.where(dropped, torch.zeros_like(indices), data.caption_ids[indices])
+    return indices, latents, noise, timesteps, caption_ids
 
 
 def training_latents(data: EncodedData, indices: torch.Tensor, generator: torch.Generator,

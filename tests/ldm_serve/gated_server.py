@@ -69,6 +69,27 @@ class Server(ServeProcess):
         finally:
             self.release()
 
+    def send_held(self, bodies: list[dict]) -> tuple[list[httpx.Response], float, float, float]:
+        """Post ``bodies`` to /v1/images while the worker is held, let it make one UNet call once all are queued,
+        then release it: (the responses, the rows of that first call, the UNet calls and the rows made for them in
+        all)."""
+        async def send() -> tuple[list[httpx.Response], float, float, float]:
+            with self.held():
+                sending = asyncio.ensure_future(post_all(self.url, bodies))
+                await asyncio.to_thread(self.wait_for, "ldm_serve_queue_depth", lambda value: value == len(bodies),
+                                        "the requests never all queued")
+                rows_before = self.metric("ldm_serve_batch_size_sum")
+                calls_before = self.metric("ldm_serve_batch_size_count")
+                self.hold(more_calls=1)
+                await asyncio.to_thread(self.wait_for, "ldm_serve_batch_size_count",
+                                        lambda value: value == calls_before + 1, "the first UNet call never ran")
+                first_call_rows = self.metric("ldm_serve_batch_size_sum") - rows_before
+            responses = await sending
+            return (responses, first_call_rows, self.metric("ldm_serve_batch_size_count") - calls_before,
+                    self.metric("ldm_serve_batch_size_sum") - rows_before)
+
+        return asyncio.run(send())
+
 
 def body(**fields) -> dict:
     return {"prompt": PROMPTS[0], "seed": 1, "steps": 4, **fields}

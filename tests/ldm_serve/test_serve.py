@@ -193,23 +193,9 @@ def test_requests_with_different_samplers_and_steps_share_one_unet_call_and_each
     bodies = [body(prompt=PROMPTS[index % len(PROMPTS)], seed=int(rng.integers(0, 2**62)), sampler=name,
                    steps=int(rng.integers(2, 7))) for index, name in enumerate(names)]
 
-    async def send_all_while_held() -> tuple[list[httpx.Response], float, float]:
-        with server.held():
-            sending = asyncio.ensure_future(post_all(server.url, bodies))
-            await asyncio.to_thread(server.wait_for, "ldm_serve_queue_depth", lambda value: value == len(bodies),
-                                    "the requests never all queued")
-            rows_before = server.metric("ldm_serve_batch_size_sum")
-            calls_before = server.metric("ldm_serve_batch_size_count")
-            server.hold(more_calls=1)
-            await asyncio.to_thread(server.wait_for, "ldm_serve_batch_size_count",
-                                    lambda value: value == calls_before + 1, "the first UNet call never ran")
-            first_call_rows = server.metric("ldm_serve_batch_size_sum") - rows_before
-            unet_calls = server.metric("ldm_serve_batch_size_count") - calls_before
-        return await sending, first_call_rows, unet_calls
-
-    together, first_call_rows, unet_calls = asyncio.run(send_all_while_held())
+    together, first_call_rows, _, _ = server.send_held(bodies)
     assert [response.status_code for response in together] == [200] * len(bodies), together[0].text
-    assert (unet_calls, first_call_rows) == (1, len(bodies))  # one UNet call served every sampler
+    assert first_call_rows == len(bodies)  # one UNet call served every sampler
     for payload, response in zip(bodies, together):
         png = base64.b64decode(response.json()["images"][0])
         assert json.loads(Image.open(io.BytesIO(png)).text["parameters"])["sampler"] == payload["sampler"]
@@ -230,22 +216,7 @@ def test_text_to_image_image_to_image_and_inpainting_share_each_unet_call_and_ea
               body(prompt=PROMPTS[2], seed=seeds[2], steps=4, **{**random_edit_fields(rng, 16, 16, masked=True),
                                                                  "strength": 1.0})]
 
-    async def send_all_while_held() -> tuple[list[httpx.Response], float, float, float]:
-        with server.held():
-            sending = asyncio.ensure_future(post_all(server.url, bodies))
-            await asyncio.to_thread(server.wait_for, "ldm_serve_queue_depth", lambda value: value == len(bodies),
-                                    "the requests never all queued")
-            rows_before = server.metric("ldm_serve_batch_size_sum")
-            calls_before = server.metric("ldm_serve_batch_size_count")
-            server.hold(more_calls=1)
-            await asyncio.to_thread(server.wait_for, "ldm_serve_batch_size_count",
-                                    lambda value: value == calls_before + 1, "the first UNet call never ran")
-            first_call_rows = server.metric("ldm_serve_batch_size_sum") - rows_before
-        responses = await sending
-        return (responses, first_call_rows, server.metric("ldm_serve_batch_size_count") - calls_before,
-                server.metric("ldm_serve_batch_size_sum") - rows_before)
-
-    together, first_call_rows, unet_calls, rows = asyncio.run(send_all_while_held())
+    together, first_call_rows, unet_calls, rows = server.send_held(bodies)
     assert [response.status_code for response in together] == [200] * len(bodies), together[0].text
     assert (first_call_rows, unet_calls, rows) == (3, 4, 4 + 2 + 4)  # alone, they would take 10 calls
     for payload, response in zip(bodies, together):

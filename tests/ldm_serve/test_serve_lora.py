@@ -8,7 +8,6 @@ call, the test holds the server's worker with its step gate and waits on ``/metr
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import io
@@ -25,7 +24,7 @@ from ldm_serve import cli as serve_cli
 from ldm_serve.errors import OPENAI_EDITS_PATH, OPENAI_IMAGES_PATH
 from tests.conftest import base_seed
 from tests.ldm_runtime.test_adapters_per_request import write_kohya_adapter
-from tests.ldm_serve.gated_server import JSON, PROMPTS, Server, body, post, post_all
+from tests.ldm_serve.gated_server import JSON, PROMPTS, Server, body, post
 
 ADAPTERS = ("x", "y")
 
@@ -94,20 +93,7 @@ def test_requests_with_different_adapters_and_one_without_share_a_unet_call_and_
     server = lora_server
     counts_before = {name: _adapter_count(server, name) for name in (*ADAPTERS, "none")}
 
-    async def send_all_while_held():
-        with server.held():
-            sending = asyncio.ensure_future(post_all(server.url, bodies))
-            await asyncio.to_thread(server.wait_for, "ldm_serve_queue_depth", lambda value: value == len(bodies),
-                                    "the requests never all queued")
-            rows_before = server.metric("ldm_serve_batch_size_sum")
-            calls_before = server.metric("ldm_serve_batch_size_count")
-            server.hold(more_calls=1)
-            await asyncio.to_thread(server.wait_for, "ldm_serve_batch_size_count",
-                                    lambda value: value == calls_before + 1, "the first UNet call never ran")
-            first_call_rows = server.metric("ldm_serve_batch_size_sum") - rows_before
-        return await sending, first_call_rows
-
-    together, first_call_rows = asyncio.run(send_all_while_held())
+    together, first_call_rows, _, _ = server.send_held(bodies)
     assert [response.status_code for response in together] == [200] * len(bodies), together[0].text
     assert first_call_rows == len(bodies)  # one UNet call served all three adapter choices
     counts = {name: _adapter_count(server, name) - counts_before[name] for name in (*ADAPTERS, "none")}
