@@ -108,13 +108,16 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--data-seed", type=int, default=0)
     parser.add_argument("--json", required=True)
+    parser.add_argument("--grid", default=None, metavar="PNG",
+                        help="also write the first 8 edits: the init images, their masks (shaded), each model's images")
     args = parser.parse_args()
     classifier, _ = load_judge(args.classifier)
     size = load_engine(args.model[0], engine="torch", device="cpu").info.image_size
     cases = edits(args.count, size, args.data_seed, args.grow)
-    results = {}
+    results, outputs = {}, []
     for model in args.model:
         run = run_model(model, cases, args.steps, args.guidance, args.batch)
+        outputs.append(run["outputs"])
         predictions = classify(classifier, run["outputs"])[0]
         wanted = [case[3].objects[0] for case in cases]
         shape = [bool(p.objects) and p.objects[0].shape == w.shape for p, w in zip(predictions, wanted)]
@@ -140,7 +143,26 @@ def main() -> int:
         "results": results,
     }
     Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
+    if args.grid is not None:
+        write_grid(Path(args.grid), cases[:8], [images[:8] for images in outputs])
     return 0
+
+
+def write_grid(path: Path, cases, rows: list[np.ndarray], upscale: int = 4) -> None:
+    """Rows of 32 px cells: the init images, the same with the mask shaded, then each model's images."""
+    from PIL import Image
+
+    shaded = [np.where((mask >= 128)[..., None], (image * 0.4 + 255 * 0.6).astype(np.uint8), image)
+              for image, mask, _, _ in cases]
+    grid = [[case[0] for case in cases], shaded, *[list(images) for images in rows]]
+    side, gap = cases[0][0].shape[0], 2
+    canvas = np.full((len(grid) * (side + gap), len(cases) * (side + gap), 3), 255, dtype=np.uint8)
+    for row, cells in enumerate(grid):
+        for column, cell in enumerate(cells):
+            top, left = row * (side + gap), column * (side + gap)
+            canvas[top:top + side, left:left + side] = cell
+    image = Image.fromarray(canvas)
+    image.resize((image.width * upscale, image.height * upscale), Image.NEAREST).save(path)
 
 
 if __name__ == "__main__":

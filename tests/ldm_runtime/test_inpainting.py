@@ -7,6 +7,7 @@ checkpoint of test_pipeline and the tiny Stable Diffusion of test_image_to_image
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -178,3 +179,25 @@ def test_fp32_engine_dir_of_an_import_inpaints_as_diffusers_inpaint_pipeline(sd2
     levels = int(np.abs(got[repaint].astype(int) - want[repaint]).max())
     assert levels <= 1, levels
     assert np.array_equal(got[~repaint], image[~repaint]) and not np.array_equal(got[repaint], image[repaint])
+
+
+SHIPPED_INPAINT = Path(__file__).resolve().parents[2] / "models" / "shapes-inpaint"
+
+
+@pytest.mark.skipif(not (SHIPPED_INPAINT / "model.json").is_file(), reason="models/shapes-inpaint is not in this tree")
+def test_the_shipped_inpainting_model_repaints_only_the_mask_and_needs_an_image_and_a_mask(rng):
+    from ldm_runtime.engines.torch_engine import TorchEngine
+
+    engine = TorchEngine(SHIPPED_INPAINT, device="cpu")
+    assert engine.info.inpainting and engine.config.unet.in_channels == 9
+    pipeline = Pipeline(engine)
+    with pytest.raises(RequestError, match="init_image and mask are missing"):
+        pipeline.validate(GenerationRequest(prompt="a red circle", seed=0))
+    image = random_image(rng, 32, 32)
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 255
+    (edited,) = pipeline.generate([GenerationRequest(prompt="a large green star in the center, on a white "
+                                                            "background", seed=int(rng.integers(0, 2**31)),
+                                                     steps=4, init_image=image, mask=mask)])
+    kept = mask < 128
+    assert np.array_equal(edited[kept], image[kept]) and not np.array_equal(edited[~kept], image[~kept])
