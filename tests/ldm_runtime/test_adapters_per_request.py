@@ -135,7 +135,7 @@ def test_rows_with_different_adapters_in_one_step_batch_each_make_their_image_al
 
 def test_unknown_adapter_and_scale_out_of_range_are_one_line_request_errors(torch_engine):
     pipeline = Pipeline(torch_engine)
-    cases = {(("w", 1.0),): "'w', which is not loaded; expected one of: x, y, z",
+    cases = {(("v", 1.0),): "'v', which is not loaded; expected one of: w, x, y, z",
              (("x", 11.0),): "adapter 'x' the scale 11.0; expected a number from -10 to 10",
              (("x", float("nan")),): "adapter 'x' the scale nan",
              (("x", 1.0), ("x", 0.5)): "repeats",
