@@ -199,6 +199,17 @@ CANCEL_OPENAPI = {"responses": {
     "404": {"description": "No queued or running request has this id", "content": ERROR_CONTENT}}}
 
 
+# the answers both OpenAI routes can give besides their own: refused (no key), cancelled, busy
+OPENAI_REFUSED_ANSWERS = {
+    "401": {"description": "Missing or wrong API key", "content": OPENAI_ERROR_CONTENT},
+    "409": {"description": "Cancelled (DELETE /v1/images/{id}) before it finished", "content": OPENAI_ERROR_CONTENT},
+}
+OPENAI_BUSY_ANSWERS = {
+    "429": {"description": "Queue full; see Retry-After", "content": OPENAI_ERROR_CONTENT},
+    "503": {"description": "Warming up, draining, or timed out; see Retry-After", "content": OPENAI_ERROR_CONTENT},
+}
+
+
 def openai_images_openapi(model: type[BaseModel], limits: ServeLimits) -> dict[str, Any]:
     """The OpenAPI entry of ``POST /v1/images/generations``: the body's schema and every answer it can get, the
     errors in OpenAI's shape."""
@@ -215,15 +226,11 @@ def openai_images_openapi(model: type[BaseModel], limits: ServeLimits) -> dict[s
             "400": {"description": "Malformed JSON, a Host header the server does not answer, or a field is invalid "
                                    "(named in error.param)",
                     "content": OPENAI_ERROR_CONTENT},
-            "401": {"description": "Missing or wrong API key", "content": OPENAI_ERROR_CONTENT},
-            "409": {"description": "Cancelled (DELETE /v1/images/{id}) before it finished",
-                    "content": OPENAI_ERROR_CONTENT},
+            **OPENAI_REFUSED_ANSWERS,
             "413": {"description": f"Body over {body_limits(limits)[OPENAI_IMAGES_PATH]} bytes",
                     "content": OPENAI_ERROR_CONTENT},
             "415": {"description": "No Content-Type: application/json", "content": OPENAI_ERROR_CONTENT},
-            "429": {"description": "Queue full; see Retry-After", "content": OPENAI_ERROR_CONTENT},
-            "503": {"description": "Warming up, draining, or timed out; see Retry-After",
-                    "content": OPENAI_ERROR_CONTENT},
+            **OPENAI_BUSY_ANSWERS,
         }}
 
 
@@ -249,17 +256,13 @@ def openai_edits_openapi(limits: ServeLimits) -> dict[str, Any]:
                                 "text/event-stream": {"schema": OPENAI_EDIT_EVENT_SCHEMA}}},
             "400": {"description": "A malformed form, a Host header the server does not answer, or a field or file "
                                    "is invalid (named in error.param)", "content": OPENAI_ERROR_CONTENT},
-            "401": {"description": "Missing or wrong API key", "content": OPENAI_ERROR_CONTENT},
+            **OPENAI_REFUSED_ANSWERS,
             "403": {"description": "Sent by a page of another origin than the server's and --cors-origin's",
-                    "content": OPENAI_ERROR_CONTENT},
-            "409": {"description": "Cancelled (DELETE /v1/images/{id}) before it finished",
                     "content": OPENAI_ERROR_CONTENT},
             "413": {"description": f"Body over {body_limits(limits)[OPENAI_EDITS_PATH]} bytes",
                     "content": OPENAI_ERROR_CONTENT},
             "415": {"description": "No Content-Type: multipart/form-data", "content": OPENAI_ERROR_CONTENT},
-            "429": {"description": "Queue full; see Retry-After", "content": OPENAI_ERROR_CONTENT},
-            "503": {"description": "Warming up, draining, or timed out; see Retry-After",
-                    "content": OPENAI_ERROR_CONTENT},
+            **OPENAI_BUSY_ANSWERS,
         }}
 
 
