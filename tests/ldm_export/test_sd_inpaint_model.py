@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 from pathlib import Path
 
@@ -19,11 +18,10 @@ from PIL import Image
 
 from ldm_export.sd_import import import_source, main
 from ldm_runtime.errors import RequestError
-from ldm_runtime.noise import initial_noise, step_noise
 from ldm_runtime.pipeline import GenerationRequest, Pipeline
 from tests.conftest import base_seed
 from tests.ldm_export.tiny_sd import (IMAGE_SIZE, LATENT_SIZE, PROMPTS, SD1_LIKE, SD2_LIKE, TinySD, component_weights,
-                                      write_diffusers_folder, write_original_file)
+                                      feed_our_noise, relative_error, write_diffusers_folder, write_original_file)
 
 GUIDANCE = 7.5
 LATENT_RTOL = 1e-5  # final latents against diffusers', fp32 both ways (as the img2img and inpainting parity tests)
@@ -34,7 +32,6 @@ DIFFUSERS_SCHEDULERS = {
     "euler-a": ("EulerAncestralDiscreteScheduler", {}),
     "dpmpp-2m": ("DPMSolverMultistepScheduler", {}),
 }
-STOCHASTIC_MODULES = ("scheduling_euler_ancestral_discrete", "scheduling_dpmsolver_multistep")
 
 
 def write_inpainting_folder(sizes: TinySD, folder: Path, seed: int) -> Path:
@@ -102,12 +99,6 @@ def final_latents(pipeline: Pipeline, requests: list[GenerationRequest]) -> list
             for state in states]
 
 
-def relative_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
-    scale = float(expected.double().norm())
-    assert scale > 0, "comparing against zeros proves nothing"
-    return float((actual.double() - expected.double()).norm()) / scale
-
-
 def diffusers_inpaint(source: Path, sampler: str, image: np.ndarray, mask: np.ndarray, seed: int, steps: int,
                       strength: float, monkeypatch) -> tuple[torch.Tensor, np.ndarray]:
     """(final latents, (H, W, 3) uint8 image) of diffusers' StableDiffusionInpaintPipeline on folder ``source``
@@ -115,22 +106,7 @@ def diffusers_inpaint(source: Path, sampler: str, image: np.ndarray, mask: np.nd
     for ``seed``) and the images' latents as the posterior mode (our encoder's) where diffusers draws a sample."""
     import diffusers
 
-    shape = (4, LATENT_SIZE, LATENT_SIZE)
-    drawn: list[tuple] = []
-
-    def step_randn(noise_shape, dtype=None, **kwargs):
-        drawn.append(noise_shape)
-        return torch.from_numpy(step_noise([seed], [len(drawn) - 1], shape)).to(dtype)
-
-    def initial_randn(noise_shape, dtype=None, **kwargs):
-        assert tuple(noise_shape) == (1, *shape), noise_shape
-        return torch.from_numpy(initial_noise([seed], shape)).to(dtype)
-
-    for name in STOCHASTIC_MODULES:
-        monkeypatch.setattr(importlib.import_module(f"diffusers.schedulers.{name}"), "randn_tensor", step_randn)
-    module = importlib.import_module("diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint")
-    monkeypatch.setattr(module, "randn_tensor", initial_randn)
-    monkeypatch.setattr(module, "retrieve_latents", lambda output, generator=None: output.latent_dist.mode())
+    feed_our_noise(monkeypatch, seed, (4, LATENT_SIZE, LATENT_SIZE))
     pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(str(source), safety_checker=None,
                                                                     requires_safety_checker=False)
     assert pipe.unet.config.in_channels == 9

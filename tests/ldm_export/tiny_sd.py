@@ -6,6 +6,7 @@ downloads)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from ldm_export.sd_single_file import EMA_PREFIX, UNET_PREFIX, _ema_key, original_state_dict
 from ldm_runtime.config import ModelConfig
+from ldm_runtime.noise import initial_noise, step_noise
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 WORDS = ("red", "blue", "circle", "square", "on", "the", "a")
@@ -151,3 +153,36 @@ def write_original_file(source: Path, checkpoint: Path, path: Path, openclip: bo
         tensors[EMA_PREFIX + "num_updates"] = torch.tensor(1000, dtype=torch.int32)
     save_file({name: tensor.contiguous() for name, tensor in tensors.items()}, str(path))
     return path
+
+
+# diffusers' modules that draw noise: the stochastic schedulers' steps and the edit pipelines' x_T
+STOCHASTIC_MODULES = ("scheduling_euler_ancestral_discrete", "scheduling_dpmsolver_multistep", "scheduling_lcm")
+PIPELINE_MODULES = {"img2img": "pipeline_stable_diffusion_img2img", "inpaint": "pipeline_stable_diffusion_inpaint"}
+
+
+def feed_our_noise(monkeypatch, seed: int, shape: tuple[int, ...]) -> None:
+    """Make diffusers' edit pipelines draw our noise for ``seed`` (x_T, and each stochastic step's in turn) for
+    latents of ``shape`` (C, h, w), and take the image's latents as the posterior mode (our encoder's) where
+    diffusers draws a sample."""
+    drawn: list[tuple] = []
+
+    def step_randn(noise_shape, dtype=None, **kwargs):
+        drawn.append(noise_shape)
+        return torch.from_numpy(step_noise([seed], [len(drawn) - 1], shape)).to(dtype)
+
+    def initial_randn(noise_shape, dtype=None, **kwargs):
+        assert tuple(noise_shape) == (1, *shape), noise_shape
+        return torch.from_numpy(initial_noise([seed], shape)).to(dtype)
+
+    for name in STOCHASTIC_MODULES:
+        monkeypatch.setattr(importlib.import_module(f"diffusers.schedulers.{name}"), "randn_tensor", step_randn)
+    for name in PIPELINE_MODULES.values():
+        module = importlib.import_module(f"diffusers.pipelines.stable_diffusion.{name}")
+        monkeypatch.setattr(module, "randn_tensor", initial_randn)
+        monkeypatch.setattr(module, "retrieve_latents", lambda output, generator=None: output.latent_dist.mode())
+
+
+def relative_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
+    scale = float(expected.double().norm())
+    assert scale > 0, "comparing against zeros proves nothing"
+    return float((actual.double() - expected.double()).norm()) / scale

@@ -7,7 +7,6 @@ test_pipeline (16 px images, 8x8 latents) and a tiny random Stable Diffusion fol
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import io
 import json
 import struct
@@ -23,10 +22,10 @@ from ldm_runtime import sample
 from ldm_runtime.config import LARGEST_IMAGE_SIDE
 from ldm_runtime.errors import RequestError
 from ldm_runtime.images import read_upload
-from ldm_runtime.noise import initial_noise, step_noise
 from ldm_runtime.pipeline import GenerationRequest, Pipeline
 from ldm_runtime.schedulers import SAMPLER_NAMES, DDIMConfig, NoiseSchedule, PLMSSampler
 from test_pipeline import NumpyEngine, checkpoint_dir, engine  # noqa: F401 (session fixtures: the tiny checkpoint)
+from tests.ldm_export.tiny_sd import feed_our_noise, relative_error
 from tests.ldm_runtime.sd_engine_dir import sd2_engines  # noqa: F401 (session fixture: an imported SD's engine dir)
 
 LATENT_RTOL = 1e-5  # final latents against diffusers', fp32 both ways (as the scheduler parity tests)
@@ -421,10 +420,6 @@ DIFFUSERS_SCHEDULERS = {
     "unipc-3": ("UniPCMultistepScheduler", {"solver_order": 3}),
     "lcm": ("LCMScheduler", {}),
 }
-STOCHASTIC_MODULES = ("scheduling_euler_ancestral_discrete", "scheduling_dpmsolver_multistep", "scheduling_lcm")
-PIPELINE_MODULES = {"img2img": "pipeline_stable_diffusion_img2img", "inpaint": "pipeline_stable_diffusion_inpaint"}
-
-
 def diffusers_edit_latents(pipe, sampler: str, image: np.ndarray, seed: int, steps: int, strength: float,
                            monkeypatch, mask: np.ndarray | None = None, guidance_scale: float = 7.5) -> torch.Tensor:
     """The final latents of diffusers' StableDiffusionImg2ImgPipeline (or, with ``mask``,
@@ -433,23 +428,8 @@ def diffusers_edit_latents(pipe, sampler: str, image: np.ndarray, seed: int, ste
     latents as the posterior mode (our encoder's) where diffusers draws a sample."""
     import diffusers
 
-    shape = (4, image.shape[0] // pipe.vae_scale_factor, image.shape[1] // pipe.vae_scale_factor)
-    drawn: list[tuple] = []
-
-    def step_randn(noise_shape, dtype=None, **kwargs):
-        drawn.append(noise_shape)
-        return torch.from_numpy(step_noise([seed], [len(drawn) - 1], shape)).to(dtype)
-
-    def initial_randn(noise_shape, dtype=None, **kwargs):
-        assert tuple(noise_shape) == (1, *shape), noise_shape
-        return torch.from_numpy(initial_noise([seed], shape)).to(dtype)
-
-    for name in STOCHASTIC_MODULES:
-        monkeypatch.setattr(importlib.import_module(f"diffusers.schedulers.{name}"), "randn_tensor", step_randn)
-    for name in PIPELINE_MODULES.values():
-        module = importlib.import_module(f"diffusers.pipelines.stable_diffusion.{name}")
-        monkeypatch.setattr(module, "randn_tensor", initial_randn)
-        monkeypatch.setattr(module, "retrieve_latents", lambda output, generator=None: output.latent_dist.mode())
+    feed_our_noise(monkeypatch, seed, (4, image.shape[0] // pipe.vae_scale_factor,
+                                       image.shape[1] // pipe.vae_scale_factor))
     class_name, settings = DIFFUSERS_SCHEDULERS[sampler]
     scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config, **settings)
     kind = diffusers.StableDiffusionImg2ImgPipeline if mask is None else diffusers.StableDiffusionInpaintPipeline
@@ -459,12 +439,6 @@ def diffusers_edit_latents(pipe, sampler: str, image: np.ndarray, seed: int, ste
                                       "width": image.shape[1]}
     return edit(PROMPT, image=Image.fromarray(image), strength=strength, num_inference_steps=steps,
                 guidance_scale=guidance_scale, negative_prompt="", output_type="latent", **inputs).images
-
-
-def relative_error(expected: torch.Tensor, actual: torch.Tensor) -> float:
-    scale = float(expected.double().norm())
-    assert scale > 0, "comparing against zeros proves nothing"
-    return float((actual.double() - expected.double()).norm()) / scale
 
 
 @pytest.mark.parametrize(("sampler", "steps", "strength"), [
