@@ -224,8 +224,12 @@ def test_the_page_shows_the_queue_position_then_a_progress_bar_and_previews_then
         page_server.wait_for("ldm_serve_queue_depth", lambda value: value == 2, "the two requests never queued")
         page.click("#generate")
         figure.locator("figcaption").filter(has_text="queued, 2 requests ahead").wait_for(timeout=WAIT_MS)
+        calls = page_server.metric("ldm_serve_unet_calls_total")
         page_server.hold(more_calls=2)  # the first request ahead runs its two steps
         figure.locator("figcaption").filter(has_text="queued, 1 request ahead").wait_for(timeout=WAIT_MS)
+        # the request ahead leaves the queue before its first step: the gate is moved on only once both ran
+        page_server.wait_for("ldm_serve_unet_calls_total", lambda value: value == calls + 2,
+                             "the first request ahead never ran its two steps")
         assert figure.locator("img").count() == 0 and figure.locator("progress").get_attribute("value") == "0"
         page_server.hold(more_calls=2 + 3)  # the second runs its two, then the page's request three of its six
         figure.locator("figcaption").filter(has_text="step 3 of 6").wait_for(timeout=WAIT_MS)
