@@ -62,7 +62,7 @@ def create_app(pipeline: Pipeline, batcher: Batcher, limits: ServeLimits, metric
     app.add_middleware(ErrorSafetyMiddleware, on_error=metrics.requests.labels("error").inc)
     app.add_middleware(SecurityHeadersMiddleware)
     add_error_handlers(app)
-    route = ImagesRoute(pipeline, batcher, limits, metrics, cors_origins)
+    route = app.state.images_route = ImagesRoute(pipeline, batcher, limits, metrics, cors_origins)
     app.post("/v1/images", summary="Generate images from a prompt",
              openapi_extra=images_openapi(route.model, limits))(route.create_images)
     app.post(OPENAI_IMAGES_PATH, summary="Generate images from a prompt, in the OpenAI images API's shapes",

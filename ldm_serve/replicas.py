@@ -20,6 +20,12 @@ What Ray Serve is told, so that a client sees what one ``ldm-serve`` process giv
 - An answer no replica gave (a replica that died with requests on it, no replica up yet) is a 503 with
   ``Retry-After`` in the route's error shape (``ReplicaFailureAs503``, a middleware of Ray Serve's proxy), never a
   bare 500: the client retries and another replica answers.
+- ``DELETE /v1/images/{id}`` reaches whichever replica Ray Serve picks, and a request lives in one replica: each
+  replica tells a relay (``CancelRelay``, one Ray actor per ``ldm-serve``) the ids of the requests it holds, a
+  replica that does not hold the id passes the DELETE to the relay, and the holder, which waits on the relay for
+  such ids, cancels it; the client gets the answer one process gives. Closing a stream reaches the holder itself.
+  A request's id is the one Ray Serve's proxy gives it (and puts in the answer's ``X-Request-Id``: the client's
+  own when it sent one), so that the answer names it once.
 - SIGTERM or SIGINT drains: the application is deleted, so new requests get 503 with ``Retry-After`` while every
   replica finishes its ongoing ones within ``--drain-timeout`` (Ray Serve's ``graceful_shutdown_timeout_s``);
   then each proxy stops listening and answers what it has accepted (``ReplicaFailureAs503``'s close request, as
@@ -58,7 +64,9 @@ from ldm_serve.routes import readiness
 from ldm_serve.server import LISTENING_LINE, ServeError, build_app
 
 DEPLOYMENT_NAME = "ldm-serve"
+logger = logging.getLogger(__name__)
 REPLICA_HEADER = "x-ldm-replica"  # which replica answered: Ray Serve's id of it
+PROXY_REQUEST_ID_HEADER = "x-request-id"  # Ray Serve's proxy names each request in it, to the replica and on the answer
 WARM_UP_POLL_S = 0.05
 BACKPRESSURE_RETRY_AFTER_S = 1  # a request Ray Serve's proxy cannot queue: try again in a second
 FAILURE_RETRY_AFTER_S = 1  # a request whose replica died: another one answers the retry
@@ -66,6 +74,9 @@ START_TIMEOUT_S = 600.0  # Ray, the proxy and every replica (each loading and wa
 START_POLL_S = 0.5
 HEALTH_CHECK_PERIOD_S = 10.0
 HEALTH_CHECK_TIMEOUT_S = 60.0  # a replica busy with a batch on shared cores answers its health check late
+RELAY_NAMESPACE = "ldm-serve"  # the Ray namespace of the CancelRelay actors
+CANCEL_WAIT_S = 30.0  # how long a replica's wait on the relay lasts before it asks again
+CANCEL_RETRY_S = 1.0  # after the relay failed to answer
 
 # Closing a proxy at the end of the drain (ReplicaFailureAs503): the driver POSTs to this path on each proxy with
 # the token only it and the proxies know (in their environment), and the proxy stops listening, lets connections it
@@ -89,23 +100,109 @@ RAY_SERVE_ENV = {
 }
 
 
+@ray.remote(num_cpus=0)
+class CancelRelay:
+    """Which replica holds which request, and the DELETEs waiting for each: ``held``/``let_go`` as a replica takes
+    and answers a request, ``cancel(id)`` from the replica a DELETE reached (True: the holder will cancel it),
+    ``cancels_for(replica)`` from the holder, which waits in it until there is something to cancel."""
+
+    def __init__(self):
+        self.holders: dict[str, str] = {}
+        self.pending: dict[str, list[str]] = {}
+        self.wakeups: dict[str, asyncio.Event] = {}
+
+    async def held(self, request_id: str, replica: str) -> None:
+        self.holders[request_id] = replica
+
+    async def let_go(self, request_id: str) -> None:
+        self.holders.pop(request_id, None)
+
+    async def cancel(self, request_id: str) -> bool:
+        replica = self.holders.pop(request_id, None)
+        if replica is None:
+            return False
+        self.pending.setdefault(replica, []).append(request_id)
+        self.wakeups.setdefault(replica, asyncio.Event()).set()
+        return True
+
+    async def cancels_for(self, replica: str, wait_s: float) -> list[str]:
+        wakeup = self.wakeups.setdefault(replica, asyncio.Event())
+        if not self.pending.get(replica):
+            try:
+                await asyncio.wait_for(wakeup.wait(), wait_s)
+            except asyncio.TimeoutError:
+                pass
+        wakeup.clear()
+        return self.pending.pop(replica, [])
+
+
+class CancelPeers:
+    """A replica's side of the relay, as ``ImagesRoute.peers``: it tells the relay what it holds, passes it the
+    DELETEs for requests it does not hold, and (``take_cancels``, a task of the replica's event loop for its
+    life) cancels the requests the others pass on for it."""
+
+    def __init__(self, relay, replica: str):
+        self.relay = relay
+        self.replica = replica
+
+    def held(self, request_id: str) -> None:
+        self.relay.held.remote(request_id, self.replica)
+
+    def let_go(self, request_id: str) -> None:
+        self.relay.let_go.remote(request_id)
+
+    async def cancel(self, request_id: str) -> bool:
+        try:
+            return await self.relay.cancel.remote(request_id)
+        except Exception:  # the relay is gone (Ray stopping): the request is then unknown here, a 404
+            logger.warning("the cancel relay did not answer", exc_info=True)
+            return False
+
+    async def take_cancels(self, route) -> None:
+        failing = False
+        while True:
+            try:
+                request_ids = await self.relay.cancels_for.remote(self.replica, CANCEL_WAIT_S)
+            except Exception:
+                if not failing:  # once until it answers again, not once a second
+                    logger.warning("the cancel relay did not answer; asking again every %g s", CANCEL_RETRY_S,
+                                   exc_info=True)
+                failing = True
+                await asyncio.sleep(CANCEL_RETRY_S)
+                continue
+            failing = False
+            for request_id in request_ids:
+                route.cancel_held(request_id)
+
+
 class LdmServeReplica:
     """One replica: the ``ldm-serve`` app of ``args``, built when Ray Serve starts the replica (the engine is loaded
-    in the replica's process, never pickled); every answer names the replica in ``X-Ldm-Replica``."""
+    in the replica's process, never pickled); every answer names the replica in ``X-Ldm-Replica``. ``relay_name``:
+    the ``CancelRelay`` actor it shares with the other replicas (None: a DELETE stays in the replica it reaches)."""
 
-    def __init__(self, args: argparse.Namespace, api_key: str | None):
+    def __init__(self, args: argparse.Namespace, api_key: str | None, relay_name: str | None = None):
         self.args = args
         self.api_key = api_key
+        self.relay_name = relay_name
         self.batcher = None
+        self._taking_cancels = None
 
     def __serve_build_asgi_app__(self):
         app, batcher, _, _ = build_app(self.args, api_key=self.api_key)
         self.batcher = batcher
         replica = str(serve.get_replica_context().replica_id.unique_id).encode("ascii")
+        route = app.state.images_route
+        route.id_header = PROXY_REQUEST_ID_HEADER  # the proxy's id of a request is its id here too
+        peers = None
+        if self.relay_name is not None:
+            peers = CancelPeers(ray.get_actor(self.relay_name, namespace=RELAY_NAMESPACE), replica.decode())
+            route.peers = peers
 
         async def send_named(send, message: dict) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), (REPLICA_HEADER.encode(), replica)]}
+            if message["type"] == "http.response.start":  # the proxy adds the request's id, the one used here
+                headers = [(name, value) for name, value in message.get("headers", [])
+                           if name.lower() != PROXY_REQUEST_ID_HEADER.encode()]
+                message = {**message, "headers": [*headers, (REPLICA_HEADER.encode(), replica)]}
             await send(message)
 
         async def send_when_warm(send, message: dict) -> None:
@@ -117,6 +214,8 @@ class LdmServeReplica:
             await send(message)
 
         async def replica_app(scope: dict, receive, send) -> None:
+            if peers is not None and self._taking_cancels is None:
+                self._taking_cancels = asyncio.ensure_future(peers.take_cancels(route))
             wrap = {"http": send_named, "lifespan": send_when_warm}.get(scope["type"])
             await app(scope, receive, functools.partial(wrap, send) if wrap else send)
 
@@ -301,8 +400,13 @@ def serve_replicas(args: argparse.Namespace, api_key: str | None, description: s
     try:
         serve.start(http_options={"host": args.host, "port": args.port},
                     controller_options={"runtime_env": {"env_vars": env}})
+        relay_name = f"{DEPLOYMENT_NAME}-cancels-{secrets.token_hex(8)}"
+        # held here (an actor without a handle is stopped) until the process leaves Ray; up before any replica
+        relay = CancelRelay.options(name=relay_name, namespace=RELAY_NAMESPACE).remote()
+        ray.get(relay.let_go.remote(""), timeout=START_TIMEOUT_S)
         deployment = serve.deployment(serve.ingress()(LdmServeReplica), **options)
-        serve.run(deployment.bind(args, api_key), name=DEPLOYMENT_NAME, route_prefix="/", blocking=False)
+        serve.run(deployment.bind(args, api_key, relay_name), name=DEPLOYMENT_NAME, route_prefix="/",
+                  blocking=False)
         _wait_until_serving(args.host, args.port, signals)
     except (Exception, KeyboardInterrupt) as error:
         _shut_down(args)

@@ -41,6 +41,7 @@ from ldm_serve.uploads import json_images, read_edit_form
 
 STUCK_STEP_GRACE_S = 1.0  # the worker drops an expired job at its next step boundary; this covers a stuck step
 REQUEST_ID_HEADER = "X-Request-Id"
+MAX_REQUEST_ID_CHARS = 200  # a request id taken from a proxy's header (ImagesRoute.id_header)
 
 
 class ImagesRoute:
@@ -61,6 +62,12 @@ class ImagesRoute:
         self.openai_model = openai_request_model(limits)
         self.edit_model = openai_edit_model(limits)
         self.jobs: dict[str, Job] = {}  # queued or running, by id
+        # the other servers behind the same address (Ray Serve's replicas: ``ldm_serve.replicas.CancelPeers``),
+        # which a DELETE for a request this one does not hold is passed to; None: none
+        self.peers = None
+        # the request header whose value is a request's id (behind Ray Serve's proxy, its X-Request-Id, which the
+        # proxy puts on the answer); None: ids are made here
+        self.id_header: str | None = None
 
     async def create_images(self, request: Request) -> Response:
         return await self._counted(request, self._answer)
@@ -74,13 +81,46 @@ class ImagesRoute:
     async def cancel_images(self, request_id: str) -> Response:
         """``DELETE /v1/images/{id}``: the queued or running request ``id`` is answered as cancelled, and its images
         leave the batch at the next step boundary."""
-        job = self.jobs.get(request_id)
-        if job is None:
+        if self.cancel_held(request_id):
+            return JSONResponse({"id": request_id, "status": "cancelled"})
+        if self.peers is None or not await self.peers.cancel(request_id):
             raise ApiError(404, "not_found", f"no queued or running request has id {shown_value(request_id)}; "
                                              f"expected the id of one (its {REQUEST_ID_HEADER} header, or its "
                                              f"stream's first event)", "id")
-        self.batcher.cancel(job)
         return JSONResponse({"id": request_id, "status": "cancelled"})
+
+    def _request_id(self, request: Request) -> str:
+        """A new request's id: made here, or the value of ``id_header`` (one no request in flight here has)."""
+        if self.id_header is None:
+            return secrets.token_hex(12)
+        request_id = request.headers.get(self.id_header, "")
+        if not request_id or len(request_id) > MAX_REQUEST_ID_CHARS:
+            raise ApiError(400, "invalid_request", f"the {self.id_header} header is {shown_value(request_id)}; "
+                                                   f"expected a request id of 1 to {MAX_REQUEST_ID_CHARS} characters, "
+                                                   f"or no header (the proxy makes one)", self.id_header)
+        if request_id in self.jobs:
+            raise ApiError(409, "conflict", f"the {self.id_header} header is {shown_value(request_id)}, the id of a "
+                                            f"request still in flight; expected a new id, or no header (the proxy "
+                                            f"makes one)", self.id_header)
+        return request_id
+
+    def cancel_held(self, request_id: str) -> bool:
+        """Cancel the request ``request_id`` if this server holds it, queued or running (not already cancelled or
+        answered); whether it did."""
+        job = self.jobs.get(request_id)
+        if job is None or job.cancelled or job.future.done():
+            return False
+        self.batcher.cancel(job)
+        return True
+
+    def _hold(self, job: Job) -> None:
+        self.jobs[job.id] = job
+        if self.peers is not None:
+            self.peers.held(job.id)
+
+    def _let_go(self, job: Job) -> None:
+        if self.jobs.pop(job.id, None) is not None and self.peers is not None:
+            self.peers.let_go(job.id)
 
     async def _counted(self, request: Request, answer: Callable) -> Response:
         """``answer``'s response, the request counted in flight until it has been answered (a stream: until it
@@ -113,11 +153,11 @@ class ImagesRoute:
                 raise ApiError(406, "not_acceptable", "stream is true but the client does not accept "
                                                       "text/event-stream; expected stream: false or Accept: "
                                                       "text/event-stream", "stream")
-            seeds, requests, job = self._queue_job(parsed, parsed.height, parsed.width, arrived, parsed.previews,
-                                                   images)
+            seeds, requests, job = self._queue_job(request, parsed, parsed.height, parsed.width, arrived,
+                                                   parsed.previews, images)
             return self._event_stream(job, lambda answered: self._our_events(job, requests, seeds, arrived,
                                                                              answered))
-        seeds, requests, job = self._queue_job(parsed, parsed.height, parsed.width, arrived, images=images)
+        seeds, requests, job = self._queue_job(request, parsed, parsed.height, parsed.width, arrived, images=images)
         result, total_s = await self._wait(job, request, arrived)
         pngs = await encode_pngs(requests, result)
         timings = timings_of(result, total_s)
@@ -165,10 +205,11 @@ class ImagesRoute:
                              images: tuple[np.ndarray | None, np.ndarray | None] = (None, None)) -> Response:
         """Queue the job and answer it in OpenAI's shape on ``path``: its JSON, or with ``stream`` its events."""
         if parsed.stream:
-            seeds, requests, job = self._queue_job(parsed, height, width, arrived, parsed.partial_images, images)
+            seeds, requests, job = self._queue_job(request, parsed, height, width, arrived, parsed.partial_images,
+                                                   images)
             return self._event_stream(job, lambda answered: self._openai_events(job, requests, seeds, arrived,
                                                                                 answered, path))
-        seeds, requests, job = self._queue_job(parsed, height, width, arrived, images=images)
+        seeds, requests, job = self._queue_job(request, parsed, height, width, arrived, images=images)
         result, total_s = await self._wait(job, request, arrived)
         pngs = await encode_pngs(requests, result)
         height, width = result.images[0].shape[:2]
@@ -178,22 +219,23 @@ class ImagesRoute:
                              "size": f"{width}x{height}", "output_format": "png",
                              "timings": timings_of(result, total_s)}, headers={REQUEST_ID_HEADER: job.id})
 
-    def _queue_job(self, parsed: BaseModel, height: int | None, width: int | None, arrived: float,
+    def _queue_job(self, request: Request, parsed: BaseModel, height: int | None, width: int | None, arrived: float,
                    previews: int | None = None, images: tuple[np.ndarray | None, np.ndarray | None] = (None, None),
                    ) -> tuple[list[int], list[GenerationRequest], Job]:
         """Queue the ``parsed.n`` images as one job: their seeds, their requests as sampled, and the job, which
         ``cancel_images`` finds by its id until it is answered. ``previews`` not None: the job is streamed, with
         that many previews of each image. ``images``: the init image and the mask of an edit, or None."""
+        request_id = self._request_id(request)
         seed = secrets.randbelow(MAX_SEED) if parsed.seed is None else parsed.seed
         seeds = [(seed + index) % MAX_SEED for index in range(parsed.n)]
         requests = self._generation_requests(parsed, seeds, height, width, images)
         loop = asyncio.get_running_loop()
         job = Job(requests=requests, deadline=arrived + self.limits.request_timeout_s, loop=loop,
                   future=loop.create_future(), enqueued_at=arrived,
-                  events=None if previews is None else asyncio.Queue(), previews=previews or 0)
+                  events=None if previews is None else asyncio.Queue(), previews=previews or 0, id=request_id)
         self._submit(job)
         self.metrics.count_adapters(requests[0].lora)
-        self.jobs[job.id] = job
+        self._hold(job)
         return seeds, requests, job
 
     async def _wait(self, job: Job, request: Request, arrived: float) -> tuple[JobResult, float]:
@@ -202,7 +244,7 @@ class ImagesRoute:
         try:
             result = await await_job(self.batcher, job, request, self.limits)
         finally:
-            self.jobs.pop(job.id, None)
+            self._let_go(job)
         return result, self.finished(arrived)
 
     def finished(self, arrived: float) -> float:
@@ -224,7 +266,7 @@ class ImagesRoute:
             reached_the_end = True
 
         def on_close() -> None:
-            self.jobs.pop(job.id, None)
+            self._let_go(job)
             self.metrics.in_flight.dec()
             if not reached_the_end:
                 self.batcher.withdraw(job)

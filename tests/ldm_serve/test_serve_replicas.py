@@ -2,7 +2,9 @@
 both take work, and every image is byte for byte the one single-process ``ldm-serve`` makes; Ray Serve's
 back-pressure answers 429 with ``Retry-After``; a replica killed while it holds requests is replaced and every
 request gets an image or a 503 with ``Retry-After``; SIGTERM lets the held requests finish and ends with status 0;
-``--min-replicas``/``--max-replicas`` scale up under load. Bad replica flags, and ``--replicas`` without Ray, are
+``--min-replicas``/``--max-replicas`` scale up under load; a streamed request hears its place and steps through
+Ray Serve's proxy as they happen, gets the bytes it gets unstreamed, and a ``DELETE`` that reaches the replica not
+holding it still cancels it. Bad replica flags, and ``--replicas`` without Ray, are
 one line each.
 
 No test depends on the machine's speed: every replica holds its requests at the step gate (``LDM_SERVE_STEP_GATE``,
@@ -30,7 +32,7 @@ import httpx
 import pytest
 
 from ldm_tools.serve_process import free_port
-from tests.ldm_serve.gated_server import Server, body, post_all
+from tests.ldm_serve.gated_server import JSON, Server, StreamedRequest, body, post_all
 
 REQUIRE_ENV = "LDM_REQUIRE_RAY"
 RAY_START_TIMEOUT_S = 600  # a local Ray instance and two replicas, each loading the engine, on two busy cores
@@ -264,6 +266,8 @@ def test_the_proxy_close_stops_listening_then_answers_what_it_accepted_before_it
                 socket.create_connection(("127.0.0.1", port), timeout=STATE_TIMEOUT_S).close()
             except ConnectionRefusedError:
                 break
+            except ConnectionResetError:  # it reached the backlog of the listener being closed: try again
+                pass
             assert time.monotonic() < deadline and closing.is_alive(), answers
             time.sleep(0.01)
         assert idle.sock.recv(1) == b""  # the idle keep-alive connection is closed (blocks until it is)
@@ -365,6 +369,57 @@ def test_the_replicas_give_the_bytes_one_process_gives(two_replicas, engine_dir,
         single.stop()
     assert [response.status_code for response in together + alone] == [200] * 2 * len(bodies), together[0].text
     assert [response.json()["images"] for response in together] == [response.json()["images"] for response in alone]
+
+
+@ray_test
+def test_a_stream_through_the_proxy_hears_each_event_as_it_happens_and_gets_the_unstreamed_bytes(two_replicas, rng):
+    payload = body(seed=int(rng.integers(0, 2**62)), steps=3, n=2)
+    two_replicas.hold_all()
+    streamed = StreamedRequest(two_replicas.url, {**payload, "stream": True})
+    try:
+        assert streamed.response.status_code == 200 and "x-ldm-replica" in streamed.response.headers
+        name, first = streamed.next()  # while its replica holds it: the proxy passes each event on as it comes
+        assert name == "queued" and first["id"] == streamed.response.headers["x-request-id"]
+        two_replicas.release()
+        events = streamed.rest()
+    finally:
+        streamed.close()
+    assert [data["step"] for name, data in events if name == "progress"] == [0, 1, 2]
+    completed = [data for name, data in events if name == "completed"]
+    unstreamed = asyncio.run(post_all_retrying(two_replicas.url, [payload]))[0]
+    assert unstreamed.status_code == 200, unstreamed.text
+    assert completed and completed[0]["images"] == unstreamed.json()["images"]
+
+
+@ray_test
+def test_a_delete_that_reaches_the_replica_not_holding_the_request_cancels_it(two_replicas, rng):
+    # Ray Serve routes each DELETE to either replica (the less busy of the two it samples: most often the one not
+    # holding the request): held requests are cancelled one by one until a DELETE has reached the other replica
+    crossed = 0
+    two_replicas.hold_all()
+    for seed in range(20):
+        chosen = f"client-{rng.integers(0, 2**62):x}"  # a client's own X-Request-Id is the request's id
+        streamed = StreamedRequest(two_replicas.url, body(seed=seed, steps=999, stream=True),
+                                   headers={**JSON, "X-Request-Id": chosen})
+        try:
+            request_id = streamed.next()[1]["id"]
+            assert request_id == chosen == streamed.response.headers["x-request-id"]
+            holder = streamed.response.headers["x-ldm-replica"]
+            cancelled = httpx.delete(f"{two_replicas.url}/v1/images/{request_id}", timeout=60)
+            assert cancelled.status_code == 200, cancelled.text
+            assert cancelled.json() == {"id": request_id, "status": "cancelled"}
+            error = streamed.rest()
+            assert [name for name, _ in error] == ["error"] and error[0][1]["error"]["type"] == "cancelled", error
+            again = httpx.delete(f"{two_replicas.url}/v1/images/{request_id}", timeout=60)
+            assert again.status_code == 404 and again.json()["error"]["field"] == "id", again.text
+        finally:
+            streamed.close()
+        crossed += cancelled.headers["x-ldm-replica"] != holder
+        if crossed:
+            break
+    assert crossed, "every DELETE reached the replica holding its request"
+    unknown = httpx.delete(f"{two_replicas.url}/v1/images/{'0' * 24}", timeout=60)
+    assert unknown.status_code == 404, unknown.text
 
 
 @ray_test
