@@ -26,7 +26,7 @@ starts ``ldm-serve`` once per batching mode with a bounded queue (``--curve-queu
 (completed requests/s of ``--capacity-clients`` closed-loop clients for ``--capacity-seconds``, after as long as
 ``--warm-up-seconds`` of the same, not counted) and takes the highest as the server's capacity (or takes
 ``--capacity``), then offers each mode the same open-loop Poisson arrivals at each multiple of it for
-``--seconds``, the modes taking turns at each load. Requests mix ``--mix-steps`` step counts, ``--mix-sizes``
+``--seconds``, the modes taking turns at each load (in ``--curve-rounds`` rounds). Requests mix ``--mix-steps`` step counts, ``--mix-sizes``
 image sides and guidance on (``--guidance``) or off (1), drawn per request. Per mode and load it records completed
 requests/s (answered 200 over the time from the first arrival to the last answer), p50/p90/p99 latency (the
 client's, request to answer) split into queue wait and service (the server's ``timings``: arrival to start, start
@@ -242,6 +242,17 @@ async def open_loop(url: str, rate: float, seconds: float, steps: list[int], siz
     return {"rate": rate, "seconds": seconds, "sent": len(bodies), "answers": answers}
 
 
+def merge_open_loop(runs: list[dict]) -> dict:
+    """Rounds of ``open_loop`` at one rate as one run: their answers, and the span each took (its window, or to its
+    last answer) summed, so that completed requests/s counts the time between rounds out."""
+    if len(runs) == 1:
+        return runs[0]
+    span = sum(max([run["seconds"]] + [answer["done_s"] for answer in run["answers"] if "done_s" in answer])
+               for run in runs)
+    return {"rate": runs[0]["rate"], "seconds": sum(run["seconds"] for run in runs), "span_s": span,
+            "sent": sum(run["sent"] for run in runs), "answers": [answer for run in runs for answer in run["answers"]]}
+
+
 def curve_point(run: dict, load: float) -> dict:
     """One load's figures from ``open_loop``'s answers: completed requests/s over the arrival window or, when
     answers come later, up to the last answer."""
@@ -249,7 +260,7 @@ def curve_point(run: dict, load: float) -> dict:
     statuses: dict[str, int] = {}
     for answer in run["answers"]:
         statuses[answer["status"]] = statuses.get(answer["status"], 0) + 1
-    span = max([run["seconds"]] + [answer["done_s"] for answer in done])  # the window, or to the last answer
+    span = run.get("span_s") or max([run["seconds"]] + [answer["done_s"] for answer in done])  # or to the last answer
 
     def percentiles(key: str) -> list[float]:
         values = np.array([answer[key] for answer in done]) if done else np.array([np.nan])
@@ -286,10 +297,14 @@ def load_curves(model: Path, serve_flags: list[str], modes: list[str], loads: li
                   f"clients, {cell['errors']} errors)", file=sys.stderr, flush=True)
         capacity = max(capacities.values()) if args.capacity is None else args.capacity
         for index, load in enumerate(loads):
+            rounds: dict[str, list[dict]] = {mode: [] for mode in modes}
+            for repeat in range(args.curve_rounds):  # the modes take turns, each round fresh arrivals
+                for mode in modes:
+                    rounds[mode].append(asyncio.run(open_loop(
+                        servers[mode].url, load * capacity, args.seconds / args.curve_rounds, steps, sizes,
+                        args.guidance, args.seed + 1000 + index + 100 * repeat)))
             for mode in modes:
-                run = asyncio.run(open_loop(servers[mode].url, load * capacity, args.seconds, steps, sizes,
-                                            args.guidance, args.seed + 1000 + index))
-                point = curve_point(run, load)
+                point = curve_point(merge_open_loop(rounds[mode]), load)
                 points[mode].append(point)
                 print(f"{mode:8s} {load:4.2f}x: {point['completed_per_s']:6.2f}/s done, p50/p90/p99 "
                       f"{'/'.join(f'{value:.0f}' for value in point['latency_ms'])} ms (queue p99 "
@@ -416,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mix-steps", default="10,20,30,40,50", help="--curve: step counts requests draw from")
     parser.add_argument("--mix-sizes", default="16,24,32", help="--curve: image sides requests draw from")
     parser.add_argument("--curve-queue", type=int, default=16, help="--curve: ldm-serve --max-queue")
+    parser.add_argument("--curve-rounds", type=int, default=1,
+                        help="--curve: each load's --seconds split into this many rounds, the modes taking turns, "
+                             "so that drift in the machine falls on every mode alike (default: %(default)s)")
     parser.add_argument("--capacity-clients", type=int, default=None,
                         help="--curve: closed-loop clients that measure capacity (default: --curve-queue, so that "
                              "the queue is never full and no client is refused)")
