@@ -57,7 +57,8 @@ from ldm_tools.bench.workers import (BASELINE, DEFAULT_PEERS, ENGINE_DIR_PEERS, 
 PROG = "ldm-bench"
 TORCH_MAX_BATCH = guided_images(DEFAULT_MAX_BATCH_SIZE)  # images per request the torch engines take
 OUR_ENGINES = (*ENGINE_DIR_PEERS, "triton")  # the runtime's engines over compiled graphs or its own kernels
-FAST_PEERS = ("torch.compile", "torch-bf16", "diffusers")  # what a user would run instead, UNet for UNet
+# what a user would run instead, UNet for UNet
+FAST_PEERS = ("torch.compile", "torch-bf16", "torch.compile-bf16", "diffusers")
 CPU_LATENT_SIZE = {"sd15": 16}  # the default --latent-size where a preset's own is too large for a CPU (sd15: 64)
 
 
@@ -79,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                "onnxruntime (an engine dir; exported in a temporary folder when --model is a checkpoint), "
                "openvino and openvino-bf16 (the same engine dir on OpenVINO at fp32, or bf16 where the CPU has native "
                "bf16; compiled with no cache, so the first image includes compiling), torch-bf16 (eager PyTorch under "
-               "bf16 autocast, where the CPU has native bf16), triton (the Triton kernels in fp16 with CUDA graphs; a "
+               "bf16 autocast, where the CPU has native bf16), torch.compile-bf16 (torch.compile of the UNet under "
+               "bf16 autocast, likewise; not run by default), triton (the Triton kernels in fp16 with CUDA graphs; a "
                "CUDA GPU only). A peer this machine cannot run is skipped, with the reason in the notes.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", metavar="DIR", help="a checkpoint dir (ldm-train) or an engine dir (ldm-export)")
@@ -568,11 +570,12 @@ def _missing_library(name: str) -> str | None:
 
 
 def _bf16_refusal(name: str, device: str) -> str | None:
-    """Why a bf16 peer cannot run here. openvino-bf16 runs on the CPU whatever --device says; torch-bf16 runs
-    where the torch engine does, so --device auto on a machine with a CUDA GPU is judged as that GPU."""
+    """Why a bf16 peer cannot run here. openvino-bf16 runs on the CPU whatever --device says; torch-bf16 and
+    torch.compile-bf16 run where the torch engine does, so --device auto on a machine with a CUDA GPU is judged as
+    that GPU."""
     if not name.endswith("-bf16"):
         return None
-    if name != "torch-bf16":
+    if not name.startswith("torch"):
         return native_bf16_refusal("cpu")
     if device == "auto":
         from ldm_runtime.engines.torch_engine import resolve_device

@@ -55,6 +55,7 @@ ENGINE_MEMORY = {
     "torch": EngineMemory(runtime_mib=380, weight_copies=1.62, maps=4),
     "torch.compile": EngineMemory(runtime_mib=580, weight_copies=1.62, maps=4),
     "torch-bf16": EngineMemory(runtime_mib=410, weight_copies=1.62, maps=4),
+    "torch.compile-bf16": EngineMemory(runtime_mib=580, weight_copies=1.62, maps=4),  # torch.compile's, not measured
     "diffusers": EngineMemory(runtime_mib=420, weight_copies=1.62, maps=4),
     "diffusers-pipeline": EngineMemory(runtime_mib=420, weight_copies=1.62, maps=4),
     "triton": EngineMemory(runtime_mib=380, weight_copies=1.62, maps=4),  # on a GPU: the host's copies while loading

@@ -34,8 +34,8 @@ from ldm_runtime.pipeline import GenerationRequest, Pipeline
 from ldm_tools.bench.diffusers_peers import (PIPELINE_PEER, diffusers_unet_model, pipeline_call_options,
                                              stable_diffusion_pipeline)
 
-PEERS = ("torch", "torch.compile", "torch-bf16", "diffusers", "diffusers-pipeline", "onnxruntime", "openvino",
-         "openvino-bf16", "triton")
+PEERS = ("torch", "torch.compile", "torch-bf16", "torch.compile-bf16", "diffusers", "diffusers-pipeline",
+         "onnxruntime", "openvino", "openvino-bf16", "triton")
 # triton needs a CUDA GPU; the bf16 ones a CPU with native bf16, and are skipped elsewhere with the reason
 DEFAULT_PEERS = ("torch", "torch.compile", "torch-bf16", "diffusers", "onnxruntime", "openvino", "openvino-bf16")
 ENGINE_DIR_PEERS = ("onnxruntime", "openvino", "openvino-bf16")  # the engines that run the (exported) engine dir
@@ -421,7 +421,8 @@ def _onnxruntime_profile(engine, step) -> list[dict[str, Any]]:
 
 
 def build_engine(spec: WorkerSpec):
-    """The engine ``spec`` names. torch.compile, torch-bf16 and diffusers are the torch engine with its UNet
+    """The engine ``spec`` names. torch.compile, torch-bf16, torch.compile-bf16 (torch.compile of the UNet under
+    bf16 autocast, as PyTorch's CPU inference recipes run it) and diffusers are the torch engine with its UNet
     swapped or wrapped: the text encoder, the autoencoder and the sampler stay the same, so only the UNet differs
     between peers. The openvino peers compile with no cache, so their first image is what a fresh machine sees."""
     if spec.engine == "onnxruntime":
@@ -448,6 +449,8 @@ def build_engine(spec: WorkerSpec):
         engine.unet_model = torch.compile(engine.unet_model)
     elif spec.engine == "torch-bf16":
         engine.unet_model = bf16_autocast(engine.unet_model, engine.device.type)
+    elif spec.engine == "torch.compile-bf16":
+        engine.unet_model = torch.compile(bf16_autocast(engine.unet_model, engine.device.type))
     elif spec.engine == "diffusers":
         engine.unet_model = diffusers_unet(engine.unet_model)
     else:  # diffusers-pipeline: its worker builds diffusers' pipeline over the engine's networks

@@ -223,6 +223,18 @@ def test_openvino_and_the_bf16_peers_run_where_this_machine_can_and_are_skipped_
             assert f"{name} did not run: {refusal}" in report["notes"]
 
 
+def test_torch_compile_bf16_is_the_compiled_unet_under_bf16_autocast(checkpoint):
+    import torch
+
+    from ldm_tools.bench.workers import WorkerSpec, build_engine
+
+    spec = WorkerSpec(engine="torch.compile-bf16", folder=str(checkpoint), device="cpu", threads=1, steps=2,
+                      image_size=16, guidance_scale=5.0)
+    unet = build_engine(spec).unet_model  # compiled lazily: nothing is compiled until it is called
+    assert isinstance(unet, torch._dynamo.eval_frame.OptimizedModule)
+    assert type(unet._orig_mod).__name__ == "_Bf16Autocast" and isinstance(unet._orig_mod.model, torch.nn.Module)
+
+
 def test_torch_bf16_is_judged_on_the_device_auto_resolves_to_and_openvino_bf16_on_the_cpu(monkeypatch):
     import torch
 
@@ -231,9 +243,10 @@ def test_torch_bf16_is_judged_on_the_device_auto_resolves_to_and_openvino_bf16_o
 
     on_the_cpu = native_bf16_refusal("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert _bf16_refusal("torch-bf16", "auto") == on_the_cpu
+    assert _bf16_refusal("torch-bf16", "auto") == _bf16_refusal("torch.compile-bf16", "auto") == on_the_cpu
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert _bf16_refusal("torch-bf16", "auto") is None  # a CUDA GPU: autocast runs there, whatever the CPU has
+    assert _bf16_refusal("torch.compile-bf16", "auto") is None
     assert _bf16_refusal("openvino-bf16", "auto") == on_the_cpu
     assert _bf16_refusal("openvino-bf16", "cuda") == on_the_cpu
     assert _bf16_refusal("torch", "auto") is None
