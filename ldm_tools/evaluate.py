@@ -382,6 +382,17 @@ def evaluate(settings: EvalSettings) -> dict[str, Any]:
     }
 
 
+def add_prompt_seed_flags(parser: argparse.ArgumentParser, defaults) -> None:
+    """--seed and --data-seed, which pick the held-out prompts and their seeds (ldm-eval's and the frontier's)."""
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="prompt i is sampled with seed + i")
+    parser.add_argument("--data-seed", type=int, default=defaults.data_seed,
+                        help="seed of the model's training data; the prompts come from its held-out split")
+
+
+def add_device_flag(parser: argparse.ArgumentParser, defaults) -> None:
+    parser.add_argument("--device", default=defaults.device, help="auto (CUDA when present), cpu, cuda or cuda:N")
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = EvalSettings(model="", json="")
     parser = OneLineArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -409,13 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "uniform)")
     parser.add_argument("--eta", type=finite_float, default=defaults.eta,
                         help="DDIM eta (0: deterministic); the other samplers take 0 only")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="prompt i is sampled with seed + i")
-    parser.add_argument("--data-seed", type=int, default=defaults.data_seed,
-                        help="seed of the model's training data; the prompts come from its held-out split")
+    add_prompt_seed_flags(parser, defaults)
     parser.add_argument("--engine", default=defaults.engine, choices=ENGINE_NAMES,
                         help=f"engine to run the model with: {AUTO_ENGINE_HELP} (the report's engine_name says "
                              f"which)")
-    parser.add_argument("--device", default=defaults.device, help="auto (CUDA when present), cpu, cuda or cuda:N")
+    add_device_flag(parser, defaults)
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="requests per pipeline call")
     parser.add_argument("--grid", default=None, help="also write a PNG of the first samples with their prompts")
     return parser

@@ -65,6 +65,8 @@ from ldm_runtime.schedulers import SAMPLER_NAMES
 from ldm_tools.evaluate import (
     DEFAULT_CLASSIFIER,
     MAX_PSNR_DB,
+    add_device_flag,
+    add_prompt_seed_flags,
     check_writable_file,
     heldout_prompts,
     load_judge,
@@ -811,9 +813,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--classifier", default=defaults.classifier, help="classifier dir of the shapes judge")
     parser.add_argument("--num-prompts", type=int, default=defaults.num_prompts,
                         help="held-out prompts every configuration samples")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="prompt i is sampled with seed + i")
-    parser.add_argument("--data-seed", type=int, default=defaults.data_seed,
-                        help="seed of the model's training data; the prompts come from its held-out split")
+    add_prompt_seed_flags(parser, defaults)
     parser.add_argument("--guidance", type=finite_float, default=defaults.guidance,
                         help="classifier-free guidance scale of every configuration and the reference")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
@@ -828,7 +828,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"the reference run's sampler, one of {', '.join(DETERMINISTIC_SAMPLERS)}")
     parser.add_argument("--reference-engine", default=None,
                         help="the engine of the reference run, in fp32 (default: the first configuration's)")
-    parser.add_argument("--device", default=defaults.device, help="auto (CUDA when present), cpu, cuda or cuda:N")
+    add_device_flag(parser, defaults)
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads of every engine (default: each engine's own, e.g. OMP_NUM_THREADS)")
     return parser
