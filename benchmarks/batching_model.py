@@ -18,8 +18,9 @@ or 32 px, latents 8, 12 or 16) and guidance (on or off) as ``benchmarks/load_tes
 - ``step largest first``: as ``step``, the waiting request with the most work joins first.
 
 Capacity is dynamic's and step's completed requests/s with every request waiting from the start; offered loads
-are multiples of the higher, as in the load curves. The defaults are the tiny model's measured UNet costs on this repository's 2-core CPU
-(``benchmarks/bench_engine_unet.py``: 1.7 ms for 2 rows, 8.2 ms for 32, so about 1.3 ms a call and 0.22 ms a row).
+are multiples of the higher, as in the load curves. The defaults are the tiny model's UNet costs measured on a
+2-core CPU (``benchmarks/bench_engine_unet.py``: 1.7 ms for 2 rows, 8.2 ms for 32, so about 1.3 ms a call and
+0.22 ms a row).
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     capacity = max(capacities.values())
     results: dict = {"costs": vars(costs), "capacity_per_s": capacities, "loads": {}}
     print(f"capacity (requests/s): " + ", ".join(f"{name} {value:.1f}" for name, value in capacities.items()))
-    print("| load | " + " | ".join(f"{name}: p99 ms (done/s, refused)" for name in policies) + " | step p99 / dynamic |")
+    print("| load | " + " | ".join(f"{name}: p99 ms (done/s, refused)" for name in policies)
+          + " | step p99 / dynamic |")
     print("|" + " --- |" * (len(policies) + 2))
     for load in (float(value) for value in costs.loads.split(",")):
         cells = {}

@@ -26,11 +26,12 @@ starts ``ldm-serve`` once per batching mode with a bounded queue (``--curve-queu
 (completed requests/s of ``--capacity-clients`` closed-loop clients for ``--capacity-seconds``, after as long as
 ``--warm-up-seconds`` of the same, not counted) and takes the highest as the server's capacity (or takes
 ``--capacity``), then offers each mode the same open-loop Poisson arrivals at each multiple of it for
-``--seconds``, the modes taking turns at each load (in ``--curve-rounds`` rounds). Requests mix ``--mix-steps`` step counts, ``--mix-sizes``
-image sides and guidance on (``--guidance``) or off (1), drawn per request. Per mode and load it records completed
-requests/s (answered 200 over the time from the first arrival to the last answer), p50/p90/p99 latency (the
-client's, request to answer) split into queue wait and service (the server's ``timings``: arrival to start, start
-to answer), and the share refused with 429. Tables print as Markdown; ``--plot`` draws the curves:
+``--seconds``, the modes taking turns at each load (in ``--curve-rounds`` rounds). Requests mix
+``--mix-steps`` step counts, ``--mix-sizes`` image sides and guidance on (``--guidance``) or off (1), drawn per
+request. Per mode and load it records completed requests/s (answered 200 over the time from the first arrival to
+the last answer), p50/p90/p99 latency (the client's, request to answer) split into queue wait and service (the
+server's ``timings``: arrival to start, start to answer), and the share refused with 429. Tables print as
+Markdown; ``--plot`` draws the curves:
 
     OMP_NUM_THREADS=1 python benchmarks/load_test.py --model runs/serve-load-tiny --build tiny --max-batch 8 \
         --curve 0.25,0.5,0.8,1,1.25,1.5 --seconds 40 --json benchmarks/results/cpu-load-curves.json \
@@ -242,13 +243,17 @@ async def open_loop(url: str, rate: float, seconds: float, steps: list[int], siz
     return {"rate": rate, "seconds": seconds, "sent": len(bodies), "answers": answers}
 
 
+def run_span_s(run: dict) -> float:
+    """The time one ``open_loop`` run took: its arrival window, or up to its last answer with an image."""
+    return max([run["seconds"]] + [answer["done_s"] for answer in run["answers"] if answer["status"] == "200"])
+
+
 def merge_open_loop(runs: list[dict]) -> dict:
-    """Rounds of ``open_loop`` at one rate as one run: their answers, and the span each took (its window, or to its
-    last answer) summed, so that completed requests/s counts the time between rounds out."""
+    """Rounds of ``open_loop`` at one rate as one run: their answers, and their spans (``run_span_s``) summed, so
+    that completed requests/s counts the time between rounds out."""
     if len(runs) == 1:
         return runs[0]
-    span = sum(max([run["seconds"]] + [answer["done_s"] for answer in run["answers"] if "done_s" in answer])
-               for run in runs)
+    span = sum(run_span_s(run) for run in runs)
     return {"rate": runs[0]["rate"], "seconds": sum(run["seconds"] for run in runs), "span_s": span,
             "sent": sum(run["sent"] for run in runs), "answers": [answer for run in runs for answer in run["answers"]]}
 
@@ -260,7 +265,7 @@ def curve_point(run: dict, load: float) -> dict:
     statuses: dict[str, int] = {}
     for answer in run["answers"]:
         statuses[answer["status"]] = statuses.get(answer["status"], 0) + 1
-    span = run.get("span_s") or max([run["seconds"]] + [answer["done_s"] for answer in done])  # or to the last answer
+    span = run.get("span_s") or run_span_s(run)
 
     def percentiles(key: str) -> list[float]:
         values = np.array([answer[key] for answer in done]) if done else np.array([np.nan])
