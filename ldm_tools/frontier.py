@@ -27,6 +27,12 @@ batches of ``--batch-size`` (the same for every engine), after the sampling abov
 median of ``--repeats`` rounds in which the configurations take turns (each round in a rotated order), so that a
 drift in the machine's load falls on all of them alike.
 
+First image (``--first-image``, the default): per engine and precision, a new process loads the engine and makes
+one image of that engine's first configuration, timed from the moment the process starts (imports included, as
+ldm-bench times a worker's first image), twice in a row with one new compile cache folder: cold (the folder empty,
+so the openvino engine compiles every graph) and warm (the folder as the cold run left it). Measured after the
+timed rounds, while this process waits.
+
 The frontier of a quality metric is the configurations no other beats on both images/s and that metric. The bar
 (``--bar``) holds terms relative to ``--baseline`` (``adherence-drop``: every attribute's adherence at most this
 below the baseline's; ``fid-ratio``: FID at most this times the baseline's; ``latent-rms-ratio``: latent RMS at most
@@ -42,9 +48,12 @@ import argparse
 import importlib.util
 import json
 import math
+import multiprocessing
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +64,7 @@ from tqdm import tqdm
 
 from ldm_runtime.command_line import OneLineArgumentParser, finite_float, report_user_error
 from ldm_runtime.config import CACHE_SCHEDULES, MAX_CACHE_INTERVAL
+from ldm_runtime.engines.compile_cache import CACHE_ENV
 from ldm_runtime.engines import CHECKPOINT_MARKER, ENGINE_DIR_MARKER, engine_for_flags, load_engine
 from ldm_runtime.errors import RequestError, UserError
 from ldm_runtime.files import write_text_atomic
@@ -412,6 +422,7 @@ class FrontierSettings:
     reference_engine: str | None = None  # None: the first configuration's engine
     device: str = "auto"
     threads: int | None = None
+    first_image: bool = True
 
     @property
     def all_configs(self) -> tuple[SamplingConfig, ...]:
@@ -537,6 +548,55 @@ def load_engines(keys: list[SamplingConfig], folders: ModelFolders, device: str,
     return engines
 
 
+def _first_image_child(connection, config: SamplingConfig, folders: ModelFolders, device: str,
+                       threads: int | None, request: GenerationRequest, cache_dir: str) -> None:
+    """In a new process: load ``config``'s engine with its compile cache in ``cache_dir``, make ``request``'s image,
+    report ("ok", None) or ("error", the reason in one line)."""
+    os.environ[CACHE_ENV] = cache_dir
+    try:
+        engine = load_engines([config], folders, device, threads)[config.engine_key]
+        if isinstance(engine, str):
+            raise FrontierError(engine)
+        Pipeline(engine).generate([request], batch_size=1)
+    except BaseException as error:  # the parent reports it beside the figures
+        text = str(error).strip()
+        connection.send(("error", f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text
+                         else type(error).__name__))
+        return
+    connection.send(("ok", None))
+
+
+def first_image_seconds(config: SamplingConfig, folders: ModelFolders, device: str, threads: int | None,
+                        request: GenerationRequest) -> dict[str, Any]:
+    """Seconds from a new process's start to ``request``'s image on ``config``'s engine, with its compile cache in a
+    new folder (cold), then again in the folder the first left (warm): {"cold_s", "warm_s"}, or {"error"}."""
+    context = multiprocessing.get_context("spawn")
+    cache_dir = tempfile.mkdtemp(prefix="ldm-frontier-cache-")
+    seconds: dict[str, Any] = {}
+    try:
+        for kind in ("cold_s", "warm_s"):
+            receiver, sender = context.Pipe(duplex=False)
+            started = time.perf_counter()
+            process = context.Process(target=_first_image_child, daemon=True, name=f"{PROG} first image",
+                                      args=(sender, config, folders, device, threads, request, cache_dir))
+            process.start()
+            sender.close()
+            try:
+                status, value = receiver.recv()
+            except EOFError:  # it died without a word
+                process.join()
+                status, value = "error", f"the process exited with code {process.exitcode}" + (
+                    " (killed: out of memory?)" if process.exitcode == -9 else "")
+            elapsed = time.perf_counter() - started
+            process.join()
+            if status != "ok":
+                return {"error": value}
+            seconds[kind] = round(elapsed, 3)
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    return seconds
+
+
 def machine_info() -> dict[str, Any]:
     """The CPU (model name and its SIMD flags), cores and library versions the figures were measured with."""
     from importlib import metadata
@@ -635,6 +695,19 @@ def run_frontier(settings: FrontierSettings) -> dict[str, Any]:
             result.update(images_per_s=round(median, 3), images_per_s_rounds=[round(r, 3) for r in rates[config.name]],
                           images_per_s_spread=round((max(rates[config.name]) - min(rates[config.name])) / median, 3))
 
+    first_images: dict[str, Any] = {}
+    if settings.first_image:
+        engine_configs: dict[str, SamplingConfig] = {}
+        for config, _ in kept:
+            engine_configs.setdefault(config.engine_key, config)  # each engine's first configuration
+        for key, config in tqdm(engine_configs.items(), desc="first image", unit="engine", dynamic_ncols=True,
+                                file=sys.stderr):
+            first_images[key] = {"config": config.name, **first_image_seconds(
+                config, folders, settings.device, settings.threads, requests_of(config, 1)[0])}
+        for config, result in kept:
+            result["first_image"] = {name: value for name, value in first_images[config.engine_key].items()
+                                     if name != "config"}
+
     baseline_name = settings.baseline.name if settings.baseline else None
     summary = summarize(results, baseline_name, settings.bar)
     return {
@@ -646,9 +719,10 @@ def run_frontier(settings: FrontierSettings) -> dict[str, Any]:
             "guidance": settings.guidance, "batch_size": batch_size,
             "speed_images": settings.speed_images or 2 * settings.batch_size, "repeats": settings.repeats,
             "reference": reference_config.name if reference_config else None, "device": settings.device,
-            "threads": settings.threads,
+            "threads": settings.threads, "first_image": settings.first_image,
         },
         "fid_real_floor": fid_floor,
+        "first_image": first_images,
         "results": results,
         "summary": summary,
     }
@@ -700,6 +774,10 @@ def format_report(report: dict[str, Any]) -> str:
         row += ["yes" if result["meets_bar"] else ""] if summary["bar"] else []
         lines.append("| " + " | ".join(row) + " |")
     lines += [f"skipped {result['config']}: {result['reason']}" for result in results if result["status"] != "ok"]
+    for key, first in report.get("first_image", {}).items():
+        lines.append(f"first image on {key} (a new process, one image of {first['config']}): "
+                     + (f"cold {first['cold_s']:.1f} s, warm {first['warm_s']:.1f} s" if "error" not in first
+                        else f"not measured: {first['error']}"))
     speeds = {result["config"]: result.get("images_per_s") for result in results}
     for metric, names in summary["frontier"].items():
         lines.append(f"frontier, images/s against {METRICS[metric][0]}: "
@@ -831,6 +909,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_flag(parser, defaults)
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads of every engine (default: each engine's own, e.g. OMP_NUM_THREADS)")
+    parser.add_argument("--first-image", action=argparse.BooleanOptionalAction, default=defaults.first_image,
+                        help="time each engine's first image in a new process, with its compile cache cold and warm")
     return parser
 
 

@@ -3,6 +3,7 @@ bad), and whole runs on the tiny random checkpoint: the report's fields, the ref
 sampled here, refused configurations reported as skipped, and bad flags as one line before any work."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -194,8 +195,29 @@ def test_a_run_on_the_tiny_checkpoint_reports_speed_and_the_reference_distance(t
     fastest = max(done, key=lambda result: result["images_per_s"])
     assert report["summary"]["fastest_within_bar"] == fastest["config"] and all(r["meets_bar"] for r in done)
     assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the first image: one engine here, timed in new processes with its first configuration, cold then warm
+    first = report["first_image"]["torch/fp32"]
+    assert first["config"] == "torch/fp32/ddim:3" and first["cold_s"] > 0 and first["warm_s"] > 0
+    assert all(result["first_image"] == {"cold_s": first["cold_s"], "warm_s": first["warm_s"]} for result in done)
     output = capsys.readouterr().out
     assert "| torch/fp32/ddim:3 |" in output and "skipped torch/fp32/ddim:5000: " in output
+    assert f"first image on torch/fp32 (a new process, one image of torch/fp32/ddim:3): cold {first['cold_s']:.1f} s" \
+        in output
+
+
+def test_a_first_image_that_cannot_be_made_is_reported_with_the_reason_and_leaves_no_cache_folder(
+        tiny_checkpoint, tmp_path, monkeypatch):
+    import tempfile
+
+    import ldm_tools.frontier
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    config = parse_config("onnxruntime/fp32/ddim:2")
+    folders = ldm_tools.frontier.ModelFolders(None, {"fp32": Path(tiny_checkpoint)})  # not an engine dir
+    request = config.request("a red circle", 0, 5.0)
+    first = ldm_tools.frontier.first_image_seconds(config, folders, "cpu", 1, request)
+    assert set(first) == {"error"} and "the onnxruntime engine cannot run" in first["error"], first
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_cache_interval_the_engine_cannot_serve_is_skipped_with_the_reason(tiny_checkpoint, tmp_path, monkeypatch):
@@ -209,7 +231,8 @@ def test_a_cache_interval_the_engine_cannot_serve_is_skipped_with_the_reason(tin
     monkeypatch.setattr(ldm_tools.frontier, "load_engine", without_deep_cache)
     report_path = tmp_path / "frontier.json"
     assert main(["--model", str(tiny_checkpoint), "--configs", "torch/fp32/ddim:2", "torch/fp32/ddim:4/cache=2",
-                 "--reference-steps", "0", "--num-prompts", "2", "--repeats", "1", "--json", str(report_path)]) == 0
+                 "--reference-steps", "0", "--num-prompts", "2", "--repeats", "1", "--no-first-image", "--json",
+                 str(report_path)]) == 0
     results = json.loads(report_path.read_text())["results"]
     assert results[0]["status"] == "ok" and "latent_rms" not in results[0]
     assert results[1]["status"] == "skipped" and "cache_interval is 2" in results[1]["reason"]
