@@ -1,0 +1,92 @@
+"""Which of the openvino engine's graphs, computed in bf16, move whole sampling runs off fp32's images: ldm-eval's
+held-out demo prompts sampled at fp32, at bf16 (every graph), and at bf16 with some graphs kept at fp32 (the text
+encoder, the autoencoder, or both), each run's images against fp32's as ``benchmarks/bf16_fidelity.py`` judges
+them (the PSNR of all of a run's uint8 images together; the bar is 40 dB).
+
+    ldm-export models/shapes-demo --out demo-fp32 --engine fp32
+    OMP_NUM_THREADS=2 python benchmarks/bf16_graph_mix.py demo-fp32 --threads 2 \\
+        --json benchmarks/results/cpu-openvino-bf16-graph-mix.json
+
+Every run uses ldm-eval's defaults (prompts of data seed 0, seeds 0..N-1, the model's default sampler and steps,
+guidance and eta, batches of 16); one engine is in memory at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+VARIANTS = {  # name: (the engine's precision, the graphs compiled at fp32 whatever it is)
+    "fp32": ("fp32", ()),
+    "bf16, every graph": ("bf16", ()),
+    "bf16, text encoder at fp32": ("bf16", ("text_encoder",)),
+    "bf16, autoencoder at fp32": ("bf16", ("vae_decoder", "vae_encoder")),
+    "bf16 UNet only (text encoder and autoencoder at fp32)": ("bf16", ("text_encoder", "vae_decoder", "vae_encoder")),
+}
+PSNR_BAR_DB = 40.0
+
+
+def mixed_engine(engine_dir: str, precision: str, fp32_graphs: tuple[str, ...], threads: int):
+    """An openvino engine at ``precision`` that compiles ``fp32_graphs`` with an fp32 inference precision."""
+    from ldm_runtime.engines.openvino_engine import PRECISIONS, OpenVinoEngine
+
+    class Mixed(OpenVinoEngine):
+        def _compile(self, graph, shapes, **extra_config):
+            if graph in fp32_graphs:
+                extra_config = {**extra_config, "INFERENCE_PRECISION_HINT": PRECISIONS["fp32"]}
+            return super()._compile(graph, shapes, **extra_config)
+
+    return Mixed(engine_dir, precision=precision, intra_op_threads=threads, cache_dir=None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("engine_dir", help="the demo model's fp32 engine dir")
+    parser.add_argument("--prompts", type=int, default=200, help="ldm-eval's held-out prompts to sample")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    from ldm_export.validate import psnr_db
+    from ldm_runtime.pipeline import Pipeline
+    from ldm_tools.bench.cli import machine_info
+    from ldm_tools.evaluate import EvalSettings, generate_images, heldout_prompts
+
+    defaults = EvalSettings(model=args.engine_dir, json="")
+    report = {"machine": machine_info(), "prompts": args.prompts, "bar_db": PSNR_BAR_DB, "runs": {}}
+    samples = {}
+    for name, (precision, fp32_graphs) in VARIANTS.items():
+        engine = mixed_engine(args.engine_dir, precision, fp32_graphs, args.threads)
+        pipeline = Pipeline(engine)
+        sampler = pipeline.default_sampler
+        steps = pipeline.default_steps_for(sampler)
+        captions, _ = heldout_prompts(args.prompts, engine.info.image_size, defaults.data_seed)
+        started = time.perf_counter()
+        samples[name] = list(generate_images(engine, captions, [defaults.seed + i for i in range(args.prompts)],
+                                             steps, defaults.guidance, defaults.eta, defaults.batch_size, sampler))
+        run = {"precision": precision, "fp32_graphs": list(fp32_graphs), "sampler": sampler, "steps": steps,
+               "seconds": round(time.perf_counter() - started, 2)}
+        if name != "fp32":
+            per_image = [psnr_db([a], [e]) for a, e in zip(samples[name], samples["fp32"])]
+            run.update(run_psnr_db=round(psnr_db(samples[name], samples["fp32"]), 3),
+                       worst_image_psnr_db=round(min(per_image), 3),
+                       images_under_bar=sum(value < PSNR_BAR_DB for value in per_image))
+            print(f"{name}: run {run['run_psnr_db']:.2f} dB, worst image {run['worst_image_psnr_db']:.1f} dB, "
+                  f"{run['images_under_bar']} of {args.prompts} under {PSNR_BAR_DB:g} dB", flush=True)
+        report["runs"][name] = run
+        del engine, pipeline
+        gc.collect()
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
