@@ -35,6 +35,7 @@ CPU = "CPUExecutionProvider"
 SESSION_LOAD_ERRORS = (_ort_errors.Fail, _ort_errors.InvalidGraph, _ort_errors.InvalidProtobuf, _ort_errors.NoSuchFile,
                        _ort_errors.InvalidArgument, _ort_errors.NotImplemented, RuntimeError)
 CUDA = "CUDAExecutionProvider"
+ALLOW_SPINNING = "session.intra_op.allow_spinning"  # the session option that lets idle threads spin
 
 
 class OnnxRuntimeEngine(EngineDirEngine):
@@ -47,12 +48,16 @@ class OnnxRuntimeEngine(EngineDirEngine):
     tokenizer's sha256 against the manifest first (``EngineDirError`` naming the file that differs).
     Batches and image sizes outside the exported ranges raise ``OutOfRangeError`` naming the allowed range.
     adapters: {name: LoRA .safetensors file} for requests to name, on an engine dir with LoRA slots
-    (``EngineDirEngine.load_adapters``).
+    (``EngineDirEngine.load_adapters``). spinning: whether each session's threads spin while waiting for work
+    (onnxruntime's default) rather than sleep. Off by default: every graph is a session with a thread pool of its
+    own, and a sampling run switches graphs (text encoder, UNet, its shallow part under feature caching, decoder),
+    so the threads of the session that just ran spin on the cores the next one needs (measured with and without:
+    BENCHMARKS.md, "The speed-quality frontier").
     """
 
     def __init__(self, engine_dir: str | Path, providers: Sequence[str] | None = None,
                  intra_op_threads: int | None = None, graph_optimization_level: str = "all", verify: bool = True,
-                 device: str = "auto", adapters: Mapping[str, str | Path] | None = None):
+                 device: str = "auto", adapters: Mapping[str, str | Path] | None = None, spinning: bool = False):
         self._open_engine_dir(engine_dir, "onnxruntime", verify)
         self.load_adapters(adapters or {})
         if graph_optimization_level not in GRAPH_OPTIMIZATION_LEVELS:
@@ -67,6 +72,7 @@ class OnnxRuntimeEngine(EngineDirEngine):
         options.log_severity_level = 3  # errors only: onnxruntime warns about every Cast it cannot fold
         if intra_op_threads is not None:
             options.intra_op_num_threads = intra_op_threads
+        options.add_session_config_entry(ALLOW_SPINNING, "1" if spinning else "0")
         self.sessions: dict[str, ort.InferenceSession] = {}
         for name, graph in self.manifest.graphs.items():
             path = self.engine_dir / graph.file

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ldm_runtime.engines import load_engine
-from ldm_runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
+from ldm_runtime.engines.onnxruntime_engine import ALLOW_SPINNING, OnnxRuntimeEngine
 from ldm_runtime.manifest import EngineDirError, OutOfRangeError, check_tensorrt_plans, load_manifest
 from tests.ldm_export.tiny_checkpoint import TINY_CONFIG, shared_tiny_engine
 
@@ -52,6 +52,15 @@ def test_engine_info_comes_from_the_manifest(engine):
     assert info.max_batch_size == 8 and info.text_max_length == TINY_CONFIG.text_encoder.max_length
     assert info.latent_scale_factor == TINY_CONFIG.latent_scale_factor
     assert info.schedule["beta_schedule"] == "scaled_linear"
+
+
+def test_sessions_threads_sleep_between_calls_unless_asked_to_spin(engine, exported):
+    # every graph is a session with its own threads: spinning ones hold the cores the next graph's need
+    assert {name: session.get_session_options().get_session_config_entry(ALLOW_SPINNING)
+            for name, session in engine.sessions.items()} == dict.fromkeys(engine.sessions, "0")
+    spinning = OnnxRuntimeEngine(exported[1], intra_op_threads=1, spinning=True)
+    assert {session.get_session_options().get_session_config_entry(ALLOW_SPINNING)
+            for session in spinning.sessions.values()} == {"1"}
 
 
 def test_tokenizer_matches_the_training_tokenizer(engine, torch_engine):
