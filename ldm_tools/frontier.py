@@ -31,7 +31,7 @@ First image (``--first-image``, the default): per engine and precision, a new pr
 one image of that engine's first configuration, timed from the moment the process starts (imports included, as
 ldm-bench times a worker's first image), twice in a row with one new compile cache folder: cold (the folder empty,
 so the openvino engine compiles every graph) and warm (the folder as the cold run left it). Measured after the
-timed rounds, while this process waits.
+timed rounds, once this process has let go of its engines.
 
 The frontier of a quality metric is the configurations no other beats on both images/s and that metric. The bar
 (``--bar``) holds terms relative to ``--baseline`` (``adherence-drop``: every attribute's adherence at most this
@@ -45,6 +45,7 @@ the reason.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import math
@@ -694,9 +695,15 @@ def run_frontier(settings: FrontierSettings) -> dict[str, Any]:
             median = float(np.median(rates[config.name]))
             result.update(images_per_s=round(median, 3), images_per_s_rounds=[round(r, 3) for r in rates[config.name]],
                           images_per_s_spread=round((max(rates[config.name]) - min(rates[config.name])) / median, 3))
+        del pipelines, runs
 
     first_images: dict[str, Any] = {}
     if settings.first_image:
+        # the new processes get the machine to themselves: this one lets go of its engines (GBs at SD's size) first
+        del engine  # the sampling loop's last
+        engines.clear()
+        loaded.clear()
+        gc.collect()
         engine_configs: dict[str, SamplingConfig] = {}
         for config, _ in kept:
             engine_configs.setdefault(config.engine_key, config)  # each engine's first configuration

@@ -159,7 +159,26 @@ def final_latents(engine, config: SamplingConfig, seeds: list[int], captions: li
 
 
 def test_a_run_on_the_tiny_checkpoint_reports_speed_and_the_reference_distance(tiny_checkpoint, tmp_path, capsys,
-                                                                               seed):
+                                                                               seed, monkeypatch):
+    import weakref
+
+    import ldm_tools.frontier
+
+    # the first image's new processes start once this one has let go of every engine it loaded
+    loaded, alive_at_first_image = [], []
+    load_engines, first_image_seconds = ldm_tools.frontier.load_engines, ldm_tools.frontier.first_image_seconds
+
+    def recorded_load_engines(*args, **kwargs):
+        engines = load_engines(*args, **kwargs)
+        loaded.extend(weakref.ref(engine) for engine in engines.values() if not isinstance(engine, str))
+        return engines
+
+    def checked_first_image_seconds(*args, **kwargs):
+        alive_at_first_image.append(sum(reference() is not None for reference in loaded))
+        return first_image_seconds(*args, **kwargs)
+
+    monkeypatch.setattr(ldm_tools.frontier, "load_engines", recorded_load_engines)
+    monkeypatch.setattr(ldm_tools.frontier, "first_image_seconds", checked_first_image_seconds)
     report_path, plot_path = tmp_path / "frontier.json", tmp_path / "frontier.png"
     first_seed = seed % 1000
     configs = ["torch/fp32/ddim:3", "torch/fp32/euler:2/gi=0.5-20", "torch/fp32/ddim:6", "torch/fp32/ddim:5000",
@@ -198,6 +217,7 @@ def test_a_run_on_the_tiny_checkpoint_reports_speed_and_the_reference_distance(t
     # the first image: one engine here, timed in new processes with its first configuration, cold then warm
     first = report["first_image"]["torch/fp32"]
     assert first["config"] == "torch/fp32/ddim:3" and first["cold_s"] > 0 and first["warm_s"] > 0
+    assert len(loaded) == 1 and alive_at_first_image == [0]
     assert all(result["first_image"] == {"cold_s": first["cold_s"], "warm_s": first["warm_s"]} for result in done)
     output = capsys.readouterr().out
     assert "| torch/fp32/ddim:3 |" in output and "skipped torch/fp32/ddim:5000: " in output
