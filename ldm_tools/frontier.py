@@ -65,8 +65,8 @@ from tqdm import tqdm
 
 from ldm_runtime.command_line import OneLineArgumentParser, finite_float, report_user_error
 from ldm_runtime.config import CACHE_SCHEDULES, MAX_CACHE_INTERVAL
-from ldm_runtime.engines.compile_cache import CACHE_ENV
 from ldm_runtime.engines import CHECKPOINT_MARKER, ENGINE_DIR_MARKER, engine_for_flags, load_engine
+from ldm_runtime.engines.compile_cache import CACHE_ENV
 from ldm_runtime.errors import RequestError, UserError
 from ldm_runtime.files import write_text_atomic
 from ldm_runtime.manifest import load_manifest
