@@ -29,7 +29,6 @@ VARIANTS = {  # name: (the engine's precision, the graphs compiled at fp32 whate
     "bf16, autoencoder at fp32": ("bf16", ("vae_decoder", "vae_encoder")),
     "bf16 UNet only (text encoder and autoencoder at fp32)": ("bf16", ("text_encoder", "vae_decoder", "vae_encoder")),
 }
-PSNR_BAR_DB = 40.0
 
 
 def mixed_engine(engine_dir: str, precision: str, fp32_graphs: tuple[str, ...], threads: int):
@@ -53,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from ldm_export.validate import psnr_db
+    from benchmarks.bf16_fidelity import PSNR_BAR_DB, image_psnrs
     from ldm_runtime.pipeline import Pipeline
     from ldm_tools.bench.cli import machine_info
     from ldm_tools.evaluate import EvalSettings, generate_images, heldout_prompts
@@ -73,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         run = {"precision": precision, "fp32_graphs": list(fp32_graphs), "sampler": sampler, "steps": steps,
                "seconds": round(time.perf_counter() - started, 2)}
         if name != "fp32":
-            per_image = [psnr_db([a], [e]) for a, e in zip(samples[name], samples["fp32"])]
-            run.update(run_psnr_db=round(psnr_db(samples[name], samples["fp32"]), 3),
-                       worst_image_psnr_db=round(min(per_image), 3),
-                       images_under_bar=sum(value < PSNR_BAR_DB for value in per_image))
+            psnrs = image_psnrs(samples[name], samples["fp32"])
+            run.update(run_psnr_db=round(psnrs["run_psnr_db"], 3),
+                       worst_image_psnr_db=round(psnrs["min_image_psnr_db"], 3),
+                       images_under_bar=sum(value < PSNR_BAR_DB for value in psnrs["image_psnr_db"]))
             print(f"{name}: run {run['run_psnr_db']:.2f} dB, worst image {run['worst_image_psnr_db']:.1f} dB, "
                   f"{run['images_under_bar']} of {args.prompts} under {PSNR_BAR_DB:g} dB", flush=True)
         report["runs"][name] = run

@@ -560,9 +560,9 @@ def _first_image_child(connection, config: SamplingConfig, folders: ModelFolders
             raise FrontierError(engine)
         Pipeline(engine).generate([request], batch_size=1)
     except BaseException as error:  # the parent reports it beside the figures
-        text = str(error).strip()
-        connection.send(("error", f"{type(error).__name__}: {text.splitlines()[0][:300]}" if text
-                         else type(error).__name__))
+        from ldm_tools.bench.workers import one_line
+
+        connection.send(("error", one_line(error)))
         return
     connection.send(("ok", None))
 
@@ -571,6 +571,8 @@ def first_image_seconds(config: SamplingConfig, folders: ModelFolders, device: s
                         request: GenerationRequest) -> dict[str, Any]:
     """Seconds from a new process's start to ``request``'s image on ``config``'s engine, with its compile cache in a
     new folder (cold), then again in the folder the first left (warm): {"cold_s", "warm_s"}, or {"error"}."""
+    from ldm_tools.bench.workers import exit_reason
+
     context = multiprocessing.get_context("spawn")
     cache_dir = tempfile.mkdtemp(prefix="ldm-frontier-cache-")
     seconds: dict[str, Any] = {}
@@ -586,8 +588,7 @@ def first_image_seconds(config: SamplingConfig, folders: ModelFolders, device: s
                 status, value = receiver.recv()
             except EOFError:  # it died without a word
                 process.join()
-                status, value = "error", f"the process exited with code {process.exitcode}" + (
-                    " (killed: out of memory?)" if process.exitcode == -9 else "")
+                status, value = "error", exit_reason(process.exitcode)
             elapsed = time.perf_counter() - started
             process.join()
             if status != "ok":

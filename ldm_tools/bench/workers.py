@@ -85,9 +85,7 @@ class Worker:
             status, value = self.connection.recv()
         except (EOFError, OSError):  # it died: before the command (a broken pipe), or while on it
             self.process.join(5)
-            code = self.process.exitcode
-            raise WorkerFailed(f"the process exited with code {code}"
-                               + (" (killed: out of memory?)" if code == -9 else "")) from None
+            raise WorkerFailed(exit_reason(self.process.exitcode)) from None
         if status == "error":
             raise WorkerFailed(value)
         return value
@@ -109,7 +107,7 @@ def _worker_main(connection, spec: WorkerSpec) -> None:
         bench = _PipelineBench(spec) if spec.engine == PIPELINE_PEER else _EngineBench(spec)
         connection.send(("ok", bench.first_image()))
     except BaseException as error:
-        connection.send(("error", _one_line(error)))
+        connection.send(("error", one_line(error)))
         return
     while True:
         try:
@@ -121,10 +119,16 @@ def _worker_main(connection, spec: WorkerSpec) -> None:
         try:
             connection.send(("ok", getattr(bench, message[0])(*message[1:])))
         except BaseException as error:
-            connection.send(("error", _one_line(error)))
+            connection.send(("error", one_line(error)))
 
 
-def _one_line(error: BaseException) -> str:
+def exit_reason(code: int | None) -> str:
+    """Why a child process stopped answering, from its exit code (-9: the kernel's OOM killer, most likely)."""
+    return f"the process exited with code {code}" + (" (killed: out of memory?)" if code == -9 else "")
+
+
+def one_line(error: BaseException) -> str:
+    """``error`` as one line for a parent process: its type and the first line of its message."""
     if os.environ.get("LDM_BENCH_TRACEBACK"):
         traceback.print_exc()
     text = str(error).strip()
