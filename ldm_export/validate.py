@@ -176,9 +176,9 @@ def check_graphs(engine: OnnxRuntimeEngine, specs: dict[str, GraphSpec], modules
 
 
 def check_sample(engine: OnnxRuntimeEngine, modules: CheckpointNetworks, precision: str, seed: int) -> SampleCheck:
-    """The same guided 25-step requests through ``Pipeline`` on ``engine`` and on the eager torch engine over
-    ``modules`` (the networks the export loaded: no second copy of the weights, which at SD 1.5's size would not
-    fit beside the first and the new graphs' sessions on a 24 GiB machine)."""
+    """The same 25-step DDIM requests (at the model's default guidance) through ``Pipeline`` on ``engine`` and on the
+    eager torch engine over ``modules`` (the networks the export loaded: no second copy of the weights, which at SD
+    1.5's size would not fit beside the first and the new graphs' sessions on a 24 GiB machine)."""
     count = max(1, min(len(SAMPLE_PROMPTS), engine.info.max_images))
     requests = [GenerationRequest(prompt=prompt, seed=seed + index, sampler="ddim", steps=SAMPLE_STEPS,
                                   **(_inpainting_fields(engine.info.image_size, seed + index)
@@ -187,10 +187,11 @@ def check_sample(engine: OnnxRuntimeEngine, modules: CheckpointNetworks, precisi
     eager = TorchEngine(modules, device="cpu", unet_chunk_size=None)  # one UNet call per step, unpadded
     with reference_kernels():
         expected = Pipeline(eager).generate(requests, batch_size=count)
-    actual = Pipeline(engine).generate(requests, batch_size=count)
+    pipeline = Pipeline(engine)
+    actual = pipeline.generate(requests, batch_size=count)
     return SampleCheck(psnr_db=psnr_db(actual, expected), limit_db=PSNR_LIMITS_DB[precision], steps=SAMPLE_STEPS,
                        seeds=[r.seed for r in requests], prompts=[r.prompt for r in requests],
-                       guidance_scale=requests[0].guidance_scale, image_size=engine.info.image_size)
+                       guidance_scale=pipeline.resolve(requests[0]).guidance_scale, image_size=engine.info.image_size)
 
 
 def _inpainting_fields(size: int, seed: int) -> dict[str, np.ndarray]:

@@ -40,6 +40,11 @@ SIGMA_SPACINGS = ("linspace", "leading", "trailing")  # how the samplers other t
 # (BENCHMARKS.md, "Quality against steps": DDIM needs 10 steps, Euler 6)
 DEFAULT_SAMPLER = "euler"
 DEFAULT_STEPS = 6
+# The guidance scale of a request that names none, for a model whose folder names none: the CompVis LDM
+# text-to-image script's default, milder than Stable Diffusion's 7.5, which over-saturates small models trained on
+# few captions; and the most a request or a model may name
+DEFAULT_GUIDANCE_SCALE = 5.0
+MAX_GUIDANCE_SCALE = 100.0
 # The steps of a request that names a sampler other than the model's default and no steps: the step count every
 # sampler was run with before the samplers had defaults of their own (DEFAULT_STEPS is Euler's, not theirs)
 OTHER_SAMPLER_STEPS = 25
@@ -335,6 +340,9 @@ class SamplerDefaults:
     steps: int | None = None
     timestep_spacing: str | None = None
     steps_offset: int | None = None
+    # a request's guidance scale where it names none: null is DEFAULT_GUIDANCE_SCALE; a model distilled with its
+    # guidance in it (ldm-train lcm) records 1, so that its requests run no unconditional row
+    guidance_scale: float | None = None
     # a request's guidance interval (low, high] in noise levels, cache interval and cache schedule where it names
     # none (GenerationRequest); null: guidance at every step, no caching, "uniform"
     guidance_interval: tuple[float, float] | None = None
@@ -355,6 +363,12 @@ class SamplerDefaults:
                                               or not 0 <= self.steps_offset < MAX_TRAIN_TIMESTEPS):
             raise ValueError(f"default_sampler.steps_offset is {self.steps_offset!r}; expected an integer from 0 "
                              f"to {MAX_TRAIN_TIMESTEPS - 1} or null")
+        if self.guidance_scale is not None and not (_is_number(self.guidance_scale)
+                                                    and 0 <= self.guidance_scale <= MAX_GUIDANCE_SCALE):
+            raise ValueError(f"default_sampler.guidance_scale is {self.guidance_scale!r}; expected a number from 0 to "
+                             f"{MAX_GUIDANCE_SCALE:g} or null")
+        if self.guidance_scale is not None:
+            object.__setattr__(self, "guidance_scale", float(self.guidance_scale))
         if self.guidance_interval is not None and not is_guidance_interval(self.guidance_interval):
             raise ValueError(f"default_sampler.guidance_interval is {self.guidance_interval!r}; expected two noise "
                              f"levels [low, high] with 0 <= low < high, or null")
@@ -390,7 +404,7 @@ class SamplerDefaults:
     def to_dict(self) -> dict[str, Any]:
         """The model.json entry; the guidance and cache defaults only where set."""
         data = dataclasses.asdict(self)
-        for name in ("guidance_interval", "cache_interval", "cache_schedule"):
+        for name in ("guidance_scale", "guidance_interval", "cache_interval", "cache_schedule"):
             if data[name] is None:
                 del data[name]
         if self.guidance_interval is not None:

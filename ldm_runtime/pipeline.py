@@ -30,6 +30,7 @@ from ldm_runtime.adapters import check_request_adapters
 from ldm_runtime.arrays import array_module, concatenate, take_rows
 from ldm_runtime.config import (
     CACHE_SCHEDULES,
+    DEFAULT_GUIDANCE_SCALE,
     DEFAULT_SAMPLER,
     DEFAULT_STEPS,
     MAX_CACHE_INTERVAL,
@@ -56,9 +57,6 @@ from ldm_runtime.schedulers.sigmas import schedule_sigmas
 
 __all__ = ["DEFAULT_GUIDANCE_SCALE", "DEFAULT_INPAINT_STRENGTH", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "DEFAULT_STRENGTH",
            "GenerationRequest", "Pipeline", "SamplingState"]
-# The CompVis LDM text-to-image script's default scale: milder than Stable Diffusion's 7.5, which
-# over-saturates small models trained on few captions.
-DEFAULT_GUIDANCE_SCALE = 5.0
 # diffusers' defaults: its img2img pipeline's strength, and its inpainting pipeline's (the masked region from noise)
 DEFAULT_STRENGTH = 0.8
 DEFAULT_INPAINT_STRENGTH = 1.0
@@ -73,6 +71,9 @@ class GenerationRequest:
     (``Pipeline.resolve``: its ``default_sampler``, else ``DEFAULT_SAMPLER`` and ``DEFAULT_STEPS``; a sampler other
     than the default without steps takes ``OTHER_SAMPLER_STEPS``); ``eta`` applies to "ddim" only. The stochastic
     samplers (euler-a, dpmpp-2m-sde, dpmpp-2m-sde-karras, lcm) draw each step's noise from ``seed`` as well.
+
+    ``guidance_scale`` None: the model's ``default_sampler.guidance_scale``, else ``DEFAULT_GUIDANCE_SCALE`` (1: the
+    conditional branch alone, no unconditional row).
 
     ``guidance_interval`` ``(low, high)`` applies guidance only at the UNet calls whose noise level sigma (of the
     timestep the UNet sees, sqrt((1 - a_t) / a_t)) lies in ``(low, high]``, as Kynkäänniemi et al. 2024 ("Applying
@@ -108,7 +109,7 @@ class GenerationRequest:
     seed: int
     sampler: str | None = None
     steps: int | None = None
-    guidance_scale: float = DEFAULT_GUIDANCE_SCALE
+    guidance_scale: float | None = None
     guidance_interval: tuple[float, float] | None = None
     cache_interval: int | None = None
     cache_schedule: str | None = None
@@ -226,18 +227,26 @@ class Pipeline:
         """The steps of a request that names neither sampler nor steps (``SamplerDefaults.steps_for``)."""
         return self.defaults.sampler_steps
 
+    @property
+    def default_guidance_scale(self) -> float:
+        """The guidance scale of a request that names none: the model's ``default_sampler.guidance_scale``, else
+        ``DEFAULT_GUIDANCE_SCALE``."""
+        scale = self.defaults.guidance_scale
+        return DEFAULT_GUIDANCE_SCALE if scale is None else scale
+
     def default_steps_for(self, sampler: str) -> int:
         """The steps of a request that names ``sampler`` and no steps (``SamplerDefaults.steps_for``)."""
         return self.defaults.steps_for(sampler)
 
     def resolve(self, request: GenerationRequest) -> GenerationRequest:
-        """``request`` with its sampler and steps filled in where it names none (``default_sampler``,
+        """``request`` with its sampler, steps and guidance filled in where it names none (``default_sampler``,
         ``default_steps``): what it is sampled with, and what a record of it should say."""
         if not isinstance(request, GenerationRequest):
             raise TypeError(f"request is a {type(request).__name__}; expected a GenerationRequest")
         defaults = self.defaults
         filled = {
             "sampler": self.default_sampler if request.sampler is None else request.sampler,
+            "guidance_scale": self.default_guidance_scale if request.guidance_scale is None else request.guidance_scale,
             "guidance_interval": (defaults.guidance_interval if request.guidance_interval is None
                                   else request.guidance_interval),
             "cache_interval": (defaults.cache_interval or 1) if request.cache_interval is None

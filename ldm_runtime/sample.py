@@ -28,8 +28,8 @@ import numpy as np
 
 from ldm_runtime.adapters import ADAPTER_NAME, MAX_REQUEST_ADAPTERS, AdapterError, adapter_file_argument
 from ldm_runtime.command_line import OneLineArgumentParser, finite_float, noise_interval, report_user_error
-from ldm_runtime.config import (CACHE_SCHEDULES, DEFAULT_SAMPLER, DEFAULT_STEPS, LARGEST_IMAGE_SIDE, MAX_CACHE_INTERVAL,
-                                MAX_TRAIN_TIMESTEPS)
+from ldm_runtime.config import (CACHE_SCHEDULES, DEFAULT_GUIDANCE_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS,
+                                LARGEST_IMAGE_SIDE, MAX_CACHE_INTERVAL, MAX_TRAIN_TIMESTEPS)
 from ldm_runtime.engines import (
     AUTO_ENGINE_HELP, ENGINE_NAMES, PRECISION_HELP, PRECISION_NAMES, engine_for_flags, load_engine,
     load_engine_with_adapters, precision_note,
@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=REQUEST_DEFAULTS["steps"],
                         help=f"sampler steps (default: the model's default_sampler steps, else {DEFAULT_STEPS})")
     parser.add_argument("--guidance", type=finite_float, default=REQUEST_DEFAULTS["guidance_scale"],
-                        help="classifier-free guidance scale, 1 = no guidance (default: %(default)s)")
+                        help=f"classifier-free guidance scale, 1 = no guidance (default: the model's "
+                             f"default_sampler.guidance_scale, else {DEFAULT_GUIDANCE_SCALE:g})")
     parser.add_argument("--guidance-interval", type=noise_interval, default=None, metavar="LOW,HIGH",
                         help="guide only the UNet calls whose noise level sigma lies in (LOW, HIGH]; the others "
                              "run the conditional branch alone, at half the UNet rows (default: the model's "

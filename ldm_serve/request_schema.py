@@ -18,14 +18,15 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from ldm_runtime.adapters import MAX_REQUEST_ADAPTERS
-from ldm_runtime.config import ADAPTER_SCALES, CACHE_SCHEDULES, MAX_CACHE_INTERVAL
+from ldm_runtime.config import (
+    ADAPTER_SCALES, CACHE_SCHEDULES, DEFAULT_GUIDANCE_SCALE, MAX_CACHE_INTERVAL, MAX_GUIDANCE_SCALE,
+)
 from ldm_runtime.images import MAX_UPLOAD_BYTES, UPLOAD_FORMAT_NAMES
 from ldm_runtime.noise import MAX_SEED
 from ldm_runtime.pipeline import DEFAULT_SAMPLER, DEFAULT_STEPS, GenerationRequest
 from ldm_runtime.schedulers import SAMPLER_NAMES
 from ldm_serve.errors import OPENAI_EDITS_PATH, OPENAI_IMAGES_PATH, ApiError, printable, shortened, shown_value
 
-MAX_GUIDANCE_SCALE = 100.0
 DEFAULT_PROMPT_CHARS = 1000
 MAX_OPENAI_NAME_CHARS = 256  # OpenAI's limit on model and user
 MAX_NESTING = 16  # arrays or objects in a field's value: a valid request has none; past this, only the depth is shown
@@ -78,6 +79,7 @@ class ServeLimits:
     default_size: int = 32
     default_steps: int = DEFAULT_STEPS
     default_sampler: str = DEFAULT_SAMPLER
+    default_guidance_scale: float = DEFAULT_GUIDANCE_SCALE  # the model's default_sampler.guidance_scale, if set
     default_guidance_interval: tuple[float, float] | None = None  # None: guidance at every UNet call
     default_cache_interval: int = 1
     default_cache_schedule: str = CACHE_SCHEDULES[0]
@@ -125,8 +127,9 @@ def request_model(limits: ServeLimits) -> type[BaseModel]:
         steps=(int, Field(limits.default_steps, ge=1, le=limits.max_steps,
                           description="Sampler steps; the default is the default sampler's, and a request that names "
                                       "another sampler and no steps gets that sampler's default.")),
-        guidance_scale=(float, Field(defaults["guidance_scale"], ge=0, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False,
-                                     description="Classifier-free guidance scale; 1 means no guidance.")),
+        guidance_scale=(float, Field(limits.default_guidance_scale, ge=0, le=MAX_GUIDANCE_SCALE, allow_inf_nan=False,
+                                     description="Classifier-free guidance scale; 1 means no guidance (one UNet "
+                                                 "row per image).")),
         guidance_interval=(Annotated[list[Annotated[float, Field(ge=0, allow_inf_nan=False)]],
                                      Field(min_length=2, max_length=2)] | None,
                            Field(_interval_json(limits.default_guidance_interval),

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import uvicorn
 
 from ldm_runtime.adapters import AdapterError
-from ldm_runtime.config import MAX_CACHE_INTERVAL
+from ldm_runtime.config import DEFAULT_GUIDANCE_SCALE, MAX_CACHE_INTERVAL
 from ldm_runtime.engines import (THREADED_ENGINES, engine_for_flags, load_engine, load_engine_with_adapters,
                                  precision_note)
 from ldm_runtime.errors import RequestError, UserError
@@ -129,6 +129,7 @@ def build_app(args: argparse.Namespace, api_key: str | None = None):
                          max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
                          min_size=info.min_image_size, max_size=max_size, size_multiple=info.image_size_multiple,
                          default_size=info.image_size, default_steps=default_steps, default_sampler=sampler,
+                         default_guidance_scale=default_request.guidance_scale,
                          default_guidance_interval=default_request.guidance_interval,
                          default_cache_interval=default_request.cache_interval,
                          default_cache_schedule=default_request.cache_schedule,
@@ -157,9 +158,11 @@ def build_app(args: argparse.Namespace, api_key: str | None = None):
 
 
 def _default_settings_text(request: GenerationRequest) -> str:
-    """The guidance interval and feature caching of a request that names neither, for the serving line, where
-    they are not guidance at every call and the whole UNet at every step."""
+    """The guidance scale, guidance interval and feature caching of a request that names none, for the serving
+    line, where they are not DEFAULT_GUIDANCE_SCALE, guidance at every call and the whole UNet at every step."""
     text = ""
+    if request.guidance_scale != DEFAULT_GUIDANCE_SCALE:
+        text += f" guidance {request.guidance_scale:g}"
     if request.guidance_interval is not None:
         text += f" guided in ({request.guidance_interval[0]:g}, {request.guidance_interval[1]:g}]"
     if request.cache_interval > 1:

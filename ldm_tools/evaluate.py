@@ -47,7 +47,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from ldm_runtime.command_line import OneLineArgumentParser, finite_float, noise_interval, report_user_error
-from ldm_runtime.config import CACHE_SCHEDULES
+from ldm_runtime.config import CACHE_SCHEDULES, DEFAULT_GUIDANCE_SCALE
 from ldm_runtime.engines import AUTO_ENGINE_HELP, CHECKPOINT_MARKER, ENGINE_DIR_MARKER, ENGINE_NAMES, load_engine
 from ldm_runtime.errors import RequestError, UserError
 from ldm_runtime.files import write_text_atomic
@@ -80,7 +80,7 @@ class EvalSettings:
     num_prompts: int = 200
     sampler: str | None = None  # None: the model's default (Pipeline.resolve)
     steps: int | None = None
-    guidance: float = REQUEST_DEFAULTS["guidance_scale"]
+    guidance: float | None = None  # None: the model's default (Pipeline.resolve)
     guidance_interval: tuple[float, float] | None = None  # noise levels (low, high] where guidance applies
     cache_interval: int | None = None  # None: the model's default (Pipeline.resolve), else 1: no feature caching
     cache_schedule: str | None = None
@@ -96,7 +96,7 @@ class EvalSettings:
         for name in ("num_prompts", "steps", "batch_size", "cache_interval"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise EvalError(f"--{name.replace('_', '-')} is {getattr(self, name)}; expected a positive integer")
-        if not np.isfinite(self.guidance) or self.guidance < 0:
+        if self.guidance is not None and (not np.isfinite(self.guidance) or self.guidance < 0):
             raise EvalError(f"--guidance is {self.guidance}; expected a number >= 0")
         if not 0.0 <= self.eta <= 1.0:
             raise EvalError(f"--eta is {self.eta}; expected a value in [0, 1]")
@@ -330,7 +330,8 @@ def evaluate(settings: EvalSettings) -> dict[str, Any]:
         raise EvalError(f"--model {settings.model} cannot be opened: {error}") from None
     defaults = Pipeline(engine)  # a request that names no sampler or steps gets the model's defaults
     sampler = settings.sampler or defaults.default_sampler
-    settings = replace(settings, sampler=sampler, steps=settings.steps or defaults.default_steps_for(sampler))
+    settings = replace(settings, sampler=sampler, steps=settings.steps or defaults.default_steps_for(sampler),
+                       guidance=defaults.default_guidance_scale if settings.guidance is None else settings.guidance)
     count, image_size = settings.num_prompts, engine.info.image_size
     prompts = ShapesDataset.heldout(count, image_size, settings.data_seed)
     captions = [prompts.caption(i) for i in range(count)]
@@ -408,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"sampler steps per image (default: the model's default_sampler steps, else "
                              f"{DEFAULT_STEPS})")
     parser.add_argument("--guidance", type=finite_float, default=defaults.guidance,
-                        help="classifier-free guidance scale")
+                        help=f"classifier-free guidance scale (default: the model's default_sampler.guidance_scale, "
+                             f"else {DEFAULT_GUIDANCE_SCALE:g})")
     parser.add_argument("--guidance-interval", type=noise_interval, default=None, metavar="LOW,HIGH",
                         help="guide only the UNet calls whose noise level sigma lies in (LOW, HIGH] (default: every "
                              "call)")

@@ -5,14 +5,17 @@
         --baseline onnxruntime/fp32/ddim:25 --bar adherence-drop=0.02,fid-ratio=1.05
 
 A configuration is ``ENGINE/PRECISION/SAMPLER:STEPS``, then any of ``/cache=N`` (DeepCache: the whole UNet one
-step in N, the shallow part between; ``cache=N:quadratic`` for the paper's non-uniform schedule) and
-``/gi=LOW-HIGH`` (guidance only at the UNet calls whose noise level lies in (LOW, HIGH]; without it, at every
-call). The torch engine runs the checkpoint dir among ``--model`` at PRECISION fp32, bf16 or fp16 (its dtype);
-onnxruntime and tensorrt run the engine dir among ``--model`` exported at PRECISION; openvino runs the fp32
-engine dir (else the only one) at PRECISION fp32 or bf16 (its inference precision).
+step in N, the shallow part between; ``cache=N:quadratic`` for the paper's non-uniform schedule), ``/gi=LOW-HIGH``
+(guidance only at the UNet calls whose noise level lies in (LOW, HIGH]; without it, at every call) and
+``/model=NAME`` (the folders ``--variant NAME=FOLDER`` names instead of ``--model``'s: a model distilled from
+it, such as ``ldm-train lcm`` writes, judged on the same prompts and seeds). The torch engine runs the checkpoint
+dir among ``--model`` at PRECISION fp32, bf16 or fp16 (its dtype); onnxruntime and tensorrt run the engine dir among
+``--model`` exported at PRECISION; openvino runs the fp32 engine dir (else the only one) at PRECISION fp32 or bf16
+(its inference precision).
 
 Every configuration samples the same ``--num-prompts`` held-out prompts of ldm-eval (prompt i: seed
-``--seed`` + i) at the same guidance, and is judged by:
+``--seed`` + i) at ``--guidance``, else at its model's default guidance (the guidance a distilled model has in it
+is its own), and is judged by:
 
 - the reference distance, on any model: ``latent_rms``, the RMS of its final latents (as the UNet sees them)
   against a reference run's, and ``image_psnr_db``, the mean PSNR of its images against the reference's. The
@@ -36,10 +39,10 @@ timed rounds, once this process has let go of its engines.
 The frontier of a quality metric is the configurations no other beats on both images/s and that metric. The bar
 (``--bar``) holds terms relative to ``--baseline`` (``adherence-drop``: every attribute's adherence at most this
 below the baseline's; ``fid-ratio``: FID at most this times the baseline's; ``latent-rms-ratio``: latent RMS at most
-this times the baseline's) and absolute ones (``latent-rms``: at most; ``psnr-db``: at least); the fastest configuration that meets every term is named, overall and per engine,
-beside the fastest DDIM and the fastest without cache or guidance interval. A configuration its engine refuses
-(one that cannot load here, a cache interval on an engine without feature caching) is reported as skipped, with
-the reason.
+this times the baseline's) and absolute ones (``latent-rms``: at most; ``psnr-db``: at least); the fastest
+configuration that meets every term is named, overall and per engine (whatever model it runs), beside the fastest
+DDIM and the fastest without cache or guidance interval. A configuration its engine refuses (one that cannot load
+here, a cache interval on an engine without feature caching) is reported as skipped, with the reason.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ from ldm_runtime.errors import RequestError, UserError
 from ldm_runtime.files import write_text_atomic
 from ldm_runtime.manifest import load_manifest
 from ldm_runtime.noise import MAX_SEED
-from ldm_runtime.pipeline import DEFAULT_GUIDANCE_SCALE, GenerationRequest, Pipeline
+from ldm_runtime.pipeline import GenerationRequest, Pipeline
 from ldm_runtime.schedulers import SAMPLER_NAMES
 from ldm_tools.evaluate import (
     DEFAULT_CLASSIFIER,
@@ -92,7 +95,7 @@ ENGINE_PRECISIONS = {"torch": ("fp32", "bf16", "fp16"), "triton": ("fp16", "bf16
                      "onnxruntime": ("fp32", "fp16"), "tensorrt": ("fp32", "fp16"), "openvino": ("fp32", "bf16")}
 CHECKPOINT_ENGINES = ("torch", "triton")
 DETERMINISTIC_SAMPLERS = ("ddim", "euler", "dpmpp-2m", "dpmpp-2m-karras", "unipc", "unipc-3", "plms")
-CONFIG_SYNTAX = "ENGINE/PRECISION/SAMPLER:STEPS[/cache=N[:SCHEDULE]][/gi=LOW-HIGH]"
+CONFIG_SYNTAX = "ENGINE/PRECISION/SAMPLER:STEPS[/cache=N[:SCHEDULE]][/gi=LOW-HIGH][/model=NAME]"
 BAR_TERMS = ("adherence-drop", "fid-ratio", "latent-rms", "latent-rms-ratio", "psnr-db")
 RELATIVE_TERMS = ("adherence-drop", "fid-ratio", "latent-rms-ratio")  # against --baseline's values
 RATIO_TERMS = ("fid-ratio", "latent-rms-ratio")
@@ -122,6 +125,7 @@ class SamplingConfig:
     cache_interval: int = 1
     cache_schedule: str = "uniform"
     guidance_interval: tuple[float, float] | None = None  # None: guidance at every call
+    model: str | None = None  # a --variant's name; None: --model
 
     @property
     def name(self) -> str:
@@ -136,11 +140,19 @@ class SamplingConfig:
             text += f"/cache={self.cache_interval}" + (":quadratic" if self.cache_schedule == "quadratic" else "")
         if self.guidance_interval is not None:
             text += f"/gi={self.guidance_interval[0]:g}-{self.guidance_interval[1]:g}"
+        if self.model is not None:
+            text += f"/model={self.model}"
         return text
 
     @property
     def engine_key(self) -> str:
+        """The engine and precision: what the summary compares configurations within."""
         return f"{self.engine}/{self.precision}"
+
+    @property
+    def load_key(self) -> str:
+        """The engine, precision and model: one loaded engine each."""
+        return self.engine_key + (f"@{self.model}" if self.model is not None else "")
 
     @property
     def sampler_alone(self) -> bool:
@@ -156,7 +168,8 @@ class SamplingConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.name, "engine": self.engine, "precision": self.precision, "sampler": self.sampler,
                 "steps": self.steps, "cache_interval": self.cache_interval, "cache_schedule": self.cache_schedule,
-                "guidance_interval": list(self.guidance_interval) if self.guidance_interval else None}
+                "guidance_interval": list(self.guidance_interval) if self.guidance_interval else None,
+                "model": self.model}
 
 
 def parse_config(text: str) -> SamplingConfig:
@@ -182,8 +195,8 @@ def parse_config(text: str) -> SamplingConfig:
     values: dict[str, Any] = {}
     for option in options:
         key, equals, value = option.partition("=")
-        if not equals or key not in ("cache", "gi"):
-            raise bad(f"has option {option!r}, neither cache=N[:SCHEDULE] nor gi=LOW-HIGH")
+        if not equals or key not in ("cache", "gi", "model"):
+            raise bad(f"has option {option!r}, not one of cache=N[:SCHEDULE], gi=LOW-HIGH, model=NAME")
         if key in values:
             raise bad(f"gives {key}= twice")
         if key == "cache":
@@ -193,6 +206,10 @@ def parse_config(text: str) -> SamplingConfig:
             if schedule and schedule not in CACHE_SCHEDULES:
                 raise bad(f"has cache schedule {schedule!r}, not one of {', '.join(CACHE_SCHEDULES)}")
             values[key] = (int(interval), schedule or "uniform")
+        elif key == "model":
+            if not value.strip():
+                raise bad("has an empty model name")
+            values[key] = value.strip()
         else:
             ends = value.split("-")
             try:
@@ -204,7 +221,7 @@ def parse_config(text: str) -> SamplingConfig:
             values[key] = (low, high)
     cache_interval, cache_schedule = values.get("cache", (1, "uniform"))
     return SamplingConfig(engine, precision, sampler, int(steps), cache_interval,
-                          cache_schedule if cache_interval > 1 else "uniform", values.get("gi"))
+                          cache_schedule if cache_interval > 1 else "uniform", values.get("gi"), values.get("model"))
 
 
 def parse_bar(text: str) -> dict[str, float]:
@@ -406,6 +423,7 @@ class FrontierSettings:
     model: tuple[str, ...]
     configs: tuple[SamplingConfig, ...]
     json: str
+    variants: dict[str, tuple[str, ...]] = field(default_factory=dict)  # --variant NAME=FOLDER
     plot: str | None = None
     baseline: SamplingConfig | None = None
     bar: dict[str, float] = field(default_factory=dict)
@@ -414,7 +432,7 @@ class FrontierSettings:
     num_prompts: int = 200
     seed: int = 0
     data_seed: int = 0
-    guidance: float = DEFAULT_GUIDANCE_SCALE
+    guidance: float | None = None  # None: each configuration's model's default
     batch_size: int = 16
     speed_images: int | None = None  # None: two batches
     repeats: int = 3
@@ -453,11 +471,15 @@ class FrontierSettings:
         if self.reference_engine is not None and "fp32" not in ENGINE_PRECISIONS.get(self.reference_engine, ()):
             raise FrontierError(f"--reference-engine is {self.reference_engine!r}; expected an engine that runs fp32: "
                                 f"{', '.join(e for e, p in ENGINE_PRECISIONS.items() if 'fp32' in p)}")
-        if not math.isfinite(self.guidance) or self.guidance < 0:
+        if self.guidance is not None and (not math.isfinite(self.guidance) or self.guidance < 0):
             raise FrontierError(f"--guidance is {self.guidance}; expected a number >= 0")
         if not 0 <= self.seed <= MAX_SEED - self.num_prompts:
             raise FrontierError(f"--seed is {self.seed}; expected an integer from 0 to {MAX_SEED - self.num_prompts} "
                                 f"(2**63 - --num-prompts: prompt i uses seed + i)")
+        unknown = [config.name for config in self.all_configs if config.model not in (None, *self.variants)]
+        if unknown:
+            raise FrontierError(f"configuration {unknown[0]} names a model that no --variant NAME=FOLDER gives "
+                                f"(variants: {', '.join(self.variants) or 'none'})")
         repeated = [config.name for index, config in enumerate(self.configs) if config in self.configs[:index]]
         if repeated:
             raise FrontierError(f"--configs names {repeated[0]} twice; expected each configuration once")
@@ -522,14 +544,26 @@ class ModelFolders:
         return self.engine_dirs[config.precision]
 
 
-def load_engines(keys: list[SamplingConfig], folders: ModelFolders, device: str,
+def model_folders(settings: FrontierSettings) -> dict[str | None, ModelFolders]:
+    """The folders of ``--model`` (None) and of each ``--variant`` (its name)."""
+    folders: dict[str | None, ModelFolders] = {None: ModelFolders.from_paths(settings.model)}
+    for name, paths in settings.variants.items():
+        try:
+            folders[name] = ModelFolders.from_paths(paths)
+        except FrontierError as error:
+            raise FrontierError(f"--variant {name}: {error}") from None
+    return folders
+
+
+def load_engines(keys: list[SamplingConfig], folders: dict[str | None, ModelFolders], device: str,
                  threads: int | None) -> dict[str, Any]:
-    """One engine per engine and precision of ``keys``: the engine, or the reason (a string) it cannot load here."""
+    """One engine per engine, precision and model of ``keys`` (``SamplingConfig.load_key``): the engine, or the
+    reason (a string) it cannot load here."""
     engines: dict[str, Any] = {}
     for config in keys:
-        if config.engine_key in engines:
+        if config.load_key in engines:
             continue
-        folder = folders.folder_for(config)
+        folder = folders[config.model].folder_for(config)
         try:
             if config.engine in CHECKPOINT_ENGINES:
                 import torch
@@ -537,25 +571,25 @@ def load_engines(keys: list[SamplingConfig], folders: ModelFolders, device: str,
                 if threads is not None:
                     torch.set_num_threads(threads)
                 dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-                engines[config.engine_key] = load_engine(folder, engine=config.engine, device=device,
-                                                         dtype=dtypes[config.precision])
+                engines[config.load_key] = load_engine(folder, engine=config.engine, device=device,
+                                                       dtype=dtypes[config.precision])
             else:
                 precision = config.precision if config.engine == "openvino" else None
                 name, options = engine_for_flags(folder, config.engine, device, precision, threads)
-                engines[config.engine_key] = load_engine(folder, engine=name, device=device, **options)
+                engines[config.load_key] = load_engine(folder, engine=name, device=device, **options)
         except UserError as error:
-            engines[config.engine_key] = f"the {config.engine} engine cannot run {folder} at {config.precision} " \
-                                         f"here: {error}"
+            engines[config.load_key] = f"the {config.engine} engine cannot run {folder} at {config.precision} " \
+                                       f"here: {error}"
     return engines
 
 
-def _first_image_child(connection, config: SamplingConfig, folders: ModelFolders, device: str,
+def _first_image_child(connection, config: SamplingConfig, folders: dict[str | None, ModelFolders], device: str,
                        threads: int | None, request: GenerationRequest, cache_dir: str) -> None:
     """In a new process: load ``config``'s engine with its compile cache in ``cache_dir``, make ``request``'s image,
     report ("ok", None) or ("error", the reason in one line)."""
     os.environ[CACHE_ENV] = cache_dir
     try:
-        engine = load_engines([config], folders, device, threads)[config.engine_key]
+        engine = load_engines([config], folders, device, threads)[config.load_key]
         if isinstance(engine, str):
             raise FrontierError(engine)
         Pipeline(engine).generate([request], batch_size=1)
@@ -567,7 +601,8 @@ def _first_image_child(connection, config: SamplingConfig, folders: ModelFolders
     connection.send(("ok", None))
 
 
-def first_image_seconds(config: SamplingConfig, folders: ModelFolders, device: str, threads: int | None,
+def first_image_seconds(config: SamplingConfig, folders: dict[str | None, ModelFolders], device: str,
+                        threads: int | None,
                         request: GenerationRequest) -> dict[str, Any]:
     """Seconds from a new process's start to ``request``'s image on ``config``'s engine, with its compile cache in a
     new folder (cold), then again in the folder the first left (warm): {"cold_s", "warm_s"}, or {"error"}."""
@@ -624,19 +659,28 @@ def machine_info() -> dict[str, Any]:
 def run_frontier(settings: FrontierSettings) -> dict[str, Any]:
     """Sample, judge and time every configuration; the report (what ``--json`` receives)."""
     settings.validate()
-    folders = ModelFolders.from_paths(settings.model)
+    folders = model_folders(settings)
     configs = list(settings.all_configs)
     for config in configs:
-        folders.folder_for(config)  # every configuration has its folder before anything loads
+        folders[config.model].folder_for(config)  # every configuration has its folder before anything loads
     reference_config = settings.reference
     engines = load_engines(configs + ([reference_config] if reference_config else []), folders, settings.device,
                            settings.threads)
-    if reference_config is not None and isinstance(engines[reference_config.engine_key], str):
-        raise FrontierError(f"the reference run cannot load: {engines[reference_config.engine_key]}")
+    if reference_config is not None and isinstance(engines[reference_config.load_key], str):
+        raise FrontierError(f"the reference run cannot load: {engines[reference_config.load_key]}")
     loaded = [engine for engine in engines.values() if not isinstance(engine, str)]
     if not loaded:
         raise FrontierError(f"no configuration's engine loads here: {next(iter(engines.values()))}")
     image_size = loaded[0].info.image_size
+    other_size = next((key for key, engine in engines.items()
+                       if not isinstance(engine, str) and engine.info.image_size != image_size), None)
+    if other_size is not None:
+        raise FrontierError(f"{other_size} draws {engines[other_size].info.image_size} px images and "
+                            f"{next(iter(engines))} {image_size} px; expected every --model and --variant to draw "
+                            f"at the same size")
+    # each configuration's guidance: --guidance, else its model's default (a distilled model's is its own)
+    guidance = {key: settings.guidance if settings.guidance is not None else Pipeline(engine).default_guidance_scale
+                for key, engine in engines.items() if not isinstance(engine, str)}
     count = settings.num_prompts
     captions, truths = heldout_prompts(count, image_size, settings.data_seed)
     seeds = [settings.seed + index for index in range(count)]
@@ -646,14 +690,14 @@ def run_frontier(settings: FrontierSettings) -> dict[str, Any]:
     batch_size = min([settings.batch_size] + [engine.info.max_images for engine in loaded])
 
     def requests_of(config: SamplingConfig, number: int = count) -> list[GenerationRequest]:
-        return [config.request(captions[index % count], settings.seed + index, settings.guidance)
+        return [config.request(captions[index % count], settings.seed + index, guidance[config.load_key])
                 for index in range(number)]
 
     reference = None
     if reference_config is not None:
         print(f"{PROG}: the reference run, {reference_config.name}", file=sys.stderr, flush=True)
         try:
-            reference = sample(engines[reference_config.engine_key], requests_of(reference_config), batch_size,
+            reference = sample(engines[reference_config.load_key], requests_of(reference_config), batch_size,
                                progress=True)
         except RequestError as error:
             raise FrontierError(f"the reference run {reference_config.name} cannot sample: {error}") from None
@@ -664,7 +708,7 @@ def run_frontier(settings: FrontierSettings) -> dict[str, Any]:
     for config in tqdm(configs, desc="sampling", unit="config", dynamic_ncols=True, file=sys.stderr):
         result = {**config.to_dict(), "engine_key": config.engine_key, "sampler_alone": config.sampler_alone}
         results.append(result)
-        engine = engines[config.engine_key]
+        engine = engines[config.load_key]
         if isinstance(engine, str):
             result.update(status="skipped", reason=engine)
             continue
@@ -673,7 +717,7 @@ def run_frontier(settings: FrontierSettings) -> dict[str, Any]:
         except RequestError as error:
             result.update(status="skipped", reason=f"the {config.engine} engine refuses it: {error}")
             continue
-        result.update(status="ok",
+        result.update(status="ok", guidance_scale=guidance[config.load_key],
                       whole_unet_rows_per_image=round(sampled.whole_rows_per_image, 3),
                       shallow_unet_rows_per_image=round(sampled.shallow_rows_per_image, 3))
         if reference is not None:
@@ -689,7 +733,7 @@ def run_frontier(settings: FrontierSettings) -> dict[str, Any]:
     if kept:
         speed_images = settings.speed_images or 2 * settings.batch_size
         pipelines = {key: Pipeline(engine) for key, engine in engines.items() if not isinstance(engine, str)}
-        runs = [(config.name, pipelines[config.engine_key], requests_of(config, speed_images)) for config, _ in kept]
+        runs = [(config.name, pipelines[config.load_key], requests_of(config, speed_images)) for config, _ in kept]
         # the sampling above ran full batches of this size (and warmed every engine up) where there are enough prompts
         rates = time_configs(runs, batch_size, settings.repeats, warm_up=count < batch_size)
         for config, result in kept:
@@ -707,13 +751,13 @@ def run_frontier(settings: FrontierSettings) -> dict[str, Any]:
         gc.collect()
         engine_configs: dict[str, SamplingConfig] = {}
         for config, _ in kept:
-            engine_configs.setdefault(config.engine_key, config)  # each engine's first configuration
+            engine_configs.setdefault(config.load_key, config)  # each engine's first configuration
         for key, config in tqdm(engine_configs.items(), desc="first image", unit="engine", dynamic_ncols=True,
                                 file=sys.stderr):
             first_images[key] = {"config": config.name, **first_image_seconds(
                 config, folders, settings.device, settings.threads, requests_of(config, 1)[0])}
         for config, result in kept:
-            result["first_image"] = {name: value for name, value in first_images[config.engine_key].items()
+            result["first_image"] = {name: value for name, value in first_images[config.load_key].items()
                                      if name != "config"}
 
     baseline_name = settings.baseline.name if settings.baseline else None
@@ -721,7 +765,8 @@ def run_frontier(settings: FrontierSettings) -> dict[str, Any]:
     return {
         "machine": machine_info(),
         "settings": {
-            "model": list(settings.model), "configs": [config.name for config in configs],
+            "model": list(settings.model), "variants": {name: list(paths) for name, paths in settings.variants.items()},
+            "configs": [config.name for config in configs],
             "baseline": baseline_name, "bar": settings.bar, "judge": "shapes" if judge else "none",
             "num_prompts": count, "seeds": f"{seeds[0]}..{seeds[-1]}", "data_seed": settings.data_seed,
             "guidance": settings.guidance, "batch_size": batch_size,
@@ -869,7 +914,9 @@ def plot_frontier(report: dict[str, Any], path: Path) -> None:
                                      ("D", "cache and guidance interval"))]
     figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
     machine, settings = report["machine"], report["settings"]
-    figure.suptitle(f"Images/s against quality: {', '.join(settings['model'])}, {settings['num_prompts']} prompts, "
+    models = ", ".join([*settings["model"], *(f"{name}={','.join(paths)}"
+                                              for name, paths in settings.get("variants", {}).items())])
+    figure.suptitle(f"Images/s against quality: {models}, {settings['num_prompts']} prompts, "
                     f"batch {settings['batch_size']}, on {machine['cpu']} ({machine['cores']} cores)", fontsize=9)
     figure.tight_layout(rect=(0, 0.05, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -900,8 +947,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-prompts", type=int, default=defaults.num_prompts,
                         help="held-out prompts every configuration samples")
     add_prompt_seed_flags(parser, defaults)
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=FOLDER",
+                        help="a folder of another model (one distilled from --model) that configurations naming "
+                             "/model=NAME run; repeat it for its checkpoint dir and engine dirs")
     parser.add_argument("--guidance", type=finite_float, default=defaults.guidance,
-                        help="classifier-free guidance scale of every configuration and the reference")
+                        help="classifier-free guidance scale of every configuration and the reference (default: "
+                             "each one's model's default_sampler.guidance_scale, else 5)")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size,
                         help="images per pipeline call, the same for every configuration")
     parser.add_argument("--speed-images", type=int, default=defaults.speed_images,
@@ -925,6 +976,13 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace) -> FrontierSettings:
     values = vars(args)
     values["model"] = tuple(args.model)
+    variants: dict[str, tuple[str, ...]] = {}
+    for text in values.pop("variant"):
+        name, equals, folder = text.partition("=")
+        if not equals or not name.strip() or not folder:
+            raise FrontierError(f"--variant {text!r} is not NAME=FOLDER")
+        variants[name.strip()] = variants.get(name.strip(), ()) + (folder,)
+    values["variants"] = variants
     values["configs"] = tuple(parse_config(text) for text in args.configs)
     values["baseline"] = parse_config(args.baseline) if args.baseline is not None else None
     values["bar"] = parse_bar(args.bar) if args.bar is not None else {}

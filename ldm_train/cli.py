@@ -4,6 +4,7 @@
     ldm-train unet --autoencoder runs/ae --preset shapes --out runs/ldm --steps 6000
     ldm-train classifier --out models/shapes-classifier       # the attribute classifier ldm-eval judges with
     ldm-train lora --base runs/ldm --out style.safetensors --rank 4   # a LoRA adapter for ldm-import --lora
+    ldm-train lcm --base runs/ldm --out runs/ldm-lcm          # a model that samples in 2-8 steps, guidance in it
     torchrun --nproc-per-node 2 -m ldm_train unet ...        # data-parallel (gloo on CPU, nccl on GPU)
 """
 
@@ -21,6 +22,7 @@ from ldm_runtime.errors import DiskFullError, UserError
 from ldm_train.classifier import ClassifierTrainSettings, train_classifier
 from ldm_runtime.folder_swap import restore_replaced
 from ldm_train.run import AutoencoderSettings, UNetSettings
+from ldm_train.train_lcm import ConsistencySettings
 from ldm_train.train_lora import LoraSettings
 
 PROG = "ldm-train"
@@ -72,7 +74,7 @@ STAGE_SETTINGS = {"autoencoder": AutoencoderSettings, "unet": UNetSettings}  # e
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    stages = parser.add_subparsers(dest="stage", required=True, metavar="{autoencoder,unet,classifier,lora}")
+    stages = parser.add_subparsers(dest="stage", required=True, metavar="{autoencoder,unet,classifier,lora,lcm}")
     for stage, settings in STAGE_SETTINGS.items():
         sub = stages.add_parser(stage, help=f"train the {stage}",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -82,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_settings_flags(sub, settings, HELP, skip=("out",))
     _add_classifier_parser(stages)
     _add_lora_parser(stages)
+    _add_lcm_parser(stages)
     return parser
 
 
@@ -114,6 +117,40 @@ def _add_lora_parser(stages) -> None:
                      help="rewrite OLD (whole words) as NEW in every caption, e.g. 'green background=zorp background' "
                           "teaches a new word (repeatable, applied in order)")
     _add_settings_flags(sub, LoraSettings, LORA_HELP, skip=("base", "out", "caption_replace"))
+
+
+LCM_HELP = {
+    "data": "the images and captions whose latents the distillation noises (as --data of ldm-train unet: the "
+            "base model's own kind of data)",
+    "guidance_scale": "the classifier-free guidance scale distilled into the model (the teacher's, in the runtime's "
+                      "convention); the model written is sampled with guidance 1",
+    "sample_steps": "the lcm steps the model written names as its default (model.json default_sampler)",
+    "steps": "optimiser steps",
+    "batch_size": "samples per step",
+    "learning_rate": "AdamW learning rate of the student UNet",
+    "lr_schedule": HELP["lr_schedule"],
+    "warmup_steps": "raise the learning rate linearly from 0 over this many steps first",
+    "weight_decay": HELP["weight_decay"],
+    "grad_clip": HELP["grad_clip"],
+    "ema_decay": "decay of the target network: the EMA of the student that gives the consistency targets",
+    "average_decay": "decay of the EMA of the student whose weights the model folder holds",
+    "huber_c": "c of the pseudo-Huber loss sqrt(d^2 + c^2) - c",
+    "seed": HELP["seed"],
+    "device": HELP["device"],
+    "checkpoint_every": "write the model folder every N steps (and at the end)",
+    "skip_bad_images": HELP["skip_bad_images"],
+}
+
+
+def _add_lcm_parser(stages) -> None:
+    sub = stages.add_parser("lcm", help="distil a trained model into one that samples in 2-8 lcm steps, guidance "
+                                        "included (latent consistency distillation)",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub.add_argument("--base", required=True,
+                     help="checkpoint dir of the model to distil (ldm-train's or ldm-import's)")
+    sub.add_argument("--out", required=True, help="the model folder to write (model.json, *.safetensors)")
+    sub.add_argument("--overwrite", action="store_true", help="replace a model folder in --out")
+    _add_settings_flags(sub, ConsistencySettings, LCM_HELP, skip=("base", "out"))
 
 
 def _add_settings_flags(sub, settings, helps: dict[str, str], skip: tuple[str, ...]) -> None:
@@ -155,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train_classifier(args)
     if args.stage == "lora":
         return _train_lora(args)
+    if args.stage == "lcm":
+        return _train_lcm(args)
     settings_class = STAGE_SETTINGS[args.stage]
     values = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(settings_class)}}
     settings = settings_class(**values)
@@ -200,23 +239,55 @@ def _train_lora(args: argparse.Namespace) -> int:
     values = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(LoraSettings)}}
     values["caption_replace"] = tuple(args.caption_replace)
     out = Path(args.out)
-    try:
-        settings = LoraSettings(**values)
-        settings.validate()
+
+    def settings() -> LoraSettings:
+        checked = LoraSettings(**values)
+        checked.validate()
         if out.exists() and not args.overwrite:
             raise ConfigError(f"--out {out} already exists; pass --overwrite to replace it")
         check_writable_folder("--out", out.parent)
-        if not Path(args.base).is_dir():
-            raise CheckpointError(f"--base {args.base} is not a checkpoint dir; expected one written by ldm-train or "
+        return checked
+
+    return _train_from_base(Path(args.base), out, "adapter file", settings, train_lora)
+
+
+def _train_lcm(args: argparse.Namespace) -> int:
+    from ldm_train.train_lcm import train_lcm
+
+    values = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(ConsistencySettings)}}
+    out = Path(args.out)
+
+    def settings() -> ConsistencySettings:
+        checked = ConsistencySettings(**values)
+        checked.validate()
+        restore_replaced(out)
+        check_writable_folder("--out", out)
+        if (out / TRAIN_STATE_JSON).is_file() and not args.overwrite:
+            raise ConfigError(f"--out {out} already holds a model; pass --overwrite to replace it")
+        if out.resolve() == Path(args.base).resolve():
+            raise ConfigError(f"--out {out} is --base; expected a new folder for the distilled model")
+        return checked
+
+    return _train_from_base(Path(args.base), out, "model folder", settings, train_lcm)
+
+
+def _train_from_base(base: Path, out: Path, what: str, settings, train) -> int:
+    """``train(settings())`` for a stage that starts from the model in ``--base`` and writes ``out`` (``what`` it
+    is: an adapter file, a model folder), rewritten whole every --checkpoint-every steps: a bad flag or folder, a
+    full disk and an interrupt are each one line."""
+    try:
+        checked = settings()
+        if not base.is_dir():
+            raise CheckpointError(f"--base {base} is not a checkpoint dir; expected one written by ldm-train or "
                                   f"ldm-import")
-        out = train_lora(settings)
+        out = train(checked)
     except UserError as error:
         return report_user_error(PROG, error)
     except OSError as error:
-        return _report_full_disk(error, out, "the adapter file written last (if any) is intact: free space and "
-                                             "train it again")
+        return _report_full_disk(error, out, f"the {what} written last (if any) is intact: free space and train it "
+                                             f"again")
     except KeyboardInterrupt:
-        print(f"ldm-train: interrupted; {out} holds the adapter as of its last --checkpoint-every (if any)",
+        print(f"ldm-train: interrupted; {out} holds the {what} as of its last --checkpoint-every (if any)",
               file=sys.stderr)
         return 130
     print(f"ldm-train: wrote {out}", file=sys.stderr)

@@ -58,8 +58,7 @@ class TrainSettings:
         for name in ("channels", "num_groups"):
             if getattr(self, name) is not None:
                 check_whole(name, getattr(self, name), 1)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_TRAIN_SEED:
-            raise ConfigError(f"--seed is {self.seed}; expected an integer from 0 to 2**32 - 1")
+        check_seed(self.seed)
         check_finite_flags(self, above_zero=("learning_rate", "grad_clip"), at_least_zero=("weight_decay",))
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise ConfigError(f"--precision {self.precision!r} is not one of fp32, bf16, fp16")
@@ -152,6 +151,12 @@ def check_whole(name: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         expected = "a positive integer" if low == 1 else f"an integer >= {low}"
         raise ConfigError(f"--{name.replace('_', '-')} is {value!r}; expected {expected}")
+
+
+def check_seed(value: Any) -> None:
+    """``ConfigError`` naming ``--seed`` unless ``value`` is an integer a training run can seed from."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_TRAIN_SEED:
+        raise ConfigError(f"--seed is {value}; expected an integer from 0 to 2**32 - 1")
 
 
 def check_finite_flags(settings: Any, above_zero: tuple[str, ...], at_least_zero: tuple[str, ...]) -> None:

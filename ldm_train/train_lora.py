@@ -33,12 +33,11 @@ import torch
 from ldm_runtime.checkpoint import UNET_WEIGHTS, load_checkpoint
 from ldm_runtime.config import ConfigError
 from ldm_runtime.files import sha256_file
-from ldm_runtime.noise import MAX_TRAIN_SEED
 from ldm_train.checkpoint import save_tensors_atomic
 from ldm_train.data import build_dataset
 from ldm_train.diffusion import ForwardProcess
 from ldm_train.progress import TrainingProgress
-from ldm_train.run import check_finite, check_finite_flags, check_whole, end_process, start_process
+from ldm_train.run import check_finite, check_finite_flags, check_seed, check_whole, end_process, start_process
 from ldm_train.train_unet import Denoiser, EncodedData, _conditioning, encode_dataset, training_batch
 
 STAGE = "lora"
@@ -78,8 +77,7 @@ class LoraSettings:
             raise ConfigError(f"--rank is {self.rank}; expected an integer from 1 to {MAX_RANK}")
         if self.alpha is not None and not (math.isfinite(self.alpha) and self.alpha > 0):
             raise ConfigError(f"--alpha is {self.alpha}; expected a finite number above 0")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_TRAIN_SEED:
-            raise ConfigError(f"--seed is {self.seed}; expected an integer from 0 to 2**32 - 1")
+        check_seed(self.seed)
         check_finite_flags(self, above_zero=("learning_rate", "grad_clip"),
                            at_least_zero=("weight_decay", "min_snr_gamma"))
         if not 0.0 <= self.cond_drop_prob < 1.0:

@@ -49,7 +49,8 @@ def test_a_request_naming_nothing_gets_the_models_default_sampler_steps_and_spac
     seed = int(rng.integers(2**62))
     unnamed = GenerationRequest(prompt=PROMPTS[0], seed=seed)
     named = GenerationRequest(prompt=PROMPTS[0], seed=seed, sampler="euler", steps=3)
-    assert pipeline.resolve(unnamed) == dataclasses.replace(named, cache_interval=1, cache_schedule="uniform")
+    assert pipeline.resolve(unnamed) == dataclasses.replace(named, cache_interval=1, cache_schedule="uniform",
+                                                            guidance_scale=5.0)
     [image_unnamed, image_named, image_ddim] = pipeline.generate(
         [unnamed, named, dataclasses.replace(named, sampler="ddim")])
     assert np.array_equal(image_unnamed, image_named)
@@ -85,6 +86,9 @@ def test_a_model_that_names_no_default_gets_the_projects(rng):
                                       "leading, trailing or null"),
     ({"steps_offset": -1}, "default_sampler.steps_offset is -1; expected an integer from 0"),
     ({"sampler": "euler"}, "unknown keys ['sampler']"),
+    ({"guidance_scale": -1}, "default_sampler.guidance_scale is -1; expected a number from 0 to 100 or null"),
+    ({"guidance_scale": True}, "default_sampler.guidance_scale is True; expected a number"),
+    ({"guidance_scale": 1e9}, "default_sampler.guidance_scale is 1000000000.0; expected a number from 0 to 100"),
 ])
 def test_a_bad_default_sampler_in_model_json_is_one_line_naming_the_field(bad, message):
     data = json.loads(TINY_CONFIG.to_json())
@@ -130,3 +134,32 @@ def test_ldm_sample_records_the_sampler_and_steps_it_used(euler_checkpoint, tmp_
     assert sample.main(["a red circle", "--model", str(euler_checkpoint), "--out", str(out), "--engine", "torch"]) == 0
     parameters = json.loads(Image.open(out).text["parameters"])
     assert (parameters["sampler"], parameters["steps"]) == ("euler", 3)
+
+
+def test_a_model_naming_guidance_1_runs_no_unconditional_row_unless_a_request_asks(tmp_path, capsys, rng):
+    """A model distilled with its guidance in it (ldm-train lcm) records guidance 1: a request naming none runs the
+    conditional branch alone; ldm-sample takes it too, and a request naming a scale keeps its own."""
+    from ldm_tools.frontier import RecordingEngine
+
+    folder = checkpoint_with(tmp_path / "distilled", SamplerDefaults(name="lcm", steps=2, guidance_scale=1.0))
+    assert json.loads((folder / "model.json").read_text())["default_sampler"]["guidance_scale"] == 1.0
+    engine = RecordingEngine(TorchEngine(folder, device="cpu"))
+    pipeline = Pipeline(engine)
+    seed = int(rng.integers(2**62))
+    request = GenerationRequest(prompt=PROMPTS[0], seed=seed)
+    assert pipeline.default_guidance_scale == 1.0 and pipeline.resolve(request).guidance_scale == 1.0
+    [unnamed] = pipeline.generate([request])
+    assert engine.whole_rows == 2  # 2 steps, one row each
+    [named] = pipeline.generate([dataclasses.replace(request, guidance_scale=1.0)])
+    assert np.array_equal(unnamed, named)
+    pipeline.generate([dataclasses.replace(request, guidance_scale=3.0)])
+    assert engine.whole_rows == 2 + 2 + 4  # guided: two rows a step
+    assert Pipeline(TorchEngine(checkpoint_with(tmp_path / "plain", SamplerDefaults()), device="cpu")
+                    ).default_guidance_scale == 5.0  # DEFAULT_GUIDANCE_SCALE where the model names none
+
+    out = tmp_path / "one.png"
+    assert sample.main(["a red circle", "--model", str(folder), "--out", str(out), "--engine", "torch"]) == 0
+    assert json.loads(Image.open(out).text["parameters"])["guidance_scale"] == 1.0
+    assert sample.main(["a red circle", "--model", str(folder), "--out", str(out), "--engine", "torch",
+                        "--guidance", "2"]) == 0
+    assert json.loads(Image.open(out).text["parameters"])["guidance_scale"] == 2.0

@@ -387,6 +387,36 @@ def test_the_servers_guidance_interval_and_cache_flags_are_what_a_request_naming
         running.stop()
 
 
+def test_a_model_naming_guidance_1_is_served_unguided_unless_a_request_names_a_scale(tmp_path, rng):
+    """A model distilled with its guidance in it (ldm-train lcm's model.json: default_sampler.guidance_scale 1) is
+    what a request naming no guidance_scale gets: the schema's default, the serving line and the PNG say it."""
+    import dataclasses
+
+    from ldm_runtime.config import SamplerDefaults
+    from ldm_train.checkpoint import write_random_checkpoint
+    from tests.ldm_export.tiny_checkpoint import TINY_CONFIG
+
+    folder = tmp_path / "distilled"
+    write_random_checkpoint(folder, dataclasses.replace(TINY_CONFIG, default_sampler=SamplerDefaults(
+        name="lcm", steps=2, guidance_scale=1.0)))
+    running = Server(folder, "--engine", "torch", "--device", "cpu", "--max-steps", "8").wait_ready()
+    try:
+        schema = httpx.get(f"{running.url}/openapi.json").json()
+        fields = schema["paths"]["/v1/images"]["post"]["requestBody"]["content"]["application/json"]["schema"][
+            "properties"]
+        assert fields["guidance_scale"]["default"] == 1.0 and " guidance 1" in running.log
+        request = body(seed=int(rng.integers(0, 2**62)))
+        unnamed = post(running.url, request)
+        assert unnamed.status_code == 200, unnamed.text
+        assert (parameters_of(unnamed)["guidance_scale"], parameters_of(unnamed)["sampler"]) == (1.0, "lcm")
+        assert post(running.url, {**request, "guidance_scale": 1.0}).json()["images"] == unnamed.json()["images"]
+        guided = post(running.url, {**request, "guidance_scale": 4.0})
+        assert parameters_of(guided)["guidance_scale"] == 4.0
+        assert not np.array_equal(pixels_of(guided), pixels_of(unnamed))
+    finally:
+        running.stop()
+
+
 # ---------------------------------------------------------------- disconnects and timeouts
 
 

@@ -176,6 +176,7 @@ def stand_in_model(tmp_path, monkeypatch):
 
     class Pipeline:
         default_sampler, default_steps = "ddim", 25  # a model.json that names ddim at 25 steps
+        default_guidance_scale = 5.0
 
         def default_steps_for(self, sampler):
             return self.default_steps

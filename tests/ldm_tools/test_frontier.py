@@ -55,6 +55,7 @@ def test_pareto_front_of_a_hand_made_set():
     ("openvino/bf16/dpmpp-2m:12/gi=0-10/cache=3:quadratic",
      SamplingConfig("openvino", "bf16", "dpmpp-2m", 12, 3, "quadratic", (0.0, 10.0))),
     ("torch/bf16/ddim:25/cache=1:quadratic", SamplingConfig("torch", "bf16", "ddim", 25)),
+    ("onnxruntime/fp32/lcm:4/model=lcm", SamplingConfig("onnxruntime", "fp32", "lcm", 4, model="lcm")),
 ])
 def test_good_configurations_parse_and_their_names_read_back_the_same(text, expected):
     config = parse_config(text)
@@ -79,6 +80,7 @@ def test_good_configurations_parse_and_their_names_read_back_the_same(text, expe
     ("torch/fp32/euler:6/gi=nan-1", "has guidance interval 'nan-1'"),
     ("torch/fp32/euler:6/eta=1", "has option 'eta=1'"),
     ("torch/fp32/euler:6/gi=0-1/gi=0-2", "gives gi= twice"),
+    ("torch/fp32/euler:6/model=", "has an empty model name"),
 ])
 def test_bad_configurations_are_one_sentence_naming_them(text, why):
     with pytest.raises(FrontierError) as error:
@@ -233,7 +235,7 @@ def test_a_first_image_that_cannot_be_made_is_reported_with_the_reason_and_leave
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     config = parse_config("onnxruntime/fp32/ddim:2")
-    folders = ldm_tools.frontier.ModelFolders(None, {"fp32": Path(tiny_checkpoint)})  # not an engine dir
+    folders = {None: ldm_tools.frontier.ModelFolders(None, {"fp32": Path(tiny_checkpoint)})}  # not an engine dir
     request = config.request("a red circle", 0, 5.0)
     first = ldm_tools.frontier.first_image_seconds(config, folders, "cpu", 1, request)
     assert set(first) == {"error"} and "the onnxruntime engine cannot run" in first["error"], first
@@ -271,6 +273,9 @@ def test_a_cache_interval_the_engine_cannot_serve_is_skipped_with_the_reason(tin
     (["--configs", "torch/fp32/ddim:4/cach=2"], "configuration 'torch/fp32/ddim:4/cach=2' has option 'cach=2'"),
     (["--configs", "torch/fp32/ddim:4", "--repeats", "0"], "--repeats is 0; expected a positive integer"),
     (["--configs", "torch/fp32/ddim:4", "--judge", "shapes"], "--judge shapes judges 32 px images"),
+    (["--configs", "torch/fp32/ddim:4/model=lcm"], "configuration torch/fp32/ddim:4/model=lcm names a model that no "
+                                                   "--variant NAME=FOLDER gives (variants: none)"),
+    (["--configs", "torch/fp32/ddim:4", "--variant", "lcm"], "--variant 'lcm' is not NAME=FOLDER"),
 ])
 def test_bad_flags_are_one_line_and_exit_2_before_any_sampling(flags, message, tiny_checkpoint, tmp_path, capsys,
                                                              monkeypatch):
@@ -282,6 +287,42 @@ def test_bad_flags_are_one_line_and_exit_2_before_any_sampling(flags, message, t
     error = capsys.readouterr().err
     assert error.startswith(f"ldm-eval frontier: error: {message}"), error
     assert error.count("\n") == 1 and not report_path.exists()
+
+
+def test_a_variant_runs_on_its_own_folders_at_its_own_default_guidance_beside_the_model(tiny_checkpoint, tmp_path):
+    """A distilled model (``--variant``) is judged against the same reference and grouped with the configurations
+    of its engine; each samples at its model's default guidance: 1 for the variant, one UNet row an image."""
+    import dataclasses
+
+    from ldm_runtime.config import SamplerDefaults
+    from ldm_runtime.engines import load_engine
+    from ldm_train.checkpoint import write_random_checkpoint
+    from tests.ldm_export.tiny_checkpoint import TINY_CONFIG
+
+    variant = tmp_path / "variant"
+    write_random_checkpoint(variant, dataclasses.replace(TINY_CONFIG, default_sampler=SamplerDefaults(
+        name="lcm", steps=2, guidance_scale=1.0)), seed=1)
+    report_path = tmp_path / "frontier.json"
+    assert main(["--model", str(tiny_checkpoint), "--variant", f"v={variant}", "--configs", "torch/fp32/ddim:3",
+                 "torch/fp32/lcm:2/model=v", "--reference-steps", "4", "--num-prompts", "2", "--repeats", "1",
+                 "--no-first-image", "--bar", "latent-rms=1e9", "--json", str(report_path)]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["settings"]["variants"] == {"v": [str(variant)]}
+    ddim, lcm = report["results"]
+    assert (ddim["guidance_scale"], ddim["whole_unet_rows_per_image"], ddim["model"]) == (5.0, 6, None)
+    assert (lcm["guidance_scale"], lcm["whole_unet_rows_per_image"], lcm["model"]) == (1.0, 2, "v")
+    assert lcm["engine_key"] == ddim["engine_key"] == "torch/fp32"
+    captions, _ = evaluate.heldout_prompts(2, 16, 0)
+    reference = final_latents(load_engine(tiny_checkpoint, engine="torch"), parse_config("torch/fp32/ddim:4"),
+                              [0, 1], captions)
+    pipeline = Pipeline(load_engine(variant, engine="torch"))
+    states = pipeline.start([parse_config("torch/fp32/lcm:2").request(caption, seed, 1.0)
+                             for caption, seed in zip(captions, [0, 1])])
+    while not all(state.done for state in states):
+        states = pipeline.advance(states)
+    latents = np.concatenate([state.latents.numpy() for state in states]).astype(np.float64)
+    assert lcm["latent_rms"] == pytest.approx(np.sqrt(np.mean((latents - reference) ** 2)), rel=1e-4)
+    assert report["summary"]["by_engine"]["torch/fp32"]["fastest_ddim"] == "torch/fp32/ddim:3"
 
 
 def test_ldm_eval_runs_the_frontier_as_its_subcommand(monkeypatch):
