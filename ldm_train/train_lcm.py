@@ -40,13 +40,14 @@ from ldm_runtime.config import ConfigError, ModelConfig, SamplerDefaults
 from ldm_runtime.schedulers.lcm import SIGMA_DATA, LCMSampler
 from ldm_train.checkpoint import optimizer_to_tensors, save_checkpoint
 from ldm_train.data import build_dataset
+from ldm_train.diffusion import ForwardProcess
 from ldm_train.progress import TrainingProgress
 from ldm_train.run import (
     LR_SCHEDULES, MetricsLog, check_finite, check_finite_flags, check_seed, check_whole, end_process,
     learning_rate_at, start_process,
 )
 from ldm_train.train_lora import _SingleProcess, _with_context
-from ldm_train.train_unet import EncodedData, _conditioning, encode_dataset, training_batch
+from ldm_train.train_unet import EncodedData, _conditioning, _update_ema, encode_dataset, training_batch
 
 STAGE = "lcm"
 TIMESTEP_SCALING = LCMSampler.timestep_scaling  # the boundary condition's, as the sampler has it
@@ -154,6 +155,9 @@ def _train(settings: ConsistencySettings, device: torch.device) -> Path:
     if count < SOLVER_STEPS:
         raise ConfigError(f"the model {settings.base} has {count} training timesteps; expected at least "
                           f"{SOLVER_STEPS} (the distillation grid)")
+    if config.unet.in_channels != config.autoencoder.latent_channels:
+        raise ConfigError(f"--base {settings.base} is an inpainting model (its UNet takes "
+                          f"{config.unet.in_channels} channels); expected a text-to-image model")
     teacher, text_encoder, autoencoder = networks.unet, networks.text_encoder, networks.autoencoder
     for module in (teacher, text_encoder, autoencoder):
         module.requires_grad_(False).eval().to(device)
@@ -166,7 +170,7 @@ def _train(settings: ConsistencySettings, device: torch.device) -> Path:
                          text_encoder, device)
     trainable = [parameter for parameter in student.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    alphas_cumprod = torch.from_numpy(_schedule_alphas(config)).to(device)
+    alphas_cumprod = ForwardProcess(config.schedule).alphas_cumprod.to(device)
     grid = solver_grid(count, SOLVER_STEPS).to(device)
     stride = count // SOLVER_STEPS
     out = Path(settings.out)
@@ -191,7 +195,7 @@ def _train(settings: ConsistencySettings, device: torch.device) -> Path:
             check_finite(step, out, loss=loss.detach(), gradient_norm=grad_norm)
             optimizer.step()
             _update_target(target, student, settings.ema_decay)
-            _update_target(average, student, min(settings.average_decay, (1 + step) / (10 + step)))
+            _update_ema(average, student, settings.average_decay, step)
             done = step + 1
             progress.update(loss=float(loss.detach()))
             if done % 10 == 0 or done == settings.steps:
@@ -215,7 +219,7 @@ def _consistency_loss(settings: ConsistencySettings, config: ModelConfig, teache
     alpha_previous = alphas_cumprod[previous].view(-1, 1, 1, 1).float()
     noisy = alpha.sqrt() * latents + (1.0 - alpha).sqrt() * noise
     conditional = _conditioning(data, caption_ids, device)
-    prediction = consistency_function(student(noisy, start, **_unet_context(conditional)), noisy, start,
+    prediction = consistency_function(student(noisy, start, **conditional), noisy, start,
                                       alphas_cumprod, prediction_type)
     with torch.no_grad():
         unconditional = _conditioning(data, torch.zeros_like(caption_ids), device)
@@ -225,20 +229,10 @@ def _consistency_loss(settings: ConsistencySettings, config: ModelConfig, teache
         output_unconditional, output_conditional = both.chunk(2)
         guided = output_unconditional + settings.guidance_scale * (output_conditional - output_unconditional)
         stepped = ddim_step(guided, noisy, alpha, alpha_previous, prediction_type)
-        wanted = consistency_function(target(stepped, previous, **_unet_context(conditional)), stepped, previous,
+        wanted = consistency_function(target(stepped, previous, **conditional), stepped, previous,
                                       alphas_cumprod, prediction_type)
     difference = (prediction.float() - wanted.float()).pow(2)
     return (torch.sqrt(difference + settings.huber_c**2) - settings.huber_c).mean()
-
-
-def _unet_context(conditioning: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {"context": conditioning["context"], "context_mask": conditioning["context_mask"]}
-
-
-def _schedule_alphas(config: ModelConfig):
-    from ldm_runtime.schedulers import NoiseSchedule
-
-    return NoiseSchedule.from_config(config.schedule).alphas_cumprod.copy()
 
 
 @torch.no_grad()

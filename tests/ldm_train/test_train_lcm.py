@@ -5,6 +5,7 @@ flag is one line."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -12,12 +13,14 @@ import pytest
 import torch
 
 from ldm_runtime.checkpoint import AUTOENCODER_WEIGHTS, UNET_WEIGHTS, load_checkpoint, load_tensors
+from ldm_runtime.config import inpainting_channels
 from ldm_runtime.engines.torch_engine import TorchEngine
 from ldm_runtime.files import sha256_file
 from ldm_runtime.pipeline import GenerationRequest, Pipeline
 from ldm_runtime.schedulers import LCMSampler, NoiseSchedule
 from ldm_runtime.schedulers.sigmas import read_only_trajectory, schedule_sigmas
 from ldm_tools.frontier import RecordingEngine
+from ldm_train.checkpoint import write_random_checkpoint
 from ldm_train.cli import main
 from ldm_train.train_lcm import (
     SOLVER_STEPS,
@@ -128,5 +131,11 @@ def test_bad_flags_an_existing_model_or_the_base_as_out_are_one_line(base, tmp_p
         err = capsys.readouterr().err
         assert err.startswith(f"ldm-train: error: {message}") and err.count("\n") == 1, err
     assert not (tmp_path / "a").exists()
+    inpainting = tmp_path / "inpainting"
+    write_random_checkpoint(inpainting, dataclasses.replace(TINY_CONFIG, unet=dataclasses.replace(
+        TINY_CONFIG.unet, in_channels=inpainting_channels(TINY_CONFIG.unet.out_channels))))
+    assert main(["lcm", "--base", str(inpainting), "--out", str(tmp_path / "c"), *QUICK]) == 2
+    assert f"--base {inpainting} is an inpainting model (its UNet takes 9 channels); expected a text-to-image" \
+        in capsys.readouterr().err
     assert main(["lcm", "--base", str(tmp_path / "none"), "--out", str(tmp_path / "b"), *QUICK]) == 2
     assert f"--base {tmp_path / 'none'} is not a checkpoint dir" in capsys.readouterr().err
