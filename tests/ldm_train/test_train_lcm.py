@@ -89,7 +89,7 @@ def test_the_solver_step_is_diffusers_ddim_step_over_the_grid(prediction_type, r
         expected = scheduler.step(output, start, sample, eta=0.0).prev_sample
         previous = start - 1000 // SOLVER_STEPS
         got = ddim_step(output, sample, alphas[start], alphas[previous], prediction_type)
-        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)  # diffusers keeps its tables in float32
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # diffusers keeps its tables in float32
 
 
 def test_the_model_it_writes_samples_with_lcm_unguided_by_default(base, tmp_path, capsys, rng):
