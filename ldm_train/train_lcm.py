@@ -37,7 +37,8 @@ import torch
 
 from ldm_runtime.checkpoint import TEXT_ENCODER_DIR, TEXT_ENCODER_WEIGHTS, load_checkpoint, weight_files
 from ldm_runtime.config import ConfigError, ModelConfig, SamplerDefaults
-from ldm_runtime.schedulers.lcm import SIGMA_DATA, LCMSampler
+from ldm_runtime.schedulers.lcm import LCMSampler
+from ldm_runtime.schedulers.lcm import boundary_scalings as sampler_boundary_scalings
 from ldm_train.checkpoint import optimizer_to_tensors, save_checkpoint
 from ldm_train.data import build_dataset
 from ldm_train.diffusion import ForwardProcess
@@ -100,9 +101,10 @@ class ConsistencySettings:
 
 
 def boundary_scalings(timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(c_skip, c_out) of the consistency boundary condition at integer ``timesteps``, float64."""
-    scaled = timesteps.double() * TIMESTEP_SCALING
-    return SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2), scaled / (scaled**2 + SIGMA_DATA**2).sqrt()
+    """(c_skip, c_out) of the consistency boundary condition at integer ``timesteps``, float64: the lcm sampler's
+    (``ldm_runtime.schedulers.lcm.boundary_scalings``)."""
+    skip, out = sampler_boundary_scalings(timesteps.cpu().numpy(), TIMESTEP_SCALING)
+    return torch.from_numpy(skip).to(timesteps.device), torch.from_numpy(out).to(timesteps.device)
 
 
 def denoised_and_noise(output: torch.Tensor, sample: torch.Tensor, alpha: torch.Tensor,

@@ -26,6 +26,13 @@ from ldm_runtime.schedulers.sigmas import (
 SIGMA_DATA = 0.5  # the boundary condition's data scale (Song et al. 2023, "Consistency Models")
 
 
+def boundary_scalings(timestep: Any, timestep_scaling: float) -> tuple[Any, Any]:
+    """(c_skip, c_out) of the consistency boundary condition at ``timestep`` (a number or a numpy array of them):
+    what a consistency model's x_0 prediction is mixed with its input by, here and in ``ldm-train lcm``."""
+    scaled = timestep * timestep_scaling
+    return SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2), scaled / np.sqrt(scaled**2 + SIGMA_DATA**2)
+
+
 @dataclass(frozen=True)
 class LCMSampler(SigmaSampler):
     """LCM over ``schedule``; ``original_inference_steps`` and ``timestep_scaling`` as diffusers' (defaults: its
@@ -66,8 +73,7 @@ class LCMSampler(SigmaSampler):
             timestep = int(trajectory.timesteps[index])
             alpha = self.schedule.alphas_cumprod[timestep]
             alpha_next = self.schedule.alphas_cumprod[int(trajectory.timesteps[index + (not last)])]
-            scaled = timestep * self.timestep_scaling
-            skip, out = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2), scaled / np.sqrt(scaled**2 + SIGMA_DATA**2)
+            skip, out = boundary_scalings(timestep, self.timestep_scaling)
             if self.schedule.prediction_type == "epsilon":  # x_0 = (x - sqrt(1 - a) eps) / sqrt(a)
                 sample_scale, output_scale = 1.0 / np.sqrt(alpha), -np.sqrt(1.0 - alpha) / np.sqrt(alpha)
             else:  # v_prediction: x_0 = sqrt(a) x - sqrt(1 - a) v
