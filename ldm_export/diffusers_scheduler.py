@@ -93,6 +93,13 @@ SCHEDULER_CLASSES = {
         ignored=("clip_sample", "clip_sample_range", "set_alpha_to_one", "steps_offset", "timestep_spacing"),
         defaults={"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False},
         spaced=False),
+    "TCDScheduler": SchedulerClass(
+        "tcd", implemented={"original_inference_steps": (50,)},
+        # its step neither clips nor reaches the final alpha, and its timesteps are LCM's whatever the spacing
+        ignored=("clip_sample", "clip_sample_range", "set_alpha_to_one", "steps_offset", "timestep_spacing",
+                 "timestep_scaling"),
+        defaults={"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False},
+        spaced=False),
 }
 # what a refused setting of a class can be replaced with, where that is not just the expected value
 REFUSAL_HINTS = {

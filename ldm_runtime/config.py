@@ -33,7 +33,9 @@ PREVIOUS_TIMESTEPS = ("listed", "diffusers")
 # The samplers a request or a model can name (ldm_runtime.schedulers builds them); "ddim" takes the model's DDIM
 # settings (ModelConfig.sampler), the others diffusers' scheduler of the same name
 SAMPLER_NAMES = ("ddim", "euler", "euler-a", "dpmpp-2m", "dpmpp-2m-karras", "dpmpp-2m-sde", "dpmpp-2m-sde-karras",
-                 "unipc", "unipc-3", "plms", "lcm")
+                 "unipc", "unipc-3", "plms", "lcm", "tcd")
+# The samplers that take a request's eta: DDIM's eta, TCD's gamma (diffusers' pipelines hand eta to both)
+ETA_SAMPLERS = ("ddim", "tcd")
 SIGMA_SPACINGS = ("linspace", "leading", "trailing")  # how the samplers other than DDIM spread their timesteps
 # The sampler and steps of a request that names none, for a model whose folder names none: the fastest setting
 # that keeps the demo model's adherence within 0.02 of 25 DDIM steps on every attribute and its FID within 5%
@@ -341,7 +343,7 @@ class SamplerDefaults:
     timestep_spacing: str | None = None
     steps_offset: int | None = None
     # a request's guidance scale where it names none: null is DEFAULT_GUIDANCE_SCALE; a model distilled with its
-    # guidance in it (ldm-train lcm) records 1, so that its requests run no unconditional row
+    # guidance in it (ldm-train lcm, ldm-train guidance) records 1, so that its requests run no unconditional row
     guidance_scale: float | None = None
     # a request's guidance interval (low, high] in noise levels, cache interval and cache schedule where it names
     # none (GenerationRequest); null: guidance at every step, no caching, "uniform"

@@ -33,6 +33,7 @@ from ldm_runtime.config import (
     DEFAULT_GUIDANCE_SCALE,
     DEFAULT_SAMPLER,
     DEFAULT_STEPS,
+    ETA_SAMPLERS,
     MAX_CACHE_INTERVAL,
     SamplerDefaults,
     is_cache_interval,
@@ -69,8 +70,9 @@ class GenerationRequest:
     """One image to make. ``seed`` alone decides its noise; ``height``/``width`` None mean the model's image_size.
     ``sampler`` is one of ``SAMPLER_NAMES``; ``sampler`` and ``steps`` None mean the model's default
     (``Pipeline.resolve``: its ``default_sampler``, else ``DEFAULT_SAMPLER`` and ``DEFAULT_STEPS``; a sampler other
-    than the default without steps takes ``OTHER_SAMPLER_STEPS``); ``eta`` applies to "ddim" only. The stochastic
-    samplers (euler-a, dpmpp-2m-sde, dpmpp-2m-sde-karras, lcm) draw each step's noise from ``seed`` as well.
+    than the default without steps takes ``OTHER_SAMPLER_STEPS``); ``eta`` applies to the samplers of
+    ``ETA_SAMPLERS`` only: DDIM's eta, TCD's gamma. The stochastic samplers (euler-a, dpmpp-2m-sde,
+    dpmpp-2m-sde-karras, lcm, tcd) draw each step's noise from ``seed`` as well.
 
     ``guidance_scale`` None: the model's ``default_sampler.guidance_scale``, else ``DEFAULT_GUIDANCE_SCALE`` (1: the
     conditional branch alone, no unconditional row).
@@ -307,10 +309,11 @@ class Pipeline:
                                "cache_interval")
         if not _is_number(request.eta) or not 0 <= request.eta <= 1:
             raise RequestError(f"eta is {request.eta!r}; expected a number from 0 to 1", "eta")
-        if request.eta != 0 and request.sampler != "ddim":
-            whose = "" if named_sampler else ", this model's default (name the ddim sampler to use eta)"
+        if request.eta != 0 and request.sampler not in ETA_SAMPLERS:
+            whose = "" if named_sampler else (f", this model's default (name the {' or '.join(ETA_SAMPLERS)} sampler "
+                                              f"to use eta)")
             raise RequestError(f"eta is {request.eta!r}; expected 0 for the {request.sampler} sampler{whose} "
-                               f"(eta applies to ddim only)", "eta")
+                               f"(eta applies to {' and '.join(ETA_SAMPLERS)} only)", "eta")
         info = self.info
         for name in ("height", "width"):
             size = getattr(request, name)
@@ -635,8 +638,9 @@ class Pipeline:
         if sampler.stochastic:
             seeds = [int(state.request.seed) for state in states]
             noise = self.engine.to_array(step_noise(seeds, step_indices, shape), latents)
+        eta = {"eta": [float(state.request.eta) for state in states]} if sampler.takes_eta else {}
         return sampler.step(prediction, [s.trajectory for s in states], step_indices, latents, history, noise,
-                            to_array=self.engine.to_array)
+                            to_array=self.engine.to_array, **eta)
 
     def decode(self, states: Sequence[SamplingState]) -> list[np.ndarray]:
         """Finished states of one latent shape -> images, each ``(H, W, 3) uint8``:

@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "quadratic packs them around a step part-way in (default: the model's "
                              f"default_sampler.cache_schedule, else {CACHE_SCHEDULES[0]})")
     parser.add_argument("--eta", type=finite_float, default=REQUEST_DEFAULTS["eta"],
-                        help="DDIM eta from 0 (deterministic) to 1 (DDPM-like); other samplers take 0 only "
+                        help="DDIM eta from 0 (deterministic) to 1 (DDPM-like), or TCD's gamma from 0 "
+                             "(deterministic) to 1 (LCM's walk; its authors use 0.3); other samplers take 0 only "
                              "(default: %(default)s)")
     parser.add_argument("--negative-prompt", default=REQUEST_DEFAULTS["negative_prompt"], metavar="TEXT",
                         help="what to steer away from, for every prompt (default: none)")

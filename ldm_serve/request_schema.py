@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from ldm_runtime.adapters import MAX_REQUEST_ADAPTERS
 from ldm_runtime.config import (
-    ADAPTER_SCALES, CACHE_SCHEDULES, DEFAULT_GUIDANCE_SCALE, MAX_CACHE_INTERVAL, MAX_GUIDANCE_SCALE,
+    ADAPTER_SCALES, CACHE_SCHEDULES, DEFAULT_GUIDANCE_SCALE, ETA_SAMPLERS, MAX_CACHE_INTERVAL, MAX_GUIDANCE_SCALE,
 )
 from ldm_runtime.images import MAX_UPLOAD_BYTES, UPLOAD_FORMAT_NAMES
 from ldm_runtime.noise import MAX_SEED
@@ -110,7 +110,7 @@ def request_model(limits: ServeLimits) -> type[BaseModel]:
         __config__=ConfigDict(extra="forbid", strict=True,
                               json_schema_extra={"examples": [{"prompt": "a red circle on a blue background",
                                                                "seed": 7, "steps": 25}],
-                                                 "allOf": [eta_only_for_ddim(limits.default_sampler),
+                                                 "allOf": [eta_only_for_eta_samplers(limits.default_sampler),
                                                            only_when_streamed("previews"),
                                                            only_with_init_image("mask", "string"),
                                                            only_with_init_image("strength", "number")]}),
@@ -123,7 +123,8 @@ def request_model(limits: ServeLimits) -> type[BaseModel]:
         n=(int, Field(1, ge=1, le=limits.max_n, description="Number of images; image i uses seed + i (mod 2**63).")),
         sampler=(Literal[SAMPLER_NAMES], Field(limits.default_sampler,
                                                description="The sampler: ddim (with the model's own DDIM settings) "
-                                                           "or another, which takes eta 0 only.")),
+                                                           "or another; only ddim and tcd take an eta other than "
+                                                           "0.")),
         steps=(int, Field(limits.default_steps, ge=1, le=limits.max_steps,
                           description="Sampler steps; the default is the default sampler's, and a request that names "
                                       "another sampler and no steps gets that sampler's default.")),
@@ -149,8 +150,9 @@ def request_model(limits: ServeLimits) -> type[BaseModel]:
                                                                     "quadratic packs them around a step part-way "
                                                                     "in.")),
         eta=(float, Field(defaults["eta"], ge=0, le=1, allow_inf_nan=False,
-                          description="DDIM eta: 0 is deterministic DDIM, 1 is DDPM-like; 0 with any other "
-                                      "sampler.")),
+                          description="DDIM eta (0 is deterministic DDIM, 1 is DDPM-like) or TCD's gamma (0 is "
+                                      "deterministic, 1 is LCM's walk; its authors sample with 0.3); 0 with any "
+                                      "other sampler.")),
         seed=(int | None, Field(None, ge=0, le=MAX_SEED - 1,
                                 description="Seed of the first image; image i uses (seed + i) mod 2**63; null "
                                             "picks one (returned in the answer). The same request and seed give "
@@ -258,14 +260,15 @@ def _interval_text(interval: tuple[float, float] | None) -> str:
     return "guidance at every UNet call" if interval is None else f"[{float(interval[0])!r}, {float(interval[1])!r}]"
 
 
-def eta_only_for_ddim(default_sampler: str) -> dict[str, Any]:
-    """The JSON Schema rule "eta is 0 unless the sampler is ddim", where a body without ``sampler`` gets
-    ``default_sampler`` (``Pipeline.validate`` enforces it; the schema says it, so that schema-valid bodies pass)."""
-    others = [name for name in SAMPLER_NAMES if name != "ddim"]
-    sampler_is_not_ddim: dict[str, Any] = {"properties": {"sampler": {"enum": others}}}
-    if default_sampler == "ddim":
-        sampler_is_not_ddim["required"] = ["sampler"]
-    return {"if": sampler_is_not_ddim, "then": {"properties": {"eta": {"const": 0}}}}
+def eta_only_for_eta_samplers(default_sampler: str) -> dict[str, Any]:
+    """The JSON Schema rule "eta is 0 unless the sampler is one of ``ETA_SAMPLERS``", where a body without
+    ``sampler`` gets ``default_sampler`` (``Pipeline.validate`` enforces it; the schema says it, so that schema-valid
+    bodies pass)."""
+    others = [name for name in SAMPLER_NAMES if name not in ETA_SAMPLERS]
+    sampler_takes_no_eta: dict[str, Any] = {"properties": {"sampler": {"enum": others}}}
+    if default_sampler in ETA_SAMPLERS:
+        sampler_takes_no_eta["required"] = ["sampler"]
+    return {"if": sampler_takes_no_eta, "then": {"properties": {"eta": {"const": 0}}}}
 
 
 def image_sizes(limits: ServeLimits) -> list[str]:
@@ -289,7 +292,7 @@ def openai_request_model(limits: ServeLimits) -> type[BaseModel]:
         __config__=ConfigDict(extra="forbid", strict=True,
                               json_schema_extra={"examples": [{"prompt": "a red circle on a blue background",
                                                                "size": default_size, "seed": 7}],
-                                                 "allOf": [eta_only_for_ddim(limits.default_sampler),
+                                                 "allOf": [eta_only_for_eta_samplers(limits.default_sampler),
                                                            only_when_streamed("partial_images")]}),
         prompt=(str, ours["prompt"]),
         n=(int, ours["n"]),
@@ -341,7 +344,7 @@ def openai_edit_model(limits: ServeLimits) -> type[BaseModel]:
     return create_model(
         "OpenAIImageEditRequest",
         __config__=ConfigDict(extra="forbid", strict=True,
-                              json_schema_extra={"allOf": [eta_only_for_ddim(limits.default_sampler),
+                              json_schema_extra={"allOf": [eta_only_for_eta_samplers(limits.default_sampler),
                                                            only_when_streamed("partial_images")]}),
         __validators__={"lora_from_form": field_validator("lora", mode="before")(_lora_from_form)},
         **fields)
@@ -378,10 +381,10 @@ def edit_form_schema(limits: ServeLimits) -> dict[str, Any]:
     schema["required"] = ["image", *schema.get("required", [])]
     # the same two rules as the JSON routes', spelled without if/then: schemathesis cannot judge a conditional on a
     # form that holds files
-    ddim: dict[str, Any] = {"properties": {"sampler": {"const": "ddim"}}}
-    if limits.default_sampler != "ddim":
-        ddim["required"] = ["sampler"]
-    schema["allOf"] = [{"anyOf": [{"properties": {"eta": {"const": 0}}}, ddim]},
+    takes_eta: dict[str, Any] = {"properties": {"sampler": {"enum": list(ETA_SAMPLERS)}}}
+    if limits.default_sampler not in ETA_SAMPLERS:
+        takes_eta["required"] = ["sampler"]
+    schema["allOf"] = [{"anyOf": [{"properties": {"eta": {"const": 0}}}, takes_eta]},
                        {"anyOf": [{"properties": {"partial_images": {"const": 0}}},
                                   {"properties": {"stream": {"const": True}}, "required": ["stream"]}]}]
     return schema

@@ -47,7 +47,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from ldm_runtime.command_line import OneLineArgumentParser, finite_float, noise_interval, report_user_error
-from ldm_runtime.config import CACHE_SCHEDULES, DEFAULT_GUIDANCE_SCALE
+from ldm_runtime.config import CACHE_SCHEDULES, DEFAULT_GUIDANCE_SCALE, ETA_SAMPLERS
 from ldm_runtime.engines import AUTO_ENGINE_HELP, CHECKPOINT_MARKER, ENGINE_DIR_MARKER, ENGINE_NAMES, load_engine
 from ldm_runtime.errors import RequestError, UserError
 from ldm_runtime.files import write_text_atomic
@@ -102,9 +102,9 @@ class EvalSettings:
             raise EvalError(f"--eta is {self.eta}; expected a value in [0, 1]")
         if self.sampler is not None and self.sampler not in SAMPLER_NAMES:
             raise EvalError(f"--sampler is {self.sampler!r}; expected one of {', '.join(SAMPLER_NAMES)}")
-        if self.sampler not in (None, "ddim") and self.eta != 0:
-            raise EvalError(f"--eta is {self.eta} with --sampler {self.sampler}; expected 0 (eta applies to ddim "
-                            f"only)")
+        if self.sampler is not None and self.sampler not in ETA_SAMPLERS and self.eta != 0:
+            raise EvalError(f"--eta is {self.eta} with --sampler {self.sampler}; expected 0 (eta applies to "
+                            f"{' and '.join(ETA_SAMPLERS)} only)")
         last_seed = MAX_SEED - self.num_prompts  # prompt i is sampled with seed + i, below MAX_SEED
         if not 0 <= self.seed <= last_seed:
             raise EvalError(f"--seed is {self.seed}; expected an integer from 0 to {last_seed} (2**63 - "
@@ -403,8 +403,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="classifier dir (default: the models/shapes-classifier shipped with the repository)")
     parser.add_argument("--num-prompts", type=int, default=defaults.num_prompts, help="held-out prompts to generate")
     parser.add_argument("--sampler", choices=SAMPLER_NAMES, default=defaults.sampler,
-                        help="the sampler of every image: ddim (the model's own settings) or another, which takes "
-                             f"--eta 0 only (default: the model's default_sampler, else {DEFAULT_SAMPLER})")
+                        help="the sampler of every image: ddim (the model's own settings) or another; only ddim and "
+                             f"tcd take --eta other than 0 (default: the model's default_sampler, else "
+                             f"{DEFAULT_SAMPLER})")
     parser.add_argument("--steps", type=int, default=defaults.steps,
                         help=f"sampler steps per image (default: the model's default_sampler steps, else "
                              f"{DEFAULT_STEPS})")
@@ -421,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="which steps run the whole UNet under --cache-interval (default: the model's, else "
                              "uniform)")
     parser.add_argument("--eta", type=finite_float, default=defaults.eta,
-                        help="DDIM eta (0: deterministic); the other samplers take 0 only")
+                        help="DDIM eta or TCD's gamma (0: deterministic); the other samplers take 0 only")
     add_prompt_seed_flags(parser, defaults)
     parser.add_argument("--engine", default=defaults.engine, choices=ENGINE_NAMES,
                         help=f"engine to run the model with: {AUTO_ENGINE_HELP} (the report's engine_name says "

@@ -6,12 +6,12 @@
 
 A configuration is ``ENGINE/PRECISION/SAMPLER:STEPS``, then any of ``/cache=N`` (DeepCache: the whole UNet one
 step in N, the shallow part between; ``cache=N:quadratic`` for the paper's non-uniform schedule), ``/gi=LOW-HIGH``
-(guidance only at the UNet calls whose noise level lies in (LOW, HIGH]; without it, at every call) and
-``/model=NAME`` (the folders ``--variant NAME=FOLDER`` names instead of ``--model``'s: a model distilled from
-it, such as ``ldm-train lcm`` writes, judged on the same prompts and seeds). The torch engine runs the checkpoint
-dir among ``--model`` at PRECISION fp32, bf16 or fp16 (its dtype); onnxruntime and tensorrt run the engine dir among
-``--model`` exported at PRECISION; openvino runs the fp32 engine dir (else the only one) at PRECISION fp32 or bf16
-(its inference precision).
+(guidance only at the UNet calls whose noise level lies in (LOW, HIGH]; without it, at every call), ``/eta=X``
+(DDIM's eta or TCD's gamma; without it, 0) and ``/model=NAME`` (the folders ``--variant NAME=FOLDER`` names
+instead of ``--model``'s: a model distilled from it, such as ``ldm-train lcm`` writes, judged on the same prompts
+and seeds). The torch engine runs the checkpoint dir among ``--model`` at PRECISION fp32, bf16 or fp16 (its
+dtype); onnxruntime and tensorrt run the engine dir among ``--model`` exported at PRECISION; openvino runs the fp32
+engine dir (else the only one) at PRECISION fp32 or bf16 (its inference precision).
 
 Every configuration samples the same ``--num-prompts`` held-out prompts of ldm-eval (prompt i: seed
 ``--seed`` + i) at ``--guidance``, else at its model's default guidance (the guidance a distilled model has in it
@@ -67,7 +67,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ldm_runtime.command_line import OneLineArgumentParser, finite_float, report_user_error
-from ldm_runtime.config import CACHE_SCHEDULES, MAX_CACHE_INTERVAL
+from ldm_runtime.config import CACHE_SCHEDULES, ETA_SAMPLERS, MAX_CACHE_INTERVAL
 from ldm_runtime.engines import CHECKPOINT_MARKER, ENGINE_DIR_MARKER, engine_for_flags, load_engine
 from ldm_runtime.engines.compile_cache import CACHE_ENV
 from ldm_runtime.errors import RequestError, UserError
@@ -95,7 +95,7 @@ ENGINE_PRECISIONS = {"torch": ("fp32", "bf16", "fp16"), "triton": ("fp16", "bf16
                      "onnxruntime": ("fp32", "fp16"), "tensorrt": ("fp32", "fp16"), "openvino": ("fp32", "bf16")}
 CHECKPOINT_ENGINES = ("torch", "triton")
 DETERMINISTIC_SAMPLERS = ("ddim", "euler", "dpmpp-2m", "dpmpp-2m-karras", "unipc", "unipc-3", "plms")
-CONFIG_SYNTAX = "ENGINE/PRECISION/SAMPLER:STEPS[/cache=N[:SCHEDULE]][/gi=LOW-HIGH][/model=NAME]"
+CONFIG_SYNTAX = "ENGINE/PRECISION/SAMPLER:STEPS[/cache=N[:SCHEDULE]][/gi=LOW-HIGH][/eta=X][/model=NAME]"
 BAR_TERMS = ("adherence-drop", "fid-ratio", "latent-rms", "latent-rms-ratio", "psnr-db")
 RELATIVE_TERMS = ("adherence-drop", "fid-ratio", "latent-rms-ratio")  # against --baseline's values
 RATIO_TERMS = ("fid-ratio", "latent-rms-ratio")
@@ -126,6 +126,7 @@ class SamplingConfig:
     cache_schedule: str = "uniform"
     guidance_interval: tuple[float, float] | None = None  # None: guidance at every call
     model: str | None = None  # a --variant's name; None: --model
+    eta: float = 0.0  # DDIM's eta or TCD's gamma
 
     @property
     def name(self) -> str:
@@ -140,6 +141,8 @@ class SamplingConfig:
             text += f"/cache={self.cache_interval}" + (":quadratic" if self.cache_schedule == "quadratic" else "")
         if self.guidance_interval is not None:
             text += f"/gi={self.guidance_interval[0]:g}-{self.guidance_interval[1]:g}"
+        if self.eta:
+            text += f"/eta={self.eta:g}"
         if self.model is not None:
             text += f"/model={self.model}"
         return text
@@ -163,13 +166,14 @@ class SamplingConfig:
         return GenerationRequest(prompt=prompt, seed=seed, sampler=self.sampler, steps=self.steps,
                                  guidance_scale=guidance_scale,
                                  guidance_interval=self.guidance_interval or EVERY_NOISE_LEVEL,
-                                 cache_interval=self.cache_interval, cache_schedule=self.cache_schedule)
+                                 cache_interval=self.cache_interval, cache_schedule=self.cache_schedule,
+                                 eta=self.eta)
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": self.name, "engine": self.engine, "precision": self.precision, "sampler": self.sampler,
                 "steps": self.steps, "cache_interval": self.cache_interval, "cache_schedule": self.cache_schedule,
                 "guidance_interval": list(self.guidance_interval) if self.guidance_interval else None,
-                "model": self.model}
+                "model": self.model, "eta": self.eta}
 
 
 def parse_config(text: str) -> SamplingConfig:
@@ -195,8 +199,8 @@ def parse_config(text: str) -> SamplingConfig:
     values: dict[str, Any] = {}
     for option in options:
         key, equals, value = option.partition("=")
-        if not equals or key not in ("cache", "gi", "model"):
-            raise bad(f"has option {option!r}, not one of cache=N[:SCHEDULE], gi=LOW-HIGH, model=NAME")
+        if not equals or key not in ("cache", "gi", "eta", "model"):
+            raise bad(f"has option {option!r}, not one of cache=N[:SCHEDULE], gi=LOW-HIGH, eta=X, model=NAME")
         if key in values:
             raise bad(f"gives {key}= twice")
         if key == "cache":
@@ -206,6 +210,17 @@ def parse_config(text: str) -> SamplingConfig:
             if schedule and schedule not in CACHE_SCHEDULES:
                 raise bad(f"has cache schedule {schedule!r}, not one of {', '.join(CACHE_SCHEDULES)}")
             values[key] = (int(interval), schedule or "uniform")
+        elif key == "eta":
+            try:
+                eta = float(value)
+            except ValueError:
+                eta = math.nan
+            if not 0 <= eta <= 1:
+                raise bad(f"has eta {value!r}, not a number from 0 to 1")
+            if eta and sampler not in ETA_SAMPLERS:
+                raise bad(f"gives eta to the {sampler} sampler, which takes none (only {' and '.join(ETA_SAMPLERS)} "
+                          f"do)")
+            values[key] = eta
         elif key == "model":
             if not value.strip():
                 raise bad("has an empty model name")
@@ -221,7 +236,8 @@ def parse_config(text: str) -> SamplingConfig:
             values[key] = (low, high)
     cache_interval, cache_schedule = values.get("cache", (1, "uniform"))
     return SamplingConfig(engine, precision, sampler, int(steps), cache_interval,
-                          cache_schedule if cache_interval > 1 else "uniform", values.get("gi"), values.get("model"))
+                          cache_schedule if cache_interval > 1 else "uniform", values.get("gi"), values.get("model"),
+                          values.get("eta", 0.0))
 
 
 def parse_bar(text: str) -> dict[str, float]:

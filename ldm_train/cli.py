@@ -5,6 +5,7 @@
     ldm-train classifier --out models/shapes-classifier       # the attribute classifier ldm-eval judges with
     ldm-train lora --base runs/ldm --out style.safetensors --rank 4   # a LoRA adapter for ldm-import --lora
     ldm-train lcm --base runs/ldm --out runs/ldm-lcm          # a model that samples in 2-8 steps, guidance in it
+    ldm-train guidance --base runs/ldm --out runs/ldm-g       # the guidance in the model: one UNet row a step
     torchrun --nproc-per-node 2 -m ldm_train unet ...        # data-parallel (gloo on CPU, nccl on GPU)
 """
 
@@ -22,6 +23,7 @@ from ldm_runtime.errors import DiskFullError, UserError
 from ldm_train.classifier import ClassifierTrainSettings, train_classifier
 from ldm_runtime.folder_swap import restore_replaced
 from ldm_train.run import AutoencoderSettings, UNetSettings
+from ldm_train.train_guidance import GuidanceSettings
 from ldm_train.train_lcm import ConsistencySettings
 from ldm_train.train_lora import LoraSettings
 
@@ -74,7 +76,7 @@ STAGE_SETTINGS = {"autoencoder": AutoencoderSettings, "unet": UNetSettings}  # e
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    stages = parser.add_subparsers(dest="stage", required=True, metavar="{autoencoder,unet,classifier,lora,lcm}")
+    stages = parser.add_subparsers(dest="stage", required=True, metavar="{autoencoder,unet,classifier,lora,lcm,guidance}")
     for stage, settings in STAGE_SETTINGS.items():
         sub = stages.add_parser(stage, help=f"train the {stage}",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -85,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_classifier_parser(stages)
     _add_lora_parser(stages)
     _add_lcm_parser(stages)
+    _add_guidance_parser(stages)
     return parser
 
 
@@ -153,6 +156,27 @@ def _add_lcm_parser(stages) -> None:
     _add_settings_flags(sub, ConsistencySettings, LCM_HELP, skip=("base", "out"))
 
 
+GUIDANCE_HELP = {
+    **{name: LCM_HELP[name] for name in ("data", "steps", "batch_size", "lr_schedule", "warmup_steps", "weight_decay",
+                                         "grad_clip", "average_decay", "seed", "device", "checkpoint_every",
+                                         "skip_bad_images")},
+    "guidance_scale": "the classifier-free guidance scale distilled into the model (the base's, in the runtime's "
+                      "convention); the model written is sampled with guidance 1",
+    "learning_rate": "AdamW learning rate of the student UNet",
+}
+
+
+def _add_guidance_parser(stages) -> None:
+    sub = stages.add_parser("guidance", help="distil a trained model's classifier-free guidance into it: one UNet row "
+                                             "per image and step, with any sampler",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub.add_argument("--base", required=True,
+                     help="checkpoint dir of the model to distil (ldm-train's or ldm-import's)")
+    sub.add_argument("--out", required=True, help="the model folder to write (model.json, *.safetensors)")
+    sub.add_argument("--overwrite", action="store_true", help="replace a model folder in --out")
+    _add_settings_flags(sub, GuidanceSettings, GUIDANCE_HELP, skip=("base", "out"))
+
+
 def _add_settings_flags(sub, settings, helps: dict[str, str], skip: tuple[str, ...]) -> None:
     """One flag per field of dataclass ``settings`` but ``skip``, its default the field's, its help ``helps``'
     (every flag has one: a field without is a KeyError)."""
@@ -193,7 +217,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "lora":
         return _train_lora(args)
     if args.stage == "lcm":
-        return _train_lcm(args)
+        from ldm_train.train_lcm import train_lcm
+        return _train_distilled(args, ConsistencySettings, train_lcm)
+    if args.stage == "guidance":
+        from ldm_train.train_guidance import train_guidance
+        return _train_distilled(args, GuidanceSettings, train_guidance)
     settings_class = STAGE_SETTINGS[args.stage]
     values = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(settings_class)}}
     settings = settings_class(**values)
@@ -251,14 +279,13 @@ def _train_lora(args: argparse.Namespace) -> int:
     return _train_from_base(Path(args.base), out, "adapter file", settings, train_lora)
 
 
-def _train_lcm(args: argparse.Namespace) -> int:
-    from ldm_train.train_lcm import train_lcm
-
-    values = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(ConsistencySettings)}}
+def _train_distilled(args: argparse.Namespace, settings_class, train) -> int:
+    """``ldm-train lcm`` and ``ldm-train guidance``: a new model folder distilled from ``--base``."""
+    values = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(settings_class)}}
     out = Path(args.out)
 
-    def settings() -> ConsistencySettings:
-        checked = ConsistencySettings(**values)
+    def settings():
+        checked = settings_class(**values)
         checked.validate()
         restore_replaced(out)
         check_writable_folder("--out", out)
@@ -268,7 +295,7 @@ def _train_lcm(args: argparse.Namespace) -> int:
             raise ConfigError(f"--out {out} is --base; expected a new folder for the distilled model")
         return checked
 
-    return _train_from_base(Path(args.base), out, "model folder", settings, train_lcm)
+    return _train_from_base(Path(args.base), out, "model folder", settings, train)
 
 
 def _train_from_base(base: Path, out: Path, what: str, settings, train) -> int:

@@ -37,6 +37,7 @@ import torch
 
 from ldm_runtime.checkpoint import TEXT_ENCODER_DIR, TEXT_ENCODER_WEIGHTS, load_checkpoint, weight_files
 from ldm_runtime.config import ConfigError, ModelConfig, SamplerDefaults
+from ldm_runtime.guidance import apply_guidance
 from ldm_runtime.schedulers.lcm import LCMSampler
 from ldm_runtime.schedulers.lcm import boundary_scalings as sampler_boundary_scalings
 from ldm_train.checkpoint import optimizer_to_tensors, save_checkpoint
@@ -139,24 +140,70 @@ def solver_grid(num_train_timesteps: int, solver_steps: int) -> torch.Tensor:
 
 def train_lcm(settings: ConsistencySettings) -> Path:
     """Distil the model ``settings.base`` into ``settings.out``; returns the folder written."""
+    return run_distillation(settings, STAGE, ConsistencyDistillation)
+
+
+class Distillation:
+    """One distillation of a base model into a student UNet that starts as the base's own (``ldm-train lcm``,
+    ``ldm-train guidance``): ``loss`` is a batch's loss, ``after_step`` what follows each optimiser step beside the
+    student's EMA, ``written_config`` the model.json of the folder written and ``train_tensors`` what it keeps of
+    the run beside the optimiser and the student; ``needs_timesteps`` the fewest training timesteps a base may
+    have."""
+
+    needs_timesteps = 1
+
+    def __init__(self, settings, config: ModelConfig, teacher: torch.nn.Module, student: torch.nn.Module,
+                 alphas_cumprod: torch.Tensor, device: torch.device):
+        self.settings, self.config, self.teacher, self.student = settings, config, teacher, student
+        self.alphas_cumprod, self.device = alphas_cumprod, device
+
+    def loss(self, data: EncodedData, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+             caption_ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_step(self) -> None:
+        pass
+
+    def written_config(self) -> ModelConfig:
+        raise NotImplementedError
+
+    def train_tensors(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def guided_teacher(self, data: EncodedData, noisy: torch.Tensor, timesteps: torch.Tensor,
+                       caption_ids: torch.Tensor) -> torch.Tensor:
+        """The teacher's classifier-free guided output at ``settings.guidance_scale`` (the runtime's
+        ``apply_guidance``: uncond + w (cond - uncond)), no gradient."""
+        with torch.no_grad():
+            conditional = _conditioning(data, caption_ids, self.device)
+            unconditional = _conditioning(data, torch.zeros_like(caption_ids), self.device)
+            both = self.teacher(torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]),
+                                torch.cat([unconditional["context"], conditional["context"]]),
+                                torch.cat([unconditional["context_mask"], conditional["context_mask"]]))
+            output_unconditional, output_conditional = both.chunk(2)
+            return apply_guidance(output_unconditional, output_conditional, self.settings.guidance_scale)
+
+
+def run_distillation(settings, stage: str, kind: type[Distillation]) -> Path:
+    """Distil ``settings.base`` into ``settings.out`` as ``kind`` says; the one process of the run."""
     settings.validate()
     process = start_process(settings.device)
     if process.world_size > 1:
         end_process(process)
-        raise ConfigError("ldm-train lcm runs in one process; expected it without torchrun")
+        raise ConfigError(f"ldm-train {stage} runs in one process; expected it without torchrun")
     try:
-        return _train(settings, process.device)
+        return _train(settings, stage, kind, process.device)
     finally:
         end_process(process)
 
 
-def _train(settings: ConsistencySettings, device: torch.device) -> Path:
+def _train(settings, stage: str, kind: type[Distillation], device: torch.device) -> Path:
     networks = load_checkpoint(settings.base)
     config = networks.config
     count = config.schedule.num_train_timesteps
-    if count < SOLVER_STEPS:
+    if count < kind.needs_timesteps:
         raise ConfigError(f"the model {settings.base} has {count} training timesteps; expected at least "
-                          f"{SOLVER_STEPS} (the distillation grid)")
+                          f"{kind.needs_timesteps} (the distillation grid)")
     if config.unet.in_channels != config.autoencoder.latent_channels:
         raise ConfigError(f"--base {settings.base} is an inpainting model (its UNet takes "
                           f"{config.unet.in_channels} channels); expected a text-to-image model")
@@ -165,30 +212,27 @@ def _train(settings: ConsistencySettings, device: torch.device) -> Path:
         module.requires_grad_(False).eval().to(device)
     torch.manual_seed(settings.seed)
     student = copy.deepcopy(teacher).requires_grad_(True).train()
-    target = copy.deepcopy(teacher)
     average = copy.deepcopy(teacher)
     dataset = build_dataset(settings.data, config.image_size, settings.seed, skip_bad=settings.skip_bad_images)
     data = _with_context(encode_dataset(dataset, autoencoder, text_encoder, device, settings.batch_size, True),
                          text_encoder, device)
     trainable = [parameter for parameter in student.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    alphas_cumprod = ForwardProcess(config.schedule).alphas_cumprod.to(device)
-    grid = solver_grid(count, SOLVER_STEPS).to(device)
-    stride = count // SOLVER_STEPS
+    distillation = kind(settings, config, teacher, student, ForwardProcess(config.schedule).alphas_cumprod.to(device),
+                        device)
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(out / "metrics.jsonl", None)
-    progress = TrainingProgress(settings.steps, 0, STAGE, enabled=True)
+    progress = TrainingProgress(settings.steps, 0, stage, enabled=True)
     single = _SingleProcess()
     try:
         for step in range(settings.steps):
             generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
-            _, latents, noise, _, caption_ids = training_batch(
+            _, latents, noise, timesteps, caption_ids = training_batch(
                 data, step, settings.batch_size, single, settings.seed, generator, config.latent_scale_factor,
                 count, 0.0)
-            index = torch.randint(0, SOLVER_STEPS, (len(latents),), generator=generator).to(device)
-            loss = _consistency_loss(settings, config, teacher, student, target, data, latents.to(device),
-                                     noise.to(device), caption_ids, grid[index], stride, alphas_cumprod, device)
+            loss = distillation.loss(data, latents.to(device), noise.to(device), timesteps.to(device), caption_ids,
+                                     generator)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate_at(settings, step)
             optimizer.zero_grad(set_to_none=True)
@@ -196,45 +240,65 @@ def _train(settings: ConsistencySettings, device: torch.device) -> Path:
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
             check_finite(step, out, loss=loss.detach(), gradient_norm=grad_norm)
             optimizer.step()
-            _update_target(target, student, settings.ema_decay)
+            distillation.after_step()
             _update_ema(average, student, settings.average_decay, step)
             done = step + 1
             progress.update(loss=float(loss.detach()))
             if done % 10 == 0 or done == settings.steps:
                 metrics.write(done, {"loss": float(loss.detach()), "grad_norm": float(grad_norm)})
             if done % settings.checkpoint_every == 0 or done == settings.steps:
-                _save(out, settings, networks, average, target, student, optimizer, done)
+                _save(out, settings, stage, networks, distillation, average, optimizer, done)
     finally:
         progress.close()
     return out
 
 
-def _consistency_loss(settings: ConsistencySettings, config: ModelConfig, teacher, student, target,
-                      data: EncodedData, latents: torch.Tensor, noise: torch.Tensor, caption_ids: torch.Tensor,
-                      start: torch.Tensor, stride: int, alphas_cumprod: torch.Tensor,
-                      device: torch.device) -> torch.Tensor:
+class ConsistencyDistillation(Distillation):
+    """Latent consistency distillation: the student's consistency function at a grid timestep against the target
+    network's one teacher step earlier."""
+
+    needs_timesteps = SOLVER_STEPS
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.target = copy.deepcopy(self.teacher)
+        count = self.config.schedule.num_train_timesteps
+        self.grid = solver_grid(count, SOLVER_STEPS).to(self.device)
+        self.stride = count // SOLVER_STEPS
+
+    def loss(self, data, latents, noise, timesteps, caption_ids, generator):
+        index = torch.randint(0, SOLVER_STEPS, (len(latents),), generator=generator).to(self.device)
+        return _consistency_loss(self, data, latents, noise, caption_ids, self.grid[index])
+
+    def after_step(self) -> None:
+        _update_target(self.target, self.student, self.settings.ema_decay)
+
+    def written_config(self) -> ModelConfig:
+        return distilled_config(self.config, self.settings)
+
+    def train_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"target.{k}": v for k, v in self.target.state_dict().items()}
+
+
+def _consistency_loss(run: ConsistencyDistillation, data: EncodedData, latents: torch.Tensor, noise: torch.Tensor,
+                      caption_ids: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
     """One batch's pseudo-Huber consistency loss between the student at t_{n+k} = ``start`` and the target network
     at t_n, on the teacher's guided DDIM step between them."""
-    prediction_type = config.schedule.prediction_type
-    previous = (start - stride).clamp(min=0)
+    prediction_type, alphas_cumprod = run.config.schedule.prediction_type, run.alphas_cumprod
+    previous = (start - run.stride).clamp(min=0)
     alpha = alphas_cumprod[start].view(-1, 1, 1, 1).float()
     alpha_previous = alphas_cumprod[previous].view(-1, 1, 1, 1).float()
     noisy = alpha.sqrt() * latents + (1.0 - alpha).sqrt() * noise
-    conditional = _conditioning(data, caption_ids, device)
-    prediction = consistency_function(student(noisy, start, **conditional), noisy, start,
+    conditional = _conditioning(data, caption_ids, run.device)
+    prediction = consistency_function(run.student(noisy, start, **conditional), noisy, start,
                                       alphas_cumprod, prediction_type)
+    guided = run.guided_teacher(data, noisy, start, caption_ids)
     with torch.no_grad():
-        unconditional = _conditioning(data, torch.zeros_like(caption_ids), device)
-        both = teacher(torch.cat([noisy, noisy]), torch.cat([start, start]),
-                       torch.cat([unconditional["context"], conditional["context"]]),
-                       torch.cat([unconditional["context_mask"], conditional["context_mask"]]))
-        output_unconditional, output_conditional = both.chunk(2)
-        guided = output_unconditional + settings.guidance_scale * (output_conditional - output_unconditional)
         stepped = ddim_step(guided, noisy, alpha, alpha_previous, prediction_type)
-        wanted = consistency_function(target(stepped, previous, **conditional), stepped, previous,
+        wanted = consistency_function(run.target(stepped, previous, **conditional), stepped, previous,
                                       alphas_cumprod, prediction_type)
     difference = (prediction.float() - wanted.float()).pow(2)
-    return (torch.sqrt(difference + settings.huber_c**2) - settings.huber_c).mean()
+    return (torch.sqrt(difference + run.settings.huber_c**2) - run.settings.huber_c).mean()
 
 
 @torch.no_grad()
@@ -250,17 +314,18 @@ def distilled_config(config: ModelConfig, settings: ConsistencySettings) -> Mode
     return dataclasses.replace(config, default_sampler=defaults)
 
 
-def _save(out: Path, settings: ConsistencySettings, networks, average, target, student, optimizer,
+def _save(out: Path, settings, stage: str, networks, distillation: Distillation, average, optimizer,
           step: int) -> None:
     config = networks.config
     weights = {"autoencoder": networks.autoencoder.state_dict(), "unet": average.state_dict()}
     if TEXT_ENCODER_WEIGHTS in weight_files(config):
         weights["text_encoder"] = networks.text_encoder.state_dict()
     optimizer_tensors, optimizer_meta = optimizer_to_tensors(optimizer, "optimizer")
-    train_tensors = {**optimizer_tensors, **{f"student.{k}": v for k, v in student.state_dict().items()},
-                     **{f"target.{k}": v for k, v in target.state_dict().items()}}
+    train_tensors = {**optimizer_tensors,
+                     **{f"student.{k}": v for k, v in distillation.student.state_dict().items()},
+                     **distillation.train_tensors()}
     text_folder = networks.folder / TEXT_ENCODER_DIR
-    save_checkpoint(out, distilled_config(config, settings), weights, train_tensors, STAGE, step,
+    save_checkpoint(out, distillation.written_config(), weights, train_tensors, stage, step,
                     {**settings.to_dict(), "_optimizer": optimizer_meta},
                     save_tokenizer=networks.text_encoder.save_tokenizer,
                     text_encoder_folder=text_folder if text_folder.is_dir() else None)

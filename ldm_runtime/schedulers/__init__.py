@@ -1,5 +1,5 @@
 """Noise schedules and the samplers (DDIM, Euler and Euler ancestral, DPM-Solver++ 2M and its SDE form, UniPC, PLMS,
-LCM), over numpy arrays or torch tensors (torch is never imported here)."""
+LCM, TCD), over numpy arrays or torch tensors (torch is never imported here)."""
 
 from ldm_runtime.schedulers.by_name import SAMPLER_NAMES, sigma_samplers
 from ldm_runtime.schedulers.ddim import (
@@ -18,6 +18,7 @@ from ldm_runtime.schedulers.lcm import LCMSampler
 from ldm_runtime.schedulers.plms import PLMSSampler, PLMSTrajectory
 from ldm_runtime.schedulers.schedule import NoiseSchedule
 from ldm_runtime.schedulers.sigmas import SigmaSampler, SigmaTrajectory
+from ldm_runtime.schedulers.tcd import TCDSampler
 from ldm_runtime.schedulers.unipc import UniPCSampler
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "PLMSTrajectory",
     "SigmaSampler",
     "SigmaTrajectory",
+    "TCDSampler",
     "UniPCSampler",
     "ddim_step",
     "ddim_timesteps",

@@ -11,6 +11,7 @@ from ldm_runtime.schedulers.lcm import LCMSampler
 from ldm_runtime.schedulers.plms import PLMSSampler
 from ldm_runtime.schedulers.schedule import NoiseSchedule
 from ldm_runtime.schedulers.sigmas import SigmaSampler
+from ldm_runtime.schedulers.tcd import TCDSampler
 from ldm_runtime.schedulers.unipc import UniPCSampler
 
 __all__ = ["SAMPLER_NAMES", "sigma_samplers"]
@@ -20,7 +21,7 @@ def sigma_samplers(schedule: NoiseSchedule, defaults: SamplerDefaults | None = N
                    set_alpha_to_one: bool = False) -> dict[str, SigmaSampler]:
     """Every sampler of ``SAMPLER_NAMES`` but DDIM, by name, with diffusers' default settings but where
     ``defaults`` (a model's ``default_sampler``) names a ``timestep_spacing`` or ``steps_offset``: those apply to
-    every sampler that spaces its timesteps (LCM takes its own from the distillation schedule), as diffusers'
+    every sampler that spaces its timesteps (LCM and TCD take their own from the distillation schedule), as diffusers'
     ``from_config`` carries them to any scheduler. ``set_alpha_to_one`` is PLMS's final alpha (the model's DDIM
     setting, as diffusers' PNDMScheduler reads it from the same file)."""
     samplers: list[SigmaSampler] = [
@@ -28,7 +29,7 @@ def sigma_samplers(schedule: NoiseSchedule, defaults: SamplerDefaults | None = N
         DPMSolverSampler(schedule), DPMSolverSampler(schedule, karras=True),
         DPMSolverSampler(schedule, sde=True), DPMSolverSampler(schedule, karras=True, sde=True),
         UniPCSampler(schedule), UniPCSampler(schedule, order=3),
-        PLMSSampler(schedule, set_alpha_to_one=set_alpha_to_one), LCMSampler(schedule),
+        PLMSSampler(schedule, set_alpha_to_one=set_alpha_to_one), LCMSampler(schedule), TCDSampler(schedule),
     ]
     assert tuple(sampler.name for sampler in samplers) == SAMPLER_NAMES[1:]
     overrides = {}

@@ -137,12 +137,14 @@ def row_coefficients(coefficients: np.ndarray, sample: Any, to_array: ArrayConve
 class SigmaSampler:
     """What the pipeline asks of a sampler other than DDIM; subclasses plan and step. Holds no per-request state:
     a row's state between steps is the ``history_size`` arrays its ``step`` returns. A ``stochastic`` sampler's
-    ``step`` takes unit Gaussian noise for every row."""
+    ``step`` takes unit Gaussian noise for every row; one that ``takes_eta`` takes each row's request ``eta`` too, as
+    ``step(..., eta=)``."""
 
     name: str
     schedule: NoiseSchedule
     history_size: int = 0
     stochastic: bool = False
+    takes_eta: bool = False
 
     def trajectory(self, num_inference_steps: int) -> SigmaTrajectory:
         raise NotImplementedError

@@ -36,6 +36,7 @@ PIPELINE_SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "unipc-3": ("UniPCMultistepScheduler", {"solver_order": 3}),
     "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
     "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
 }
 
 

@@ -25,7 +25,8 @@ SD_SCHEDULE = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_lin
 LATENT_RTOL = 1e-5
 GUIDANCE = 7.5
 KINDS = {"sd1": SD1_LIKE, "sd2": SD2_LIKE}
-SAMPLED_MODULES = ("scheduling_euler_ancestral_discrete", "scheduling_dpmsolver_multistep", "scheduling_lcm")
+SAMPLED_MODULES = ("scheduling_euler_ancestral_discrete", "scheduling_dpmsolver_multistep", "scheduling_lcm",
+                   "scheduling_tcd")
 
 
 def _config(class_name: str, prediction_type: str = "epsilon", **settings) -> dict:
@@ -69,9 +70,10 @@ def _folder_with_scheduler(base: Path, folder: Path, config: dict) -> Path:
     return folder
 
 
-def _diffusers_latents(pipe, config: dict, steps: int, seed: int, monkeypatch) -> torch.Tensor:
+def _diffusers_latents(pipe, config: dict, steps: int, seed: int, monkeypatch, eta: float = 0.0) -> torch.Tensor:
     """The final latents of StableDiffusionPipeline around ``config``'s class read from ``config`` (its
-    constructor's rewrites included), each stochastic step fed our noise for ``seed``."""
+    constructor's rewrites included), each stochastic step fed our noise for ``seed``; ``eta`` as the pipeline
+    hands it to a scheduler whose step takes one."""
     import importlib
 
     import diffusers
@@ -92,7 +94,7 @@ def _diffusers_latents(pipe, config: dict, steps: int, seed: int, monkeypatch) -
     rebuilt.set_progress_bar_config(disable=True)
     latents = torch.from_numpy(initial_noise([seed], shape))
     return rebuilt(PROMPTS[0], negative_prompt="", num_inference_steps=steps, guidance_scale=GUIDANCE,
-                   latents=latents, output_type="latent").images
+                   latents=latents, output_type="latent", eta=eta).images
 
 
 def _our_latents(checkpoint: Path, steps: int, seed: int) -> tuple[str, torch.Tensor]:
@@ -157,6 +159,8 @@ CASES = {
                         dict(name="unipc-3", timestep_spacing="leading", steps_offset=1)),
     "lcm": ("LCMScheduler", dict(clip_sample=True), "sd1", (2, 4), dict(name="lcm")),
     "lcm-v": ("LCMScheduler", {}, "sd2", (3, 5), dict(name="lcm")),
+    "tcd": ("TCDScheduler", dict(clip_sample=True, timestep_spacing="trailing"), "sd1", (2, 4), dict(name="tcd")),
+    "tcd-v": ("TCDScheduler", {}, "sd2", (3, 5), dict(name="tcd")),
 }
 
 
@@ -293,7 +297,9 @@ ENGINE_DIR_SAMPLERS = {
     "unipc-3": ("UniPCMultistepScheduler", {"solver_order": 3}),
     "plms": ("PNDMScheduler", {"skip_prk_steps": True}),
     "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
 }
+ENGINE_DIR_ETA = {"tcd": 0.3}  # TCD's gamma: its authors', so that its step noise counts
 
 
 @pytest.fixture(scope="module")
@@ -323,11 +329,11 @@ def test_the_fp32_engine_dir_of_an_import_samples_each_sampler_as_diffusers_pipe
     class_name, settings = ENGINE_DIR_SAMPLERS[sampler]
     built = {**{key: value for key, value in config.items() if not key.startswith("_")}, **settings,
              "_class_name": class_name}
-    seed, steps = int(rng.integers(0, 2**31)), 4
-    expected = _diffusers_latents(pipe, built, steps, seed, monkeypatch)
+    seed, steps, eta = int(rng.integers(0, 2**31)), 4, ENGINE_DIR_ETA.get(sampler, 0.0)
+    expected = _diffusers_latents(pipe, built, steps, seed, monkeypatch, eta=eta)
     pipeline = Pipeline(load_engine(engine_dir, engine="onnxruntime", intra_op_threads=1))
     states = pipeline.start([GenerationRequest(prompt=PROMPTS[0], seed=seed, sampler=sampler, steps=steps,
-                                               guidance_scale=GUIDANCE)])
+                                               guidance_scale=GUIDANCE, eta=eta)])
     while not states[0].done:
         states = pipeline.advance(states)
     error = _relative_error(expected, torch.from_numpy(states[0].latents))

@@ -156,7 +156,8 @@ def write_original_file(source: Path, checkpoint: Path, path: Path, openclip: bo
 
 
 # diffusers' modules that draw noise: the stochastic schedulers' steps and the edit pipelines' x_T
-STOCHASTIC_MODULES = ("scheduling_euler_ancestral_discrete", "scheduling_dpmsolver_multistep", "scheduling_lcm")
+STOCHASTIC_MODULES = ("scheduling_euler_ancestral_discrete", "scheduling_dpmsolver_multistep", "scheduling_lcm",
+                      "scheduling_tcd")
 PIPELINE_MODULES = {"img2img": "pipeline_stable_diffusion_img2img", "inpaint": "pipeline_stable_diffusion_inpaint"}
 
 

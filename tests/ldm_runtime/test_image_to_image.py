@@ -419,6 +419,7 @@ DIFFUSERS_SCHEDULERS = {
     "dpmpp-2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "unipc-3": ("UniPCMultistepScheduler", {"solver_order": 3}),
     "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
 }
 def diffusers_edit_latents(pipe, sampler: str, image: np.ndarray, seed: int, steps: int, strength: float,
                            monkeypatch, mask: np.ndarray | None = None, guidance_scale: float = 7.5) -> torch.Tensor:
@@ -443,7 +444,7 @@ def diffusers_edit_latents(pipe, sampler: str, image: np.ndarray, seed: int, ste
 
 @pytest.mark.parametrize(("sampler", "steps", "strength"), [
     ("ddim", 6, 0.5), ("euler", 5, 0.6), ("euler-a", 5, 0.6), ("dpmpp-2m", 7, 0.6), ("dpmpp-2m-karras", 6, 0.7),
-    ("dpmpp-2m-sde", 5, 0.8), ("unipc-3", 8, 0.75), ("lcm", 4, 0.5),
+    ("dpmpp-2m-sde", 5, 0.8), ("unipc-3", 8, 0.75), ("lcm", 4, 0.5), ("tcd", 5, 0.6),
 ])
 def test_imported_model_edits_as_diffusers_img2img_pipeline(stable_diffusion, rng, monkeypatch, sampler, steps,
                                                             strength):

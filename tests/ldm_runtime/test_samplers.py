@@ -16,9 +16,15 @@ from diffusers import (
     EulerDiscreteScheduler,
     LCMScheduler,
     PNDMScheduler,
+    TCDScheduler,
     UniPCMultistepScheduler,
 )
-from diffusers.schedulers import scheduling_dpmsolver_multistep, scheduling_euler_ancestral_discrete, scheduling_lcm
+from diffusers.schedulers import (
+    scheduling_dpmsolver_multistep,
+    scheduling_euler_ancestral_discrete,
+    scheduling_lcm,
+    scheduling_tcd,
+)
 from PIL import Image
 
 from ldm_runtime import sample
@@ -32,6 +38,7 @@ from ldm_runtime.schedulers import (
     LCMSampler,
     NoiseSchedule,
     PLMSSampler,
+    TCDSampler,
     UniPCSampler,
 )
 from test_pipeline import (  # noqa: F401 (session fixtures)
@@ -43,7 +50,7 @@ from test_pipeline import (  # noqa: F401 (session fixtures)
 )
 
 LATENT_SHAPE = (2, 4, 6, 5)
-STOCHASTIC = ("euler-a", "dpmpp-2m-sde", "dpmpp-2m-sde-karras", "lcm")
+STOCHASTIC = ("euler-a", "dpmpp-2m-sde", "dpmpp-2m-sde-karras", "lcm", "tcd")
 LINSPACE, LEADING_OFFSET_1, TRAILING = ({"timestep_spacing": "linspace"},
                                         {"timestep_spacing": "leading", "steps_offset": 1},
                                         {"timestep_spacing": "trailing"})
@@ -72,6 +79,8 @@ def _sampler_and_oracle(name: str, schedule: NoiseSchedule, **spacing):
         return PLMSSampler(schedule, **spacing), PNDMScheduler(**settings, skip_prk_steps=True)
     if name == "lcm":
         return LCMSampler(schedule), LCMScheduler(**settings)
+    if name == "tcd":
+        return TCDSampler(schedule), TCDScheduler(**settings)
     karras, sde = name.endswith("-karras"), "-sde" in name
     oracle = DPMSolverMultistepScheduler(**settings, algorithm_type="sde-dpmsolver++" if sde else "dpmsolver++",
                                          solver_order=2, use_karras_sigmas=karras)
@@ -89,7 +98,9 @@ ORACLE_CASES = [
     pytest.param(name, spacing, id=f"{name}-{label}")
     for name in ("euler", "euler-a", "dpmpp-2m", "dpmpp-2m-sde", "unipc", "unipc-3", "plms")
     for label, spacing in (("linspace", LINSPACE), ("leading-offset-1", LEADING_OFFSET_1), ("trailing", TRAILING))
-] + [pytest.param(name, {}, id=name) for name in ("dpmpp-2m-karras", "dpmpp-2m-sde-karras", "lcm")]
+] + [pytest.param(name, {}, id=name) for name in ("dpmpp-2m-karras", "dpmpp-2m-sde-karras", "lcm")] + [
+    # TCD's gamma (a request's eta): 0 a deterministic walk, 0.3 its authors' setting, 1 LCM's walk
+    pytest.param("tcd", {"eta": gamma}, id=f"tcd-gamma-{gamma:g}") for gamma in (0.0, 0.3, 0.55, 1.0)]
 ORACLE_STEPS = [pytest.param(case, steps, id=f"{case.id}-{steps}")
                 for case in ORACLE_CASES for steps in (1, 2, 4, 10, 25)]
 
@@ -98,6 +109,8 @@ ORACLE_STEPS = [pytest.param(case, steps, id=f"{case.id}-{steps}")
 @pytest.mark.parametrize("case,steps", ORACLE_STEPS)
 def test_sampler_trajectory_matches_diffusers_scheduler(case, steps, prediction_type, rng, monkeypatch):
     name, spacing = case.values
+    spacing = dict(spacing)
+    eta = {"eta": spacing.pop("eta")} if "eta" in spacing else {}
     schedule = NoiseSchedule(prediction_type=prediction_type)
     ours, oracle = samplers_and_oracles(name, schedule, **spacing)
     oracle.set_timesteps(steps)
@@ -113,7 +126,8 @@ def test_sampler_trajectory_matches_diffusers_scheduler(case, steps, prediction_
         drawn.append(shape)
         return torch.from_numpy(step_noises[len(drawn) - 1]).to(dtype)
 
-    for module in (scheduling_euler_ancestral_discrete, scheduling_dpmsolver_multistep, scheduling_lcm):
+    for module in (scheduling_euler_ancestral_discrete, scheduling_dpmsolver_multistep, scheduling_lcm,
+                   scheduling_tcd):
         monkeypatch.setattr(module, "randn_tensor", randn_tensor)
     # ours in float32 as the engines hold latents; diffusers' schedulers compute in float32 too
     latents = noise * np.float32(ours.initial_noise_scale(trajectory))
@@ -124,14 +138,16 @@ def test_sampler_trajectory_matches_diffusers_scheduler(case, steps, prediction_
         scales = ours.input_scales(rows, [index] * len(rows)).astype(np.float32).reshape(-1, 1, 1, 1)
         output = model(latents / scales, trajectory.timesteps[index]).astype(np.float32)
         latents, history = ours.step(output, rows, [index] * len(rows), latents, history,
-                                     step_noises[index] if ours.stochastic else None)
+                                     step_noises[index] if ours.stochastic else None, **eta)
         assert len(history) == ours.history_size
         timestep = oracle.timesteps[index]
         model_input = oracle.scale_model_input(expected, timestep)
         oracle_output = torch.from_numpy(model(model_input.double().numpy(), float(timestep)).astype(np.float32))
-        expected = oracle.step(oracle_output, timestep, expected).prev_sample
+        expected = oracle.step(oracle_output, timestep, expected, **eta).prev_sample
     assert latents.dtype == np.float32
-    if name in STOCHASTIC and name != "lcm":  # LCM's last step draws none
+    if name in ("lcm", "tcd"):  # their last step draws none, and TCD at gamma 0 none at all
+        assert len(drawn) == (0 if eta.get("eta") == 0 else len(trajectory) - 1)
+    elif name in STOCHASTIC:
         assert len(drawn) == len(trajectory)
     expected = expected.double().numpy()
     error = np.abs(latents - expected).max() / np.abs(expected).max()
@@ -145,6 +161,7 @@ def test_sampler_trajectory_matches_diffusers_scheduler(case, steps, prediction_
     pytest.param("plms", (7, 12, 5, 9), (0, 1, 2, 7), id="plms"),
     pytest.param("euler-a", (7, 12), (0, 11), id="euler-a"),
     pytest.param("lcm", (7, 12), (3, 11), id="lcm"),
+    pytest.param("tcd", (7, 12, 9), (3, 11, 0), id="tcd"),
 ])
 def test_rows_at_different_steps_of_different_trajectories_step_as_they_would_alone(name, steps, indices, rng):
     """Rows at the first step, multistep steps and the last step, in one call, each as if alone; the history and the
@@ -155,15 +172,19 @@ def test_rows_at_different_steps_of_different_trajectories_step_as_they_would_al
     latents, output, noise = (rng.standard_normal((batch, 4, 4, 4)).astype(np.float32) for _ in range(3))
     history = tuple(rng.standard_normal((batch, 4, 4, 4)).astype(np.float32) for _ in range(sampler.history_size))
     noise = noise if sampler.stochastic else None
+    etas = [0.3, 0.0, 0.8][:batch] if sampler.takes_eta else None  # TCD's gamma, each row its own
 
     def rows(arrays, row):
         return tuple(array[row:row + 1] for array in arrays)
 
-    together, together_history = sampler.step(output, trajectories, indices, latents, history, noise)
+    def eta(row=None):
+        return {} if etas is None else {"eta": etas if row is None else etas[row:row + 1]}
+
+    together, together_history = sampler.step(output, trajectories, indices, latents, history, noise, **eta())
     for row in range(batch):
         alone, alone_history = sampler.step(output[row:row + 1], trajectories[row:row + 1], indices[row:row + 1],
                                             latents[row:row + 1], rows(history, row),
-                                            None if noise is None else noise[row:row + 1])
+                                            None if noise is None else noise[row:row + 1], **eta(row))
         assert np.array_equal(together[row:row + 1], alone)
         assert all(np.array_equal(a, b) for a, b in zip(rows(together_history, row), alone_history))
     changed = []  # (row, its step with its history or its noise moved by 1)
@@ -175,7 +196,11 @@ def test_rows_at_different_steps_of_different_trajectories_step_as_they_would_al
     if noise is not None:
         row = next(row for row in range(batch) if indices[row] < len(trajectories[row]) - 1)
         changed.append((row, sampler.step(output[row:row + 1], trajectories[row:row + 1], indices[row:row + 1],
-                                          latents[row:row + 1], rows(history, row), noise[row:row + 1] + 1)[0]))
+                                          latents[row:row + 1], rows(history, row), noise[row:row + 1] + 1,
+                                          **eta(row))[0]))
+    if etas is not None:  # another gamma moves the row
+        changed.append((0, sampler.step(output[:1], trajectories[:1], indices[:1], latents[:1], rows(history, 0),
+                                        noise[:1], eta=[0.6])[0]))
     assert changed and all(not np.array_equal(together[row:row + 1], other) for row, other in changed)
 
 
@@ -183,7 +208,8 @@ def test_pipeline_image_is_identical_alone_or_batched_with_other_samplers_and_st
     pipeline = Pipeline(engine)
     settings = [("euler", 4, 0.0), ("dpmpp-2m", 5, 0.0), ("dpmpp-2m-karras", 3, 0.0), ("ddim", 6, 0.5),
                 ("ddim", 2, 0.0), ("euler", 7, 0.0), ("unipc", 5, 0.0), ("unipc-3", 6, 0.0), ("plms", 4, 0.0),
-                ("euler-a", 3, 0.0), ("lcm", 4, 0.0), ("dpmpp-2m-sde-karras", 5, 0.0)]
+                ("euler-a", 3, 0.0), ("lcm", 4, 0.0), ("dpmpp-2m-sde-karras", 5, 0.0), ("tcd", 4, 0.3),
+                ("tcd", 3, 0.0)]
     seeds = rng.choice(2**62, size=len(settings), replace=False).tolist()
     requests = [GenerationRequest(prompt=PROMPTS[i % len(PROMPTS)], seed=seed, sampler=sampler, steps=steps, eta=eta,
                                   guidance_scale=[1.0, 3.0][i % 2])
@@ -204,8 +230,9 @@ def test_stochastic_sampler_latents_are_identical_alone_or_in_a_mixed_batch(engi
     of the same sampler) change nothing, and another seed changes the result."""
     pipeline = Pipeline(engine)
     seeds = rng.choice(2**62, size=5, replace=False).tolist()
-    request = GenerationRequest(prompt=PROMPTS[0], seed=seeds[0], sampler=name, steps=5, guidance_scale=2.0)
-    mates = [GenerationRequest(prompt=PROMPTS[1], seed=seeds[1], sampler=name, steps=3),
+    eta = 0.3 if name == "tcd" else 0.0  # TCD draws noise at gamma > 0 only
+    request = GenerationRequest(prompt=PROMPTS[0], seed=seeds[0], sampler=name, steps=5, guidance_scale=2.0, eta=eta)
+    mates = [GenerationRequest(prompt=PROMPTS[1], seed=seeds[1], sampler=name, steps=3, eta=eta / 2),
              GenerationRequest(prompt=PROMPTS[2], seed=seeds[2], sampler="plms", steps=6, guidance_scale=1.0),
              GenerationRequest(prompt=PROMPTS[3], seed=seeds[3], sampler="ddim", steps=4, eta=0.8),
              GenerationRequest(prompt=PROMPTS[0], seed=seeds[4], sampler="unipc", steps=7)]
@@ -253,16 +280,19 @@ def test_plms_steps_make_as_many_unet_calls_as_diffusers_pndm(engine, steps):
     assert [int(call["timesteps"][0]) for call in counting.unet_calls] == oracle.timesteps.tolist()
 
 
-def test_unknown_sampler_eta_without_ddim_and_unplannable_steps_are_refused(engine):
+def test_unknown_sampler_eta_without_ddim_or_tcd_and_unplannable_steps_are_refused(engine):
     pipeline = Pipeline(engine)
     with pytest.raises(RequestError) as raised:
         pipeline.validate(GenerationRequest(prompt="a red circle", seed=1, sampler="heun"))
     assert str(raised.value) == ("sampler is 'heun'; expected one of ddim, euler, euler-a, dpmpp-2m, dpmpp-2m-karras, "
-                                 "dpmpp-2m-sde, dpmpp-2m-sde-karras, unipc, unipc-3, plms, lcm")
+                                 "dpmpp-2m-sde, dpmpp-2m-sde-karras, unipc, unipc-3, plms, lcm, tcd")
     assert raised.value.field == "sampler"
-    for name in SAMPLER_NAMES[1:]:
-        with pytest.raises(RequestError, match=f"eta is 0.5; expected 0 for the {name} sampler"):
+    for name in SAMPLER_NAMES[1:-1]:
+        with pytest.raises(RequestError) as raised:
             pipeline.validate(GenerationRequest(prompt="a red circle", seed=1, sampler=name, eta=0.5))
+        assert str(raised.value) == (f"eta is 0.5; expected 0 for the {name} sampler (eta applies to ddim and tcd "
+                                     f"only)")
+    pipeline.validate(GenerationRequest(prompt="a red circle", seed=1, sampler="tcd", eta=0.5))
     with pytest.raises(RequestError) as raised:
         pipeline.validate(GenerationRequest(prompt="a red circle", seed=1, sampler="lcm", steps=51))
     assert str(raised.value).startswith("steps is 51; the lcm sampler cannot take them: num_inference_steps is 51; "
@@ -274,15 +304,17 @@ def test_unknown_sampler_eta_without_ddim_and_unplannable_steps_are_refused(engi
         PLMSSampler(NoiseSchedule(), timestep_spacing="trailing").trajectory(61)  # diffusers lists a timestep -1
 
 
+@pytest.mark.parametrize("name,eta", [("dpmpp-2m-sde", 0.0), ("tcd", 0.3)])
 def test_ldm_sample_sampler_flag_writes_the_pipelines_image_and_names_the_sampler(checkpoint_dir, engine, tmp_path,
-                                                                                  capsys):
+                                                                                  capsys, name, eta):
     out = tmp_path / "one.png"
     code = sample.main(["--model", str(checkpoint_dir), "a red circle", "--seed", "3", "--steps", "4",
-                        "--sampler", "dpmpp-2m-sde", "--out", str(out)])
+                        "--sampler", name, "--eta", str(eta), "--out", str(out)])
     assert code == 0, capsys.readouterr().err
-    request = GenerationRequest(prompt="a red circle", seed=3, steps=4, sampler="dpmpp-2m-sde")
+    request = GenerationRequest(prompt="a red circle", seed=3, steps=4, sampler=name, eta=eta)
     assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), Pipeline(engine).generate([request])[0])
-    assert json.loads(Image.open(out).text["parameters"])["sampler"] == "dpmpp-2m-sde"
+    recorded = json.loads(Image.open(out).text["parameters"])
+    assert (recorded["sampler"], recorded["eta"]) == (name, eta)
 
 
 def test_ldm_sample_refuses_an_unknown_sampler_in_one_line_with_exit_2(checkpoint_dir, tmp_path, capsys):

@@ -115,3 +115,7 @@ def test_the_schema_lists_the_samplers_and_a_body_without_one_gets_the_servers_d
     ddim = httpx.post(f"{schema_server.url}/v1/images", headers={**schema_server.auth, **JSON}, timeout=60,
                       content=b'{"prompt": "a red circle", "seed": 3, "sampler": "ddim", "eta": 0.5}')
     assert ddim.status_code == 200 and ddim.json()["images"] != answer.json()["images"], ddim.text
+    tcd = httpx.post(f"{schema_server.url}/v1/images", headers={**schema_server.auth, **JSON}, timeout=60,
+                     content=b'{"prompt": "a red circle", "seed": 3, "sampler": "tcd", "steps": 2, "eta": 0.3}')
+    assert tcd.status_code == 200 and json.loads(Image.open(io.BytesIO(base64.b64decode(
+        tcd.json()["images"][0]))).text["parameters"])["eta"] == 0.3, tcd.text

@@ -56,14 +56,17 @@ def test_pareto_front_of_a_hand_made_set():
      SamplingConfig("openvino", "bf16", "dpmpp-2m", 12, 3, "quadratic", (0.0, 10.0))),
     ("torch/bf16/ddim:25/cache=1:quadratic", SamplingConfig("torch", "bf16", "ddim", 25)),
     ("onnxruntime/fp32/lcm:4/model=lcm", SamplingConfig("onnxruntime", "fp32", "lcm", 4, model="lcm")),
+    ("onnxruntime/fp32/tcd:4/eta=0.3/model=lcm", SamplingConfig("onnxruntime", "fp32", "tcd", 4, model="lcm", eta=0.3)),
+    ("torch/fp32/ddim:10/eta=1", SamplingConfig("torch", "fp32", "ddim", 10, eta=1.0)),
+    ("torch/fp32/tcd:4/eta=0", SamplingConfig("torch", "fp32", "tcd", 4)),
 ])
 def test_good_configurations_parse_and_their_names_read_back_the_same(text, expected):
     config = parse_config(text)
     assert config == expected
     assert parse_config(config.name) == config
     request = config.request("a red circle", 7, 5.0)
-    assert (request.sampler, request.steps, request.cache_interval, request.cache_schedule) == (
-        expected.sampler, expected.steps, expected.cache_interval, expected.cache_schedule)
+    assert (request.sampler, request.steps, request.cache_interval, request.cache_schedule, request.eta) == (
+        expected.sampler, expected.steps, expected.cache_interval, expected.cache_schedule, expected.eta)
     assert request.guidance_interval == (expected.guidance_interval or EVERY_NOISE_LEVEL)
 
 
@@ -78,7 +81,10 @@ def test_good_configurations_parse_and_their_names_read_back_the_same(text, expe
     ("torch/fp32/euler:6/cache=2:cubic", "has cache schedule 'cubic'"),
     ("torch/fp32/euler:6/gi=8-0.5", "has guidance interval '8-0.5'"),
     ("torch/fp32/euler:6/gi=nan-1", "has guidance interval 'nan-1'"),
-    ("torch/fp32/euler:6/eta=1", "has option 'eta=1'"),
+    ("torch/fp32/euler:6/seed=1", "has option 'seed=1'"),
+    ("torch/fp32/euler:6/eta=1", "gives eta to the euler sampler, which takes none (only ddim and tcd do)"),
+    ("torch/fp32/tcd:4/eta=1.5", "has eta '1.5', not a number from 0 to 1"),
+    ("torch/fp32/ddim:4/eta=nan", "has eta 'nan', not a number from 0 to 1"),
     ("torch/fp32/euler:6/gi=0-1/gi=0-2", "gives gi= twice"),
     ("torch/fp32/euler:6/model=", "has an empty model name"),
 ])
