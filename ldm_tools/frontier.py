@@ -336,8 +336,10 @@ def summarize(results: list[dict[str, Any]], baseline_name: str | None, bar: dic
     for key in dict.fromkeys(result["engine_key"] for result in done):
         group = [result for result in passing if result["engine_key"] == key]
         top = fastest(group)
-        ddim = fastest([result for result in group if result["sampler"] == "ddim"])
-        alone = fastest([result for result in group if result["sampler_alone"]])
+        # what the fastest is judged against: --model's own settings (a --variant's are ways to save work too)
+        own = [result for result in group if result.get("model") is None]
+        ddim = fastest([result for result in own if result["sampler"] == "ddim"])
+        alone = fastest([result for result in own if result["sampler_alone"]])
         summary["by_engine"][key] = {
             "fastest": top and top["config"], "images_per_s": top and top["images_per_s"],
             "fastest_ddim": ddim and ddim["config"], "speedup_over_fastest_ddim": ratio(top, ddim),

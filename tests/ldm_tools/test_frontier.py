@@ -146,6 +146,13 @@ def test_summary_names_the_fastest_within_the_bar_per_engine_beside_ddim_and_the
     assert (group["fastest_sampler_alone"], group["speedup_over_sampler_alone"]) == ("onnxruntime/fp32/euler:6", 1.5)
     assert summary["by_engine"]["torch/fp32"]["fastest"] == "torch/fp32/euler:6"
     assert "openvino/bf16" not in summary["by_engine"]
+    # a --variant's DDIM is fastest and within the bar: the fastest DDIM and sampler alone stay --model's own
+    variant = measured("onnxruntime/fp32/ddim:8/model=cfg", 5.0, shape=0.91, rms=0.06)
+    group = summarize(results + [variant], "onnxruntime/fp32/ddim:25", {"adherence-drop": 0.02})["by_engine"][
+        "onnxruntime/fp32"]
+    assert group["fastest"] == "onnxruntime/fp32/ddim:8/model=cfg"
+    assert (group["fastest_ddim"], group["speedup_over_fastest_ddim"]) == ("onnxruntime/fp32/ddim:10", 2.5)
+    assert group["fastest_sampler_alone"] == "onnxruntime/fp32/euler:6"
     assert summary["frontier"]["latent_rms"] == ["onnxruntime/fp32/euler:4", "onnxruntime/fp32/euler:6/cache=2",
                                                  "onnxruntime/fp32/euler:6", "onnxruntime/fp32/ddim:10",
                                                  "onnxruntime/fp32/ddim:25"]
