@@ -86,8 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
         _add_settings_flags(sub, settings, HELP, skip=("out",))
     _add_classifier_parser(stages)
     _add_lora_parser(stages)
-    _add_lcm_parser(stages)
-    _add_guidance_parser(stages)
+    _add_distillation_parser(stages, "lcm", "distil a trained model into one that samples in 2-8 lcm steps, guidance "
+                                            "included (latent consistency distillation)", ConsistencySettings, LCM_HELP)
+    _add_distillation_parser(stages, "guidance", "distil a trained model's classifier-free guidance into it: one UNet "
+                                                 "row per image and step, with any sampler", GuidanceSettings,
+                             GUIDANCE_HELP)
     return parser
 
 
@@ -145,15 +148,13 @@ LCM_HELP = {
 }
 
 
-def _add_lcm_parser(stages) -> None:
-    sub = stages.add_parser("lcm", help="distil a trained model into one that samples in 2-8 lcm steps, guidance "
-                                        "included (latent consistency distillation)",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _add_distillation_parser(stages, stage: str, what: str, settings, helps: dict[str, str]) -> None:
+    sub = stages.add_parser(stage, help=what, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub.add_argument("--base", required=True,
                      help="checkpoint dir of the model to distil (ldm-train's or ldm-import's)")
     sub.add_argument("--out", required=True, help="the model folder to write (model.json, *.safetensors)")
     sub.add_argument("--overwrite", action="store_true", help="replace a model folder in --out")
-    _add_settings_flags(sub, ConsistencySettings, LCM_HELP, skip=("base", "out"))
+    _add_settings_flags(sub, settings, helps, skip=("base", "out"))
 
 
 GUIDANCE_HELP = {
@@ -164,17 +165,6 @@ GUIDANCE_HELP = {
                       "convention); the model written is sampled with guidance 1",
     "learning_rate": "AdamW learning rate of the student UNet",
 }
-
-
-def _add_guidance_parser(stages) -> None:
-    sub = stages.add_parser("guidance", help="distil a trained model's classifier-free guidance into it: one UNet row "
-                                             "per image and step, with any sampler",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sub.add_argument("--base", required=True,
-                     help="checkpoint dir of the model to distil (ldm-train's or ldm-import's)")
-    sub.add_argument("--out", required=True, help="the model folder to write (model.json, *.safetensors)")
-    sub.add_argument("--overwrite", action="store_true", help="replace a model folder in --out")
-    _add_settings_flags(sub, GuidanceSettings, GUIDANCE_HELP, skip=("base", "out"))
 
 
 def _add_settings_flags(sub, settings, helps: dict[str, str], skip: tuple[str, ...]) -> None:

@@ -19,53 +19,17 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from ldm_runtime.config import ConfigError, ModelConfig, SamplerDefaults
-from ldm_train.run import LR_SCHEDULES, check_finite_flags, check_seed, check_whole
-from ldm_train.train_lcm import Distillation, run_distillation
+from ldm_runtime.config import ModelConfig, SamplerDefaults
+from ldm_train.train_lcm import Distillation, DistillationSettings, run_distillation
 from ldm_train.train_unet import _conditioning
 
 STAGE = "guidance"
 
 
 @dataclass(frozen=True)
-class GuidanceSettings:
-    """``ldm-train guidance``'s flags; the CLI reads its defaults from here."""
-
-    base: str
-    out: str
-    data: str = "shapes:4000"
-    guidance_scale: float = 5.0
-    steps: int = 800
-    batch_size: int = 32
-    learning_rate: float = 5e-5
-    lr_schedule: str = "cosine"
-    warmup_steps: int = 50
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    average_decay: float = 0.99
-    seed: int = 0
-    device: str = "auto"
-    checkpoint_every: int = 250
-    skip_bad_images: bool = False
-
-    def validate(self) -> None:
-        for name in ("steps", "batch_size", "checkpoint_every"):
-            check_whole(name, getattr(self, name), 1)
-        check_whole("warmup_steps", self.warmup_steps, 0)
-        check_seed(self.seed)
-        check_finite_flags(self, above_zero=("learning_rate", "grad_clip"),
-                           at_least_zero=("weight_decay", "guidance_scale"))
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"--lr-schedule is {self.lr_schedule!r}; expected one of {', '.join(LR_SCHEDULES)}")
-        if not 0.0 <= self.average_decay < 1.0:
-            raise ConfigError(f"--average-decay is {self.average_decay}; expected a value in [0, 1)")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+class GuidanceSettings(DistillationSettings):
+    """``ldm-train guidance``'s flags: a distillation's (``guidance_scale`` the scale distilled)."""
 
 
 def train_guidance(settings: GuidanceSettings) -> Path:

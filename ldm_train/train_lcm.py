@@ -58,14 +58,14 @@ SOLVER_STEPS = LCMSampler.original_inference_steps
 
 
 @dataclass(frozen=True)
-class ConsistencySettings:
-    """``ldm-train lcm``'s flags; the CLI reads its defaults from here."""
+class DistillationSettings:
+    """The flags of a distillation from a base model (``ldm-train lcm``, ``ldm-train guidance``); the CLI reads
+    their defaults from here."""
 
     base: str
     out: str
     data: str = "shapes:4000"
     guidance_scale: float = 5.0
-    sample_steps: int = 4
     steps: int = 800
     batch_size: int = 32
     learning_rate: float = 5e-5
@@ -73,32 +73,47 @@ class ConsistencySettings:
     warmup_steps: int = 50
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    ema_decay: float = 0.95
     average_decay: float = 0.99
-    huber_c: float = 1.0  # a c this large makes it the squared error (halved)
     seed: int = 0
     device: str = "auto"
     checkpoint_every: int = 250
     skip_bad_images: bool = False
 
     def validate(self) -> None:
-        for name in ("steps", "batch_size", "checkpoint_every", "sample_steps"):
+        for name in ("steps", "batch_size", "checkpoint_every"):
             check_whole(name, getattr(self, name), 1)
         check_whole("warmup_steps", self.warmup_steps, 0)
-        if self.sample_steps > SOLVER_STEPS:
-            raise ConfigError(f"--sample-steps is {self.sample_steps}; expected an integer from 1 to {SOLVER_STEPS} "
-                              f"(the lcm sampler takes its steps from the {SOLVER_STEPS} of distillation)")
         check_seed(self.seed)
-        check_finite_flags(self, above_zero=("learning_rate", "grad_clip", "huber_c"),
+        check_finite_flags(self, above_zero=("learning_rate", "grad_clip"),
                            at_least_zero=("weight_decay", "guidance_scale"))
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"--lr-schedule is {self.lr_schedule!r}; expected one of {', '.join(LR_SCHEDULES)}")
-        for name in ("ema_decay", "average_decay"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"--{name.replace('_', '-')} is {getattr(self, name)}; expected a value in [0, 1)")
+        self.check_decay("average_decay")
+
+    def check_decay(self, name: str) -> None:
+        if not 0.0 <= getattr(self, name) < 1.0:
+            raise ConfigError(f"--{name.replace('_', '-')} is {getattr(self, name)}; expected a value in [0, 1)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ConsistencySettings(DistillationSettings):
+    """``ldm-train lcm``'s flags: a distillation's and the consistency model's own."""
+
+    sample_steps: int = 4
+    ema_decay: float = 0.95
+    huber_c: float = 1.0  # a c this large makes it the squared error (halved)
+
+    def validate(self) -> None:
+        super().validate()
+        check_whole("sample_steps", self.sample_steps, 1)
+        if self.sample_steps > SOLVER_STEPS:
+            raise ConfigError(f"--sample-steps is {self.sample_steps}; expected an integer from 1 to {SOLVER_STEPS} "
+                              f"(the lcm sampler takes its steps from the {SOLVER_STEPS} of distillation)")
+        check_finite_flags(self, above_zero=("huber_c",), at_least_zero=())
+        self.check_decay("ema_decay")
 
 
 def boundary_scalings(timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
