@@ -33,42 +33,43 @@ def boundary_scalings(timestep: Any, timestep_scaling: float) -> tuple[Any, Any]
     return SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2), scaled / np.sqrt(scaled**2 + SIGMA_DATA**2)
 
 
-def distillation_trajectory(schedule: NoiseSchedule, original_inference_steps: int, num_inference_steps: int,
-                            sampler: str) -> SigmaTrajectory:
-    """N timesteps taken evenly by index from the ``original_inference_steps`` timesteps of consistency
-    distillation (T / original - 1, ..., T - 1), as diffusers' LCMScheduler and TCDScheduler take them;
-    ``ValueError`` naming ``sampler`` unless N is an integer from 1 to ``original_inference_steps``."""
-    original = original_inference_steps
-    valid = isinstance(num_inference_steps, (int, np.integer)) and not isinstance(num_inference_steps, bool)
-    if not valid or not 1 <= num_inference_steps <= original:
-        raise ValueError(f"num_inference_steps is {num_inference_steps!r}; expected an integer from 1 to "
-                         f"{original} (the {sampler} sampler takes its steps from {original} distillation timesteps)")
-    stride = schedule.num_train_timesteps // original
-    distilled = (np.arange(1, original + 1) * stride - 1)[::-1]
-    indices = np.floor(np.linspace(0, original, num=int(num_inference_steps), endpoint=False)).astype(np.int64)
-    timesteps = distilled[indices]
-    return read_only_trajectory(timesteps, schedule_sigmas(schedule)[timesteps])
-
-
 @dataclass(frozen=True)
-class LCMSampler(SigmaSampler):
-    """LCM over ``schedule``; ``original_inference_steps`` and ``timestep_scaling`` as diffusers' (defaults: its
-    defaults)."""
+class DistilledStepsSampler(SigmaSampler):
+    """A sampler of consistency-distilled models (lcm, tcd) over ``schedule``: its N timesteps are taken evenly by
+    index from the ``original_inference_steps`` timesteps of distillation (T / original - 1, ..., T - 1), as
+    diffusers' LCMScheduler and TCDScheduler take them (default: their default, 50)."""
 
     schedule: NoiseSchedule
     original_inference_steps: int = 50
-    timestep_scaling: float = 10.0
-    name: ClassVar[str] = "lcm"
-    stochastic: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         count = self.schedule.num_train_timesteps
         if not 1 <= self.original_inference_steps <= count:
-            raise ValueError(f"lcm original_inference_steps {self.original_inference_steps!r} is out of range; "
-                             f"expected an integer from 1 to {count}")
+            raise ValueError(f"{self.name} original_inference_steps {self.original_inference_steps!r} is out of "
+                             f"range; expected an integer from 1 to {count}")
 
     def trajectory(self, num_inference_steps: int) -> SigmaTrajectory:
-        return distillation_trajectory(self.schedule, self.original_inference_steps, num_inference_steps, self.name)
+        original = self.original_inference_steps
+        valid = isinstance(num_inference_steps, (int, np.integer)) and not isinstance(num_inference_steps, bool)
+        if not valid or not 1 <= num_inference_steps <= original:
+            raise ValueError(f"num_inference_steps is {num_inference_steps!r}; expected an integer from 1 to "
+                             f"{original} (the {self.name} sampler takes its steps from {original} distillation "
+                             f"timesteps)")
+        stride = self.schedule.num_train_timesteps // original
+        distilled = (np.arange(1, original + 1) * stride - 1)[::-1]
+        indices = np.floor(np.linspace(0, original, num=int(num_inference_steps), endpoint=False)).astype(np.int64)
+        timesteps = distilled[indices]
+        return read_only_trajectory(timesteps, schedule_sigmas(self.schedule)[timesteps])
+
+
+@dataclass(frozen=True)
+class LCMSampler(DistilledStepsSampler):
+    """LCM over ``schedule``; ``original_inference_steps`` and ``timestep_scaling`` as diffusers' (defaults: its
+    defaults)."""
+
+    timestep_scaling: float = 10.0
+    name: ClassVar[str] = "lcm"
+    stochastic: ClassVar[bool] = True
 
     def step(self, model_output: Any, trajectories: Sequence[SigmaTrajectory], step_indices: Sequence[int],
              sample: Any, history: tuple[Any, ...] = (), noise: Any = None,

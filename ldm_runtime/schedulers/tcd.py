@@ -19,29 +19,17 @@ import numpy as np
 
 from ldm_runtime.arrays import ArrayConverter
 from ldm_runtime.schedulers.ddim import check_eta
-from ldm_runtime.schedulers.lcm import distillation_trajectory
-from ldm_runtime.schedulers.schedule import NoiseSchedule
-from ldm_runtime.schedulers.sigmas import SigmaSampler, SigmaTrajectory, row_coefficients
+from ldm_runtime.schedulers.lcm import DistilledStepsSampler
+from ldm_runtime.schedulers.sigmas import SigmaTrajectory, row_coefficients
 
 
 @dataclass(frozen=True)
-class TCDSampler(SigmaSampler):
+class TCDSampler(DistilledStepsSampler):
     """TCD over ``schedule``; ``original_inference_steps`` as diffusers' (default: its default)."""
 
-    schedule: NoiseSchedule
-    original_inference_steps: int = 50
     name: ClassVar[str] = "tcd"
     stochastic: ClassVar[bool] = True
     takes_eta: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        count = self.schedule.num_train_timesteps
-        if not 1 <= self.original_inference_steps <= count:
-            raise ValueError(f"tcd original_inference_steps {self.original_inference_steps!r} is out of range; "
-                             f"expected an integer from 1 to {count}")
-
-    def trajectory(self, num_inference_steps: int) -> SigmaTrajectory:
-        return distillation_trajectory(self.schedule, self.original_inference_steps, num_inference_steps, self.name)
 
     def step(self, model_output: Any, trajectories: Sequence[SigmaTrajectory], step_indices: Sequence[int],
              sample: Any, history: tuple[Any, ...] = (), noise: Any = None,
