@@ -158,12 +158,11 @@ def _add_distillation_parser(stages, stage: str, what: str, settings, helps: dic
 
 
 GUIDANCE_HELP = {
-    **{name: LCM_HELP[name] for name in ("data", "steps", "batch_size", "lr_schedule", "warmup_steps", "weight_decay",
-                                         "grad_clip", "average_decay", "seed", "device", "checkpoint_every",
-                                         "skip_bad_images")},
+    **{name: LCM_HELP[name] for name in ("data", "steps", "batch_size", "learning_rate", "lr_schedule",
+                                         "warmup_steps", "weight_decay", "grad_clip", "average_decay", "seed",
+                                         "device", "checkpoint_every", "skip_bad_images")},
     "guidance_scale": "the classifier-free guidance scale distilled into the model (the base's, in the runtime's "
                       "convention); the model written is sampled with guidance 1",
-    "learning_rate": "AdamW learning rate of the student UNet",
 }
 
 
