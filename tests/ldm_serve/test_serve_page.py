@@ -100,7 +100,8 @@ def test_a_typed_prompt_gives_the_servers_image_with_its_seed_and_timing(page, p
     assert page.locator("#images img").first.evaluate("image => image.naturalWidth") == 16
     assert page.locator("#error").is_hidden()
     page.locator("#server-status").filter(has_text="ready").wait_for(timeout=WAIT_MS)
-    assert page.locator("#queue-depth").inner_text() == "0"
+    # The page polls /readyz once a second: a poll made while either request was queued shows 1 until the next one.
+    page.wait_for_function("() => document.getElementById('queue-depth').textContent === '0'", timeout=WAIT_MS)
     offline = all(url.startswith((page_server.url, "data:")) for url in page.requested)
     assert page.requested and offline, page.requested
     assert "'none'" in page.evaluate("() => fetch('/').then(answer => answer.headers.get('content-security-policy'))")
