@@ -343,7 +343,7 @@ class SamplerDefaults:
     timestep_spacing: str | None = None
     steps_offset: int | None = None
     # a request's guidance scale where it names none: null is DEFAULT_GUIDANCE_SCALE; a model distilled with its
-    # guidance in it (ldm-train lcm, ldm-train guidance) records 1, so that its requests run no unconditional row
+    # guidance in it (ldm-train lcm, guidance, progressive) records 1, so that its requests run no unconditional row
     guidance_scale: float | None = None
     # a request's guidance interval (low, high] in noise levels, cache interval and cache schedule where it names
     # none (GenerationRequest); null: guidance at every step, no caching, "uniform"

@@ -6,6 +6,7 @@
     ldm-train lora --base runs/ldm --out style.safetensors --rank 4   # a LoRA adapter for ldm-import --lora
     ldm-train lcm --base runs/ldm --out runs/ldm-lcm          # a model that samples in 2-8 steps, guidance in it
     ldm-train guidance --base runs/ldm --out runs/ldm-g       # the guidance in the model: one UNet row a step
+    ldm-train progressive --base runs/ldm-g --out runs/ldm-4 --sample-steps 4   # DDIM 4 where the base takes 8
     torchrun --nproc-per-node 2 -m ldm_train unet ...        # data-parallel (gloo on CPU, nccl on GPU)
 """
 
@@ -26,6 +27,7 @@ from ldm_train.run import AutoencoderSettings, UNetSettings
 from ldm_train.train_guidance import GuidanceSettings
 from ldm_train.train_lcm import ConsistencySettings
 from ldm_train.train_lora import LoraSettings
+from ldm_train.train_progressive import ProgressiveSettings
 
 PROG = "ldm-train"
 
@@ -76,7 +78,8 @@ STAGE_SETTINGS = {"autoencoder": AutoencoderSettings, "unet": UNetSettings}  # e
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    stages = parser.add_subparsers(dest="stage", required=True, metavar="{autoencoder,unet,classifier,lora,lcm,guidance}")
+    stages = parser.add_subparsers(dest="stage", required=True,
+                                   metavar="{autoencoder,unet,classifier,lora,lcm,guidance,progressive}")
     for stage, settings in STAGE_SETTINGS.items():
         sub = stages.add_parser(stage, help=f"train the {stage}",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -91,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distillation_parser(stages, "guidance", "distil a trained model's classifier-free guidance into it: one UNet "
                                                  "row per image and step, with any sampler", GuidanceSettings,
                              GUIDANCE_HELP)
+    _add_distillation_parser(stages, "progressive", "distil a trained model into one whose DDIM at N steps lands "
+                                                    "where the base's at 2N does (progressive distillation)",
+                             ProgressiveSettings, PROGRESSIVE_HELP)
     return parser
 
 
@@ -166,6 +172,18 @@ GUIDANCE_HELP = {
 }
 
 
+PROGRESSIVE_HELP = {
+    **GUIDANCE_HELP,
+    "guidance_scale": "the teacher's classifier-free guidance scale, distilled into the model (None: the base's "
+                      "own default, 1 for a model from ldm-train guidance or progressive); the model written is "
+                      "sampled with guidance 1",
+    "sample_steps": "N: the model written takes N DDIM steps (on the trailing grid) where the base takes "
+                    "--teacher-steps; its model.json names DDIM at N steps as its default",
+    "teacher_steps": "the base's DDIM steps the student learns to land on in N (None: 2N, one round of halving; "
+                     "a multiple of N: the teacher runs that many times N per training sample)",
+}
+
+
 def _add_settings_flags(sub, settings, helps: dict[str, str], skip: tuple[str, ...]) -> None:
     """One flag per field of dataclass ``settings`` but ``skip``, its default the field's, its help ``helps``'
     (every flag has one: a field without is a KeyError)."""
@@ -211,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.stage == "guidance":
         from ldm_train.train_guidance import train_guidance
         return _train_distilled(args, GuidanceSettings, train_guidance)
+    if args.stage == "progressive":
+        from ldm_train.train_progressive import train_progressive
+        return _train_distilled(args, ProgressiveSettings, train_progressive)
     settings_class = STAGE_SETTINGS[args.stage]
     values = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(settings_class)}}
     settings = settings_class(**values)
@@ -269,7 +290,7 @@ def _train_lora(args: argparse.Namespace) -> int:
 
 
 def _train_distilled(args: argparse.Namespace, settings_class, train) -> int:
-    """``ldm-train lcm`` and ``ldm-train guidance``: a new model folder distilled from ``--base``."""
+    """``ldm-train lcm``, ``guidance`` and ``progressive``: a new model folder distilled from ``--base``."""
     values = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(settings_class)}}
     out = Path(args.out)
 

@@ -160,10 +160,13 @@ def check_seed(value: Any) -> None:
 
 
 def check_finite_flags(settings: Any, above_zero: tuple[str, ...], at_least_zero: tuple[str, ...]) -> None:
-    """``ConfigError`` naming the first of these number flags that is NaN, infinite or below its bound."""
+    """``ConfigError`` naming the first of these number flags that is NaN, infinite or below its bound (None, a
+    flag left to its default of "unset", passes)."""
     for names, bound in ((above_zero, "above 0"), (at_least_zero, ">= 0")):
         for name in names:
             value = getattr(settings, name)
+            if value is None:
+                continue
             if not math.isfinite(value) or value < 0 or (bound == "above 0" and value == 0):
                 raise ConfigError(f"--{name.replace('_', '-')} is {value}; expected a finite number {bound}")
 

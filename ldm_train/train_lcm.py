@@ -59,7 +59,7 @@ SOLVER_STEPS = LCMSampler.original_inference_steps
 
 @dataclass(frozen=True)
 class DistillationSettings:
-    """The flags of a distillation from a base model (``ldm-train lcm``, ``ldm-train guidance``); the CLI reads
+    """The flags of a distillation from a base model (``ldm-train lcm``, ``guidance``, ``progressive``); the CLI reads
     their defaults from here."""
 
     base: str
@@ -160,10 +160,10 @@ def train_lcm(settings: ConsistencySettings) -> Path:
 
 class Distillation:
     """One distillation of a base model into a student UNet that starts as the base's own (``ldm-train lcm``,
-    ``ldm-train guidance``): ``loss`` is a batch's loss, ``after_step`` what follows each optimiser step beside the
-    student's EMA, ``written_config`` the model.json of the folder written and ``train_tensors`` what it keeps of
-    the run beside the optimiser and the student; ``needs_timesteps`` the fewest training timesteps a base may
-    have."""
+    ``guidance``, ``progressive``): ``loss`` is a batch's loss, ``after_step`` what follows each optimiser step beside
+    the student's EMA, ``written_config`` the model.json of the folder written and ``train_tensors`` what it keeps of
+    the run beside the optimiser and the student; ``check_base`` refuses a base it cannot distil (by default one with
+    fewer training timesteps than ``needs_timesteps``)."""
 
     needs_timesteps = 1
 
@@ -171,6 +171,15 @@ class Distillation:
                  alphas_cumprod: torch.Tensor, device: torch.device):
         self.settings, self.config, self.teacher, self.student = settings, config, teacher, student
         self.alphas_cumprod, self.device = alphas_cumprod, device
+        self.guidance_scale = settings.guidance_scale  # the teacher's
+
+    @classmethod
+    def check_base(cls, settings, config: ModelConfig) -> None:
+        """``ConfigError`` where the base model cannot be distilled with these settings (before any work)."""
+        count = config.schedule.num_train_timesteps
+        if count < cls.needs_timesteps:
+            raise ConfigError(f"the model {settings.base} has {count} training timesteps; expected at least "
+                              f"{cls.needs_timesteps} (the distillation grid)")
 
     def loss(self, data: EncodedData, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
              caption_ids: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -187,16 +196,18 @@ class Distillation:
 
     def guided_teacher(self, data: EncodedData, noisy: torch.Tensor, timesteps: torch.Tensor,
                        caption_ids: torch.Tensor) -> torch.Tensor:
-        """The teacher's classifier-free guided output at ``settings.guidance_scale`` (the runtime's
-        ``apply_guidance``: uncond + w (cond - uncond)), no gradient."""
+        """The teacher's classifier-free guided output at ``guidance_scale`` (the runtime's ``apply_guidance``:
+        uncond + w (cond - uncond); at 1 its conditional output alone, as the runtime runs it), no gradient."""
         with torch.no_grad():
             conditional = _conditioning(data, caption_ids, self.device)
+            if self.guidance_scale == 1.0:
+                return self.teacher(noisy, timesteps, **conditional)
             unconditional = _conditioning(data, torch.zeros_like(caption_ids), self.device)
             both = self.teacher(torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]),
                                 torch.cat([unconditional["context"], conditional["context"]]),
                                 torch.cat([unconditional["context_mask"], conditional["context_mask"]]))
             output_unconditional, output_conditional = both.chunk(2)
-            return apply_guidance(output_unconditional, output_conditional, self.settings.guidance_scale)
+            return apply_guidance(output_unconditional, output_conditional, self.guidance_scale)
 
 
 def run_distillation(settings, stage: str, kind: type[Distillation]) -> Path:
@@ -215,10 +226,8 @@ def run_distillation(settings, stage: str, kind: type[Distillation]) -> Path:
 def _train(settings, stage: str, kind: type[Distillation], device: torch.device) -> Path:
     networks = load_checkpoint(settings.base)
     config = networks.config
+    kind.check_base(settings, config)
     count = config.schedule.num_train_timesteps
-    if count < kind.needs_timesteps:
-        raise ConfigError(f"the model {settings.base} has {count} training timesteps; expected at least "
-                          f"{kind.needs_timesteps} (the distillation grid)")
     if config.unet.in_channels != config.autoencoder.latent_channels:
         raise ConfigError(f"--base {settings.base} is an inpainting model (its UNet takes "
                           f"{config.unet.in_channels} channels); expected a text-to-image model")
