@@ -13,18 +13,16 @@ import torch
 
 from ldm_runtime.checkpoint import AUTOENCODER_WEIGHTS, UNET_WEIGHTS, load_checkpoint, load_tensors
 from ldm_runtime.config import DEFAULT_SAMPLER, DEFAULT_STEPS
-from ldm_runtime.engines.torch_engine import TorchEngine
 from ldm_runtime.files import sha256_file
 from ldm_runtime.guidance import apply_guidance
-from ldm_runtime.pipeline import GenerationRequest, Pipeline
-from ldm_tools.frontier import RecordingEngine
 from ldm_train.cli import main
 from ldm_train.data import build_dataset
 from ldm_train.diffusion import ForwardProcess
 from ldm_train.train_guidance import GuidanceDistillation, GuidanceSettings
 from ldm_train.train_lora import _with_context
 from ldm_train.train_unet import _conditioning, encode_dataset
-from tests.ldm_export.tiny_checkpoint import TINY_CONFIG, shared_tiny_checkpoint
+from tests.ldm_export.tiny_checkpoint import shared_tiny_checkpoint
+from tests.ldm_train.distilled import defaults_and_rows
 
 QUICK = ["--data", "shapes:16", "--steps", "4", "--batch-size", "4", "--checkpoint-every", "2", "--device", "cpu"]
 
@@ -72,15 +70,8 @@ def test_the_model_it_writes_samples_with_the_bases_sampler_unguided_by_default(
                for name, value in load_tensors(out / UNET_WEIGHTS).items())  # it trained
     defaults = json.loads((out / "model.json").read_text())["default_sampler"]
     assert (defaults["name"], defaults["steps"], defaults["guidance_scale"]) == (None, None, 1.0)
-    load_checkpoint(out)  # a whole model: every weight file, the text encoder and tokenizer
-    engine = RecordingEngine(TorchEngine(out, device="cpu"))
-    pipeline = Pipeline(engine)
-    request = GenerationRequest(prompt="a red circle", seed=int(rng.integers(2**62)))
-    resolved = pipeline.resolve(request)
-    assert (resolved.sampler, resolved.steps, resolved.guidance_scale) == (DEFAULT_SAMPLER, DEFAULT_STEPS, 1.0)
-    [image] = pipeline.generate([request])
-    assert image.shape == (TINY_CONFIG.image_size, TINY_CONFIG.image_size, 3)
-    assert engine.whole_rows == DEFAULT_STEPS  # one UNet row a step: no unconditional row
+    # one UNet row a step: no unconditional row
+    assert defaults_and_rows(out, rng) == ((DEFAULT_SAMPLER, DEFAULT_STEPS, 1.0), DEFAULT_STEPS)
 
 
 def test_bad_flags_an_existing_model_or_the_base_as_out_are_one_line(base, tmp_path, capsys):

@@ -12,14 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from ldm_runtime.checkpoint import AUTOENCODER_WEIGHTS, UNET_WEIGHTS, load_checkpoint, load_tensors
+from ldm_runtime.checkpoint import AUTOENCODER_WEIGHTS, UNET_WEIGHTS, load_tensors
 from ldm_runtime.config import inpainting_channels
-from ldm_runtime.engines.torch_engine import TorchEngine
 from ldm_runtime.files import sha256_file
-from ldm_runtime.pipeline import GenerationRequest, Pipeline
 from ldm_runtime.schedulers import LCMSampler, NoiseSchedule
 from ldm_runtime.schedulers.sigmas import read_only_trajectory, schedule_sigmas
-from ldm_tools.frontier import RecordingEngine
 from ldm_train.checkpoint import write_random_checkpoint
 from ldm_train.cli import main
 from ldm_train.train_lcm import (
@@ -30,6 +27,7 @@ from ldm_train.train_lcm import (
     solver_grid,
 )
 from tests.ldm_export.tiny_checkpoint import TINY_CONFIG, shared_tiny_checkpoint
+from tests.ldm_train.distilled import defaults_and_rows
 
 QUICK = ["--data", "shapes:16", "--steps", "4", "--batch-size", "4", "--checkpoint-every", "2", "--device", "cpu"]
 
@@ -105,15 +103,7 @@ def test_the_model_it_writes_samples_with_lcm_unguided_by_default(base, tmp_path
     assert defaults == {"name": "lcm", "steps": 3, "guidance_scale": 1.0, "timestep_spacing": None,
                         "steps_offset": None}
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [4]
-    load_checkpoint(out)  # a whole model: every weight file, the text encoder and tokenizer
-    engine = RecordingEngine(TorchEngine(out, device="cpu"))
-    pipeline = Pipeline(engine)
-    request = GenerationRequest(prompt="a red circle", seed=int(rng.integers(2**62)))
-    resolved = pipeline.resolve(request)
-    assert (resolved.sampler, resolved.steps, resolved.guidance_scale) == ("lcm", 3, 1.0)
-    [image] = pipeline.generate([request])
-    assert image.shape == (TINY_CONFIG.image_size, TINY_CONFIG.image_size, 3)
-    assert engine.whole_rows == 3  # one UNet row a step: no unconditional row
+    assert defaults_and_rows(out, rng) == (("lcm", 3, 1.0), 3)  # one UNet row a step: no unconditional row
 
 
 def test_bad_flags_an_existing_model_or_the_base_as_out_are_one_line(base, tmp_path, capsys):
