@@ -62,8 +62,9 @@ def distillation(networks, sample_steps: int, guidance_scale: float | None = 5.0
 
 
 class OracleStudent(torch.nn.Module):
-    """A student that answers every training target exactly: its ε output is the one whose x̂_0 is the target
-    x̃ of the teacher's two steps (for captions ``caption_ids``, at the student's grid timesteps)."""
+    """A student that answers every training target exactly: its output (ε or v, as the model predicts) is the one
+    whose x̂_0 is the target x̃ of the teacher's K steps (for captions ``caption_ids``, at the student's grid
+    timesteps)."""
 
     def __init__(self, run: ProgressiveDistillation, data, caption_ids):
         super().__init__()
@@ -74,7 +75,9 @@ class OracleStudent(torch.nn.Module):
         assert np.array_equal(self.run.grid.starts[index], timesteps.numpy())
         wanted = self.run.wanted(self.data, noisy, self.caption_ids, index)
         alpha = self.run.alphas_cumprod[timesteps].view(-1, 1, 1, 1).float()
-        return (noisy - alpha.sqrt() * wanted) / (1.0 - alpha).sqrt()
+        if self.run.config.schedule.prediction_type == "epsilon":
+            return (noisy - alpha.sqrt() * wanted) / (1.0 - alpha).sqrt()
+        return (alpha.sqrt() * noisy - wanted) / (1.0 - alpha).sqrt()  # x̂_0 = sqrt(ᾱ) x_t - sqrt(1 - ᾱ) v
 
 
 def sample(model, sampler: DDIMSampler, steps: int, latents: torch.Tensor) -> torch.Tensor:
@@ -85,10 +88,14 @@ def sample(model, sampler: DDIMSampler, steps: int, latents: torch.Tensor) -> to
     return latents
 
 
-@pytest.mark.parametrize("sample_steps, teacher_steps", [(1, None), (2, None), (4, None), (2, 8)])
+@pytest.mark.parametrize("sample_steps, teacher_steps, prediction_type",
+                         [(1, None, "epsilon"), (2, None, "epsilon"), (4, None, "epsilon"), (2, 8, "epsilon"),
+                          (2, None, "v_prediction")])
 def test_a_student_on_its_targets_samples_in_n_steps_what_the_teacher_does_in_kn(networks, data, sample_steps,
-                                                                                   teacher_steps):
-    run = distillation(networks, sample_steps, teacher_steps=teacher_steps)
+                                                                                   teacher_steps, prediction_type):
+    config = dataclasses.replace(networks.config, schedule=dataclasses.replace(networks.config.schedule,
+                                                                               prediction_type=prediction_type))
+    run = distillation(networks, sample_steps, config=config, teacher_steps=teacher_steps)
     caption_ids = data.caption_ids[:BATCH]
     conditional = _conditioning(data, caption_ids, run.device)
     unconditional = _conditioning(data, torch.zeros_like(caption_ids), run.device)
@@ -98,7 +105,7 @@ def test_a_student_on_its_targets_samples_in_n_steps_what_the_teacher_does_in_kn
             return apply_guidance(networks.unet(latents, timesteps, **unconditional),
                                   networks.unet(latents, timesteps, **conditional), 5.0)
 
-    written = progressive_config(networks.config, sample_steps)
+    written = progressive_config(config, sample_steps)
     assert written.sampler.timestep_spacing == "trailing"
     schedule = NoiseSchedule.from_config(written.schedule)
     generator = torch.Generator().manual_seed(3)
