@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ldm_runtime.config import DEFAULT_GUIDANCE_SCALE, ConfigError, DDIMConfig, ModelConfig, SamplerDefaults
-from ldm_runtime.schedulers.ddim import FINAL_TIMESTEP, DDIMTrajectory, ddim_step
+from ldm_runtime.schedulers.ddim import DDIMTrajectory, alpha_products, ddim_step
 from ldm_runtime.schedulers.schedule import NoiseSchedule
 from ldm_train.diffusion import ForwardProcess
 from ldm_train.run import check_whole
@@ -140,7 +140,7 @@ class ProgressiveDistillation(Distillation):
         denoised = denoised_and_noise(output.float(), noisy, alpha.float(), self.config.schedule.prediction_type)[0]
         with torch.no_grad():
             wanted = self.wanted(data, noisy, caption_ids, index)
-        weight = (alpha / (1.0 - alpha)).clamp(min=1.0).float()
+        weight = self.forward.snr(start).clamp(min=1.0).view(-1, 1, 1, 1).float()
         return (weight * (denoised - wanted).pow(2)).mean()
 
     def teacher_steps(self, data, noisy: torch.Tensor, caption_ids: torch.Tensor, index: np.ndarray) -> torch.Tensor:
@@ -161,15 +161,10 @@ class ProgressiveDistillation(Distillation):
         return ((landed - ratio.float() * noisy) / scale.float()).float()
 
     def step_alphas(self, index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """ᾱ at each row's student step start and end (float64, broadcastable), the end the DDIM config's final
-        alpha after the last step."""
-        alphas = self.schedule.alphas_cumprod
-        final = 1.0 if self.ddim.set_alpha_to_one else alphas[0]
-        ends = self.grid.ends[index]
-        end_alpha = np.where(ends == FINAL_TIMESTEP, final, alphas[np.maximum(ends, 0)])
-        start_alpha = alphas[self.grid.starts[index]]
-        return tuple(torch.from_numpy(np.asarray(value, dtype=np.float64)).to(self.device).view(-1, 1, 1, 1)
-                     for value in (start_alpha, end_alpha))
+        """ᾱ at each row's student step start and end (float64, broadcastable), as the runtime's DDIM step takes
+        them (the final alpha after the last step)."""
+        alphas = alpha_products(self.schedule, self.ddim, self.grid.starts[index], self.grid.ends[index])
+        return tuple(torch.from_numpy(value).to(self.device).view(-1, 1, 1, 1) for value in alphas)
 
     def written_config(self) -> ModelConfig:
         return progressive_config(self.config, self.settings.sample_steps)

@@ -170,6 +170,17 @@ def ddim_step(
     return prev_sample, pred_original_sample
 
 
+def alpha_products(schedule: NoiseSchedule, config: DDIMConfig, timesteps: np.ndarray,
+                   prev_timesteps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(a_t, a_prev), float64 and shaped as the integer host arrays given: the alpha products a DDIM step between
+    them uses, ``final_alpha_cumprod`` (1 with ``set_alpha_to_one``, else ``alphas_cumprod[0]``) where prev is -1."""
+    alphas_cumprod = schedule.alphas_cumprod
+    final_alpha_cumprod = 1.0 if config.set_alpha_to_one else alphas_cumprod[0]
+    previous = np.asarray(prev_timesteps)
+    return (alphas_cumprod[np.asarray(timesteps)],
+            np.where(previous >= 0, alphas_cumprod[np.maximum(previous, 0)], final_alpha_cumprod))
+
+
 def _step_coefficients(schedule: NoiseSchedule, config: DDIMConfig, timesteps: Any, prev_timesteps: Any,
                        eta: np.ndarray, batch: int) -> np.ndarray:
     """(5, B) float64: sqrt(a_t), sqrt(1 - a_t), sqrt(a_prev), sqrt(1 - a_prev - sigma^2), sigma (eqs. 12, 16)."""
@@ -182,10 +193,7 @@ def _step_coefficients(schedule: NoiseSchedule, config: DDIMConfig, timesteps: A
         raise ValueError(
             f"prev_timesteps {prev.tolist()} do not precede timesteps {current.tolist()}; expected -1 <= prev < t"
         )
-    alphas_cumprod = schedule.alphas_cumprod
-    final_alpha_cumprod = 1.0 if config.set_alpha_to_one else alphas_cumprod[0]
-    alpha_prod = alphas_cumprod[current]
-    alpha_prod_prev = np.where(prev >= 0, alphas_cumprod[np.maximum(prev, 0)], final_alpha_cumprod)
+    alpha_prod, alpha_prod_prev = alpha_products(schedule, config, current, prev)
     beta_prod = 1.0 - alpha_prod
     beta_prod_prev = 1.0 - alpha_prod_prev
     variance = (beta_prod_prev / beta_prod) * (1.0 - alpha_prod / alpha_prod_prev)
