@@ -12,8 +12,8 @@ from ldm_runtime.engines import load_engine
 from ldm_runtime.pipeline import Pipeline
 from ldm_tools import evaluate
 from ldm_tools.frontier import (
-    CONFIG_SYNTAX, EVERY_NOISE_LEVEL, FrontierError, SamplingConfig, main, meets_bar, parse_bar, parse_config,
-    pareto_front, summarize,
+    CONFIG_SYNTAX, EVERY_NOISE_LEVEL, FrontierError, SamplingConfig, fid_ratio_above_floor, format_report, main,
+    meets_bar, parse_bar, parse_config, pareto_front, summarize,
 )
 from tests.ldm_export.tiny_checkpoint import shared_tiny_checkpoint
 
@@ -110,7 +110,8 @@ def measured(name: str, images_per_s: float, shape: float = 0.9, fid: float = 24
     config = parse_config(name)
     return {**config.to_dict(), "engine_key": config.engine_key, "sampler_alone": config.sampler_alone,
             "status": "ok", "images_per_s": images_per_s, "adherence": {"shape": shape, "color": 0.99, "all": shape},
-            "fid_in_domain": fid, "latent_rms": rms, "image_psnr_db": 30.0}
+            "fid_in_domain": fid, "latent_rms": rms, "image_psnr_db": 30.0, "images_per_s_spread": 0.1,
+            "whole_unet_rows_per_image": 2 * config.steps, "shallow_unet_rows_per_image": 0}
 
 
 def test_meets_bar_applies_every_term_against_the_baseline():
@@ -157,6 +158,32 @@ def test_summary_names_the_fastest_within_the_bar_per_engine_beside_ddim_and_the
                                                  "onnxruntime/fp32/euler:6", "onnxruntime/fp32/ddim:10",
                                                  "onnxruntime/fp32/ddim:25"]
     assert [r["meets_bar"] for r in results[:6]] == [True, True, True, True, False, True]
+
+
+def test_the_fid_bar_is_read_against_the_small_sample_floor_and_the_report_says_when_it_is_loose():
+    # the demo model's figures at 200 prompts: floor 223.3, DDIM 25 at 244.3
+    assert fid_ratio_above_floor(1.05, 244.3, 223.3) == pytest.approx((1.05 * 244.3 - 223.3) / 21.0)
+    assert fid_ratio_above_floor(1.05, 200.0, 223.3) is None
+    results = [measured("onnxruntime/fp32/ddim:25", 1.0, fid=244.3), measured("onnxruntime/fp32/euler:6", 3.0,
+                                                                                fid=256.0)]
+    bar = {"adherence-drop": 0.02, "fid-ratio": 1.05}
+    summary = summarize(results, "onnxruntime/fp32/ddim:25", bar, fid_floor=223.3)
+    assert summary["fid_ratio_above_floor"] == pytest.approx(1.5817, abs=1e-4)
+    report = {"results": results, "summary": summary, "settings": {"num_prompts": 200}}
+    line, = [line for line in format_report(report).splitlines() if "floor" in line]
+    assert "223.3" in line and "91%" in line and "allows 58%" in line and "2127 prompts" in line, line
+    # the floor at 1000 prompts is under twice the part above it: no line
+    results[0]["fid_in_domain"] = 90.4
+    summary = summarize(results, "onnxruntime/fp32/ddim:25", bar, fid_floor=47.4)
+    assert summary["fid_ratio_above_floor"] == pytest.approx(1.1051, abs=1e-4)
+    assert "floor" not in format_report({"results": results, "summary": summary, "settings": {"num_prompts": 1000}})
+    # a baseline at or under the floor: the term compares noise
+    results[0]["fid_in_domain"] = 40.0
+    summary = summarize(results, "onnxruntime/fp32/ddim:25", bar, fid_floor=47.4)
+    assert summary["fid_ratio_above_floor"] is None
+    assert "compares sampling noise" in format_report({"results": results, "summary": summary,
+                                                       "settings": {"num_prompts": 1000}})
+    assert "fid_floor" not in summarize(results, "onnxruntime/fp32/ddim:25", {"adherence-drop": 0.02}, 47.4)
 
 
 @pytest.fixture(scope="module")
