@@ -37,11 +37,11 @@ SAMPLER_NAMES = ("ddim", "euler", "euler-a", "dpmpp-2m", "dpmpp-2m-karras", "dpm
 # The samplers that take a request's eta: DDIM's eta, TCD's gamma (diffusers' pipelines hand eta to both)
 ETA_SAMPLERS = ("ddim", "tcd")
 SIGMA_SPACINGS = ("linspace", "leading", "trailing")  # how the samplers other than DDIM spread their timesteps
-# The sampler and steps of a request that names none, for a model whose folder names none: the fastest setting
-# that keeps the demo model's adherence within 0.02 of 25 DDIM steps on every attribute and its FID within 5%
-# (BENCHMARKS.md, "Quality against steps": DDIM needs 10 steps, Euler 6)
+# The sampler and steps of a request that names none, for a model whose folder names none: the fewest Euler steps
+# that keep the demo model's adherence within 0.02 of 25 DDIM steps on every attribute and its FID within 5% over
+# 1000 held-out prompts (BENCHMARKS.md, "The bar over 1000 prompts": Euler 6 loses 0.03 of every attribute's)
 DEFAULT_SAMPLER = "euler"
-DEFAULT_STEPS = 6
+DEFAULT_STEPS = 7
 # The guidance scale of a request that names none, for a model whose folder names none: the CompVis LDM
 # text-to-image script's default, milder than Stable Diffusion's 7.5, which over-saturates small models trained on
 # few captions; and the most a request or a model may name
