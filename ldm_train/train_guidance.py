@@ -41,8 +41,7 @@ class GuidanceDistillation(Distillation):
     """The student's output on x_t against the teacher's guided output there."""
 
     def loss(self, data, latents, noise, timesteps, caption_ids, generator):
-        alpha = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1).float()
-        noisy = alpha.sqrt() * latents + (1.0 - alpha).sqrt() * noise
+        noisy = self.forward.add_noise(latents, noise, timesteps)
         prediction = self.student(noisy, timesteps, **_conditioning(data, caption_ids, self.device))
         wanted = self.guided_teacher(data, noisy, timesteps, caption_ids)
         return (prediction.float() - wanted.float()).pow(2).mean()

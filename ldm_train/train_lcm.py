@@ -168,9 +168,10 @@ class Distillation:
     needs_timesteps = 1
 
     def __init__(self, settings, config: ModelConfig, teacher: torch.nn.Module, student: torch.nn.Module,
-                 alphas_cumprod: torch.Tensor, device: torch.device):
+                 forward: ForwardProcess, device: torch.device):
         self.settings, self.config, self.teacher, self.student = settings, config, teacher, student
-        self.alphas_cumprod, self.device = alphas_cumprod, device
+        self.forward, self.device = forward, device  # noising: forward.add_noise
+        self.alphas_cumprod = forward.alphas_cumprod.to(device)  # float64
         self.guidance_scale = settings.guidance_scale  # the teacher's
 
     @classmethod
@@ -242,8 +243,7 @@ def _train(settings, stage: str, kind: type[Distillation], device: torch.device)
                          text_encoder, device)
     trainable = [parameter for parameter in student.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    distillation = kind(settings, config, teacher, student, ForwardProcess(config.schedule).alphas_cumprod.to(device),
-                        device)
+    distillation = kind(settings, config, teacher, student, ForwardProcess(config.schedule), device)
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     metrics = MetricsLog(out / "metrics.jsonl", None)
@@ -312,7 +312,7 @@ def _consistency_loss(run: ConsistencyDistillation, data: EncodedData, latents: 
     previous = (start - run.stride).clamp(min=0)
     alpha = alphas_cumprod[start].view(-1, 1, 1, 1).float()
     alpha_previous = alphas_cumprod[previous].view(-1, 1, 1, 1).float()
-    noisy = alpha.sqrt() * latents + (1.0 - alpha).sqrt() * noise
+    noisy = run.forward.add_noise(latents, noise, start)
     conditional = _conditioning(data, caption_ids, run.device)
     prediction = consistency_function(run.student(noisy, start, **conditional), noisy, start,
                                       alphas_cumprod, prediction_type)

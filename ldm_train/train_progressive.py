@@ -34,7 +34,6 @@ import torch
 from ldm_runtime.config import DEFAULT_GUIDANCE_SCALE, ConfigError, DDIMConfig, ModelConfig, SamplerDefaults
 from ldm_runtime.schedulers.ddim import DDIMTrajectory, alpha_products, ddim_step
 from ldm_runtime.schedulers.schedule import NoiseSchedule
-from ldm_train.diffusion import ForwardProcess
 from ldm_train.run import check_whole
 from ldm_train.train_lcm import Distillation, DistillationSettings, denoised_and_noise, run_distillation
 from ldm_train.train_unet import _conditioning
@@ -124,7 +123,6 @@ class ProgressiveDistillation(Distillation):
         self.ddim = ddim_config_of(self.config.sampler)
         self.grid = student_grid(self.schedule, self.settings.sample_steps, self.settings.teacher_step_count,
                                  self.ddim)
-        self.forward = ForwardProcess(self.config.schedule)
 
     @classmethod
     def check_base(cls, settings, config: ModelConfig) -> None:

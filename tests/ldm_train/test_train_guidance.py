@@ -41,7 +41,7 @@ def test_the_loss_is_the_students_distance_to_the_teachers_guided_output(base, g
     data = _with_context(encode_dataset(build_dataset("shapes:8", config.image_size, 0), networks.autoencoder,
                                         networks.text_encoder, device, 4, True), networks.text_encoder, device)
     settings = GuidanceSettings(base=str(base), out="", guidance_scale=guidance_scale)
-    run = GuidanceDistillation(settings, config, teacher, student, forward.alphas_cumprod, device)
+    run = GuidanceDistillation(settings, config, teacher, student, forward, device)
     generator = torch.Generator().manual_seed(1)
     latents = torch.randn((4, config.autoencoder.latent_channels, 4, 4), generator=generator)
     noise = torch.randn(latents.shape, generator=generator)

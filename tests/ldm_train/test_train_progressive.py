@@ -58,7 +58,7 @@ def distillation(networks, sample_steps: int, guidance_scale: float | None = 5.0
                                    teacher_steps=teacher_steps)
     teacher = networks.unet.eval()
     return ProgressiveDistillation(settings, config, teacher, copy.deepcopy(teacher),
-                                   ForwardProcess(config.schedule).alphas_cumprod, torch.device("cpu"))
+                                   ForwardProcess(config.schedule), torch.device("cpu"))
 
 
 class OracleStudent(torch.nn.Module):
