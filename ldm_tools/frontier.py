@@ -6,16 +6,17 @@
 
 A configuration is ``ENGINE/PRECISION/SAMPLER:STEPS``, then any of ``/cache=N`` (DeepCache: the whole UNet one
 step in N, the shallow part between; ``cache=N:quadratic`` for the paper's non-uniform schedule), ``/gi=LOW-HIGH``
-(guidance only at the UNet calls whose noise level lies in (LOW, HIGH]; without it, at every call), ``/eta=X``
+(guidance only at the UNet calls whose noise level lies in (LOW, HIGH]; without it, at every call), ``/g=X`` (the
+guidance scale, instead of the run's; 1 runs no unconditional row), ``/eta=X``
 (DDIM's eta or TCD's gamma; without it, 0) and ``/model=NAME`` (the folders ``--variant NAME=FOLDER`` names
 instead of ``--model``'s: a model distilled from it, such as ``ldm-train lcm`` writes, judged on the same prompts
 and seeds). The torch engine runs the checkpoint dir among ``--model`` at PRECISION fp32, bf16 or fp16 (its
 dtype); onnxruntime and tensorrt run the engine dir among ``--model`` exported at PRECISION; openvino runs the fp32
 engine dir (else the only one) at PRECISION fp32 or bf16 (its inference precision).
 
-Every configuration samples the same ``--num-prompts`` held-out prompts of ldm-eval (prompt i: seed
-``--seed`` + i) at ``--guidance``, else at its model's default guidance (the guidance a distilled model has in it
-is its own), and is judged by:
+Every configuration samples the same ``--num-prompts`` held-out prompts of ldm-eval (prompt i: seed ``--seed`` + i)
+at its ``/g=``, else ``--guidance``, else its model's default guidance (the guidance a distilled model has in it is
+its own), and is judged by:
 
 - the reference distance, on any model: ``latent_rms``, the RMS of its final latents (as the UNet sees them)
   against a reference run's, and ``image_psnr_db``, the mean PSNR of its images against the reference's. The
@@ -102,7 +103,7 @@ ENGINE_PRECISIONS = {"torch": ("fp32", "bf16", "fp16"), "triton": ("fp16", "bf16
                      "onnxruntime": ("fp32", "fp16"), "tensorrt": ("fp32", "fp16"), "openvino": ("fp32", "bf16")}
 CHECKPOINT_ENGINES = ("torch", "triton")
 DETERMINISTIC_SAMPLERS = ("ddim", "euler", "dpmpp-2m", "dpmpp-2m-karras", "unipc", "unipc-3", "plms")
-CONFIG_SYNTAX = "ENGINE/PRECISION/SAMPLER:STEPS[/cache=N[:SCHEDULE]][/gi=LOW-HIGH][/eta=X][/model=NAME]"
+CONFIG_SYNTAX = "ENGINE/PRECISION/SAMPLER:STEPS[/cache=N[:SCHEDULE]][/gi=LOW-HIGH][/g=X][/eta=X][/model=NAME]"
 BAR_TERMS = ("adherence-drop", "fid-ratio", "latent-rms", "latent-rms-ratio", "psnr-db")
 RELATIVE_TERMS = ("adherence-drop", "fid-ratio", "latent-rms-ratio")  # against --baseline's values
 RATIO_TERMS = ("fid-ratio", "latent-rms-ratio")
@@ -134,6 +135,7 @@ class SamplingConfig:
     guidance_interval: tuple[float, float] | None = None  # None: guidance at every call
     model: str | None = None  # a --variant's name; None: --model
     eta: float = 0.0  # DDIM's eta or TCD's gamma
+    guidance_scale: float | None = None  # None: the run's (--guidance, else the model's default)
 
     @property
     def name(self) -> str:
@@ -148,6 +150,8 @@ class SamplingConfig:
             text += f"/cache={self.cache_interval}" + (":quadratic" if self.cache_schedule == "quadratic" else "")
         if self.guidance_interval is not None:
             text += f"/gi={self.guidance_interval[0]:g}-{self.guidance_interval[1]:g}"
+        if self.guidance_scale is not None:
+            text += f"/g={self.guidance_scale:g}"
         if self.eta:
             text += f"/eta={self.eta:g}"
         if self.model is not None:
@@ -166,12 +170,14 @@ class SamplingConfig:
 
     @property
     def sampler_alone(self) -> bool:
-        """Whether only the sampler and its steps save work: no feature caching, guidance at every call."""
-        return self.cache_interval == 1 and self.guidance_interval is None
+        """Whether only the sampler and its steps save work: no feature caching, guidance at every call (not scale 1,
+        which runs no unconditional row)."""
+        return self.cache_interval == 1 and self.guidance_interval is None and self.guidance_scale != 1.0
 
     def request(self, prompt: str, seed: int, guidance_scale: float) -> GenerationRequest:
+        """The request for ``prompt`` at ``seed``; ``guidance_scale`` is the run's, which ``/g=`` overrides."""
         return GenerationRequest(prompt=prompt, seed=seed, sampler=self.sampler, steps=self.steps,
-                                 guidance_scale=guidance_scale,
+                                 guidance_scale=guidance_scale if self.guidance_scale is None else self.guidance_scale,
                                  guidance_interval=self.guidance_interval or EVERY_NOISE_LEVEL,
                                  cache_interval=self.cache_interval, cache_schedule=self.cache_schedule,
                                  eta=self.eta)
@@ -180,7 +186,7 @@ class SamplingConfig:
         return {"config": self.name, "engine": self.engine, "precision": self.precision, "sampler": self.sampler,
                 "steps": self.steps, "cache_interval": self.cache_interval, "cache_schedule": self.cache_schedule,
                 "guidance_interval": list(self.guidance_interval) if self.guidance_interval else None,
-                "model": self.model, "eta": self.eta}
+                "model": self.model, "eta": self.eta, "config_guidance_scale": self.guidance_scale}
 
 
 def parse_config(text: str) -> SamplingConfig:
@@ -206,8 +212,8 @@ def parse_config(text: str) -> SamplingConfig:
     values: dict[str, Any] = {}
     for option in options:
         key, equals, value = option.partition("=")
-        if not equals or key not in ("cache", "gi", "eta", "model"):
-            raise bad(f"has option {option!r}, not one of cache=N[:SCHEDULE], gi=LOW-HIGH, eta=X, model=NAME")
+        if not equals or key not in ("cache", "gi", "g", "eta", "model"):
+            raise bad(f"has option {option!r}, not one of cache=N[:SCHEDULE], gi=LOW-HIGH, g=X, eta=X, model=NAME")
         if key in values:
             raise bad(f"gives {key}= twice")
         if key == "cache":
@@ -228,6 +234,14 @@ def parse_config(text: str) -> SamplingConfig:
                 raise bad(f"gives eta to the {sampler} sampler, which takes none (only {' and '.join(ETA_SAMPLERS)} "
                           f"do)")
             values[key] = eta
+        elif key == "g":
+            try:
+                scale = float(value)
+            except ValueError:
+                scale = math.nan
+            if not (math.isfinite(scale) and scale >= 0):
+                raise bad(f"has guidance scale {value!r}, not a number of 0 or more")
+            values[key] = scale
         elif key == "model":
             if not value.strip():
                 raise bad("has an empty model name")
@@ -244,7 +258,7 @@ def parse_config(text: str) -> SamplingConfig:
     cache_interval, cache_schedule = values.get("cache", (1, "uniform"))
     return SamplingConfig(engine, precision, sampler, int(steps), cache_interval,
                           cache_schedule if cache_interval > 1 else "uniform", values.get("gi"), values.get("model"),
-                          values.get("eta", 0.0))
+                          values.get("eta", 0.0), values.get("g"))
 
 
 def parse_bar(text: str) -> dict[str, float]:
@@ -757,7 +771,7 @@ def run_frontier(settings: FrontierSettings) -> dict[str, Any]:
         except RequestError as error:
             result.update(status="skipped", reason=f"the {config.engine} engine refuses it: {error}")
             continue
-        result.update(status="ok", guidance_scale=guidance[config.load_key],
+        result.update(status="ok", guidance_scale=config.request("", 0, guidance[config.load_key]).guidance_scale,
                       whole_unet_rows_per_image=round(sampled.whole_rows_per_image, 3),
                       shallow_unet_rows_per_image=round(sampled.shallow_rows_per_image, 3))
         if reference is not None:

@@ -79,7 +79,7 @@ class Bf16Measurement:
 
 
 BF16_MEASURED = Bf16Measurement(
-    worst_run_psnr_db=38.9, worst_model="demo, ldm-eval's prompts", adherence_difference=0.006,
+    worst_run_psnr_db=27.1, worst_model="demo, ldm-eval's prompts", adherence_difference=0.005,  # at Euler 7
     cold_first_image_s={"fp32": 53.75, "bf16": 25.7, "onnxruntime": 29.55},  # medians of 2, on a loaded machine
     source="benchmarks/bf16_fidelity.py and benchmarks/openvino_cold_start.py (benchmarks/results/"
            "cpu-openvino-bf16-fidelity.json, cpu-openvino-cold-start-sd15.json)")

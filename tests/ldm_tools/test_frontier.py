@@ -59,6 +59,8 @@ def test_pareto_front_of_a_hand_made_set():
     ("onnxruntime/fp32/tcd:4/eta=0.3/model=lcm", SamplingConfig("onnxruntime", "fp32", "tcd", 4, model="lcm", eta=0.3)),
     ("torch/fp32/ddim:10/eta=1", SamplingConfig("torch", "fp32", "ddim", 10, eta=1.0)),
     ("torch/fp32/tcd:4/eta=0", SamplingConfig("torch", "fp32", "tcd", 4)),
+    ("onnxruntime/fp32/euler:8/g=3", SamplingConfig("onnxruntime", "fp32", "euler", 8, guidance_scale=3.0)),
+    ("torch/fp32/ddim:8/g=1/model=cfg", SamplingConfig("torch", "fp32", "ddim", 8, model="cfg", guidance_scale=1.0)),
 ])
 def test_good_configurations_parse_and_their_names_read_back_the_same(text, expected):
     config = parse_config(text)
@@ -68,6 +70,9 @@ def test_good_configurations_parse_and_their_names_read_back_the_same(text, expe
     assert (request.sampler, request.steps, request.cache_interval, request.cache_schedule, request.eta) == (
         expected.sampler, expected.steps, expected.cache_interval, expected.cache_schedule, expected.eta)
     assert request.guidance_interval == (expected.guidance_interval or EVERY_NOISE_LEVEL)
+    assert request.guidance_scale == (5.0 if expected.guidance_scale is None else expected.guidance_scale)
+    assert config.sampler_alone == (expected.cache_interval == 1 and expected.guidance_interval is None
+                                    and expected.guidance_scale != 1.0)  # scale 1 saves the unconditional rows
 
 
 @pytest.mark.parametrize("text, why", [
@@ -87,6 +92,9 @@ def test_good_configurations_parse_and_their_names_read_back_the_same(text, expe
     ("torch/fp32/ddim:4/eta=nan", "has eta 'nan', not a number from 0 to 1"),
     ("torch/fp32/euler:6/gi=0-1/gi=0-2", "gives gi= twice"),
     ("torch/fp32/euler:6/model=", "has an empty model name"),
+    ("torch/fp32/euler:6/g=-1", "has guidance scale '-1', not a number of 0 or more"),
+    ("torch/fp32/euler:6/g=inf", "has guidance scale 'inf'"),
+    ("torch/fp32/euler:6/g=3/g=4", "gives g= twice"),
 ])
 def test_bad_configurations_are_one_sentence_naming_them(text, why):
     with pytest.raises(FrontierError) as error:
@@ -224,7 +232,7 @@ def test_a_run_on_the_tiny_checkpoint_reports_speed_and_the_reference_distance(t
     report_path, plot_path = tmp_path / "frontier.json", tmp_path / "frontier.png"
     first_seed = seed % 1000
     configs = ["torch/fp32/ddim:3", "torch/fp32/euler:2/gi=0.5-20", "torch/fp32/ddim:6", "torch/fp32/ddim:5000",
-               "torch/fp32/ddim:4/cache=2"]
+               "torch/fp32/ddim:4/cache=2", "torch/fp32/ddim:3/g=1"]
     assert main(["--model", str(tiny_checkpoint), "--configs", *configs, "--reference-steps", "6", "--num-prompts", "3",
                  "--seed", str(first_seed), "--batch-size", "2", "--repeats", "2", "--speed-images", "2", "--bar",
                  "latent-rms=1e9", "--json", str(report_path), "--plot", str(plot_path), "--threads", "1"]) == 0
@@ -236,7 +244,7 @@ def test_a_run_on_the_tiny_checkpoint_reports_speed_and_the_reference_distance(t
     refused = results["torch/fp32/ddim:5000"]
     assert refused["status"] == "skipped" and "steps is 5000" in refused["reason"]
     done = [result for result in results.values() if result["status"] == "ok"]
-    assert len(done) == 4
+    assert len(done) == 5
     for result in done:
         assert result["images_per_s"] > 0 and len(result["images_per_s_rounds"]) == 2
         assert "adherence" not in result and set(result["on_frontier"]) <= {"latent_rms", "image_psnr_db"}
@@ -246,10 +254,13 @@ def test_a_run_on_the_tiny_checkpoint_reports_speed_and_the_reference_distance(t
     seeds = [first_seed + index for index in range(3)]
     engine = load_engine(tiny_checkpoint, engine="torch")
     reference = final_latents(engine, parse_config("torch/fp32/ddim:6"), seeds, captions)
-    for name in ("torch/fp32/ddim:3", "torch/fp32/euler:2/gi=0.5-20"):
+    for name in ("torch/fp32/ddim:3", "torch/fp32/euler:2/gi=0.5-20", "torch/fp32/ddim:3/g=1"):
         expected = np.sqrt(np.mean((final_latents(engine, parse_config(name), seeds, captions) - reference) ** 2))
         assert expected > 0 and results[name]["latent_rms"] == pytest.approx(expected, rel=1e-4)
     assert results["torch/fp32/ddim:3"]["whole_unet_rows_per_image"] == 6
+    unguided = results["torch/fp32/ddim:3/g=1"]  # its own guidance scale, 1: no unconditional rows
+    assert (unguided["guidance_scale"], unguided["whole_unet_rows_per_image"]) == (1.0, 3)
+    assert results["torch/fp32/ddim:3"]["guidance_scale"] != 1.0
     assert results["torch/fp32/euler:2/gi=0.5-20"]["whole_unet_rows_per_image"] == 3  # one call guided, one not
     cached = results["torch/fp32/ddim:4/cache=2"]
     assert (cached["whole_unet_rows_per_image"], cached["shallow_unet_rows_per_image"]) == (4, 4)
