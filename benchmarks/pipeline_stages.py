@@ -27,16 +27,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def load(engine_dir: str, engine: str, precision: str, threads: int):
-    if engine == "onnxruntime":
-        from ldm_runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
-
-        return OnnxRuntimeEngine(engine_dir, intra_op_threads=threads)
-    from ldm_runtime.engines.openvino_engine import OpenVinoEngine
-
-    return OpenVinoEngine(engine_dir, precision=precision, intra_op_threads=threads)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("engine_dir")
@@ -55,11 +45,13 @@ def main(argv: list[str] | None = None) -> int:
         if value < 1:
             parser.error(f"{flag} is {value}; expected a positive integer")
 
+    from ldm_runtime.engines import load_engine
     from ldm_runtime.pipeline import GenerationRequest, Pipeline
     from ldm_tools.bench.cli import machine_info
     from ldm_tools.evaluate import heldout_prompts
 
-    engine = load(args.engine_dir, args.engine, args.precision, args.threads)
+    precision = {"precision": args.precision} if args.engine == "openvino" else {}
+    engine = load_engine(args.engine_dir, engine=args.engine, intra_op_threads=args.threads, **precision)
     if args.batch > engine.info.max_images:
         parser.error(f"--batch is {args.batch}; the engine dir holds at most {engine.info.max_images} images a call")
     pipeline = Pipeline(engine)

@@ -174,10 +174,14 @@ class SamplingConfig:
         which runs no unconditional row)."""
         return self.cache_interval == 1 and self.guidance_interval is None and self.guidance_scale != 1.0
 
+    def guidance_for(self, run_guidance_scale: float) -> float:
+        """The guidance scale this configuration samples at: its ``/g=``, else the run's."""
+        return run_guidance_scale if self.guidance_scale is None else self.guidance_scale
+
     def request(self, prompt: str, seed: int, guidance_scale: float) -> GenerationRequest:
-        """The request for ``prompt`` at ``seed``; ``guidance_scale`` is the run's, which ``/g=`` overrides."""
+        """The request for ``prompt`` at ``seed``; ``guidance_scale`` is the run's (``guidance_for``)."""
         return GenerationRequest(prompt=prompt, seed=seed, sampler=self.sampler, steps=self.steps,
-                                 guidance_scale=guidance_scale if self.guidance_scale is None else self.guidance_scale,
+                                 guidance_scale=self.guidance_for(guidance_scale),
                                  guidance_interval=self.guidance_interval or EVERY_NOISE_LEVEL,
                                  cache_interval=self.cache_interval, cache_schedule=self.cache_schedule,
                                  eta=self.eta)
@@ -187,6 +191,14 @@ class SamplingConfig:
                 "steps": self.steps, "cache_interval": self.cache_interval, "cache_schedule": self.cache_schedule,
                 "guidance_interval": list(self.guidance_interval) if self.guidance_interval else None,
                 "model": self.model, "eta": self.eta, "config_guidance_scale": self.guidance_scale}
+
+
+def number_or_nan(text: str) -> float:
+    """``text`` as a float, NaN where it is none (the checks after it then refuse it in their own words)."""
+    try:
+        return float(text)
+    except ValueError:
+        return math.nan
 
 
 def parse_config(text: str) -> SamplingConfig:
@@ -224,10 +236,7 @@ def parse_config(text: str) -> SamplingConfig:
                 raise bad(f"has cache schedule {schedule!r}, not one of {', '.join(CACHE_SCHEDULES)}")
             values[key] = (int(interval), schedule or "uniform")
         elif key == "eta":
-            try:
-                eta = float(value)
-            except ValueError:
-                eta = math.nan
+            eta = number_or_nan(value)
             if not 0 <= eta <= 1:
                 raise bad(f"has eta {value!r}, not a number from 0 to 1")
             if eta and sampler not in ETA_SAMPLERS:
@@ -235,10 +244,7 @@ def parse_config(text: str) -> SamplingConfig:
                           f"do)")
             values[key] = eta
         elif key == "g":
-            try:
-                scale = float(value)
-            except ValueError:
-                scale = math.nan
+            scale = number_or_nan(value)
             if not (math.isfinite(scale) and scale >= 0):
                 raise bad(f"has guidance scale {value!r}, not a number of 0 or more")
             values[key] = scale
@@ -248,10 +254,7 @@ def parse_config(text: str) -> SamplingConfig:
             values[key] = value.strip()
         else:
             ends = value.split("-")
-            try:
-                low, high = (float(end) for end in ends) if len(ends) == 2 else (math.nan, math.nan)
-            except ValueError:
-                low, high = math.nan, math.nan
+            low, high = (number_or_nan(end) for end in ends) if len(ends) == 2 else (math.nan, math.nan)
             if not (math.isfinite(low) and math.isfinite(high) and 0 <= low < high):
                 raise bad(f"has guidance interval {value!r}, not two noise levels LOW-HIGH with 0 <= LOW < HIGH")
             values[key] = (low, high)
@@ -266,10 +269,7 @@ def parse_bar(text: str) -> dict[str, float]:
     bar: dict[str, float] = {}
     for term in text.split(","):
         key, equals, value = term.strip().partition("=")
-        try:
-            number = float(value) if equals else math.nan
-        except ValueError:
-            number = math.nan
+        number = number_or_nan(value) if equals else math.nan
         if key not in BAR_TERMS or not math.isfinite(number) or key in bar:
             raise FrontierError(f"--bar term {term.strip()!r} is not one of {', '.join(BAR_TERMS)} given once as "
                                 f"NAME=NUMBER")
@@ -771,7 +771,7 @@ def run_frontier(settings: FrontierSettings) -> dict[str, Any]:
         except RequestError as error:
             result.update(status="skipped", reason=f"the {config.engine} engine refuses it: {error}")
             continue
-        result.update(status="ok", guidance_scale=config.request("", 0, guidance[config.load_key]).guidance_scale,
+        result.update(status="ok", guidance_scale=config.guidance_for(guidance[config.load_key]),
                       whole_unet_rows_per_image=round(sampled.whole_rows_per_image, 3),
                       shallow_unet_rows_per_image=round(sampled.shallow_rows_per_image, 3))
         if reference is not None:
