@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import random
 import stat
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from ldm_runtime.errors import UsageError, UserError
@@ -66,7 +68,8 @@ def check_writable_folder(flag: str, folder: Path) -> None:
 
     Processes started together with the same ``--out`` (the ranks of one ``torchrun`` job) run this check at the
     same time: a folder another process creates first is not this call's to remove, and one another process
-    removes under this call is created again, a bounded number of times."""
+    removes under this call is created again, a bounded number of times, after a random wait that doubles with each
+    attempt so that processes which collided once do not collide again in step."""
     for attempt in range(_PROBE_ATTEMPTS):
         try:
             _probe_folder(flag, folder)
@@ -75,9 +78,11 @@ def check_writable_folder(flag: str, folder: Path) -> None:
             if attempt == _PROBE_ATTEMPTS - 1:
                 raise UsageError(f"{flag} {folder} cannot be written ({error.strerror or error}); expected a "
                                  f"folder this user can create and write") from None
+            time.sleep(random.uniform(0, _PROBE_FIRST_WAIT_S * 2**attempt))
 
 
 _PROBE_ATTEMPTS = 10
+_PROBE_FIRST_WAIT_S = 0.001  # the longest first wait; the ninth is at most 0.256 s, all of them together 0.511 s
 
 
 def _kind(path: Path) -> str | None:
