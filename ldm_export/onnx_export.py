@@ -14,7 +14,10 @@ With ``lora_slots`` R (``ldm-export --lora-slots``), both UNet graphs also take,
 factors of every linear layer and 1x1 convolution they run: ``lora_down.<module>`` (B, R, in) and
 ``lora_up.<module>`` (B, out, R), scales folded in (``SlotUNet``; the manifest's ``lora_slots`` lists them).
 
-B, h, w, H and W are dynamic within the export's ranges (``dims``); L (the text length) is fixed. The
+B, h, w, H and W are dynamic within the export's ranges (``dims``). L, the text length, is the tokenizer's
+``max_length`` in the UNet graphs; the text encoder of a model that masks padding (``mask_padding``: the UNet
+attends to a prompt's own tokens only) takes any L from ``TEXT_LENGTH_STEP`` up to it (the ``text_length`` axis),
+so that an engine encodes a short prompt at a length near its own instead of padding it to the longest. The
 kernels dispatch is forced to its PyTorch reference while tracing, so the graphs hold standard ONNX ops.
 The dynamo exporter handles every graph here (HF BERT included), so the TorchScript exporter is not used.
 """
@@ -39,7 +42,8 @@ from torch.export import Dim
 
 from ldm_runtime.checkpoint import CheckpointNetworks
 from ldm_runtime.engines.torch_adapters import RowLora, is_pointwise
-from ldm_runtime.manifest import DEEP_FEATURES, SHALLOW_UNET_GRAPH, DimRange, TensorSpec
+from ldm_runtime.manifest import (DEEP_FEATURES, SHALLOW_UNET_GRAPH, TEXT_LENGTH, DimRange, TensorSpec,
+                                  text_length_range)
 from ldm_runtime.models.unet import DeepFeaturesUNet, ShallowUNet, deep_feature_channels
 
 # ONNX protobufs cannot exceed 2 GiB; past this many bytes of weights they go to a "<graph>.onnx.data" file.
@@ -135,12 +139,17 @@ class GraphSpec:
 
 
 def export_dims(modules: CheckpointNetworks, batch: DimRange, image_size: DimRange) -> dict[str, DimRange]:
-    """Every named axis of the graphs: the batch, the image sides and the latent sides they imply."""
+    """Every named axis of the graphs: the batch, the image sides and the latent sides they imply, and the text
+    encoder's length where the model masks padding (``text_length_range``)."""
     factor = modules.config.autoencoder.factor
     latent = DimRange(image_size.min // factor, image_size.opt // factor, image_size.max // factor,
                       image_size.multiple // factor)
-    return {"batch": batch, "image_height": image_size, "image_width": image_size,
+    dims = {"batch": batch, "image_height": image_size, "image_width": image_size,
             "latent_height": latent, "latent_width": latent}
+    text_length = text_length_range(modules.config.text_encoder.max_length, modules.config.text_encoder.mask_padding)
+    if text_length is not None:
+        dims[TEXT_LENGTH] = text_length
+    return dims
 
 
 def graph_specs(modules: CheckpointNetworks, lora_slots: int | None = None) -> dict[str, GraphSpec]:
@@ -155,6 +164,7 @@ def graph_specs(modules: CheckpointNetworks, lora_slots: int | None = None) -> d
     unet_latent_shape = ("batch", config.unet.in_channels, "latent_height", "latent_width")
     image_shape = ("batch", 3, "image_height", "image_width")
     context = TensorSpec("context", "float32", ("batch", length, width))
+    text_length = TEXT_LENGTH if text_length_range(length, config.text_encoder.mask_padding) else length
     unet_inputs = (TensorSpec("latents", "float32", unet_latent_shape), TensorSpec("timesteps", "int64", ("batch",)),
                    context, TensorSpec("context_mask", "bool", ("batch", length)))
     deep_features = TensorSpec(DEEP_FEATURES, "float32",
@@ -162,9 +172,9 @@ def graph_specs(modules: CheckpointNetworks, lora_slots: int | None = None) -> d
     specs = {
         "text_encoder": GraphSpec(
             "text_encoder", modules.text_encoder,
-            (TensorSpec("input_ids", "int64", ("batch", length)),
-             TensorSpec("attention_mask", "int64", ("batch", length))),
-            (context,)),
+            (TensorSpec("input_ids", "int64", ("batch", text_length)),
+             TensorSpec("attention_mask", "int64", ("batch", text_length))),
+            (TensorSpec("context", "float32", ("batch", text_length, width)),)),
         "unet": GraphSpec(
             "unet", DeepFeaturesUNet(modules.unet).eval(), unet_inputs,
             (TensorSpec("noise_pred", "float32", latent_shape), deep_features)),

@@ -24,7 +24,7 @@ from ldm_export.onnx_export import GraphSpec, random_inputs, reference_kernels
 from ldm_runtime.checkpoint import CheckpointNetworks
 from ldm_runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
 from ldm_runtime.engines.torch_engine import TorchEngine
-from ldm_runtime.manifest import DimRange
+from ldm_runtime.manifest import TEXT_LENGTH, DimRange
 from ldm_runtime.pipeline import DEFAULT_STEPS, GenerationRequest, Pipeline
 
 RELATIVE_ERROR_LIMITS = {"fp32": 1e-4, "fp16": 1e-2}
@@ -111,11 +111,11 @@ class ValidationReport:
 
 
 def _describe_sizes(sizes: dict[str, int]) -> str:
-    """"B2 8x8" (batch, then the input's height x width) or "B2"."""
+    """"B2 8x8" (batch, then the input's height x width), "B2 L16" (batch and text length) or "B2"."""
     for prefix in ("latent", "image"):
         if f"{prefix}_height" in sizes:
             return f"B{sizes['batch']} {sizes[f'{prefix}_height']}x{sizes[f'{prefix}_width']}"
-    return f"B{sizes['batch']}"
+    return f"B{sizes['batch']}" + (f" L{sizes[TEXT_LENGTH]}" if TEXT_LENGTH in sizes else "")
 
 
 def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
@@ -137,7 +137,8 @@ def psnr_db(actual: list[np.ndarray], expected: list[np.ndarray]) -> float:
 
 
 def shape_cases(dims: dict[str, DimRange]) -> list[dict[str, int]]:
-    """The axis sizes each graph is checked at: (opt batch, opt sizes) and (min batch, max height x min width)."""
+    """The axis sizes each graph is checked at: (opt batch, opt sizes) and (min batch, max height x min width, the
+    shortest text length)."""
     opt = {name: allowed.opt for name, allowed in dims.items()}
     edge = {name: allowed.min for name, allowed in dims.items()}
     edge["latent_height"], edge["image_height"] = dims["latent_height"].max, dims["image_height"].max

@@ -57,6 +57,11 @@ TENSOR_DTYPES = ("float32", "float16", "int64", "int32", "bool")
 PRECISIONS = ("fp32", "fp16")
 BACKENDS = ("onnxruntime", "tensorrt")
 MAX_BATCH_ROWS = 256  # UNet rows of one call (ldm-export's default range: 1 to 8; the torch engine's: 64)
+# The text encoder's length axis, where the model masks padding: a prompt is encoded at its token count rounded up
+# to a multiple of TEXT_LENGTH_STEP (at most the tokenizer's max_length), a handful of shapes for the engines that
+# compile one per shape; the UNet still takes max_length tokens, the rest masked.
+TEXT_LENGTH = "text_length"
+TEXT_LENGTH_STEP = 8
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,15 @@ class DimRange:
         """"1..8" or "32..64 in multiples of 8"."""
         text = f"{self.min}..{self.max}"
         return text if self.multiple == 1 else f"{text} in multiples of {self.multiple}"
+
+
+def text_length_range(max_length: int, mask_padding: bool) -> DimRange | None:
+    """The ``text_length`` axis's range for a text encoder of ``max_length`` tokens: ``TEXT_LENGTH_STEP`` to
+    ``max_length``; None where every prompt is encoded at ``max_length``: where the model does not mask padding (the
+    UNet attends to every token, padding included) or ``max_length`` is at most one step."""
+    if not mask_padding or max_length <= TEXT_LENGTH_STEP:
+        return None
+    return DimRange(TEXT_LENGTH_STEP, max_length, max_length)
 
 
 @dataclass(frozen=True)
@@ -295,6 +309,12 @@ class EngineManifest:
                 if unknown:
                     raise EngineDirError(f"{where}: {graph_name} tensor {spec.name} names axes {unknown} that "
                                          f"'dims' does not define")
+        if TEXT_LENGTH in manifest.dims:
+            allowed = manifest.dims[TEXT_LENGTH]
+            if not model.mask_padding or allowed.max != model.text_max_length:
+                raise EngineDirError(f"{where}: dims.{TEXT_LENGTH} is {allowed.describe()} with model.mask_padding "
+                                     f"{str(model.mask_padding).lower()}; expected it only where padding is masked, up "
+                                     f"to model.text_max_length ({model.text_max_length})")
         return manifest
 
     def to_dict(self) -> dict[str, Any]:
@@ -308,6 +328,15 @@ class EngineManifest:
     def image_size(self) -> DimRange:
         """Image side in pixels (height and width share one range)."""
         return self.dims["image_height"]
+
+    def text_length(self, tokens: int) -> int:
+        """The length the text encoder graph encodes a prompt of ``tokens`` tokens at: the tokenizer's
+        ``max_length`` where the graph's length is fixed, else ``tokens`` rounded up to a multiple of
+        ``TEXT_LENGTH_STEP`` within the ``text_length`` range."""
+        allowed = self.dims.get(TEXT_LENGTH)
+        if allowed is None or any(spec.shape[1:2] != (TEXT_LENGTH,) for spec in self.graphs["text_encoder"].inputs):
+            return self.model.text_max_length
+        return min(max(-(-tokens // TEXT_LENGTH_STEP) * TEXT_LENGTH_STEP, allowed.min), allowed.max)
 
     def check_batch(self, batch_size: int, what: str = "batch") -> None:
         """``OutOfRangeError`` unless ``batch_size`` lies in the exported batch range."""

@@ -39,6 +39,8 @@ class EngineDirEngine:
     engine_dir: Path
     manifest: EngineManifest
     info: EngineInfo
+    # Whether prompts are encoded at their own lengths where the engine dir allows it (``_encode_by_length``)
+    encodes_by_length = True
 
     def _open_engine_dir(self, engine_dir: str | Path, name: str, verify: bool) -> None:
         """Read the manifest (and with ``verify`` check every graph's and the tokenizer's sha256 against it),
@@ -147,10 +149,32 @@ class EngineDirEngine:
             raise TypeError(f"prompts is the string {prompts!r}; expected a list of strings")
         self.manifest.check_batch(len(prompts), "text encoder batch")
         input_ids, attention_mask = self.tokenize(list(prompts))
-        (context,) = self.run("text_encoder", {"input_ids": input_ids, "attention_mask": attention_mask})
         if not self.manifest.model.mask_padding:
+            (context,) = self.run("text_encoder", {"input_ids": input_ids, "attention_mask": attention_mask})
             return context, np.ones(attention_mask.shape, dtype=bool)
-        return context, attention_mask.astype(bool)
+        if not self.encodes_by_length:
+            (context,) = self.run("text_encoder", {"input_ids": input_ids, "attention_mask": attention_mask})
+            return context, attention_mask.astype(bool)
+        return self._encode_by_length(input_ids, attention_mask), attention_mask.astype(bool)
+
+    def _encode_by_length(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """The context of prompts whose padding the UNet masks, each encoded at ``manifest.text_length`` of its
+        token count (one text encoder call per length) and padded with zeros to ``text_max_length``: the rows the
+        UNet attends to are those of an encoding at ``text_max_length``, to rounding, and a prompt's row does not
+        depend on the prompts beside it."""
+        lengths = np.array([self.manifest.text_length(int(tokens)) for tokens in attention_mask.sum(axis=1)])
+        full = input_ids.shape[1]
+        if (lengths == full).all():
+            return self.run("text_encoder", {"input_ids": input_ids, "attention_mask": attention_mask})[0]
+        context = None
+        for length in np.unique(lengths):
+            rows = np.flatnonzero(lengths == length)
+            (part,) = self.run("text_encoder", {"input_ids": input_ids[rows, :length],
+                                                "attention_mask": attention_mask[rows, :length]})
+            if context is None:
+                context = np.zeros((len(lengths), full, part.shape[2]), np.float32)
+            context[rows, :length] = part
+        return context
 
     def unet(self, latents: np.ndarray, timesteps: np.ndarray, context: np.ndarray,
              context_mask: np.ndarray, adapters: Sequence[AdapterChoice] | None = None) -> np.ndarray:

@@ -163,6 +163,11 @@ class OpenVinoEngine(EngineDirEngine):
     Batches and image sizes outside the exported ranges raise ``OutOfRangeError`` naming the allowed range.
     """
 
+    # Prompts are encoded at the tokenizer's max_length: by length, each length's rows are padded to a batch bucket
+    # of their own and each (length, bucket) is compiled apart; on the demo model that saved 1.10-1.14x of the text
+    # encoder's time (benchmarks/text_by_length.py) for up to four times its compiled shapes.
+    encodes_by_length = False
+
     def __init__(self, engine_dir: str | Path, precision: str = "fp32", intra_op_threads: int | None = None,
                  batch_buckets: tuple[int, ...] | None = None, verify: bool = True, device: str = "auto",
                  cache_dir: str | Path | None = DEFAULT_CACHE, compile_per_bucket: bool | None = None):
