@@ -149,13 +149,12 @@ class EngineDirEngine:
             raise TypeError(f"prompts is the string {prompts!r}; expected a list of strings")
         self.manifest.check_batch(len(prompts), "text encoder batch")
         input_ids, attention_mask = self.tokenize(list(prompts))
-        if not self.manifest.model.mask_padding:
+        masked = self.manifest.model.mask_padding
+        if masked and self.encodes_by_length:
+            context = self._encode_by_length(input_ids, attention_mask)
+        else:
             (context,) = self.run("text_encoder", {"input_ids": input_ids, "attention_mask": attention_mask})
-            return context, np.ones(attention_mask.shape, dtype=bool)
-        if not self.encodes_by_length:
-            (context,) = self.run("text_encoder", {"input_ids": input_ids, "attention_mask": attention_mask})
-            return context, attention_mask.astype(bool)
-        return self._encode_by_length(input_ids, attention_mask), attention_mask.astype(bool)
+        return context, attention_mask.astype(bool) if masked else np.ones(attention_mask.shape, dtype=bool)
 
     def _encode_by_length(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """The context of prompts whose padding the UNet masks, each encoded at ``manifest.text_length`` of its
@@ -164,8 +163,6 @@ class EngineDirEngine:
         depend on the prompts beside it."""
         lengths = np.array([self.manifest.text_length(int(tokens)) for tokens in attention_mask.sum(axis=1)])
         full = input_ids.shape[1]
-        if (lengths == full).all():
-            return self.run("text_encoder", {"input_ids": input_ids, "attention_mask": attention_mask})[0]
         context = None
         for length in np.unique(lengths):
             rows = np.flatnonzero(lengths == length)
