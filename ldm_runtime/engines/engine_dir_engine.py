@@ -162,15 +162,11 @@ class EngineDirEngine:
         UNet attends to are those of an encoding at ``text_max_length``, to rounding, and a prompt's row does not
         depend on the prompts beside it."""
         lengths = np.array([self.manifest.text_length(int(tokens)) for tokens in attention_mask.sum(axis=1)])
-        full = input_ids.shape[1]
-        context = None
+        context = np.zeros((*input_ids.shape, self.manifest.model.context_dim), np.float32)
         for length in np.unique(lengths):
             rows = np.flatnonzero(lengths == length)
-            (part,) = self.run("text_encoder", {"input_ids": input_ids[rows, :length],
-                                                "attention_mask": attention_mask[rows, :length]})
-            if context is None:
-                context = np.zeros((len(lengths), full, part.shape[2]), np.float32)
-            context[rows, :length] = part
+            (context[rows, :length],) = self.run("text_encoder", {"input_ids": input_ids[rows, :length],
+                                                                  "attention_mask": attention_mask[rows, :length]})
         return context
 
     def unet(self, latents: np.ndarray, timesteps: np.ndarray, context: np.ndarray,
