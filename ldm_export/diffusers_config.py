@@ -14,8 +14,8 @@ from typing import Any
 from ldm_export.diffusers_limits import (TEXT_ENCODER_LIMITS, TEXT_ENCODER_REQUIRED, UNET_LIMITS, VAE_LIMITS,
                                          check_values)
 from ldm_export.errors import ImportRefusedError
-from ldm_export.untrusted_files import describe
 from ldm_runtime.config import AutoencoderConfig, DDIMConfig, ScheduleConfig, TextEncoderConfig, UNetConfig
+from ldm_runtime.files import describe
 
 UNET_DEFAULTS = {
     "center_input_sample": False, "flip_sin_to_cos": True, "freq_shift": 0, "mid_block_type": "UNetMidBlock2DCrossAttn",

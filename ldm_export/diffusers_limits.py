@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from ldm_export.errors import ImportRefusedError
-from ldm_export.untrusted_files import describe
 from ldm_runtime.config import (LAYER_NORM_EPS, MAX_CHANNELS, MAX_CONTEXT_DIM, MAX_HEADS, MAX_LATENT_CHANNELS,
                                 MAX_LEVELS, MAX_RES_BLOCKS, MAX_TEXT_INTERMEDIATE, MAX_TRAIN_TIMESTEPS,
                                 MAX_TRANSFORMER_DEPTH, MAX_VOCAB_SIZE)
+from ldm_runtime.files import describe
 
 MAX_TEXT_CHARS = 64
 

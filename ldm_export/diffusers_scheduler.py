@@ -20,8 +20,8 @@ from typing import Any, Callable
 import numpy as np
 
 from ldm_export.errors import ImportRefusedError
-from ldm_export.untrusted_files import describe
 from ldm_runtime.config import ConfigError, DDIMConfig, SamplerDefaults, ScheduleConfig
+from ldm_runtime.files import describe
 
 # The steps of a request to an imported model that names none (StableDiffusionPipeline's default is 50); the
 # project's DEFAULT_STEPS is chosen for its own small models

@@ -18,16 +18,16 @@ adapts a layer skips it. The cost is two thin matmuls per adapted layer and row;
 stays the fastest way to serve one adapter to everyone.
 
 This module reads adapter files (the diffusers / PEFT and kohya layouts; ``ldm_export.lora`` fuses the same files
-with the same placement) as if hostile, with numpy only, so an engine dir's engines read them without torch: every
-key must be placed in a module of the model, shapes must fit, values be finite and ranks at most
-``MAX_ADAPTER_RANK``. ``AdapterError`` names what is wrong in one sentence.
+with the same placement) as if hostile, with numpy only, so an engine dir's engines read them without torch: the
+header is checked as ``ldm-import`` checks it (``ldm_runtime.safetensors_header``), every key must be placed in a
+module of the model, shapes must fit, values be finite and ranks at most ``MAX_ADAPTER_RANK``. ``AdapterError``
+names what is wrong in one sentence.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import re
 import stat
@@ -39,7 +39,9 @@ import numpy as np
 
 from ldm_runtime.config import ADAPTER_SCALES
 from ldm_runtime.errors import RequestError, UserError
+from ldm_runtime import safetensors_header
 from ldm_runtime.files import describe, sha256_file, special_file_kind
+from ldm_runtime.safetensors_header import Entry
 
 UNET, TEXT_ENCODER = "unet", "text_encoder"
 NETWORK_NAMES = {UNET: "UNet", TEXT_ENCODER: "text encoder"}
@@ -61,9 +63,7 @@ PATTERN = re.compile(r"\^?[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")  # a module name (
 MAX_ALPHA = 65536.0  # kohya and PEFT: alpha about the rank (at most a few hundred), often 1
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}  # bf16: the high half of a float32
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")  # refused by name, never opened: unpickling runs code
-MAX_HEADER_BYTES = 16 << 20
 MAX_ADAPTER_RANK = 256  # published LoRAs: 4 to 128
 MAX_REQUEST_ADAPTERS = 4  # adapters one request may name (each adds its rank to every adapted layer's work)
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -173,19 +173,6 @@ def _diffusers_key(path: Path, key: str) -> tuple[str, str, str] | None:
     return network, module, role
 
 
-def _parse_metadata_json(text: str, where: str) -> Any:
-    def no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        keys = [key for key, _ in pairs]
-        if len(set(keys)) != len(keys):
-            raise AdapterError(f"{where} repeats a key; expected each key once")
-        return dict(pairs)
-
-    try:
-        return json.loads(text, object_pairs_hook=no_repeats)
-    except (ValueError, RecursionError) as error:
-        raise AdapterError(f"{where} is not JSON ({type(error).__name__}); expected a JSON object") from None
-
-
 def _metadata(path: Path, metadata: dict[str, str]) -> dict[str, dict[str, Any]]:
     """{network: its PEFT LoraConfig} from the ``lora_adapter_metadata`` diffusers writes (keys "unet.r", ...),
     each value checked: ``r``, ``lora_alpha``, ``rank_pattern``, ``alpha_pattern``, ``use_rslora``; DoRA and
@@ -193,7 +180,8 @@ def _metadata(path: Path, metadata: dict[str, str]) -> dict[str, dict[str, Any]]
     if METADATA_KEY not in metadata:
         return {}
     where = f"the {METADATA_KEY} of {path}"
-    packed = _parse_metadata_json(metadata[METADATA_KEY], where)
+    packed = safetensors_header.parse_json(metadata[METADATA_KEY].encode("utf-8", "surrogatepass"), where,
+                                           AdapterError)
     if not isinstance(packed, dict):
         raise AdapterError(f"{where} is {describe(packed)}; expected an object")
     configs: dict[str, dict[str, Any]] = {}
@@ -377,61 +365,18 @@ def check_adapter_file(path: Path) -> int:
     return status.st_size
 
 
-def read_header(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str]]:
+def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
     """({tensor name: (dtype, shape, first byte, end byte) of its data}, ``__metadata__``) of safetensors file
-    ``path``, checked: float or integer dtypes, whole-number shapes, spans that fill the data exactly."""
-    size = check_adapter_file(path)
-    with open(path, "rb") as handle:
-        length = int.from_bytes(handle.read(8), "little")
-        if size < 8 or length > min(MAX_HEADER_BYTES, size - 8):
-            raise AdapterError(f"{path} is {size} bytes and its first 8 give a header of {length} bytes; expected "
-                               f"a complete safetensors file")
-        try:
-            header = json.loads(handle.read(length))
-        except (ValueError, RecursionError):
-            raise AdapterError(f"the header of {path} is not JSON; expected a safetensors file") from None
-    if not isinstance(header, dict):
-        raise AdapterError(f"the header of {path} is {describe(header)}; expected a JSON object")
-    metadata = header.pop("__metadata__", {})
-    if not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values()):
-        raise AdapterError(f"the __metadata__ of {path} is {describe(metadata)}; expected an object of strings")
-    tensors, position = {}, 0
-    for name, entry in header.items():
-        if not (isinstance(entry, dict) and isinstance(entry.get("shape"), list) and len(entry["shape"]) <= 8
-                and all(_is_count(side) for side in entry["shape"])):
-            raise AdapterError(f"{path}: tensor {name!r} is described by {describe(entry)}; expected dtype, shape "
-                               f"and data_offsets")
-        dtype, shape, offsets = entry.get("dtype"), tuple(entry["shape"]), _offsets(entry)
-        width = DTYPE_BYTES.get(dtype) if isinstance(dtype, str) else None
-        if width is None or offsets is None or offsets[1] - offsets[0] != math.prod(shape) * width:
-            raise AdapterError(f"{path}: tensor {name!r} has dtype {describe(dtype)}, shape {list(shape)} and "
-                               f"data_offsets {describe(entry.get('data_offsets'))}; expected floating point data "
-                               f"of that size")
-        tensors[name] = (dtype, shape, *offsets)
-    for name, (_, _, first, end) in sorted(tensors.items(), key=lambda item: item[1][2]):
-        if first != position:
-            raise AdapterError(f"{path}: tensor {name!r} starts at data byte {first}, not {position}; expected "
-                               f"tensors packed back to back")
-        position = end
-    if position != size - 8 - length:
-        raise AdapterError(f"{path} holds {size - 8 - length} bytes of tensor data but its header describes "
-                           f"{position}; expected a complete safetensors file")
+    ``path``, checked as ``ldm_runtime.safetensors_header`` checks every file it reads, and float dtypes only."""
+    tensors, metadata = safetensors_header.read_header(path, check_adapter_file(path), AdapterError)
+    for name, (dtype, shape, _, _) in tensors.items():
+        if dtype not in FLOAT_DTYPES:
+            raise AdapterError(f"{path}: tensor {name!r} of shape {list(shape)} has dtype {dtype}; expected floating "
+                               f"point data ({', '.join(FLOAT_DTYPES)})")
     return tensors, metadata
 
 
-def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _offsets(entry: Any) -> tuple[int, int] | None:
-    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-    if isinstance(offsets, list) and len(offsets) == 2 and all(map(_is_count, offsets)) and offsets[0] <= offsets[1]:
-        return offsets[0], offsets[1]
-    return None
-
-
-def read_arrays(path: Path, header: dict[str, tuple[str, tuple[int, ...], int, int]],
-                names: Sequence[str]) -> dict[str, np.ndarray]:
+def read_arrays(path: Path, header: dict[str, Entry], names: Sequence[str]) -> dict[str, np.ndarray]:
     """The tensors ``names`` of ``path`` as float32 arrays (the file's header read by ``read_header``)."""
     arrays = {}
     with open(path, "rb") as handle:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from ldm_export.sd_import import import_source, main
 from ldm_export.sd_single_file import EMA_PREFIX, UNET_PREFIX, _ema_key
-from ldm_export.untrusted_files import MAX_TENSORS
+from ldm_runtime.safetensors_header import MAX_TENSORS
 from tests.conftest import base_seed
 from tests.ldm_export.tiny_sd import (IMAGE_SIZE, SD2_LIKE, component_weights, write_diffusers_folder,
                                       write_original_file)
