@@ -32,8 +32,8 @@ FORBIDDEN = {
 # ldm_runtime's floors, lowest first: a module imports its own floor and those below, never one above.
 # A name ending in "/" is a folder: every module in it.
 RUNTIME_FLOORS = {
-    "basics": ("__init__.py", "errors.py", "arrays.py", "files.py", "staging.py", "folder_swap.py", "images.py",
-               "previews.py", "command_line.py"),
+    "basics": ("__init__.py", "errors.py", "arrays.py", "files.py", "safetensors_header.py", "staging.py",
+               "folder_swap.py", "images.py", "previews.py", "command_line.py"),
     "numerics": ("config.py", "noise.py", "guidance.py", "deep_cache.py", "schedulers/", "models/"),  # the model, maths
     "folders": ("checkpoint.py", "manifest.py", "adapters.py"),  # reading a checkpoint dir, an engine dir, adapters
     "engines": ("engines/",),
