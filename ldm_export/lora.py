@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from ldm_export.errors import ImportRefusedError
-from ldm_export.untrusted_files import (PICKLE_SUFFIXES, load_tensors, read_safetensors_header,
-                                        read_safetensors_header_and_metadata, regular_file_size)
+from ldm_export.untrusted_files import (load_tensors, read_safetensors_header, read_safetensors_header_and_metadata,
+                                        regular_file_size)
 from ldm_runtime.adapters import (TEXT_ENCODER, UNET, AdapterError, ModuleUpdate, NETWORK_NAMES, Targets,
                                   adapter_file_argument, place_adapter, targets_from_shapes, with_factors)
 from ldm_runtime.checkpoint import (MODEL_JSON, TEXT_ENCODER_DIR, TEXT_ENCODER_WEIGHTS, TOKENIZER_DIR, UNET_WEIGHTS,
@@ -39,6 +39,7 @@ from ldm_runtime.checkpoint import (MODEL_JSON, TEXT_ENCODER_DIR, TEXT_ENCODER_W
 from ldm_runtime.config import MAX_ADAPTERS, ConfigError, ModelConfig
 from ldm_runtime.errors import CheckpointError
 from ldm_runtime.files import sha256_file
+from ldm_runtime.safetensors_header import PICKLE_SUFFIXES
 from ldm_runtime.staging import temporary_folder
 
 @dataclass(frozen=True)

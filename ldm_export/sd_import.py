@@ -38,10 +38,11 @@ from ldm_export.imported_checkpoint import (checked_weights, clip_shapes, clip_s
                                             write_checkpoint)
 from ldm_export.lora import AdapterFile, adapter_argument, fuse_checkpoint, fuse_into_import
 from ldm_export.sd_single_file import import_single_file
-from ldm_export.untrusted_files import PICKLE_SUFFIXES, read_json_object, read_safetensors_header
+from ldm_export.untrusted_files import read_json_object, read_safetensors_header
 from ldm_runtime.command_line import OneLineArgumentParser, report_user_error
 from ldm_runtime.config import ConfigError, ModelConfig
 from ldm_runtime.errors import UserError
+from ldm_runtime.safetensors_header import PICKLE_SUFFIXES
 
 PROG = "ldm-import"
 LORA_SOURCE = ("LoRA weights (an adapter for a base model, not a model); pass it as --lora FILE[:SCALE] to the "

@@ -17,7 +17,6 @@ from ldm_runtime.files import special_file_kind
 from ldm_runtime.safetensors_header import EXPECTED, MAX_JSON_DEPTH, parse_json, read_header
 
 MAX_JSON_BYTES = 1 << 20  # a component's config.json is about 1 KB; trained_betas for T = 1000 about 25 KB
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")  # refused by name, never opened: unpickling runs code
 TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
                 "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
                 "U8": "uint8", "BOOL": "bool"}  # safetensors dtype -> torch dtype name

@@ -37,11 +37,11 @@ from typing import Any, Mapping, NoReturn, Sequence
 
 import numpy as np
 
+from ldm_runtime import safetensors_header
 from ldm_runtime.config import ADAPTER_SCALES
 from ldm_runtime.errors import RequestError, UserError
-from ldm_runtime import safetensors_header
 from ldm_runtime.files import describe, sha256_file, special_file_kind
-from ldm_runtime.safetensors_header import Entry
+from ldm_runtime.safetensors_header import PICKLE_SUFFIXES, Entry
 
 UNET, TEXT_ENCODER = "unet", "text_encoder"
 NETWORK_NAMES = {UNET: "UNet", TEXT_ENCODER: "text encoder"}
@@ -63,7 +63,6 @@ PATTERN = re.compile(r"\^?[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")  # a module name (
 MAX_ALPHA = 65536.0  # kohya and PEFT: alpha about the rank (at most a few hundred), often 1
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}  # bf16: the high half of a float32
-PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")  # refused by name, never opened: unpickling runs code
 MAX_ADAPTER_RANK = 256  # published LoRAs: 4 to 128
 MAX_REQUEST_ADAPTERS = 4  # adapters one request may name (each adds its rank to every adapted layer's work)
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")

@@ -25,6 +25,7 @@ MAX_RANK = 8
 DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
                "I8": 1, "U8": 1, "BOOL": 1}
 EXPECTED = "a complete safetensors file"
+PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")  # refused by name, never opened: unpickling runs code
 
 Refusal = Callable[[str], Exception]
 Entry = tuple[str, tuple[int, ...], int, int]  # (dtype, shape, first byte, end byte of its data)
