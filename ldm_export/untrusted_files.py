@@ -14,12 +14,9 @@ from typing import Any
 
 from ldm_export.errors import ImportRefusedError
 from ldm_runtime.files import special_file_kind
-from ldm_runtime.safetensors_header import EXPECTED, MAX_JSON_DEPTH, parse_json, read_header
+from ldm_runtime.safetensors_header import DTYPES, EXPECTED, MAX_JSON_DEPTH, parse_json, read_header
 
 MAX_JSON_BYTES = 1 << 20  # a component's config.json is about 1 KB; trained_betas for T = 1000 about 25 KB
-TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
-                "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
-                "U8": "uint8", "BOOL": "bool"}  # safetensors dtype -> torch dtype name
 
 
 def regular_file_size(path: Path, expected: str) -> int:
@@ -92,7 +89,7 @@ def read_safetensors_header_and_metadata(path: Path) -> tuple[dict[str, tuple[st
 def _torch_dtype(dtype: str):
     import torch
 
-    return getattr(torch, TORCH_DTYPES[dtype])
+    return getattr(torch, DTYPES[dtype][1])
 
 
 def shape_only(header: dict[str, tuple[str, tuple[int, ...]]], names=None) -> dict[str, Any]:

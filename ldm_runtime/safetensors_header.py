@@ -22,8 +22,10 @@ MAX_HEADER_BYTES = 16 << 20  # SD 1.x with its EMA copy: about 1,900 tensors in 
 MAX_TENSORS = 20_000  # SDXL with an EMA copy: about 5,000
 MAX_NAME_CHARS = 256  # the longest SD key is under 100 characters
 MAX_RANK = 8
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
-               "I8": 1, "U8": 1, "BOOL": 1}
+# safetensors dtype -> (bytes per element, torch dtype name: how ldm-import reads it)
+DTYPES = {"F64": (8, "float64"), "F32": (4, "float32"), "F16": (2, "float16"), "BF16": (2, "bfloat16"),
+          "F8_E4M3": (1, "float8_e4m3fn"), "F8_E5M2": (1, "float8_e5m2"), "I64": (8, "int64"), "I32": (4, "int32"),
+          "I16": (2, "int16"), "I8": (1, "int8"), "U8": (1, "uint8"), "BOOL": (1, "bool")}
 EXPECTED = "a complete safetensors file"
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth", ".pkl")  # refused by name, never opened: unpickling runs code
 
@@ -69,15 +71,15 @@ def _checked_entry(path: Path, name: Any, entry: Any, error: Refusal) -> Entry:
         raise error(f"{path}: tensor {name!r} is described by {describe(entry)}; expected an object of dtype, shape "
                     f"and data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if not isinstance(dtype, str) or dtype not in DTYPE_BYTES:
-        raise error(f"{path}: tensor {name!r} has dtype {describe(dtype)}; expected one of {', '.join(DTYPE_BYTES)}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise error(f"{path}: tensor {name!r} has dtype {describe(dtype)}; expected one of {', '.join(DTYPES)}")
     if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(_is_count(side) for side in shape):
         raise error(f"{path}: tensor {name!r} has shape {describe(shape)}; expected a list of at most {MAX_RANK} "
                     f"whole numbers")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(offset) for offset in offsets)
             and offsets[0] <= offsets[1]):
         raise error(f"{path}: tensor {name!r} has data_offsets {describe(offsets)}; expected [first byte, end byte]")
-    size = math.prod(shape) * DTYPE_BYTES[dtype]
+    size = math.prod(shape) * DTYPES[dtype][0]
     if offsets[1] - offsets[0] != size:
         raise error(f"{path}: tensor {name!r} of shape {shape} ({dtype}) needs {size} bytes but its data_offsets "
                     f"{offsets} span {offsets[1] - offsets[0]}")
