@@ -24,9 +24,8 @@ import torch
 
 from ldm_runtime.checkpoint import load_checkpoint
 from ldm_train.discriminator import PatchDiscriminator
-from ldm_train.train_lcm import _train, denoised_and_noise
+from ldm_train.train_lcm import _train
 from ldm_train.train_progressive import ProgressiveDistillation, ProgressiveSettings
-from ldm_train.train_unet import _conditioning
 
 
 def adversarial_kind(args: argparse.Namespace) -> type[ProgressiveDistillation]:
@@ -46,16 +45,9 @@ def adversarial_kind(args: argparse.Namespace) -> type[ProgressiveDistillation]:
             return self.autoencoder.decode(latents / self.config.latent_scale_factor).clamp(-1, 1)
 
         def loss(self, data, latents, noise, timesteps, caption_ids, generator):
-            index = torch.randint(0, self.settings.sample_steps, (len(latents),), generator=generator).numpy()
-            start = torch.from_numpy(self.grid.starts[index]).to(self.device)
-            noisy = self.forward.add_noise(latents, noise, start)
-            output = self.student(noisy, start, **_conditioning(data, caption_ids, self.device))
-            alpha = self.alphas_cumprod[start].view(-1, 1, 1, 1).float()
-            denoised = denoised_and_noise(output.float(), noisy, alpha, self.config.schedule.prediction_type)[0]
+            denoised, wanted, weight = self.student_step(data, latents, noise, caption_ids, generator)
             with torch.no_grad():
-                wanted = self.wanted(data, noisy, caption_ids, index)
                 real = self.decoded(latents)
-            weight = self.forward.snr(start).clamp(min=1.0).view(-1, 1, 1, 1).float()
             distillation = (weight * (denoised - wanted).pow(2)).mean()
             fake = self.decoded(denoised)
             judged = torch.relu(1 - self.discriminator(real)).mean() + torch.relu(1 + self.discriminator(

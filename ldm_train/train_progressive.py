@@ -130,6 +130,13 @@ class ProgressiveDistillation(Distillation):
                      ddim_config_of(config.sampler))
 
     def loss(self, data, latents, noise, timesteps, caption_ids, generator):
+        denoised, wanted, weight = self.student_step(data, latents, noise, caption_ids, generator)
+        return (weight * (denoised - wanted).pow(2)).mean()
+
+    def student_step(self, data, latents: torch.Tensor, noise: torch.Tensor, caption_ids: torch.Tensor,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One student step of each row (drawn from ``generator``) from ``latents`` noised by ``noise``: the
+        student's x̂_0 (with its gradient), the x̃ it should be and the row's loss weight."""
         index = torch.randint(0, self.settings.sample_steps, (len(latents),), generator=generator).numpy()
         start = torch.from_numpy(self.grid.starts[index]).to(self.device)
         noisy = self.forward.add_noise(latents, noise, start)
@@ -139,7 +146,7 @@ class ProgressiveDistillation(Distillation):
         with torch.no_grad():
             wanted = self.wanted(data, noisy, caption_ids, index)
         weight = self.forward.snr(start).clamp(min=1.0).view(-1, 1, 1, 1).float()
-        return (weight * (denoised - wanted).pow(2)).mean()
+        return denoised, wanted, weight
 
     def teacher_steps(self, data, noisy: torch.Tensor, caption_ids: torch.Tensor, index: np.ndarray) -> torch.Tensor:
         """The teacher's K DDIM steps from ``noisy`` within the student's steps ``index``: where they land."""
