@@ -49,6 +49,7 @@ def read_upload(data: bytes, what: str, *, max_side: int, mask: bool = False,
     except (Image.UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise RequestError(f"{what} is not {UPLOAD_FORMAT_NAMES}", what) from None
     width, height = image.size
+    kind = image.format  # exif_transpose's copy has none
     if not (0 < width <= max_side and 0 < height <= max_side):
         raise RequestError(f"{what} is {width}x{height} pixels; expected at most {max_side} pixels a side", what)
     try:
@@ -57,7 +58,7 @@ def read_upload(data: bytes, what: str, *, max_side: int, mask: bool = False,
         pixels = np.array(image.convert("L" if mask else "RGB"), dtype=np.uint8)
     except Exception as error:  # PIL raises many kinds of error on damaged data: each is the file's fault
         reason = " ".join(str(error).split()) or type(error).__name__
-        raise RequestError(f"{what} cannot be decoded as {image.format} ({reason}); expected a whole "
+        raise RequestError(f"{what} cannot be decoded as {kind} ({reason}); expected a whole "
                            f"{UPLOAD_FORMAT_NAMES.removeprefix('a ')}", what) from None
     return pixels
 

@@ -31,9 +31,10 @@ from ldm_serve.browser import (LOOPBACK_HOSTS, HostCheckMiddleware, JsonCorsMidd
 from ldm_serve.errors import (ERROR_CONTENT, ERROR_SCHEMA, OPENAI_ERROR_CONTENT, OPENAI_ERROR_SCHEMA,
                               OPENAI_EDITS_PATH, OPENAI_IMAGES_PATH, add_error_handlers)
 from ldm_serve.metrics import ServeMetrics
-from ldm_serve.middleware import HEALTH_PATHS, PAGE_PATH, ApiKeyMiddleware, BodyLimitMiddleware, ErrorSafetyMiddleware
+from ldm_serve.middleware import (HEALTH_PATHS, PAGE_PATH, ApiKeyMiddleware, BodyLimitMiddleware,
+                                   ErrorSafetyMiddleware, HeadAsGetMiddleware)
 from ldm_serve.request_schema import ServeLimits, body_limits, edit_form_schema
-from ldm_serve.routes import ImagesRoute, add_status_routes
+from ldm_serve.routes import REQUEST_ID, ImagesRoute, add_status_routes
 
 
 def create_app(pipeline: Pipeline, batcher: Batcher, limits: ServeLimits, metrics: ServeMetrics,
@@ -50,6 +51,7 @@ def create_app(pipeline: Pipeline, batcher: Batcher, limits: ServeLimits, metric
         await asyncio.to_thread(batcher.stop)
 
     app = FastAPI(title="ldm-serve", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  redirect_slashes=False,  # a path with a slash too many is a 404 naming it, not a redirect
                   description=f"Text-to-image and image editing with a latent diffusion model ({model_name}); "
                               f"{batcher.config.mode} batching of up to {batcher.config.max_batch} images.")
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=limits.max_body_bytes, path_limits=body_limits(limits))
@@ -61,6 +63,7 @@ def create_app(pipeline: Pipeline, batcher: Batcher, limits: ServeLimits, metric
         app.add_middleware(HostCheckMiddleware, allowed_hosts=allowed_hosts, open_paths=HEALTH_PATHS)
     app.add_middleware(ErrorSafetyMiddleware, on_error=metrics.requests.labels("error").inc)
     app.add_middleware(SecurityHeadersMiddleware)
+    app.add_middleware(HeadAsGetMiddleware, paths=(PAGE_PATH, DOCS_PATH, "/openapi.json", *HEALTH_PATHS, "/metrics"))
     add_error_handlers(app)
     route = app.state.images_route = ImagesRoute(pipeline, batcher, limits, metrics, cors_origins)
     app.post("/v1/images", summary="Generate images from a prompt",
@@ -122,6 +125,7 @@ def page_with_samplers(default_sampler: str) -> str:
 def images_openapi(model: type[BaseModel], limits: ServeLimits) -> dict[str, Any]:
     """The OpenAPI entry of ``POST /v1/images``: the body's schema and every answer it can get."""
     return {
+        "parameters": [REQUEST_ID_PARAMETER],
         "requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}},
         "responses": {
             "200": {"description": "JSON with base64 PNGs, seeds and timings; PNG bytes for n = 1 when the client "
@@ -137,7 +141,8 @@ def images_openapi(model: type[BaseModel], limits: ServeLimits) -> dict[str, Any
             "401": {"description": "Missing or wrong API key", "content": ERROR_CONTENT},
             "406": {"description": "image/png only, for more than one image; a stream for a client that does not "
                                    "accept text/event-stream", "content": ERROR_CONTENT},
-            "409": {"description": "Cancelled (DELETE /v1/images/{id}) before it finished", "content": ERROR_CONTENT},
+            "409": {"description": "Cancelled (DELETE /v1/images/{id}) before it finished, or X-Request-Id names a "
+                                   "request in flight", "content": ERROR_CONTENT},
             "413": {"description": f"Body over {body_limits(limits)['/v1/images']} bytes",
                     "content": ERROR_CONTENT},
             "415": {"description": "No Content-Type: application/json", "content": ERROR_CONTENT},
@@ -190,6 +195,10 @@ OPENAI_EVENT_SCHEMA = event_schema({
     "error": _object({"type": {"const": "error"}, "error": OPENAI_ERROR_SCHEMA["properties"]["error"]})})
 REQUEST_ID_HEADER_SCHEMA = {"description": "The request's id, for DELETE /v1/images/{id}",
                             "schema": {"type": "string"}}
+REQUEST_ID_PARAMETER = {"name": "X-Request-Id", "in": "header", "required": False,
+                        "description": "The request's id, for DELETE /v1/images/{id} (a request not streamed learns "
+                                       "it only in its answer); the server makes one where absent",
+                        "schema": {"type": "string", "pattern": f"^{REQUEST_ID.pattern}$"}}
 CANCEL_OPENAPI = {"responses": {
     "200": {"description": "Cancelled: its images leave the batch at the next step; the request itself is answered "
                            "409 (a stream: an error event) with type cancelled",
@@ -202,7 +211,8 @@ CANCEL_OPENAPI = {"responses": {
 # the answers both OpenAI routes can give besides their own: refused (no key), cancelled, busy
 OPENAI_REFUSED_ANSWERS = {
     "401": {"description": "Missing or wrong API key", "content": OPENAI_ERROR_CONTENT},
-    "409": {"description": "Cancelled (DELETE /v1/images/{id}) before it finished", "content": OPENAI_ERROR_CONTENT},
+    "409": {"description": "Cancelled (DELETE /v1/images/{id}) before it finished, or X-Request-Id names a request "
+                           "in flight", "content": OPENAI_ERROR_CONTENT},
 }
 OPENAI_BUSY_ANSWERS = {
     "429": {"description": "Queue full; see Retry-After", "content": OPENAI_ERROR_CONTENT},
@@ -214,6 +224,7 @@ def openai_images_openapi(model: type[BaseModel], limits: ServeLimits) -> dict[s
     """The OpenAPI entry of ``POST /v1/images/generations``: the body's schema and every answer it can get, the
     errors in OpenAI's shape."""
     return {
+        "parameters": [REQUEST_ID_PARAMETER],
         "requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}},
         "responses": {
             "200": {"description": "The images as base64 PNGs, each with its seed; the size and the timings. With "
@@ -246,6 +257,7 @@ def openai_edits_openapi(limits: ServeLimits) -> dict[str, Any]:
     """The OpenAPI entry of ``POST /v1/images/edits``: the form's schema and every answer it can get, the errors
     in OpenAI's shape."""
     return {
+        "parameters": [REQUEST_ID_PARAMETER],
         "requestBody": {"required": True, "content": {FORM_MEDIA_TYPE: {"schema": edit_form_schema(limits)}}},
         "responses": {
             "200": {"description": "The edited images as base64 PNGs, each with its seed; the size and the timings. "

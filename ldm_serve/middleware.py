@@ -87,8 +87,9 @@ class ApiKeyMiddleware:
             await self.app(scope, receive, send)
             return
         self.on_refused()
-        given = "no API key" if not values else "a wrong API key"
-        refused = ApiError(401, "unauthorized", f"the request has {given}; expected the header Authorization: Bearer "
+        given = {0: "no API key", 1: "a wrong API key"}.get(len(values), f"{len(values)} Authorization headers")
+        expected = "the header" if len(values) < 2 else "one header,"
+        refused = ApiError(401, "unauthorized", f"the request has {given}; expected {expected} Authorization: Bearer "
                                                 f"<key>", "authorization", {"WWW-Authenticate": "Bearer"})
         await error_response(refused, scope["path"])(scope, receive, send)
 
@@ -128,3 +129,25 @@ class ErrorSafetyMiddleware:
             failed = ApiError(500, "internal", "the server failed on this request; expected a retry, and the "
                                                "server log has the details")
             await error_response(failed, scope["path"])(scope, receive, send)
+
+
+class HeadAsGetMiddleware:
+    """ASGI middleware: ``HEAD`` on one of ``paths`` (the routes that answer ``GET``) is answered as ``GET`` is,
+    without the body, as HTTP asks of every resource that answers GET (``curl -I`` and some health checkers send
+    it); elsewhere ``HEAD`` goes on as it is (a 405 naming it)."""
+
+    def __init__(self, app: Any, paths: tuple[str, ...]):
+        self.app = app
+        self.paths = paths
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD" or scope["path"] not in self.paths:
+            await self.app(scope, receive, send)
+            return
+
+        async def without_body(message: dict) -> None:
+            if message["type"] == "http.response.body":
+                message = {**message, "body": b""}
+            await send(message)
+
+        await self.app({**scope, "method": "GET"}, receive, without_body)

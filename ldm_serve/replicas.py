@@ -192,7 +192,6 @@ class LdmServeReplica:
         self.batcher = batcher
         replica = str(serve.get_replica_context().replica_id.unique_id).encode("ascii")
         route = app.state.images_route
-        route.id_header = PROXY_REQUEST_ID_HEADER  # the proxy's id of a request is its id here too
         peers = None
         if self.relay_name is not None:
             peers = CancelPeers(ray.get_actor(self.relay_name, namespace=RELAY_NAMESPACE), replica.decode())

@@ -48,9 +48,9 @@ FORM_PART_HEADER_BYTES = 512  # a multipart part's boundary line and headers (it
 
 def largest_request_bytes(max_prompt_chars: int) -> int:
     """The bytes of the longest valid body without images, so that the default body limit refuses none: both
-    prompts at 12 bytes a character (an escaped surrogate pair, as JSON encoders write astral characters), and
-    1 KiB for the other fields."""
-    return 2 * 12 * max_prompt_chars + 1024
+    prompts and OpenAI's ``model`` and ``user`` at 12 bytes a character (an escaped surrogate pair, as JSON
+    encoders write astral characters), and 2 KiB for the other fields (adapters' names among them)."""
+    return 12 * (2 * max_prompt_chars + 2 * MAX_OPENAI_NAME_CHARS) + 2048
 
 
 def largest_upload_bytes(max_side: int) -> int:
@@ -224,7 +224,7 @@ def _lora_from_form(value: Any) -> Any:
         if not isinstance(text, str):
             return text
         try:
-            return _plain(json.loads(text, parse_float=Decimal, parse_int=Decimal, parse_constant=_reject_constant))
+            return _plain(read_json(text))
         except (ValueError, RecursionError):
             return text
 
@@ -439,8 +439,9 @@ def validation_error(error: ValidationError, body: Any, limits: ServeLimits, mod
     field = location[0]
     if first["type"] == "extra_forbidden":
         known = ", ".join(model.model_fields)
-        return ApiError(422, "invalid_request", f"{shortened(field)} is not a field of this request; expected some "
-                                                f"of {known}", field)
+        shown = shortened(printable(field)) if field.strip() else f"the field name {shown_value(field)}"
+        return ApiError(422, "invalid_request", f"{shown} is not a field of this request; expected some of {known}",
+                        field)
     if first["type"] == "missing":
         return ApiError(422, "invalid_request", f"{field} is missing; expected {expected_text(field, limits)}", field)
     # an error inside an array names an item; the sentence shows the whole value the field was given
@@ -458,6 +459,35 @@ def validation_error(error: ValidationError, body: Any, limits: ServeLimits, mod
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
+
+
+class OutOfRangeNumber(Decimal):
+    """A JSON number whose exponent is beyond what ``Decimal`` holds (about ±10**18): infinite, which every field
+    refuses, and shown as the client wrote it."""
+
+    text: str
+
+    def __new__(cls, text: str) -> OutOfRangeNumber:
+        number = super().__new__(cls, "-Infinity" if text.startswith("-") else "Infinity")
+        number.text = text
+        return number
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _json_number_text(text: str) -> Decimal:
+    try:
+        return Decimal(text)
+    except ArithmeticError:  # decimal.InvalidOperation: 1e1000000000000000000
+        return OutOfRangeNumber(text)
+
+
+def read_json(text: str) -> Any:
+    """``text`` as JSON with every number a ``Decimal`` (``json_number`` makes them ints and floats); ValueError for
+    text that is not JSON (NaN and Infinity included), RecursionError for nesting too deep to read."""
+    return json.loads(text, parse_float=_json_number_text, parse_int=_json_number_text,
+                      parse_constant=_reject_constant)
 
 
 def json_number(number: Decimal) -> int | float | Decimal:
@@ -495,19 +525,27 @@ def _nesting(value: Any) -> int:
 def parse_body(raw: bytes, content_type: str, limits: ServeLimits, model: type[BaseModel]) -> BaseModel:
     """The request body as a validated model; ``ApiError`` naming the field otherwise, whatever the bytes (415
     unless ``content_type`` is JSON)."""
-    media_type = content_type.split(";")[0].strip().lower()
+    media_type, *parameters = (part.strip() for part in content_type.split(";"))
+    media_type = media_type.lower()
     # a page of another site can send a body without a Content-Type or as text/plain with no CORS preflight
     if media_type != "application/json" and not media_type.endswith("+json"):
         given = f"content type {shown_value(media_type)}" if media_type else "a body without a Content-Type"
         raise ApiError(415, "unsupported_media_type", f"{given} is not supported; expected application/json",
                        "content-type")
+    for name, _, value in (parameter.partition("=") for parameter in parameters):
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            raise ApiError(415, "unsupported_media_type", f"charset {shown_value(value.strip())} is not supported; "
+                                                          f"expected UTF-8 (or no charset)", "content-type")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
         raise ApiError(400, "malformed_json", f"the body is not UTF-8 (byte {error.start}); expected a JSON object "
                                               f"in UTF-8", "body") from None
+    if text.startswith("\ufeff"):
+        raise ApiError(400, "malformed_json", "the body starts with a byte order mark; expected a JSON object in "
+                                              "UTF-8 without one", "body")
     try:
-        body = json.loads(text, parse_float=Decimal, parse_int=Decimal, parse_constant=_reject_constant)
+        body = read_json(text)
     except RecursionError:
         raise ApiError(400, "malformed_json", "the body nests arrays or objects too deeply to read; expected a JSON "
                                               "object of strings, numbers and null", "body") from None

@@ -15,6 +15,7 @@ import asyncio
 import base64
 import json
 import math
+import re
 import secrets
 import time
 from typing import Callable
@@ -41,7 +42,9 @@ from ldm_serve.uploads import json_images, read_edit_form
 
 STUCK_STEP_GRACE_S = 1.0  # the worker drops an expired job at its next step boundary; this covers a stuck step
 REQUEST_ID_HEADER = "X-Request-Id"
-MAX_REQUEST_ID_CHARS = 200  # a request id taken from a proxy's header (ImagesRoute.id_header)
+# a request id a client (or Ray Serve's proxy) gives in REQUEST_ID_HEADER: what a DELETE's path can name
+REQUEST_ID = re.compile(r"[A-Za-z0-9._~:-]{1,200}")
+REQUEST_ID_TEXT = "1 to 200 letters, digits, '.', '_', '~', ':' or '-'"
 
 
 class ImagesRoute:
@@ -65,9 +68,6 @@ class ImagesRoute:
         # the other servers behind the same address (Ray Serve's replicas: ``ldm_serve.replicas.CancelPeers``),
         # which a DELETE for a request this one does not hold is passed to; None: none
         self.peers = None
-        # the request header whose value is a request's id (behind Ray Serve's proxy, its X-Request-Id, which the
-        # proxy puts on the answer); None: ids are made here
-        self.id_header: str | None = None
 
     async def create_images(self, request: Request) -> Response:
         return await self._counted(request, self._answer)
@@ -90,18 +90,20 @@ class ImagesRoute:
         return JSONResponse({"id": request_id, "status": "cancelled"})
 
     def _request_id(self, request: Request) -> str:
-        """A new request's id: made here, or the value of ``id_header`` (one no request in flight here has)."""
-        if self.id_header is None:
+        """A new request's id: the client's ``X-Request-Id``, so that it can cancel a request it is not streamed
+        (behind Ray Serve's proxy, the proxy's, which is the client's own when it sent one), else one made here;
+        ``ApiError`` for an id a DELETE cannot name or one a request in flight here has."""
+        request_id = request.headers.get(REQUEST_ID_HEADER)
+        if request_id is None:
             return secrets.token_hex(12)
-        request_id = request.headers.get(self.id_header, "")
-        if not request_id or len(request_id) > MAX_REQUEST_ID_CHARS:
-            raise ApiError(400, "invalid_request", f"the {self.id_header} header is {shown_value(request_id)}; "
-                                                   f"expected a request id of 1 to {MAX_REQUEST_ID_CHARS} characters, "
-                                                   f"or no header (the proxy makes one)", self.id_header)
+        if not REQUEST_ID.fullmatch(request_id):
+            raise ApiError(400, "invalid_request", f"the {REQUEST_ID_HEADER} header is {shown_value(request_id)}; "
+                                                   f"expected {REQUEST_ID_TEXT}, or no header (the server makes an "
+                                                   f"id)", REQUEST_ID_HEADER)
         if request_id in self.jobs:
-            raise ApiError(409, "conflict", f"the {self.id_header} header is {shown_value(request_id)}, the id of a "
-                                            f"request still in flight; expected a new id, or no header (the proxy "
-                                            f"makes one)", self.id_header)
+            raise ApiError(409, "conflict", f"the {REQUEST_ID_HEADER} header is {shown_value(request_id)}, the id of "
+                                            f"a request still in flight; expected a new id, or no header (the "
+                                            f"server makes one)", REQUEST_ID_HEADER)
         return request_id
 
     def cancel_held(self, request_id: str) -> bool:
@@ -129,6 +131,11 @@ class ImagesRoute:
         self.metrics.in_flight.inc()
         streaming = False
         try:
+            encoding = request.headers.get("content-encoding", "identity")
+            if encoding.strip().lower() != "identity":
+                raise ApiError(415, "unsupported_media_type", f"content encoding {shown_value(encoding)} is not "
+                                                              f"supported; expected a body sent as it is (no "
+                                                              f"Content-Encoding)", "content-encoding")
             response = await answer(request, arrived)
             streaming = isinstance(response, EventStream)  # its end does the rest
             return response
@@ -144,10 +151,6 @@ class ImagesRoute:
         parsed = parse_body(raw, request.headers.get("content-type", ""), self.limits, self.model)
         images = await json_images(parsed, self.limits)
         accepted = _accepts(request.headers.get("accept", "application/json"))
-        png = "image/png" in accepted and not accepted & {"application/json", "application/*"}
-        if png and parsed.n > 1:
-            raise ApiError(406, "not_acceptable", f"n is {parsed.n} but the client accepts only image/png; expected "
-                                                  f"n = 1 or Accept: application/json", "n")
         if parsed.stream:
             if not accepted & {"text/event-stream", "text/*", "*/*"}:
                 raise ApiError(406, "not_acceptable", "stream is true but the client does not accept "
@@ -157,6 +160,10 @@ class ImagesRoute:
                                                    parsed.previews, images)
             return self._event_stream(job, lambda answered: self._our_events(job, requests, seeds, arrived,
                                                                              answered))
+        png = "image/png" in accepted and not accepted & {"application/json", "application/*"}
+        if png and parsed.n > 1:
+            raise ApiError(406, "not_acceptable", f"n is {parsed.n} but the client accepts only image/png; expected "
+                                                  f"n = 1 or Accept: application/json", "n")
         seeds, requests, job = self._queue_job(request, parsed, parsed.height, parsed.width, arrived, images=images)
         result, total_s = await self._wait(job, request, arrived)
         pngs = await encode_pngs(requests, result)

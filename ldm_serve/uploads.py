@@ -11,7 +11,6 @@ import asyncio
 import base64
 import binascii
 import io
-import json
 from decimal import Decimal
 from typing import Any
 
@@ -26,7 +25,7 @@ from ldm_runtime.errors import RequestError
 from ldm_runtime.images import UPLOAD_FORMATS, read_upload
 from ldm_serve.errors import ApiError, printable, shortened, shown_value
 from ldm_serve.request_schema import (FORM_ARRAY_FIELDS, FORM_TEXT_FIELDS, MAX_FORM_PARTS, ServeLimits,
-                                      expected_text, json_number, validated)
+                                      expected_text, json_number, read_json, validated)
 
 FORM_FILES = ("image", "mask")
 REPAINT = 255  # a mask's grey level that repaints (ldm_runtime.pipeline.REPAINT_THRESHOLD and up)
@@ -66,9 +65,10 @@ def transparent_pixels(data: bytes, limits: ServeLimits) -> np.ndarray:
     """An OpenAI edit mask -> ``(H, W) uint8``, ``REPAINT`` where its alpha is 0 and 0 elsewhere; ``RequestError``
     naming ``mask`` for what ``read_upload`` refuses and for an image without an alpha channel."""
     read_upload(data, "mask", max_side=limits.max_size, mask=True, max_bytes=limits.max_upload_bytes)
-    image = ImageOps.exif_transpose(Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS))  # decodes: checked above
+    opened = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
+    image = ImageOps.exif_transpose(opened)  # decodes: checked above; the copy it makes has no format
     if "A" not in image.getbands() and "transparency" not in image.info:
-        raise RequestError(f"mask is a {image.format} image without an alpha channel (mode {image.mode}); expected "
+        raise RequestError(f"mask is a {opened.format} image without an alpha channel (mode {image.mode}); expected "
                            f"a PNG whose fully transparent pixels (alpha 0) mark where to edit", "mask")
     alpha = np.asarray(image.convert("RGBA").getchannel("A"))
     return np.where(alpha == 0, REPAINT, 0).astype(np.uint8)
@@ -90,6 +90,11 @@ async def read_edit_form(request: Request, limits: ServeLimits,
     try:
         form = await parser.parse()
     except MultiPartException as error:
+        if error.message.startswith("Part exceeded maximum size"):
+            raise ApiError(422, "invalid_request", f"a text field of the form is over {parser.max_part_size} bytes; "
+                                                   f"expected prompt and negative_prompt of at most "
+                                                   f"{limits.max_prompt_chars} characters and short values for the "
+                                                   f"others", "body") from None
         reason = error.message.rstrip(".").replace(". ", ": ")
         raise ApiError(400, "malformed_multipart", f"the body is not multipart/form-data this server reads "
                                                    f"({reason}); expected at most {len(FORM_FILES)} files and "
@@ -157,7 +162,7 @@ def _json_value(text: str) -> Any:
     """A form part's text read as one JSON value, numbers as ``json_number`` makes them; the text itself where it
     is not JSON, nests, or is a string (a form's text is already one)."""
     try:
-        value = json.loads(text, parse_float=Decimal, parse_int=Decimal, parse_constant=_not_a_constant)
+        value = read_json(text)
     except (ValueError, RecursionError):
         return text
     if isinstance(value, Decimal):
@@ -165,7 +170,3 @@ def _json_value(text: str) -> Any:
     if isinstance(value, list) and all(isinstance(item, Decimal) for item in value):
         return [json_number(item) for item in value]
     return value if isinstance(value, (bool, type(None))) else text
-
-
-def _not_a_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")

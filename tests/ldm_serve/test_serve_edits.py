@@ -235,7 +235,7 @@ def bad_edits(rng: np.random.Generator) -> list[tuple[dict, str, str]]:
         ({"image": ("a.png", bomb_png(48, 16), "image/png")}, "image", "expected at most 32 pixels a side"),
         ({"image": [image_file, image_file]}, "image", "image is given more than once; expected one file"),
         ({"image": image_file, "mask": ("m.png", png(mask), "image/png")}, "mask",
-         "without an alpha channel (mode L); expected a PNG whose fully transparent pixels (alpha 0)"),
+         "mask is a PNG image without an alpha channel (mode L); expected a PNG whose fully transparent pixels"),
         ({"image": image_file, "mask": ("m.png", transparent_where(mask[:, :12]), "image/png")}, "mask",
          "mask is 12x16 pixels but the image is 16x16; expected a mask of the image's size"),
         ({"image": image_file, "size": "20x20"}, "size", 'size is "20x20" but the image is 16x16 pixels'),
@@ -282,6 +282,15 @@ def test_the_edit_routes_refusals_outside_the_client_are_in_openais_shape(server
     own = httpx.post(url, files=[("prompt", (None, "a")), ("steps", (None, "1")), image_part], timeout=60,
                      headers={"Origin": server.url})
     assert own.status_code == 200, own.text
+    long_prompt = httpx.post(url, files=[("prompt", (None, "x" * 6000)), image_part], timeout=60)
+    assert long_prompt.status_code == 400 and long_prompt.json()["error"]["param"] == "body", long_prompt.text
+    assert (f"a text field of the form is over {4 * LIMITS.max_prompt_chars + 1024} bytes; expected prompt and "
+            f"negative_prompt of at most {LIMITS.max_prompt_chars} characters"
+            ) in long_prompt.json()["error"]["message"]
+    huge_number = httpx.post(url, files=[("prompt", (None, "a")), ("steps", (None, "1e1000000000000000000")),
+                                         image_part], timeout=60)
+    assert huge_number.status_code == 400 and huge_number.json()["error"]["param"] == "steps", huge_number.text
+    assert "steps is 1e1000000000000000000; expected an integer" in huge_number.json()["error"]["message"]
     broken = httpx.post(url, content=b"--x\r\nnot a part", headers={"Content-Type": "multipart/form-data"},
                         timeout=60)
     assert broken.status_code == 400 and broken.json()["error"]["param"] == "body", broken.text

@@ -105,9 +105,15 @@ HOSTILE_BODIES = [
     (b'{"prompt": "a", "guidance_scale": 1e400}', 422, "guidance_scale", "guidance_scale is 1E+400"),
     (b'{"prompt": "a", "eta": -1e400}', 422, "eta", "eta is -1E+400"),
     (b'{"prompt": "a", "eta": Infinity}', 400, "body", "Infinity is not valid JSON"),
+    # exponents past what Decimal holds (about 10**18), anywhere in the body
+    (b'{"prompt": "a", "steps": 1e1000000000000000000}', 422, "steps",
+     "steps is 1e1000000000000000000; expected an integer from 1 to 8"),
+    (b'{"prompt": "a", "eta": [-1e-9999999999999999999]}', 422, "eta", "expected a number from 0 to 1"),
+    (b'{"prompt": "a", "unknown": [1E+1000000000000000000]}', 422, "unknown", "unknown is not a field"),
+    (b'{"prompt": "a", "": 1}', 422, "", 'the field name "" is not a field of this request'),
     # bytes that are not UTF-8, an encoded surrogate among them
     (b'{"prompt": "\xed\xa0\x80"}', 400, "body", "the body is not UTF-8 (byte 12)"),
-    (b'\xef\xbb\xbf{"prompt": "a"}', 400, "body", "the body is not valid JSON"),
+    (b'\xef\xbb\xbf{"prompt": "a"}', 400, "body", "the body starts with a byte order mark; expected a JSON object"),
 ]
 
 
@@ -168,6 +174,33 @@ def test_weird_headers_get_a_4xx_or_are_ignored(roomy_server):
         status, headers, answer = parse_raw(read_until_closed(connection))
         assert status == 400 and headers["connection"] == "close" and answer["error"]["type"] == "malformed_request"
     assert "Traceback" not in roomy_server.log
+
+
+@pytest.mark.parametrize("headers, field, message", [
+    ({"Content-Encoding": "gzip"}, "content-encoding", 'content encoding "gzip" is not supported; expected a body '
+                                                       "sent as it is"),
+    ({"Content-Type": "application/json; charset=utf-16"}, "content-type",
+     'charset "utf-16" is not supported; expected UTF-8'),
+])
+def test_an_encoded_body_or_another_charset_gets_415_naming_the_header(roomy_server, headers, field, message):
+    answer = post(roomy_server.url, body(steps=1), headers={**JSON, **headers})
+    assert answer.status_code == 415 and answer.json()["error"]["field"] == field, answer.text
+    assert message in answer.json()["error"]["message"]
+    assert post(roomy_server.url, body(steps=1), headers={"Content-Type": 'application/json; charset="UTF-8"',
+                                                          "Content-Encoding": "identity"}).status_code == 200
+
+
+def test_head_answers_as_get_without_the_body_and_no_path_redirects(roomy_server):
+    url = roomy_server.url
+    for path in ("/", "/healthz", "/readyz", "/metrics", "/openapi.json"):
+        got, head = httpx.get(f"{url}{path}"), httpx.head(f"{url}{path}")
+        assert (head.status_code, head.content) == (got.status_code, b""), path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+    assert httpx.head(f"{url}/v1/images").status_code == 405
+    for method, path in (("DELETE", "/v1/images/"), ("GET", "/metrics/"), ("POST", "/v1/images/")):
+        answer = httpx.request(method, f"{url}{path}", headers={"Host": "127.0.0.1:9999"})
+        assert answer.status_code == 404 and "location" not in answer.headers, (method, path, answer.text)
+        assert f'path "{path}" does not exist' in answer.json()["error"]["message"]
 
 
 # ---------------------------------------------------------------- an unexpected error keeps the connection
@@ -359,6 +392,11 @@ def test_a_non_ascii_api_key_matches_as_utf_8_and_nothing_else_does(keyed_server
                           + b"\r\nAuthorization: Bearer x\r\n")
     with connect(keyed_server) as connection:
         assert exchange(connection, two_keys)[0] == 401
+    right_twice = post_bytes(b"{}", b"Content-Type: application/json\r\nAuthorization: " + right["Authorization"]
+                             + b"\r\nAuthorization: " + right["Authorization"] + b"\r\n")
+    with connect(keyed_server) as connection:
+        status, _, answer = exchange(connection, right_twice)
+        assert status == 401 and "the request has 2 Authorization headers" in json.loads(answer)["error"]["message"]
     assert httpx.get(f"{url}/healthz").status_code == 200 and httpx.get(f"{url}/readyz").status_code == 200
     assert "Traceback" not in keyed_server.log
 

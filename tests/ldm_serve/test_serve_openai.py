@@ -20,6 +20,7 @@ from openai.types import ImageGenCompletedEvent, ImageGenPartialImageEvent
 from PIL import Image
 
 from ldm_runtime.schedulers import SAMPLER_NAMES
+from ldm_serve.request_schema import ServeLimits
 from ldm_serve.server import API_KEY_ENV
 from tests.ldm_serve.gated_server import JSON, PROMPTS, Server, post
 
@@ -156,12 +157,13 @@ def test_a_full_queue_raises_rate_limit_error_with_retry_after(keyed_server):
 
 @pytest.mark.parametrize("content, headers, status, param, code, message", [
     (b'{"prompt": "a",', {}, 400, "body", "malformed_json", "the body is not valid JSON"),
+    (b'{"prompt": "a", "n": 1e1000000000000000000}', {}, 400, "n", "invalid_request", "n is 1e1000000000000000000"),
     (b'{"prompt": "   "}', {}, 400, "prompt", "invalid_request", "not only spaces"),
     (b'{"prompt": "a", "size": "16X16"}', {}, 400, "size", "invalid_request", 'size is "16X16"'),
     (b'{"prompt": "a", "size": 16}', {}, 400, "size", "invalid_request", "size is 16; expected \"WxH\""),
     (b'{"prompt": "a"}', {"Content-Type": "text/plain"}, 415, "content-type", "unsupported_media_type",
      "content type"),
-    (json.dumps({"prompt": "a" * 30000}).encode(), {}, 413, "body", "body_too_large", "the body is over"),
+    (json.dumps({"prompt": "a" * 40000}).encode(), {}, 413, "body", "body_too_large", "the body is over"),
     (b'{"prompt": "a"}', {"Authorization": "Bearer nope"}, 401, "authorization", "unauthorized",
      "a wrong API key"),
 ])
@@ -170,6 +172,18 @@ def test_every_error_on_the_route_is_in_openais_shape(keyed_server, content, hea
     response = openai_post(keyed_server, content, headers)
     assert response.status_code == status, response.text
     assert_openai_error(response.json()["error"], param, code, message)
+
+
+def test_the_longest_valid_body_is_not_refused_for_its_size(keyed_server):
+    """Every string field at its longest, in astral characters that JSON encoders write as 12-byte escapes; n one
+    over the limit, so that the answer names n (the body was read) and no image is made."""
+    astral, longest = "\U0001F600", ServeLimits().max_prompt_chars
+    content = json.dumps({"prompt": astral * longest, "negative_prompt": astral * longest, "n": 5,
+                          "model": astral * 256, "user": astral * 256, "size": "16x16", "seed": 2**63 - 1}).encode()
+    assert len(content) > 12 * 2 * (longest + 256)
+    response = openai_post(keyed_server, content)
+    assert response.status_code == 400, response.text
+    assert_openai_error(response.json()["error"], "n", "invalid_request", "n is 5; expected an integer from 1 to 4")
 
 
 def test_v1_images_keeps_its_own_error_shape_and_422(keyed_server):

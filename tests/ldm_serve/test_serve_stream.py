@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 
 import httpx
 import numpy as np
@@ -141,6 +142,41 @@ def test_a_request_not_streamed_gets_its_id_and_delete_of_an_unknown_id_is_404(s
     assert unknown.status_code == 404, unknown.text
     assert unknown.json()["error"]["message"] == (f'no queued or running request has id "{"0" * 24}"; expected the id '
                                                   f"of one (its X-Request-Id header, or its stream's first event)")
+
+
+def test_a_request_not_streamed_is_cancelled_by_the_id_its_client_named(server):
+    cancelled_before = server.metric(CANCELLED)
+    named_id = "client-7.a_b~c:d"
+    answers: list[httpx.Response] = []
+    with server.held():
+        waiting = threading.Thread(target=lambda: answers.append(
+            post(server.url, body(seed=6), headers={**JSON, "X-Request-Id": named_id})))
+        waiting.start()
+        server.wait_for("ldm_serve_requests_in_flight", lambda value: value == 1, "the request never arrived")
+        server.wait_for("ldm_serve_queue_depth", lambda value: value == 1, "the request never queued")
+        again = post(server.url, body(seed=7), headers={**JSON, "X-Request-Id": named_id})
+        assert again.status_code == 409 and again.json()["error"]["field"] == "X-Request-Id", again.text
+        assert "the id of a request still in flight" in again.json()["error"]["message"]
+        cancelled = httpx.delete(f"{server.url}/v1/images/{named_id}", timeout=30)
+        assert cancelled.status_code == 200 and cancelled.json() == {"id": named_id, "status": "cancelled"}
+        waiting.join(30)
+    assert [answer.status_code for answer in answers] == [409], [answer.text for answer in answers]
+    assert answers[0].json()["error"]["type"] == "cancelled"
+    assert server.metric(CANCELLED) == cancelled_before + 1
+    reused = post(server.url, body(seed=6, steps=1), headers={**JSON, "X-Request-Id": named_id})
+    assert reused.status_code == 200 and reused.headers["x-request-id"] == named_id  # free again once answered
+    for bad in ("a/b", "a b", "x" * 201, ""):
+        refused = post(server.url, body(), headers={**JSON, "X-Request-Id": bad})
+        assert refused.status_code == 400 and refused.json()["error"]["field"] == "X-Request-Id", (bad, refused.text)
+        assert "expected 1 to 200 letters, digits" in refused.json()["error"]["message"]
+
+
+def test_a_stream_goes_to_a_client_that_accepts_png_and_events(server):
+    streamed = StreamedRequest(server.url, body(n=2, steps=2, stream=True),
+                               headers={**JSON, "Accept": "image/png, text/event-stream"})
+    assert streamed.response.status_code == 200, streamed.response.read()
+    assert len(named(streamed.rest(), "completed")[0]["images"]) == 2
+    streamed.close()
 
 
 @pytest.mark.parametrize("fields, field, message", [
