@@ -77,11 +77,16 @@ def recorded_digests(folder: Path) -> dict[str, str]:
 
 def verify_recorded_digests(folder: Path, names: list[str]) -> None:
     """``CheckpointError`` for the first of ``names`` (paths inside ``folder``) whose sha256 differs from the one
-    ``train_state.json`` records for it; a name it records nothing for is not checked. Every reader of a
-    checkpoint file calls this before it reads the file."""
+    ``train_state.json`` records for it, or that it does not record at all (a file an earlier run left beside
+    this one's); nothing is checked in a folder without one. Every reader of a checkpoint file calls this before
+    it reads the file."""
     recorded = recorded_digests(folder)
     for name in names:
         path = folder / name
+        if recorded and name not in recorded and path.is_file():
+            raise CheckpointError(f"{path} is not among the files {folder / TRAIN_STATE_JSON} records (its run wrote "
+                                  f"{', '.join(sorted(recorded))}): it was left by another run; expected a folder "
+                                  f"whose {TRAIN_STATE_JSON} records every file read from it")
         if name in recorded and path.is_file() and sha256_file(path) != recorded[name]:
             raise CheckpointError(f"{path} does not match the sha256 recorded in {TRAIN_STATE_JSON}; expected the "
                                   f"file as ldm-train wrote it (it is truncated, damaged or was changed after "
@@ -168,8 +173,10 @@ def load_text_encoder(folder: Path, config: ModelConfig) -> "TextEncoder":
                                    model_dir=folder)
     except ConfigError as error:
         raise CheckpointError(f"cannot load the text encoder of {folder}: {error}") from None
-    except (OSError, ValueError) as error:
-        raise CheckpointError(f"cannot load the text encoder or tokenizer of {folder} ({error})") from None
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as error:  # a damaged file's many ways to fail
+        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        raise CheckpointError(f"cannot load the text encoder or tokenizer of {folder} ({reason}); expected the files "
+                              f"as ldm-train or ldm-import wrote them") from None
     finally:
         if bar_was_enabled:
             transformers_logging.enable_progress_bar()

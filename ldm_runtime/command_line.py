@@ -81,6 +81,37 @@ def check_writable_folder(flag: str, folder: Path) -> None:
             time.sleep(random.uniform(0, _PROBE_FIRST_WAIT_S * 2**attempt))
 
 
+def check_replaceable_folder(flag: str, folder: Path) -> None:
+    """``UsageError`` naming ``flag`` unless ``folder`` can be replaced whole, as a checkpoint or engine dir is (a
+    complete new folder is written beside it and the two are swapped: ``ldm_runtime.folder_swap``): not a mount
+    point, which no rename moves, and not the working directory or a folder holding it, which the swap would leave
+    this process in after removing it."""
+    resolved = Path(os.path.realpath(folder))
+    working = Path(os.path.realpath(os.getcwd()))
+    if resolved == working or resolved in working.parents:
+        raise UsageError(f"{flag} {str(folder) or repr('')} is the working directory or holds it; expected a folder "
+                         f"elsewhere (a save replaces {flag} whole, and this process would be left in a removed "
+                         f"folder), such as {flag} runs/NAME")
+    if _is_mount_point(resolved):
+        raise UsageError(f"{flag} {folder} is a mount point, which a save cannot replace whole (it writes a new "
+                         f"folder beside it and swaps the two); expected a folder inside it, such as "
+                         f"{flag} {folder / 'run'}")
+
+
+def _is_mount_point(path: Path) -> bool:
+    """Whether a file system (a bind mount included, which ``os.path.ismount`` misses) is mounted at ``path``."""
+    if os.path.ismount(path):
+        return True
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as mounts:
+            points = {line.split()[4] for line in mounts if len(line.split()) > 4}
+    except OSError:  # not Linux
+        return False
+    # mountinfo escapes space, tab, newline and backslash as octal
+    unescaped = {point.encode("latin-1", "surrogateescape").decode("unicode_escape") for point in points}
+    return str(path) in unescaped
+
+
 _PROBE_ATTEMPTS = 10
 _PROBE_FIRST_WAIT_S = 0.001  # the longest first wait; the ninth is at most 0.256 s, all of them together 0.511 s
 

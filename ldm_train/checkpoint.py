@@ -75,12 +75,16 @@ def save_checkpoint(
     settings: dict[str, Any],
     save_tokenizer: Callable[[Path], None] | None = None,
     text_encoder_folder: Path | None = None,
+    first: bool = False,
 ) -> None:
     """Write a complete checkpoint at ``folder``, replacing the one there in one step. ``weights`` maps a file stem
     ("unet") to its state dict; a pretrained text encoder's ``text_encoder_folder`` is copied in as
     ``text_encoder/`` (once), so the dir is self-contained. Every other entry of the old folder (metrics.jsonl,
-    samples/, tokenizer/ and text_encoder/ once written) is carried over as a hard link."""
+    samples/, tokenizer/ and text_encoder/ once written) is carried over as a hard link. ``first``: the first save
+    of a run that did not resume the checkpoint there (``--overwrite``): what that one's ``train_state.json``
+    records (its weights, tokenizer, text encoder) is another run's and stays behind."""
     target = Path(os.path.realpath(folder))  # an --out that is a symlink keeps naming the checkpoint
+    others = _recorded_entries(target) if first else set()
     with temporary_folder(target) as staging:
         _copy_mode(target, staging)
         write_text_atomic(staging / MODEL_JSON, config.to_json())
@@ -88,16 +92,27 @@ def save_checkpoint(
             save_tensors_atomic(staging / f"{stem}.safetensors", state)
         # The step also goes into the tensors' header, whose sha256 train_state.json records: an edited step is caught.
         save_tensors_atomic(staging / TRAIN_STATE_TENSORS, train_tensors, metadata={"stage": stage, "step": str(step)})
-        if save_tokenizer is not None and not (target / TOKENIZER_DIR).is_dir():
+        if save_tokenizer is not None and (TOKENIZER_DIR in others or not (target / TOKENIZER_DIR).is_dir()):
             save_tokenizer(staging / TOKENIZER_DIR)
-        if text_encoder_folder is not None and not (target / TEXT_ENCODER_DIR).is_dir():
+        if text_encoder_folder is not None and (TEXT_ENCODER_DIR in others or not (target / TEXT_ENCODER_DIR).is_dir()):
             shutil.copytree(text_encoder_folder, staging / TEXT_ENCODER_DIR)
-        _carry_over(target, staging, skip={TRAIN_STATE_JSON})  # written next: a link would share the old one's bytes
+        # train_state.json is written next: a link would share the old one's bytes
+        _carry_over(target, staging, skip={TRAIN_STATE_JSON, *others})
         names = [MODEL_JSON, TRAIN_STATE_TENSORS, *(f"{stem}.safetensors" for stem in weights),
                  *folder_files(staging, TOKENIZER_DIR), *folder_files(staging, TEXT_ENCODER_DIR)]
         write_train_state(staging, names, stage, step, settings)
         _sync_tree(staging)
         replace_folder(staging, target)
+
+
+def _recorded_entries(folder: Path) -> set[str]:
+    """The entries of ``folder`` that its ``train_state.json`` records (a file, or the folder holding one), if it
+    can be read."""
+    try:
+        files = json.loads((folder / TRAIN_STATE_JSON).read_text())["files"]
+        return {Path(name).parts[0] for name in files}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+        return set()
 
 
 def _copy_mode(target: Path, staging: Path) -> None:
@@ -151,9 +166,9 @@ def _sync_tree(folder: Path) -> None:
         fsync_path(Path(root))
 
 
-def load_train_state(folder: Path, stage: str) -> TrainState:
+def load_train_state(folder: Path, stage: str, optimizers: tuple[str, ...] = ()) -> TrainState:
     """The train state of a checkpoint to resume (put back first if a save was killed mid-swap); CheckpointError if
-    it is absent, of another stage, or torn."""
+    it is absent, of another stage, torn, or lacks the settings of ``optimizers`` (their state's layout)."""
     restore_replaced(folder)
     path = folder / TRAIN_STATE_JSON
     if not path.is_file():
@@ -163,7 +178,15 @@ def load_train_state(folder: Path, stage: str) -> TrainState:
         state = TrainState(stage=data["stage"], step=data["step"], settings=data["settings"], files=data["files"])
         if isinstance(state.step, bool) or not isinstance(state.step, int) or state.step < 0:
             raise TypeError(f"its step is {state.step!r}; expected a non-negative integer")
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        if not isinstance(state.stage, str) or not isinstance(state.settings, dict):
+            raise TypeError("its stage or settings are not a string and an object")
+        if not isinstance(state.files, dict) or not all(isinstance(name, str) and isinstance(digest, str)
+                                                        for name, digest in state.files.items()):
+            raise TypeError("its files are not an object of file names and sha256 digests")
+        for name in optimizers:
+            if not isinstance(state.settings.get(name), dict):
+                raise TypeError(f"its settings lack {name}, the optimiser state's layout")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"cannot resume from {folder}: {path} is unreadable ({error})")
     if state.stage != stage:
         raise CheckpointError(f"cannot resume {stage} training from {folder}: it holds a {state.stage} run")

@@ -321,8 +321,11 @@ class ClassifierTrainSettings:
             raise ConfigError(f"--weight-decay is {self.weight_decay}; expected a finite number >= 0")
         if not 0 <= self.seed <= MAX_TRAIN_SEED:
             raise ConfigError(f"--seed is {self.seed}; expected an integer from 0 to 2**32 - 1")
+        if not 16 <= self.image_size <= MAX_CLASSIFIER_IMAGE_SIZE:  # the training images are held in memory
+            raise ConfigError(f"--image-size is {self.image_size}; expected 16 to {MAX_CLASSIFIER_IMAGE_SIZE} pixels")
 
 
+MAX_CLASSIFIER_IMAGE_SIZE = 256
 WARMUP_STEPS = 100
 
 

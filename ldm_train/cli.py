@@ -18,10 +18,11 @@ import sys
 from pathlib import Path
 
 from ldm_runtime.checkpoint import TRAIN_STATE_JSON, CheckpointError
-from ldm_runtime.command_line import OneLineArgumentParser, check_writable_folder, finite_float, report_user_error
+from ldm_runtime.command_line import (OneLineArgumentParser, check_replaceable_folder, check_writable_folder,
+                                      finite_float, report_user_error)
 from ldm_runtime.config import PRESETS, ConfigError
 from ldm_runtime.errors import DiskFullError, UserError
-from ldm_train.classifier import ClassifierTrainSettings, train_classifier
+from ldm_train.classifier import CLASSIFIER_JSON, ClassifierTrainSettings, train_classifier
 from ldm_runtime.folder_swap import restore_replaced
 from ldm_train.run import AutoencoderSettings, UNetSettings
 from ldm_train.train_guidance import GuidanceSettings
@@ -212,6 +213,7 @@ def _add_classifier_parser(stages) -> None:
         sub.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=HELP[name])
     sub.add_argument("--heldout-images", type=int, default=defaults.heldout_images,
                      help="held-out images the written accuracy is measured on")
+    sub.add_argument("--overwrite", action="store_true", help="replace a classifier already in --out")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,8 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         return _report_full_disk(error, Path(args.out), _what_is_left(Path(args.out)))
     except KeyboardInterrupt:
-        print(f"ldm-train: interrupted; the last checkpoint in {args.out} is intact (continue with --resume)",
-              file=sys.stderr)
+        if (Path(args.out) / TRAIN_STATE_JSON).is_file():
+            print(f"ldm-train: interrupted; the last checkpoint in {args.out} is intact (continue with --resume)",
+                  file=sys.stderr)
+        else:
+            print(f"ldm-train: interrupted before the first checkpoint; nothing to resume in {args.out} (start "
+                  f"again, or lower --checkpoint-every)", file=sys.stderr)
         return 130
     print(f"ldm-train: wrote {out}", file=sys.stderr)
     return 0
@@ -262,6 +268,8 @@ def _train_classifier(args: argparse.Namespace) -> int:
         settings = ClassifierTrainSettings(**values)
         settings.validate()
         check_writable_folder("--out", Path(args.out))
+        if (Path(args.out) / CLASSIFIER_JSON).is_file() and not args.overwrite:
+            raise ConfigError(f"--out {args.out} already holds a classifier; pass --overwrite to replace it")
         out = train_classifier(settings)
     except UserError as error:
         return report_user_error(PROG, error)
@@ -283,6 +291,8 @@ def _train_lora(args: argparse.Namespace) -> int:
         checked.validate()
         if out.exists() and not args.overwrite:
             raise ConfigError(f"--out {out} already exists; pass --overwrite to replace it")
+        if out.is_dir():
+            raise ConfigError(f"--out {out} is a folder; expected the path of an adapter file (NAME.safetensors)")
         check_writable_folder("--out", out.parent)
         return checked
 
@@ -299,6 +309,7 @@ def _train_distilled(args: argparse.Namespace, settings_class, train) -> int:
         checked.validate()
         restore_replaced(out)
         check_writable_folder("--out", out)
+        check_replaceable_folder("--out", out)
         if (out / TRAIN_STATE_JSON).is_file() and not args.overwrite:
             raise ConfigError(f"--out {out} already holds a model; pass --overwrite to replace it")
         if out.resolve() == Path(args.base).resolve():
@@ -350,6 +361,7 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
         raise ConfigError("--resume and --overwrite contradict each other; pass one")
     restore_replaced(out)  # a save killed mid-swap (where renames cannot exchange) left the last checkpoint aside
     check_writable_folder("--out", out)
+    check_replaceable_folder("--out", out)
     if resume and not (out / TRAIN_STATE_JSON).is_file():
         raise CheckpointError(f"cannot resume: --out {out} holds no checkpoint ({TRAIN_STATE_JSON} is missing)")
     if not resume and not overwrite and (out / TRAIN_STATE_JSON).is_file():

@@ -92,7 +92,7 @@ def _train(settings: AutoencoderSettings, config: ModelConfig, out: Path, proces
     device = process.device
     start_step = 0
     if resume:
-        state = load_train_state(out, STAGE)
+        state = load_train_state(out, STAGE, optimizers=("_optimizer", "_disc_optimizer"))
         check_resume_settings(state.settings, settings, out, state.step)
         start_step = state.step
     dataset = build_dataset(settings.data, config.image_size, settings.seed, skip_bad=settings.skip_bad_images)
@@ -171,14 +171,15 @@ def _train(settings: AutoencoderSettings, config: ModelConfig, out: Path, proces
                     autoencoder.eval()
                     log.write(done, {"val_psnr_db": reconstruction_psnr(autoencoder, validation, device, 64)})
                 _save(out, settings, config, autoencoder, discriminator, optimizer, disc_optimizer, dataset, done,
-                      process)
+                      process, first=not resume and done <= settings.checkpoint_every)
     finally:
         progress.close()
     return out
 
 
 def _save(out: Path, settings: AutoencoderSettings, config: ModelConfig, autoencoder: Autoencoder,
-          discriminator: PatchDiscriminator, optimizer, disc_optimizer, dataset, step: int, process: Process) -> None:
+          discriminator: PatchDiscriminator, optimizer, disc_optimizer, dataset, step: int, process: Process,
+          first: bool) -> None:
     if not process.is_main:
         return
     autoencoder.eval()
@@ -192,4 +193,5 @@ def _save(out: Path, settings: AutoencoderSettings, config: ModelConfig, autoenc
         **optimizer_tensors, **disc_tensors,
     }
     recorded = {**settings.to_dict(), "_optimizer": optimizer_meta, "_disc_optimizer": disc_meta}
-    save_checkpoint(out, config, {"autoencoder": autoencoder.state_dict()}, train_tensors, STAGE, step, recorded)
+    save_checkpoint(out, config, {"autoencoder": autoencoder.state_dict()}, train_tensors, STAGE, step, recorded,
+                    first=first)

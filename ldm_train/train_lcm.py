@@ -271,7 +271,8 @@ def _train(settings, stage: str, kind: type[Distillation], device: torch.device)
             if done % 10 == 0 or done == settings.steps:
                 metrics.write(done, {"loss": float(loss.detach()), "grad_norm": float(grad_norm)})
             if done % settings.checkpoint_every == 0 or done == settings.steps:
-                _save(out, settings, stage, networks, distillation, average, optimizer, done)
+                _save(out, settings, stage, networks, distillation, average, optimizer, done,
+                      first=done <= settings.checkpoint_every)
     finally:
         progress.close()
     return out
@@ -339,7 +340,7 @@ def distilled_config(config: ModelConfig, settings: ConsistencySettings) -> Mode
 
 
 def _save(out: Path, settings, stage: str, networks, distillation: Distillation, average, optimizer,
-          step: int) -> None:
+          step: int, first: bool) -> None:
     config = networks.config
     weights = {"autoencoder": networks.autoencoder.state_dict(), "unet": average.state_dict()}
     if TEXT_ENCODER_WEIGHTS in weight_files(config):
@@ -352,4 +353,4 @@ def _save(out: Path, settings, stage: str, networks, distillation: Distillation,
     save_checkpoint(out, distillation.written_config(), weights, train_tensors, stage, step,
                     {**settings.to_dict(), "_optimizer": optimizer_meta},
                     save_tokenizer=networks.text_encoder.save_tokenizer,
-                    text_encoder_folder=text_folder if text_folder.is_dir() else None)
+                    text_encoder_folder=text_folder if text_folder.is_dir() else None, first=first)

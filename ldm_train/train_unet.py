@@ -114,7 +114,7 @@ def _train(settings: UNetSettings, config: ModelConfig, autoencoder_dir: Path, o
     device = process.device
     start_step = 0
     if resume:
-        state = load_train_state(out, STAGE)
+        state = load_train_state(out, STAGE, optimizers=("_optimizer",))
         check_resume_settings(state.settings, settings, out, state.step)
         start_step = state.step
 
@@ -190,7 +190,8 @@ def _train(settings: UNetSettings, config: ModelConfig, autoencoder_dir: Path, o
                 _save_preview(out / "samples" / f"step_{done:07d}.png", ema, autoencoder, data, forward_process, scale,
                               dataset, device, pixels, config)
             if process.is_main and (done % settings.checkpoint_every == 0 or done == settings.steps):
-                _save(out, settings, config, autoencoder, denoiser, ema, optimizer, done)
+                _save(out, settings, config, autoencoder, denoiser, ema, optimizer, done,
+                      first=not resume and done <= settings.checkpoint_every)
     finally:
         progress.close()
     if process.is_main:  # the autoencoder is final: the previews' latent-to-RGB map, so servers start without fitting
@@ -346,7 +347,7 @@ def _save_preview(path: Path, ema: Denoiser, autoencoder: Autoencoder, data: Enc
 
 
 def _save(out: Path, settings: UNetSettings, config: ModelConfig, autoencoder: Autoencoder, denoiser: Denoiser,
-          ema: Denoiser, optimizer, step: int) -> None:
+          ema: Denoiser, optimizer, step: int, first: bool) -> None:
     weights = {"autoencoder": autoencoder.state_dict(), "unet": ema.unet.state_dict()}
     if denoiser.text_encoder.trainable:
         weights["text_encoder"] = ema.text_encoder.state_dict()
@@ -358,7 +359,8 @@ def _save(out: Path, settings: UNetSettings, config: ModelConfig, autoencoder: A
     recorded = {**settings.to_dict(), "_optimizer": optimizer_meta}
     config, text_encoder_folder = _self_contained(config)
     save_checkpoint(out, config, weights, train_tensors, STAGE, step, recorded,
-                    save_tokenizer=denoiser.text_encoder.save_tokenizer, text_encoder_folder=text_encoder_folder)
+                    save_tokenizer=denoiser.text_encoder.save_tokenizer, text_encoder_folder=text_encoder_folder,
+                    first=first)
 
 
 def _self_contained(config: ModelConfig) -> tuple[ModelConfig, Path | None]:

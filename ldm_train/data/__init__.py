@@ -15,6 +15,9 @@ DEFAULT_SHAPES_LENGTH = 20_000
 MANIFEST_SUFFIXES = (".jsonl", ".csv")
 
 
+MAX_SHAPES_ITEMS = 10**7  # an epoch's order is a permutation of every index, held in memory (8 bytes each)
+
+
 def build_dataset(spec: str, image_size: int, seed: int, skip_bad: bool = False,
                   length: int | None = None) -> ShapesDataset | ImageFolderDataset:
     """The data set named by ``spec``.
@@ -28,8 +31,9 @@ def build_dataset(spec: str, image_size: int, seed: int, skip_bad: bool = False,
     if name == "shapes":
         if not colon:
             return ShapesDataset(length if length is not None else DEFAULT_SHAPES_LENGTH, image_size, seed)
-        if not count.isdigit() or int(count) == 0:
-            raise DataError(f"dataset {spec!r} has a bad item count {count!r}; expected 'shapes:N' with N >= 1")
+        if not count.isdigit() or not 1 <= int(count) <= MAX_SHAPES_ITEMS:
+            raise DataError(f"dataset {spec!r} has a bad item count {count!r}; expected 'shapes:N' with N from 1 to "
+                            f"{MAX_SHAPES_ITEMS}")
         return ShapesDataset(int(count), image_size, seed)
     path = Path(spec).expanduser()
     if path.is_dir():

@@ -366,3 +366,15 @@ def test_build_dataset_rejects_a_spec_that_is_neither_shapes_nor_a_path(tmp_path
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(DataError, match=r"notes\.txt.*expected a \.jsonl or \.csv"):
         build_dataset(str(tmp_path / "notes.txt"), image_size=32, seed=0)
+
+
+def test_a_shapes_count_past_what_an_epoch_order_holds_is_one_line():
+    from ldm_train.classifier import ClassifierTrainSettings
+    from ldm_train.data import MAX_SHAPES_ITEMS
+
+    for spec in (f"shapes:{MAX_SHAPES_ITEMS + 1}", "shapes:99999999999999999999999"):
+        with pytest.raises(DataError, match=f"expected 'shapes:N' with N from 1 to {MAX_SHAPES_ITEMS}"):
+            build_dataset(spec, 16, 0)
+    assert len(build_dataset(f"shapes:{MAX_SHAPES_ITEMS}", 16, 0)) == MAX_SHAPES_ITEMS
+    with pytest.raises(Exception, match="--image-size is 100000; expected 16 to 256 pixels"):
+        ClassifierTrainSettings(out="x", image_size=100000).validate()

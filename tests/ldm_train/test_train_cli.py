@@ -13,7 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ldm_runtime.checkpoint import load_model_config, load_state_dict_file
+from ldm_runtime.checkpoint import CheckpointError, load_model_config, load_state_dict_file, verify_recorded_digests
+from ldm_runtime.command_line import check_replaceable_folder
+from ldm_runtime.errors import UsageError
 from ldm_runtime.engines.torch_engine import TorchEngine
 from ldm_runtime.models import Autoencoder, UNet
 from ldm_runtime.previews import MIN_FIT_R2, PREVIEW_FILE, fit_latent_preview
@@ -361,3 +363,69 @@ def test_a_text_encoder_from_a_folder_is_copied_into_the_checkpoint(autoencoder_
     shutil.rmtree(source)
     monkeypatch.chdir(tmp_path)
     assert load_text_encoder(out, config).hidden_size == 384
+
+
+def test_overwrite_with_another_stage_keeps_none_of_the_old_runs_files_and_loaders_refuse_strays(autoencoder_dir,
+                                                                                                 tmp_path):
+    out = tmp_path / "run"
+    assert main(["unet", *UNET_FLAGS, "--autoencoder", str(autoencoder_dir), "--out", str(out), "--steps", "1"]) == 0
+    stray = (out / "unet.safetensors").read_bytes()
+    assert (out / "tokenizer").is_dir()
+    assert main(["autoencoder", *AE_FLAGS, "--out", str(out), "--steps", "2", "--checkpoint-every", "1",
+                 "--overwrite"]) == 0
+    assert not (out / "unet.safetensors").exists() and not (out / "tokenizer").exists()
+    recorded = json.loads((out / "train_state.json").read_text())["files"]
+    assert sorted(recorded) == ["autoencoder.safetensors", "model.json", "train_state.safetensors"]
+    assert sorted(losses(out)) == [1, 2]  # the new run's log only
+    (out / "unet.safetensors").write_bytes(stray)  # a file another run left: every reader refuses it
+    with pytest.raises(CheckpointError, match="unet.safetensors is not among the files .* records"):
+        verify_recorded_digests(out, ["unet.safetensors"])
+
+
+def test_an_out_that_holds_the_working_directory_or_is_a_mount_point_is_refused(tmp_path, monkeypatch, capsys):
+    working = tmp_path / "runs" / "here"
+    working.mkdir(parents=True)
+    monkeypatch.chdir(working)
+    for out in (".", "", "..", str(tmp_path / "runs")):
+        assert main(["autoencoder", *AE_FLAGS, "--out", out, "--steps", "1"]) == 2
+        error = capsys.readouterr().err
+        assert "is the working directory or holds it; expected a folder elsewhere" in error, (out, error)
+        assert error.count("\n") == 1
+    assert not any(working.iterdir())
+    if Path("/proc/self/mountinfo").is_file():
+        with pytest.raises(UsageError, match="--out /proc is a mount point, which a save cannot replace whole"):
+            check_replaceable_folder("--out", Path("/proc"))
+
+
+def test_an_interrupt_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path, monkeypatch, capsys):
+    def interrupted(settings, resume=False):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("ldm_train.train_autoencoder.train_autoencoder", interrupted)
+    assert main(["autoencoder", *AE_FLAGS, "--out", str(tmp_path / "new"), "--steps", "1"]) == 130
+    assert "interrupted before the first checkpoint; nothing to resume" in capsys.readouterr().err
+
+
+def test_a_classifier_is_not_replaced_without_overwrite(tmp_path, capsys):
+    out = tmp_path / "judge"
+    out.mkdir()
+    (out / "classifier.json").write_text("{}")
+    assert main(["classifier", "--out", str(out), "--steps", "1"]) == 2
+    assert f"--out {out} already holds a classifier; pass --overwrite to replace it" in capsys.readouterr().err
+    assert (out / "classifier.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("edit, reason", [
+    (lambda state: {**state, "files": []}, "its files are not an object"),
+    (lambda state: {**state, "settings": []}, "its stage or settings are not"),
+    (lambda state: {**state, "settings": {k: v for k, v in state["settings"].items() if k != "_disc_optimizer"}},
+     "its settings lack _disc_optimizer"),
+])
+def test_a_train_state_of_the_wrong_shape_is_one_line_on_resume(autoencoder_dir, tmp_path, capsys, edit, reason):
+    out = tmp_path / "ae"
+    shutil.copytree(autoencoder_dir, out)
+    path = out / "train_state.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    assert main(["autoencoder", *AE_FLAGS, "--out", str(out), "--steps", "6", "--disc-start", "2", "--resume"]) == 2
+    error = capsys.readouterr().err
+    assert f"cannot resume from {out}: {path} is unreadable ({reason}" in error and error.count("\n") == 1

@@ -92,3 +92,7 @@ def test_an_existing_out_a_wrong_suffix_or_a_missing_base_is_one_line(base, tmp_
     assert "expected a path ending in .safetensors" in capsys.readouterr().err
     assert main(["lora", "--base", str(tmp_path / "none"), "--out", str(tmp_path / "a.safetensors"), *QUICK]) == 2
     assert f"--base {tmp_path / 'none'} is not a checkpoint dir" in capsys.readouterr().err
+    folder = tmp_path / "folder.safetensors"
+    folder.mkdir()
+    assert main(["lora", "--base", str(base), "--out", str(folder), "--overwrite", *QUICK]) == 2
+    assert f"--out {folder} is a folder; expected the path of an adapter file" in capsys.readouterr().err
