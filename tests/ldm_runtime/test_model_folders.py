@@ -369,3 +369,13 @@ def test_a_description_that_is_not_a_small_regular_json_file_is_one_line_before_
         description.write_bytes(b'{"image_size": "\xff"}')
     code, err = run_sample(folder, tmp_path, capsys)
     assert_one_line_error(code, err, str(description), message.format(name=name))
+
+
+@pytest.mark.parametrize("name, content", [("tokenizer_config.json", "[]"), ("tokenizer.json", "{}")])
+def test_damaged_tokenizer_files_are_one_line(tmp_path, capsys, name, content):
+    folder = copy_of(DEMO, tmp_path)
+    (folder / "train_state.json").unlink()  # a folder assembled by hand: nothing records the files' digests
+    (folder / "tokenizer" / name).write_text(content)
+    code, err = run_sample(folder, tmp_path, capsys)
+    assert_one_line_error(code, err, f"cannot load the text encoder or tokenizer of {folder} (",
+                          "expected the files as ldm-train or ldm-import wrote them")
