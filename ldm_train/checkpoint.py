@@ -76,13 +76,15 @@ def save_checkpoint(
     save_tokenizer: Callable[[Path], None] | None = None,
     text_encoder_folder: Path | None = None,
     first: bool = False,
+    logs: Path | None = None,
 ) -> None:
     """Write a complete checkpoint at ``folder``, replacing the one there in one step. ``weights`` maps a file stem
     ("unet") to its state dict; a pretrained text encoder's ``text_encoder_folder`` is copied in as
     ``text_encoder/`` (once), so the dir is self-contained. Every other entry of the old folder (metrics.jsonl,
     samples/, tokenizer/ and text_encoder/ once written) is carried over as a hard link. ``first``: the first save
-    of a run that did not resume the checkpoint there (``--overwrite``): what that one's ``train_state.json``
-    records (its weights, tokenizer, text encoder) is another run's and stays behind."""
+    of a run that did not resume the checkpoint there: the tokenizer and text encoder are written anew, and what
+    the old ``train_state.json`` records (another run's weights) stays behind. ``logs``: a folder holding what
+    this run recorded so far (``run.LiveFolder``), carried over instead of anything of the old folder."""
     target = Path(os.path.realpath(folder))  # an --out that is a symlink keeps naming the checkpoint
     others = _recorded_entries(target) if first else set()
     with temporary_folder(target) as staging:
@@ -92,12 +94,12 @@ def save_checkpoint(
             save_tensors_atomic(staging / f"{stem}.safetensors", state)
         # The step also goes into the tensors' header, whose sha256 train_state.json records: an edited step is caught.
         save_tensors_atomic(staging / TRAIN_STATE_TENSORS, train_tensors, metadata={"stage": stage, "step": str(step)})
-        if save_tokenizer is not None and (TOKENIZER_DIR in others or not (target / TOKENIZER_DIR).is_dir()):
+        if save_tokenizer is not None and (first or not (target / TOKENIZER_DIR).is_dir()):
             save_tokenizer(staging / TOKENIZER_DIR)
-        if text_encoder_folder is not None and (TEXT_ENCODER_DIR in others or not (target / TEXT_ENCODER_DIR).is_dir()):
+        if text_encoder_folder is not None and (first or not (target / TEXT_ENCODER_DIR).is_dir()):
             shutil.copytree(text_encoder_folder, staging / TEXT_ENCODER_DIR)
         # train_state.json is written next: a link would share the old one's bytes
-        _carry_over(target, staging, skip={TRAIN_STATE_JSON, *others})
+        _carry_over(target if logs is None else logs, staging, skip={TRAIN_STATE_JSON, *others})
         names = [MODEL_JSON, TRAIN_STATE_TENSORS, *(f"{stem}.safetensors" for stem in weights),
                  *folder_files(staging, TOKENIZER_DIR), *folder_files(staging, TEXT_ENCODER_DIR)]
         write_train_state(staging, names, stage, step, settings)

@@ -7,6 +7,7 @@ it instead of restoring generator states, so it replays the uninterrupted run st
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -21,6 +22,7 @@ import torch.distributed as dist
 
 from ldm_runtime.config import PREDICTION_TYPES, ConfigError
 from ldm_runtime.noise import MAX_TRAIN_SEED
+from ldm_runtime.staging import temporary_folder
 from ldm_train.losses import AutoencoderLossConfig
 
 
@@ -242,6 +244,40 @@ def autocast_context(precision: str, device: torch.device):
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("--precision fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
     return torch.autocast(device_type=device.type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+
+
+METRICS_JSONL = "metrics.jsonl"
+
+
+class LiveFolder:
+    """Where a run writes what it records as it goes (``metrics.jsonl``, ``samples/``): ``path``. That is ``out``,
+    except in a run that replaces another run's checkpoint there (``--overwrite``): until its first save, which
+    takes them into the new checkpoint (``save_checkpoint``'s ``logs``), they go to a locked folder beside ``out``
+    (``ldm_runtime.staging``), so that ``out`` stays the old run's, whole, if this one fails or is stopped first.
+    ``close()`` removes the folder beside ``out``."""
+
+    def __init__(self, out: Path, replacing: bool):
+        self.out = out
+        self.path = out
+        self._stack = contextlib.ExitStack()
+        if replacing:
+            self.path = self._stack.enter_context(temporary_folder(out))
+
+    def close(self) -> None:
+        self._stack.close()
+
+    @property
+    def pending(self) -> Path | None:
+        """The folder beside ``out`` whose files the next save takes in, or None."""
+        return self.path if self.path != self.out else None
+
+    def saved(self, log: MetricsLog | None) -> None:
+        """A save took the files in: from now on ``log`` (if any) and everything else is written into ``out``."""
+        if self.pending is not None:
+            self.path = self.out
+            if log is not None:
+                log.path = self.out / METRICS_JSONL
+            self._stack.close()
 
 
 class MetricsLog:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ldm_runtime.checkpoint import load_tensors
+from ldm_runtime.checkpoint import TRAIN_STATE_JSON, load_tensors
 from ldm_runtime.config import ModelConfig, channel_mult_for_factor, preset
 from ldm_runtime.models import Autoencoder
 from ldm_train.checkpoint import (
@@ -20,7 +20,8 @@ from ldm_train.discriminator import PatchDiscriminator
 from ldm_train.losses import AutoencoderLoss
 from ldm_train.progress import TrainingProgress
 from ldm_train.run import (
-    AutoencoderSettings, MetricsLog, Process, all_reduce_mean, autocast_context, batch_indices, check_finite,
+    METRICS_JSONL, AutoencoderSettings, LiveFolder, MetricsLog, Process, all_reduce_mean, autocast_context,
+    batch_indices, check_finite,
     check_resume_settings, start_process, end_process, step_generator,
 )
 from ldm_train.samples import fetch_images, save_reconstruction_grid
@@ -119,12 +120,13 @@ def _train(settings: AutoencoderSettings, config: ModelConfig, out: Path, proces
     else:
         discriminator_ddp = discriminator
 
-    log = MetricsLog(out / "metrics.jsonl", start_step if resume else None) if process.is_main else None
-    progress = TrainingProgress(settings.steps, start_step, STAGE, enabled=process.is_main)
     preview = fetch_images(dataset, range(min(8, len(dataset))))
     # Held-out images for the PSNR in metrics.jsonl: the shapes evaluation split (other data: none).
     validation = (ShapesDataset.heldout(VALIDATION_IMAGES, config.image_size, settings.seed)
                   if settings.data.split(":")[0] == "shapes" else None)
+    live = LiveFolder(out, replacing=process.is_main and not resume and (out / TRAIN_STATE_JSON).is_file())
+    log = MetricsLog(live.path / METRICS_JSONL, start_step if resume else None) if process.is_main else None
+    progress = TrainingProgress(settings.steps, start_step, STAGE, enabled=process.is_main)
 
     try:  # the bar ends its line even when a step raises, so an error message starts on its own
         for step in range(start_step, settings.steps):
@@ -165,21 +167,23 @@ def _train(settings: AutoencoderSettings, config: ModelConfig, out: Path, proces
                 autoencoder.eval()
                 with torch.no_grad():
                     reconstruction = autoencoder.decode(autoencoder.encode(preview.to(device)).mode()).cpu()
-                save_reconstruction_grid(out / "samples" / f"step_{done:07d}.png", preview, reconstruction)
+                save_reconstruction_grid(live.path / "samples" / f"step_{done:07d}.png", preview, reconstruction)
             if done % settings.checkpoint_every == 0 or done == settings.steps:
                 if log is not None and validation is not None:
                     autoencoder.eval()
                     log.write(done, {"val_psnr_db": reconstruction_psnr(autoencoder, validation, device, 64)})
                 _save(out, settings, config, autoencoder, discriminator, optimizer, disc_optimizer, dataset, done,
-                      process, first=not resume and done <= settings.checkpoint_every)
+                      process, first=not resume and done <= settings.checkpoint_every, logs=live.pending)
+                live.saved(log)
     finally:
         progress.close()
+        live.close()
     return out
 
 
 def _save(out: Path, settings: AutoencoderSettings, config: ModelConfig, autoencoder: Autoencoder,
           discriminator: PatchDiscriminator, optimizer, disc_optimizer, dataset, step: int, process: Process,
-          first: bool) -> None:
+          first: bool, logs: Path | None) -> None:
     if not process.is_main:
         return
     autoencoder.eval()
@@ -194,4 +198,4 @@ def _save(out: Path, settings: AutoencoderSettings, config: ModelConfig, autoenc
     }
     recorded = {**settings.to_dict(), "_optimizer": optimizer_meta, "_disc_optimizer": disc_meta}
     save_checkpoint(out, config, {"autoencoder": autoencoder.state_dict()}, train_tensors, STAGE, step, recorded,
-                    first=first)
+                    first=first, logs=logs)

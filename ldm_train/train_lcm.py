@@ -35,7 +35,8 @@ from typing import Any
 
 import torch
 
-from ldm_runtime.checkpoint import TEXT_ENCODER_DIR, TEXT_ENCODER_WEIGHTS, load_checkpoint, weight_files
+from ldm_runtime.checkpoint import (TEXT_ENCODER_DIR, TEXT_ENCODER_WEIGHTS, TRAIN_STATE_JSON, load_checkpoint,
+                                    weight_files)
 from ldm_runtime.config import ConfigError, ModelConfig, SamplerDefaults
 from ldm_runtime.guidance import apply_guidance
 from ldm_runtime.schedulers.lcm import LCMSampler
@@ -45,7 +46,8 @@ from ldm_train.data import build_dataset
 from ldm_train.diffusion import ForwardProcess
 from ldm_train.progress import TrainingProgress
 from ldm_train.run import (
-    LR_SCHEDULES, MetricsLog, check_finite, check_finite_flags, check_seed, check_whole, end_process,
+    LR_SCHEDULES, METRICS_JSONL, LiveFolder, MetricsLog, check_finite, check_finite_flags, check_seed, check_whole,
+    end_process,
     learning_rate_at, start_process,
 )
 from ldm_train.train_lora import _SingleProcess, _with_context
@@ -246,7 +248,8 @@ def _train(settings, stage: str, kind: type[Distillation], device: torch.device)
     distillation = kind(settings, config, teacher, student, ForwardProcess(config.schedule), device)
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = MetricsLog(out / "metrics.jsonl", None)
+    live = LiveFolder(out, replacing=(out / TRAIN_STATE_JSON).is_file())
+    metrics = MetricsLog(live.path / METRICS_JSONL, None)
     progress = TrainingProgress(settings.steps, 0, stage, enabled=True)
     single = _SingleProcess()
     try:
@@ -272,9 +275,11 @@ def _train(settings, stage: str, kind: type[Distillation], device: torch.device)
                 metrics.write(done, {"loss": float(loss.detach()), "grad_norm": float(grad_norm)})
             if done % settings.checkpoint_every == 0 or done == settings.steps:
                 _save(out, settings, stage, networks, distillation, average, optimizer, done,
-                      first=done <= settings.checkpoint_every)
+                      first=done <= settings.checkpoint_every, logs=live.pending)
+                live.saved(metrics)
     finally:
         progress.close()
+        live.close()
     return out
 
 
@@ -340,7 +345,7 @@ def distilled_config(config: ModelConfig, settings: ConsistencySettings) -> Mode
 
 
 def _save(out: Path, settings, stage: str, networks, distillation: Distillation, average, optimizer,
-          step: int, first: bool) -> None:
+          step: int, first: bool, logs: Path | None) -> None:
     config = networks.config
     weights = {"autoencoder": networks.autoencoder.state_dict(), "unet": average.state_dict()}
     if TEXT_ENCODER_WEIGHTS in weight_files(config):
@@ -353,4 +358,4 @@ def _save(out: Path, settings, stage: str, networks, distillation: Distillation,
     save_checkpoint(out, distillation.written_config(), weights, train_tensors, stage, step,
                     {**settings.to_dict(), "_optimizer": optimizer_meta},
                     save_tokenizer=networks.text_encoder.save_tokenizer,
-                    text_encoder_folder=text_folder if text_folder.is_dir() else None, first=first)
+                    text_encoder_folder=text_folder if text_folder.is_dir() else None, first=first, logs=logs)

@@ -18,7 +18,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ldm_runtime.checkpoint import TEXT_ENCODER_DIR, load_model_config, load_state_dict_file, load_tensors
+from ldm_runtime.checkpoint import (TEXT_ENCODER_DIR, TRAIN_STATE_JSON, load_model_config, load_state_dict_file,
+                                    load_tensors)
 from ldm_runtime.config import ConfigError, ModelConfig, inpainting_channels, preset
 from ldm_runtime.engines.torch_engine import TorchEngine
 from ldm_runtime.models import Autoencoder, TextEncoder, UNet
@@ -31,7 +32,8 @@ from ldm_train.diffusion import ForwardProcess
 from ldm_train.masks import random_masks
 from ldm_train.progress import TrainingProgress
 from ldm_train.run import (
-    MetricsLog, Process, UNetSettings, all_reduce_mean, autocast_context, batch_indices, check_finite,
+    METRICS_JSONL, LiveFolder, MetricsLog, Process, UNetSettings, all_reduce_mean, autocast_context, batch_indices,
+    check_finite,
     check_resume_settings, end_process, learning_rate_at, start_process, step_generator,
 )
 from ldm_train.samples import fetch_images, save_grid
@@ -148,7 +150,8 @@ def _train(settings: UNetSettings, config: ModelConfig, autoencoder_dir: Path, o
 
     forward_process = ForwardProcess(config.schedule)
     scale = config.latent_scale_factor
-    log = MetricsLog(out / "metrics.jsonl", start_step if resume else None) if process.is_main else None
+    live = LiveFolder(out, replacing=process.is_main and not resume and (out / TRAIN_STATE_JSON).is_file())
+    log = MetricsLog(live.path / METRICS_JSONL, start_step if resume else None) if process.is_main else None
     progress = TrainingProgress(settings.steps, start_step, STAGE, enabled=process.is_main)
 
     try:  # the bar ends its line even when a step raises, so an error message starts on its own
@@ -187,13 +190,15 @@ def _train(settings: UNetSettings, config: ModelConfig, autoencoder_dir: Path, o
                 log.write(done, {"loss": loss_value, "grad_norm": float(grad_norm),
                                  "learning_rate": learning_rate_at(settings, step)})
             if process.is_main and (done % settings.sample_every == 0 or done == settings.steps):
-                _save_preview(out / "samples" / f"step_{done:07d}.png", ema, autoencoder, data, forward_process, scale,
-                              dataset, device, pixels, config)
+                _save_preview(live.path / "samples" / f"step_{done:07d}.png", ema, autoencoder, data, forward_process,
+                              scale, dataset, device, pixels, config)
             if process.is_main and (done % settings.checkpoint_every == 0 or done == settings.steps):
                 _save(out, settings, config, autoencoder, denoiser, ema, optimizer, done,
-                      first=not resume and done <= settings.checkpoint_every)
+                      first=not resume and done <= settings.checkpoint_every, logs=live.pending)
+                live.saved(log)
     finally:
         progress.close()
+        live.close()
     if process.is_main:  # the autoencoder is final: the previews' latent-to-RGB map, so servers start without fitting
         print(f"ldm-train: {write_fitted_preview(TorchEngine(out, device=str(device)), out)}", file=sys.stderr)
     return out
@@ -347,7 +352,7 @@ def _save_preview(path: Path, ema: Denoiser, autoencoder: Autoencoder, data: Enc
 
 
 def _save(out: Path, settings: UNetSettings, config: ModelConfig, autoencoder: Autoencoder, denoiser: Denoiser,
-          ema: Denoiser, optimizer, step: int, first: bool) -> None:
+          ema: Denoiser, optimizer, step: int, first: bool, logs: Path | None) -> None:
     weights = {"autoencoder": autoencoder.state_dict(), "unet": ema.unet.state_dict()}
     if denoiser.text_encoder.trainable:
         weights["text_encoder"] = ema.text_encoder.state_dict()
@@ -360,7 +365,7 @@ def _save(out: Path, settings: UNetSettings, config: ModelConfig, autoencoder: A
     config, text_encoder_folder = _self_contained(config)
     save_checkpoint(out, config, weights, train_tensors, STAGE, step, recorded,
                     save_tokenizer=denoiser.text_encoder.save_tokenizer, text_encoder_folder=text_encoder_folder,
-                    first=first)
+                    first=first, logs=logs)
 
 
 def _self_contained(config: ModelConfig) -> tuple[ModelConfig, Path | None]:

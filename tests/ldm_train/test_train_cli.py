@@ -429,3 +429,33 @@ def test_a_train_state_of_the_wrong_shape_is_one_line_on_resume(autoencoder_dir,
     assert main(["autoencoder", *AE_FLAGS, "--out", str(out), "--steps", "6", "--disc-start", "2", "--resume"]) == 2
     error = capsys.readouterr().err
     assert f"cannot resume from {out}: {path} is unreadable ({reason}" in error and error.count("\n") == 1
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+def test_an_overwrite_run_that_fails_before_its_first_save_leaves_the_old_folder_whole(autoencoder_dir, tmp_path,
+                                                                                       capsys):
+    out = tmp_path / "ae"
+    shutil.copytree(autoencoder_dir, out)
+    before = folder_bytes(out)
+    # a data set smaller than one batch stops the run at its first step
+    assert main(["autoencoder", *AE_FLAGS, "--out", str(out), "--steps", "3", "--checkpoint-every", "2",
+                 "--sample-every", "1", "--data", "shapes:2", "--overwrite"]) == 2
+    assert "fewer than one global batch" in capsys.readouterr().err
+    assert folder_bytes(out) == before
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]  # nothing left beside it
+
+
+def test_an_overwrite_runs_logs_and_samples_reach_the_folder_at_its_first_save(autoencoder_dir, tmp_path):
+    out = tmp_path / "ae"
+    shutil.copytree(autoencoder_dir, out)
+    old_samples = sorted(path.name for path in (out / "samples").iterdir())
+    assert main(["autoencoder", *AE_FLAGS, "--out", str(out), "--steps", "3", "--checkpoint-every", "2",
+                 "--sample-every", "1", "--overwrite"]) == 0
+    assert sorted(losses(out)) == [1, 2, 3]  # logged before the first save, then into the folder itself
+    samples = sorted(path.name for path in (out / "samples").iterdir())
+    assert samples == [f"step_{step:07d}.png" for step in (1, 2, 3)] and samples != old_samples
+    assert json.loads((out / "train_state.json").read_text())["step"] == 3
+    assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]
