@@ -37,6 +37,7 @@ from ldm_runtime.adapters import MAX_ADAPTER_RANK, MAX_REQUEST_ADAPTERS
 from ldm_runtime.checkpoint import TOKENIZER_DIR, CheckpointNetworks
 from ldm_runtime.command_line import check_writable_folder
 from ldm_runtime.engines.torch_engine import TorchEngine
+from ldm_runtime.errors import EngineDirError
 from ldm_runtime.files import sha256_file
 from ldm_runtime.guidance import UNET_ROWS_PER_IMAGE
 from ldm_runtime.config import LARGEST_IMAGE_SIDE
@@ -111,10 +112,20 @@ def check_out(out: Path, force: bool) -> None:
         return
     if not force:
         raise ExportError(f"--out {out} already exists; pass --force to replace it")
-    if out.is_dir() and not out.is_symlink() and ((out / MANIFEST_JSON).is_file() or not any(out.iterdir())):
+    if out.is_dir() and not out.is_symlink() and (_is_engine_dir(out) or not any(out.iterdir())):
         return
-    raise ExportError(f"--out {out} exists and is not an engine dir (no {MANIFEST_JSON}); refusing to replace it "
-                      f"even with --force")
+    raise ExportError(f"--out {out} exists and is not an engine dir (no {MANIFEST_JSON} that ldm-export wrote); "
+                      f"refusing to replace it even with --force")
+
+
+def _is_engine_dir(folder: Path) -> bool:
+    """Whether ``folder``'s manifest.json is an engine manifest the runtime reads (another program's manifest.json,
+    a web app's say, is not)."""
+    try:
+        load_manifest(folder)
+    except EngineDirError:
+        return False
+    return True
 
 
 def resolve_dims(modules: CheckpointNetworks, options: ExportOptions) -> dict[str, DimRange]:

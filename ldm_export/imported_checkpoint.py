@@ -8,6 +8,7 @@ torch, safetensors and transformers are imported when weights are read or writte
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,6 +20,8 @@ from ldm_runtime.staging import temporary_folder
 
 MAX_TOKENIZER_FILES = 32  # a CLIP tokenizer folder holds 4 or 5
 MAX_TOKENIZER_BYTES = 64 << 20  # vocab.json, merges.txt and tokenizer.json: about 4 MB
+TOKENIZER_EXPECTED = "the model's CLIP tokenizer folder (vocab.json and merges.txt, or tokenizer.json)"
+MAX_REASON_CHARS = 160  # of a library's error message quoted in a refusal
 
 
 def checked_weights(path: Path, header: dict[str, tuple[str, tuple[int, ...]]],
@@ -87,7 +90,7 @@ def clip_shapes(text_cfg: TextEncoderConfig):
 def check_tokenizer_folder(folder: Path) -> None:
     """``ImportRefusedError`` unless ``folder`` is a folder (not a link to one) of at most ``MAX_TOKENIZER_FILES``
     regular files and ``MAX_TOKENIZER_BYTES`` in all: a tokenizer, not a system folder."""
-    expected = "the model's CLIP tokenizer folder (vocab.json and merges.txt, or tokenizer.json)"
+    expected = TOKENIZER_EXPECTED
     if folder.is_symlink():
         raise ImportRefusedError(f"{folder} is a symbolic link; expected {expected} itself")
     if not folder.is_dir():
@@ -101,6 +104,44 @@ def check_tokenizer_folder(folder: Path) -> None:
     if total > MAX_TOKENIZER_BYTES:
         raise ImportRefusedError(f"{folder} holds {total} bytes; expected {expected} of at most "
                                  f"{MAX_TOKENIZER_BYTES} bytes")
+    if "tokenizer.json" not in names and not {"vocab.json", "merges.txt"} <= set(names):
+        raise ImportRefusedError(f"{folder} holds no tokenizer.json and not both vocab.json and merges.txt; "
+                                 f"expected {expected}")
+
+
+def one_line(reason: object, limit: int = MAX_REASON_CHARS) -> str:
+    """``reason`` (a library's error message, perhaps of several lines) as one line of at most ``limit``
+    characters, cut at a word with "..." where it is longer."""
+    text = " ".join(str(reason).split())
+    if len(text) <= limit:
+        return text
+    return text[:limit - 3].rsplit(" ", 1)[0].rstrip(" ,;:") + "..."
+
+
+def open_to_umask(folder: Path) -> None:
+    """Give ``folder`` (a staging folder from mkdtemp, private) and everything in it the permissions that the umask
+    gives a new folder and a new file, as ldm-export and ldm-train do: safetensors writes its files private too."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, _, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
+def save_weights(path: Path, tensors: dict[str, Any]) -> None:
+    """``safetensors.torch.save_file``; a write that fails in the operating system (a full disk) raises that
+    ``OSError``, not safetensors' own error, so that the command reports it as any other write."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as error:
+        code = re.search(r"\(os error (\d+)\)", str(error))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from error
 
 
 def write_checkpoint(out: Path, config: ModelConfig, weights: dict[str, Callable[[], dict[str, Any]]],
@@ -114,22 +155,23 @@ def write_checkpoint(out: Path, config: ModelConfig, weights: dict[str, Callable
         raise ImportRefusedError(f"--out {out} already exists; expected a new folder")
     check_tokenizer_folder(tokenizer_source)
     with temporary_folder(out) as staging:
-        from safetensors.torch import save_file
         from transformers import AutoTokenizer
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source), local_files_only=True, use_fast=True)
         except (OSError, ValueError) as error:
-            raise ImportRefusedError(f"cannot read the tokenizer in {tokenizer_source} ({error})") from None
+            raise ImportRefusedError(f"cannot read the tokenizer in {tokenizer_source} ({one_line(error)}); "
+                                     f"expected {TOKENIZER_EXPECTED}") from None
         if not type(tokenizer).__name__.startswith("CLIPTokenizer") or not tokenizer.is_fast:
             raise ImportRefusedError(f"{tokenizer_source} holds a {type(tokenizer).__name__}; expected a CLIP "
                                      f"tokenizer")
         tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
         (staging / MODEL_JSON).write_text(config.to_json())
         for stem, state in weights.items():
-            save_file(state(), str(staging / f"{stem}.safetensors"))
+            save_weights(staging / f"{stem}.safetensors", state())
         names = [MODEL_JSON, *(f"{stem}.safetensors" for stem in weights), *folder_files(staging, TOKENIZER_DIR)]
         write_train_state(staging, names, stage="import", step=0, settings=settings)
         load_model_config(staging)  # what every command reads back first
+        open_to_umask(staging)
         os.replace(staging, out)
     return out

@@ -189,8 +189,7 @@ def fuse_checkpoint(source: Path, out: Path, adapters: Sequence[AdapterFile],
     tokenizer, a copied text encoder folder and the other weights are copied as they are, each checked against the
     sha256 ``source`` records; ldm-train's resume state is not (it would resume the weights without the adapters).
     ``out`` appears complete or not at all."""
-    from safetensors.torch import save_file
-
+    from ldm_export.imported_checkpoint import open_to_umask, save_weights
     from ldm_runtime.checkpoint import load_tensors as load_checkpoint_tensors
 
     if out.exists():
@@ -220,9 +219,10 @@ def fuse_checkpoint(source: Path, out: Path, adapters: Sequence[AdapterFile],
             if network is None:
                 shutil.copyfile(source / name, staging / name)
             else:
-                save_file(fuse(load_checkpoint_tensors(source / name), network, read), str(staging / name))
+                save_weights(staging / name, fuse(load_checkpoint_tensors(source / name), network, read))
         write_train_state(staging, [MODEL_JSON, *names], stage="import", step=0, settings={"source": source.name})
         load_model_config(staging)
+        open_to_umask(staging)
         os.replace(staging, out)
     log(f"wrote {out}: {source} with {len(read)} adapter{'s' if len(read) > 1 else ''} fused")
     return out

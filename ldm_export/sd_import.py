@@ -39,9 +39,9 @@ from ldm_export.imported_checkpoint import (checked_weights, clip_shapes, clip_s
 from ldm_export.lora import AdapterFile, adapter_argument, fuse_checkpoint, fuse_into_import
 from ldm_export.sd_single_file import import_single_file
 from ldm_export.untrusted_files import read_json_object, read_safetensors_header
-from ldm_runtime.command_line import OneLineArgumentParser, report_user_error
+from ldm_runtime.command_line import OneLineArgumentParser, check_writable_folder, report_user_error
 from ldm_runtime.config import ConfigError, ModelConfig
-from ldm_runtime.errors import UserError
+from ldm_runtime.errors import DiskFullError, UserError
 from ldm_runtime.safetensors_header import PICKLE_SUFFIXES
 
 PROG = "ldm-import"
@@ -222,8 +222,9 @@ def import_source(source: str | Path, out: str | Path, clip_skip: int = 0,
     fuse ``adapters`` into a copy of checkpoint dir ``source``; ``ImportRefusedError`` in one sentence for anything
     it does not take."""
     source, out = Path(source), Path(out)
-    if out.exists():
+    if out.exists() or out.is_symlink():
         raise ImportRefusedError(f"--out {out} already exists; expected a new folder")
+    check_writable_folder("--out's folder", out.parent)
     if source.is_dir() and (source / "model.json").is_file() and not (source / "model_index.json").exists():
         flags = (("--clip-skip", clip_skip), ("--tokenizer", tokenizer), ("--prediction-type", prediction_type),
                  ("--image-size", image_size))
@@ -252,6 +253,12 @@ def import_source(source: str | Path, out: str | Path, clip_skip: int = 0,
             raise ImportRefusedError(f"{source} holds {LORA_SOURCE}")
         raise ImportRefusedError(f"{source} has no model_index.json; expected a diffusers Stable Diffusion folder "
                                  f"(or, with --lora, a checkpoint dir)")
+    flags = (("--tokenizer", tokenizer), ("--prediction-type", prediction_type), ("--image-size", image_size))
+    given = [flag for flag, value in flags if value is not None]
+    if given:
+        raise ImportRefusedError(f"{source} is a diffusers folder, whose own files give the tokenizer, prediction "
+                                 f"type and image size; expected no {given[0]} (it applies to single .safetensors "
+                                 f"files only)")
     return import_diffusers_folder(source, out, clip_skip, log, adapters)
 
 
@@ -292,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
                       prediction_type=args.prediction_type, image_size=args.image_size, adapters=args.lora)
     except UserError as error:
         return report_user_error(PROG, error)
+    except OSError as error:  # a full disk is one line; any other OSError is a bug and keeps its traceback
+        full = DiskFullError.from_os_error(error, args.out, f"nothing was written to {args.out}: free space and "
+                                                            f"import again")
+        if full is None:
+            raise
+        return report_user_error(PROG, full)
     except KeyboardInterrupt:
         _log(f"interrupted; nothing was written to {args.out}")
         return 130

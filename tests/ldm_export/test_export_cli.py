@@ -135,6 +135,22 @@ def test_force_does_not_replace_a_folder_that_is_not_an_engine_dir(tiny_checkpoi
     assert (out / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("manifest", ['{"name": "pwa", "start_url": "/"}', '{"format_version": 1}', "not json", "[]"],
+                         ids=["web app", "partial engine manifest", "not json", "a list"])
+def test_force_does_not_replace_a_folder_whose_manifest_json_is_not_an_engine_manifest(manifest, tiny_checkpoint,
+                                                                                       tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ldm_export.engine_dir, "load_checkpoint_to_export", lambda folder: pytest.fail("work started"))
+    out = tmp_path / "webapp"
+    out.mkdir()
+    (out / "manifest.json").write_text(manifest)
+    (out / "index.html").write_text("precious")
+    code, err = run_cli([tiny_checkpoint, "--out", out, "--force", "--skip-validation"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"ldm-export: error: --out {out} exists and is not an engine dir") and "--force" in err
+    assert sorted(os.listdir(out)) == ["index.html", "manifest.json"]
+    assert (out / "index.html").read_text() == "precious" and (out / "manifest.json").read_text() == manifest
+
+
 @pytest.mark.parametrize("case", ["existing_file", "existing_file_with_force", "under_a_file", "unwritable"])
 def test_an_out_that_cannot_be_written_is_one_line_before_any_work(case, tiny_checkpoint, tmp_path, capsys,
                                                                    monkeypatch):

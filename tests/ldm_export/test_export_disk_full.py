@@ -2,8 +2,8 @@
 engine dir), with nothing half-written beside it."""
 
 import errno
-import json
 import os
+import shutil
 
 import pytest
 
@@ -24,19 +24,18 @@ def beside(out) -> list[str]:
 
 @pytest.mark.parametrize("old_engine", [False, True], ids=["new out", "forced over an engine dir"])
 def test_a_full_disk_mid_export_is_one_line_and_leaves_out_as_it_was(old_engine, tiny_checkpoint, tmp_path, capsys,
-                                                                       monkeypatch):
-    monkeypatch.setattr(ldm_export.engine_dir, "export_all", out_of_space_halfway)
+                                                                       monkeypatch, request):
     out = tmp_path / "engine"
-    if old_engine:
-        out.mkdir()
-        (out / "manifest.json").write_text(json.dumps({"format_version": 1}))
+    if old_engine:  # --force replaces only a folder whose manifest.json is an engine manifest
+        shutil.copytree(request.getfixturevalue("fp32_export")[1], out)
+        before = {path.relative_to(out): path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()}
+    monkeypatch.setattr(ldm_export.engine_dir, "export_all", out_of_space_halfway)
     force = ["--force"] if old_engine else []
     assert main([str(tiny_checkpoint), "--out", str(out), "--skip-validation", *force]) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"ldm-export: error: no space left on device writing {out} ({out} is as it was: free space and export again)")
     if old_engine:
-        assert os.listdir(out) == ["manifest.json"]
-        assert json.loads((out / "manifest.json").read_text()) == {"format_version": 1}
+        assert {path.relative_to(out): path.read_bytes() for path in sorted(out.rglob("*")) if path.is_file()} == before
     else:
         assert not out.exists()
     assert beside(out) == []

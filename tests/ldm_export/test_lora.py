@@ -9,15 +9,20 @@ its documented key format). Each adapts UNet and text-encoder modules, linear la
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import os
+import stat
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import ldm_export.lora
 from ldm_export.errors import ImportRefusedError
 from ldm_export.lora import AdapterFile, adapter_argument, read_adapter, targets_from_shapes
 from ldm_export.sd_import import import_source, main
@@ -532,3 +537,40 @@ def test_imported_lora_source_points_to_the_lora_flag(tmp_path, capsys):
     save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 2)}, str(path))
     line = _refused(capsys, [str(path), "--out", str(tmp_path / "out")])
     assert "LoRA" in line and "--lora" in line
+
+
+# --- a fused copy on a full disk, and its permissions ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def own_adapter(tiny_checkpoint, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("own-adapter") / "adapter.safetensors"
+    _peft_adapter_of_checkpoint(tiny_checkpoint, path, _seed("own-adapter"), 1.0)
+    return path
+
+
+def test_a_full_disk_fusing_into_a_checkpoint_dir_is_one_line_and_leaves_nothing(tiny_checkpoint, own_adapter,
+                                                                                 tmp_path, capsys, monkeypatch):
+    def out_of_space_halfway(source, destination):
+        Path(destination).write_bytes(b"\x08\x07" * 1000)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(destination))
+
+    monkeypatch.setattr(ldm_export.lora, "shutil", SimpleNamespace(copyfile=out_of_space_halfway))
+    out = tmp_path / "fused"
+    code = main([str(tiny_checkpoint), "--lora", str(own_adapter), "--out", str(out)])
+    assert code == 2 and capsys.readouterr().err.splitlines()[-1] == (
+        f"ldm-import: error: no space left on device writing {out} (nothing was written to {out}: free space and "
+        f"import again)")
+    assert list(tmp_path.iterdir()) == [], "nothing written, not even a temporary folder"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002], ids=["umask 022", "umask 002"])
+def test_a_fused_copy_has_the_permissions_the_umask_gives_a_new_folder_and_file(tiny_checkpoint, own_adapter, tmp_path,
+                                                                                umask):
+    previous = os.umask(umask)
+    try:
+        out = import_source(tiny_checkpoint, tmp_path / "fused", adapters=[AdapterFile(own_adapter)])
+    finally:
+        os.umask(previous)
+    modes = {path.relative_to(out).as_posix(): stat.S_IMODE(path.lstat().st_mode) for path in [out, *out.rglob("*")]}
+    assert "unet.safetensors" in modes and "autoencoder.safetensors" in modes
+    assert modes == {name: (0o777 if (out / name).is_dir() else 0o666) & ~umask for name in modes}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import struct
 from pathlib import Path
 from typing import Any, Callable
@@ -15,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import ldm_export.sd_import
 from ldm_export.sd_import import import_source, main
 from ldm_export.sd_single_file import EMA_PREFIX, UNET_PREFIX, _ema_key
 from ldm_runtime.safetensors_header import MAX_TENSORS
@@ -283,3 +285,85 @@ def test_single_file_import_reads_only_the_tensors_it_writes_one_network_at_a_ti
     written, expected = load_file(str(tmp_path / "out" / "unet.safetensors")), component_weights(sd2[0], "unet")
     assert sorted(written) == sorted(expected)
     assert all(torch.equal(written[name], expected[name]) for name in expected)
+
+
+# --- flags a diffusers folder does not take, a tokenizer that does not load ----------------------------------------
+
+@pytest.mark.parametrize("flags", [["--prediction-type", "v_prediction"], ["--image-size", "33"],
+                                   ["--tokenizer", "nope"]], ids=lambda flags: flags[0])
+def test_single_file_flags_on_a_diffusers_folder_are_refused_in_one_line(sd2, tmp_path, capsys, flags):
+    line = _refused(capsys, sd2[0], tmp_path / "out", *flags)
+    assert f"{sd2[0]} is a diffusers folder" in line and f"expected no {flags[0]}" in line, line
+    assert "single .safetensors files only" in line
+
+
+def _bpe_that_does_not_load(folder: Path) -> None:
+    (folder / "vocab.json").write_text("{}")
+    (folder / "merges.txt").write_text("#version: 0.2\nno such merge\n")
+
+
+@pytest.mark.parametrize("fill", [lambda folder: None, _bpe_that_does_not_load], ids=["empty", "unloadable"])
+def test_a_tokenizer_folder_that_does_not_load_is_refused_in_one_whole_sentence(sd2, tmp_path, capsys, fill):
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    fill(folder)
+    line = _refused(capsys, sd2[1], tmp_path / "out", "--tokenizer", str(folder), "--prediction-type", "v_prediction",
+                    "--image-size", str(IMAGE_SIZE))
+    assert str(folder) in line and line.endswith("; expected the model's CLIP tokenizer folder (vocab.json and "
+                                                 "merges.txt, or tokenizer.json)"), line
+
+
+# --- an --out that cannot be written, a full disk, the output's permissions ----------------------------------------
+
+@pytest.mark.parametrize("case", ["under_a_file", "unwritable"])
+def test_an_out_that_cannot_be_written_is_one_line_before_any_work(sd2, tmp_path, capsys, monkeypatch, case):
+    monkeypatch.setattr(ldm_export.sd_import, "import_diffusers_folder", lambda *args: pytest.fail("work started"))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("mine")
+    out = blocker / "out"
+    if case == "unwritable":  # root ignores permission bits: /proc is not writable even for root
+        locked = tmp_path / "read_only"
+        locked.mkdir(mode=0o500)
+        out = locked / "out" if os.geteuid() != 0 else Path("/proc/ldm-no-such-process/out")
+    code = main([str(sd2[0]), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"ldm-import: error: --out's folder {out.parent} ") and err.count("\n") == 1
+    assert blocker.read_text() == "mine" and not os.path.lexists(out)
+
+
+def _out_of_space_halfway(tensors, filename, metadata=None):
+    """safetensors' save_file on a disk that fills up: part of the file lands, then its error."""
+    from safetensors import SafetensorError
+
+    Path(filename).write_bytes(b"\x08\x07" * 1000)
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing_at_out(sd2, tmp_path, capsys, monkeypatch):
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "save_file", _out_of_space_halfway)
+    out = tmp_path / "out"
+    line = _refused(capsys, sd2[0], out)
+    assert line == (f"ldm-import: error: no space left on device writing {out} (nothing was written to {out}: free "
+                    f"space and import again)")
+
+
+def _modes(folder: Path) -> dict[str, int]:
+    return {path.relative_to(folder).as_posix(): stat.S_IMODE(path.lstat().st_mode)
+            for path in [folder, *folder.rglob("*")]}
+
+
+@pytest.mark.parametrize("source, umask", [("folder", 0o022), ("single file", 0o002)],
+                         ids=["folder, umask 022", "single file, umask 002"])
+def test_the_import_has_the_permissions_the_umask_gives_a_new_folder_and_file(sd2, tmp_path, source, umask):
+    single = {"tokenizer": sd2[0] / "tokenizer", "prediction_type": "v_prediction", "image_size": IMAGE_SIZE}
+    previous = os.umask(umask)
+    try:
+        out = (import_source(sd2[0], tmp_path / "out") if source == "folder" else
+               import_source(sd2[1], tmp_path / "out", **single))
+    finally:
+        os.umask(previous)
+    modes = _modes(out)
+    assert "unet.safetensors" in modes and "tokenizer" in modes
+    assert modes == {name: (0o777 if (out / name).is_dir() else 0o666) & ~umask for name in modes}
