@@ -35,6 +35,7 @@ from ldm_runtime.config import (
     DEFAULT_STEPS,
     ETA_SAMPLERS,
     MAX_CACHE_INTERVAL,
+    MAX_GUIDANCE_SCALE,
     SamplerDefaults,
     is_cache_interval,
     is_guidance_interval,
@@ -57,7 +58,7 @@ from ldm_runtime.schedulers import (
 from ldm_runtime.schedulers.sigmas import schedule_sigmas
 
 __all__ = ["DEFAULT_GUIDANCE_SCALE", "DEFAULT_INPAINT_STRENGTH", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "DEFAULT_STRENGTH",
-           "GenerationRequest", "Pipeline", "SamplingState"]
+           "GenerationRequest", "Pipeline", "SamplingState", "check_text"]
 # diffusers' defaults: its img2img pipeline's strength, and its inpainting pipeline's (the masked region from noise)
 DEFAULT_STRENGTH = 0.8
 DEFAULT_INPAINT_STRENGTH = 1.0
@@ -273,6 +274,8 @@ class Pipeline:
         if not isinstance(request.negative_prompt, str):
             raise RequestError(f"negative_prompt is {request.negative_prompt!r}; expected a string ('' for none)",
                                "negative_prompt")
+        check_text("prompt", request.prompt)
+        check_text("negative_prompt", request.negative_prompt)
         if not _is_integer(request.seed) or not 0 <= request.seed < MAX_SEED:
             raise RequestError(f"seed is {request.seed!r}; expected an integer from 0 to 2**63 - 1", "seed")
         if not isinstance(request.sampler, str) or request.sampler not in SAMPLER_NAMES:
@@ -290,9 +293,9 @@ class Pipeline:
             config, last = self.sampler.config, self.sampler.schedule.num_train_timesteps - 1
             raise RequestError(f"steps is {request.steps}; the {config.timestep_spacing!r} spacing with steps_offset "
                                f"{config.steps_offset} would start past timestep {last}", "steps")
-        if not _is_number(request.guidance_scale) or request.guidance_scale < 0:
-            raise RequestError(f"guidance_scale is {request.guidance_scale!r}; expected a finite number >= 0",
-                               "guidance_scale")
+        if not _is_number(request.guidance_scale) or not 0 <= request.guidance_scale <= MAX_GUIDANCE_SCALE:
+            raise RequestError(f"guidance_scale is {request.guidance_scale!r}; expected a number from 0 to "
+                               f"{MAX_GUIDANCE_SCALE:g}", "guidance_scale")
         interval = request.guidance_interval
         if interval is not None and not is_guidance_interval(interval):
             raise RequestError(f"guidance_interval is {interval!r}; expected two noise levels (low, high) with "
@@ -645,10 +648,15 @@ class Pipeline:
     def decode(self, states: Sequence[SamplingState]) -> list[np.ndarray]:
         """Finished states of one latent shape -> images, each ``(H, W, 3) uint8``:
         latents / latent_scale_factor, decoded, then round(clip((x + 1) * 127.5, 0, 255)); a masked request's
-        image then takes its init image's pixels, exactly, wherever the mask does not repaint."""
+        image then takes its init image's pixels, exactly, wherever the mask does not repaint. ``RequestError``
+        naming the first request whose decoded image is not all finite (its latents overflowed), rather than a
+        black image."""
         assert states and all(state.done for state in states), "decode needs finished states"
         latents = concatenate([state.latents for state in states]) / self.info.latent_scale_factor
         images = self.engine.to_host(self.engine.decode(latents)).astype(np.float32)
+        for state, finite in zip(states, np.isfinite(images).reshape(len(states), -1).all(axis=1)):
+            if not finite:
+                raise _not_finite_error(state.request)
         pixels = np.round(np.clip((images + 1.0) * 127.5, 0.0, 255.0)).astype(np.uint8)
         decoded = [np.ascontiguousarray(image.transpose(1, 2, 0)) for image in pixels]
         for state, image in zip(states, decoded):
@@ -663,7 +671,8 @@ class Pipeline:
         most ``batch_size`` at a time (default: what the engine's UNet batch holds with guidance); each request
         leaves its batch when its own steps are done. ``progress`` shows a bar over UNet calls on stderr (a
         request's steps make as many calls as diffusers makes: N + 1 for PLMS's N > 1).
-        Raises ``RequestError`` before any work if a request (or ``batch_size``) is invalid."""
+        Raises ``RequestError`` before any work if a request (or ``batch_size``) is invalid, and after sampling if
+        an image is not finite (``decode``)."""
         requests = list(requests)
         for request in requests:
             self.validate(request)
@@ -692,6 +701,36 @@ class Pipeline:
                 for index, image in zip(batch, self.decode(states)):
                     images[index] = image
         return images
+
+
+def check_text(name: str, text: str) -> None:
+    """``RequestError`` naming ``name`` unless string ``text`` is valid Unicode: no lone surrogate, as Python
+    decodes bytes that are not UTF-8 in argv (``\\udcff`` for the byte 0xff) or a JSON escape can spell."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(f"{name} is {_shown_text(text)}, which is not valid UTF-8 text; expected UTF-8 text",
+                           name) from None
+
+
+def _shown_text(text: str) -> str:
+    """``text`` quoted as ``repr`` does, a lone surrogate from an undecodable byte (U+DC80 to U+DCFF) shown as
+    that byte (``\\xff``), another as its code point (``\\ud800``)."""
+    shown = "".join(f"\\x{ord(char) - 0xDC00:02x}" if 0xDC80 <= ord(char) <= 0xDCFF
+                    else "\\'" if char == "'" else repr(char)[1:-1] for char in text)
+    return f"'{shown}'"
+
+
+def _not_finite_error(request: GenerationRequest) -> RequestError:
+    """The error for ``request``'s image decoding to NaN or infinity, naming what likely made its latents
+    overflow: its guidance scale, or an adapter's scale."""
+    cause, field = f"guidance_scale {float(request.guidance_scale):g} is", "guidance_scale"
+    if request.lora:
+        scales = ", ".join(f"{name}:{float(scale):g}" for name, scale in request.lora)
+        cause, field = f"guidance_scale {float(request.guidance_scale):g} or an adapter's scale ({scales}) is", "lora"
+    return RequestError(f"prompt {_shown_text(request.prompt)} with seed {request.seed} decoded to pixels that are "
+                        f"not finite (NaN or infinity), likely because {cause} too large; expected lower scales",
+                        field)
 
 
 def _is_integer(value: Any) -> bool:

@@ -5,10 +5,11 @@ tensorrt).
 
 Prompt i gets seed S + i, so a prompt's image is the same whichever prompts run beside it. Every PNG
 carries its prompt, seed and settings as JSON in a PNG text chunk named "parameters". Bad input of any
-kind is one line ``ldm-sample: error: ...`` on stderr and exit status 2, before anything is written;
-images are written to temporary names and renamed into place only once all of them are ready. A run makes at most
-``MAX_PROMPTS`` images of ``MAX_PIXELS`` pixels in all, each of at most ``MAX_TRAIN_TIMESTEPS`` steps, checked
-before the model is loaded where the flags alone decide it.
+kind is one line ``ldm-sample: error: ...`` on stderr and exit status 2, before anything is written (Ctrl-C
+is one line and exit status 130, with ``--out`` as it was); images are written to temporary names and renamed
+into place only once all of them are ready. A run makes at most ``MAX_PROMPTS`` images of ``MAX_PIXELS`` pixels
+in all, each of at most ``MAX_TRAIN_TIMESTEPS`` steps, checked before the model is loaded where the flags alone
+decide it.
 """
 
 from __future__ import annotations
@@ -19,10 +20,13 @@ import dataclasses
 import math
 import os
 import shutil
+import signal
+import stat
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -35,8 +39,9 @@ from ldm_runtime.engines import (
     load_engine_with_adapters, precision_note,
 )
 from ldm_runtime.errors import UserError
+from ldm_runtime.files import special_file_kind
 from ldm_runtime.images import MAX_UPLOAD_BYTES, image_grid, png_bytes, read_upload
-from ldm_runtime.pipeline import GenerationRequest, Pipeline
+from ldm_runtime.pipeline import GenerationRequest, Pipeline, check_text
 from ldm_runtime.schedulers import SAMPLER_NAMES
 from ldm_runtime.staging import temporary_folder
 
@@ -124,12 +129,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ldm-sample; returns the exit status (0, or 2 after a one-line error on stderr)."""
+    """Run ldm-sample; returns the exit status (0, 2 after a one-line error on stderr, or 130 after Ctrl-C)."""
+    args = None
     try:
         args = build_parser().parse_args(argv)
         written, auto_choice = _sample(args)
     except UserError as error:
         return report_user_error(PROG, error)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; nothing was written{'' if args is None else f' to {args.out}'}", file=sys.stderr,
+              flush=True)
+        return 130
     if auto_choice:
         print(f"{PROG}: {auto_choice}", file=sys.stderr)
     print(f"{PROG}: wrote {written[0] if len(written) == 1 else f'{len(written)} PNG files to {written[0].parent}'}",
@@ -185,17 +195,27 @@ def _sample(args: argparse.Namespace) -> tuple[list[Path], str | None]:
 
 
 def check_flags(args: argparse.Namespace) -> None:
-    """``SampleError`` naming the first flag above what any model allows; the pipeline checks each against the
-    model's own range (and the lower bounds) once it is loaded."""
+    """``SampleError`` naming the first flag above what any model allows (the pipeline checks each against the
+    model's own range, and the lower bounds, once it is loaded), an empty ``--out``, or a prompt that is not UTF-8
+    (``RequestError``, as the pipeline words it)."""
     if len(args.prompts) > MAX_PROMPTS:
         raise SampleError(f"{len(args.prompts)} prompts make {len(args.prompts)} images; expected at most "
                           f"{MAX_PROMPTS} in one run")
+    if not args.out:
+        raise SampleError("--out is ''; expected a folder or, for a single prompt, a .png file")
+    for prompt in args.prompts:
+        check_text("prompt", prompt)
+    check_text("negative_prompt", args.negative_prompt)
+    # a model's own range (known once it is loaded) may be smaller: these messages claim no range of their own
     limits = {"--steps": (args.steps, MAX_TRAIN_TIMESTEPS), "--height": (args.height, LARGEST_IMAGE_SIDE),
-              "--width": (args.width, LARGEST_IMAGE_SIDE),
-              "--cache-interval": (args.cache_interval, MAX_CACHE_INTERVAL)}
+              "--width": (args.width, LARGEST_IMAGE_SIDE)}
     for flag, (value, most) in limits.items():
         if value is not None and value > most:
-            raise SampleError(f"{flag} is {value}; expected an integer from 1 to {most}")
+            raise SampleError(f"{flag} is {value}, more than any model allows ({most}); expected a value within the "
+                              f"model's own range")
+    if args.cache_interval is not None and args.cache_interval > MAX_CACHE_INTERVAL:  # the same for every model
+        raise SampleError(f"--cache-interval is {args.cache_interval}; expected an integer from 1 to "
+                          f"{MAX_CACHE_INTERVAL}")
     for flag, value in (("--strength", args.strength), ("--mask", args.mask)):
         if value is not None and args.init_image is None:
             raise SampleError(f"{flag} {value} is given without --init-image; expected an --init-image for it")
@@ -221,18 +241,14 @@ def adapters_of(given: list[tuple[Path, float]]) -> tuple[dict[str, Path], tuple
 
 def read_edit_images(args: argparse.Namespace) -> tuple[np.ndarray | None, np.ndarray | None]:
     """``--init-image`` ``(H, W, 3) uint8`` and ``--mask`` ``(H, W) uint8`` (None where not given), read as untrusted
-    files (``images.read_upload``); a ``UserError`` naming the flag and path for a file that cannot be read or
-    decoded, or a mask of another size."""
+    files (``images.read_upload``); a ``UserError`` naming the flag and path for a path that is not a regular file
+    (a named pipe is never waited on) or cannot be read or decoded, or a mask of another size."""
     read = {}
     for flag, path, grey in (("--init-image", args.init_image, False), ("--mask", args.mask, True)):
         if path is None:
             continue
         what = f"{flag} {path}"
-        try:
-            with open(path, "rb") as file:
-                data = file.read(MAX_UPLOAD_BYTES + 1)  # one byte past the limit is enough to refuse it
-        except OSError as error:
-            raise SampleError(f"{what} cannot be read: {error.strerror or error}") from None
+        data = _read_regular_file(path, what)
         if len(data) > MAX_UPLOAD_BYTES:
             raise SampleError(f"{what} is over {MAX_UPLOAD_BYTES} bytes; expected an image of at most that")
         read[flag] = read_upload(data, what, max_side=LARGEST_IMAGE_SIDE, mask=grey)
@@ -241,6 +257,27 @@ def read_edit_images(args: argparse.Namespace) -> tuple[np.ndarray | None, np.nd
         raise SampleError(f"--mask {args.mask} is {mask.shape[1]}x{mask.shape[0]} pixels; expected the --init-image's "
                           f"size, {image.shape[1]}x{image.shape[0]}")
     return image, mask
+
+
+def _read_regular_file(path: str, what: str) -> bytes:
+    """The first ``MAX_UPLOAD_BYTES + 1`` bytes of ``path`` (one byte past the limit is enough to refuse it);
+    ``SampleError`` naming ``what`` for a path that is not a regular file (or a symlink to one) or cannot be read."""
+    try:
+        # without blocking: a named pipe with no writer opens at once, to be refused rather than waited on for ever
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            mode = os.fstat(descriptor).st_mode
+        except OSError:
+            os.close(descriptor)
+            raise
+        if not stat.S_ISREG(mode):
+            os.close(descriptor)
+            raise SampleError(f"{what} is {special_file_kind(mode)}, not a regular file; expected a PNG, JPEG or "
+                              f"WebP image file")
+        with open(descriptor, "rb") as file:
+            return file.read(MAX_UPLOAD_BYTES + 1)
+    except OSError as error:
+        raise SampleError(f"{what} cannot be read: {error.strerror or error}") from None
 
 
 @dataclass(frozen=True)
@@ -262,9 +299,12 @@ def plan_output(out: str, seeds: list[int]) -> OutputPlan:
     folder = path.parent if single_file else path
     _check_folder_writable(folder, out)
     if single_file:
-        return OutputPlan(folder, [path], None)
-    names = [folder / IMAGE_NAME.format(index=index, seed=seed) for index, seed in enumerate(seeds)]
-    return OutputPlan(folder, names, folder / GRID_NAME if len(seeds) > 1 else None)
+        plan = OutputPlan(folder, [path], None)
+    else:
+        names = [folder / IMAGE_NAME.format(index=index, seed=seed) for index, seed in enumerate(seeds)]
+        plan = OutputPlan(folder, names, folder / GRID_NAME if len(seeds) > 1 else None)
+    _check_destinations(plan)
+    return plan
 
 
 def _check_folder_writable(folder: Path, out: str) -> None:
@@ -278,8 +318,37 @@ def _check_folder_writable(folder: Path, out: str) -> None:
         raise SampleError(f"--out {out} cannot be written: folder {existing} is not writable")
 
 
+def _check_destinations(plan: OutputPlan) -> None:
+    """``SampleError`` naming the first file of ``plan`` that a PNG cannot replace: something there that is not a
+    regular file (or a symlink to one), such as a folder."""
+    for path in [*plan.image_paths, *([plan.grid_path] if plan.grid_path is not None else [])]:
+        try:
+            mode = path.stat().st_mode
+        except OSError:  # nothing there, or a dangling symlink the rename replaces; other errors show on writing
+            continue
+        if not stat.S_ISREG(mode):
+            raise SampleError(f"cannot write the images to {plan.folder}: {path} is {special_file_kind(mode)}, not "
+                              f"a regular file; expected nothing there or a file to replace (move it away)")
+
+
+@contextlib.contextmanager
+def _ctrl_c_ignored() -> Iterator[None]:
+    """Ctrl-C ignored within (the main thread receives it; other threads never do), so that renames into place
+    happen all or none."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+
+
 def write_outputs(plan: OutputPlan, images: list[np.ndarray], metadata: list[dict[str, Any]]) -> list[Path]:
-    """Write every PNG under a temporary name, then rename them all into place; on failure nothing is left."""
+    """Write every PNG under a temporary name, check that nothing is in the way of the files it replaces, then rename
+    them all into place (ignoring Ctrl-C meanwhile); on failure or Ctrl-C nothing is left and no earlier file is
+    replaced."""
     missing = plan.folder
     while not missing.parent.exists() and missing != missing.parent:
         missing = missing.parent  # the outermost folder this call creates, removed again on failure
@@ -287,6 +356,7 @@ def write_outputs(plan: OutputPlan, images: list[np.ndarray], metadata: list[dic
     outputs = list(zip(plan.image_paths, images, metadata))
     if plan.grid_path is not None:
         outputs.append((plan.grid_path, image_grid(images), metadata))
+    renamed = False
     try:
         plan.folder.mkdir(parents=True, exist_ok=True)
         with contextlib.ExitStack() as temporaries:  # each removed on exit unless renamed into place
@@ -294,12 +364,19 @@ def write_outputs(plan: OutputPlan, images: list[np.ndarray], metadata: list[dic
             for path, image, settings in outputs:
                 staged.append(temporaries.enter_context(temporary_folder(path)) / path.name)
                 staged[-1].write_bytes(png_bytes(image, settings))
-            for (path, _, _), temporary in zip(outputs, staged):
-                os.replace(temporary, path)
-    except OSError as error:
-        if created is not None:
+            _check_destinations(plan)  # again: sampling took a while
+            with _ctrl_c_ignored():
+                for (path, _, _), temporary in zip(outputs, staged):
+                    os.replace(temporary, path)
+                renamed = True
+                temporaries.close()
+    except (OSError, SampleError, KeyboardInterrupt) as error:
+        if created is not None and not renamed:
             shutil.rmtree(created, ignore_errors=True)
-        raise SampleError(f"cannot write the images to {plan.folder}: {error.strerror or error}") from None
+        if isinstance(error, OSError):
+            where = f"{error.filename2}: " if error.filename2 else ""  # os.replace names the file it replaces
+            raise SampleError(f"cannot write the images to {plan.folder}: {where}{error.strerror or error}") from None
+        raise
     return [path for path, _, _ in outputs]
 
 

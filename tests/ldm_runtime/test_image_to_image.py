@@ -326,7 +326,7 @@ CLI_REFUSALS = [
     (["--strength", "0.5"], "--strength 0.5 is given without --init-image"),
     (["--mask", "{mask}"], "is given without --init-image"),
     (["--init-image", "{missing}"], "cannot be read: No such file or directory"),
-    (["--init-image", "{folder}"], "cannot be read: Is a directory"),
+    (["--init-image", "{folder}"], "is a folder, not a regular file; expected a PNG, JPEG or WebP image file"),
     (["--init-image", "{text}"], "is not a PNG, JPEG or WebP image"),
     (["--init-image", "{gif}"], "is not a PNG, JPEG or WebP image"),
     (["--init-image", "{bomb}"], f"is {BEYOND}x{BEYOND} pixels; expected at most {SIDE} pixels a side"),

@@ -16,9 +16,12 @@ def run(argv: list[str], capsys) -> tuple[int, str]:
 
 
 FLAGS_PAST_ANY_MODEL = [
-    (["--steps", str(10**9)], "--steps is 1000000000; expected an integer from 1 to 10000"),
-    (["--height", str(2**31)], "--height is 2147483648; expected an integer from 1 to 8192"),
-    (["--width", "8193"], "--width is 8193; expected an integer from 1 to 8192"),
+    (["--steps", str(10**9)], "--steps is 1000000000, more than any model allows (10000); expected a value within "
+                              "the model's own range"),
+    (["--height", str(2**31)], "--height is 2147483648, more than any model allows (8192); expected a value within "
+                               "the model's own range"),
+    (["--width", "8193"], "--width is 8193, more than any model allows (8192); expected a value within the model's "
+                          "own range"),
     (["another prompt"] * 999, "1000 prompts make 1000 images; expected at most 999 in one run"),
 ]
 
