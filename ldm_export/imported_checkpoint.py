@@ -8,7 +8,6 @@ torch, safetensors and transformers are imported when weights are read or writte
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -16,6 +15,7 @@ from ldm_export.errors import ImportRefusedError
 from ldm_export.untrusted_files import load_tensors, regular_file_size, shape_only
 from ldm_runtime.checkpoint import MODEL_JSON, TOKENIZER_DIR, folder_files, load_model_config, write_train_state
 from ldm_runtime.config import ModelConfig, TextEncoderConfig
+from ldm_runtime.files import safetensors_os_error
 from ldm_runtime.staging import temporary_folder
 
 MAX_TOKENIZER_FILES = 32  # a CLIP tokenizer folder holds 4 or 5
@@ -138,10 +138,10 @@ def save_weights(path: Path, tensors: dict[str, Any]) -> None:
     try:
         save_file(tensors, str(path))
     except SafetensorError as error:
-        code = re.search(r"\(os error (\d+)\)", str(error))
-        if code is None:
+        failed = safetensors_os_error(error, path)
+        if failed is None:
             raise
-        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from error
+        raise failed from error
 
 
 def write_checkpoint(out: Path, config: ModelConfig, weights: dict[str, Callable[[], dict[str, Any]]],

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import stat
 from pathlib import Path
 from typing import Any, Callable
@@ -96,3 +98,11 @@ def sha256_file(path: str | Path) -> str:
 def write_text_atomic(path: Path, text: str) -> None:
     """``text`` into ``path``, written whole or not at all (``write_atomic``)."""
     write_atomic(path, lambda temporary: temporary.write_text(text))
+
+
+def safetensors_os_error(error: Exception, path: Path) -> OSError | None:
+    """The ``OSError`` a safetensors write failed with in the operating system (a full disk: safetensors' own error
+    then ends in "(os error N)"), naming ``path``, so that a command reports it as any other write; None for any
+    other failure."""
+    code = re.search(r"\(os error (\d+)\)", str(error))
+    return None if code is None else OSError(int(code[1]), os.strerror(int(code[1])), str(path))

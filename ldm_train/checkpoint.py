@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import re
 import shutil
 import stat
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from ldm_runtime.checkpoint import (
     write_train_state,
 )
 from ldm_runtime.config import ModelConfig
-from ldm_runtime.files import sha256_file, write_atomic, write_text_atomic
+from ldm_runtime.files import safetensors_os_error, sha256_file, write_atomic, write_text_atomic
 from ldm_runtime.staging import PARTIAL, REPLACED, temporary_folder
 from ldm_runtime.folder_swap import fsync_path, replace_folder, restore_replaced
 
@@ -47,10 +46,10 @@ def save_tensors_atomic(path: Path, tensors: dict[str, torch.Tensor], metadata: 
         try:
             save_file(ready, str(temporary), metadata=metadata)
         except SafetensorError as error:
-            code = re.search(r"\(os error (\d+)\)", str(error))
-            if code is None:
+            failed = safetensors_os_error(error, path)
+            if failed is None:
                 raise
-            raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from error
+            raise failed from error
 
     write_atomic(path, write)
 
