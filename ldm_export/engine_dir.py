@@ -35,7 +35,7 @@ from ldm_export.tensorrt_build import build_plans, tensorrt_missing
 from ldm_export.validate import validate_engine
 from ldm_runtime.adapters import MAX_ADAPTER_RANK, MAX_REQUEST_ADAPTERS
 from ldm_runtime.checkpoint import TOKENIZER_DIR, CheckpointNetworks
-from ldm_runtime.command_line import check_writable_folder
+from ldm_runtime.command_line import check_replaceable_folder, check_writable_folder
 from ldm_runtime.engines.torch_engine import TorchEngine
 from ldm_runtime.errors import EngineDirError
 from ldm_runtime.files import sha256_file
@@ -113,6 +113,7 @@ def check_out(out: Path, force: bool) -> None:
     if not force:
         raise ExportError(f"--out {out} already exists; pass --force to replace it")
     if out.is_dir() and not out.is_symlink() and (_is_engine_dir(out) or not any(out.iterdir())):
+        check_replaceable_folder("--out", out)
         return
     raise ExportError(f"--out {out} exists and is not an engine dir (no {MANIFEST_JSON} that ldm-export wrote); "
                       f"refusing to replace it even with --force")

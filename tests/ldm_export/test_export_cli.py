@@ -151,6 +151,18 @@ def test_force_does_not_replace_a_folder_whose_manifest_json_is_not_an_engine_ma
     assert (out / "index.html").read_text() == "precious" and (out / "manifest.json").read_text() == manifest
 
 
+def test_force_over_an_empty_folder_holding_the_working_directory_is_one_line(tiny_checkpoint, tmp_path, capsys,
+                                                                              monkeypatch):
+    monkeypatch.setattr(ldm_export.engine_dir, "load_checkpoint_to_export", lambda folder: pytest.fail("work started"))
+    out = tmp_path / "engine"
+    out.mkdir()
+    monkeypatch.chdir(out)
+    code, err = run_cli([tiny_checkpoint, "--out", out, "--force", "--skip-validation"], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert f"--out {out} is the working directory or holds it; expected a folder elsewhere" in err
+    assert out.is_dir()
+
+
 @pytest.mark.parametrize("case", ["existing_file", "existing_file_with_force", "under_a_file", "unwritable"])
 def test_an_out_that_cannot_be_written_is_one_line_before_any_work(case, tiny_checkpoint, tmp_path, capsys,
                                                                    monkeypatch):
