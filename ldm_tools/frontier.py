@@ -75,7 +75,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ldm_runtime.command_line import OneLineArgumentParser, finite_float, report_user_error
-from ldm_runtime.config import CACHE_SCHEDULES, ETA_SAMPLERS, MAX_CACHE_INTERVAL
+from ldm_runtime.config import CACHE_SCHEDULES, ETA_SAMPLERS, MAX_CACHE_INTERVAL, MAX_GUIDANCE_SCALE
 from ldm_runtime.engines import CHECKPOINT_MARKER, ENGINE_DIR_MARKER, engine_for_flags, load_engine
 from ldm_runtime.engines.compile_cache import CACHE_ENV
 from ldm_runtime.errors import RequestError, UserError
@@ -229,10 +229,10 @@ def parse_config(text: str) -> SamplingConfig:
         if key in values:
             raise bad(f"gives {key}= twice")
         if key == "cache":
-            interval, _, schedule = value.partition(":")
+            interval, colon, schedule = value.partition(":")
             if not interval.isdigit() or not 1 <= int(interval) <= MAX_CACHE_INTERVAL:
                 raise bad(f"has cache interval {interval!r}, not an integer from 1 to {MAX_CACHE_INTERVAL}")
-            if schedule and schedule not in CACHE_SCHEDULES:
+            if colon and schedule not in CACHE_SCHEDULES:
                 raise bad(f"has cache schedule {schedule!r}, not one of {', '.join(CACHE_SCHEDULES)}")
             values[key] = (int(interval), schedule or "uniform")
         elif key == "eta":
@@ -245,8 +245,8 @@ def parse_config(text: str) -> SamplingConfig:
             values[key] = eta
         elif key == "g":
             scale = number_or_nan(value)
-            if not (math.isfinite(scale) and scale >= 0):
-                raise bad(f"has guidance scale {value!r}, not a number of 0 or more")
+            if not (math.isfinite(scale) and 0 <= scale <= MAX_GUIDANCE_SCALE):
+                raise bad(f"has guidance scale {value!r}, not a number from 0 to {MAX_GUIDANCE_SCALE:g}")
             values[key] = scale
         elif key == "model":
             if not value.strip():
@@ -270,7 +270,9 @@ def parse_bar(text: str) -> dict[str, float]:
     for term in text.split(","):
         key, equals, value = term.strip().partition("=")
         number = number_or_nan(value) if equals else math.nan
-        if key not in BAR_TERMS or not math.isfinite(number) or key in bar:
+        if key in bar:
+            raise FrontierError(f"--bar term {term.strip()!r} gives {key} a second time; expected each term once")
+        if key not in BAR_TERMS or not math.isfinite(number):
             raise FrontierError(f"--bar term {term.strip()!r} is not one of {', '.join(BAR_TERMS)} given once as "
                                 f"NAME=NUMBER")
         if number < 0 or (key in RATIO_TERMS and number == 0):
@@ -525,8 +527,9 @@ class FrontierSettings:
         if self.reference_engine is not None and "fp32" not in ENGINE_PRECISIONS.get(self.reference_engine, ()):
             raise FrontierError(f"--reference-engine is {self.reference_engine!r}; expected an engine that runs fp32: "
                                 f"{', '.join(e for e, p in ENGINE_PRECISIONS.items() if 'fp32' in p)}")
-        if self.guidance is not None and (not math.isfinite(self.guidance) or self.guidance < 0):
-            raise FrontierError(f"--guidance is {self.guidance}; expected a number >= 0")
+        if self.guidance is not None and not (math.isfinite(self.guidance)
+                                              and 0 <= self.guidance <= MAX_GUIDANCE_SCALE):
+            raise FrontierError(f"--guidance is {self.guidance:g}; expected a number from 0 to {MAX_GUIDANCE_SCALE:g}")
         if not 0 <= self.seed <= MAX_SEED - self.num_prompts:
             raise FrontierError(f"--seed is {self.seed}; expected an integer from 0 to {MAX_SEED - self.num_prompts} "
                                 f"(2**63 - --num-prompts: prompt i uses seed + i)")
@@ -534,6 +537,11 @@ class FrontierSettings:
         if unknown:
             raise FrontierError(f"configuration {unknown[0]} names a model that no --variant NAME=FOLDER gives "
                                 f"(variants: {', '.join(self.variants) or 'none'})")
+        used = {config.model for config in self.all_configs}
+        unused = [name for name in self.variants if name not in used]
+        if unused:
+            raise FrontierError(f"--variant {unused[0]}={self.variants[unused[0]][0]} names a model no configuration "
+                                f"runs; expected a configuration with /model={unused[0]} in --configs or --baseline")
         repeated = [config.name for index, config in enumerate(self.configs) if config in self.configs[:index]]
         if repeated:
             raise FrontierError(f"--configs names {repeated[0]} twice; expected each configuration once")
@@ -546,6 +554,9 @@ class FrontierSettings:
         if self.reference is None and any(term in REFERENCE_TERMS for term in self.bar):
             raise FrontierError("--bar with latent-rms, latent-rms-ratio or psnr-db needs the reference run; expected "
                                 "--reference-steps above 0")
+        if self.plot is not None and self.judge == "none" and self.reference is None:
+            raise FrontierError(f"--plot {self.plot} has no quality metric to plot images/s against with --judge none "
+                                f"and --reference-steps 0; expected --reference-steps above 0 or a judge")
         check_writable_file("--json", Path(self.json))
         if self.plot is not None:
             check_writable_file("--plot", Path(self.plot))
@@ -739,6 +750,10 @@ def run_frontier(settings: FrontierSettings) -> dict[str, Any]:
     captions, truths = heldout_prompts(count, image_size, settings.data_seed)
     seeds = [settings.seed + index for index in range(count)]
     judge = resolve_judge(settings, image_size)
+    if settings.plot is not None and judge is None and reference_config is None:
+        raise FrontierError(f"--plot {settings.plot} has no quality metric to plot images/s against: --judge "
+                            f"{settings.judge} has no classifier for {image_size} px images and --reference-steps is "
+                            f"0; expected --reference-steps above 0")
 
     # every engine takes the same batch: the smallest that all of them hold
     batch_size = min([settings.batch_size] + [engine.info.max_images for engine in loaded])
@@ -946,6 +961,9 @@ def plot_frontier(report: dict[str, Any], path: Path) -> None:
     summary = report["summary"]
     done = [result for result in report["results"] if result["status"] == "ok"]
     metrics = [metric for metric in ("adherence", "fid_in_domain", "latent_rms") if metric in summary["frontier"]]
+    if not metrics:
+        raise FrontierError(f"--plot {path} has nothing to plot: no configuration was measured against a quality "
+                            f"metric ({'every one was skipped' if not done else 'no judge and no reference run'})")
     figure, axes_list = plt.subplots(1, len(metrics), figsize=(6.5 * len(metrics), 5.2), squeeze=False)
     groups = list(dict.fromkeys(result["engine_key"] for result in done))
     colours = {key: plt.get_cmap("tab10")(index % 10) for index, key in enumerate(groups)}
@@ -1078,11 +1096,21 @@ def main(argv: list[str] | None = None) -> int:
             write_text_atomic(Path(settings.json), json.dumps(report, indent=1) + "\n")
         except OSError as error:
             raise FrontierError(f"--json {settings.json} cannot be written ({error.strerror or error})") from None
+        print(format_report(report))
+        skipped = [result for result in report["results"] if result["status"] != "ok"]
+        if len(skipped) == len(report["results"]):
+            raise FrontierError(f"every configuration was skipped (the reasons are listed above and in "
+                                f"{settings.json}); expected at least one that runs here")
+        if settings.plot is not None:
+            try:
+                plot_frontier(report, Path(settings.plot))
+            except OSError as error:
+                raise FrontierError(f"--plot {settings.plot} cannot be written ({error.strerror or error})") from None
     except UserError as error:
         return report_user_error(PROG, error)
-    if settings.plot is not None:
-        plot_frontier(report, Path(settings.plot))
-    print(format_report(report))
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
     print(f"{PROG}: wrote {settings.json}" + (f" and {settings.plot}" if settings.plot else ""), file=sys.stderr)
     return 0
 

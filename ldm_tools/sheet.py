@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from ldm_runtime.command_line import OneLineArgumentParser, report_user_error
 from ldm_runtime.errors import UserError
+from ldm_runtime.files import describe
 from ldm_runtime.images import PARAMETERS_KEY
 from ldm_runtime.sample import IMAGE_NAME_GLOB
 
@@ -67,6 +68,9 @@ def read_column(title: str, folder: Path) -> Column:
                 images.append(np.asarray(picture.convert("RGB")))
         except (OSError, ValueError) as error:
             raise SheetError(f"{path} cannot be read as an ldm-sample PNG ({error})") from None
+        if not isinstance(parameters, dict):
+            raise SheetError(f"{path} has a {PARAMETERS_KEY!r} text chunk of {describe(parameters)}; expected the JSON "
+                             f"object ldm-sample writes")
         prompt, seed = parameters.get("prompt"), parameters.get("seed")
         captions.append(f"{prompt} (seed {seed})" if prompt is not None else path.stem)
     return Column(title, images, captions)

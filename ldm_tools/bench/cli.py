@@ -27,8 +27,8 @@ import numpy as np
 from tqdm import tqdm
 
 from ldm_runtime.checkpoint import load_model_config
-from ldm_runtime.command_line import OneLineArgumentParser, report_user_error
-from ldm_runtime.config import preset
+from ldm_runtime.command_line import OneLineArgumentParser, check_writable_folder, report_user_error
+from ldm_runtime.config import MAX_IMAGE_SIZE, preset
 from ldm_runtime.engines import CHECKPOINT_MARKER, ENGINE_DIR_MARKER
 from ldm_runtime.engines.base import DEFAULT_MAX_BATCH_SIZE
 from ldm_runtime.errors import UserError
@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None, available_mib: float | None = None) -> i
         args = build_parser().parse_args(argv)
         plan = check_arguments(args)
         report = run(plan, args, command=" ".join([PROG, *map(shlex.quote, argv)]), available_mib=available_mib)
+        unwritten = write_outputs(report, args)
     except UserError as error:
         return report_user_error(PROG, error)
     except KeyboardInterrupt:
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None, available_mib: float | None = None) -> i
         print(f"- {note}")
     for line in format_profiles(report):
         print(line)
-    return 0
+    return 0 if unwritten is None else report_user_error(PROG, unwritten)
 
 
 def _log(line: str) -> None:
@@ -153,16 +154,28 @@ def _positive_list(text: str, flag: str) -> list[int]:
         values = []
     if not values or any(value < 1 for value in values):
         raise BenchError(f"{flag} {text!r} is not a comma-separated list of positive integers (e.g. 1,4,8)")
-    return sorted(set(values))
+    _refuse_repeats(values, text, flag, "batch size")
+    return sorted(values)
+
+
+def _refuse_repeats(items: list[Any], text: str, flag: str, what: str) -> None:
+    """``BenchError`` naming the first item of ``flag``'s list ``text`` that is given twice."""
+    repeated = next((item for index, item in enumerate(items) if item in items[:index]), None)
+    if repeated is not None:
+        raise BenchError(f"{flag} {text!r} names {what} {repeated} twice; expected each {what} once")
 
 
 def check_arguments(args: argparse.Namespace) -> dict[str, Any]:
     """Everything that can be checked before a process starts; ``BenchError`` naming the first bad value."""
-    engines = [name.strip() for name in args.engines.split(",") if name.strip()]
+    engines = [name.strip() for name in args.engines.split(",")]
+    if not all(engines):
+        raise BenchError(f"--engines {args.engines!r} has an empty item; expected comma-separated engine names from "
+                         f"{', '.join(PEERS)}")
     for name in engines:
         if name not in PEERS:
             raise BenchError(f"engine {name!r} is not one of {', '.join(PEERS)}")
-    engines = [BASELINE] + [name for name in dict.fromkeys(engines) if name != BASELINE]  # the baseline, first
+    _refuse_repeats(engines, args.engines, "--engines", "engine")
+    engines = [BASELINE] + [name for name in engines if name != BASELINE]  # the baseline, first
     batch_sizes = _positive_list(args.batch_sizes, "--batch-sizes")
     for flag, value in (("--steps", args.steps), ("--repeats", args.repeats), ("--threads", args.threads)):
         if value < 1:
@@ -171,14 +184,20 @@ def check_arguments(args: argparse.Namespace) -> dict[str, Any]:
                                                        and args.device[5:].isdigit())):
         raise BenchError(f"--device {args.device!r} is not valid; expected auto, cpu, cuda or cuda:N")
     for flag, value in (("--json", args.json), ("--plot", args.plot)):
-        if value is not None and (Path(value).is_dir() or not _writable_parent(Path(value))):
-            raise BenchError(f"{flag} {value} cannot be written; expected a file path in a writable folder")
+        if value is not None:
+            _check_writable_file(flag, Path(value))
     plan: dict[str, Any] = {"engines": engines, "batch_sizes": batch_sizes, "preset": args.preset,
                             "memory_budget": _memory_budget_flag(args.memory_budget), "engine_dir_bytes": 4}
     if args.preset:
         config = preset(args.preset)
         _check_pipeline_peer(config, engines)
-        latent_size = args.latent_size or CPU_LATENT_SIZE.get(args.preset, config.latent_size)
+        latent_size = args.latent_size
+        if latent_size is None:
+            latent_size = CPU_LATENT_SIZE.get(args.preset, config.latent_size)
+        largest = MAX_IMAGE_SIZE // config.autoencoder.factor  # the image size any model may have
+        if not 1 <= latent_size <= largest:
+            raise BenchError(f"--latent-size {latent_size} does not fit preset {args.preset}; expected a positive "
+                             f"integer up to {largest} (images of at most {MAX_IMAGE_SIZE} px)")
         multiple = config.unet.latent_size_multiple
         if latent_size < multiple or latent_size % multiple:
             raise BenchError(f"--latent-size {latent_size} does not fit preset {args.preset}; expected a multiple of "
@@ -224,11 +243,12 @@ def _check_pipeline_peer(config, engines: list[str]) -> None:
         engines.append(PIPELINE_PEER)
 
 
-def _writable_parent(path: Path) -> bool:
-    existing = path.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    return existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
+def _check_writable_file(flag: str, path: Path) -> None:
+    """``BenchError`` unless ``path`` is a file path whose folder this process can write, proven by writing a probe
+    file there (permission bits say yes to root on /proc and on a read-only mount)."""
+    if path.is_dir():
+        raise BenchError(f"{flag} {path} is a folder; expected a file path in a writable folder")
+    check_writable_folder(f"{flag} {path}: the folder", path.parent)
 
 
 def _check_batch_range(batch_sizes: list[int], low: int, high: int, what: str) -> None:
@@ -276,20 +296,33 @@ def _check_model_folder(folder: Path, checkpoint: str | None, engines: list[str]
 def run(plan: dict[str, Any], args: argparse.Namespace, command: str,
         available_mib: float | None = None) -> dict[str, Any]:
     """Make the folders, start one worker per engine, time them round robin in groups that fit the memory budget
-    (``available_mib``: the memory auto plans with, None: read it here); the report (also written)."""
+    (``available_mib``: the memory auto plans with, None: read it here); the report (``write_outputs`` writes it)."""
     with tempfile.TemporaryDirectory(prefix="ldm-bench-") as scratch:
         model_info = _prepare_sources(plan, Path(scratch))
         report = _measure(plan, args, model_info, available_mib)
     report["command"] = command
-    if args.json:
-        write_json(report, Path(args.json))
+    return report
+
+
+def write_outputs(report: dict[str, Any], args: argparse.Namespace) -> BenchError | None:
+    """Write --json and the plot (--plot, else beside --json); a file that cannot be written (a full disk) is the
+    ``BenchError`` returned, naming it, so that the measured figures are still printed."""
     plot = args.plot or (str(Path(args.json).with_suffix(".png")) if args.json else None)
-    if plot:
-        write_plot(report, Path(plot))
-        report["plot"] = plot
+    flag, path = "--json", args.json
+    try:
         if args.json:
             write_json(report, Path(args.json))
-    return report
+        if plot:
+            flag, path = "--plot", plot
+            write_plot(report, Path(plot))
+            report["plot"] = plot
+            if args.json:
+                flag, path = "--json", args.json
+                write_json(report, Path(args.json))
+    except OSError as error:
+        return BenchError(f"{flag} {path} cannot be written ({error.strerror or error}); the figures are in the table "
+                          f"above")
+    return None
 
 
 def _prepare_sources(plan: dict[str, Any], scratch: Path) -> dict[str, Any]:

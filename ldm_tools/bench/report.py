@@ -9,6 +9,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ldm_runtime.files import write_text_atomic
+
 WIDE_SPREAD = 0.10  # (max - min) / median past this: the figure is marked as not to be trusted
 
 
@@ -107,8 +109,9 @@ def _ratio(value: float | None) -> str:
 
 
 def write_json(report: dict[str, Any], path: Path) -> None:
+    """``report`` into ``path``, written whole or not at all (a full disk leaves the file as it was)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
+    write_text_atomic(path, json.dumps(report, indent=2) + "\n")
 
 
 def write_plot(report: dict[str, Any], path: Path) -> None:

@@ -119,9 +119,69 @@ def test_bad_argument_is_one_line_and_exit_2(checkpoint, capsys, argv, fragments
     assert_one_line_error(code, err, *fragments)
 
 
+@pytest.mark.parametrize("flag, text, fragment", [
+    ("--engines", "", "--engines '' has an empty item; expected comma-separated engine names from torch, "),
+    ("--engines", ",torch", "--engines ',torch' has an empty item"),
+    ("--engines", "torch,diffusers,", "--engines 'torch,diffusers,' has an empty item"),
+    ("--engines", "torch,torch", "--engines 'torch,torch' names engine torch twice; expected each engine once"),
+    ("--engines", "diffusers,torch,diffusers", "names engine diffusers twice"),
+    ("--batch-sizes", "1,1", "--batch-sizes '1,1' names batch size 1 twice; expected each batch size once"),
+    ("--batch-sizes", "4,1,4", "names batch size 4 twice"),
+])
+def test_an_empty_or_repeated_list_item_is_refused_before_the_benchmark(checkpoint, capsys, monkeypatch, flag, text,
+                                                                        fragment):
+    import ldm_tools.bench.cli
+
+    monkeypatch.setattr(ldm_tools.bench.cli, "run", lambda *args, **kwargs: pytest.fail("the benchmark ran"))
+    code, _, err = run_bench(capsys, "--model", checkpoint, flag, text)
+    assert_one_line_error(code, err, fragment)
+
+
 def test_preset_latent_size_the_unet_cannot_halve_is_refused(capsys):
     code, _, err = run_bench(capsys, "--preset", "sd15", "--latent-size", 12)
     assert_one_line_error(code, err, "--latent-size 12", "multiple of 8")
+
+
+@pytest.mark.parametrize("preset, latent_size, largest", [("shapes", 0, 1024), ("shapes", -8, 1024),
+                                                           ("shapes", 100000, 1024), ("sd15", 520, 512)])
+def test_preset_latent_size_out_of_range_is_refused_before_any_process_starts(capsys, monkeypatch, preset,
+                                                                             latent_size, largest):
+    import ldm_tools.bench.cli
+
+    monkeypatch.setattr(ldm_tools.bench.cli, "run", lambda *args, **kwargs: pytest.fail("the benchmark ran"))
+    code, _, err = run_bench(capsys, "--preset", preset, "--latent-size", latent_size, "--engines", "torch")
+    assert_one_line_error(code, err, f"--latent-size {latent_size} does not fit preset {preset}; expected a positive "
+                                     f"integer up to {largest} (images of at most 4096 px)")
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+def test_an_output_folder_that_refuses_a_file_is_refused_before_the_benchmark_even_for_root(checkpoint, capsys,
+                                                                                          monkeypatch, flag):
+    import ldm_tools.bench.cli
+
+    monkeypatch.setattr(ldm_tools.bench.cli, "run", lambda *args, **kwargs: pytest.fail("the benchmark ran"))
+    code, _, err = run_bench(capsys, "--model", checkpoint, "--engines", "torch", flag, "/proc/ldm-bench-out")
+    assert_one_line_error(code, err, f"{flag} /proc/ldm-bench-out: the folder /proc cannot be written")
+
+
+@pytest.mark.parametrize("failing", ["write_json", "write_plot"])
+def test_an_output_that_cannot_be_written_at_the_end_is_one_line_after_the_table(checkpoint, tmp_path, capsys,
+                                                                               monkeypatch, failing):
+    import errno
+
+    import ldm_tools.bench.cli
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ldm_tools.bench.cli, failing, full_disk)
+    out = tmp_path / "bench.json"
+    code, stdout, err = run_bench(capsys, "--model", checkpoint, "--engines", "torch", "--batch-sizes", 1,
+                                  "--steps", 1, "--repeats", 1, "--threads", 1, "--json", out)
+    path, flag = (out, "--json") if failing == "write_json" else (out.with_suffix(".png"), "--plot")
+    assert_one_line_error(code, err, f"{flag} {path} cannot be written (No space left on device); the figures are "
+                                     f"in the table above", after_progress=True)
+    assert "| torch | 1 |" in stdout
 
 
 def test_folder_that_is_not_a_model_is_refused(tmp_path, capsys):

@@ -247,6 +247,9 @@ def test_bad_input_is_one_error_line_and_exit_2(case, stand_in_model, tmp_path, 
     (["--sampler", "heun"], "argument --sampler: invalid choice: 'heun'"),
     (["--sampler", "lcm", "--eta", "0.5"], "--eta is 0.5 with --sampler lcm; expected 0 (eta applies to ddim and "
                                            "tcd only)"),
+    (["--guidance", "1e308"], "--guidance is 1e+308; expected a number from 0 to 100"),
+    (["--guidance", "100.5"], "--guidance is 100.5; expected a number from 0 to 100"),
+    (["--guidance", "-1"], "--guidance is -1; expected a number from 0 to 100"),
 ])
 def test_seeds_and_samplers_out_of_range_are_one_line_before_any_work(extra, message, stand_in_model, tmp_path,
                                                                      capsys, monkeypatch):
@@ -310,3 +313,21 @@ def test_bad_cache_settings_are_one_line_before_any_work(extra, message, stand_i
 def test_importing_the_evaluator_does_not_import_torch():
     code = "import sys, ldm_tools.evaluate; sys.exit('torch' in sys.modules or 'ldm_train' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_ctrl_c_is_one_line_and_exit_130(stand_in_model, tmp_path, capsys, monkeypatch):
+    from ldm_tools import eval_command
+
+    def interrupted(settings):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ldm_tools.evaluate, "evaluate", interrupted)
+    model, _ = stand_in_model
+    argv = ["--model", str(model), "--json", str(tmp_path / "eval.json")]
+    for command in (main, eval_command.main):
+        try:
+            code = command(argv)
+        except KeyboardInterrupt:
+            pytest.fail("Ctrl-C left main as a KeyboardInterrupt (a traceback)")
+        assert code == 130 and capsys.readouterr().err == "ldm-eval: interrupted\n"
+    assert not (tmp_path / "eval.json").exists()

@@ -84,6 +84,7 @@ def test_good_configurations_parse_and_their_names_read_back_the_same(text, expe
     ("torch/fp32/euler:0", "has steps '0'"),
     ("torch/fp32/euler:6/cache=0", "has cache interval '0'"),
     ("torch/fp32/euler:6/cache=2:cubic", "has cache schedule 'cubic'"),
+    ("torch/fp32/euler:6/cache=2:", "has cache schedule '', not one of uniform, quadratic"),
     ("torch/fp32/euler:6/gi=8-0.5", "has guidance interval '8-0.5'"),
     ("torch/fp32/euler:6/gi=nan-1", "has guidance interval 'nan-1'"),
     ("torch/fp32/euler:6/seed=1", "has option 'seed=1'"),
@@ -92,8 +93,10 @@ def test_good_configurations_parse_and_their_names_read_back_the_same(text, expe
     ("torch/fp32/ddim:4/eta=nan", "has eta 'nan', not a number from 0 to 1"),
     ("torch/fp32/euler:6/gi=0-1/gi=0-2", "gives gi= twice"),
     ("torch/fp32/euler:6/model=", "has an empty model name"),
-    ("torch/fp32/euler:6/g=-1", "has guidance scale '-1', not a number of 0 or more"),
+    ("torch/fp32/euler:6/g=-1", "has guidance scale '-1', not a number from 0 to 100"),
     ("torch/fp32/euler:6/g=inf", "has guidance scale 'inf'"),
+    ("torch/fp32/euler:6/g=100.5", "has guidance scale '100.5', not a number from 0 to 100"),
+    ("torch/fp32/euler:6/g=1e308", "has guidance scale '1e308', not a number from 0 to 100"),
     ("torch/fp32/euler:6/g=3/g=4", "gives g= twice"),
 ])
 def test_bad_configurations_are_one_sentence_naming_them(text, why):
@@ -112,6 +115,15 @@ def test_bar_terms_parse_and_bad_ones_are_refused():
                  "adherence-drop=-0.1", "fid-ratio=0", "latent-rms-ratio=0"):
         with pytest.raises(FrontierError, match="^--bar term "):
             parse_bar(text)
+
+
+@pytest.mark.parametrize("text, term", [("fid-ratio=1,fid-ratio=2", "fid-ratio=2"),
+                                        ("latent-rms=1, psnr-db=30, latent-rms=1", "latent-rms=1")])
+def test_a_bar_term_given_twice_is_named_as_given_twice(text, term):
+    with pytest.raises(FrontierError) as error:
+        parse_bar(text)
+    key = term.partition("=")[0]
+    assert str(error.value) == f"--bar term {term!r} gives {key} a second time; expected each term once"
 
 
 def measured(name: str, images_per_s: float, shape: float = 0.9, fid: float = 240.0, rms: float = 0.1) -> dict:
@@ -327,6 +339,16 @@ def test_a_cache_interval_the_engine_cannot_serve_is_skipped_with_the_reason(tin
     (["--configs", "torch/fp32/ddim:4/model=lcm"], "configuration torch/fp32/ddim:4/model=lcm names a model that no "
                                                    "--variant NAME=FOLDER gives (variants: none)"),
     (["--configs", "torch/fp32/ddim:4", "--variant", "lcm"], "--variant 'lcm' is not NAME=FOLDER"),
+    (["--configs", "torch/fp32/ddim:4/model=v", "--variant", "v=/nowhere/v", "--variant", "w=/nowhere/w"],
+     "--variant w=/nowhere/w names a model no configuration runs; expected a configuration with /model=w in "
+     "--configs or --baseline"),
+    (["--configs", "torch/fp32/ddim:4", "--guidance", "100.5"], "--guidance is 100.5; expected a number from 0 to "
+                                                               "100"),
+    (["--configs", "torch/fp32/ddim:4", "--guidance", "1e308"], "--guidance is 1e+308; expected a number from 0 to "
+                                                               "100"),
+    (["--configs", "torch/fp32/ddim:4", "--judge", "none", "--reference-steps", "0", "--plot", "never.png"],
+     "--plot never.png has no quality metric to plot images/s against with --judge none and --reference-steps 0; "
+     "expected --reference-steps above 0 or a judge"),
 ])
 def test_bad_flags_are_one_line_and_exit_2_before_any_sampling(flags, message, tiny_checkpoint, tmp_path, capsys,
                                                              monkeypatch):
@@ -387,3 +409,65 @@ def test_ldm_eval_runs_the_frontier_as_its_subcommand(monkeypatch):
     called = []
     monkeypatch.setattr(evaluate, "main", lambda argv: called.append(argv) or 0)
     assert eval_command.main(["--model", "m"]) == 0 and called == [["--model", "m"]]
+
+
+def test_a_plot_with_no_quality_metric_under_judge_auto_is_refused_before_any_sampling(tiny_checkpoint, tmp_path,
+                                                                                     capsys, monkeypatch):
+    import ldm_tools.frontier
+
+    # the shipped classifier draws 32 px, the tiny model 16 px: --judge auto judges nothing here
+    monkeypatch.setattr(ldm_tools.frontier, "sample", lambda *args, **kwargs: pytest.fail("something was sampled"))
+    report_path, plot_path = tmp_path / "frontier.json", tmp_path / "frontier.png"
+    assert main(["--model", str(tiny_checkpoint), "--configs", "torch/fp32/ddim:2", "--reference-steps", "0",
+                 "--json", str(report_path), "--plot", str(plot_path)]) == 2
+    error = capsys.readouterr().err
+    assert error == (f"ldm-eval frontier: error: --plot {plot_path} has no quality metric to plot images/s against: "
+                     f"--judge auto has no classifier for 16 px images and --reference-steps is 0; expected "
+                     f"--reference-steps above 0\n"), error
+    assert not report_path.exists() and not plot_path.exists()
+
+
+def test_a_run_whose_every_configuration_was_skipped_writes_the_report_and_exits_2_in_one_line(tiny_checkpoint,
+                                                                                              tmp_path, capsys):
+    report_path, plot_path = tmp_path / "frontier.json", tmp_path / "frontier.png"
+    assert main(["--model", str(tiny_checkpoint), "--configs", "torch/fp32/ddim:5000", "--reference-steps", "2",
+                 "--num-prompts", "2", "--repeats", "1", "--no-first-image", "--json", str(report_path),
+                 "--plot", str(plot_path)]) == 2
+    captured = capsys.readouterr()
+    assert "skipped torch/fp32/ddim:5000: the torch engine refuses it: steps is 5000" in captured.out
+    last = captured.err.strip().splitlines()[-1]
+    assert last == (f"ldm-eval frontier: error: every configuration was skipped (the reasons are listed above and in "
+                    f"{report_path}); expected at least one that runs here"), captured.err
+    assert "Traceback" not in captured.err and captured.err.count("error:") == 1
+    assert [result["status"] for result in json.loads(report_path.read_text())["results"]] == ["skipped"]
+    assert not plot_path.exists()
+
+
+def test_plotting_a_report_with_nothing_measured_is_one_sentence_not_a_matplotlib_error(tmp_path):
+    from ldm_tools.frontier import plot_frontier
+
+    skipped = {**parse_config("torch/fp32/ddim:2").to_dict(), "status": "skipped", "reason": "refused"}
+    for results in ([skipped], [measured("torch/fp32/ddim:2", 3.0)]):
+        report = {"results": results, "summary": {"frontier": {}, "bar": {}, "baseline": None}}
+        with pytest.raises(FrontierError, match=f"^--plot {tmp_path / 'p.png'} has nothing to plot: no configuration "
+                                                f"was measured against a quality metric"):
+            plot_frontier(report, tmp_path / "p.png")
+    assert not (tmp_path / "p.png").exists()
+
+
+@pytest.mark.parametrize("subcommand", [False, True])
+def test_ctrl_c_is_one_line_and_exit_130(tiny_checkpoint, tmp_path, capsys, monkeypatch, subcommand):
+    import ldm_tools.frontier
+    from ldm_tools import eval_command
+
+    def interrupted(settings):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ldm_tools.frontier, "run_frontier", interrupted)
+    argv = ["--model", str(tiny_checkpoint), "--configs", "torch/fp32/ddim:2", "--json", str(tmp_path / "f.json")]
+    try:
+        code = eval_command.main(["frontier", *argv]) if subcommand else main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C left main as a KeyboardInterrupt (a traceback)")
+    assert code == 130
+    assert capsys.readouterr().err == "ldm-eval frontier: interrupted\n"

@@ -82,3 +82,19 @@ def test_columns_that_do_not_match_are_one_line_and_exit_2(runs, tmp_path, capsy
     assert sheet.main([f"eager={eager_dir}", second, "--out", out, "--scale", scale]) == 2
     err = capsys.readouterr().err
     assert err.startswith("ldm-sheet: error: ") and err.count("\n") == 1 and fragment in err, err
+
+
+@pytest.mark.parametrize("text, shown", [("[1,2]", "[1, 2]"), ('"x"', '"x"'), ("7", "7"), ("null", "null")])
+def test_a_parameters_chunk_that_is_json_but_not_an_object_is_one_line_naming_the_file(tmp_path, capsys, text,
+                                                                                        shown):
+    from PIL import PngImagePlugin
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    chunk = PngImagePlugin.PngInfo()
+    chunk.add_text("parameters", text)
+    Image.new("RGB", (4, 4)).save(folder / "000-seed0.png", pnginfo=chunk)
+    assert sheet.main([f"run={folder}", "--out", str(tmp_path / "compare.png")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"ldm-sheet: error: {folder / '000-seed0.png'} has a 'parameters' text chunk of {shown}; expected "
+                   f"the JSON object ldm-sample writes\n"), err
