@@ -160,6 +160,7 @@ def _add_distillation_parser(stages, stage: str, what: str, settings, helps: dic
     sub.add_argument("--base", required=True,
                      help="checkpoint dir of the model to distil (ldm-train's or ldm-import's)")
     sub.add_argument("--out", required=True, help="the model folder to write (model.json, *.safetensors)")
+    sub.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
     sub.add_argument("--overwrite", action="store_true", help="replace a model folder in --out")
     _add_settings_flags(sub, settings, helps, skip=("base", "out"))
 
@@ -300,29 +301,36 @@ def _train_lora(args: argparse.Namespace) -> int:
 
 
 def _train_distilled(args: argparse.Namespace, settings_class, train) -> int:
-    """``ldm-train lcm``, ``guidance`` and ``progressive``: a new model folder distilled from ``--base``."""
+    """``ldm-train lcm``, ``guidance`` and ``progressive``: a new model folder distilled from ``--base``, or the run
+    in it continued (``--resume``)."""
     values = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(settings_class)}}
     out = Path(args.out)
 
     def settings():
         checked = settings_class(**values)
         checked.validate()
+        if args.resume and args.overwrite:
+            raise ConfigError("--resume and --overwrite contradict each other; pass one")
         restore_replaced(out)
         check_writable_folder("--out", out)
         check_replaceable_folder("--out", out)
-        if (out / TRAIN_STATE_JSON).is_file() and not args.overwrite:
-            raise ConfigError(f"--out {out} already holds a model; pass --overwrite to replace it")
+        if args.resume and not (out / TRAIN_STATE_JSON).is_file():
+            raise CheckpointError(f"cannot resume: --out {out} holds no checkpoint ({TRAIN_STATE_JSON} is missing)")
+        if (out / TRAIN_STATE_JSON).is_file() and not (args.overwrite or args.resume):
+            raise ConfigError(f"--out {out} already holds a model; pass --overwrite to replace it, or --resume to "
+                              f"continue its run")
         if out.resolve() == Path(args.base).resolve():
             raise ConfigError(f"--out {out} is --base; expected a new folder for the distilled model")
         return checked
 
-    return _train_from_base(Path(args.base), out, "model folder", settings, train)
+    return _train_from_base(Path(args.base), out, "model folder", settings,
+                            lambda checked: train(checked, resume=args.resume), resumable=True)
 
 
-def _train_from_base(base: Path, out: Path, what: str, settings, train) -> int:
+def _train_from_base(base: Path, out: Path, what: str, settings, train, resumable: bool = False) -> int:
     """``train(settings())`` for a stage that starts from the model in ``--base`` and writes ``out`` (``what`` it
     is: an adapter file, a model folder), rewritten whole every --checkpoint-every steps: a bad flag or folder, a
-    full disk and an interrupt are each one line."""
+    full disk and an interrupt are each one line (naming --resume where the stage takes it)."""
     try:
         checked = settings()
         if not base.is_dir():
@@ -335,7 +343,8 @@ def _train_from_base(base: Path, out: Path, what: str, settings, train) -> int:
         return _report_full_disk(error, out, f"the {what} written last (if any) is intact: free space and train it "
                                              f"again")
     except KeyboardInterrupt:
-        print(f"ldm-train: interrupted; {out} holds the {what} as of its last --checkpoint-every (if any)",
+        hint = " (continue with --resume)" if resumable and (out / TRAIN_STATE_JSON).is_file() else ""
+        print(f"ldm-train: interrupted; {out} holds the {what} as of its last --checkpoint-every (if any){hint}",
               file=sys.stderr)
         return 130
     print(f"ldm-train: wrote {out}", file=sys.stderr)

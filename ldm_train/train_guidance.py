@@ -32,9 +32,10 @@ class GuidanceSettings(DistillationSettings):
     """``ldm-train guidance``'s flags: a distillation's (``guidance_scale`` the scale distilled)."""
 
 
-def train_guidance(settings: GuidanceSettings) -> Path:
-    """Distil the guidance of the model ``settings.base`` into ``settings.out``; returns the folder written."""
-    return run_distillation(settings, STAGE, GuidanceDistillation)
+def train_guidance(settings: GuidanceSettings, resume: bool = False) -> Path:
+    """Distil the guidance of the model ``settings.base`` into ``settings.out`` (or continue the run there);
+    returns the folder written."""
+    return run_distillation(settings, STAGE, GuidanceDistillation, resume)
 
 
 class GuidanceDistillation(Distillation):

@@ -22,7 +22,9 @@ guidance 1).
 The latents are the base autoencoder's posterior samples of the ``--data`` images and the captions their own,
 encoded once as ``ldm-train unet`` does; the autoencoder and the text encoder are carried over unchanged. The
 output is a complete model folder (every runtime tool, ``ldm-export`` included, takes it), written whole every
-``checkpoint_every`` steps and at the end: an interrupted run leaves the last one intact.
+``checkpoint_every`` steps and at the end: an interrupted run leaves the last one intact, and ``--resume``
+continues it exactly (the student, the averaged weights, the optimiser and the distillation's own networks are
+in the checkpoint; every step's batch and noise are a function of the seed and the step).
 """
 
 from __future__ import annotations
@@ -35,20 +37,20 @@ from typing import Any
 
 import torch
 
-from ldm_runtime.checkpoint import (TEXT_ENCODER_DIR, TEXT_ENCODER_WEIGHTS, TRAIN_STATE_JSON, load_checkpoint,
-                                    weight_files)
+from ldm_runtime.checkpoint import (TEXT_ENCODER_DIR, TEXT_ENCODER_WEIGHTS, TRAIN_STATE_JSON, TRAIN_STATE_TENSORS,
+                                    load_tensors, load_checkpoint, weight_files)
 from ldm_runtime.config import ConfigError, ModelConfig, SamplerDefaults
 from ldm_runtime.guidance import apply_guidance
 from ldm_runtime.schedulers.lcm import LCMSampler
 from ldm_runtime.schedulers.lcm import boundary_scalings as sampler_boundary_scalings
-from ldm_train.checkpoint import optimizer_to_tensors, save_checkpoint
+from ldm_train.checkpoint import (load_train_state, optimizer_from_tensors, optimizer_to_tensors, save_checkpoint,
+                                  select_prefixed)
 from ldm_train.data import build_dataset
 from ldm_train.diffusion import ForwardProcess
 from ldm_train.progress import TrainingProgress
 from ldm_train.run import (
-    LR_SCHEDULES, METRICS_JSONL, LiveFolder, MetricsLog, check_finite, check_finite_flags, check_seed, check_whole,
-    end_process,
-    learning_rate_at, start_process,
+    LR_SCHEDULES, METRICS_JSONL, LiveFolder, MetricsLog, check_finite, check_finite_flags, check_resume_settings,
+    check_seed, check_whole, end_process, learning_rate_at, start_process,
 )
 from ldm_train.train_lora import _SingleProcess, _with_context
 from ldm_train.train_unet import EncodedData, _conditioning, _update_ema, encode_dataset, training_batch
@@ -155,9 +157,10 @@ def solver_grid(num_train_timesteps: int, solver_steps: int) -> torch.Tensor:
     return torch.arange(1, solver_steps + 1) * (num_train_timesteps // solver_steps) - 1
 
 
-def train_lcm(settings: ConsistencySettings) -> Path:
-    """Distil the model ``settings.base`` into ``settings.out``; returns the folder written."""
-    return run_distillation(settings, STAGE, ConsistencyDistillation)
+def train_lcm(settings: ConsistencySettings, resume: bool = False) -> Path:
+    """Distil the model ``settings.base`` into ``settings.out`` (or continue the run there); returns the folder
+    written."""
+    return run_distillation(settings, STAGE, ConsistencyDistillation, resume)
 
 
 class Distillation:
@@ -195,7 +198,11 @@ class Distillation:
         raise NotImplementedError
 
     def train_tensors(self) -> dict[str, torch.Tensor]:
+        """What a resumed run needs of this distillation's own networks (besides the student), by name."""
         return {}
+
+    def load_train_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Put back what ``train_tensors`` saved."""
 
     def guided_teacher(self, data: EncodedData, noisy: torch.Tensor, timesteps: torch.Tensor,
                        caption_ids: torch.Tensor) -> torch.Tensor:
@@ -213,20 +220,27 @@ class Distillation:
             return apply_guidance(output_unconditional, output_conditional, self.guidance_scale)
 
 
-def run_distillation(settings, stage: str, kind: type[Distillation]) -> Path:
-    """Distil ``settings.base`` into ``settings.out`` as ``kind`` says; the one process of the run."""
+def run_distillation(settings, stage: str, kind: type[Distillation], resume: bool = False) -> Path:
+    """Distil ``settings.base`` into ``settings.out`` as ``kind`` says (``resume``: continue the run there); the one
+    process of the run."""
     settings.validate()
     process = start_process(settings.device)
     if process.world_size > 1:
         end_process(process)
         raise ConfigError(f"ldm-train {stage} runs in one process; expected it without torchrun")
     try:
-        return _train(settings, stage, kind, process.device)
+        return _train(settings, stage, kind, process.device, resume)
     finally:
         end_process(process)
 
 
-def _train(settings, stage: str, kind: type[Distillation], device: torch.device) -> Path:
+def _train(settings, stage: str, kind: type[Distillation], device: torch.device, resume: bool = False) -> Path:
+    out = Path(settings.out)
+    start_step = 0
+    if resume:
+        state = load_train_state(out, stage, optimizers=("_optimizer",))
+        check_resume_settings(state.settings, settings, out, state.step)
+        start_step = state.step
     networks = load_checkpoint(settings.base)
     config = networks.config
     kind.check_base(settings, config)
@@ -246,14 +260,19 @@ def _train(settings, stage: str, kind: type[Distillation], device: torch.device)
     trainable = [parameter for parameter in student.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     distillation = kind(settings, config, teacher, student, ForwardProcess(config.schedule), device)
-    out = Path(settings.out)
+    if resume:
+        tensors = load_tensors(out / TRAIN_STATE_TENSORS)
+        student.load_state_dict(select_prefixed(tensors, "student."))
+        average.load_state_dict(load_tensors(out / "unet.safetensors"))  # the averaged weights, as saved
+        optimizer_from_tensors(optimizer, "optimizer", tensors, state.settings["_optimizer"])
+        distillation.load_train_tensors(tensors)
     out.mkdir(parents=True, exist_ok=True)
-    live = LiveFolder(out, replacing=(out / TRAIN_STATE_JSON).is_file())
-    metrics = MetricsLog(live.path / METRICS_JSONL, None)
-    progress = TrainingProgress(settings.steps, 0, stage, enabled=True)
+    live = LiveFolder(out, replacing=not resume and (out / TRAIN_STATE_JSON).is_file())
+    metrics = MetricsLog(live.path / METRICS_JSONL, start_step if resume else None)
+    progress = TrainingProgress(settings.steps, start_step, stage, enabled=True)
     single = _SingleProcess()
     try:
-        for step in range(settings.steps):
+        for step in range(start_step, settings.steps):
             generator = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
             _, latents, noise, timesteps, caption_ids = training_batch(
                 data, step, settings.batch_size, single, settings.seed, generator, config.latent_scale_factor,
@@ -275,7 +294,7 @@ def _train(settings, stage: str, kind: type[Distillation], device: torch.device)
                 metrics.write(done, {"loss": float(loss.detach()), "grad_norm": float(grad_norm)})
             if done % settings.checkpoint_every == 0 or done == settings.steps:
                 _save(out, settings, stage, networks, distillation, average, optimizer, done,
-                      first=done <= settings.checkpoint_every, logs=live.pending)
+                      first=not resume and done <= settings.checkpoint_every, logs=live.pending)
                 live.saved(metrics)
     finally:
         progress.close()
@@ -308,6 +327,9 @@ class ConsistencyDistillation(Distillation):
 
     def train_tensors(self) -> dict[str, torch.Tensor]:
         return {f"target.{k}": v for k, v in self.target.state_dict().items()}
+
+    def load_train_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.target.load_state_dict(select_prefixed(tensors, "target."))
 
 
 def _consistency_loss(run: ConsistencyDistillation, data: EncodedData, latents: torch.Tensor, noise: torch.Tensor,

@@ -66,10 +66,10 @@ class ProgressiveSettings(DistillationSettings):
         return 2 * self.sample_steps if self.teacher_steps is None else self.teacher_steps
 
 
-def train_progressive(settings: ProgressiveSettings) -> Path:
+def train_progressive(settings: ProgressiveSettings, resume: bool = False) -> Path:
     """Distil the model ``settings.base`` into ``settings.out``, a model whose DDIM takes ``sample_steps`` where the
-    base's takes ``teacher_steps``; returns the folder written."""
-    return run_distillation(settings, STAGE, ProgressiveDistillation)
+    base's takes ``teacher_steps`` (or continue the run there); returns the folder written."""
+    return run_distillation(settings, STAGE, ProgressiveDistillation, resume)
 
 
 def base_guidance_scale(config: ModelConfig) -> float:
