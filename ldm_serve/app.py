@@ -31,8 +31,8 @@ from ldm_serve.browser import (LOOPBACK_HOSTS, HostCheckMiddleware, JsonCorsMidd
 from ldm_serve.errors import (ERROR_CONTENT, ERROR_SCHEMA, OPENAI_ERROR_CONTENT, OPENAI_ERROR_SCHEMA,
                               OPENAI_EDITS_PATH, OPENAI_IMAGES_PATH, add_error_handlers)
 from ldm_serve.metrics import ServeMetrics
-from ldm_serve.middleware import (HEALTH_PATHS, PAGE_PATH, ApiKeyMiddleware, BodyLimitMiddleware,
-                                   ErrorSafetyMiddleware, HeadAsGetMiddleware)
+from ldm_serve.middleware import (HEALTH_PATHS, PAGE_PATH, AmbiguousLengthMiddleware, ApiKeyMiddleware,
+                                   BodyLimitMiddleware, ErrorSafetyMiddleware, HeadAsGetMiddleware)
 from ldm_serve.request_schema import ServeLimits, body_limits, edit_form_schema
 from ldm_serve.routes import REQUEST_ID, ImagesRoute, add_status_routes
 
@@ -64,6 +64,7 @@ def create_app(pipeline: Pipeline, batcher: Batcher, limits: ServeLimits, metric
     app.add_middleware(ErrorSafetyMiddleware, on_error=metrics.requests.labels("error").inc)
     app.add_middleware(SecurityHeadersMiddleware)
     app.add_middleware(HeadAsGetMiddleware, paths=(PAGE_PATH, DOCS_PATH, "/openapi.json", *HEALTH_PATHS, "/metrics"))
+    app.add_middleware(AmbiguousLengthMiddleware)
     add_error_handlers(app)
     route = app.state.images_route = ImagesRoute(pipeline, batcher, limits, metrics, cors_origins)
     app.post("/v1/images", summary="Generate images from a prompt",

@@ -151,3 +151,23 @@ class HeadAsGetMiddleware:
             await send(message)
 
         await self.app({**scope, "method": "GET"}, receive, without_body)
+
+
+class AmbiguousLengthMiddleware:
+    """ASGI middleware: a request with both ``Transfer-Encoding`` and ``Content-Length``, whose body a proxy in
+    front may delimit one way and this server the other (request smuggling), is answered 400 and its connection
+    closed, as RFC 9112 section 6.1 asks of a server that does not refuse such a request outright."""
+
+    def __init__(self, app: Any):
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            names = {name.lower() for name, _ in scope["headers"]}
+            if b"transfer-encoding" in names and b"content-length" in names:
+                refused = ApiError(400, "malformed_request", "the request has both Transfer-Encoding and "
+                                                             "Content-Length; expected one of them",
+                                   "content-length", {"Connection": "close"})
+                await error_response(refused, scope["path"])(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

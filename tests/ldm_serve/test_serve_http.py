@@ -203,6 +203,21 @@ def test_head_answers_as_get_without_the_body_and_no_path_redirects(roomy_server
         assert f'path "{path}" does not exist' in answer.json()["error"]["message"]
 
 
+def test_a_body_with_both_transfer_encoding_and_content_length_is_400_and_the_connection_closes(roomy_server):
+    content = json.dumps(body(steps=1)).encode()
+    chunked = f"{len(content):x}\r\n".encode() + content + b"\r\n0\r\n\r\n"
+    request = (b"POST /v1/images HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               b"Transfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n" + chunked + GET_HEALTH)
+    with connect(roomy_server) as connection:
+        connection.sendall(request)
+        answered = read_until_closed(connection)  # the health request sent behind it is never answered
+    assert answered.count(b"HTTP/1.1 ") == 1, answered
+    status, headers, answer = parse_raw(answered)
+    assert status == 400 and headers["connection"] == "close", answered
+    assert answer["error"]["field"] == "content-length" and "both Transfer-Encoding and Content-Length" in (
+        answer["error"]["message"])
+
+
 # ---------------------------------------------------------------- an unexpected error keeps the connection
 
 
