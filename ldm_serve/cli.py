@@ -66,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dynamic batching: how long a request waits for company (default: %(default)s)")
     parser.add_argument("--request-timeout", type=finite_float, default=LIMIT_DEFAULTS.request_timeout_s, metavar="S",
                         help="seconds from arrival after which a request is dropped with 503 (default: %(default)s)")
-    parser.add_argument("--max-n", type=int, default=LIMIT_DEFAULTS.max_n,
-                        help="most images per request (default: %(default)s, at most --max-batch)")
+    parser.add_argument("--max-n", type=int, default=None,
+                        help=f"most images per request, at most --max-batch (default: {LIMIT_DEFAULTS.max_n}, or "
+                             f"--max-batch where that is fewer)")
     parser.add_argument("--max-steps", type=int, default=LIMIT_DEFAULTS.max_steps,
                         help="most sampler steps per request (default: %(default)s)")
     parser.add_argument("--default-steps", type=int, default=None,
@@ -159,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         server, sock = prepare_server(args)
     except UserError as error:
         return report_user_error(PROG, error)
+    except KeyboardInterrupt:  # while the engine loads and warms up; once serving, SIGINT drains (server.run)
+        print(f"{PROG}: interrupted before serving", file=sys.stderr)
+        return 130
     server.run(sockets=[sock])
     print(f"{PROG}: drained and stopped", file=sys.stderr)
     return 0

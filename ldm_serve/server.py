@@ -48,6 +48,7 @@ STEP_GATE_ENV = "LDM_SERVE_STEP_GATE"
 LISTENING_LINE = f"{PROG}: serving"  # the start of the line that says the server listens (and where)
 HEADER_TIMEOUT_S = 20.0  # Apache httpd's mod_reqtimeout starts from 20 s for the header and for the body
 BODY_TIMEOUT_S = 20.0
+MAX_THREADS = 1024  # --threads: far past any CPU's cores, and within what the engines' thread settings take
 DRAIN_TIMEOUT_S = 30.0  # Triton Inference Server's --exit-timeout-secs
 ABORT_GRACE_S = 1.0  # after the drain time: for the 503s to go out before connections are cut
 WILDCARD_ADDRESSES = ("0.0.0.0", "::")  # every interface: no client sends these as its Host
@@ -68,7 +69,8 @@ def build_app(args: argparse.Namespace, api_key: str | None = None):
     given, else from ``--api-key-file`` or the environment) and what the serving line says of them."""
     check_range("--port", args.port, 0, 65535)
     check_range("--max-queue", args.max_queue, 1, None)
-    check_range("--max-n", args.max_n, 1, None)
+    if args.max_n is not None:
+        check_range("--max-n", args.max_n, 1, None)
     check_range("--max-steps", args.max_steps, 1, None)
     check_range("--max-prompt-chars", args.max_prompt_chars, 1, None)
     if args.max_body_bytes is None:
@@ -82,7 +84,7 @@ def build_app(args: argparse.Namespace, api_key: str | None = None):
     if args.cache_interval is not None:
         check_range("--cache-interval", args.cache_interval, 1, MAX_CACHE_INTERVAL)
     if args.threads is not None:
-        check_range("--threads", args.threads, 1, None)
+        check_range("--threads", args.threads, 1, MAX_THREADS)
     if not args.max_wait_ms >= 0 or args.max_wait_ms > 10_000:
         raise ServeError(f"--max-wait-ms is {args.max_wait_ms}; expected a number from 0 to 10000")
     if not args.request_timeout > 0 or args.request_timeout > 86_400:
@@ -99,7 +101,8 @@ def build_app(args: argparse.Namespace, api_key: str | None = None):
     max_batch = most_batch if args.max_batch is None else args.max_batch
     check_range("--max-batch", max_batch, 1, most_batch, f" (the engine's UNet batch holds {info.max_batch_size} "
                                                           f"rows and guidance doubles each image)")
-    check_range("--max-n", args.max_n, 1, max_batch, " (--max-batch)")
+    max_n = min(ServeLimits().max_n, max_batch) if args.max_n is None else args.max_n
+    check_range("--max-n", max_n, 1, max_batch, " (--max-batch)")
     check_range("--max-steps", args.max_steps, 1, pipeline.max_steps, " (what the sampler can plan)")
     sampler = pipeline.default_sampler if args.sampler is None else args.sampler
     default_steps = pipeline.default_steps if args.default_steps is None else args.default_steps
@@ -125,7 +128,7 @@ def build_app(args: argparse.Namespace, api_key: str | None = None):
                  " (the engine's range)")
     if max_size % info.image_size_multiple:
         raise ServeError(f"--max-size is {max_size}; expected a multiple of {info.image_size_multiple}")
-    limits = ServeLimits(max_n=args.max_n, max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars,
+    limits = ServeLimits(max_n=max_n, max_steps=args.max_steps, max_prompt_chars=args.max_prompt_chars,
                          max_body_bytes=args.max_body_bytes, request_timeout_s=args.request_timeout,
                          min_size=info.min_image_size, max_size=max_size, size_multiple=info.image_size_multiple,
                          default_size=info.image_size, default_steps=default_steps, default_sampler=sampler,
@@ -295,24 +298,37 @@ def _allowed_hosts(bound_host: str, added: list[str]) -> tuple[str, ...] | None:
 
 def _cors_origin(origin: str) -> str:
     """``--cors-origin``'s value, checked: an origin as browsers send it (scheme, host, optional port)."""
-    if not ORIGIN.fullmatch(origin):
+    match = ORIGIN.fullmatch(origin)
+    if not match or (match.group(3) is not None and not 0 < int(match.group(3)[1:]) <= 65535):
         raise ServeError(f"--cors-origin is {origin!r}; expected an origin such as https://example.com or "
-                         f"http://localhost:3000 (scheme, host and port, no path)")
+                         f"http://localhost:3000 (scheme, host and a port from 1 to 65535, no path)")
     return origin.lower()
 
 
 def _read_api_key(path: str | None) -> str | None:
+    """The key of ``--api-key-file`` or of the environment (one, not both), or None: no key; ``ServeError`` for a
+    key that is empty or that no client can send (a line break, a control character)."""
+    from_environment = os.environ.get(API_KEY_ENV)
+    if path is not None and from_environment is not None:
+        raise ServeError(f"both --api-key-file and {API_KEY_ENV} give an API key; expected one of them")
     if path is not None:
         try:
             key = Path(path).read_text(encoding="utf-8").strip()
         except (OSError, UnicodeDecodeError) as error:
             raise ServeError(f"--api-key-file {path} cannot be read ({getattr(error, 'strerror', None) or error}); "
                              f"expected a UTF-8 text file holding the key") from None
-        if not key:
-            raise ServeError(f"--api-key-file {path} is empty; expected a text file holding the key")
-        return key
-    key = os.environ.get(API_KEY_ENV, "").strip()
-    return key or None
+        source = f"--api-key-file {path}"
+    elif from_environment is not None:
+        key, source = from_environment.strip(), API_KEY_ENV
+    else:
+        return None
+    if not key:
+        raise ServeError(f"{source} is empty; expected the key (unset {API_KEY_ENV} and give no --api-key-file to "
+                         f"serve without one)")
+    if any(ord(char) < 32 or ord(char) == 127 for char in key):
+        raise ServeError(f"{source} holds a key with a line break or another control character; expected a key of "
+                         f"one line (an HTTP header cannot carry those)")
+    return key
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

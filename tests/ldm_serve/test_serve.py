@@ -27,6 +27,7 @@ from PIL import Image
 from ldm_runtime.config import CACHE_SCHEDULES, DEFAULT_SAMPLER, DEFAULT_STEPS, OTHER_SAMPLER_STEPS
 from ldm_runtime.schedulers import SAMPLER_NAMES
 from ldm_serve.request_schema import ServeLimits, base64_chars, body_limits, largest_upload_bytes
+from ldm_serve.server import API_KEY_ENV
 from tests.ldm_serve.gated_server import JSON, PROMPTS, STATE_TIMEOUT_S, Server, body, post, post_all
 
 # the tiny engine's sides go up to 32: /v1/images admits a request without images and two uploads of that size
@@ -756,11 +757,51 @@ def test_text_cache_gives_the_engine_rows_bit_for_bit_and_encodes_each_prompt_on
     (["--model", "{engine}", "--cors-origin", "https://example.com/"],
      "--cors-origin is 'https://example.com/'; expected an origin"),
     (["--model", "{engine}", "--cors-origin", "example.com"], "--cors-origin is 'example.com'"),
+    (["--model", "{engine}", "--cors-origin", "https://EXAMPLE.com:99999"], "a port from 1 to 65535"),
+    (["--model", "{engine}", "--threads", "2147483648"], "--threads is 2147483648; expected an integer from 1 to 1024"),
+    (["--model", "{engine}", "--api-key-file", "{two_lines}"],
+     "holds a key with a line break or another control character; expected a key of one line"),
 ])
 def test_bad_flags_exit_2_with_one_line_and_no_traceback(engine_dir, tmp_path, flags, message):
-    flags = [flag.format(missing=tmp_path / "missing", engine=engine_dir) for flag in flags]
+    (tmp_path / "two_lines").write_text("k1\nk2\n")
+    flags = [flag.format(missing=tmp_path / "missing", engine=engine_dir, two_lines=tmp_path / "two_lines")
+             for flag in flags]
     result = subprocess.run([sys.executable, "-m", "ldm_serve.cli", *flags], capture_output=True, text=True,
-                            timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            timeout=120, env={**{name: value for name, value in os.environ.items()
+                                                 if name != API_KEY_ENV}, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 2
     assert result.stderr.startswith("ldm-serve: error: ") and result.stderr.count("\n") == 1, result.stderr
     assert message in result.stderr
+
+
+@pytest.mark.parametrize("key, flags, message", [
+    ("  ", [], "LDM_SERVE_API_KEY is empty; expected the key (unset LDM_SERVE_API_KEY"),
+    ("sesame", ["--api-key-file", "{key_file}"], "both --api-key-file and LDM_SERVE_API_KEY give an API key"),
+])
+def test_an_api_key_from_the_environment_that_cannot_serve_is_one_line(engine_dir, tmp_path, key, flags, message):
+    (tmp_path / "key").write_text("sesame")
+    flags = [flag.format(key_file=tmp_path / "key") for flag in flags]
+    result = subprocess.run([sys.executable, "-m", "ldm_serve.cli", "--model", str(engine_dir), *flags],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", API_KEY_ENV: key})
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+def test_max_n_defaults_to_the_batch_where_that_is_smaller(engine_dir):
+    from ldm_serve.cli import build_parser
+    from ldm_serve.server import build_app
+
+    for flags, max_n in ((["--max-batch", "2"], 2), ([], 4), (["--max-batch", "2", "--max-n", "1"], 1)):
+        app, _, _, _ = build_app(build_parser().parse_args(["--model", str(engine_dir), "--threads", "1", *flags]))
+        assert app.state.images_route.limits.max_n == max_n, flags
+
+
+def test_ctrl_c_while_the_engine_loads_is_one_line_and_exit_130(monkeypatch, capsys):
+    import ldm_serve.cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ldm_serve.cli, "prepare_server", interrupted)
+    assert ldm_serve.cli.main(["--model", "anything"]) == 130
+    assert capsys.readouterr().err == "ldm-serve: interrupted before serving\n"
