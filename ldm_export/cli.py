@@ -18,7 +18,7 @@ from typing import Callable
 from ldm_export.errors import ValidationFailedError
 from ldm_export.options import DEFAULT_BATCH_RANGE, ExportOptions
 from ldm_export.tensorrt_build import rebuild_plans
-from ldm_runtime.command_line import OneLineArgumentParser, report_user_error
+from ldm_runtime.command_line import OneLineArgumentParser, report_user_error, sigterm_as_ctrl_c
 from ldm_runtime.errors import DiskFullError, UserError
 
 PROG = "ldm-export"
@@ -83,6 +83,7 @@ def _log(line: str) -> None:
     print(f"{PROG}: {line}", file=sys.stderr, flush=True)
 
 
+@sigterm_as_ctrl_c
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:

@@ -39,7 +39,8 @@ from ldm_export.imported_checkpoint import (checked_weights, clip_shapes, clip_s
 from ldm_export.lora import AdapterFile, adapter_argument, fuse_checkpoint, fuse_into_import
 from ldm_export.sd_single_file import import_single_file
 from ldm_export.untrusted_files import read_json_object, read_safetensors_header
-from ldm_runtime.command_line import OneLineArgumentParser, check_writable_folder, report_user_error
+from ldm_runtime.command_line import (OneLineArgumentParser, check_writable_folder, report_user_error,
+                                      sigterm_as_ctrl_c)
 from ldm_runtime.config import ConfigError, ModelConfig
 from ldm_runtime.errors import DiskFullError, UserError
 from ldm_runtime.safetensors_header import PICKLE_SUFFIXES
@@ -292,6 +293,7 @@ def _log(line: str) -> None:
     print(f"{PROG}: {line}", file=sys.stderr, flush=True)
 
 
+@sigterm_as_ctrl_c
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)

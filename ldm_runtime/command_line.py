@@ -9,12 +9,15 @@ on stderr, exit status 2. Any other exception is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import os
 import random
+import signal
 import stat
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -36,6 +39,28 @@ def report_user_error(prog: str, error: UserError) -> int:
     text = str(error).strip()
     print(f"{prog}: error: {text.splitlines()[0] if text else type(error).__name__}", file=sys.stderr, flush=True)
     return USER_ERROR_STATUS
+
+
+def sigterm_as_ctrl_c(main):
+    """``main`` with SIGTERM (what systemd, ``docker stop`` and ``timeout`` send) taken as Ctrl-C while it runs, so
+    that the command's own ``KeyboardInterrupt`` handling cleans up and says so in one line; the previous handler
+    is put back when it returns. Off the main thread, which receives no signals, ``main`` runs as it is."""
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        if threading.current_thread() is not threading.main_thread():
+            return main(*args, **kwargs)
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            return main(*args, **kwargs)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return wrapped
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def finite_float(text: str) -> float:

@@ -31,7 +31,8 @@ from typing import Any, Iterator
 import numpy as np
 
 from ldm_runtime.adapters import ADAPTER_NAME, MAX_REQUEST_ADAPTERS, AdapterError, adapter_file_argument
-from ldm_runtime.command_line import OneLineArgumentParser, finite_float, noise_interval, report_user_error
+from ldm_runtime.command_line import (OneLineArgumentParser, finite_float, noise_interval, report_user_error,
+                                      sigterm_as_ctrl_c)
 from ldm_runtime.config import (CACHE_SCHEDULES, DEFAULT_GUIDANCE_SCALE, DEFAULT_SAMPLER, DEFAULT_STEPS,
                                 LARGEST_IMAGE_SIDE, MAX_CACHE_INTERVAL, MAX_TRAIN_TIMESTEPS)
 from ldm_runtime.engines import (
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@sigterm_as_ctrl_c
 def main(argv: list[str] | None = None) -> int:
     """Run ldm-sample; returns the exit status (0, 2 after a one-line error on stderr, or 130 after Ctrl-C)."""
     args = None
@@ -333,16 +335,19 @@ def _check_destinations(plan: OutputPlan) -> None:
 
 @contextlib.contextmanager
 def _ctrl_c_ignored() -> Iterator[None]:
-    """Ctrl-C ignored within (the main thread receives it; other threads never do), so that renames into place
-    happen all or none."""
+    """Ctrl-C and SIGTERM ignored within (the main thread receives them; other threads never do), so that renames
+    into place happen all or none."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {number: signal.signal(number, signal.SIG_IGN) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous[signal.SIGINT] is None
+                      else previous[signal.SIGINT])
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous[signal.SIGTERM] is None
+                      else previous[signal.SIGTERM])
 
 
 def write_outputs(plan: OutputPlan, images: list[np.ndarray], metadata: list[dict[str, Any]]) -> list[Path]:

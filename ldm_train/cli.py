@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
+import os
 import sys
 from pathlib import Path
 
 from ldm_runtime.checkpoint import TRAIN_STATE_JSON, CheckpointError
 from ldm_runtime.command_line import (OneLineArgumentParser, check_replaceable_folder, check_writable_folder,
-                                      finite_float, report_user_error)
+                                      finite_float, report_user_error, sigterm_as_ctrl_c)
 from ldm_runtime.config import PRESETS, ConfigError
 from ldm_runtime.errors import DiskFullError, UserError
 from ldm_train.classifier import CLASSIFIER_JSON, ClassifierTrainSettings, train_classifier
@@ -217,11 +219,42 @@ def _add_classifier_parser(stages) -> None:
     sub.add_argument("--overwrite", action="store_true", help="replace a classifier already in --out")
 
 
+@sigterm_as_ctrl_c
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        held = hold_out(Path(args.out))
     except UserError as error:
         return report_user_error(PROG, error)
+    try:
+        return _run_stage(args)
+    finally:
+        if held is not None:
+            os.close(held)
+
+
+def hold_out(out: Path) -> int | None:
+    """One ldm-train run writes a given ``--out`` at a time: an exclusive lock on a file beside it
+    (``.NAME.lock``), held for the run's life and dropped by the kernel however the process ends; ``ConfigError``
+    at once where another run holds it. Its descriptor (to close when done), or None in a data-parallel job's
+    ranks other than 0, which leave the lock to rank 0."""
+    if os.environ.get("RANK", "0") != "0":
+        return None
+    target = Path(os.path.realpath(out))
+    try:
+        handle = os.open(target.parent / f".{target.name}.lock", os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:  # a folder missing (no run writes there yet) or not writable (the checks that follow say so)
+        return None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(handle)
+        raise ConfigError(f"--out {out} is being written by another ldm-train run; expected one run per --out "
+                          f"(wait for that one, or pick another --out)") from None
+    return handle
+
+
+def _run_stage(args: argparse.Namespace) -> int:
     if args.stage == "classifier":
         return _train_classifier(args)
     if args.stage == "lora":

@@ -5,6 +5,7 @@ an image, an --init-image or --mask that is not a regular file, an empty --out."
 from __future__ import annotations
 
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -73,6 +74,17 @@ def test_ctrl_c_while_sampling_is_one_line_exit_130_and_leaves_out_as_it_was(che
     code, err = run_interrupted(["--model", checkpoint_dir, "a red circle", "--steps", 1, "--out", out], capsys)
     assert (code, err) == (130, f"ldm-sample: interrupted; nothing was written to {out}\n")
     assert os.listdir(tmp_path) == ["out.png"] and out.read_bytes() == b"an image from before"
+
+
+def test_sigterm_while_sampling_is_taken_as_ctrl_c_and_its_handler_is_put_back(checkpoint_dir, engine, tmp_path,
+                                                                               capsys, monkeypatch):
+    monkeypatch.setattr(sample, "load_engine", lambda *args, **kwargs: engine)
+    monkeypatch.setattr(Pipeline, "generate", lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGTERM))
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "out"
+    code, err = run_interrupted(["--model", checkpoint_dir, "a red circle", "--steps", 1, "--out", out], capsys)
+    assert (code, err) == (130, f"ldm-sample: interrupted; nothing was written to {out}\n")
+    assert not out.exists() and signal.getsignal(signal.SIGTERM) is before
 
 
 def test_ctrl_c_while_writing_leaves_no_image_and_no_new_folder(checkpoint_dir, engine, tmp_path, capsys,

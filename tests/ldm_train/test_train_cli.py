@@ -19,7 +19,7 @@ from ldm_runtime.errors import UsageError
 from ldm_runtime.engines.torch_engine import TorchEngine
 from ldm_runtime.models import Autoencoder, UNet
 from ldm_runtime.previews import MIN_FIT_R2, PREVIEW_FILE, fit_latent_preview
-from ldm_train.cli import main
+from ldm_train.cli import hold_out, main
 
 REPO = Path(__file__).resolve().parents[2]
 # Small widths keep a CPU step in the tens of milliseconds; everything else is the shapes preset.
@@ -459,3 +459,16 @@ def test_an_overwrite_runs_logs_and_samples_reach_the_folder_at_its_first_save(a
     assert samples == [f"step_{step:07d}.png" for step in (1, 2, 3)] and samples != old_samples
     assert json.loads((out / "train_state.json").read_text())["step"] == 3
     assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tmp_path, capsys):
+    out = tmp_path / "ae"
+    held = hold_out(out)  # as a run in another process holds it for its whole life
+    try:
+        assert main(["autoencoder", *AE_FLAGS, "--out", str(out), "--steps", "1"]) == 2
+        error = capsys.readouterr().err
+        assert f"--out {out} is being written by another ldm-train run" in error and error.count("\n") == 1
+        assert not out.exists()
+    finally:
+        os.close(held)
+    assert main(["autoencoder", *AE_FLAGS, "--out", str(out), "--steps", "1"]) == 0
