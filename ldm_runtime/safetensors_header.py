@@ -86,15 +86,30 @@ def _checked_entry(path: Path, name: Any, entry: Any, error: Refusal) -> Entry:
     return dtype, tuple(shape), offsets[0], offsets[1]
 
 
+def _refuse_pickle(path: Path, first: bytes, error: Refusal) -> None:
+    """A file that is no safetensors and starts as torch.save writes (a zip archive, or pickle protocol 2 to 5) is
+    named for what it is: a pickle under a .safetensors name."""
+    if first.startswith(b"PK\x03\x04") or (first[:1] == b"\x80" and first[1:2] in (b"\x02", b"\x03", b"\x04",
+                                                                                    b"\x05")):
+        raise error(f"{path} holds PyTorch pickle data (torch.save's {'zip archive' if first[:1] == b'P' else 'pickle'}"
+                    f"), not safetensors, whatever its name; pickles are never loaded (loading one can run any code): "
+                    f"expected {EXPECTED}")
+
+
 def read_header(path: Path, size: int, error: Refusal) -> tuple[dict[str, Entry], dict[str, str]]:
     """({tensor name: (dtype, shape, first byte, end byte)}, the header's ``__metadata__``) of the .safetensors
     file ``path`` of ``size`` bytes (the caller has checked it is a regular file of that size)."""
     with open(path, "rb") as handle:
-        length = int.from_bytes(handle.read(8), "little")
+        first = handle.read(8)
+        length = int.from_bytes(first, "little")
         if size < 8 or length > min(MAX_HEADER_BYTES, size - 8):
+            _refuse_pickle(path, first, error)
             raise error(f"{path} is {size} bytes and its first 8 give a header of {length} bytes; expected "
                         f"{EXPECTED} with a header of at most {MAX_HEADER_BYTES} bytes")
-        header = parse_json(handle.read(length), f"the header of {path}", error)
+        text = handle.read(length)
+        if not text.lstrip().startswith(b"{"):
+            _refuse_pickle(path, first, error)
+        header = parse_json(text, f"the header of {path}", error)
     if not isinstance(header, dict):
         raise error(f"the header of {path} is a JSON {type(header).__name__}; expected an object")
     metadata = header.pop("__metadata__", {})

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 import uvicorn
 
-from ldm_runtime.adapters import AdapterError
+from ldm_runtime.adapters import AdapterError, read_header as read_adapter_header
 from ldm_runtime.config import DEFAULT_GUIDANCE_SCALE, MAX_CACHE_INTERVAL
 from ldm_runtime.engines import (THREADED_ENGINES, engine_for_flags, load_engine, load_engine_with_adapters,
                                  precision_note)
@@ -244,12 +244,17 @@ class DrainingServer(uvicorn.Server):
 
 
 def _adapter_files(named: list[tuple[str, Path]]) -> dict[str, Path]:
-    """``--lora NAME=FILE``'s {name: file}; ``ServeError`` for a name given twice."""
+    """``--lora NAME=FILE``'s {name: file}; ``ServeError`` for a name given twice or a file whose header is not an
+    adapter's, before the engine loads (what fits the model is checked once it has)."""
     files: dict[str, Path] = {}
     for name, path in named:
         if name in files:
             raise ServeError(f"--lora {name}={path} repeats the name {name} (--lora {name}={files[name]}); expected "
                              f"each adapter name once")
+        try:
+            read_adapter_header(Path(path))
+        except AdapterError as error:
+            raise ServeError(f"--lora: {error}") from None
         files[name] = path
     return files
 

@@ -87,3 +87,32 @@ def test_an_adapter_of_integers_is_refused_per_request_naming_its_dtype(tmp_path
     assert read_safetensors_header_and_metadata(path)[0] == {DOWN: ("I64", (2,))}
     with pytest.raises(AdapterError, match=r"has dtype I64; expected floating point data \(F64, F32, F16, BF16\)"):
         read_header(path)
+
+
+@pytest.mark.parametrize("kind", ["zip archive", "pickle"])
+def test_a_pickle_under_a_safetensors_name_is_named_a_pickle_by_both_readers(tmp_path, kind):
+    import pickle
+
+    import torch
+
+    path = tmp_path / "renamed.safetensors"
+    if kind == "zip archive":
+        torch.save({DOWN: torch.zeros(2, 4, 3, 3)}, path)
+    else:
+        path.write_bytes(pickle.dumps({DOWN: [0.0] * 8}, protocol=4))
+    with pytest.raises(ImportRefusedError) as imported:
+        read_safetensors_header_and_metadata(path)
+    with pytest.raises(AdapterError) as adapter:
+        read_header(path)
+    assert str(adapter.value) == str(imported.value)
+    assert f"{path} holds PyTorch pickle data (torch.save's {kind}), not safetensors" in str(imported.value)
+
+
+def test_a_header_whose_length_starts_as_a_pickle_does_is_still_read(tmp_path):
+    """A header of 640 bytes begins with the bytes 0x80 0x02, as pickle protocol 2 does."""
+    padding = 640 - len(json.dumps({"__metadata__": {"pad": ""}, DOWN: _entry("F32", [1], 0, 4)}))
+    header = json.dumps({"__metadata__": {"pad": "x" * padding}, DOWN: _entry("F32", [1], 0, 4)})
+    assert len(header) == 640
+    path = _file(tmp_path / "adapter.safetensors", header, bytes(4))
+    assert path.read_bytes()[:2] == b"\x80\x02"
+    assert list(read_header(path)[0]) == [DOWN]

@@ -185,10 +185,13 @@ def _bad_adapter(tmp_path):
     (["--lora", "x={x}", "--lora", "x={y}"], "--lora x={y} repeats the name x"),
     (["--lora", "x={missing}"], "--lora: cannot read {missing}"),
     (["--lora", "x={bad}"], "--lora: {bad}: 'lora_unet_conv_in.lora_down.weight' [2, 5, 3, 3]"),
+    (["--lora", "x={pickle}"], "--lora: {pickle} holds PyTorch pickle data (torch.save's zip archive), not "
+                               "safetensors"),
 ])
 def test_bad_lora_flags_exit_2_with_one_line(tiny_checkpoint, adapter_files, tmp_path, capsys, flags, message):
     values = {"x": adapter_files["x"], "y": adapter_files["y"], "missing": tmp_path / "missing.safetensors",
-              "bad": _bad_adapter(tmp_path)}
+              "bad": _bad_adapter(tmp_path), "pickle": tmp_path / "renamed.safetensors"}
+    torch.save({"lora_unet_conv_in.lora_down.weight": torch.zeros(2, 4, 3, 3)}, values["pickle"])
     flags = [flag.format(**values) for flag in flags]
     assert serve_cli.main(["--model", str(tiny_checkpoint), "--engine", "torch", "--device", "cpu", "--port", "0",
                            *flags]) == 2
