@@ -59,7 +59,8 @@ class QueueFull(Exception):
 
 
 class NotAccepting(Exception):
-    """The batcher is not ready yet (warming up) or is draining; ``reason`` is "warming_up" or "draining"."""
+    """The batcher is not ready yet (warming up), is draining, or its engine failed the warm-up; ``reason`` is
+    "warming_up", "draining" or "engine_failed"."""
 
     def __init__(self, reason: str):
         super().__init__(reason)
@@ -208,6 +209,7 @@ class Batcher:
         self.previewer: Any = None
         self._unet_calls = 0
         self.ready = False
+        self.failure: str | None = None  # why the engine failed its warm-up: then no request is taken
         self.draining = False
         self._queue: collections.deque[Job] = collections.deque()
         self._condition = threading.Condition()
@@ -229,6 +231,8 @@ class Batcher:
         with self._condition:
             if self.draining or self._stopping:
                 raise NotAccepting("draining")
+            if self.failure is not None:
+                raise NotAccepting("engine_failed")
             if not self.ready:
                 raise NotAccepting("warming_up")
             if len(self._queue) >= self.config.max_queue:
@@ -329,8 +333,9 @@ class Batcher:
             for size in sizes:
                 self.pipeline.generate([dataclasses.replace(request, seed=seed) for seed in range(size)],
                                        batch_size=size)
-        except Exception:  # a broken engine shows up in the first requests' errors; the log keeps the details
+        except Exception as error:  # the log keeps the details; /readyz and every request then say it failed
             logger.exception("warming the engine up failed")
+            self.failure = " ".join(f"{type(error).__name__}: {error}".split())[:200]
 
     def _admit(self) -> list[Job] | None:
         """The jobs that join the batch now (may block while idle); None when stopping with nothing left."""

@@ -466,6 +466,10 @@ def job_result(job: Job, limits: ServeLimits) -> JobResult:
 
 
 def _not_accepting_error(error: NotAccepting) -> ApiError:
+    if error.reason == "engine_failed":
+        return ApiError(503, error.reason, "the engine failed its warm-up, so the server takes no requests; expected "
+                                           "a restart once the cause is fixed (the server log has the details)",
+                        None, {"Retry-After": "5"})
     what = "is warming up" if error.reason == "warming_up" else "is draining before it exits"
     return ApiError(503, error.reason, f"the server {what}; expected a retry later", None,
                     {"Retry-After": "1" if error.reason == "warming_up" else "5"})
@@ -498,6 +502,10 @@ def readiness(batcher: Batcher) -> ApiError | None:
         return ApiError(503, "draining", "the server is draining before it exits", None, {"Retry-After": "5"})
     if not batcher.alive:
         return ApiError(503, "worker_stopped", "the engine's worker thread has stopped", None, {"Retry-After": "5"})
+    if batcher.failure is not None:
+        return ApiError(503, "engine_failed", f"the engine failed its warm-up ({batcher.failure}), so the server takes "
+                                              f"no requests; expected a restart once the cause is fixed (the server "
+                                              f"log has the details)", None, {"Retry-After": "5"})
     if not batcher.ready:
         return ApiError(503, "warming_up", "the engine is warming up", None, {"Retry-After": "1"})
     return None

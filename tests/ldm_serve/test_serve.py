@@ -96,6 +96,30 @@ def test_the_worker_warms_up_every_batch_bucket_before_it_is_ready():
     assert warm_up_batch_sizes(6) == [1, 2, 4, 6] and warm_up_batch_sizes(1) == [1]
 
 
+def test_an_engine_that_fails_its_warm_up_is_not_ready_and_takes_no_request():
+    from ldm_serve.batcher import Batcher, BatcherConfig, Job, NotAccepting
+    from ldm_serve.routes import readiness
+
+    class FailingPipeline:
+        def generate(self, requests, batch_size=None):
+            raise RuntimeError("Wrong value for property key INFERENCE_NUM_THREADS")
+
+    batcher = Batcher(pipeline=FailingPipeline(), config=BatcherConfig(max_batch=2))
+    batcher.start()
+    try:
+        deadline = time.monotonic() + STATE_TIMEOUT_S
+        while not batcher.ready and time.monotonic() < deadline:
+            time.sleep(0.01)
+        problem = readiness(batcher)
+        assert problem is not None and problem.status == 503 and problem.type == "engine_failed"
+        assert "RuntimeError: Wrong value for property key INFERENCE_NUM_THREADS" in problem.message
+        with pytest.raises(NotAccepting) as refused:
+            batcher.submit(Job.__new__(Job))
+        assert refused.value.reason == "engine_failed"
+    finally:
+        batcher.stop()
+
+
 def test_png_answer_is_a_png_of_the_model_size_with_seed_and_timings(server):
     response = post(server.url, body(seed=7), headers={**JSON, "Accept": "image/png"})
     assert response.status_code == 200, response.text
