@@ -445,7 +445,7 @@ def test_an_overwrite_run_that_fails_before_its_first_save_leaves_the_old_folder
                  "--sample-every", "1", "--data", "shapes:2", "--overwrite"]) == 2
     assert "fewer than one global batch" in capsys.readouterr().err
     assert folder_bytes(out) == before
-    assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]  # nothing left beside it
+    assert not [name for name in os.listdir(tmp_path) if ".partial-" in name]  # beside it: only the run lock, .ae.lock
 
 
 def test_an_overwrite_runs_logs_and_samples_reach_the_folder_at_its_first_save(autoencoder_dir, tmp_path):
@@ -458,7 +458,7 @@ def test_an_overwrite_runs_logs_and_samples_reach_the_folder_at_its_first_save(a
     samples = sorted(path.name for path in (out / "samples").iterdir())
     assert samples == [f"step_{step:07d}.png" for step in (1, 2, 3)] and samples != old_samples
     assert json.loads((out / "train_state.json").read_text())["step"] == 3
-    assert not [name for name in os.listdir(tmp_path) if name.startswith(".")]
+    assert not [name for name in os.listdir(tmp_path) if ".partial-" in name]  # only the run lock, .ae.lock
 
 
 def test_a_second_run_on_the_same_out_is_refused_while_the_first_holds_it(tmp_path, capsys):
