@@ -53,7 +53,7 @@ from ldm_runtime.manifest import (
 )
 from ldm_runtime.folder_swap import replace_folder
 from ldm_runtime.previews import PREVIEW_FILE, LatentPreview, load_latent_preview, write_fitted_preview
-from ldm_runtime.staging import temporary_folder
+from ldm_runtime.staging import current_umask, temporary_folder
 
 def default_backend() -> str:
     """tensorrt where it imports and a CUDA GPU is visible, else onnxruntime."""
@@ -276,7 +276,5 @@ def _move_into_place(staging: Path, out: Path, force: bool) -> None:
     """Put the finished staging folder at ``out`` in one step; an old engine dir there (--force) is deleted only
     after the new one is in place (``replace_folder``, as a checkpoint save does)."""
     check_out(out, force)  # --out may have appeared while the export ran
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp made it private; an engine dir is read by servers too
+    os.chmod(staging, 0o777 & ~current_umask())  # mkdtemp made it private; an engine dir is read by servers too
     replace_folder(staging, out)

@@ -15,13 +15,13 @@ from ldm_export.errors import ImportRefusedError
 from ldm_export.untrusted_files import load_tensors, regular_file_size, shape_only
 from ldm_runtime.checkpoint import MODEL_JSON, TOKENIZER_DIR, folder_files, load_model_config, write_train_state
 from ldm_runtime.config import ModelConfig, TextEncoderConfig
+from ldm_runtime.errors import one_line
 from ldm_runtime.files import safetensors_os_error
-from ldm_runtime.staging import temporary_folder
+from ldm_runtime.staging import current_umask, temporary_folder
 
 MAX_TOKENIZER_FILES = 32  # a CLIP tokenizer folder holds 4 or 5
 MAX_TOKENIZER_BYTES = 64 << 20  # vocab.json, merges.txt and tokenizer.json: about 4 MB
 TOKENIZER_EXPECTED = "the model's CLIP tokenizer folder (vocab.json and merges.txt, or tokenizer.json)"
-MAX_REASON_CHARS = 160  # of a library's error message quoted in a refusal
 
 
 def checked_weights(path: Path, header: dict[str, tuple[str, tuple[int, ...]]],
@@ -109,20 +109,10 @@ def check_tokenizer_folder(folder: Path) -> None:
                                  f"expected {expected}")
 
 
-def one_line(reason: object, limit: int = MAX_REASON_CHARS) -> str:
-    """``reason`` (a library's error message, perhaps of several lines) as one line of at most ``limit``
-    characters, cut at a word with "..." where it is longer."""
-    text = " ".join(str(reason).split())
-    if len(text) <= limit:
-        return text
-    return text[:limit - 3].rsplit(" ", 1)[0].rstrip(" ,;:") + "..."
-
-
 def open_to_umask(folder: Path) -> None:
     """Give ``folder`` (a staging folder from mkdtemp, private) and everything in it the permissions that the umask
     gives a new folder and a new file, as ldm-export and ldm-train do: safetensors writes its files private too."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = current_umask()
     for root, _, files in os.walk(folder):
         os.chmod(root, 0o777 & ~umask)
         for name in files:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ldm_runtime.config import ConfigError, ModelConfig
-from ldm_runtime.errors import CheckpointError
+from ldm_runtime.errors import CheckpointError, one_line
 from ldm_runtime.files import read_description, sha256_file, write_text_atomic
 
 if TYPE_CHECKING:
@@ -174,7 +174,7 @@ def load_text_encoder(folder: Path, config: ModelConfig) -> "TextEncoder":
     except ConfigError as error:
         raise CheckpointError(f"cannot load the text encoder of {folder}: {error}") from None
     except (OSError, ValueError, KeyError, AttributeError, TypeError) as error:  # a damaged file's many ways to fail
-        reason = " ".join(str(error).split())[:200] or type(error).__name__
+        reason = one_line(error, 200) or type(error).__name__
         raise CheckpointError(f"cannot load the text encoder or tokenizer of {folder} ({reason}); expected the files "
                               f"as ldm-train or ldm-import wrote them") from None
     finally:

@@ -365,8 +365,7 @@ class SamplerDefaults:
                                               or not 0 <= self.steps_offset < MAX_TRAIN_TIMESTEPS):
             raise ValueError(f"default_sampler.steps_offset is {self.steps_offset!r}; expected an integer from 0 "
                              f"to {MAX_TRAIN_TIMESTEPS - 1} or null")
-        if self.guidance_scale is not None and not (_is_number(self.guidance_scale)
-                                                    and 0 <= self.guidance_scale <= MAX_GUIDANCE_SCALE):
+        if self.guidance_scale is not None and not is_guidance_scale(self.guidance_scale):
             raise ValueError(f"default_sampler.guidance_scale is {self.guidance_scale!r}; expected a number from 0 to "
                              f"{MAX_GUIDANCE_SCALE:g} or null")
         if self.guidance_scale is not None:
@@ -579,6 +578,11 @@ def is_guidance_interval(value: Any) -> bool:
     """Whether ``value`` is two finite noise levels ``(low, high)`` with ``0 <= low < high``."""
     return (isinstance(value, (tuple, list)) and len(value) == 2 and all(_is_number(end) for end in value)
             and 0 <= value[0] < value[1] < math.inf)
+
+
+def is_guidance_scale(value: Any) -> bool:
+    """Whether ``value`` is a number from 0 to ``MAX_GUIDANCE_SCALE``."""
+    return _is_number(value) and 0 <= value <= MAX_GUIDANCE_SCALE
 
 
 def is_cache_interval(value: Any) -> bool:

@@ -14,6 +14,18 @@ import errno
 import os
 
 
+MAX_REASON_CHARS = 160  # of a library's error message quoted in a one-line refusal
+
+
+def one_line(reason: object, limit: int = MAX_REASON_CHARS) -> str:
+    """``reason`` (a library's error message, perhaps of several lines) as one line of at most ``limit``
+    characters, cut at a word with "..." where it is longer."""
+    text = " ".join(str(reason).split())
+    if len(text) <= limit:
+        return text
+    return text[:limit - 3].rsplit(" ", 1)[0].rstrip(" ,;:") + "..."
+
+
 class UserError(Exception):
     """Something the user can fix: a flag, a file or folder, a request. The message is one sentence."""
 

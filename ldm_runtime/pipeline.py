@@ -39,6 +39,7 @@ from ldm_runtime.config import (
     SamplerDefaults,
     is_cache_interval,
     is_guidance_interval,
+    is_guidance_scale,
 )
 from ldm_runtime.deep_cache import whole_steps
 from ldm_runtime.engines.base import Array, Engine, EngineInfo, deep_cache_missing
@@ -293,7 +294,7 @@ class Pipeline:
             config, last = self.sampler.config, self.sampler.schedule.num_train_timesteps - 1
             raise RequestError(f"steps is {request.steps}; the {config.timestep_spacing!r} spacing with steps_offset "
                                f"{config.steps_offset} would start past timestep {last}", "steps")
-        if not _is_number(request.guidance_scale) or not 0 <= request.guidance_scale <= MAX_GUIDANCE_SCALE:
+        if not is_guidance_scale(request.guidance_scale):
             raise RequestError(f"guidance_scale is {request.guidance_scale!r}; expected a number from 0 to "
                                f"{MAX_GUIDANCE_SCALE:g}", "guidance_scale")
         interval = request.guidance_interval

@@ -25,6 +25,14 @@ PARTIAL = "partial"  # a target being written
 REPLACED = "replaced"  # an old target moved aside while its replacement is renamed into place
 
 
+def current_umask() -> int:
+    """This process's umask (read by setting it and putting it back): the permissions a folder this module makes
+    private (mkdtemp) gives up where it becomes a shared artifact."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def temporary_prefix(target: Path, kind: str = PARTIAL) -> str:
     """The name every temporary copy of ``target`` of this kind starts with: ``.{name}.{kind}-``."""
     return f".{target.name}.{kind}-"

@@ -43,6 +43,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ldm_runtime.engines.base import batch_buckets_for
+from ldm_runtime.errors import one_line
 from ldm_runtime.pipeline import GenerationRequest, Pipeline, RequestError, SamplingState
 
 BATCHING_MODES = ("none", "dynamic", "step")
@@ -335,7 +336,7 @@ class Batcher:
                                        batch_size=size)
         except Exception as error:  # the log keeps the details; /readyz and every request then say it failed
             logger.exception("warming the engine up failed")
-            self.failure = " ".join(f"{type(error).__name__}: {error}".split())[:200]
+            self.failure = one_line(f"{type(error).__name__}: {error}", 200)
 
     def _admit(self) -> list[Job] | None:
         """The jobs that join the batch now (may block while idle); None when stopping with nothing left."""

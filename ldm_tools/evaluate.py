@@ -47,7 +47,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from ldm_runtime.command_line import OneLineArgumentParser, finite_float, noise_interval, report_user_error
-from ldm_runtime.config import CACHE_SCHEDULES, DEFAULT_GUIDANCE_SCALE, ETA_SAMPLERS, MAX_GUIDANCE_SCALE
+from ldm_runtime.config import (CACHE_SCHEDULES, DEFAULT_GUIDANCE_SCALE, ETA_SAMPLERS, MAX_GUIDANCE_SCALE,
+                                is_guidance_scale)
 from ldm_runtime.engines import AUTO_ENGINE_HELP, CHECKPOINT_MARKER, ENGINE_DIR_MARKER, ENGINE_NAMES, load_engine
 from ldm_runtime.errors import RequestError, UserError
 from ldm_runtime.files import write_text_atomic
@@ -96,7 +97,7 @@ class EvalSettings:
         for name in ("num_prompts", "steps", "batch_size", "cache_interval"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise EvalError(f"--{name.replace('_', '-')} is {getattr(self, name)}; expected a positive integer")
-        if self.guidance is not None and not (np.isfinite(self.guidance) and 0 <= self.guidance <= MAX_GUIDANCE_SCALE):
+        if self.guidance is not None and not is_guidance_scale(self.guidance):
             raise EvalError(f"--guidance is {self.guidance:g}; expected a number from 0 to {MAX_GUIDANCE_SCALE:g}")
         if not 0.0 <= self.eta <= 1.0:
             raise EvalError(f"--eta is {self.eta}; expected a value in [0, 1]")

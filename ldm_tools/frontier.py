@@ -75,7 +75,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ldm_runtime.command_line import OneLineArgumentParser, finite_float, report_user_error
-from ldm_runtime.config import CACHE_SCHEDULES, ETA_SAMPLERS, MAX_CACHE_INTERVAL, MAX_GUIDANCE_SCALE
+from ldm_runtime.config import CACHE_SCHEDULES, ETA_SAMPLERS, MAX_CACHE_INTERVAL, MAX_GUIDANCE_SCALE, is_guidance_scale
 from ldm_runtime.engines import CHECKPOINT_MARKER, ENGINE_DIR_MARKER, engine_for_flags, load_engine
 from ldm_runtime.engines.compile_cache import CACHE_ENV
 from ldm_runtime.errors import RequestError, UserError
@@ -245,7 +245,7 @@ def parse_config(text: str) -> SamplingConfig:
             values[key] = eta
         elif key == "g":
             scale = number_or_nan(value)
-            if not (math.isfinite(scale) and 0 <= scale <= MAX_GUIDANCE_SCALE):
+            if not is_guidance_scale(scale):
                 raise bad(f"has guidance scale {value!r}, not a number from 0 to {MAX_GUIDANCE_SCALE:g}")
             values[key] = scale
         elif key == "model":
@@ -527,8 +527,7 @@ class FrontierSettings:
         if self.reference_engine is not None and "fp32" not in ENGINE_PRECISIONS.get(self.reference_engine, ()):
             raise FrontierError(f"--reference-engine is {self.reference_engine!r}; expected an engine that runs fp32: "
                                 f"{', '.join(e for e, p in ENGINE_PRECISIONS.items() if 'fp32' in p)}")
-        if self.guidance is not None and not (math.isfinite(self.guidance)
-                                              and 0 <= self.guidance <= MAX_GUIDANCE_SCALE):
+        if self.guidance is not None and not is_guidance_scale(self.guidance):
             raise FrontierError(f"--guidance is {self.guidance:g}; expected a number from 0 to {MAX_GUIDANCE_SCALE:g}")
         if not 0 <= self.seed <= MAX_SEED - self.num_prompts:
             raise FrontierError(f"--seed is {self.seed}; expected an integer from 0 to {MAX_SEED - self.num_prompts} "

@@ -29,11 +29,12 @@ from ldm_runtime.checkpoint import (
     TRAIN_STATE_TENSORS,
     CheckpointError,
     folder_files,
+    recorded_digests,
     write_train_state,
 )
 from ldm_runtime.config import ModelConfig
 from ldm_runtime.files import safetensors_os_error, sha256_file, write_atomic, write_text_atomic
-from ldm_runtime.staging import PARTIAL, REPLACED, temporary_folder
+from ldm_runtime.staging import PARTIAL, REPLACED, current_umask, temporary_folder
 from ldm_runtime.folder_swap import fsync_path, replace_folder, restore_replaced
 
 
@@ -110,9 +111,8 @@ def _recorded_entries(folder: Path) -> set[str]:
     """The entries of ``folder`` that its ``train_state.json`` records (a file, or the folder holding one), if it
     can be read."""
     try:
-        files = json.loads((folder / TRAIN_STATE_JSON).read_text())["files"]
-        return {Path(name).parts[0] for name in files}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+        return {Path(name).parts[0] for name in recorded_digests(folder) if Path(name).parts}
+    except CheckpointError:
         return set()
 
 
@@ -121,9 +121,7 @@ def _copy_mode(target: Path, staging: Path) -> None:
     try:
         mode = stat.S_IMODE(os.stat(target).st_mode)
     except FileNotFoundError:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o777 & ~umask
+        mode = 0o777 & ~current_umask()
     os.chmod(staging, mode)
 
 
