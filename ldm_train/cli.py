@@ -342,16 +342,8 @@ def _train_distilled(args: argparse.Namespace, settings_class, train) -> int:
     def settings():
         checked = settings_class(**values)
         checked.validate()
-        if args.resume and args.overwrite:
-            raise ConfigError("--resume and --overwrite contradict each other; pass one")
-        restore_replaced(out)
-        check_writable_folder("--out", out)
-        check_replaceable_folder("--out", out)
-        if args.resume and not (out / TRAIN_STATE_JSON).is_file():
-            raise CheckpointError(f"cannot resume: --out {out} holds no checkpoint ({TRAIN_STATE_JSON} is missing)")
-        if (out / TRAIN_STATE_JSON).is_file() and not (args.overwrite or args.resume):
-            raise ConfigError(f"--out {out} already holds a model; pass --overwrite to replace it, or --resume to "
-                              f"continue its run")
+        _check_out(out, args.resume, args.overwrite,
+                   held="a model; pass --overwrite to replace it, or --resume to continue its run")
         if out.resolve() == Path(args.base).resolve():
             raise ConfigError(f"--out {out} is --base; expected a new folder for the distilled model")
         return checked
@@ -398,7 +390,11 @@ def _what_is_left(out: Path) -> str:
     return "no checkpoint was written: free space and start again"
 
 
-def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
+def _check_out(out: Path, resume: bool, overwrite: bool,
+               held: str = "a checkpoint; pass --resume to continue it or --overwrite to start over") -> None:
+    """``--out`` for a run that writes a checkpoint folder (``--resume`` continues the one there): a ``UserError``
+    unless it can be written and replaced whole, and holds a checkpoint exactly when ``--resume`` says so (unless
+    ``--overwrite``); ``held`` ends the sentence for one that holds a checkpoint already."""
     if resume and overwrite:
         raise ConfigError("--resume and --overwrite contradict each other; pass one")
     restore_replaced(out)  # a save killed mid-swap (where renames cannot exchange) left the last checkpoint aside
@@ -407,8 +403,7 @@ def _check_out(out: Path, resume: bool, overwrite: bool) -> None:
     if resume and not (out / TRAIN_STATE_JSON).is_file():
         raise CheckpointError(f"cannot resume: --out {out} holds no checkpoint ({TRAIN_STATE_JSON} is missing)")
     if not resume and not overwrite and (out / TRAIN_STATE_JSON).is_file():
-        raise ConfigError(f"--out {out} already holds a checkpoint; pass --resume to continue it or --overwrite "
-                          f"to start over")
+        raise ConfigError(f"--out {out} already holds {held}")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ldm_runtime.checkpoint import TRAIN_STATE_JSON
 from ldm_runtime.config import PREDICTION_TYPES, ConfigError
 from ldm_runtime.noise import MAX_TRAIN_SEED
 from ldm_runtime.staging import temporary_folder
@@ -254,13 +255,16 @@ class LiveFolder:
     except in a run that replaces another run's checkpoint there (``--overwrite``): until its first save, which
     takes them into the new checkpoint (``save_checkpoint``'s ``logs``), they go to a locked folder beside ``out``
     (``ldm_runtime.staging``), so that ``out`` stays the old run's, whole, if this one fails or is stopped first.
-    ``close()`` removes the folder beside ``out``."""
+    ``first``: no save of this run has happened and it did not resume (``save_checkpoint``'s ``first``). ``writer``:
+    this process writes the checkpoints (a data-parallel job's rank 0). ``close()`` removes the folder beside
+    ``out``."""
 
-    def __init__(self, out: Path, replacing: bool):
+    def __init__(self, out: Path, resumed: bool, writer: bool = True):
         self.out = out
         self.path = out
+        self.first = not resumed
         self._stack = contextlib.ExitStack()
-        if replacing:
+        if writer and not resumed and (out / TRAIN_STATE_JSON).is_file():
             self.path = self._stack.enter_context(temporary_folder(out))
 
     def close(self) -> None:
@@ -273,6 +277,7 @@ class LiveFolder:
 
     def saved(self, log: MetricsLog | None) -> None:
         """A save took the files in: from now on ``log`` (if any) and everything else is written into ``out``."""
+        self.first = False
         if self.pending is not None:
             self.path = self.out
             if log is not None:

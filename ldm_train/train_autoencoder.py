@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from ldm_runtime.checkpoint import TRAIN_STATE_JSON, load_tensors
+from ldm_runtime.checkpoint import load_tensors
 from ldm_runtime.config import ModelConfig, channel_mult_for_factor, preset
 from ldm_runtime.models import Autoencoder
 from ldm_train.checkpoint import (
@@ -124,7 +124,7 @@ def _train(settings: AutoencoderSettings, config: ModelConfig, out: Path, proces
     # Held-out images for the PSNR in metrics.jsonl: the shapes evaluation split (other data: none).
     validation = (ShapesDataset.heldout(VALIDATION_IMAGES, config.image_size, settings.seed)
                   if settings.data.split(":")[0] == "shapes" else None)
-    live = LiveFolder(out, replacing=process.is_main and not resume and (out / TRAIN_STATE_JSON).is_file())
+    live = LiveFolder(out, resumed=resume, writer=process.is_main)
     log = MetricsLog(live.path / METRICS_JSONL, start_step if resume else None) if process.is_main else None
     progress = TrainingProgress(settings.steps, start_step, STAGE, enabled=process.is_main)
 
@@ -173,7 +173,7 @@ def _train(settings: AutoencoderSettings, config: ModelConfig, out: Path, proces
                     autoencoder.eval()
                     log.write(done, {"val_psnr_db": reconstruction_psnr(autoencoder, validation, device, 64)})
                 _save(out, settings, config, autoencoder, discriminator, optimizer, disc_optimizer, dataset, done,
-                      process, first=not resume and done <= settings.checkpoint_every, logs=live.pending)
+                      process, first=live.first, logs=live.pending)
                 live.saved(log)
     finally:
         progress.close()

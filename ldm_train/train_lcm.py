@@ -37,8 +37,8 @@ from typing import Any
 
 import torch
 
-from ldm_runtime.checkpoint import (TEXT_ENCODER_DIR, TEXT_ENCODER_WEIGHTS, TRAIN_STATE_JSON, TRAIN_STATE_TENSORS,
-                                    load_tensors, load_checkpoint, weight_files)
+from ldm_runtime.checkpoint import (TEXT_ENCODER_DIR, TEXT_ENCODER_WEIGHTS, TRAIN_STATE_TENSORS, load_checkpoint,
+                                    load_tensors, weight_files)
 from ldm_runtime.config import ConfigError, ModelConfig, SamplerDefaults
 from ldm_runtime.guidance import apply_guidance
 from ldm_runtime.schedulers.lcm import LCMSampler
@@ -267,7 +267,7 @@ def _train(settings, stage: str, kind: type[Distillation], device: torch.device,
         optimizer_from_tensors(optimizer, "optimizer", tensors, state.settings["_optimizer"])
         distillation.load_train_tensors(tensors)
     out.mkdir(parents=True, exist_ok=True)
-    live = LiveFolder(out, replacing=not resume and (out / TRAIN_STATE_JSON).is_file())
+    live = LiveFolder(out, resumed=resume)
     metrics = MetricsLog(live.path / METRICS_JSONL, start_step if resume else None)
     progress = TrainingProgress(settings.steps, start_step, stage, enabled=True)
     single = _SingleProcess()
@@ -294,7 +294,7 @@ def _train(settings, stage: str, kind: type[Distillation], device: torch.device,
                 metrics.write(done, {"loss": float(loss.detach()), "grad_norm": float(grad_norm)})
             if done % settings.checkpoint_every == 0 or done == settings.steps:
                 _save(out, settings, stage, networks, distillation, average, optimizer, done,
-                      first=not resume and done <= settings.checkpoint_every, logs=live.pending)
+                      first=live.first, logs=live.pending)
                 live.saved(metrics)
     finally:
         progress.close()

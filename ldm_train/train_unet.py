@@ -18,8 +18,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ldm_runtime.checkpoint import (TEXT_ENCODER_DIR, TRAIN_STATE_JSON, load_model_config, load_state_dict_file,
-                                    load_tensors)
+from ldm_runtime.checkpoint import TEXT_ENCODER_DIR, load_model_config, load_state_dict_file, load_tensors
 from ldm_runtime.config import ConfigError, ModelConfig, inpainting_channels, preset
 from ldm_runtime.engines.torch_engine import TorchEngine
 from ldm_runtime.models import Autoencoder, TextEncoder, UNet
@@ -150,7 +149,7 @@ def _train(settings: UNetSettings, config: ModelConfig, autoencoder_dir: Path, o
 
     forward_process = ForwardProcess(config.schedule)
     scale = config.latent_scale_factor
-    live = LiveFolder(out, replacing=process.is_main and not resume and (out / TRAIN_STATE_JSON).is_file())
+    live = LiveFolder(out, resumed=resume, writer=process.is_main)
     log = MetricsLog(live.path / METRICS_JSONL, start_step if resume else None) if process.is_main else None
     progress = TrainingProgress(settings.steps, start_step, STAGE, enabled=process.is_main)
 
@@ -194,7 +193,7 @@ def _train(settings: UNetSettings, config: ModelConfig, autoencoder_dir: Path, o
                               scale, dataset, device, pixels, config)
             if process.is_main and (done % settings.checkpoint_every == 0 or done == settings.steps):
                 _save(out, settings, config, autoencoder, denoiser, ema, optimizer, done,
-                      first=not resume and done <= settings.checkpoint_every, logs=live.pending)
+                      first=live.first, logs=live.pending)
                 live.saved(log)
     finally:
         progress.close()
