@@ -467,9 +467,7 @@ def job_result(job: Job, limits: ServeLimits) -> JobResult:
 
 def _not_accepting_error(error: NotAccepting) -> ApiError:
     if error.reason == "engine_failed":
-        return ApiError(503, error.reason, "the engine failed its warm-up, so the server takes no requests; expected "
-                                           "a restart once the cause is fixed (the server log has the details)",
-                        None, {"Retry-After": "5"})
+        return _engine_failed_error(None)
     what = "is warming up" if error.reason == "warming_up" else "is draining before it exits"
     return ApiError(503, error.reason, f"the server {what}; expected a retry later", None,
                     {"Retry-After": "1" if error.reason == "warming_up" else "5"})
@@ -495,6 +493,14 @@ async def _wait_for_disconnect(request: Request) -> None:
             return
 
 
+def _engine_failed_error(cause: str | None) -> ApiError:
+    """The answer while the engine has failed its warm-up (``Batcher.failure``: ``cause``, where known here)."""
+    said = f" ({cause})" if cause else ""
+    return ApiError(503, "engine_failed", f"the engine failed its warm-up{said}, so the server takes no requests; "
+                                          f"expected a restart once the cause is fixed (the server log has the "
+                                          f"details)", None, {"Retry-After": "5"})
+
+
 def readiness(batcher: Batcher) -> ApiError | None:
     """Why the server cannot take requests now (draining, warming up, its worker thread gone), or None when it can:
     what ``/readyz`` answers, and what Ray Serve's health check of a replica asks (``ldm_serve.replicas``)."""
@@ -503,9 +509,7 @@ def readiness(batcher: Batcher) -> ApiError | None:
     if not batcher.alive:
         return ApiError(503, "worker_stopped", "the engine's worker thread has stopped", None, {"Retry-After": "5"})
     if batcher.failure is not None:
-        return ApiError(503, "engine_failed", f"the engine failed its warm-up ({batcher.failure}), so the server takes "
-                                              f"no requests; expected a restart once the cause is fixed (the server "
-                                              f"log has the details)", None, {"Retry-After": "5"})
+        return _engine_failed_error(batcher.failure)
     if not batcher.ready:
         return ApiError(503, "warming_up", "the engine is warming up", None, {"Retry-After": "1"})
     return None

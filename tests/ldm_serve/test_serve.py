@@ -104,12 +104,11 @@ def test_an_engine_that_fails_its_warm_up_is_not_ready_and_takes_no_request():
         def generate(self, requests, batch_size=None):
             raise RuntimeError("Wrong value for property key INFERENCE_NUM_THREADS")
 
-    batcher = Batcher(pipeline=FailingPipeline(), config=BatcherConfig(max_batch=2))
+    warmed_up = threading.Event()  # the worker prepares the previews right after its warm-up: a hook to wait on
+    batcher = Batcher(pipeline=FailingPipeline(), config=BatcherConfig(max_batch=2), make_previewer=warmed_up.set)
     batcher.start()
     try:
-        deadline = time.monotonic() + STATE_TIMEOUT_S
-        while not batcher.ready and time.monotonic() < deadline:
-            time.sleep(0.01)
+        assert warmed_up.wait(STATE_TIMEOUT_S), "the worker never finished its warm-up"
         problem = readiness(batcher)
         assert problem is not None and problem.status == 503 and problem.type == "engine_failed"
         assert "RuntimeError: Wrong value for property key INFERENCE_NUM_THREADS" in problem.message
