@@ -17,6 +17,7 @@ from typing import Callable
 
 from ldm_export.errors import ValidationFailedError
 from ldm_export.options import DEFAULT_BATCH_RANGE, ExportOptions
+from ldm_export.out_folder import check_out
 from ldm_export.tensorrt_build import rebuild_plans
 from ldm_runtime.command_line import OneLineArgumentParser, report_user_error, sigterm_as_ctrl_c
 from ldm_runtime.errors import DiskFullError, UserError
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("--rebuild-plans ENGINE_DIR takes no CHECKPOINT_DIR and no --out")
         elif args.checkpoint is None or args.out is None:
             parser.error("CHECKPOINT_DIR and --out ENGINE_DIR are required (or --rebuild-plans ENGINE_DIR)")
+        else:
+            check_out(Path(args.out), args.force)  # before the heavy imports: a taken --out is refused at once
     except UserError as error:
         return report_user_error(PROG, error)
 

@@ -29,15 +29,14 @@ from ldm_export.onnx_export import (
     graph_specs,
     lora_slots_record,
 )
+from ldm_export.out_folder import check_out
 from ldm_export.options import DEFAULT_BATCH_RANGE, MAX_VALIDATION_SEED, ExportOptions
 from ldm_export.source import checkpoint_digest, load_checkpoint_to_export
 from ldm_export.tensorrt_build import build_plans, tensorrt_missing
 from ldm_export.validate import validate_engine
 from ldm_runtime.adapters import MAX_ADAPTER_RANK, MAX_REQUEST_ADAPTERS
 from ldm_runtime.checkpoint import TOKENIZER_DIR, CheckpointNetworks
-from ldm_runtime.command_line import check_replaceable_folder, check_writable_folder
 from ldm_runtime.engines.torch_engine import TorchEngine
-from ldm_runtime.errors import EngineDirError
 from ldm_runtime.files import sha256_file
 from ldm_runtime.guidance import UNET_ROWS_PER_IMAGE
 from ldm_runtime.config import LARGEST_IMAGE_SIDE
@@ -99,34 +98,6 @@ def check_options(options: ExportOptions) -> None:
     if options.opset is not None and not 18 <= options.opset <= onnx.defs.onnx_opset_version():
         raise ExportError(f"--opset {options.opset} is not supported; expected 18 (the dynamo exporter's lowest) "
                           f"to {onnx.defs.onnx_opset_version()} (this onnx package's highest)")
-
-
-def check_out(out: Path, force: bool) -> None:
-    """An existing --out is refused unless --force, and --force replaces only an engine dir or an empty folder;
-    ``UsageError`` when --out could not be written at all (its folder is a file, or not writable)."""
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"--out {out} exists and is not a folder; expected the path of a new engine dir (or of an "
-                          f"engine dir to replace with --force)")
-    check_writable_folder("--out's folder", out.parent)
-    if not out.exists() and not out.is_symlink():
-        return
-    if not force:
-        raise ExportError(f"--out {out} already exists; pass --force to replace it")
-    if out.is_dir() and not out.is_symlink() and (_is_engine_dir(out) or not any(out.iterdir())):
-        check_replaceable_folder("--out", out)
-        return
-    raise ExportError(f"--out {out} exists and is not an engine dir (no {MANIFEST_JSON} that ldm-export wrote); "
-                      f"refusing to replace it even with --force")
-
-
-def _is_engine_dir(folder: Path) -> bool:
-    """Whether ``folder``'s manifest.json is an engine manifest the runtime reads (another program's manifest.json,
-    a web app's say, is not)."""
-    try:
-        load_manifest(folder)
-    except EngineDirError:
-        return False
-    return True
 
 
 def resolve_dims(modules: CheckpointNetworks, options: ExportOptions) -> dict[str, DimRange]:

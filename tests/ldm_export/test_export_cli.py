@@ -126,6 +126,25 @@ def test_existing_out_is_refused_without_force(tiny_checkpoint, tmp_path, capsys
     assert (out / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.parametrize("flags, message", [([], "already exists; pass --force"),
+                                            (["--force"], "is not an engine dir")])
+def test_a_taken_out_is_refused_before_torch_and_onnx_are_imported(flags, message, tiny_checkpoint, tmp_path):
+    out = tmp_path / "engine"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    probe = textwrap.dedent(f"""
+        import sys
+        from ldm_export.cli import main
+        code = main([{str(tiny_checkpoint)!r}, "--out", {str(out)!r}, *{flags!r}])
+        heavy = sorted(name for name in ("torch", "onnx", "transformers") if name in sys.modules)
+        print(code, heavy)
+    """)
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "2 []", (result.stdout, result.stderr)
+    assert message in result.stderr and result.stderr.count("\n") == 1
+    assert (out / "keep.txt").read_text() == "mine"
+
+
 def test_force_does_not_replace_a_folder_that_is_not_an_engine_dir(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "engine"
     out.mkdir()
