@@ -278,6 +278,11 @@ def curve_point(run: dict, load: float) -> dict:
             "service_ms": percentiles("service_s")}
 
 
+def batching_flags(mode: str, max_wait_ms: float) -> list[str]:
+    """ldm-serve's flags for batching ``mode``; ``--max-wait-ms`` is dynamic batching's alone."""
+    return ["--batching", mode] + (["--max-wait-ms", str(max_wait_ms)] if mode == "dynamic" else [])
+
+
 def load_curves(model: Path, serve_flags: list[str], modes: list[str], loads: list[float], args) -> dict:
     """Every mode's capacity, then its curve over ``loads`` (multiples of the highest capacity)."""
     steps = [int(value) for value in args.mix_steps.split(",")]
@@ -285,7 +290,7 @@ def load_curves(model: Path, serve_flags: list[str], modes: list[str], loads: li
     clients = args.curve_queue if args.capacity_clients is None else args.capacity_clients
     flags = serve_flags + ["--max-queue", str(args.curve_queue), "--max-steps", str(max(steps)),
                            "--default-steps", str(min(steps))]
-    servers = {mode: start_server(model, flags + ["--batching", mode]) for mode in modes}
+    servers = {mode: start_server(model, flags + batching_flags(mode, args.max_wait_ms)) for mode in modes}
     capacities: dict[str, float] = {}
     points: dict[str, list[dict]] = {mode: [] for mode in modes}
     try:
@@ -463,12 +468,10 @@ def main(argv: list[str] | None = None) -> int:
            if args.curve else f"steps drawn from {steps}, guidance {args.guidance}")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
           f"{platform.python_version()}; model {args.model}; {mix}", file=sys.stderr)
-    serve_flags = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
-                   "--max-steps", str(max(steps)), "--default-steps", str(min(steps)), "--request-timeout", "600",
-                   "--engine", args.engine]
+    serve_flags = ["--max-batch", str(args.max_batch), "--max-steps", str(max(steps)), "--default-steps",
+                   str(min(steps)), "--request-timeout", "600", "--engine", args.engine]
     if args.curve:
-        curve_flags = ["--max-batch", str(args.max_batch), "--max-wait-ms", str(args.max_wait_ms),
-                       "--request-timeout", "600", "--engine", args.engine]
+        curve_flags = ["--max-batch", str(args.max_batch), "--request-timeout", "600", "--engine", args.engine]
         result = load_curves(args.model, curve_flags, modes, [float(value) for value in args.curve.split(",")], args)
         result["machine"] = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
         print(curves_table(result))
@@ -490,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     # All servers run side by side (an idle one costs nothing) and the modes take turns in short rounds, so a
     # drift in the machine's load (another job, clock speed) falls on every mode alike.
     queue = str(4 * max(concurrencies))
-    servers = {mode: start_server(args.model, serve_flags + ["--batching", mode, "--max-queue", queue])
+    servers = {mode: start_server(args.model,
+                                  serve_flags + batching_flags(mode, args.max_wait_ms) + ["--max-queue", queue])
                for mode in modes}
     results: dict[str, list[dict]] = {mode: [] for mode in modes}
     try:

@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="images per UNet call (default: half the engine's UNet batch, as guidance doubles it)")
     parser.add_argument("--max-queue", type=int, default=BATCHER_DEFAULTS.max_queue, metavar="Q",
                         help="requests waiting to start; beyond it 429 (default: %(default)s)")
-    parser.add_argument("--max-wait-ms", type=finite_float, default=BATCHER_DEFAULTS.max_wait_s * 1000,
-                        help="dynamic batching: how long a request waits for company (default: %(default)s)")
+    parser.add_argument("--max-wait-ms", type=finite_float, default=None,
+                        help=f"--batching dynamic only: how long a request waits for company "
+                             f"(default: {BATCHER_DEFAULTS.max_wait_s * 1000:g})")
     parser.add_argument("--request-timeout", type=finite_float, default=LIMIT_DEFAULTS.request_timeout_s, metavar="S",
                         help="seconds from arrival after which a request is dropped with 503 (default: %(default)s)")
     parser.add_argument("--max-n", type=int, default=None,

@@ -85,8 +85,12 @@ def build_app(args: argparse.Namespace, api_key: str | None = None):
         check_range("--cache-interval", args.cache_interval, 1, MAX_CACHE_INTERVAL)
     if args.threads is not None:
         check_range("--threads", args.threads, 1, MAX_THREADS)
-    if not args.max_wait_ms >= 0 or args.max_wait_ms > 10_000:
-        raise ServeError(f"--max-wait-ms is {args.max_wait_ms}; expected a number from 0 to 10000")
+    if args.max_wait_ms is not None and args.batching != "dynamic":
+        raise ServeError(f"--max-wait-ms applies to --batching dynamic only; this server batches with --batching "
+                         f"{args.batching}")
+    max_wait_ms = BatcherConfig().max_wait_s * 1000 if args.max_wait_ms is None else args.max_wait_ms
+    if not max_wait_ms >= 0 or max_wait_ms > 10_000:
+        raise ServeError(f"--max-wait-ms is {max_wait_ms}; expected a number from 0 to 10000")
     if not args.request_timeout > 0 or args.request_timeout > 86_400:
         raise ServeError(f"--request-timeout is {args.request_timeout}; expected seconds above 0, at most 86400")
     allowed_hosts = _allowed_hosts(args.host, args.allowed_hosts or [])
@@ -143,7 +147,7 @@ def build_app(args: argparse.Namespace, api_key: str | None = None):
     # the model folder's latent-to-RGB map, else one fitted (or the decoder) on the worker while it warms up
     stored_preview = load_latent_preview(args.model, info.latent_channels, info.latent_factor)
     batcher = Batcher(pipeline, BatcherConfig(mode=args.batching, max_batch=max_batch, max_queue=args.max_queue,
-                                              max_wait_s=args.max_wait_ms / 1000), observer=metrics.observe,
+                                              max_wait_s=max_wait_ms / 1000), observer=metrics.observe,
                       step_gate=StepGate(gate_path) if gate_path else None,
                       make_previewer=lambda: preview_for(engine, stored_preview))
     app = create_app(pipeline, batcher, limits, metrics, api_key=api_key, model_name=Path(args.model).name,

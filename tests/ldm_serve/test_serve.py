@@ -782,6 +782,10 @@ def test_text_cache_gives_the_engine_rows_bit_for_bit_and_encodes_each_prompt_on
     (["--model", "{engine}", "--cors-origin", "example.com"], "--cors-origin is 'example.com'"),
     (["--model", "{engine}", "--cors-origin", "https://EXAMPLE.com:99999"], "a port from 1 to 65535"),
     (["--model", "{engine}", "--threads", "2147483648"], "--threads is 2147483648; expected an integer from 1 to 1024"),
+    (["--model", "{engine}", "--batching", "none", "--max-wait-ms", "50"],
+     "--max-wait-ms applies to --batching dynamic only; this server batches with --batching none"),
+    (["--model", "{engine}", "--batching", "dynamic", "--max-wait-ms", "-1"],
+     "--max-wait-ms is -1.0; expected a number from 0 to 10000"),
     (["--model", "{engine}", "--api-key-file", "{two_lines}"],
      "holds a key with a line break or another control character; expected a key of one line"),
 ])
