@@ -13,11 +13,14 @@ pytest's ``monkeypatch.setenv``) at any time:
 A model can also pin the choice for itself, whatever LDM_KERNELS says: ``use_backend(module, name)``
 sets ``kernel_backend`` on every GroupNorm and attention layer inside it, and those layers pass it on
 as the ``backend`` argument of the functions below (the triton engine pins "triton"). ``None``
-follows LDM_KERNELS.
+follows LDM_KERNELS. Pinning "triton" pins an attention layer whose head dim is over the kernel's
+256 (an autoencoder's single-head attention at Stable Diffusion's width, 512) to the reference: a
+model that pins "triton" runs every layer the kernels take in them and can still run whole.
 
 Under "auto", inputs a kernel cannot take (float64, attention head dims over 256, attention that
-needs gradients) go to the reference; under "triton" they raise ValueError. torch.compile guards
-on LDM_KERNELS, so a compiled function retraces when it changes.
+needs gradients, bfloat16 under Triton's interpreter) go to the reference; under "triton" they raise
+ValueError. Integer tensors are refused by both. torch.compile guards on LDM_KERNELS, so a compiled
+function retraces when it changes.
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ def use_backend(module: torch.nn.Module, backend: str | None) -> torch.nn.Module
         selected_backend(backend)
     for layer in module.modules():
         if hasattr(layer, "kernel_backend"):
-            layer.kernel_backend = backend
+            too_wide = getattr(layer, "head_dim", 0) > MAX_HEAD_DIM  # an attention layer the kernel cannot take
+            layer.kernel_backend = "reference" if backend == "triton" and too_wide else backend
     return module
 
 
@@ -79,10 +83,14 @@ def use_triton(tensor: torch.Tensor, unsupported: str | None = None, backend: st
     reference, and "triton" raises ValueError naming them.
     """
     backend = selected_backend(backend)
+    if not tensor.dtype.is_floating_point:  # the reference would truncate its result to the integers
+        raise ValueError(f"the fused ops take floating-point tensors, not {tensor.dtype}")
     if backend == "reference":
         return False
     if tensor.dtype not in KERNEL_DTYPES:
         unsupported = f"{tensor.dtype} tensors (the kernels take float32, float16 and bfloat16)"
+    elif tensor.dtype == torch.bfloat16 and not tensor.is_cuda and kernels_interpreted():
+        unsupported = "bfloat16 tensors under Triton's interpreter (numpy has no bfloat16)"
     if backend == "auto":
         return tensor.is_cuda and triton_available() and unsupported is None
     if not triton_available():
@@ -114,6 +122,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Returns (B, H, Lq, D) in q's dtype, zeros for a batch element whose keys are all masked.
     The Triton kernel is forward only: under "auto", inputs that need gradients take the reference.
     ``backend`` overrides LDM_KERNELS for this call."""
+    if q.dim() != 4:
+        check_attention_args(q, k, v, key_padding_mask)  # raises, naming the shapes
     unsupported = None
     if q.shape[-1] > MAX_HEAD_DIM:
         unsupported = f"attention with head dim {q.shape[-1]} (the kernel's maximum is {MAX_HEAD_DIM})"

@@ -44,7 +44,9 @@ def check_group_norm_args(x: torch.Tensor, num_groups: int, weight: torch.Tensor
     if x.dim() < 2:
         raise ValueError(f"group_norm expects x of shape (B, C, *spatial), got shape {tuple(x.shape)}")
     channels = x.shape[1]
-    if num_groups < 1 or channels % num_groups:
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+        raise ValueError(f"group_norm num_groups is {num_groups!r}; expected a positive integer")
+    if channels % num_groups:
         raise ValueError(f"group_norm channels {channels} are not divisible by num_groups {num_groups}")
     for name, param in (("weight", weight), ("bias", bias)):
         if param is not None and tuple(param.shape) != (channels,):

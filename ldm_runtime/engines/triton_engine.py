@@ -74,6 +74,9 @@ class TritonEngine(TorchEngine):
         resolved = triton_device(device)
         if dtype not in ENGINE_DTYPES:
             raise ValueError(f"dtype {dtype} is not one of {[str(d) for d in ENGINE_DTYPES]} for the triton engine")
+        if dtype == torch.bfloat16 and resolved.type == "cpu":
+            raise ValueError("dtype torch.bfloat16 needs the compiled kernels on a CUDA GPU; Triton's interpreter "
+                             "(the CPU) has no bfloat16: use torch.float16 or torch.float32")
         if (not batch_buckets or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in batch_buckets)):
             raise ValueError(f"batch_buckets is {batch_buckets!r}; expected positive integers")
         super().__init__(checkpoint_dir, device=str(resolved), dtype=dtype, unet_chunk_size=None,

@@ -24,6 +24,7 @@ class Attention(nn.Module):
                  qkv_bias: bool = False, upcast: bool = False):
         super().__init__()
         self.heads = heads
+        self.head_dim = head_dim  # over the kernel's MAX_HEAD_DIM, a pin to "triton" runs the reference
         self.upcast = upcast
         inner_dim = heads * head_dim
         key_dim = query_dim if context_dim is None else context_dim

@@ -99,6 +99,55 @@ def test_triton_forced_rejects_inputs_the_kernels_cannot_take(spies, device, tri
     assert [spy.calls for spy in spies] == [0, 0]
 
 
+@pytest.mark.parametrize("backend", [None, "reference", "triton"])
+def test_integer_tensors_are_refused_by_every_backend(backend, device):
+    x = torch.arange(2 * 4 * 9, device=device).reshape(2, 4, 3, 3)  # the reference truncated its result
+    q = torch.ones(1, 1, 3, 8, dtype=torch.int64, device=device)
+    with pytest.raises(ValueError, match="floating-point tensors, not torch.int64"):
+        ldm_kernels.group_norm(x, 2, None, None, backend=backend)
+    with pytest.raises(ValueError, match="floating-point tensors, not torch.int64"):
+        ldm_kernels.attention(q, q, q, backend=backend)
+
+
+def test_bfloat16_under_the_interpreter_goes_to_the_reference_or_is_refused(triton_path, device):
+    if device.type == "cuda":
+        pytest.skip("the compiled kernels take bfloat16")
+    q, k, v = (torch.randn(1, 2, 10, 40).bfloat16() for _ in range(3))  # the interpreted kernel returned ~1e8
+    assert torch.equal(ldm_kernels.attention(q, k, v), attention_reference(q, k, v))
+    with pytest.raises(ValueError, match="bfloat16 tensors under Triton's interpreter"):
+        ldm_kernels.attention(q, k, v, backend="triton")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: ldm_kernels.attention(torch.tensor(1.0), torch.tensor(1.0), torch.tensor(1.0)), "expects 4-D q, k, v"),
+    (lambda: ldm_kernels.group_norm(torch.ones(1, 4, 2, 2), 0, None, None), "num_groups is 0; expected a positive"),
+    (lambda: ldm_kernels.group_norm(torch.ones(1, 4, 2, 2), 2.0, None, None), "num_groups is 2.0; expected a"),
+])
+def test_malformed_arguments_are_one_sentence(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_a_pin_to_triton_leaves_only_attention_wider_than_the_kernel_on_the_reference(triton_path, device):
+    from ldm_runtime.models.attention import Attention, SpatialSelfAttention
+
+    torch.manual_seed(0)
+    wide = SpatialSelfAttention(512, 32, 1e-6).to(device).eval()  # an SD autoencoder's mid-block attention
+    narrow = Attention(64, heads=2, head_dim=32).to(device).eval()
+    model = torch.nn.ModuleDict({"wide": wide, "narrow": narrow})
+    dispatch.use_backend(model, "triton")
+    assert (wide.kernel_backend, wide.group_norm.kernel_backend, narrow.kernel_backend) == (
+        "reference", "triton", "triton")
+    pixels = torch.randn(1, 512, 3, 3, device=device)
+    with torch.no_grad():
+        pinned = wide(pixels)  # raised "cannot run attention with head dim 512"
+        dispatch.use_backend(model, "reference")
+        reference = wide(pixels)
+    torch.testing.assert_close(pinned, reference, rtol=1e-5, atol=1e-5)
+    dispatch.use_backend(model, None)
+    assert (wide.kernel_backend, narrow.kernel_backend) == (None, None)
+
+
 @pytest.mark.gpu
 def test_auto_sends_inputs_the_kernels_cannot_take_to_the_reference(spies, device):
     for _, call in inputs_the_kernels_cannot_take(device):

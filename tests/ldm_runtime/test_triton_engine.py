@@ -125,6 +125,16 @@ def test_triton_engine_splits_batches_larger_than_the_largest_bucket(triton_engi
     torch.testing.assert_close(whole, rows, rtol=1e-4, atol=1e-4)
 
 
+@needs_triton
+def test_triton_engine_refuses_bfloat16_under_the_interpreter_in_one_sentence(checkpoint_dir):
+    if CUDA:
+        pytest.skip("the compiled kernels take bfloat16")
+    from ldm_runtime.engines.triton_engine import TritonEngine
+
+    with pytest.raises(ValueError, match="bfloat16 needs the compiled kernels on a CUDA GPU"):
+        TritonEngine(checkpoint_dir, device="cpu", dtype=torch.bfloat16)
+
+
 def test_triton_engine_bucket_is_the_smallest_that_holds_the_rows():
     from ldm_runtime.engines.triton_engine import TritonEngine
 
