@@ -368,6 +368,13 @@ class Pipeline:
                                    f"none or {side}", name)
         if not _is_number(strength) or not 0 <= strength <= 1:
             raise RequestError(f"strength is {strength!r}; expected a number from 0 to 1", "strength")
+        steps = int(request.steps)
+        if strength > 0 and int(steps * float(strength)) == 0:  # no step would run: the reconstruction, silently
+            least = math.ceil(1000 / steps) / 1000
+            raise RequestError(f"strength is {strength!r} with {steps} steps, which runs none of them (the last "
+                               f"int(steps x strength) run); expected a strength of at least {least:g} for "
+                               f"{steps} steps, more steps, or strength 0 for the init image's reconstruction",
+                               "strength")
         if mask is None:
             return
         if not isinstance(mask, np.ndarray) or mask.dtype not in (np.uint8, np.bool_) or mask.ndim != 2:

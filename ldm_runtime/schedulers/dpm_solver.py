@@ -18,9 +18,9 @@ import numpy as np
 from ldm_runtime.arrays import ArrayConverter
 from ldm_runtime.schedulers.schedule import NoiseSchedule
 from ldm_runtime.schedulers.sigmas import (
-    SIGMA_SPACINGS,
     SigmaSampler,
     SigmaTrajectory,
+    check_spacing,
     check_steps,
     row_coefficients,
     row_sigmas,
@@ -42,8 +42,7 @@ class DPMSolverSampler(SigmaSampler):
     history_size = 1
 
     def __post_init__(self) -> None:
-        if self.timestep_spacing not in SIGMA_SPACINGS:
-            raise ValueError(f"{self.name} timestep_spacing {self.timestep_spacing!r} is not one of {SIGMA_SPACINGS}")
+        check_spacing(self.name, self.schedule, self.timestep_spacing, self.steps_offset)
 
     @property
     def name(self) -> str:  # type: ignore[override]

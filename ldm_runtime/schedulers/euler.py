@@ -18,9 +18,9 @@ import numpy as np
 from ldm_runtime.arrays import ArrayConverter
 from ldm_runtime.schedulers.schedule import NoiseSchedule
 from ldm_runtime.schedulers.sigmas import (
-    SIGMA_SPACINGS,
     SigmaSampler,
     SigmaTrajectory,
+    check_spacing,
     check_steps,
     read_only_trajectory,
     row_coefficients,
@@ -40,8 +40,7 @@ class EulerSampler(SigmaSampler):
     name: ClassVar[str] = "euler"
 
     def __post_init__(self) -> None:
-        if self.timestep_spacing not in SIGMA_SPACINGS:
-            raise ValueError(f"{self.name} timestep_spacing {self.timestep_spacing!r} is not one of {SIGMA_SPACINGS}")
+        check_spacing(self.name, self.schedule, self.timestep_spacing, self.steps_offset)
 
     def trajectory(self, num_inference_steps: int) -> SigmaTrajectory:
         steps = check_steps(self.schedule, num_inference_steps)

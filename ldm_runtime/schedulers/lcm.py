@@ -44,7 +44,8 @@ class DistilledStepsSampler(SigmaSampler):
 
     def __post_init__(self) -> None:
         count = self.schedule.num_train_timesteps
-        if not 1 <= self.original_inference_steps <= count:
+        steps = self.original_inference_steps
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= count:
             raise ValueError(f"{self.name} original_inference_steps {self.original_inference_steps!r} is out of "
                              f"range; expected an integer from 1 to {count}")
 

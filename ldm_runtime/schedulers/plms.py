@@ -20,7 +20,7 @@ import numpy as np
 
 from ldm_runtime.arrays import ArrayConverter
 from ldm_runtime.schedulers.schedule import NoiseSchedule
-from ldm_runtime.schedulers.sigmas import SIGMA_SPACINGS, SigmaSampler, check_steps, row_coefficients
+from ldm_runtime.schedulers.sigmas import SigmaSampler, check_spacing, check_steps, row_coefficients
 
 # Adams-Bashforth weights of the newest output and the kept ones before it, by the number of outputs combined
 ADAMS_BASHFORTH = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
@@ -56,8 +56,7 @@ class PLMSSampler(SigmaSampler):
     history_size: ClassVar[int] = 4
 
     def __post_init__(self) -> None:
-        if self.timestep_spacing not in SIGMA_SPACINGS:
-            raise ValueError(f"plms timestep_spacing {self.timestep_spacing!r} is not one of {SIGMA_SPACINGS}")
+        check_spacing("plms", self.schedule, self.timestep_spacing, self.steps_offset)
 
     def trajectory(self, num_inference_steps: int) -> PLMSTrajectory:
         return self.trajectory_from(num_inference_steps, 0)
@@ -75,13 +74,13 @@ class PLMSSampler(SigmaSampler):
         elif self.timestep_spacing == "leading":
             spaced = (np.arange(0, steps) * (count // steps)).round() + self.steps_offset
         else:
-            spaced = np.round(np.arange(count, 0, -count / steps))[::-1] - 1
+            spaced = np.round(np.arange(count, 0, -count / steps)[:steps])[::-1] - 1  # as spaced_timesteps
         spaced = spaced.astype(np.int64)  # ascending
         stride = count // steps
         timesteps, from_timesteps, to_timesteps = _calls(spaced, stride)
         if len(spaced) != steps or spaced.min() < 0 or from_timesteps.max() >= count:
-            raise ValueError(f"num_inference_steps {steps} gives the plms timesteps {spaced[::-1].tolist()}; expected "
-                             f"{steps} timesteps from 0 to {count - 1 - stride} (use other steps)")
+            raise ValueError(f"num_inference_steps {steps} gives {len(spaced)} plms timesteps from {spaced.min()} to "
+                             f"{from_timesteps.max()}; expected {steps} from 0 to {count - 1} (use other steps)")
         if start:
             timesteps, from_timesteps, to_timesteps = _calls(spaced[:steps - start], stride)
         to_timesteps = np.maximum(to_timesteps, -1)

@@ -9,6 +9,13 @@ the ``history_size`` arrays each row's ``step`` returns (a multistep solver's ea
 to the row's next step, and draws each row's per-step noise from its seed for a ``stochastic`` sampler.
 Image-to-image begins a row part-way (``trajectory_from``: its first step is a first step, with no history, as
 diffusers' schedulers begin after ``set_begin_index``) from an image's latents noised as ``noise_scales`` says.
+
+Where the numbers differ from diffusers' on purpose: "trailing" plans exactly N steps for the 62 step counts of 1000
+where diffusers' float ``arange`` adds a last timestep -1 (``spaced_timesteps``), and Karras timesteps are rounded
+from the float64 schedule, where diffusers' float32 ``alphas_cumprod`` puts some of them one timestep away (diffusers
+with float64 ``alphas_cumprod`` gives ours). LCM image-to-image slices the N-step walk as SD's img2img pipeline does
+(N = 4 at strength 0.5: timesteps 499, 259), not as diffusers' LatentConsistencyModelImg2ImgPipeline, which plans
+all N steps below the strength (499, 379, 259, 139).
 """
 
 from __future__ import annotations
@@ -48,9 +55,22 @@ def schedule_sigmas(schedule: NoiseSchedule) -> np.ndarray:
     return np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
 
 
+def check_spacing(name: str, schedule: NoiseSchedule, timestep_spacing: Any, steps_offset: Any) -> None:
+    """``ValueError`` in one sentence for a spacing that is not one of ``SIGMA_SPACINGS`` or a ``steps_offset`` that
+    is not an integer from 0 to T - 1 (a sampler's own settings, checked when it is made)."""
+    if timestep_spacing not in SIGMA_SPACINGS:
+        raise ValueError(f"{name} timestep_spacing {timestep_spacing!r} is not one of {SIGMA_SPACINGS}")
+    count = schedule.num_train_timesteps
+    if (isinstance(steps_offset, bool) or not isinstance(steps_offset, (int, np.integer))
+            or not 0 <= steps_offset < count):
+        raise ValueError(f"{name} steps_offset is {steps_offset!r}; expected an integer from 0 to {count - 1}")
+
+
 def spaced_timesteps(count: int, steps: int, spacing: str, steps_offset: int, endpoint_extra: int) -> np.ndarray:
     """``(steps,) float64`` descending timesteps as diffusers spaces them: "linspace" and "leading" space
-    ``steps + endpoint_extra`` points and keep the first ``steps`` (DPM-Solver spaces N + 1 and drops the last)."""
+    ``steps + endpoint_extra`` points and keep the first ``steps`` (DPM-Solver spaces N + 1 and drops the last).
+    "trailing" keeps the first ``steps`` of diffusers' float ``arange``, which for 62 step counts of 1000 (61, 103,
+    121, ...) ends in one more point, timestep -1: diffusers then plans N + 1 calls, the last at timestep -1."""
     points = steps + endpoint_extra
     if spacing == "linspace":
         timesteps = np.linspace(0, count - 1, points)[::-1]
@@ -91,8 +111,13 @@ def solver_trajectory(schedule: NoiseSchedule, steps: int, karras: bool, spacing
         timesteps = spaced_timesteps(count, steps, spacing, steps_offset, endpoint_extra=1).round()
         sigmas = np.interp(timesteps, np.arange(count), table)
     if timesteps[0] >= count or np.any(np.diff(sigmas) >= 0):
-        raise ValueError(f"num_inference_steps {steps} gives the timesteps {timesteps.astype(int).tolist()}; "
-                         f"expected distinct timesteps below {count} (use fewer steps)")
+        if timesteps[0] >= count:
+            found = f"starts at timestep {int(timesteps[0])}"
+        else:
+            repeat = int(np.argmax(np.diff(sigmas) >= 0))
+            found = f"gives timestep {int(timesteps[repeat + 1])} after {int(timesteps[repeat])}"
+        raise ValueError(f"num_inference_steps {steps} {found}; expected distinct timesteps below {count} (use fewer "
+                         f"steps)")
     return read_only_trajectory(timesteps, sigmas)
 
 

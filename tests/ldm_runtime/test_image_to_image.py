@@ -208,6 +208,9 @@ BAD_EDITS = [
      "strength is 1.5; expected a number from 0 to 1"),
     (dict(init_image=np.zeros((16, 16, 3), np.uint8), strength=float("nan")), "strength", "strength is nan"),
     (dict(init_image=np.zeros((16, 16, 3), np.uint8), strength=True), "strength", "strength is True"),
+    (dict(init_image=np.zeros((16, 16, 3), np.uint8), strength=0.4), "strength",  # returned the reconstruction
+     "strength is 0.4 with 2 steps, which runs none of them (the last int(steps x strength) run); expected a "
+     "strength of at least 0.5 for 2 steps"),
 ]
 
 

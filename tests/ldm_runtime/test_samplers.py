@@ -6,6 +6,7 @@ batch, the initial and input scaling, and the one-line refusals."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -41,6 +42,7 @@ from ldm_runtime.schedulers import (
     TCDSampler,
     UniPCSampler,
 )
+from ldm_runtime.schedulers.sigmas import spaced_timesteps
 from test_pipeline import (  # noqa: F401 (session fixtures)
     PROMPTS,
     CountingEngine,
@@ -298,10 +300,19 @@ def test_unknown_sampler_eta_without_ddim_or_tcd_and_unplannable_steps_are_refus
     assert str(raised.value).startswith("steps is 51; the lcm sampler cannot take them: num_inference_steps is 51; "
                                         "expected an integer from 1 to 50")
     assert raised.value.field == "steps" and "\n" not in str(raised.value)
-    with pytest.raises(ValueError, match="num_inference_steps 1000 gives the timesteps .*; expected distinct"):
+    with pytest.raises(ValueError, match=r"^num_inference_steps 1000 gives timestep \d+ after \d+; expected distinct "
+                                         r"timesteps below 1000 \(use fewer steps\)$"):
         DPMSolverSampler(NoiseSchedule()).trajectory(1000)  # rounded linspace repeats a timestep: h would be 0
-    with pytest.raises(ValueError, match="num_inference_steps 61 gives the plms timesteps .*; expected 61 timesteps"):
-        PLMSSampler(NoiseSchedule(), timestep_spacing="trailing").trajectory(61)  # diffusers lists a timestep -1
+    with pytest.raises(ValueError, match=r"^num_inference_steps 999 starts at timestep 1000; expected distinct"):
+        DPMSolverSampler(NoiseSchedule(), timestep_spacing="leading", steps_offset=1).trajectory(999)  # listed 999
+
+
+def test_plms_trailing_plans_n_steps_where_diffusers_float_arange_gives_one_more():
+    for steps in (61, 103, 121):  # diffusers' PNDM lists a timestep -1 there (and reads alphas_cumprod[-1])
+        planned = PLMSSampler(NoiseSchedule(), timestep_spacing="trailing").trajectory(steps)
+        expected = spaced_timesteps(1000, steps, "trailing", 0, endpoint_extra=0)
+        assert sorted(set(planned.timesteps.tolist())) == sorted(expected.astype(int).tolist())
+        assert planned.timesteps.min() >= 0 and len(planned.timesteps) == steps + 1  # the first step's redo
 
 
 @pytest.mark.parametrize("name,eta", [("dpmpp-2m-sde", 0.0), ("tcd", 0.3)])
@@ -323,3 +334,21 @@ def test_ldm_sample_refuses_an_unknown_sampler_in_one_line_with_exit_2(checkpoin
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and err.startswith("ldm-sample: error: ") and "'heun'" in err, err
     assert all(name in err for name in SAMPLER_NAMES) and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: EulerSampler(NoiseSchedule(), steps_offset=-5),
+     "euler steps_offset is -5; expected an integer from 0 to 999"),
+    (lambda: EulerSampler(NoiseSchedule(), steps_offset=2.5), "euler steps_offset is 2.5"),
+    (lambda: DPMSolverSampler(NoiseSchedule(), timestep_spacing="leading", steps_offset=-3),
+     "dpmpp-2m steps_offset is -3"),  # shifted every timestep down by 3
+    (lambda: UniPCSampler(NoiseSchedule(), steps_offset=1000), "unipc steps_offset is 1000"),
+    (lambda: PLMSSampler(NoiseSchedule(), steps_offset=-3), "plms steps_offset is -3"),
+    (lambda: LCMSampler(NoiseSchedule(), original_inference_steps=2.5),  # an IndexError at its first trajectory
+     "lcm original_inference_steps 2.5 is out of range; expected an integer from 1 to 1000"),
+    (lambda: LCMSampler(NoiseSchedule(), original_inference_steps="50"), "lcm original_inference_steps '50'"),
+    (lambda: TCDSampler(NoiseSchedule(), original_inference_steps=True), "tcd original_inference_steps True"),
+])
+def test_a_samplers_own_settings_are_checked_when_it_is_made(make, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make()
