@@ -90,7 +90,7 @@ class Adapter:
 def read_adapter(adapter: AdapterFile, targets: dict[str, Targets], absent: dict[str, str] | None = None) -> Adapter:
     """``adapter``'s file read as if hostile and placed in the networks of ``targets``
     (``ldm_runtime.adapters.place_adapter``); ``absent``: {network: why the model has no weights of it to change} for
-    the message. Every refusal comes from the header, before a tensor is read; then only the alpha tensors are."""
+    the message. Every refusal but non-finite values comes from the header, before a tensor is read."""
     path = adapter.path
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise ImportRefusedError(f"{path} is a pickled file ({path.suffix}); ldm-import never unpickles (loading a "
@@ -106,6 +106,9 @@ def read_adapter(adapter: AdapterFile, targets: dict[str, Targets], absent: dict
         updates = with_factors(path, pending, alphas, adapter.scale)
     except AdapterError as error:
         raise ImportRefusedError(str(error)) from None
+    for key, tensor in load_tensors(path, [name for update in updates for name in (update.down, update.up)]).items():
+        if not tensor.isfinite().all():  # fused, it would leave weights that are not finite
+            raise ImportRefusedError(f"{path}: {key!r} holds values that are not finite; expected finite weights")
     return Adapter(path, adapter.scale, sha256_file(path), updates)
 
 
@@ -114,6 +117,13 @@ def read_adapters(adapters: Sequence[AdapterFile], targets: dict[str, Targets],
     """Every one of ``adapters`` read and placed (``read_adapter``), at most ``MAX_ADAPTERS``."""
     if len(adapters) > MAX_ADAPTERS:
         raise ImportRefusedError(f"{len(adapters)} --lora adapters given; expected at most {MAX_ADAPTERS}")
+    seen: dict[Path, Path] = {}
+    for adapter in adapters:
+        resolved = adapter.path.resolve()
+        if resolved in seen:
+            raise ImportRefusedError(f"--lora {adapter.path} is given twice (as {seen[resolved]} too); expected each "
+                                     f"adapter once, with the scale meant (PATH:SCALE)")
+        seen[resolved] = adapter.path
     return [read_adapter(adapter, targets, absent) for adapter in adapters]
 
 
@@ -143,7 +153,12 @@ def fuse(state: dict[str, Any], network: str, adapters: Sequence[Adapter]) -> di
                 raise ImportRefusedError(f"{adapter.path} changed while it was read; expected it to stay as it was")
             weight = state[update.target]
             change = lora_change(down, up, tuple(weight.shape))
-            state[update.target] = (weight.to(torch.float32) + update.factor * change).to(weight.dtype).contiguous()
+            fused = (weight.to(torch.float32) + update.factor * change).to(weight.dtype).contiguous()
+            if not torch.isfinite(fused).all():
+                raise ImportRefusedError(f"{adapter.path}: {update.down!r} and {update.up!r} at scale "
+                                         f"{adapter.scale:g} change {update.target!r} past what its dtype holds "
+                                         f"(values that are not finite); expected an adapter whose change fits")
+            state[update.target] = fused
     return state
 
 

@@ -62,7 +62,11 @@ METADATA_KEY = "lora_adapter_metadata"  # diffusers' save_lora_weights: PEFT's L
 PATTERN = re.compile(r"\^?[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")  # a module name (PEFT takes regexes: refused)
 MAX_ALPHA = 65536.0  # kohya and PEFT: alpha about the rank (at most a few hundred), often 1
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2"}  # bf16: the high half of a float32
+# an alpha may be an integer too: kohya's svd_merge_lora.py writes torch.tensor(rank), an int64
+INTEGER_DTYPES = ("I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8")
+NUMPY_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": "<u2",  # bf16: the high half of a float32
+                "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2",
+                "U8": "u1"}
 MAX_ADAPTER_RANK = 256  # published LoRAs: 4 to 128
 MAX_REQUEST_ADAPTERS = 4  # adapters one request may name (each adds its rank to every adapted layer's work)
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -125,6 +129,9 @@ class _Module:
 
 
 def _refuse_key(path: Path, key: str) -> NoReturn:
+    if key.startswith(("lora_te1_", "lora_te2_")):
+        raise AdapterError(f"{path}: {key!r} adapts one of the two text encoders of an SDXL model (lora_te1_, "
+                           f"lora_te2_); expected a LoRA for this model, whose one text encoder's keys are lora_te_")
     for marker, kind in OTHER_KINDS.items():
         if marker in key:
             raise AdapterError(f"{path}: {key!r} belongs to {kind}, which is not a plain LoRA; expected a LoRA "
@@ -315,9 +322,8 @@ def _placed(path: Path, module: _Module, header: dict[str, tuple[str, tuple[int,
     if "alpha" in module.keys:
         alpha_key = module.keys["alpha"]
         dtype, shape = header[alpha_key]
-        if dtype not in FLOAT_DTYPES or shape not in ((), (1,)):
-            raise AdapterError(f"{path}: {alpha_key!r} is {dtype} of shape {list(shape)}; expected one floating "
-                               f"point number")
+        if dtype not in FLOAT_DTYPES + INTEGER_DTYPES or shape not in ((), (1,)):
+            raise AdapterError(f"{path}: {alpha_key!r} is {dtype} of shape {list(shape)}; expected one number")
         return PendingUpdate(update, rank, False, alpha_key)
     if config is None:
         return PendingUpdate(update, rank, False, float(rank))  # no alpha: a scale of 1, as diffusers and kohya
@@ -337,8 +343,11 @@ def with_factors(path: Path, pending: Sequence[PendingUpdate], alphas: Mapping[s
     for placed in pending:
         alpha = alphas.get(placed.alpha, placed.alpha) if isinstance(placed.alpha, str) else placed.alpha
         if not is_alpha(alpha):
-            raise AdapterError(f"{path}: the alpha of {placed.update.target!r} is {alpha!r}; expected a number above "
-                               f"0 and at most {MAX_ALPHA:g}")
+            named = repr(placed.alpha) if isinstance(placed.alpha, str) else f"the alpha of {placed.update.down!r}"
+            zero = (" (kohya reads an alpha of 0 as the rank, diffusers as 0: write the alpha meant)"
+                    if alpha == 0 else "")
+            raise AdapterError(f"{path}: {named} is {alpha!r}; expected a number above 0 and at most "
+                               f"{MAX_ALPHA:g}{zero}")
         factor = scale * alpha / (math.sqrt(placed.rank) if placed.rslora else placed.rank)
         updates.append(dataclasses.replace(placed.update, factor=factor))
     return tuple(updates)
@@ -369,7 +378,7 @@ def read_header(path: Path) -> tuple[dict[str, Entry], dict[str, str]]:
     ``path``, checked as ``ldm_runtime.safetensors_header`` checks every file it reads, and float dtypes only."""
     tensors, metadata = safetensors_header.read_header(path, check_adapter_file(path), AdapterError)
     for name, (dtype, shape, _, _) in tensors.items():
-        if dtype not in FLOAT_DTYPES:
+        if dtype not in FLOAT_DTYPES and not (dtype in INTEGER_DTYPES and shape in ((), (1,))):  # an alpha's int
             raise AdapterError(f"{path}: tensor {name!r} of shape {list(shape)} has dtype {dtype}; expected floating "
                                f"point data ({', '.join(FLOAT_DTYPES)})")
     return tensors, metadata

@@ -102,7 +102,10 @@ def read_header(path: Path, size: int, error: Refusal) -> tuple[dict[str, Entry]
     with open(path, "rb") as handle:
         first = handle.read(8)
         length = int.from_bytes(first, "little")
-        if size < 8 or length > min(MAX_HEADER_BYTES, size - 8):
+        if size < 8:
+            raise error(f"{path} is {size} bytes, fewer than the 8 that give a safetensors header's length; expected "
+                        f"{EXPECTED}")
+        if length > min(MAX_HEADER_BYTES, size - 8):
             _refuse_pickle(path, first, error)
             raise error(f"{path} is {size} bytes and its first 8 give a header of {length} bytes; expected "
                         f"{EXPECTED} with a header of at most {MAX_HEADER_BYTES} bytes")

@@ -26,6 +26,7 @@ import ldm_export.lora
 from ldm_export.errors import ImportRefusedError
 from ldm_export.lora import AdapterFile, adapter_argument, read_adapter, targets_from_shapes
 from ldm_export.sd_import import import_source, main
+from ldm_runtime.adapters import UNET, load_adapter
 from ldm_runtime.config import ConfigError, ModelConfig
 from ldm_runtime.noise import initial_noise
 from tests.conftest import base_seed
@@ -433,6 +434,18 @@ def _hostile_files(folder: Path) -> dict[str, tuple[Path, str]]:
                                        "unet.conv_in.lora_B.weight": torch.zeros(16, 2, 1, 1)},
          "rank_pattern", metadata={"lora_adapter_metadata": json.dumps(
              {"unet.r": 2, "unet.lora_alpha": 2, "unet.rank_pattern": {"(a+)+$": 2}})})
+    nan_up = torch.zeros(16, 2, 1, 1)
+    nan_up[3, 1] = float("nan")
+    case("nan_weight.safetensors", {f"{conv_in}.lora_down.weight": torch.zeros(2, 4, 3, 3),
+                                    f"{conv_in}.lora_up.weight": nan_up}, "holds values that are not finite")
+    case("zero_alpha.safetensors", {f"{conv_in}.lora_down.weight": torch.zeros(2, 4, 3, 3),
+                                    f"{conv_in}.lora_up.weight": torch.zeros(16, 2, 1, 1),
+                                    f"{conv_in}.alpha": torch.tensor(0.0)},
+         f"'{conv_in}.alpha' is 0.0; expected a number above 0 and at most 65536 (kohya reads an alpha of 0")
+    case("sdxl.safetensors", {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 8),
+                              "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 2)},
+         "the two text encoders of an SDXL model")
+    case("five_bytes.safetensors", None, "is 5 bytes, fewer than the 8", data=b"\x00" * 5)
     case("garbage.safetensors", None, "header", data=b"\x10\x00\x00\x00\x00\x00\x00\x00not json, not a header")
     case("huge_header.safetensors", None, "header", data=(1 << 40).to_bytes(8, "little") + b"{}")
     case("pickled.pt", None, "never unpickles", data=b"not even a pickle: it must never be read")
@@ -445,8 +458,8 @@ def hostile(tmp_path_factory):
     return _hostile_files(tmp_path_factory.mktemp("hostile") / "files")
 
 
-HOSTILE = ("unknown_key", "not_lora", "misshapen", "loha", "down_only", "nan_alpha", "regex_pattern", "garbage",
-           "huge_header", "pickled", "not_safetensors")
+HOSTILE = ("unknown_key", "not_lora", "misshapen", "loha", "down_only", "nan_alpha", "regex_pattern", "nan_weight",
+           "zero_alpha", "sdxl", "five_bytes", "garbage", "huge_header", "pickled", "not_safetensors")
 
 
 def _refused(capsys, argv: list[str]) -> str:
@@ -463,6 +476,20 @@ def test_hostile_adapter_is_refused_in_one_line_naming_it_before_anything_is_wri
     line = _refused(capsys, [str(tiny_checkpoint), "--lora", str(path), "--out", str(tmp_path / "out")])
     assert named in line and str(path) in line, line
     assert list(tmp_path.iterdir()) == [], "nothing written, not even a temporary folder"
+
+
+def test_an_adapter_whose_change_overflows_the_weights_is_refused_and_nothing_is_written(tiny_checkpoint, tmp_path,
+                                                                                       capsys):
+    out_channels = load_file(str(tiny_checkpoint / "unet.safetensors"))["conv_in.weight"].shape[0]
+    path = tmp_path / "overflowing.safetensors"  # finite factors whose product is not: an inf weight, exit 0
+    save_file({"lora_unet_conv_in.lora_down.weight": torch.full((2, 4, 3, 3), 1e20),
+               "lora_unet_conv_in.lora_up.weight": torch.full((out_channels, 2, 1, 1), 1e20)}, str(path))
+    code = main([str(tiny_checkpoint), "--lora", str(path), "--out", str(tmp_path / "out")])
+    assert code == 2 and capsys.readouterr().err.splitlines()[-1] == (
+        f"ldm-import: error: {path}: 'lora_unet_conv_in.lora_down.weight' and 'lora_unet_conv_in.lora_up.weight' at "
+        f"scale 1 change 'conv_in.weight' past what its dtype holds (values that are not finite); expected an adapter "
+        f"whose change fits")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["overflowing.safetensors"]
 
 
 def test_hostile_adapter_to_a_stable_diffusion_import_is_refused_before_anything_is_written(source, hostile, tmp_path,
@@ -493,6 +520,31 @@ def test_text_encoder_adapter_of_a_checkpoint_without_text_encoder_weights_is_re
 def test_bad_lora_flag_is_refused_in_one_line(tiny_checkpoint, tmp_path, capsys, value, named):
     line = _refused(capsys, [str(tiny_checkpoint), "--lora", value, "--out", str(tmp_path / "out")])
     assert named in line and value in line, line
+
+
+def test_the_same_adapter_twice_is_refused_naming_both_flags(tiny_checkpoint, own_adapter, tmp_path, capsys):
+    again = tmp_path / "link.safetensors"
+    again.symlink_to(own_adapter)  # fused it twice, at twice the scale
+    line = _refused(capsys, [str(tiny_checkpoint), "--lora", str(own_adapter), "--lora", f"{again}:0.5",
+                             "--out", str(tmp_path / "out")])
+    assert line == (f"ldm-import: error: --lora {again} is given twice (as {own_adapter} too); expected each adapter "
+                    f"once, with the scale meant (PATH:SCALE)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_integer_alpha_fuses_as_the_same_float_alpha(tiny_checkpoint, tmp_path, capsys):
+    base = load_file(str(tiny_checkpoint / "unet.safetensors"))["conv_in.weight"]
+    generator = torch.Generator().manual_seed(_seed("int-alpha"))
+    down, up = torch.randn(2, 4, 3, 3, generator=generator), torch.randn(base.shape[0], 2, 1, 1, generator=generator)
+    for name, alpha in (("int", torch.tensor(3)), ("float", torch.tensor(3.0))):  # kohya's svd_merge writes int64
+        path = tmp_path / f"{name}.safetensors"
+        save_file({"lora_unet_conv_in.lora_down.weight": down, "lora_unet_conv_in.lora_up.weight": up,
+                   "lora_unet_conv_in.alpha": alpha}, str(path))
+        assert main([str(tiny_checkpoint), "--lora", str(path), "--out", str(tmp_path / name)]) == 0, \
+            capsys.readouterr().err
+        assert load_adapter(name, path, {UNET: targets_from_shapes({"conv_in.weight": tuple(base.shape)})}).modules
+    fused = {name: load_file(str(tmp_path / name / "unet.safetensors"))["conv_in.weight"] for name in ("int", "float")}
+    assert torch.equal(fused["int"], fused["float"]) and not torch.equal(fused["int"], base)
 
 
 def test_lora_flag_reads_the_scale_after_the_last_colon_unless_the_path_exists(tmp_path):
