@@ -180,6 +180,16 @@ class StepGate:
             return False
 
 
+def with_images_it_needs(request: GenerationRequest, info: Any) -> GenerationRequest:
+    """``request`` as an engine of ``info`` can serve it without a client's images: on an inpainting engine (which
+    repaints an image, never samples from text alone) with a blank image of its size and a mask over all of it."""
+    if not getattr(info, "inpainting", False):
+        return request
+    side = info.image_size
+    return dataclasses.replace(request, init_image=np.zeros((side, side, 3), np.uint8),
+                               mask=np.full((side, side), 255, np.uint8))
+
+
 def warm_up_batch_sizes(max_batch: int) -> list[int]:
     """The image counts the worker warms up with: 1, 2, 4, ... below ``max_batch``, then ``max_batch``."""
     return list(batch_buckets_for(max(1, max_batch)))
@@ -328,7 +338,8 @@ class Batcher:
     def _warm_up(self) -> None:
         """One short request alone, then batches of 2, 4, ... images and a full one, so that the first real requests
         pay no first-call costs: engines compile or prepare each batch bucket (powers of two) on its first call."""
-        request = GenerationRequest(prompt="warm up", seed=0, steps=1)
+        request = with_images_it_needs(GenerationRequest(prompt="warm up", seed=0, steps=1),
+                                       getattr(self.pipeline, "info", None))
         sizes = warm_up_batch_sizes(self.config.max_batch)
         try:
             for size in sizes:

@@ -35,7 +35,7 @@ from ldm_runtime.errors import RequestError, UserError
 from ldm_runtime.pipeline import GenerationRequest, Pipeline
 from ldm_runtime.previews import PREVIEW_FILE, load_latent_preview, preview_for
 from ldm_serve.app import create_app
-from ldm_serve.batcher import Batcher, BatcherConfig, StepGate
+from ldm_serve.batcher import Batcher, BatcherConfig, StepGate, with_images_it_needs
 from ldm_serve.browser import ANY_HOST, LOOPBACK_HOSTS
 from ldm_serve.metrics import ServeMetrics
 from ldm_serve.protocol import GuardedH11Protocol
@@ -117,7 +117,7 @@ def build_app(args: argparse.Namespace, api_key: str | None = None):
                                         steps=default_steps, guidance_interval=args.guidance_interval,
                                         cache_interval=args.cache_interval, cache_schedule=args.cache_schedule)
     try:
-        pipeline.validate(default_request)
+        pipeline.validate(with_images_it_needs(default_request, info))
     except RequestError as error:
         if error.field in SETTING_FLAGS:  # the model's default, or the flag that overrides it
             flag, value = SETTING_FLAGS[error.field], getattr(pipeline.resolve(default_request), error.field)

@@ -279,7 +279,7 @@ def test_the_edit_routes_refusals_outside_the_client_are_in_openais_shape(server
     cross_site = httpx.post(url, files=[("prompt", (None, "a")), image_part], timeout=60,
                             headers={"Origin": "https://elsewhere.example"})
     assert cross_site.status_code == 403 and cross_site.json()["error"]["param"] == "origin", cross_site.text
-    own = httpx.post(url, files=[("prompt", (None, "a")), ("steps", (None, "1")), image_part], timeout=60,
+    own = httpx.post(url, files=[("prompt", (None, "a")), ("steps", (None, "2")), image_part], timeout=60,
                      headers={"Origin": server.url})
     assert own.status_code == 200, own.text
     long_prompt = httpx.post(url, files=[("prompt", (None, "x" * 6000)), image_part], timeout=60)
@@ -312,3 +312,33 @@ def test_the_edit_route_admits_two_of_the_largest_uploads_and_no_more(server):
                       files={"prompt": (None, "a"), "image": ("a.png", bytes(limit))})
     assert over.status_code == 413 and f"the body is over {limit} bytes" in over.json()["error"]["message"]
     assert over.json()["error"]["param"] == "body"
+
+
+# ---------------------------------------------------------------- an inpainting model
+
+
+def test_an_inpainting_model_is_served_its_edits_and_a_request_without_images_is_422(tmp_path, rng):
+    import dataclasses
+
+    from ldm_runtime.config import inpainting_channels
+    from ldm_train.checkpoint import write_random_checkpoint
+    from tests.ldm_export.tiny_checkpoint import TINY_CONFIG
+
+    config = dataclasses.replace(TINY_CONFIG, unet=dataclasses.replace(
+        TINY_CONFIG.unet, in_channels=inpainting_channels(TINY_CONFIG.autoencoder.latent_channels)))
+    checkpoint = tmp_path / "inpaint"
+    write_random_checkpoint(checkpoint, config, seed=int(rng.integers(0, 2**31)))
+    running = Server(checkpoint, "--max-steps", "4", "--default-steps", "2").wait_ready()  # refused to start
+    try:
+        assert httpx.get(f"{running.url}/readyz", timeout=60).status_code == 200  # its warm-up repaints
+        image, mask = random_edit(rng)
+        edited = post(running.url, {"prompt": PROMPTS[0], "seed": 3, "init_image": b64(png(image)),
+                                    "mask": b64(png(mask))})
+        assert edited.status_code == 200, edited.text
+        kept = pixels_of(base64.b64decode(edited.json()["images"][0]))[mask < 128]
+        assert np.array_equal(kept, image[mask < 128])
+        text_only = post(running.url, {"prompt": PROMPTS[0], "seed": 3})
+        assert text_only.status_code == 422 and text_only.json()["error"]["field"] == "init_image", text_only.text
+        assert "this is an inpainting model" in text_only.json()["error"]["message"]
+    finally:
+        running.stop()
