@@ -228,9 +228,11 @@ def batch_indices(num_items: int, step: int, batch_size: int, process: Process, 
     """Indices of this rank's samples in ``step``: epoch-wise shuffles, each item once per epoch, no drop of ranks."""
     global_batch = batch_size * process.world_size
     if num_items < global_batch:
+        fix = (f"lower --batch-size to {num_items // process.world_size} or less" if num_items >= process.world_size
+               else f"run at most {num_items} process(es)")
         raise ConfigError(
             f"the data set has {num_items} items, fewer than one global batch of {global_batch} "
-            f"(--batch-size {batch_size} x {process.world_size} processes)"
+            f"(--batch-size {batch_size} x {process.world_size} processes); {fix}"
         )
     batches_per_epoch = num_items // global_batch
     epoch, position = divmod(step, batches_per_epoch)

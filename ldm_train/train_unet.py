@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,8 @@ from ldm_train.run import (
 from ldm_train.samples import fetch_images, save_grid
 
 STAGE = "unet"
+
+logger = logging.getLogger(__name__)
 PREVIEW_TIMESTEPS = (250, 500, 750)
 
 
@@ -219,6 +222,7 @@ def encode_dataset(dataset, autoencoder: Autoencoder, text_encoder: TextEncoder,
     distinct = [""] + sorted(set(captions) - {""})
     position = {caption: index for index, caption in enumerate(distinct)}
     input_ids, attention_mask = text_encoder.tokenize(distinct)
+    warn_truncated_captions(distinct, input_ids, attention_mask, text_encoder)
     context = None
     if not text_encoder.trainable:
         parts = []
@@ -232,6 +236,27 @@ def encode_dataset(dataset, autoencoder: Autoencoder, text_encoder: TextEncoder,
         caption_ids=torch.tensor([position[caption] for caption in captions]),
         input_ids=input_ids, attention_mask=attention_mask, context=context,
     )
+
+
+def warn_truncated_captions(captions: list[str], input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                            text_encoder: TextEncoder) -> None:
+    """One warning if any of ``captions`` (distinct) has more tokens than its row of ``input_ids`` holds: how many
+    were cut, to how many tokens, and how many of those now read the same as another caption."""
+    tokenizer = getattr(text_encoder, "tokenizer", None)
+    full = [index for index in range(len(captions)) if bool(attention_mask[index].all())]
+    if tokenizer is None or not full:
+        return
+    max_length = input_ids.shape[1]
+    lengths = tokenizer([captions[index] for index in full], truncation=False, verbose=False)["input_ids"]
+    cut = [index for index, ids in zip(full, lengths) if len(ids) > max_length]
+    if not cut:
+        return
+    _, inverse, counts = torch.unique(input_ids, dim=0, return_inverse=True, return_counts=True)
+    merged = sum(int(counts[inverse[index]]) > 1 for index in cut)
+    same = f", and {merged} of them now read the same as another caption" if merged else ""
+    logger.warning("%d of %d distinct captions are longer than the text encoder's %d tokens and were cut to %d%s; "
+                   "the words past the cut do not condition the model", len(cut), len(captions), max_length,
+                   max_length, same)
 
 
 def initialise_unet(unet: UNet, folder: Path) -> None:

@@ -22,15 +22,23 @@ def build_dataset(spec: str, image_size: int, seed: int, skip_bad: bool = False,
                   length: int | None = None) -> ShapesDataset | ImageFolderDataset:
     """The data set named by ``spec``.
 
-    ``"shapes"``: ``ShapesDataset`` of ``length`` items (default 20000) with ``seed``; ``"shapes:N"``: N items.
+    ``"shapes"``: ``ShapesDataset`` of ``length`` items (default 20000) with ``seed``; ``"shapes:N"``: N items;
+    ``"shapes"`` where a folder ``shapes`` exists is refused as ambiguous (``./shapes`` names the folder).
     A folder: its images with ``<stem>.txt`` sidecar captions. A ``.jsonl`` / ``.csv`` file: that manifest,
     with image paths relative to the manifest's folder. ``seed`` and ``length`` apply to shapes only;
     ``skip_bad`` to folders only.
     """
+    if not spec:
+        raise DataError("dataset '' is empty; expected 'shapes', 'shapes:N', a folder or a .jsonl/.csv manifest")
     name, colon, count = spec.partition(":")
     if name == "shapes":
+        default = length if length is not None else DEFAULT_SHAPES_LENGTH
+        if not colon and Path(spec).is_dir():
+            raise DataError(f"dataset 'shapes' names both the built-in procedural set and the folder "
+                            f"{Path(spec).resolve()}; pass './shapes' for the folder or 'shapes:N' (e.g. "
+                            f"'shapes:{default}') for the built-in set")
         if not colon:
-            return ShapesDataset(length if length is not None else DEFAULT_SHAPES_LENGTH, image_size, seed)
+            return ShapesDataset(default, image_size, seed)
         if not count.isdigit() or not 1 <= int(count) <= MAX_SHAPES_ITEMS:
             raise DataError(f"dataset {spec!r} has a bad item count {count!r}; expected 'shapes:N' with N from 1 to "
                             f"{MAX_SHAPES_ITEMS}")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -342,6 +344,166 @@ def test_missing_file_and_empty_folders_raise_data_error(tmp_path):
         ImageFolderDataset(tmp_path / "empty", image_size=8)
 
 
+def test_16_bit_grayscale_png_keeps_its_gradient(tmp_path):
+    gradient = np.tile(np.linspace(0, 65535, 64).round().astype(np.uint16), (64, 1))
+    Image.fromarray(gradient).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    (tmp_path / "deep.txt").write_text("a grey ramp")
+    image, _ = ImageFolderDataset(tmp_path, image_size=64)[0]
+    expected = torch.from_numpy(np.rint(gradient / 257)).float() / 127.5 - 1
+    for channel in image:
+        assert torch.allclose(channel, expected, atol=1.5 / 127.5)
+
+
+def test_float_pixels_are_refused_in_one_line(tmp_path):
+    Image.new("F", (24, 24), 0.5).save(tmp_path / "float.png", format="TIFF")  # the content decides, not the name
+    (tmp_path / "float.txt").write_text("floats")
+    with pytest.raises(DataError, match=r"float\.png: its pixels are 32-bit floats \(Pillow mode F\)"):
+        ImageFolderDataset(tmp_path, image_size=8)
+
+
+def test_files_of_other_image_types_are_left_out_with_one_warning(tmp_path, caplog):
+    _solid_image(tmp_path / "a.png", (1, 2, 3))
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "a.json").write_text("{}")  # per-image metadata beside an accepted image: no warning
+    Image.new("RGB", (8, 8)).save(tmp_path / "b.gif")
+    (tmp_path / "b.txt").write_text("b")
+    (tmp_path / "sub").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "sub" / "c.tif")
+    (tmp_path / "d.heic").write_bytes(b"heic")
+    (tmp_path / "e.jp").write_bytes(b"?")
+    (tmp_path / "e.txt").write_text("e")
+    (tmp_path / "notes.md").write_text("no caption beside it: not an image")
+    with caplog.at_level(logging.WARNING, logger="ldm_train.data.image_folder"):
+        dataset = ImageFolderDataset(tmp_path, image_size=8)
+    assert dataset.captions == ["a"]
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 1, warnings
+    assert re.fullmatch(r"left out 4 file\(s\) in .* that are not \.png/.*/\.bmp images: b\.gif, d\.heic, e\.jp "
+                        r"and 1 more", warnings[0]), warnings[0]
+
+
+def test_folder_symlinks_are_followed_and_each_real_folder_is_read_once(tmp_path):
+    root, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    _solid_image(root / "a.png", (1, 2, 3))
+    (root / "a.txt").write_text("a")
+    _solid_image(elsewhere / "b.png", (4, 5, 6))
+    (elsewhere / "b.txt").write_text("b")
+    (root / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    (elsewhere / "back").symlink_to(root, target_is_directory=True)
+    dataset = ImageFolderDataset(root, image_size=8)
+    assert sorted(dataset.captions) == ["a", "b"]
+
+
+def test_a_dangling_image_symlink_is_one_line_or_skipped_with_skip_bad(tmp_path, caplog):
+    _solid_image(tmp_path / "a.png", (1, 2, 3))
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "gone.png").symlink_to(tmp_path / "moved" / "gone.png")
+    (tmp_path / "gone.txt").write_text("gone")
+    with pytest.raises(DataError, match=r"gone\.png: it is a symbolic link to .*moved/gone\.png, which does not "
+                                        r"exist; pass --skip-bad-images"):
+        ImageFolderDataset(tmp_path, image_size=8)
+    with caplog.at_level(logging.WARNING, logger="ldm_train.data.image_folder"):
+        dataset = ImageFolderDataset(tmp_path, image_size=8, skip_bad=True)
+    assert dataset.captions == ["a"] and "gone.png" in caplog.text
+
+
+def _unlistable(monkeypatch, folder: Path, error: OSError):
+    """``os.scandir`` of ``folder`` raises ``error``, as for a folder without read permission (root reads any)."""
+    scandir = os.scandir
+
+    def failing(path="."):
+        if os.fspath(path) == str(folder):
+            raise error
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", failing)
+
+
+@pytest.mark.parametrize("error, reason", [
+    (PermissionError(13, "Permission denied"), "Permission denied"),
+    (FileNotFoundError(2, "No such file or directory"), "it vanished during the scan"),
+])
+def test_a_subfolder_that_cannot_be_listed_is_one_line_or_skipped_with_skip_bad(tmp_path, monkeypatch, caplog,
+                                                                                 error, reason):
+    _solid_image(tmp_path / "a.png", (1, 2, 3))
+    (tmp_path / "a.txt").write_text("a")
+    _solid_image(tmp_path / "locked" / "b.png", (1, 2, 3))
+    (tmp_path / "locked" / "b.txt").write_text("b")
+    error.filename = str(tmp_path / "locked")
+    _unlistable(monkeypatch, tmp_path / "locked", error)
+    with pytest.raises(DataError, match=rf"cannot read folder .*locked: {reason}; pass --skip-bad-images"):
+        build_dataset(str(tmp_path), image_size=8, seed=0)
+    with caplog.at_level(logging.WARNING, logger="ldm_train.data.image_folder"):
+        dataset = build_dataset(str(tmp_path), image_size=8, seed=0, skip_bad=True)
+    assert dataset.captions == ["a"] and f"skipping unreadable folder {tmp_path / 'locked'}: {reason}" in caplog.text
+
+
+def test_unreadable_caption_file_and_manifest_are_one_line_naming_them(tmp_path, monkeypatch):
+    _solid_image(tmp_path / "a.png", (1, 2, 3))
+    (tmp_path / "a.txt").write_text("a")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"file": "a.png", "caption": "a"}) + "\n")
+    read_text, open_file = Path.read_text, Path.open
+
+    def locked(original):
+        def read(self, *args, **kwargs):
+            if self.name in ("a.txt", "m.jsonl"):
+                raise PermissionError(13, "Permission denied", str(self))
+            return original(self, *args, **kwargs)
+        return read
+
+    monkeypatch.setattr(Path, "read_text", locked(read_text))
+    monkeypatch.setattr(Path, "open", locked(open_file))
+    with pytest.raises(DataError, match=r"^cannot read caption file .*a\.txt: Permission denied$"):
+        ImageFolderDataset(tmp_path, image_size=8)
+    with pytest.raises(DataError, match=r"^cannot read caption manifest .*m\.jsonl: Permission denied$"):
+        ImageFolderDataset(tmp_path, image_size=8, captions=tmp_path / "m.jsonl")
+
+
+def test_hugging_face_imagefolder_metadata_with_file_name_is_a_manifest(tmp_path):
+    _solid_image(tmp_path / "train" / "0001.png", (1, 2, 3))
+    metadata = tmp_path / "train" / "metadata.jsonl"
+    metadata.write_text(json.dumps({"file_name": "0001.png", "text": "a dark square"}) + "\n")
+    assert build_dataset(str(metadata), image_size=8, seed=0).captions == ["a dark square"]
+
+
+def test_a_missing_sidecar_names_the_spellings_looked_for_and_a_metadata_manifest_beside_it(tmp_path):
+    _solid_image(tmp_path / "train" / "0001.png", (1, 2, 3))
+    (tmp_path / "train" / "metadata.csv").write_text("file_name,text\n0001.png,a dark square\n")
+    with pytest.raises(DataError, match=r"neither 0001\.txt nor 0001\.TXT exists beside it; expected a <stem>\.txt "
+                                        r"caption file per image, or a \.jsonl/\.csv manifest such as "
+                                        r".*train/metadata\.csv \(pass it as --data\)$"):
+        build_dataset(str(tmp_path / "train"), image_size=8, seed=0)
+
+
+def test_an_upper_case_image_name_finds_its_upper_case_caption(tmp_path):
+    _solid_image(tmp_path / "B.PNG", (1, 2, 3))
+    (tmp_path / "B.TXT").write_text("shouted")
+    assert ImageFolderDataset(tmp_path, image_size=8).captions == ["shouted"]
+
+
+def test_an_os_error_reads_as_one_tidy_clause(tmp_path, monkeypatch):
+    _solid_image(tmp_path / "x.png", (1, 2, 3))
+    (tmp_path / "x.txt").write_text("x")
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Image, "open", denied)
+    with pytest.raises(DataError, match=r"x\.png: Permission denied; pass --skip-bad-images to skip such files$"):
+        ImageFolderDataset(tmp_path, image_size=8)
+
+
+def test_an_image_past_pillows_pixel_limit_says_so_with_its_size(tmp_path, monkeypatch):
+    _solid_image(tmp_path / "x.png", (1, 2, 3))
+    (tmp_path / "x.txt").write_text("x")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(DataError, match=r"x\.png: it has 576 pixels, more than Pillow's limit of 200 \(2 x "
+                                        r"PIL\.Image\.MAX_IMAGE_PIXELS, a guard against decompression bombs\); pass"):
+        ImageFolderDataset(tmp_path, image_size=8)
+
+
 # --- build_dataset ----------------------------------------------------------------------------------
 
 def test_build_dataset_shapes_specs_set_length_and_seed(seed):
@@ -378,3 +540,22 @@ def test_a_shapes_count_past_what_an_epoch_order_holds_is_one_line():
     assert len(build_dataset(f"shapes:{MAX_SHAPES_ITEMS}", 16, 0)) == MAX_SHAPES_ITEMS
     with pytest.raises(Exception, match="--image-size is 100000; expected 16 to 256 pixels"):
         ClassifierTrainSettings(out="x", image_size=100000).validate()
+
+
+def test_shapes_where_a_shapes_folder_exists_is_refused_as_ambiguous(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _solid_image(tmp_path / "shapes" / "a.png", (1, 2, 3))
+    (tmp_path / "shapes" / "a.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"names both the built-in procedural set and the folder .*shapes; pass "
+                                        r"'\./shapes' for the folder or 'shapes:N' \(e\.g\. 'shapes:20000'\) for"):
+        build_dataset("shapes", image_size=16, seed=0)
+    assert build_dataset("./shapes", image_size=16, seed=0).captions == ["mine"]
+    assert isinstance(build_dataset("shapes:3", image_size=16, seed=0), ShapesDataset)
+
+
+def test_an_empty_spec_is_refused_rather_than_read_as_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _solid_image(tmp_path / "a.png", (1, 2, 3))
+    (tmp_path / "a.txt").write_text("a")
+    with pytest.raises(DataError, match=r"^dataset '' is empty; expected 'shapes', 'shapes:N', a folder or"):
+        build_dataset("", image_size=8, seed=0)

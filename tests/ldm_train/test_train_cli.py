@@ -180,6 +180,7 @@ def test_two_process_ddp_run_on_gloo_writes_a_checkpoint(autoencoder_dir, tmp_pa
 BAD_INPUTS = [
     (["autoencoder", "--preset", "huge"], "unknown preset 'huge'"),
     (["autoencoder", "--data", "/no/such/folder"], "/no/such/folder"),
+    (["autoencoder", "--data", ""], "dataset '' is empty; expected 'shapes', 'shapes:N', a folder or"),
     (["autoencoder", "--factor", "3"], "f=3 is not a power of two"),
     (["autoencoder", "--channels", "20", "--num-groups", "8"], "20"),
     (["autoencoder", "--learning-rate", "-0.1"], "--learning-rate is -0.1"),
@@ -446,6 +447,17 @@ def test_an_overwrite_run_that_fails_before_its_first_save_leaves_the_old_folder
     assert "fewer than one global batch" in capsys.readouterr().err
     assert folder_bytes(out) == before
     assert not [name for name in os.listdir(tmp_path) if ".partial-" in name]  # beside it: only the run lock, .ae.lock
+
+
+def test_a_data_set_smaller_than_one_global_batch_names_the_largest_batch_size_that_fits():
+    from ldm_runtime.config import ConfigError
+    from ldm_train.run import Process, batch_indices
+
+    with pytest.raises(ConfigError, match=r"has 4 items, fewer than one global batch of 32 \(--batch-size 16 x 2 "
+                                          r"processes\); lower --batch-size to 2 or less$"):
+        batch_indices(4, 0, 16, Process(rank=0, world_size=2, device=torch.device("cpu")), seed=0)
+    with pytest.raises(ConfigError, match=r"run at most 1 process\(es\)$"):
+        batch_indices(1, 0, 1, Process(rank=0, world_size=2, device=torch.device("cpu")), seed=0)
 
 
 def test_an_overwrite_runs_logs_and_samples_reach_the_folder_at_its_first_save(autoencoder_dir, tmp_path):

@@ -1,5 +1,7 @@
 """The UNet stage's data: what the UNet is trained on is a sample of the autoencoder's posterior, as in LDM."""
 
+import logging
+
 import torch
 
 from ldm_runtime.config import AutoencoderConfig
@@ -17,6 +19,38 @@ class CaptionsOnly:
 
     def tokenize(self, prompts):
         return torch.zeros(len(prompts), 4, dtype=torch.long), torch.ones(len(prompts), 4, dtype=torch.long)
+
+
+class WordTokens:
+    """A trainable text encoder whose tokens are words, cut (or padded) to ``max_length``, with its tokenizer."""
+
+    trainable = True
+
+    def __init__(self, max_length: int):
+        self.max_length = max_length
+        self.vocabulary: dict[str, int] = {}
+
+    def tokenizer(self, prompts, truncation=True, verbose=True):
+        return {"input_ids": [[self.vocabulary.setdefault(word, len(self.vocabulary) + 1) for word in prompt.split()]
+                              for prompt in prompts]}
+
+    def tokenize(self, prompts):
+        ids = torch.zeros(len(prompts), self.max_length, dtype=torch.long)
+        for row, words in enumerate(self.tokenizer(prompts)["input_ids"]):
+            ids[row, :len(words[:self.max_length])] = torch.tensor(words[:self.max_length], dtype=torch.long)
+        return ids, (ids != 0).long()
+
+
+def test_captions_cut_at_the_token_limit_get_one_warning_counting_those_that_merged(caplog):
+    captions = ["a red circle on the left", "a red circle on the right", "a blue square on top", "a cat", "one two"]
+    images = torch.zeros(len(captions), 3, 16, 16)
+    with caplog.at_level(logging.WARNING, logger="ldm_train.train_unet"):
+        encode_dataset(list(zip(images, captions)), Autoencoder(TINY_AUTOENCODER).eval(), WordTokens(4),
+                       torch.device("cpu"), batch_size=8, show_progress=False)
+    warnings = [record.getMessage() for record in caplog.records]
+    assert warnings == ["3 of 6 distinct captions are longer than the text encoder's 4 tokens and were cut to 4, "
+                        "and 2 of them now read the same as another caption; the words past the cut do not "
+                        "condition the model"]
 
 
 def test_unet_training_latents_are_posterior_samples_with_the_posterior_spread(seed):
