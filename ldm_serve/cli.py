@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key-file", default=None, metavar="FILE",
                         help=f"require 'Authorization: Bearer KEY' with the key in FILE, a UTF-8 text file (or set "
                              f"{API_KEY_ENV}), on every route but the page /, /healthz and /readyz: /v1/images, "
-                             f"/v1/images/generations, /metrics, /openapi.json and /docs (the page has a field for "
+                             f"/v1/images/generations, /v1/images/edits, /metrics, /openapi.json and /docs (the page "
+                             f"has a field for "
                              f"the key)")
     parser.add_argument("--allowed-hosts", action="append", metavar="NAME",
                         help="a Host name the server answers besides loopback's and --host's, against DNS "

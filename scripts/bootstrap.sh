@@ -28,8 +28,8 @@ want="$(cat "$root/pyproject.toml" "$root/scripts/bootstrap.sh" "$root/scripts/l
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
     exit 0
 fi
-if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
-    echo "bootstrap: $python is not Python >= 3.10; set PYTHON=/path/to/python3.10+" >&2
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "bootstrap: $python is not Python >= 3.11; set PYTHON=/path/to/python3.11+" >&2
     exit 1
 fi
 if [ ! -x "$venv/bin/python" ]; then
