@@ -433,8 +433,8 @@ def test_help_says_which_routes_the_api_key_protects_and_lists_the_timeouts():
                             timeout=120)
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
-    assert ("on every route but the page /, /healthz and /readyz: /v1/images, /v1/images/generations, /metrics, "
-            "/openapi.json and /docs") in text
+    assert ("on every route but the page /, /healthz and /readyz: /v1/images, /v1/images/generations, "
+            "/v1/images/edits, /metrics, /openapi.json and /docs") in text
     for flag in ("--header-timeout", "--body-timeout", "--drain-timeout"):
         assert flag in text
 
