@@ -157,7 +157,7 @@ def build_app(args: argparse.Namespace, api_key: str | None = None):
                    f"queue {args.max_queue}, default sampler {sampler} {default_steps} steps"
                    f"{_default_settings_text(default_request)}"
                    f"{', adapters ' + ', '.join(adapter_names) if adapter_names else ''}"
-                   f", previews {'from ' + PREVIEW_FILE if stored_preview else 'fitted at start'}"
+                   f", previews {'from ' + PREVIEW_FILE if stored_preview else 'fitted at start or by the decoder'}"
                    f"{', API key required' if api_key else ''})")
     if note := precision_note(engine, args.precision):  # once every flag is known good
         logging.getLogger("ldm_runtime.engines").info(note)
