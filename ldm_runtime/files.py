@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import stat
@@ -64,7 +65,7 @@ def read_description(folder: str | Path, name: str, kind: str, error: Callable[[
         raise error(f"{path} is more than {MAX_DESCRIPTION_BYTES} bytes; expected a {name} of at most "
                     f"{MAX_DESCRIPTION_BYTES} bytes")
     try:
-        return json.loads(data.decode("utf-8"))
+        return json.loads(data.decode("utf-8-sig"))  # a byte order mark, as some editors save UTF-8, is skipped
     except (ValueError, RecursionError) as failure:  # JSON, UTF-8, a 5,000-digit integer; RecursionError: too deep
         raise error(f"{path} is not valid JSON ({' '.join(str(failure).split())[:200]})") from None
 
@@ -84,6 +85,21 @@ def describe(value: Any) -> str:
     if isinstance(value, str):
         return f'{json.dumps(value[:40])[:-1]}..." ({len(value)} characters)'
     return f"a value of {len(text)} characters"
+
+
+def shown(value: Any) -> str:
+    """``value`` for a one-line message: its ``repr`` where that is short (``'fp16'``, ``True``, ``2.5``), else
+    ``describe``'s short form (an integer of thousands of digits is named by its length)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        try:
+            return f"an integer of {len(str(abs(value)))} digits"
+        except ValueError:  # past the digits Python converts to text
+            return f"an integer of about {int(value.bit_length() * math.log10(2)) + 1} digits"
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        text = ""
+    return text if text and len(text) <= 60 else describe(value)
 
 
 def sha256_file(path: str | Path) -> str:

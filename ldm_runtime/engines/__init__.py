@@ -31,6 +31,7 @@ PRECISION_HELP = ("the openvino engine's inference precision: auto takes bf16 wh
                   "bf16 (default: auto)")
 CHECKPOINT_MARKER = MODEL_JSON
 ENGINE_DIR_MARKER = MANIFEST_JSON
+DIFFUSERS_MARKER = "model_index.json"  # a diffusers pipeline folder, which ldm-import converts to a checkpoint dir
 # The optional libraries an engine needs: a missing one is the user's to install, not a bug.
 ENGINE_LIBRARIES = {"torch": ("torch", "transformers", "safetensors"), "triton": ("torch", "transformers",
                                                                                   "safetensors", "triton"),
@@ -46,14 +47,22 @@ def pick_engine(path: str | Path, device: str = "auto") -> tuple[str, str]:
     """(the engine "auto" runs ``path`` on, one sentence saying why). A checkpoint dir runs on torch. An engine
     dir runs on tensorrt where it holds TensorRT plans built for this machine's GPU and TensorRT version; else on
     openvino where it imports and the engine runs on the CPU (measured as fast as onnxruntime at 2 UNet rows and
-    faster at 16: BENCHMARKS.md), else on onnxruntime (on a GPU, or without openvino)."""
+    faster at 16: BENCHMARKS.md), else on onnxruntime (on a GPU, or without openvino). ``EngineLoadError`` for a
+    folder that holds both markers (which kind it is cannot be told) or neither (naming a diffusers pipeline's
+    model_index.json, which ldm-import converts, where the folder holds one)."""
     folder = _existing_folder(path)
     # a marker that is there but no regular file is the loader's to name (a named pipe, a folder...)
-    if (folder / CHECKPOINT_MARKER).exists():
+    is_checkpoint, is_engine_dir = (folder / CHECKPOINT_MARKER).exists(), (folder / ENGINE_DIR_MARKER).exists()
+    if is_checkpoint and is_engine_dir:
+        raise EngineLoadError(f"{folder} holds both {CHECKPOINT_MARKER} (a checkpoint dir's) and {ENGINE_DIR_MARKER} "
+                              f"(an engine dir's), so --engine auto cannot tell which it is; expected one of them: "
+                              f"remove the stray file, or name the engine (--engine torch for the checkpoint, "
+                              f"--engine onnxruntime for the engine dir)")
+    if is_checkpoint:
         return "torch", f"{folder} is a checkpoint dir, which runs eagerly on torch"
-    if not (folder / ENGINE_DIR_MARKER).exists():
+    if not is_engine_dir:
         raise EngineLoadError(f"{folder} has neither {CHECKPOINT_MARKER} nor {ENGINE_DIR_MARKER}; expected a "
-                              f"checkpoint dir (ldm-train) or an engine dir (ldm-export)")
+                              f"checkpoint dir (ldm-train) or an engine dir (ldm-export){_diffusers_hint(folder)}")
     if device != "cpu" and _tensorrt_runs(folder, device):
         return "tensorrt", "the engine dir holds TensorRT plans built for this GPU and TensorRT version"
     if device.startswith("cuda"):
@@ -63,6 +72,15 @@ def pick_engine(path: str | Path, device: str = "auto") -> tuple[str, str]:
     if importlib.util.find_spec("openvino") is None:
         return "onnxruntime", "openvino is not installed (pip install 'ldm-runtime[openvino]' for the faster CPU engine)"
     return "openvino", "openvino is installed, and on the CPU it is as fast as onnxruntime or faster"
+
+
+def _diffusers_hint(folder: Path) -> str:
+    """For a message about a folder that is no model folder: where it holds a diffusers pipeline
+    (``model_index.json``), how to make a checkpoint dir of it; else ""."""
+    if not (folder / DIFFUSERS_MARKER).exists():
+        return ""
+    return (f"; it holds {DIFFUSERS_MARKER}, a diffusers pipeline: convert it with "
+            f"`ldm-import {folder} --out CHECKPOINT_DIR` first")
 
 
 def _existing_folder(path: str | Path) -> Path:
@@ -121,12 +139,12 @@ def load_engine(path: str | Path, engine: str = "auto", device: str = "auto", **
         log.debug("--engine auto picked %s: %s", engine, reason)
     if engine in ("torch", "triton") and not is_checkpoint:
         raise EngineLoadError(f"{folder} has no {CHECKPOINT_MARKER}; the {engine} engine runs a checkpoint dir "
-                              f"written by ldm-train")
+                              f"written by ldm-train{_diffusers_hint(folder)}")
     if options.get("precision") == "auto" and engine != "openvino":
         options = {name: value for name, value in options.items() if name != "precision"}
     if engine in ENGINE_DIR_ENGINES and not is_engine_dir:
         raise EngineLoadError(f"{folder} has no {ENGINE_DIR_MARKER}; the {engine} engine runs an engine dir "
-                              f"written by ldm-export")
+                              f"written by ldm-export{_diffusers_hint(folder)}")
     try:
         return _engine_class(engine)(folder, device=device, **options)
     except ModuleNotFoundError as error:

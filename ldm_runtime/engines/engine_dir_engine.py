@@ -21,8 +21,11 @@ import numpy as np
 from ldm_runtime.adapters import (TEXT_ENCODER, UNET, AdapterChoice, AdapterError, LoadedAdapter, load_adapter,
                                    row_factors, targets_from_shapes)
 from ldm_runtime.engines.base import EngineInfo
+from ldm_runtime.errors import one_line
+from ldm_runtime.files import shown
 from ldm_runtime.manifest import (
     DEEP_FEATURES,
+    MANIFEST_JSON,
     SHALLOW_UNET_GRAPH,
     TOKENIZER_DIR,
     EngineDirError,
@@ -30,6 +33,9 @@ from ldm_runtime.manifest import (
     load_manifest,
     verify_engine_files,
 )
+
+
+GraphTensor = tuple[str, str, "tuple[int | None, ...] | None"]  # (name, numpy dtype name, shape) of a graph file
 
 
 class EngineDirEngine:
@@ -137,6 +143,37 @@ class EngineDirEngine:
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         """Run graph ``graph`` on named host arrays; float outputs as float32, in the manifest's output order."""
         raise NotImplementedError
+
+    def check_graph_tensors(self, graph: str, inputs: Sequence[GraphTensor], outputs: Sequence[GraphTensor]) -> None:
+        """``EngineDirError`` unless the inputs and outputs of the file that graph ``graph``'s session opened (each
+        (name, numpy dtype name, shape: an int per axis of fixed size, None for one of any size; None for a shape of
+        unknown rank)) are the ones its manifest entry lists, in its order, with its dtypes and ranks and its fixed
+        sizes where both are fixed. The message names the file, the graph and the first tensor that differs."""
+        entry = self.manifest.graphs[graph]
+        path = self.engine_dir / entry.file
+        for kind, listed, found in (("input", entry.inputs, inputs), ("output", entry.outputs, outputs)):
+            names, found_names = [spec.name for spec in listed], [name for name, _, _ in found]
+            if names != found_names:
+                raise EngineDirError(f"{path} does not match the {graph} graph of its {MANIFEST_JSON}: the file's "
+                                     f"{kind}s are {shown(found_names)} but the manifest lists {shown(names)}; "
+                                     f"expected the graph and manifest ldm-export wrote together (re-export the "
+                                     f"engine)")
+            for spec, (name, dtype, shape) in zip(listed, found):
+                if dtype != spec.dtype:
+                    difference = f"is {dtype} in the file but {spec.dtype} in the manifest"
+                elif shape is not None and len(shape) != len(spec.shape):
+                    difference = f"has rank {len(shape)} in the file but {len(spec.shape)} in the manifest"
+                else:
+                    axis = next((axis for axis, (size, listed_size) in enumerate(zip(shape or (), spec.shape))
+                                 if isinstance(size, int) and isinstance(listed_size, int) and size != listed_size),
+                                None)
+                    if axis is None:
+                        continue
+                    difference = (f"has {shape[axis]} on axis {axis} in the file but {spec.shape[axis]} in the "
+                                  f"manifest")
+                raise EngineDirError(f"{path} does not match the {graph} graph of its {MANIFEST_JSON}: {kind} {name} "
+                                     f"{difference}; expected the graph and manifest ldm-export wrote together "
+                                     f"(re-export the engine)")
 
     # --- the Engine protocol -------------------------------------------------------------------------------
 
@@ -268,22 +305,34 @@ class EngineDirEngine:
         return cast
 
 
+def _is_file(path: Path) -> bool:
+    """Whether ``path`` is a regular file; ``EngineDirError`` naming it where it cannot be looked at (a folder this
+    user may not read)."""
+    try:
+        return path.is_file()
+    except OSError as error:
+        raise EngineDirError(f"cannot read {path} ({error.strerror or error}); expected a file this user can "
+                             f"read") from None
+
+
 def load_tokenizer(folder: Path, max_length: int):
     """The engine dir's tokenizer.json as a ``tokenizers.Tokenizer`` that pads and truncates to ``max_length``."""
     from tokenizers import Tokenizer  # a Rust library with no torch dependency
 
     path = folder / "tokenizer.json"
-    if not path.is_file():
+    if not _is_file(path):
         raise EngineDirError(f"engine dir {folder.parent} has no {TOKENIZER_DIR}/tokenizer.json; re-export it")
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as error:  # the tokenizers library raises a bare Exception for a file it cannot parse
-        raise EngineDirError(f"{path} is not a tokenizer the tokenizers library can read ({error})") from None
+        raise EngineDirError(f"{path} is not a tokenizer the tokenizers library can read ({one_line(error)})") from None
     config_path = folder / "tokenizer_config.json"
     try:
-        settings = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise EngineDirError(f"cannot read {config_path} ({error})") from None
+        settings = json.loads(config_path.read_text()) if _is_file(config_path) else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise EngineDirError(f"cannot read {config_path} ({one_line(error)})") from None
+    if not isinstance(settings, dict):
+        raise EngineDirError(f"{config_path} holds {shown(settings)}; expected an object")
     pad_token = settings.get("pad_token") or "[PAD]"
     if isinstance(pad_token, dict):  # older transformers write AddedToken objects
         pad_token = pad_token.get("content", "[PAD]")

@@ -35,6 +35,10 @@ CPU = "CPUExecutionProvider"
 SESSION_LOAD_ERRORS = (_ort_errors.Fail, _ort_errors.InvalidGraph, _ort_errors.InvalidProtobuf, _ort_errors.NoSuchFile,
                        _ort_errors.InvalidArgument, _ort_errors.NotImplemented, RuntimeError)
 CUDA = "CUDAExecutionProvider"
+# onnxruntime's element types -> numpy's dtype names (as the manifest writes them)
+ELEMENT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+                 "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8", "tensor(uint8)": "uint8",
+                 "tensor(bool)": "bool"}
 ALLOW_SPINNING = "session.intra_op.allow_spinning"  # the session option that lets idle threads spin
 
 
@@ -81,6 +85,9 @@ class OnnxRuntimeEngine(EngineDirEngine):
             except SESSION_LOAD_ERRORS as error:
                 first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
                 raise EngineDirError(f"onnxruntime cannot load {path} ({first_line})") from None
+            session = self.sessions[name]
+            self.check_graph_tensors(name, [_tensor(arg) for arg in session.get_inputs()],
+                                     [_tensor(arg) for arg in session.get_outputs()])
         self.use_io_binding = CUDA in self.sessions["unet"].get_providers()
 
     def run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -101,6 +108,14 @@ class OnnxRuntimeEngine(EngineDirEngine):
             binding.bind_output(name, "cuda", self.device_id)
         session.run_with_iobinding(binding)
         return binding.copy_outputs_to_cpu()
+
+
+def _tensor(arg) -> tuple[str, str, tuple[int | None, ...] | None]:
+    """A session's input or output (an onnxruntime NodeArg) as (name, numpy dtype name, shape: None for an axis of
+    any size)."""
+    shape = arg.shape
+    sizes = None if shape is None else tuple(size if isinstance(size, int) else None for size in shape)
+    return arg.name, ELEMENT_TYPES.get(arg.type, arg.type), sizes
 
 
 def _resolve_providers(providers: Sequence[str] | None, device: str) -> tuple[list, int]:

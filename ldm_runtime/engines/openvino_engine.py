@@ -30,6 +30,7 @@ took and why.
 
 from __future__ import annotations
 
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,21 @@ def first_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
+def _tensor(port: Any, listed: tuple) -> tuple[str, str, tuple[int | None, ...] | None]:
+    """A model's input or output (an OpenVINO port) as (name, numpy dtype name, shape: None for an axis of any size;
+    None for a shape of any rank); the name is the manifest's (``listed``) where it is among the port's names."""
+    names = port.get_names()
+    name = next((spec.name for spec in listed if spec.name in names), port.get_any_name())
+    element = port.get_element_type()
+    try:
+        dtype = str(np.dtype(element.to_dtype()))
+    except (RuntimeError, TypeError, ValueError):  # a type numpy has no dtype for
+        dtype = element.get_type_name()
+    shape = port.get_partial_shape()
+    sizes = None if shape.rank.is_dynamic else tuple(axis.get_length() if axis.is_static else None for axis in shape)
+    return name, dtype, sizes
+
+
 class OpenVinoEngine(EngineDirEngine):
     """An engine dir's four graphs compiled by OpenVINO for the CPU, behind the Engine protocol (numpy arrays).
 
@@ -215,6 +231,8 @@ class OpenVinoEngine(EngineDirEngine):
                 self.models[name] = self.core.read_model(str(path))
             except RuntimeError as error:
                 raise EngineDirError(f"openvino cannot read {path} ({first_line(error)})") from None
+            self.check_graph_tensors(name, [_tensor(port, graph.inputs) for port in self.models[name].inputs],
+                                     [_tensor(port, graph.outputs) for port in self.models[name].outputs])
         self._verified = verify
         self._graph_digests: dict[str, dict[str, str]] = {}  # graph -> {file: sha256}, for the compile cache's keys
         if self.compile_cache is not None:  # what a compile depends on beyond its shapes and settings
@@ -265,9 +283,16 @@ class OpenVinoEngine(EngineDirEngine):
         return outputs
 
     def _weight_bytes(self, graph: str) -> int:
-        """The size on disk of ``graph``'s files (its weights, but for a few KB of graph structure)."""
-        paths = [self.engine_dir / name for name in self.manifest.graphs[graph].files]
-        return sum(path.stat().st_size for path in paths if path.is_file())
+        """The size on disk of ``graph``'s files (its weights, but for a few KB of graph structure); a file that
+        cannot be looked at counts 0 (reading the graph says what is wrong with it)."""
+        total = 0
+        for name in self.manifest.graphs[graph].files:
+            try:
+                status = (self.engine_dir / name).stat()
+            except OSError:
+                continue
+            total += status.st_size if stat.S_ISREG(status.st_mode) else 0
+        return total
 
     def _request(self, graph: str, shapes: dict[str, tuple[int, ...]]):
         """An infer request of ``graph`` compiled for these input shapes (for their spatial sizes and every batch

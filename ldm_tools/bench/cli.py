@@ -1,7 +1,9 @@
 """``ldm-bench`` command line: check the arguments, make the folders, run the workers round robin, report.
 
 Bad input of any kind is one line ``ldm-bench: error: ...`` on stderr and exit status 2, before any engine
-is loaded. torch and the training code are imported only in the child processes that need them.
+is loaded. An engine that was to run and failed (a damaged engine dir, a crash mid-run) keeps its row in the table
+and makes the exit status 1; one this machine cannot run (a library not installed) is only noted. torch and the
+training code are imported only in the child processes that need them.
 
 The engines run in groups that fit the memory budget (``memory``): eager PyTorch, the baseline, starts first and
 stays resident, and is timed in the rounds of every group, so each engine's ratios are against the baseline's
@@ -122,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None, available_mib: float | None = None) -> int:
-    """Run ldm-bench; returns the exit status (0, or 2 after a one-line error on stderr). ``available_mib``: the
+    """Run ldm-bench; returns the exit status (0; 1 after the table where an engine that was to run failed; 2 after a
+    one-line error on stderr). ``available_mib``: the
     memory --memory-budget auto plans with, MiB (None: what this machine has, ``available_memory_mib``)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
@@ -140,7 +143,22 @@ def main(argv: list[str] | None = None, available_mib: float | None = None) -> i
         print(f"- {note}")
     for line in format_profiles(report):
         print(line)
-    return 0 if unwritten is None else report_user_error(PROG, unwritten)
+    if unwritten is not None:
+        return report_user_error(PROG, unwritten)
+    failed = failed_engines(report, plan)
+    if failed:
+        print(f"{PROG}: {', '.join(failed)} failed (the table and notes say why)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def failed_engines(report: dict[str, Any], plan: dict[str, Any]) -> list[str]:
+    """The engines that were to run here and failed: while loading (a damaged engine dir), mid-run or after it.
+    Those this machine cannot run (a library not installed, no native bf16) and those left out by the memory
+    budget are not failures of the run: their rows say why."""
+    unavailable = set(plan.get("unavailable", ()))
+    return [entry["name"] for entry in report["engines"]
+            if entry["status"] == "failed" and entry["name"] not in unavailable]
 
 
 def _log(line: str) -> None:
@@ -400,14 +418,16 @@ def _measure(plan: dict[str, Any], args: argparse.Namespace, model_info: dict[st
 
 def _refuse_what_cannot_run(plan: dict[str, Any], args: argparse.Namespace,
                             entries: dict[str, dict[str, Any]]) -> list[str]:
-    """Every engine's entry, those this machine cannot run recorded as failed with the reason; the others' names."""
-    runnable = []
+    """Every engine's entry, those this machine cannot run recorded as failed with the reason (and listed in
+    ``plan["unavailable"]``); the others' names."""
+    runnable, plan["unavailable"] = [], []
     for name in plan["engines"]:
         entry = entries[name] = {"name": name, "status": "ok", "reason": None}
         missing = (_missing_library(name) or _bf16_refusal(name, args.device)
                    or (pipeline_sampler_refusal(args.sampler) if name == PIPELINE_PEER else None))
         if missing:
             entry.update(status="failed", reason=missing)
+            plan["unavailable"].append(name)
             _log(f"{name}: skipped ({missing})")
         else:
             runnable.append(name)

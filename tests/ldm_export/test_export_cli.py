@@ -92,6 +92,14 @@ def test_manifest_records_graphs_ranges_schedule_and_checkpoint_digest(fp32_expo
         onnx.checker.check_model(str(engine / graph["file"]))
         for file, digest in graph["files"].items():
             assert hashlib.sha256((engine / file).read_bytes()).hexdigest() == digest
+        assert graph["sizes"] == {file: (engine / file).stat().st_size for file in graph["files"]}
+    tokenizer = manifest["tokenizer"]
+    assert tokenizer["sizes"] == {name: (engine / "tokenizer" / name).stat().st_size for name in tokenizer["files"]}
+    # what defines the model, each part's sha256 over its JSON with sorted keys and no spaces: not default_sampler,
+    # the defaults a user may change
+    assert manifest["definition_sha256"] == {
+        part: hashlib.sha256(json.dumps(manifest[part], sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+        for part in ("model", "schedule", "sampler")}
     assert manifest["graphs"]["unet"]["inputs"][0] == {"name": "latents", "dtype": "float32",
                                                        "shape": ["batch", 4, "latent_height", "latent_width"]}
     # the definition: sha256 of sha256sum-style lines for model.json and the weight files, sorted by name

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from ldm_runtime.config import ModelConfig, TextEncoderConfig
 from ldm_runtime.manifest import EngineDirError, load_manifest, verify_engine_files
 from ldm_runtime.models import resolve_text_encoder_path
 from tests.ldm_export.tiny_checkpoint import shared_tiny_checkpoint, shared_tiny_engine
+from tests.ldm_runtime.file_damage import deny_reading, huge_sparse_file
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "models" / "shapes-demo"
@@ -199,6 +201,122 @@ def test_a_graph_that_is_a_symlink_out_of_the_engine_dir_is_refused(tiny_engine,
         verify_engine_files(engine, load_manifest(engine))
 
 
+@pytest.mark.parametrize("name", ["unet.onnx", "tokenizer", "tokenizer/tokenizer.json"])
+def test_a_graph_or_tokenizer_this_user_cannot_read_is_one_line_naming_it(name, tiny_engine, tmp_path, capsys,
+                                                                          monkeypatch):
+    engine = copy_of(tiny_engine, tmp_path, "engine")
+    deny_reading(monkeypatch, engine / name)
+    code, err = run_sample(engine, tmp_path, capsys)
+    assert_one_line_error(code, err, f"cannot read {engine / name}", "(Permission denied)")
+
+
+@pytest.mark.parametrize("replacement, message", [
+    ("symlink loop", "unet.onnx is a symlink loop; expected the file the manifest names"),
+    ("folder", "unet.onnx is a folder, not a regular file"),
+    ("named pipe", "unet.onnx is a named pipe, not a regular file"),  # never opened: a read would block forever
+])
+def test_a_graph_that_is_no_regular_file_is_one_line_saying_what_it_is(replacement, message, tiny_engine, tmp_path,
+                                                                       capsys):
+    import os
+
+    engine = copy_of(tiny_engine, tmp_path, "engine")
+    graph = engine / "unet.onnx"
+    graph.unlink()
+    if replacement == "symlink loop":
+        graph.symlink_to("unet.onnx")
+    elif replacement == "folder":
+        graph.mkdir()
+    else:
+        os.mkfifo(graph)
+    code, err = run_sample(engine, tmp_path, capsys)
+    assert_one_line_error(code, err, f"{engine / message}")
+
+
+def test_a_graph_file_name_longer_than_a_file_system_takes_is_one_short_line(tiny_engine, tmp_path, capsys):
+    engine = copy_of(tiny_engine, tmp_path, "engine")
+    name = "x" * 5000 + ".onnx"
+
+    def rename(data):
+        unet = data["graphs"]["unet"]
+        unet["file"], unet["files"] = name, {name: unet["files"]["unet.onnx"]}
+        unet.pop("sizes", None)
+
+    edit_manifest(engine, rename)
+    code, err = run_sample(engine, tmp_path, capsys)
+    assert_one_line_error(code, err, "unet names the file \"xxxxxxxx", "(5005 characters); expected a relative path "
+                          "whose names are at most 255 bytes each")
+    assert len(err) < 400
+
+
+def test_a_file_of_another_size_is_refused_on_its_size_before_it_is_hashed(tiny_engine, tmp_path, monkeypatch):
+    from ldm_runtime import manifest as manifest_module
+
+    engine = copy_of(tiny_engine, tmp_path, "engine")
+    recorded = load_manifest(engine).graphs["unet"].sizes["unet.onnx"]
+    assert recorded == (engine / "unet.onnx").stat().st_size
+    huge_sparse_file(engine / "unet.onnx", 8 << 30)
+    real_sha256 = manifest_module.sha256_file
+
+    def sha256_file(path):
+        assert Path(path).name != "unet.onnx", "the 8 GB file was hashed"
+        return real_sha256(path)
+
+    monkeypatch.setattr(manifest_module, "sha256_file", sha256_file)
+    with pytest.raises(EngineDirError, match=rf"unet.onnx is {8 << 30} bytes but manifest.json records {recorded} "
+                                             r"\(the file was changed"):
+        verify_engine_files(engine, load_manifest(engine))
+
+
+def test_a_manifest_without_sizes_hashes_every_file_as_before(tiny_engine, tmp_path):
+    engine = copy_of(tiny_engine, tmp_path, "engine")
+
+    def drop_sizes(data):
+        for graph in data["graphs"].values():
+            del graph["sizes"]
+        del data["tokenizer"]["sizes"]
+
+    edit_manifest(engine, drop_sizes)
+    verify_engine_files(engine, load_manifest(engine))
+    with open(engine / "unet.onnx", "ab") as graph:
+        graph.write(b"\0")
+    with pytest.raises(EngineDirError, match="unet.onnx does not match the sha256 in manifest.json"):
+        verify_engine_files(engine, load_manifest(engine))
+
+
+def test_a_sha256_in_capitals_is_the_same_sha256(tiny_engine, tmp_path):
+    engine = copy_of(tiny_engine, tmp_path, "engine")
+    edit_manifest(engine, lambda data: data["graphs"]["unet"]["files"].update(
+        {"unet.onnx": data["graphs"]["unet"]["files"]["unet.onnx"].upper()}))
+    verify_engine_files(engine, load_manifest(engine))
+    (engine / "unet.onnx").write_bytes((engine / "unet.onnx").read_bytes()[::-1])  # the same size, other bytes
+    with pytest.raises(EngineDirError, match="unet.onnx does not match the sha256 in manifest.json"):
+        verify_engine_files(engine, load_manifest(engine))
+
+
+def test_a_manifest_saved_with_a_byte_order_mark_loads(tiny_engine, tmp_path):
+    engine = copy_of(tiny_engine, tmp_path, "engine")
+    (engine / "manifest.json").write_bytes(b"\xef\xbb\xbf" + (engine / "manifest.json").read_bytes())
+    assert load_manifest(engine).model == load_manifest(tiny_engine).model
+
+
+@pytest.mark.parametrize("stray, message", [
+    ("model.json", "holds both model.json (a checkpoint dir's) and manifest.json (an engine dir's), so --engine auto "
+                   "cannot tell which it is"),
+    ("model_index.json", "it holds model_index.json, a diffusers pipeline: convert it with `ldm-import"),
+])
+def test_a_folder_of_two_kinds_or_of_diffusers_says_what_it_holds(stray, message, tiny_checkpoint, tiny_engine,
+                                                                   tmp_path, capsys):
+    if stray == "model.json":
+        folder = copy_of(tiny_engine, tmp_path, "engine")
+        shutil.copyfile(tiny_checkpoint / "model.json", folder / "model.json")
+    else:
+        folder = tmp_path / "diffusers"
+        folder.mkdir()
+        (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+    code, err = run_sample(folder, tmp_path, capsys)
+    assert_one_line_error(code, err, str(folder), message)
+
+
 # --- numbers out of range -------------------------------------------------------------------------------------
 
 MODEL_JSON_CASES = [
@@ -317,16 +435,144 @@ HOSTILE_MANIFEST_CASES = [
     (("sampler", "steps_offset"), 1000, "sampler.steps_offset is 1000; expected an integer from 0 to 999"),
     (("sampler", "steps_offset"), 10**9, "ddim steps_offset is 1000000000; expected an integer from 0 to 9999"),
     (("format_version",), True, "has format_version True; this runtime reads version 1"),
+    # numbers of thousands of digits, named by their length so that the line stays short
+    pytest.param(("dims", "batch", "max"), int("9" * 4000), "dims.batch.max is an integer of 4000 digits; expected at "
+                                                             "most 256", id="dims.batch.max-4000-digits"),
+    pytest.param(("model", "image_size"), 10**4200, "model.image_size is an integer of 4201 digits; expected an "
+                                                    "integer from 1 to 4096", id="model.image_size-4201-digits"),
+    pytest.param(("dims", "batch", "min"), -10**4000,
+                 "dims.batch: dimension range (an integer of 4001 digits, 2, 8, 1) is not valid; expected positive "
+                 "integers", id="dims.batch.min-4001-digits"),
+    pytest.param(("schedule", "beta_schedule"), "cosine" * 1000, 'schedule.beta_schedule "cosinecosinecosinecosinecos'
+                                                                 'inecosinecosi..." (6000 characters) is not one of',
+                 id="schedule.beta_schedule-6000-characters"),
+]
+# The model's numbers must agree with the graphs' ranges and shapes: an edited latent_factor made images of the wrong
+# size, an edited context_dim or text length made the UNet fail mid-run.
+CONTRADICTING_MANIFEST_CASES = [
+    (("model", "latent_factor"), 4, "dims.image_height (16..32 in multiples of 4) is not model.latent_factor (4) "
+                                    "times dims.latent_height (8..16 in multiples of 2); expected the "
+                                    "model.latent_factor and ranges ldm-export wrote"),
+    (("dims", "image_width", "multiple"), 8, "dims.image_width (16..32 in multiples of 8) is not model.latent_factor "
+                                             "(2) times dims.latent_width (8..16 in multiples of 2)"),
+    (("model", "context_dim"), 64, "text_encoder tensor context has shape ['batch', 8, 32] but model.context_dim is "
+                                   "64; expected axis 2 to be 64"),
+    (("model", "text_max_length"), 16, "text_encoder tensor input_ids has shape ['batch', 8] but "
+                                       "model.text_max_length is 16; expected axis 1 to be 16"),
 ]
 
 
-@pytest.mark.parametrize("keys, value, message", MANIFEST_CASES + HOSTILE_MANIFEST_CASES)
+@pytest.mark.parametrize("keys, value, message", MANIFEST_CASES + HOSTILE_MANIFEST_CASES + CONTRADICTING_MANIFEST_CASES)
 def test_manifest_numbers_out_of_range_are_refused_naming_the_field(keys, value, message, tiny_engine, tmp_path):
     engine = copy_of(tiny_engine, tmp_path, "engine")
     edit_manifest(engine, lambda data: set_field(data, keys, value))
     with pytest.raises(EngineDirError) as error:
         load_manifest(engine)
     assert message in str(error.value) and "\n" not in str(error.value)
+    assert len(str(error.value)) < len(str(engine)) + 300, str(error.value)
+
+
+def remove_field(data: dict, keys: tuple[str, ...]) -> None:
+    for key in keys[:-1]:
+        data = data[key]
+    del data[keys[-1]]
+
+
+# A manifest of the wrong shape: each is refused naming the field's path and the JSON type expected there, never
+# Python's own words (KeyError, 'list' object has no attribute, __init__() missing an argument...).
+MALFORMED_MANIFEST_CASES = [
+    (lambda data: remove_field(data, ("precision",)), "manifest.json: precision is missing; expected one of "
+                                                      "('fp32', 'fp16')"),
+    (lambda data: set_field(data, ("dims",), [1, 2, 8]), "manifest.json: dims is [1, 2, 8]; expected an object"),
+    (lambda data: set_field(data, ("graphs",), ["unet"]), 'manifest.json: graphs is ["unet"]; expected an object'),
+    (lambda data: set_field(data, ("schedule",), None), "manifest.json: schedule is null; expected an object"),
+    (lambda data: set_field(data, ("sampler",), None), "manifest.json: sampler is null; expected an object"),
+    (lambda data: remove_field(data, ("model", "context_dim")), "manifest.json: model.context_dim is missing; "
+                                                                "expected an integer, the model's context_dim"),
+    (lambda data: set_field(data, ("dims", "batch", "step"), 1), "manifest.json: dims.batch has unknown key 'step'; "
+                                                                 "expected min, opt, max and optionally multiple"),
+    (lambda data: remove_field(data, ("dims", "batch", "opt")), "manifest.json: dims.batch has no opt"),
+    (lambda data: remove_field(data, ("graphs", "unet", "inputs")), "manifest.json: graphs.unet.inputs is missing; "
+                                                                    "expected a list"),
+    (lambda data: set_field(data, ("graphs", "unet", "inputs", 0, "shape"), "batch"),
+     'manifest.json: graphs.unet.inputs[0].shape is "batch"; expected a list'),
+    (lambda data: set_field(data, ("graphs", "unet", "outputs", 0), "noise_pred"),
+     'manifest.json: graphs.unet.outputs[0] is "noise_pred"; expected an object of name, dtype and shape'),
+    (lambda data: remove_field(data, ("tokenizer", "files")), "manifest.json: tokenizer.files is missing; expected an "
+                                                              "object"),
+    (lambda data: remove_field(data, ("format_version",)), "manifest.json: format_version is missing; expected 1"),
+]
+
+
+@pytest.mark.parametrize("edit, message", MALFORMED_MANIFEST_CASES)
+def test_a_manifest_of_the_wrong_shape_is_refused_naming_the_field_and_the_type_expected(edit, message, tiny_engine,
+                                                                                          tmp_path):
+    engine = copy_of(tiny_engine, tmp_path, "engine")
+    edit_manifest(engine, edit)
+    with pytest.raises(EngineDirError) as error:
+        load_manifest(engine)
+    assert message in str(error.value), str(error.value)
+    assert not any(word in str(error.value) for word in ("KeyError", "TypeError", "AttributeError", "__init__"))
+
+
+@pytest.mark.parametrize("version, message", [
+    (2, "has format_version 2, newer than the version 1 this runtime reads; upgrade ldm-runtime to load it"),
+    (0, "has format_version 0; this runtime reads version 1 (re-export the engine with this ldm-export)"),
+])
+def test_a_manifest_of_another_format_version_says_whether_to_upgrade_or_re_export(version, message, tiny_engine,
+                                                                                   tmp_path):
+    engine = copy_of(tiny_engine, tmp_path, "engine")
+    edit_manifest(engine, lambda data: set_field(data, ("format_version",), version))
+    with pytest.raises(EngineDirError, match=re.escape(message)):
+        load_manifest(engine)
+
+
+def test_a_latent_factor_that_contradicts_the_ranges_is_one_line_from_ldm_sample(tiny_engine, tmp_path, capsys):
+    engine = copy_of(tiny_engine, tmp_path, "engine")
+    edit_manifest(engine, lambda data: set_field(data, ("model", "latent_factor"), 4))
+    code, err = run_sample(engine, tmp_path, capsys)
+    assert_one_line_error(code, err, "is not model.latent_factor (4) times dims.latent_height")
+    assert not (tmp_path / "out").exists()
+
+
+# The numbers that define the model: an edit within their ranges changed every image without a word.
+DEFINITION_EDITS = [
+    (("schedule", "beta_end"), 0.013, "schedule"),
+    (("schedule", "beta_schedule"), "linear", "schedule"),
+    (("schedule", "prediction_type"), "v_prediction", "schedule"),
+    (("schedule", "num_train_timesteps"), 500, "schedule"),
+    (("model", "latent_scale_factor"), 0.6, "model"),
+    (("sampler", "set_alpha_to_one"), True, "sampler"),
+]
+
+
+@pytest.mark.parametrize("keys, value, part", DEFINITION_EDITS)
+def test_a_manifest_whose_model_definition_was_edited_after_export_is_refused_naming_the_part(keys, value, part,
+                                                                                             tiny_engine, tmp_path):
+    engine = copy_of(tiny_engine, tmp_path, "engine")
+    edit_manifest(engine, lambda data: set_field(data, keys, value))
+    with pytest.raises(EngineDirError, match=f"the manifest's {part} was edited after export .*; expected the {part} "
+                                             f"ldm-export wrote: restore it or re-export the engine"):
+        load_manifest(engine)
+
+
+def test_a_manifest_without_the_definition_digest_loads_its_numbers_as_before(tiny_engine, tmp_path):
+    engine = copy_of(tiny_engine, tmp_path, "engine")
+
+    def edit(data):
+        del data["definition_sha256"]
+        data["schedule"]["beta_end"] = 0.013
+        data["model"]["latent_scale_factor"] = 0.6
+
+    edit_manifest(engine, edit)
+    manifest = load_manifest(engine)
+    assert manifest.schedule["beta_end"] == 0.013 and manifest.model.latent_scale_factor == 0.6
+
+
+def test_the_defaults_a_user_may_change_are_outside_the_definition_digest(tiny_engine, tmp_path):
+    engine = copy_of(tiny_engine, tmp_path, "engine")
+    edit_manifest(engine, lambda data: data.update(default_sampler={"name": "euler", "steps": 12}))
+    assert load_manifest(engine).default_sampler == {"name": "euler", "steps": 12}
 
 
 def test_a_latent_scale_factor_of_zero_in_an_engine_dir_is_one_line_from_ldm_sample(tiny_engine, tmp_path, capsys):

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,10 +25,10 @@ from ldm_runtime.engines.onnxruntime_engine import OnnxRuntimeEngine
 from ldm_runtime.engines.openvino_engine import (
     OpenVinoEngine, OpenVinoUnavailable, batch_buckets_for, default_cache_dir,
 )
-from ldm_runtime.manifest import OutOfRangeError
+from ldm_runtime.manifest import EngineDirError, OutOfRangeError
 from ldm_runtime.pipeline import GenerationRequest, Pipeline
 from tests.ldm_export.tiny_checkpoint import TINY_CONFIG, shared_tiny_engine
-from tests.ldm_runtime.file_damage import flip_middle_bytes, swap_names
+from tests.ldm_runtime.file_damage import MISMATCHED_GRAPH_ENTRIES, flip_middle_bytes, swap_names
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["a red circle", "two blue squares on a green background in the top left corner of the image", "",
@@ -360,6 +361,20 @@ def test_a_cache_folder_that_cannot_be_made_turns_the_cache_off_with_a_warning(e
     assert engine.cache_dir is None
     assert f"the openvino compile cache {blocker / 'cache'} cannot be used" in caplog.text
     assert engine.decode(rng.standard_normal((1, 4, 8, 8)).astype(np.float32)).shape == (1, 3, 16, 16)
+
+
+@pytest.mark.parametrize("edit, message", [(edit, message) for _, edit, message in MISMATCHED_GRAPH_ENTRIES],
+                         ids=[name for name, _, _ in MISMATCHED_GRAPH_ENTRIES])
+def test_a_graph_entry_that_does_not_describe_its_graph_is_refused_as_the_engine_loads(edit, message, exported,
+                                                                                      tmp_path):
+    edited = tmp_path / "engine"
+    shutil.copytree(exported[1], edited)
+    manifest = json.loads((edited / "manifest.json").read_text())
+    edit(manifest)
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(EngineDirError, match=message) as error:
+        OpenVinoEngine(edited, intra_op_threads=1, cache_dir=None)
+    assert "\n" not in str(error.value)
 
 
 def test_batch_and_size_outside_the_exported_range_are_refused_naming_them(engine, rng):

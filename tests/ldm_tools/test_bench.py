@@ -258,6 +258,35 @@ def test_engine_dir_runs_against_its_checkpoint_and_refuses_what_it_cannot(check
     assert_one_line_error(code, err, f"--checkpoint {other}", "sha256")
 
 
+@pytest.mark.slow  # the tiny export with validation: shared with the export and onnxruntime tests of the same run
+def test_an_engine_that_fails_to_load_keeps_its_row_and_makes_the_exit_status_1(checkpoint, tmp_path_factory, tmp_path,
+                                                                               capsys):
+    from tests.ldm_runtime.file_damage import flip_middle_bytes
+
+    _, engine_dir, export_code, output = shared_tiny_engine(tmp_path_factory, "fp32")
+    assert export_code == 0, output
+    damaged = tmp_path / "engine"
+    shutil.copytree(engine_dir, damaged)
+    flip_middle_bytes(damaged / "vae_decoder.onnx")
+    code, stdout, err = run_bench(capsys, "--model", damaged, "--engines", "torch", "--batch-sizes", 1, "--steps", 1,
+                                  "--repeats", 1, "--threads", 1)
+    assert code == 1, err
+    assert "| onnxruntime | failed: " in stdout and "vae_decoder.onnx does not match the sha256" in stdout
+    assert "| torch | 1 |" in stdout  # the engines that ran are still timed
+    assert err.strip().splitlines()[-1] == "ldm-bench: onnxruntime failed (the table and notes say why)", err
+
+
+def test_only_engines_that_were_to_run_and_failed_count_against_the_exit_status():
+    from ldm_tools.bench.cli import failed_engines
+
+    report = {"engines": [{"name": "torch", "status": "ok"},
+                          {"name": "openvino-bf16", "status": "failed", "reason": "this CPU has no native bf16"},
+                          {"name": "torch.compile", "status": "skipped", "reason": "more than the memory budget"},
+                          {"name": "onnxruntime", "status": "failed", "reason": "EngineDirError: ..."},
+                          {"name": "openvino", "status": "failed", "reason": "at batch size 8: exited with code -9"}]}
+    assert failed_engines(report, {"unavailable": ["openvino-bf16"]}) == ["onnxruntime", "openvino"]
+
+
 def test_openvino_and_the_bf16_peers_run_where_this_machine_can_and_are_skipped_with_the_reason_elsewhere(
         checkpoint, tmp_path, capsys):
     pytest.importorskip("openvino")  # the dev extra installs it
