@@ -43,8 +43,8 @@ def server(engine_dir):
 
 
 def random_edit_fields(rng: np.random.Generator, height: int, width: int, masked: bool) -> dict:
-    """An edit's fields: a random init image (base64 PNG), a strength from 0 to 1 (some with no steps to run, some
-    with all of them) and, if ``masked``, a random mask (white: repaint)."""
+    """An edit's fields: a random init image (base64 PNG), a strength from 0 to 1 (0: no step to run, 1: all of
+    them) and, if ``masked``, a random mask (white: repaint)."""
     def b64_png(pixels: np.ndarray) -> str:
         buffer = io.BytesIO()
         Image.fromarray(pixels).save(buffer, format="PNG")
@@ -66,8 +66,11 @@ def random_bodies(rng: np.random.Generator, count: int, cache_intervals: tuple[i
         interval = [None, [0.0, 1.0], [0.5, 5.0]][int(rng.integers(3))]  # None: the server's default (everywhere)
         height, width = (20, 24) if index % 5 == 4 else (16, 16)
         edit = random_edit_fields(rng, height, width, masked=index % 3 == 2) if index % 3 else {}
+        steps = int(rng.integers(2, 9))
+        if edit and 0 < edit["strength"] and int(steps * edit["strength"]) == 0:
+            edit["strength"] = 0.5  # a strength that runs none of the steps is refused (0 asks for no step)
         bodies.append(body(
-            prompt=PROMPTS[index % len(PROMPTS)], seed=int(rng.integers(0, 2**62)), steps=int(rng.integers(2, 9)),
+            prompt=PROMPTS[index % len(PROMPTS)], seed=int(rng.integers(0, 2**62)), steps=steps,
             guidance_scale=float(rng.choice([1.0, 2.5, 5.0])), eta=eta, negative_prompt=["", "blurry"][index % 2],
             n=int(rng.integers(1, 3)), **({"sampler": "ddim"} if eta else {}),  # eta is DDIM's
             **({"guidance_interval": interval} if interval else {}), cache_schedule=str(rng.choice(CACHE_SCHEDULES)),
