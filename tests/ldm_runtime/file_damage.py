@@ -1,6 +1,22 @@
 """Files damaged as a failing disk or a careless hand would damage them, for tests of what reads them back."""
 
+import json
+import shutil
 from pathlib import Path
+
+
+def edit_manifest(folder: Path, edit) -> None:
+    """``folder``'s manifest.json changed in place by ``edit`` (a function of its parsed JSON)."""
+    data = json.loads((folder / "manifest.json").read_text())
+    edit(data)
+    (folder / "manifest.json").write_text(json.dumps(data))
+
+
+def copy_with_manifest_edited(engine_dir: Path, folder: Path, edit) -> Path:
+    """A copy of ``engine_dir`` at ``folder`` whose manifest.json ``edit`` changed."""
+    shutil.copytree(engine_dir, folder)
+    edit_manifest(folder, edit)
+    return folder
 
 
 def flip_middle_bytes(path: Path, count: int = 64) -> None:

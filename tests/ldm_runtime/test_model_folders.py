@@ -20,7 +20,7 @@ from ldm_runtime.config import ModelConfig, TextEncoderConfig
 from ldm_runtime.manifest import EngineDirError, load_manifest, verify_engine_files
 from ldm_runtime.models import resolve_text_encoder_path
 from tests.ldm_export.tiny_checkpoint import shared_tiny_checkpoint, shared_tiny_engine
-from tests.ldm_runtime.file_damage import deny_reading, huge_sparse_file
+from tests.ldm_runtime.file_damage import deny_reading, edit_manifest, huge_sparse_file
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "models" / "shapes-demo"
@@ -56,12 +56,6 @@ def edit_model_json(folder: Path, edit) -> None:
     state = json.loads((folder / "train_state.json").read_text())
     state["files"]["model.json"] = sha256(folder / "model.json")
     (folder / "train_state.json").write_text(json.dumps(state))
-
-
-def edit_manifest(folder: Path, edit) -> None:
-    data = json.loads((folder / "manifest.json").read_text())
-    edit(data)
-    (folder / "manifest.json").write_text(json.dumps(data))
 
 
 def run_sample(model: Path, tmp_path: Path, capsys) -> tuple[int, str]:

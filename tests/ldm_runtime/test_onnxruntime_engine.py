@@ -17,7 +17,7 @@ from ldm_runtime.engines import load_engine
 from ldm_runtime.engines.onnxruntime_engine import ALLOW_SPINNING, OnnxRuntimeEngine
 from ldm_runtime.manifest import EngineDirError, OutOfRangeError, check_tensorrt_plans, load_manifest
 from tests.ldm_export.tiny_checkpoint import TINY_CONFIG, shared_tiny_engine
-from tests.ldm_runtime.file_damage import MISMATCHED_GRAPH_ENTRIES
+from tests.ldm_runtime.file_damage import MISMATCHED_GRAPH_ENTRIES, copy_with_manifest_edited
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["a red circle", "two blue squares on a green background in the top left corner of the image", ""]
@@ -151,11 +151,7 @@ def test_missing_graph_or_manifest_is_refused(exported, tmp_path):
                          ids=[name for name, _, _ in MISMATCHED_GRAPH_ENTRIES])
 def test_a_graph_entry_that_does_not_describe_its_graph_is_refused_as_the_engine_loads(edit, message, exported,
                                                                                       tmp_path):
-    edited = tmp_path / "engine"
-    shutil.copytree(exported[1], edited)
-    manifest = json.loads((edited / "manifest.json").read_text())
-    edit(manifest)
-    (edited / "manifest.json").write_text(json.dumps(manifest))
+    edited = copy_with_manifest_edited(exported[1], tmp_path / "engine", edit)
     with pytest.raises(EngineDirError, match=message) as error:
         OnnxRuntimeEngine(edited, intra_op_threads=1)
     assert "\n" not in str(error.value)
@@ -164,12 +160,8 @@ def test_a_graph_entry_that_does_not_describe_its_graph_is_refused_as_the_engine
 def test_a_graph_entry_that_does_not_describe_its_graph_is_one_line_from_ldm_sample(exported, tmp_path, capsys):
     from ldm_runtime import sample
 
-    edited = tmp_path / "engine"
-    shutil.copytree(exported[1], edited)
-    manifest = json.loads((edited / "manifest.json").read_text())
     _, edit, message = MISMATCHED_GRAPH_ENTRIES[0]
-    edit(manifest)
-    (edited / "manifest.json").write_text(json.dumps(manifest))
+    edited = copy_with_manifest_edited(exported[1], tmp_path / "engine", edit)
     code = sample.main(["--model", str(edited), "--engine", "onnxruntime", "a red circle", "--steps", "2", "--out",
                         str(tmp_path / "out")])
     err = capsys.readouterr().err

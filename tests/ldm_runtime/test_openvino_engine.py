@@ -8,7 +8,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +27,8 @@ from ldm_runtime.engines.openvino_engine import (
 from ldm_runtime.manifest import EngineDirError, OutOfRangeError
 from ldm_runtime.pipeline import GenerationRequest, Pipeline
 from tests.ldm_export.tiny_checkpoint import TINY_CONFIG, shared_tiny_engine
-from tests.ldm_runtime.file_damage import MISMATCHED_GRAPH_ENTRIES, flip_middle_bytes, swap_names
+from tests.ldm_runtime.file_damage import (MISMATCHED_GRAPH_ENTRIES, copy_with_manifest_edited, flip_middle_bytes,
+                                           swap_names)
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["a red circle", "two blue squares on a green background in the top left corner of the image", "",
@@ -367,11 +367,7 @@ def test_a_cache_folder_that_cannot_be_made_turns_the_cache_off_with_a_warning(e
                          ids=[name for name, _, _ in MISMATCHED_GRAPH_ENTRIES])
 def test_a_graph_entry_that_does_not_describe_its_graph_is_refused_as_the_engine_loads(edit, message, exported,
                                                                                       tmp_path):
-    edited = tmp_path / "engine"
-    shutil.copytree(exported[1], edited)
-    manifest = json.loads((edited / "manifest.json").read_text())
-    edit(manifest)
-    (edited / "manifest.json").write_text(json.dumps(manifest))
+    edited = copy_with_manifest_edited(exported[1], tmp_path / "engine", edit)
     with pytest.raises(EngineDirError, match=message) as error:
         OpenVinoEngine(edited, intra_op_threads=1, cache_dir=None)
     assert "\n" not in str(error.value)
